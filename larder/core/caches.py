@@ -1,0 +1,135 @@
+"""Caches: named namespaces over the shared blob store, each with its own signing key.
+
+A cache's settings live in the object store (``config/caches/<name>.json``) so every replica on
+the same bucket sees the same caches and signs with the same key. Replicas keep an in-memory
+view that is at most ``refresh_interval`` seconds old; a cache created elsewhere shows up on the
+next lookup after that.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from larder.core import keys
+from larder.errors import InvalidInput, StorageError
+from larder.protocol.names import check_cache_name
+from larder.protocol.signing import PublicKey, SecretKey
+from larder.storage.base import Storage
+
+DEFAULT_CACHE = "main"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """One cache's settings. ``private`` caches need a read token for every read."""
+
+    name: str
+    signing_key: SecretKey
+    private: bool = False
+    priority: int = 30
+    created_at: int = 0
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self.signing_key.public_key()
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "name": self.name,
+                "signing_key": self.signing_key.to_string(),
+                "private": self.private,
+                "priority": self.priority,
+                "created_at": self.created_at,
+            },
+            indent=1,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CacheSettings:
+        try:
+            doc = json.loads(data)
+            return cls(
+                name=check_cache_name(doc["name"]),
+                signing_key=SecretKey.parse(doc["signing_key"]),
+                private=bool(doc.get("private", False)),
+                priority=int(doc.get("priority", 30)),
+                created_at=int(doc.get("created_at", 0)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"corrupt cache settings: {exc}") from None
+
+
+class CacheExists(InvalidInput):
+    """``create`` was asked for a cache that already exists."""
+
+    code = "cache_exists"
+
+
+class CacheRegistry:
+    """Looks up and creates caches; remembers lookups for ``refresh_interval`` seconds."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        refresh_interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._storage = storage
+        self._refresh = refresh_interval
+        self._clock = clock
+        self._seen: dict[str, tuple[CacheSettings | None, float]] = {}
+
+    async def get(self, name: str) -> CacheSettings | None:
+        """The cache's settings, or ``None`` if there is no such cache. ``name`` is trusted."""
+        hit = self._seen.get(name)
+        now = self._clock()
+        if hit is not None and now - hit[1] < self._refresh:
+            return hit[0]
+        data = await self._storage.get(keys.cache_config(name))
+        settings = CacheSettings.from_json(data) if data is not None else None
+        self._seen[name] = (settings, now)
+        return settings
+
+    async def names(self) -> list[str]:
+        prefix = keys.CACHE_CONFIG_PREFIX
+        return [key[len(prefix) : -len(".json")] async for key in self._storage.keys(prefix)]
+
+    async def create(
+        self,
+        name: str,
+        *,
+        private: bool = False,
+        priority: int = 30,
+        key_name: str | None = None,
+    ) -> CacheSettings:
+        """Create a cache with a fresh ed25519 key; :class:`CacheExists` if it exists."""
+        check_cache_name(name)
+        key = SecretKey.generate(key_name or f"{name}.larder-{secrets.token_hex(3)}")
+        settings = CacheSettings(name, key, private, priority, int(time.time()))
+        if not await self._storage.put_if_absent(keys.cache_config(name), settings.to_json()):
+            raise CacheExists(f"cache {name!r} already exists")
+        self._seen[name] = (settings, self._clock())
+        return settings
+
+    async def update(self, settings: CacheSettings) -> None:
+        """Replace an existing cache's settings (privacy, priority, key rotation)."""
+        await self._storage.put(keys.cache_config(settings.name), settings.to_json())
+        self._seen[settings.name] = (settings, self._clock())
+
+    async def ensure(self, name: str, priority: int = 30) -> tuple[CacheSettings, bool]:
+        """The cache, creating it if missing; the flag says whether this call created it."""
+        existing = await self.get(name)
+        if existing is not None:
+            return existing, False
+        try:
+            return await self.create(name, priority=priority), True
+        except CacheExists:
+            self._seen.pop(name, None)
+            settings = await self.get(name)
+            assert settings is not None
+            return settings, False

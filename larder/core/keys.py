@@ -1,0 +1,41 @@
+"""Where each kind of object lives in the object store (one place for the whole layout).
+
+::
+
+    config/token-secret                     HS256 secret for tokens (hex), created once
+    config/revoked/<token id>               revocation marker (JSON: when, why)
+    config/caches/<cache>.json              cache settings and its ed25519 signing key
+    caches/<cache>/narinfo/<store hash>     narinfo as served, minus larder's own signature
+    caches/<cache>/nar/<narhash nix32>      NAR record (JSON: blob id, NarSize, stored size)
+    caches/<cache>/file/<path>              opaque Nix extra (JSON: blob id, size, type, encoding)
+"""
+
+from __future__ import annotations
+
+TOKEN_SECRET = "config/token-secret"
+REVOKED_PREFIX = "config/revoked/"
+CACHE_CONFIG_PREFIX = "config/caches/"
+
+
+def revoked(token_id: str) -> str:
+    return f"{REVOKED_PREFIX}{token_id}"
+
+
+def cache_config(cache: str) -> str:
+    return f"{CACHE_CONFIG_PREFIX}{cache}.json"
+
+
+def narinfo(cache: str, store_hash: str) -> str:
+    return f"caches/{cache}/narinfo/{store_hash}"
+
+
+def narinfo_prefix(cache: str) -> str:
+    return f"caches/{cache}/narinfo/"
+
+
+def nar(cache: str, nar_hash_nix32: str) -> str:
+    return f"caches/{cache}/nar/{nar_hash_nix32}"
+
+
+def extra_file(cache: str, path: str) -> str:
+    return f"caches/{cache}/file/{path}"

@@ -1,0 +1,262 @@
+"""The Nix binary cache: verified NAR and narinfo uploads, signed narinfos, opaque extras.
+
+Upload rules (each failure is a :class:`VerificationFailed` naming the check):
+
+* A NAR arrives as ``nar/<sha256 of the file, nix32>.nar[.xz|.bz2|.zst]``, which is how Nix
+  names it. It is decompressed while streaming, must be a well-formed NAR, and the file's sha256
+  must equal the name. It is stored once, as a zstd blob keyed by BLAKE3, whatever compression it
+  came in; a record ``nar/<NarHash>`` ties this cache to the blob.
+* A narinfo must parse strictly, its StorePath hash must equal the URL's, a NAR with its NarHash
+  and NarSize must be in this cache, and every reference other than the path itself must already
+  have a narinfo in this cache (so a served narinfo always has its closure).
+
+Served narinfos point at ``nar/<NarHash nix32>.nar.zst`` (``Compression: zstd``, ``FileSize`` of
+the stored blob); URL, Compression, FileHash and FileSize are not covered by Nix signatures, so
+rewriting them keeps the uploader's ``Sig`` lines valid. Each is signed on the fly with the
+cache's key; an older signature by the same key name is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from larder.core import keys
+from larder.core.caches import CacheSettings
+from larder.core.ingest import NarIngest
+from larder.errors import FormatError, StorageError, VerificationFailed
+from larder.protocol import narinfo as narinfo_format
+from larder.protocol import nix32
+from larder.protocol.compression import Decompressor, compression_for_extension
+from larder.protocol.hashes import NixHash
+from larder.protocol.names import check_object_path
+from larder.protocol.narinfo import NarInfo
+from larder.protocol.storepath import STORE_DIR, check_hash_part
+from larder.storage.base import BlobInfo, BlobReader, Storage
+
+T = TypeVar("T")
+
+SERVED_EXTENSION = ".zst"
+_DECOMPRESS_SLICE = 64 * 1024
+
+
+def parse_nar_name(name: str) -> tuple[str, str]:
+    """Split ``<52 nix32>.nar[.ext]`` into the hash part and the Nix compression name."""
+    stem, marker, ext = name.partition(".nar")
+    if not marker or len(stem) != nix32.encoded_length(32):
+        raise FormatError(f"NAR file name must be <sha256 nix32>.nar[.ext], not {name!r}")
+    nix32.decode(stem)
+    return stem, compression_for_extension(ext)
+
+
+def nix_cache_info(settings: CacheSettings) -> bytes:
+    return f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {settings.priority}\n".encode()
+
+
+@dataclass(frozen=True)
+class NarRecord:
+    """A NAR present in a cache: its blob and sizes."""
+
+    blob_id: str
+    nar_size: int
+    stored_size: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"blob": self.blob_id, "nar_size": self.nar_size, "stored_size": self.stored_size}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> NarRecord:
+        doc = _load_record(data)
+        return cls(doc["blob"], int(doc["nar_size"]), int(doc["stored_size"]))
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """An opaque object Nix uploaded (``.ls``, ``log/``, ``realisations/``...)."""
+
+    blob_id: str
+    size: int
+    content_type: str
+    content_encoding: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "blob": self.blob_id,
+                "size": self.size,
+                "content_type": self.content_type,
+                "content_encoding": self.content_encoding,
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> FileRecord:
+        doc = _load_record(data)
+        return cls(doc["blob"], int(doc["size"]), doc["content_type"], doc["content_encoding"])
+
+
+def _load_record(data: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"corrupt record: {exc}") from None
+    if not isinstance(doc, dict):
+        raise StorageError("corrupt record: not an object")
+    return doc
+
+
+class NixCache:
+    """Nix binary cache operations over one store. Blocking work runs on ``executor``."""
+
+    def __init__(self, storage: Storage, executor: Executor) -> None:
+        self._storage = storage
+        self._executor = executor
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- NARs ----------------------------------------------------------------------------
+
+    async def upload_nar(
+        self, cache: CacheSettings, name: str, body: AsyncIterable[bytes]
+    ) -> NarRecord:
+        """Verify and store an uploaded NAR named ``<filehash>.nar[.ext]``."""
+        file_hash, compression = parse_nar_name(name)
+        writer = await self._run(self._storage.blob_writer)
+        try:
+            ingest = NarIngest(compression, writer)
+            async for chunk in body:
+                await self._run(ingest.feed, chunk)
+            digest = await self._run(ingest.finish)
+            if nix32.encode(digest.file_sha256) != file_hash:
+                raise VerificationFailed(
+                    f"file hash mismatch: the upload's sha256 is "
+                    f"{nix32.encode(digest.file_sha256)}, its name says {file_hash}"
+                )
+            blob = await self._run(writer.commit)
+        finally:
+            await self._run(writer.abort)
+        record = NarRecord(blob.blob_id, digest.nar_size, blob.stored_size)
+        await self._storage.put(keys.nar(cache.name, nix32.encode(digest.nar_sha256)), record.to_json())
+        return record
+
+    async def nar_record(self, cache: CacheSettings, nar_hash_nix32: str) -> NarRecord | None:
+        data = await self._storage.get(keys.nar(cache.name, nar_hash_nix32))
+        return NarRecord.from_json(data) if data is not None else None
+
+    async def open_blob(self, blob_id: str) -> BlobReader | None:
+        return await self._storage.blob_open(blob_id)
+
+    # -- narinfos ------------------------------------------------------------------------
+
+    async def put_narinfo(self, cache: CacheSettings, store_hash: str, data: bytes) -> NarInfo:
+        """Verify an uploaded narinfo against this cache and store it."""
+        info = narinfo_format.parse(data)
+        if info.store_path.hash != store_hash:
+            raise VerificationFailed(
+                f"StorePath {info.store_path.full} does not match the URL's hash {store_hash}"
+            )
+        nar_hash = _sha256_nix32(info.nar_hash)
+        record = await self.nar_record(cache, nar_hash)
+        if record is None:
+            raise VerificationFailed(
+                f"no NAR with NarHash sha256:{nar_hash} has been uploaded to this cache"
+            )
+        if record.nar_size != info.nar_size:
+            raise VerificationFailed(
+                f"NarSize {info.nar_size} does not match the uploaded NAR's {record.nar_size}"
+            )
+        others = [ref for ref in info.references if ref.hash != store_hash]
+        present = await asyncio.gather(
+            *(self._storage.exists(keys.narinfo(cache.name, ref.hash)) for ref in others)
+        )
+        missing = [ref.base for ref, ok in zip(others, present, strict=True) if not ok]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise VerificationFailed(f"references not in this cache (upload them first): {shown}")
+        own_key = cache.signing_key.name + ":"
+        stored = replace(
+            info,
+            url=f"nar/{nar_hash}.nar{SERVED_EXTENSION}",
+            compression="zstd",
+            file_hash=None,
+            file_size=record.stored_size,
+            sigs=tuple(sig for sig in info.sigs if not sig.startswith(own_key)),
+        )
+        await self._storage.put(
+            keys.narinfo(cache.name, store_hash), narinfo_format.render(stored).encode()
+        )
+        return stored
+
+    async def has_narinfo(self, cache: CacheSettings, store_hash: str) -> bool:
+        return await self._storage.exists(keys.narinfo(cache.name, check_hash_part(store_hash)))
+
+    async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
+        """The narinfo as served (signed by the cache), or ``None``."""
+        data = await self._storage.get(keys.narinfo(cache.name, check_hash_part(store_hash)))
+        if data is None:
+            return None
+        try:
+            info = narinfo_format.parse(data)
+        except FormatError as exc:
+            raise StorageError(f"stored narinfo {store_hash} is corrupt: {exc}") from None
+        sig = cache.signing_key.sign(narinfo_format.fingerprint(info))
+        return narinfo_format.render(replace(info, sigs=(*info.sigs, sig))).encode()
+
+    # -- opaque extras -------------------------------------------------------------------
+
+    async def put_file(
+        self,
+        cache: CacheSettings,
+        path: str,
+        body: AsyncIterable[bytes],
+        content_type: str,
+        content_encoding: str,
+    ) -> FileRecord:
+        """Store an opaque object Nix uploads next to narinfos, streaming it into a blob."""
+        check_object_path(path)
+        writer = await self._run(self._storage.blob_writer)
+        try:
+            async for chunk in body:
+                await self._run(writer.write, chunk)
+            blob: BlobInfo = await self._run(writer.commit)
+        finally:
+            await self._run(writer.abort)
+        record = FileRecord(blob.blob_id, blob.size, content_type, content_encoding)
+        await self._storage.put(keys.extra_file(cache.name, path), record.to_json())
+        return record
+
+    async def file_record(self, cache: CacheSettings, path: str) -> FileRecord | None:
+        data = await self._storage.get(keys.extra_file(cache.name, check_object_path(path)))
+        return FileRecord.from_json(data) if data is not None else None
+
+
+def _sha256_nix32(value: NixHash) -> str:
+    if value.algo != "sha256":
+        raise VerificationFailed(f"NarHash must be sha256, not {value.algo}")
+    return value.nix32()
+
+
+async def decompressed(reader: BlobReader) -> AsyncIterator[bytes]:
+    """The uncompressed bytes of a stored blob, in bounded pieces."""
+    pieces: list[bytes] = []
+    decompressor = Decompressor("zstd", pieces.append)
+    try:
+        async for chunk in reader.chunks():
+            for offset in range(0, len(chunk), _DECOMPRESS_SLICE):
+                decompressor.write(chunk[offset : offset + _DECOMPRESS_SLICE])
+                for piece in pieces:
+                    yield piece
+                pieces.clear()
+        decompressor.finish()
+        for piece in pieces:
+            yield piece
+    finally:
+        await reader.close()
+

@@ -1,0 +1,44 @@
+"""JSON API under ``/api/v1`` and the liveness probe."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.nix_routes import cache_for
+
+
+def substituter_url(request: web.Request, cache: str) -> str:
+    """The URL laptops list in ``substituters``: the configured public URL, else this host."""
+    base = request.app[state.CONFIG].public_url or f"{request.scheme}://{request.host}"
+    return f"{base}/{cache}"
+
+
+async def get_cache(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    return web.json_response(
+        {
+            "name": settings.name,
+            "public_key": settings.public_key.to_string(),
+            "substituter": substituter_url(request, settings.name),
+            "private": settings.private,
+            "priority": settings.priority,
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 only when the storage backend answers (503 with Retry-After otherwise)."""
+    await request.app[state.STORAGE].check()
+    return web.Response(text="ready\n")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/caches/{cache}", get_cache)

@@ -1,0 +1,41 @@
+"""Assembling the aiohttp application from a config and a storage backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from larder.core.auth import TokenAuthority
+from larder.core.caches import CacheRegistry
+from larder.core.nixcache import NixCache
+from larder.service import api_routes, nix_routes, state
+from larder.service.config import Config
+from larder.service.errors import error_middleware
+from larder.storage.base import Storage
+
+# Threads that hash, (de)compress and write upload chunks; the libraries release the GIL.
+UPLOAD_WORKERS = 8
+
+
+def build_app(config: Config, storage: Storage) -> web.Application:
+    """The whole service. The app owns ``storage`` and closes it on cleanup."""
+    app = web.Application(middlewares=[error_middleware])
+    executor = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="larder-io")
+    app[state.CONFIG] = config
+    app[state.STORAGE] = storage
+    app[state.EXECUTOR] = executor
+    app[state.CACHES] = CacheRegistry(storage, config.refresh_interval)
+    app[state.TOKENS] = TokenAuthority(storage, config.refresh_interval)
+    app[state.NIX] = NixCache(storage, executor)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        yield
+        executor.shutdown(wait=True, cancel_futures=True)
+        await storage.close()
+
+    app.cleanup_ctx.append(resources)
+    api_routes.add_routes(app)
+    nix_routes.add_routes(app)
+    return app

@@ -1,0 +1,207 @@
+"""The ``larder`` command: ``serve``, ``token create|revoke``, ``cache create|show|list``.
+
+Every subcommand takes ``--storage`` and ``--config`` (also ``LARDER_STORAGE`` /
+``LARDER_CONFIG``), so an operator can mint a token for a running deployment by pointing at the
+same directory or bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from larder.core.auth import TokenAuthority
+from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
+from larder.errors import LarderError
+from larder.protocol.names import check_cache_name
+from larder.protocol.tokens import Scope, parse_ttl
+from larder.service.app import build_app
+from larder.service.config import Config, load_config
+from larder.storage.base import Storage
+from larder.storage.factory import open_storage
+
+log = logging.getLogger("larder")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", help="directory or s3://BUCKET[/PREFIX] (LARDER_STORAGE)")
+    parser.add_argument("--config", help="TOML config file (LARDER_CONFIG)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="larder", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    _common(serve)
+    serve.add_argument("--listen", help="HOST:PORT (LARDER_LISTEN, default 127.0.0.1:8080)")
+    serve.add_argument("--public-url", help="base URL clients use (LARDER_PUBLIC_URL)")
+
+    token = commands.add_parser("token", help="create or revoke access tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="print a new token on stdout")
+    _common(create)
+    create.add_argument("--cache", required=True, help="cache name, or * for every cache")
+    create.add_argument("--scope", required=True, choices=["read", "write", "admin"])
+    create.add_argument("--ttl", default="30d", help="lifetime: 30d, 12h, 15m, or 0 for none")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
+    _common(revoke)
+    revoke.add_argument("token_id")
+    revoke.add_argument("--reason", default="")
+
+    cache = commands.add_parser("cache", help="create and inspect caches")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    cache_create = cache_commands.add_parser("create", help="create a cache and its key")
+    _common(cache_create)
+    cache_create.add_argument("name")
+    cache_create.add_argument("--private", action="store_true", help="reads need a token")
+    cache_create.add_argument("--priority", type=int, help="nix-cache-info Priority")
+    cache_create.add_argument("--key-name", help="signing key name (default NAME.larder-XXXXXX)")
+    cache_show = cache_commands.add_parser("show", help="print a cache's settings as JSON")
+    _common(cache_show)
+    cache_show.add_argument("name")
+    cache_list = cache_commands.add_parser("list", help="list caches")
+    _common(cache_list)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    flags: dict[str, Any] = {"storage": args.storage, "config": args.config}
+    if args.command == "serve":
+        flags.update(listen=args.listen, public_url=args.public_url)
+    return load_config(flags)
+
+
+async def _with_storage(config: Config, action: Callable[[Storage], Awaitable[int]]) -> int:
+    storage = open_storage(config.storage, zstd_level=config.zstd_level)
+    try:
+        return await action(storage)
+    finally:
+        await storage.close()
+
+
+def _describe(settings: CacheSettings, base_url: str) -> dict[str, Any]:
+    return {
+        "name": settings.name,
+        "public_key": settings.public_key.to_string(),
+        "substituter": f"{base_url}/{settings.name}",
+        "private": settings.private,
+        "priority": settings.priority,
+    }
+
+
+def _base_url(config: Config) -> str:
+    if config.public_url:
+        return config.public_url
+    host, port = config.host_port
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+async def _bootstrap(config: Config, storage: Storage) -> None:
+    """On first start create cache ``main``; always print how to use the caches."""
+    registry = CacheRegistry(storage, config.refresh_interval)
+    names = await registry.names()
+    if not names:
+        await registry.ensure(DEFAULT_CACHE, priority=config.default_priority)
+        names = [DEFAULT_CACHE]
+        print(f"created cache {DEFAULT_CACHE!r} and its signing key", flush=True)
+    base = _base_url(config)
+    print(f"larder serving on {base}", flush=True)
+    for name in names:
+        settings = await registry.get(name)
+        if settings is None:
+            continue
+        print(
+            f"cache {name}: substituter {base}/{name}\n"
+            f"  trusted-public-keys: {settings.public_key.to_string()}\n"
+            f"  write token: larder token create --storage {config.storage} "
+            f"--cache {name} --scope write",
+            flush=True,
+        )
+
+
+def _serve(config: Config) -> int:
+    storage = open_storage(config.storage, zstd_level=config.zstd_level)
+    app = build_app(config, storage)
+
+    async def on_startup(app: web.Application) -> None:
+        await _bootstrap(config, storage)
+
+    app.on_startup.append(on_startup)
+    host, port = config.host_port
+    web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+    return 0
+
+
+async def _token_create(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    cache = args.cache if args.cache == "*" else check_cache_name(args.cache)
+    if cache != "*" and await CacheRegistry(storage).get(cache) is None:
+        raise LarderError(f"no cache named {cache!r}")
+    authority = TokenAuthority(storage, config.refresh_interval)
+    token, claims = await authority.issue(cache, Scope.parse(args.scope), parse_ttl(args.ttl))
+    print(token)
+    expiry = claims.expires_at or "never"
+    print(f"token id {claims.token_id}, scope {args.scope}, expires {expiry}", file=sys.stderr)
+    return 0
+
+
+async def _token_revoke(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    await TokenAuthority(storage, config.refresh_interval).revoke(args.token_id, args.reason)
+    print(f"revoked {args.token_id}", file=sys.stderr)
+    return 0
+
+
+async def _cache_command(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    registry = CacheRegistry(storage, config.refresh_interval)
+    if args.cache_command == "list":
+        for name in await registry.names():
+            print(name)
+        return 0
+    if args.cache_command == "create":
+        settings = await registry.create(
+            args.name,
+            private=args.private,
+            priority=args.priority if args.priority is not None else config.default_priority,
+            key_name=args.key_name,
+        )
+    else:
+        found = await registry.get(check_cache_name(args.name))
+        if found is None:
+            raise LarderError(f"no cache named {args.name!r}")
+        settings = found
+    print(json.dumps(_describe(settings, _base_url(config)), indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = _config(args)
+        logging.basicConfig(
+            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        if args.command == "serve":
+            return _serve(config)
+        handlers = {
+            ("token", "create"): _token_create,
+            ("token", "revoke"): _token_revoke,
+        }
+        sub = args.token_command if args.command == "token" else None
+        handler = handlers.get((args.command, sub), _cache_command)
+        return asyncio.run(_with_storage(config, lambda storage: handler(args, storage, config)))
+    except LarderError as exc:
+        print(f"larder: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Configuration: one frozen, typed object, loaded once and passed down.
+
+Precedence, highest first: command-line flags, ``LARDER_*`` environment variables, the TOML
+config file (``--config`` / ``LARDER_CONFIG``), built-in defaults. This module is the only place
+in larder that reads ``os.environ`` (the rustc shim keeps its own small config).
+
+Config file keys are the field names below (``listen = "0.0.0.0:8080"``,
+``max_upload_size = "8GiB"``); env vars are ``LARDER_`` + the upper-cased field name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from larder.errors import InvalidInput
+
+_SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
+
+
+class ConfigError(InvalidInput):
+    """A configuration value is malformed; the message names the setting."""
+
+    code = "bad_config"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"1048576"``, ``"64MiB"``, ``"8GB"``, ``"512k"``. Binary units use ``i``."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = int(match.group(1)), (match.group(2) or "").upper().removesuffix("B")
+    if not unit:
+        return number
+    base = 1024 if unit.endswith("I") else 1000
+    return number * base ** ("KMGT".index(unit[0]) + 1)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) into its parts."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to know, validated."""
+
+    listen: str = "127.0.0.1:8080"
+    storage: str = "./larder-data"
+    # Public base URL clients use (e.g. https://larder.example); default: derived per request.
+    public_url: str = ""
+    # Largest request body accepted for NAR, artifact and opaque uploads (compressed bytes).
+    max_upload_size: int = 16 * 1024**3
+    # Largest narinfo / small JSON document accepted.
+    max_document_size: int = 1024**2
+    zstd_level: int = 3
+    # Seconds a replica trusts its in-memory view of caches and revoked tokens.
+    refresh_interval: float = 10.0
+    # Priority advertised in nix-cache-info (lower wins; cache.nixos.org uses 40).
+    default_priority: int = 30
+    log_level: str = "info"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+_CONVERTERS: dict[str, Any] = {
+    "listen": lambda v: (parse_listen(str(v)), str(v))[1],
+    "storage": str,
+    "public_url": lambda v: str(v).rstrip("/"),
+    "max_upload_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
+    "max_document_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
+    "zstd_level": int,
+    "refresh_interval": float,
+    "default_priority": int,
+    "log_level": lambda v: _choice(str(v).lower(), ("debug", "info", "warning", "error")),
+}
+
+
+def _choice(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _convert(name: str, value: object, source: str) -> Any:
+    try:
+        return _CONVERTERS[name](value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: bad value for {name}: {exc}") from None
+
+
+def load_config(
+    flags: Mapping[str, object | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge flags > env > file > defaults into a validated :class:`Config`.
+
+    ``flags`` holds command-line values by field name (``None`` = not given) plus an optional
+    ``config`` entry naming the TOML file; ``environ`` defaults to ``os.environ``.
+    """
+    flags = dict(flags or {})
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = flags.pop("config", None) or env.get("LARDER_CONFIG")
+    if config_file:
+        path = Path(str(config_file))
+        try:
+            document = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        for key, value in document.items():
+            if key not in _CONVERTERS:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            values[key] = _convert(key, value, str(path))
+    for field in fields(Config):
+        raw = env.get(f"LARDER_{field.name.upper()}")
+        if raw is not None and raw != "":
+            values[field.name] = _convert(field.name, raw, f"LARDER_{field.name.upper()}")
+    for name, value in flags.items():
+        if value is not None:
+            if name not in _CONVERTERS:
+                raise ConfigError(f"unknown flag {name!r}")
+            values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
+    return Config(**values)

@@ -1,0 +1,194 @@
+"""HTTP routes of the Nix binary-cache protocol under ``/<cache>/``.
+
+=====================================  ======================================================
+``GET|HEAD nix-cache-info``            StoreDir, WantMassQuery, Priority (always served)
+``GET|HEAD|PUT <hash>.narinfo``        signed narinfo; PUT verifies against the cache
+``GET|HEAD|PUT nar/<hash>.nar[.ext]``  GET serves ``.nar.zst`` (Ranges) and ``.nar``; PUT verifies
+``GET|HEAD|PUT <path>``                anything else Nix uploads (``.ls``, ``log/``, ...), opaque
+=====================================  ======================================================
+
+Reads of a missing object are 404 (Nix reads 404 as "not here"); writes need a write token.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from larder.core.caches import CacheSettings
+from larder.core.nixcache import decompressed, nix_cache_info, parse_nar_name
+from larder.errors import FormatError, LarderError, NoSuchCache
+from larder.protocol.names import check_cache_name, check_object_path
+from larder.protocol.storepath import check_hash_part
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.auth import check_access
+from larder.service.errors import error_response, status_for
+from larder.service.transfer import (
+    body_chunks,
+    check_declared_length,
+    read_document,
+    serve_blob,
+    serve_stream,
+)
+
+NARINFO_TYPE = "text/x-nix-narinfo"
+NAR_TYPE = "application/x-nix-nar"
+CACHE_INFO_TYPE = "text/x-nix-cache-info"
+
+
+async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
+    """The cache named in the URL, after checking the request may do ``needed`` on it."""
+    name = check_cache_name(request.match_info["cache"])
+    settings = await request.app[state.CACHES].get(name)
+    if settings is None:
+        raise NoSuchCache(f"no cache named {name!r}")
+    await check_access(request, request.app[state.TOKENS], settings, needed)
+    return settings
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """Answer ``Expect: 100-continue`` only after auth and size checks pass.
+
+    A client that would be refused learns it before sending a large body.
+    """
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error_response(request, 417, "expectation_failed", "unsupported Expect header")
+    try:
+        await cache_for(request, Scope.WRITE)
+        check_declared_length(request, request.app[state.CONFIG].max_upload_size)
+    except LarderError as exc:  # the error middleware does not wrap expect handlers
+        return error_response(request, status_for(exc), exc.code, exc.message)
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
+
+
+# -- nix-cache-info ------------------------------------------------------------------------
+
+
+async def get_cache_info(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    return web.Response(body=nix_cache_info(settings), content_type=CACHE_INFO_TYPE)
+
+
+# -- narinfo -------------------------------------------------------------------------------
+
+
+def _store_hash(request: web.Request) -> str:
+    name = request.match_info["name"]
+    return check_hash_part(name.removesuffix(".narinfo"))
+
+
+async def get_narinfo(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    nix = request.app[state.NIX]
+    store_hash = _store_hash(request)
+    if request.method == "HEAD":
+        if not await nix.has_narinfo(settings, store_hash):
+            raise web.HTTPNotFound()
+        return web.Response(content_type=NARINFO_TYPE)
+    body = await nix.get_narinfo(settings, store_hash)
+    if body is None:
+        raise web.HTTPNotFound()
+    return web.Response(body=body, content_type=NARINFO_TYPE)
+
+
+async def put_narinfo(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    store_hash = _store_hash(request)
+    document = await read_document(request, request.app[state.CONFIG].max_document_size)
+    await request.app[state.NIX].put_narinfo(settings, store_hash, document)
+    return web.Response(status=200, text="stored\n")
+
+
+# -- NARs ----------------------------------------------------------------------------------
+
+
+async def get_nar(request: web.Request) -> web.StreamResponse:
+    settings = await cache_for(request, Scope.READ)
+    nix = request.app[state.NIX]
+    try:
+        nar_hash, compression = parse_nar_name(request.match_info["name"])
+    except FormatError:
+        raise web.HTTPNotFound() from None
+    if compression not in ("zstd", "none"):
+        raise web.HTTPNotFound()
+    record = await nix.nar_record(settings, nar_hash)
+    reader = await nix.open_blob(record.blob_id) if record is not None else None
+    if record is None or reader is None:
+        raise web.HTTPNotFound()
+    if compression == "zstd":
+        return await serve_blob(request, reader, {"Content-Type": NAR_TYPE})
+    if request.method == "HEAD":
+        await reader.close()
+        return await serve_stream(request, (), record.nar_size, {"Content-Type": NAR_TYPE})
+    return await serve_stream(
+        request, decompressed(reader), record.nar_size, {"Content-Type": NAR_TYPE}
+    )
+
+
+async def put_nar(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    limit = request.app[state.CONFIG].max_upload_size
+    record = await request.app[state.NIX].upload_nar(
+        settings, request.match_info["name"], body_chunks(request, limit)
+    )
+    return web.json_response(
+        {"nar_size": record.nar_size, "stored_size": record.stored_size}, status=200
+    )
+
+
+# -- opaque extras ---------------------------------------------------------------------------
+
+
+async def get_file(request: web.Request) -> web.StreamResponse:
+    settings = await cache_for(request, Scope.READ)
+    nix = request.app[state.NIX]
+    try:
+        path = check_object_path(request.match_info["path"])
+    except FormatError:
+        raise web.HTTPNotFound() from None
+    record = await nix.file_record(settings, path)
+    if record is None:
+        raise web.HTTPNotFound()
+    headers = {"Content-Type": record.content_type}
+    if record.content_encoding:
+        headers["Content-Encoding"] = record.content_encoding
+    if request.method == "HEAD":
+        return await serve_stream(request, (), record.size, headers)
+    reader = await nix.open_blob(record.blob_id)
+    if reader is None:
+        raise web.HTTPNotFound()
+    return await serve_stream(request, decompressed(reader), record.size, headers)
+
+
+async def put_file(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    path = check_object_path(request.match_info["path"])
+    limit = request.app[state.CONFIG].max_upload_size
+    await request.app[state.NIX].put_file(
+        settings,
+        path,
+        body_chunks(request, limit),
+        content_type=request.headers.get("Content-Type", "application/octet-stream"),
+        content_encoding=request.headers.get("Content-Encoding", ""),
+    )
+    return web.Response(status=200, text="stored\n")
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the Nix routes; specific patterns first, the opaque catch-all last."""
+    router = app.router
+    base = "/{cache}"
+    for method, pattern, handler in (
+        ("GET", "/nix-cache-info", get_cache_info),
+        ("GET", r"/{name:[^/]+\.narinfo}", get_narinfo),
+        ("PUT", r"/{name:[^/]+\.narinfo}", put_narinfo),
+        ("GET", "/nar/{name}", get_nar),
+        ("PUT", "/nar/{name}", put_nar),
+        ("GET", "/{path:.+}", get_file),
+        ("PUT", "/{path:.+}", put_file),
+    ):
+        if method == "PUT":
+            router.add_route("PUT", base + pattern, handler, expect_handler=expect_continue)
+        else:
+            router.add_get(base + pattern, handler)  # answers HEAD too

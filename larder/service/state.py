@@ -1,0 +1,20 @@
+"""Typed application state shared by the routes (``web.AppKey``s)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from larder.core.auth import TokenAuthority
+from larder.core.caches import CacheRegistry
+from larder.core.nixcache import NixCache
+from larder.service.config import Config
+from larder.storage.base import Storage
+
+CONFIG = web.AppKey("config", Config)
+STORAGE = web.AppKey("storage", Storage)
+CACHES = web.AppKey("caches", CacheRegistry)
+TOKENS = web.AppKey("tokens", TokenAuthority)
+NIX = web.AppKey("nix", NixCache)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)

@@ -1,0 +1,104 @@
+"""Moving bytes over HTTP: size-limited request bodies in, stored blobs out (with Ranges)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+from aiohttp import web
+
+from larder.errors import TooLarge
+from larder.storage.base import BlobReader
+
+UPLOAD_CHUNK = 256 * 1024
+
+
+def check_declared_length(request: web.Request, limit: int) -> None:
+    """Refuse early when ``Content-Length`` already exceeds ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit}")
+
+
+async def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body in pieces of about ``UPLOAD_CHUNK`` bytes, at most ``limit`` in all.
+
+    Raises :class:`TooLarge` as soon as the limit is passed, whatever the headers said; a body
+    cut short by the client raises aiohttp's payload error, so the upload is abandoned.
+    """
+    check_declared_length(request, limit)
+    buffer = bytearray()
+    total = 0
+    async for data in request.content.iter_any():
+        total += len(data)
+        if total > limit:
+            raise TooLarge(f"body exceeds the limit of {limit} bytes")
+        buffer += data
+        if len(buffer) >= UPLOAD_CHUNK:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
+
+
+async def read_document(request: web.Request, limit: int) -> bytes:
+    """A small body (narinfo, JSON) read whole, at most ``limit`` bytes."""
+    return b"".join([chunk async for chunk in body_chunks(request, limit)])
+
+
+def _requested_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """``(start, end)`` of a single satisfiable byte range, ``None`` for the whole body."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return None  # RFC 9110: an unparseable Range is ignored
+    start, stop = wanted.start, wanted.stop
+    if start is None and stop is None:
+        return None
+    if start is not None and start < 0:  # suffix range "bytes=-N"
+        start, stop = max(size + start, 0), size
+    start = start or 0
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+async def serve_blob(
+    request: web.Request, reader: BlobReader, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Send a blob's stored bytes with ``Accept-Ranges``; local files go out by sendfile."""
+    headers = {"Accept-Ranges": "bytes", **headers}
+    if reader.local_path is not None:
+        await reader.close()
+        return web.FileResponse(reader.local_path, headers=headers)
+    try:
+        size = reader.stored_size
+        span = _requested_range(request, size)
+        start, stop = span or (0, size)
+        response = web.StreamResponse(status=206 if span else 200, headers=headers)
+        if span:
+            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        response.content_length = stop - start
+        await response.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in reader.chunks(start, stop):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        await reader.close()
+
+
+async def serve_stream(
+    request: web.Request, chunks: AsyncIterable[bytes], length: int, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Send a generated body of known ``length`` (no ranges)."""
+    response = web.StreamResponse(headers=headers)
+    response.content_length = length
+    await response.prepare(request)
+    if request.method != "HEAD":
+        async for chunk in chunks:
+            await response.write(chunk)
+    await response.write_eof()
+    return response

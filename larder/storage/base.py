@@ -1,0 +1,185 @@
+"""The storage interface every backend implements.
+
+Two kinds of data live in a store:
+
+* **Blobs**: content-addressed by the BLAKE3 hex digest of their *uncompressed* bytes and kept
+  zstd-compressed at rest (one zstd stream). A blob is written through a :class:`BlobWriter`
+  into a temporary object and becomes visible under ``blob_id`` only on :meth:`BlobWriter.commit`,
+  which callers invoke after they have verified the content. Identical content is stored once.
+  Readers get the *stored* (compressed) bytes, so a blob can be served as a ``.zst`` file as is.
+* **Objects**: small keyed byte strings (metadata: narinfos, records, configuration), written
+  atomically (a reader sees the old or the new value, never a mix).
+
+Keys are ``/``-separated segments of ``[A-Za-z0-9._:!+=@-]``; no segment is empty, ``.`` or
+``..``; at most 1024 characters. Backends check this (:func:`check_key`) as a second line of
+defence; the service validates user input long before.
+
+Blob writing is synchronous and blocking (it compresses and does I/O), meant to be driven from a
+worker thread by a streaming pipeline. Everything else is ``async``. Backends raise only
+:mod:`larder.errors` storage errors (``StorageFull``, ``StorageUnavailable``, ``StorageError``);
+a missing object or blob is a ``None``/``False`` return value, never an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar
+
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9._:!+=@-]+")
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
+MAX_KEY_LENGTH = 1024
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid object key, else raise ``ValueError``."""
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"invalid storage key length: {len(key)}")
+    for segment in key.split("/"):
+        if segment in ("", ".", "..") or not _KEY_SEGMENT.fullmatch(segment):
+            raise ValueError(f"invalid storage key: {key!r}")
+    return key
+
+
+def check_blob_id(blob_id: str) -> str:
+    """Return ``blob_id`` if it is 64 lowercase hex digits, else raise ``ValueError``."""
+    if not _BLOB_ID.fullmatch(blob_id):
+        raise ValueError(f"invalid blob id: {blob_id!r}")
+    return blob_id
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """A committed blob: its content address and sizes."""
+
+    blob_id: str  # BLAKE3 hex of the uncompressed bytes
+    size: int  # uncompressed bytes
+    stored_size: int  # compressed bytes at rest
+
+
+class BlobWriter(ABC):
+    """Streams one blob into a temporary object. Synchronous: call from a worker thread.
+
+    Use as a context manager: leaving the block without :meth:`commit` aborts, so an exception
+    or a failed verification never leaves a visible (or a leaked temporary) object.
+    """
+
+    @abstractmethod
+    def write(self, data: bytes | memoryview) -> None:
+        """Hash and compress ``data`` and append it to the temporary object."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Uncompressed bytes written so far."""
+
+    @abstractmethod
+    def commit(self) -> BlobInfo:
+        """Finish the stream and make the blob visible under its BLAKE3 id.
+
+        Idempotent with respect to content: if the blob already exists the temporary object is
+        discarded and the existing blob is kept. After commit the writer is closed.
+        """
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard the temporary object. A no-op after commit or a previous abort."""
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+class BlobReader(ABC):
+    """An open blob: its stored (compressed) bytes, readable in a range."""
+
+    stored_size: int
+    # Set by backends whose blobs are local files, so the service can use sendfile.
+    local_path: Path | None = None
+
+    @abstractmethod
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the stored bytes in ``[start, end)`` (``end`` defaults to the end)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the underlying handle."""
+
+
+class Storage(ABC):
+    """One async interface over a blob store and an object store."""
+
+    backend: ClassVar[str]  # "memory", "disk" or "s3": a metrics label and a log field
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def blob_writer(self) -> BlobWriter:
+        """Start a new blob. Blocking (may create a temporary object): call from a thread."""
+
+    @abstractmethod
+    async def blob_open(self, blob_id: str) -> BlobReader | None:
+        """Open a committed blob for reading, or ``None`` if it does not exist."""
+
+    @abstractmethod
+    async def blob_stored_size(self, blob_id: str) -> int | None:
+        """Compressed size of a committed blob, or ``None`` if it does not exist."""
+
+    @abstractmethod
+    async def blob_delete(self, blob_id: str) -> bool:
+        """Delete a blob; ``False`` if it did not exist."""
+
+    @abstractmethod
+    def blob_ids(self) -> AsyncIterator[str]:
+        """Every committed blob id, in no particular order."""
+
+    # -- objects -------------------------------------------------------------------------
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes, or ``None`` if it does not exist."""
+
+    @abstractmethod
+    async def put(self, key: str, data: bytes) -> None:
+        """Create or atomically replace an object."""
+
+    @abstractmethod
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create an object only if it does not exist; ``True`` if this call created it.
+
+        Used for state that every replica must agree on (the token secret, signing keys): of two
+        racing creators exactly one wins and both then read the winner's value.
+        """
+
+    @abstractmethod
+    async def exists(self, key: str) -> bool:
+        """Whether the object exists."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Delete an object; ``False`` if it did not exist."""
+
+    @abstractmethod
+    def keys(self, prefix: str) -> AsyncIterator[str]:
+        """Every object key starting with ``prefix`` (a string prefix), in sorted order."""
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def check(self) -> None:
+        """Raise a storage error unless the backend answers (used by readiness probes)."""
+
+    async def close(self) -> None:
+        """Release connections and thread pools."""
+        return None
