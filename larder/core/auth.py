@@ -58,9 +58,7 @@ class TokenAuthority:
     async def secret(self) -> bytes:
         """The shared HS256 secret, created on first use (one winner across replicas)."""
         if self._secret is None:
-            await self._storage.put_if_absent(
-                keys.TOKEN_SECRET, secrets.token_hex(32).encode()
-            )
+            await self._storage.put_if_absent(keys.TOKEN_SECRET, secrets.token_hex(32).encode())
             data = await self._storage.get(keys.TOKEN_SECRET)
             if data is None:
                 raise StorageError("token secret vanished after creation")

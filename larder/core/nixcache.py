@@ -143,7 +143,9 @@ class NixCache:
         finally:
             await self._run(writer.abort)
         record = NarRecord(blob.blob_id, digest.nar_size, blob.stored_size)
-        await self._storage.put(keys.nar(cache.name, nix32.encode(digest.nar_sha256)), record.to_json())
+        await self._storage.put(
+            keys.nar(cache.name, nix32.encode(digest.nar_sha256)), record.to_json()
+        )
         return record
 
     async def nar_record(self, cache: CacheSettings, nar_hash_nix32: str) -> NarRecord | None:
@@ -178,7 +180,9 @@ class NixCache:
         )
         missing = [ref.base for ref, ok in zip(others, present, strict=True) if not ok]
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
             raise VerificationFailed(f"references not in this cache (upload them first): {shown}")
         own_key = cache.signing_key.name + ":"
         stored = replace(
@@ -259,4 +263,3 @@ async def decompressed(reader: BlobReader) -> AsyncIterator[bytes]:
             yield piece
     finally:
         await reader.close()
-

@@ -195,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("token", "create"): _token_create,
             ("token", "revoke"): _token_revoke,
         }
-        sub = args.token_command if args.command == "token" else None
-        handler = handlers.get((args.command, sub), _cache_command)
+        sub: str = args.token_command if args.command == "token" else ""
+        handler = handlers.get((str(args.command), sub), _cache_command)
         return asyncio.run(_with_storage(config, lambda storage: handler(args, storage, config)))
     except LarderError as exc:
         print(f"larder: {exc.message}", file=sys.stderr)

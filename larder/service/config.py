@@ -38,7 +38,8 @@ def parse_size(text: str) -> int:
     if not unit:
         return number
     base = 1024 if unit.endswith("I") else 1000
-    return number * base ** ("KMGT".index(unit[0]) + 1)
+    exponent: int = "KMGT".index(unit[0]) + 1
+    return int(number * base**exponent)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

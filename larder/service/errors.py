@@ -47,7 +47,9 @@ def error_response(request: web.Request, status: int, code: str, message: str) -
         headers["WWW-Authenticate"] = 'Basic realm="larder"'
     if request.path.startswith("/api/"):
         body = json.dumps({"code": status, "error": code, "message": message})
-        return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+        return web.Response(
+            status=status, text=body, content_type="application/json", headers=headers
+        )
     return web.Response(status=status, text=message + "\n", headers=headers)
 
 

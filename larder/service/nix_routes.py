@@ -120,7 +120,7 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
         return await serve_blob(request, reader, {"Content-Type": NAR_TYPE})
     if request.method == "HEAD":
         await reader.close()
-        return await serve_stream(request, (), record.nar_size, {"Content-Type": NAR_TYPE})
+        return await serve_stream(request, None, record.nar_size, {"Content-Type": NAR_TYPE})
     return await serve_stream(
         request, decompressed(reader), record.nar_size, {"Content-Type": NAR_TYPE}
     )
@@ -154,7 +154,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if record.content_encoding:
         headers["Content-Encoding"] = record.content_encoding
     if request.method == "HEAD":
-        return await serve_stream(request, (), record.size, headers)
+        return await serve_stream(request, None, record.size, headers)
     reader = await nix.open_blob(record.blob_id)
     if reader is None:
         raise web.HTTPNotFound()

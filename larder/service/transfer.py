@@ -91,13 +91,16 @@ async def serve_blob(
 
 
 async def serve_stream(
-    request: web.Request, chunks: AsyncIterable[bytes], length: int, headers: dict[str, str]
+    request: web.Request,
+    chunks: AsyncIterable[bytes] | None,
+    length: int,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
-    """Send a generated body of known ``length`` (no ranges)."""
+    """Send a generated body of known ``length`` (no ranges); ``chunks`` is None for HEAD."""
     response = web.StreamResponse(headers=headers)
     response.content_length = length
     await response.prepare(request)
-    if request.method != "HEAD":
+    if request.method != "HEAD" and chunks is not None:
         async for chunk in chunks:
             await response.write(chunk)
     await response.write_eof()

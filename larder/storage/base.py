@@ -45,6 +45,32 @@ def check_key(key: str) -> str:
     return key
 
 
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` is a valid object key (:func:`check_key` without the exception)."""
+    try:
+        check_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+def check_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it can start a valid key (for :meth:`Storage.keys`), else raise.
+
+    A prefix is complete segments followed by a possibly empty, possibly partial last segment:
+    ``""``, ``"caches/"``, ``"caches/ma"`` are prefixes; ``"../"``, ``"a//"``, ``"/a"`` are not.
+    """
+    if len(prefix) > MAX_KEY_LENGTH:
+        raise ValueError(f"invalid storage key prefix length: {len(prefix)}")
+    *segments, last = prefix.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or not _KEY_SEGMENT.fullmatch(segment):
+            raise ValueError(f"invalid storage key prefix: {prefix!r}")
+    if last and not _KEY_SEGMENT.fullmatch(last):
+        raise ValueError(f"invalid storage key prefix: {prefix!r}")
+    return prefix
+
+
 def check_blob_id(blob_id: str) -> str:
     """Return ``blob_id`` if it is 64 lowercase hex digits, else raise ``ValueError``."""
     if not _BLOB_ID.fullmatch(blob_id):

@@ -1,0 +1,414 @@
+"""A store in a local directory.
+
+Layout under ``root``::
+
+    blobs/<id[:2]>/<id>     committed blobs: one zstd frame each, servable as a .zst file as is
+    objects/<key>           objects; a key's ``/`` separated segments are directories
+    tmp/                    temporaries (blob uploads in progress, objects being replaced)
+
+Nothing is ever written to a final name. A blob is written to a temporary created with
+``O_CREAT | O_EXCL`` under ``tmp/``, fsynced, then hard-linked to its final name (if that name
+exists, the content is identical and the temporary is dropped) and its directory fsynced. An
+object is written to a temporary, fsynced and ``os.replace``d over its name; ``put_if_absent``
+hard-links the temporary instead, which fails if the name exists, so exactly one racer wins.
+``tmp/`` and the final names are on one filesystem, which is what makes link and rename atomic.
+
+Temporaries left by a crash are removed when a :class:`DiskStorage` is opened, once older than
+``stale_temp_age`` seconds (a live upload keeps its temporary's mtime fresh).
+
+One limit of mapping keys to paths: a key cannot also be the directory of another key
+(``a`` and ``a/b``); storing the second raises :class:`StorageError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+from larder.errors import StorageError, StorageFull
+from larder.storage.base import (
+    BlobInfo,
+    BlobReader,
+    BlobWriter,
+    Storage,
+    check_blob_id,
+    check_key,
+    check_prefix,
+    is_valid_key,
+)
+from larder.storage.blobformat import (
+    DEFAULT_ZSTD_LEVEL,
+    READ_CHUNK,
+    EncodingBlobWriter,
+    check_zstd_level,
+    clamp_range,
+)
+
+log = logging.getLogger(__name__)
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# link(2) is not supported everywhere (some network and FUSE filesystems): fall back to rename.
+_NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
+_MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+_HEX = frozenset("0123456789abcdef")
+_FILE_MODE = 0o644
+
+
+@contextmanager
+def _os_errors(operation: str) -> Iterator[None]:
+    """Translate ``OSError`` into storage errors (the path stays in the chained cause)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:
+            raise StorageFull(f"disk storage: {operation}: no space left on device") from exc
+        reason = exc.strerror or type(exc).__name__
+        raise StorageError(f"disk storage: {operation} failed: {reason}") from exc
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove temporary %s: %s", path, exc)
+
+
+class _DiskBlobWriter(EncodingBlobWriter):
+    def __init__(self, storage: DiskStorage) -> None:
+        super().__init__(level=storage._zstd_level, threads=storage._zstd_threads)
+        self._storage = storage
+        self._fd, self._temp = storage._create_temp("blob")
+
+    def _sink(self, piece: bytes) -> None:
+        with _os_errors("blob write"):
+            _write_all(self._fd, piece)
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _publish(self, info: BlobInfo) -> None:
+        final = self._storage._blob_path(info.blob_id)
+        with _os_errors("blob commit"):
+            os.fsync(self._fd)
+            self._close_fd()
+            created = self._storage._make_parent(final)
+            try:
+                os.link(self._temp, final)
+            except FileExistsError:
+                pass  # the same content is already stored
+            except OSError as exc:
+                if exc.errno not in _NO_LINK_ERRNOS:
+                    raise
+                if not final.exists():
+                    os.rename(self._temp, final)
+            self._temp.unlink(missing_ok=True)
+            _fsync_dir(final.parent)
+            if created:
+                _fsync_dir(final.parent.parent)
+
+    def _discard(self) -> None:
+        try:
+            self._close_fd()
+        except OSError as exc:
+            log.warning("cannot close blob temporary: %s", exc)
+        _unlink_quietly(self._temp)
+
+
+class _DiskBlobReader(BlobReader):
+    def __init__(self, file: io.FileIO, path: Path, stored_size: int) -> None:
+        self._file = file
+        self.local_path = path
+        self.stored_size = stored_size
+
+    def _read(self, length: int, offset: int) -> bytes:
+        if self._file.closed:
+            raise ValueError("blob reader is closed")
+        with _os_errors("blob read"):
+            return os.pread(self._file.fileno(), length, offset)
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        start, stop = clamp_range(start, end, self.stored_size)
+        offset = start
+        while offset < stop:
+            data = await asyncio.to_thread(self._read, min(READ_CHUNK, stop - offset), offset)
+            if not data:
+                raise StorageError("disk storage: blob read failed: file is truncated")
+            yield data
+            offset += len(data)
+
+    async def close(self) -> None:
+        self._file.close()
+
+
+class DiskStorage(Storage):
+    """Blobs and objects under one local directory (see the module docstring for the layout)."""
+
+    backend: ClassVar[str] = "disk"
+
+    def __init__(
+        self,
+        root: Path | str,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        *,
+        zstd_threads: int = 0,
+        stale_temp_age: float = 3600.0,
+    ) -> None:
+        self.root = Path(root)
+        self._zstd_level = check_zstd_level(zstd_level)
+        self._zstd_threads = zstd_threads
+        self._blobs = self.root / "blobs"
+        self._objects = self.root / "objects"
+        self._tmp = self.root / "tmp"
+        with _os_errors("open"):
+            for directory in (self.root, self._blobs, self._objects, self._tmp):
+                directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temporaries(stale_temp_age)
+
+    def __repr__(self) -> str:
+        return f"DiskStorage({str(self.root)!r})"
+
+    # -- paths and temporaries -----------------------------------------------------------
+
+    def _blob_path(self, blob_id: str) -> Path:
+        return self._blobs / blob_id[:2] / blob_id
+
+    def _object_path(self, key: str) -> Path:
+        return self._objects / check_key(key)
+
+    def _create_temp(self, kind: str) -> tuple[int, Path]:
+        path = self._tmp / f"{kind}-{uuid.uuid4().hex}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        with _os_errors("create temporary"):
+            return os.open(path, flags, _FILE_MODE), path
+
+    def _make_parent(self, path: Path) -> bool:
+        """Create ``path``'s directory; ``True`` if it had to be created."""
+        if path.parent.is_dir():
+            return False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StorageError(
+                "disk storage: a key cannot also be the directory of another key"
+            ) from None
+        return True
+
+    def _remove_stale_temporaries(self, max_age: float) -> None:
+        cutoff = time.time() - max_age
+        removed = 0
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime <= cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        if removed:
+            log.info("removed %d stale temporaries from %s", removed, self._tmp)
+
+    def _write_temp(self, data: bytes) -> Path:
+        fd, temp = self._create_temp("object")
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+        return temp
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def blob_writer(self) -> BlobWriter:
+        return _DiskBlobWriter(self)
+
+    def _blob_open_sync(self, blob_id: str) -> BlobReader | None:
+        path = self._blob_path(blob_id)
+        try:
+            file = io.FileIO(path, "r")
+        except _MISSING:
+            return None
+        try:
+            size = os.fstat(file.fileno()).st_size
+        except BaseException:
+            file.close()
+            raise
+        return _DiskBlobReader(file, path, size)
+
+    async def blob_open(self, blob_id: str) -> BlobReader | None:
+        check_blob_id(blob_id)
+        with _os_errors("blob open"):
+            return await asyncio.to_thread(self._blob_open_sync, blob_id)
+
+    def _stat_size(self, path: Path) -> int | None:
+        try:
+            return path.stat().st_size
+        except _MISSING:
+            return None
+
+    async def blob_stored_size(self, blob_id: str) -> int | None:
+        check_blob_id(blob_id)
+        with _os_errors("blob stat"):
+            return await asyncio.to_thread(self._stat_size, self._blob_path(blob_id))
+
+    def _unlink(self, path: Path) -> bool:
+        try:
+            path.unlink()
+        except _MISSING:
+            return False
+        return True
+
+    async def blob_delete(self, blob_id: str) -> bool:
+        check_blob_id(blob_id)
+        with _os_errors("blob delete"):
+            return await asyncio.to_thread(self._unlink, self._blob_path(blob_id))
+
+    def _list_blob_dir(self, name: str) -> list[str]:
+        try:
+            names = os.listdir(self._blobs / name)
+        except _MISSING:
+            return []
+        return [n for n in names if n[:2] == name and len(n) == 64 and _HEX.issuperset(n)]
+
+    async def blob_ids(self) -> AsyncIterator[str]:
+        with _os_errors("blob list"):
+            directories = await asyncio.to_thread(os.listdir, self._blobs)
+        for name in sorted(directories):
+            if len(name) != 2 or not _HEX.issuperset(name):
+                continue
+            with _os_errors("blob list"):
+                ids = await asyncio.to_thread(self._list_blob_dir, name)
+            for blob_id in ids:
+                yield blob_id
+
+    # -- objects -------------------------------------------------------------------------
+
+    def _get_sync(self, path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except _MISSING:
+            return None
+
+    async def get(self, key: str) -> bytes | None:
+        path = self._object_path(key)
+        with _os_errors("get"):
+            return await asyncio.to_thread(self._get_sync, path)
+
+    def _put_sync(self, path: Path, data: bytes) -> None:
+        temp = self._write_temp(data)
+        try:
+            self._make_parent(path)
+            try:
+                os.replace(temp, path)
+            except IsADirectoryError:
+                raise StorageError(
+                    "disk storage: a key cannot also be the directory of another key"
+                ) from None
+            _fsync_dir(path.parent)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+
+    async def put(self, key: str, data: bytes) -> None:
+        path = self._object_path(key)
+        with _os_errors("put"):
+            await asyncio.to_thread(self._put_sync, path, data)
+
+    def _put_if_absent_sync(self, path: Path, data: bytes) -> bool:
+        if path.exists():
+            return False
+        temp = self._write_temp(data)
+        try:
+            self._make_parent(path)
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return False
+            _fsync_dir(path.parent)
+            return True
+        finally:
+            _unlink_quietly(temp)
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._object_path(key)
+        with _os_errors("put"):
+            return await asyncio.to_thread(self._put_if_absent_sync, path, data)
+
+    async def exists(self, key: str) -> bool:
+        path = self._object_path(key)
+        with _os_errors("exists"):
+            return await asyncio.to_thread(path.is_file)
+
+    async def delete(self, key: str) -> bool:
+        path = self._object_path(key)
+        with _os_errors("delete"):
+            return await asyncio.to_thread(self._unlink, path)
+
+    def _keys_sync(self, prefix: str) -> list[str]:
+        directory, _, _ = prefix.rpartition("/")
+        start = self._objects / directory if directory else self._objects
+
+        def fail(exc: OSError) -> None:
+            if not isinstance(exc, _MISSING):
+                raise exc
+
+        found = []
+        for dirpath, _dirnames, filenames in os.walk(start, onerror=fail):
+            relative = Path(dirpath).relative_to(self._objects).as_posix()
+            base = "" if relative == "." else relative + "/"
+            for name in filenames:
+                key = base + name
+                if key.startswith(prefix) and is_valid_key(key):
+                    found.append(key)
+        found.sort()
+        return found
+
+    async def keys(self, prefix: str) -> AsyncIterator[str]:
+        check_prefix(prefix)
+        with _os_errors("list"):
+            found = await asyncio.to_thread(self._keys_sync, prefix)
+        for key in found:
+            yield key
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _check_sync(self) -> None:
+        for directory in (self.root, self._blobs, self._objects, self._tmp):
+            if not directory.is_dir():
+                raise StorageError("disk storage: the storage directory is missing")
+        fd, temp = self._create_temp("check")
+        os.close(fd)
+        temp.unlink()
+
+    async def check(self) -> None:
+        with _os_errors("check"):
+            await asyncio.to_thread(self._check_sync)

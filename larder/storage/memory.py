@@ -1,0 +1,146 @@
+"""An in-process store in dictionaries, for tests.
+
+It behaves like the real backends where callers can tell: blobs are really zstd-compressed and
+hashed, a blob becomes visible only on commit, keys are validated, and the dictionaries are
+guarded by a lock because blob writers run on worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+from larder.storage.base import (
+    BlobInfo,
+    BlobReader,
+    BlobWriter,
+    Storage,
+    check_blob_id,
+    check_key,
+    check_prefix,
+)
+from larder.storage.blobformat import (
+    DEFAULT_ZSTD_LEVEL,
+    READ_CHUNK,
+    EncodingBlobWriter,
+    clamp_range,
+)
+
+
+class _MemoryBlobWriter(EncodingBlobWriter):
+    def __init__(self, storage: MemoryStorage, level: int, threads: int) -> None:
+        self._storage = storage
+        self._pieces: list[bytes] = []
+        super().__init__(level=level, threads=threads)
+
+    def _sink(self, piece: bytes) -> None:
+        self._pieces.append(piece)
+
+    def _publish(self, info: BlobInfo) -> None:
+        data = b"".join(self._pieces)
+        self._pieces = []
+        with self._storage._lock:
+            self._storage._blobs.setdefault(info.blob_id, data)
+
+    def _discard(self) -> None:
+        self._pieces = []
+
+
+class _MemoryBlobReader(BlobReader):
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+        self.stored_size = len(data)
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        start, stop = clamp_range(start, end, self.stored_size)
+        for offset in range(start, stop, READ_CHUNK):
+            if self._data is None:
+                raise ValueError("blob reader is closed")
+            yield self._data[offset : min(offset + READ_CHUNK, stop)]
+
+    async def close(self) -> None:
+        self._data = None
+
+
+class MemoryStorage(Storage):
+    """Blobs and objects in dictionaries; nothing survives the process."""
+
+    backend: ClassVar[str] = "memory"
+
+    def __init__(self, *, zstd_level: int = DEFAULT_ZSTD_LEVEL, zstd_threads: int = 0) -> None:
+        self._zstd_level = zstd_level
+        self._zstd_threads = zstd_threads
+        self._lock = threading.Lock()
+        self._blobs: dict[str, bytes] = {}
+        self._objects: dict[str, bytes] = {}
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def blob_writer(self) -> BlobWriter:
+        return _MemoryBlobWriter(self, self._zstd_level, self._zstd_threads)
+
+    async def blob_open(self, blob_id: str) -> BlobReader | None:
+        check_blob_id(blob_id)
+        with self._lock:
+            data = self._blobs.get(blob_id)
+        return _MemoryBlobReader(data) if data is not None else None
+
+    async def blob_stored_size(self, blob_id: str) -> int | None:
+        check_blob_id(blob_id)
+        with self._lock:
+            data = self._blobs.get(blob_id)
+        return len(data) if data is not None else None
+
+    async def blob_delete(self, blob_id: str) -> bool:
+        check_blob_id(blob_id)
+        with self._lock:
+            return self._blobs.pop(blob_id, None) is not None
+
+    async def blob_ids(self) -> AsyncIterator[str]:
+        with self._lock:
+            ids = list(self._blobs)
+        for blob_id in ids:
+            yield blob_id
+
+    # -- objects -------------------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        check_key(key)
+        with self._lock:
+            return self._objects.get(key)
+
+    async def put(self, key: str, data: bytes) -> None:
+        check_key(key)
+        with self._lock:
+            self._objects[key] = bytes(data)
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        check_key(key)
+        with self._lock:
+            if key in self._objects:
+                return False
+            self._objects[key] = bytes(data)
+            return True
+
+    async def exists(self, key: str) -> bool:
+        check_key(key)
+        with self._lock:
+            return key in self._objects
+
+    async def delete(self, key: str) -> bool:
+        check_key(key)
+        with self._lock:
+            return self._objects.pop(key, None) is not None
+
+    async def keys(self, prefix: str) -> AsyncIterator[str]:
+        check_prefix(prefix)
+        with self._lock:
+            matching = sorted(key for key in self._objects if key.startswith(prefix))
+        for key in matching:
+            yield key
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def check(self) -> None:
+        return None

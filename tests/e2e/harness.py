@@ -1,0 +1,137 @@
+"""Real processes for end-to-end tests: a `larder serve`, a moto S3 server, the Nix client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+LARDER = [sys.executable, "-m", "larder"]
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer in {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server over real HTTP; yields its endpoint URL."""
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(endpoint + "/moto-api/", proc)
+        yield endpoint
+    finally:
+        stop(proc)
+
+
+def make_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket=bucket)
+
+
+@dataclass
+class Larder:
+    """A running `larder serve` process."""
+
+    url: str
+    storage: str
+    env: dict[str, str]
+    log_path: Path
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [*LARDER, *args, "--storage", self.storage],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip()
+
+    def token(self, cache: str = "main", scope: str = "write") -> str:
+        return self.cli("token", "create", "--cache", cache, "--scope", scope)
+
+    def cache_info(self, cache: str = "main") -> dict[str, object]:
+        with urllib.request.urlopen(f"{self.url}/api/v1/caches/{cache}") as resp:
+            return dict(json.load(resp))
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def larder_server(
+    storage: str, workdir: Path, extra_env: Mapping[str, str] | None = None
+) -> Iterator[Larder]:
+    port = free_port()
+    env = {**os.environ, **(extra_env or {})}
+    env.pop("LARDER_CONFIG", None)
+    log_path = workdir / f"larder-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*LARDER, "serve", "--listen", f"127.0.0.1:{port}", "--storage", storage],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(url + "/healthz", proc)
+            yield Larder(url, storage, env, log_path)
+        finally:
+            stop(proc)

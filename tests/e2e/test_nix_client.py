@@ -1,0 +1,133 @@
+"""The real Nix client pushes a closure to a running larder and substitutes it back.
+
+Runs once on disk storage and once on S3 (a moto server over real HTTP). Requires Nix
+(`make test` installs Debian's nix-bin); on CI a missing client is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from larder.protocol import narinfo, nix32
+from larder.protocol.signing import PublicKey
+from tests.e2e.harness import S3_ENV, Larder, larder_server, make_bucket, moto_server
+from tests.e2e.nix import Nix, netrc_for
+
+pytestmark = pytest.mark.nix
+
+
+@pytest.fixture(params=["disk", "s3"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Larder]:
+    if request.param == "disk":
+        with larder_server(str(tmp_path / "data"), tmp_path) as larder:
+            yield larder
+        return
+    with moto_server() as endpoint:
+        make_bucket(endpoint, "larder-e2e")
+        env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+        with larder_server("s3://larder-e2e/cache", tmp_path, env) as larder:
+            yield larder
+
+
+def http(method: str, url: str, body: bytes = b"", token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body if method == "PUT" else None, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def nar_of(path: str) -> bytes:
+    return subprocess.run(["nix-store", "--dump", path], capture_output=True, check=True).stdout
+
+
+def test_push_closure_then_substitute_on_a_fresh_machine(server: Larder, tmp_path: Path) -> None:
+    ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+    paths = ci.build_closure(tmp_path)
+    closure = ci.closure(paths["app"])
+    assert sorted(paths.values()) == closure
+    dumps = {path: hashlib.sha256(nar_of(path)).digest() for path in closure}
+
+    ci.copy_to(f"{server.url}/main", paths["app"])
+    ci.copy_to(f"{server.url}/main", paths["app"])  # a second push is a no-op, not an error
+
+    info = server.cache_info()
+    public_key = PublicKey.parse(str(info["public_key"]))
+    for path in closure:
+        status, body = http("GET", f"{server.url}/main/{Path(path).name[:32]}.narinfo")
+        assert status == 200, body
+        served = narinfo.parse(body)
+        assert served.compression == "zstd"
+        assert served.nar_hash.digest == dumps[path]
+        assert any(public_key.verify(narinfo.fingerprint(served), sig) for sig in served.sigs)
+        nar_status, nar = http("GET", f"{server.url}/main/{served.url}")
+        assert nar_status == 200 and len(nar) == served.file_size
+
+    ci.delete(*reversed(closure))
+    laptop = Nix(tmp_path / "laptop")
+    laptop.substitute(str(info["substituter"]), str(info["public_key"]), paths["app"])
+    app, mid, leaf = Path(paths["app"]), Path(paths["mid"]), Path(paths["leaf"])
+    assert (app / "self").read_text().strip() == paths["app"]
+    assert (app / "bin/app").stat().st_mode & 0o111
+    assert (mid / "lib/link").resolve() == leaf / "lib/libleaf.rlib"
+    assert (leaf / "lib/random.bin").stat().st_size == 300000
+    for path in closure:
+        assert hashlib.sha256(nar_of(path)).digest() == dumps[path]
+
+
+def test_substitution_fails_without_the_cache_key(server: Larder, tmp_path: Path) -> None:
+    ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+    paths = ci.build_closure(tmp_path)
+    ci.copy_to(f"{server.url}/main", paths["app"])
+    ci.delete(*reversed(ci.closure(paths["app"])))
+    laptop = Nix(tmp_path / "laptop")
+    other_key = "other-1:" + "A" * 43 + "="
+    result = laptop.substitute(f"{server.url}/main", other_key, paths["leaf"], check=False)
+    assert result.returncode != 0
+    assert not Path(paths["leaf"]).exists()
+
+
+def test_anonymous_push_is_refused_and_leaves_nothing(server: Larder, tmp_path: Path) -> None:
+    anonymous = Nix(tmp_path / "anon")
+    paths = anonymous.build_closure(tmp_path)
+    result = anonymous.copy_to(f"{server.url}/main", paths["leaf"], check=False)
+    assert result.returncode != 0
+    assert "401" in result.stderr
+    status, _ = http("GET", f"{server.url}/main/{Path(paths['leaf']).name[:32]}.narinfo")
+    assert status == 404
+
+
+def test_narinfo_with_wrong_nar_hash_is_refused_and_never_served(
+    server: Larder, tmp_path: Path
+) -> None:
+    token = server.token()
+    ci = Nix(tmp_path / "ci")
+    paths = ci.build_closure(tmp_path)
+    leaf = paths["leaf"]
+    nar = nar_of(leaf)
+    compressed = lzma.compress(nar)
+    file_hash = nix32.encode(hashlib.sha256(compressed).digest())
+    status, body = http("PUT", f"{server.url}/main/nar/{file_hash}.nar.xz", compressed, token)
+    assert status == 200, body
+    wrong = hashlib.sha256(nar + b"tampered").digest()
+    store_hash = Path(leaf).name[:32]
+    document = (
+        f"StorePath: {leaf}\nURL: nar/{file_hash}.nar.xz\nCompression: xz\n"
+        f"NarHash: sha256:{nix32.encode(wrong)}\nNarSize: {len(nar)}\nReferences: \n"
+    ).encode()
+    status, body = http("PUT", f"{server.url}/main/{store_hash}.narinfo", document, token)
+    assert status == 400
+    assert b"NarHash" in body
+    assert http("GET", f"{server.url}/main/{store_hash}.narinfo")[0] == 404
+    assert http("HEAD", f"{server.url}/main/{store_hash}.narinfo")[0] == 404

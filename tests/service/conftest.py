@@ -1,0 +1,59 @@
+"""An in-process larder (memory storage) behind a real aiohttp test server."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from larder.core.caches import CacheSettings
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.app import build_app
+from larder.service.config import Config
+from larder.storage.base import Storage
+from larder.storage.memory import MemoryStorage
+
+
+@dataclass
+class Service:
+    client: TestClient  # type: ignore[type-arg]
+    storage: Storage
+    main: CacheSettings
+    write_token: str
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.write_token}"}
+
+    def basic(self, token: str | None = None) -> dict[str, str]:
+        credentials = f"nix:{token or self.write_token}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(credentials).decode()}
+
+    async def issue(self, cache: str, scope: Scope, ttl: int = 3600) -> str:
+        token, _ = await self.client.app[state.TOKENS].issue(cache, scope, ttl)
+        return token
+
+
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+def make_service(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> ServiceFactory:  # type: ignore[type-arg]
+    async def factory(storage: Storage | None = None, **config: object) -> Service:
+        storage = storage or MemoryStorage()
+        app = build_app(Config(**config), storage)  # type: ignore[arg-type]
+        client = await aiohttp_client(app)
+        main, _ = await app[state.CACHES].ensure("main")
+        token, _ = await app[state.TOKENS].issue("main", Scope.WRITE, 3600)
+        return Service(client, storage, main, token)
+
+    return factory
+
+
+@pytest.fixture
+async def service(make_service: ServiceFactory) -> Service:
+    return await make_service()

@@ -1,0 +1,424 @@
+"""The Nix binary-cache routes through a real aiohttp server on memory storage."""
+
+from __future__ import annotations
+
+import asyncio
+import bz2
+import hashlib
+import lzma
+import os
+
+import zstandard
+
+from larder.protocol import narinfo, nix32
+from larder.protocol.nar import write_nar
+from larder.protocol.signing import PublicKey
+from larder.protocol.tokens import Scope
+from larder.service import state
+from tests.service.conftest import Service, ServiceFactory
+
+STORE = "/nix/store"
+COMPRESSORS = {
+    "": lambda data: data,
+    ".xz": lzma.compress,
+    ".bz2": bz2.compress,
+    ".zst": lambda data: zstandard.ZstdCompressor().compress(data),
+}
+
+
+def make_nar(payload: bytes) -> bytes:
+    return write_nar({"type": "regular", "contents": payload, "executable": False})
+
+
+def store_path(name: str, seed: str | None = None) -> str:
+    digest = hashlib.sha256((seed or name).encode()).digest()[:20]
+    return f"{STORE}/{nix32.encode(digest)}-{name}"
+
+
+def nar_url(data: bytes, ext: str = ".xz") -> str:
+    return f"nar/{nix32.encode(hashlib.sha256(data).digest())}.nar{ext}"
+
+
+def narinfo_text(path: str, nar: bytes, references: list[str] = (), **override: str) -> bytes:  # type: ignore[assignment]
+    fields = {
+        "StorePath": path,
+        "URL": "nar/whatever.nar.xz",
+        "Compression": "xz",
+        "NarHash": "sha256:" + nix32.encode(hashlib.sha256(nar).digest()),
+        "NarSize": str(len(nar)),
+        "References": " ".join(os.path.basename(r) for r in references),
+    }
+    fields.update(override)
+    return "".join(f"{k}: {v}\n" for k, v in fields.items()).encode()
+
+
+def hash_part(path: str) -> str:
+    return os.path.basename(path)[:32]
+
+
+async def push(
+    svc: Service, path: str, nar: bytes, references: list[str] = (), ext: str = ".xz"
+) -> None:  # type: ignore[assignment]
+    body = COMPRESSORS[ext](nar)
+    resp = await svc.client.put(f"/main/{nar_url(body, ext)}", data=body, headers=svc.auth())
+    assert resp.status == 200, await resp.text()
+    resp = await svc.client.put(
+        f"/main/{hash_part(path)}.narinfo",
+        data=narinfo_text(path, nar, references),
+        headers=svc.auth(),
+    )
+    assert resp.status == 200, await resp.text()
+
+
+async def blob_count(svc: Service) -> int:
+    return len([blob async for blob in svc.storage.blob_ids()])
+
+
+async def test_nix_cache_info(service: Service) -> None:
+    resp = await service.client.get("/main/nix-cache-info")
+    assert resp.status == 200
+    text = await resp.text()
+    assert text == "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"
+
+
+async def test_cache_api_reports_key_and_substituter(service: Service) -> None:
+    resp = await service.client.get("/api/v1/caches/main")
+    doc = await resp.json()
+    assert doc["name"] == "main"
+    assert doc["public_key"] == service.main.public_key.to_string()
+    assert doc["substituter"].endswith("/main")
+    assert (await service.client.get("/api/v1/caches/nope")).status == 404
+
+
+async def test_push_and_fetch_round_trip_signed(service: Service) -> None:
+    leaf, app = store_path("rust_leaf-1.0"), store_path("rust_app-1.0")
+    leaf_nar, app_nar = make_nar(b"leaf" * 1000), make_nar(os.urandom(200_000))
+    await push(service, leaf, leaf_nar)
+    await push(service, app, app_nar, [leaf, app])
+
+    resp = await service.client.get(f"/main/{hash_part(app)}.narinfo")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/x-nix-narinfo")
+    info = narinfo.parse(await resp.read())
+    assert info.compression == "zstd"
+    assert info.url.endswith(".nar.zst")
+    key = PublicKey.parse(service.main.public_key.to_string())
+    assert any(key.verify(narinfo.fingerprint(info), sig) for sig in info.sigs)
+    assert sorted(r.base for r in info.references) == sorted(
+        os.path.basename(p) for p in (leaf, app)
+    )
+
+    nar = await service.client.get(f"/main/{info.url}")
+    assert nar.status == 200
+    assert nar.headers["Accept-Ranges"] == "bytes"
+    stored = await nar.read()
+    assert len(stored) == info.file_size
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(stored) == app_nar
+
+    plain = await service.client.get(f"/main/{info.url.removesuffix('.zst')}")
+    assert plain.status == 200 and await plain.read() == app_nar
+
+    ranged = await service.client.get(f"/main/{info.url}", headers={"Range": "bytes=10-99"})
+    assert ranged.status == 206
+    assert await ranged.read() == stored[10:100]
+    assert ranged.headers["Content-Range"] == f"bytes 10-99/{len(stored)}"
+    suffix = await service.client.get(f"/main/{info.url}", headers={"Range": "bytes=-7"})
+    assert await suffix.read() == stored[-7:]
+    beyond = await service.client.get(
+        f"/main/{info.url}", headers={"Range": f"bytes={len(stored)}-"}
+    )
+    assert beyond.status == 416
+
+    head = await service.client.head(f"/main/{hash_part(app)}.narinfo")
+    assert head.status == 200
+    assert (await service.client.head(f"/main/{info.url}")).status == 200
+
+
+async def test_uploader_signatures_are_kept_and_own_key_not_duplicated(service: Service) -> None:
+    path = store_path("signed-1.0")
+    nar = make_nar(b"x")
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    ci_sig = "ci-key-1:" + "A" * 86 + "=="
+    stale_own = f"{service.main.signing_key.name}:" + "B" * 86 + "=="
+    document = narinfo_text(path, nar) + f"Sig: {ci_sig}\nSig: {stale_own}\n".encode()
+    resp = await service.client.put(
+        f"/main/{hash_part(path)}.narinfo", data=document, headers=service.auth()
+    )
+    assert resp.status == 200, await resp.text()
+    info = narinfo.parse(
+        await (await service.client.get(f"/main/{hash_part(path)}.narinfo")).read()
+    )
+    assert ci_sig in info.sigs
+    assert stale_own not in info.sigs
+    assert len(info.sigs) == 2
+
+
+async def test_identical_nar_in_any_compression_is_stored_once(service: Service) -> None:
+    nar = make_nar(os.urandom(50_000))
+    for ext, compress in COMPRESSORS.items():
+        body = compress(nar)
+        resp = await service.client.put(
+            f"/main/{nar_url(body, ext)}", data=body, headers=service.auth()
+        )
+        assert resp.status == 200, (ext, await resp.text())
+    assert await blob_count(service) == 1
+
+
+async def test_nar_put_is_idempotent_and_put_narinfo_overwrites(service: Service) -> None:
+    path = store_path("again-1.0")
+    nar = make_nar(b"again")
+    await push(service, path, nar)
+    await push(service, path, nar)
+    assert (await service.client.get(f"/main/{hash_part(path)}.narinfo")).status == 200
+
+
+async def test_nar_file_hash_must_match_name(service: Service) -> None:
+    body = lzma.compress(make_nar(b"payload"))
+    wrong = nix32.encode(hashlib.sha256(b"other").digest())
+    resp = await service.client.put(f"/main/nar/{wrong}.nar.xz", data=body, headers=service.auth())
+    assert resp.status == 400
+    assert "file hash mismatch" in await resp.text()
+    assert await blob_count(service) == 0
+
+
+async def test_malformed_nar_uploads_are_refused_and_store_nothing(service: Service) -> None:
+    good = make_nar(b"content" * 100)
+    cases = {
+        "not a NAR": (b"hello world, not a nar", ""),
+        "truncated NAR": (good[:-8], ""),
+        "trailing bytes": (good + b"\0" * 8, ""),
+        "truncated xz": (lzma.compress(good)[:-10], ".xz"),
+        "corrupt zstd": (b"\x28\xb5\x2f\xfd" + b"\xff" * 64, ".zst"),
+    }
+    for label, (body, ext) in cases.items():
+        resp = await service.client.put(
+            f"/main/{nar_url(body, ext)}", data=body, headers=service.auth()
+        )
+        assert resp.status == 400, label
+    assert await blob_count(service) == 0
+    bad_name = await service.client.put(
+        "/main/nar/notahash.nar.xz", data=b"x", headers=service.auth()
+    )
+    assert bad_name.status == 400
+    brotli = await service.client.put(
+        f"/main/{nar_url(good, '.br')}", data=good, headers=service.auth()
+    )
+    assert brotli.status == 400
+
+
+async def test_narinfo_checks_each_name_the_failed_check(service: Service) -> None:
+    path, dep = store_path("checked-1.0"), store_path("missing-dep-1.0")
+    nar = make_nar(b"checked")
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    url = f"/main/{hash_part(path)}.narinfo"
+    cases = {
+        "does not match the URL": (f"/main/{hash_part(dep)}.narinfo", narinfo_text(path, nar)),
+        "no NAR with NarHash": (url, narinfo_text(path, nar + b"x")),
+        "NarSize": (url, narinfo_text(path, nar, NarSize=str(len(nar) + 8))),
+        "references not in this cache": (url, narinfo_text(path, nar, [dep])),
+        "NarHash": (url, narinfo_text(path, nar, NarHash="sha256:zzz")),
+        "": (url, narinfo_text(path, nar).replace(b"\n", b"\r\n")),
+    }
+    for expected, (target, document) in cases.items():
+        resp = await service.client.put(target, data=document, headers=service.auth())
+        assert resp.status == 400, expected
+        assert expected in await resp.text()
+    missing_store_path = (
+        b"URL: nar/x.nar\nNarHash: sha256:"
+        + nix32.encode(hashlib.sha256(nar).digest()).encode()
+        + b"\n"
+    )
+    assert (
+        await service.client.put(url, data=missing_store_path, headers=service.auth())
+    ).status == 400
+    assert (await service.client.get(url)).status == 404
+    assert (await service.client.get(f"/main/{hash_part(dep)}.narinfo")).status == 404
+
+
+async def test_writes_need_a_write_token_for_this_cache(service: Service) -> None:
+    await service.client.app[state.CACHES].create("other")
+    path = store_path("auth-1.0")
+    nar = make_nar(b"auth")
+    body = lzma.compress(nar)
+    url = f"/main/{nar_url(body)}"
+    reader = await service.issue("main", Scope.READ)
+    other_writer = await service.issue("other", Scope.WRITE)
+    expired = await service.issue("main", Scope.WRITE, ttl=-10)
+    assert (await service.client.put(url, data=body)).status == 401
+    assert (await service.client.put(url, data=body, headers=service.auth("garbage"))).status == 401
+    assert (await service.client.put(url, data=body, headers=service.auth(expired))).status == 401
+    assert (await service.client.put(url, data=body, headers=service.auth(reader))).status == 403
+    assert (
+        await service.client.put(url, data=body, headers=service.auth(other_writer))
+    ).status == 403
+    assert await blob_count(service) == 0
+    resp = await service.client.put(url, data=body, headers=service.basic())
+    assert resp.status == 200, await resp.text()
+    assert (
+        await service.client.put(f"/main/{hash_part(path)}.narinfo", data=narinfo_text(path, nar))
+    ).status == 401
+
+
+async def test_revoked_token_is_refused(make_service: ServiceFactory) -> None:
+    svc = await make_service(refresh_interval=0.0)
+    tokens = svc.client.app[state.TOKENS]
+    token, claims = await tokens.issue("main", Scope.WRITE, 3600)
+    body = lzma.compress(make_nar(b"r"))
+    assert (
+        await svc.client.put(f"/main/{nar_url(body)}", data=body, headers=svc.auth(token))
+    ).status == 200
+    await tokens.revoke(claims.token_id)
+    resp = await svc.client.put(f"/main/{nar_url(body)}", data=body, headers=svc.auth(token))
+    assert resp.status == 401
+    assert "revoked" in await resp.text()
+
+
+async def test_private_cache_needs_a_read_token(service: Service) -> None:
+    await service.client.app[state.CACHES].create("secret", private=True)
+    assert (await service.client.get("/secret/nix-cache-info")).status == 401
+    main_reader = await service.issue("main", Scope.READ)
+    assert (
+        await service.client.get("/secret/nix-cache-info", headers=service.auth(main_reader))
+    ).status == 403
+    reader = await service.issue("secret", Scope.READ)
+    assert (
+        await service.client.get("/secret/nix-cache-info", headers=service.basic(reader))
+    ).status == 200
+    assert (await service.client.get("/api/v1/caches/secret")).status == 401
+
+
+async def test_bad_names_and_traversal_are_refused_and_store_nothing(service: Service) -> None:
+    before = [key async for key in service.storage.keys("")]
+    attempts = [
+        ("GET", "/Main/nix-cache-info", 400),
+        ("GET", "/api/nix-cache-info", 400),
+        ("GET", "/nope/nix-cache-info", 404),
+        ("GET", "/main/short.narinfo", 400),
+        ("PUT", "/main/%2e%2e/%2e%2e/etc/passwd", 400),
+        ("PUT", "/main/log/%2e%2e/%2e%2e/x", 400),
+        ("PUT", "/main/log/a%00b", 400),
+        ("PUT", "/main/log/a%5cb", 400),
+        ("PUT", "/main/log//x", 400),
+        ("GET", "/main/log/%2e%2e/%2e%2e/config/token-secret", 404),
+        ("GET", "/main/nar/..%2f..%2fconfig.nar.zst", 404),
+    ]
+    for method, path, status in attempts:
+        resp = await service.client.request(method, path, data=b"x", headers=service.auth())
+        assert resp.status == status, (method, path, resp.status)
+    after = [key async for key in service.storage.keys("")]
+    assert before == after
+    assert await blob_count(service) == 0
+
+
+async def test_oversize_bodies_get_413(make_service: ServiceFactory) -> None:
+    svc = await make_service(max_upload_size=1000, max_document_size=100)
+    body = os.urandom(5000)
+    resp = await svc.client.put(f"/main/{nar_url(body, '')}", data=body, headers=svc.auth())
+    assert resp.status == 413
+
+    async def chunked():  # no Content-Length: the limit is enforced while streaming
+        for _ in range(10):
+            yield os.urandom(500)
+
+    resp = await svc.client.put("/main/log/big", data=chunked(), headers=svc.auth())
+    assert resp.status == 413
+    resp = await svc.client.put(
+        f"/main/{'0' * 32}.narinfo", data=b"StorePath: x\n" * 20, headers=svc.auth()
+    )
+    assert resp.status == 413
+    assert await blob_count(svc) == 0
+
+
+async def test_opaque_extras_round_trip_with_their_encoding(service: Service) -> None:
+    log = b"building rust_app...\n" * 500
+    resp = await service.client.put(
+        "/main/log/abc-rust_app-0.1.0.drv",
+        data=lzma.compress(log),
+        headers={
+            **service.auth(),
+            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Encoding": "xz",
+        },
+    )
+    assert resp.status == 200
+    got = await service.client.get("/main/log/abc-rust_app-0.1.0.drv", auto_decompress=False)
+    assert got.headers["Content-Encoding"] == "xz"
+    assert lzma.decompress(await got.read()) == log
+    listing = b'{"version":1,"root":{"type":"regular","size":3}}'
+    await service.client.put(f"/main/{'1' * 32}.ls", data=listing, headers=service.auth())
+    assert await (await service.client.get(f"/main/{'1' * 32}.ls")).read() == listing
+    realisation = "/main/realisations/sha256:" + "2" * 52 + "!out.doi"
+    assert (await service.client.put(realisation, data=b"{}", headers=service.auth())).status == 200
+    assert (await service.client.get(realisation)).status == 200
+    assert (await service.client.get("/main/log/unknown")).status == 404
+
+
+async def test_expect_continue_refuses_before_the_body(service: Service) -> None:
+    host, port = service.client.host, service.client.port
+    for headers, status in (
+        ("", b"401"),
+        (
+            f"Authorization: Bearer {service.write_token}\r\nContent-Length: 99999999999999\r\n",
+            b"413",
+        ),
+        (f"Authorization: Bearer {service.write_token}\r\n", b"100"),
+    ):
+        reader, writer = await asyncio.open_connection(host, port)
+        if "Content-Length" not in headers:
+            headers += "Content-Length: 10\r\n"
+        writer.write(
+            f"PUT /main/log/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n{headers}\r\n".encode()
+        )
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert line.split()[1] == status, line
+        writer.close()
+
+
+async def test_unreachable_storage_is_503_with_retry_after(make_service: ServiceFactory) -> None:
+    from larder.errors import StorageUnavailable
+    from larder.storage.memory import MemoryStorage
+
+    class Down(MemoryStorage):
+        fail = False
+
+        async def get(self, key: str) -> bytes | None:
+            if self.fail:
+                raise StorageUnavailable("connection refused")
+            return await super().get(key)
+
+        async def check(self) -> None:
+            raise StorageUnavailable("connection refused")
+
+    storage = Down()
+    svc = await make_service(storage)
+    storage.fail = True
+    svc.client.app[state.CACHES]._seen.clear()
+    resp = await svc.client.get(f"/main/{'0' * 32}.narinfo")
+    assert resp.status == 503
+    assert resp.headers["Retry-After"].isdigit()
+    assert (await svc.client.get("/readyz")).status == 503
+    assert (await svc.client.get("/healthz")).status == 200
+
+
+async def test_full_storage_is_507_and_stores_nothing(make_service: ServiceFactory) -> None:
+    from larder.errors import StorageFull
+    from larder.storage.memory import MemoryStorage
+
+    class Full(MemoryStorage):
+        def blob_writer(self):  # type: ignore[no-untyped-def]
+            writer = super().blob_writer()
+
+            def refuse(data: bytes) -> None:
+                raise StorageFull("no space left on device")
+
+            writer.write = refuse  # type: ignore[method-assign]
+            return writer
+
+    svc = await make_service(Full())
+    body = lzma.compress(make_nar(b"full"))
+    resp = await svc.client.put(f"/main/{nar_url(body)}", data=body, headers=svc.auth())
+    assert resp.status == 507
+    assert await blob_count(svc) == 0

@@ -1,0 +1,450 @@
+"""The storage contract: every backend (memory, disk, S3 on moto) must pass all of it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import zstandard
+
+from larder.storage.base import BlobInfo, Storage
+from larder.storage.blobformat import READ_CHUNK
+from tests.storage.helpers import (
+    Backend,
+    blob_id_of,
+    decompress,
+    mixed_data,
+    read_stored,
+    write_blob,
+)
+
+BAD_KEYS = [
+    "",
+    ".",
+    "..",
+    "a/../b",
+    "../escape",
+    "a/./b",
+    "a//b",
+    "/abs",
+    "trailing/",
+    "nul\x00byte",
+    "back\\slash",
+    "sp ace",
+    "new\nline",
+    "é",
+    "x" * 1025,
+]
+BAD_BLOB_IDS = ["", "0" * 63, "0" * 65, "A" * 64, "g" * 64, "../" + "0" * 61]
+
+
+async def collect(iterator: object) -> list[str]:
+    return [item async for item in iterator]  # type: ignore[attr-defined]
+
+
+# -- objects -----------------------------------------------------------------------------
+
+
+async def test_object_put_get_overwrite_delete(storage: Storage) -> None:
+    assert await storage.get("config/thing") is None
+    assert await storage.exists("config/thing") is False
+
+    await storage.put("config/thing", b"one")
+    assert await storage.get("config/thing") == b"one"
+    assert await storage.exists("config/thing") is True
+
+    await storage.put("config/thing", b"two, longer")
+    assert await storage.get("config/thing") == b"two, longer"
+
+    await storage.put("config/thing", b"")
+    assert await storage.get("config/thing") == b""
+    assert await storage.exists("config/thing") is True
+
+    assert await storage.delete("config/thing") is True
+    assert await storage.get("config/thing") is None
+    assert await storage.exists("config/thing") is False
+    assert await storage.delete("config/thing") is False
+
+
+async def test_object_binary_content_and_key_characters(storage: Storage) -> None:
+    data = bytes(range(256)) * 40
+    key = "caches/main/file/log/abc-1.2_3:x!y+z=w@v.drv"
+    await storage.put(key, data)
+    assert await storage.get(key) == data
+    assert await collect(storage.keys("caches/main/file/")) == [key]
+
+
+async def test_missing_parent_is_a_miss(storage: Storage) -> None:
+    await storage.put("a/file", b"x")
+    assert await storage.get("a/file/below") is None
+    assert await storage.exists("a/file/below") is False
+    assert await storage.delete("a/file/below") is False
+    assert await storage.get("a") is None  # a "directory" is not an object
+    assert await storage.exists("a") is False
+    assert await storage.delete("a") is False
+    assert await storage.get("a/file") == b"x"
+
+
+async def test_keys_sorted_and_filtered_by_string_prefix(storage: Storage) -> None:
+    names = ["b/2", "a/1", "b/10", "b1", "b/1/deep", "c", "b/x.json"]
+    for name in names:
+        await storage.put(name, name.encode())
+    assert await collect(storage.keys("")) == sorted(names)
+    assert await collect(storage.keys("b/")) == ["b/1/deep", "b/10", "b/2", "b/x.json"]
+    assert await collect(storage.keys("b")) == ["b/1/deep", "b/10", "b/2", "b/x.json", "b1"]
+    assert await collect(storage.keys("b/1")) == ["b/1/deep", "b/10"]
+    assert await collect(storage.keys("b/x.")) == ["b/x.json"]
+    assert await collect(storage.keys("nothing/")) == []
+    assert await collect(storage.keys("zz")) == []
+    await storage.delete("b/10")
+    assert await collect(storage.keys("b/1")) == ["b/1/deep"]
+
+
+async def test_keys_ignore_blobs_and_temporaries(backend: Backend) -> None:
+    storage = backend.storage
+    await storage.put("k", b"v")
+    await write_blob(storage, b"blob content")
+    writer = await asyncio.to_thread(storage.blob_writer)
+    await asyncio.to_thread(writer.write, b"in progress")
+    try:
+        assert await collect(storage.keys("")) == ["k"]
+    finally:
+        await asyncio.to_thread(writer.abort)
+
+
+@pytest.mark.parametrize("prefix", ["../", "a//", "/a", "a/../", "..//x", "sp ace", "x\x00"])
+async def test_keys_rejects_bad_prefix(storage: Storage, prefix: str) -> None:
+    with pytest.raises(ValueError):
+        await collect(storage.keys(prefix))
+
+
+async def test_put_if_absent(storage: Storage) -> None:
+    assert await storage.put_if_absent("config/secret", b"first") is True
+    assert await storage.put_if_absent("config/secret", b"second") is False
+    assert await storage.get("config/secret") == b"first"
+    await storage.delete("config/secret")
+    assert await storage.put_if_absent("config/secret", b"third") is True
+    assert await storage.get("config/secret") == b"third"
+
+
+@pytest.mark.parametrize("racers", [2, 8])
+async def test_put_if_absent_race_has_one_winner(storage: Storage, racers: int) -> None:
+    for round_number in range(5):
+        key = f"config/race-{racers}-{round_number}"
+        values = [f"value {i}".encode() * 100 for i in range(racers)]
+        results = await asyncio.gather(*(storage.put_if_absent(key, v) for v in values))
+        assert results.count(True) == 1, results
+        winner = values[results.index(True)]
+        reads = await asyncio.gather(*(storage.get(key) for _ in values))
+        assert reads == [winner] * racers
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+async def test_invalid_keys_raise_before_touching_storage(backend: Backend, key: str) -> None:
+    storage = backend.storage
+    with pytest.raises(ValueError):
+        await storage.put(key, b"x")
+    with pytest.raises(ValueError):
+        await storage.put_if_absent(key, b"x")
+    with pytest.raises(ValueError):
+        await storage.get(key)
+    with pytest.raises(ValueError):
+        await storage.exists(key)
+    with pytest.raises(ValueError):
+        await storage.delete(key)
+    assert await collect(storage.keys("")) == []
+    assert await backend.leftovers() == []
+
+
+@pytest.mark.parametrize("blob_id", BAD_BLOB_IDS)
+async def test_invalid_blob_ids_raise(storage: Storage, blob_id: str) -> None:
+    with pytest.raises(ValueError):
+        await storage.blob_open(blob_id)
+    with pytest.raises(ValueError):
+        await storage.blob_stored_size(blob_id)
+    with pytest.raises(ValueError):
+        await storage.blob_delete(blob_id)
+
+
+# -- blobs -------------------------------------------------------------------------------
+
+
+async def test_blob_roundtrip(backend: Backend) -> None:
+    storage = backend.storage
+    data = mixed_data(3 * 1024 * 1024 + 12345)
+    info = await write_blob(storage, data, piece=100_000)
+
+    assert info == BlobInfo(blob_id_of(data), len(data), info.stored_size)
+    assert 0 < info.stored_size < len(data)  # the mixed data does compress
+    stored = await read_stored(storage, info.blob_id)
+    assert len(stored) == info.stored_size
+    assert await storage.blob_stored_size(info.blob_id) == info.stored_size
+    assert decompress(stored) == data
+
+    params = zstandard.get_frame_parameters(stored)
+    assert params.has_checksum
+    assert params.content_size == zstandard.CONTENTSIZE_UNKNOWN
+    # exactly one frame: the first frame spans the whole stored blob
+    assert zstandard.frame_header_size(stored) > 0
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(stored) == data
+    assert await backend.leftovers() == []
+
+
+async def test_blob_reader_chunks_are_bounded(storage: Storage) -> None:
+    data = os.urandom(1024 * 1024 + 7)  # incompressible: stored is a bit larger
+    info = await write_blob(storage, data)
+    reader = await storage.blob_open(info.blob_id)
+    assert reader is not None
+    try:
+        assert reader.stored_size == info.stored_size
+        sizes = [len(chunk) async for chunk in reader.chunks()]
+    finally:
+        await reader.close()
+    assert sum(sizes) == info.stored_size
+    assert max(sizes) <= READ_CHUNK
+    assert len(sizes) >= info.stored_size // READ_CHUNK
+
+
+async def test_blob_ranged_reads(storage: Storage) -> None:
+    data = mixed_data(2 * 1024 * 1024)
+    info = await write_blob(storage, data)
+    stored = await read_stored(storage, info.blob_id)
+    size = info.stored_size
+    spans: list[tuple[int, int | None]] = [
+        (0, None),
+        (0, 1),
+        (1, 2),
+        (0, size),
+        (size - 1, size),
+        (size, None),
+        (size, size),
+        (17, 17),
+        (100, 300_000),
+        (READ_CHUNK - 1, READ_CHUNK + 1),
+        (size // 2, None),
+        (5, size + 1000),  # an end past the blob is clamped
+        (size + 10, size + 20),
+    ]
+    for start, end in spans:
+        expected = stored[start:end]
+        assert await read_stored(storage, info.blob_id, start, end) == expected, (start, end)
+
+    reader = await storage.blob_open(info.blob_id)
+    assert reader is not None
+    try:
+        with pytest.raises(ValueError):
+            [chunk async for chunk in reader.chunks(-1, 10)]
+        with pytest.raises(ValueError):
+            [chunk async for chunk in reader.chunks(10, 5)]
+        # a reader serves several ranges
+        first = b"".join([c async for c in reader.chunks(0, 10)])
+        second = b"".join([c async for c in reader.chunks(10, 20)])
+        assert first + second == stored[:20]
+    finally:
+        await reader.close()
+
+
+async def test_empty_blob(backend: Backend) -> None:
+    storage = backend.storage
+    info = await write_blob(storage, b"")
+    assert info.blob_id == blob_id_of(b"")
+    assert info.size == 0
+    stored = await read_stored(storage, info.blob_id)
+    assert len(stored) == info.stored_size > 0  # a zstd frame even for no bytes
+    assert decompress(stored) == b""
+    assert await collect(storage.blob_ids()) == [info.blob_id]
+    assert await backend.leftovers() == []
+
+
+async def test_writer_size_and_closed_state(storage: Storage) -> None:
+    def work() -> BlobInfo:
+        writer = storage.blob_writer()
+        assert writer.size == 0
+        writer.write(b"abc")
+        writer.write(memoryview(b"defgh"))
+        writer.write(memoryview(bytearray(b"ij")))
+        assert writer.size == 10
+        info = writer.commit()
+        with pytest.raises(ValueError):
+            writer.write(b"more")
+        with pytest.raises(ValueError):
+            writer.commit()
+        writer.abort()  # a no-op after commit
+        return info
+
+    info = await asyncio.to_thread(work)
+    assert info.size == 10
+    assert info.blob_id == blob_id_of(b"abcdefghij")
+    assert decompress(await read_stored(storage, info.blob_id)) == b"abcdefghij"
+
+
+async def test_aborted_writer_leaves_nothing(backend: Backend) -> None:
+    storage = backend.storage
+    data = mixed_data(600_000)
+
+    def work() -> None:
+        writer = storage.blob_writer()
+        writer.write(data)
+        writer.abort()
+        writer.abort()  # twice is fine
+        with pytest.raises(ValueError):
+            writer.write(b"x")
+        with pytest.raises(ValueError):
+            writer.commit()
+
+    await asyncio.to_thread(work)
+    assert await storage.blob_open(blob_id_of(data)) is None
+    assert await collect(storage.blob_ids()) == []
+    assert await backend.leftovers() == []
+
+
+async def test_exception_in_with_block_leaves_nothing(backend: Backend) -> None:
+    storage = backend.storage
+    data = mixed_data(600_000, seed=1)
+
+    def work() -> None:
+        with pytest.raises(RuntimeError, match="verification failed"), storage.blob_writer() as w:
+            w.write(data)
+            raise RuntimeError("verification failed")
+
+    await asyncio.to_thread(work)
+    assert await storage.blob_open(blob_id_of(data)) is None
+    assert await storage.blob_stored_size(blob_id_of(data)) is None
+    assert await collect(storage.blob_ids()) == []
+    assert await backend.leftovers() == []
+
+
+async def test_uncommitted_blob_is_invisible(backend: Backend) -> None:
+    storage = backend.storage
+    data = mixed_data(300_000, seed=2)
+    writer = await asyncio.to_thread(storage.blob_writer)
+    try:
+        await asyncio.to_thread(writer.write, data)
+        assert await storage.blob_open(blob_id_of(data)) is None
+        assert await storage.blob_stored_size(blob_id_of(data)) is None
+        assert await collect(storage.blob_ids()) == []
+        info = await asyncio.to_thread(writer.commit)
+    finally:
+        await asyncio.to_thread(writer.abort)
+    assert await collect(storage.blob_ids()) == [info.blob_id]
+    assert decompress(await read_stored(storage, info.blob_id)) == data
+    assert await backend.leftovers() == []
+
+
+async def test_same_content_is_stored_once(backend: Backend) -> None:
+    storage = backend.storage
+    data = mixed_data(200_000, seed=3)
+    first = await write_blob(storage, data, piece=1000)
+    second = await write_blob(storage, data, piece=77_777)
+    assert first == second
+    assert await collect(storage.blob_ids()) == [first.blob_id]
+    assert await backend.leftovers() == []
+
+
+async def test_concurrent_identical_uploads(backend: Backend) -> None:
+    storage = backend.storage
+    data = mixed_data(700_000, seed=4)
+    barrier = threading.Barrier(8)
+
+    def upload() -> BlobInfo:
+        with storage.blob_writer() as writer:
+            writer.write(data)
+            barrier.wait(timeout=30)
+            return writer.commit()
+
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(8) as pool:
+        infos = await asyncio.gather(*(loop.run_in_executor(pool, upload) for _ in range(8)))
+    assert {info.blob_id for info in infos} == {blob_id_of(data)}
+    assert len(set(infos)) == 1
+    assert await collect(storage.blob_ids()) == [blob_id_of(data)]
+    assert decompress(await read_stored(storage, blob_id_of(data))) == data
+    assert await backend.leftovers() == []
+
+
+async def test_concurrent_different_uploads(storage: Storage) -> None:
+    blobs = [mixed_data(150_000, seed=10 + i) for i in range(6)]
+    infos = await asyncio.gather(*(write_blob(storage, data) for data in blobs))
+    assert sorted(await collect(storage.blob_ids())) == sorted(blob_id_of(d) for d in blobs)
+    for info, data in zip(infos, blobs, strict=True):
+        assert decompress(await read_stored(storage, info.blob_id)) == data
+
+
+async def test_blob_delete(storage: Storage) -> None:
+    info = await write_blob(storage, b"short-lived")
+    keep = await write_blob(storage, b"kept")
+    assert await storage.blob_delete(info.blob_id) is True
+    assert await storage.blob_open(info.blob_id) is None
+    assert await storage.blob_stored_size(info.blob_id) is None
+    assert await storage.blob_delete(info.blob_id) is False
+    assert await collect(storage.blob_ids()) == [keep.blob_id]
+    # and it can come back
+    again = await write_blob(storage, b"short-lived")
+    assert again == info
+    assert decompress(await read_stored(storage, info.blob_id)) == b"short-lived"
+
+
+async def test_missing_blob_is_a_miss(storage: Storage) -> None:
+    missing = blob_id_of(b"never written")
+    assert await storage.blob_open(missing) is None
+    assert await storage.blob_stored_size(missing) is None
+    assert await storage.blob_delete(missing) is False
+
+
+async def test_blob_ids_lists_committed_only(backend: Backend) -> None:
+    storage = backend.storage
+    committed = [await write_blob(storage, f"blob {i}".encode() * 1000) for i in range(5)]
+    pending = await asyncio.to_thread(storage.blob_writer)
+    await asyncio.to_thread(pending.write, b"pending" * 1000)
+    try:
+        ids = await collect(storage.blob_ids())
+        assert sorted(ids) == sorted(info.blob_id for info in committed)
+        assert len(ids) == len(set(ids))
+    finally:
+        await asyncio.to_thread(pending.abort)
+    assert await backend.leftovers() == []
+
+
+async def test_blobs_and_objects_are_separate(storage: Storage) -> None:
+    info = await write_blob(storage, b"content")
+    await storage.put(info.blob_id, b"object named like a blob")
+    assert await storage.get(info.blob_id) == b"object named like a blob"
+    assert decompress(await read_stored(storage, info.blob_id)) == b"content"
+    assert await collect(storage.blob_ids()) == [info.blob_id]
+    assert await collect(storage.keys("")) == [info.blob_id]
+
+
+async def test_local_path_only_for_disk(backend: Backend) -> None:
+    info = await write_blob(backend.storage, b"local?")
+    reader = await backend.storage.blob_open(info.blob_id)
+    assert reader is not None
+    try:
+        if backend.name == "disk":
+            assert reader.local_path is not None
+            assert reader.local_path.read_bytes() == await read_stored(
+                backend.storage, info.blob_id
+            )
+        else:
+            assert reader.local_path is None
+    finally:
+        await reader.close()
+
+
+async def test_check(storage: Storage) -> None:
+    await storage.check()
+
+
+async def test_writer_from_many_threads_sequentially(storage: Storage) -> None:
+    """Callers drive one writer from whichever executor thread is free."""
+    data = mixed_data(500_000, seed=5)
+    writer = await asyncio.to_thread(storage.blob_writer)
+    try:
+        for offset in range(0, len(data), 50_000):
+            await asyncio.to_thread(writer.write, data[offset : offset + 50_000])
+        info = await asyncio.to_thread(writer.commit)
+    finally:
+        await asyncio.to_thread(writer.abort)
+    assert info.blob_id == blob_id_of(data)

@@ -1,0 +1,260 @@
+"""What only the disk backend promises: its layout, crash safety, a full disk, OS errors."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import larder.storage.disk as disk_module
+from larder.errors import StorageError, StorageFull
+from larder.storage.disk import DiskStorage
+from tests.storage.helpers import blob_id_of, decompress, mixed_data, read_stored, write_blob
+
+
+def temporaries(root: Path) -> list[str]:
+    return sorted(path.name for path in (root / "tmp").iterdir())
+
+
+def blob_files(root: Path) -> list[str]:
+    return sorted(path.name for path in (root / "blobs").rglob("*") if path.is_file())
+
+
+async def test_layout(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path)
+    data = mixed_data(100_000)
+    info = await write_blob(storage, data)
+    path = tmp_path / "blobs" / info.blob_id[:2] / info.blob_id
+    assert path.read_bytes() == await read_stored(storage, info.blob_id)
+    assert decompress(path.read_bytes()) == data  # a blob file is a servable .zst
+    assert path.stat().st_mode & 0o022 == 0
+
+    await storage.put("caches/main/narinfo/abc", b"narinfo")
+    assert (tmp_path / "objects" / "caches" / "main" / "narinfo" / "abc").read_bytes() == (
+        b"narinfo"
+    )
+    assert temporaries(tmp_path) == []
+    assert repr(storage) == f"DiskStorage({str(tmp_path)!r})"
+
+
+async def test_reader_survives_delete(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path)
+    data = os.urandom(1024 * 1024)
+    info = await write_blob(storage, data)
+    reader = await storage.blob_open(info.blob_id)
+    assert reader is not None
+    try:
+        assert await storage.blob_delete(info.blob_id) is True
+        assert await storage.blob_open(info.blob_id) is None
+        stored = b"".join([chunk async for chunk in reader.chunks()])
+    finally:
+        await reader.close()
+    assert len(stored) == info.stored_size
+    assert decompress(stored) == data
+
+
+async def test_key_that_is_also_a_directory(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path)
+    await storage.put("a/b", b"below")
+    with pytest.raises(StorageError, match="directory of another key"):
+        await storage.put("a", b"above")
+    with pytest.raises(StorageError, match="directory of another key"):
+        await storage.put("a/b/c", b"further below")
+    with pytest.raises(StorageError, match="directory of another key"):
+        await storage.put_if_absent("a/b/c", b"further below")
+    assert await storage.get("a/b") == b"below"
+    assert [key async for key in storage.keys("")] == ["a/b"]
+    assert temporaries(tmp_path) == []
+
+
+async def test_link_unsupported_falls_back_to_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = DiskStorage(tmp_path)
+
+    def no_link(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    info = await write_blob(storage, b"renamed into place")
+    again = await write_blob(storage, b"renamed into place")
+    assert again == info
+    assert decompress(await read_stored(storage, info.blob_id)) == b"renamed into place"
+    assert blob_files(tmp_path) == [info.blob_id]
+    assert temporaries(tmp_path) == []
+
+
+async def test_os_error_is_storage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = DiskStorage(tmp_path)
+    await storage.put("key", b"old")
+
+    def broken(fd: int, data: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(disk_module, "_write_all", broken)
+    with pytest.raises(StorageError, match="Input/output error") as caught:
+        await write_blob(storage, b"x" * 100_000)
+    assert not isinstance(caught.value, StorageFull)
+    assert str(tmp_path) not in str(caught.value)  # no server paths in the message
+    with pytest.raises(StorageError):
+        await storage.put("key", b"new")
+    assert await storage.get("key") == b"old"
+    assert temporaries(tmp_path) == []
+    assert blob_files(tmp_path) == []
+
+
+async def test_fsync_failure_at_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = DiskStorage(tmp_path)
+    writer = await asyncio.to_thread(storage.blob_writer)
+    await asyncio.to_thread(writer.write, b"data" * 10_000)
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(StorageError):
+        await asyncio.to_thread(writer.commit)
+    monkeypatch.undo()
+    await asyncio.to_thread(writer.abort)  # already discarded: a no-op
+    assert temporaries(tmp_path) == []
+    assert blob_files(tmp_path) == []
+
+
+async def test_check(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path / "store")
+    await storage.check()
+    assert temporaries(tmp_path / "store") == []
+    (tmp_path / "store" / "tmp").rmdir()
+    with pytest.raises(StorageError):
+        await storage.check()
+
+
+def test_open_on_a_file_fails(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError):
+        DiskStorage(tmp_path / "file")
+
+
+# -- a full disk ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A 1 MiB filesystem: a real tmpfs when we may mount, else a simulated write budget."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        budget = [1024 * 1024]
+        real_write_all = disk_module._write_all
+
+        def limited(fd: int, data: bytes | memoryview) -> None:
+            budget[0] -= len(data)
+            if budget[0] < 0:
+                budget[0] = 1024 * 1024  # the caller is expected to free what it wrote
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_write_all(fd, data)
+
+        monkeypatch.setattr(disk_module, "_write_all", limited)
+    try:
+        yield mountpoint
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+async def test_full_disk_blob(small_disk: Path) -> None:
+    storage = DiskStorage(small_disk)
+    data = os.urandom(2 * 1024 * 1024)
+    with pytest.raises(StorageFull):
+        await write_blob(storage, data)
+    assert [blob async for blob in storage.blob_ids()] == []
+    assert await storage.blob_open(blob_id_of(data)) is None
+    assert temporaries(small_disk) == []
+    # the space of the failed temporary was given back
+    small = mixed_data(50_000)
+    info = await write_blob(storage, small)
+    assert decompress(await read_stored(storage, info.blob_id)) == small
+
+
+async def test_full_disk_objects(small_disk: Path) -> None:
+    storage = DiskStorage(small_disk)
+    await storage.put("config/value", b"old")
+    with pytest.raises(StorageFull):
+        await storage.put("config/value", os.urandom(2 * 1024 * 1024))
+    assert await storage.get("config/value") == b"old"
+    with pytest.raises(StorageFull):
+        await storage.put_if_absent("config/other", os.urandom(2 * 1024 * 1024))
+    assert await storage.exists("config/other") is False
+    assert temporaries(small_disk) == []
+
+
+# -- crashes -------------------------------------------------------------------------------
+
+CRASHING_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from larder.storage.disk import DiskStorage
+
+    writer = DiskStorage(sys.argv[1]).blob_writer()
+    writer.write(os.urandom(3 * 1024 * 1024))
+    print("written", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+async def test_crash_mid_upload_leaves_no_blob(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    process = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_WRITER, str(root)], stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"written\n"
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert process.returncode == -signal.SIGKILL
+    leftover = temporaries(root)
+    assert len(leftover) == 1 and leftover[0].startswith("blob-")
+    assert (root / "tmp" / leftover[0]).stat().st_size > 0
+
+    # a fresh temporary may belong to a live upload: kept
+    storage = DiskStorage(root)
+    assert [blob async for blob in storage.blob_ids()] == []
+    assert temporaries(root) == leftover
+
+    # once old enough, it is removed when the store is opened
+    DiskStorage(root, stale_temp_age=0)
+    assert temporaries(root) == []
+    assert blob_files(root) == []
+
+
+def test_stale_temporaries_use_age(tmp_path: Path) -> None:
+    DiskStorage(tmp_path)
+    old, fresh = tmp_path / "tmp" / "blob-old", tmp_path / "tmp" / "blob-fresh"
+    old.write_bytes(b"old")
+    fresh.write_bytes(b"fresh")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    DiskStorage(tmp_path)
+    assert temporaries(tmp_path) == ["blob-fresh"]

@@ -1,0 +1,409 @@
+"""What only the S3 backend does: multipart uploads, its layout, and translating failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from larder.errors import StorageError, StorageFull, StorageUnavailable
+from larder.storage.base import BlobInfo, Storage
+from larder.storage.factory import open_storage
+from larder.storage.s3 import MIN_PART_SIZE, S3Storage, _translate_errors
+from tests.storage.helpers import (
+    S3_PREFIX,
+    S3Bucket,
+    blob_id_of,
+    decompress,
+    mixed_data,
+    read_stored,
+    write_blob,
+)
+
+pytestmark = pytest.mark.s3
+
+MiB = 1024 * 1024
+
+
+# -- multipart uploads ---------------------------------------------------------------------
+
+
+async def test_multipart_upload(s3_bucket: S3Bucket) -> None:
+    storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
+    data = os.urandom(12 * MiB)  # incompressible: about 12 MiB stored, three parts
+    writer = await asyncio.to_thread(storage.blob_writer)
+    try:
+        await asyncio.to_thread(writer.write, data[: 6 * MiB])
+        # parts go out as they fill: an upload is in progress under tmp/, nothing under blobs/
+        uploads = await asyncio.to_thread(s3_bucket.uploads)
+        assert len(uploads) == 1 and uploads[0].startswith(S3_PREFIX + "tmp/")
+        assert await asyncio.to_thread(s3_bucket.keys) == []
+        await asyncio.to_thread(writer.write, data[6 * MiB :])
+        info = await asyncio.to_thread(writer.commit)
+    finally:
+        await asyncio.to_thread(writer.abort)
+        await storage.close()
+
+    assert info == BlobInfo(blob_id_of(data), len(data), info.stored_size)
+    assert info.stored_size > 12 * MiB
+    assert await asyncio.to_thread(s3_bucket.keys) == [
+        f"{S3_PREFIX}blobs/{info.blob_id[:2]}/{info.blob_id}"
+    ]
+    assert await asyncio.to_thread(s3_bucket.uploads) == []
+
+    storage = s3_bucket.make_storage()
+    try:
+        stored = await read_stored(storage, info.blob_id)
+        assert len(stored) == info.stored_size
+        assert decompress(stored) == data
+        middle = await read_stored(storage, info.blob_id, 5 * MiB - 3, 10 * MiB + 3)
+        assert middle == stored[5 * MiB - 3 : 10 * MiB + 3]
+    finally:
+        await storage.close()
+
+
+async def test_multipart_of_existing_blob(s3_bucket: S3Bucket) -> None:
+    storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
+    data = os.urandom(11 * MiB)
+    try:
+        first = await write_blob(storage, data, piece=MiB)
+        second = await write_blob(storage, data, piece=3 * MiB)
+        assert first == second
+        assert await asyncio.to_thread(s3_bucket.keys) == [
+            f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
+        ]
+        assert await asyncio.to_thread(s3_bucket.uploads) == []
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("how", ["abort", "exception"])
+async def test_multipart_abandoned(s3_bucket: S3Bucket, how: str) -> None:
+    storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
+    data = os.urandom(11 * MiB)
+
+    def work() -> None:
+        writer = storage.blob_writer()
+        with pytest.raises(RuntimeError) if how == "exception" else _nothing(), writer:
+            writer.write(data)
+            assert len(s3_bucket.uploads()) == 1
+            if how == "exception":
+                raise RuntimeError("client went away")
+            writer.abort()
+
+    try:
+        await asyncio.to_thread(work)
+        assert await asyncio.to_thread(s3_bucket.uploads) == []
+        assert await asyncio.to_thread(s3_bucket.keys) == []
+        assert await storage.blob_open(blob_id_of(data)) is None
+    finally:
+        await storage.close()
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_part_size_bounds(s3_bucket: S3Bucket) -> None:
+    with pytest.raises(ValueError):
+        s3_bucket.make_storage(part_size=MIN_PART_SIZE - 1)
+    with pytest.raises(ValueError):
+        s3_bucket.make_storage(prefix="no-slash")
+    with pytest.raises(ValueError):
+        S3Storage("")
+
+
+# -- layout --------------------------------------------------------------------------------
+
+
+async def test_layout_and_prefix_isolation(s3_bucket: S3Bucket) -> None:
+    storage = s3_bucket.make_storage()
+    other = s3_bucket.make_storage(prefix="other/")
+    try:
+        info = await write_blob(storage, b"blob")
+        await storage.put("caches/main/narinfo/x", b"narinfo")
+        await other.put("caches/main/narinfo/y", b"elsewhere")
+        s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="pfx/blobs/zz/junk", Body=b"")
+        s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="pfx/objects/bad key", Body=b"")
+        assert sorted(await asyncio.to_thread(s3_bucket.keys)) == sorted(
+            [
+                f"pfx/blobs/{info.blob_id[:2]}/{info.blob_id}",
+                "pfx/blobs/zz/junk",
+                "pfx/objects/bad key",
+                "pfx/objects/caches/main/narinfo/x",
+                "other/objects/caches/main/narinfo/y",
+            ]
+        )
+        head = s3_bucket.client.head_object(
+            Bucket=s3_bucket.name, Key=f"pfx/blobs/{info.blob_id[:2]}/{info.blob_id}"
+        )
+        assert head["ContentType"] == "application/zstd"
+        assert [key async for key in storage.keys("")] == ["caches/main/narinfo/x"]
+        assert [key async for key in other.keys("")] == ["caches/main/narinfo/y"]
+        assert [blob async for blob in storage.blob_ids()] == [info.blob_id]
+        assert [blob async for blob in other.blob_ids()] == []
+        assert await other.get("caches/main/narinfo/x") is None
+    finally:
+        await storage.close()
+        await other.close()
+
+
+async def test_many_keys_are_paginated(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(S3Storage, "_LIST_PAGE_SIZE", 7)
+    storage = s3_bucket.make_storage()
+    try:
+        names = [f"k/{i:03d}" for i in range(40)]  # several pages
+        await asyncio.gather(*(storage.put(name, b"") for name in names))
+        assert [key async for key in storage.keys("k/")] == names
+        assert len([blob async for blob in storage.blob_ids()]) == 0
+        blobs = await asyncio.gather(*(write_blob(storage, b"%d" % i) for i in range(20)))
+        assert sorted([blob async for blob in storage.blob_ids()]) == sorted(
+            info.blob_id for info in blobs
+        )
+    finally:
+        await storage.close()
+
+
+async def test_blob_deleted_while_open(s3_bucket: S3Bucket) -> None:
+    storage = s3_bucket.make_storage()
+    try:
+        info = await write_blob(storage, b"going away")
+        reader = await storage.blob_open(info.blob_id)
+        assert reader is not None
+        await storage.blob_delete(info.blob_id)
+        with pytest.raises(StorageError, match="deleted"):
+            [chunk async for chunk in reader.chunks()]
+        await reader.close()
+    finally:
+        await storage.close()
+
+
+async def test_open_storage_uses_aws_endpoint_url(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)
+    storage = open_storage(f"s3://{s3_bucket.name}/team/cache")
+    try:
+        assert isinstance(storage, S3Storage)
+        assert storage.prefix == "team/cache/"
+        await storage.check()
+        await storage.put("k", b"v")
+        assert s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="team/cache/objects/k")[
+            "Body"
+        ].read() == (b"v")
+    finally:
+        await storage.close()
+        await storage.close()  # closing twice is harmless
+
+
+async def test_missing_bucket_is_an_error_not_a_miss(s3_bucket: S3Bucket) -> None:
+    storage = S3Storage("no-such-bucket-here", endpoint_url=s3_bucket.endpoint, max_attempts=1)
+    try:
+        with pytest.raises(StorageError, match="does not exist") as caught:
+            await storage.check()
+        assert not isinstance(caught.value, StorageUnavailable)
+        with pytest.raises(StorageError, match="NoSuchBucket"):
+            await storage.get("k")
+        with pytest.raises(StorageError, match="NoSuchBucket"):
+            await storage.put("k", b"v")
+    finally:
+        await storage.close()
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+async def every_operation_fails_with(storage: Storage, error: type[StorageError]) -> None:
+    some_blob = blob_id_of(b"x")
+    calls: list[Callable[[], Any]] = [
+        lambda: storage.get("k"),
+        lambda: storage.put("k", b"v"),
+        lambda: storage.put_if_absent("k", b"v"),
+        lambda: storage.exists("k"),
+        lambda: storage.delete("k"),
+        lambda: storage.check(),
+        lambda: storage.blob_open(some_blob),
+        lambda: storage.blob_stored_size(some_blob),
+        lambda: storage.blob_delete(some_blob),
+    ]
+    for call in calls:
+        with pytest.raises(error):
+            await call()
+    with pytest.raises(error):
+        [key async for key in storage.keys("")]
+    with pytest.raises(error):
+        [blob async for blob in storage.blob_ids()]
+
+    def small_blob() -> None:
+        with storage.blob_writer() as writer:
+            writer.write(b"small")
+            with pytest.raises(error):
+                writer.commit()
+
+    def large_blob() -> None:
+        with storage.blob_writer() as writer, pytest.raises(error):
+            writer.write(os.urandom(6 * MiB))  # the first part is sent while writing
+
+    await asyncio.to_thread(small_blob)
+    await asyncio.to_thread(large_blob)
+
+
+async def test_unreachable_endpoint_is_unavailable(aws_env: None) -> None:
+    storage = S3Storage(
+        "bucket",
+        endpoint_url="http://127.0.0.1:1",
+        part_size=MIN_PART_SIZE,
+        connect_timeout=1,
+        read_timeout=1,
+        max_attempts=1,
+    )
+    try:
+        await every_operation_fails_with(storage, StorageUnavailable)
+    finally:
+        await storage.close()
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """Accepts connections and never answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+async def test_read_timeout_is_unavailable(aws_env: None, silent_endpoint: str) -> None:
+    storage = S3Storage("bucket", endpoint_url=silent_endpoint, read_timeout=0.3, max_attempts=1)
+    try:
+        with pytest.raises(StorageUnavailable):
+            await storage.get("k")
+        with pytest.raises(StorageUnavailable):
+            await storage.check()
+    finally:
+        await storage.close()
+
+
+@contextmanager
+def error_endpoint(status: int, code: str) -> Iterator[str]:
+    """An HTTP server answering every request with ``status`` and an S3 error ``code``."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>'
+        f"<Error><Code>{code}</Code><Message>injected</Message></Error>"
+    ).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self) -> None:
+            self.close_connection = True
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = reply
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        (503, "SlowDown", StorageUnavailable),
+        (500, "InternalError", StorageUnavailable),
+        (507, "XMinioStorageFull", StorageFull),
+        (403, "QuotaExceeded", StorageFull),
+    ],
+)
+async def test_server_errors_are_translated(
+    aws_env: None, status: int, code: str, error: type[StorageError]
+) -> None:
+    with error_endpoint(status, code) as endpoint:
+        storage = S3Storage("bucket", endpoint_url=endpoint, max_attempts=1)
+        try:
+            with pytest.raises(error):
+                await storage.put("k", b"v")
+            with pytest.raises(error):
+                await storage.get("k")
+            with pytest.raises(StorageError):
+                await storage.exists("k")  # HEAD has no body: only the status is known
+        finally:
+            await storage.close()
+
+
+def _client_error(status: int, code: str) -> ClientError:
+    response: Any = {
+        "Error": {"Code": code, "Message": "m"},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, "PutObject")
+
+
+@pytest.mark.parametrize(
+    ("exc", "error"),
+    [
+        (_client_error(503, "SlowDown"), StorageUnavailable),
+        (_client_error(400, "Throttling"), StorageUnavailable),
+        (_client_error(429, "TooManyRequests"), StorageUnavailable),
+        (_client_error(502, "BadGateway"), StorageUnavailable),
+        (_client_error(400, "RequestTimeout"), StorageUnavailable),
+        (_client_error(403, "QuotaExceeded"), StorageFull),
+        (_client_error(507, "InsufficientStorage"), StorageFull),
+        (_client_error(403, "AccessDenied"), StorageError),
+        (_client_error(403, "InvalidAccessKeyId"), StorageError),
+        (_client_error(400, "EntityTooLarge"), StorageError),
+        (_client_error(404, "NoSuchBucket"), StorageError),
+        (EndpointConnectionError(endpoint_url="http://x"), StorageUnavailable),
+        (ReadTimeoutError(endpoint_url="http://x"), StorageUnavailable),
+    ],
+)
+def test_translation_table(exc: Exception, error: type[StorageError]) -> None:
+    with pytest.raises(StorageError) as caught, _translate_errors("test"):
+        raise exc
+    assert type(caught.value) is error
+    assert caught.value.__cause__ is exc
+
+
+def test_missing_is_private_and_still_a_storage_error() -> None:
+    with pytest.raises(StorageError) as caught, _translate_errors("test"):
+        raise _client_error(404, "NoSuchKey")
+    assert type(caught.value).__name__ == "_Missing"
+
+
+async def test_big_blob_under_part_size_is_one_put(s3_bucket: S3Bucket) -> None:
+    storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
+    try:
+        data = mixed_data(4 * MiB)
+        info = await write_blob(storage, data)
+        assert info.stored_size < MIN_PART_SIZE
+        assert decompress(await read_stored(storage, info.blob_id)) == data
+        assert await asyncio.to_thread(s3_bucket.uploads) == []
+    finally:
+        await storage.close()
