@@ -53,6 +53,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def http(method: str, url: str, body: bytes = b"", token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body if method == "PUT" else None, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
 @contextmanager
 def moto_server() -> Iterator[str]:
     """A moto S3 server over real HTTP; yields its endpoint URL."""
@@ -92,19 +103,28 @@ class Larder:
     storage: str
     env: dict[str, str]
     log_path: Path
+    pid: int
 
-    def cli(self, *args: str) -> str:
-        out = subprocess.run(
+    def run_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [*LARDER, *args, "--storage", self.storage],
             env=self.env,
             check=True,
             capture_output=True,
             text=True,
         )
-        return out.stdout.strip()
+
+    def cli(self, *args: str) -> str:
+        return self.run_cli(*args).stdout.strip()
 
     def token(self, cache: str = "main", scope: str = "write") -> str:
-        return self.cli("token", "create", "--cache", cache, "--scope", scope)
+        return self.token_with_id(cache, scope)[0]
+
+    def token_with_id(self, cache: str = "main", scope: str = "write") -> tuple[str, str]:
+        """A new token and its id (``larder token create`` reports the id on stderr)."""
+        done = self.run_cli("token", "create", "--cache", cache, "--scope", scope)
+        token_id = done.stderr.split("token id ", 1)[1].split(",", 1)[0]
+        return done.stdout.strip(), token_id
 
     def cache_info(self, cache: str = "main") -> dict[str, object]:
         with urllib.request.urlopen(f"{self.url}/api/v1/caches/{cache}") as resp:
@@ -132,6 +152,6 @@ def larder_server(
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for_http(url + "/healthz", proc)
-            yield Larder(url, storage, env, log_path)
+            yield Larder(url, storage, env, log_path, proc.pid)
         finally:
             stop(proc)

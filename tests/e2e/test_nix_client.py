@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import lzma
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 
 from larder.protocol import narinfo, nix32
 from larder.protocol.signing import PublicKey
-from tests.e2e.harness import S3_ENV, Larder, larder_server, make_bucket, moto_server
+from tests.e2e.harness import S3_ENV, Larder, http, larder_server, make_bucket, moto_server
 from tests.e2e.nix import Nix, netrc_for
 
 pytestmark = pytest.mark.nix
@@ -35,17 +33,6 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Larder]:
         env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
         with larder_server("s3://larder-e2e/cache", tmp_path, env) as larder:
             yield larder
-
-
-def http(method: str, url: str, body: bytes = b"", token: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body if method == "PUT" else None, method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
 
 
 def nar_of(path: str) -> bytes:

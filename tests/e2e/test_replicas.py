@@ -1,0 +1,89 @@
+"""Several `larder serve` processes: replicas on one bucket, and a server killed mid-upload."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from http.client import HTTPConnection
+from pathlib import Path
+
+import pytest
+
+from larder.protocol import nix32
+from larder.protocol.nar import write_nar
+from tests.e2e.harness import S3_ENV, http, larder_server, make_bucket, moto_server
+from tests.e2e.nix import Nix, netrc_for
+
+pytestmark = pytest.mark.nix
+
+
+def test_first_start_prints_substituter_key_and_token_command(tmp_path: Path) -> None:
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        info = server.cache_info()
+        log = server.log()
+    assert "created cache 'main'" in log
+    assert f"substituter {server.url}/main" in log
+    assert f"trusted-public-keys: {info['public_key']}" in log
+    assert "larder token create" in log and "--scope write" in log
+
+
+def test_replicas_on_one_bucket_share_uploads_tokens_and_revocations(tmp_path: Path) -> None:
+    with moto_server() as endpoint:
+        make_bucket(endpoint, "shared")
+        env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "LARDER_REFRESH_INTERVAL": "0.5"}
+        with (
+            larder_server("s3://shared/x", tmp_path, env) as one,
+            larder_server("s3://shared/x", tmp_path, env) as two,
+        ):
+            assert one.cache_info()["public_key"] == two.cache_info()["public_key"]
+            token = one.token()  # minted against the bucket, valid on every replica
+            ci = Nix(tmp_path / "ci", netrc=netrc_for(token))
+            paths = ci.build_closure(tmp_path)
+            ci.copy_to(f"{one.url}/main", paths["app"])
+            closure = ci.closure(paths["app"])
+            ci.delete(*reversed(closure))
+            laptop = Nix(tmp_path / "laptop")
+            laptop.substitute(f"{two.url}/main", str(two.cache_info()["public_key"]), paths["app"])
+            assert all(Path(path).exists() for path in closure)
+
+            # A write token made through replica two's storage works on replica one ...
+            body = b"opaque build log"
+            status, _ = http("PUT", f"{one.url}/main/log/x.drv", body, two.token())
+            assert status == 200
+            assert http("GET", f"{two.url}/main/log/x.drv") == (200, body)
+            # ... and a revocation recorded once reaches both replicas.
+            revocable, token_id = one.token_with_id()
+            for replica in (one, two):
+                assert http("PUT", f"{replica.url}/main/log/y.drv", body, revocable)[0] == 200
+            two.cli("token", "revoke", token_id)
+            time.sleep(1.0)  # both replicas re-read revocations every LARDER_REFRESH_INTERVAL
+            for replica in (one, two):
+                assert http("PUT", f"{replica.url}/main/log/z.drv", body, revocable)[0] == 401
+            assert http("GET", f"{one.url}/main/log/z.drv")[0] == 404
+
+
+def test_server_killed_mid_upload_leaves_nothing_visible(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    nar = write_nar({"type": "regular", "contents": os.urandom(8 * 1024 * 1024)})
+    file_hash = nix32.encode(hashlib.sha256(nar).digest())
+    with larder_server(data, tmp_path) as server:
+        token = server.token()
+        host, port = server.url.removeprefix("http://").split(":")
+        conn = HTTPConnection(host, int(port), timeout=30)
+        conn.putrequest("PUT", f"/main/nar/{file_hash}.nar")
+        conn.putheader("Authorization", f"Bearer {token}")
+        conn.putheader("Content-Length", str(len(nar)))
+        conn.endheaders()
+        conn.send(nar[: len(nar) // 2])
+        time.sleep(0.5)  # let the server stream the first half into its temporary object
+        os.kill(server.pid, signal.SIGKILL)
+        conn.close()
+    partial = [p for p in (Path(data) / "tmp").iterdir() if p.stat().st_size > 0]
+    assert partial, "the upload never started streaming; the test proves nothing"
+    with larder_server(data, tmp_path) as server:
+        assert http("GET", f"{server.url}/main/nar/{file_hash}.nar")[0] == 404
+        assert http("HEAD", f"{server.url}/main/nar/{file_hash}.nar")[0] == 404
+    committed = [p for p in (Path(data) / "blobs").rglob("*") if p.is_file()]
+    assert committed == []

@@ -1,0 +1,115 @@
+"""The ``larder`` command against a real disk store: caches, tokens, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from larder.core.auth import TokenAuthority
+from larder.errors import Unauthorized
+from larder.protocol.signing import PublicKey
+from larder.protocol.tokens import Scope
+from larder.service.cli import main
+from larder.storage.disk import DiskStorage
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    for name in ("LARDER_CONFIG", "LARDER_STORAGE", "LARDER_PUBLIC_URL", "LARDER_LISTEN"):
+        monkeypatch.delenv(name, raising=False)
+    return str(tmp_path / "data")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def verify(store: str, token: str) -> tuple[str, Scope]:
+    async def check() -> tuple[str, Scope]:
+        storage = DiskStorage(store)
+        try:
+            claims = await TokenAuthority(storage, refresh_interval=0).verify(token)
+            return claims.cache, claims.scope
+        finally:
+            await storage.close()
+
+    return asyncio.run(check())
+
+
+def test_cache_create_show_list(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "cache", "create", "team", "--private", "--storage", store)
+    assert code == 0
+    created = json.loads(out)
+    assert created["name"] == "team" and created["private"] is True
+    assert created["substituter"] == "http://127.0.0.1:8080/team"
+    assert PublicKey.parse(created["public_key"]).name.startswith("team.larder-")
+    code, out, _ = run(capsys, "cache", "show", "team", "--storage", store)
+    assert json.loads(out) == created
+    run(capsys, "cache", "create", "other", "--priority", "10", "--storage", store)
+    assert run(capsys, "cache", "list", "--storage", store)[1].split() == ["other", "team"]
+
+
+def test_cache_create_refuses_duplicates_and_bad_names(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "cache", "create", "team", "--storage", store)
+    code, out, err = run(capsys, "cache", "create", "team", "--storage", store)
+    assert code == 2 and out == "" and "exists" in err
+    for bad in ("Team", "../x", "api", "a" * 80):
+        code, out, err = run(capsys, "cache", "create", bad, "--storage", store)
+        assert code == 2 and out == "" and err.startswith("larder: "), bad
+    assert run(capsys, "cache", "list", "--storage", store)[1].split() == ["team"]
+
+
+def test_token_create_prints_only_the_token(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "cache", "create", "team", "--storage", store)
+    code, out, err = run(
+        capsys, "token", "create", "--cache", "team", "--scope", "write", "--storage", store
+    )
+    assert code == 0 and len(out.splitlines()) == 1
+    token = out.strip()
+    assert token not in err and "token id" in err
+    assert verify(store, token) == ("team", Scope.WRITE)
+
+
+def test_token_for_a_missing_cache_is_refused(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        capsys, "token", "create", "--cache", "ghost", "--scope", "read", "--storage", store
+    )
+    assert code == 2 and out == "" and "no cache named 'ghost'" in err
+
+
+def test_revoked_token_no_longer_verifies(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "cache", "create", "team", "--storage", store)
+    _, out, err = run(
+        capsys, "token", "create", "--cache", "*", "--scope", "admin", "--storage", store
+    )
+    token = out.strip()
+    token_id = err.split("token id ")[1].split(",")[0]
+    assert verify(store, token) == ("*", Scope.ADMIN)
+    assert run(capsys, "token", "revoke", token_id, "--storage", store)[0] == 0
+    with pytest.raises(Unauthorized, match="revoked"):
+        verify(store, token)
+    code, _, err = run(capsys, "token", "revoke", "../../etc", "--storage", store)
+    assert code == 2 and "larder: " in err
+
+
+def test_bad_ttl_and_bad_config_are_clear_errors(
+    store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(capsys, "cache", "create", "team", "--storage", store)
+    code, out, err = run(
+        capsys, "token", "create", "--cache", "team", "--scope", "read", "--ttl", "soon",
+        "--storage", store,
+    )  # fmt: skip
+    assert code == 2 and out == "" and "ttl" in err.lower()
+    monkeypatch.setenv("LARDER_ZSTD_LEVEL", "max")
+    code, out, err = run(capsys, "cache", "list", "--storage", store)
+    assert code == 2 and "LARDER_ZSTD_LEVEL" in err

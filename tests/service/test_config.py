@@ -1,0 +1,84 @@
+"""Config precedence (flags > LARDER_* env > TOML file > defaults) and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from larder.service.config import Config, ConfigError, load_config, parse_listen, parse_size
+
+
+def test_defaults_are_the_embedded_default() -> None:
+    config = load_config({}, environ={})
+    assert config == Config()
+    assert config.host_port == ("127.0.0.1", 8080)
+    assert config.storage == "./larder-data"
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
+    path = tmp_path / "larder.toml"
+    path.write_text(
+        'listen = "0.0.0.0:9000"\nstorage = "/srv/file"\nmax_upload_size = "1GiB"\nzstd_level = 5\n'
+    )
+    env = {"LARDER_CONFIG": str(path), "LARDER_STORAGE": "s3://env-bucket/x"}
+    config = load_config({"listen": "127.0.0.1:7000", "storage": None}, environ=env)
+    assert config.listen == "127.0.0.1:7000"  # flag
+    assert config.storage == "s3://env-bucket/x"  # env over file
+    assert config.max_upload_size == 1024**3  # file
+    assert config.zstd_level == 5
+    assert config.refresh_interval == Config().refresh_interval  # default
+
+
+def test_config_flag_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "other.toml"
+    path.write_text('public_url = "https://larder.example/"\n')
+    config = load_config({"config": str(path)}, environ={"LARDER_CONFIG": "/does/not/exist"})
+    assert config.public_url == "https://larder.example"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1048576", 1048576), ("64MiB", 64 * 1024**2), ("8GB", 8 * 1000**3), ("512k", 512_000)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "-1", "1.5G", "12 parsecs"])
+def test_parse_size_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("[::1]:8080") == ("::1", 8080)
+    assert parse_listen(":8080") == ("0.0.0.0", 8080)
+    for bad in ("8080", "host:", "host:99999", "host:http"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LARDER_LISTEN": "nowhere"}, "LARDER_LISTEN"),
+        ({"LARDER_MAX_UPLOAD_SIZE": "lots"}, "LARDER_MAX_UPLOAD_SIZE"),
+        ({"LARDER_LOG_LEVEL": "chatty"}, "log_level"),
+        ({"LARDER_ZSTD_LEVEL": "high"}, "zstd_level"),
+        ({"LARDER_CONFIG": "/does/not/exist.toml"}, "cannot read config file"),
+    ],
+)
+def test_bad_values_name_their_source(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config({}, environ=env)
+
+
+def test_unknown_or_malformed_file_settings_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "larder.toml"
+    path.write_text('lisen = "127.0.0.1:1"\n')
+    with pytest.raises(ConfigError, match="unknown setting 'lisen'"):
+        load_config({"config": str(path)}, environ={})
+    path.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config({"config": str(path)}, environ={})
