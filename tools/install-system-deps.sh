@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Installs the system packages the end-to-end tests drive, when they are missing:
-# Nix (Debian's nix-bin) for the binary-cache tests. Needs root (apt-get).
+# Installs the system packages the end-to-end tests drive, when they are missing (needs root):
+# - Nix (Debian's nix-bin) for the binary-cache tests;
+# - the registry crates the offline Rust test workspace depends on (Debian's librust-*-dev,
+#   unpacked into /usr/share/cargo/registry, used as a cargo directory source).
 set -euo pipefail
 missing=()
 command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
+for crate in itoa hex memchr fnv; do
+  compgen -G "/usr/share/cargo/registry/${crate}-*" >/dev/null || missing+=("librust-${crate}-dev")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing system packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+command -v cargo >/dev/null 2>&1 || { echo "cargo and rustc must be on PATH" >&2; exit 1; }
