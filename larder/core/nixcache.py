@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from concurrent.futures import Executor
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from larder.core import keys
+from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest
 from larder.errors import FormatError, StorageError, VerificationFailed
@@ -36,7 +36,7 @@ from larder.protocol.hashes import NixHash
 from larder.protocol.names import check_object_path
 from larder.protocol.narinfo import NarInfo
 from larder.protocol.storepath import STORE_DIR, check_hash_part
-from larder.storage.base import BlobInfo, BlobReader, Storage
+from larder.storage.base import BlobReader
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ class NarRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> NarRecord:
-        doc = _load_record(data)
+        doc = load_record(data)
         return cls(doc["blob"], int(doc["nar_size"]), int(doc["stored_size"]))
 
 
@@ -97,29 +97,17 @@ class FileRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> FileRecord:
-        doc = _load_record(data)
+        doc = load_record(data)
         return cls(doc["blob"], int(doc["size"]), doc["content_type"], doc["content_encoding"])
-
-
-def _load_record(data: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError as exc:
-        raise StorageError(f"corrupt record: {exc}") from None
-    if not isinstance(doc, dict):
-        raise StorageError("corrupt record: not an object")
-    return doc
 
 
 class NixCache:
     """Nix binary cache operations over one store. Blocking work runs on ``executor``."""
 
-    def __init__(self, storage: Storage, executor: Executor) -> None:
-        self._storage = storage
-        self._executor = executor
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+        self._storage = blobs.storage
+        self._run = blobs.run
 
     # -- NARs ----------------------------------------------------------------------------
 
@@ -128,8 +116,7 @@ class NixCache:
     ) -> NarRecord:
         """Verify and store an uploaded NAR named ``<filehash>.nar[.ext]``."""
         file_hash, compression = parse_nar_name(name)
-        writer = await self._run(self._storage.blob_writer)
-        try:
+        async with self._blobs.writer() as writer:
             ingest = NarIngest(compression, writer)
             async for chunk in body:
                 await self._run(ingest.feed, chunk)
@@ -140,8 +127,6 @@ class NixCache:
                     f"{nix32.encode(digest.file_sha256)}, its name says {file_hash}"
                 )
             blob = await self._run(writer.commit)
-        finally:
-            await self._run(writer.abort)
         record = NarRecord(blob.blob_id, digest.nar_size, blob.stored_size)
         await self._storage.put(
             keys.nar(cache.name, nix32.encode(digest.nar_sha256)), record.to_json()
@@ -225,13 +210,7 @@ class NixCache:
     ) -> FileRecord:
         """Store an opaque object Nix uploads next to narinfos, streaming it into a blob."""
         check_object_path(path)
-        writer = await self._run(self._storage.blob_writer)
-        try:
-            async for chunk in body:
-                await self._run(writer.write, chunk)
-            blob: BlobInfo = await self._run(writer.commit)
-        finally:
-            await self._run(writer.abort)
+        blob = await self._blobs.store(body)
         record = FileRecord(blob.blob_id, blob.size, content_type, content_encoding)
         await self._storage.put(keys.extra_file(cache.name, path), record.to_json())
         return record

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from larder.core.auth import TokenAuthority
+from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
 from larder.core.nixcache import NixCache
 from larder.service import api_routes, nix_routes, state
@@ -28,7 +29,8 @@ def build_app(config: Config, storage: Storage) -> web.Application:
     app[state.EXECUTOR] = executor
     app[state.CACHES] = CacheRegistry(storage, config.refresh_interval)
     app[state.TOKENS] = TokenAuthority(storage, config.refresh_interval)
-    app[state.NIX] = NixCache(storage, executor)
+    app[state.BLOBS] = BlobStore(storage, executor)
+    app[state.NIX] = NixCache(app[state.BLOBS])
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         yield

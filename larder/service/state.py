@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from larder.core.auth import TokenAuthority
+from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
 from larder.core.nixcache import NixCache
 from larder.service.config import Config
@@ -16,5 +17,6 @@ CONFIG = web.AppKey("config", Config)
 STORAGE = web.AppKey("storage", Storage)
 CACHES = web.AppKey("caches", CacheRegistry)
 TOKENS = web.AppKey("tokens", TokenAuthority)
+BLOBS = web.AppKey("blobs", BlobStore)
 NIX = web.AppKey("nix", NixCache)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)

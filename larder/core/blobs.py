@@ -1,0 +1,60 @@
+"""Streaming request bodies into content-addressed blobs, shared by every protocol.
+
+Hashing, compression and file writes are blocking, so they run on the given executor; the event
+loop only moves chunks. A blob becomes visible only on :meth:`BlobWriter.commit`, which the
+caller reaches after every check has passed; on any error the temporary is aborted and nothing
+is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from larder.errors import StorageError
+from larder.storage.base import BlobInfo, BlobWriter, Storage
+
+T = TypeVar("T")
+
+
+class BlobStore:
+    """Runs blocking blob work off the event loop for the protocol modules."""
+
+    def __init__(self, storage: Storage, executor: Executor) -> None:
+        self.storage = storage
+        self._executor = executor
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the executor."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @asynccontextmanager
+    async def writer(self) -> AsyncIterator[BlobWriter]:
+        """A new blob writer, aborted on exit unless the caller committed it."""
+        writer = await self.run(self.storage.blob_writer)
+        try:
+            yield writer
+        finally:
+            await self.run(writer.abort)
+
+    async def store(self, body: AsyncIterable[bytes]) -> BlobInfo:
+        """Stream an opaque ``body`` into a new blob and commit it."""
+        async with self.writer() as writer:
+            async for chunk in body:
+                await self.run(writer.write, chunk)
+            return await self.run(writer.commit)
+
+
+def load_record(data: bytes) -> dict[str, Any]:
+    """A stored JSON record as a dict; :class:`StorageError` when it is corrupt."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"corrupt record: {exc}") from None
+    if not isinstance(doc, dict):
+        raise StorageError("corrupt record: not an object")
+    return doc
