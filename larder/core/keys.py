@@ -8,6 +8,8 @@
     caches/<cache>/narinfo/<store hash>     narinfo as served, minus larder's own signature
     caches/<cache>/nar/<narhash nix32>      NAR record (JSON: blob id, NarSize, stored size)
     caches/<cache>/file/<path>              opaque Nix extra (JSON: blob id, size, type, encoding)
+    caches/<cache>/rustc/manifest/<key>     rustc compilation manifest (JSON, see protocol.rustc)
+    caches/<cache>/rustc/blob/<blob id>     marker: this cache holds the blob (JSON: size)
 """
 
 from __future__ import annotations
@@ -39,3 +41,11 @@ def nar(cache: str, nar_hash_nix32: str) -> str:
 
 def extra_file(cache: str, path: str) -> str:
     return f"caches/{cache}/file/{path}"
+
+
+def rustc_manifest(cache: str, key: str) -> str:
+    return f"caches/{cache}/rustc/manifest/{key}"
+
+
+def rustc_blob(cache: str, blob_id: str) -> str:
+    return f"caches/{cache}/rustc/blob/{blob_id}"

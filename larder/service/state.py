@@ -10,6 +10,7 @@ from larder.core.auth import TokenAuthority
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
 from larder.core.nixcache import NixCache
+from larder.core.rustc import RustcCache
 from larder.service.config import Config
 from larder.storage.base import Storage
 
@@ -19,4 +20,5 @@ CACHES = web.AppKey("caches", CacheRegistry)
 TOKENS = web.AppKey("tokens", TokenAuthority)
 BLOBS = web.AppKey("blobs", BlobStore)
 NIX = web.AppKey("nix", NixCache)
+RUSTC = web.AppKey("rustc", RustcCache)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)

@@ -104,11 +104,13 @@ class BlobWriter(ABC):
         """Uncompressed bytes written so far."""
 
     @abstractmethod
-    def commit(self) -> BlobInfo:
+    def commit(self, expected_id: str | None = None) -> BlobInfo:
         """Finish the stream and make the blob visible under its BLAKE3 id.
 
         Idempotent with respect to content: if the blob already exists the temporary object is
-        discarded and the existing blob is kept. After commit the writer is closed.
+        discarded and the existing blob is kept. After commit the writer is closed. With
+        ``expected_id``, content whose id differs is discarded instead and
+        :class:`~larder.errors.VerificationFailed` is raised.
         """
 
     @abstractmethod

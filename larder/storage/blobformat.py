@@ -25,6 +25,7 @@ from enum import Enum
 import blake3
 import zstandard
 
+from larder.errors import VerificationFailed
 from larder.storage.base import BlobInfo, BlobWriter
 
 DEFAULT_ZSTD_LEVEL = 3
@@ -133,10 +134,14 @@ class EncodingBlobWriter(BlobWriter):
             self.abort()
             raise
 
-    def commit(self) -> BlobInfo:
+    def commit(self, expected_id: str | None = None) -> BlobInfo:
         self._check_open()
         try:
             blob_id = self._encoder.finish()
+            if expected_id is not None and blob_id != expected_id:
+                raise VerificationFailed(
+                    f"content hash mismatch: the body's BLAKE3 is {blob_id}, expected {expected_id}"
+                )
             info = BlobInfo(blob_id, self._encoder.size, self._encoder.stored_size)
             self._publish(info)
         except BaseException:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import zstandard
 
+from larder.errors import VerificationFailed
 from larder.storage.base import BlobInfo, Storage
 from larder.storage.blobformat import READ_CHUNK
 from tests.storage.helpers import (
@@ -315,6 +316,23 @@ async def test_exception_in_with_block_leaves_nothing(backend: Backend) -> None:
     assert await storage.blob_stored_size(blob_id_of(data)) is None
     assert await collect(storage.blob_ids()) == []
     assert await backend.leftovers() == []
+
+
+async def test_commit_with_the_wrong_expected_id_leaves_nothing(backend: Backend) -> None:
+    storage = backend.storage
+    data = mixed_data(200_000, seed=5)
+
+    def work(expected: str) -> BlobInfo:
+        with storage.blob_writer() as writer:
+            writer.write(data)
+            return writer.commit(expected)
+
+    with pytest.raises(VerificationFailed, match="content hash mismatch"):
+        await asyncio.to_thread(work, "0" * 64)
+    assert await collect(storage.blob_ids()) == []
+    assert await backend.leftovers() == []
+    info = await asyncio.to_thread(work, blob_id_of(data))
+    assert await collect(storage.blob_ids()) == [info.blob_id]
 
 
 async def test_uncommitted_blob_is_invisible(backend: Backend) -> None:

@@ -1,0 +1,100 @@
+"""Cached rustc compilations: content-addressed output blobs and manifests per cache key.
+
+Rules:
+
+* A blob is uploaded as ``blobs/<BLAKE3 of its bytes>``; the body must hash to that id or it is
+  refused before it becomes visible. Identical bytes are stored once in the shared blob store,
+  whichever cache (or protocol) uploaded them.
+* A cache can read only the blobs it was given: an upload records a per-cache marker, and the
+  missing-blob query answers from those markers. A client that never held the bytes therefore
+  cannot read another cache's artifacts by guessing a hash, and must upload to prove it has them.
+* A manifest is accepted only when every blob it lists is held by this cache with the size the
+  manifest states; until then it is refused (naming the missing blobs) and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterable, Iterable
+
+from larder.core import keys
+from larder.core.blobs import BlobStore, load_record
+from larder.core.caches import CacheSettings
+from larder.errors import VerificationFailed
+from larder.protocol.rustc import Manifest, check_key, parse_manifest
+from larder.storage.base import BlobReader
+
+# Metadata lookups in flight at once for one missing-blob query.
+_LOOKUP_CONCURRENCY = 32
+
+
+class RustcCache:
+    """Artifact and manifest operations over one store."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+        self._storage = blobs.storage
+
+    async def _held_size(self, cache: CacheSettings, blob_id: str) -> int | None:
+        """The size of ``blob_id`` if this cache holds it (marker and blob both present)."""
+        marker = await self._storage.get(keys.rustc_blob(cache.name, blob_id))
+        if marker is None or await self._storage.blob_stored_size(blob_id) is None:
+            return None
+        return int(load_record(marker)["size"])
+
+    async def missing(self, cache: CacheSettings, blob_ids: Iterable[str]) -> list[str]:
+        """Those of ``blob_ids`` this cache does not hold, in the order given."""
+        ids = list(dict.fromkeys(check_key(blob_id) for blob_id in blob_ids))
+        gate = asyncio.Semaphore(_LOOKUP_CONCURRENCY)
+
+        async def held(blob_id: str) -> bool:
+            async with gate:
+                return await self._held_size(cache, blob_id) is not None
+
+        found = await asyncio.gather(*(held(blob_id) for blob_id in ids))
+        return [blob_id for blob_id, present in zip(ids, found, strict=True) if not present]
+
+    async def upload_blob(
+        self, cache: CacheSettings, blob_id: str, body: AsyncIterable[bytes]
+    ) -> int:
+        """Store ``body`` if it hashes to ``blob_id``; return its size."""
+        check_key(blob_id)
+        async with self._blobs.writer() as writer:
+            async for chunk in body:
+                await self._blobs.run(writer.write, chunk)
+            info = await self._blobs.run(writer.commit, blob_id)
+        marker = json.dumps({"size": info.size}).encode()
+        await self._storage.put(keys.rustc_blob(cache.name, blob_id), marker)
+        return info.size
+
+    async def open_blob(self, cache: CacheSettings, blob_id: str) -> BlobReader | None:
+        """The stored (zstd) bytes of a blob this cache holds, or None."""
+        if await self._held_size(cache, check_key(blob_id)) is None:
+            return None
+        return await self._storage.blob_open(blob_id)
+
+    async def put_manifest(self, cache: CacheSettings, key: str, data: bytes) -> Manifest:
+        """Validate and store a manifest whose blobs this cache already holds."""
+        check_key(key)
+        manifest = parse_manifest(data)
+        sizes = await asyncio.gather(
+            *(self._held_size(cache, output.blake3) for output in manifest.outputs)
+        )
+        absent = [o.name for o, size in zip(manifest.outputs, sizes, strict=True) if size is None]
+        if absent:
+            raise VerificationFailed(
+                f"manifest refers to blobs this cache does not hold (upload them first): "
+                f"{', '.join(absent)}"
+            )
+        for output, size in zip(manifest.outputs, sizes, strict=True):
+            if size != output.size:
+                raise VerificationFailed(
+                    f"output {output.name}: manifest says {output.size} bytes, blob has {size}"
+                )
+        await self._storage.put(keys.rustc_manifest(cache.name, key), manifest.to_json())
+        return manifest
+
+    async def get_manifest(self, cache: CacheSettings, key: str) -> bytes | None:
+        """The stored manifest for ``key``, or None on a miss."""
+        return await self._storage.get(keys.rustc_manifest(cache.name, check_key(key)))

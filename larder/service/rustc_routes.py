@@ -1,0 +1,91 @@
+"""HTTP routes of the rustc artifact API under ``/<cache>/rustc/`` (used by ``larder-rustc``).
+
+==========================================  ==================================================
+``POST rustc/missing``                      ``{"blobs": [...]}`` -> ``{"missing": [...]}``; write
+``PUT rustc/blobs/<blake3>``                an output file's bytes; 400 if they hash otherwise
+``GET|HEAD rustc/blobs/<blake3>``           its stored zstd frame (``application/zstd``)
+``PUT rustc/manifests/<key>``               a manifest (:mod:`larder.protocol.rustc`); 400
+                                            naming the blobs this cache does not hold yet
+``GET|HEAD rustc/manifests/<key>``          200 with the manifest on a hit, 404 on a miss
+==========================================  ==================================================
+
+Writes need a ``write`` token for the cache; reads follow its read policy.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from larder.errors import FormatError
+from larder.protocol.rustc import MAX_MANIFEST_SIZE, check_key, parse_blob_query
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.nix_routes import cache_for, expect_continue
+from larder.service.transfer import body_chunks, read_document, serve_blob
+
+ZSTD_TYPE = "application/zstd"
+
+
+def _key(request: web.Request, name: str) -> str:
+    return check_key(request.match_info[name])
+
+
+async def post_missing(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    limit = request.app[state.CONFIG].max_document_size
+    wanted = parse_blob_query(await read_document(request, limit))
+    missing = await request.app[state.RUSTC].missing(settings, wanted)
+    return web.json_response({"missing": missing})
+
+
+async def put_blob(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    blob_id = _key(request, "blob")
+    limit = request.app[state.CONFIG].max_upload_size
+    size = await request.app[state.RUSTC].upload_blob(
+        settings, blob_id, body_chunks(request, limit)
+    )
+    return web.json_response({"blake3": blob_id, "size": size})
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    settings = await cache_for(request, Scope.READ)
+    try:
+        blob_id = _key(request, "blob")
+    except FormatError:
+        raise web.HTTPNotFound() from None
+    reader = await request.app[state.RUSTC].open_blob(settings, blob_id)
+    if reader is None:
+        raise web.HTTPNotFound()
+    return await serve_blob(request, reader, {"Content-Type": ZSTD_TYPE})
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    key = _key(request, "key")
+    document = await read_document(request, MAX_MANIFEST_SIZE)
+    manifest = await request.app[state.RUSTC].put_manifest(settings, key, document)
+    return web.json_response({"key": key, "outputs": len(manifest.outputs)})
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    try:
+        key = _key(request, "key")
+    except FormatError:
+        raise web.HTTPNotFound() from None
+    document = await request.app[state.RUSTC].get_manifest(settings, key)
+    if document is None:
+        raise web.HTTPNotFound()
+    return web.Response(body=document, content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the rustc routes (before the Nix catch-all)."""
+    router = app.router
+    base = "/{cache}/rustc"
+    router.add_post(base + "/missing", post_missing)
+    router.add_route("PUT", base + "/blobs/{blob}", put_blob, expect_handler=expect_continue)
+    router.add_get(base + "/blobs/{blob}", get_blob)
+    router.add_route("PUT", base + "/manifests/{key}", put_manifest, expect_handler=expect_continue)
+    router.add_get(base + "/manifests/{key}", get_manifest)

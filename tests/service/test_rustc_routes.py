@@ -1,0 +1,196 @@
+"""The rustc artifact API: blobs verified by BLAKE3, manifests only over held blobs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import blake3
+import pytest
+import zstandard
+
+from larder.protocol.rustc import Manifest, Output
+from larder.protocol.tokens import Scope
+from larder.service import state
+from tests.service.conftest import Service
+
+KEY = "ab" * 32
+
+
+def blob_id(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def manifest_for(files: dict[str, bytes], stderr: str = "") -> bytes:
+    outputs = tuple(Output(name, blob_id(data), len(data), 0o644) for name, data in files.items())
+    return Manifest(crate="leaf", outputs=outputs, stderr=stderr).to_json()
+
+
+async def upload(service: Service, files: dict[str, bytes], token: str | None = None) -> None:
+    for data in files.values():
+        resp = await service.client.put(
+            f"/main/rustc/blobs/{blob_id(data)}", data=data, headers=service.auth(token)
+        )
+        assert resp.status == 200, await resp.text()
+
+
+async def missing(service: Service, ids: list[str], token: str | None = None) -> list[str]:
+    resp = await service.client.post(
+        "/main/rustc/missing", json={"blobs": ids}, headers=service.auth(token)
+    )
+    assert resp.status == 200, await resp.text()
+    return list((await resp.json())["missing"])
+
+
+async def test_round_trip_with_dedup(service: Service) -> None:
+    files = {"libleaf-1.rlib": os.urandom(300_000), "leaf-1.d": b"deps\n"}
+    ids = [blob_id(data) for data in files.values()]
+    assert await missing(service, ids) == ids
+    await upload(service, files)
+    assert await missing(service, [*ids, "cd" * 32]) == ["cd" * 32]
+
+    assert (await service.client.get(f"/main/rustc/manifests/{KEY}")).status == 404
+    document = manifest_for(files, stderr="warning: unused\n")
+    resp = await service.client.put(
+        f"/main/rustc/manifests/{KEY}", data=document, headers=service.auth()
+    )
+    assert resp.status == 200, await resp.text()
+    resp = await service.client.get(f"/main/rustc/manifests/{KEY}")
+    assert resp.status == 200
+    served = await resp.json()
+    assert served["stderr"] == "warning: unused\n"
+    assert {o["name"]: o["blake3"] for o in served["outputs"]} == {
+        name: blob_id(data) for name, data in files.items()
+    }
+    for data in files.values():
+        resp = await service.client.get(f"/main/rustc/blobs/{blob_id(data)}")
+        assert resp.status == 200 and resp.content_type == "application/zstd"
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(await resp.read()) == data
+    before = [b async for b in service.storage.blob_ids()]
+    await upload(service, files)  # the same bytes again: stored once
+    assert [b async for b in service.storage.blob_ids()] == before
+
+
+async def test_blob_must_hash_to_its_name(service: Service) -> None:
+    data = b"the real rlib"
+    resp = await service.client.put(
+        f"/main/rustc/blobs/{blob_id(b'something else')}", data=data, headers=service.auth()
+    )
+    assert resp.status == 400
+    assert "content hash mismatch" in await resp.text()
+    assert [b async for b in service.storage.blob_ids()] == []
+    assert await missing(service, [blob_id(data)]) == [blob_id(data)]
+
+
+async def test_manifest_needs_every_blob_held_by_this_cache(service: Service) -> None:
+    files = {"liba.rlib": b"a" * 1000, "liba.rmeta": b"m" * 10}
+    await upload(service, {"liba.rlib": files["liba.rlib"]})
+    resp = await service.client.put(
+        f"/main/rustc/manifests/{KEY}", data=manifest_for(files), headers=service.auth()
+    )
+    assert resp.status == 400
+    assert "liba.rmeta" in await resp.text()
+    assert (await service.client.get(f"/main/rustc/manifests/{KEY}")).status == 404
+
+    # Another cache holding the bytes does not make them this cache's.
+    await service.client.app[state.CACHES].ensure("other")
+    other_token = await service.issue("other", Scope.WRITE)
+    resp = await service.client.put(
+        f"/other/rustc/blobs/{blob_id(files['liba.rmeta'])}",
+        data=files["liba.rmeta"],
+        headers=service.auth(other_token),
+    )
+    assert resp.status == 200
+    assert await missing(service, [blob_id(files["liba.rmeta"])]) == [blob_id(files["liba.rmeta"])]
+    assert (
+        await service.client.get(f"/main/rustc/blobs/{blob_id(files['liba.rmeta'])}")
+    ).status == 404
+
+
+async def test_manifest_sizes_must_match(service: Service) -> None:
+    data = b"x" * 100
+    await upload(service, {"libx.rlib": data})
+    lying = Manifest("x", (Output("libx.rlib", blob_id(data), 99, 0o644),)).to_json()
+    resp = await service.client.put(
+        f"/main/rustc/manifests/{KEY}", data=lying, headers=service.auth()
+    )
+    assert resp.status == 400 and "99 bytes" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (b"not json", "not JSON"),
+        (b"[]", "JSON object"),
+        (json.dumps({"version": 2}).encode(), "version"),
+        (
+            json.dumps(
+                {"version": 1, "crate": "a", "outputs": [], "stdout": "", "stderr": "",
+                 "exit_code": 0}
+            ).encode(),
+            "1 to 64 outputs",
+        ),
+        (
+            json.dumps(
+                {"version": 1, "crate": "a", "stdout": "", "stderr": "", "exit_code": 0,
+                 "outputs": [{"name": "../x", "blake3": "a" * 64, "size": 1, "mode": 420}]}
+            ).encode(),
+            "invalid output file name",
+        ),
+        (
+            json.dumps(
+                {"version": 1, "crate": "a", "stdout": "", "stderr": "", "exit_code": 1,
+                 "outputs": [{"name": "x", "blake3": "a" * 64, "size": 1, "mode": 420}]}
+            ).encode(),
+            "exit_code 0",
+        ),
+    ],
+)  # fmt: skip
+async def test_malformed_manifests_are_refused(
+    service: Service, document: bytes, message: str
+) -> None:
+    resp = await service.client.put(
+        f"/main/rustc/manifests/{KEY}", data=document, headers=service.auth()
+    )
+    assert resp.status == 400
+    assert message in await resp.text()
+    assert [k async for k in service.storage.keys("caches/main/rustc/")] == []
+
+
+async def test_writes_need_a_write_token(service: Service) -> None:
+    data = b"bytes"
+    reader = await service.issue("main", Scope.READ)
+    for headers, status in (({}, 401), (service.auth(reader), 403)):
+        put = await service.client.put(
+            f"/main/rustc/blobs/{blob_id(data)}", data=data, headers=headers
+        )
+        assert put.status == status
+        post = await service.client.post("/main/rustc/missing", json={"blobs": []}, headers=headers)
+        assert post.status == status
+        manifest = await service.client.put(
+            f"/main/rustc/manifests/{KEY}", data=b"{}", headers=headers
+        )
+        assert manifest.status == status
+    assert [b async for b in service.storage.blob_ids()] == []
+
+
+async def test_bad_keys_and_queries(service: Service) -> None:
+    for path in ("/main/rustc/manifests/ABC", "/main/rustc/blobs/" + "g" * 64):
+        assert (await service.client.get(path)).status == 404
+    resp = await service.client.put(
+        "/main/rustc/manifests/" + "A" * 64, data=b"{}", headers=service.auth()
+    )
+    assert resp.status == 400
+    for body in ({"blobs": ["nothex"]}, {"blobs": "x"}, {"blobs": ["a" * 64] * 10_001}):
+        resp = await service.client.post("/main/rustc/missing", json=body, headers=service.auth())
+        assert resp.status == 400, body
+
+
+async def test_private_cache_reads_need_a_token(service: Service) -> None:
+    registry = service.client.app[state.CACHES]
+    await registry.create("secret", private=True)
+    path = f"/secret/rustc/manifests/{KEY}"
+    assert (await service.client.get(path)).status == 401
+    assert (await service.client.get(path, headers=service.auth())).status == 403
+    reader = await service.issue("secret", Scope.READ)
+    assert (await service.client.get(path, headers=service.auth(reader))).status == 404
