@@ -1,0 +1,224 @@
+"""The cache key of a rustc compilation.
+
+Key format ``larder-rustc/1``: the BLAKE3 (hex) of a canonical JSON object (sorted keys, no
+spaces) holding exactly these inputs, numbered as in the code below:
+
+1. ``format``: the string ``larder-rustc/1``; a change to these rules bumps it.
+2. ``rustc``: the output of ``rustc -vV`` (release, commit hash, host triple, LLVM version).
+3. ``sysroot``: each file in ``<sysroot>/lib/rustlib/<target>/lib`` (the standard library the
+   crate links against): its name and BLAKE3. Cached per rustc binary, as it rarely changes.
+4. ``args``: the arguments in order, minus those that name where outputs go or how diagnostics
+   are drawn (``--out-dir``, ``-o``, ``--diagnostic-width``, ``--color``) and minus ``--extern``
+   paths (item 7 covers them); every absolute path under a root is in portable form
+   (:mod:`larder.client.paths`), so the checkout, target directory and ``CARGO_HOME`` may live
+   anywhere.
+5. ``sources``: every file a ``--emit=dep-info`` run of the same command lists (the crate's
+   modules, ``include!``/``include_str!``/``include_bytes!`` files, including those under
+   ``OUT_DIR``): its portable path and BLAKE3.
+6. ``env_deps``: every variable read through ``env!``/``option_env!`` (the dep-info's
+   ``# env-dep:`` lines) with its value, or null when unset; values in portable form.
+7. ``externs``: every ``--extern``: its name and the BLAKE3 of the file it points to (the
+   dependency's ``.rlib``/``.rmeta``), or null for a sysroot crate named without a path. A
+   dependency's own inputs thus reach this key through its output.
+8. ``cargo_env``: the package metadata cargo sets (``CARGO_PKG_*`` except paths,
+   ``CARGO_CRATE_NAME``) and ``RUSTC_BOOTSTRAP``.
+9. ``out_dir``: what a build script generated: each file under ``$OUT_DIR`` by relative path
+   and BLAKE3 (a symlink by its target).
+10. ``native``: each ``-l static=NAME`` library found as ``libNAME.a`` in a ``-L`` directory, by
+    name and BLAKE3 (rustc bundles it into the rlib), or null when not found.
+
+What is left out, and why: the rustc path (item 2 identifies the compiler), the working
+directory and target directory (portable form), ``CARGO_MANIFEST_DIR``, ``CARGO_PRIMARY_PACKAGE``
+and other variables rustc only sees through ``env!`` (item 6 has them exactly when the crate
+reads them), and timestamps. A compiled output that still contains one of this machine's roots
+is never uploaded (see :mod:`larder.client.shim`), so portable keys cannot hand out an rlib that
+embeds another machine's paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import blake3
+
+from larder.client import depinfo
+from larder.client.args import Compilation
+from larder.client.paths import Roots
+
+KEY_FORMAT = "larder-rustc/1"
+
+# Item 4: flags that say where outputs go or how diagnostics look, not what is compiled.
+_DROPPED_FLAGS = frozenset({"--out-dir", "-o", "--diagnostic-width", "--color"})
+# Flags left out of the dep-info run (it writes one file and nothing else).
+_DEPINFO_DROPPED = frozenset({"--emit", "--out-dir", "-o", "--error-format", "--json", "--color"})
+_CARGO_ENV = (
+    "CARGO_PKG_NAME", "CARGO_PKG_VERSION", "CARGO_PKG_VERSION_MAJOR", "CARGO_PKG_VERSION_MINOR",
+    "CARGO_PKG_VERSION_PATCH", "CARGO_PKG_VERSION_PRE", "CARGO_PKG_AUTHORS",
+    "CARGO_PKG_DESCRIPTION", "CARGO_PKG_HOMEPAGE", "CARGO_PKG_REPOSITORY", "CARGO_PKG_LICENSE",
+    "CARGO_PKG_LICENSE_FILE", "CARGO_PKG_RUST_VERSION", "CARGO_PKG_README", "CARGO_CRATE_NAME",
+    "RUSTC_BOOTSTRAP",
+)  # fmt: skip
+
+
+class KeyUnavailable(Exception):
+    """The key could not be computed (a file vanished, the dep-info run failed...)."""
+
+
+def file_digest(path: str | Path) -> str:
+    """BLAKE3 hex of a file's content."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update_mmap(path)
+    return hasher.hexdigest()
+
+
+@dataclass
+class KeyInputs:
+    """Everything the key covers (see the module docstring for each item)."""
+
+    rustc: str  # 2
+    sysroot: list[tuple[str, str]]  # 3
+    args: list[str]  # 4
+    sources: list[tuple[str, str]]  # 5
+    env_deps: list[tuple[str, str | None]]  # 6
+    externs: list[tuple[str, str | None]]  # 7
+    cargo_env: list[tuple[str, str]]  # 8
+    out_dir: list[tuple[str, str]]  # 9
+    native: list[tuple[str, str | None]]  # 10
+    format: str = field(default=KEY_FORMAT)  # 1
+
+    def document(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    def key(self) -> str:
+        return blake3.blake3(self.document()).hexdigest()
+
+
+def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
+    """Item 4: the arguments with output locations dropped and paths made portable."""
+    out: list[str] = []
+    for flag, value in compilation.flags:
+        if flag in _DROPPED_FLAGS:
+            continue
+        if flag == "--extern" and value is not None:
+            value = value.partition("=")[0]
+        out.append(flag if value is None else f"{flag}={roots.portable(value)}")
+    if compilation.input is not None:
+        out.append(roots.portable_path(compilation.input))
+    return out
+
+
+def extern_digests(compilation: Compilation, cwd: Path) -> list[tuple[str, str | None]]:
+    """Item 7: each ``--extern`` by name, with the BLAKE3 of its file."""
+    found: list[tuple[str, str | None]] = []
+    for value in compilation.values("--extern"):
+        name, sep, path = value.partition("=")
+        found.append((name, file_digest(cwd / path) if sep else None))
+    return found
+
+
+def cargo_env(environ: dict[str, str]) -> list[tuple[str, str]]:
+    """Item 8."""
+    return [(name, environ[name]) for name in _CARGO_ENV if name in environ]
+
+
+def tree_digests(root: Path) -> list[tuple[str, str]]:
+    """Item 9: files (and symlinks) under ``root``, by relative path."""
+    entries: list[tuple[str, str]] = []
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if os.path.islink(Path(directory, d))]):
+            path = Path(directory, name)
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                entries.append((relative, "symlink:" + os.readlink(path)))
+            elif path.is_file():
+                entries.append((relative, file_digest(path)))
+    return entries
+
+
+def _search_dirs(compilation: Compilation, cwd: Path) -> list[Path]:
+    dirs = []
+    for value in compilation.values("-L"):
+        kind, sep, path = value.partition("=")
+        if not sep:
+            path, kind = value, "all"
+        if kind in ("native", "all"):
+            dirs.append(cwd / path)
+    return dirs
+
+
+def native_digests(compilation: Compilation, cwd: Path) -> list[tuple[str, str | None]]:
+    """Item 10: static native libraries an rlib bundles."""
+    found: list[tuple[str, str | None]] = []
+    for value in compilation.values("-l"):
+        kind, sep, name = value.partition("=")
+        if not sep or not kind.startswith("static") or "-bundle" in kind:
+            continue
+        name = name.partition(":")[0]
+        digest = None
+        for directory in _search_dirs(compilation, cwd):
+            candidate = directory / f"lib{name}.a"
+            if candidate.is_file():
+                digest = file_digest(candidate)
+                break
+        found.append((name, digest))
+    return found
+
+
+def depinfo_run(
+    rustc: str, compilation: Compilation, cwd: Path, scratch: Path, environ: dict[str, str]
+) -> depinfo.DepInfo:
+    """Item 5 and 6: run rustc with ``--emit=dep-info`` only and read what it lists."""
+    target = scratch / f".larder-depinfo-{os.getpid()}-{os.urandom(4).hex()}.d"
+    args = [*compilation.argv(without=_DEPINFO_DROPPED), f"--emit=dep-info={target}"]
+    try:
+        done = subprocess.run(
+            [rustc, *args],
+            cwd=cwd,
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            close_fds=False,  # cargo's jobserver pipes
+        )
+        if done.returncode != 0:
+            raise KeyUnavailable(f"dep-info run exited with {done.returncode}")
+        return depinfo.parse(target.read_text())
+    except OSError as exc:
+        raise KeyUnavailable(f"dep-info run failed: {exc}") from None
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def compute(
+    *,
+    rustc_version: str,
+    sysroot: list[tuple[str, str]],
+    compilation: Compilation,
+    deps: depinfo.DepInfo,
+    roots: Roots,
+    cwd: Path,
+    environ: dict[str, str],
+) -> KeyInputs:
+    """Collect every input of the key (the dep-info run has already happened)."""
+    try:
+        sources = [(roots.portable_path(p), file_digest(cwd / p)) for p in deps.files]
+        out_dir = environ.get("OUT_DIR")
+        return KeyInputs(
+            rustc=rustc_version,
+            sysroot=sysroot,
+            args=portable_args(compilation, roots),
+            sources=sources,
+            env_deps=[(n, None if v is None else roots.portable(v)) for n, v in deps.env],
+            externs=extern_digests(compilation, cwd),
+            cargo_env=cargo_env(environ),
+            out_dir=tree_digests(Path(out_dir)) if out_dir and Path(out_dir).is_dir() else [],
+            native=native_digests(compilation, cwd),
+        )
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read a key input: {exc}") from None

@@ -1,0 +1,184 @@
+"""The shim's HTTP client for ``<LARDER_URL>/rustc/`` (see :mod:`larder.service.rustc_routes`).
+
+One keep-alive connection per invocation, a short timeout on every socket operation, and a single
+exception type: any failure (refused, timed out, 5xx, an unexpected status or body, a blob that
+does not hash to its name) is a :class:`RemoteError` with a short ``kind`` for the stats. A 404 is
+a miss, not an error.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import blake3
+import zstandard
+
+_CHUNK = 256 * 1024
+
+
+class RemoteError(Exception):
+    """The cache could not be used for this request; ``kind`` names why."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the server could not be reached at all (worth backing off)."""
+        return self.kind in ("connect", "timeout")
+
+
+class Remote:
+    """The rustc artifact API of one cache."""
+
+    def __init__(self, url: str, token: str | None, timeout: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RemoteError("config", f"LARDER_URL must be http(s)://HOST[:PORT]/CACHE: {url!r}")
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port
+        self._base = parts.path.rstrip("/") + "/rustc"
+        self._token = token
+        self._timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = (
+                http.client.HTTPSConnection
+                if self._scheme == "https"
+                else http.client.HTTPConnection
+            )
+            self._conn = cls(self._host, self._port, timeout=self._timeout)
+        return self._conn
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | BinaryIO | None = None,
+        length: int | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> http.client.HTTPResponse:
+        headers = {"User-Agent": "larder-rustc"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if body is not None:
+            if length is None:
+                length = len(body) if isinstance(body, bytes) else 0
+            headers["Content-Type"] = content_type
+            headers["Content-Length"] = str(length)
+        try:
+            conn = self._connection()
+            conn.request(method, self._base + path, body=body, headers=headers)
+            response = conn.getresponse()
+        except TimeoutError as exc:
+            self.close()
+            raise RemoteError("timeout", str(exc) or "timed out") from None
+        except (ConnectionError, OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise RemoteError("connect", str(exc) or type(exc).__name__) from None
+        if response.status >= 500:
+            response.read()
+            raise RemoteError("server", f"{method} {path}: HTTP {response.status}")
+        return response
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        try:
+            data = response.read()
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise RemoteError("timeout", f"reading the response: {exc}") from None
+        self.bytes_down += len(data)
+        return data
+
+    def _expect(self, response: http.client.HTTPResponse, what: str, *ok: int) -> bytes:
+        data = self._read(response)
+        if response.status not in ok:
+            message = data[:200].decode("utf-8", "replace").strip()
+            kind = "auth" if response.status in (401, 403) else "refused"
+            raise RemoteError(kind, f"{what}: HTTP {response.status} {message}")
+        return data
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get_manifest(self, key: str) -> bytes | None:
+        """The manifest stored under ``key``, or None on a miss."""
+        response = self._request("GET", f"/manifests/{key}")
+        if response.status == 404:
+            self._read(response)
+            return None
+        return self._expect(response, "manifest", 200)
+
+    def download_blob(self, blob_id: str, out: BinaryIO) -> int:
+        """Write the blob's bytes to ``out``; check they hash to ``blob_id``; return the size."""
+        response = self._request("GET", f"/blobs/{blob_id}")
+        if response.status != 200:
+            self._expect(response, f"blob {blob_id[:12]}", 200)
+        hasher = blake3.blake3()
+        size = 0
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            while chunk := response.read(_CHUNK):
+                self.bytes_down += len(chunk)
+                data = decompressor.decompress(chunk)
+                hasher.update(data)
+                out.write(data)
+                size += len(data)
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise RemoteError("timeout", f"reading blob {blob_id[:12]}: {exc}") from None
+        except zstandard.ZstdError as exc:
+            self.close()
+            raise RemoteError("corrupt", f"blob {blob_id[:12]}: {exc}") from None
+        if hasher.hexdigest() != blob_id:
+            raise RemoteError("corrupt", f"blob {blob_id[:12]} does not hash to its name")
+        return size
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def missing(self, blob_ids: list[str]) -> list[str]:
+        """Which of ``blob_ids`` the cache still needs."""
+        body = json.dumps({"blobs": blob_ids}).encode()
+        response = self._request("POST", "/missing", body, content_type="application/json")
+        data = self._expect(response, "missing-blob query", 200)
+        try:
+            missing = json.loads(data)["missing"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteError("corrupt", f"missing-blob answer: {exc}") from None
+        if not isinstance(missing, list) or not set(missing) <= set(blob_ids):
+            raise RemoteError("corrupt", "missing-blob answer names blobs not asked about")
+        return [str(blob) for blob in missing]
+
+    def put_blob(self, blob_id: str, content: bytes | Path) -> None:
+        """Upload one output file (streamed from disk when given a path)."""
+        if isinstance(content, bytes):
+            response = self._request("PUT", f"/blobs/{blob_id}", content)
+            size = len(content)
+        else:
+            size = os.path.getsize(content)
+            with open(content, "rb") as body:
+                response = self._request("PUT", f"/blobs/{blob_id}", body, length=size)
+        self._expect(response, f"blob upload {blob_id[:12]}", 200, 201, 204)
+        self.bytes_up += size
+
+    def put_manifest(self, key: str, document: bytes) -> None:
+        response = self._request(
+            "PUT", f"/manifests/{key}", document, content_type="application/json"
+        )
+        self._expect(response, "manifest upload", 200, 201, 204)
+        self.bytes_up += len(document)

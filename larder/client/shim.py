@@ -1,0 +1,377 @@
+"""``larder-rustc``: cargo's ``RUSTC_WRAPPER`` that fetches compilations from a larder cache.
+
+Usage: ``RUSTC_WRAPPER=larder-rustc cargo build``; cargo runs ``larder-rustc RUSTC ARGS...``.
+Also ``larder-rustc --stats [--json]`` and ``larder-rustc --zero-stats``.
+
+Environment:
+
+* ``LARDER_URL``: the cache, e.g. ``http://larder:8080/main``. Unset: rustc runs untouched.
+* ``LARDER_TOKEN``: a write token; without it the shim only reads.
+* ``LARDER_DISABLE=1``: run rustc untouched.
+* ``LARDER_LOG``: a file that gets one line per compilation (crate, key, result, reason, ms).
+* ``LARDER_TIMEOUT``: seconds per network operation (default 5).
+* ``LARDER_STATE_DIR``: where stats and the toolchain cache live (default
+  ``$XDG_CACHE_HOME/larder``); ``LARDER_KEY_DIR``: if set, each key's inputs are written there
+  as ``<key>.json``, to compare two machines' keys.
+
+For a compilation the shim computes the key (:mod:`larder.client.key`), asks the cache, and on a
+hit writes the outputs atomically into ``--out-dir`` (dep-info rewritten to this machine's paths),
+replays rustc's stdout and stderr and exits 0. On a miss it runs rustc with
+``--remap-path-prefix`` for each root (as it does for every compilation it runs, so outputs are
+the same from any directory), passes its output through as it comes, and with a token uploads the
+outputs, refusing any that still contain one of this machine's root paths. Calls that are not
+compilations (``-vV``, ``--print``) go straight to rustc with no network traffic.
+
+The cache can slow a build but never break it: every network failure, timeout, 5xx or garbage
+answer means a local compilation and a counted error, and after an unreachable server the shim
+stays offline for 30 seconds instead of retrying on every crate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+
+from larder.client import args as rustc_args
+from larder.client import key as cache_key
+from larder.client import stats as stats_mod
+from larder.client import toolchain
+from larder.client.paths import Roots, default_cargo_home, find_target_dir
+from larder.client.remote import Remote, RemoteError
+from larder.errors import FormatError
+from larder.protocol.rustc import Manifest, Output, parse_manifest
+
+OFFLINE_SECONDS = 30.0
+DEFAULT_TIMEOUT = 5.0
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _now_ms(start: float) -> int:
+    return int((time.monotonic() - start) * 1000)
+
+
+def passthrough(rustc: str, args: Sequence[str]) -> int:
+    """Become rustc (no capture, no network)."""
+    try:
+        os.execvp(rustc, [rustc, *args])
+    except OSError as exc:
+        print(f"larder-rustc: cannot run {rustc}: {exc}", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+def _pump(source: BinaryIO, sink: BinaryIO, keep: list[bytes]) -> None:
+    while chunk := os.read(source.fileno(), 65536):
+        keep.append(chunk)
+        sink.write(chunk)
+        sink.flush()
+
+
+def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
+    """Run ``command``, passing its output through as it comes and keeping a copy."""
+    # close_fds=False: rustc must inherit cargo's jobserver pipes (CARGO_MAKEFLAGS).
+    proc = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=False
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out: list[bytes] = []
+    err: list[bytes] = []
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer, out), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer, err), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    code = proc.wait()
+    for pump in pumps:
+        pump.join()
+    return code, b"".join(out), b"".join(err)
+
+
+def embeds(path: Path, needles: list[bytes]) -> bool:
+    """Whether the file contains any of ``needles`` (this machine's root paths)."""
+    if path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return any(m.find(needle) != -1 for needle in needles)
+
+
+@dataclass
+class Outcome:
+    """What one invocation did, for the stats and the log."""
+
+    result: str  # hit | miss | non-cacheable | error
+    reason: str | None = None
+    error: str | None = None
+    key: str = ""
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class Invocation:
+    """One cacheable-or-not rustc compilation."""
+
+    def __init__(self, rustc: str, args: list[str], environ: dict[str, str]) -> None:
+        self.rustc = rustc
+        self.args = args
+        self.env = environ
+        self.compilation = rustc_args.parse(args)
+        self.cwd = Path.cwd()
+        out_dir = self.compilation.out_dir
+        self.out_dir = self.cwd / out_dir if out_dir is not None else None
+        target = find_target_dir(self.out_dir) if self.out_dir is not None else None
+        self.roots = Roots.of(CWD=self.cwd, TARGET=target, CARGO_HOME=default_cargo_home(environ))
+        self.state = stats_mod.state_dir(environ)
+        self.token = environ.get("LARDER_TOKEN") or None
+        self.started = time.monotonic()
+
+    # -- the pieces ------------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        return [self.rustc, *self.args, *self.roots.remap_flags()]
+
+    def compile(self, outcome: Outcome) -> tuple[int, bytes, bytes]:
+        start = time.monotonic()
+        code, out, err = run_teed(self.command(), self.cwd)
+        outcome.counters["compile_ms"] = _now_ms(start)
+        return code, out, err
+
+    def _offline_file(self) -> Path:
+        return self.state / "offline-until"
+
+    def offline(self) -> bool:
+        try:
+            return time.time() < float(self._offline_file().read_text())
+        except (OSError, ValueError):
+            return False
+
+    def go_offline(self) -> None:
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+            self._offline_file().write_text(str(time.time() + OFFLINE_SECONDS))
+        except OSError:
+            pass
+
+    def compute_key(self) -> str:
+        assert self.out_dir is not None
+        targets = self.compilation.values("--target")
+        version, sysroot = toolchain.fingerprint(
+            self.rustc, targets[-1] if targets else None, self.env, self.state
+        )
+        deps = cache_key.depinfo_run(self.rustc, self.compilation, self.cwd, self.out_dir, self.env)
+        inputs = cache_key.compute(
+            rustc_version=version,
+            sysroot=sysroot,
+            compilation=self.compilation,
+            deps=deps,
+            roots=self.roots,
+            cwd=self.cwd,
+            environ=self.env,
+        )
+        key = inputs.key()
+        if self.env.get("LARDER_KEY_DIR"):
+            directory = Path(self.env["LARDER_KEY_DIR"])
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{key}.json").write_bytes(inputs.document())
+        return key
+
+    def restore(self, remote: Remote, manifest: Manifest) -> None:
+        """Download every output beside its final name, then move them all into place."""
+        assert self.out_dir is not None
+        expected = self.compilation.expected_outputs()
+        if sorted(o.name for o in manifest.outputs) != expected:
+            raise FormatError(f"manifest outputs do not match this compilation's {expected}")
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for output in manifest.outputs:
+                final = self.out_dir / output.name
+                scratch = self.out_dir / f".{output.name}.larder-{os.getpid()}"
+                staged.append((scratch, final))
+                with open(scratch, "wb") as handle:
+                    remote.download_blob(output.blake3, handle)
+                if output.name.endswith(".d"):
+                    scratch.write_text(self.roots.local(scratch.read_text()))
+                os.chmod(scratch, output.mode)
+            for scratch, final in staged:
+                os.replace(scratch, final)
+        finally:
+            for scratch, _ in staged:
+                scratch.unlink(missing_ok=True)
+
+    def replay(self, manifest: Manifest) -> None:
+        for text, stream in ((manifest.stdout, sys.stdout), (manifest.stderr, sys.stderr)):
+            if text:
+                stream.buffer.write(self.roots.local(text).encode())
+                stream.flush()
+
+    def upload(self, remote: Remote, key: str, out: bytes, err: bytes) -> str | None:
+        """Store this compilation's outputs; an error kind when they may not be shared."""
+        assert self.out_dir is not None
+        needles = [path.encode() for _, path in self.roots.roots]
+        outputs: list[Output] = []
+        contents: dict[str, bytes | Path] = {}
+        for name in self.compilation.expected_outputs():
+            path = self.out_dir / name
+            if not path.is_file():
+                return "outputs-missing"
+            content: bytes | Path
+            if name.endswith(".d"):
+                content = self.roots.portable(path.read_text()).encode()
+                blob_id, size = blake3.blake3(content).hexdigest(), len(content)
+            else:
+                if embeds(path, needles):
+                    return "embeds-paths"
+                content = path
+                blob_id, size = cache_key.file_digest(path), path.stat().st_size
+            contents[blob_id] = content
+            outputs.append(Output(name, blob_id, size, path.stat().st_mode & 0o777))
+        stdout, stderr = (self.roots.portable(b.decode("utf-8", "replace")) for b in (out, err))
+        crate = self.compilation.crate_name or "unknown"
+        document = Manifest(crate, tuple(outputs), stdout, stderr).to_json()
+        for blob_id in remote.missing(list(contents)):
+            remote.put_blob(blob_id, contents[blob_id])
+        remote.put_manifest(key, document)
+        return None
+
+    # -- the whole thing -------------------------------------------------------------------
+
+    def run(self) -> tuple[int, Outcome]:
+        compilation = self.compilation
+        if not compilation.cacheable:
+            outcome = Outcome("non-cacheable", reason=compilation.reason)
+            outcome.counters["non_cacheable"] = 1
+            code, _, _ = self.compile(outcome)
+            return code, outcome
+        try:
+            key = self.compute_key()
+        except (cache_key.KeyUnavailable, OSError, subprocess.SubprocessError, ValueError):
+            # Usually a compile error the dep-info run met first: rustc will report it.
+            outcome = Outcome("non-cacheable", reason="no-key")
+            outcome.counters["non_cacheable"] = 1
+            code, _, _ = self.compile(outcome)
+            return code, outcome
+        outcome = Outcome("miss", key=key)
+        remote = self._lookup(key, outcome)
+        if outcome.result == "hit":
+            return 0, outcome
+        code, out, err = self.compile(outcome)
+        if code == 0 and self.token and remote is not None:
+            try:
+                refused = self.upload(remote, key, out, err)
+                if refused:
+                    outcome.error = refused
+                    outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
+                else:
+                    outcome.counters["uploads"] = 1
+            except (RemoteError, OSError, ValueError) as exc:
+                self._failed(outcome, exc)
+        if remote is not None:
+            outcome.counters["bytes_down"] = remote.bytes_down
+            outcome.counters["bytes_up"] = remote.bytes_up
+            remote.close()
+        return code, outcome
+
+    def _failed(self, outcome: Outcome, exc: Exception) -> None:
+        outcome.error = exc.kind if isinstance(exc, RemoteError) else type(exc).__name__
+        outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
+        if isinstance(exc, RemoteError) and exc.unreachable:
+            self.go_offline()
+
+    def _lookup(self, key: str, outcome: Outcome) -> Remote | None:
+        """Try to satisfy the compilation from the cache; the remote if it is usable."""
+        if self.offline():
+            outcome.result = "error"
+            outcome.error = "offline"
+            outcome.counters["errors"] = 1
+            return None
+        try:
+            timeout = float(self.env.get("LARDER_TIMEOUT") or DEFAULT_TIMEOUT)
+            remote = Remote(self.env["LARDER_URL"], self.token, timeout)
+            document = remote.get_manifest(key)
+            if document is None:
+                outcome.counters["misses"] = 1
+                return remote
+            manifest = parse_manifest(document)
+            self.restore(remote, manifest)
+            self.replay(manifest)
+        except (RemoteError, FormatError, OSError, ValueError) as exc:
+            outcome.result = "error"
+            self._failed(outcome, exc)
+            return None
+        outcome.result = "hit"
+        outcome.counters.update(hits=1, bytes_down=remote.bytes_down)
+        remote.close()
+        return remote
+
+
+def _log(environ: dict[str, str], crate: str, outcome: Outcome, ms: int) -> None:
+    path = environ.get("LARDER_LOG")
+    if not path:
+        return
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    line = (
+        f"{stamp} crate={crate} key={outcome.key[:16] or '-'} result={outcome.result} "
+        f"reason={outcome.reason or outcome.error or '-'} ms={ms}\n"
+    )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _stats_command(argv: list[str], environ: dict[str, str]) -> int:
+    store = stats_mod.Stats(stats_mod.state_dir(environ))
+    if argv[0] == "--zero-stats":
+        store.zero()
+        print("larder-rustc: statistics reset")
+        return 0
+    current = store.read()
+    print(json.dumps(current, sort_keys=True) if "--json" in argv else stats_mod.render(current))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ)
+    if argv and argv[0] in ("--stats", "--zero-stats"):
+        return _stats_command(argv, environ)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[1] if __doc__ else "usage: larder-rustc RUSTC ARGS...")
+        return 0 if argv else 2
+    rustc, args = argv[0], argv[1:]
+    if environ.get("LARDER_DISABLE", "").lower() in _TRUE or not environ.get("LARDER_URL"):
+        return passthrough(rustc, args)
+    invocation = Invocation(rustc, args, environ)
+    if not invocation.compilation.is_compilation:
+        return passthrough(rustc, args)
+    code, outcome = invocation.run()
+    ms = _now_ms(invocation.started)
+    counters = dict(outcome.counters)
+    counters["cache_ms"] = max(ms - counters.get("compile_ms", 0), 0)
+    with contextlib.suppress(OSError):
+        stats_mod.Stats(invocation.state).add(
+            counters,
+            reason=outcome.reason if outcome.result == "non-cacheable" else None,
+            error=outcome.error,
+        )
+    _log(environ, invocation.compilation.crate_name or "-", outcome, ms)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
