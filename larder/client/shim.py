@@ -283,7 +283,12 @@ class Invocation:
         return code, outcome
 
     def _failed(self, outcome: Outcome, exc: Exception) -> None:
-        outcome.error = exc.kind if isinstance(exc, RemoteError) else type(exc).__name__
+        if isinstance(exc, RemoteError):
+            outcome.error = exc.kind
+        elif isinstance(exc, ValueError):  # FormatError too: a manifest that makes no sense
+            outcome.error = "corrupt"
+        else:
+            outcome.error = "io"
         outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
         if isinstance(exc, RemoteError) and exc.unreachable:
             self.go_offline()

@@ -1,0 +1,103 @@
+"""Reading rustc command lines: forms of flags, compilations, cacheability, outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from larder.client.args import parse, split
+
+CARGO_LIB = [
+    "--crate-name", "leaf", "--edition=2021", "crates/leaf/src/lib.rs", "--error-format=json",
+    "--json=diagnostic-rendered-ansi,artifacts,future-incompat", "--crate-type", "lib",
+    "--emit=dep-info,metadata,link", "-C", "embed-bitcode=no", "-C", "debuginfo=2",
+    "--cfg", 'feature="default"', "-C", "metadata=0d7b9f46af7681ca",
+    "-C", "extra-filename=-0d7b9f46af7681ca", "--out-dir", "/w/target/debug/deps",
+    "-L", "dependency=/w/target/debug/deps",
+    "--extern", "itoa=/w/target/debug/deps/libitoa-1.rmeta",
+]  # fmt: skip
+
+
+def test_flag_forms() -> None:
+    flags, positional = split(
+        ["-Copt-level=3", "-C", "debuginfo=0", "--cfg=x", "--cfg", "y", "-lstatic=z", "-O",
+         "--test", "src/main.rs", "-"]
+    )  # fmt: skip
+    assert flags == [
+        ("-C", "opt-level=3"), ("-C", "debuginfo=0"), ("--cfg", "x"), ("--cfg", "y"),
+        ("-l", "static=z"), ("-O", None), ("--test", None),
+    ]  # fmt: skip
+    assert positional == ["src/main.rs", "-"]
+
+
+def test_cargo_lib_compilation_is_cacheable() -> None:
+    c = parse(CARGO_LIB)
+    assert c.is_compilation and c.cacheable and c.reason is None
+    assert c.crate_name == "leaf" and c.crate_types == ["lib"]
+    assert c.out_dir == Path("/w/target/debug/deps")
+    assert c.expected_outputs() == [
+        "leaf-0d7b9f46af7681ca.d",
+        "libleaf-0d7b9f46af7681ca.rlib",
+        "libleaf-0d7b9f46af7681ca.rmeta",
+    ]
+    assert c.values("--extern") == ["itoa=/w/target/debug/deps/libitoa-1.rmeta"]
+
+
+def test_argv_round_trips() -> None:
+    c = parse(CARGO_LIB)
+    again = parse(c.argv())
+    assert again.flags == c.flags and again.input == c.input
+    assert "--out-dir" not in c.argv(without=frozenset({"--out-dir"}))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-vV"], ["--version"], ["-", "--crate-name", "___", "--print=file-names"],
+     ["--print", "sysroot"], ["--explain", "E0308"], []],
+)  # fmt: skip
+def test_not_compilations(argv: list[str]) -> None:
+    assert not parse(argv).is_compilation
+
+
+def _with(*extra: str, drop: str | None = None) -> list[str]:
+    argv = list(CARGO_LIB)
+    if drop is not None:
+        i = argv.index(drop)
+        del argv[i : i + (1 if "=" in drop else 2)]
+    return argv + list(extra)
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (_with("--crate-type", "bin", drop="--crate-type"), "crate-type:bin"),
+        (_with("--crate-type", "proc-macro", drop="--crate-type"), "crate-type:proc-macro"),
+        (_with("--crate-type", "cdylib", drop="--crate-type"), "crate-type:cdylib"),
+        (_with(drop="--crate-type"), "crate-type:bin"),
+        (_with("-C", "incremental=/w/target/debug/incremental"), "incremental"),
+        (_with("--test"), "test"),
+        (_with("--emit=asm"), "emit:asm"),
+        (_with("--emit=link=/tmp/x.rlib"), "emit-path"),
+        (_with("-o", "/tmp/x"), "output-file"),
+        (_with(drop="--out-dir"), "no-out-dir"),
+        (_with("@/tmp/args"), "argfile"),
+        (_with("-C", "split-debuginfo=unpacked"), "split-debuginfo"),
+        (_with("-C", "profile-use=/tmp/p.profdata"), "codegen-option"),
+        (_with(drop="--crate-name"), "no-crate-name"),
+        (_with("other.rs"), "inputs"),
+    ],
+)
+def test_non_cacheable_reasons(argv: list[str], reason: str) -> None:
+    assert parse(argv).reason == reason
+
+
+def test_staticlib_and_check_outputs() -> None:
+    static = parse(_with("--crate-type", "staticlib", drop="--crate-type"))
+    assert static.cacheable
+    assert "libleaf-0d7b9f46af7681ca.a" in static.expected_outputs()
+    check = parse(_with("--emit=dep-info,metadata", drop="--emit=dep-info,metadata,link"))
+    assert check.expected_outputs() == [
+        "leaf-0d7b9f46af7681ca.d",
+        "libleaf-0d7b9f46af7681ca.rmeta",
+    ]

@@ -1,0 +1,235 @@
+"""Key derivation: where the checkout lives never matters; every real input does."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from larder.client import args, depinfo
+from larder.client.key import KeyUnavailable, compute, depinfo_run, portable_args
+from larder.client.paths import Roots
+
+RUSTC_VERSION = "rustc 1.95.0 (59807616e 2026-04-14)\nhost: x86_64-unknown-linux-gnu\n"
+SYSROOT = [("libstd-abc.rlib", "11" * 32), ("libcore-def.rlib", "22" * 32)]
+
+
+@dataclass
+class Checkout:
+    """A fake cargo build of crate `leaf` in some directory."""
+
+    root: Path
+    target: Path
+    cargo_home: Path
+
+    @property
+    def out_dir(self) -> Path:
+        return self.target / "debug" / "build" / "leaf-1" / "out"
+
+    def argv(self, *extra: str) -> list[str]:
+        deps = self.target / "debug" / "deps"
+        return [
+            "--crate-name", "leaf", "--edition=2021", "crates/leaf/src/lib.rs",
+            "--error-format=json", "--json=diagnostic-rendered-ansi,artifacts",
+            "--diagnostic-width=80", "--crate-type", "lib", "--emit=dep-info,metadata,link",
+            "-C", "metadata=aa", "-C", "extra-filename=-aa", "--out-dir", str(deps),
+            "-L", f"dependency={deps}", "--extern", f"itoa={deps}/libitoa-1.rmeta",
+            "--cfg", 'feature="default"', *extra,
+        ]  # fmt: skip
+
+    def deps(self) -> depinfo.DepInfo:
+        return depinfo.DepInfo(
+            files=(
+                "crates/leaf/src/lib.rs",
+                f"{self.out_dir}/gen.rs",
+                f"{self.cargo_home}/registry/src/x/macro.rs",
+            ),
+            env=(("GREETING", "hello"), ("OUT_DIR", str(self.out_dir))),
+        )
+
+
+def make_checkout(base: Path) -> Checkout:
+    checkout = Checkout(base / "src" / "app", base / "elsewhere" / "target", base / "cargo")
+    (checkout.root / "crates/leaf/src").mkdir(parents=True)
+    (checkout.root / "crates/leaf/src/lib.rs").write_text("pub fn f() -> u32 { 1 }\n")
+    checkout.out_dir.mkdir(parents=True)
+    (checkout.out_dir / "gen.rs").write_text("pub const N: u32 = 4;\n")
+    (checkout.target / "debug" / "deps").mkdir(parents=True)
+    (checkout.target / "debug" / "deps" / "libitoa-1.rmeta").write_bytes(b"itoa metadata")
+    (checkout.target / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55")
+    (checkout.cargo_home / "registry/src/x").mkdir(parents=True)
+    (checkout.cargo_home / "registry/src/x/macro.rs").write_text("macro_rules! m { () => {} }")
+    return checkout
+
+
+def key_of(
+    checkout: Checkout,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    deps: depinfo.DepInfo | None = None,
+    rustc_version: str = RUSTC_VERSION,
+) -> str:
+    roots = Roots.of(CWD=checkout.root, TARGET=checkout.target, CARGO_HOME=checkout.cargo_home)
+    environ = {"CARGO_PKG_NAME": "leaf", "CARGO_PKG_VERSION": "0.1.0", **(env or {})}
+    environ.setdefault("OUT_DIR", str(checkout.out_dir))
+    environ["CARGO_MANIFEST_DIR"] = str(checkout.root / "crates/leaf")
+    return compute(
+        rustc_version=rustc_version,
+        sysroot=SYSROOT,
+        compilation=args.parse(checkout.argv(*extra)),
+        deps=deps or checkout.deps(),
+        roots=roots,
+        cwd=checkout.root,
+        environ=environ,
+    ).key()
+
+
+@pytest.fixture
+def ci(tmp_path: Path) -> Checkout:
+    return make_checkout(tmp_path / "ci")
+
+
+@pytest.fixture
+def laptop(tmp_path: Path) -> Checkout:
+    return make_checkout(tmp_path / "home" / "me" / "deeper")
+
+
+def test_location_does_not_change_the_key(ci: Checkout, laptop: Checkout) -> None:
+    assert ci.root != laptop.root and ci.target != laptop.target
+    assert key_of(ci) == key_of(laptop)
+
+
+def test_portable_args_drop_outputs_and_paths(ci: Checkout) -> None:
+    roots = Roots.of(CWD=ci.root, TARGET=ci.target, CARGO_HOME=ci.cargo_home)
+    portable = portable_args(args.parse(ci.argv()), roots)
+    assert not any(str(ci.root) in a or str(ci.target) in a for a in portable)
+    assert "--extern=itoa" in portable
+    assert not any(a.startswith(("--out-dir", "--diagnostic-width")) for a in portable)
+
+
+CHANGES: dict[str, Callable[[Checkout], dict[str, object]]] = {}
+
+
+def change(name: str) -> Callable[[Callable[[Checkout], dict[str, object]]], None]:
+    def register(fn: Callable[[Checkout], dict[str, object]]) -> None:
+        CHANGES[name] = fn
+
+    return register
+
+
+@change("source file")
+def _source(c: Checkout) -> dict[str, object]:
+    (c.root / "crates/leaf/src/lib.rs").write_text("pub fn f() -> u32 { 2 }\n")
+    return {}
+
+
+@change("env! variable")
+def _env_dep(c: Checkout) -> dict[str, object]:
+    return {"deps": depinfo.DepInfo(c.deps().files, (("GREETING", "hi"), c.deps().env[1]))}
+
+
+@change("env! variable becomes unset")
+def _env_unset(c: Checkout) -> dict[str, object]:
+    return {"deps": depinfo.DepInfo(c.deps().files, (("GREETING", None), c.deps().env[1]))}
+
+
+@change("feature")
+def _feature(c: Checkout) -> dict[str, object]:
+    return {"extra": ("--cfg", 'feature="shout"')}
+
+
+@change("RUSTFLAGS")
+def _rustflags(c: Checkout) -> dict[str, object]:
+    return {"extra": ("-C", "opt-level=3")}
+
+
+@change("dependency")
+def _dependency(c: Checkout) -> dict[str, object]:
+    (c.target / "debug/deps/libitoa-1.rmeta").write_bytes(b"itoa metadata, new version")
+    return {}
+
+
+@change("toolchain")
+def _toolchain(c: Checkout) -> dict[str, object]:
+    return {"rustc_version": RUSTC_VERSION.replace("1.95.0", "1.96.0")}
+
+
+@change("build script output")
+def _out_dir(c: Checkout) -> dict[str, object]:
+    (c.out_dir / "extra.txt").write_text("generated later")
+    return {}
+
+
+@change("included generated file")
+def _generated(c: Checkout) -> dict[str, object]:
+    (c.out_dir / "gen.rs").write_text("pub const N: u32 = 5;\n")
+    return {}
+
+
+@change("registry source")
+def _registry(c: Checkout) -> dict[str, object]:
+    (c.cargo_home / "registry/src/x/macro.rs").write_text("macro_rules! m { () => {1} }")
+    return {}
+
+
+@change("package version")
+def _version(c: Checkout) -> dict[str, object]:
+    return {"env": {"CARGO_PKG_VERSION": "0.2.0"}}
+
+
+@change("RUSTC_BOOTSTRAP")
+def _bootstrap(c: Checkout) -> dict[str, object]:
+    return {"env": {"RUSTC_BOOTSTRAP": "1"}}
+
+
+@pytest.mark.parametrize("name", sorted(CHANGES))
+def test_each_input_changes_the_key(name: str, ci: Checkout) -> None:
+    before = key_of(ci)
+    options = CHANGES[name](ci)
+    extra = options.pop("extra", ())
+    after = key_of(ci, *extra, **options)  # type: ignore[arg-type]
+    assert after != before, name
+
+
+def test_other_cargo_variables_do_not_change_the_key(ci: Checkout) -> None:
+    base = key_of(ci)
+    assert key_of(ci, env={"CARGO_PRIMARY_PACKAGE": "1", "CARGO_MAKEFLAGS": "-j8"}) == base
+
+
+def test_depinfo_run_lists_sources_and_env_with_real_rustc(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "lib.rs").write_text(
+        'mod util;\npub const G: Option<&str> = option_env!("LARDER_TEST_UNSET_VAR");\n'
+        'pub const D: &str = include_str!("data.txt");\n'
+    )
+    (src / "util.rs").write_text("pub fn u() {}\n")
+    (src / "data.txt").write_text("data")
+    out = tmp_path / "out"
+    out.mkdir()
+    compilation = args.parse(
+        ["--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
+         "--emit=dep-info,metadata,link", "--out-dir", str(out)]
+    )  # fmt: skip
+    info = depinfo_run("rustc", compilation, tmp_path, out, {"PATH": _path()})
+    assert set(info.files) == {"src/lib.rs", "src/util.rs", "src/data.txt"}
+    assert ("LARDER_TEST_UNSET_VAR", None) in info.env
+    assert list(out.iterdir()) == []  # the scratch dep-info file is gone, nothing else written
+
+
+def _path() -> str:
+    rustc = shutil.which("rustc")
+    assert rustc is not None, "rustc must be on PATH"
+    return f"{Path(rustc).parent}:/usr/bin:/bin"
+
+
+def test_depinfo_run_failure_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "lib.rs").write_text("this is not rust")
+    compilation = args.parse(
+        ["--crate-name", "t", "lib.rs", "--crate-type", "lib", "--out-dir", str(tmp_path)]
+    )
+    with pytest.raises(KeyUnavailable, match="exited"):
+        depinfo_run("rustc", compilation, tmp_path, tmp_path, {"PATH": _path()})

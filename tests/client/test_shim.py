@@ -1,0 +1,225 @@
+"""The shim is never in the way: bad servers mean a local compile and a counted error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import blake3
+import pytest
+import zstandard
+
+from larder.protocol.rustc import Manifest, Output
+
+RUSTC = shutil.which("rustc") or "rustc"
+
+
+class FakeCache:
+    """A misbehaving cache server: ``mode`` says how."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.requests: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                fake.requests.append(f"{self.command} {self.path}")
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                status, body = fake.answer(self.command, self.path)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/main"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, method: str, path: str) -> tuple[int, bytes]:
+        if self.mode == "500":
+            return 500, b"boom"
+        if self.mode == "slow":
+            time.sleep(3)
+            return 404, b""
+        if self.mode == "garbage":
+            return 200, b"\x00not a manifest"
+        if self.mode == "corrupt-blob":
+            if "/manifests/" in path:
+                return 200, self.manifest
+            return 200, zstandard.ZstdCompressor().compress(b"not what the manifest promised")
+        return 404, b""
+
+    manifest = b""
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def crate(tmp_path: Path) -> Path:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def shim(crate: Path, url: str, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+    argv = [
+        RUSTC, "--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
+        "--emit=dep-info,metadata,link", "-C", "extra-filename=-x", "--out-dir",
+        str(crate / "out"), *extra,
+    ]  # fmt: skip
+    environ = {
+        **os.environ,
+        "LARDER_URL": url,
+        "LARDER_STATE_DIR": str(crate / "state"),
+        "LARDER_TIMEOUT": "0.5",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "larder.client.shim", *argv],
+        cwd=crate,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def stats(crate: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-m", "larder.client.shim", "--stats", "--json"],
+        env={**os.environ, "LARDER_STATE_DIR": str(crate / "state")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(json.loads(done.stdout))
+
+
+@pytest.fixture
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeCache]:
+    server = FakeCache(request.param)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("fake", "kind"),
+    [("500", "server"), ("slow", "timeout"), ("garbage", "corrupt"),
+     ("corrupt-blob", "corrupt")],
+    indirect=["fake"],
+)  # fmt: skip
+def test_bad_server_means_local_compile_and_a_counted_error(
+    fake: FakeCache, kind: str, crate: Path
+) -> None:
+    if fake.mode == "corrupt-blob":
+        outputs = tuple(
+            Output(name, blake3.blake3(name.encode()).hexdigest(), 10, 0o644)
+            for name in ("libt-x.rlib", "libt-x.rmeta", "t-x.d")
+        )
+        fake.manifest = Manifest("t", outputs).to_json()
+    done = shim(crate, fake.url)
+    assert done.returncode == 0, done.stderr
+    assert (crate / "out" / "libt-x.rlib").stat().st_size > 0
+    assert sorted(p.name for p in (crate / "out").iterdir()) == [
+        "libt-x.rlib", "libt-x.rmeta", "t-x.d"
+    ]  # fmt: skip
+    counted = stats(crate)
+    assert counted["errors"] == 1 and counted["hits"] == 0
+    assert counted["error_kinds"] == {kind: 1}
+
+
+def test_unreachable_server_backs_off(crate: Path) -> None:
+    closed = FakeCache("404")
+    url = closed.url
+    closed.close()
+    first = shim(crate, url)
+    assert first.returncode == 0
+    second = shim(crate, url)
+    assert second.returncode == 0
+    assert stats(crate)["error_kinds"] == {"connect": 1, "offline": 1}
+
+
+@pytest.mark.parametrize("fake", ["404"], indirect=True)
+def test_non_compilations_never_touch_the_network(fake: FakeCache, crate: Path) -> None:
+    environ = {**os.environ, "LARDER_URL": fake.url, "LARDER_STATE_DIR": str(crate / "state")}
+    for argv in (["-vV"], ["-", "--crate-name", "___", "--print=file-names"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "larder.client.shim", RUSTC, *argv],
+            env=environ,
+            input="",
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    assert fake.requests == []
+    assert not (crate / "state" / "stats.json").exists()
+
+
+@pytest.mark.parametrize("fake", ["404"], indirect=True)
+def test_a_miss_without_a_token_only_reads(fake: FakeCache, crate: Path) -> None:
+    done = shim(crate, fake.url, LARDER_LOG=str(crate / "log"))
+    assert done.returncode == 0
+    assert [r.split()[0] for r in fake.requests] == ["GET"]
+    counted = stats(crate)
+    assert (counted["misses"], counted["errors"], counted["uploads"]) == (1, 0, 0)
+    line = (crate / "log").read_text()
+    assert "crate=t " in line and "result=miss" in line
+
+
+@pytest.mark.parametrize("fake", ["404"], indirect=True)
+def test_compile_errors_pass_through(fake: FakeCache, crate: Path) -> None:
+    (crate / "src" / "lib.rs").write_text("pub fn broken( {}\n")
+    done = shim(crate, fake.url)
+    assert done.returncode != 0
+    assert "error" in done.stderr
+    assert stats(crate)["non_cacheable_reasons"] == {"no-key": 1}
+
+
+def test_disabled_or_unconfigured_shim_just_runs_rustc(crate: Path) -> None:
+    for env in ({"LARDER_DISABLE": "1"}, {"LARDER_URL": ""}):
+        done = shim(crate, "http://127.0.0.1:9/main", **env)
+        assert done.returncode == 0
+        assert (crate / "out" / "libt-x.rlib").exists()
+    assert not (crate / "state").exists()
+
+
+def test_stats_survive_and_zero(crate: Path) -> None:
+    from larder.client.stats import Stats
+
+    store = Stats(crate / "state")
+    workers = [
+        threading.Thread(target=store.add, args=({"hits": 1, "bytes_down": 10},)) for _ in range(20)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    counted = stats(crate)
+    assert counted["hits"] == 20 and counted["bytes_down"] == 200
+    subprocess.run(
+        [sys.executable, "-m", "larder.client.shim", "--zero-stats"],
+        env={**os.environ, "LARDER_STATE_DIR": str(crate / "state")},
+        check=True,
+        capture_output=True,
+    )
+    assert stats(crate)["hits"] == 0
