@@ -145,3 +145,13 @@ def test_laptop_reuses_ci_compilations_from_another_directory(tmp_path: Path) ->
     offline = laptop.stats()
     assert offline["errors"] == 3 and offline["hits"] == 0
     assert laptop.run_demo().startswith("hello from envconf")
+
+    # Compiled locally in a third directory (the server is down), every rlib and rmeta is
+    # byte-identical to CI's: the remapped outputs do not depend on where they were built.
+    other = machine(tmp_path / "elsewhere", "other", server, token=None)
+    other.build()
+    ci_deps, other_deps = ci.target / "debug" / "deps", other.target / "debug" / "deps"
+    libraries = sorted(p.name for p in ci_deps.glob("lib*.r*"))
+    assert len(libraries) == 2 * len(CACHEABLE)
+    for name in libraries:
+        assert (other_deps / name).read_bytes() == (ci_deps / name).read_bytes(), name
