@@ -15,8 +15,9 @@ spaces) holding exactly these inputs, numbered as in the code below:
 5. ``sources``: every file a ``--emit=dep-info`` run of the same command lists (the crate's
    modules, ``include!``/``include_str!``/``include_bytes!`` files, including those under
    ``OUT_DIR``): its portable path and BLAKE3.
-6. ``env_deps``: every variable read through ``env!``/``option_env!`` (the dep-info's
-   ``# env-dep:`` lines) with its value, or null when unset; values in portable form.
+6. ``env_deps``: every variable read through ``env!``/``option_env!`` (named by the dep-info's
+   ``# env-dep:`` lines) with its value in this environment, or null when unset; values in
+   portable form.
 7. ``externs``: every ``--extern``: its name and the BLAKE3 of the file it points to (the
    dependency's ``.rlib``/``.rmeta``), or null for a sysroot crate named without a path. A
    dependency's own inputs thus reach this key through its output.
@@ -26,6 +27,16 @@ spaces) holding exactly these inputs, numbered as in the code below:
    and BLAKE3 (a symlink by its target).
 10. ``native``: each ``-l static=NAME`` library found as ``libNAME.a`` in a ``-L`` directory, by
     name and BLAKE3 (rustc bundles it into the rlib), or null when not found.
+
+**Direct mode.** Running rustc for items 5 and 6 costs a crate's parse and macro expansion. So
+each upload also records, under a *direct key*, which files and variables the dep-info run
+named (portable paths and variable names, no contents). The direct key is the BLAKE3 of the same
+kind of document with format ``larder-rustc-direct/1``, items 2-4 and 7-10, and ``input``: the
+crate root's portable path and BLAKE3. A later compilation with the same direct key hashes the
+recorded files and reads the recorded variables *on its own machine* and computes the full key
+from them; the server never supplies a key, only a list of names to look at, so a wrong list
+can only cause a miss. Any change that could make rustc read other files changes a file that
+is hashed (the crate root, a module declaring ``mod``, an ``env!`` value naming a path).
 
 What is left out, and why: the rustc path (item 2 identifies the compiler), the working
 directory and target directory (portable form), ``CARGO_MANIFEST_DIR``, ``CARGO_PRIMARY_PACKAGE``
@@ -39,17 +50,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import blake3
 
 from larder.client import depinfo
 from larder.client.args import Compilation
 from larder.client.paths import Roots
+from larder.protocol.rustc import DirectEntry
 
 KEY_FORMAT = "larder-rustc/1"
+DIRECT_FORMAT = "larder-rustc-direct/1"
 
 # Item 4: flags that say where outputs go or how diagnostics look, not what is compiled.
 _DROPPED_FLAGS = frozenset({"--out-dir", "-o", "--diagnostic-width", "--color"})
@@ -75,26 +87,43 @@ def file_digest(path: str | Path) -> str:
     return hasher.hexdigest()
 
 
-@dataclass
-class KeyInputs:
-    """Everything the key covers (see the module docstring for each item)."""
+class Base(NamedTuple):
+    """Key items 2-4 and 7-10: everything but what the dep-info run names."""
 
     rustc: str  # 2
     sysroot: list[tuple[str, str]]  # 3
     args: list[str]  # 4
-    sources: list[tuple[str, str]]  # 5
-    env_deps: list[tuple[str, str | None]]  # 6
     externs: list[tuple[str, str | None]]  # 7
     cargo_env: list[tuple[str, str]]  # 8
     out_dir: list[tuple[str, str]]  # 9
     native: list[tuple[str, str | None]]  # 10
-    format: str = field(default=KEY_FORMAT)  # 1
+
+
+def _digest(document: dict[str, object]) -> tuple[str, bytes]:
+    data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    return blake3.blake3(data).hexdigest(), data
+
+
+class KeyInputs(NamedTuple):
+    """Everything the key covers (see the module docstring for each item)."""
+
+    base: Base
+    sources: list[tuple[str, str]]  # 5
+    env_deps: list[tuple[str, str | None]]  # 6
 
     def document(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return _digest(self._fields_dict())[1]
 
     def key(self) -> str:
-        return blake3.blake3(self.document()).hexdigest()
+        return _digest(self._fields_dict())[0]
+
+    def _fields_dict(self) -> dict[str, object]:
+        return {
+            "format": KEY_FORMAT,
+            **self.base._asdict(),
+            "sources": self.sources,
+            "env_deps": self.env_deps,
+        }
 
 
 def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
@@ -173,6 +202,8 @@ def depinfo_run(
     rustc: str, compilation: Compilation, cwd: Path, scratch: Path, environ: dict[str, str]
 ) -> depinfo.DepInfo:
     """Item 5 and 6: run rustc with ``--emit=dep-info`` only and read what it lists."""
+    import subprocess  # only here: the direct-mode hit path never starts a process
+
     target = scratch / f".larder-depinfo-{os.getpid()}-{os.urandom(4).hex()}.d"
     args = [*compilation.argv(without=_DEPINFO_DROPPED), f"--emit=dep-info={target}"]
     try:
@@ -195,6 +226,74 @@ def depinfo_run(
         target.unlink(missing_ok=True)
 
 
+def base_inputs(
+    *,
+    rustc_version: str,
+    sysroot: list[tuple[str, str]],
+    compilation: Compilation,
+    roots: Roots,
+    cwd: Path,
+    environ: dict[str, str],
+) -> Base:
+    """Items 2-4 and 7-10."""
+    try:
+        out_dir = environ.get("OUT_DIR")
+        return Base(
+            rustc=rustc_version,
+            sysroot=sysroot,
+            args=portable_args(compilation, roots),
+            externs=extern_digests(compilation, cwd),
+            cargo_env=cargo_env(environ),
+            out_dir=tree_digests(Path(out_dir)) if out_dir and Path(out_dir).is_dir() else [],
+            native=native_digests(compilation, cwd),
+        )
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read a key input: {exc}") from None
+
+
+def direct_key(base: Base, compilation: Compilation, roots: Roots, cwd: Path) -> str:
+    """The direct key: the base plus the crate root's portable path and content."""
+    assert compilation.input is not None
+    try:
+        digest = file_digest(cwd / compilation.input)
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read the crate root: {exc}") from None
+    document = {
+        "format": DIRECT_FORMAT,
+        **base._asdict(),
+        "input": [roots.portable_path(compilation.input), digest],
+    }
+    return _digest(document)[0]
+
+
+def complete(
+    base: Base, sources: list[str], env_names: list[str], roots: Roots, cwd: Path,
+    environ: dict[str, str],
+) -> KeyInputs:  # fmt: skip
+    """Items 5 and 6 from local paths (as dep-info lists them) and variable names."""
+    try:
+        digests = [(roots.portable_path(p), file_digest(cwd / p)) for p in sources]
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read a source file: {exc}") from None
+    env = [
+        (name, None if environ.get(name) is None else roots.portable(environ[name]))
+        for name in sorted(set(env_names))
+    ]
+    return KeyInputs(base, digests, env)
+
+
+def direct_entry(deps: depinfo.DepInfo, roots: Roots) -> DirectEntry:
+    """What to record under the direct key after a dep-info run."""
+    return DirectEntry([roots.portable_path(p) for p in deps.files], [n for n, _ in deps.env])
+
+
+def from_direct_entry(
+    base: Base, entry: DirectEntry, roots: Roots, cwd: Path, environ: dict[str, str]
+) -> KeyInputs:
+    """The full key inputs for a recorded entry, from this machine's files and environment."""
+    return complete(base, [roots.local(p) for p in entry.sources], entry.env, roots, cwd, environ)
+
+
 def compute(
     *,
     rustc_version: str,
@@ -205,20 +304,9 @@ def compute(
     cwd: Path,
     environ: dict[str, str],
 ) -> KeyInputs:
-    """Collect every input of the key (the dep-info run has already happened)."""
-    try:
-        sources = [(roots.portable_path(p), file_digest(cwd / p)) for p in deps.files]
-        out_dir = environ.get("OUT_DIR")
-        return KeyInputs(
-            rustc=rustc_version,
-            sysroot=sysroot,
-            args=portable_args(compilation, roots),
-            sources=sources,
-            env_deps=[(n, None if v is None else roots.portable(v)) for n, v in deps.env],
-            externs=extern_digests(compilation, cwd),
-            cargo_env=cargo_env(environ),
-            out_dir=tree_digests(Path(out_dir)) if out_dir and Path(out_dir).is_dir() else [],
-            native=native_digests(compilation, cwd),
-        )
-    except OSError as exc:
-        raise KeyUnavailable(f"cannot read a key input: {exc}") from None
+    """Every input of the key, after a dep-info run."""
+    base = base_inputs(
+        rustc_version=rustc_version, sysroot=sysroot, compilation=compilation, roots=roots,
+        cwd=cwd, environ=environ,
+    )  # fmt: skip
+    return complete(base, list(deps.files), [n for n, _ in deps.env], roots, cwd, environ)

@@ -18,6 +18,9 @@ from urllib.parse import urlsplit
 import blake3
 import zstandard
 
+from larder.errors import FormatError
+from larder.protocol.rustc import DirectEntry, parse_direct_entries
+
 _CHUNK = 256 * 1024
 
 
@@ -124,6 +127,17 @@ class Remote:
             return None
         return self._expect(response, "manifest", 200)
 
+    def get_direct(self, direct_key: str) -> list[DirectEntry]:
+        """The direct entries recorded under ``direct_key`` (none on a 404)."""
+        response = self._request("GET", f"/direct/{direct_key}")
+        if response.status == 404:
+            self._read(response)
+            return []
+        try:
+            return parse_direct_entries(self._expect(response, "direct entries", 200))
+        except FormatError as exc:
+            raise RemoteError("corrupt", str(exc)) from None
+
     def download_blob(self, blob_id: str, out: BinaryIO) -> int:
         """Write the blob's bytes to ``out``; check they hash to ``blob_id``; return the size."""
         response = self._request("GET", f"/blobs/{blob_id}")
@@ -175,6 +189,14 @@ class Remote:
                 response = self._request("PUT", f"/blobs/{blob_id}", body, length=size)
         self._expect(response, f"blob upload {blob_id[:12]}", 200, 201, 204)
         self.bytes_up += size
+
+    def put_direct(self, direct_key: str, entry: DirectEntry) -> None:
+        document = entry.to_json()
+        response = self._request(
+            "PUT", f"/direct/{direct_key}", document, content_type="application/json"
+        )
+        self._expect(response, "direct entry upload", 200, 201, 204)
+        self.bytes_up += len(document)
 
     def put_manifest(self, key: str, document: bytes) -> None:
         response = self._request(

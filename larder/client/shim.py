@@ -45,14 +45,16 @@ from typing import BinaryIO
 import blake3
 
 from larder.client import args as rustc_args
+from larder.client import depinfo, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
-from larder.client import toolchain
 from larder.client.paths import Roots, default_cargo_home, find_target_dir
 from larder.client.remote import Remote, RemoteError
 from larder.errors import FormatError
 from larder.protocol.rustc import Manifest, Output, parse_manifest
 
+KEY_ERRORS = (cache_key.KeyUnavailable, OSError, ValueError)
+REMOTE_ERRORS = (RemoteError, FormatError, OSError, ValueError)
 OFFLINE_SECONDS = 30.0
 DEFAULT_TIMEOUT = 5.0
 _TRUE = ("1", "true", "yes", "on")
@@ -163,28 +165,33 @@ class Invocation:
         except OSError:
             pass
 
-    def compute_key(self) -> str:
-        assert self.out_dir is not None
+    def base(self) -> cache_key.Base:
+        """Key items that need no dep-info run (the toolchain is cached per rustc binary)."""
         targets = self.compilation.values("--target")
         version, sysroot = toolchain.fingerprint(
             self.rustc, targets[-1] if targets else None, self.env, self.state
         )
-        deps = cache_key.depinfo_run(self.rustc, self.compilation, self.cwd, self.out_dir, self.env)
-        inputs = cache_key.compute(
+        return cache_key.base_inputs(
             rustc_version=version,
             sysroot=sysroot,
             compilation=self.compilation,
-            deps=deps,
             roots=self.roots,
             cwd=self.cwd,
             environ=self.env,
         )
+
+    def keep(self, inputs: cache_key.KeyInputs) -> str:
+        """The key of ``inputs``; with ``LARDER_KEY_DIR`` also write them down."""
         key = inputs.key()
         if self.env.get("LARDER_KEY_DIR"):
             directory = Path(self.env["LARDER_KEY_DIR"])
             directory.mkdir(parents=True, exist_ok=True)
             (directory / f"{key}.json").write_bytes(inputs.document())
         return key
+
+    def full_inputs(self, base: cache_key.Base, deps: depinfo.DepInfo) -> cache_key.KeyInputs:
+        files, env = list(deps.files), [name for name, _ in deps.env]
+        return cache_key.complete(base, files, env, self.roots, self.cwd, self.env)
 
     def restore(self, remote: Remote, manifest: Manifest) -> None:
         """Download every output beside its final name, then move them all into place."""
@@ -215,9 +222,21 @@ class Invocation:
                 stream.buffer.write(self.roots.local(text).encode())
                 stream.flush()
 
-    def upload(self, remote: Remote, key: str, out: bytes, err: bytes) -> str | None:
-        """Store this compilation's outputs; an error kind when they may not be shared."""
+    def upload(
+        self, remote: Remote, base: cache_key.Base, direct: str, out: bytes, err: bytes
+    ) -> str | None:
+        """Store this compilation's outputs; an error kind when they may not be shared.
+
+        The key comes from the dep-info file rustc just wrote with the outputs (the same
+        command's own account of what it read), never from a direct entry.
+        """
         assert self.out_dir is not None
+        stem = f"{self.compilation.crate_name}{self.compilation.extra_filename}"
+        own_depinfo = self.out_dir / f"{stem}.d"
+        if not own_depinfo.is_file():
+            return "no-dep-info"
+        deps = depinfo.parse(own_depinfo.read_text())
+        key = self.keep(self.full_inputs(base, deps))
         needles = [path.encode() for _, path in self.roots.roots]
         outputs: list[Output] = []
         contents: dict[str, bytes | Path] = {}
@@ -242,45 +261,104 @@ class Invocation:
         for blob_id in remote.missing(list(contents)):
             remote.put_blob(blob_id, contents[blob_id])
         remote.put_manifest(key, document)
+        remote.put_direct(direct, cache_key.direct_entry(deps, self.roots))
         return None
 
     # -- the whole thing -------------------------------------------------------------------
 
     def run(self) -> tuple[int, Outcome]:
-        compilation = self.compilation
-        if not compilation.cacheable:
-            outcome = Outcome("non-cacheable", reason=compilation.reason)
-            outcome.counters["non_cacheable"] = 1
-            code, _, _ = self.compile(outcome)
-            return code, outcome
+        if not self.compilation.cacheable:
+            return self.uncached(self.compilation.reason or "unknown")
         try:
-            key = self.compute_key()
-        except (cache_key.KeyUnavailable, OSError, subprocess.SubprocessError, ValueError):
-            # Usually a compile error the dep-info run met first: rustc will report it.
-            outcome = Outcome("non-cacheable", reason="no-key")
-            outcome.counters["non_cacheable"] = 1
+            base = self.base()
+            direct = cache_key.direct_key(base, self.compilation, self.roots, self.cwd)
+        except KEY_ERRORS:
+            return self.uncached("no-key")
+        outcome = Outcome("miss")
+        if self.offline():
+            outcome.result, outcome.error = "error", "offline"
+            outcome.counters["errors"] = 1
             code, _, _ = self.compile(outcome)
             return code, outcome
-        outcome = Outcome("miss", key=key)
-        remote = self._lookup(key, outcome)
-        if outcome.result == "hit":
-            return 0, outcome
+        remote: Remote | None = None
+        try:
+            remote = Remote(self.env["LARDER_URL"], self.token, self.timeout())
+            if self.lookup(remote, base, direct, outcome):
+                return 0, outcome
+        except KEY_ERRORS:
+            # Usually a compile error the dep-info run met first: rustc will report it.
+            if remote is not None:
+                remote.close()
+            return self.uncached("no-key")
+        except REMOTE_ERRORS as exc:
+            outcome.result = "error"
+            self._failed(outcome, exc)
+            remote = None
         code, out, err = self.compile(outcome)
         if code == 0 and self.token and remote is not None:
             try:
-                refused = self.upload(remote, key, out, err)
+                refused = self.upload(remote, base, direct, out, err)
                 if refused:
                     outcome.error = refused
                     outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
                 else:
                     outcome.counters["uploads"] = 1
-            except (RemoteError, OSError, ValueError) as exc:
+            except (*REMOTE_ERRORS, *KEY_ERRORS) as exc:
                 self._failed(outcome, exc)
         if remote is not None:
             outcome.counters["bytes_down"] = remote.bytes_down
             outcome.counters["bytes_up"] = remote.bytes_up
             remote.close()
         return code, outcome
+
+    def uncached(self, reason: str) -> tuple[int, Outcome]:
+        outcome = Outcome("non-cacheable", reason=reason)
+        outcome.counters["non_cacheable"] = 1
+        code, _, _ = self.compile(outcome)
+        return code, outcome
+
+    def timeout(self) -> float:
+        try:
+            return float(self.env.get("LARDER_TIMEOUT") or DEFAULT_TIMEOUT)
+        except ValueError:
+            return DEFAULT_TIMEOUT
+
+    def lookup(self, remote: Remote, base: cache_key.Base, direct: str, outcome: Outcome) -> bool:
+        """Find and restore a cached compilation; whether it was a hit.
+
+        Direct entries first (no rustc run); then the key from a real dep-info run.
+        """
+        tried: set[str] = set()
+        for entry in remote.get_direct(direct):
+            try:
+                inputs = cache_key.from_direct_entry(base, entry, self.roots, self.cwd, self.env)
+            except cache_key.KeyUnavailable:
+                continue  # names a file this checkout does not have
+            key = self.keep(inputs)
+            tried.add(key)
+            if self.fetch(remote, key, outcome):
+                return True
+        assert self.out_dir is not None
+        deps = cache_key.depinfo_run(self.rustc, self.compilation, self.cwd, self.out_dir, self.env)
+        key = self.keep(self.full_inputs(base, deps))
+        outcome.key = key
+        if key not in tried and self.fetch(remote, key, outcome):
+            return True
+        outcome.counters["misses"] = 1
+        return False
+
+    def fetch(self, remote: Remote, key: str, outcome: Outcome) -> bool:
+        """Restore the compilation stored under ``key``, if there is one."""
+        document = remote.get_manifest(key)
+        if document is None:
+            return False
+        manifest = parse_manifest(document)
+        self.restore(remote, manifest)
+        self.replay(manifest)
+        outcome.result, outcome.key = "hit", key
+        outcome.counters.update(hits=1, bytes_down=remote.bytes_down)
+        remote.close()
+        return True
 
     def _failed(self, outcome: Outcome, exc: Exception) -> None:
         if isinstance(exc, RemoteError):
@@ -292,32 +370,6 @@ class Invocation:
         outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
         if isinstance(exc, RemoteError) and exc.unreachable:
             self.go_offline()
-
-    def _lookup(self, key: str, outcome: Outcome) -> Remote | None:
-        """Try to satisfy the compilation from the cache; the remote if it is usable."""
-        if self.offline():
-            outcome.result = "error"
-            outcome.error = "offline"
-            outcome.counters["errors"] = 1
-            return None
-        try:
-            timeout = float(self.env.get("LARDER_TIMEOUT") or DEFAULT_TIMEOUT)
-            remote = Remote(self.env["LARDER_URL"], self.token, timeout)
-            document = remote.get_manifest(key)
-            if document is None:
-                outcome.counters["misses"] = 1
-                return remote
-            manifest = parse_manifest(document)
-            self.restore(remote, manifest)
-            self.replay(manifest)
-        except (RemoteError, FormatError, OSError, ValueError) as exc:
-            outcome.result = "error"
-            self._failed(outcome, exc)
-            return None
-        outcome.result = "hit"
-        outcome.counters.update(hits=1, bytes_down=remote.bytes_down)
-        remote.close()
-        return remote
 
 
 def _log(environ: dict[str, str], crate: str, outcome: Outcome, ms: int) -> None:

@@ -10,6 +10,7 @@
     caches/<cache>/file/<path>              opaque Nix extra (JSON: blob id, size, type, encoding)
     caches/<cache>/rustc/manifest/<key>     rustc compilation manifest (JSON, see protocol.rustc)
     caches/<cache>/rustc/blob/<blob id>     marker: this cache holds the blob (JSON: size)
+    caches/<cache>/rustc/direct/<dkey>/<id> direct entry: files and variables a dep-info named
 """
 
 from __future__ import annotations
@@ -49,3 +50,11 @@ def rustc_manifest(cache: str, key: str) -> str:
 
 def rustc_blob(cache: str, blob_id: str) -> str:
     return f"caches/{cache}/rustc/blob/{blob_id}"
+
+
+def rustc_direct_prefix(cache: str, direct_key: str) -> str:
+    return f"caches/{cache}/rustc/direct/{direct_key}/"
+
+
+def rustc_direct(cache: str, direct_key: str, entry_id: str) -> str:
+    return f"{rustc_direct_prefix(cache, direct_key)}{entry_id}"

@@ -8,6 +8,8 @@ Rules:
 * A cache can read only the blobs it was given: an upload records a per-cache marker, and the
   missing-blob query answers from those markers. A client that never held the bytes therefore
   cannot read another cache's artifacts by guessing a hash, and must upload to prove it has them.
+* A direct entry (which files and variables a compilation's dep-info run named) is stored under
+  its direct key by content, so the same entry is kept once and different ones side by side.
 * A manifest is accepted only when every blob it lists is held by this cache with the size the
   manifest states; until then it is refused (naming the missing blobs) and nothing is recorded.
 """
@@ -18,11 +20,20 @@ import asyncio
 import json
 from collections.abc import AsyncIterable, Iterable
 
+import blake3
+
 from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
-from larder.errors import VerificationFailed
-from larder.protocol.rustc import Manifest, check_key, parse_manifest
+from larder.errors import FormatError, VerificationFailed
+from larder.protocol.rustc import (
+    MAX_DIRECT_ENTRIES,
+    DirectEntry,
+    Manifest,
+    check_key,
+    parse_direct_entry,
+    parse_manifest,
+)
 from larder.storage.base import BlobReader
 
 # Metadata lookups in flight at once for one missing-blob query.
@@ -94,6 +105,32 @@ class RustcCache:
                 )
         await self._storage.put(keys.rustc_manifest(cache.name, key), manifest.to_json())
         return manifest
+
+    async def put_direct(self, cache: CacheSettings, direct_key: str, data: bytes) -> str:
+        """Record a direct entry under ``direct_key``; its id (the same entry is kept once)."""
+        check_key(direct_key)
+        document = parse_direct_entry(data).to_json()
+        entry_id = blake3.blake3(document).hexdigest()
+        await self._storage.put(keys.rustc_direct(cache.name, direct_key, entry_id), document)
+        return entry_id
+
+    async def get_direct(self, cache: CacheSettings, direct_key: str) -> list[DirectEntry]:
+        """The entries recorded under ``direct_key`` (at most ``MAX_DIRECT_ENTRIES``)."""
+        prefix = keys.rustc_direct_prefix(cache.name, check_key(direct_key))
+        found: list[str] = []
+        async for key in self._storage.keys(prefix):
+            found.append(key)
+            if len(found) == MAX_DIRECT_ENTRIES:
+                break
+        documents = await asyncio.gather(*(self._storage.get(key) for key in found))
+        entries = []
+        for document in documents:
+            if document is not None:
+                try:
+                    entries.append(parse_direct_entry(document))
+                except FormatError:
+                    continue  # written by an older format; never fatal for a lookup
+        return entries
 
     async def get_manifest(self, cache: CacheSettings, key: str) -> bytes | None:
         """The stored manifest for ``key``, or None on a miss."""

@@ -20,6 +20,12 @@ within the manifest; ``blake3`` is the BLAKE3 of the file's bytes, which is also
 larder's store; ``mode`` is the permission bits (0-0o777). The key itself is derived by the client
 (see :mod:`larder.client.key`); the server only checks its shape.
 
+A *direct entry* records what a compilation's dep-info run named, under the compilation's direct
+key (see :mod:`larder.client.key`): ``{"sources": [<portable path>, ...], "env": [<variable>,
+...]}``, at most :data:`MAX_DIRECT_SOURCES` paths of at most 4096 characters and
+:data:`MAX_DIRECT_ENV` names of ``[A-Za-z_][A-Za-z0-9_]*``. A direct key can hold several entries
+(served as ``{"entries": [...]}``, at most :data:`MAX_DIRECT_ENTRIES`).
+
 Missing-blob queries are ``{"blobs": [<64 hex>, ...]}`` (at most :data:`MAX_QUERY_BLOBS`),
 answered with ``{"missing": [...]}`` in the order asked.
 """
@@ -28,8 +34,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from larder.errors import FormatError
 
@@ -37,10 +42,14 @@ MANIFEST_VERSION: Final = 1
 MAX_MANIFEST_SIZE: Final = 1024 * 1024
 MAX_OUTPUTS: Final = 64
 MAX_QUERY_BLOBS: Final = 10_000
+MAX_DIRECT_SOURCES: Final = 10_000
+MAX_DIRECT_ENV: Final = 1_000
+MAX_DIRECT_ENTRIES: Final = 32
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,255}")
 _CRATE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 
 
 def check_key(key: str) -> str:
@@ -57,8 +66,7 @@ def check_file_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class Output:
+class Output(NamedTuple):
     """One file of a compilation's output."""
 
     name: str
@@ -67,8 +75,7 @@ class Output:
     mode: int = 0o644
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     """A cached compilation: its outputs and what rustc printed."""
 
     crate: str
@@ -76,7 +83,7 @@ class Manifest:
     stdout: str = ""
     stderr: str = ""
     exit_code: int = 0
-    version: int = field(default=MANIFEST_VERSION)
+    version: int = MANIFEST_VERSION
 
     def to_json(self) -> bytes:
         doc = {
@@ -166,3 +173,55 @@ def parse_blob_query(data: bytes) -> list[str]:
     if not isinstance(blobs, list) or len(blobs) > MAX_QUERY_BLOBS:
         raise FormatError(f'query must be {{"blobs": [...]}} with at most {MAX_QUERY_BLOBS} ids')
     return [check_key(blob) if isinstance(blob, str) else check_key(repr(blob)) for blob in blobs]
+
+
+class DirectEntry(NamedTuple):
+    """The files (portable paths) and variables a dep-info run named."""
+
+    sources: list[str]
+    env: list[str]
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"sources": self.sources, "env": self.env}, separators=(",", ":")
+        ).encode()
+
+
+def _direct_entry(doc: object) -> DirectEntry:
+    if not isinstance(doc, dict):
+        raise FormatError("a direct entry must be a JSON object")
+    sources, env = doc.get("sources"), doc.get("env")
+    if not isinstance(sources, list) or len(sources) > MAX_DIRECT_SOURCES:
+        raise FormatError(f"direct entry 'sources' must list at most {MAX_DIRECT_SOURCES} paths")
+    if not isinstance(env, list) or len(env) > MAX_DIRECT_ENV:
+        raise FormatError(f"direct entry 'env' must list at most {MAX_DIRECT_ENV} names")
+    for path in sources:
+        if not isinstance(path, str) or not path or len(path) > 4096 or "\0" in path:
+            raise FormatError("direct entry sources must be non-empty paths without NUL")
+    for name in env:
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise FormatError(f"invalid environment variable name {str(name)[:80]!r}")
+    return DirectEntry(list(sources), list(env))
+
+
+def parse_direct_entry(data: bytes) -> DirectEntry:
+    """One direct entry, validated."""
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise FormatError(f"direct entry larger than {MAX_MANIFEST_SIZE} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"direct entry is not JSON: {exc}") from None
+    return _direct_entry(doc)
+
+
+def parse_direct_entries(data: bytes) -> list[DirectEntry]:
+    """The server's answer for a direct key: ``{"entries": [...]}``."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"direct entries are not JSON: {exc}") from None
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or len(entries) > MAX_DIRECT_ENTRIES:
+        raise FormatError(f'expected {{"entries": [...]}} with at most {MAX_DIRECT_ENTRIES}')
+    return [_direct_entry(entry) for entry in entries]

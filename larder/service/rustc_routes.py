@@ -7,6 +7,8 @@
 ``PUT rustc/manifests/<key>``               a manifest (:mod:`larder.protocol.rustc`); 400
                                             naming the blobs this cache does not hold yet
 ``GET|HEAD rustc/manifests/<key>``          200 with the manifest on a hit, 404 on a miss
+``PUT rustc/direct/<direct key>``           record a direct entry (files, variables)
+``GET|HEAD rustc/direct/<direct key>``      ``{"entries": [...]}``; 404 when there are none
 ==========================================  ==================================================
 
 Writes need a ``write`` token for the cache; reads follow its read policy.
@@ -80,6 +82,27 @@ async def get_manifest(request: web.Request) -> web.Response:
     return web.Response(body=document, content_type="application/json")
 
 
+async def put_direct(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    key = _key(request, "key")
+    document = await read_document(request, MAX_MANIFEST_SIZE)
+    entry_id = await request.app[state.RUSTC].put_direct(settings, key, document)
+    return web.json_response({"key": key, "entry": entry_id})
+
+
+async def get_direct(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    try:
+        key = _key(request, "key")
+    except FormatError:
+        raise web.HTTPNotFound() from None
+    entries = await request.app[state.RUSTC].get_direct(settings, key)
+    if not entries:
+        raise web.HTTPNotFound()
+    body = b'{"entries":[' + b",".join(entry.to_json() for entry in entries) + b"]}"
+    return web.Response(body=body, content_type="application/json")
+
+
 def add_routes(app: web.Application) -> None:
     """Register the rustc routes (before the Nix catch-all)."""
     router = app.router
@@ -89,3 +112,5 @@ def add_routes(app: web.Application) -> None:
     router.add_get(base + "/blobs/{blob}", get_blob)
     router.add_route("PUT", base + "/manifests/{key}", put_manifest, expect_handler=expect_continue)
     router.add_get(base + "/manifests/{key}", get_manifest)
+    router.add_route("PUT", base + "/direct/{key}", put_direct, expect_handler=expect_continue)
+    router.add_get(base + "/direct/{key}", get_direct)

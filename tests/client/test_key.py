@@ -10,8 +10,20 @@ from pathlib import Path
 import pytest
 
 from larder.client import args, depinfo
-from larder.client.key import KeyUnavailable, compute, depinfo_run, portable_args
+from larder.client.key import (
+    Base,
+    KeyUnavailable,
+    base_inputs,
+    complete,
+    compute,
+    depinfo_run,
+    direct_entry,
+    direct_key,
+    from_direct_entry,
+    portable_args,
+)
 from larder.client.paths import Roots
+from larder.protocol.rustc import DirectEntry
 
 RUSTC_VERSION = "rustc 1.95.0 (59807616e 2026-04-14)\nhost: x86_64-unknown-linux-gnu\n"
 SYSROOT = [("libstd-abc.rlib", "11" * 32), ("libcore-def.rlib", "22" * 32)]
@@ -68,13 +80,18 @@ def make_checkout(base: Path) -> Checkout:
 def key_of(
     checkout: Checkout,
     *extra: str,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     deps: depinfo.DepInfo | None = None,
     rustc_version: str = RUSTC_VERSION,
 ) -> str:
     roots = Roots.of(CWD=checkout.root, TARGET=checkout.target, CARGO_HOME=checkout.cargo_home)
-    environ = {"CARGO_PKG_NAME": "leaf", "CARGO_PKG_VERSION": "0.1.0", **(env or {})}
-    environ.setdefault("OUT_DIR", str(checkout.out_dir))
+    environ = {"CARGO_PKG_NAME": "leaf", "CARGO_PKG_VERSION": "0.1.0", "GREETING": "hello"}
+    environ["OUT_DIR"] = str(checkout.out_dir)
+    for name, value in (env or {}).items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
     environ["CARGO_MANIFEST_DIR"] = str(checkout.root / "crates/leaf")
     return compute(
         rustc_version=rustc_version,
@@ -128,12 +145,18 @@ def _source(c: Checkout) -> dict[str, object]:
 
 @change("env! variable")
 def _env_dep(c: Checkout) -> dict[str, object]:
-    return {"deps": depinfo.DepInfo(c.deps().files, (("GREETING", "hi"), c.deps().env[1]))}
+    return {"env": {"GREETING": "hi"}}
 
 
 @change("env! variable becomes unset")
 def _env_unset(c: Checkout) -> dict[str, object]:
-    return {"deps": depinfo.DepInfo(c.deps().files, (("GREETING", None), c.deps().env[1]))}
+    return {"env": {"GREETING": None}}
+
+
+@change("another file read")
+def _more_sources(c: Checkout) -> dict[str, object]:
+    (c.root / "crates/leaf/src/extra.rs").write_text("pub fn e() {}\n")
+    return {"deps": depinfo.DepInfo((*c.deps().files, "crates/leaf/src/extra.rs"), c.deps().env)}
 
 
 @change("feature")
@@ -197,6 +220,50 @@ def test_each_input_changes_the_key(name: str, ci: Checkout) -> None:
 def test_other_cargo_variables_do_not_change_the_key(ci: Checkout) -> None:
     base = key_of(ci)
     assert key_of(ci, env={"CARGO_PRIMARY_PACKAGE": "1", "CARGO_MAKEFLAGS": "-j8"}) == base
+    # A variable the crate does not read (not in its env-deps) does not matter either.
+    assert key_of(ci, env={"UNRELATED": "x"}) == base
+
+
+def _base(c: Checkout) -> tuple[Base, Roots, dict[str, str], args.Compilation]:
+    roots = Roots.of(CWD=c.root, TARGET=c.target, CARGO_HOME=c.cargo_home)
+    environ = {"CARGO_PKG_NAME": "leaf", "GREETING": "hello", "OUT_DIR": str(c.out_dir)}
+    compilation = args.parse(c.argv())
+    base = base_inputs(
+        rustc_version=RUSTC_VERSION, sysroot=SYSROOT, compilation=compilation, roots=roots,
+        cwd=c.root, environ=environ,
+    )  # fmt: skip
+    return base, roots, environ, compilation
+
+
+def test_direct_mode_gives_the_full_key_on_another_machine(ci: Checkout, laptop: Checkout) -> None:
+    base, roots, environ, compilation = _base(ci)
+    full = complete(base, list(ci.deps().files), ["GREETING", "OUT_DIR"], roots, ci.root, environ)
+    entry = direct_entry(ci.deps(), roots)
+    assert not any(str(ci.root) in p or str(ci.target) in p for p in entry.sources)
+
+    other_base, other_roots, other_env, other_compilation = _base(laptop)
+    assert direct_key(base, compilation, roots, ci.root) == direct_key(
+        other_base, other_compilation, other_roots, laptop.root
+    )
+    again = from_direct_entry(other_base, entry, other_roots, laptop.root, other_env)
+    assert again.key() == full.key()
+
+    # The laptop's copy of a recorded file differs: same direct key, different full key.
+    (laptop.out_dir / "gen.rs").write_text("pub const N: u32 = 99;\n")
+    changed = from_direct_entry(other_base, entry, other_roots, laptop.root, other_env)
+    assert changed.key() != full.key()
+    # The crate root itself changes the direct key.
+    (laptop.root / "crates/leaf/src/lib.rs").write_text("pub fn f() -> u32 { 7 }\n")
+    assert direct_key(other_base, other_compilation, other_roots, laptop.root) != direct_key(
+        base, compilation, roots, ci.root
+    )
+
+
+def test_direct_entry_naming_a_missing_file_is_unusable(ci: Checkout) -> None:
+    base, roots, environ, _ = _base(ci)
+    entry = DirectEntry(["crates/leaf/src/gone.rs"], [])
+    with pytest.raises(KeyUnavailable, match="source file"):
+        from_direct_entry(base, entry, roots, ci.root, environ)
 
 
 def test_depinfo_run_lists_sources_and_env_with_real_rustc(tmp_path: Path) -> None:

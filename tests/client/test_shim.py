@@ -60,6 +60,8 @@ class FakeCache:
         if self.mode == "garbage":
             return 200, b"\x00not a manifest"
         if self.mode == "corrupt-blob":
+            if "/direct/" in path:
+                return 404, b""
             if "/manifests/" in path:
                 return 200, self.manifest
             return 200, zstandard.ZstdCompressor().compress(b"not what the manifest promised")
@@ -81,8 +83,9 @@ def crate(tmp_path: Path) -> Path:
 
 
 def shim(crate: Path, url: str, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+    rustc = env.pop("RUSTC_OVERRIDE", RUSTC)
     argv = [
-        RUSTC, "--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
+        rustc, "--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
         "--emit=dep-info,metadata,link", "-C", "extra-filename=-x", "--out-dir",
         str(crate / "out"), *extra,
     ]  # fmt: skip
@@ -179,7 +182,7 @@ def test_non_compilations_never_touch_the_network(fake: FakeCache, crate: Path) 
 def test_a_miss_without_a_token_only_reads(fake: FakeCache, crate: Path) -> None:
     done = shim(crate, fake.url, LARDER_LOG=str(crate / "log"))
     assert done.returncode == 0
-    assert [r.split()[0] for r in fake.requests] == ["GET"]
+    assert {r.split()[0] for r in fake.requests} == {"GET"}  # direct entries, then manifest
     counted = stats(crate)
     assert (counted["misses"], counted["errors"], counted["uploads"]) == (1, 0, 0)
     line = (crate / "log").read_text()
@@ -223,3 +226,32 @@ def test_stats_survive_and_zero(crate: Path) -> None:
         capture_output=True,
     )
     assert stats(crate)["hits"] == 0
+
+
+def test_second_machine_hits_through_direct_mode_without_running_rustc(tmp_path: Path) -> None:
+    from tests.e2e.harness import larder_server
+
+    log = tmp_path / "rustc-calls"
+    logging_rustc = tmp_path / "rustc"
+    logging_rustc.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {RUSTC} "$@"\n')
+    logging_rustc.chmod(0o755)
+    machines = []
+    for name in ("ci", "laptop"):
+        crate = tmp_path / name / "src" / "crate"
+        (crate / "src").mkdir(parents=True)
+        (crate / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+        (crate / "out").mkdir()
+        machines.append(crate)
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        url = f"{server.url}/main"
+        ci = shim(machines[0], url, LARDER_TOKEN=server.token(), RUSTC_OVERRIDE=str(logging_rustc))
+        assert ci.returncode == 0, ci.stderr
+        log.unlink()
+        laptop = shim(machines[1], url, RUSTC_OVERRIDE=str(logging_rustc))
+        assert laptop.returncode == 0, laptop.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert not [c for c in calls if "--crate-name" in c], calls  # no dep-info run, no compile
+    assert stats(machines[1])["hits"] == 1
+    assert (machines[1] / "out" / "libt-x.rlib").read_bytes() == (
+        machines[0] / "out" / "libt-x.rlib"
+    ).read_bytes()

@@ -194,3 +194,44 @@ async def test_private_cache_reads_need_a_token(service: Service) -> None:
     assert (await service.client.get(path, headers=service.auth())).status == 403
     reader = await service.issue("secret", Scope.READ)
     assert (await service.client.get(path, headers=service.auth(reader))).status == 404
+
+
+async def test_direct_entries_round_trip(service: Service) -> None:
+    path = f"/main/rustc/direct/{KEY}"
+    assert (await service.client.get(path)).status == 404
+    first = {"sources": ["src/lib.rs", "@LARDER:TARGET@/debug/build/x/out/gen.rs"], "env": ["X"]}
+    second = {"sources": ["src/lib.rs", "src/more.rs"], "env": []}
+    for entry in (first, second, first):  # the same entry twice is kept once
+        resp = await service.client.put(path, json=entry, headers=service.auth())
+        assert resp.status == 200, await resp.text()
+    resp = await service.client.get(path)
+    assert resp.status == 200
+    entries = (await resp.json())["entries"]
+    assert len(entries) == 2
+    assert first in entries and second in entries
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (b"nope", "not JSON"),
+        (json.dumps({"sources": "src/lib.rs", "env": []}).encode(), "sources"),
+        (json.dumps({"sources": ["a\u0000b"], "env": []}).encode(), "NUL"),
+        (json.dumps({"sources": [], "env": ["NOT-A-NAME"]}).encode(), "variable name"),
+    ],
+)
+async def test_malformed_direct_entries_are_refused(
+    service: Service, entry: bytes, message: str
+) -> None:
+    resp = await service.client.put(f"/main/rustc/direct/{KEY}", data=entry, headers=service.auth())
+    assert resp.status == 400
+    assert message in await resp.text()
+    assert (await service.client.get(f"/main/rustc/direct/{KEY}")).status == 404
+
+
+async def test_direct_entries_need_a_write_token(service: Service) -> None:
+    reader = await service.issue("main", Scope.READ)
+    body = {"sources": [], "env": []}
+    for headers, status in (({}, 401), (service.auth(reader), 403)):
+        resp = await service.client.put(f"/main/rustc/direct/{KEY}", json=body, headers=headers)
+        assert resp.status == status
