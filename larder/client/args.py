@@ -15,8 +15,8 @@ split-debuginfo=packed|unpacked``). :attr:`Compilation.reason` names the first r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # Flags whose value may be the next argument.
 _TAKES_VALUE = frozenset(
@@ -34,8 +34,7 @@ CACHEABLE_CRATE_TYPES = frozenset({"lib", "rlib", "staticlib"})
 CACHEABLE_EMITS = frozenset({"dep-info", "metadata", "link"})
 
 
-@dataclass(frozen=True)
-class Compilation:
+class Compilation(NamedTuple):
     """A parsed rustc command line."""
 
     flags: tuple[tuple[str, str | None], ...]

@@ -19,14 +19,13 @@ Other ``#`` lines (checksums on nightly) are ignored.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _SPLIT = re.compile(r"(?<!\\) ")
 ENV_DEP = "# env-dep:"
 
 
-@dataclass(frozen=True)
-class DepInfo:
+class DepInfo(NamedTuple):
     """The source files a compilation read and the environment variables it looked at."""
 
     files: tuple[str, ...]

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 PLACEHOLDER = "@LARDER:{}@"
 REMAP_TO = {"CWD": ".", "TARGET": "/larder/target", "CARGO_HOME": "/larder/cargo-home"}
@@ -46,8 +46,7 @@ def _usable(path: Path) -> bool:
     return path.is_absolute() and len(path.parts) >= 3
 
 
-@dataclass(frozen=True)
-class Roots:
+class Roots(NamedTuple):
     """This compilation's roots, by name, as absolute normalised paths."""
 
     roots: tuple[tuple[str, str], ...]

@@ -1,14 +1,13 @@
 """The shim's HTTP client for ``<LARDER_URL>/rustc/`` (see :mod:`larder.service.rustc_routes`).
 
-One keep-alive connection per invocation, a short timeout on every socket operation, and a single
-exception type: any failure (refused, timed out, 5xx, an unexpected status or body, a blob that
-does not hash to its name) is a :class:`RemoteError` with a short ``kind`` for the stats. A 404 is
-a miss, not an error.
+One keep-alive connection per invocation (:mod:`larder.client.transport`), a short timeout on
+every socket operation, and a single exception type: any failure (refused, timed out, 5xx, an
+unexpected status or body, a blob that does not hash to its name) is a :class:`RemoteError` with
+a short ``kind`` for the stats. A 404 is a miss, not an error.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import blake3
-import zstandard
 
+from larder.client.transport import Connection, ProtocolError, Response
 from larder.errors import FormatError
 from larder.protocol.rustc import DirectEntry, parse_direct_entries
 
@@ -50,7 +49,7 @@ class Remote:
         self._base = parts.path.rstrip("/") + "/rustc"
         self._token = token
         self._timeout = timeout
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: Connection | None = None
         self.bytes_down = 0
         self.bytes_up = 0
 
@@ -59,14 +58,10 @@ class Remote:
             self._conn.close()
             self._conn = None
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> Connection:
         if self._conn is None:
-            cls = (
-                http.client.HTTPSConnection
-                if self._scheme == "https"
-                else http.client.HTTPConnection
-            )
-            self._conn = cls(self._host, self._port, timeout=self._timeout)
+            tls = self._scheme == "https"
+            self._conn = Connection(self._host, self._port, tls, self._timeout)
         return self._conn
 
     def _request(
@@ -76,23 +71,23 @@ class Remote:
         body: bytes | BinaryIO | None = None,
         length: int | None = None,
         content_type: str = "application/octet-stream",
-    ) -> http.client.HTTPResponse:
+    ) -> Response:
         headers = {"User-Agent": "larder-rustc"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         if body is not None:
-            if length is None:
-                length = len(body) if isinstance(body, bytes) else 0
             headers["Content-Type"] = content_type
-            headers["Content-Length"] = str(length)
         try:
-            conn = self._connection()
-            conn.request(method, self._base + path, body=body, headers=headers)
-            response = conn.getresponse()
+            response = self._connection().request(
+                method, self._base + path, headers, body, length or 0
+            )
         except TimeoutError as exc:
             self.close()
             raise RemoteError("timeout", str(exc) or "timed out") from None
-        except (ConnectionError, OSError, http.client.HTTPException) as exc:
+        except ProtocolError as exc:
+            self.close()
+            raise RemoteError("corrupt", str(exc)) from None
+        except OSError as exc:
             self.close()
             raise RemoteError("connect", str(exc) or type(exc).__name__) from None
         if response.status >= 500:
@@ -100,16 +95,16 @@ class Remote:
             raise RemoteError("server", f"{method} {path}: HTTP {response.status}")
         return response
 
-    def _read(self, response: http.client.HTTPResponse) -> bytes:
+    def _read(self, response: Response) -> bytes:
         try:
             data = response.read()
-        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             self.close()
             raise RemoteError("timeout", f"reading the response: {exc}") from None
         self.bytes_down += len(data)
         return data
 
-    def _expect(self, response: http.client.HTTPResponse, what: str, *ok: int) -> bytes:
+    def _expect(self, response: Response, what: str, *ok: int) -> bytes:
         data = self._read(response)
         if response.status not in ok:
             message = data[:200].decode("utf-8", "replace").strip()
@@ -143,6 +138,9 @@ class Remote:
         response = self._request("GET", f"/blobs/{blob_id}")
         if response.status != 200:
             self._expect(response, f"blob {blob_id[:12]}", 200)
+
+        import zstandard  # only on a hit: it takes a while to import
+
         hasher = blake3.blake3()
         size = 0
         decompressor = zstandard.ZstdDecompressor().decompressobj()
@@ -153,7 +151,7 @@ class Remote:
                 hasher.update(data)
                 out.write(data)
                 size += len(data)
-        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             self.close()
             raise RemoteError("timeout", f"reading blob {blob_id[:12]}: {exc}") from None
         except zstandard.ZstdError as exc:

@@ -29,16 +29,11 @@ stays offline for 30 seconds instead of retrying on every crate.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
 import os
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,6 +78,9 @@ def _pump(source: BinaryIO, sink: BinaryIO, keep: list[bytes]) -> None:
 
 def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
     """Run ``command``, passing its output through as it comes and keeping a copy."""
+    import subprocess  # not needed on a hit
+    import threading
+
     # close_fds=False: rustc must inherit cargo's jobserver pipes (CARGO_MAKEFLAGS).
     proc = subprocess.Popen(
         command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=False
@@ -104,21 +102,23 @@ def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
 
 def embeds(path: Path, needles: list[bytes]) -> bool:
     """Whether the file contains any of ``needles`` (this machine's root paths)."""
+    import mmap
+
     if path.stat().st_size == 0:
         return False
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
         return any(m.find(needle) != -1 for needle in needles)
 
 
-@dataclass
 class Outcome:
     """What one invocation did, for the stats and the log."""
 
-    result: str  # hit | miss | non-cacheable | error
-    reason: str | None = None
-    error: str | None = None
-    key: str = ""
-    counters: dict[str, int] = field(default_factory=dict)
+    def __init__(self, result: str, reason: str | None = None) -> None:
+        self.result = result  # hit | miss | non-cacheable | error
+        self.reason = reason
+        self.error: str | None = None
+        self.key = ""
+        self.counters: dict[str, int] = {}
 
 
 class Invocation:
@@ -420,12 +420,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ms = _now_ms(invocation.started)
     counters = dict(outcome.counters)
     counters["cache_ms"] = max(ms - counters.get("compile_ms", 0), 0)
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 - contextlib.suppress would cost an import on every invocation
         stats_mod.Stats(invocation.state).add(
             counters,
             reason=outcome.reason if outcome.result == "non-cacheable" else None,
             error=outcome.error,
         )
+    except OSError:
+        pass
     _log(environ, invocation.compilation.crate_name or "-", outcome, ms)
     return code
 

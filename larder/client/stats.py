@@ -14,10 +14,8 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 COUNTERS = (
     "hits", "misses", "non_cacheable", "errors", "uploads", "bytes_down", "bytes_up",
@@ -41,20 +39,30 @@ def state_dir(environ: dict[str, str] | os._Environ[str]) -> Path:
     return Path(base) / "larder"
 
 
+class _Lock:
+    """An exclusive ``flock`` held for a ``with`` block (closing the file releases it)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> None:
+        self._file = open(self._path, "a")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 class Stats:
     def __init__(self, directory: Path) -> None:
         self._dir = directory
         self._file = directory / "stats.json"
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> _Lock:
         self._dir.mkdir(parents=True, exist_ok=True)
-        with open(self._dir / "stats.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return _Lock(self._dir / "stats.lock")
 
     def _load(self) -> dict[str, Any]:
         stats = empty()

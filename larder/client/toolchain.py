@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from larder.client.key import file_digest
 
 
-@dataclass(frozen=True)
-class Toolchain:
+class Toolchain(NamedTuple):
     version: str  # rustc -vV
     sysroot: str
     host: str
@@ -31,6 +29,8 @@ class Toolchain:
 
 
 def _run(rustc: str, *args: str) -> str:
+    import subprocess  # only when the toolchain is not cached yet
+
     done = subprocess.run(
         [rustc, *args], capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL
     )

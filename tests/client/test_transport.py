@@ -1,0 +1,121 @@
+"""The shim's small HTTP/1.1 client against hand-written server answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from larder.client.transport import Connection, ProtocolError
+
+
+class Script:
+    """A loopback server that answers each connection's requests from a list of raw replies."""
+
+    def __init__(self, replies: list[list[bytes]]) -> None:
+        self.replies = replies  # per connection, per request
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        for answers in self.replies:
+            conn, _ = self.listener.accept()
+            self.connections += 1
+            with conn:
+                for answer in answers:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        request += data
+                    conn.sendall(answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def script(request: pytest.FixtureRequest) -> Iterator[Script]:
+    server = Script(request.param)
+    yield server
+    server.close()
+
+
+Connect = Callable[[Script], Connection]
+
+
+@pytest.fixture
+def connect() -> Iterator[Connect]:
+    opened: list[Connection] = []
+
+    def make(script: Script) -> Connection:
+        opened.append(Connection("127.0.0.1", script.port, tls=False, timeout=2))
+        return opened[-1]
+
+    yield make
+    for conn in opened:
+        conn.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("script", [[[OK, CHUNKED, OK]]], indirect=True)
+def test_keep_alive_with_length_and_chunks(
+    script: Script, connect: Callable[[Script], Connection]
+) -> None:
+    conn = connect(script)
+    assert conn.request("GET", "/a", {}).read() == b"hello"
+    response = conn.request("PUT", "/b", {}, b"body")
+    assert response.status == 200 and response.read() == b"abcde"
+    assert conn.request("GET", "/c", {}).read(2) == b"he"
+    assert script.connections == 1
+
+
+HTTP10 = b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("script", [[[HTTP10], [OK]]], indirect=True)
+def test_http10_answers_close_the_connection(
+    script: Script, connect: Callable[[Script], Connection]
+) -> None:
+    conn = connect(script)
+    assert conn.request("GET", "/a", {}).status == 404
+    assert conn.request("GET", "/b", {}).read() == b"hello"
+    assert script.connections == 2
+
+
+@pytest.mark.parametrize("script", [[[OK], [OK]]], indirect=True)
+def test_a_closed_kept_alive_connection_is_reopened_once(
+    script: Script, connect: Callable[[Script], Connection]
+) -> None:
+    conn = connect(script)
+    assert conn.request("GET", "/a", {}).read() == b"hello"
+    # The server closed the first connection after one answer; the client retries once.
+    assert conn.request("GET", "/b", {}).read() == b"hello"
+    assert script.connections == 2
+
+
+@pytest.mark.parametrize(
+    "script",
+    [[[b"SMTP ready\r\n\r\n"]], [[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"]]],
+    indirect=True,
+)
+def test_garbage_and_truncation_are_errors(
+    script: Script, connect: Callable[[Script], Connection]
+) -> None:
+    conn = connect(script)
+    with pytest.raises(OSError):
+        conn.request("GET", "/", {}).read()
+
+
+def test_protocol_error_is_an_os_error() -> None:
+    assert issubclass(ProtocolError, OSError)
