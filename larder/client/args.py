@@ -18,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from larder.client.entry import NOT_COMPILATION_FLAGS
+
 # Flags whose value may be the next argument.
 _TAKES_VALUE = frozenset(
     {
@@ -29,7 +31,6 @@ _TAKES_VALUE = frozenset(
     }
 )  # fmt: skip
 _SHORT_JOINED = ("-C", "-L", "-l", "-A", "-W", "-D", "-F", "-Z", "-o")
-_NOT_COMPILATIONS = frozenset({"--print", "--explain", "-V", "--version", "-vV", "-h", "--help"})
 CACHEABLE_CRATE_TYPES = frozenset({"lib", "rlib", "staticlib"})
 CACHEABLE_EMITS = frozenset({"dep-info", "metadata", "link"})
 
@@ -44,7 +45,7 @@ class Compilation(NamedTuple):
     @property
     def is_compilation(self) -> bool:
         return self.input is not None and not any(
-            flag in _NOT_COMPILATIONS for flag, _ in self.flags
+            flag in NOT_COMPILATION_FLAGS for flag, _ in self.flags
         )
 
     @property

@@ -43,6 +43,7 @@ from larder.client import args as rustc_args
 from larder.client import depinfo, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
+from larder.client.entry import cache_enabled
 from larder.client.paths import Roots, default_cargo_home, find_target_dir
 from larder.client.remote import Remote, RemoteError
 from larder.errors import FormatError
@@ -52,7 +53,6 @@ KEY_ERRORS = (cache_key.KeyUnavailable, OSError, ValueError)
 REMOTE_ERRORS = (RemoteError, FormatError, OSError, ValueError)
 OFFLINE_SECONDS = 30.0
 DEFAULT_TIMEOUT = 5.0
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _now_ms(start: float) -> int:
@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__.split("\n\n")[1] if __doc__ else "usage: larder-rustc RUSTC ARGS...")
         return 0 if argv else 2
     rustc, args = argv[0], argv[1:]
-    if environ.get("LARDER_DISABLE", "").lower() in _TRUE or not environ.get("LARDER_URL"):
+    if not cache_enabled(environ):
         return passthrough(rustc, args)
     invocation = Invocation(rustc, args, environ)
     if not invocation.compilation.is_compilation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -164,9 +165,10 @@ def test_unreachable_server_backs_off(crate: Path) -> None:
 @pytest.mark.parametrize("fake", ["404"], indirect=True)
 def test_non_compilations_never_touch_the_network(fake: FakeCache, crate: Path) -> None:
     environ = {**os.environ, "LARDER_URL": fake.url, "LARDER_STATE_DIR": str(crate / "state")}
-    for argv in (["-vV"], ["-", "--crate-name", "___", "--print=file-names"]):
+    probes = (["-vV"], ["-", "--crate-name", "___", "--print=file-names"])
+    for module, argv in itertools.product(("larder.client.entry", "larder.client.shim"), probes):
         done = subprocess.run(
-            [sys.executable, "-m", "larder.client.shim", RUSTC, *argv],
+            [sys.executable, "-m", module, RUSTC, *argv],
             env=environ,
             input="",
             capture_output=True,
@@ -255,3 +257,13 @@ def test_second_machine_hits_through_direct_mode_without_running_rustc(tmp_path:
     assert (machines[1] / "out" / "libt-x.rlib").read_bytes() == (
         machines[0] / "out" / "libt-x.rlib"
     ).read_bytes()
+
+
+def test_entry_point_decides_without_the_shim() -> None:
+    from larder.client.entry import cache_enabled, is_probe
+
+    assert is_probe(["-vV"]) and is_probe(["-", "--print=cfg"]) and is_probe(["--print", "x"])
+    assert not is_probe(["--crate-name", "x", "src/lib.rs", "--printer"])
+    assert cache_enabled({"LARDER_URL": "http://h/main"})
+    assert not cache_enabled({"LARDER_URL": "http://h/main", "LARDER_DISABLE": "yes"})
+    assert not cache_enabled({})
