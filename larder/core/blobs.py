@@ -16,9 +16,12 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from larder.errors import StorageError
-from larder.storage.base import BlobInfo, BlobWriter, Storage
+from larder.protocol.compression import Decompressor
+from larder.storage.base import BlobInfo, BlobReader, BlobWriter, Storage
 
 T = TypeVar("T")
+
+_DECOMPRESS_SLICE = 64 * 1024
 
 
 class BlobStore:
@@ -58,3 +61,21 @@ def load_record(data: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise StorageError("corrupt record: not an object")
     return doc
+
+
+async def decompressed(reader: BlobReader) -> AsyncIterator[bytes]:
+    """The uncompressed bytes of a stored blob, in bounded pieces; closes ``reader``."""
+    pieces: list[bytes] = []
+    decompressor = Decompressor("zstd", pieces.append)
+    try:
+        async for chunk in reader.chunks():
+            for offset in range(0, len(chunk), _DECOMPRESS_SLICE):
+                decompressor.write(chunk[offset : offset + _DECOMPRESS_SLICE])
+                for piece in pieces:
+                    yield piece
+                pieces.clear()
+        decompressor.finish()
+        for piece in pieces:
+            yield piece
+    finally:
+        await reader.close()

@@ -11,6 +11,7 @@
     caches/<cache>/rustc/manifest/<key>     rustc compilation manifest (JSON, see protocol.rustc)
     caches/<cache>/rustc/blob/<blob id>     marker: this cache holds the blob (JSON: size)
     caches/<cache>/rustc/direct/<dkey>/<id> direct entry: files and variables a dep-info named
+    caches/<cache>/sccache/<path>           sccache WebDAV entry (JSON: blob id, size, time)
 """
 
 from __future__ import annotations
@@ -58,3 +59,12 @@ def rustc_direct_prefix(cache: str, direct_key: str) -> str:
 
 def rustc_direct(cache: str, direct_key: str, entry_id: str) -> str:
     return f"{rustc_direct_prefix(cache, direct_key)}{entry_id}"
+
+
+def sccache_entry(cache: str, path: str) -> str:
+    return f"caches/{cache}/sccache/{path}"
+
+
+def sccache_prefix(cache: str, path: str) -> str:
+    """Keys of entries below collection ``path`` ("" for the root)."""
+    return f"caches/{cache}/sccache/{path + '/' if path else ''}"

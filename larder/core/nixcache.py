@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -31,7 +31,7 @@ from larder.core.ingest import NarIngest
 from larder.errors import FormatError, StorageError, VerificationFailed
 from larder.protocol import narinfo as narinfo_format
 from larder.protocol import nix32
-from larder.protocol.compression import Decompressor, compression_for_extension
+from larder.protocol.compression import compression_for_extension
 from larder.protocol.hashes import NixHash
 from larder.protocol.names import check_object_path
 from larder.protocol.narinfo import NarInfo
@@ -41,7 +41,6 @@ from larder.storage.base import BlobReader
 T = TypeVar("T")
 
 SERVED_EXTENSION = ".zst"
-_DECOMPRESS_SLICE = 64 * 1024
 
 
 def parse_nar_name(name: str) -> tuple[str, str]:
@@ -224,21 +223,3 @@ def _sha256_nix32(value: NixHash) -> str:
     if value.algo != "sha256":
         raise VerificationFailed(f"NarHash must be sha256, not {value.algo}")
     return value.nix32()
-
-
-async def decompressed(reader: BlobReader) -> AsyncIterator[bytes]:
-    """The uncompressed bytes of a stored blob, in bounded pieces."""
-    pieces: list[bytes] = []
-    decompressor = Decompressor("zstd", pieces.append)
-    try:
-        async for chunk in reader.chunks():
-            for offset in range(0, len(chunk), _DECOMPRESS_SLICE):
-                decompressor.write(chunk[offset : offset + _DECOMPRESS_SLICE])
-                for piece in pieces:
-                    yield piece
-                pieces.clear()
-        decompressor.finish()
-        for piece in pieces:
-            yield piece
-    finally:
-        await reader.close()

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.nix_routes import cache_for
+from larder.service.access import cache_for
 
 
 def substituter_url(request: web.Request, cache: str) -> str:

@@ -12,7 +12,8 @@ from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
 from larder.core.nixcache import NixCache
 from larder.core.rustc import RustcCache
-from larder.service import api_routes, nix_routes, rustc_routes, state
+from larder.core.sccache import SccacheStore
+from larder.service import api_routes, nix_routes, rustc_routes, state, webdav_routes
 from larder.service.config import Config
 from larder.service.errors import error_middleware
 from larder.storage.base import Storage
@@ -33,6 +34,7 @@ def build_app(config: Config, storage: Storage) -> web.Application:
     app[state.BLOBS] = BlobStore(storage, executor)
     app[state.NIX] = NixCache(app[state.BLOBS])
     app[state.RUSTC] = RustcCache(app[state.BLOBS])
+    app[state.SCCACHE] = SccacheStore(app[state.BLOBS])
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         yield
@@ -42,5 +44,6 @@ def build_app(config: Config, storage: Storage) -> web.Application:
     app.cleanup_ctx.append(resources)
     api_routes.add_routes(app)
     rustc_routes.add_routes(app)
+    webdav_routes.add_routes(app)
     nix_routes.add_routes(app)  # last: it ends with a catch-all
     return app

@@ -22,7 +22,7 @@ from larder.errors import FormatError
 from larder.protocol.rustc import MAX_MANIFEST_SIZE, check_key, parse_blob_query
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.nix_routes import cache_for, expect_continue
+from larder.service.access import cache_for, expect_continue
 from larder.service.transfer import body_chunks, read_document, serve_blob
 
 ZSTD_TYPE = "application/zstd"

@@ -11,6 +11,7 @@ from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
 from larder.core.nixcache import NixCache
 from larder.core.rustc import RustcCache
+from larder.core.sccache import SccacheStore
 from larder.service.config import Config
 from larder.storage.base import Storage
 
@@ -21,4 +22,5 @@ TOKENS = web.AppKey("tokens", TokenAuthority)
 BLOBS = web.AppKey("blobs", BlobStore)
 NIX = web.AppKey("nix", NixCache)
 RUSTC = web.AppKey("rustc", RustcCache)
+SCCACHE = web.AppKey("sccache", SccacheStore)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)

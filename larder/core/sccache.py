@@ -1,0 +1,86 @@
+"""sccache entries: opaque blobs under WebDAV paths, per cache.
+
+An entry is streamed into the shared content-addressed store and becomes visible only when the
+whole body has arrived (a truncated upload aborts the blob and writes no record). The record
+``caches/<cache>/sccache/<path>`` holds the blob id, size and upload time. Collections are
+virtual: they are the prefixes of entry paths and always exist.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterable
+from typing import NamedTuple
+
+from larder.core import keys
+from larder.core.blobs import BlobStore, load_record
+from larder.core.caches import CacheSettings
+from larder.storage.base import BlobReader
+
+# PROPFIND Depth 1 lists at most this many children (sccache never lists).
+MAX_LISTING = 1000
+
+
+class Entry(NamedTuple):
+    blob_id: str
+    size: int
+    modified: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"blob": self.blob_id, "size": self.size, "modified": self.modified}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Entry:
+        doc = load_record(data)
+        return cls(str(doc["blob"]), int(doc["size"]), float(doc["modified"]))
+
+
+class SccacheStore:
+    """Entries of sccache's WebDAV backend, over one store."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._blobs = blobs
+        self._storage = blobs.storage
+
+    async def put(self, cache: CacheSettings, path: str, body: AsyncIterable[bytes]) -> Entry:
+        """Store the whole ``body`` as the entry at ``path`` (replacing an older one)."""
+        blob = await self._blobs.store(body)
+        entry = Entry(blob.blob_id, blob.size, time.time())
+        await self._storage.put(keys.sccache_entry(cache.name, path), entry.to_json())
+        return entry
+
+    async def get(self, cache: CacheSettings, path: str) -> Entry | None:
+        if not path:
+            return None
+        data = await self._storage.get(keys.sccache_entry(cache.name, path))
+        return Entry.from_json(data) if data is not None else None
+
+    async def open(self, entry: Entry) -> BlobReader | None:
+        return await self._storage.blob_open(entry.blob_id)
+
+    async def delete(self, cache: CacheSettings, path: str) -> bool:
+        """Remove the entry; whether there was one. The blob stays for GC to judge."""
+        key = keys.sccache_entry(cache.name, path)
+        if not path or not await self._storage.exists(key):
+            return False
+        await self._storage.delete(key)
+        return True
+
+    async def children(self, cache: CacheSettings, path: str) -> list[tuple[str, Entry | None]]:
+        """Direct children of collection ``path``: ``(name, entry)``, ``None`` for collections."""
+        prefix = keys.sccache_prefix(cache.name, path)
+        seen: dict[str, Entry | None] = {}
+        async for key in self._storage.keys(prefix):
+            name, sep, _ = key[len(prefix) :].partition("/")
+            if sep:
+                seen.setdefault(name, None)
+            elif name not in seen:
+                data = await self._storage.get(key)
+                if data is not None:
+                    seen[name] = Entry.from_json(data)
+            if len(seen) >= MAX_LISTING:
+                break
+        return sorted(seen.items())

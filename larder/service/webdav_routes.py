@@ -1,0 +1,126 @@
+"""The sccache WebDAV backend under ``/<cache>/sccache/`` (``SCCACHE_WEBDAV_ENDPOINT``).
+
+=====================  ===========================================================================
+``GET|HEAD <path>``    200 with the entry's bytes, 404 on a miss (how sccache reads)
+``PUT <path>``         store an entry (201); needs a write token; 413 over ``max_upload_size``
+``DELETE <path>``      204, or 404 when there is no entry
+``PROPFIND <path>``    207: Depth 0 describes the resource, Depth 1 adds its children; a path
+                       ending in ``/`` is a collection and always exists; ``Depth: infinity``
+                       is refused with 403 (RFC 4918 allows it)
+``MKCOL <path>/``      201 (collections are virtual), 405 when an entry has that name
+=====================  ===========================================================================
+
+sccache 0.16 starts with ``GET`` then ``PUT <prefix>/.sccache_check``; a refused PUT (401/403)
+makes it read-only, which is how a client without a write token behaves. Before writing
+``a/b/c/<key>`` its WebDAV client asks ``PROPFIND`` (Depth 0) for the parent and ``MKCOL``s the
+missing levels. Tokens as for the Nix routes: Bearer (``SCCACHE_WEBDAV_TOKEN``) or the Basic
+password (``SCCACHE_WEBDAV_PASSWORD``).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from larder.core.blobs import decompressed
+from larder.errors import FormatError
+from larder.protocol.dav import Resource, multistatus, normalise
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.access import cache_for, expect_continue
+from larder.service.transfer import body_chunks, serve_stream
+
+MULTISTATUS_TYPE = "application/xml"
+
+
+def _path(request: web.Request) -> tuple[str, bool]:
+    return normalise(request.match_info.get("path", ""))
+
+
+def _href(request: web.Request, path: str, collection: bool) -> str:
+    base = f"/{request.match_info['cache']}/sccache/"
+    return base + path + ("/" if collection and path else "")
+
+
+async def get_entry(request: web.Request) -> web.StreamResponse:
+    settings = await cache_for(request, Scope.READ)
+    try:
+        path, collection = _path(request)
+    except FormatError:
+        raise web.HTTPNotFound() from None
+    store = request.app[state.SCCACHE]
+    entry = None if collection else await store.get(settings, path)
+    if entry is None:
+        raise web.HTTPNotFound()
+    headers = {"Content-Type": "application/octet-stream"}
+    if request.method == "HEAD":
+        return await serve_stream(request, None, entry.size, headers)
+    reader = await store.open(entry)
+    if reader is None:
+        raise web.HTTPNotFound()
+    return await serve_stream(request, decompressed(reader), entry.size, headers)
+
+
+async def put_entry(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    path, collection = _path(request)
+    if collection or not path:
+        raise FormatError("PUT needs an entry path, not a collection")
+    limit = request.app[state.CONFIG].max_upload_size
+    await request.app[state.SCCACHE].put(settings, path, body_chunks(request, limit))
+    return web.Response(status=201)
+
+
+async def delete_entry(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    path, _ = _path(request)
+    if not await request.app[state.SCCACHE].delete(settings, path):
+        raise web.HTTPNotFound()
+    return web.Response(status=204)
+
+
+async def mkcol(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    path, _ = _path(request)
+    if request.content_length:
+        return web.Response(status=415, text="MKCOL with a body is not supported\n")
+    if path and await request.app[state.SCCACHE].get(settings, path) is not None:
+        return web.Response(status=405, text="an entry has that name\n")
+    return web.Response(status=201)
+
+
+async def propfind(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    depth = request.headers.get("Depth", "infinity").strip().lower()
+    if depth not in ("0", "1"):
+        return web.Response(status=403, text="PROPFIND Depth must be 0 or 1\n")
+    path, collection = _path(request)
+    store = request.app[state.SCCACHE]
+    entry = None if collection else await store.get(settings, path)
+    if not collection and entry is None:
+        raise web.HTTPNotFound()
+    if entry is not None:
+        resources = [Resource(_href(request, path, False), False, entry.size, entry.modified)]
+    else:
+        resources = [Resource(_href(request, path, True), True)]
+        if depth == "1":
+            for name, child in await store.children(settings, path):
+                child_path = f"{path}/{name}" if path else name
+                if child is None:
+                    resources.append(Resource(_href(request, child_path, True), True))
+                else:
+                    href = _href(request, child_path, False)
+                    resources.append(Resource(href, False, child.size, child.modified))
+    return web.Response(
+        status=207, body=multistatus(resources), content_type=MULTISTATUS_TYPE, charset="utf-8"
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the WebDAV routes (before the Nix catch-all)."""
+    router = app.router
+    for pattern in ("/{cache}/sccache", "/{cache}/sccache/{path:.*}"):
+        router.add_get(pattern, get_entry)
+        router.add_route("PUT", pattern, put_entry, expect_handler=expect_continue)
+        router.add_route("DELETE", pattern, delete_entry)
+        router.add_route("MKCOL", pattern, mkcol)
+        router.add_route("PROPFIND", pattern, propfind)
