@@ -71,8 +71,9 @@ class Remote:
         body: bytes | BinaryIO | None = None,
         length: int | None = None,
         content_type: str = "application/octet-stream",
+        extra_headers: dict[str, str] | None = None,
     ) -> Response:
-        headers = {"User-Agent": "larder-rustc"}
+        headers = {"User-Agent": "larder-rustc", **(extra_headers or {})}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         if body is not None:
@@ -114,9 +115,10 @@ class Remote:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def get_manifest(self, key: str) -> bytes | None:
-        """The manifest stored under ``key``, or None on a miss."""
-        response = self._request("GET", f"/manifests/{key}")
+    def get_manifest(self, key: str, crate: str | None = None) -> bytes | None:
+        """The manifest stored under ``key``, or None on a miss (counted against ``crate``)."""
+        headers = {"X-Larder-Crate": crate} if crate else None
+        response = self._request("GET", f"/manifests/{key}", extra_headers=headers)
         if response.status == 404:
             self._read(response)
             return None

@@ -349,7 +349,7 @@ class Invocation:
 
     def fetch(self, remote: Remote, key: str, outcome: Outcome) -> bool:
         """Restore the compilation stored under ``key``, if there is one."""
-        document = remote.get_manifest(key)
+        document = remote.get_manifest(key, self.compilation.crate_name)
         if document is None:
             return False
         manifest = parse_manifest(document)

@@ -11,6 +11,7 @@ from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.auth import check_access
 from larder.service.errors import error_response, status_for
+from larder.service.observe import note_cache
 from larder.service.transfer import check_declared_length
 
 
@@ -20,6 +21,7 @@ async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
     settings = await request.app[state.CACHES].get(name)
     if settings is None:
         raise NoSuchCache(f"no cache named {name!r}")
+    note_cache(request, settings.name)
     await check_access(request, request.app[state.TOKENS], settings, needed)
     return settings
 

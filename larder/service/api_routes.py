@@ -7,6 +7,7 @@ from aiohttp import web
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.access import cache_for
+from larder.service.observe import HITS
 
 
 def substituter_url(request: web.Request, cache: str) -> str:
@@ -28,6 +29,23 @@ async def get_cache(request: web.Request) -> web.Response:
     )
 
 
+async def get_stats(request: web.Request) -> web.Response:
+    """Hit rates over the last hour and day per protocol, and the most-missed crates.
+
+    Counted in memory by the replica that answers, since it started.
+    """
+    settings = await cache_for(request, Scope.READ)
+    hits = request.app[HITS]
+    return web.json_response(
+        {
+            "cache": settings.name,
+            "scope": "this replica since it started",
+            "protocols": hits.rates(settings.name),
+            "top_missed_crates": hits.top_missed(settings.name),
+        }
+    )
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
@@ -42,3 +60,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/caches/{cache}", get_cache)
+    app.router.add_get("/api/v1/caches/{cache}/stats", get_stats)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 
 from larder.core.auth import TokenAuthority
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
@@ -24,6 +25,7 @@ from larder.protocol.names import check_cache_name
 from larder.protocol.tokens import Scope, parse_ttl
 from larder.service.app import build_app
 from larder.service.config import Config, load_config
+from larder.service.observe import JsonAccessLogger
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
 
@@ -138,7 +140,15 @@ def _serve(config: Config) -> int:
 
     app.on_startup.append(on_startup)
     host, port = config.host_port
-    web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+    access_log_class = JsonAccessLogger if config.access_log == "json" else AccessLogger
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        handle_signals=True,
+        access_log_class=access_log_class,
+    )
     return 0
 
 

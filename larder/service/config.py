@@ -68,6 +68,10 @@ class Config:
     # Priority advertised in nix-cache-info (lower wins; cache.nixos.org uses 40).
     default_priority: int = 30
     log_level: str = "info"
+    # Access log lines: "text" (aiohttp's format) or "json" (one object per line).
+    access_log: str = "text"
+    # Seconds between scans of stored objects and bytes per cache (0: never).
+    usage_interval: float = 600.0
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -84,6 +88,8 @@ _CONVERTERS: dict[str, Any] = {
     "refresh_interval": float,
     "default_priority": int,
     "log_level": lambda v: _choice(str(v).lower(), ("debug", "info", "warning", "error")),
+    "access_log": lambda v: _choice(str(v).lower(), ("text", "json")),
+    "usage_interval": float,
 }
 
 

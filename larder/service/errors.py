@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from larder import errors
+from larder.service.observe import note_error_code
 
 log = logging.getLogger("larder.http")
 
@@ -61,6 +62,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except errors.LarderError as exc:
+        note_error_code(request, exc.code)
         status = status_for(exc)
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.path, exc.message)

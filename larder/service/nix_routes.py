@@ -22,6 +22,7 @@ from larder.protocol.storepath import check_hash_part
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.access import cache_for, expect_continue
+from larder.service.observe import HITS, note_lookup, note_upload
 from larder.service.transfer import (
     body_chunks,
     read_document,
@@ -55,20 +56,25 @@ async def get_narinfo(request: web.Request) -> web.Response:
     nix = request.app[state.NIX]
     store_hash = _store_hash(request)
     if request.method == "HEAD":
-        if not await nix.has_narinfo(settings, store_hash):
-            raise web.HTTPNotFound()
-        return web.Response(content_type=NARINFO_TYPE)
-    body = await nix.get_narinfo(settings, store_hash)
+        body = b"" if await nix.has_narinfo(settings, store_hash) else None
+    else:
+        body = await nix.get_narinfo(settings, store_hash)
+    note_lookup(request, "narinfo", body is not None)
     if body is None:
+        request.app[HITS].missed_store_hash(settings.name, store_hash)
         raise web.HTTPNotFound()
+    if request.method == "HEAD":
+        return web.Response(content_type=NARINFO_TYPE)
     return web.Response(body=body, content_type=NARINFO_TYPE)
 
 
 async def put_narinfo(request: web.Request) -> web.Response:
+    note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     store_hash = _store_hash(request)
     document = await read_document(request, request.app[state.CONFIG].max_document_size)
-    await request.app[state.NIX].put_narinfo(settings, store_hash, document)
+    info = await request.app[state.NIX].put_narinfo(settings, store_hash, document)
+    request.app[HITS].uploaded_store_path(settings.name, store_hash, info.store_path.name)
     return web.Response(status=200, text="stored\n")
 
 
@@ -86,6 +92,7 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     record = await nix.nar_record(settings, nar_hash)
     reader = await nix.open_blob(record.blob_id) if record is not None else None
+    note_lookup(request, "nar", reader is not None)
     if record is None or reader is None:
         raise web.HTTPNotFound()
     if compression == "zstd":
@@ -99,6 +106,7 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
 
 
 async def put_nar(request: web.Request) -> web.Response:
+    note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     limit = request.app[state.CONFIG].max_upload_size
     record = await request.app[state.NIX].upload_nar(
@@ -134,6 +142,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
 
 async def put_file(request: web.Request) -> web.Response:
+    note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     path = check_object_path(request.match_info["path"])
     limit = request.app[state.CONFIG].max_upload_size

@@ -23,9 +23,12 @@ from larder.protocol.rustc import MAX_MANIFEST_SIZE, check_key, parse_blob_query
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.access import cache_for, expect_continue
+from larder.service.observe import HITS, note_lookup, note_upload
 from larder.service.transfer import body_chunks, read_document, serve_blob
 
 ZSTD_TYPE = "application/zstd"
+# Sent by larder-rustc with manifest lookups, so misses can be counted by crate.
+CRATE_HEADER = "X-Larder-Crate"
 
 
 def _key(request: web.Request, name: str) -> str:
@@ -41,6 +44,7 @@ async def post_missing(request: web.Request) -> web.Response:
 
 
 async def put_blob(request: web.Request) -> web.Response:
+    note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     blob_id = _key(request, "blob")
     limit = request.app[state.CONFIG].max_upload_size
@@ -63,6 +67,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 
 async def put_manifest(request: web.Request) -> web.Response:
+    note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     key = _key(request, "key")
     document = await read_document(request, MAX_MANIFEST_SIZE)
@@ -77,7 +82,11 @@ async def get_manifest(request: web.Request) -> web.Response:
     except FormatError:
         raise web.HTTPNotFound() from None
     document = await request.app[state.RUSTC].get_manifest(settings, key)
+    note_lookup(request, "manifest", document is not None)
     if document is None:
+        crate = request.headers.get(CRATE_HEADER)
+        if crate:
+            request.app[HITS].missed_crate(settings.name, crate)
         raise web.HTTPNotFound()
     return web.Response(body=document, content_type="application/json")
 

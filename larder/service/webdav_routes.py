@@ -27,6 +27,7 @@ from larder.protocol.dav import Resource, multistatus, normalise
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.access import cache_for, expect_continue
+from larder.service.observe import note_lookup, note_upload
 from larder.service.transfer import body_chunks, serve_stream
 
 MULTISTATUS_TYPE = "application/xml"
@@ -49,6 +50,8 @@ async def get_entry(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound() from None
     store = request.app[state.SCCACHE]
     entry = None if collection else await store.get(settings, path)
+    if not path.startswith("."):  # .sccache_check is a probe, not a lookup
+        note_lookup(request, "entry", entry is not None)
     if entry is None:
         raise web.HTTPNotFound()
     headers = {"Content-Type": "application/octet-stream"}
@@ -61,6 +64,7 @@ async def get_entry(request: web.Request) -> web.StreamResponse:
 
 
 async def put_entry(request: web.Request) -> web.Response:
+    note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     path, collection = _path(request)
     if collection or not path:

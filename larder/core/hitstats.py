@@ -1,0 +1,89 @@
+"""Recent hit rates and most-missed crates, in memory and bounded (per replica).
+
+Hits and misses are counted in one-minute buckets per (cache, protocol), kept for a day, so the
+hit rate over the last hour and day costs a sum over at most 1440 buckets. Missed crates are
+counted by name, at most :data:`MAX_CRATES` names per cache (the least-missed name makes room).
+A Nix miss names only a store path hash; the hash is remembered (at most :data:`MAX_PENDING`)
+and its misses are credited to the crate once a narinfo for it is uploaded, when the store path
+name says which crate it is (``rust_<crate>-<version>``, as buildRustCrate names outputs).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+MAX_CRATES = 1000
+MAX_PENDING = 10_000
+DAY_MINUTES = 24 * 60
+_RUST_PATH = re.compile(r"rust_([A-Za-z0-9_-]+?)-\d[^/]*$")
+_CRATE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def crate_of_store_path_name(name: str) -> str | None:
+    """``serde`` for ``rust_serde-1.0.200`` (a store path name without its hash), else None."""
+    match = _RUST_PATH.match(name)
+    return match.group(1) if match else None
+
+
+class HitStats:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], deque[list[int]]] = {}
+        self._missed: dict[str, dict[str, int]] = {}
+        self._pending: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    def record(self, cache: str, protocol: str, hit: bool) -> None:
+        minute = int(self._clock() // 60)
+        buckets = self._buckets.setdefault((cache, protocol), deque(maxlen=DAY_MINUTES))
+        if not buckets or buckets[-1][0] != minute:
+            buckets.append([minute, 0, 0])
+        buckets[-1][1 if hit else 2] += 1
+
+    def rates(self, cache: str) -> dict[str, dict[str, object]]:
+        """Per protocol: hits, misses and hit rate over the last hour and day."""
+        now = int(self._clock() // 60)
+        report: dict[str, dict[str, object]] = {}
+        for (name, protocol), buckets in self._buckets.items():
+            if name != cache:
+                continue
+            entry: dict[str, object] = {}
+            for label, minutes in (("hour", 60), ("day", DAY_MINUTES)):
+                hits = sum(b[1] for b in buckets if now - b[0] < minutes)
+                misses = sum(b[2] for b in buckets if now - b[0] < minutes)
+                total = hits + misses
+                entry[label] = {
+                    "hits": hits,
+                    "misses": misses,
+                    "hit_rate": hits / total if total else None,
+                }
+            report[protocol] = entry
+        return report
+
+    def missed_crate(self, cache: str, crate: str, count: int = 1) -> None:
+        if not _CRATE.fullmatch(crate):
+            return
+        counts = self._missed.setdefault(cache, {})
+        if crate not in counts and len(counts) >= MAX_CRATES:
+            del counts[min(counts, key=counts.__getitem__)]
+        counts[crate] = counts.get(crate, 0) + count
+
+    def missed_store_hash(self, cache: str, store_hash: str) -> None:
+        key = (cache, store_hash)
+        self._pending[key] = self._pending.pop(key, 0) + 1
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popitem(last=False)
+
+    def uploaded_store_path(self, cache: str, store_hash: str, name: str) -> None:
+        """A narinfo arrived: credit earlier misses of its hash to its crate."""
+        count = self._pending.pop((cache, store_hash), 0)
+        crate = crate_of_store_path_name(name)
+        if count and crate:
+            self.missed_crate(cache, crate, count)
+
+    def top_missed(self, cache: str, limit: int = 20) -> list[dict[str, object]]:
+        counts = self._missed.get(cache, {})
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+        return [{"crate": crate, "misses": misses} for crate, misses in ranked]

@@ -1,0 +1,135 @@
+"""Prometheus metrics: one registry per app, every label set bounded and created at 0.
+
+Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
+
+==========================================  ===============================================
+``larder_http_requests_total``              cache, protocol, status_class
+``larder_http_request_duration_seconds``    protocol (histogram; time to the response head)
+``larder_http_requests_in_flight``          (gauge)
+``larder_cache_lookups_total``              cache, protocol, kind, result (hit | miss)
+``larder_transfer_sent_bytes_total``        cache, protocol (response bodies)
+``larder_transfer_received_bytes_total``    cache, protocol (request bodies)
+``larder_upload_requests_total``            cache, protocol, outcome (accepted or why not)
+``larder_storage_objects``                  cache, kind (gauge, from the periodic scan)
+``larder_storage_size_bytes``               cache, kind (gauge, stored bytes, same scan)
+``larder_backend_operations_total``         backend, operation
+``larder_backend_errors_total``             backend, operation
+``larder_gc_runs_total`` and friends        created now, counted once GC exists
+==========================================  ===============================================
+
+Labels never take a path, key or token: ``cache`` is a cache that exists (``_none`` for requests
+naming none), ``protocol`` is one of :data:`PROTOCOLS`, ``kind`` one of :data:`LOOKUP_KINDS` or
+:data:`STORED_KINDS`. A new protocol adds its name and lookup kinds in :data:`LOOKUP_KINDS`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# protocol -> what its lookups look up
+LOOKUP_KINDS: dict[str, tuple[str, ...]] = {
+    "nix": ("narinfo", "nar"),
+    "rustc": ("manifest",),
+    "sccache": ("entry",),
+}
+PROTOCOLS = (*LOOKUP_KINDS, "api", "other")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+UPLOAD_OUTCOMES = (
+    "accepted", "bad_format", "verification_failed", "invalid_input", "too_large",
+    "unauthorized", "forbidden", "no_such_cache", "storage_error", "other",
+)  # fmt: skip
+STORED_KINDS = ("narinfo", "nar", "nix_file", "rustc_manifest", "rustc_blob", "sccache_entry")
+BACKEND_OPERATIONS = (
+    "get", "put", "put_if_absent", "exists", "delete", "keys", "blob_open", "blob_stored_size",
+    "blob_delete", "blob_ids", "blob_write", "check",
+)  # fmt: skip
+NO_CACHE = "_none"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """The app's series, on its own registry (``GET /metrics`` renders it)."""
+
+    def __init__(self, backend: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "larder_http_requests_total", "HTTP requests answered.",
+            ["cache", "protocol", "status_class"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "larder_http_request_duration_seconds", "Time to the response head.",
+            ["protocol"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "larder_http_requests_in_flight", "Requests being handled.", registry=r
+        )
+        self.lookups = Counter(
+            "larder_cache_lookups_total", "Cache lookups by result (hit or miss).",
+            ["cache", "protocol", "kind", "result"], registry=r,
+        )  # fmt: skip
+        self.sent = Counter(
+            "larder_transfer_sent_bytes_total", "Response body bytes.",
+            ["cache", "protocol"], registry=r,
+        )  # fmt: skip
+        self.received = Counter(
+            "larder_transfer_received_bytes_total", "Request body bytes.",
+            ["cache", "protocol"], registry=r,
+        )  # fmt: skip
+        self.uploads = Counter(
+            "larder_upload_requests_total", "Uploads, accepted or refused (outcome says why).",
+            ["cache", "protocol", "outcome"], registry=r,
+        )  # fmt: skip
+        self.objects = Gauge(
+            "larder_storage_objects", "Stored objects by cache and kind.",
+            ["cache", "kind"], registry=r,
+        )  # fmt: skip
+        self.stored_bytes = Gauge(
+            "larder_storage_size_bytes", "Stored (compressed) bytes by cache and kind.",
+            ["cache", "kind"], registry=r,
+        )  # fmt: skip
+        self.backend_ops = Counter(
+            "larder_backend_operations_total", "Storage backend calls.",
+            ["backend", "operation"], registry=r,
+        )  # fmt: skip
+        self.backend_errors = Counter(
+            "larder_backend_errors_total", "Storage backend calls that failed.",
+            ["backend", "operation"], registry=r,
+        )  # fmt: skip
+        self.gc_runs = Counter("larder_gc_runs_total", "GC runs.", registry=r)
+        self.gc_evicted = Counter(
+            "larder_gc_evicted_objects_total", "Objects GC removed.", registry=r
+        )
+        self.gc_freed = Counter("larder_gc_freed_bytes_total", "Bytes GC freed.", registry=r)
+        self.backend = backend
+        self._caches: set[str] = set()
+        for operation in BACKEND_OPERATIONS:
+            self.backend_ops.labels(backend, operation)
+            self.backend_errors.labels(backend, operation)
+        for protocol in PROTOCOLS:
+            self.latency.labels(protocol)
+        self.add_cache(NO_CACHE)
+
+    def add_cache(self, cache: str) -> None:
+        """Create every series of ``cache`` at 0 (once)."""
+        if cache in self._caches:
+            return
+        self._caches.add(cache)
+        for protocol in PROTOCOLS:
+            for status_class in STATUS_CLASSES:
+                self.requests.labels(cache, protocol, status_class)
+            self.sent.labels(cache, protocol)
+            self.received.labels(cache, protocol)
+            for outcome in UPLOAD_OUTCOMES:
+                self.uploads.labels(cache, protocol, outcome)
+        for protocol, kinds in LOOKUP_KINDS.items():
+            for kind in kinds:
+                for result in ("hit", "miss"):
+                    self.lookups.labels(cache, protocol, kind, result)
+        if cache != NO_CACHE:
+            for kind in STORED_KINDS:
+                self.objects.labels(cache, kind)
+                self.stored_bytes.labels(cache, kind)
+
+    def lookup(self, cache: str, protocol: str, kind: str, hit: bool) -> None:
+        self.lookups.labels(cache, protocol, kind, "hit" if hit else "miss").inc()

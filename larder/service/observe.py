@@ -1,0 +1,148 @@
+"""Counting what the service does: the metrics middleware, the hooks handlers call, ``/metrics``.
+
+Handlers say what a request was (``note_cache`` from :func:`~larder.service.access.cache_for`,
+``note_lookup`` for a hit or a miss, ``note_upload`` for a write); the middleware turns that and
+the final status into series and into the in-memory hit statistics. The protocol of a request is
+read from its route (``/{cache}/rustc/...`` is ``rustc``), never from the raw path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from larder.core.hitstats import HitStats
+from larder.service.metrics import NO_CACHE, UPLOAD_OUTCOMES, Metrics
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+METRICS = web.AppKey("metrics", Metrics)
+HITS = web.AppKey("hits", HitStats)
+
+_CACHE = web.RequestKey("larder_cache", str)
+_LOOKUP = web.RequestKey("larder_lookup", tuple)
+_UPLOAD = web.RequestKey("larder_upload", bool)
+_ERROR_CODE = web.RequestKey("larder_error_code", str)
+
+
+def protocol_of(request: web.Request) -> str:
+    route = request.match_info.route
+    pattern = route.resource.canonical if route.resource is not None else ""
+    if pattern.startswith("/{cache}/rustc"):
+        return "rustc"
+    if pattern.startswith("/{cache}/sccache"):
+        return "sccache"
+    if pattern.startswith("/api/"):
+        return "api"
+    if pattern.startswith("/{cache}"):
+        return "nix"
+    return "other"
+
+
+def note_cache(request: web.Request, cache: str) -> None:
+    """The request names ``cache``, which exists (so it may be a label)."""
+    request[_CACHE] = cache
+    request.app[METRICS].add_cache(cache)
+
+
+def note_lookup(request: web.Request, kind: str, hit: bool) -> None:
+    request[_LOOKUP] = (kind, hit)
+
+
+def note_upload(request: web.Request) -> None:
+    request[_UPLOAD] = True
+
+
+def note_error_code(request: web.Request, code: str) -> None:
+    request[_ERROR_CODE] = code
+
+
+def _upload_outcome(request: web.Request, status: int) -> str:
+    if status < 400:
+        return "accepted"
+    if status >= 500:
+        return "storage_error"
+    by_status = {401: "unauthorized", 403: "forbidden", 413: "too_large"}
+    code = request.get(_ERROR_CODE) or by_status.get(status, "other")
+    return code if code in UPLOAD_OUTCOMES else "other"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    metrics.in_flight.inc()
+    start = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.in_flight.dec()
+        protocol = protocol_of(request)
+        cache = request.get(_CACHE, NO_CACHE)
+        metrics.latency.labels(protocol).observe(time.monotonic() - start)
+        metrics.requests.labels(cache, protocol, f"{min(status // 100, 5)}xx").inc()
+        received = request.content.total_bytes
+        if received:
+            metrics.received.labels(cache, protocol).inc(received)
+        if request.get(_UPLOAD):
+            metrics.uploads.labels(cache, protocol, _upload_outcome(request, status)).inc()
+        lookup = request.get(_LOOKUP)
+        if lookup is not None and cache != NO_CACHE:
+            kind, hit = lookup
+            metrics.lookup(cache, protocol, kind, hit)
+            request.app[HITS].record(cache, protocol, hit)
+
+
+async def count_sent(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: count the body about to be sent (its declared length)."""
+    if request.method == "HEAD" or response.content_length is None:
+        return
+    cache = request.get(_CACHE, NO_CACHE)
+    request.app[METRICS].sent.labels(cache, protocol_of(request)).inc(response.content_length)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def install(app: web.Application, backend: str) -> Metrics:
+    """Create the registry and statistics, and hook them into ``app``."""
+    metrics = Metrics(backend)
+    app[METRICS] = metrics
+    app[HITS] = HitStats()
+    app.middlewares.insert(0, metrics_middleware)  # outermost: it sees the final status
+    app.on_response_prepare.append(count_sent)
+    app.router.add_get("/metrics", get_metrics)
+    return metrics
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON object per request (``access_log = "json"``); never logs credentials."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info(
+            json.dumps(
+                {
+                    "remote": request.remote,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "bytes": response.body_length,
+                    "seconds": round(time, 6),
+                    "user_agent": request.headers.get("User-Agent", ""),
+                }
+            )
+        )

@@ -1,0 +1,152 @@
+"""Metrics: series exist at 0, requests land with the right labels, labels stay bounded."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from larder.errors import StorageUnavailable
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.metrics import Metrics
+from larder.storage.memory import MemoryStorage
+from tests.service.conftest import Service, ServiceFactory
+
+MISSING = "0" * 32
+
+
+async def scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    resp = await service.client.get("/metrics")
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float:  # fmt: skip
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_every_series_of_a_cache_exists_at_zero() -> None:
+    metrics = Metrics("memory")
+    metrics.add_cache("main")
+    names = {
+        family.name
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+    }
+    for name in (
+        "larder_http_requests", "larder_http_request_duration_seconds",
+        "larder_http_requests_in_flight", "larder_cache_lookups", "larder_transfer_sent_bytes",
+        "larder_transfer_received_bytes", "larder_upload_requests", "larder_storage_objects",
+        "larder_storage_size_bytes", "larder_backend_operations", "larder_backend_errors",
+        "larder_gc_runs", "larder_gc_evicted_objects", "larder_gc_freed_bytes",
+    ):  # fmt: skip
+        assert name in names, name
+    sample = metrics.lookups.labels("main", "rustc", "manifest", "hit")
+    assert sample._value.get() == 0
+
+
+async def test_lookups_uploads_and_bytes_land_with_labels(service: Service) -> None:
+    assert (await service.client.get("/main/nix-cache-info")).status == 200
+    before = await scrape(service)
+    assert value(before, "larder_cache_lookups_total", cache="main", protocol="nix",
+                 kind="narinfo", result="miss") == 0  # fmt: skip
+    assert (await service.client.get(f"/main/{MISSING}.narinfo")).status == 404
+    resp = await service.client.put(
+        "/main/sccache/a/b/entry", data=b"x" * 1000, headers=service.auth()
+    )
+    assert resp.status == 201
+    assert (await service.client.get("/main/sccache/a/b/entry")).status == 200
+    assert (await service.client.put("/main/sccache/a/b/x", data=b"x")).status == 401
+    bad = await service.client.put(f"/main/{MISSING}.narinfo", data=b"junk", headers=service.auth())
+    assert bad.status == 400
+
+    after = await scrape(service)
+    assert value(after, "larder_cache_lookups_total", cache="main", protocol="nix",
+                 kind="narinfo", result="miss") == 1  # fmt: skip
+    assert value(after, "larder_cache_lookups_total", cache="main", protocol="sccache",
+                 kind="entry", result="hit") == 1  # fmt: skip
+    assert value(after, "larder_upload_requests_total", cache="main", protocol="sccache",
+                 outcome="accepted") == 1  # fmt: skip
+    assert value(after, "larder_upload_requests_total", cache="main", protocol="sccache",
+                 outcome="unauthorized") == 1  # fmt: skip
+    assert value(after, "larder_upload_requests_total", cache="main", protocol="nix",
+                 outcome="bad_format") == 1  # fmt: skip
+    assert (
+        value(after, "larder_transfer_sent_bytes_total", cache="main", protocol="sccache") >= 1000
+    )
+    assert value(after, "larder_transfer_received_bytes_total", cache="main",
+                 protocol="sccache") >= 1000  # fmt: skip
+    assert value(after, "larder_http_requests_total", cache="main", protocol="nix",
+                 status_class="4xx") == 2  # fmt: skip
+    assert value(after, "larder_backend_operations_total", backend="memory",
+                 operation="blob_write") >= 1  # fmt: skip
+
+
+async def test_unknown_caches_and_paths_never_become_labels(service: Service) -> None:
+    for i in range(5):
+        await service.client.get(f"/nope{i}/nix-cache-info")
+        await service.client.get(f"/main/{os.urandom(8).hex()}/x")
+    samples = await scrape(service)
+    caches = {dict(labels).get("cache") for _, labels in samples} - {None}
+    assert caches == {"main", "_none"}
+    assert value(samples, "larder_http_requests_total", cache="_none", protocol="nix",
+                 status_class="4xx") == 5  # fmt: skip
+    for _, labels in samples:
+        for label_value in dict(labels).values():
+            assert "/" not in label_value
+
+
+async def test_backend_errors_are_counted(make_service: ServiceFactory) -> None:
+    class Down(MemoryStorage):
+        fail = False
+
+        async def get(self, key: str) -> bytes | None:
+            if self.fail and key.startswith("caches/"):
+                raise StorageUnavailable("bucket unreachable")
+            return await super().get(key)
+
+    storage = Down()
+    service = await make_service(storage)
+    storage.fail = True
+    assert (await service.client.get(f"/main/{MISSING}.narinfo")).status == 503
+    samples = await scrape(service)
+    assert value(samples, "larder_backend_errors_total", backend="memory", operation="get") == 1
+    assert value(samples, "larder_http_requests_total", cache="main", protocol="nix",
+                 status_class="5xx") == 1  # fmt: skip
+
+
+async def test_stats_api_reports_hit_rates_and_missed_crates(service: Service) -> None:
+    await service.client.put("/main/sccache/k", data=b"v", headers=service.auth())
+    for path in ("/main/sccache/k", "/main/sccache/k", "/main/sccache/gone"):
+        await service.client.get(path)
+    for crate in ("serde", "serde", "tokio"):
+        resp = await service.client.get(
+            "/main/rustc/manifests/" + "ab" * 32, headers={"X-Larder-Crate": crate}
+        )
+        assert resp.status == 404
+    resp = await service.client.get("/api/v1/caches/main/stats")
+    assert resp.status == 200
+    stats = await resp.json()
+    sccache = stats["protocols"]["sccache"]["hour"]
+    assert (sccache["hits"], sccache["misses"]) == (2, 1)
+    assert abs(sccache["hit_rate"] - 2 / 3) < 1e-9
+    assert stats["protocols"]["rustc"]["day"]["misses"] == 3
+    assert stats["top_missed_crates"][:2] == [
+        {"crate": "serde", "misses": 2},
+        {"crate": "tokio", "misses": 1},
+    ]
+
+
+async def test_private_cache_stats_need_a_token(service: Service) -> None:
+    await service.client.app[state.CACHES].create("secret", private=True)
+    assert (await service.client.get("/api/v1/caches/secret/stats")).status == 401
+    reader = await service.issue("secret", Scope.READ)
+    resp = await service.client.get("/api/v1/caches/secret/stats", headers=service.auth(reader))
+    assert resp.status == 200
