@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system packages the end-to-end tests drive, when they are missing (needs root):
 # - Nix (Debian's nix-bin) for the binary-cache tests;
+# - Prometheus, which scrapes a running larder in the metrics tests;
 # - the registry crates the offline Rust test workspace depends on (Debian's librust-*-dev,
 #   unpacked into /usr/share/cargo/registry, used as a cargo directory source).
 set -euo pipefail
 missing=()
 command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 for crate in itoa hex memchr fnv; do
   compgen -G "/usr/share/cargo/registry/${crate}-*" >/dev/null || missing+=("librust-${crate}-dev")
 done

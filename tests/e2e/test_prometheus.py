@@ -1,0 +1,113 @@
+"""A real Prometheus scrapes a running larder while real traffic goes through it; every PromQL
+expression of the shipped Grafana dashboard evaluates, and the hit-rate panels have data."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.harness import free_port, http, larder_server, wait_for_http
+from tests.e2e.nix import Nix, netrc_for
+from tools.make_dashboard import OUT as DASHBOARD
+from tools.make_dashboard import render
+
+SCRAPE_INTERVAL = "1s"
+
+
+@contextmanager
+def prometheus(tmp: Path, target: str) -> Iterator[str]:
+    exe = shutil.which("prometheus")
+    assert exe, "prometheus must be installed (make test installs Debian's package)"
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        f"global:\n  scrape_interval: {SCRAPE_INTERVAL}\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: larder\n    static_configs:\n"
+        f"      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    log = (tmp / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [exe, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/-/ready", proc, timeout=60)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def query(base: str, expr: str) -> dict[str, Any]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return dict(json.load(resp))
+
+
+def expressions() -> list[tuple[str, str]]:
+    board = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target["expr"]) for panel in board["panels"] for target in panel["targets"]
+    ]
+
+
+def concrete(expr: str) -> str:
+    return expr.replace("$__rate_interval", "30s").replace("$cache", "main")
+
+
+def test_dashboard_file_is_current() -> None:
+    assert DASHBOARD.read_text() == render(), "run: .venv/bin/python tools/make_dashboard.py"
+    titles = [title for title, _ in expressions()]
+    assert titles[0].startswith("Hit rate")  # hit rate first, on the wall screen
+
+
+def test_every_dashboard_expression_evaluates_against_real_traffic(tmp_path: Path) -> None:
+    env = {"LARDER_USAGE_INTERVAL": "1"}
+    with larder_server(str(tmp_path / "data"), tmp_path, env) as server:
+        target = server.url.removeprefix("http://")
+        with prometheus(tmp_path, target) as prom:
+            ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+            paths = ci.build_closure(tmp_path)
+            hashes = [Path(p).name[:32] for p in ci.closure(paths["app"])]
+            for store_hash in hashes:  # misses before the push
+                assert http("GET", f"{server.url}/main/{store_hash}.narinfo")[0] == 404
+            ci.copy_to(f"{server.url}/main", paths["app"])
+            token = server.token()
+            http("PUT", f"{server.url}/main/sccache/a/b/entry", b"x" * 100, token)
+            deadline = time.monotonic() + 60
+            hit_rate = expressions()[0][1]
+            while True:  # hits keep coming while Prometheus scrapes
+                for store_hash in hashes:
+                    assert http("GET", f"{server.url}/main/{store_hash}.narinfo")[0] == 200
+                assert http("GET", f"{server.url}/main/sccache/a/b/entry")[0] == 200
+                result = query(prom, concrete(hit_rate))["data"]["result"]
+                if len(result) >= 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+
+            for title, expr in expressions():
+                answer = query(prom, concrete(expr))
+                assert answer["status"] == "success", (title, expr, answer)
+                if title.startswith("Hit rate"):
+                    values = [float(sample["value"][1]) for sample in answer["data"]["result"]]
+                    assert values, f"no data for {title!r}: {expr}"
+                    assert any(math.isfinite(v) and 0 < v <= 1 for v in values), (title, values)
+            protocols = {
+                sample["metric"]["protocol"]
+                for sample in query(prom, concrete(hit_rate))["data"]["result"]
+            }
+            assert {"nix", "sccache"} <= protocols
+            stored = query(prom, 'larder_storage_objects{cache="main",kind="narinfo"}')
+            assert float(stored["data"]["result"][0]["value"][1]) == 3

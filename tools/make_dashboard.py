@@ -1,0 +1,149 @@
+"""Writes helm/larder/dashboards/larder.json, larder's Grafana dashboard (hit rate first).
+
+    .venv/bin/python tools/make_dashboard.py
+
+The tests check that the committed file is what this script writes and evaluate every PromQL
+expression in it against a real Prometheus scraping a real larder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parents[1] / "helm" / "larder" / "dashboards" / "larder.json"
+C = '{cache=~"$cache"}'
+R = "$__rate_interval"
+
+
+def hit_rate(by: str, window: str = R) -> str:
+    selector = '{cache=~"$cache",result="hit"}'
+    hits = f"sum by ({by}) (rate(larder_cache_lookups_total{selector}[{window}]))"
+    total = f"sum by ({by}) (rate(larder_cache_lookups_total{C}[{window}]))"
+    return f"{hits} / {total}"
+
+
+# (title, unit, [(expr, legend)], width, kind)
+PANELS: list[tuple[str, str, list[tuple[str, str]], int, str]] = [
+    ("Hit rate by protocol", "percentunit", [(hit_rate("protocol"), "{{protocol}}")], 12,
+     "timeseries"),
+    ("Hit rate per cache (last hour)", "percentunit",
+     [(hit_rate("cache", "1h"), "{{cache}}")], 6, "stat"),
+    ("Hit rate by protocol and kind (last hour)", "percentunit",
+     [(hit_rate("protocol, kind", "1h"), "{{protocol}} {{kind}}")], 6, "bargauge"),
+    ("Requests per second", "reqps",
+     [(f"sum by (protocol) (rate(larder_http_requests_total{C}[{R}]))", "{{protocol}}")], 8,
+     "timeseries"),
+    ("Errors per second", "reqps",
+     [(f'sum by (status_class) (rate(larder_http_requests_total{{cache=~"$cache",'
+       f'status_class=~"4xx|5xx"}}[{R}]))', "{{status_class}}")], 8, "timeseries"),
+    ("Latency p50 / p99", "s",
+     [(f"histogram_quantile(0.5, sum by (le, protocol) "
+       f"(rate(larder_http_request_duration_seconds_bucket[{R}])))", "p50 {{protocol}}"),
+      (f"histogram_quantile(0.99, sum by (le, protocol) "
+       f"(rate(larder_http_request_duration_seconds_bucket[{R}])))", "p99 {{protocol}}")],
+     8, "timeseries"),
+    ("Bytes served", "Bps",
+     [(f"sum by (protocol) (rate(larder_transfer_sent_bytes_total{C}[{R}]))", "{{protocol}}")],
+     8, "timeseries"),
+    ("Bytes received", "Bps",
+     [(f"sum by (protocol) (rate(larder_transfer_received_bytes_total{C}[{R}]))",
+       "{{protocol}}")], 8, "timeseries"),
+    ("Uploads and rejections", "reqps",
+     [(f"sum by (outcome) (rate(larder_upload_requests_total{C}[{R}]))", "{{outcome}}")], 8,
+     "timeseries"),
+    ("Storage size", "bytes",
+     [(f"sum by (kind) (larder_storage_size_bytes{C})", "{{kind}}")], 8, "timeseries"),
+    ("Stored objects", "short",
+     [(f"sum by (kind) (larder_storage_objects{C})", "{{kind}}")], 8, "timeseries"),
+    ("Storage backend errors", "ops",
+     [(f"sum by (backend, operation) (rate(larder_backend_errors_total[{R}]))",
+       "{{backend}} {{operation}}"),
+      (f"sum by (backend) (rate(larder_backend_operations_total[{R}]))", "{{backend}} calls")],
+     8, "timeseries"),
+    ("In-flight requests", "short",
+     [("sum(larder_http_requests_in_flight)", "in flight")], 8, "timeseries"),
+    ("GC", "short",
+     [(f"increase(larder_gc_runs_total[{R}])", "runs"),
+      (f"increase(larder_gc_evicted_objects_total[{R}])", "evicted objects"),
+      (f"increase(larder_gc_freed_bytes_total[{R}])", "freed bytes")], 16, "timeseries"),
+]  # fmt: skip
+
+
+def panel(index: int, x: int, y: int, spec: tuple[str, str, list[tuple[str, str]], int, str]
+          ) -> dict[str, Any]:  # fmt: skip
+    title, unit, targets, width, kind = spec
+    return {
+        "id": index + 1,
+        "type": kind,
+        "title": title,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"x": x, "y": y, "w": width, "h": 8},
+        "fieldConfig": {"defaults": {"unit": unit, "min": 0}, "overrides": []},
+        "options": {},
+        "targets": [
+            {
+                "refId": chr(ord("A") + n),
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "expr": expr,
+                "legendFormat": legend,
+            }
+            for n, (expr, legend) in enumerate(targets)
+        ],
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    panels, x, y = [], 0, 0
+    for index, spec in enumerate(PANELS):
+        if x + spec[3] > 24:
+            x, y = 0, y + 8
+        panels.append(panel(index, x, y, spec))
+        x += spec[3]
+    return {
+        "title": "larder",
+        "uid": "larder-overview",
+        "description": "larder: hit rates per cache and protocol, traffic, latency, storage.",
+        "tags": ["larder", "build-cache"],
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "label": "Prometheus",
+                },
+                {
+                    "name": "cache",
+                    "type": "query",
+                    "label": "Cache",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": {"query": "label_values(larder_http_requests_total, cache)"},
+                    "definition": "label_values(larder_http_requests_total, cache)",
+                    "regex": "/^[^_].*/",
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "refresh": 2,
+                },
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(render())
+    sys.exit(0)
