@@ -19,7 +19,8 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 
 Labels never take a path, key or token: ``cache`` is a cache that exists (``_none`` for requests
 naming none), ``protocol`` is one of :data:`PROTOCOLS`, ``kind`` one of :data:`LOOKUP_KINDS` or
-:data:`STORED_KINDS`. A new protocol adds its name and lookup kinds in :data:`LOOKUP_KINDS`.
+:data:`STORED_KINDS`. A new protocol adds its lookup kinds to :data:`LOOKUP_KINDS` and its route
+prefix to :data:`ROUTE_PROTOCOLS`, here, and nothing else.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ LOOKUP_KINDS: dict[str, tuple[str, ...]] = {
     "sccache": ("entry",),
 }
 PROTOCOLS = (*LOOKUP_KINDS, "api", "other")
+# route pattern prefix -> protocol, most specific first (a route's protocol is its first match)
+ROUTE_PROTOCOLS: tuple[tuple[str, str], ...] = (
+    ("/{cache}/rustc", "rustc"),
+    ("/{cache}/sccache", "sccache"),
+    ("/api/", "api"),
+    ("/{cache}", "nix"),
+)
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 UPLOAD_OUTCOMES = (
     "accepted", "bad_format", "verification_failed", "invalid_input", "too_large",

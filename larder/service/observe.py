@@ -19,7 +19,7 @@ from aiohttp.web_response import StreamResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from larder.core.hitstats import HitStats
-from larder.service.metrics import NO_CACHE, UPLOAD_OUTCOMES, Metrics
+from larder.service.metrics import NO_CACHE, ROUTE_PROTOCOLS, UPLOAD_OUTCOMES, Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -35,14 +35,9 @@ _ERROR_CODE = web.RequestKey("larder_error_code", str)
 def protocol_of(request: web.Request) -> str:
     route = request.match_info.route
     pattern = route.resource.canonical if route.resource is not None else ""
-    if pattern.startswith("/{cache}/rustc"):
-        return "rustc"
-    if pattern.startswith("/{cache}/sccache"):
-        return "sccache"
-    if pattern.startswith("/api/"):
-        return "api"
-    if pattern.startswith("/{cache}"):
-        return "nix"
+    for prefix, protocol in ROUTE_PROTOCOLS:
+        if pattern.startswith(prefix):
+            return protocol
     return "other"
 
 

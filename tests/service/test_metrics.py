@@ -150,3 +150,35 @@ async def test_private_cache_stats_need_a_token(service: Service) -> None:
     reader = await service.issue("secret", Scope.READ)
     resp = await service.client.get("/api/v1/caches/secret/stats", headers=service.auth(reader))
     assert resp.status == 200
+
+
+def test_json_access_log_line_has_no_credentials() -> None:
+    import json
+    import logging
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from larder.service.observe import JsonAccessLogger
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("larder.test.access")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    request = make_mocked_request(
+        "GET", "/main/nix-cache-info", headers={"Authorization": "Bearer secret-token"}
+    )
+
+    class Answer:
+        status = 200
+        body_length = 42
+
+    JsonAccessLogger(logger, "").log(request, Answer(), 0.0015)  # type: ignore[arg-type]
+    line = json.loads(records[0])
+    assert line["status"] == 200 and line["path"] == "/main/nix-cache-info"
+    assert line["bytes"] == 42
+    assert "secret-token" not in records[0]
