@@ -1,258 +1,419 @@
-"""Memory and throughput of a large NAR through larder, with nginx on the same bytes as the peer.
+"""Server memory and throughput for one large NAR through larder, with nginx measured alongside.
 
-A NAR of one regular file of ``--size`` bytes (default 2 GiB; seeded pseudo-random, so
-incompressible) is generated as a stream, never held in memory, and:
+Goal under test: a 2 GiB NAR upload or download must not grow the server's RSS by more than
+about 100 MiB.
 
-1. uploaded uncompressed to ``PUT /main/nar/<sha256>.nar``, with its narinfo;
-2. downloaded as served (``.nar.zst``, the stored bytes) and checked against its NarHash;
-3. downloaded decompressed (``.nar``) and checked.
+A NAR holding one regular file of ``--size`` bytes is generated as a stream (never held in
+memory): the file is a 64 MiB seeded pseudo-random pool repeated, so it is incompressible and
+every pass yields the same bytes. A first pass hashes it (sha256 = FileHash = NarHash, since it
+is uploaded uncompressed). Then, on loopback, each on one connection with the same client code:
 
-A sampler reads the server's RSS from ``/proc/<pid>/status`` every 20 ms; each phase reports the
-growth of the peak over the RSS before it. Goal: under 100 MiB each. The peer is nginx (Debian's
-package, installed when missing) on the same machine: it accepts the same upload with WebDAV PUT
-and serves the stored zstd file statically; the script prints larder/nginx time ratios.
+1. larder: ``PUT /main/nar/<sha256>.nar`` (decompress, validate, hash, zstd, fsync), then its
+   narinfo ``PUT`` and ``GET``;           nginx: WebDAV ``PUT`` of the same bytes;
+2. larder: ``GET`` of the narinfo's ``URL`` (``.nar.zst``, the stored blob), decompressed and
+   checked against NarHash;             nginx: the same blob file, served statically;
+3. larder: ``GET nar/<NarHash>.nar`` (decompressed by the server) and checked;
+   nginx: the file its WebDAV PUT stored, served statically.
 
-    .venv/bin/python bench/nar_memory.py [--size 2GiB] [--json]
+During each larder phase a thread samples the server's RSS every 20 ms (and reads the kernel's
+high-water mark, reset before the phase); growth = peak - RSS when the phase started. Exit status
+1 when a phase grows by more than ``--limit`` MiB (default 100).
+
+    .venv/bin/python bench/nar_memory.py [--size 2GiB] [--keep] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
-import http.client
 import json
+import os
 import random
 import shutil
-import struct
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import (
+    MiB,
+    RssSampler,
+    Transfer,
+    get_stream,
+    larder_server,
+    machine,
+    nginx_server,
+    put_stream,
+    read_file,
+    read_rss,
+    request,
+)
 
-import zstandard  # noqa: E402
+from larder.protocol import nix32
+from larder.protocol.nar import NAR_MAGIC, nar_string, write_nar
+from larder.service.config import parse_size
 
-from larder.protocol import nix32  # noqa: E402
-from larder.protocol.nar import write_nar  # noqa: E402
-from larder.service.config import parse_size  # noqa: E402
-from tests.e2e.harness import free_port, larder_server  # noqa: E402
-
-MiB = 1024 * 1024
-POOL = random.Random(20261122).randbytes(64 * MiB)
-PIECE = 1 * MiB
-LIMIT_MIB = 100
-
-
-def nar_string(data: bytes) -> bytes:
-    return struct.pack("<Q", len(data)) + data + b"\0" * (-len(data) % 8)
+POOL_SIZE = 64 * MiB
+CHUNK = 1 * MiB
+DEFAULT_SEED = 20261122
+NAR_TYPE = "application/x-nix-nar"
+PHASES = (
+    ("upload", "upload .nar"),
+    ("download_zstd", "GET .nar.zst"),
+    ("download_plain", "GET .nar"),
+)
 
 
-def nar_stream(size: int) -> Iterator[bytes]:
-    """A NAR holding one regular file of ``size`` pseudo-random bytes, in pieces."""
-    header = (b"nix-archive-1", b"(", b"type", b"regular", b"contents")
-    yield b"".join(nar_string(s) for s in header) + struct.pack("<Q", size)
-    sent = 0
-    while sent < size:
-        offset = sent % len(POOL)
-        piece = POOL[offset : offset + min(PIECE, size - sent)]
-        sent += len(piece)
-        yield piece
-    yield b"\0" * (-size % 8) + nar_string(b")")
+# -- the NAR ---------------------------------------------------------------------------------
+
+
+def nar_prefix(size: int) -> bytes:
+    """Everything before the file's bytes: magic, ``( type regular contents`` and the length."""
+    head = (NAR_MAGIC, b"(", b"type", b"regular", b"contents")
+    return b"".join(nar_string(s) for s in head) + size.to_bytes(8, "little")
+
+
+def nar_suffix(size: int) -> bytes:
+    """Everything after the file's bytes: padding to 8 and ``)``."""
+    return bytes(-size % 8) + nar_string(b")")
 
 
 def nar_length(size: int) -> int:
-    return sum(len(p) for p in nar_stream(0)) + size + (-size % 8)
+    return len(nar_prefix(size)) + size + len(nar_suffix(size))
 
 
-class RssSampler:
-    """Peak RSS of a process, sampled in a thread."""
+@dataclass(frozen=True)
+class Payload:
+    """A file of ``size`` bytes cycling through ``pool``, and the NAR holding it."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    pool: bytes
+    size: int
 
-    def rss(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+    def file_chunks(self) -> Iterator[memoryview]:
+        """The file in slices of at most 1 MiB (views into the pool, no copies)."""
+        view = memoryview(self.pool)
+        sent = 0
+        while sent < self.size:
+            offset = sent % len(self.pool)
+            piece = view[offset : offset + min(CHUNK, self.size - sent, len(self.pool) - offset)]
+            sent += len(piece)
+            yield piece
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.02)
+    def nar_chunks(self) -> Iterator[bytes | memoryview]:
+        yield nar_prefix(self.size)
+        yield from self.file_chunks()
+        yield nar_suffix(self.size)
 
-    def __enter__(self) -> RssSampler:
-        self.peak = self.rss()
-        self._thread.start()
-        return self
+    @property
+    def nar_size(self) -> int:
+        return nar_length(self.size)
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def request(
-    port: int, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
-) -> http.client.HTTPResponse:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request(method, path, body=body, headers=headers or {})  # type: ignore[arg-type]
-    return conn.getresponse()
+    def nar_sha256(self) -> bytes:
+        digest = hashlib.sha256()
+        for chunk in self.nar_chunks():
+            digest.update(chunk)
+        return digest.digest()
 
 
-def download(port: int, path: str, zstd: bool) -> tuple[float, str]:
-    """Stream a body, decompressing if asked; (seconds, sha256 hex of the NAR)."""
-    start = time.monotonic()
-    response = request(port, "GET", path)
-    assert response.status == 200, (path, response.status)
-    digest = hashlib.sha256()
-    decompressor = zstandard.ZstdDecompressor().decompressobj() if zstd else None
-    while chunk := response.read(PIECE):
-        digest.update(decompressor.decompress(chunk) if decompressor else chunk)
-    return time.monotonic() - start, digest.hexdigest()
+def check_stream_format(pool: bytes) -> None:
+    """The streamed NAR equals :func:`write_nar`'s for small sizes (including padding cases)."""
+    for size in (0, 1, 7, 8, 9, 1000, 4096 + 3):
+        streamed = b"".join(bytes(c) for c in Payload(pool, size).nar_chunks())
+        expected = write_nar({"type": "regular", "contents": pool[:size]})
+        if streamed != expected:
+            raise AssertionError(f"streamed NAR of a {size}-byte file differs from write_nar's")
+        if len(streamed) != nar_length(size):
+            raise AssertionError(f"nar_length({size}) is wrong")
 
 
-def phase(sampler_pid: int, action: object) -> tuple[object, int, int]:
-    with RssSampler(sampler_pid) as sampler:
-        before = sampler.peak
-        result = action() if callable(action) else None
-    return result, before, sampler.peak
+# -- phases ----------------------------------------------------------------------------------
 
 
-def nginx(work: Path, blob_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    if shutil.which("nginx") is None:
-        subprocess.run(["apt-get", "install", "-y", "-q", "nginx-light"], check=True)
-    port = free_port()
-    (work / "nginx-put").mkdir()
-    conf = work / "nginx.conf"
-    conf.write_text(
-        f"""daemon off; worker_processes 2; pid {work}/nginx.pid; error_log {work}/nginx.err;
-user root;
-events {{ worker_connections 256; }}
-http {{
-  access_log off; sendfile on; client_max_body_size 0;
-  client_body_temp_path {work}/nginx-tmp;
-  server {{
-    listen 127.0.0.1:{port};
-    location /put/ {{ alias {work}/nginx-put/; dav_methods PUT; create_full_put_path on; }}
-    location /blobs/ {{ alias {blob_dir}/; }}
-  }}
-}}
-"""
-    )
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)])
-    for _ in range(100):
-        try:
-            request(port, "GET", "/blobs/").read()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return proc, port
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="2GiB", help="size of the file in the NAR")
-    parser.add_argument("--json", action="store_true")
-    options = parser.parse_args()
-    size = parse_size(options.size)
-    assert write_nar({"type": "regular", "contents": POOL[:1000]}) == b"".join(nar_stream(1000))
-    length = nar_length(size)
-    nar_sha = hashlib.sha256()
-    for piece in nar_stream(size):
-        nar_sha.update(piece)
-    file_hash = nix32.encode(nar_sha.digest())
-    results: dict[str, object] = {"nar_bytes": length}
-    with tempfile.TemporaryDirectory(prefix="larder-bench-") as tmp:
-        work = Path(tmp)
-        data = work / "data"
-        with larder_server(str(data), work) as server:
-            port = int(server.url.rsplit(":", 1)[1])
-            headers = {"Authorization": f"Bearer {server.token()}", "Content-Length": str(length)}
+def expect(transfer: Transfer, statuses: tuple[int, ...], what: str) -> Transfer:
+    if transfer.status not in statuses:
+        reply = transfer.reply[:500].decode(errors="replace")
+        raise RuntimeError(f"{what}: HTTP {transfer.status}: {reply}")
+    return transfer
 
-            def upload() -> float:
-                start = time.monotonic()
-                response = request(port, "PUT", f"/main/nar/{file_hash}.nar", nar_stream(size),
-                                   headers)  # fmt: skip
-                body = response.read()
-                assert response.status == 200, body
-                return time.monotonic() - start
 
-            seconds, before, peak = phase(server.pid, upload)
-            results["upload"] = {"seconds": seconds, "rss_before": before, "rss_peak": peak}
-            store_hash = nix32.encode(hashlib.sha256(b"bench").digest()[:20])
-            narinfo = (
-                f"StorePath: /nix/store/{store_hash}-bench-nar\nURL: nar/{file_hash}.nar\n"
-                f"Compression: none\nNarHash: sha256:{file_hash}\nNarSize: {length}\n"
-                "References: \n"
-            ).encode()
-            response = request(port, "PUT", f"/main/{store_hash}.narinfo", narinfo,
-                               {"Authorization": headers["Authorization"]})  # fmt: skip
-            assert response.status == 200, response.read()
-            served = request(port, "GET", f"/main/{store_hash}.narinfo").read().decode()
-            url = next(line[5:] for line in served.splitlines() if line.startswith("URL: "))
-            nar_hash = nix32.encode(nar_sha.digest())
-            for name, path, zstd in (
-                ("download_zstd", f"/main/{url}", True),
-                ("download_plain", f"/main/nar/{nar_hash}.nar", False),
-            ):
-                outcome, before, peak = phase(
-                    server.pid, lambda p=path, z=zstd: download(port, p, z)
+def check_download(transfer: Transfer, nar_sha256: str, nar_size: int, what: str) -> None:
+    expect(transfer, (200,), what)
+    if transfer.sha256 != nar_sha256 or transfer.body_bytes != nar_size:
+        raise RuntimeError(
+            f"{what}: got {transfer.body_bytes} bytes with sha256 {transfer.sha256}, "
+            f"expected {nar_size} bytes with {nar_sha256}"
+        )
+
+
+def timed(transfer: Transfer, nar_size: int) -> dict[str, Any]:
+    return {
+        "seconds": round(transfer.seconds, 3),
+        "mib_s": round(transfer.mib_s(nar_size), 1),
+        "wire_bytes": transfer.wire_bytes,
+    }
+
+
+def store_hash_for(size: int, seed: int) -> str:
+    """A 32-character store path hash, fixed for a size and seed."""
+    return nix32.encode(hashlib.sha256(f"bench-nar-{size}-{seed}".encode()).digest()[:20])
+
+
+def narinfo_fields(text: str) -> dict[str, str]:
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(": ")
+        fields[key] = value
+    return fields
+
+
+def log_problems(log: str) -> list[str]:
+    """Lines of a server log that report a problem."""
+    marks = ("Traceback", " ERROR ", " CRITICAL ", "Exception", "Error handling request")
+    return [line for line in log.splitlines() if any(mark in line for mark in marks)]
+
+
+def run(size: int, seed: int, limit_mib: float, keep: bool) -> dict[str, Any]:
+    pool = random.Random(seed).randbytes(POOL_SIZE)
+    check_stream_format(pool)
+    payload = Payload(pool, size)
+    nar_size = payload.nar_size
+    results: dict[str, Any] = {
+        "benchmark": "nar_memory",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "file_bytes": size,
+        "nar_bytes": nar_size,
+        "seed": seed,
+        "limit_mib": limit_mib,
+    }
+
+    progress(f"hashing the {nar_size / MiB:.1f} MiB NAR (first pass)")
+    start = time.perf_counter()
+    nar_digest = payload.nar_sha256()
+    results["client_hash_mib_s"] = round(nar_size / MiB / (time.perf_counter() - start), 1)
+    nar_hex = nar_digest.hex()
+    nar_hash = nix32.encode(nar_digest)  # also the FileHash: the upload is not compressed
+    store_hash = store_hash_for(size, seed)
+
+    work = Path(tempfile.mkdtemp(prefix="larder-bench-nar-"))
+    results["workdir"] = str(work) if keep else None
+    storage = work / "larder"
+    nginx_dir = work / "nginx"
+    nginx_body = f"""    location /blobs/ {{ alias {storage / "blobs"}/; }}
+    location /put/ {{
+      alias {nginx_dir / "put"}/;
+      dav_methods PUT;
+      create_full_put_path on;
+      client_max_body_size 0;
+      client_body_temp_path {nginx_dir / "put-tmp"};
+    }}"""
+    larder: dict[str, Any] = {}
+    nginx: dict[str, Any] = {}
+    results["larder"], results["nginx"] = larder, nginx
+    try:
+        with larder_server(storage, work) as server, nginx_server(nginx_dir, nginx_body) as peer:
+            results["nginx_version"] = peer.version
+            auth = {"Authorization": f"Bearer {server.token()}"}
+            results["larder_rss_idle_mib"] = round(read_rss(server.pid) / MiB, 1)
+
+            # 1. upload
+            os.sync()
+            progress("larder: PUT .nar")
+            with RssSampler(server.pid) as memory:
+                up = put_stream(
+                    f"{server.url}/main/nar/{nar_hash}.nar",
+                    payload.nar_chunks(),
+                    nar_size,
+                    {**auth, "Content-Type": NAR_TYPE},
                 )
-                assert isinstance(outcome, tuple)
-                assert outcome[1] == nar_sha.hexdigest(), name
-                results[name] = {"seconds": outcome[0], "rss_before": before, "rss_peak": peak}
-        blob_dir = next(p.parent for p in (data / "blobs").rglob("*") if p.is_file())
-        blob = next(p for p in blob_dir.iterdir() if p.is_file())
-        proc, nginx_port = nginx(work, blob_dir)
-        try:
-            start = time.monotonic()
-            response = request(nginx_port, "PUT", "/put/nar", nar_stream(size),
-                               {"Content-Length": str(length)})  # fmt: skip
-            response.read()
-            assert response.status in (201, 204), response.status
-            results["nginx_upload_seconds"] = time.monotonic() - start
-            seconds, digest = download(nginx_port, f"/blobs/{blob.name}", True)
-            assert digest == nar_sha.hexdigest()
-            results["nginx_download_zstd_seconds"] = seconds
-        finally:
-            proc.terminate()
-            proc.wait()
-    report(results, options.json)
-    growth = [r["rss_peak"] - r["rss_before"] for k, r in results.items()  # type: ignore[index]
-              if k in ("upload", "download_zstd", "download_plain")]  # fmt: skip
-    return 0 if all(g < LIMIT_MIB * MiB for g in growth) else 1
+            expect(up, (200,), "larder PUT .nar")
+            stored = json.loads(up.reply)
+            if stored["nar_size"] != nar_size:
+                raise RuntimeError(f"larder stored NarSize {stored['nar_size']}, sent {nar_size}")
+            results["stored_bytes"] = stored["stored_size"]
+            larder["upload"] = {**timed(up, nar_size), **memory.as_dict()}
+            os.sync()
+            progress("nginx: WebDAV PUT")
+            peer_up = put_stream(f"{peer.url}/put/{nar_hash}.nar", payload.nar_chunks(), nar_size)
+            nginx["upload"] = timed(expect(peer_up, (201, 204), "nginx PUT"), nar_size)
+            os.sync()
+
+            # the narinfo, then what the served one points at
+            narinfo = (
+                f"StorePath: /nix/store/{store_hash}-bench-nar\n"
+                f"URL: nar/{nar_hash}.nar\n"
+                "Compression: none\n"
+                f"NarHash: sha256:{nar_hash}\n"
+                f"NarSize: {nar_size}\n"
+                "References: \n"
+            )
+            status, reply = request(
+                "PUT",
+                f"{server.url}/main/{store_hash}.narinfo",
+                narinfo.encode(),
+                {**auth, "Content-Type": "text/x-nix-narinfo"},
+            )
+            if status != 200:
+                raise RuntimeError(f"larder PUT narinfo: HTTP {status}: {reply!r}")
+            status, reply = request("GET", f"{server.url}/main/{store_hash}.narinfo")
+            if status != 200:
+                raise RuntimeError(f"larder GET narinfo: HTTP {status}: {reply!r}")
+            served = narinfo_fields(reply.decode())
+            results["served_narinfo"] = {
+                k: served.get(k) for k in ("URL", "Compression", "FileSize", "NarHash", "NarSize")
+            }
+            if served.get("NarHash") != f"sha256:{nar_hash}" or served.get("NarSize") != str(
+                nar_size
+            ):
+                raise RuntimeError(f"served narinfo does not match the upload:\n{reply.decode()}")
+            record_path = storage / "objects" / "caches" / "main" / "nar" / nar_hash
+            blob_id = json.loads(record_path.read_bytes())["blob"]
+            blob_path = f"{blob_id[:2]}/{blob_id}"
+
+            # 2. the served .nar.zst, and the same file from nginx
+            zstd = served.get("Compression") == "zstd"
+            progress(f"larder: GET {served['URL']}")
+            with RssSampler(server.pid) as memory:
+                down = get_stream(f"{server.url}/main/{served['URL']}", zstd=zstd)
+            check_download(down, nar_hex, nar_size, f"larder GET {served['URL']}")
+            larder["download_zstd"] = {**timed(down, nar_size), **memory.as_dict()}
+            progress("nginx: GET the stored blob")
+            peer_down = get_stream(f"{peer.url}/blobs/{blob_path}", zstd=zstd)
+            check_download(peer_down, nar_hex, nar_size, "nginx GET blob")
+            nginx["download_zstd"] = timed(peer_down, nar_size)
+
+            # 3. the uncompressed .nar, and nginx's copy of the upload
+            progress("larder: GET .nar")
+            with RssSampler(server.pid) as memory:
+                plain = get_stream(f"{server.url}/main/nar/{nar_hash}.nar")
+            if plain.status == 404:
+                larder["download_plain"] = None
+            else:
+                check_download(plain, nar_hex, nar_size, "larder GET .nar")
+                larder["download_plain"] = {**timed(plain, nar_size), **memory.as_dict()}
+            progress("nginx: GET its stored .nar")
+            peer_plain = get_stream(f"{peer.url}/put/{nar_hash}.nar")
+            check_download(peer_plain, nar_hex, nar_size, "nginx GET .nar")
+            nginx["download_plain"] = timed(peer_plain, nar_size)
+
+            # the client working alone: the same reads, decompression and hashing on local files
+            alone = {
+                "download_zstd": read_file(storage / "blobs" / blob_path, zstd=zstd),
+                "download_plain": read_file(nginx_dir / "put" / f"{nar_hash}.nar"),
+            }
+            for phase, local in alone.items():
+                check_download(local, nar_hex, nar_size, f"local read for {phase}")
+            results["client_alone_mib_s"] = {
+                phase: round(local.mib_s(nar_size), 1) for phase, local in alone.items()
+            }
+
+            results["larder_rss_end_mib"] = round(read_rss(server.pid) / MiB, 1)
+            results["larder_log_problems"] = log_problems(server.log())
+            results["nginx_error_log"] = [
+                line for line in peer.error_log().splitlines() if "[warn]" not in line
+            ]
+    finally:
+        if keep:
+            progress(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    results["machine_after"] = machine()
+
+    for phase, _ in PHASES:
+        ours, theirs = larder.get(phase), nginx.get(phase)
+        if ours is not None:
+            ours["memory_pass"] = ours["rss_growth_mib"] <= limit_mib
+        if ours is not None and theirs is not None:
+            theirs["larder_throughput_ratio"] = round(ours["mib_s"] / theirs["mib_s"], 3)
+    results["memory_pass"] = all(
+        larder[phase]["memory_pass"] for phase, _ in PHASES if larder.get(phase) is not None
+    )
+    return results
 
 
-def report(results: dict[str, object], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(results, indent=2))
-        return
-    length = results["nar_bytes"]
-    assert isinstance(length, int)
-    print(f"NAR of {length / MiB:.0f} MiB (incompressible), larder on disk storage, loopback")
-    for name in ("upload", "download_zstd", "download_plain"):
-        r = results[name]
-        assert isinstance(r, dict)
-        growth = (r["rss_peak"] - r["rss_before"]) / MiB
-        verdict = "PASS" if growth < LIMIT_MIB else "FAIL"
-        print(f"  {name:15s} {r['seconds']:7.2f} s  {length / MiB / r['seconds']:7.1f} MiB/s  "
-              f"RSS {r['rss_before'] / MiB:6.1f} -> peak {r['rss_peak'] / MiB:6.1f} MiB "
-              f"(+{growth:.1f}, goal < {LIMIT_MIB}: {verdict})")  # fmt: skip
-    up, down = results["upload"], results["download_zstd"]
-    assert isinstance(up, dict) and isinstance(down, dict)
-    nginx_up, nginx_down = results["nginx_upload_seconds"], results["nginx_download_zstd_seconds"]
-    assert isinstance(nginx_up, float) and isinstance(nginx_down, float)
-    print(f"  nginx PUT       {nginx_up:7.2f} s   larder/nginx time {up['seconds'] / nginx_up:.2f}")
-    print(f"  nginx GET .zst  {nginx_down:7.2f} s   larder/nginx time "
-          f"{down['seconds'] / nginx_down:.2f}")  # fmt: skip
+# -- output ----------------------------------------------------------------------------------
+
+
+def report(results: dict[str, Any]) -> str:
+    m, after = results["machine"], results["machine_after"]
+    limit = results["limit_mib"]
+    alone = results["client_alone_mib_s"]
+    lines = [
+        f"larder NAR memory benchmark, {results['date']}",
+        f"machine: {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
+        f"nginx {results['nginx_version']}; load average {m['loadavg']} before, "
+        f"{after['loadavg']} after",
+        f"NAR: one regular file of {results['file_bytes'] / MiB:.1f} MiB (pseudo-random, "
+        f"seed {results['seed']}), NAR {results['nar_bytes'] / MiB:.1f} MiB, stored by larder "
+        f"as {results['stored_bytes'] / MiB:.1f} MiB zstd",
+        f"served narinfo: URL {results['served_narinfo']['URL']}, "
+        f"Compression {results['served_narinfo']['Compression']}",
+        f"client: sha256 of the generated NAR at {results['client_hash_mib_s']:.0f} MiB/s; "
+        f"the same client work on local files (no HTTP): {alone['download_zstd']:.0f} MiB/s "
+        f"for .nar.zst, {alone['download_plain']:.0f} MiB/s for .nar",
+        f"larder RSS idle {results['larder_rss_idle_mib']:.1f} MiB, at the end "
+        f"{results['larder_rss_end_mib']:.1f} MiB",
+        "",
+        f"{'phase':14} {'larder':>9} {'MiB/s':>7}  {'RSS base':>8} {'peak':>7} {'growth':>7} "
+        f"{'goal':>4}  {'nginx':>8} {'MiB/s':>7}  {'larder/nginx':>12}",
+    ]
+    for phase, label in PHASES:
+        ours, theirs = results["larder"].get(phase), results["nginx"].get(phase)
+        if ours is None:
+            lines.append(f"{label:14} not served by larder")
+            continue
+        verdict = "PASS" if ours["memory_pass"] else "FAIL"
+        peer = (
+            f"{theirs['seconds']:7.2f}s {theirs['mib_s']:7.1f}  "
+            f"{theirs['larder_throughput_ratio']:12.2f}"
+            if theirs
+            else ""
+        )
+        lines.append(
+            f"{label:14} {ours['seconds']:8.2f}s {ours['mib_s']:7.1f}  "
+            f"{ours['rss_baseline_mib']:8.1f} {ours['rss_peak_mib']:7.1f} "
+            f"{ours['rss_growth_mib']:+7.1f} {verdict:>4}  {peer}"
+        )
+    lines += [
+        "",
+        "RSS in MiB; growth = peak during the phase - RSS when it started (goal: at most "
+        f"{limit:g} MiB); peak = max of 20 ms samples and the kernel's VmHWM.",
+        "larder/nginx = larder's throughput / nginx's (1.00 = as fast; 0.50 = half as fast).",
+        f"memory goal: {'PASS' if results['memory_pass'] else 'FAIL'}",
+    ]
+    problems = results["larder_log_problems"] + results["nginx_error_log"]
+    if problems:
+        lines += ["", "server log problems:", *problems[:20]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Server RSS and throughput for one large NAR, larder against nginx."
+    )
+    parser.add_argument("--size", default="2GiB", help="size of the file in the NAR (2GiB)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of results")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--limit", type=float, default=100.0, help="allowed RSS growth per phase in MiB (100)"
+    )
+    options = parser.parse_args(argv)
+    try:
+        size = parse_size(options.size)
+    except ValueError as exc:
+        parser.error(str(exc))
+    results = run(size, options.seed, options.limit, options.keep)
+    print(json.dumps(results, indent=2) if options.json else report(results))
+    return 0 if results["memory_pass"] else 1
 
 
 if __name__ == "__main__":
