@@ -46,11 +46,12 @@ class TokenAuthority:
         storage: Storage,
         refresh_interval: float = 10.0,
         clock: Callable[[], float] = time.time,
+        secret: bytes | None = None,
     ) -> None:
         self._storage = storage
         self._refresh = refresh_interval
         self._clock = clock
-        self._secret: bytes | None = None
+        self._secret: bytes | None = secret  # given: a mounted secret wins over the store's
         self._revoked: frozenset[str] = frozenset()
         self._revoked_at = float("-inf")
         self._lock = asyncio.Lock()

@@ -40,7 +40,9 @@ def build_app(config: Config, storage: Storage) -> web.Application:
     app[state.STORAGE] = storage
     app[state.EXECUTOR] = executor
     app[state.CACHES] = CacheRegistry(storage, config.refresh_interval)
-    app[state.TOKENS] = TokenAuthority(storage, config.refresh_interval)
+    app[state.TOKENS] = TokenAuthority(
+        storage, config.refresh_interval, secret=config.token_secret()
+    )
     app[state.BLOBS] = BlobStore(storage, executor)
     app[state.NIX] = NixCache(app[state.BLOBS])
     app[state.RUSTC] = RustcCache(app[state.BLOBS])

@@ -156,7 +156,7 @@ async def _token_create(args: argparse.Namespace, storage: Storage, config: Conf
     cache = args.cache if args.cache == "*" else check_cache_name(args.cache)
     if cache != "*" and await CacheRegistry(storage).get(cache) is None:
         raise LarderError(f"no cache named {cache!r}")
-    authority = TokenAuthority(storage, config.refresh_interval)
+    authority = TokenAuthority(storage, config.refresh_interval, secret=config.token_secret())
     token, claims = await authority.issue(cache, Scope.parse(args.scope), parse_ttl(args.ttl))
     print(token)
     expiry = claims.expires_at or "never"
@@ -165,7 +165,9 @@ async def _token_create(args: argparse.Namespace, storage: Storage, config: Conf
 
 
 async def _token_revoke(args: argparse.Namespace, storage: Storage, config: Config) -> int:
-    await TokenAuthority(storage, config.refresh_interval).revoke(args.token_id, args.reason)
+    await TokenAuthority(storage, config.refresh_interval, secret=config.token_secret()).revoke(
+        args.token_id, args.reason
+    )
     print(f"revoked {args.token_id}", file=sys.stderr)
     return 0
 

@@ -72,6 +72,24 @@ class Config:
     access_log: str = "text"
     # Seconds between scans of stored objects and bytes per cache (0: never).
     usage_interval: float = 600.0
+    # A file holding the token secret (64+ hex digits, or 32+ bytes); empty: kept in the store.
+    token_secret_file: str = ""
+
+    def token_secret(self) -> bytes | None:
+        """The mounted token secret, if one is configured."""
+        if not self.token_secret_file:
+            return None
+        try:
+            text = Path(self.token_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token_secret_file: {exc}") from None
+        try:
+            secret = bytes.fromhex(text.decode()) if len(text) >= 64 else text
+        except (UnicodeDecodeError, ValueError):
+            secret = text
+        if len(secret) < 32:
+            raise ConfigError("token_secret_file must hold at least 32 bytes (or 64 hex digits)")
+        return secret
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -90,6 +108,7 @@ _CONVERTERS: dict[str, Any] = {
     "log_level": lambda v: _choice(str(v).lower(), ("debug", "info", "warning", "error")),
     "access_log": lambda v: _choice(str(v).lower(), ("text", "json")),
     "usage_interval": float,
+    "token_secret_file": str,
 }
 
 

@@ -82,3 +82,23 @@ def test_unknown_or_malformed_file_settings_are_refused(tmp_path: Path) -> None:
     path.write_text("listen = \n")
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config({"config": str(path)}, environ={})
+
+
+def test_token_secret_file(tmp_path: Path) -> None:
+    hex_file = tmp_path / "hex"
+    hex_file.write_text("ab" * 32 + "\n")
+    assert load_config({"token_secret_file": str(hex_file)}, environ={}).token_secret() == (
+        bytes.fromhex("ab" * 32)
+    )
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"x" * 40)
+    assert load_config({}, environ={"LARDER_TOKEN_SECRET_FILE": str(raw)}).token_secret() == (
+        b"x" * 40
+    )
+    short = tmp_path / "short"
+    short.write_text("too short")
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        load_config({"token_secret_file": str(short)}, environ={}).token_secret()
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config({"token_secret_file": str(tmp_path / "absent")}, environ={}).token_secret()
+    assert Config().token_secret() is None

@@ -1,0 +1,30 @@
+# larder: build the package in one stage, run it from a slim image with no build tools.
+#   docker build -t larder .
+#   docker run -p 8080:8080 -v larder-data:/var/lib/larder larder
+# Configuration comes from LARDER_* variables and mounted files only (see docs/operating.md).
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY larder ./larder
+RUN python -m venv /opt/larder \
+ && /opt/larder/bin/pip install --no-cache-dir --upgrade pip \
+ && /opt/larder/bin/pip install --no-cache-dir . \
+ && /opt/larder/bin/python -m compileall -q /opt/larder
+
+FROM python:3.11-slim
+RUN groupadd --system --gid 10001 larder \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/larder --no-create-home larder \
+ && mkdir -p /var/lib/larder \
+ && chown larder:larder /var/lib/larder
+COPY --from=build /opt/larder /opt/larder
+ENV PATH=/opt/larder/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    LARDER_LISTEN=0.0.0.0:8080 \
+    LARDER_STORAGE=/var/lib/larder
+USER 10001:10001
+WORKDIR /var/lib/larder
+VOLUME ["/var/lib/larder"]
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+ENTRYPOINT ["larder", "serve"]

@@ -1,0 +1,83 @@
+"""Static checks of the helm chart and the Dockerfile (no cluster, no image build)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tools.make_dashboard import OUT as DASHBOARD_CHECKED_BY_THE_METRICS_TESTS
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "larder"
+VALUE_PATH = re.compile(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+
+
+def values() -> dict[str, Any]:
+    return dict(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+
+def test_chart_and_values_parse() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "larder"
+    assert chart["version"] and chart["appVersion"]
+    assert values()["storage"]["mode"] == "disk"
+
+
+def test_every_values_path_in_templates_exists() -> None:
+    tree = values()
+    used = set()
+    for template in (CHART / "templates").iterdir():
+        used.update(VALUE_PATH.findall(template.read_text()))
+    assert len(used) > 20
+    for path in sorted(used):
+        node: Any = tree
+        for part in path.strip(".").split("."):
+            assert isinstance(node, dict) and part in node, f".Values{path} is not in values.yaml"
+            node = node[part]
+
+
+def test_every_value_is_used_by_a_template() -> None:
+    text = "".join(t.read_text() for t in (CHART / "templates").iterdir())
+
+    def leaves(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict) and node:
+            return [p for key, child in node.items() for p in leaves(child, f"{prefix}.{key}")]
+        return [prefix]
+
+    for leaf in leaves(values(), ".Values"):
+        parents = [leaf.rsplit(".", n)[0] for n in range(leaf.count(".") - 1)]
+        assert any(p in text for p in [leaf, *parents]), f"{leaf} is never used"
+
+
+def test_dashboard_in_the_chart_is_the_checked_one() -> None:
+    assert DASHBOARD_CHECKED_BY_THE_METRICS_TESTS == CHART / "dashboards" / "larder.json"
+    configmap = (CHART / "templates" / "dashboard-configmap.yaml").read_text()
+    assert '.Files.Get "dashboards/larder.json"' in configmap
+    assert "grafana_dashboard" in values()["dashboard"]["labels"]
+
+
+def test_disk_mode_refuses_several_replicas_and_pods_run_locked_down() -> None:
+    deployment = (CHART / "templates" / "deployment.yaml").read_text()
+    assert re.search(
+        r'if and \(eq \.Values\.storage\.mode "disk"\) \(gt \(int \.Values\.replicaCount\) 1\)',
+        deployment,
+    )
+    assert "{{- fail" in deployment
+    for needle in ("runAsNonRoot: true", "readOnlyRootFilesystem: true", "path: /healthz",
+                   "path: /readyz", "allowPrivilegeEscalation: false"):  # fmt: skip
+        assert needle in deployment, needle
+
+
+def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", dockerfile, re.M)) == 2
+    final = dockerfile.split("\nFROM ")[-1]
+    assert "slim" in final.splitlines()[0]
+    assert re.search(r"^USER 10001", final, re.M)
+    assert "HEALTHCHECK" in final and "/healthz" in final
+    assert 'ENTRYPOINT ["larder", "serve"]' in final
+    assert 'VOLUME ["/var/lib/larder"]' in final
+    assert not re.search(r"apt-get install|gcc|build-essential", final)
