@@ -78,4 +78,5 @@ async def decompressed(reader: BlobReader) -> AsyncIterator[bytes]:
         for piece in pieces:
             yield piece
     finally:
+        decompressor.close()
         await reader.close()

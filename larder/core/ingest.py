@@ -51,6 +51,10 @@ class NarIngest:
         self._file_size += len(data)
         self._decompressor.write(data)
 
+    def close(self) -> None:
+        """Release the decoder (and the cycle through it); idempotent."""
+        self._decompressor.close()
+
     def finish(self) -> NarDigest:
         """End of upload: raise ``FormatError`` if truncated, else return the digests."""
         self._decompressor.finish()

@@ -117,9 +117,12 @@ class NixCache:
         file_hash, compression = parse_nar_name(name)
         async with self._blobs.writer() as writer:
             ingest = NarIngest(compression, writer)
-            async for chunk in body:
-                await self._run(ingest.feed, chunk)
-            digest = await self._run(ingest.finish)
+            try:
+                async for chunk in body:
+                    await self._run(ingest.feed, chunk)
+                digest = await self._run(ingest.finish)
+            finally:
+                ingest.close()
             if nix32.encode(digest.file_sha256) != file_hash:
                 raise VerificationFailed(
                     f"file hash mismatch: the upload's sha256 is "

@@ -192,6 +192,10 @@ class _ZstdFrames:
         self._expect(_Z_MAGIC, 4)
 
 
+def _closed_sink(data: bytes) -> None:
+    raise ValueError("write after the decompressor was closed")
+
+
 class Decompressor:
     """Push decoder: ``write`` compressed chunks, get pieces of at most ``chunk_size`` bytes."""
 
@@ -207,6 +211,7 @@ class Decompressor:
         # xz / bzip2: the decoder of the current stream, None between streams.
         self._decoder: _StdlibDecoder | None = None
         self._streams = 0
+        self._zstd: zstandard.ZstdDecompressionWriter | None = None
         if compression == "zstd":
             self._frames = _ZstdFrames()
             self._zstd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_writer(
@@ -249,8 +254,24 @@ class Decompressor:
                 problem = f"{self.compression}: input is empty"
         if problem is not None:
             self._error = FormatError(problem)
+            self.close()
             raise self._error
         self._finished = True
+        self.close()
+
+    def close(self) -> None:
+        """Release the decoder and the sink (idempotent; no more writes afterwards).
+
+        The zstd stream writer is a C object the garbage collector cannot see into: when the
+        sink is a bound method of the decompressor's owner, the owner, this decompressor and the
+        writer form a cycle no collection frees, and each upload would keep its decoder window
+        (up to 128 MiB) and whatever the owner holds. Closing breaks the cycle.
+        """
+        self._zstd = None
+        self._decoder = None
+        self._sink = _closed_sink
+        if self._error is None and not self._finished:
+            self._error = FormatError(f"{self.compression}: the decoder was closed")
 
     def _write(self, data: Buffer) -> None:
         compression = self.compression
@@ -259,6 +280,8 @@ class Decompressor:
         elif compression == "zstd":
             view = memoryview(data).cast("B")
             self._frames.feed(view)
+            if self._zstd is None:
+                raise FormatError("zstd: the decoder was closed")
             try:
                 self._zstd.write(view)
             except zstandard.ZstdError as exc:

@@ -42,6 +42,21 @@ def check_zstd_level(level: int) -> int:
     return level
 
 
+def _closed_sink(piece: bytes) -> None:
+    raise ValueError("write after the blob encoder was closed")
+
+
+class _Finished:
+    def compress(self, data: bytes | memoryview) -> bytes:
+        raise ValueError("write after the blob encoder was closed")
+
+    def flush(self, mode: int = 0) -> bytes:
+        raise ValueError("the blob encoder is already finished")
+
+
+_FINISHED = _Finished()
+
+
 class BlobEncoder:
     """BLAKE3 of the input and one zstd stream of it, handed to ``sink`` piece by piece."""
 
@@ -82,7 +97,14 @@ class BlobEncoder:
     def finish(self) -> str:
         """End the zstd frame and return the blob id (BLAKE3 hex of everything written)."""
         self._emit(self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+        self.close()
         return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        """Drop the compressor and the sink: the owner's bound ``_sink`` would otherwise keep
+        a cycle (and the compressor's buffers) alive until a full garbage collection."""
+        self._sink = _closed_sink
+        self._stream = _FINISHED  # type: ignore[assignment]
 
 
 class _State(Enum):
@@ -154,6 +176,7 @@ class EncodingBlobWriter(BlobWriter):
         if self._state is not _State.OPEN:
             return
         self._state = _State.ABORTED
+        self._encoder.close()
         self._discard()
 
 
