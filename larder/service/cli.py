@@ -1,4 +1,5 @@
-"""The ``larder`` command: ``serve``, ``token create|revoke``, ``cache create|show|list``.
+"""The ``larder`` command: ``serve``, ``token create|revoke``, ``cache create|show|list``
+(and ``cache rotate-key``).
 
 Every subcommand takes ``--storage`` and ``--config`` (also ``LARDER_STORAGE`` /
 ``LARDER_CONFIG``), so an operator can mint a token for a running deployment by pointing at the
@@ -11,8 +12,11 @@ import argparse
 import asyncio
 import json
 import logging
+import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +26,7 @@ from larder.core.auth import TokenAuthority
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
 from larder.errors import LarderError
 from larder.protocol.names import check_cache_name
+from larder.protocol.signing import SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
 from larder.service.app import build_app
 from larder.service.config import Config, load_config
@@ -69,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache_show = cache_commands.add_parser("show", help="print a cache's settings as JSON")
     _common(cache_show)
     cache_show.add_argument("name")
+    rotate = cache_commands.add_parser(
+        "rotate-key", help="give a cache a new signing key (served signatures change at once)"
+    )
+    _common(rotate)
+    rotate.add_argument("name")
+    rotate.add_argument("--key-name", help="name of the new key (default NAME.larder-XXXXXX)")
+    rotate.add_argument(
+        "--key-file", help="use this Nix secret key (name:base64, as nix-store generates)"
+    )
     cache_list = cache_commands.add_parser("list", help="list caches")
     _common(cache_list)
     return parser
@@ -190,8 +204,32 @@ async def _cache_command(args: argparse.Namespace, storage: Storage, config: Con
         if found is None:
             raise LarderError(f"no cache named {args.name!r}")
         settings = found
+        if args.cache_command == "rotate-key":
+            settings = await _rotate_key(registry, settings, args.key_name, args.key_file)
     print(json.dumps(_describe(settings, _base_url(config)), indent=2))
     return 0
+
+
+async def _rotate_key(
+    registry: CacheRegistry, settings: CacheSettings, key_name: str | None, key_file: str | None
+) -> CacheSettings:
+    """Replace the cache's signing key; print the old and new public keys on stderr."""
+    if key_file:
+        try:
+            key = SecretKey.parse(Path(key_file).read_text().strip())
+        except OSError as exc:
+            raise LarderError(f"cannot read {key_file}: {exc}") from None
+    else:
+        key = SecretKey.generate(key_name or f"{settings.name}.larder-{secrets.token_hex(3)}")
+    rotated = replace(settings, signing_key=key)
+    await registry.update(rotated)
+    print(
+        f"rotated {settings.name}: was {settings.public_key.to_string()}\n"
+        f"  now {rotated.public_key.to_string()}\n"
+        "  laptops need the new key in trusted-public-keys (keep the old one until they do)",
+        file=sys.stderr,
+    )
+    return rotated
 
 
 def main(argv: Sequence[str] | None = None) -> int:

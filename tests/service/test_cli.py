@@ -10,7 +10,7 @@ import pytest
 
 from larder.core.auth import TokenAuthority
 from larder.errors import Unauthorized
-from larder.protocol.signing import PublicKey
+from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope
 from larder.service.cli import main
 from larder.storage.disk import DiskStorage
@@ -113,3 +113,30 @@ def test_bad_ttl_and_bad_config_are_clear_errors(
     monkeypatch.setenv("LARDER_ZSTD_LEVEL", "max")
     code, out, err = run(capsys, "cache", "list", "--storage", store)
     assert code == 2 and "LARDER_ZSTD_LEVEL" in err
+
+
+def test_rotate_key_changes_the_served_key(
+    store: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _, out, _ = run(capsys, "cache", "create", "team", "--storage", store)
+    old = json.loads(out)["public_key"]
+    code, out, err = run(capsys, "cache", "rotate-key", "team", "--storage", store)
+    assert code == 0
+    new = json.loads(out)["public_key"]
+    assert new != old and old in err and new in err
+    shown = run(capsys, "cache", "show", "team", "--storage", store)[1]
+    assert json.loads(shown)["public_key"] == new
+
+    key_file = tmp_path / "key"
+    key_file.write_text(SecretKey.generate("team.imported-1").to_string() + "\n")
+    code, out, _ = run(
+        capsys, "cache", "rotate-key", "team", "--key-file", str(key_file), "--storage", store
+    )
+    assert code == 0 and json.loads(out)["public_key"].startswith("team.imported-1:")
+    key_file.write_text("not a key")
+    code, out, err = run(
+        capsys, "cache", "rotate-key", "team", "--key-file", str(key_file), "--storage", store
+    )
+    assert code == 2 and out == "" and err.startswith("larder: ")
+    shown = run(capsys, "cache", "show", "team", "--storage", store)[1]
+    assert json.loads(shown)["public_key"].startswith("team.imported-1:")
