@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from larder.core import keys
 from larder.errors import InvalidInput, StorageError
@@ -120,6 +120,26 @@ class CacheRegistry:
         """Replace an existing cache's settings (privacy, priority, key rotation)."""
         await self._storage.put(keys.cache_config(settings.name), settings.to_json())
         self._seen[settings.name] = (settings, self._clock())
+
+    async def adopt_key(self, name: str, key: SecretKey, priority: int = 30) -> str:
+        """Make ``key`` the cache's signing key, creating the cache if needed.
+
+        Returns ``"created"``, ``"rotated"`` or ``"unchanged"``. For keys kept outside the store
+        (a mounted Kubernetes Secret): every replica adopts the same key at start-up.
+        """
+        existing = await self.get(check_cache_name(name))
+        if existing is None:
+            settings = CacheSettings(name, key, False, priority, int(time.time()))
+            if await self._storage.put_if_absent(keys.cache_config(name), settings.to_json()):
+                self._seen[name] = (settings, self._clock())
+                return "created"
+            self._seen.pop(name, None)
+            existing = await self.get(name)
+            assert existing is not None
+        if existing.signing_key.to_string() == key.to_string():
+            return "unchanged"
+        await self.update(replace(existing, signing_key=key))
+        return "rotated"
 
     async def ensure(self, name: str, priority: int = 30) -> tuple[CacheSettings, bool]:
         """The cache, creating it if missing; the flag says whether this call created it."""

@@ -122,9 +122,29 @@ def _base_url(config: Config) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
+async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:
+    """``signing_keys_dir``: each ``<cache>.key`` becomes that cache's signing key."""
+    if not config.signing_keys_dir:
+        return
+    directory = Path(config.signing_keys_dir)
+    try:
+        files = sorted(directory.glob("*.key"))
+    except OSError as exc:
+        raise LarderError(f"cannot read signing_keys_dir {directory}: {exc}") from None
+    for path in files:
+        try:
+            key = SecretKey.parse(path.read_text().strip())
+        except OSError as exc:
+            raise LarderError(f"cannot read {path}: {exc}") from None
+        what = await registry.adopt_key(path.stem, key, priority=config.default_priority)
+        if what != "unchanged":
+            print(f"cache {path.stem!r}: {what} with the key in {path.name}", flush=True)
+
+
 async def _bootstrap(config: Config, storage: Storage) -> None:
     """On first start create cache ``main``; always print how to use the caches."""
     registry = CacheRegistry(storage, config.refresh_interval)
+    await _adopt_signing_keys(config, registry)
     names = await registry.names()
     if not names:
         await registry.ensure(DEFAULT_CACHE, priority=config.default_priority)

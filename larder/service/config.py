@@ -74,6 +74,8 @@ class Config:
     usage_interval: float = 600.0
     # A file holding the token secret (64+ hex digits, or 32+ bytes); empty: kept in the store.
     token_secret_file: str = ""
+    # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
+    signing_keys_dir: str = ""
 
     def token_secret(self) -> bytes | None:
         """The mounted token secret, if one is configured."""
@@ -109,6 +111,7 @@ _CONVERTERS: dict[str, Any] = {
     "access_log": lambda v: _choice(str(v).lower(), ("text", "json")),
     "usage_interval": float,
     "token_secret_file": str,
+    "signing_keys_dir": str,
 }
 
 

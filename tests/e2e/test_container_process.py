@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from larder.protocol.signing import SecretKey
 from tests.e2e.harness import free_port, http, stop, wait_for_http
 from tests.e2e.nix import Nix, netrc_for
 
@@ -22,8 +23,8 @@ UID = GID = 10001  # the image's user
 CONFIGMAP = Path(__file__).resolve().parents[2] / "helm/larder/templates/configmap.yaml"
 
 
-def chart_env(data: Path, token_file: Path, port: int) -> dict[str, str]:
-    """The variables the chart's ConfigMap sets (disk mode, a mounted token secret)."""
+def chart_env(data: Path, token_file: Path, keys_dir: Path, port: int) -> dict[str, str]:
+    """The variables the chart's ConfigMap sets (disk mode, mounted token and key secrets)."""
     data_section = CONFIGMAP.read_text().split("data:", 1)[1]
     names = {
         line.split(":", 1)[0].strip()
@@ -40,6 +41,7 @@ def chart_env(data: Path, token_file: Path, port: int) -> dict[str, str]:
         "LARDER_LOG_LEVEL": "info",
         "LARDER_ACCESS_LOG": "json",
         "LARDER_TOKEN_SECRET_FILE": str(token_file),
+        "LARDER_SIGNING_KEYS_DIR": str(keys_dir),
     }
     assert set(values) <= names, set(values) - names
     return {"PATH": os.environ["PATH"], "HOME": str(data), **values}
@@ -87,8 +89,13 @@ def test_non_root_process_configured_by_the_chart_serves_nix(shared_tmp: Path) -
     token_file = token_dir / "token-secret"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o644)  # a mounted Secret is readable, never writable, by the pod
+    keys_dir = tmp_path / "etc-larder-keys"
+    keys_dir.mkdir()
+    signing_key = SecretKey.generate("main.from-a-secret-1")
+    (keys_dir / "main.key").write_text(signing_key.to_string() + "\n")
+    (keys_dir / "main.key").chmod(0o644)
     port = free_port()
-    env = chart_env(data, token_file, port)
+    env = chart_env(data, token_file, keys_dir, port)
     python = python_for_the_larder_user(tmp_path)
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
@@ -111,6 +118,7 @@ def test_non_root_process_configured_by_the_chart_serves_nix(shared_tmp: Path) -
         status, body = http("GET", f"{url}/api/v1/caches/main")
         assert status == 200
         key = yaml.safe_load(body)["public_key"]
+        assert key == signing_key.public_key().to_string()  # the mounted key signs
         Nix(tmp_path / "laptop").substitute(f"{url}/main", key, paths["app"])
         assert all(Path(p).exists() for p in closure)
     finally:
