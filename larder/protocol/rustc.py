@@ -104,6 +104,13 @@ class Manifest(NamedTuple):
         return sum(output.size for output in self.outputs)
 
 
+def _load_json(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{what} is not JSON: {exc}") from None
+
+
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
     value = doc.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -132,10 +139,7 @@ def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate a manifest; :class:`FormatError` says what is wrong."""
     if len(data) > MAX_MANIFEST_SIZE:
         raise FormatError(f"manifest larger than {MAX_MANIFEST_SIZE} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"manifest is not JSON: {exc}") from None
+    doc = _load_json(data, "manifest")
     if not isinstance(doc, dict):
         raise FormatError("manifest must be a JSON object")
     version = _field(doc, "version", int)
@@ -165,10 +169,7 @@ def parse_manifest(data: bytes) -> Manifest:
 
 def parse_blob_query(data: bytes) -> list[str]:
     """The blob ids of a missing-blobs query, validated."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"query is not JSON: {exc}") from None
+    doc = _load_json(data, "query")
     blobs = doc.get("blobs") if isinstance(doc, dict) else None
     if not isinstance(blobs, list) or len(blobs) > MAX_QUERY_BLOBS:
         raise FormatError(f'query must be {{"blobs": [...]}} with at most {MAX_QUERY_BLOBS} ids')
@@ -208,19 +209,12 @@ def parse_direct_entry(data: bytes) -> DirectEntry:
     """One direct entry, validated."""
     if len(data) > MAX_MANIFEST_SIZE:
         raise FormatError(f"direct entry larger than {MAX_MANIFEST_SIZE} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"direct entry is not JSON: {exc}") from None
-    return _direct_entry(doc)
+    return _direct_entry(_load_json(data, "direct entry"))
 
 
 def parse_direct_entries(data: bytes) -> list[DirectEntry]:
     """The server's answer for a direct key: ``{"entries": [...]}``."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"direct entries are not JSON: {exc}") from None
+    doc = _load_json(data, "direct entries")
     entries = doc.get("entries") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or len(entries) > MAX_DIRECT_ENTRIES:
         raise FormatError(f'expected {{"entries": [...]}} with at most {MAX_DIRECT_ENTRIES}')

@@ -35,6 +35,14 @@ def _key(request: web.Request, name: str) -> str:
     return check_key(request.match_info[name])
 
 
+def _key_or_404(request: web.Request, name: str) -> str:
+    """For reads: a malformed key names nothing, so it is a miss."""
+    try:
+        return _key(request, name)
+    except FormatError:
+        raise web.HTTPNotFound() from None
+
+
 async def post_missing(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.WRITE)
     limit = request.app[state.CONFIG].max_document_size
@@ -56,10 +64,7 @@ async def put_blob(request: web.Request) -> web.Response:
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
     settings = await cache_for(request, Scope.READ)
-    try:
-        blob_id = _key(request, "blob")
-    except FormatError:
-        raise web.HTTPNotFound() from None
+    blob_id = _key_or_404(request, "blob")
     reader = await request.app[state.RUSTC].open_blob(settings, blob_id)
     if reader is None:
         raise web.HTTPNotFound()
@@ -77,10 +82,7 @@ async def put_manifest(request: web.Request) -> web.Response:
 
 async def get_manifest(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.READ)
-    try:
-        key = _key(request, "key")
-    except FormatError:
-        raise web.HTTPNotFound() from None
+    key = _key_or_404(request, "key")
     document = await request.app[state.RUSTC].get_manifest(settings, key)
     note_lookup(request, "manifest", document is not None)
     if document is None:
@@ -101,10 +103,7 @@ async def put_direct(request: web.Request) -> web.Response:
 
 async def get_direct(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.READ)
-    try:
-        key = _key(request, "key")
-    except FormatError:
-        raise web.HTTPNotFound() from None
+    key = _key_or_404(request, "key")
     entries = await request.app[state.RUSTC].get_direct(settings, key)
     if not entries:
         raise web.HTTPNotFound()
