@@ -143,6 +143,8 @@ def _reason(
 ) -> str | None:
     if any(arg.startswith("@") for arg in positional):
         return "argfile"
+    if any(value is None and name in _TAKES_VALUE for name, value in flags):
+        return "missing-value"
     if len(positional) != 1:
         return "inputs"
     if positional[0] == "-":

@@ -86,6 +86,7 @@ def _with(*extra: str, drop: str | None = None) -> list[str]:
         (_with("-C", "profile-use=/tmp/p.profdata"), "codegen-option"),
         (_with(drop="--crate-name"), "no-crate-name"),
         (_with("other.rs"), "inputs"),
+        (_with("--cfg"), "missing-value"),
     ],
 )
 def test_non_cacheable_reasons(argv: list[str], reason: str) -> None:
