@@ -4,6 +4,9 @@ An entry is streamed into the shared content-addressed store and becomes visible
 whole body has arrived (a truncated upload aborts the blob and writes no record). The record
 ``caches/<cache>/sccache/<path>`` holds the blob id, size and upload time. Collections are
 virtual: they are the prefixes of entry paths and always exist.
+
+sccache's start-up probe is ``<key prefix>/.sccache_check`` (:func:`is_probe`): a GET that must
+answer 200 or 404, then a PUT of ``Hello, World!`` whose failure makes the client read-only.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from larder.storage.base import BlobReader
 
 # PROPFIND Depth 1 lists at most this many children (sccache never lists).
 MAX_LISTING = 1000
+PROBE_NAME = ".sccache_check"
+
+
+def is_probe(path: str) -> bool:
+    """Whether ``path`` is sccache's start-up probe (below any key prefix)."""
+    return path.rpartition("/")[2] == PROBE_NAME
 
 
 class Entry(NamedTuple):

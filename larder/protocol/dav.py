@@ -3,7 +3,9 @@
 Paths: the part of the request path after ``/<cache>/sccache/``. Empty segments (``a//b``) are
 collapsed; ``.`` and ``..`` segments (also percent-encoded, which the URL decoder has already
 turned into dots) and characters outside ``[A-Za-z0-9._:!+=@-]`` are refused, so a path can
-never leave the cache's namespace. At most :data:`MAX_SEGMENTS` segments, 1024 characters.
+never leave the cache's namespace. At most :data:`MAX_SEGMENTS` segments and
+:data:`MAX_PATH_LENGTH` characters once collapsed (sccache's are about 70 plus its key prefix;
+the bound keeps ``caches/<cache>/sccache/<path>`` a valid storage key for any cache name).
 A path that ends in ``/`` (or is empty) names a collection.
 
 ``PROPFIND`` answers ``207 Multi-Status`` with one ``<D:response>`` per resource: a collection
@@ -24,7 +26,7 @@ from xml.sax.saxutils import escape
 from larder.errors import FormatError
 
 MAX_SEGMENTS: Final = 16
-MAX_PATH_LENGTH: Final = 1024
+MAX_PATH_LENGTH: Final = 512
 _SEGMENT = re.compile(r"[A-Za-z0-9._:!+=@-]+")
 
 
@@ -32,14 +34,15 @@ def normalise(raw: str) -> tuple[str, bool]:
     """``(path, is_collection)`` for a request path below the sccache root."""
     is_collection = raw == "" or raw.endswith("/")
     segments = [segment for segment in raw.split("/") if segment]
-    if len(segments) > MAX_SEGMENTS or len(raw) > MAX_PATH_LENGTH:
+    path = "/".join(segments)
+    if len(segments) > MAX_SEGMENTS or len(path) > MAX_PATH_LENGTH:
         raise FormatError(
             f"path too long: at most {MAX_SEGMENTS} segments, {MAX_PATH_LENGTH} chars"
         )
     for segment in segments:
         if segment in (".", "..") or not _SEGMENT.fullmatch(segment):
             raise FormatError(f"invalid path segment {segment[:80]!r}")
-    return "/".join(segments), is_collection
+    return path, is_collection
 
 
 class Resource(NamedTuple):

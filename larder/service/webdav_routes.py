@@ -3,18 +3,23 @@
 =====================  ===========================================================================
 ``GET|HEAD <path>``    200 with the entry's bytes, 404 on a miss (how sccache reads)
 ``PUT <path>``         store an entry (201); needs a write token; 413 over ``max_upload_size``
-``DELETE <path>``      204, or 404 when there is no entry
+``DELETE <path>``      204, or 404 when there is no entry; 405 on a collection
 ``PROPFIND <path>``    207: Depth 0 describes the resource, Depth 1 adds its children; a path
                        ending in ``/`` is a collection and always exists; ``Depth: infinity``
-                       is refused with 403 (RFC 4918 allows it)
+                       (also a missing Depth) is refused with 403, as RFC 4918 allows
 ``MKCOL <path>/``      201 (collections are virtual), 405 when an entry has that name
 =====================  ===========================================================================
 
-sccache 0.16 starts with ``GET`` then ``PUT <prefix>/.sccache_check``; a refused PUT (401/403)
-makes it read-only, which is how a client without a write token behaves. Before writing
-``a/b/c/<key>`` its WebDAV client asks ``PROPFIND`` (Depth 0) for the parent and ``MKCOL``s the
-missing levels. Tokens as for the Nix routes: Bearer (``SCCACHE_WEBDAV_TOKEN``) or the Basic
-password (``SCCACHE_WEBDAV_PASSWORD``).
+A path that is not a valid :func:`~larder.protocol.dav.normalise` path is a 400 for every
+method. sccache 0.16 starts with ``GET`` then ``PUT <prefix>/.sccache_check``; a refused PUT
+(401/403) makes it read-only, which is how a client without a write token behaves. A failed
+probe GET other than 404 stops its server, and the build with it, so on a private cache a client
+without a valid read token gets 404 for the probe (nothing is revealed: the probe is the same
+everywhere) and then 401/403 for each lookup, which sccache counts as a miss while the build
+goes on. Before writing ``a/b/c/<key>`` its WebDAV client asks ``PROPFIND`` (Depth 0) for
+the parent; it would ``MKCOL`` missing levels, but virtual collections are never missing. Tokens
+as for the Nix routes: Bearer (``SCCACHE_WEBDAV_TOKEN``) or the Basic password
+(``SCCACHE_WEBDAV_PASSWORD``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from larder.core.blobs import decompressed
-from larder.errors import FormatError
+from larder.core.sccache import is_probe
+from larder.errors import Forbidden, FormatError, Unauthorized
 from larder.protocol.dav import Resource, multistatus, normalise
 from larder.protocol.tokens import Scope
 from larder.service import state
@@ -43,14 +49,16 @@ def _href(request: web.Request, path: str, collection: bool) -> str:
 
 
 async def get_entry(request: web.Request) -> web.StreamResponse:
-    settings = await cache_for(request, Scope.READ)
+    path, collection = _path(request)
     try:
-        path, collection = _path(request)
-    except FormatError:
-        raise web.HTTPNotFound() from None
+        settings = await cache_for(request, Scope.READ)
+    except (Unauthorized, Forbidden):
+        if is_probe(path):  # anything but 200/404 here stops sccache and fails the build
+            raise web.HTTPNotFound() from None
+        raise
     store = request.app[state.SCCACHE]
     entry = None if collection else await store.get(settings, path)
-    if not path.startswith("."):  # .sccache_check is a probe, not a lookup
+    if not is_probe(path):  # a probe, not a lookup
         note_lookup(request, "entry", entry is not None)
     if entry is None:
         raise web.HTTPNotFound()
@@ -76,7 +84,11 @@ async def put_entry(request: web.Request) -> web.Response:
 
 async def delete_entry(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.WRITE)
-    path, _ = _path(request)
+    path, collection = _path(request)
+    if collection:
+        return web.Response(
+            status=405, headers={"Allow": "PROPFIND, MKCOL"}, text="collections are virtual\n"
+        )
     if not await request.app[state.SCCACHE].delete(settings, path):
         raise web.HTTPNotFound()
     return web.Response(status=204)

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from larder.errors import FormatError
-from larder.protocol.dav import Resource, multistatus, normalise
+from larder.protocol.dav import MAX_PATH_LENGTH, Resource, multistatus, normalise
 
 
 @pytest.mark.parametrize(
@@ -18,13 +18,28 @@ from larder.protocol.dav import Resource, multistatus, normalise
         ("a//b/", ("a/b", True)),
         ("/a/b/c/" + "f" * 64, ("a/b/c/" + "f" * 64, False)),
         (".sccache_check", (".sccache_check", False)),
+        ("//a" + "/" * 600 + "b", ("a/b", False)),  # the limit applies once collapsed
+        ("a/" + "x" * (MAX_PATH_LENGTH - 2), ("a/" + "x" * (MAX_PATH_LENGTH - 2), False)),
     ],
 )
 def test_normalise(raw: str, expected: tuple[str, bool]) -> None:
     assert normalise(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["..", "a/../b", "a/./b", "a\\b", "a\x00b", "a b", "x/" * 17])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "..",
+        "a/../b",
+        "a/./b",
+        "a\\b",
+        "a\x00b",
+        "a b",
+        "a~b",
+        "x/" * 17,
+        "x" * (MAX_PATH_LENGTH + 1),
+    ],
+)
 def test_normalise_refuses(raw: str) -> None:
     with pytest.raises(FormatError):
         normalise(raw)

@@ -4,44 +4,72 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
 
 import pytest
 
+from larder.errors import StorageUnavailable
+from larder.protocol.dav import MAX_PATH_LENGTH
 from larder.protocol.tokens import Scope
 from larder.service import state
+from larder.storage.base import BlobInfo, BlobWriter
+from larder.storage.memory import MemoryStorage
 from tests.service.conftest import Service, ServiceFactory
 
 DAV = "{DAV:}"
 ENTRY = "/main/sccache/1/b/b/1bb32ec483cb7f0389a28c868e53b94fa0bac2c17a3a1133803c5794f3e20586"
+PROBE = "/main/sccache/.sccache_check"
 
 
 async def records(service: Service) -> list[str]:
     return [key async for key in service.storage.keys("caches/main/sccache/")]
 
 
-async def test_probe_then_put_get_head_delete(service: Service) -> None:
-    probe = "/main/sccache/.sccache_check"
-    assert (await service.client.get(probe)).status == 404
-    resp = await service.client.put(probe, data=b"Hello, World!", headers=service.auth())
-    assert resp.status == 201
-    assert await (await service.client.get(probe)).read() == b"Hello, World!"
+async def raw_status(service: Service, head: str, body: bytes = b"") -> bytes:
+    """Send a request head byte for byte (no client-side path normalisation); the status."""
+    reader, writer = await asyncio.open_connection(service.client.host, service.client.port)
+    writer.write(f"{head}Host: x\r\nConnection: close\r\n\r\n".encode() + body)
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    return bytes(line.split()[1])
 
+
+async def test_probe_then_put_get_head_delete(service: Service) -> None:
+    assert (await service.client.get(PROBE)).status == 404
+    resp = await service.client.put(PROBE, data=b"Hello, World!", headers=service.auth())
+    assert resp.status == 201
+    assert await (await service.client.get(PROBE)).read() == b"Hello, World!"
+
+    assert (await service.client.head(ENTRY)).status == 404
     body = os.urandom(200_000)
     assert (await service.client.put(ENTRY, data=body, headers=service.auth())).status == 201
     resp = await service.client.get(ENTRY)
     assert resp.status == 200 and await resp.read() == body
+    assert resp.headers["Content-Type"] == "application/octet-stream"
     head = await service.client.head(ENTRY)
     assert head.status == 200 and head.content_length == len(body)
     assert (await service.client.delete(ENTRY, headers=service.auth())).status == 204
     assert (await service.client.get(ENTRY)).status == 404
     assert (await service.client.delete(ENTRY, headers=service.auth())).status == 404
+    assert await records(service) == ["caches/main/sccache/.sccache_check"]
+
+
+async def test_put_overwrites_and_empty_entries_work(service: Service) -> None:
+    for body in (b"first", b"second", b""):
+        assert (await service.client.put(ENTRY, data=body, headers=service.auth())).status == 201
+        resp = await service.client.get(ENTRY)
+        assert resp.status == 200 and await resp.read() == body
 
 
 async def test_double_slashes_are_collapsed(service: Service) -> None:
     resp = await service.client.put("/main/sccache//a//b/entry", data=b"x", headers=service.auth())
     assert resp.status == 201
     assert await (await service.client.get("/main/sccache/a/b/entry")).read() == b"x"
+    assert await (await service.client.get("/main/sccache//a/b//entry")).read() == b"x"
+    assert await records(service) == ["caches/main/sccache/a/b/entry"]
 
 
 def parse(xml: bytes) -> list[tuple[str, bool, str | None]]:
@@ -50,6 +78,7 @@ def parse(xml: bytes) -> list[tuple[str, bool, str | None]]:
     found = []
     for response in root.findall(f"{DAV}response"):
         href = response.findtext(f"{DAV}href") or ""
+        assert response.findtext(f"{DAV}propstat/{DAV}status") == "HTTP/1.1 200 OK"
         prop = response.find(f"{DAV}propstat/{DAV}prop")
         assert prop is not None
         assert prop.findtext(f"{DAV}getlastmodified")
@@ -58,13 +87,15 @@ def parse(xml: bytes) -> list[tuple[str, bool, str | None]]:
     return found
 
 
-async def propfind(service: Service, path: str, depth: str) -> tuple[int, bytes]:
-    resp = await service.client.request("PROPFIND", path, headers={"Depth": depth})
+async def propfind(service: Service, path: str, depth: str | None) -> tuple[int, bytes]:
+    headers = {} if depth is None else {"Depth": depth}
+    resp = await service.client.request("PROPFIND", path, headers=headers)
     return resp.status, await resp.read()
 
 
 async def test_propfind_depth_0_and_1(service: Service) -> None:
-    status, body = await propfind(service, "/main/sccache/1/b/b/", "0")
+    # What sccache sends before each write: Depth 0 on the parent, with a double slash.
+    status, body = await propfind(service, "/main/sccache//1/b/b/", "0")
     assert status == 207
     assert parse(body) == [("/main/sccache/1/b/b/", True, None)]  # virtual: always there
 
@@ -80,75 +111,262 @@ async def test_propfind_depth_0_and_1(service: Service) -> None:
         ("/main/sccache/1/c/", True, None),
     ]
     status, body = await propfind(service, "/main/sccache/1/b/b/", "1")
-    assert parse(body)[1] == (ENTRY, False, "5")
+    assert parse(body) == [("/main/sccache/1/b/b/", True, None), (ENTRY, False, "5")]
+    status, body = await propfind(service, "/main/sccache", "0")
+    assert status == 207 and parse(body) == [("/main/sccache/", True, None)]
     assert (await propfind(service, "/main/sccache/missing-entry", "0"))[0] == 404
     assert (await propfind(service, "/main/sccache/", "infinity"))[0] == 403
+    assert (await propfind(service, "/main/sccache/", None))[0] == 403  # RFC 4918: infinity
 
 
 async def test_mkcol(service: Service) -> None:
     mkcol = service.client.request
     assert (await mkcol("MKCOL", "/main/sccache/a/b/", headers=service.auth())).status == 201
+    assert (await mkcol("MKCOL", "/main/sccache/a/b", headers=service.auth())).status == 201
     await service.client.put("/main/sccache/a/file", data=b"x", headers=service.auth())
     assert (await mkcol("MKCOL", "/main/sccache/a/file/", headers=service.auth())).status == 405
+    with_body = await mkcol("MKCOL", "/main/sccache/c/", data=b"<x/>", headers=service.auth())
+    assert with_body.status == 415
     assert (await mkcol("MKCOL", "/main/sccache/a/b/")).status == 401
     assert await records(service) == ["caches/main/sccache/a/file"]
 
 
-async def test_auth(service: Service, make_service: ServiceFactory) -> None:
+async def test_delete_refuses_collections(service: Service) -> None:
+    await service.client.put("/main/sccache/a/file", data=b"x", headers=service.auth())
+    for target in ("/main/sccache/a/file/", "/main/sccache/a/", "/main/sccache/"):
+        resp = await service.client.delete(target, headers=service.auth())
+        assert resp.status == 405 and "PROPFIND" in resp.headers["Allow"], target
+    assert await records(service) == ["caches/main/sccache/a/file"]
+
+
+async def test_write_auth(service: Service) -> None:
     reader = await service.issue("main", Scope.READ)
-    for headers, status in (({}, 401), (service.auth(reader), 403), (service.basic(), 201)):
+    await service.client.app[state.CACHES].create("other")
+    other_writer = await service.issue("other", Scope.WRITE)
+    for headers, status in (
+        ({}, 401),
+        ({"Authorization": "Bearer not-a-token"}, 401),
+        (service.auth(reader), 403),
+        (service.auth(other_writer), 403),
+        (service.basic(), 201),
+        (service.auth(), 201),
+    ):
         resp = await service.client.put(ENTRY, data=b"x", headers=headers)
         assert resp.status == status, headers
+        if status == 401:
+            assert resp.headers["WWW-Authenticate"].startswith("Basic")
+        mkcol = await service.client.request("MKCOL", "/main/sccache/a/", headers=headers)
+        assert mkcol.status == status, headers
         delete = await service.client.delete(ENTRY, headers=headers)
-        assert delete.status == (204 if status == 201 else status)
+        assert delete.status == (204 if status == 201 else status), headers
+    # A public cache ignores credentials on reads: a stale token never breaks a build.
+    stale = {"Authorization": "Bearer not-a-token"}
+    assert (await service.client.get(ENTRY, headers=stale)).status == 404
+    assert (await service.client.request("PROPFIND", "/main/sccache/", headers=stale)).status
+
+
+async def test_private_cache_reads(service: Service) -> None:
     await service.client.app[state.CACHES].create("secret", private=True)
-    path = "/secret/sccache/.sccache_check"
-    assert (await service.client.get(path)).status == 401
-    assert (await service.client.get(path, headers=service.auth())).status == 403
+    writer = await service.issue("secret", Scope.WRITE)
+    reader = await service.issue("secret", Scope.READ)
+    entry = ENTRY.replace("/main/", "/secret/")
+    assert (await service.client.put(entry, data=b"e", headers=service.auth(writer))).status == 201
+
+    assert (await service.client.get(entry)).status == 401
+    assert (await service.client.head(entry)).status == 401
+    assert (await service.client.get(entry, headers=service.auth())).status == 403  # for main
     assert (await service.client.request("PROPFIND", "/secret/sccache/")).status == 401
+    resp = await service.client.get(entry, headers=service.basic(reader))
+    assert resp.status == 200 and await resp.read() == b"e"
+    propfind = await service.client.request(
+        "PROPFIND", "/secret/sccache/", headers={"Depth": "0", **service.auth(reader)}
+    )
+    assert propfind.status == 207
+
+    # The start-up probe of a client without a valid read token reads as "not there", so
+    # sccache keeps running (read-only) instead of failing the build; its PUT is still refused.
+    probe = "/secret/sccache/prefix/.sccache_check"
+    await service.client.put(probe, data=b"Hello, World!", headers=service.auth(writer))
+    for headers in ({}, service.auth(), {"Authorization": "Bearer not-a-token"}):
+        assert (await service.client.get(probe, headers=headers)).status == 404, headers
+        put = await service.client.put(probe, data=b"x", headers=headers)
+        assert put.status in (401, 403), headers
+    assert (await service.client.get(probe, headers=service.auth(reader))).status == 200
+    assert (await service.client.get("/nosuch/sccache/.sccache_check")).status == 404
+
+
+async def test_unknown_cache_is_404(service: Service) -> None:
+    assert (await service.client.get("/nosuch/sccache/a/b")).status == 404
+    resp = await service.client.put("/nosuch/sccache/a/b", data=b"x", headers=service.auth())
+    assert resp.status in (403, 404)  # the token is for main: no cache to write either way
+    assert await records(service) == []
 
 
 @pytest.mark.parametrize(
     "target",
     [
         "/main/sccache/../../config/token-secret",
+        "/main/sccache/a/../../../config/token-secret",
         "/main/sccache/a/%2e%2e/%2e%2e/%2e%2e/x",
+        "/main/sccache/a/%2E%2E/x",
         "/main/sccache/a/./b",
         "/main/sccache/a%00b",
         "/main/sccache/a%5cb",
+        "/main/sccache/a\\b",
+        "/main/sccache/a%2f..%2f..%2fb",
+        "/main/sccache/a%20b",
         "/main/sccache/" + "a/" * 20 + "x",
+        "/main/sccache/" + "a" * (MAX_PATH_LENGTH + 1),
     ],
 )
-async def test_traversal_and_bad_paths_store_nothing(service: Service, target: str) -> None:
-    host, port = service.client.host, service.client.port
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(
-        f"PUT {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        f"Authorization: Bearer {service.write_token}\r\nContent-Length: 1\r\n\r\nx".encode()
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "MKCOL", "PROPFIND"])
+async def test_traversal_and_bad_paths_are_400_and_store_nothing(
+    service: Service, method: str, target: str
+) -> None:
+    auth = f"Authorization: Bearer {service.write_token}\r\nDepth: 0\r\n"
+    status = await raw_status(
+        service, f"{method} {target} HTTP/1.1\r\n{auth}Content-Length: 1\r\n", b"x"
     )
-    await writer.drain()
-    status = (await asyncio.wait_for(reader.readline(), 5)).split()[1]
-    writer.close()
-    assert status == b"400", target
+    assert status == b"400", (method, target)
     assert [key async for key in service.storage.keys("")] == [
         key async for key in service.storage.keys("config/")
     ]
+    assert [blob async for blob in service.storage.blob_ids()] == []
 
 
-async def test_oversize_and_truncated_puts_leave_nothing(make_service: ServiceFactory) -> None:
+async def test_longest_path_for_the_longest_cache_name(service: Service) -> None:
+    name = "c" * 63
+    await service.client.app[state.CACHES].create(name)
+    writer = await service.issue(name, Scope.WRITE)
+    segment = "s" * 32
+    path = "/".join([segment] * 16)[:MAX_PATH_LENGTH]
+    assert len(path) == MAX_PATH_LENGTH
+    resp = await service.client.put(
+        f"/{name}/sccache/{path}", data=b"x", headers=service.auth(writer)
+    )
+    assert resp.status == 201
+    assert await (await service.client.get(f"/{name}/sccache/{path}")).read() == b"x"
+
+
+async def test_oversize_puts_are_413_and_store_nothing(make_service: ServiceFactory) -> None:
     service = await make_service(max_upload_size=1000)
     resp = await service.client.put(ENTRY, data=os.urandom(5000), headers=service.auth())
     assert resp.status == 413
-    host, port = service.client.host, service.client.port
-    _, writer = await asyncio.open_connection(host, port)
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: caught while streaming
+        for _ in range(10):
+            yield os.urandom(300)
+
+    resp = await service.client.put(ENTRY, data=chunked(), headers=service.auth())
+    assert resp.status == 413
+    assert (await service.client.put(ENTRY, data=b"x" * 1000, headers=service.auth())).status == 201
+    assert (await service.client.get(ENTRY)).content_length == 1000
+    await service.client.delete(ENTRY, headers=service.auth())
+    assert await records(service) == []
+
+
+async def test_expect_continue_refuses_before_the_body(make_service: ServiceFactory) -> None:
+    service = await make_service(max_upload_size=1000)
+    bearer = f"Authorization: Bearer {service.write_token}\r\n"
+    for headers, status in (
+        ("Content-Length: 10\r\n", b"401"),
+        (bearer + "Content-Length: 1001\r\n", b"413"),
+        (bearer + "Content-Length: 10\r\n", b"100"),
+    ):
+        head = f"PUT {ENTRY} HTTP/1.1\r\nExpect: 100-continue\r\n{headers}"
+        assert await raw_status(service, head) == status, headers
+    assert await records(service) == []
+
+
+class _WatchedWriter(BlobWriter):
+    def __init__(self, inner: BlobWriter, owner: WatchedStorage) -> None:
+        self._inner = inner
+        self._owner = owner
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._inner.write(data)
+        self._owner.written += len(data)
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    def commit(self, expected_id: str | None = None) -> BlobInfo:
+        self._owner.committed += 1
+        return self._inner.commit(expected_id)
+
+    def abort(self) -> None:
+        self._inner.abort()
+        self._owner.closed.set()
+
+
+class WatchedStorage(MemoryStorage):
+    """Memory storage that reports when a blob writer closes, and whether it committed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = threading.Event()
+        self.committed = 0
+        self.written = 0
+
+    def blob_writer(self) -> BlobWriter:
+        return _WatchedWriter(super().blob_writer(), self)
+
+
+async def test_truncated_put_leaves_nothing(make_service: ServiceFactory) -> None:
+    storage = WatchedStorage()
+    service = await make_service(storage)
+    _, writer = await asyncio.open_connection(service.client.host, service.client.port)
     writer.write(
         f"PUT {ENTRY} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {service.write_token}\r\n"
-        "Content-Length: 900\r\n\r\n".encode()
-        + b"x" * 300
+        "Content-Length: 900000\r\n\r\n".encode()
+        + os.urandom(600_000)
     )
     await writer.drain()
+    for _ in range(200):  # part of the body is in the blob writer: now the client dies
+        if storage.written:
+            break
+        await asyncio.sleep(0.02)
     writer.close()
-    await asyncio.sleep(0.3)
+    await writer.wait_closed()
+    assert await asyncio.to_thread(storage.closed.wait, 10), "the upload was never closed"
+    assert storage.written > 0 and storage.committed == 0
     assert (await service.client.get(ENTRY)).status == 404
     assert await records(service) == []
-    assert [b async for b in service.storage.blob_ids()] == []
+    assert [blob async for blob in storage.blob_ids()] == []
+
+
+class FlakyStorage(MemoryStorage):
+    """Memory storage whose cache objects become unreachable on demand."""
+
+    down = False
+
+    def _check(self, key: str) -> None:
+        if self.down and key.startswith("caches/"):
+            raise StorageUnavailable("connection refused")
+
+    async def get(self, key: str) -> bytes | None:
+        self._check(key)
+        return await super().get(key)
+
+    async def put(self, key: str, data: bytes) -> None:
+        self._check(key)
+        await super().put(key, data)
+
+    async def keys(self, prefix: str) -> AsyncIterator[str]:
+        self._check(prefix)
+        async for key in super().keys(prefix):
+            yield key
+
+
+async def test_unreachable_storage_is_503_and_leaves_no_entry(make_service: ServiceFactory) -> None:
+    storage = FlakyStorage()
+    service = await make_service(storage)
+    storage.down = True
+    resp = await service.client.get(ENTRY)
+    assert resp.status == 503 and resp.headers["Retry-After"].isdigit()
+    assert (await service.client.put(ENTRY, data=b"x", headers=service.auth())).status == 503
+    resp = await service.client.request("PROPFIND", "/main/sccache/", headers={"Depth": "1"})
+    assert resp.status == 503
+    storage.down = False
+    assert (await service.client.get(ENTRY)).status == 404
