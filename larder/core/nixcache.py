@@ -28,6 +28,7 @@ from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest
+from larder.core.servedcache import ServedCache
 from larder.errors import FormatError, StorageError, VerificationFailed
 from larder.protocol import narinfo as narinfo_format
 from larder.protocol import nix32
@@ -103,8 +104,9 @@ class FileRecord:
 class NixCache:
     """Nix binary cache operations over one store. Blocking work runs on ``executor``."""
 
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: BlobStore, served_ttl: float = 0.0) -> None:
         self._blobs = blobs
+        self._served = ServedCache(served_ttl)
         self._storage = blobs.storage
         self._run = blobs.run
 
@@ -183,6 +185,7 @@ class NixCache:
         await self._storage.put(
             keys.narinfo(cache.name, store_hash), narinfo_format.render(stored).encode()
         )
+        self._served.forget(cache.name, store_hash)
         return stored
 
     async def has_narinfo(self, cache: CacheSettings, store_hash: str) -> bool:
@@ -190,7 +193,16 @@ class NixCache:
 
     async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
         """The narinfo as served (signed by the cache), or ``None``."""
-        data = await self._storage.get(keys.narinfo(cache.name, check_hash_part(store_hash)))
+        memo_key = (cache.name, check_hash_part(store_hash), cache.signing_key.to_string())
+        known, body = self._served.get(memo_key)
+        if known:
+            return body
+        body = await self._render_narinfo(cache, store_hash)
+        self._served.put(memo_key, body)
+        return body
+
+    async def _render_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
+        data = await self._storage.get(keys.narinfo(cache.name, store_hash))
         if data is None:
             return None
         try:

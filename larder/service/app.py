@@ -44,7 +44,7 @@ def build_app(config: Config, storage: Storage) -> web.Application:
         storage, config.refresh_interval, secret=config.token_secret()
     )
     app[state.BLOBS] = BlobStore(storage, executor)
-    app[state.NIX] = NixCache(app[state.BLOBS])
+    app[state.NIX] = NixCache(app[state.BLOBS], served_ttl=config.refresh_interval)
     app[state.RUSTC] = RustcCache(app[state.BLOBS])
     app[state.SCCACHE] = SccacheStore(app[state.BLOBS])
 

@@ -1,0 +1,50 @@
+"""The memory of served narinfos: bounded, short-lived, forgotten on upload."""
+
+from __future__ import annotations
+
+from larder.core.servedcache import MISS_TTL, ServedCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_entries_expire_and_misses_expire_sooner() -> None:
+    clock = Clock()
+    cache = ServedCache(ttl=10, clock=clock)
+    cache.put(("main", "a", "k"), b"narinfo")
+    cache.put(("main", "b", "k"), None)
+    assert cache.get(("main", "a", "k")) == (True, b"narinfo")
+    assert cache.get(("main", "b", "k")) == (True, None)
+    clock.now = MISS_TTL + 0.1
+    assert cache.get(("main", "b", "k")) == (False, None)
+    assert cache.get(("main", "a", "k")) == (True, b"narinfo")
+    clock.now = 10.1
+    assert cache.get(("main", "a", "k")) == (False, None)
+
+
+def test_bounded_least_recently_used_first() -> None:
+    cache = ServedCache(ttl=10, max_entries=2)
+    cache.put(("c", "1", "k"), b"1")
+    cache.put(("c", "2", "k"), b"2")
+    assert cache.get(("c", "1", "k"))[0]  # 1 is now the most recent
+    cache.put(("c", "3", "k"), b"3")
+    assert not cache.get(("c", "2", "k"))[0]
+    assert cache.get(("c", "1", "k"))[0] and cache.get(("c", "3", "k"))[0]
+
+
+def test_forget_and_disabled() -> None:
+    cache = ServedCache(ttl=10)
+    cache.put(("main", "a", "k1"), b"x")
+    cache.put(("main", "a", "k2"), b"y")
+    cache.put(("other", "a", "k1"), b"z")
+    cache.forget("main", "a")
+    assert not cache.get(("main", "a", "k1"))[0] and not cache.get(("main", "a", "k2"))[0]
+    assert cache.get(("other", "a", "k1"))[0]
+    off = ServedCache(ttl=0)
+    off.put(("main", "a", "k"), b"x")
+    assert not off.get(("main", "a", "k"))[0]
