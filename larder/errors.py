@@ -60,6 +60,12 @@ class TooLarge(LarderError):
     code = "too_large"
 
 
+class TooSlow(LarderError):
+    """The client stopped sending its body for longer than the idle limit."""
+
+    code = "too_slow"
+
+
 class StorageError(LarderError):
     """The storage backend failed in a way the client cannot fix."""
 

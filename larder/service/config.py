@@ -74,6 +74,8 @@ class Config:
     usage_interval: float = 600.0
     # A file holding the token secret (64+ hex digits, or 32+ bytes); empty: kept in the store.
     token_secret_file: str = ""
+    # Seconds a request body may stall (no byte arriving) before the upload is dropped (408).
+    body_idle_timeout: float = 60.0
     # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
     signing_keys_dir: str = ""
 
@@ -112,6 +114,7 @@ _CONVERTERS: dict[str, Any] = {
     "usage_interval": float,
     "token_secret_file": str,
     "signing_keys_dir": str,
+    "body_idle_timeout": float,
 }
 
 

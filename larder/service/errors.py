@@ -26,6 +26,7 @@ STATUS_TABLE: tuple[tuple[type[errors.LarderError], int], ...] = (
     (errors.StorageUnavailable, 503),
     (errors.StorageError, 500),
     (errors.TooLarge, 413),
+    (errors.TooSlow, 408),
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
     (errors.NoSuchCache, 404),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
 from aiohttp import web
 
-from larder.errors import TooLarge
+from larder.errors import TooLarge, TooSlow
+from larder.service.state import CONFIG
 from larder.storage.base import BlobReader
 
 UPLOAD_CHUNK = 256 * 1024
@@ -21,13 +23,22 @@ def check_declared_length(request: web.Request, limit: int) -> None:
 async def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     """The request body in pieces of about ``UPLOAD_CHUNK`` bytes, at most ``limit`` in all.
 
-    Raises :class:`TooLarge` as soon as the limit is passed, whatever the headers said; a body
-    cut short by the client raises aiohttp's payload error, so the upload is abandoned.
+    Raises :class:`TooLarge` as soon as the limit is passed, whatever the headers said, and
+    :class:`TooSlow` when no byte arrives for ``body_idle_timeout`` seconds (a client that stalls
+    mid-upload cannot hold a connection and a temporary forever); a body cut short by the client
+    raises aiohttp's payload error. Either way the upload is abandoned.
     """
     check_declared_length(request, limit)
+    idle = request.app[CONFIG].body_idle_timeout
     buffer = bytearray()
     total = 0
-    async for data in request.content.iter_any():
+    while True:
+        try:
+            data = await asyncio.wait_for(request.content.readany(), idle)
+        except TimeoutError:
+            raise TooSlow(f"no body bytes for {idle:g} seconds") from None
+        if not data:
+            break
         total += len(data)
         if total > limit:
             raise TooLarge(f"body exceeds the limit of {limit} bytes")

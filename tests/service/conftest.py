@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,17 @@ class Service:
 
 
 ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+async def send_raw(service: Service, head: str, body: bytes = b"") -> int:
+    """Send a request head (request line and headers, each ending in CRLF) and ``body`` byte for
+    byte, with no client-side path normalisation; the response status."""
+    reader, writer = await asyncio.open_connection(service.client.host, service.client.port)
+    writer.write(f"{head}Host: x\r\nConnection: close\r\n\r\n".encode() + body)
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    return int(line.split()[1])
 
 
 @pytest.fixture

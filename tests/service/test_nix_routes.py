@@ -15,7 +15,7 @@ from larder.protocol.nar import write_nar
 from larder.protocol.signing import PublicKey
 from larder.protocol.tokens import Scope
 from larder.service import state
-from tests.service.conftest import Service, ServiceFactory
+from tests.service.conftest import Service, ServiceFactory, send_raw
 
 STORE = "/nix/store"
 COMPRESSORS = {
@@ -291,17 +291,11 @@ async def test_private_cache_needs_a_read_token(service: Service) -> None:
 
 async def raw_request(service: Service, method: str, target: str, body: bytes = b"x") -> int:
     """Send ``target`` byte for byte (no client-side normalisation); return the status."""
-    host, port = service.client.host, service.client.port
-    reader, writer = await asyncio.open_connection(host, port)
     head = (
-        f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        f"Authorization: Bearer {service.write_token}\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"{method} {target} HTTP/1.1\r\n"
+        f"Authorization: Bearer {service.write_token}\r\nContent-Length: {len(body)}\r\n"
     )
-    writer.write(head.encode() + body)
-    await writer.drain()
-    line = await asyncio.wait_for(reader.readline(), 5)
-    writer.close()
-    return int(line.split()[1])
+    return await send_raw(service, head, body)
 
 
 async def test_bad_names_and_traversal_are_refused_and_store_nothing(service: Service) -> None:
@@ -442,3 +436,20 @@ async def test_full_storage_is_507_and_stores_nothing(make_service: ServiceFacto
     resp = await svc.client.put(f"/main/{nar_url(body)}", data=body, headers=svc.auth())
     assert resp.status == 507
     assert await blob_count(svc) == 0
+
+
+async def test_a_stalled_upload_is_dropped_and_stores_nothing(make_service: ServiceFactory) -> None:
+    svc = await make_service(body_idle_timeout=0.3)
+    nar = write_nar({"type": "regular", "contents": os.urandom(50_000)})
+    reader, writer = await asyncio.open_connection(svc.client.host, svc.client.port)
+    writer.write(
+        f"PUT /main/{nar_url(nar, '')} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {svc.write_token}\r\nContent-Length: {len(nar)}\r\n\r\n".encode()
+        + nar[:1000]  # then nothing: the client stalls with the connection open
+    )
+    await writer.drain()
+    status = (await asyncio.wait_for(reader.readline(), 5)).split()[1]
+    writer.close()
+    assert status == b"408"
+    assert await blob_count(svc) == 0
+    assert [k async for k in svc.storage.keys("caches/main/nar/")] == []

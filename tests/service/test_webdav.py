@@ -16,7 +16,7 @@ from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.storage.base import BlobInfo, BlobWriter
 from larder.storage.memory import MemoryStorage
-from tests.service.conftest import Service, ServiceFactory
+from tests.service.conftest import Service, ServiceFactory, send_raw
 
 DAV = "{DAV:}"
 ENTRY = "/main/sccache/1/b/b/1bb32ec483cb7f0389a28c868e53b94fa0bac2c17a3a1133803c5794f3e20586"
@@ -29,12 +29,7 @@ async def records(service: Service) -> list[str]:
 
 async def raw_status(service: Service, head: str, body: bytes = b"") -> bytes:
     """Send a request head byte for byte (no client-side path normalisation); the status."""
-    reader, writer = await asyncio.open_connection(service.client.host, service.client.port)
-    writer.write(f"{head}Host: x\r\nConnection: close\r\n\r\n".encode() + body)
-    await writer.drain()
-    line = await asyncio.wait_for(reader.readline(), 5)
-    writer.close()
-    return bytes(line.split()[1])
+    return str(await send_raw(service, head, body)).encode()
 
 
 async def test_probe_then_put_get_head_delete(service: Service) -> None:
