@@ -26,10 +26,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import free_port, larder_server
 
-from tests.e2e.harness import free_port, larder_server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BIN = Path(sys.executable).parent
 WORKSPACE = ROOT / "tests" / "rust-workspace"
@@ -178,7 +177,7 @@ def sccache(work: Path, source: Path, repeat: int) -> dict[str, object]:
 
 def larder(work: Path, source: Path, repeat: int) -> dict[str, object]:
     exe = str(BIN / "larder-rustc")
-    with larder_server(str(work / "larder-data"), work) as server:
+    with larder_server(work / "larder-data", work) as server:
         token = server.token()
 
         def env_for(machine: str) -> dict[str, str]:
