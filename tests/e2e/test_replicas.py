@@ -6,10 +6,12 @@ import hashlib
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
@@ -87,3 +89,42 @@ def test_server_killed_mid_upload_leaves_nothing_visible(tmp_path: Path) -> None
         assert http("HEAD", f"{server.url}/main/nar/{file_hash}.nar")[0] == 404
     committed = [p for p in (Path(data) / "blobs").rglob("*") if p.is_file()]
     assert committed == []
+
+
+def test_replicas_racing_on_one_narinfo_end_consistent(tmp_path: Path) -> None:
+    nar = write_nar({"type": "regular", "contents": os.urandom(100_000)})
+    digest = nix32.encode(hashlib.sha256(nar).digest())
+    store_hash = nix32.encode(hashlib.sha256(b"racing").digest()[:20])
+    with moto_server() as endpoint:
+        make_bucket(endpoint, "race")
+        env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "LARDER_REFRESH_INTERVAL": "0.5"}
+        with (
+            larder_server("s3://race/x", tmp_path, env) as one,
+            larder_server("s3://race/x", tmp_path, env) as two,
+        ):
+            token = one.token()
+            replicas = [one, two]
+
+            def upload(n: int) -> tuple[int, int]:
+                url = replicas[n % 2].url
+                nar_status, _ = http("PUT", f"{url}/main/nar/{digest}.nar", nar, token)
+                narinfo = (
+                    f"StorePath: /nix/store/{store_hash}-rust_race-1.0.0\n"
+                    f"URL: nar/{digest}.nar\nCompression: none\nNarHash: sha256:{digest}\n"
+                    f"NarSize: {len(nar)}\nReferences: \nDeriver: {'a' * 32}-v{n}.drv\n"
+                ).encode()
+                info_status, _ = http("PUT", f"{url}/main/{store_hash}.narinfo", narinfo, token)
+                return nar_status, info_status
+
+            with ThreadPoolExecutor(16) as pool:
+                results = list(pool.map(upload, range(40)))
+            assert results == [(200, 200)] * 40
+            time.sleep(1.0)  # past refresh_interval: both replicas read the store again
+            served = [http("GET", f"{r.url}/main/{store_hash}.narinfo") for r in replicas]
+            assert served[0] == served[1] and served[0][0] == 200
+            text = served[0][1].decode()
+            assert text.count("Deriver: ") == 1 and text.count("StorePath: ") == 1
+            url = next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+            status, body = http("GET", f"{two.url}/main/{url}")
+            assert status == 200
+            assert zstandard.ZstdDecompressor().decompressobj().decompress(body) == nar
