@@ -12,7 +12,7 @@ import zstandard
 from larder.protocol.rustc import Manifest, Output
 from larder.protocol.tokens import Scope
 from larder.service import state
-from tests.service.conftest import Service
+from tests.service.conftest import Service, send_raw
 
 KEY = "ab" * 32
 
@@ -235,3 +235,26 @@ async def test_direct_entries_need_a_write_token(service: Service) -> None:
     for headers, status in (({}, 401), (service.auth(reader), 403)):
         resp = await service.client.put(f"/main/rustc/direct/{KEY}", json=body, headers=headers)
         assert resp.status == status
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/main/rustc/blobs/../../config/token-secret",
+        "/main/rustc/blobs/%2e%2e%2f%2e%2e%2fconfig",
+        "/main/rustc/manifests/..%2f..%2f" + "a" * 58,
+        "/main/rustc/manifests/" + "a" * 63 + "%00",
+        "/main/rustc/direct/" + "A" * 64,
+        "/main/rustc/direct/" + "a" * 64 + "/../x",
+        "/main/rustc/missing/../blobs/" + "a" * 64,
+    ],
+)
+async def test_traversal_on_rustc_routes_stores_nothing(service: Service, target: str) -> None:
+    head = (
+        f"PUT {target} HTTP/1.1\r\nAuthorization: Bearer {service.write_token}\r\n"
+        "Content-Length: 2\r\n"
+    )
+    status = await send_raw(service, head, b"{}")
+    assert status == 400, status
+    assert [k async for k in service.storage.keys("caches/")] == []
+    assert [b async for b in service.storage.blob_ids()] == []
