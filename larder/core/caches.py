@@ -32,6 +32,8 @@ class CacheSettings:
     private: bool = False
     priority: int = 30
     created_at: int = 0
+    # Public keys (Nix format); when set, an uploaded narinfo must carry a signature by one.
+    trusted_upload_keys: tuple[str, ...] = ()
 
     @property
     def public_key(self) -> PublicKey:
@@ -45,6 +47,7 @@ class CacheSettings:
                 "private": self.private,
                 "priority": self.priority,
                 "created_at": self.created_at,
+                "trusted_upload_keys": list(self.trusted_upload_keys),
             },
             indent=1,
         ).encode()
@@ -59,6 +62,9 @@ class CacheSettings:
                 private=bool(doc.get("private", False)),
                 priority=int(doc.get("priority", 30)),
                 created_at=int(doc.get("created_at", 0)),
+                trusted_upload_keys=tuple(
+                    PublicKey.parse(k).to_string() for k in doc.get("trusted_upload_keys", [])
+                ),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StorageError(f"corrupt cache settings: {exc}") from None

@@ -36,6 +36,7 @@ from larder.protocol.compression import compression_for_extension
 from larder.protocol.hashes import NixHash
 from larder.protocol.names import check_object_path
 from larder.protocol.narinfo import NarInfo
+from larder.protocol.signing import PublicKey
 from larder.protocol.storepath import STORE_DIR, check_hash_part
 from larder.storage.base import BlobReader
 
@@ -153,6 +154,11 @@ class NixCache:
             raise VerificationFailed(
                 f"StorePath {info.store_path.full} does not match the URL's hash {store_hash}"
             )
+        if cache.trusted_upload_keys and not _signed_by_any(info, cache.trusted_upload_keys):
+            raise VerificationFailed(
+                "the narinfo carries no valid signature by a key this cache trusts for uploads "
+                f"({', '.join(k.split(':', 1)[0] for k in cache.trusted_upload_keys)})"
+            )
         nar_hash = _sha256_nix32(info.nar_hash)
         record = await self.nar_record(cache, nar_hash)
         if record is None:
@@ -232,6 +238,12 @@ class NixCache:
     async def file_record(self, cache: CacheSettings, path: str) -> FileRecord | None:
         data = await self._storage.get(keys.extra_file(cache.name, check_object_path(path)))
         return FileRecord.from_json(data) if data is not None else None
+
+
+def _signed_by_any(info: NarInfo, trusted: tuple[str, ...]) -> bool:
+    fingerprint = narinfo_format.fingerprint(info)
+    keys_ = [PublicKey.parse(key) for key in trusted]
+    return any(key.verify(fingerprint, sig) for key in keys_ for sig in info.sigs)
 
 
 def _sha256_nix32(value: NixHash) -> str:

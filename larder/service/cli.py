@@ -26,7 +26,7 @@ from larder.core.auth import TokenAuthority
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
 from larder.errors import LarderError
 from larder.protocol.names import check_cache_name
-from larder.protocol.signing import SecretKey
+from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
 from larder.service.app import build_app
 from larder.service.config import Config, load_config
@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument(
         "--key-file", help="use this Nix secret key (name:base64, as nix-store generates)"
     )
+    trust = cache_commands.add_parser(
+        "trust", help="require uploaded narinfos to be signed by one of these keys"
+    )
+    _common(trust)
+    trust.add_argument("name")
+    trust.add_argument(
+        "--key", action="append", default=[], help="public key name:base64 (repeat; none: off)"
+    )
     cache_list = cache_commands.add_parser("list", help="list caches")
     _common(cache_list)
     return parser
@@ -110,6 +118,7 @@ def _describe(settings: CacheSettings, base_url: str) -> dict[str, Any]:
         "substituter": f"{base_url}/{settings.name}",
         "private": settings.private,
         "priority": settings.priority,
+        "trusted_upload_keys": list(settings.trusted_upload_keys),
     }
 
 
@@ -224,6 +233,10 @@ async def _cache_command(args: argparse.Namespace, storage: Storage, config: Con
         if found is None:
             raise LarderError(f"no cache named {args.name!r}")
         settings = found
+        if args.cache_command == "trust":
+            trusted = tuple(PublicKey.parse(key).to_string() for key in args.key)
+            settings = replace(settings, trusted_upload_keys=trusted)
+            await registry.update(settings)
         if args.cache_command == "rotate-key":
             settings = await _rotate_key(registry, settings, args.key_name, args.key_file)
     print(json.dumps(_describe(settings, _base_url(config)), indent=2))

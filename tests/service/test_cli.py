@@ -140,3 +140,18 @@ def test_rotate_key_changes_the_served_key(
     assert code == 2 and out == "" and err.startswith("larder: ")
     shown = run(capsys, "cache", "show", "team", "--storage", store)[1]
     assert json.loads(shown)["public_key"].startswith("team.imported-1:")
+
+
+def test_cache_trust_sets_and_clears_upload_keys(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "cache", "create", "team", "--storage", store)
+    key = SecretKey.generate("ci.example-1").public_key().to_string()
+    code, out, _ = run(capsys, "cache", "trust", "team", "--key", key, "--storage", store)
+    assert code == 0 and json.loads(out)["trusted_upload_keys"] == [key]
+    code, out, err = run(capsys, "cache", "trust", "team", "--key", "nonsense", "--storage", store)
+    assert code == 2 and out == "" and err.startswith("larder: ")
+    shown = json.loads(run(capsys, "cache", "show", "team", "--storage", store)[1])
+    assert shown["trusted_upload_keys"] == [key]
+    code, out, _ = run(capsys, "cache", "trust", "team", "--storage", store)
+    assert code == 0 and json.loads(out)["trusted_upload_keys"] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bz2
+import dataclasses
 import hashlib
 import lzma
 import os
@@ -12,7 +13,7 @@ import zstandard
 
 from larder.protocol import narinfo, nix32
 from larder.protocol.nar import write_nar
-from larder.protocol.signing import PublicKey
+from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope
 from larder.service import state
 from tests.service.conftest import Service, ServiceFactory, send_raw
@@ -453,3 +454,30 @@ async def test_a_stalled_upload_is_dropped_and_stores_nothing(make_service: Serv
     assert status == b"408"
     assert await blob_count(svc) == 0
     assert [k async for k in svc.storage.keys("caches/main/nar/")] == []
+
+
+async def test_cache_that_requires_trusted_upload_signatures(service: Service) -> None:
+    trusted = SecretKey.generate("ci.example-1")
+    untrusted = SecretKey.generate("pr.example-1")
+    registry = service.client.app[state.CACHES]
+    settings = await registry.get("main")
+    assert settings is not None
+    await registry.update(
+        dataclasses.replace(settings, trusted_upload_keys=(trusted.public_key().to_string(),))
+    )
+    nar = make_nar(b"trusted content")
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    path = store_path("needs-sig-1.0")
+    unsigned = narinfo_text(path, nar)
+    fingerprint = narinfo.fingerprint(narinfo.parse(unsigned))
+    url = f"/main/{hash_part(path)}.narinfo"
+    for sig in (None, untrusted.sign(fingerprint), trusted.sign(b"another fingerprint")):
+        document = unsigned + (f"Sig: {sig}\n".encode() if sig else b"")
+        resp = await service.client.put(url, data=document, headers=service.auth())
+        assert resp.status == 400 and "trusts for uploads" in await resp.text(), sig
+        assert (await service.client.get(url)).status == 404
+    document = unsigned + f"Sig: {trusted.sign(fingerprint)}\n".encode()
+    resp = await service.client.put(url, data=document, headers=service.auth())
+    assert resp.status == 200, await resp.text()
+    assert (await service.client.get(url)).status == 200
