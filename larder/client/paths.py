@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -46,6 +47,15 @@ def _usable(path: Path) -> bool:
     return path.is_absolute() and len(path.parts) >= 3
 
 
+@lru_cache(maxsize=8)
+def _matcher(roots: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], dict[str, str]]:
+    """The regex that finds any of ``roots`` and each root's placeholder (built once per set)."""
+    alternatives = "|".join(re.escape(path) for _, path in roots)
+    # A root matches only as a whole path component: /a/ws must not match /a/ws2.
+    pattern = re.compile(rf"(?:{alternatives})(?![A-Za-z0-9._+~-])")
+    return pattern, {path: PLACEHOLDER.format(name) for name, path in roots}
+
+
 class Roots(NamedTuple):
     """This compilation's roots, by name, as absolute normalised paths."""
 
@@ -62,19 +72,11 @@ class Roots(NamedTuple):
         ordered = sorted(found.items(), key=lambda item: len(item[1]), reverse=True)
         return cls(tuple(ordered))
 
-    def _pattern(self) -> re.Pattern[str] | None:
-        if not self.roots:
-            return None
-        alternatives = "|".join(re.escape(path) for _, path in self.roots)
-        # A root matches only as a whole path component: /a/ws must not match /a/ws2.
-        return re.compile(rf"(?:{alternatives})(?![A-Za-z0-9._+~-])")
-
     def portable(self, text: str) -> str:
         """``text`` with every root replaced by its placeholder."""
-        pattern = self._pattern()
-        if pattern is None:
+        if not self.roots:
             return text
-        by_path = {path: PLACEHOLDER.format(name) for name, path in self.roots}
+        pattern, by_path = _matcher(self.roots)
         return pattern.sub(lambda match: by_path[match.group(0)], text)
 
     def local(self, text: str) -> str:

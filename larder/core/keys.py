@@ -29,6 +29,11 @@ def cache_config(cache: str) -> str:
     return f"{CACHE_CONFIG_PREFIX}{cache}.json"
 
 
+def cache_prefix(cache: str) -> str:
+    """Every key of one cache's content starts with this."""
+    return f"caches/{cache}/"
+
+
 def narinfo(cache: str, store_hash: str) -> str:
     return f"caches/{cache}/narinfo/{store_hash}"
 

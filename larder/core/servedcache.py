@@ -27,29 +27,31 @@ class ServedCache:
         self._ttl = ttl
         self._max = max_entries
         self._clock = clock
-        self._entries: OrderedDict[tuple[str, str, str], tuple[bytes | None, float]] = OrderedDict()
+        # (cache, store hash) -> (signing-key variant, body or None for a miss, expiry)
+        self._entries: OrderedDict[tuple[str, str], tuple[str, bytes | None, float]] = OrderedDict()
 
     def get(self, key: tuple[str, str, str]) -> tuple[bool, bytes | None]:
-        """``(known, body)``: body None means a remembered miss."""
-        entry = self._entries.get(key)
-        if entry is None:
+        """``(known, body)`` for ``(cache, store hash, key variant)``; body None is a miss."""
+        cache, store_hash, variant = key
+        entry = self._entries.get((cache, store_hash))
+        if entry is None or entry[0] != variant:
             return False, None
-        body, expires = entry
+        _, body, expires = entry
         if self._clock() >= expires:
-            del self._entries[key]
+            del self._entries[(cache, store_hash)]
             return False, None
-        self._entries.move_to_end(key)
+        self._entries.move_to_end((cache, store_hash))
         return True, body
 
     def put(self, key: tuple[str, str, str], body: bytes | None) -> None:
         if self._ttl <= 0:
             return
+        cache, store_hash, variant = key
         ttl = self._ttl if body is not None else min(self._ttl, MISS_TTL)
-        self._entries[key] = (body, self._clock() + ttl)
-        self._entries.move_to_end(key)
+        self._entries[(cache, store_hash)] = (variant, body, self._clock() + ttl)
+        self._entries.move_to_end((cache, store_hash))
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
     def forget(self, cache: str, store_hash: str) -> None:
-        for key in [k for k in self._entries if k[0] == cache and k[1] == store_hash]:
-            del self._entries[key]
+        self._entries.pop((cache, store_hash), None)

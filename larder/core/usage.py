@@ -27,7 +27,7 @@ KINDS: dict[str, tuple[str, str | None]] = {
 async def usage(storage: Storage, cache: str) -> dict[str, tuple[int, int]]:
     """``kind -> (objects, bytes)`` for one cache."""
     report: dict[str, tuple[int, int]] = {}
-    base = keys.narinfo_prefix(cache).removesuffix("narinfo/")
+    base = keys.cache_prefix(cache)
     for kind, (prefix, field) in KINDS.items():
         count = size = 0
         async for key in storage.keys(base + prefix):
