@@ -7,7 +7,14 @@ from typing import TypeVar
 
 from larder.errors import StorageError
 from larder.service.metrics import Metrics
-from larder.storage.base import BlobInfo, BlobReader, BlobWriter, Storage
+from larder.storage.base import (
+    BlobInfo,
+    BlobReader,
+    BlobWriter,
+    ObjectInfo,
+    Storage,
+    StoredBlob,
+)
 
 T = TypeVar("T")
 
@@ -52,7 +59,7 @@ class InstrumentedStorage(Storage):
             self._metrics.backend_errors.labels(self.backend, operation).inc()
             raise
 
-    async def _count_iter(self, operation: str, items: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _count_iter(self, operation: str, items: AsyncIterator[T]) -> AsyncIterator[T]:
         self._metrics.backend_ops.labels(self.backend, operation).inc()
         try:
             async for item in items:
@@ -76,6 +83,14 @@ class InstrumentedStorage(Storage):
     def blob_ids(self) -> AsyncIterator[str]:
         return self._count_iter("blob_ids", self.inner.blob_ids())
 
+    def blob_infos(self) -> AsyncIterator[StoredBlob]:
+        return self._count_iter("blob_infos", self.inner.blob_infos())
+
+    async def blob_delete_if_older(self, blob_id: str, cutoff: float) -> bool:
+        return await self._count(
+            "blob_delete_if_older", self.inner.blob_delete_if_older(blob_id, cutoff)
+        )
+
     async def get(self, key: str) -> bytes | None:
         return await self._count("get", self.inner.get(key))
 
@@ -93,6 +108,12 @@ class InstrumentedStorage(Storage):
 
     def keys(self, prefix: str) -> AsyncIterator[str]:
         return self._count_iter("keys", self.inner.keys(prefix))
+
+    def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        return self._count_iter("object_infos", self.inner.object_infos(prefix))
+
+    async def delete_if_older(self, key: str, cutoff: float) -> bool:
+        return await self._count("delete_if_older", self.inner.delete_if_older(key, cutoff))
 
     async def check(self) -> None:
         await self._count("check", self.inner.check())

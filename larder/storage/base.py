@@ -18,6 +18,14 @@ Blob writing is synchronous and blocking (it compresses and does I/O), meant to 
 worker thread by a streaming pipeline. Everything else is ``async``. Backends raise only
 :mod:`larder.errors` storage errors (``StorageFull``, ``StorageUnavailable``, ``StorageError``);
 a missing object or blob is a ``None``/``False`` return value, never an exception.
+
+Every object and blob has a modification time, for garbage collection: an object's is its last
+write (``put``, a creating ``put_if_absent``), a blob's its last commit, including a commit of
+content that was already stored. A collector lists ages (:meth:`Storage.object_infos`,
+:meth:`Storage.blob_infos`), decides, and deletes with :meth:`Storage.delete_if_older` and
+:meth:`Storage.blob_delete_if_older`, which keep anything written again after the cutoff. Times
+are POSIX seconds from the backend's clock (the filesystem's, S3's), which may differ from the
+caller's by clock skew and resolution (S3 reports whole seconds): cutoffs need a margin.
 """
 
 from __future__ import annotations
@@ -87,6 +95,24 @@ class BlobInfo:
     stored_size: int  # compressed bytes at rest
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's key, size and modification time, as :meth:`Storage.object_infos` lists it."""
+
+    key: str
+    size: int  # bytes of the object
+    modified: float  # POSIX time of the last write (put, put_if_absent)
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A committed blob as :meth:`Storage.blob_infos` lists it."""
+
+    blob_id: str
+    stored_size: int  # compressed bytes at rest
+    modified: float  # POSIX time of the last commit of this content (a repeated commit counts)
+
+
 class BlobWriter(ABC):
     """Streams one blob into a temporary object. Synchronous: call from a worker thread.
 
@@ -108,8 +134,9 @@ class BlobWriter(ABC):
         """Finish the stream and make the blob visible under its BLAKE3 id.
 
         Idempotent with respect to content: if the blob already exists the temporary object is
-        discarded and the existing blob is kept. After commit the writer is closed. With
-        ``expected_id``, content whose id differs is discarded instead and
+        discarded and the existing blob is kept, but its modification time is refreshed (so a
+        garbage collector sees content uploaded again as fresh). After commit the writer is
+        closed. With ``expected_id``, content whose id differs is discarded instead and
         :class:`~larder.errors.VerificationFailed` is raised.
         """
 
@@ -172,6 +199,20 @@ class Storage(ABC):
     def blob_ids(self) -> AsyncIterator[str]:
         """Every committed blob id, in no particular order."""
 
+    @abstractmethod
+    def blob_infos(self) -> AsyncIterator[StoredBlob]:
+        """Every committed blob with its stored size and modification time, in no particular
+        order. Uncommitted uploads are not listed."""
+
+    @abstractmethod
+    async def blob_delete_if_older(self, blob_id: str, cutoff: float) -> bool:
+        """Delete a blob only if its last commit was strictly before ``cutoff`` (POSIX seconds);
+        ``True`` if this call deleted it, ``False`` if it is missing or not older.
+
+        A commit of the same content racing with this call must not be lost: afterwards the
+        blob exists. Memory and disk guarantee it; S3 has a one-round-trip window (see there).
+        """
+
     # -- objects -------------------------------------------------------------------------
 
     @abstractmethod
@@ -201,6 +242,20 @@ class Storage(ABC):
     @abstractmethod
     def keys(self, prefix: str) -> AsyncIterator[str]:
         """Every object key starting with ``prefix`` (a string prefix), in sorted order."""
+
+    @abstractmethod
+    def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Like :meth:`keys` (same prefixes, same order), with each object's size and
+        modification time."""
+
+    @abstractmethod
+    async def delete_if_older(self, key: str, cutoff: float) -> bool:
+        """Delete an object only if its last write was strictly before ``cutoff`` (POSIX
+        seconds); ``True`` if this call deleted it, ``False`` if it is missing or not older.
+
+        A write racing with this call must not be lost: afterwards the object holds the
+        written value. Memory and disk guarantee it; S3 has a one-round-trip window (see there).
+        """
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -132,7 +132,11 @@ class EncodingBlobWriter(BlobWriter):
 
     @abstractmethod
     def _publish(self, info: BlobInfo) -> None:
-        """Make the finished temporary object visible as ``info.blob_id`` (keep an existing one)."""
+        """Make the finished temporary object visible as ``info.blob_id``.
+
+        If that blob exists, keep it (the content is identical) but refresh its modification
+        time: a garbage collector must see content committed again as fresh.
+        """
 
     @abstractmethod
     def _discard(self) -> None:

@@ -8,10 +8,19 @@ Layout under ``root``::
 
 Nothing is ever written to a final name. A blob is written to a temporary created with
 ``O_CREAT | O_EXCL`` under ``tmp/``, fsynced, then hard-linked to its final name (if that name
-exists, the content is identical and the temporary is dropped) and its directory fsynced. An
+exists, the content is identical: the temporary is dropped and the existing file's mtime is set
+to now, so garbage collection sees the content as fresh) and its directory fsynced. An
 object is written to a temporary, fsynced and ``os.replace``d over its name; ``put_if_absent``
 hard-links the temporary instead, which fails if the name exists, so exactly one racer wins.
 ``tmp/`` and the final names are on one filesystem, which is what makes link and rename atomic.
+
+Modification times are the files' mtimes. ``delete_if_older`` and ``blob_delete_if_older`` never
+lose a concurrent write: they rename the file into ``tmp/`` (atomic), then look at the mtime of
+what they took. If it was written at or after the cutoff (a write landed between the decision
+and the rename), it is hard-linked back to its name, unless a newer write is already there; a
+write after the rename simply creates the name again. A blob commit whose target disappears
+between its link and its mtime refresh links again. Readers can miss an object or blob for
+the instant it spends under ``tmp/``, which only happens when such a write races the deletion.
 
 Temporaries left by a crash are removed when a :class:`DiskStorage` is opened, once older than
 ``stale_temp_age`` seconds (a live upload keeps its temporary's mtime fresh).
@@ -23,10 +32,12 @@ One limit of mapping keys to paths: a key cannot also be the directory of anothe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -39,7 +50,9 @@ from larder.storage.base import (
     BlobInfo,
     BlobReader,
     BlobWriter,
+    ObjectInfo,
     Storage,
+    StoredBlob,
     check_blob_id,
     check_key,
     check_prefix,
@@ -90,6 +103,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _link(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target``; ``FileExistsError`` if ``target`` exists.
+
+    Where the filesystem has no hard links, rename instead (not atomic against a racing creator
+    of ``target``, the best such a filesystem allows).
+    """
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINK_ERRNOS:
+            raise
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+        os.rename(source, target)
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
@@ -119,14 +150,16 @@ class _DiskBlobWriter(EncodingBlobWriter):
             self._close_fd()
             created = self._storage._make_parent(final)
             try:
-                os.link(self._temp, final)
+                _link(self._temp, final)
             except FileExistsError:
-                pass  # the same content is already stored
-            except OSError as exc:
-                if exc.errno not in _NO_LINK_ERRNOS:
-                    raise
-                if not final.exists():
-                    os.rename(self._temp, final)
+                # The same content is already stored: keep it, but as of now.
+                try:
+                    os.utime(final)
+                except FileNotFoundError:
+                    # Deleted (by garbage collection) since the link failed: link again. If
+                    # that fails too, another commit of this content has just created it.
+                    with contextlib.suppress(FileExistsError):
+                        _link(self._temp, final)
             self._temp.unlink(missing_ok=True)
             _fsync_dir(final.parent)
             if created:
@@ -310,6 +343,75 @@ class DiskStorage(Storage):
             for blob_id in ids:
                 yield blob_id
 
+    def _stat_blob_dir(self, name: str) -> list[StoredBlob]:
+        found = []
+        for blob_id in self._list_blob_dir(name):
+            try:
+                st = os.stat(self._blobs / name / blob_id)
+            except _MISSING:
+                continue  # deleted since the listing
+            found.append(StoredBlob(blob_id, st.st_size, st.st_mtime))
+        return found
+
+    async def blob_infos(self) -> AsyncIterator[StoredBlob]:
+        with _os_errors("blob list"):
+            directories = await asyncio.to_thread(os.listdir, self._blobs)
+        for name in sorted(directories):
+            if len(name) != 2 or not _HEX.issuperset(name):
+                continue
+            with _os_errors("blob list"):
+                infos = await asyncio.to_thread(self._stat_blob_dir, name)
+            for info in infos:
+                yield info
+
+    def _delete_if_older_sync(self, path: Path, cutoff: float) -> bool:
+        """Delete the file at ``path`` if its mtime is before ``cutoff``, losing no racing write.
+
+        The file is renamed into ``tmp/`` (atomic) and the mtime checked on what was taken: a
+        file written after the decision goes back with a hard link, which fails (and the taken
+        file is dropped) if an even newer write has created the name again meanwhile.
+        """
+        try:
+            st = os.lstat(path)
+        except _MISSING:
+            return False
+        if not stat.S_ISREG(st.st_mode) or not st.st_mtime < cutoff:
+            return False  # fresh, or a directory (not an object)
+        taken = self._tmp / f"delete-{uuid.uuid4().hex}"
+        try:
+            os.rename(path, taken)
+        except _MISSING:
+            return False  # deleted meanwhile
+        try:
+            st = os.lstat(taken)
+        except FileNotFoundError:
+            return False  # swept as a stale temporary by another opener: not ours to count
+        if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+            os.unlink(taken)
+            return True
+        # Written again between the decision and the rename (or, improbably, replaced by a
+        # directory): put it back unless something newer is already there.
+        try:
+            self._make_parent(path)
+            if stat.S_ISREG(st.st_mode):
+                _link(taken, path)
+            else:
+                os.rename(taken, path)
+            _fsync_dir(path.parent)
+        except FileExistsError:
+            pass  # a newer write won; what we took is older than it
+        except BaseException:
+            log.error("could not put %s back after a deletion race; it is kept at %s", path, taken)
+            raise
+        _unlink_quietly(taken)
+        return False
+
+    async def blob_delete_if_older(self, blob_id: str, cutoff: float) -> bool:
+        check_blob_id(blob_id)
+        path = self._blob_path(blob_id)
+        with _os_errors("blob delete"):
+            return await asyncio.to_thread(self._delete_if_older_sync, path, cutoff)
+
     # -- objects -------------------------------------------------------------------------
 
     def _get_sync(self, path: Path) -> bytes | None:
@@ -373,7 +475,8 @@ class DiskStorage(Storage):
         with _os_errors("delete"):
             return await asyncio.to_thread(self._unlink, path)
 
-    def _keys_sync(self, prefix: str) -> list[str]:
+    def _walk_objects(self, prefix: str) -> Iterator[str]:
+        """The keys of the files under ``objects/`` that start with ``prefix``, unsorted."""
         directory, _, _ = prefix.rpartition("/")
         start = self._objects / directory if directory else self._objects
 
@@ -381,15 +484,25 @@ class DiskStorage(Storage):
             if not isinstance(exc, _MISSING):
                 raise exc
 
-        found = []
         for dirpath, _dirnames, filenames in os.walk(start, onerror=fail):
             relative = Path(dirpath).relative_to(self._objects).as_posix()
             base = "" if relative == "." else relative + "/"
             for name in filenames:
                 key = base + name
                 if key.startswith(prefix) and is_valid_key(key):
-                    found.append(key)
-        found.sort()
+                    yield key
+
+    def _keys_sync(self, prefix: str) -> list[str]:
+        return sorted(self._walk_objects(prefix))
+
+    def _object_infos_sync(self, prefix: str) -> list[ObjectInfo]:
+        found = []
+        for key in sorted(self._walk_objects(prefix)):
+            try:
+                st = os.stat(self._objects / key)
+            except _MISSING:
+                continue  # deleted since the walk
+            found.append(ObjectInfo(key, st.st_size, st.st_mtime))
         return found
 
     async def keys(self, prefix: str) -> AsyncIterator[str]:
@@ -398,6 +511,18 @@ class DiskStorage(Storage):
             found = await asyncio.to_thread(self._keys_sync, prefix)
         for key in found:
             yield key
+
+    async def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        check_prefix(prefix)
+        with _os_errors("list"):
+            infos = await asyncio.to_thread(self._object_infos_sync, prefix)
+        for info in infos:
+            yield info
+
+    async def delete_if_older(self, key: str, cutoff: float) -> bool:
+        path = self._object_path(key)
+        with _os_errors("delete"):
+            return await asyncio.to_thread(self._delete_if_older_sync, path, cutoff)
 
     # -- lifecycle -----------------------------------------------------------------------
 

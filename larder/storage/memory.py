@@ -2,20 +2,24 @@
 
 It behaves like the real backends where callers can tell: blobs are really zstd-compressed and
 hashed, a blob becomes visible only on commit, keys are validated, and the dictionaries are
-guarded by a lock because blob writers run on worker threads.
+guarded by a lock because blob writers run on worker threads. Each entry records the
+``time.time()`` of its last write (for a blob: its last commit, repeated commits included).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from larder.storage.base import (
     BlobInfo,
     BlobReader,
     BlobWriter,
+    ObjectInfo,
     Storage,
+    StoredBlob,
     check_blob_id,
     check_key,
     check_prefix,
@@ -26,6 +30,11 @@ from larder.storage.blobformat import (
     EncodingBlobWriter,
     clamp_range,
 )
+
+
+class _Entry(NamedTuple):
+    data: bytes
+    modified: float  # time.time() of the last write
 
 
 class _MemoryBlobWriter(EncodingBlobWriter):
@@ -40,8 +49,11 @@ class _MemoryBlobWriter(EncodingBlobWriter):
     def _publish(self, info: BlobInfo) -> None:
         data = b"".join(self._pieces)
         self._pieces = []
+        blobs = self._storage._blobs
         with self._storage._lock:
-            self._storage._blobs.setdefault(info.blob_id, data)
+            existing = blobs.get(info.blob_id)
+            # identical content is kept; only the commit time moves
+            blobs[info.blob_id] = _Entry(existing.data if existing else data, time.time())
 
     def _discard(self) -> None:
         self._pieces = []
@@ -72,8 +84,8 @@ class MemoryStorage(Storage):
         self._zstd_level = zstd_level
         self._zstd_threads = zstd_threads
         self._lock = threading.Lock()
-        self._blobs: dict[str, bytes] = {}
-        self._objects: dict[str, bytes] = {}
+        self._blobs: dict[str, _Entry] = {}
+        self._objects: dict[str, _Entry] = {}
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -83,14 +95,14 @@ class MemoryStorage(Storage):
     async def blob_open(self, blob_id: str) -> BlobReader | None:
         check_blob_id(blob_id)
         with self._lock:
-            data = self._blobs.get(blob_id)
-        return _MemoryBlobReader(data) if data is not None else None
+            entry = self._blobs.get(blob_id)
+        return _MemoryBlobReader(entry.data) if entry is not None else None
 
     async def blob_stored_size(self, blob_id: str) -> int | None:
         check_blob_id(blob_id)
         with self._lock:
-            data = self._blobs.get(blob_id)
-        return len(data) if data is not None else None
+            entry = self._blobs.get(blob_id)
+        return len(entry.data) if entry is not None else None
 
     async def blob_delete(self, blob_id: str) -> bool:
         check_blob_id(blob_id)
@@ -103,24 +115,37 @@ class MemoryStorage(Storage):
         for blob_id in ids:
             yield blob_id
 
+    async def blob_infos(self) -> AsyncIterator[StoredBlob]:
+        with self._lock:
+            infos = [StoredBlob(i, len(e.data), e.modified) for i, e in self._blobs.items()]
+        for info in infos:
+            yield info
+
+    async def blob_delete_if_older(self, blob_id: str, cutoff: float) -> bool:
+        check_blob_id(blob_id)
+        with self._lock:
+            return _pop_if_older(self._blobs, blob_id, cutoff)
+
     # -- objects -------------------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
         check_key(key)
         with self._lock:
-            return self._objects.get(key)
+            entry = self._objects.get(key)
+        return entry.data if entry is not None else None
 
     async def put(self, key: str, data: bytes) -> None:
         check_key(key)
+        data = bytes(data)
         with self._lock:
-            self._objects[key] = bytes(data)
+            self._objects[key] = _Entry(data, time.time())
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         check_key(key)
         with self._lock:
             if key in self._objects:
                 return False
-            self._objects[key] = bytes(data)
+            self._objects[key] = _Entry(bytes(data), time.time())
             return True
 
     async def exists(self, key: str) -> bool:
@@ -140,7 +165,32 @@ class MemoryStorage(Storage):
         for key in matching:
             yield key
 
+    async def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        check_prefix(prefix)
+        with self._lock:
+            infos = [
+                ObjectInfo(key, len(entry.data), entry.modified)
+                for key, entry in sorted(self._objects.items())
+                if key.startswith(prefix)
+            ]
+        for info in infos:
+            yield info
+
+    async def delete_if_older(self, key: str, cutoff: float) -> bool:
+        check_key(key)
+        with self._lock:
+            return _pop_if_older(self._objects, key, cutoff)
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def check(self) -> None:
         return None
+
+
+def _pop_if_older(entries: dict[str, _Entry], name: str, cutoff: float) -> bool:
+    """Remove ``entries[name]`` if it was written strictly before ``cutoff`` (hold the lock)."""
+    entry = entries.get(name)
+    if entry is None or not entry.modified < cutoff:
+        return False
+    del entries[name]
+    return True

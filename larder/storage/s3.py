@@ -7,10 +7,20 @@ Layout under ``prefix`` in ``bucket``::
     <prefix>tmp/<uuid>              multipart uploads of blobs whose id is not known yet
 
 A blob writer buffers compressed output. A blob that stays under ``part_size`` is sent with one
-``PutObject`` to its final key at commit (skipped when a HEAD finds it already stored). A larger
-one goes to a multipart upload under ``tmp/`` whose parts are sent as they fill (at most about one
-part is buffered); commit completes it, copies it server-side to the final key (unless that key
-already exists) and deletes the temporary. Nothing appears under ``blobs/`` before commit.
+``PutObject`` to its final key at commit. A larger one goes to a multipart upload under ``tmp/``
+whose parts are sent as they fill (at most about one part is buffered); commit completes it,
+copies it server-side to the final key and deletes the temporary. Nothing appears under
+``blobs/`` before commit. A commit writes the final key even when the blob is already stored
+(identical content): that refreshes its ``LastModified``, which garbage collection reads as the
+blob's age. (In a versioned bucket each such commit leaves a noncurrent version; expire those
+with a lifecycle rule.)
+
+Modification times are ``LastModified`` (whole seconds, from S3's clock), read from the listing
+for ``object_infos`` and ``blob_infos``. ``delete_if_older`` is a HEAD, a comparison and a
+DELETE: a write landing between the HEAD and the DELETE (one round trip) is lost. Keep the
+cutoff well in the past (a GC grace period) so that only writes racing an age decision made on
+a long-untouched object can fall into that window.
+
 Leftovers of a crash are a multipart upload or an object under ``tmp/``: a bucket lifecycle rule
 (abort incomplete multipart uploads and expire ``tmp/`` after a day) removes them.
 
@@ -34,7 +44,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -54,7 +65,9 @@ from larder.storage.base import (
     BlobInfo,
     BlobReader,
     BlobWriter,
+    ObjectInfo,
     Storage,
+    StoredBlob,
     check_blob_id,
     check_key,
     check_prefix,
@@ -169,6 +182,22 @@ def _translate_errors(operation: str) -> Iterator[None]:
         raise StorageError(f"S3 {operation} failed: {exc}") from exc
 
 
+# -- listings ----------------------------------------------------------------------------
+
+
+class _Listed(NamedTuple):
+    """One entry of a ``ListObjectsV2`` page."""
+
+    name: str  # the full S3 key
+    size: int
+    modified: float  # LastModified as POSIX seconds
+
+
+def _timestamp(value: datetime | None) -> float:
+    # S3 always sends LastModified; an imitation that does not makes the object look new.
+    return value.timestamp() if value is not None else time.time()
+
+
 # -- blobs -------------------------------------------------------------------------------
 
 
@@ -218,14 +247,14 @@ class _S3BlobWriter(EncodingBlobWriter):
 
     def _publish(self, info: BlobInfo) -> None:
         final = self._storage._blob_key(info.blob_id)
+        # Written even if the blob exists (identical content): that refreshes LastModified.
         if self._upload_id is None:
             data = bytes(self._buffer)
             self._buffer = bytearray()
-            if self._storage._head_sync(final) is None:
-                with _translate_errors("blob put"):
-                    self._client.put_object(
-                        Bucket=self._bucket, Key=final, Body=data, ContentType=BLOB_CONTENT_TYPE
-                    )
+            with _translate_errors("blob put"):
+                self._client.put_object(
+                    Bucket=self._bucket, Key=final, Body=data, ContentType=BLOB_CONTENT_TYPE
+                )
             return
         if self._buffer:
             self._upload_part(bytes(self._buffer))
@@ -239,8 +268,7 @@ class _S3BlobWriter(EncodingBlobWriter):
             )
         self._upload_id = None
         self._temp_complete = True
-        if self._storage._head_sync(final) is None:
-            self._storage._copy_sync(self._temp_key, final, info.stored_size)
+        self._storage._copy_sync(self._temp_key, final, info.stored_size)
         self._temp_complete = False
         self._storage._delete_quietly(self._temp_key)
 
@@ -409,6 +437,23 @@ class S3Storage(Storage):
         except _Missing:
             return None
 
+    def _delete_if_older_sync(self, key: str, cutoff: float) -> bool:
+        """HEAD, compare ``LastModified`` with ``cutoff``, DELETE.
+
+        Not atomic: a write landing in the round trip between the HEAD and the DELETE is lost
+        (an ``If-Match`` on the ETag would not help: a rewrite of identical content keeps it).
+        """
+        try:
+            with _translate_errors("head"):
+                modified = self._client.head_object(Bucket=self.bucket, Key=key)["LastModified"]
+        except _Missing:
+            return False
+        if not modified.timestamp() < cutoff:
+            return False
+        with _translate_errors("delete"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        return True
+
     def _get_sync(self, key: str) -> bytes | None:
         try:
             with _translate_errors("get"):
@@ -493,14 +538,18 @@ class S3Storage(Storage):
                     ),
                 )
 
-    def _next_page(self, pages: Iterator[ListObjectsV2OutputTypeDef]) -> list[str] | None:
+    def _next_page(self, pages: Iterator[ListObjectsV2OutputTypeDef]) -> list[_Listed] | None:
         with _translate_errors("list"):
             page = next(pages, None)
         if page is None:
             return None
-        return [item["Key"] for item in page.get("Contents", []) if "Key" in item]
+        return [
+            _Listed(item["Key"], item.get("Size", 0), _timestamp(item.get("LastModified")))
+            for item in page.get("Contents", [])
+            if "Key" in item
+        ]
 
-    async def _list(self, prefix: str) -> AsyncIterator[str]:
+    async def _list_items(self, prefix: str) -> AsyncIterator[_Listed]:
         paginator: ListObjectsV2Paginator = self._client.get_paginator("list_objects_v2")
         pages = iter(
             paginator.paginate(
@@ -509,9 +558,28 @@ class S3Storage(Storage):
                 PaginationConfig={"PageSize": self._LIST_PAGE_SIZE},
             )
         )
-        while (names := await self._run(self._next_page, pages)) is not None:
-            for name in names:
-                yield name
+        while (items := await self._run(self._next_page, pages)) is not None:
+            for item in items:
+                yield item
+
+    async def _list_blobs(self) -> AsyncIterator[tuple[str, _Listed]]:
+        """``(blob_id, listing)`` of every committed blob."""
+        base = self._prefix + "blobs/"
+        async for item in self._list_items(base):
+            directory, _, blob_id = item.name[len(base) :].partition("/")
+            if directory == blob_id[:2] and len(blob_id) == 64:
+                try:
+                    yield check_blob_id(blob_id), item
+                except ValueError:
+                    continue
+
+    async def _list_objects(self, prefix: str) -> AsyncIterator[tuple[str, _Listed]]:
+        """``(key, listing)`` of every object whose key starts with ``prefix``, in key order."""
+        base = self._prefix + "objects/"
+        async for item in self._list_items(base + check_prefix(prefix)):
+            key = item.name[len(base) :]
+            if is_valid_key(key):
+                yield key, item
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -530,14 +598,16 @@ class S3Storage(Storage):
         return await self._run(self._delete_sync, self._blob_key(check_blob_id(blob_id)))
 
     async def blob_ids(self) -> AsyncIterator[str]:
-        base = self._prefix + "blobs/"
-        async for name in self._list(base):
-            directory, _, blob_id = name[len(base) :].partition("/")
-            if directory == blob_id[:2] and len(blob_id) == 64:
-                try:
-                    yield check_blob_id(blob_id)
-                except ValueError:
-                    continue
+        async for blob_id, _item in self._list_blobs():
+            yield blob_id
+
+    async def blob_infos(self) -> AsyncIterator[StoredBlob]:
+        async for blob_id, item in self._list_blobs():
+            yield StoredBlob(blob_id, item.size, item.modified)
+
+    async def blob_delete_if_older(self, blob_id: str, cutoff: float) -> bool:
+        key = self._blob_key(check_blob_id(blob_id))
+        return await self._run(self._delete_if_older_sync, key, cutoff)
 
     # -- objects -------------------------------------------------------------------------
 
@@ -557,11 +627,15 @@ class S3Storage(Storage):
         return await self._run(self._delete_sync, self._object_key(key))
 
     async def keys(self, prefix: str) -> AsyncIterator[str]:
-        base = self._prefix + "objects/"
-        async for name in self._list(base + check_prefix(prefix)):
-            key = name[len(base) :]
-            if is_valid_key(key):
-                yield key
+        async for key, _item in self._list_objects(prefix):
+            yield key
+
+    async def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        async for key, item in self._list_objects(prefix):
+            yield ObjectInfo(key, item.size, item.modified)
+
+    async def delete_if_older(self, key: str, cutoff: float) -> bool:
+        return await self._run(self._delete_if_older_sync, self._object_key(key), cutoff)
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -120,6 +120,8 @@ async def test_keys_ignore_blobs_and_temporaries(backend: Backend) -> None:
 async def test_keys_rejects_bad_prefix(storage: Storage, prefix: str) -> None:
     with pytest.raises(ValueError):
         await collect(storage.keys(prefix))
+    with pytest.raises(ValueError):
+        await collect(storage.object_infos(prefix))
 
 
 async def test_put_if_absent(storage: Storage) -> None:
@@ -156,6 +158,10 @@ async def test_invalid_keys_raise_before_touching_storage(backend: Backend, key:
         await storage.exists(key)
     with pytest.raises(ValueError):
         await storage.delete(key)
+    with pytest.raises(ValueError):
+        await storage.delete_if_older(key, 0.0)
+    with pytest.raises(ValueError):
+        await storage.delete_if_older(key, float("inf"))
     assert await collect(storage.keys("")) == []
     assert await backend.leftovers() == []
 
@@ -168,6 +174,8 @@ async def test_invalid_blob_ids_raise(storage: Storage, blob_id: str) -> None:
         await storage.blob_stored_size(blob_id)
     with pytest.raises(ValueError):
         await storage.blob_delete(blob_id)
+    with pytest.raises(ValueError):
+        await storage.blob_delete_if_older(blob_id, float("inf"))
 
 
 # -- blobs -------------------------------------------------------------------------------
