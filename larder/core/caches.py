@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from larder.core import keys
 from larder.errors import InvalidInput, StorageError
@@ -34,6 +35,9 @@ class CacheSettings:
     created_at: int = 0
     # Public keys (Nix format); when set, an uploaded narinfo must carry a signature by one.
     trusted_upload_keys: tuple[str, ...] = ()
+    # Garbage collection limits of this cache (None: the store's default, see larder gc).
+    gc_max_size: int | None = None  # bytes: its objects plus the distinct blobs they hold
+    gc_retention: float | None = None  # seconds since last use
 
     @property
     def public_key(self) -> PublicKey:
@@ -48,6 +52,8 @@ class CacheSettings:
                 "priority": self.priority,
                 "created_at": self.created_at,
                 "trusted_upload_keys": list(self.trusted_upload_keys),
+                "gc_max_size": self.gc_max_size,
+                "gc_retention": self.gc_retention,
             },
             indent=1,
         ).encode()
@@ -65,9 +71,15 @@ class CacheSettings:
                 trusted_upload_keys=tuple(
                     PublicKey.parse(k).to_string() for k in doc.get("trusted_upload_keys", [])
                 ),
+                gc_max_size=_optional(doc.get("gc_max_size"), int),
+                gc_retention=_optional(doc.get("gc_retention"), float),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StorageError(f"corrupt cache settings: {exc}") from None
+
+
+def _optional(value: Any, kind: Callable[[Any], Any]) -> Any:
+    return None if value is None else kind(value)
 
 
 class CacheExists(InvalidInput):

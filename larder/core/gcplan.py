@@ -26,6 +26,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,17 @@ def referrers(nodes: Mapping[str, Node]) -> dict[str, set[str]]:
     return found
 
 
-def total_size(nodes: Iterable[Node], blob_sizes: Mapping[str, int]) -> int:
+class Holder(Protocol):
+    """Anything with a size of its own and possibly a blob (a :class:`Node`, a stored entry)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def blob(self) -> str | None: ...
+
+
+def total_size(nodes: Iterable[Holder], blob_sizes: Mapping[str, int]) -> int:
     """Bytes of the nodes plus the distinct blobs they hold."""
     blobs: set[str] = set()
     size = 0

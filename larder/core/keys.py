@@ -5,6 +5,7 @@
     config/token-secret                     HS256 secret for tokens (hex), created once
     config/revoked/<token id>               revocation marker (JSON: when, why)
     config/caches/<cache>.json              cache settings and its ed25519 signing key
+    config/pins/<cache>/<store hash>        pinned store path (JSON: path, when, note)
     caches/<cache>/narinfo/<store hash>     narinfo as served, minus larder's own signature
     caches/<cache>/nar/<narhash nix32>      NAR record (JSON: blob id, NarSize, stored size)
     caches/<cache>/file/<path>              opaque Nix extra (JSON: blob id, size, type, encoding)
@@ -12,6 +13,13 @@
     caches/<cache>/rustc/blob/<blob id>     marker: this cache holds the blob (JSON: size)
     caches/<cache>/rustc/direct/<dkey>/<id> direct entry: files and variables a dep-info named
     caches/<cache>/sccache/<path>           sccache WebDAV entry (JSON: blob id, size, time)
+    gc/lock                                 the running collection's lease (JSON: owner, since)
+    gc/last-run                             the last finished collection's report (JSON)
+    gc/use/<cache>/<ms>-<writer>            a batch of recorded uses (JSON: key -> POSIX time)
+    gc/use-index/<cache>                    every recorded use, compacted by the collector
+
+Keys below ``caches/<cache>/`` are a cache's content; the collector judges only those (and the
+blobs they hold) and never touches ``config/``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,11 @@ from __future__ import annotations
 TOKEN_SECRET = "config/token-secret"
 REVOKED_PREFIX = "config/revoked/"
 CACHE_CONFIG_PREFIX = "config/caches/"
+PINS_PREFIX = "config/pins/"
+GC_LOCK = "gc/lock"
+GC_LAST_RUN = "gc/last-run"
+USE_PREFIX = "gc/use/"
+USE_INDEX_PREFIX = "gc/use-index/"
 
 
 def revoked(token_id: str) -> str:
@@ -73,3 +86,27 @@ def sccache_entry(cache: str, path: str) -> str:
 def sccache_prefix(cache: str, path: str) -> str:
     """Keys of entries below collection ``path`` ("" for the root)."""
     return f"caches/{cache}/sccache/{path + '/' if path else ''}"
+
+
+def cache_of(key: str) -> tuple[str, str] | None:
+    """``(cache, key below the cache's prefix)`` for a key of a cache's content, else None."""
+    top, cache, rest = [*key.split("/", 2), "", ""][:3]
+    if top != "caches" or not cache or not rest:
+        return None
+    return cache, rest
+
+
+def pin(cache: str, store_hash: str) -> str:
+    return f"{PINS_PREFIX}{cache}/{store_hash}"
+
+
+def pins_prefix(cache: str) -> str:
+    return f"{PINS_PREFIX}{cache}/"
+
+
+def use_batch_prefix(cache: str) -> str:
+    return f"{USE_PREFIX}{cache}/"
+
+
+def use_index(cache: str) -> str:
+    return f"{USE_INDEX_PREFIX}{cache}"

@@ -28,6 +28,7 @@ from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest
+from larder.core.lastuse import Touch, ignore_use
 from larder.core.servedcache import ServedCache
 from larder.errors import FormatError, StorageError, VerificationFailed
 from larder.protocol import narinfo as narinfo_format
@@ -105,8 +106,11 @@ class FileRecord:
 class NixCache:
     """Nix binary cache operations over one store. Blocking work runs on ``executor``."""
 
-    def __init__(self, blobs: BlobStore, served_ttl: float = 0.0) -> None:
+    def __init__(
+        self, blobs: BlobStore, served_ttl: float = 0.0, touch: Touch = ignore_use
+    ) -> None:
         self._blobs = blobs
+        self._touch = touch
         self._served = ServedCache(served_ttl)
         self._storage = blobs.storage
         self._run = blobs.run
@@ -139,8 +143,12 @@ class NixCache:
         return record
 
     async def nar_record(self, cache: CacheSettings, nar_hash_nix32: str) -> NarRecord | None:
-        data = await self._storage.get(keys.nar(cache.name, nar_hash_nix32))
-        return NarRecord.from_json(data) if data is not None else None
+        key = keys.nar(cache.name, nar_hash_nix32)
+        data = await self._storage.get(key)
+        if data is None:
+            return None
+        self._touch(key)
+        return NarRecord.from_json(data)
 
     async def open_blob(self, blob_id: str) -> BlobReader | None:
         return await self._storage.blob_open(blob_id)
@@ -195,16 +203,21 @@ class NixCache:
         return stored
 
     async def has_narinfo(self, cache: CacheSettings, store_hash: str) -> bool:
-        return await self._storage.exists(keys.narinfo(cache.name, check_hash_part(store_hash)))
+        key = keys.narinfo(cache.name, check_hash_part(store_hash))
+        found = await self._storage.exists(key)
+        if found:
+            self._touch(key)
+        return found
 
     async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
         """The narinfo as served (signed by the cache), or ``None``."""
         memo_key = (cache.name, check_hash_part(store_hash), cache.signing_key.to_string())
         known, body = self._served.get(memo_key)
-        if known:
-            return body
-        body = await self._render_narinfo(cache, store_hash)
-        self._served.put(memo_key, body)
+        if not known:
+            body = await self._render_narinfo(cache, store_hash)
+            self._served.put(memo_key, body)
+        if body is not None:
+            self._touch(keys.narinfo(cache.name, store_hash))
         return body
 
     async def _render_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
@@ -236,8 +249,18 @@ class NixCache:
         return record
 
     async def file_record(self, cache: CacheSettings, path: str) -> FileRecord | None:
-        data = await self._storage.get(keys.extra_file(cache.name, check_object_path(path)))
-        return FileRecord.from_json(data) if data is not None else None
+        key = keys.extra_file(cache.name, check_object_path(path))
+        data = await self._storage.get(key)
+        if data is None:
+            return None
+        self._touch(key)
+        return FileRecord.from_json(data)
+
+    def forget(self, key: str) -> None:
+        """Drop what this replica remembers of a deleted narinfo (``key`` is its storage key)."""
+        split = keys.cache_of(key)
+        if split is not None and split[1].startswith("narinfo/"):
+            self._served.forget(split[0], split[1].removeprefix("narinfo/"))
 
 
 def _signed_by_any(info: NarInfo, trusted: tuple[str, ...]) -> bool:

@@ -25,6 +25,7 @@ import blake3
 from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
+from larder.core.lastuse import Touch, ignore_use
 from larder.errors import FormatError, VerificationFailed
 from larder.protocol.rustc import (
     MAX_DIRECT_ENTRIES,
@@ -43,15 +44,18 @@ _LOOKUP_CONCURRENCY = 32
 class RustcCache:
     """Artifact and manifest operations over one store."""
 
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: BlobStore, touch: Touch = ignore_use) -> None:
         self._blobs = blobs
         self._storage = blobs.storage
+        self._touch = touch
 
     async def _held_size(self, cache: CacheSettings, blob_id: str) -> int | None:
         """The size of ``blob_id`` if this cache holds it (marker and blob both present)."""
-        marker = await self._storage.get(keys.rustc_blob(cache.name, blob_id))
+        key = keys.rustc_blob(cache.name, blob_id)
+        marker = await self._storage.get(key)
         if marker is None or await self._storage.blob_stored_size(blob_id) is None:
             return None
+        self._touch(key)
         return int(load_record(marker)["size"])
 
     async def missing(self, cache: CacheSettings, blob_ids: Iterable[str]) -> list[str]:
@@ -124,8 +128,9 @@ class RustcCache:
                 break
         documents = await asyncio.gather(*(self._storage.get(key) for key in found))
         entries = []
-        for document in documents:
+        for key, document in zip(found, documents, strict=True):
             if document is not None:
+                self._touch(key)
                 try:
                     entries.append(parse_direct_entry(document))
                 except FormatError:
@@ -134,4 +139,8 @@ class RustcCache:
 
     async def get_manifest(self, cache: CacheSettings, key: str) -> bytes | None:
         """The stored manifest for ``key``, or None on a miss."""
-        return await self._storage.get(keys.rustc_manifest(cache.name, check_key(key)))
+        name = keys.rustc_manifest(cache.name, check_key(key))
+        document = await self._storage.get(name)
+        if document is not None:
+            self._touch(name)
+        return document

@@ -19,6 +19,7 @@ from typing import NamedTuple
 from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
+from larder.core.lastuse import Touch, ignore_use
 from larder.storage.base import BlobReader
 
 # PROPFIND Depth 1 lists at most this many children (sccache never lists).
@@ -50,9 +51,10 @@ class Entry(NamedTuple):
 class SccacheStore:
     """Entries of sccache's WebDAV backend, over one store."""
 
-    def __init__(self, blobs: BlobStore) -> None:
+    def __init__(self, blobs: BlobStore, touch: Touch = ignore_use) -> None:
         self._blobs = blobs
         self._storage = blobs.storage
+        self._touch = touch
 
     async def put(self, cache: CacheSettings, path: str, body: AsyncIterable[bytes]) -> Entry:
         """Store the whole ``body`` as the entry at ``path`` (replacing an older one)."""
@@ -64,8 +66,12 @@ class SccacheStore:
     async def get(self, cache: CacheSettings, path: str) -> Entry | None:
         if not path:
             return None
-        data = await self._storage.get(keys.sccache_entry(cache.name, path))
-        return Entry.from_json(data) if data is not None else None
+        key = keys.sccache_entry(cache.name, path)
+        data = await self._storage.get(key)
+        if data is None:
+            return None
+        self._touch(key)
+        return Entry.from_json(data)
 
     async def open(self, entry: Entry) -> BlobReader | None:
         return await self._storage.blob_open(entry.blob_id)

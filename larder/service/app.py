@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +11,21 @@ from aiohttp import web
 from larder.core.auth import TokenAuthority
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
+from larder.core.gc import Collector
+from larder.core.lastuse import UseRecorder
 from larder.core.nixcache import NixCache
 from larder.core.rustc import RustcCache
 from larder.core.sccache import SccacheStore
-from larder.core.usage import usage
 from larder.errors import LarderError
-from larder.service import api_routes, nix_routes, observe, rustc_routes, state, webdav_routes
+from larder.service import (
+    api_routes,
+    housekeeping,
+    nix_routes,
+    observe,
+    rustc_routes,
+    state,
+    webdav_routes,
+)
 from larder.service.config import Config
 from larder.service.errors import error_middleware
 from larder.service.instrumented import InstrumentedStorage
@@ -44,9 +51,12 @@ def build_app(config: Config, storage: Storage) -> web.Application:
         storage, config.refresh_interval, secret=config.token_secret()
     )
     app[state.BLOBS] = BlobStore(storage, executor)
-    app[state.NIX] = NixCache(app[state.BLOBS], served_ttl=config.refresh_interval)
-    app[state.RUSTC] = RustcCache(app[state.BLOBS])
-    app[state.SCCACHE] = SccacheStore(app[state.BLOBS])
+    recorder = app[state.RECORDER] = UseRecorder(storage)
+    touch = recorder.touch
+    app[state.NIX] = NixCache(app[state.BLOBS], served_ttl=config.refresh_interval, touch=touch)
+    app[state.RUSTC] = RustcCache(app[state.BLOBS], touch=touch)
+    app[state.SCCACHE] = SccacheStore(app[state.BLOBS], touch=touch)
+    app[state.COLLECTOR] = Collector(storage, recorder=recorder, forget=app[state.NIX].forget)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         try:  # every existing cache's series start at 0; a cache created later gets them on use
@@ -54,14 +64,9 @@ def build_app(config: Config, storage: Storage) -> web.Application:
                 metrics.add_cache(cache)
         except LarderError as exc:
             log.warning("cannot list caches at start-up: %s", exc.message)
-        scanner = None
-        if config.usage_interval > 0:
-            scanner = asyncio.create_task(_scan_usage(app, config.usage_interval))
+        background = housekeeping.start(app)
         yield
-        if scanner is not None:
-            scanner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await scanner
+        await housekeeping.stop(app, background)
         executor.shutdown(wait=True, cancel_futures=True)
         await storage.close()
 
@@ -71,18 +76,3 @@ def build_app(config: Config, storage: Storage) -> web.Application:
     webdav_routes.add_routes(app)
     nix_routes.add_routes(app)  # last: it ends with a catch-all
     return app
-
-
-async def _scan_usage(app: web.Application, interval: float) -> None:
-    """Keep the storage gauges current: every cache, every ``interval`` seconds."""
-    metrics = app[observe.METRICS]
-    while True:
-        try:
-            for cache in await app[state.CACHES].names():
-                metrics.add_cache(cache)
-                for kind, (objects, size) in (await usage(app[state.STORAGE], cache)).items():
-                    metrics.objects.labels(cache, kind).set(objects)
-                    metrics.stored_bytes.labels(cache, kind).set(size)
-        except LarderError as exc:
-            log.warning("storage usage scan failed: %s", exc.message)
-        await asyncio.sleep(interval)

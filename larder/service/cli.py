@@ -1,5 +1,5 @@
-"""The ``larder`` command: ``serve``, ``token create|revoke``, ``cache create|show|list``
-(and ``cache rotate-key``).
+"""The ``larder`` command: ``serve``, ``token create|revoke``,
+``cache create|show|list|rotate-key|trust|limits``, ``gc``, ``pin`` and ``unpin``.
 
 Every subcommand takes ``--storage`` and ``--config`` (also ``LARDER_STORAGE`` /
 ``LARDER_CONFIG``), so an operator can mint a token for a running deployment by pointing at the
@@ -24,12 +24,15 @@ from aiohttp.web_log import AccessLogger
 
 from larder.core.auth import TokenAuthority
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
+from larder.core.gc import Collector
+from larder.core.pins import pin, pins, unpin
 from larder.errors import LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
 from larder.service.app import build_app
-from larder.service.config import Config, load_config
+from larder.service.config import Config, load_config, parse_size
+from larder.service.housekeeping import gc_policies, store_policy
 from larder.service.observe import JsonAccessLogger
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
@@ -91,8 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument(
         "--key", action="append", default=[], help="public key name:base64 (repeat; none: off)"
     )
+    limits = cache_commands.add_parser(
+        "limits", help="set a cache's garbage-collection limits (0 or none: no limit)"
+    )
+    _common(limits)
+    limits.add_argument("name")
+    limits.add_argument("--max-size", help="largest size, e.g. 50GB, 200GiB")
+    limits.add_argument("--retention", help="evict what was not used for this long, e.g. 30d")
     cache_list = cache_commands.add_parser("list", help="list caches")
     _common(cache_list)
+
+    gc = commands.add_parser("gc", help="evict least recently used closures once, and exit")
+    _common(gc)
+    gc.add_argument("--cache", help="judge only this cache (default: every cache)")
+    gc.add_argument(
+        "--max-size", help="with --cache: that cache's cap; without: the whole store's cap"
+    )
+    gc.add_argument("--retention", help="evict what was not used for this long (e.g. 30d)")
+    gc.add_argument("--grace", help="keep what was used this recently (default: gc_grace)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
+    gc.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    for verb, text in (("pin", "exempt store paths and their closures from eviction"),
+                       ("unpin", "remove pins")):  # fmt: skip
+        command = commands.add_parser(verb, help=text)
+        _common(command)
+        command.add_argument("--cache", default=DEFAULT_CACHE, help="cache (default main)")
+        command.add_argument(
+            "paths", nargs="*", help="/nix/store/<hash>-<name>, <hash>-<name> or <hash>"
+            + (" (none: list the pins)" if verb == "pin" else "")
+        )  # fmt: skip
+        if verb == "pin":
+            command.add_argument("--note", default="", help="why (shown in the list)")
     return parser
 
 
@@ -100,6 +133,8 @@ def _config(args: argparse.Namespace) -> Config:
     flags: dict[str, Any] = {"storage": args.storage, "config": args.config}
     if args.command == "serve":
         flags.update(listen=args.listen, public_url=args.public_url)
+    if args.command == "gc":
+        flags.update(gc_grace=args.grace)
     return load_config(flags)
 
 
@@ -119,6 +154,8 @@ def _describe(settings: CacheSettings, base_url: str) -> dict[str, Any]:
         "private": settings.private,
         "priority": settings.priority,
         "trusted_upload_keys": list(settings.trusted_upload_keys),
+        "gc_max_size": settings.gc_max_size,
+        "gc_retention": settings.gc_retention,
     }
 
 
@@ -237,6 +274,13 @@ async def _cache_command(args: argparse.Namespace, storage: Storage, config: Con
             trusted = tuple(PublicKey.parse(key).to_string() for key in args.key)
             settings = replace(settings, trusted_upload_keys=trusted)
             await registry.update(settings)
+        if args.cache_command == "limits":
+            settings = replace(
+                settings,
+                gc_max_size=_limit(args.max_size, parse_size, settings.gc_max_size),
+                gc_retention=_limit(args.retention, parse_ttl, settings.gc_retention),
+            )
+            await registry.update(settings)
         if args.cache_command == "rotate-key":
             settings = await _rotate_key(registry, settings, args.key_name, args.key_file)
     print(json.dumps(_describe(settings, _base_url(config)), indent=2))
@@ -265,6 +309,60 @@ async def _rotate_key(
     return rotated
 
 
+def _limit(text: str | None, parse: Callable[[str], int], current: Any) -> Any:
+    """A limit from the command line: unchanged when not given, None for ``0``/``none``."""
+    if text is None:
+        return current
+    if text.strip().lower() in ("0", "none", "never"):
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise LarderError(f"not a limit: {text!r} ({exc})") from None
+
+
+async def _gc(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    registry = CacheRegistry(storage, config.refresh_interval)
+    names = await registry.names()
+    settings = [found for name in names if (found := await registry.get(name)) is not None]
+    max_size = _limit(args.max_size, parse_size, None) if args.max_size else None
+    retention = _limit(args.retention, parse_ttl, None) if args.retention else None
+    if args.cache is not None:
+        if check_cache_name(args.cache) not in names:
+            raise LarderError(f"no cache named {args.cache!r}")
+        chosen = [s for s in settings if s.name == args.cache]
+        policies = gc_policies(chosen, config, max_size=max_size, retention=retention)
+        store = None
+    else:
+        policies = gc_policies(settings, config, retention=retention)
+        store = store_policy(config, max_size)
+    report = await Collector(storage).run(
+        policies, store, caches=names, grace=config.gc_grace, dry_run=args.dry_run
+    )
+    print(report.to_json().decode() if args.json else report.render())
+    return 0
+
+
+async def _pin_command(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    cache = check_cache_name(args.cache)
+    if await CacheRegistry(storage).get(cache) is None:
+        raise LarderError(f"no cache named {cache!r}")
+    if args.command == "pin" and not args.paths:
+        for found in await pins(storage, cache):
+            note = f"  {found.note}" if found.note else ""
+            print(f"{found.path}{note}")
+        return 0
+    for path in args.paths:
+        if args.command == "pin":
+            pinned = await pin(storage, cache, path, args.note)
+            print(f"pinned {pinned.path} in {cache}", file=sys.stderr)
+        elif await unpin(storage, cache, path):
+            print(f"unpinned {path} in {cache}", file=sys.stderr)
+        else:
+            print(f"{path} was not pinned in {cache}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -277,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers = {
             ("token", "create"): _token_create,
             ("token", "revoke"): _token_revoke,
+            ("gc", ""): _gc,
+            ("pin", ""): _pin_command,
+            ("unpin", ""): _pin_command,
         }
         sub: str = args.token_command if args.command == "token" else ""
         handler = handlers.get((str(args.command), sub), _cache_command)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from larder.errors import InvalidInput
+from larder.protocol.tokens import parse_ttl
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
 
@@ -78,6 +79,17 @@ class Config:
     body_idle_timeout: float = 60.0
     # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
     signing_keys_dir: str = ""
+    # Seconds between garbage collections run by `serve` (0: never); replicas take turns.
+    gc_interval: float = 3600.0
+    # Cap on the whole store in bytes (0: none); each cache's own: `larder cache limits`.
+    gc_max_size: int = 0
+    # Seconds after its last use an object is evicted, in caches without their own (0: never).
+    gc_retention: float = 0.0
+    # Seconds: what was used (or uploaded) this recently is never evicted, with its closure, and
+    # a blob nothing refers to is kept this long. Must exceed clock skew to the storage backend.
+    gc_grace: float = 600.0
+    # Seconds between writes of the uses this replica recorded (one object per cache).
+    use_flush_interval: float = 30.0
 
     def token_secret(self) -> bytes | None:
         """The mounted token secret, if one is configured."""
@@ -100,6 +112,27 @@ class Config:
         return parse_listen(self.listen)
 
 
+def _duration(value: object) -> float:
+    """Seconds from a number or from ``30d``, ``12h``, ``15m``, ``90s``."""
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = float(parse_ttl(text))
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+def _at_least(value: float, low: float) -> float:
+    if value < low:
+        raise ValueError(f"{value:g} is less than {low:g}")
+    return value
+
+
 _CONVERTERS: dict[str, Any] = {
     "listen": lambda v: (parse_listen(str(v)), str(v))[1],
     "storage": str,
@@ -115,6 +148,11 @@ _CONVERTERS: dict[str, Any] = {
     "token_secret_file": str,
     "signing_keys_dir": str,
     "body_idle_timeout": float,
+    "gc_interval": _duration,
+    "gc_max_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
+    "gc_retention": _duration,
+    "gc_grace": lambda v: _at_least(_duration(v), 1.0),
+    "use_flush_interval": lambda v: _at_least(_duration(v), 0.1),
 }
 
 

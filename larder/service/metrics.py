@@ -14,7 +14,14 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 ``larder_storage_size_bytes``               cache, kind (gauge, stored bytes, same scan)
 ``larder_backend_operations_total``         backend, operation
 ``larder_backend_errors_total``             backend, operation
-``larder_gc_runs_total`` and friends        created now, counted once GC exists
+``larder_gc_runs_total``                    result (completed | busy | failed)
+``larder_gc_evicted_objects_total``         cache, kind
+``larder_gc_freed_bytes_total``             bytes of evicted objects and reaped blobs
+``larder_gc_reaped_blobs_total``            blobs nothing referred to any more
+``larder_gc_restored_objects_total``        deleted, then put back for a racing upload
+``larder_gc_last_completed_timestamp_seconds``  when this replica last completed a run
+``larder_gc_duration_seconds``              length of this replica's last run (gauge)
+``larder_use_flushes_total``                result (ok | failed): recorded uses written
 ==========================================  ===============================================
 
 Labels never take a path, key or token: ``cache`` is a cache that exists (``_none`` for requests
@@ -26,6 +33,8 @@ prefix to :data:`ROUTE_PROTOCOLS`, here, and nothing else.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from larder.core.gcgraph import KINDS
 
 # protocol -> what its lookups look up
 LOOKUP_KINDS: dict[str, tuple[str, ...]] = {
@@ -46,7 +55,8 @@ UPLOAD_OUTCOMES = (
     "accepted", "bad_format", "verification_failed", "invalid_input", "too_large",
     "unauthorized", "forbidden", "no_such_cache", "storage_error", "other",
 )  # fmt: skip
-STORED_KINDS = ("narinfo", "nar", "nix_file", "rustc_manifest", "rustc_blob", "sccache_entry")
+STORED_KINDS = tuple(KINDS)
+GC_RESULTS = ("completed", "busy", "failed")
 BACKEND_OPERATIONS = (
     "get", "put", "put_if_absent", "exists", "delete", "keys", "blob_open", "blob_stored_size",
     "blob_delete", "blob_ids", "blob_write", "check",
@@ -104,11 +114,41 @@ class Metrics:
             "larder_backend_errors_total", "Storage backend calls that failed.",
             ["backend", "operation"], registry=r,
         )  # fmt: skip
-        self.gc_runs = Counter("larder_gc_runs_total", "GC runs.", registry=r)
+        self.gc_runs = Counter(
+            "larder_gc_runs_total", "Garbage collections attempted, by result.",
+            ["result"], registry=r,
+        )  # fmt: skip
         self.gc_evicted = Counter(
-            "larder_gc_evicted_objects_total", "Objects GC removed.", registry=r
+            "larder_gc_evicted_objects_total", "Objects garbage collection evicted.",
+            ["cache", "kind"], registry=r,
+        )  # fmt: skip
+        self.gc_freed = Counter(
+            "larder_gc_freed_bytes_total", "Bytes of evicted objects and reaped blobs.",
+            registry=r,
+        )  # fmt: skip
+        self.gc_reaped = Counter(
+            "larder_gc_reaped_blobs_total", "Blobs nothing referred to, deleted.", registry=r
         )
-        self.gc_freed = Counter("larder_gc_freed_bytes_total", "Bytes GC freed.", registry=r)
+        self.gc_restored = Counter(
+            "larder_gc_restored_objects_total",
+            "Objects deleted and put back because an upload during the run referred to them.",
+            registry=r,
+        )
+        self.gc_last = Gauge(
+            "larder_gc_last_completed_timestamp_seconds",
+            "When this replica last completed a garbage collection.", registry=r,
+        )  # fmt: skip
+        self.gc_duration = Gauge(
+            "larder_gc_duration_seconds", "Length of this replica's last collection.", registry=r
+        )
+        self.use_flushes = Counter(
+            "larder_use_flushes_total", "Writes of recorded uses, by result.", ["result"],
+            registry=r,
+        )  # fmt: skip
+        for result in GC_RESULTS:
+            self.gc_runs.labels(result)
+        for result in ("ok", "failed"):
+            self.use_flushes.labels(result)
         self.backend = backend
         self._caches: set[str] = set()
         for operation in BACKEND_OPERATIONS:
@@ -138,6 +178,7 @@ class Metrics:
             for kind in STORED_KINDS:
                 self.objects.labels(cache, kind)
                 self.stored_bytes.labels(cache, kind)
+                self.gc_evicted.labels(cache, kind)
 
     def lookup(self, cache: str, protocol: str, kind: str, hit: bool) -> None:
         self.lookups.labels(cache, protocol, kind, "hit" if hit else "miss").inc()

@@ -9,6 +9,8 @@ from aiohttp import web
 from larder.core.auth import TokenAuthority
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
+from larder.core.gc import Collector
+from larder.core.lastuse import UseRecorder
 from larder.core.nixcache import NixCache
 from larder.core.rustc import RustcCache
 from larder.core.sccache import SccacheStore
@@ -24,3 +26,5 @@ NIX = web.AppKey("nix", NixCache)
 RUSTC = web.AppKey("rustc", RustcCache)
 SCCACHE = web.AppKey("sccache", SccacheStore)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+RECORDER = web.AppKey("recorder", UseRecorder)
+COLLECTOR = web.AppKey("collector", Collector)

@@ -2,15 +2,16 @@
 
 It behaves like the real backends where callers can tell: blobs are really zstd-compressed and
 hashed, a blob becomes visible only on commit, keys are validated, and the dictionaries are
-guarded by a lock because blob writers run on worker threads. Each entry records the
-``time.time()`` of its last write (for a blob: its last commit, repeated commits included).
+guarded by a lock because blob writers run on worker threads. Each entry records the time of its
+last write (for a blob: its last commit, repeated commits included) from ``clock``, which tests
+may replace to age what is stored.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import ClassVar, NamedTuple
 
 from larder.storage.base import (
@@ -53,7 +54,7 @@ class _MemoryBlobWriter(EncodingBlobWriter):
         with self._storage._lock:
             existing = blobs.get(info.blob_id)
             # identical content is kept; only the commit time moves
-            blobs[info.blob_id] = _Entry(existing.data if existing else data, time.time())
+            blobs[info.blob_id] = _Entry(existing.data if existing else data, self._storage.clock())
 
     def _discard(self) -> None:
         self._pieces = []
@@ -80,7 +81,14 @@ class MemoryStorage(Storage):
 
     backend: ClassVar[str] = "memory"
 
-    def __init__(self, *, zstd_level: int = DEFAULT_ZSTD_LEVEL, zstd_threads: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        zstd_threads: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.clock = clock
         self._zstd_level = zstd_level
         self._zstd_threads = zstd_threads
         self._lock = threading.Lock()
@@ -138,14 +146,14 @@ class MemoryStorage(Storage):
         check_key(key)
         data = bytes(data)
         with self._lock:
-            self._objects[key] = _Entry(data, time.time())
+            self._objects[key] = _Entry(data, self.clock())
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         check_key(key)
         with self._lock:
             if key in self._objects:
                 return False
-            self._objects[key] = _Entry(bytes(data), time.time())
+            self._objects[key] = _Entry(bytes(data), self.clock())
             return True
 
     async def exists(self, key: str) -> bool:

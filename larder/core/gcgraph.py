@@ -1,0 +1,202 @@
+"""What a cache holds, as the collector sees it: every object with its size, age, references and
+blob.
+
+=================  =========================  ==============================================
+kind               key below caches/<cache>/  refers to / holds
+=================  =========================  ==============================================
+narinfo            ``narinfo/<hash>``         the narinfos of its references, its NAR record,
+                                              its ``<hash>.ls`` listing (when there is one)
+nar                ``nar/<NarHash>``          holds the NAR's blob
+nix_file           ``file/<path>``            holds a blob (``.ls``, ``log/``, realisations)
+rustc_manifest     ``rustc/manifest/<key>``   the blob markers of its outputs
+rustc_blob         ``rustc/blob/<id>``        holds blob ``<id>`` (the marker names it)
+rustc_direct       ``rustc/direct/<k>/<id>``  nothing (a small document)
+sccache_entry      ``sccache/<path>``         holds a blob
+=================  =========================  ==============================================
+
+Reading costs one listing per kind and cache, plus one read of each narinfo, NAR record, Nix
+extra, manifest and sccache entry. :func:`scan` re-reads only objects whose size or modification
+time differ from what it was given, so a long-running service that keeps the previous result
+pays for the listings and what changed. An object that does not parse is kept as a node with no
+references (``corrupt``), never guessed at.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from larder.core import keys
+from larder.core.concurrency import bounded_map
+from larder.core.nixcache import FileRecord, NarRecord
+from larder.core.sccache import Entry as SccacheEntry
+from larder.errors import FormatError, StorageError
+from larder.protocol import narinfo as narinfo_format
+from larder.protocol.rustc import parse_manifest
+from larder.storage.base import ObjectInfo, Storage, StoredBlob, check_blob_id
+
+# kind -> key prefix below caches/<cache>/, in listing order
+KINDS: dict[str, str] = {
+    "narinfo": "narinfo/",
+    "nar": "nar/",
+    "nix_file": "file/",
+    "rustc_manifest": "rustc/manifest/",
+    "rustc_blob": "rustc/blob/",
+    "rustc_direct": "rustc/direct/",
+    "sccache_entry": "sccache/",
+}
+# Kinds whose objects refer to other objects: what a concurrent upload can make a new referrer of.
+REFERRING_KINDS = ("narinfo", "rustc_manifest")
+_READ_CONCURRENCY = 32
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored object of a cache."""
+
+    kind: str
+    size: int  # bytes of the object itself
+    modified: float  # backend time of its last write
+    refs: tuple[str, ...] = ()  # storage keys of the objects it needs
+    blob: str | None = None  # the blob it holds
+    corrupt: bool = False
+
+
+@dataclass
+class Snapshot:
+    """Every cache's objects and every committed blob, as listed from ``started`` on."""
+
+    started: float  # caller's clock when the listing began
+    entries: dict[str, Entry] = field(default_factory=dict)
+    blobs: dict[str, StoredBlob] = field(default_factory=dict)
+
+
+def _facts(cache: str, kind: str, rel: str, data: bytes) -> tuple[tuple[str, ...], str | None]:
+    """``(refs, blob)`` of an object from its bytes; raises on a corrupt object."""
+    if kind == "narinfo":
+        info = narinfo_format.parse(data)
+        own = info.store_path.hash
+        refs = [keys.narinfo(cache, ref.hash) for ref in info.references if ref.hash != own]
+        if info.nar_hash.algo == "sha256":
+            refs.append(keys.nar(cache, info.nar_hash.nix32()))
+        refs.append(keys.extra_file(cache, f"{own}.ls"))
+        return tuple(refs), None
+    if kind == "nar":
+        return (), NarRecord.from_json(data).blob_id
+    if kind == "nix_file":
+        return (), FileRecord.from_json(data).blob_id
+    if kind == "rustc_manifest":
+        outputs = parse_manifest(data).outputs
+        return tuple(dict.fromkeys(keys.rustc_blob(cache, o.blake3) for o in outputs)), None
+    if kind == "sccache_entry":
+        return (), SccacheEntry.from_json(data).blob_id
+    raise ValueError(f"no facts to read for kind {kind}")
+
+
+def _facts_from_key(kind: str, rel: str) -> tuple[tuple[str, ...], str | None] | None:
+    """Facts known without reading the object, or None when it must be read."""
+    if kind == "rustc_blob":
+        return (), check_blob_id(rel.rsplit("/", 1)[-1])
+    if kind == "rustc_direct":
+        return (), None
+    return None
+
+
+def parse_entry(cache: str, kind: str, info: ObjectInfo, data: bytes | None) -> Entry:
+    """The :class:`Entry` of a listed object (``data`` is its bytes, when it needed reading)."""
+    rel = info.key[len(keys.cache_prefix(cache)) :]
+    try:
+        known = _facts_from_key(kind, rel)
+        refs, blob = known if known is not None else _facts(cache, kind, rel, data or b"")
+    except (FormatError, StorageError, ValueError, KeyError, TypeError):
+        return Entry(kind, info.size, info.modified, corrupt=True)
+    return Entry(kind, info.size, info.modified, refs, blob)
+
+
+async def scan(
+    storage: Storage,
+    cache: str,
+    kinds: Iterable[str] = KINDS,
+    known: Mapping[str, Entry] | None = None,
+) -> AsyncIterator[tuple[str, Entry]]:
+    """Every object of ``kinds`` in ``cache`` as ``(key, Entry)``, reading only objects that are
+    not in ``known`` with the same size and modification time (those are yielded as known)."""
+    known = known or {}
+
+    async def read(item: tuple[str, ObjectInfo]) -> tuple[str, Entry] | None:
+        kind, info = item
+        rel = info.key[len(keys.cache_prefix(cache)) :]
+        if _facts_from_key(kind, rel) is not None:
+            return info.key, parse_entry(cache, kind, info, None)
+        data = await storage.get(info.key)
+        if data is None:
+            return None  # deleted since it was listed
+        return info.key, parse_entry(cache, kind, info, data)
+
+    async def read_all(batch: list[tuple[str, ObjectInfo]]) -> list[tuple[str, Entry]]:
+        found = await bounded_map(read, batch, _READ_CONCURRENCY)
+        return [item for item in found if item is not None]
+
+    for kind in kinds:
+        prefix = keys.cache_prefix(cache) + KINDS[kind]
+        batch: list[tuple[str, ObjectInfo]] = []
+        async for info in storage.object_infos(prefix):
+            old = known.get(info.key)
+            if old is not None and old.size == info.size and old.modified == info.modified:
+                yield info.key, old
+                continue
+            batch.append((kind, info))
+            if len(batch) >= 4 * _READ_CONCURRENCY:
+                for found in await read_all(batch):
+                    yield found
+                batch = []
+        for found in await read_all(batch):
+            yield found
+
+
+async def read_snapshot(
+    storage: Storage,
+    caches: Iterable[str],
+    known: Mapping[str, Entry] | None = None,
+    clock: float | None = None,
+) -> Snapshot:
+    """Every object of ``caches`` and every blob. Objects first: a blob committed after its
+    listing is not in the snapshot, so it is never judged unreferenced by it."""
+    snapshot = Snapshot(started=clock if clock is not None else time.time())
+    for cache in caches:
+        async for key, entry in scan(storage, cache, KINDS, known):
+            snapshot.entries[key] = entry
+    async for blob in storage.blob_infos():
+        snapshot.blobs[blob.blob_id] = blob
+    return snapshot
+
+
+@dataclass
+class Tally:
+    """Objects of one kind and the bytes they take: their own plus the distinct blobs they hold."""
+
+    objects: int = 0
+    bytes: int = 0
+
+
+def tally(
+    entries: Iterable[Entry], blobs: Mapping[str, StoredBlob], kinds: Iterable[str] = KINDS
+) -> dict[str, Tally]:
+    """``kind -> Tally`` (every kind present, at 0 when empty)."""
+    report = {kind: Tally() for kind in kinds}
+    held: dict[str, set[str]] = {kind: set() for kind in report}
+    for entry in entries:
+        counted = report.setdefault(entry.kind, Tally())
+        counted.objects += 1
+        counted.bytes += entry.size
+        if entry.blob is not None and entry.blob not in held.setdefault(entry.kind, set()):
+            held[entry.kind].add(entry.blob)
+            stored = blobs.get(entry.blob)
+            counted.bytes += stored.stored_size if stored is not None else 0
+    return report
+
+
+def cache_entries(snapshot: Snapshot, cache: str) -> dict[str, Entry]:
+    prefix = keys.cache_prefix(cache)
+    return {key: e for key, e in snapshot.entries.items() if key.startswith(prefix)}

@@ -1,0 +1,439 @@
+"""Garbage collection over a real store (memory backend, controlled clock): eviction order,
+closures, pins, retention, blobs, dry runs, racing writes, the lease, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import blake3
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from larder.core import keys
+from larder.core.gc import Collector, Report
+from larder.core.gclock import CollectionBusy, LeaseLost, acquire
+from larder.core.gcplan import Policy
+from larder.core.pins import pin
+from larder.errors import StorageUnavailable
+from larder.protocol.rustc import Manifest, Output
+from larder.storage.base import ObjectInfo
+from tests.core.gcworld import GRACE, World, body, hash_part, make_world, payload, store_path
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    made = await make_world()
+    yield made
+    made.executor.shutdown()
+
+
+async def collect(world: World, dry_run: bool = False, **limits: float | None) -> Report:
+    policy = Policy(
+        max_size=int(limits["max_size"]) if limits.get("max_size") is not None else None,
+        retention=limits.get("retention"),
+        grace=GRACE,
+    )
+    return await world.collector.run(
+        {"main": policy}, caches=["main"], grace=GRACE, dry_run=dry_run
+    )
+
+
+async def three_closures(world: World) -> tuple[list[str], list[str], list[str]]:
+    """A, B, C pushed 100 s apart, A then read, everything older than the grace."""
+    a = await world.push_closure("a")
+    world.clock.advance(100)
+    b = await world.push_closure("b")
+    world.clock.advance(100)
+    c = await world.push_closure("c")
+    world.clock.advance(100)
+    await world.use(a[-1])  # reading the top of A: its whole closure counts as used
+    world.clock.advance(GRACE + 1)
+    return a, b, c
+
+
+async def test_cap_evicts_the_least_recently_used_closure_whole(world: World) -> None:
+    a, b, c = await three_closures(world)
+    full = report_size(await collect(world, dry_run=True))
+    per_closure = full // 3  # the closures are alike but for their names
+    blobs_before = await world.blob_count()
+
+    report = await collect(world, max_size=full - per_closure + 10)
+
+    for path in b:
+        assert await world.gone(path), f"{path} of the oldest closure survived"
+    for path in (*a, *c):
+        assert await world.whole(path), f"{path} lost part of its closure"
+    assert report.caches["main"].size_after <= report.caches["main"].max_size  # type: ignore[operator]
+    assert report.caches["main"].evicted["narinfo"].objects == 3
+    assert report.caches["main"].evicted["nar"].objects == 3
+    assert report.blobs_reaped == 3
+    assert await world.blob_count() == blobs_before - 3
+    # The report says what is left, and it is what a new listing finds.
+    again = await collect(world, dry_run=True)
+    assert again.caches["main"].size_before == report.caches["main"].size_after
+    assert again.evicted_objects == 0
+
+
+async def test_a_shared_dependency_stays_while_a_referrer_stays(world: World) -> None:
+    shared = await world.push("shared", 3000)
+    old = await world.push("old-top", 1000, [shared])
+    world.clock.advance(100)
+    new = await world.push("new-top", 1000, [shared])
+    world.clock.advance(GRACE + 1)
+    size = report_size(await collect(world, dry_run=True))
+    await collect(world, max_size=size - 1)  # the least recently used path must go
+    assert await world.gone(old)
+    assert await world.whole(new)  # with shared, which old-top also referred to
+    await collect(world, max_size=1)
+    assert await world.gone(new) and await world.gone(shared)
+
+
+async def test_reading_a_path_keeps_it_and_its_closure(world: World) -> None:
+    shared = await world.push("dep", 3000)
+    top_old = await world.push("top-old", 1000, [shared])
+    world.clock.advance(100)
+    top_new = await world.push("top-new", 1000, [])
+    world.clock.advance(100)
+    await world.use(top_old)
+    world.clock.advance(GRACE + 1)
+    # Room for one of the two closures: top-old was read last, so top-new goes.
+    report = await collect(world, max_size=5500)
+    assert await world.gone(top_new)
+    assert await world.whole(top_old)
+    assert report.caches["main"].size_after <= 5500
+
+
+async def test_retention_evicts_what_was_not_used_within_it(world: World) -> None:
+    a, b, c = await three_closures(world)
+    report = await collect(world, retention=GRACE + 150)
+    # Used: A read 601 s before the run, C pushed 701 s before, B 801 s; retention 750 s.
+    for path in b:
+        assert await world.gone(path)
+    for path in (*a, *c):
+        assert await world.whole(path)
+    assert report.evicted_objects == 6  # three narinfos and their NAR records
+
+
+async def test_pinned_closures_are_never_evicted(world: World) -> None:
+    a, b, c = await three_closures(world)
+    await pin(world.storage, "main", b[-1])
+    await pin(world.storage, "main", store_path("not-pushed-yet"))
+    report = await collect(world, max_size=1)
+    for path in b:
+        assert await world.whole(path)
+    for path in (*a, *c):
+        assert await world.gone(path)
+    assert report.caches["main"].size_after > 0
+
+
+async def test_recent_uploads_are_kept_over_the_cap(world: World) -> None:
+    a = await world.push_closure("fresh")
+    report = await collect(world, max_size=1)
+    assert report.evicted_objects == 0
+    for path in a:
+        assert await world.whole(path)
+
+
+async def test_dry_run_changes_nothing(world: World) -> None:
+    await three_closures(world)
+    await world.recorder.flush()
+    before = await world.storage.state()
+    report = await collect(world, dry_run=True, max_size=1)
+    assert report.dry_run and report.evicted_objects == 18 and report.blobs_reaped == 9
+    assert await world.storage.state() == before
+
+
+async def test_other_caches_lose_nothing_to_one_caches_limits(world: World) -> None:
+    await world.registry.ensure("pr")
+    mine = await world.push_closure("main-stuff")
+    theirs = [await world.push("pr-stuff", cache="pr")]
+    world.clock.advance(GRACE + 1)
+    await world.collector.run(
+        {"main": Policy(max_size=1, grace=GRACE)}, caches=["main", "pr"], grace=GRACE
+    )
+    assert all([await world.gone(p) for p in mine])
+    assert await world.whole(theirs[0], "pr")
+
+
+async def test_the_store_cap_counts_every_cache_and_shared_blobs_once(world: World) -> None:
+    await world.registry.ensure("pr")
+    old = await world.push("same", 5000)
+    world.clock.advance(100)
+    twin = await world.push("same", 5000, cache="pr")  # same NAR, other cache: one blob
+    world.clock.advance(100)
+    other = await world.push("other", 5000)
+    world.clock.advance(GRACE + 1)
+    dry = await world.collector.run({}, caches=["main", "pr"], grace=GRACE, dry_run=True)
+    cap = dry.store_size_before - 4000  # freeing that takes the blob of "same"
+    report = await world.collector.run(
+        {}, Policy(max_size=cap, grace=GRACE), caches=["main", "pr"], grace=GRACE
+    )
+    # Evicting main's "same" frees no blob (pr still holds it), so "pr" goes too.
+    assert await world.gone(old) and await world.gone(twin, "pr")
+    assert await world.whole(other)
+    assert report.store_size_after <= cap
+
+
+async def test_orphan_blobs_are_reaped_after_the_grace(world: World) -> None:
+    settings_ = world.main
+    await world.sccache.put(settings_, "a/b/old", body(b"old entry"))
+    await world.storage.delete(keys.sccache_entry("main", "a/b/old"))  # as a WebDAV DELETE
+    world.clock.advance(GRACE + 1)
+    await world.sccache.put(settings_, "a/b/young", body(b"young entry"))
+    await world.storage.delete(keys.sccache_entry("main", "a/b/young"))
+    report = await collect(world)
+    assert report.blobs_reaped == 1
+    young = blake3.blake3(b"young entry").hexdigest()
+    assert [b async for b in world.storage.blob_ids()] == [young]
+
+
+async def test_a_path_written_again_during_the_run_stays_with_its_closure(world: World) -> None:
+    a, b, c = await three_closures(world)
+    top = keys.narinfo("main", hash_part(b[-1]))
+    rewritten = await world.storage.get(top)
+    assert rewritten is not None
+
+    async def rewrite_first(key: str) -> None:
+        if key == top:
+            world.storage.before_delete = None
+            await world.storage.put(top, rewritten)  # Nix re-uploads it meanwhile
+
+    world.storage.before_delete = rewrite_first
+    report = await collect(world, max_size=1)
+    assert report.kept_rewritten >= 1
+    for path in b:
+        assert await world.whole(path)
+    for path in (*a, *c):
+        assert await world.gone(path)
+
+
+async def test_an_upload_referring_to_an_evicted_path_gets_it_back(world: World) -> None:
+    a, b, c = await three_closures(world)
+    bottom = keys.narinfo("main", hash_part(b[0]))
+    newcomer: list[str] = []
+
+    async def upload_first(key: str) -> None:
+        if key == bottom:
+            world.storage.before_delete = None
+            # Nix saw b-0 in the cache, so it uploads only the new path that refers to it.
+            newcomer.append(await world.push("newcomer", 1000, [b[0]]))
+
+    world.storage.before_delete = upload_first
+    report = await collect(world, max_size=1)
+    assert newcomer and await world.whole(newcomer[0])
+    assert await world.whole(b[0])
+    assert report.restored >= 2  # the narinfo and its NAR record
+    for path in (*a, *c, *b[1:]):
+        assert await world.gone(path)
+
+
+async def test_a_blob_committed_again_during_the_run_is_not_reaped(world: World) -> None:
+    await world.sccache.put(world.main, "x/orphan", body(b"content"))
+    await world.storage.delete(keys.sccache_entry("main", "x/orphan"))
+    world.clock.advance(GRACE + 1)
+
+    async def upload_same(blob_id: str) -> None:
+        world.storage.before_blob_delete = None
+        await world.sccache.put(world.main, "x/again", body(b"content"))
+
+    world.storage.before_blob_delete = upload_same
+    report = await collect(world)
+    assert report.blobs_reaped == 0
+    entry = await world.sccache.get(world.main, "x/again")
+    assert entry is not None and await world.storage.blob_stored_size(entry.blob_id) is not None
+
+
+async def test_a_blob_committed_after_the_listing_is_not_judged(world: World) -> None:
+    await three_closures(world)
+    late: list[str] = []
+
+    async def upload_after_listing() -> None:
+        world.storage.after_blob_listing = None
+        late.append(await world.push("late", 1000))
+
+    world.storage.after_blob_listing = upload_after_listing
+    await collect(world, max_size=1)
+    assert late and await world.whole(late[0])
+
+
+async def test_recorded_uses_are_compacted_and_not_lost(world: World) -> None:
+    a, b, _ = await three_closures(world)
+    await world.recorder.flush()
+    batches = [k async for k in world.storage.keys(keys.USE_PREFIX)]
+    assert len(batches) == 1
+    await collect(world)  # no limits: nothing evicted, uses compacted
+    assert [k async for k in world.storage.keys(keys.USE_PREFIX)] == []
+    index = await world.storage.get(keys.use_index("main"))
+    assert index is not None
+    assert list(json.loads(index)) == [f"narinfo/{hash_part(a[-1])}"]
+    # The compacted use still protects A.
+    world.clock.advance(10)
+    report = await collect(world, max_size=report_size(await collect(world, dry_run=True)) - 1)
+    assert await world.whole(a[-1]) and await world.gone(b[-1])
+    assert report.evicted_objects > 0
+
+
+def report_size(report: Report) -> int:
+    return report.caches["main"].size_before
+
+
+async def test_rustc_manifests_never_point_at_missing_blobs(world: World) -> None:
+    async def compile_output(name: str, data: bytes) -> Output:
+        blob_id = blake3.blake3(data).hexdigest()
+        await world.rustc.upload_blob(world.main, blob_id, body(data))
+        return Output(name, blob_id, len(data), 0o644)
+
+    shared = await compile_output("libshared.rmeta", payload("shared", 4000))
+    first = await compile_output("libone.rlib", payload("one", 5000))
+    old = Manifest("one", (shared, first))
+    await world.rustc.put_manifest(world.main, "a" * 64, old.to_json())
+    world.clock.advance(100)
+    second = await compile_output("libtwo.rlib", payload("two", 5000))
+    await world.rustc.put_manifest(
+        world.main, "b" * 64, Manifest("two", (shared, second)).to_json()
+    )
+    world.clock.advance(GRACE + 1)
+    size = report_size(await collect(world, dry_run=True))
+    report = await collect(world, max_size=size - 4000)  # only freeing a blob gets there
+    assert await world.rustc.get_manifest(world.main, "a" * 64) is None
+    assert await world.rustc.missing(world.main, [shared.blake3, second.blake3]) == []
+    assert await world.rustc.missing(world.main, [first.blake3]) == [first.blake3]
+    assert report.caches["main"].evicted["rustc_manifest"].objects == 1
+    assert report.caches["main"].evicted["rustc_blob"].objects == 1
+    assert await world.storage.blob_stored_size(first.blake3) is None
+
+
+async def test_unused_sccache_entries_go_first(world: World) -> None:
+    for name in ("one", "two", "three"):
+        await world.sccache.put(world.main, f"k/{name}", body(name.encode() * 500))
+        world.clock.advance(10)
+    assert await world.sccache.get(world.main, "k/one") is not None  # a hit: used now
+    world.clock.advance(GRACE + 1)
+    size = report_size(await collect(world, dry_run=True))
+    await collect(world, max_size=size - 1)
+    assert await world.sccache.get(world.main, "k/two") is None
+    assert await world.sccache.get(world.main, "k/one") is not None
+    assert await world.sccache.get(world.main, "k/three") is not None
+
+
+async def test_corrupt_objects_are_counted_not_fatal(world: World) -> None:
+    await world.storage.put(keys.narinfo("main", "0" * 32), b"not a narinfo")
+    await world.storage.put(keys.nar("main", "1" * 52), b"{broken")
+    report = await collect(world)
+    assert report.corrupt == 2
+    world.clock.advance(GRACE + 1)
+    report = await collect(world, max_size=1)
+    assert report.evicted_objects == 2
+
+
+async def test_a_second_collection_waits_for_the_first(world: World) -> None:
+    await three_closures(world)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def pause(key: str) -> None:
+        if key.startswith("caches/"):  # the first run is deleting
+            started.set()
+            await release.wait()
+
+    world.storage.before_delete = pause
+    first = asyncio.create_task(collect(world, max_size=1))
+    await started.wait()
+    with pytest.raises(CollectionBusy, match="another collection is running"):
+        await Collector(world.storage, clock=world.clock).run({}, caches=["main"], grace=GRACE)
+    world.storage.before_delete = None
+    release.set()
+    report = await first
+    assert report.evicted_objects == 18
+    assert await world.storage.get(keys.GC_LOCK) is None  # released
+    assert await world.storage.get(keys.GC_LAST_RUN) is not None
+
+
+async def test_a_dead_collectors_lease_is_taken_over(world: World) -> None:
+    stale = await acquire(world.storage, lease=900, clock=world.clock)
+    with pytest.raises(CollectionBusy):
+        await acquire(world.storage, lease=900, clock=world.clock)
+    world.clock.advance(901)  # the holder never renewed
+    taker = await acquire(world.storage, lease=900, clock=world.clock)
+    with pytest.raises(LeaseLost):
+        await stale.renew(force=True)
+    await stale.release()  # not its lease any more: leaves it alone
+    assert await world.storage.get(keys.GC_LOCK) == taker.document
+    await taker.renew(force=True)
+    await taker.release()
+    assert await world.storage.get(keys.GC_LOCK) is None
+
+
+async def test_unreachable_storage_fails_the_run_and_deletes_nothing(world: World) -> None:
+    await three_closures(world)
+    before = await world.storage.state()
+
+    async def failing(prefix: str) -> AsyncIterator[ObjectInfo]:
+        raise StorageUnavailable("S3 list failed: connection refused")
+        yield  # pragma: no cover
+
+    world.storage.object_infos = failing  # type: ignore[method-assign]
+    with pytest.raises(StorageUnavailable):
+        await collect(world, max_size=1)
+    del world.storage.object_infos
+    objects, blobs = await world.storage.state()
+    assert blobs == before[1]
+    content = [o for o in objects if o.key.startswith("caches/")]
+    assert content == [o for o in before[0] if o.key.startswith("caches/")]
+    assert await world.storage.get(keys.GC_LOCK) is None
+
+
+async def test_a_failure_midway_leaves_every_survivor_whole(world: World) -> None:
+    a, b, c = await three_closures(world)
+
+    async def fail_later(key: str) -> None:
+        if world.storage.deletes == 4:
+            raise StorageUnavailable("S3 delete failed: timed out")
+
+    world.storage.before_delete = fail_later
+    with pytest.raises(StorageUnavailable):
+        await collect(world, max_size=1)
+    for path in (*a, *b, *c):
+        assert await world.gone(path) or await world.whole(path)
+    assert await world.storage.get(keys.GC_LOCK) is None
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[tuple[str, list[int], int, bool]]:
+    """Paths pushed in order: (name, indexes of earlier paths it refers to, size, read later)."""
+    count = draw(st.integers(1, 12))
+    steps = []
+    for index in range(count):
+        refs = draw(st.lists(st.integers(0, index - 1), max_size=3, unique=True)) if index else []
+        steps.append((f"p{index}", refs, draw(st.integers(100, 3000)), draw(st.booleans())))
+    return steps
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(histories(), st.floats(0.0, 1.0))
+async def test_every_survivor_is_whole_and_the_cap_is_met(
+    history: list[tuple[str, list[int], int, bool]], fraction: float
+) -> None:
+    world = await make_world()
+    try:
+        paths: list[str] = []
+        for name, refs, size, _ in history:
+            paths.append(await world.push(name, size, [paths[r] for r in refs]))
+            world.clock.advance(5)
+        for path, (_, _, _, read) in zip(paths, history, strict=True):
+            if read:
+                await world.use(path)
+        world.clock.advance(GRACE + 1)
+        size = report_size(await collect(world, dry_run=True))
+        cap = int(size * fraction)
+        report = await collect(world, max_size=cap)
+        assert report.caches["main"].size_after <= cap
+        for path in paths:
+            assert await world.gone(path) or await world.whole(path)
+    finally:
+        world.executor.shutdown()
