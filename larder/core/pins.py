@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from larder.core import keys
 from larder.core.blobs import load_record
 from larder.errors import FormatError, StorageError
-from larder.protocol.storepath import STORE_DIR, StorePath, check_hash_part
+from larder.protocol.storepath import StorePath, check_hash_part
 from larder.storage.base import Storage
 
 
@@ -30,7 +30,7 @@ def pin_target(text: str) -> tuple[str, str]:
     """``(store hash, path)`` from ``/nix/store/<hash>-<name>``, ``<hash>-<name>`` or ``<hash>``
     (a trailing ``.narinfo`` and ``/`` are ignored); :class:`FormatError` otherwise."""
     text = text.strip().removesuffix("/").removesuffix(".narinfo")
-    if text.startswith(STORE_DIR + "/"):
+    if text.startswith("/"):
         path = StorePath.parse(text)
         return path.hash, path.full
     if "-" in text:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from larder.core import keys
 from larder.core.blobs import BlobStore
@@ -18,7 +20,7 @@ from larder.core.rustc import RustcCache
 from larder.core.sccache import SccacheStore
 from larder.protocol import narinfo, nix32
 from larder.protocol.nar import write_nar
-from larder.storage.base import ObjectInfo, StoredBlob
+from larder.storage.base import ObjectInfo, Storage, StoredBlob
 from larder.storage.memory import MemoryStorage
 
 START = 1_000_000.0
@@ -92,8 +94,8 @@ def payload(name: str, size: int) -> bytes:
 
 @dataclass
 class World:
-    clock: Clock
-    storage: HookedStorage
+    clock: Callable[[], float]
+    storage: Storage
     nix: NixCache
     rustc: RustcCache
     sccache: SccacheStore
@@ -170,16 +172,31 @@ class World:
         return len([b async for b in self.storage.blob_ids()])
 
 
-async def make_world() -> World:
+@dataclass
+class ClockedWorld(World):
+    """A world on :class:`HookedStorage` whose clock the test moves."""
+
+    clock: Clock
+    storage: HookedStorage
+
+
+async def make_world() -> ClockedWorld:
     clock = Clock()
     storage = HookedStorage(clock)
+    return await world_on(storage, clock, ClockedWorld)
+
+
+async def world_on(
+    storage: Storage, clock: Callable[[], float] = time.time, kind: type[World] = World
+) -> Any:
+    """A world over any store (``kind`` picks the dataclass)."""
     executor = ThreadPoolExecutor(2)
     blobs = BlobStore(storage, executor)
     recorder = UseRecorder(storage, clock=clock)
     nix = NixCache(blobs, touch=recorder.touch)
     registry = CacheRegistry(storage, refresh_interval=0)
     main, _ = await registry.ensure("main")
-    return World(
+    return kind(
         clock=clock,
         storage=storage,
         nix=nix,

@@ -20,7 +20,8 @@ from larder.core.pins import pin
 from larder.errors import StorageUnavailable
 from larder.protocol.rustc import Manifest, Output
 from larder.storage.base import ObjectInfo
-from tests.core.gcworld import GRACE, World, body, hash_part, make_world, payload, store_path
+from tests.core.gcworld import GRACE, body, hash_part, make_world, payload, store_path
+from tests.core.gcworld import ClockedWorld as World
 
 
 @pytest.fixture
@@ -190,7 +191,9 @@ async def test_orphan_blobs_are_reaped_after_the_grace(world: World) -> None:
     assert [b async for b in world.storage.blob_ids()] == [young]
 
 
-async def test_a_path_written_again_during_the_run_stays_with_its_closure(world: World) -> None:
+async def test_a_path_written_again_during_the_run_stays_with_its_closure(
+    world: World,
+) -> None:
     a, b, c = await three_closures(world)
     top = keys.narinfo("main", hash_part(b[-1]))
     rewritten = await world.storage.get(top)

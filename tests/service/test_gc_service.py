@@ -1,0 +1,105 @@
+"""Garbage collection in the service: reads record uses, serve collects on its own, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from larder.core import keys
+from larder.core.lastuse import load_uses
+from larder.service import housekeeping, state
+from larder.service.observe import METRICS
+from tests.service.conftest import ServiceFactory
+from tests.service.test_nix_routes import hash_part, make_nar, nar_url, push, store_path
+from tests.service.test_rustc_routes import KEY, blob_id, manifest_for, upload
+from tests.service.test_webdav import ENTRY
+
+
+async def test_hits_are_recorded_as_uses_and_misses_are_not(make_service: ServiceFactory) -> None:
+    service = await make_service()
+    path = store_path("recorded")
+    nar = make_nar(b"recorded")
+    await push(service, path, nar, [path])
+    await upload(service, {"liba.rlib": b"rlib bytes"})
+    resp = await service.client.put(
+        f"/main/rustc/manifests/{KEY}",
+        data=manifest_for({"liba.rlib": b"rlib bytes"}),
+        headers=service.auth(),
+    )
+    assert resp.status == 200
+    assert (await service.client.put(ENTRY, data=b"entry", headers=service.auth())).status == 201
+    await service.client.app[state.RECORDER].flush()
+    # Writes are dated by the store; an upload records only what it refers to that was there.
+    assert set((await load_uses(service.storage, "main")).times) == {
+        f"nar/{nar_url(nar, '')[4:-4]}",
+        f"rustc/blob/{blob_id(b'rlib bytes')}",
+    }
+
+    for target in (
+        f"/main/{hash_part(path)}.narinfo",
+        f"/main/nar/{nar_url(nar, '')[4:-4]}.nar.zst",
+        f"/main/rustc/manifests/{KEY}",
+        f"/main/rustc/blobs/{blob_id(b'rlib bytes')}",
+        ENTRY,
+        f"/main/{'0' * 32}.narinfo",  # a miss
+    ):
+        resp = await service.client.get(target)
+        assert resp.status in (200, 404), target
+        await resp.read()
+    assert await service.client.app[state.RECORDER].flush() == 5
+    uses = (await load_uses(service.storage, "main")).times
+    assert set(uses) == {
+        f"narinfo/{hash_part(path)}",
+        f"nar/{nar_url(nar, '')[4:-4]}",
+        f"rustc/manifest/{KEY}",
+        f"rustc/blob/{blob_id(b'rlib bytes')}",
+        "sccache/" + ENTRY.removeprefix("/main/sccache/"),
+    }
+    assert all(abs(when - time.time()) < 5 for when in uses.values())
+
+
+async def test_serve_collects_on_its_own_and_counts_it(make_service: ServiceFactory) -> None:
+    service = await make_service(
+        gc_interval=0.3, gc_grace=1.0, gc_max_size=1, use_flush_interval=0.1, usage_interval=0
+    )
+    old = store_path("collected")
+    await push(service, old, make_nar(b"old"), [old])
+    resp = await service.client.get(f"/main/{hash_part(old)}.narinfo")
+    assert resp.status == 200  # now remembered by the replica
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if await service.storage.get(keys.GC_LAST_RUN) is not None:
+            last = json.loads(await service.storage.get(keys.GC_LAST_RUN) or b"{}")
+            if last["evicted_objects"]:
+                break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("no collection evicted anything")
+    # Gone at once on this replica, although it had served the narinfo moments ago.
+    assert (await service.client.get(f"/main/{hash_part(old)}.narinfo")).status == 404
+    metrics = await (await service.client.get("/metrics")).text()
+    assert 'larder_gc_runs_total{result="completed"}' in metrics
+    evicted = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('larder_gc_evicted_objects_total{cache="main",kind="narinfo"}')
+    ]
+    assert evicted and float(evicted[0].split()[-1]) >= 1
+    assert [b async for b in service.storage.blob_ids()] == []
+
+
+async def test_a_replica_skips_a_collection_another_just_did(
+    make_service: ServiceFactory,
+) -> None:
+    service = await make_service(gc_interval=3600, gc_grace=1.0, usage_interval=0)
+    app = service.client.app
+    report = await housekeeping.collect(app)
+    assert not report.dry_run and await service.storage.get(keys.GC_LAST_RUN) is not None
+    completed = app[METRICS].gc_runs.labels("completed")
+    runs = completed._value.get()
+    await housekeeping._collect_when_due(app)
+    assert completed._value.get() == runs  # not due: another replica finished one just now
+    await service.storage.delete(keys.GC_LAST_RUN)
+    await housekeeping._collect_when_due(app)
+    assert completed._value.get() == runs + 1
