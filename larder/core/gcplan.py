@@ -14,7 +14,10 @@ markers of its outputs. The rules:
 * **Protection**: pinned nodes, nodes used within ``grace`` of ``now``, and the closures of both
   are never evicted.
 * **Stopping**: eviction goes on while the scope is larger than ``max_size`` or the oldest
-  candidate is older than ``retention``; it stops as soon as neither holds.
+  candidate is older than ``retention``. Once neither holds it still takes what the evictions
+  left without a referrer and that has the same effective time as the last eviction (the rest of
+  a closure used as one, such as a narinfo's NAR record), then stops. So a closure goes whole
+  and no NAR is left that nothing serves; other closures used at the same moment stay.
 
 Size is the bytes of the nodes' own objects plus the stored bytes of the distinct blobs they
 hold: a blob shared by two nodes is freed only when both are gone.
@@ -144,11 +147,14 @@ def plan(
         (effective[key], key) for key in nodes if not waiting.get(key) and key not in protected
     ]
     heapq.heapify(ready)
+    group: float | None = None  # effective time of the last eviction
+    released: set[str] = set()  # nodes whose last referrer this plan evicted
     while ready:
         when, key = ready[0]
         over = policy.max_size is not None and size > policy.max_size
-        if not over and when >= cutoff:
+        if not over and when >= cutoff and not (when == group and key in released):
             break
+        group = when
         heapq.heappop(ready)
         node = nodes[key]
         result.evict.append(key)
@@ -162,6 +168,7 @@ def plan(
                 continue
             waiting[ref] -= 1
             if waiting[ref] == 0 and ref not in protected:
+                released.add(ref)
                 heapq.heappush(ready, (effective[ref], ref))
     result.size_after = size
     return result

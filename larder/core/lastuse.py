@@ -1,7 +1,9 @@
 """When cached objects were last used: recorded in memory, written in batches, compacted by GC.
 
-A read that finds something (a narinfo served, a NAR sent, a manifest hit...) calls
-:meth:`UseRecorder.touch` with the object's storage key: a dictionary assignment, no I/O. Every
+A read that serves something (a narinfo, a NAR, a manifest, a blob, an sccache entry) calls
+:meth:`UseRecorder.touch` with the object's storage key: a dictionary assignment, no I/O. Checks
+an upload makes (does the NAR it names exist?) record nothing: the new object's own write time
+dates what it refers to, through its closure. Every
 ``flush`` (the service runs one every ``use_flush_interval`` seconds and one at shutdown) writes
 what was gathered as one new object per cache::
 

@@ -142,12 +142,16 @@ class NixCache:
         )
         return record
 
-    async def nar_record(self, cache: CacheSettings, nar_hash_nix32: str) -> NarRecord | None:
+    async def nar_record(
+        self, cache: CacheSettings, nar_hash_nix32: str, *, serving: bool = False
+    ) -> NarRecord | None:
+        """The NAR's record; ``serving`` records a use (a client is downloading it)."""
         key = keys.nar(cache.name, nar_hash_nix32)
         data = await self._storage.get(key)
         if data is None:
             return None
-        self._touch(key)
+        if serving:
+            self._touch(key)
         return NarRecord.from_json(data)
 
     async def open_blob(self, blob_id: str) -> BlobReader | None:

@@ -49,13 +49,17 @@ class RustcCache:
         self._storage = blobs.storage
         self._touch = touch
 
-    async def _held_size(self, cache: CacheSettings, blob_id: str) -> int | None:
-        """The size of ``blob_id`` if this cache holds it (marker and blob both present)."""
+    async def _held_size(
+        self, cache: CacheSettings, blob_id: str, serving: bool = False
+    ) -> int | None:
+        """The size of ``blob_id`` if this cache holds it (marker and blob both present);
+        ``serving`` records a use (a client is downloading it)."""
         key = keys.rustc_blob(cache.name, blob_id)
         marker = await self._storage.get(key)
         if marker is None or await self._storage.blob_stored_size(blob_id) is None:
             return None
-        self._touch(key)
+        if serving:
+            self._touch(key)
         return int(load_record(marker)["size"])
 
     async def missing(self, cache: CacheSettings, blob_ids: Iterable[str]) -> list[str]:
@@ -85,7 +89,7 @@ class RustcCache:
 
     async def open_blob(self, cache: CacheSettings, blob_id: str) -> BlobReader | None:
         """The stored (zstd) bytes of a blob this cache holds, or None."""
-        if await self._held_size(cache, check_key(blob_id)) is None:
+        if await self._held_size(cache, check_key(blob_id), serving=True) is None:
             return None
         return await self._storage.blob_open(blob_id)
 

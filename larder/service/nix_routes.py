@@ -90,7 +90,7 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound() from None
     if compression not in ("zstd", "none"):
         raise web.HTTPNotFound()
-    record = await nix.nar_record(settings, nar_hash)
+    record = await nix.nar_record(settings, nar_hash, serving=True)
     reader = await nix.open_blob(record.blob_id) if record is not None else None
     note_lookup(request, "nar", reader is not None)
     if record is None or reader is None:

@@ -90,14 +90,27 @@ def test_plan_evicts_least_recently_used_first_and_only_as_needed(
     if policy.max_size is not None and result.size_after > policy.max_size:
         assert not kept
     assert all(effective[k] >= cutoff for k in kept)
-    # Minimal: just before the last eviction the policy was still violated.
+    # Minimal: before the last eviction that was needed the policy was still violated, and
+    # what it left without a referrer at the same effective time went with it.
     if result.evict:
-        before = {k: n for k, n in nodes.items() if k not in set(result.evict[:-1])}
+        gone = set(result.evict)
+        users = referrers(nodes)
+        last = effective[result.evict[-1]]
+        needed = max(
+            i for i, k in enumerate(result.evict)
+            if effective[k] != last or not users.get(k) or not users[k] <= gone or i == 0
+        )  # fmt: skip
+        before = {k: n for k, n in nodes.items() if k not in set(result.evict[:needed])}
         over = (
             policy.max_size is not None
             and total_size(before.values(), blob_sizes) > policy.max_size
         )
-        assert over or effective[result.evict[-1]] < cutoff
+        assert over or effective[result.evict[needed]] < cutoff
+        left = [
+            k for k in kept
+            if effective[k] == last and users.get(k) and users[k] <= gone
+        ]  # fmt: skip
+        assert not left, f"the closure evicted at {last} was left half evicted: {left}"
 
 
 def test_effective_time_is_the_latest_user_of_the_closure() -> None:
@@ -123,6 +136,21 @@ def test_closure_goes_whole_in_lru_order() -> None:
     result = plan(nodes, {}, Policy(max_size=25, grace=0), now=1000)
     assert result.evict == ["old-top", "old-dep"]
     assert result.size_after == 20
+
+
+def test_a_closure_goes_whole_but_others_used_at_the_same_moment_stay() -> None:
+    # Two closures read in the same second (as one nix copy queries them all): one must go.
+    nodes = {
+        f"{side}-{part}": Node(
+            f"{side}-{part}", "narinfo", used=100, size=10,
+            refs=(f"{side}-nar",) if part == "top" else (), blob=f"{side}-blob" if part == "nar" else None,
+        )
+        for side in ("a", "b")
+        for part in ("top", "nar")
+    }  # fmt: skip
+    result = plan(nodes, {"a-blob": 100, "b-blob": 100}, Policy(max_size=235, grace=0), now=1000)
+    assert result.evict == ["a-top", "a-nar"]  # a-top alone would fit; its NAR record goes too
+    assert result.size_after == 120
 
 
 def test_shared_dependency_stays_while_any_referrer_stays() -> None:

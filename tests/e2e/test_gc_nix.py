@@ -1,0 +1,182 @@
+"""Garbage collection with the real Nix client, on disk and on S3 (a moto server).
+
+Three closures are pushed with ``nix copy``, a laptop substitutes the oldest (so it counts as
+used), ``larder gc`` runs as its own process with a cap one byte under the store's size: the
+least recently used closure goes whole, the others stay whole and real Nix substitutes them.
+On disk, uploads also race collections: every upload Nix reports as done stays whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from larder.protocol import narinfo
+from tests.e2e.harness import LARDER, S3_ENV, Larder, http, larder_server, make_bucket, moto_server
+from tests.e2e.nix import Nix, netrc_for
+
+pytestmark = pytest.mark.nix
+
+SERVER_ENV = {
+    "LARDER_GC_INTERVAL": "0",  # collections run from the command line here
+    "LARDER_GC_GRACE": "1",
+    "LARDER_USE_FLUSH_INTERVAL": "0.2",
+    "LARDER_REFRESH_INTERVAL": "0.3",  # how long a replica may serve what another deleted
+}
+
+
+@pytest.fixture(params=["disk", "s3"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Larder]:
+    if request.param == "disk":
+        with larder_server(str(tmp_path / "data"), tmp_path, SERVER_ENV) as larder:
+            yield larder
+        return
+    with moto_server() as endpoint:
+        make_bucket(endpoint, "larder-gc")
+        env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, **SERVER_ENV}
+        with larder_server("s3://larder-gc/cache", tmp_path, env) as larder:
+            yield larder
+
+
+def gc(server: Larder, *args: str) -> dict[str, object]:
+    done = server.run_cli("gc", "--grace", "1", "--json", *args)
+    return dict(json.loads(done.stdout))
+
+
+def served(server: Larder, path: str) -> narinfo.NarInfo | None:
+    status, body = http("GET", f"{server.url}/main/{Path(path).name[:32]}.narinfo")
+    return narinfo.parse(body) if status == 200 else None
+
+
+def whole(server: Larder, path: str) -> bool:
+    """The narinfo, its NAR and the same for every reference answer 200."""
+    todo, seen = [path], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        info = served(server, current)
+        if info is None or http("HEAD", f"{server.url}/main/{info.url}")[0] != 200:
+            return False
+        todo += [ref.full for ref in info.references]
+    return True
+
+
+def test_the_least_recently_used_closure_goes_whole(server: Larder, tmp_path: Path) -> None:
+    ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+    closures, tops, nar_urls = {}, {}, {}
+    for label in ("a", "b", "c"):
+        (tmp_path / label).mkdir()
+        paths = ci.build_closure(tmp_path / label)
+        ci.copy_to(f"{server.url}/main", paths["app"])
+        closures[label], tops[label] = ci.closure(paths["app"]), paths["app"]
+        for path in closures[label]:  # reading them is a use too: in push order
+            nar_urls[path] = served(server, path).url  # type: ignore[union-attr]
+        time.sleep(1.1)  # S3 dates objects and uses to the second
+
+    # A laptop substitutes A, the oldest push: now A is the most recently used.
+    ci.delete(*reversed(closures["a"]))
+    key = str(server.cache_info()["public_key"])
+    Nix(tmp_path / "laptop").substitute(f"{server.url}/main", key, tops["a"])
+    time.sleep(1.5)  # the uses are written (0.2 s) and everything is older than the grace (1 s)
+
+    size = gc(server, "--dry-run")["caches"]["main"]["size_before"]  # type: ignore[index]
+    report = gc(server, "--max-size", str(size - 1))
+    assert report["caches"]["main"]["size_after"] <= size - 1  # type: ignore[index]
+    assert report["blobs_reaped"] == 3, json.dumps(report)[:3000]
+    time.sleep(0.5)  # the server forgets what it remembered of the deleted narinfos
+    for path in closures["b"]:
+        assert served(server, path) is None, f"{path} of the least recently used closure stayed"
+        assert http("HEAD", f"{server.url}/main/{nar_urls[path]}")[0] == 404
+    for path in closures["a"] + closures["c"]:
+        assert whole(server, path), f"{path} lost part of its closure"
+    again = gc(server, "--dry-run", "--max-size", str(size - 1))
+    assert again["caches"]["main"]["size_before"] <= size - 1  # type: ignore[index]
+    assert again["evicted_objects"] == 0
+
+    # A fresh machine substitutes what stayed, from the cache alone.
+    ci.delete(*reversed(closures["a"] + closures["c"]))
+    fresh = Nix(tmp_path / "fresh")
+    for label in ("a", "c"):
+        fresh.substitute(f"{server.url}/main", key, tops[label])
+        assert all(Path(path).exists() for path in closures[label])
+    ci.delete(*reversed(closures["b"]))
+    missing = fresh.substitute(f"{server.url}/main", key, tops["b"], check=False)
+    assert missing.returncode != 0
+    assert not any(Path(path).exists() for path in closures["b"])
+
+
+DEPENDENT_NIX = r"""
+derivation {
+  name = "rust_bin-@NONCE@";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" (
+    "export PATH=/usr/bin:/bin; mkdir -p $out; echo ${builtins.storePath @DEP@} > $out/dep; "
+    + "head -c 20000 /dev/urandom > $out/data") ];
+}
+"""
+
+
+def age_everything(data: Path, seconds: float) -> None:
+    """Date every object and blob ``seconds`` back and forget every recorded use."""
+    when = time.time() - seconds
+    for root in (data / "objects" / "caches", data / "blobs"):
+        for path in root.rglob("*"):
+            if path.is_file():
+                os.utime(path, (when, when))
+    for path in (data / "objects" / "gc").glob("use*/**/*"):
+        if path.is_file():
+            path.unlink()
+
+
+def test_uploads_racing_collections_are_never_lost(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {**SERVER_ENV, "LARDER_GC_GRACE": "30"}
+    with larder_server(str(data), tmp_path, env) as server:
+        ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+        (tmp_path / "old").mkdir()
+        old = ci.build_closure(tmp_path / "old")
+        ci.copy_to(f"{server.url}/main", old["app"])
+        outcomes = []
+        for round_ in range(5):
+            age_everything(data, 3600)  # everything there may go
+            expr = tmp_path / f"dep{round_}.nix"
+            expr.write_text(
+                DEPENDENT_NIX.replace("@NONCE@", uuid.uuid4().hex[:8]).replace(
+                    "@DEP@", f'"{old["leaf"]}"'
+                )
+            )
+            built = ci.run("nix-build", str(expr), "--no-out-link").stdout.split()[-1]
+            reports: list[subprocess.CompletedProcess[str]] = []
+            collection = threading.Thread(
+                target=lambda reports=reports: reports.append(
+                    subprocess.run(
+                        [*LARDER, "gc", "--storage", str(data), "--max-size", "1",
+                         "--grace", "30", "--json"],
+                        env=server.env, capture_output=True, text=True, check=True,
+                    )
+                )
+            )  # fmt: skip
+            collection.start()
+            time.sleep(0.4 * round_)  # land the upload at different points of the run
+            copied = ci.copy_to(f"{server.url}/main", built, check=False)
+            collection.join()
+            time.sleep(0.5)
+            report = json.loads(reports[0].stdout)
+            if copied.returncode == 0:
+                assert whole(server, built), f"round {round_}: an accepted upload lost its closure"
+            outcomes.append((copied.returncode, report["evicted_objects"], report["restored"]))
+        # Nix may fail loudly (a reference it saw went before its upload), never succeed broken;
+        # and the collections really ran beside the uploads, evicting what was old.
+        assert [rc for rc, _, _ in outcomes].count(0) >= 1, outcomes
+        assert sum(evicted for _, evicted, _ in outcomes) > 0, outcomes
