@@ -65,10 +65,14 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int, str]] = [
      8, "timeseries"),
     ("In-flight requests", "short",
      [("sum(larder_http_requests_in_flight)", "in flight")], 8, "timeseries"),
-    ("GC", "short",
-     [(f"increase(larder_gc_runs_total[{R}])", "runs"),
-      (f"increase(larder_gc_evicted_objects_total[{R}])", "evicted objects"),
-      (f"increase(larder_gc_freed_bytes_total[{R}])", "freed bytes")], 16, "timeseries"),
+    ("Garbage collection runs", "short",
+     [(f"sum by (result) (increase(larder_gc_runs_total[{R}]))", "{{result}}"),
+      (f"sum by (kind) (increase(larder_gc_evicted_objects_total{C}[{R}]))", "evicted {{kind}}"),
+      (f"sum(increase(larder_gc_restored_objects_total[{R}]))", "restored")], 8, "timeseries"),
+    ("Garbage collection: bytes freed", "bytes",
+     [(f"sum(increase(larder_gc_freed_bytes_total[{R}]))", "freed")], 4, "timeseries"),
+    ("Since the last collection", "s",
+     [("time() - max(larder_gc_last_completed_timestamp_seconds > 0)", "age")], 4, "stat"),
 ]  # fmt: skip
 
 

@@ -186,29 +186,26 @@ class Collector:
         all the caches (each is listed: any of them may hold a blob)."""
         if grace < MIN_GRACE:
             raise ValueError(f"grace must be at least {MIN_GRACE} s")
-        lease = (
-            None if dry_run else await gclock.acquire(self._storage, self._lease_term, self._clock)
-        )
-        try:
-            if self._recorder is not None and not dry_run:
-                await self._recorder.flush()
-            report = Report(dry_run=dry_run, started=self._clock(), grace=grace)
+        if dry_run:
+            report = Report(dry_run=True, started=self._clock(), grace=grace)
             work = await self._plan(list(caches), policies, store, grace, report)
-            if not dry_run:
-                assert lease is not None
-                await self._evict(work, lease)
-                await self._restore(work)
-                await self._reap(work, grace, report, lease)
-                await self._compact(work)
-            else:
-                self._count_reapable(work, grace, report)
+            self._count_reapable(work, grace, report)
             self._finish(work, report)
-            if not dry_run:
-                await self._storage.put(keys.GC_LAST_RUN, report.to_json())
             return report
-        finally:
-            if lease is not None:
-                await lease.release()
+        async with gclock.held(self._storage, self._lease_term, self._clock) as lease:
+            if self._recorder is not None:
+                await self._recorder.flush()
+            report = Report(dry_run=False, started=self._clock(), grace=grace)
+            work = await self._plan(list(caches), policies, store, grace, report)
+            await self._evict(work, lease)
+            lease.check()
+            await self._restore(work)
+            lease.check()
+            await self._reap(work, grace, report)
+            await self._compact(work)
+            self._finish(work, report)
+            await self._storage.put(keys.GC_LAST_RUN, report.to_json())
+            return report
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -308,7 +305,7 @@ class Collector:
                 work.kept.add(key)
 
         for depth in sorted(waves):
-            await lease.renew()
+            lease.check()
             await bounded_map(evict, waves[depth], _CONCURRENCY)
 
     async def _restore(self, work: _Work) -> None:
@@ -337,9 +334,8 @@ class Collector:
             log.info("restored %s: an upload during the collection refers to it", key)
         work.restored = back
 
-    async def _reap(self, work: _Work, grace: float, report: Report, lease: gclock.Lease) -> None:
+    async def _reap(self, work: _Work, grace: float, report: Report) -> None:
         """Delete blobs nothing refers to now that were committed ``grace`` before the run."""
-        await lease.renew(force=True)
         held: set[str] = set()
         for cache in work.caches:
             async for _, entry in scan(self._storage, cache, BLOB_KINDS, self.known):

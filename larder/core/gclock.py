@@ -1,8 +1,9 @@
 """One collection at a time across every replica: a lease in the object store.
 
 The lease is the object ``gc/lock`` (JSON: owner id, host, pid, when it was taken). Taking it is
-``put_if_absent``, so of two collectors starting together exactly one wins; the holder rewrites
-it at least every ``lease / 3`` seconds, which moves its modification time. A lease not rewritten
+``put_if_absent``, so of two collectors starting together exactly one wins; while it is held
+(:func:`held`) a task rewrites it every ``lease / 3`` seconds, which moves its modification
+time, and the holder calls :meth:`Lease.check` before each step that deletes. A lease not rewritten
 for ``lease`` seconds belongs to a collector that died: the next one deletes it (only if it is
 still that old, :meth:`~larder.storage.base.Storage.delete_if_older`) and takes it. A holder
 that finds someone else's lease when it renews has lost it and must stop (:class:`LeaseLost`).
@@ -10,18 +11,23 @@ that finds someone else's lease when it renews has lost it and must stop (:class
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from larder.core import keys
 from larder.core.blobs import load_record
 from larder.errors import LarderError, StorageError
 from larder.storage.base import Storage
+
+log = logging.getLogger("larder.gc")
 
 DEFAULT_LEASE = 900.0
 
@@ -48,6 +54,7 @@ class Lease:
     lease: float
     clock: Callable[[], float]
     renewed: float
+    lost: LarderError | None = field(default=None)
 
     async def _holder(self) -> str | None:
         data = await self.storage.get(keys.GC_LOCK)
@@ -67,6 +74,22 @@ class Lease:
             raise LeaseLost("another collection took over this one's lease; stopping")
         await self.storage.put(keys.GC_LOCK, self.document)
         self.renewed = now
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` (or why renewing failed) unless the lease is still held."""
+        if self.lost is not None:
+            raise self.lost
+
+    async def keep(self) -> None:
+        """Renew every third of the term until cancelled; a failure is kept for :meth:`check`."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self.renew(force=True)
+            except LarderError as exc:
+                log.warning("cannot renew the collection lease: %s", exc.message)
+                self.lost = exc
+                return
 
     async def release(self) -> None:
         if await self._holder() == self.owner:
@@ -96,3 +119,19 @@ async def acquire(
         f"another collection is running (host {holder.get('host', '?')}, "
         f"pid {holder.get('pid', '?')}, since {holder.get('since', '?')})"
     )
+
+
+@contextlib.asynccontextmanager
+async def held(
+    storage: Storage, lease: float = DEFAULT_LEASE, clock: Callable[[], float] = time.time
+) -> AsyncIterator[Lease]:
+    """The lease, renewed in the background while the block runs, released after it."""
+    taken = await acquire(storage, lease, clock)
+    keeper = asyncio.create_task(taken.keep())
+    try:
+        yield taken
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await taken.release()

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 
 from larder.core import keys
 from larder.core.gc import Collector, Report
-from larder.core.gclock import CollectionBusy, LeaseLost, acquire
+from larder.core.gclock import CollectionBusy, LeaseLost, acquire, held
 from larder.core.gcplan import Policy
 from larder.core.pins import pin
 from larder.errors import StorageUnavailable
 from larder.protocol.rustc import Manifest, Output
 from larder.storage.base import ObjectInfo
+from larder.storage.memory import MemoryStorage
 from tests.core.gcworld import GRACE, body, hash_part, make_world, payload, store_path
 from tests.core.gcworld import ClockedWorld as World
 
@@ -440,3 +441,17 @@ async def test_every_survivor_is_whole_and_the_cap_is_met(
             assert await world.gone(path) or await world.whole(path)
     finally:
         world.executor.shutdown()
+
+
+async def test_a_held_lease_is_renewed_and_a_stolen_one_stops_the_holder() -> None:
+    storage = MemoryStorage()
+    async with held(storage, lease=0.3) as lease:
+        await asyncio.sleep(0.5)  # longer than the term: only renewal keeps it
+        with pytest.raises(CollectionBusy):
+            await acquire(storage, lease=0.3)
+        lease.check()
+        await storage.put(keys.GC_LOCK, b'{"owner": "someone else"}')
+        await asyncio.sleep(0.25)
+        with pytest.raises(LeaseLost):
+            lease.check()
+    assert await storage.get(keys.GC_LOCK) == b'{"owner": "someone else"}'  # not ours to drop

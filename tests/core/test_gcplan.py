@@ -143,7 +143,8 @@ def test_a_closure_goes_whole_but_others_used_at_the_same_moment_stay() -> None:
     nodes = {
         f"{side}-{part}": Node(
             f"{side}-{part}", "narinfo", used=100, size=10,
-            refs=(f"{side}-nar",) if part == "top" else (), blob=f"{side}-blob" if part == "nar" else None,
+            refs=(f"{side}-nar",) if part == "top" else (),
+            blob=f"{side}-blob" if part == "nar" else None,
         )
         for side in ("a", "b")
         for part in ("top", "nar")

@@ -74,7 +74,7 @@ def test_dashboard_file_is_current() -> None:
 
 
 def test_every_dashboard_expression_evaluates_against_real_traffic(tmp_path: Path) -> None:
-    env = {"LARDER_USAGE_INTERVAL": "1"}
+    env = {"LARDER_USAGE_INTERVAL": "1", "LARDER_GC_INTERVAL": "1"}  # collects, evicting nothing
     with larder_server(str(tmp_path / "data"), tmp_path, env) as server:
         target = server.url.removeprefix("http://")
         with prometheus(tmp_path, target) as prom:
@@ -111,3 +111,7 @@ def test_every_dashboard_expression_evaluates_against_real_traffic(tmp_path: Pat
             assert {"nix", "sccache"} <= protocols
             stored = query(prom, 'larder_storage_objects{cache="main",kind="narinfo"}')
             assert float(stored["data"]["result"][0]["value"][1]) == 3
+            runs = query(prom, 'larder_gc_runs_total{result="completed"}')["data"]["result"]
+            assert runs and float(runs[0]["value"][1]) >= 1
+            age = query(prom, concrete(next(e for t, e in expressions() if "last coll" in t)))
+            assert 0 <= float(age["data"]["result"][0]["value"][1]) < 120
