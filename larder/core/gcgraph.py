@@ -23,6 +23,7 @@ references (``corrupt``), never guessed at.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ def _facts(cache: str, kind: str, rel: str, data: bytes) -> tuple[tuple[str, ...
     if kind == "narinfo":
         info = narinfo_format.parse(data)
         own = info.store_path.hash
-        refs = [keys.narinfo(cache, ref.hash) for ref in info.references if ref.hash != own]
+        # Interned: a popular dependency is named by thousands of narinfos, kept once.
+        refs = [sys.intern(keys.narinfo(cache, r.hash)) for r in info.references if r.hash != own]
         if info.nar_hash.algo == "sha256":
             refs.append(keys.nar(cache, info.nar_hash.nix32()))
         refs.append(keys.extra_file(cache, f"{own}.ls"))
@@ -128,11 +130,11 @@ async def scan(
         kind, info = item
         rel = info.key[len(keys.cache_prefix(cache)) :]
         if _facts_from_key(kind, rel) is not None:
-            return info.key, parse_entry(cache, kind, info, None)
+            return sys.intern(info.key), parse_entry(cache, kind, info, None)
         data = await storage.get(info.key)
         if data is None:
             return None  # deleted since it was listed
-        return info.key, parse_entry(cache, kind, info, data)
+        return sys.intern(info.key), parse_entry(cache, kind, info, data)
 
     async def read_all(batch: list[tuple[str, ObjectInfo]]) -> list[tuple[str, Entry]]:
         found = await bounded_map(read, batch, _READ_CONCURRENCY)
