@@ -52,7 +52,7 @@ REFERRING_KINDS = ("narinfo", "rustc_manifest")
 _READ_CONCURRENCY = 32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One stored object of a cache."""
 
