@@ -78,6 +78,10 @@ class Config:
     body_idle_timeout: float = 60.0
     # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
     signing_keys_dir: str = ""
+    # Seconds a request head (request line and headers) may take to arrive (408 after; 0: off).
+    header_timeout: float = 30.0
+    # Connections served at once; one more is answered 503 and closed (0: no limit).
+    max_connections: int = 1000
 
     def token_secret(self) -> bytes | None:
         """The mounted token secret, if one is configured."""
@@ -115,7 +119,15 @@ _CONVERTERS: dict[str, Any] = {
     "token_secret_file": str,
     "signing_keys_dir": str,
     "body_idle_timeout": float,
+    "header_timeout": lambda v: _non_negative(float(v)),
+    "max_connections": lambda v: _non_negative(int(v)),
 }
+
+
+def _non_negative(value: Any) -> Any:
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+    return value
 
 
 def _choice(value: str, allowed: tuple[str, ...]) -> str:
