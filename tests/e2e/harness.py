@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,18 @@ def s3_client(endpoint: str) -> Any:
 
 def make_bucket(endpoint: str, bucket: str) -> None:
     s3_client(endpoint).create_bucket(Bucket=bucket)
+
+
+def start_put(url: str, path: str, token: str, body: bytes, first: int) -> HTTPConnection:
+    """Begin ``PUT path`` of ``body`` with ``Content-Length`` and send only ``first`` bytes."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = HTTPConnection(host, int(port), timeout=120)
+    conn.putrequest("PUT", path)
+    conn.putheader("Authorization", f"Bearer {token}")
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders()
+    conn.send(body[:first])
+    return conn
 
 
 @dataclass

@@ -19,8 +19,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPResponse, IncompleteRead
 from pathlib import Path
@@ -36,8 +34,10 @@ from tests.e2e.harness import (
     free_port,
     http,
     larder_server,
+    moto_server,
     s3_client,
     start_moto,
+    start_put,
     stop,
 )
 
@@ -60,14 +60,7 @@ class Upload:
 
     @classmethod
     def start(cls, server: Larder, token: str, nar: bytes, file_hash: str, first: int) -> Upload:
-        host, port = server.url.removeprefix("http://").split(":")
-        conn = HTTPConnection(host, int(port), timeout=120)
-        conn.putrequest("PUT", f"/main/nar/{file_hash}.nar")
-        conn.putheader("Authorization", f"Bearer {token}")
-        conn.putheader("Content-Length", str(len(nar)))
-        conn.endheaders()
-        conn.send(nar[:first])
-        return cls(conn)
+        return cls(start_put(server.url, f"/main/nar/{file_hash}.nar", token, nar, first))
 
     def finish(self, rest: bytes) -> HTTPResponse:
         # The server may answer early and stop reading; its answer is still there.
@@ -200,18 +193,8 @@ def test_disk_upload_cut_by_the_client_leaves_no_temporary(tmp_path: Path) -> No
         assert not any((data / "objects" / "caches" / "main").rglob("nar/*"))
 
 
-@contextmanager
-def moto_endpoint() -> Iterator[str]:
-    port = free_port()
-    proc = start_moto(port)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
-
-
 def test_s3_upload_cut_by_the_client_aborts_its_multipart_upload(tmp_path: Path) -> None:
-    with moto_endpoint() as endpoint:
+    with moto_server() as endpoint:
         client = s3_client(endpoint)
         client.create_bucket(Bucket=BUCKET)
         env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
