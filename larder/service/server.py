@@ -60,7 +60,10 @@ class GuardedRequestHandler(web.RequestHandler):
 
     The timer runs while a head is being read: it starts when the connection opens, and again
     when the first byte of a later request arrives on an idle connection; it stops when aiohttp's
-    parser has produced the request (or a 400 for a malformed one).
+    parser has produced the request (or a 400 for a malformed one). aiohttp offers no hook for
+    this, so it reads two of the base class's attributes: ``_request_count`` (requests parsed)
+    and ``_waiter`` (pending while the connection waits for a request);
+    ``tests/e2e/test_connections.py`` fails if either changes meaning.
     """
 
     __slots__ = ("_counted", "_guard", "_head_timer")
