@@ -172,7 +172,7 @@ def _disconnect_mid_upload(server: Larder, size: int, sent: int, started: Any) -
     return file_hash
 
 
-def _eventually(check: Any, timeout: float = 15.0) -> None:
+def _eventually(check: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "not cleaned up in time"
