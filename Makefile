@@ -23,8 +23,8 @@ system-deps:
 	bash tools/install-system-deps.sh
 
 lint: $(STAMP)
-	$(PY) -m ruff check larder tests tools bench
-	$(PY) -m ruff format --check larder tests tools bench
+	$(PY) -m ruff check larder tests tools bench fuzz
+	$(PY) -m ruff format --check larder tests tools bench fuzz
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

@@ -312,7 +312,9 @@ class NginxServer:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def nginx_config(workdir: Path, port: int, server_body: str, workers: int = 1) -> str:
+def nginx_config(
+    workdir: Path, port: int, server_body: str, workers: int = 1, connections: int = 256
+) -> str:
     """An nginx.conf whose every path lies under ``workdir``; ``server_body`` goes inside
     ``server { listen 127.0.0.1:PORT; ... }``. As root, workers run as root so they can read
     and write wherever the benchmark's files are."""
@@ -326,7 +328,7 @@ master_process on;
 worker_processes {workers};
 {user}pid {workdir / "nginx.pid"};
 error_log {workdir / "error.log"} warn;
-events {{ worker_connections 256; }}
+events {{ worker_connections {connections}; }}
 http {{
   access_log off;
   default_type application/octet-stream;
@@ -342,13 +344,16 @@ http {{
 
 
 @contextmanager
-def nginx_server(workdir: Path, server_body: str, workers: int = 1) -> Iterator[NginxServer]:
-    """nginx on a free loopback port with a generated config in ``workdir``; stopped on exit."""
+def nginx_server(
+    workdir: Path, server_body: str, workers: int = 1, connections: int = 256
+) -> Iterator[NginxServer]:
+    """nginx on a free loopback port with a generated config in ``workdir``; stopped on exit.
+    ``connections``: nginx's ``worker_connections`` (per worker)."""
     binary = ensure_nginx()
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = workdir / "nginx.conf"
-    conf.write_text(nginx_config(workdir, port, server_body, workers))
+    conf.write_text(nginx_config(workdir, port, server_body, workers, connections))
     argv = [binary, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)]
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True, check=False)
     if check.returncode != 0:

@@ -149,7 +149,7 @@ def _reason(
         return "inputs"
     if positional[0] == "-":
         return "stdin"
-    if c.crate_name is None:
+    if not c.crate_name:  # missing, or empty (which rustc refuses)
         return "no-crate-name"
     types = c.crate_types
     if not types:

@@ -115,8 +115,16 @@ def issue(secret: bytes, claims: TokenClaims, key_id: str = "v1") -> str:
     return jwt.encode(payload, secret, algorithm=ALGORITHM, headers={"kid": key_id})
 
 
+def _check_ascii(token: str) -> None:
+    # A JWT is base64url and dots; anything else (a header's undecodable bytes arrive as
+    # surrogates) is not one, and PyJWT would fail to encode it rather than refuse it.
+    if not token.isascii():
+        raise TokenError("malformed token: not ASCII")
+
+
 def unverified_key_id(token: str) -> str | None:
     """The ``kid`` header of a token, before verification (to choose the secret to verify with)."""
+    _check_ascii(token)
     try:
         kid = jwt.get_unverified_header(token).get("kid")
     except jwt.InvalidTokenError:
@@ -136,6 +144,7 @@ def _int_claim(payload: dict[str, Any], name: str) -> int | None:
 def verify(secret: bytes, token: str, now: float) -> TokenClaims:
     """Check a token's signature and expiry at time ``now``; return its claims."""
     _check_secret(secret)
+    _check_ascii(token)
     try:
         header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError:

@@ -30,6 +30,7 @@ from larder.errors import LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
+from larder.service import server
 from larder.service.app import build_app
 from larder.service.config import Config, load_config, parse_size
 from larder.service.housekeeping import gc_policies, store_policy
@@ -221,12 +222,12 @@ def _serve(config: Config) -> int:
     app.on_startup.append(on_startup)
     host, port = config.host_port
     access_log_class = JsonAccessLogger if config.access_log == "json" else AccessLogger
-    web.run_app(
+    server.run(
         app,
-        host=host,
-        port=port,
-        print=None,
-        handle_signals=True,
+        host,
+        port,
+        header_timeout=config.header_timeout,
+        max_connections=config.max_connections,
         access_log_class=access_log_class,
     )
     return 0

@@ -90,6 +90,10 @@ class Config:
     gc_grace: float = 600.0
     # Seconds between writes of the uses this replica recorded (one object per cache).
     use_flush_interval: float = 30.0
+    # Seconds a request head (request line and headers) may take to arrive (408 after; 0: off).
+    header_timeout: float = 30.0
+    # Connections served at once; one more is answered 503 and closed (0: no limit).
+    max_connections: int = 1000
 
     def token_secret(self) -> bytes | None:
         """The mounted token secret, if one is configured."""
@@ -153,7 +157,15 @@ _CONVERTERS: dict[str, Any] = {
     "gc_retention": _duration,
     "gc_grace": lambda v: _at_least(_duration(v), 1.0),
     "use_flush_interval": lambda v: _at_least(_duration(v), 0.1),
+    "header_timeout": lambda v: _non_negative(float(v)),
+    "max_connections": lambda v: _non_negative(int(v)),
 }
+
+
+def _non_negative(value: Any) -> Any:
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+    return value
 
 
 def _choice(value: str, allowed: tuple[str, ...]) -> str:

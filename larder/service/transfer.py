@@ -55,6 +55,24 @@ async def read_document(request: web.Request, limit: int) -> bytes:
     return b"".join([chunk async for chunk in body_chunks(request, limit)])
 
 
+async def _send(
+    request: web.Request, response: web.StreamResponse, chunks: AsyncIterable[bytes]
+) -> None:
+    """Write ``chunks`` as the body of a prepared ``response``.
+
+    Once the headers are out a failure (storage unreachable mid-stream) can no longer become an
+    error status: the connection is closed, so the client sees a body shorter than its
+    ``Content-Length`` at once (and retries) rather than waiting for bytes that never come.
+    """
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+    except BaseException:
+        if request.transport is not None:
+            request.transport.close()
+        raise
+
+
 def _requested_range(request: web.Request, size: int) -> tuple[int, int] | None:
     """``(start, end)`` of a single satisfiable byte range, ``None`` for the whole body."""
     if "Range" not in request.headers:
@@ -93,8 +111,7 @@ async def serve_blob(
         response.content_length = stop - start
         await response.prepare(request)
         if request.method != "HEAD":
-            async for chunk in reader.chunks(start, stop):
-                await response.write(chunk)
+            await _send(request, response, reader.chunks(start, stop))
         await response.write_eof()
         return response
     finally:
@@ -112,7 +129,6 @@ async def serve_stream(
     response.content_length = length
     await response.prepare(request)
     if request.method != "HEAD" and chunks is not None:
-        async for chunk in chunks:
-            await response.write(chunk)
+        await _send(request, response, chunks)
     await response.write_eof()
     return response

@@ -10,9 +10,10 @@ Two kinds of data live in a store:
 * **Objects**: small keyed byte strings (metadata: narinfos, records, configuration), written
   atomically (a reader sees the old or the new value, never a mix).
 
-Keys are ``/``-separated segments of ``[A-Za-z0-9._:!+=@-]``; no segment is empty, ``.`` or
-``..``; at most 1024 characters. Backends check this (:func:`check_key`) as a second line of
-defence; the service validates user input long before.
+Keys are ``/``-separated segments of ``[A-Za-z0-9._:!+=@?-]``; no segment is empty, ``.`` or
+``..``; at most 1024 characters (``?`` because store path names, and so the build logs Nix
+uploads, may contain it). Backends check this (:func:`check_key`) as a second line of defence;
+the service validates user input long before.
 
 Blob writing is synchronous and blocking (it compresses and does I/O), meant to be driven from a
 worker thread by a streaming pipeline. Everything else is ``async``. Backends raise only
@@ -38,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-_KEY_SEGMENT = re.compile(r"[A-Za-z0-9._:!+=@-]+")
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9._:!+=@?-]+")
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
 MAX_KEY_LENGTH = 1024
 

@@ -14,7 +14,9 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPConnection
 from pathlib import Path
+from typing import Any
 
 LARDER = [sys.executable, "-m", "larder"]
 S3_ENV = {
@@ -64,35 +66,60 @@ def http(method: str, url: str, body: bytes = b"", token: str | None = None) -> 
         return err.code, err.read()
 
 
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """A moto S3 server over real HTTP; yields its endpoint URL."""
-    port = free_port()
+def start_moto(port: int) -> subprocess.Popen[bytes]:
+    """A moto S3 server process on ``port``, once it answers."""
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    endpoint = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(endpoint + "/moto-api/", proc)
-        yield endpoint
+        wait_for_http(f"http://127.0.0.1:{port}/moto-api/", proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server over real HTTP; yields its endpoint URL."""
+    port = free_port()
+    proc = start_moto(port)
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
 
 
-def make_bucket(endpoint: str, bucket: str) -> None:
+def s3_client(endpoint: str) -> Any:
+    """A plain boto3 S3 client for the moto server at ``endpoint``."""
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    client.create_bucket(Bucket=bucket)
+
+
+def make_bucket(endpoint: str, bucket: str) -> None:
+    s3_client(endpoint).create_bucket(Bucket=bucket)
+
+
+def start_put(url: str, path: str, token: str, body: bytes, first: int) -> HTTPConnection:
+    """Begin ``PUT path`` of ``body`` with ``Content-Length`` and send only ``first`` bytes."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = HTTPConnection(host, int(port), timeout=120)
+    conn.putrequest("PUT", path)
+    conn.putheader("Authorization", f"Bearer {token}")
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders()
+    conn.send(body[:first])
+    return conn
 
 
 @dataclass

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import zstandard
 
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
-from tests.e2e.harness import S3_ENV, http, larder_server, make_bucket, moto_server
+from tests.e2e.harness import S3_ENV, http, larder_server, make_bucket, moto_server, start_put
 from tests.e2e.nix import Nix, netrc_for
 
 pytestmark = pytest.mark.nix
@@ -71,14 +70,9 @@ def test_server_killed_mid_upload_leaves_nothing_visible(tmp_path: Path) -> None
     nar = write_nar({"type": "regular", "contents": os.urandom(8 * 1024 * 1024)})
     file_hash = nix32.encode(hashlib.sha256(nar).digest())
     with larder_server(data, tmp_path) as server:
-        token = server.token()
-        host, port = server.url.removeprefix("http://").split(":")
-        conn = HTTPConnection(host, int(port), timeout=30)
-        conn.putrequest("PUT", f"/main/nar/{file_hash}.nar")
-        conn.putheader("Authorization", f"Bearer {token}")
-        conn.putheader("Content-Length", str(len(nar)))
-        conn.endheaders()
-        conn.send(nar[: len(nar) // 2])
+        conn = start_put(
+            server.url, f"/main/nar/{file_hash}.nar", server.token(), nar, len(nar) // 2
+        )
         time.sleep(0.5)  # let the server stream the first half into its temporary object
         os.kill(server.pid, signal.SIGKILL)
         conn.close()

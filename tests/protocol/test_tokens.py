@@ -117,6 +117,15 @@ def test_rejected_tokens(token: str, message: str) -> None:
         tokens.verify(SECRET, token, now=NOW)
 
 
+@pytest.mark.parametrize("token", ["\udcff\udcfe.a.b", "é.b.c", "0123\udcff"])
+def test_non_ascii_tokens_are_malformed_not_a_crash(token: str) -> None:
+    # A Bearer header's undecodable bytes reach verify as surrogates (found by fuzz.tokens).
+    with pytest.raises(TokenError, match=r"^malformed token"):
+        tokens.verify(SECRET, token, now=NOW)
+    with pytest.raises(TokenError, match=r"^malformed token"):
+        tokens.unverified_key_id(token)
+
+
 def test_token_error_is_a_format_error() -> None:
     assert issubclass(TokenError, FormatError)
 

@@ -67,11 +67,22 @@ def test_parse_listen() -> None:
         ({"LARDER_LOG_LEVEL": "chatty"}, "log_level"),
         ({"LARDER_ZSTD_LEVEL": "high"}, "zstd_level"),
         ({"LARDER_CONFIG": "/does/not/exist.toml"}, "cannot read config file"),
+        ({"LARDER_HEADER_TIMEOUT": "-1"}, "LARDER_HEADER_TIMEOUT: bad value .* negative"),
+        ({"LARDER_MAX_CONNECTIONS": "many"}, "LARDER_MAX_CONNECTIONS"),
+        ({"LARDER_MAX_CONNECTIONS": "-5"}, "negative"),
     ],
 )
 def test_bad_values_name_their_source(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config({}, environ=env)
+
+
+def test_connection_guards_from_env_and_file(tmp_path: Path) -> None:
+    assert (Config().header_timeout, Config().max_connections) == (30.0, 1000)
+    path = tmp_path / "larder.toml"
+    path.write_text("header_timeout = 5\nmax_connections = 64\n")
+    config = load_config({"config": str(path)}, environ={"LARDER_HEADER_TIMEOUT": "2.5"})
+    assert (config.header_timeout, config.max_connections) == (2.5, 64)
 
 
 def test_unknown_or_malformed_file_settings_are_refused(tmp_path: Path) -> None:

@@ -76,6 +76,11 @@ async def test_object_binary_content_and_key_characters(storage: Storage) -> Non
     await storage.put(key, data)
     assert await storage.get(key) == data
     assert await collect(storage.keys("caches/main/file/")) == [key]
+    # Store path names (hence build log names) may contain '?'.
+    question = "caches/main/file/log/abc-what?.drv"
+    await storage.put(question, data)
+    assert await storage.get(question) == data
+    assert await collect(storage.keys("caches/main/file/log/abc-w")) == [question]
 
 
 async def test_missing_parent_is_a_miss(storage: Storage) -> None:

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzz targets (atheris) for larder's parsers of untrusted input."""
