@@ -118,6 +118,8 @@ async def _collect_when_due(app: web.Application) -> None:
         log.info("garbage collection skipped: %s", exc.message)
         return
     log.info("garbage collection done:\n%s", report.render())
+    if app[state.CONFIG].usage_interval > 0:
+        await _scan_usage(app)  # the gauges show the store as the collection left it
 
 
 async def _scan_usage(app: web.Application) -> None:
