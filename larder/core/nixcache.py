@@ -28,7 +28,7 @@ from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest
-from larder.core.servedcache import ServedCache
+from larder.core.servedcache import ServedCache, WriteCounter
 from larder.errors import FormatError, StorageError, VerificationFailed
 from larder.protocol import narinfo as narinfo_format
 from larder.protocol import nix32
@@ -105,9 +105,11 @@ class FileRecord:
 class NixCache:
     """Nix binary cache operations over one store. Blocking work runs on ``executor``."""
 
-    def __init__(self, blobs: BlobStore, served_ttl: float = 0.0) -> None:
+    def __init__(
+        self, blobs: BlobStore, served_ttl: float = 0.0, writes: WriteCounter | None = None
+    ) -> None:
         self._blobs = blobs
-        self._served = ServedCache(served_ttl)
+        self._served = ServedCache(served_ttl, writes=writes)
         self._storage = blobs.storage
         self._run = blobs.run
 
@@ -203,8 +205,9 @@ class NixCache:
         known, body = self._served.get(memo_key)
         if known:
             return body
+        mark = self._served.mark()
         body = await self._render_narinfo(cache, store_hash)
-        self._served.put(memo_key, body)
+        self._served.put(memo_key, body, mark)
         return body
 
     async def _render_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:

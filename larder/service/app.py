@@ -22,6 +22,7 @@ from larder.service import api_routes, nix_routes, observe, rustc_routes, state,
 from larder.service.config import Config
 from larder.service.errors import error_middleware
 from larder.service.instrumented import InstrumentedStorage
+from larder.service.workers import SharedWriteCounter, Worker
 from larder.storage.base import Storage
 
 log = logging.getLogger("larder")
@@ -30,10 +31,14 @@ log = logging.getLogger("larder")
 UPLOAD_WORKERS = 8
 
 
-def build_app(config: Config, storage: Storage) -> web.Application:
-    """The whole service. The app owns ``storage`` and closes it on cleanup."""
+def build_app(config: Config, storage: Storage, worker: Worker | None = None) -> web.Application:
+    """The whole service. The app owns ``storage`` and closes it on cleanup.
+
+    ``worker`` is set in each process of a multi-process server: metrics, served-narinfo misses
+    and hit statistics are then shared with the other workers, and only worker 0 scans usage.
+    """
     app = web.Application(middlewares=[error_middleware])
-    metrics = observe.install(app, storage.backend)
+    metrics = observe.install(app, storage.backend, worker)
     storage = InstrumentedStorage(storage, metrics)
     executor = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="larder-io")
     app[state.CONFIG] = config
@@ -44,7 +49,8 @@ def build_app(config: Config, storage: Storage) -> web.Application:
         storage, config.refresh_interval, secret=config.token_secret()
     )
     app[state.BLOBS] = BlobStore(storage, executor)
-    app[state.NIX] = NixCache(app[state.BLOBS], served_ttl=config.refresh_interval)
+    writes = SharedWriteCounter(worker) if worker is not None else None
+    app[state.NIX] = NixCache(app[state.BLOBS], served_ttl=config.refresh_interval, writes=writes)
     app[state.RUSTC] = RustcCache(app[state.BLOBS])
     app[state.SCCACHE] = SccacheStore(app[state.BLOBS])
 
@@ -55,7 +61,7 @@ def build_app(config: Config, storage: Storage) -> web.Application:
         except LarderError as exc:
             log.warning("cannot list caches at start-up: %s", exc.message)
         scanner = None
-        if config.usage_interval > 0:
+        if config.usage_interval > 0 and (worker is None or worker.index == 0):
             scanner = asyncio.create_task(_scan_usage(app, config.usage_interval))
         yield
         if scanner is not None:

@@ -78,6 +78,10 @@ class Config:
     body_idle_timeout: float = 60.0
     # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
     signing_keys_dir: str = ""
+    # Server processes sharing the listening socket (0: one per CPU).
+    workers: int = 1
+    # Event loop of each server process: "uvloop" (faster) or "asyncio" (the standard one).
+    event_loop: str = "uvloop"
 
     def token_secret(self) -> bytes | None:
         """The mounted token secret, if one is configured."""
@@ -115,7 +119,15 @@ _CONVERTERS: dict[str, Any] = {
     "token_secret_file": str,
     "signing_keys_dir": str,
     "body_idle_timeout": float,
+    "workers": lambda v: _at_least(int(v), 0),
+    "event_loop": lambda v: _choice(str(v).lower(), ("uvloop", "asyncio")),
 }
+
+
+def _at_least(value: int, minimum: int) -> int:
+    if value < minimum:
+        raise ValueError(f"{value} is below {minimum}")
+    return value
 
 
 def _choice(value: str, allowed: tuple[str, ...]) -> str:

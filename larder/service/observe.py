@@ -8,18 +8,16 @@ read from its route (``/{cache}/rustc/...`` is ``rustc``), never from the raw pa
 
 from __future__ import annotations
 
-import json
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_response import StreamResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from larder.core.hitstats import HitStats
 from larder.service.metrics import NO_CACHE, ROUTE_PROTOCOLS, UPLOAD_OUTCOMES, Metrics
+from larder.service.workers import Worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -30,11 +28,16 @@ _CACHE = web.RequestKey("larder_cache", str)
 _LOOKUP = web.RequestKey("larder_lookup", tuple)
 _UPLOAD = web.RequestKey("larder_upload", bool)
 _ERROR_CODE = web.RequestKey("larder_error_code", str)
+_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 def protocol_of(request: web.Request) -> str:
-    route = request.match_info.route
-    pattern = route.resource.canonical if route.resource is not None else ""
+    resource = request.match_info.route.resource
+    return _protocol_of_pattern(resource.canonical if resource is not None else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _protocol_of_pattern(pattern: str) -> str:
     for prefix, protocol in ROUTE_PROTOCOLS:
         if pattern.startswith(prefix):
             return protocol
@@ -86,13 +89,14 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.in_flight.dec()
         protocol = protocol_of(request)
         cache = request.get(_CACHE, NO_CACHE)
-        metrics.latency.labels(protocol).observe(time.monotonic() - start)
-        metrics.requests.labels(cache, protocol, f"{min(status // 100, 5)}xx").inc()
+        metrics.child(metrics.latency, protocol).observe(time.monotonic() - start)
+        metrics.child(metrics.requests, cache, protocol, _STATUS_CLASS[min(status // 100, 5)]).inc()
         received = request.content.total_bytes
         if received:
-            metrics.received.labels(cache, protocol).inc(received)
+            metrics.child(metrics.received, cache, protocol).inc(received)
         if request.get(_UPLOAD):
-            metrics.uploads.labels(cache, protocol, _upload_outcome(request, status)).inc()
+            outcome = _upload_outcome(request, status)
+            metrics.child(metrics.uploads, cache, protocol, outcome).inc()
         lookup = request.get(_LOOKUP)
         if lookup is not None and cache != NO_CACHE:
             kind, hit = lookup
@@ -105,39 +109,21 @@ async def count_sent(request: web.Request, response: web.StreamResponse) -> None
     if request.method == "HEAD" or response.content_length is None:
         return
     cache = request.get(_CACHE, NO_CACHE)
-    request.app[METRICS].sent.labels(cache, protocol_of(request)).inc(response.content_length)
+    metrics = request.app[METRICS]
+    metrics.child(metrics.sent, cache, protocol_of(request)).inc(response.content_length)
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def install(app: web.Application, backend: str) -> Metrics:
+def install(app: web.Application, backend: str, worker: Worker | None = None) -> Metrics:
     """Create the registry and statistics, and hook them into ``app``."""
-    metrics = Metrics(backend)
+    metrics = Metrics(backend, str(worker.metrics_dir) if worker is not None else None)
     app[METRICS] = metrics
     app[HITS] = HitStats()
     app.middlewares.insert(0, metrics_middleware)  # outermost: it sees the final status
     app.on_response_prepare.append(count_sent)
     app.router.add_get("/metrics", get_metrics)
     return metrics
-
-
-class JsonAccessLogger(AbstractAccessLogger):
-    """One JSON object per request (``access_log = "json"``); never logs credentials."""
-
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        self.logger.info(
-            json.dumps(
-                {
-                    "remote": request.remote,
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "bytes": response.body_length,
-                    "seconds": round(time, 6),
-                    "user_agent": request.headers.get("User-Agent", ""),
-                }
-            )
-        )

@@ -158,7 +158,7 @@ def test_json_access_log_line_has_no_credentials() -> None:
 
     from aiohttp.test_utils import make_mocked_request
 
-    from larder.service.observe import JsonAccessLogger
+    from larder.service.accesslog import JsonAccessLogger
 
     records: list[str] = []
 
