@@ -12,6 +12,10 @@ refers to the one before, like crates), ``--size`` bytes in all, half of them in
 * **pull**: ``nix copy --from`` each cache ``--to 'local?root=EMPTY'`` (a fresh store in a new
   directory), signatures checked against larder's key and ``K``'s.
 
+A third closure goes the same way through nginx (2 workers; WebDAV ``PUT``, static ``GET``,
+narinfos signed by Nix with ``K``): what plain HTTP costs the Nix client, without any of larder's
+checks, shown as a second ratio.
+
 Each ``nix`` command gets its own ``XDG_CACHE_HOME``, so no side sees the other's narinfo cache.
 larder serves ``.nar.zst`` whatever the upload's compression, while the ``file://`` cache
 serves what it was given (so an xz pull decompresses xz there).
@@ -36,7 +40,7 @@ import time
 import uuid
 from pathlib import Path
 
-from harness import MiB, larder_server, machine
+from harness import MiB, larder_server, machine, nginx_server
 
 from larder.service.config import parse_size
 
@@ -130,27 +134,33 @@ def closure_bytes(nix: Nix, top: str) -> tuple[int, int]:
 
 def one_round(
     work: Path, server_url: str, token: str, public_key: str, file_key: tuple[str, str],
-    data: Path, paths: int, compression: str, larder_first: bool,
+    nginx_url: str, data: Path, paths: int, compression: str, larder_first: bool,
 ) -> dict[str, float]:  # fmt: skip
     """Push a fresh closure to each side, then pull each into an empty store."""
     tag = uuid.uuid4().hex[:8]
     builder = Nix(work / f"build-{tag}")
-    tops = {side: build_closure(builder, work, data, paths) for side in ("larder", "file")}
+    sides = ("larder", "file", "nginx") if larder_first else ("file", "nginx", "larder")
+    tops = {side: build_closure(builder, work, data, paths) for side in sides}
     cache_dir = work / f"file-cache-{tag}"
     query = f"compression={compression}"
+    signed = f"{query}&secret-key={file_key[0]}"
     targets = {
         "larder": f"{server_url}/main?{query}",
-        "file": f"file://{cache_dir}?{query}&secret-key={file_key[0]}",
+        "file": f"file://{cache_dir}?{signed}",
+        "nginx": f"{nginx_url}/{tag}?{signed}",
     }
     netrc = f"machine 127.0.0.1 login bench password {token}\n"
     result: dict[str, float] = {}
-    order = ("larder", "file") if larder_first else ("file", "larder")
-    for side in order:
+    for side in sides:
         nix = Nix(work / f"push-{side}-{tag}", netrc=netrc)
         result[f"push_{side}"] = nix.timed("nix", "copy", "--to", targets[side], tops[side])
-    sources = {"larder": f"{server_url}/main", "file": f"file://{cache_dir}"}
+    sources = {
+        "larder": f"{server_url}/main",
+        "file": f"file://{cache_dir}",
+        "nginx": f"{nginx_url}/{tag}",
+    }
     keys = f"{public_key} {file_key[1]}"
-    for side in order:
+    for side in sides:
         nix = Nix(work / f"pull-{side}-{tag}")
         root = work / f"store-{side}-{tag}"
         result[f"pull_{side}"] = nix.timed(
@@ -161,10 +171,10 @@ def one_round(
         if not (restored / "lib" / "dep").exists():
             raise RuntimeError(f"pull from {side} did not restore {tops[side]}")
         shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(cache_dir, ignore_errors=True)
     result["closure_paths"], result["closure_bytes"] = closure_bytes(builder, tops["larder"])
     for top in tops.values():
         builder.run("nix-store", "--delete", *builder.run("nix-store", "-qR", top).split())
-    shutil.rmtree(cache_dir, ignore_errors=True)
     return result
 
 
@@ -193,14 +203,23 @@ def main() -> int:
         keygen.run("nix-store", "--generate-binary-cache-key", key_name, str(secret),
                    str(work / "file.pub"))  # fmt: skip
         file_key = (str(secret), (work / "file.pub").read_text().strip())
-        with larder_server(work / "larder-data", work, extra_env=extra) as server:
+        web_root = work / "nginx-root"
+        web_root.mkdir()
+        dav = (
+            f"    root {web_root};\n    client_max_body_size 0;\n"
+            "    location / { dav_methods PUT; create_full_put_path on; }\n"
+        )
+        with (
+            larder_server(work / "larder-data", work, extra_env=extra) as server,
+            nginx_server(work / "nginx", dav, workers=2) as nginx,
+        ):
             token = server.token()
             info = json.loads(server.cli("cache", "show", "main").stdout)
             for compression in options.compression.split(","):
                 for n in range(options.repeat):
                     figures = one_round(
-                        work, server.url, token, info["public_key"], file_key, data,
-                        options.paths, compression, larder_first=n % 2 == 0,
+                        work, server.url, token, info["public_key"], file_key, nginx.url,
+                        data, options.paths, compression, larder_first=n % 2 == 0,
                     )  # fmt: skip
                     rounds.append({"compression": compression, "run": n + 1, **figures})
     report = {"machine": {**before, "loadavg_after": machine()["loadavg"]}, "larder_env": extra,
@@ -209,19 +228,20 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"nix copy, larder against file://; machine {report['machine']}; larder env {extra}")
-    print(f"{'compression':12s}{'run':>4s}  {'paths':>5s} {'MiB':>7s}   "
-          f"{'push larder':>11s} {'file':>7s} {'ratio':>6s}   "
-          f"{'pull larder':>11s} {'file':>7s} {'ratio':>6s}")  # fmt: skip
+    columns = f"{'file':>6s} {'nginx':>6s} {'ratio':>5s} {'/nginx':>6s}"
+    print(f"{'compression':12s}{'run':>4s} {'paths':>5s} {'MiB':>6s}  "
+          f"{'push larder':>11s} {columns}  {'pull larder':>11s} {columns}")  # fmt: skip
     for r in rounds:
-        push = float(r["push_larder"]) / float(r["push_file"])  # type: ignore[arg-type]
-        pull = float(r["pull_larder"]) / float(r["pull_file"])  # type: ignore[arg-type]
-        print(
-            f"{r['compression']!s:12s}{r['run']!s:>4s}  {r['closure_paths']!s:>5s} "
-            f"{float(r['closure_bytes']) / MiB:7.1f}   "  # type: ignore[arg-type]
-            f"{r['push_larder']:10.2f}s {r['push_file']:6.2f}s {push:6.2f}   "
-            f"{r['pull_larder']:10.2f}s {r['pull_file']:6.2f}s {pull:6.2f}"
-        )
-    print("ratio = larder's time / file://'s time (goal: at most 1.25)")
+        t = {k: float(v) for k, v in r.items() if k.startswith(("push_", "pull_"))}  # type: ignore[arg-type]
+        cells = []
+        for op in ("push", "pull"):
+            ours, file, web = t[f"{op}_larder"], t[f"{op}_file"], t[f"{op}_nginx"]
+            ratios = f"{ours / file:5.2f} {ours / web:6.2f}"
+            cells.append(f"{ours:10.2f}s {file:5.2f}s {web:5.2f}s {ratios}")
+        size = float(r["closure_bytes"]) / MiB  # type: ignore[arg-type]
+        print(f"{r['compression']!s:12s}{r['run']!s:>4s} {r['closure_paths']!s:>5s} "
+              f"{size:6.1f}  {cells[0]}  {cells[1]}")  # fmt: skip
+    print("ratio = larder's time / file://'s time (goal: at most 1.25); /nginx = larder / nginx")
     return 0
 
 

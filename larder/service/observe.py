@@ -29,6 +29,7 @@ _LOOKUP = web.RequestKey("larder_lookup", tuple)
 _UPLOAD = web.RequestKey("larder_upload", bool)
 _ERROR_CODE = web.RequestKey("larder_error_code", str)
 _STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+WORKER_SCOPE = "the worker process of this replica that answered, since it started"
 
 
 def protocol_of(request: web.Request) -> str:
@@ -122,7 +123,7 @@ def install(app: web.Application, backend: str, worker: Worker | None = None) ->
     """Create the registry and statistics, and hook them into ``app``."""
     metrics = Metrics(backend, str(worker.metrics_dir) if worker is not None else None)
     app[METRICS] = metrics
-    app[HITS] = HitStats()
+    app[HITS] = HitStats() if worker is None else HitStats(scope=WORKER_SCOPE)
     app.middlewares.insert(0, metrics_middleware)  # outermost: it sees the final status
     app.on_response_prepare.append(count_sent)
     app.router.add_get("/metrics", get_metrics)

@@ -8,21 +8,19 @@ The supervisor creates one directory per server and gives every worker its index
   A worker that remembered a served narinfo miss drops it once any counter moved, so a path
   uploaded through one worker is never answered 404 by another (positive entries are bounded by
   ``refresh_interval``, as between replicas);
-* ``hits-<index>.json``: each worker's hit statistics, rewritten every
-  :data:`HITS_INTERVAL` seconds; the stats API merges them with its own live figures.
+
+Hit statistics (``/api/v1/caches/<cache>/stats``) stay per process: with several workers they
+count what the answering worker served, and say so in their ``scope``.
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 COUNTER_SIZE = 8
-HITS_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -40,9 +38,6 @@ class Worker:
     @property
     def writes_path(self) -> Path:
         return self.directory / "narinfo-writes"
-
-    def hits_path(self, index: int) -> Path:
-        return self.directory / f"hits-{index}.json"
 
 
 def prepare(directory: Path, count: int) -> None:
@@ -72,18 +67,3 @@ class SharedWriteCounter:
     def bump(self) -> None:
         self._count += 1
         self._map[self._slot] = self._count.to_bytes(COUNTER_SIZE, "little")
-
-
-def write_json(path: Path, document: Any) -> None:
-    """Replace ``path`` atomically with ``document`` as JSON."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}")
-    temp.write_text(json.dumps(document))
-    os.replace(temp, path)
-
-
-def read_json(path: Path) -> Any | None:
-    """The JSON document at ``path``, or ``None`` when it is absent or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
