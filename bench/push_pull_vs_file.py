@@ -43,17 +43,7 @@ from pathlib import Path
 from harness import MiB, larder_server, machine, nginx_server
 
 from larder.service.config import parse_size
-
-NIX_CONFIG = "\n".join(
-    [
-        "sandbox = false",
-        "build-users-group =",
-        "experimental-features = nix-command",
-        "substituters =",
-        "require-sigs = true",
-        "connect-timeout = 5",
-    ]
-)
+from tests.e2e.nix import NIX_CONFIG  # the settings the end-to-end tests drive Nix with
 
 CLOSURE_NIX = r"""
 let

@@ -199,6 +199,11 @@ class NixCache:
     async def has_narinfo(self, cache: CacheSettings, store_hash: str) -> bool:
         return await self._storage.exists(keys.narinfo(cache.name, check_hash_part(store_hash)))
 
+    def served_narinfo(self, cache: CacheSettings, store_hash: str) -> tuple[bool, bytes | None]:
+        """``(known, body)`` from the memory of served narinfos alone (no I/O): ``known`` says
+        whether it holds an answer; ``body`` None is a remembered miss. ``store_hash`` valid."""
+        return self._served.get((cache.name, store_hash, cache.signing_key.to_string()))
+
     async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
         """The narinfo as served (signed by the cache), or ``None``."""
         memo_key = (cache.name, check_hash_part(store_hash), cache.signing_key.to_string())

@@ -20,6 +20,7 @@ import asyncio
 import datetime
 import json
 import time
+from dataclasses import dataclass
 from typing import ClassVar, TextIO
 
 from aiohttp.abc import AbstractAccessLogger
@@ -71,16 +72,42 @@ class LineSink:
             self._stream.flush()
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What one access log line says about a request and its answer."""
+
+    remote: str | None
+    method: str
+    path: str  # decoded, without the query
+    target: str  # as aiohttp's ``path_qs``
+    version: tuple[int, int]
+    status: int
+    length: int
+    seconds: float
+    referer: str | None
+    user_agent: str | None
+
+    @classmethod
+    def of(cls, request: BaseRequest, response: StreamResponse, seconds: float) -> Entry:
+        headers = request.headers
+        return cls(
+            request.remote, request.method, request.path, request.path_qs,
+            (request.version.major, request.version.minor), response.status,
+            response.body_length, seconds, headers.get("Referer"), headers.get("User-Agent"),
+        )  # fmt: skip
+
+
 class LineAccessLogger(AbstractAccessLogger):
-    """Base of larder's access loggers: :meth:`message` says what one request's line is."""
+    """Base of larder's access loggers: :meth:`line` says what one request's line is."""
 
     sink: ClassVar[LineSink | None] = None
 
-    def message(self, request: BaseRequest, response: StreamResponse, time: float) -> str:
+    @staticmethod
+    def line(entry: Entry) -> str:
         raise NotImplementedError
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        line = self.message(request, response, time)
+        line = self.line(Entry.of(request, response, time))
         if self.sink is not None:
             self.sink.emit(line)
         else:
@@ -95,34 +122,35 @@ class LineAccessLogger(AbstractAccessLogger):
 class TextAccessLogger(LineAccessLogger):
     """aiohttp's default line: remote, start time, request line, status, bytes, referer, agent."""
 
-    _tz: ClassVar[datetime.timezone | None] = None
+    _tz: ClassVar[datetime.tzinfo | None] = None
 
-    def message(self, request: BaseRequest, response: StreamResponse, time: float) -> str:
+    @staticmethod
+    def line(entry: Entry) -> str:
         if TextAccessLogger._tz is None:
-            TextAccessLogger._tz = datetime.datetime.now().astimezone().tzinfo  # type: ignore[assignment]
-        start = datetime.datetime.now(TextAccessLogger._tz) - datetime.timedelta(seconds=time)
-        version = request.version
-        headers = request.headers
+            TextAccessLogger._tz = datetime.datetime.now().astimezone().tzinfo
+        now = datetime.datetime.now(TextAccessLogger._tz)
+        start = now - datetime.timedelta(seconds=entry.seconds)
+        major, minor = entry.version
         return (
-            f"{request.remote or '-'} [{start:%d/%b/%Y:%H:%M:%S %z}] "
-            f'"{request.method} {request.path_qs} HTTP/{version.major}.{version.minor}" '
-            f"{response.status} {response.body_length} "
-            f'"{headers.get("Referer", "-")}" "{headers.get("User-Agent", "-")}"'
+            f"{entry.remote or '-'} [{start:%d/%b/%Y:%H:%M:%S %z}] "
+            f'"{entry.method} {entry.target} HTTP/{major}.{minor}" {entry.status} {entry.length} '
+            f'"{entry.referer or "-"}" "{entry.user_agent or "-"}"'
         )
 
 
 class JsonAccessLogger(LineAccessLogger):
     """One JSON object per request (``access_log = "json"``); never logs credentials."""
 
-    def message(self, request: BaseRequest, response: StreamResponse, time: float) -> str:
+    @staticmethod
+    def line(entry: Entry) -> str:
         return json.dumps(
             {
-                "remote": request.remote,
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "bytes": response.body_length,
-                "seconds": round(time, 6),
-                "user_agent": request.headers.get("User-Agent", ""),
+                "remote": entry.remote,
+                "method": entry.method,
+                "path": entry.path,
+                "status": entry.status,
+                "bytes": entry.length,
+                "seconds": round(entry.seconds, 6),
+                "user_agent": entry.user_agent or "",
             }
         )

@@ -88,30 +88,56 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         metrics.in_flight.dec()
-        protocol = protocol_of(request)
-        cache = request.get(_CACHE, NO_CACHE)
-        metrics.child(metrics.latency, protocol).observe(time.monotonic() - start)
-        metrics.child(metrics.requests, cache, protocol, _STATUS_CLASS[min(status // 100, 5)]).inc()
-        received = request.content.total_bytes
-        if received:
-            metrics.child(metrics.received, cache, protocol).inc(received)
-        if request.get(_UPLOAD):
-            outcome = _upload_outcome(request, status)
-            metrics.child(metrics.uploads, cache, protocol, outcome).inc()
-        lookup = request.get(_LOOKUP)
-        if lookup is not None and cache != NO_CACHE:
-            kind, hit = lookup
-            metrics.lookup(cache, protocol, kind, hit)
-            request.app[HITS].record(cache, protocol, hit)
+        count_answer(
+            request.app,
+            request.get(_CACHE, NO_CACHE),
+            protocol_of(request),
+            status,
+            time.monotonic() - start,
+            received=request.content.total_bytes,
+            upload=_upload_outcome(request, status) if request.get(_UPLOAD) else None,
+            lookup=request.get(_LOOKUP),
+        )
+
+
+def count_answer(
+    app: web.Application,
+    cache: str,
+    protocol: str,
+    status: int,
+    seconds: float,
+    *,
+    received: int = 0,
+    upload: str | None = None,
+    lookup: tuple[str, bool] | None = None,
+) -> None:
+    """Count one answered request: its status and latency, body bytes received, the upload's
+    outcome, and a lookup's hit or miss (also in the hit statistics)."""
+    metrics = app[METRICS]
+    metrics.child(metrics.latency, protocol).observe(seconds)
+    metrics.child(metrics.requests, cache, protocol, _STATUS_CLASS[min(status // 100, 5)]).inc()
+    if received:
+        metrics.child(metrics.received, cache, protocol).inc(received)
+    if upload is not None:
+        metrics.child(metrics.uploads, cache, protocol, upload).inc()
+    if lookup is not None and cache != NO_CACHE:
+        kind, hit = lookup
+        metrics.lookup(cache, protocol, kind, hit)
+        app[HITS].record(cache, protocol, hit)
+
+
+def count_sent_bytes(app: web.Application, cache: str, protocol: str, length: int) -> None:
+    metrics = app[METRICS]
+    metrics.child(metrics.sent, cache, protocol).inc(length)
 
 
 async def count_sent(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: count the body about to be sent (its declared length)."""
     if request.method == "HEAD" or response.content_length is None:
         return
-    cache = request.get(_CACHE, NO_CACHE)
-    metrics = request.app[METRICS]
-    metrics.child(metrics.sent, cache, protocol_of(request)).inc(response.content_length)
+    count_sent_bytes(
+        request.app, request.get(_CACHE, NO_CACHE), protocol_of(request), response.content_length
+    )
 
 
 async def get_metrics(request: web.Request) -> web.Response:

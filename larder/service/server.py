@@ -8,8 +8,10 @@ It restarts a worker that dies (and gives up, stopping the rest, if one dies wit
 :data:`MIN_UPTIME` seconds of its start), stops them all on SIGTERM or SIGINT, and removes the
 shared directory at the end. A worker whose supervisor is gone stops by itself.
 
-Each process runs its event loop on uvloop unless ``event_loop = "asyncio"``, and writes its
-access log through :class:`~larder.service.accesslog.LineSink`.
+Each process runs its event loop on uvloop unless ``event_loop = "asyncio"``, writes its access
+log through :class:`~larder.service.accesslog.LineSink`, and starts every connection with
+:class:`~larder.service.fastpath.FrontProtocol`, which answers narinfo GETs from memory and hands
+everything else to the aiohttp application.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from larder.service import workers as shared
-from larder.service.accesslog import JsonAccessLogger, LineSink, TextAccessLogger
+from larder.service.accesslog import Entry, JsonAccessLogger, LineSink, TextAccessLogger
 from larder.service.app import build_app
 from larder.service.config import Config
+from larder.service.fastpath import FastPath, FrontProtocol
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
 
@@ -75,27 +78,76 @@ def serve(config: Config, bootstrap: Bootstrap) -> int:
             await bootstrap(config, storage)
 
         app.on_startup.append(on_startup)
-        host, port = config.host_port
-        _run(config, app, host=host, port=port)
+        _run(config, app, _listen(config))
         return 0
     return _supervise(config, count, bootstrap)
 
 
-def _run(config: Config, app: web.Application, **where: object) -> None:
+def _run(config: Config, app: web.Application, sock: socket.socket) -> None:
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, then shut down gracefully."""
     sink = LineSink(sys.stderr)
-    logger = JsonAccessLogger if config.access_log == "json" else TextAccessLogger
+    loop = new_event_loop(config)
+    asyncio.set_event_loop(loop)
     try:
-        web.run_app(
-            app,
-            print=None,
-            handle_signals=True,
-            access_log_class=logger.writing_to(sink),
-            loop=new_event_loop(config),
-            backlog=BACKLOG,
-            **where,  # type: ignore[arg-type]
-        )
+        loop.run_until_complete(_serve_app(config, app, sock, sink))
     finally:
         sink.flush()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+async def _serve_app(
+    config: Config, app: web.Application, sock: socket.socket, sink: LineSink
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    running = await start(config, app, sock, sink)
+    try:
+        await stop.wait()
+    finally:
+        await running.stop()
+
+
+@dataclass
+class Running:
+    """An application accepting on a socket (what :func:`start` returns)."""
+
+    runner: web.AppRunner
+    listener: asyncio.AbstractServer
+    #: Connections still with :class:`FrontProtocol` (not handed to aiohttp yet).
+    front: set[FrontProtocol]
+
+    async def stop(self) -> None:
+        self.listener.close()
+        for connection in list(self.front):
+            connection.close()
+        await self.runner.cleanup()
+
+
+async def start(
+    config: Config, app: web.Application, sock: socket.socket, sink: LineSink
+) -> Running:
+    """Start ``app`` (its start-up hooks run now) on the listening ``sock``."""
+    logger = JsonAccessLogger if config.access_log == "json" else TextAccessLogger
+    runner = web.AppRunner(app, access_log_class=logger.writing_to(sink))
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    log_entry = None
+    if logging.getLogger("aiohttp.access").isEnabledFor(logging.INFO):
+
+        def log_entry(entry: Entry) -> None:
+            sink.emit(logger.line(entry))
+
+    fast = FastPath(app, log_entry)
+    front: set[FrontProtocol] = set()
+    listener = await asyncio.get_running_loop().create_server(
+        lambda: FrontProtocol(server, fast, front), sock=sock, backlog=BACKLOG
+    )
+    return Running(runner, listener, front)
 
 
 def _listen(config: Config) -> socket.socket:
@@ -208,7 +260,7 @@ def _worker_main(spec_text: str) -> int:
         task.cancel()
 
     app.cleanup_ctx.append(watch_parent)
-    _run(config, app, sock=sock)
+    _run(config, app, sock)
     return 0
 
 
