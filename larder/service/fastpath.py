@@ -7,19 +7,20 @@ heads itself and answers one at once when all of these hold:
   percent-escapes);
 * the head announces no body (no ``Transfer-Encoding``; ``Content-Length`` absent or 0) and has
   no ``Expect`` or ``Upgrade`` header, nor a ``Connection`` header other than ``keep-alive``;
-* the cache is public and this process holds its settings fresh (``refresh_interval``);
-* the served-narinfo memory holds an answer: a signed narinfo, or a miss remembered for at most a
-  second and dropped as soon as any process of the server stored a narinfo.
+* the cache exists and is public.
 
-The answer is what the application would send (status, ``Content-Type``, ``Content-Length``,
-``Date``, ``Server``, body) and is counted the same way: request, latency, lookup and sent-bytes
-series, hit statistics (a miss also remembers its store hash), one access log line.
+The answer comes from the served-narinfo memory (a signed narinfo, or a miss remembered for at
+most a second and dropped once any process of the server stored a narinfo) or, when the memory
+does not hold it, from the same lookup the application makes (which then remembers it); requests
+behind it on the connection wait, so answers keep their order. The answer is what the
+application would send (status, ``Content-Type``, ``Content-Length``, ``Date``, ``Server``,
+body) and is counted the same way: request, latency, lookup and sent-bytes series, hit
+statistics (a miss also remembers its store hash), one access log line.
 
-At the first request that does not qualify, the connection, with every byte not answered yet, is
-handed to aiohttp's own protocol for good (``transport.set_protocol``). Everything else (uploads,
-private caches, the first GET of each narinfo, HEAD, errors and whatever follows them on the
-connection) is served by the full application, as if the connection had just opened. Answers
-leave in the order requests came, since nothing is answered here once aiohttp has the connection.
+At the first request that does not qualify, or whose lookup fails, the connection, with every
+byte not answered yet, is handed to aiohttp's own protocol for good (``transport.set_protocol``).
+Everything else (uploads, private caches, HEAD, NARs, errors and whatever follows them on the
+connection) is served by the full application, as if the connection had just opened.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ import email.utils
 import re
 import time
 from collections.abc import Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import Literal, cast
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from larder.errors import FormatError
+from larder.core.caches import CacheSettings
+from larder.errors import FormatError, LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
@@ -73,10 +76,8 @@ class FastPath:
             self._date = email.utils.formatdate(now, usegmt=True).encode()
         return self._date
 
-    def answer(self, head: bytes, peer: str | None) -> bytes | None:
-        """The whole response to the request ``head`` (without its blank line), or ``None`` when
-        the full application must answer it."""
-        start = time.monotonic()
+    def parse(self, head: bytes, peer: str | None) -> NarinfoGet | None:
+        """The request ``head`` (without its blank line) if this path may answer it."""
         line, _, fields = head.partition(b"\r\n")
         if not (line.startswith(b"GET ") and line.endswith(b" HTTP/1.1")):
             return None
@@ -106,15 +107,40 @@ class FastPath:
             store_hash = check_hash_part(match.group(2).decode("ascii"))
         except (FormatError, UnicodeDecodeError):
             return None
-        settings = self._caches.known(cache)
-        if settings is None or settings.private:
+        path = target.decode("ascii")
+        return NarinfoGet(cache, store_hash, path, peer, referer, agent, time.monotonic())
+
+    def answer_now(self, request: NarinfoGet) -> bytes | Literal[False] | None:
+        """The response from memory alone; ``None`` if unknown here (try :meth:`answer_later`);
+        ``False`` if the application must answer (a private cache)."""
+        settings = self._caches.known(request.cache)
+        if settings is None:
             return None
-        known, body = self._nix.served_narinfo(settings, store_hash)
-        if not known:
-            return None
+        if settings.private:
+            return False
+        known, body = self._nix.served_narinfo(settings, request.store_hash)
+        return self._respond(request, settings, body) if known else None
+
+    async def answer_later(self, request: NarinfoGet) -> bytes | None:
+        """The response after looking the cache and the narinfo up (and remembering them);
+        ``None`` if the application must answer (no such cache, private, or an error)."""
+        metrics = self._app[METRICS]
+        metrics.in_flight.inc()
+        try:
+            settings = await self._caches.get(request.cache)
+            if settings is None or settings.private:
+                return None
+            body = await self._nix.get_narinfo(settings, request.store_hash)
+        except LarderError:
+            return None  # the application answers again, with its status for the error
+        finally:
+            metrics.in_flight.dec()
+        return self._respond(request, settings, body)
+
+    def _respond(self, request: NarinfoGet, settings: CacheSettings, body: bytes | None) -> bytes:
         if body is None:
             status, reason, content_type, body = 404, b"Not Found", NOT_FOUND_TYPE, NOT_FOUND_BODY
-            self._app[HITS].missed_store_hash(settings.name, store_hash)
+            self._app[HITS].missed_store_hash(settings.name, request.store_hash)
         else:
             status, reason, content_type = 200, b"OK", NARINFO_TYPE
         response = b"".join(
@@ -125,19 +151,31 @@ class FastPath:
                 body,
             )
         )
-        seconds = time.monotonic() - start
+        seconds = time.monotonic() - request.start
         self._app[METRICS].add_cache(settings.name)
         count_answer(
             self._app, settings.name, "nix", status, seconds, lookup=("narinfo", status == 200)
         )
         count_sent_bytes(self._app, settings.name, "nix", len(body))
         if self._log is not None:
-            path = target.decode("ascii")
             self._log(
-                Entry(peer, "GET", path, path, (1, 1), status, len(response), seconds,
-                      referer, agent)
+                Entry(request.peer, "GET", request.path, request.path, (1, 1), status,
+                      len(response), seconds, request.referer, request.user_agent)
             )  # fmt: skip
         return response
+
+
+@dataclass(frozen=True)
+class NarinfoGet:
+    """A request this path may answer."""
+
+    cache: str
+    store_hash: str
+    path: str
+    peer: str | None
+    referer: str | None
+    user_agent: str | None
+    start: float
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -153,6 +191,7 @@ class FrontProtocol(asyncio.Protocol):
         self._paused = False
         self._last = 0.0
         self._idle: asyncio.TimerHandle | None = None
+        self._lookup: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -168,23 +207,45 @@ class FrontProtocol(asyncio.Protocol):
         self._serve()
 
     def _serve(self) -> None:
-        transport = self._transport
-        assert transport is not None
-        while not self._paused:
+        while not self._paused and self._lookup is None and self._transport is not None:
             end = self._buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(self._buffer) > MAX_HEAD:
                     self._hand_over()
                 return
-            response = self._fast.answer(bytes(self._buffer[:end]), self._peer)
-            if response is None:
+            request = self._fast.parse(bytes(self._buffer[:end]), self._peer)
+            if request is None:
                 self._hand_over()
                 return
-            del self._buffer[: end + 4]
-            self._last = asyncio.get_running_loop().time()
-            transport.write(response)
-            if not self._buffer:
+            response = self._fast.answer_now(request)
+            if response is False:
+                self._hand_over()
                 return
+            if response is None:  # look it up; later requests wait, so answers keep their order
+                self._lookup = asyncio.get_running_loop().create_task(self._later(request, end))
+                return
+            self._send(response, end)
+
+    def _send(self, response: bytes, end: int) -> None:
+        assert self._transport is not None
+        del self._buffer[: end + 4]
+        self._last = asyncio.get_running_loop().time()
+        self._transport.write(response)
+
+    async def _later(self, request: NarinfoGet, end: int) -> None:
+        try:
+            response = await self._fast.answer_later(request)
+        except Exception:  # not expected: the application answers it, and reports what broke
+            response = None
+        finally:
+            self._lookup = None
+        if self._transport is None or self not in self._open:
+            return  # closed meanwhile
+        if response is None:
+            self._hand_over()
+            return
+        self._send(response, end)
+        self._serve()
 
     def _hand_over(self) -> None:
         transport = self._transport
@@ -199,6 +260,9 @@ class FrontProtocol(asyncio.Protocol):
 
     def _forget(self) -> None:
         self._open.discard(self)
+        if self._lookup is not None:
+            self._lookup.cancel()
+            self._lookup = None
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from larder.core.caches import CacheSettings
+from larder.errors import StorageUnavailable
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from larder.protocol.tokens import Scope
@@ -40,12 +41,23 @@ class Live:
         return self.running.runner.app
 
 
+class Flaky(MemoryStorage):
+    """Memory storage whose narinfo reads fail while ``down`` is set."""
+
+    down = False
+
+    async def get(self, key: str) -> bytes | None:
+        if self.down and "/narinfo/" in key:
+            raise StorageUnavailable("bucket unreachable")
+        return await super().get(key)
+
+
 @pytest.fixture
 async def live() -> AsyncIterator[Live]:
     access = logging.getLogger("aiohttp.access")
     level = access.level
     access.setLevel(logging.INFO)  # as `larder serve` configures it (log_level = info)
-    app = build_app(Config(), MemoryStorage())
+    app = build_app(Config(), Flaky())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
@@ -120,35 +132,52 @@ async def upload(live: Live, conn: Conn, store_hash: str) -> None:
     assert (await conn.response())[0] == 200
 
 
-async def test_repeated_gets_are_answered_on_the_short_path_with_the_same_bytes(
+async def test_narinfo_gets_are_answered_on_the_short_path_with_the_same_bytes(
     live: Live,
 ) -> None:
     store_hash = hash_of("a")
-    writer = await Conn.open(live)
-    await upload(live, writer, store_hash)  # a PUT: this connection is aiohttp's now
+    app_conn = await Conn.open(live)
+    await upload(live, app_conn, store_hash)  # a PUT: this connection is aiohttp's now
     assert len(live.running.front) == 0
-    reader = await Conn.open(live)
-    reader.send(get(f"/main/{store_hash}.narinfo"))  # the first GET renders and remembers it
-    first = await reader.response()
-    assert len(live.running.front) == 0  # ... so it went to the application
-    again = await Conn.open(live)
+    app_conn.send(get(f"/main/{store_hash}.narinfo"))
+    first = await app_conn.response()  # as the application answers
+    fast_conn = await Conn.open(live)
     for _ in range(3):
-        again.send(get(f"/main/{store_hash}.narinfo"))
-        fast = await again.response()
+        fast_conn.send(get(f"/main/{store_hash}.narinfo"))
+        fast = await fast_conn.response()
         assert fast[0] == 200 and fast[2] == first[2]
         assert {k: v for k, v in fast[1].items() if k != "date"} == {
             k: v for k, v in first[1].items() if k != "date"
         }
     assert len(live.running.front) == 1  # still on the short path
-    for conn in (writer, reader, again):
-        conn.close()
+    app_conn.close()
+    fast_conn.close()
+
+
+async def test_lookups_the_memory_lacks_are_made_on_the_short_path(live: Live) -> None:
+    store_hash = hash_of("cold")
+    app_conn = await Conn.open(live)
+    await upload(live, app_conn, store_hash)
+    nix = live.app[state.NIX]
+    assert nix.served_narinfo(live.main, store_hash) == (False, None)
+    fast_conn = await Conn.open(live)
+    fast_conn.send(get(f"/main/{store_hash}.narinfo"), get(f"/main/{hash_of('absent')}.narinfo"))
+    found, absent = await fast_conn.response(), await fast_conn.response()
+    assert found[0] == 200 and f"/nix/store/{store_hash}".encode() in found[2]
+    assert absent[0] == 404
+    assert live.running.front  # both answered without aiohttp
+    assert nix.served_narinfo(live.main, store_hash) == (True, found[2])  # and remembered
+    app_conn.close()
+    fast_conn.close()
 
 
 async def test_misses_are_remembered_briefly_and_forgotten_on_upload(live: Live) -> None:
     store_hash = hash_of("later")
-    conn = await Conn.open(live)
-    conn.send(get(f"/main/{store_hash}.narinfo"))
-    slow = await conn.response()  # the application answers and remembers the miss
+    app_conn = await Conn.open(live)
+    app_conn.send(get("/main/nix-cache-info"))  # hands this connection over
+    await app_conn.response()
+    app_conn.send(get(f"/main/{store_hash}.narinfo"))
+    slow = await app_conn.response()  # the application answers and remembers the miss
     assert slow[0] == 404
     probe = await Conn.open(live)
     probe.send(get(f"/main/{store_hash}.narinfo"))
@@ -156,10 +185,10 @@ async def test_misses_are_remembered_briefly_and_forgotten_on_upload(live: Live)
     assert fast[0] == 404 and fast[2] == slow[2] == b"404: Not Found"
     assert fast[1]["content-type"] == slow[1]["content-type"]
     assert live.running.front  # answered on the short path
-    await upload(live, conn, store_hash)
+    await upload(live, app_conn, store_hash)
     probe.send(get(f"/main/{store_hash}.narinfo"))
     assert (await probe.response())[0] == 200
-    conn.close()
+    app_conn.close()
     probe.close()
 
 
@@ -263,4 +292,16 @@ async def test_short_answers_are_counted_logged_and_in_the_hit_statistics(live: 
     assert f'"GET /main/{missing}.narinfo HTTP/1.1" 404 ' in lines[1]
     assert lines[0].endswith('"-" "probe/1"') and " INFO aiohttp.access " in lines[0]
     setup.close()
+    conn.close()
+
+
+async def test_a_failed_lookup_is_answered_by_the_application(live: Live) -> None:
+    storage = live.app[state.STORAGE].inner
+    assert isinstance(storage, Flaky)
+    storage.down = True
+    conn = await Conn.open(live)
+    conn.send(get(f"/main/{hash_of('down')}.narinfo"))
+    status, headers, _ = await conn.response()
+    assert status == 503 and headers["retry-after"] == "5"  # the error table's answer
+    assert not live.running.front
     conn.close()
