@@ -122,17 +122,22 @@ class LineAccessLogger(AbstractAccessLogger):
 class TextAccessLogger(LineAccessLogger):
     """aiohttp's default line: remote, start time, request line, status, bytes, referer, agent."""
 
-    _tz: ClassVar[datetime.tzinfo | None] = None
+    _stamp: ClassVar[tuple[int, str]] = (-1, "")
+
+    @staticmethod
+    def started(seconds_ago: float) -> str:
+        """``22/Nov/2026:10:00:00 +0000``: local time of the request's start (per second)."""
+        second = int(time.time() - seconds_ago)
+        if second != TextAccessLogger._stamp[0]:
+            start = datetime.datetime.fromtimestamp(second).astimezone()
+            TextAccessLogger._stamp = (second, f"{start:%d/%b/%Y:%H:%M:%S %z}")
+        return TextAccessLogger._stamp[1]
 
     @staticmethod
     def line(entry: Entry) -> str:
-        if TextAccessLogger._tz is None:
-            TextAccessLogger._tz = datetime.datetime.now().astimezone().tzinfo
-        now = datetime.datetime.now(TextAccessLogger._tz)
-        start = now - datetime.timedelta(seconds=entry.seconds)
         major, minor = entry.version
         return (
-            f"{entry.remote or '-'} [{start:%d/%b/%Y:%H:%M:%S %z}] "
+            f"{entry.remote or '-'} [{TextAccessLogger.started(entry.seconds)}] "
             f'"{entry.method} {entry.target} HTTP/{major}.{minor}" {entry.status} {entry.length} '
             f'"{entry.referer or "-"}" "{entry.user_agent or "-"}"'
         )
