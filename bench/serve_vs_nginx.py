@@ -12,8 +12,9 @@ ceiling for a Nix binary cache on one machine. wrk (Debian's package) drives bot
     .venv/bin/python bench/serve_vs_nginx.py [--paths 500] [--nar-size 256MiB] [--seconds 10]
         [--larder-env LARDER_WORKERS=2 ...]
 
-Goals (issue "as fast as the machine allows"): narinfo requests/s >= 0.7x nginx, NAR throughput
->= 0.9x nginx. The script prints the figures and the ratios; it does not judge noise.
+Goals: narinfo requests/s and one-connection latency within 0.7x of nginx's, NAR throughput
+>= 0.9x nginx. The script prints the figures and the ratios (larder / nginx: above 1 is better
+for req/s and MiB/s, below 1 for latencies); it does not judge noise.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def main() -> int:
     for phase, field, label in rows:
         ours, theirs = larder[phase][field], peer[phase][field]  # type: ignore[index]
         print(
-            f"  {label:32s} larder {ours:10.2f}   nginx {theirs:10.2f}   ratio {ours / theirs:.2f}"
+            f"  {label:32s} larder {ours:10.3f}   nginx {theirs:10.3f}   ratio {ours / theirs:.2f}"
         )
     return 0
 
