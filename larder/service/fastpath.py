@@ -192,6 +192,7 @@ class FrontProtocol(asyncio.Protocol):
         self._last = 0.0
         self._idle: asyncio.TimerHandle | None = None
         self._lookup: asyncio.Task[None] | None = None
+        self._eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -246,6 +247,8 @@ class FrontProtocol(asyncio.Protocol):
             return
         self._send(response, end)
         self._serve()
+        if self._eof and self._lookup is None and self in self._open:
+            self.close()  # the client is done sending and everything it sent is answered
 
     def _hand_over(self) -> None:
         transport = self._transport
@@ -296,7 +299,9 @@ class FrontProtocol(asyncio.Protocol):
                 self._serve()
 
     def eof_received(self) -> bool | None:
-        return None  # the client is done sending: close once written
+        """The client is done sending: close once written, or once the lookup is answered."""
+        self._eof = True
+        return True if self._lookup is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()

@@ -22,6 +22,7 @@ from larder.service import state
 from larder.service.accesslog import LineSink
 from larder.service.app import build_app
 from larder.service.config import Config
+from larder.service.fastpath import FrontProtocol
 from larder.service.observe import HITS, METRICS
 from larder.service.server import Running, start
 from larder.storage.memory import MemoryStorage
@@ -45,10 +46,13 @@ class Flaky(MemoryStorage):
     """Memory storage whose narinfo reads fail while ``down`` is set."""
 
     down = False
+    delay = 0.0
 
     async def get(self, key: str) -> bytes | None:
         if self.down and "/narinfo/" in key:
             raise StorageUnavailable("bucket unreachable")
+        if self.delay and "/narinfo/" in key:
+            await asyncio.sleep(self.delay)
         return await super().get(key)
 
 
@@ -304,4 +308,55 @@ async def test_a_failed_lookup_is_answered_by_the_application(live: Live) -> Non
     status, headers, _ = await conn.response()
     assert status == 503 and headers["retry-after"] == "5"  # the error table's answer
     assert not live.running.front
+    conn.close()
+
+
+async def test_a_client_that_stops_sending_still_gets_its_looked_up_answer(live: Live) -> None:
+    store_hash = hash_of("eof")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    storage = live.app[state.STORAGE].inner
+    assert isinstance(storage, Flaky)
+    storage.delay = 0.3  # the end of the request stream arrives while the lookup runs
+    conn = await Conn.open(live)
+    conn.send(get(f"/main/{store_hash}.narinfo"))  # not remembered yet: looked up
+    conn.writer.write_eof()
+    status, _, body = await conn.response()
+    assert status == 200 and f"/nix/store/{store_hash}".encode() in body
+    assert await asyncio.wait_for(conn.reader.read(), 5) == b""  # then closed
+    setup.close()
+    conn.close()
+
+
+async def test_a_client_that_reads_slowly_pauses_the_short_path_then_gets_everything(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pauses: list[int] = []
+    real_pause = FrontProtocol.pause_writing
+
+    def counted(self: FrontProtocol) -> None:
+        pauses.append(1)
+        real_pause(self)
+
+    monkeypatch.setattr(FrontProtocol, "pause_writing", counted)
+    store_hash = hash_of("backlog")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    setup.send(get(f"/main/{store_hash}.narinfo"))
+    await setup.response()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    conn = Conn(reader, writer)
+    count = 20_000  # far more answer bytes than the socket buffers hold: writing pauses
+    conn.send(get(f"/main/{store_hash}.narinfo") * count, get("/main/nix-cache-info"))
+    await asyncio.sleep(0.5)  # the short path fills the buffers, then hands over
+    for _ in range(count):
+        assert (await conn.response())[0] == 200
+    assert (await conn.response())[2].startswith(b"StoreDir:")
+    conn.send(get("/main/nix-cache-info"))  # aiohttp reads what comes next
+    assert (await conn.response())[2].startswith(b"StoreDir:")
+    assert pauses and not live.running.front
+    setup.close()
     conn.close()
