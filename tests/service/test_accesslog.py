@@ -13,6 +13,7 @@ from aiohttp.web_log import AccessLogger
 
 from larder.service.accesslog import Entry, LineSink, TextAccessLogger
 from larder.service.server import LOG_FORMAT
+from tests.service.conftest import capturing_logger
 
 
 def test_text_line_is_aiohttps_default_line() -> None:
@@ -20,16 +21,7 @@ def test_text_line_is_aiohttps_default_line() -> None:
         "GET", "/main/abc.narinfo?x=1", headers={"User-Agent": "Nix/2.8", "Referer": "r"}
     )
     response = web.Response(body=b"x" * 42)
-    captured: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            captured.append(record.getMessage())
-
-    logger = logging.getLogger("larder.test.aiohttp-line")
-    logger.addHandler(Keep())
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger, captured = capturing_logger("larder.test.aiohttp-line")
     AccessLogger(logger).log(request, response, 0.25)
     ours = TextAccessLogger.line(Entry.of(request, response, 0.25))
     assert ours == captured[0]
