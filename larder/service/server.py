@@ -184,7 +184,8 @@ def _supervise(config: Config, count: int, bootstrap: Bootstrap) -> int:
     status = 0
     try:
         for index in range(count):
-            procs[index] = (_spawn(config, shared.Worker(index, count, directory), sock), 0.0)
+            worker = shared.Worker(index, count, directory)
+            procs[index] = (_spawn(config, worker, sock), time.monotonic())
         log.info("serving with %d worker processes", count)
         while not stopping:
             time.sleep(0.2)

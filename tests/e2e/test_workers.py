@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
+from larder.service.server import MIN_UPTIME
 from tests.e2e.harness import Larder, larder_server
 
 WORKERS = 2
@@ -156,3 +158,36 @@ def test_workers_stop_with_the_supervisor(tmp_path: Path) -> None:
     while any(Path(f"/proc/{pid}").exists() for pid in children):
         assert time.monotonic() < deadline, "worker processes outlived the supervisor"
         time.sleep(0.1)
+
+
+def test_a_worker_that_dies_is_replaced(server: Larder) -> None:
+    before = workers_of(server.pid)
+    time.sleep(MIN_UPTIME)  # past the start-up window in which a death stops the server
+    os.kill(before[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        now = workers_of(server.pid)
+        if len(now) == WORKERS and before[0] not in now:
+            break
+        assert time.monotonic() < deadline, f"no replacement: {before} -> {now}"
+        time.sleep(0.1)
+    assert before[1] in now  # the other one kept running
+    port = int(server.url.rsplit(":", 1)[1])
+    for _ in range(10):  # whichever worker accepts, it answers
+        conn = Connection(server, port)
+        assert conn.status == 200
+
+
+def test_a_worker_that_dies_right_after_start_stops_the_server(tmp_path: Path) -> None:
+    with larder_server(str(tmp_path / "data"), tmp_path, {"LARDER_WORKERS": "2"}) as server:
+        os.kill(workers_of(server.pid)[0], signal.SIGKILL)  # a crash at start-up: no loop
+        deadline = time.monotonic() + 15
+        state = ""
+        while time.monotonic() < deadline:
+            status = Path(f"/proc/{server.pid}/status").read_text()
+            state = next(line for line in status.splitlines() if line.startswith("State:"))
+            if "zombie" in state:
+                break
+            time.sleep(0.1)
+        assert "zombie" in state, "the supervisor kept restarting a worker that died at once"
+        assert "exited with status -9: stopping" in server.log()
