@@ -1,4 +1,4 @@
-"""A short path for the request Nix sends most: a narinfo GET answered from memory.
+"""A short path for the request Nix sends most: a narinfo GET, answered before aiohttp.
 
 Every connection of ``larder serve`` starts with :class:`FrontProtocol`, which reads request
 heads itself and answers one at once when all of these hold:

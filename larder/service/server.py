@@ -10,8 +10,8 @@ shared directory at the end. A worker whose supervisor is gone stops by itself.
 
 Each process runs its event loop on uvloop unless ``event_loop = "asyncio"``, writes its access
 log through :class:`~larder.service.accesslog.LineSink`, and starts every connection with
-:class:`~larder.service.fastpath.FrontProtocol`, which answers narinfo GETs from memory and hands
-everything else to the aiohttp application.
+:class:`~larder.service.fastpath.FrontProtocol`, which answers public narinfo GETs itself and
+hands everything else to the aiohttp application.
 """
 
 from __future__ import annotations
