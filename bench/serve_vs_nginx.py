@@ -10,9 +10,11 @@ ceiling for a Nix binary cache on one machine. wrk (Debian's package) drives bot
 * NAR GET throughput (``.nar.zst``) over 1 and 4 connections.
 
     .venv/bin/python bench/serve_vs_nginx.py [--paths 500] [--nar-size 256MiB] [--seconds 10]
+        [--larder-env LARDER_WORKERS=2 ...]
 
-Goals (issue "as fast as the machine allows"): narinfo requests/s >= 0.7x nginx, NAR throughput
->= 0.9x nginx. The script prints the figures and the ratios; it does not judge noise.
+Goals: narinfo requests/s and one-connection latency within 0.7x of nginx's, NAR throughput
+>= 0.9x nginx. The script prints the figures and the ratios (larder / nginx: above 1 is better
+for req/s and MiB/s, below 1 for latencies); it does not judge noise.
 """
 
 from __future__ import annotations
@@ -150,11 +152,13 @@ def main() -> int:
     parser.add_argument("--nar-size", default="256MiB")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--larder-env", nargs="*", default=[], help="KEY=VALUE for larder")
     options = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in options.larder_env)
     binary = ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="larder-bench-") as tmp:
         work = Path(tmp)
-        with larder_server(work / "data", work) as server:
+        with larder_server(work / "data", work, extra_env=extra) as server:
             hashes, big = fill(
                 server.url, server.token(), options.paths, parse_size(options.nar_size)
             )
@@ -171,7 +175,8 @@ def main() -> int:
     if options.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{options.paths} narinfos (+10% misses), one {options.nar_size} NAR; wrk on loopback")
+    print(f"{options.paths} narinfos (+10% misses), one {options.nar_size} NAR; wrk on loopback; "
+          f"larder env {extra}; load average {[round(x, 2) for x in os.getloadavg()]}")  # fmt: skip
     rows = (("narinfo_64", "rps", "narinfo GET, 64 conns, req/s"),
             ("narinfo_1", "p50_ms", "narinfo GET, 1 conn, p50 ms"),
             ("narinfo_1", "p99_ms", "narinfo GET, 1 conn, p99 ms"),
@@ -180,7 +185,7 @@ def main() -> int:
     for phase, field, label in rows:
         ours, theirs = larder[phase][field], peer[phase][field]  # type: ignore[index]
         print(
-            f"  {label:32s} larder {ours:10.2f}   nginx {theirs:10.2f}   ratio {ours / theirs:.2f}"
+            f"  {label:32s} larder {ours:10.3f}   nginx {theirs:10.3f}   ratio {ours / theirs:.2f}"
         )
     return 0
 

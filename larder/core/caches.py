@@ -113,6 +113,14 @@ class CacheRegistry:
         self._seen[name] = (settings, now)
         return settings
 
+    def known(self, name: str) -> CacheSettings | None:
+        """The cache's settings if this view holds them and they are fresh, without any I/O
+        (``None``: no such cache, or not known right now: ask :meth:`get`)."""
+        hit = self._seen.get(name)
+        if hit is not None and self._clock() - hit[1] < self._refresh:
+            return hit[0]
+        return None
+
     async def names(self) -> list[str]:
         prefix = keys.CACHE_CONFIG_PREFIX
         return [key[len(prefix) : -len(".json")] async for key in self._storage.keys(prefix)]

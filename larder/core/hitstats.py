@@ -29,7 +29,10 @@ def crate_of_store_path_name(name: str) -> str | None:
 
 
 class HitStats:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, scope: str = "this replica since it started"
+    ) -> None:
+        self.scope = scope  # what the figures cover, as the stats API reports it
         self._clock = clock
         self._buckets: dict[tuple[str, str], deque[list[int]]] = {}
         self._missed: dict[str, dict[str, int]] = {}

@@ -29,7 +29,7 @@ from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest
 from larder.core.lastuse import Touch, ignore_use
-from larder.core.servedcache import ServedCache
+from larder.core.servedcache import ServedCache, WriteCounter
 from larder.errors import FormatError, StorageError, VerificationFailed
 from larder.protocol import narinfo as narinfo_format
 from larder.protocol import nix32
@@ -107,11 +107,15 @@ class NixCache:
     """Nix binary cache operations over one store. Blocking work runs on ``executor``."""
 
     def __init__(
-        self, blobs: BlobStore, served_ttl: float = 0.0, touch: Touch = ignore_use
+        self,
+        blobs: BlobStore,
+        served_ttl: float = 0.0,
+        writes: WriteCounter | None = None,
+        touch: Touch = ignore_use,
     ) -> None:
         self._blobs = blobs
         self._touch = touch
-        self._served = ServedCache(served_ttl)
+        self._served = ServedCache(served_ttl, writes=writes)
         self._storage = blobs.storage
         self._run = blobs.run
 
@@ -213,13 +217,23 @@ class NixCache:
             self._touch(key)
         return found
 
+    def served_narinfo(self, cache: CacheSettings, store_hash: str) -> tuple[bool, bytes | None]:
+        """``(known, body)`` from the memory of served narinfos alone (no I/O): ``known`` says
+        whether it holds an answer; ``body`` None is a remembered miss. ``store_hash`` valid.
+        A narinfo answered from here counts as used, as in :meth:`get_narinfo`."""
+        known, body = self._served.get((cache.name, store_hash, cache.signing_key.to_string()))
+        if body is not None:
+            self._touch(keys.narinfo(cache.name, store_hash))
+        return known, body
+
     async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
         """The narinfo as served (signed by the cache), or ``None``."""
         memo_key = (cache.name, check_hash_part(store_hash), cache.signing_key.to_string())
         known, body = self._served.get(memo_key)
         if not known:
+            mark = self._served.mark()
             body = await self._render_narinfo(cache, store_hash)
-            self._served.put(memo_key, body)
+            self._served.put(memo_key, body, mark)
         if body is not None:
             self._touch(keys.narinfo(cache.name, store_hash))
         return body

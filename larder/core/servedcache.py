@@ -5,6 +5,10 @@ the same narinfos over and over. Entries live for ``ttl`` seconds (the replica's
 ``refresh_interval``, which already bounds how stale a replica may be about caches and tokens)
 and misses for at most one second; an upload through this replica forgets its entry at once. A
 narinfo overwritten through *another* replica is served in its old form for at most ``ttl``.
+
+A remembered miss is dropped as soon as a narinfo was stored after the lookup began (a
+:class:`WriteCounter`, which the processes of one server share), so a path uploaded through one
+process is never answered 404 by another, nor by a lookup that raced the upload.
 """
 
 from __future__ import annotations
@@ -12,9 +16,33 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol
 
 MAX_ENTRIES = 20_000
 MISS_TTL = 1.0
+
+
+class WriteCounter(Protocol):
+    """Counts narinfo writes, possibly across processes."""
+
+    def value(self) -> object:
+        """Anything that compares unequal once another write was counted."""
+
+    def bump(self) -> None:
+        """Count one write."""
+
+
+class LocalWriteCounter:
+    """A :class:`WriteCounter` for one process."""
+
+    def __init__(self) -> None:
+        self._count = 0
+
+    def value(self) -> object:
+        return self._count
+
+    def bump(self) -> None:
+        self._count += 1
 
 
 class ServedCache:
@@ -23,12 +51,17 @@ class ServedCache:
         ttl: float,
         max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
+        writes: WriteCounter | None = None,
     ) -> None:
         self._ttl = ttl
         self._max = max_entries
         self._clock = clock
-        # (cache, store hash) -> (signing-key variant, body or None for a miss, expiry)
-        self._entries: OrderedDict[tuple[str, str], tuple[str, bytes | None, float]] = OrderedDict()
+        self._writes = writes if writes is not None else LocalWriteCounter()
+        # (cache, store hash) -> (signing-key variant, body or None for a miss, expiry,
+        # write count when a miss was remembered)
+        self._entries: OrderedDict[tuple[str, str], tuple[str, bytes | None, float, object]] = (
+            OrderedDict()
+        )
 
     def get(self, key: tuple[str, str, str]) -> tuple[bool, bytes | None]:
         """``(known, body)`` for ``(cache, store hash, key variant)``; body None is a miss."""
@@ -36,22 +69,31 @@ class ServedCache:
         entry = self._entries.get((cache, store_hash))
         if entry is None or entry[0] != variant:
             return False, None
-        _, body, expires = entry
-        if self._clock() >= expires:
+        _, body, expires, written = entry
+        if self._clock() >= expires or (body is None and self._writes.value() != written):
             del self._entries[(cache, store_hash)]
             return False, None
         self._entries.move_to_end((cache, store_hash))
         return True, body
 
-    def put(self, key: tuple[str, str, str], body: bytes | None) -> None:
+    def mark(self) -> object:
+        """Take before looking a narinfo up, and give to :meth:`put` with what was found."""
+        return self._writes.value()
+
+    def put(self, key: tuple[str, str, str], body: bytes | None, mark: object = None) -> None:
+        """Remember ``body`` (None: a miss) as looked up since ``mark`` (default: now)."""
         if self._ttl <= 0:
             return
+        if mark is None:
+            mark = self._writes.value()
         cache, store_hash, variant = key
         ttl = self._ttl if body is not None else min(self._ttl, MISS_TTL)
-        self._entries[(cache, store_hash)] = (variant, body, self._clock() + ttl)
+        self._entries[(cache, store_hash)] = (variant, body, self._clock() + ttl, mark)
         self._entries.move_to_end((cache, store_hash))
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
     def forget(self, cache: str, store_hash: str) -> None:
+        """A narinfo was stored: forget it here, and count the write for the other processes."""
         self._entries.pop((cache, store_hash), None)
+        self._writes.bump()

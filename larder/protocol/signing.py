@@ -116,7 +116,7 @@ class PublicKey:
 class SecretKey:
     """A named ed25519 signing key in Nix's format."""
 
-    __slots__ = ("_key", "_seed", "name")
+    __slots__ = ("_key", "_seed", "_text", "name")
 
     def __init__(self, name: str, seed: bytes) -> None:
         check_key_name(name)
@@ -125,6 +125,7 @@ class SecretKey:
         self.name = name
         self._seed = seed
         self._key = Ed25519PrivateKey.from_private_bytes(seed)
+        self._text = ""
 
     @classmethod
     def parse(cls, text: str) -> SecretKey:
@@ -142,8 +143,10 @@ class SecretKey:
         return cls(name, seed)
 
     def to_string(self) -> str:
-        raw = self._seed + _raw_public(self._key.public_key())
-        return f"{self.name}:{base64.b64encode(raw).decode()}"
+        if not self._text:  # computed once: the served-narinfo memory keys on it per request
+            raw = self._seed + _raw_public(self._key.public_key())
+            self._text = f"{self.name}:{base64.b64encode(raw).decode()}"
+        return self._text
 
     def public_key(self) -> PublicKey:
         return PublicKey(self.name, _raw_public(self._key.public_key()))

@@ -32,14 +32,15 @@ async def get_cache(request: web.Request) -> web.Response:
 async def get_stats(request: web.Request) -> web.Response:
     """Hit rates over the last hour and day per protocol, and the most-missed crates.
 
-    Counted in memory by the replica that answers, since it started.
+    Counted in memory by the replica (with ``workers`` > 1: the worker process) that answers,
+    since it started.
     """
     settings = await cache_for(request, Scope.READ)
     hits = request.app[HITS]
     return web.json_response(
         {
             "cache": settings.name,
-            "scope": "this replica since it started",
+            "scope": hits.scope,
             "protocols": hits.rates(settings.name),
             "top_missed_crates": hits.top_missed(settings.name),
         }

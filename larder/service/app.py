@@ -29,6 +29,7 @@ from larder.service import (
 from larder.service.config import Config
 from larder.service.errors import error_middleware
 from larder.service.instrumented import InstrumentedStorage
+from larder.service.workers import SharedWriteCounter, Worker
 from larder.storage.base import Storage
 
 log = logging.getLogger("larder")
@@ -37,10 +38,15 @@ log = logging.getLogger("larder")
 UPLOAD_WORKERS = 8
 
 
-def build_app(config: Config, storage: Storage) -> web.Application:
-    """The whole service. The app owns ``storage`` and closes it on cleanup."""
+def build_app(config: Config, storage: Storage, worker: Worker | None = None) -> web.Application:
+    """The whole service. The app owns ``storage`` and closes it on cleanup.
+
+    ``worker`` is set in each process of a multi-process server: metrics, served-narinfo misses
+    and hit statistics are then shared with the other workers, and only worker 0 scans usage
+    and runs garbage collections.
+    """
     app = web.Application(middlewares=[error_middleware])
-    metrics = observe.install(app, storage.backend)
+    metrics = observe.install(app, storage.backend, worker)
     storage = InstrumentedStorage(storage, metrics)
     executor = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="larder-io")
     app[state.CONFIG] = config
@@ -51,9 +57,12 @@ def build_app(config: Config, storage: Storage) -> web.Application:
         storage, config.refresh_interval, secret=config.token_secret()
     )
     app[state.BLOBS] = BlobStore(storage, executor)
+    writes = SharedWriteCounter(worker) if worker is not None else None
     recorder = app[state.RECORDER] = UseRecorder(storage)
     touch = recorder.touch
-    app[state.NIX] = NixCache(app[state.BLOBS], served_ttl=config.refresh_interval, touch=touch)
+    app[state.NIX] = NixCache(
+        app[state.BLOBS], served_ttl=config.refresh_interval, writes=writes, touch=touch
+    )
     app[state.RUSTC] = RustcCache(app[state.BLOBS], touch=touch)
     app[state.SCCACHE] = SccacheStore(app[state.BLOBS], touch=touch)
     app[state.COLLECTOR] = Collector(storage, recorder=recorder, forget=app[state.NIX].forget)
@@ -64,7 +73,8 @@ def build_app(config: Config, storage: Storage) -> web.Application:
                 metrics.add_cache(cache)
         except LarderError as exc:
             log.warning("cannot list caches at start-up: %s", exc.message)
-        background = housekeeping.start(app)
+        # Every worker writes the uses it recorded; only the first scans usage and collects.
+        background = housekeeping.start(app, scans=worker is None or worker.index == 0)
         yield
         await housekeeping.stop(app, background)
         executor.shutdown(wait=True, cancel_futures=True)

@@ -19,9 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-from aiohttp.web_log import AccessLogger
-
 from larder.core.auth import TokenAuthority
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
 from larder.core.gc import Collector
@@ -30,11 +27,9 @@ from larder.errors import LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
-from larder.service import server
-from larder.service.app import build_app
 from larder.service.config import Config, load_config, parse_size
 from larder.service.housekeeping import gc_policies, store_policy
-from larder.service.observe import JsonAccessLogger
+from larder.service.server import LOG_FORMAT, serve
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
 
@@ -54,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--listen", help="HOST:PORT (LARDER_LISTEN, default 127.0.0.1:8080)")
     serve.add_argument("--public-url", help="base URL clients use (LARDER_PUBLIC_URL)")
+    serve.add_argument("--workers", help="server processes, 0: one per CPU (LARDER_WORKERS)")
 
     token = commands.add_parser("token", help="create or revoke access tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -133,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Config:
     flags: dict[str, Any] = {"storage": args.storage, "config": args.config}
     if args.command == "serve":
-        flags.update(listen=args.listen, public_url=args.public_url)
+        flags.update(listen=args.listen, public_url=args.public_url, workers=args.workers)
     if args.command == "gc":
         flags.update(gc_grace=args.grace)
     return load_config(flags)
@@ -213,24 +209,7 @@ async def _bootstrap(config: Config, storage: Storage) -> None:
 
 
 def _serve(config: Config) -> int:
-    storage = open_storage(config.storage, zstd_level=config.zstd_level)
-    app = build_app(config, storage)
-
-    async def on_startup(app: web.Application) -> None:
-        await _bootstrap(config, storage)
-
-    app.on_startup.append(on_startup)
-    host, port = config.host_port
-    access_log_class = JsonAccessLogger if config.access_log == "json" else AccessLogger
-    server.run(
-        app,
-        host,
-        port,
-        header_timeout=config.header_timeout,
-        max_connections=config.max_connections,
-        access_log_class=access_log_class,
-    )
-    return 0
+    return serve(config, _bootstrap)
 
 
 async def _token_create(args: argparse.Namespace, storage: Storage, config: Config) -> int:
@@ -368,9 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = _config(args)
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
+        logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
         if args.command == "serve":
             return _serve(config)
         handlers = {

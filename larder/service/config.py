@@ -94,6 +94,10 @@ class Config:
     header_timeout: float = 30.0
     # Connections served at once; one more is answered 503 and closed (0: no limit).
     max_connections: int = 1000
+    # Server processes sharing the listening socket (0: one per CPU).
+    workers: int = 1
+    # Event loop of each server process: "uvloop" (faster) or "asyncio" (the standard one).
+    event_loop: str = "uvloop"
 
     def token_secret(self) -> bytes | None:
         """The mounted token secret, if one is configured."""
@@ -131,7 +135,7 @@ def _duration(value: object) -> float:
     return seconds
 
 
-def _at_least(value: float, low: float) -> float:
+def _at_least(value: Any, low: float) -> Any:
     if value < low:
         raise ValueError(f"{value:g} is less than {low:g}")
     return value
@@ -159,6 +163,8 @@ _CONVERTERS: dict[str, Any] = {
     "use_flush_interval": lambda v: _at_least(_duration(v), 0.1),
     "header_timeout": lambda v: _non_negative(float(v)),
     "max_connections": lambda v: _non_negative(int(v)),
+    "workers": lambda v: _at_least(int(v), 0),
+    "event_loop": lambda v: _choice(str(v).lower(), ("uvloop", "asyncio")),
 }
 
 

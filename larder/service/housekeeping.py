@@ -159,11 +159,12 @@ async def _every(
         await asyncio.sleep(interval)
 
 
-def start(app: web.Application) -> list[asyncio.Task[None]]:
-    """The background tasks the config asks for (the caller cancels them at shutdown)."""
+def start(app: web.Application, scans: bool = True) -> list[asyncio.Task[None]]:
+    """The background tasks the config asks for (the caller cancels them at shutdown); without
+    ``scans`` only the recorded uses are written (the other workers of a server)."""
     config = app[state.CONFIG]
     tasks = []
-    if config.usage_interval > 0:
+    if scans and config.usage_interval > 0:
         tasks.append(
             asyncio.create_task(
                 _every(config.usage_interval, "storage usage scan", lambda: _scan_usage(app), 0)
@@ -174,7 +175,7 @@ def start(app: web.Application) -> list[asyncio.Task[None]]:
             _every(config.use_flush_interval, "writing recorded uses", lambda: _flush_uses(app))
         )
     )
-    if config.gc_interval > 0:
+    if scans and config.gc_interval > 0:
         # Replicas started together spread out; each then checks gc/last-run before it runs.
         first = config.gc_interval * random.uniform(0.5, 1.0)
         tasks.append(

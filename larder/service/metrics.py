@@ -32,7 +32,10 @@ prefix to :data:`ROUTE_PROTOCOLS`, here, and nothing else.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from larder.core.gcgraph import KINDS
 
@@ -66,9 +69,15 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class Metrics:
-    """The app's series, on its own registry (``GET /metrics`` renders it)."""
+    """The app's series, on its own registry (``GET /metrics`` renders it).
 
-    def __init__(self, backend: str) -> None:
+    In a multi-process server (``multiprocess_dir`` set, and prometheus-client started in its
+    multiprocess mode there) :meth:`render` sums every worker's series; the in-flight gauge sums
+    the live workers, the storage gauges take the largest value (only one worker scans).
+    """
+
+    def __init__(self, backend: str, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -80,8 +89,9 @@ class Metrics:
             ["protocol"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.in_flight = Gauge(
-            "larder_http_requests_in_flight", "Requests being handled.", registry=r
-        )
+            "larder_http_requests_in_flight", "Requests being handled.", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.lookups = Counter(
             "larder_cache_lookups_total", "Cache lookups by result (hit or miss).",
             ["cache", "protocol", "kind", "result"], registry=r,
@@ -100,11 +110,11 @@ class Metrics:
         )  # fmt: skip
         self.objects = Gauge(
             "larder_storage_objects", "Stored objects by cache and kind.",
-            ["cache", "kind"], registry=r,
+            ["cache", "kind"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.stored_bytes = Gauge(
             "larder_storage_size_bytes", "Stored (compressed) bytes by cache and kind.",
-            ["cache", "kind"], registry=r,
+            ["cache", "kind"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
         self.backend_ops = Counter(
             "larder_backend_operations_total", "Storage backend calls.",
@@ -137,10 +147,12 @@ class Metrics:
         self.gc_last = Gauge(
             "larder_gc_last_completed_timestamp_seconds",
             "When this replica last completed a garbage collection.", registry=r,
+            multiprocess_mode="max",
         )  # fmt: skip
         self.gc_duration = Gauge(
-            "larder_gc_duration_seconds", "Length of this replica's last collection.", registry=r
-        )
+            "larder_gc_duration_seconds", "Length of this replica's last collection.",
+            registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         self.use_flushes = Counter(
             "larder_use_flushes_total", "Writes of recorded uses, by result.", ["result"],
             registry=r,
@@ -151,6 +163,8 @@ class Metrics:
             self.use_flushes.labels(result)
         self.backend = backend
         self._caches: set[str] = set()
+        # Bound children by label values: ``labels()`` costs more than the increment itself.
+        self._bound: dict[tuple[object, ...], Any] = {}
         for operation in BACKEND_OPERATIONS:
             self.backend_ops.labels(backend, operation)
             self.backend_errors.labels(backend, operation)
@@ -180,5 +194,21 @@ class Metrics:
                 self.stored_bytes.labels(cache, kind)
                 self.gc_evicted.labels(cache, kind)
 
+    def render(self) -> bytes:
+        """The Prometheus text format of every series (of every worker)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered (label values here are bounded sets)."""
+        key = (id(metric), *labels)
+        found = self._bound.get(key)
+        if found is None:
+            found = self._bound[key] = metric.labels(*labels)
+        return found
+
     def lookup(self, cache: str, protocol: str, kind: str, hit: bool) -> None:
-        self.lookups.labels(cache, protocol, kind, "hit" if hit else "miss").inc()
+        self.child(self.lookups, cache, protocol, kind, "hit" if hit else "miss").inc()

@@ -8,18 +8,16 @@ read from its route (``/{cache}/rustc/...`` is ``rustc``), never from the raw pa
 
 from __future__ import annotations
 
-import json
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_response import StreamResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from larder.core.hitstats import HitStats
 from larder.service.metrics import NO_CACHE, ROUTE_PROTOCOLS, UPLOAD_OUTCOMES, Metrics
+from larder.service.workers import Worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -30,11 +28,17 @@ _CACHE = web.RequestKey("larder_cache", str)
 _LOOKUP = web.RequestKey("larder_lookup", tuple)
 _UPLOAD = web.RequestKey("larder_upload", bool)
 _ERROR_CODE = web.RequestKey("larder_error_code", str)
+_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+WORKER_SCOPE = "the worker process of this replica that answered, since it started"
 
 
 def protocol_of(request: web.Request) -> str:
-    route = request.match_info.route
-    pattern = route.resource.canonical if route.resource is not None else ""
+    resource = request.match_info.route.resource
+    return _protocol_of_pattern(resource.canonical if resource is not None else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _protocol_of_pattern(pattern: str) -> str:
     for prefix, protocol in ROUTE_PROTOCOLS:
         if pattern.startswith(prefix):
             return protocol
@@ -84,60 +88,69 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         metrics.in_flight.dec()
-        protocol = protocol_of(request)
-        cache = request.get(_CACHE, NO_CACHE)
-        metrics.latency.labels(protocol).observe(time.monotonic() - start)
-        metrics.requests.labels(cache, protocol, f"{min(status // 100, 5)}xx").inc()
-        received = request.content.total_bytes
-        if received:
-            metrics.received.labels(cache, protocol).inc(received)
-        if request.get(_UPLOAD):
-            metrics.uploads.labels(cache, protocol, _upload_outcome(request, status)).inc()
-        lookup = request.get(_LOOKUP)
-        if lookup is not None and cache != NO_CACHE:
-            kind, hit = lookup
-            metrics.lookup(cache, protocol, kind, hit)
-            request.app[HITS].record(cache, protocol, hit)
+        count_answer(
+            request.app,
+            request.get(_CACHE, NO_CACHE),
+            protocol_of(request),
+            status,
+            time.monotonic() - start,
+            received=request.content.total_bytes,
+            upload=_upload_outcome(request, status) if request.get(_UPLOAD) else None,
+            lookup=request.get(_LOOKUP),
+        )
+
+
+def count_answer(
+    app: web.Application,
+    cache: str,
+    protocol: str,
+    status: int,
+    seconds: float,
+    *,
+    received: int = 0,
+    upload: str | None = None,
+    lookup: tuple[str, bool] | None = None,
+) -> None:
+    """Count one answered request: its status and latency, body bytes received, the upload's
+    outcome, and a lookup's hit or miss (also in the hit statistics)."""
+    metrics = app[METRICS]
+    metrics.child(metrics.latency, protocol).observe(seconds)
+    metrics.child(metrics.requests, cache, protocol, _STATUS_CLASS[min(status // 100, 5)]).inc()
+    if received:
+        metrics.child(metrics.received, cache, protocol).inc(received)
+    if upload is not None:
+        metrics.child(metrics.uploads, cache, protocol, upload).inc()
+    if lookup is not None and cache != NO_CACHE:
+        kind, hit = lookup
+        metrics.lookup(cache, protocol, kind, hit)
+        app[HITS].record(cache, protocol, hit)
+
+
+def count_sent_bytes(app: web.Application, cache: str, protocol: str, length: int) -> None:
+    metrics = app[METRICS]
+    metrics.child(metrics.sent, cache, protocol).inc(length)
 
 
 async def count_sent(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: count the body about to be sent (its declared length)."""
     if request.method == "HEAD" or response.content_length is None:
         return
-    cache = request.get(_CACHE, NO_CACHE)
-    request.app[METRICS].sent.labels(cache, protocol_of(request)).inc(response.content_length)
+    count_sent_bytes(
+        request.app, request.get(_CACHE, NO_CACHE), protocol_of(request), response.content_length
+    )
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def install(app: web.Application, backend: str) -> Metrics:
+def install(app: web.Application, backend: str, worker: Worker | None = None) -> Metrics:
     """Create the registry and statistics, and hook them into ``app``."""
-    metrics = Metrics(backend)
+    metrics = Metrics(backend, str(worker.metrics_dir) if worker is not None else None)
     app[METRICS] = metrics
-    app[HITS] = HitStats()
+    app[HITS] = HitStats() if worker is None else HitStats(scope=WORKER_SCOPE)
     app.middlewares.insert(0, metrics_middleware)  # outermost: it sees the final status
     app.on_response_prepare.append(count_sent)
     app.router.add_get("/metrics", get_metrics)
     return metrics
-
-
-class JsonAccessLogger(AbstractAccessLogger):
-    """One JSON object per request (``access_log = "json"``); never logs credentials."""
-
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        self.logger.info(
-            json.dumps(
-                {
-                    "remote": request.remote,
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "bytes": response.body_length,
-                    "seconds": round(time, 6),
-                    "user_agent": request.headers.get("User-Agent", ""),
-                }
-            )
-        )

@@ -1,214 +1,283 @@
-"""The HTTP listener ``larder serve`` runs, with guards against clients that hold connections.
+"""Running ``larder serve``: one process, or a supervisor and ``workers`` worker processes.
 
-aiohttp bounds the size of a request head (8190 bytes a line, 128 headers) and closes idle
-keep-alive connections, but nothing bounds how long a head may take to arrive: a client sending
-one byte a second holds its connection, and a few thousand such clients hold the server. So:
+With ``workers = 1`` (the default) the process that was started serves. With more, it binds the
+listening socket, runs the start-up work once (creating cache ``main``, adopting signing keys),
+lays out a shared directory (:mod:`larder.service.workers`) and starts that many fresh
+interpreters (``python -m larder.service.server``) that inherit the socket and accept on it.
+It restarts a worker that dies (and gives up, stopping the rest, if one dies within
+:data:`MIN_UPTIME` seconds of its start), stops them all on SIGTERM or SIGINT, and removes the
+shared directory at the end. A worker whose supervisor is gone stops by itself.
 
-* ``header_timeout``: a request head (request line and headers) must be complete within this
-  many seconds of its first byte, or of the connection opening for a connection's first request.
-  Otherwise the server answers ``408`` and closes the connection. Time spent idle between
-  keep-alive requests does not count (``keepalive_timeout`` governs it); request bodies have
-  their own limit (``body_idle_timeout``). 0 turns the timeout off.
-* ``max_connections``: at most this many connections at once; one more is answered ``503`` with
-  ``Retry-After`` and closed at once. 0 means no limit.
-* The process's soft limit on open files is raised towards its hard limit so that
-  ``max_connections`` connections fit with room to spare (each connection is a descriptor).
+Each process runs its event loop on uvloop unless ``event_loop = "asyncio"``, writes its access
+log through :class:`~larder.service.accesslog.LineSink`, and starts every connection with
+:class:`~larder.service.fastpath.FrontProtocol`, which answers public narinfo GETs itself and
+hands everything else to the aiohttp application.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import resource
+import os
+import shutil
 import signal
-from dataclasses import dataclass, field
-from typing import Any
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
-log = logging.getLogger("larder.server")
-
-KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection stays open (run_app's default)
-SPARE_FILES = 256  # descriptors kept free beside max_connections (storage files, logs, pipes)
-RETRY_AFTER = 1
-
-_HEAD_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 35\r\n\r\nrequest head not received in time\r\n"
+from larder.service import workers as shared
+from larder.service.accesslog import Entry, JsonAccessLogger, LineSink, TextAccessLogger
+from larder.service.app import build_app
+from larder.service.config import Config
+from larder.service.fastpath import FastPath, FrontProtocol
+from larder.service.guard import (
+    KEEPALIVE_TIMEOUT,
+    ConnectionGuard,
+    GuardedAppRunner,
+    raise_open_file_limit,
 )
-_BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Retry-After: " + str(RETRY_AFTER).encode() + b"\r\nContent-Length: 21\r\n\r\n"
-    b"too many connections\n"
-)
+from larder.storage.base import Storage
+from larder.storage.factory import open_storage
+
+log = logging.getLogger("larder")
+
+Bootstrap = Callable[[Config, Storage], Awaitable[None]]
+
+MIN_UPTIME = 5.0
+STOP_TIMEOUT = 30.0
+BACKLOG = 1024
+PARENT_CHECK = 1.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def worker_count(config: Config) -> int:
+    """``workers``, with 0 meaning one per CPU this process may run on."""
+    if config.workers:
+        return config.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def new_event_loop(config: Config) -> asyncio.AbstractEventLoop:
+    if config.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def serve(config: Config, bootstrap: Bootstrap) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status."""
+    count = worker_count(config)
+    if count == 1:
+        raise_open_file_limit(config.max_connections)
+        storage = open_storage(config.storage, zstd_level=config.zstd_level)
+        app = build_app(config, storage)
+
+        async def on_startup(app: web.Application) -> None:
+            await bootstrap(config, storage)
+
+        app.on_startup.append(on_startup)
+        _run(config, app, _listen(config))
+        return 0
+    return _supervise(config, count, bootstrap)
+
+
+def _run(config: Config, app: web.Application, sock: socket.socket) -> None:
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, then shut down gracefully."""
+    sink = LineSink(sys.stderr)
+    loop = new_event_loop(config)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve_app(config, app, sock, sink))
+    finally:
+        sink.flush()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+async def _serve_app(
+    config: Config, app: web.Application, sock: socket.socket, sink: LineSink
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    running = await start(config, app, sock, sink)
+    try:
+        await stop.wait()
+    finally:
+        await running.stop()
 
 
 @dataclass
-class ConnectionGuard:
-    """The limits, and the count of open connections they are checked against."""
+class Running:
+    """An application accepting on a socket (what :func:`start` returns)."""
 
-    header_timeout: float
-    max_connections: int
-    open: int = field(default=0, init=False)
-    refused: int = field(default=0, init=False)
-    timed_out: int = field(default=0, init=False)
+    runner: web.AppRunner
+    listener: asyncio.AbstractServer
+    #: Connections still with :class:`FrontProtocol` (not handed to aiohttp yet).
+    front: set[FrontProtocol]
 
-
-class GuardedRequestHandler(web.RequestHandler):
-    """aiohttp's connection handler plus the header timeout and the connection limit.
-
-    The timer runs while a head is being read: it starts when the connection opens, and again
-    when the first byte of a later request arrives on an idle connection; it stops when aiohttp's
-    parser has produced the request (or a 400 for a malformed one). aiohttp offers no hook for
-    this, so it reads two of the base class's attributes: ``_request_count`` (requests parsed)
-    and ``_waiter`` (pending while the connection waits for a request);
-    ``tests/e2e/test_connections.py`` fails if either changes meaning.
-    """
-
-    __slots__ = ("_counted", "_guard", "_head_timer")
-
-    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._guard = guard
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._counted = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        guard = self._guard
-        if guard.max_connections and guard.open >= guard.max_connections:
-            guard.refused += 1
-            self._reject(_BUSY_RESPONSE)
-            return
-        guard.open += 1
-        self._counted = True
-        self._start_head_timer()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_head_timer()
-        if self._counted:
-            self._counted = False
-            self._guard.open -= 1
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and self._waiting_for_request():
-            self._start_head_timer()
-        parsed = self._request_count
-        super().data_received(data)
-        if self._request_count != parsed:
-            self._stop_head_timer()
-
-    def _waiting_for_request(self) -> bool:
-        """Idle between requests: new bytes are the start of the next request's head."""
-        return self._waiter is not None and not self._waiter.done()
-
-    def _start_head_timer(self) -> None:
-        timeout = self._guard.header_timeout
-        if timeout > 0 and self.transport is not None:
-            self._head_timer = self._loop.call_later(timeout, self._head_timed_out)
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        self._guard.timed_out += 1
-        log.debug("no complete request head in %gs: closing", self._guard.header_timeout)
-        self._reject(_HEAD_TIMEOUT_RESPONSE)
-
-    def _reject(self, response: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(response)
-        self.force_close()
+    async def stop(self) -> None:
+        self.listener.close()
+        for connection in list(self.front):
+            connection.close()
+        await self.runner.cleanup()
 
 
-class GuardedServer(web.Server):
-    """aiohttp's low-level server, making :class:`GuardedRequestHandler` connections."""
-
-    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.guard = guard
-
-    def __call__(self) -> web.RequestHandler:
-        return GuardedRequestHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
-
-
-class GuardedAppRunner(web.AppRunner):
-    """An :class:`~aiohttp.web.AppRunner` whose server guards its connections."""
-
-    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.guard = guard
-
-    async def _make_server(self) -> web.Server:
-        made = await super()._make_server()  # starts the app; its Server is replaced
-        return GuardedServer(
-            made.request_handler,
-            request_factory=made.request_factory,
-            handler_cancellation=made.handler_cancellation,
-            guard=self.guard,
-            **self._kwargs,
-        )
-
-
-def raise_open_file_limit(connections: int) -> int:
-    """Raise the soft ``RLIMIT_NOFILE`` towards the hard limit; return the soft limit in force.
-
-    Logs a warning when ``connections`` plus :data:`SPARE_FILES` still do not fit.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max(connections + SPARE_FILES, soft)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open file limit from %d: %s", soft, exc)
-    if connections and connections + SPARE_FILES > soft:
-        log.warning(
-            "open file limit %d leaves little room for max_connections %d", soft, connections
-        )
-    return soft
-
-
-async def serve(
-    app: web.Application,
-    host: str,
-    port: int,
-    guard: ConnectionGuard,
-    access_log_class: type[AbstractAccessLogger],
-) -> None:
-    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, then shut down gracefully."""
+async def start(
+    config: Config, app: web.Application, sock: socket.socket, sink: LineSink
+) -> Running:
+    """Start ``app`` (its start-up hooks run now) on the listening ``sock``."""
+    logger = JsonAccessLogger if config.access_log == "json" else TextAccessLogger
+    guard = ConnectionGuard(config.header_timeout, config.max_connections)
     runner = GuardedAppRunner(
-        app, guard, access_log_class=access_log_class, keepalive_timeout=KEEPALIVE_TIMEOUT
+        app,
+        guard,
+        access_log_class=logger.writing_to(sink),
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
     await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    server = runner.server
+    assert server is not None
+    log_entry = None
+    if logging.getLogger("aiohttp.access").isEnabledFor(logging.INFO):
+
+        def log_entry(entry: Entry) -> None:
+            sink.emit(logger.line(entry))
+
+    fast = FastPath(app, log_entry)
+    front: set[FrontProtocol] = set()
+    listener = await asyncio.get_running_loop().create_server(
+        lambda: FrontProtocol(server, fast, front, guard), sock=sock, backlog=BACKLOG
+    )
+    return Running(runner, listener, front)
+
+
+def _listen(config: Config) -> socket.socket:
+    host, port = config.host_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _supervise(config: Config, count: int, bootstrap: Bootstrap) -> int:
+    async def start_up() -> None:
+        storage = open_storage(config.storage, zstd_level=config.zstd_level)
+        try:
+            await bootstrap(config, storage)
+        finally:
+            await storage.close()
+
+    sock = _listen(config)
+    asyncio.run(start_up())
+    directory = Path(tempfile.mkdtemp(prefix="larder-workers-"))
+    shared.prepare(directory, count)
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    procs: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    status = 0
     try:
-        await web.TCPSite(runner, host, port).start()
-        await stop.wait()
+        for index in range(count):
+            worker = shared.Worker(index, count, directory)
+            procs[index] = (_spawn(config, worker, sock), time.monotonic())
+        log.info("serving with %d worker processes", count)
+        while not stopping:
+            time.sleep(0.2)
+            for index, (proc, started) in list(procs.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                _forget(directory, proc.pid)
+                if code == 0 or time.monotonic() - started < MIN_UPTIME:
+                    log.error("worker %d exited with status %d: stopping", index, code)
+                    status = 0 if code == 0 else 1
+                    stopping.append(0)
+                    break
+                log.warning("worker %d exited with status %d: restarting it", index, code)
+                worker = shared.Worker(index, count, directory)
+                procs[index] = (_spawn(config, worker, sock), time.monotonic())
     finally:
-        await runner.cleanup()
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc, _ in procs.values():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        sock.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    return status
 
 
-def run(
-    app: web.Application,
-    host: str,
-    port: int,
-    *,
-    header_timeout: float,
-    max_connections: int,
-    access_log_class: type[AbstractAccessLogger],
-) -> None:
-    """Run :func:`serve` in a new event loop (what ``larder serve`` does)."""
-    raise_open_file_limit(max_connections)
-    guard = ConnectionGuard(header_timeout, max_connections)
-    asyncio.run(serve(app, host, port, guard, access_log_class))
+def _spawn(config: Config, worker: shared.Worker, sock: socket.socket) -> subprocess.Popen[bytes]:
+    spec = {
+        "config": asdict(config),
+        "index": worker.index,
+        "count": worker.count,
+        "directory": str(worker.directory),
+        "fd": sock.fileno(),
+        "parent": os.getpid(),
+    }
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(worker.metrics_dir)}
+    argv = [sys.executable, "-m", "larder.service.server", json.dumps(spec)]
+    return subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(),))
+
+
+def _forget(directory: Path, pid: int) -> None:
+    """A worker is gone: drop its live gauges (its counters stay in the sums)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, str(directory / "metrics"))  # type: ignore[no-untyped-call]
+
+
+def _worker_main(spec_text: str) -> int:
+    spec = json.loads(spec_text)
+    config = Config(**spec["config"])
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+    raise_open_file_limit(config.max_connections)
+    worker = shared.Worker(spec["index"], spec["count"], Path(spec["directory"]))
+    sock = socket.socket(fileno=spec["fd"])
+    storage = open_storage(config.storage, zstd_level=config.zstd_level)
+    app = build_app(config, storage, worker=worker)
+    parent = spec["parent"]
+
+    async def watch_parent(app: web.Application) -> AsyncIterator[None]:
+        async def check() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(PARENT_CHECK)
+            log.warning("worker %d: the supervisor is gone, stopping", worker.index)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        task = asyncio.create_task(check())
+        yield
+        task.cancel()
+
+    app.cleanup_ctx.append(watch_parent)
+    _run(config, app, sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import IO, Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 
 from larder.errors import TooLarge, TooSlow
 from larder.service.state import CONFIG
 from larder.storage.base import BlobReader
 
 UPLOAD_CHUNK = 256 * 1024
+#: Largest piece one ``sendfile(2)`` call is asked for.
+SENDFILE_CHUNK = 16 * 1024 * 1024
 
 
 def check_declared_length(request: web.Request, limit: int) -> None:
@@ -100,7 +106,8 @@ async def serve_blob(
     headers = {"Accept-Ranges": "bytes", **headers}
     if reader.local_path is not None:
         await reader.close()
-        return web.FileResponse(reader.local_path, headers=headers)
+        idle = request.app[CONFIG].body_idle_timeout
+        return ZeroCopyFileResponse(reader.local_path, idle, headers=headers)
     try:
         size = reader.stored_size
         span = _requested_range(request, size)
@@ -132,3 +139,78 @@ async def serve_stream(
         await _send(request, response, chunks)
     await response.write_eof()
     return response
+
+
+def _has_native_sendfile(loop: asyncio.AbstractEventLoop) -> bool:
+    return type(loop).sendfile is not asyncio.AbstractEventLoop.sendfile
+
+
+class ZeroCopyFileResponse(web.FileResponse):
+    """``web.FileResponse`` that stays zero-copy on event loops without ``loop.sendfile``.
+
+    asyncio's own loop has ``sendfile``; uvloop does not, and aiohttp then reads the file in
+    256 KiB pieces through a thread and writes them. Here the body goes out by ``sendfile(2)``
+    from the event loop instead, on a duplicate of the connection's descriptor (so a connection
+    closed meanwhile never lets the number be reused under the transfer), waiting for the socket
+    to take more when it is full, and giving up after ``body_idle_timeout`` seconds without
+    progress, as uploads do.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], idle: float, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._idle = idle
+
+    async def _sendfile(
+        self, request: BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        loop = asyncio.get_running_loop()
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if _has_native_sendfile(loop) or sock is None or self.compression:
+            return await super()._sendfile(request, fobj, offset, count)
+        writer = await web.StreamResponse.prepare(self, request)
+        assert writer is not None and transport is not None
+        while transport.get_write_buffer_size():  # the head must leave before the body
+            await asyncio.sleep(0.001)
+            if transport.is_closing():
+                raise ConnectionResetError("connection lost")
+        await send_file(loop, sock.fileno(), fobj.fileno(), offset, count, self._idle)
+        await web.StreamResponse.write_eof(self)
+        return writer
+
+
+async def send_file(
+    loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int, offset: int, count: int,
+    idle: float,
+) -> None:  # fmt: skip
+    """``count`` bytes of ``file_fd`` from ``offset`` to the non-blocking socket ``sock_fd``."""
+    out = os.dup(sock_fd)
+    try:
+        while count > 0:
+            try:
+                sent = os.sendfile(out, file_fd, offset, min(count, SENDFILE_CHUNK))
+            except BlockingIOError:
+                await _writable(loop, out, idle)
+                continue
+            if sent == 0:
+                raise ConnectionResetError("the file ended early or the connection closed")
+            offset += sent
+            count -= sent
+    finally:
+        os.close(out)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, idle: float) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await asyncio.wait_for(ready, idle)
+    except TimeoutError:
+        raise ConnectionResetError(f"the client took nothing for {idle:g} seconds") from None
+    finally:
+        loop.remove_writer(fd)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from larder.core.servedcache import MISS_TTL, ServedCache
+from larder.core.servedcache import MISS_TTL, LocalWriteCounter, ServedCache
 
 
 class Clock:
@@ -48,3 +48,25 @@ def test_forget_and_disabled() -> None:
     off = ServedCache(ttl=0)
     off.put(("main", "a", "k"), b"x")
     assert not off.get(("main", "a", "k"))[0]
+
+
+def test_a_miss_is_dropped_once_a_narinfo_was_stored_elsewhere() -> None:
+    writes = LocalWriteCounter()  # shared, as the processes of one server share theirs
+    one, other = ServedCache(ttl=10, writes=writes), ServedCache(ttl=10, writes=writes)
+    one.put(("main", "a", "k"), None)
+    one.put(("main", "b", "k"), b"narinfo")
+    assert one.get(("main", "a", "k")) == (True, None)
+    other.forget("main", "a")  # stored through the other process
+    assert one.get(("main", "a", "k")) == (False, None)
+    assert one.get(("main", "b", "k")) == (True, b"narinfo")  # hits live out their ttl
+
+
+def test_a_miss_looked_up_before_a_write_is_not_remembered() -> None:
+    cache = ServedCache(ttl=10)
+    mark = cache.mark()  # the lookup starts ...
+    cache.forget("main", "a")  # ... an upload lands meanwhile ...
+    cache.put(("main", "a", "k"), None, mark)  # ... and the lookup found nothing
+    assert cache.get(("main", "a", "k")) == (False, None)
+    mark = cache.mark()
+    cache.put(("main", "a", "k"), None, mark)
+    assert cache.get(("main", "a", "k")) == (True, None)

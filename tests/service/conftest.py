@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +41,21 @@ class Service:
 
 
 ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+def capturing_logger(name: str) -> tuple[logging.Logger, list[str]]:
+    """A logger at INFO that keeps the messages of its records in the returned list."""
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger(name)
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger, messages
 
 
 async def send_raw(service: Service, head: str, body: bytes = b"") -> int:

@@ -155,3 +155,12 @@ def test_cache_trust_sets_and_clears_upload_keys(
     assert shown["trusted_upload_keys"] == [key]
     code, out, _ = run(capsys, "cache", "trust", "team", "--storage", store)
     assert code == 0 and json.loads(out)["trusted_upload_keys"] == []
+
+
+def test_serve_takes_a_workers_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from larder.service.cli import _config, build_parser
+
+    monkeypatch.delenv("LARDER_WORKERS", raising=False)
+    args = build_parser().parse_args(["serve", "--workers", "2", "--storage", "memory://"])
+    assert _config(args).workers == 2
+    assert _config(build_parser().parse_args(["serve"])).workers == 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from larder.service.config import Config, ConfigError, load_config, parse_listen, parse_size
+from larder.service.server import worker_count
 
 
 def test_defaults_are_the_embedded_default() -> None:
@@ -113,3 +115,19 @@ def test_token_secret_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config({"token_secret_file": str(tmp_path / "absent")}, environ={}).token_secret()
     assert Config().token_secret() is None
+
+
+def test_workers_and_event_loop_from_env_file_and_flag(tmp_path: Path) -> None:
+    assert (Config().workers, Config().event_loop) == (1, "uvloop")
+    path = tmp_path / "larder.toml"
+    path.write_text('workers = 3\nevent_loop = "ASYNCIO"\n')
+    config = load_config({}, environ={"LARDER_CONFIG": str(path)})
+    assert (config.workers, config.event_loop) == (3, "asyncio")
+    config = load_config({"workers": "0"}, environ={"LARDER_WORKERS": "2"})
+    assert config.workers == 0  # the flag wins; 0 means one per CPU
+    assert worker_count(config) == len(os.sched_getaffinity(0))
+    assert worker_count(load_config({}, environ={"LARDER_WORKERS": "2"})) == 2
+    with pytest.raises(ConfigError, match="LARDER_WORKERS: bad value for workers"):
+        load_config({}, environ={"LARDER_WORKERS": "-1"})
+    with pytest.raises(ConfigError, match="LARDER_EVENT_LOOP: bad value for event_loop"):
+        load_config({}, environ={"LARDER_EVENT_LOOP": "tokio"})

@@ -154,21 +154,13 @@ async def test_private_cache_stats_need_a_token(service: Service) -> None:
 
 def test_json_access_log_line_has_no_credentials() -> None:
     import json
-    import logging
 
     from aiohttp.test_utils import make_mocked_request
 
-    from larder.service.observe import JsonAccessLogger
+    from larder.service.accesslog import JsonAccessLogger
+    from tests.service.conftest import capturing_logger
 
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    logger = logging.getLogger("larder.test.access")
-    logger.addHandler(Keep())
-    logger.setLevel(logging.INFO)
+    logger, records = capturing_logger("larder.test.access")
     request = make_mocked_request(
         "GET", "/main/nix-cache-info", headers={"Authorization": "Bearer secret-token"}
     )

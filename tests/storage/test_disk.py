@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import signal
 import subprocess
@@ -258,3 +259,27 @@ def test_stale_temporaries_use_age(tmp_path: Path) -> None:
     os.utime(old, (two_hours_ago, two_hours_ago))
     DiskStorage(tmp_path)
     assert temporaries(tmp_path) == ["blob-fresh"]
+
+
+async def test_a_large_blob_is_handed_to_the_disk_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ranges: list[tuple[int, int]] = []
+    real = disk_module._SYNC_FILE_RANGE
+    assert real is not None  # Linux: the call exists
+
+    def recorded(fd: int, offset: int, length: int, flags: int) -> int:
+        ranges.append((offset, length))
+        return real(fd, offset, length, flags)
+
+    monkeypatch.setattr(disk_module, "_SYNC_FILE_RANGE", recorded)
+    storage = DiskStorage(tmp_path)
+    data = os.urandom(3 * disk_module.WRITEBACK_STEP + 12345)  # stored about as large
+    writer = storage.blob_writer()
+    for offset in range(0, len(data), 1 << 20):
+        writer.write(data[offset : offset + (1 << 20)])
+    info = writer.commit()
+    assert len(ranges) >= 2  # zstd hands its output over in pieces of a few MiB
+    assert ranges[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))  # contiguous
+    assert decompress(await read_stored(storage, info.blob_id)) == data

@@ -1,0 +1,239 @@
+"""Real ``nix copy`` to and from larder against the same with a ``file://`` binary cache.
+
+For each compression asked for (``xz``, Nix's default, and ``zstd``) and each repetition, two
+closures with the same contents but fresh store paths are built with the real Nix (Debian's
+nix-bin, as root, ``NIX_REMOTE=local``, no sandbox): ``--paths`` derivations in a chain (each
+refers to the one before, like crates), ``--size`` bytes in all, half of them incompressible
+(seeded pseudo-random bytes), half Rust-like text. Then, timed with the wall clock:
+
+* **push**: ``nix copy --to 'http://127.0.0.1:PORT/main?compression=C'`` (a write token in
+  netrc) against ``nix copy --to 'file://DIR?compression=C&secret-key=K'`` for the other
+  closure; which side goes first alternates between repetitions;
+* **pull**: ``nix copy --from`` each cache ``--to 'local?root=EMPTY'`` (a fresh store in a new
+  directory), signatures checked against larder's key and ``K``'s.
+
+A third closure goes the same way through nginx (2 workers; WebDAV ``PUT``, static ``GET``,
+narinfos signed by Nix with ``K``): what plain HTTP costs the Nix client, without any of larder's
+checks, shown as a second ratio.
+
+Each ``nix`` command gets its own ``XDG_CACHE_HOME``, so no side sees the other's narinfo cache.
+larder serves ``.nar.zst`` whatever the upload's compression, while the ``file://`` cache
+serves what it was given (so an xz pull decompresses xz there).
+
+    .venv/bin/python bench/push_pull_vs_file.py [--paths 24] [--size 200MiB]
+        [--compression xz,zstd] [--repeat 2] [--json] [--larder-env LARDER_WORKERS=2 ...]
+
+Goal: larder's time at most 1.25x the ``file://`` time, for push and for pull.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from harness import MiB, larder_server, machine, nginx_server
+
+from larder.service.config import parse_size
+from tests.e2e.nix import NIX_CONFIG  # the settings the end-to-end tests drive Nix with
+
+CLOSURE_NIX = r"""
+let
+  data = "@DATA@";
+  mk = i: prev: derivation {
+    name = "rust_bench${toString i}-0.1.0";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" ''
+      export PATH=/usr/bin:/bin
+      mkdir -p $out/lib
+      cat ${data}/random-${toString i}.bin > $out/lib/libbench${toString i}.rlib
+      cat ${data}/text-${toString i}.rs > $out/lib/src.rs
+      echo ${prev} > $out/lib/dep
+    '' ];
+    nonce = "@NONCE@";
+  };
+  chain = i: if i == 0 then mk 0 "none" else mk i (chain (i - 1));
+in chain (@LAST@)
+"""
+
+
+def make_data(directory: Path, paths: int, size: int) -> None:
+    """Per path: ``random-I.bin`` (incompressible) and ``text-I.rs``, half the bytes each."""
+    directory.mkdir(parents=True)
+    rng = random.Random(20261202)
+    half = size // paths // 2
+    for i in range(paths):
+        (directory / f"random-{i}.bin").write_bytes(rng.randbytes(half))
+        lines, total, n = [], 0, i * 100_000
+        while total < half:
+            line = f"pub fn item_{n}(x: u64) -> u64 {{ x.wrapping_mul({n * 7919 % 1000003}) }}\n"
+            lines.append(line)
+            total += len(line)
+            n += 1
+        (directory / f"text-{i}.rs").write_text("".join(lines)[:half])
+
+
+class Nix:
+    """``nix`` commands with their own narinfo cache directory (one 'machine' each)."""
+
+    def __init__(self, home: Path, netrc: str = "") -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "netrc").write_text(netrc)
+        self.env = {
+            **os.environ,
+            "NIX_REMOTE": "local",
+            "NIX_CONFIG": NIX_CONFIG + f"\nnetrc-file = {home / 'netrc'}\n",
+            "XDG_CACHE_HOME": str(home / "cache"),
+            "HOME": str(home),
+        }
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run(list(args), env=self.env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+        return done.stdout
+
+    def timed(self, *args: str) -> float:
+        start = time.perf_counter()
+        self.run(*args)
+        return time.perf_counter() - start
+
+
+def build_closure(nix: Nix, work: Path, data: Path, paths: int) -> str:
+    expr = work / f"closure-{uuid.uuid4().hex}.nix"
+    text = CLOSURE_NIX.replace("@DATA@", str(data)).replace("@NONCE@", uuid.uuid4().hex)
+    expr.write_text(text.replace("@LAST@", str(paths - 1)))
+    return nix.run("nix-build", str(expr), "--no-out-link").strip().splitlines()[-1]
+
+
+def closure_bytes(nix: Nix, top: str) -> tuple[int, int]:
+    """Number of paths and NAR bytes of ``top``'s closure."""
+    paths = nix.run("nix-store", "-qR", top).split()
+    sizes = nix.run("nix-store", "-q", "--size", *paths).split()
+    return len(paths), sum(int(s) for s in sizes)
+
+
+def one_round(
+    work: Path, server_url: str, token: str, public_key: str, file_key: tuple[str, str],
+    nginx_url: str, data: Path, paths: int, compression: str, larder_first: bool,
+) -> dict[str, float]:  # fmt: skip
+    """Push a fresh closure to each side, then pull each into an empty store."""
+    tag = uuid.uuid4().hex[:8]
+    builder = Nix(work / f"build-{tag}")
+    sides = ("larder", "file", "nginx") if larder_first else ("file", "nginx", "larder")
+    tops = {side: build_closure(builder, work, data, paths) for side in sides}
+    cache_dir = work / f"file-cache-{tag}"
+    query = f"compression={compression}"
+    signed = f"{query}&secret-key={file_key[0]}"
+    targets = {
+        "larder": f"{server_url}/main?{query}",
+        "file": f"file://{cache_dir}?{signed}",
+        "nginx": f"{nginx_url}/{tag}?{signed}",
+    }
+    netrc = f"machine 127.0.0.1 login bench password {token}\n"
+    result: dict[str, float] = {}
+    for side in sides:
+        nix = Nix(work / f"push-{side}-{tag}", netrc=netrc)
+        result[f"push_{side}"] = nix.timed("nix", "copy", "--to", targets[side], tops[side])
+    sources = {
+        "larder": f"{server_url}/main",
+        "file": f"file://{cache_dir}",
+        "nginx": f"{nginx_url}/{tag}",
+    }
+    keys = f"{public_key} {file_key[1]}"
+    for side in sides:
+        nix = Nix(work / f"pull-{side}-{tag}")
+        root = work / f"store-{side}-{tag}"
+        result[f"pull_{side}"] = nix.timed(
+            "nix", "copy", "--from", sources[side], "--to", f"local?root={root}",
+            "--option", "trusted-public-keys", keys, tops[side],
+        )  # fmt: skip
+        restored = root / tops[side].lstrip("/")
+        if not (restored / "lib" / "dep").exists():
+            raise RuntimeError(f"pull from {side} did not restore {tops[side]}")
+        shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    result["closure_paths"], result["closure_bytes"] = closure_bytes(builder, tops["larder"])
+    for top in tops.values():
+        builder.run("nix-store", "--delete", *builder.run("nix-store", "-qR", top).split())
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paths", type=int, default=24)
+    parser.add_argument("--size", default="200MiB")
+    parser.add_argument("--compression", default="xz,zstd")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--larder-env", nargs="*", default=[], help="KEY=VALUE for larder")
+    parser.add_argument("--json", action="store_true")
+    options = parser.parse_args()
+    if shutil.which("nix") is None:
+        print("needs Debian's nix-bin (make test installs it)", file=sys.stderr)
+        return 2
+    extra = dict(item.split("=", 1) for item in options.larder_env)
+    before = machine()
+    rounds: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="larder-nixcopy-") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        make_data(data, options.paths, parse_size(options.size))
+        key_name = f"file-bench-{uuid.uuid4().hex[:6]}"
+        secret = work / "file.sec"
+        keygen = Nix(work / "keygen")
+        keygen.run("nix-store", "--generate-binary-cache-key", key_name, str(secret),
+                   str(work / "file.pub"))  # fmt: skip
+        file_key = (str(secret), (work / "file.pub").read_text().strip())
+        web_root = work / "nginx-root"
+        web_root.mkdir()
+        dav = (
+            f"    root {web_root};\n    client_max_body_size 0;\n"
+            "    location / { dav_methods PUT; create_full_put_path on; }\n"
+        )
+        with (
+            larder_server(work / "larder-data", work, extra_env=extra) as server,
+            nginx_server(work / "nginx", dav, workers=2) as nginx,
+        ):
+            token = server.token()
+            info = json.loads(server.cli("cache", "show", "main").stdout)
+            for compression in options.compression.split(","):
+                for n in range(options.repeat):
+                    figures = one_round(
+                        work, server.url, token, info["public_key"], file_key, nginx.url,
+                        data, options.paths, compression, larder_first=n % 2 == 0,
+                    )  # fmt: skip
+                    rounds.append({"compression": compression, "run": n + 1, **figures})
+    report = {"machine": {**before, "loadavg_after": machine()["loadavg"]}, "larder_env": extra,
+              "rounds": rounds}  # fmt: skip
+    if options.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"nix copy, larder against file://; machine {report['machine']}; larder env {extra}")
+    columns = f"{'file':>6s} {'nginx':>6s} {'ratio':>5s} {'/nginx':>6s}"
+    print(f"{'compression':12s}{'run':>4s} {'paths':>5s} {'MiB':>6s}  "
+          f"{'push larder':>11s} {columns}  {'pull larder':>11s} {columns}")  # fmt: skip
+    for r in rounds:
+        t = {k: float(v) for k, v in r.items() if k.startswith(("push_", "pull_"))}  # type: ignore[arg-type]
+        cells = []
+        for op in ("push", "pull"):
+            ours, file, web = t[f"{op}_larder"], t[f"{op}_file"], t[f"{op}_nginx"]
+            ratios = f"{ours / file:5.2f} {ours / web:6.2f}"
+            cells.append(f"{ours:10.2f}s {file:5.2f}s {web:5.2f}s {ratios}")
+        size = float(r["closure_bytes"]) / MiB  # type: ignore[arg-type]
+        print(f"{r['compression']!s:12s}{r['run']!s:>4s} {r['closure_paths']!s:>5s} "
+              f"{size:6.1f}  {cells[0]}  {cells[1]}")  # fmt: skip
+    print("ratio = larder's time / file://'s time (goal: at most 1.25); /nginx = larder / nginx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""NAR ingest: the blob writer's own thread sees every byte, in order, and its errors surface."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+import zstandard
+
+from larder.core.ingest import PIPE_DEPTH, NarIngest
+from larder.errors import FormatError, StorageFull
+from larder.protocol.nar import write_nar
+from larder.storage.base import BlobInfo, BlobWriter
+
+NAR = write_nar({"type": "regular", "contents": bytes(range(256)) * 40_000})
+
+
+class Recorder(BlobWriter):
+    """Keeps what it is given, notes the threads it ran on, fails after ``fail_after`` bytes."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.data = bytearray()
+        self.threads: set[str] = set()
+        self.fail_after = fail_after
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.threads.add(threading.current_thread().name)
+        if self.fail_after is not None and len(self.data) >= self.fail_after:
+            raise StorageFull("disk full")
+        self.data += data
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def commit(self, expected_id: str | None = None) -> BlobInfo:
+        raise AssertionError("not used")
+
+    def abort(self) -> None:
+        pass
+
+
+def feed(ingest: NarIngest, body: bytes, chunk: int = 64 * 1024) -> None:
+    for offset in range(0, len(body), chunk):
+        ingest.feed(body[offset : offset + chunk])
+
+
+def test_every_byte_reaches_the_writer_in_order_on_its_own_thread() -> None:
+    writer = Recorder()
+    ingest = NarIngest("zstd", writer)
+    feed(ingest, zstandard.ZstdCompressor().compress(NAR))
+    digest = ingest.finish()
+    ingest.close()
+    assert bytes(writer.data) == NAR  # complete once finish() returned
+    assert digest.nar_sha256 == hashlib.sha256(NAR).digest()
+    assert writer.threads == {"larder-blob-writer"}
+    assert threading.current_thread().name not in writer.threads
+
+
+def test_a_writer_error_surfaces_in_feed_or_finish() -> None:
+    writer = Recorder(fail_after=100_000)
+    ingest = NarIngest("none", writer)
+    with pytest.raises(StorageFull):
+        feed(ingest, NAR, chunk=16 * 1024)  # more pieces than the queue holds
+        ingest.finish()
+    ingest.close()
+    assert len(writer.data) < len(NAR)
+
+
+def test_close_stops_the_thread_even_with_a_full_queue() -> None:
+    gate = threading.Event()
+
+    class Stalling(Recorder):
+        def write(self, data: bytes | memoryview) -> None:
+            gate.wait()
+            super().write(data)
+
+    writer = Stalling()
+    ingest = NarIngest("none", writer)
+    pieces = threading.Thread(target=feed, args=(ingest, NAR[: 256 * 1024 * PIPE_DEPTH]))
+    pieces.start()
+    gate.set()
+    pieces.join()
+    ingest.close()
+    with pytest.raises(FormatError):  # closed: the decoder refuses more input
+        ingest.feed(b"more")
+    assert not any(t.name == "larder-blob-writer" for t in threading.enumerate())

@@ -1,0 +1,193 @@
+"""`larder serve` with two worker processes: both accept on one port, `/metrics` sums both, a
+narinfo uploaded through one is served by the other at once, and they stop with the supervisor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from larder.protocol import nix32
+from larder.protocol.nar import write_nar
+from larder.service.server import MIN_UPTIME
+from tests.e2e.harness import Larder, larder_server
+
+WORKERS = 2
+
+
+OPENED: list[Connection] = []
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Larder]:
+    with larder_server(str(tmp_path / "data"), tmp_path, {"LARDER_WORKERS": str(WORKERS)}) as s:
+        try:
+            yield s
+        finally:
+            while OPENED:
+                OPENED.pop().conn.close()
+
+
+def workers_of(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def server_side_inode(server_port: int, client_port: int) -> str | None:
+    """The inode of the accepted socket that talks to ``client_port`` (from /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        remote_port = int(fields[2].split(":")[1], 16)
+        if local_port == server_port and remote_port == client_port:
+            return fields[9]
+    return None
+
+
+class Connection:
+    """One keep-alive connection and the worker that accepted it."""
+
+    def __init__(self, server: Larder, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        OPENED.append(self)
+        self.status, _ = self.request("GET", "/main/nix-cache-info")
+        self.worker = 0
+        inode = server_side_inode(port, self.conn.sock.getsockname()[1])
+        for pid in workers_of(server.pid):
+            if inode is not None and inode in socket_inodes(pid):
+                self.worker = pid
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, token: str = ""
+    ) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.conn.request(method, path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        return response.status, response.read()
+
+
+def one_per_worker(server: Larder) -> tuple[list[Connection], dict[int, Connection]]:
+    """Open connections until every worker has accepted one; all of them, and one per worker."""
+    port = int(server.url.rsplit(":", 1)[1])
+    opened: list[Connection] = []
+    by_worker: dict[int, Connection] = {}
+    while len(by_worker) < WORKERS and len(opened) < 200:
+        conn = Connection(server, port)
+        assert conn.status == 200 and conn.worker, "an unknown process accepted the connection"
+        opened.append(conn)
+        by_worker.setdefault(conn.worker, conn)
+    assert len(by_worker) == WORKERS, f"{len(opened)} connections all went to one worker"
+    return opened, by_worker
+
+
+def scrape(conn: Connection) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = conn.request("GET", "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+NIX_2XX = (
+    "larder_http_requests_total",
+    (("cache", "main"), ("protocol", "nix"), ("status_class", "2xx")),
+)
+
+
+def test_every_worker_serves_and_metrics_are_summed_across_workers(server: Larder) -> None:
+    assert len(workers_of(server.pid)) == WORKERS
+    opened, by_worker = one_per_worker(server)
+    for conn in by_worker.values():
+        assert conn.request("GET", "/main/nix-cache-info")[0] == 200
+    sent = len(opened) + len(by_worker)
+    for conn in by_worker.values():  # whichever worker renders them, the figures are the sums
+        samples = scrape(conn)
+        assert samples[NIX_2XX] == sent
+        assert samples[("larder_http_requests_in_flight", ())] == 1  # this scrape, live workers
+    stats = by_worker[next(iter(by_worker))].request("GET", "/api/v1/caches/main/stats")
+    assert b"worker process" in stats[1]
+
+
+def test_a_narinfo_stored_through_one_worker_is_served_by_the_other(server: Larder) -> None:
+    _, by_worker = one_per_worker(server)
+    first, second = by_worker.values()
+    token = server.token()
+    nar = write_nar({"type": "regular", "contents": b"fresh"})
+    digest = nix32.encode(hashlib.sha256(nar).digest())
+    store_hash = nix32.encode(hashlib.sha256(b"workers").digest()[:20])
+    narinfo = (
+        f"StorePath: /nix/store/{store_hash}-rust_w-1.0.0\nURL: nar/{digest}.nar\n"
+        f"Compression: none\nNarHash: sha256:{digest}\nNarSize: {len(nar)}\nReferences: \n"
+    ).encode()
+    for conn in (first, second):  # both remember the miss
+        assert conn.request("GET", f"/main/{store_hash}.narinfo")[0] == 404
+    assert first.request("PUT", f"/main/nar/{digest}.nar", nar, token)[0] == 200
+    assert first.request("PUT", f"/main/{store_hash}.narinfo", narinfo, token)[0] == 200
+    status, body = second.request("GET", f"/main/{store_hash}.narinfo")
+    assert status == 200, body
+    assert f"NarHash: sha256:{digest}".encode() in body
+
+
+def test_workers_stop_with_the_supervisor(tmp_path: Path) -> None:
+    with larder_server(str(tmp_path / "data"), tmp_path, {"LARDER_WORKERS": "2"}) as server:
+        children = workers_of(server.pid)
+        assert len(children) == 2
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in children):
+        assert time.monotonic() < deadline, "worker processes outlived the supervisor"
+        time.sleep(0.1)
+
+
+def test_a_worker_that_dies_is_replaced(server: Larder) -> None:
+    before = workers_of(server.pid)
+    time.sleep(MIN_UPTIME)  # past the start-up window in which a death stops the server
+    os.kill(before[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        now = workers_of(server.pid)
+        if len(now) == WORKERS and before[0] not in now:
+            break
+        assert time.monotonic() < deadline, f"no replacement: {before} -> {now}"
+        time.sleep(0.1)
+    assert before[1] in now  # the other one kept running
+    port = int(server.url.rsplit(":", 1)[1])
+    for _ in range(10):  # whichever worker accepts, it answers
+        conn = Connection(server, port)
+        assert conn.status == 200
+
+
+def test_a_worker_that_dies_right_after_start_stops_the_server(tmp_path: Path) -> None:
+    with larder_server(str(tmp_path / "data"), tmp_path, {"LARDER_WORKERS": "2"}) as server:
+        os.kill(workers_of(server.pid)[0], signal.SIGKILL)  # a crash at start-up: no loop
+        deadline = time.monotonic() + 15
+        state = ""
+        while time.monotonic() < deadline:
+            status = Path(f"/proc/{server.pid}/status").read_text()
+            state = next(line for line in status.splitlines() if line.startswith("State:"))
+            if "zombie" in state:
+                break
+            time.sleep(0.1)
+        assert "zombie" in state, "the supervisor kept restarting a worker that died at once"
+        assert "exited with status -9: stopping" in server.log()

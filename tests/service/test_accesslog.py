@@ -1,0 +1,60 @@
+"""Access log: the text line is aiohttp's default line, and the sink batches per loop turn in
+the layout logging would write."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web_log import AccessLogger
+
+from larder.service.accesslog import Entry, LineSink, TextAccessLogger
+from larder.service.server import LOG_FORMAT
+from tests.service.conftest import capturing_logger
+
+
+def test_text_line_is_aiohttps_default_line() -> None:
+    request = make_mocked_request(
+        "GET", "/main/abc.narinfo?x=1", headers={"User-Agent": "Nix/2.8", "Referer": "r"}
+    )
+    response = web.Response(body=b"x" * 42)
+    logger, captured = capturing_logger("larder.test.aiohttp-line")
+    AccessLogger(logger).log(request, response, 0.25)
+    ours = TextAccessLogger.line(Entry.of(request, response, 0.25))
+    assert ours == captured[0]
+
+
+def test_sink_writes_one_batch_per_loop_turn_in_loggings_layout() -> None:
+    writes: list[str] = []
+
+    class Stream(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    sink = LineSink(Stream())
+
+    async def burst() -> None:
+        for n in range(5):
+            sink.emit(f"line {n}")
+        assert writes == []  # nothing written during the turn ...
+        await asyncio.sleep(0)
+        assert len(writes) == 1  # ... then all five at once
+
+    asyncio.run(burst())
+    lines = writes[0].splitlines()
+    messages = [line.split(" aiohttp.access ", 1)[1] for line in lines]
+    assert messages == [f"line {n}" for n in range(5)]
+    record = logging.LogRecord("aiohttp.access", logging.INFO, "", 0, "line 0", None, None)
+    expected = logging.Formatter(LOG_FORMAT).format(record)
+    assert lines[0][23:] == expected[23:]  # same layout after the timestamp
+    assert lines[0][:19] == expected[:19] or lines[0][:16] == expected[:16]  # same clock
+
+
+def test_sink_without_a_loop_writes_at_once() -> None:
+    stream = io.StringIO()
+    LineSink(stream).emit("alone")
+    assert stream.getvalue().endswith(" INFO aiohttp.access alone\n")

@@ -1,0 +1,387 @@
+"""The short path for narinfo GETs: same answers as the application, counted the same way, and
+everything it does not answer is handed to aiohttp on the same connection, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from larder.core import keys
+from larder.core.caches import CacheSettings
+from larder.core.lastuse import load_uses
+from larder.errors import StorageUnavailable
+from larder.protocol import nix32
+from larder.protocol.nar import write_nar
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.accesslog import LineSink
+from larder.service.app import build_app
+from larder.service.config import Config
+from larder.service.fastpath import FrontProtocol
+from larder.service.observe import HITS, METRICS
+from larder.service.server import Running, start
+from larder.storage.memory import MemoryStorage
+
+
+@dataclass
+class Live:
+    running: Running
+    port: int
+    main: CacheSettings
+    token: str
+    log: io.StringIO
+    sink: LineSink
+
+    @property
+    def app(self):  # type: ignore[no-untyped-def]
+        return self.running.runner.app
+
+
+class Flaky(MemoryStorage):
+    """Memory storage whose narinfo reads fail while ``down`` is set."""
+
+    down = False
+    delay = 0.0
+
+    async def get(self, key: str) -> bytes | None:
+        if self.down and "/narinfo/" in key:
+            raise StorageUnavailable("bucket unreachable")
+        if self.delay and "/narinfo/" in key:
+            await asyncio.sleep(self.delay)
+        return await super().get(key)
+
+
+@pytest.fixture
+async def live() -> AsyncIterator[Live]:
+    access = logging.getLogger("aiohttp.access")
+    level = access.level
+    access.setLevel(logging.INFO)  # as `larder serve` configures it (log_level = info)
+    app = build_app(Config(), Flaky())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    log = io.StringIO()
+    sink = LineSink(log)
+    running = await start(Config(), app, sock, sink)
+    main, _ = await app[state.CACHES].ensure("main")
+    token, _ = await app[state.TOKENS].issue("*", Scope.ADMIN, 3600)
+    try:
+        yield Live(running, sock.getsockname()[1], main, token, log, sink)
+    finally:
+        await running.stop()
+        access.setLevel(level)
+
+
+class Conn:
+    """A raw keep-alive connection that reads whole responses (Content-Length bodies)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, live: Live) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", live.port))
+
+    def send(self, *requests: bytes) -> None:
+        self.writer.write(b"".join(requests))
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        status = int((await asyncio.wait_for(self.reader.readline(), 5)).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        if status == 100:  # an interim answer to Expect: the real one follows
+            return await self.response()
+        body = await self.reader.readexactly(int(headers["content-length"]))
+        return status, headers, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/1\r\n{extra}\r\n".encode()
+
+
+def put(path: str, body: bytes, token: str) -> bytes:
+    head = f"PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def narinfo_for(store_hash: str, contents: bytes) -> tuple[str, bytes, bytes]:
+    nar = write_nar({"type": "regular", "contents": contents})
+    digest = nix32.encode(hashlib.sha256(nar).digest())
+    narinfo = (
+        f"StorePath: /nix/store/{store_hash}-rust_fast-1.0.0\nURL: nar/{digest}.nar\n"
+        f"Compression: none\nNarHash: sha256:{digest}\nNarSize: {len(nar)}\nReferences: \n"
+    ).encode()
+    return digest, nar, narinfo
+
+
+def hash_of(text: str) -> str:
+    return nix32.encode(hashlib.sha256(text.encode()).digest()[:20])
+
+
+async def upload(live: Live, conn: Conn, store_hash: str) -> None:
+    digest, nar, narinfo = narinfo_for(store_hash, store_hash.encode())
+    conn.send(put(f"/main/nar/{digest}.nar", nar, live.token))
+    assert (await conn.response())[0] == 200
+    conn.send(put(f"/main/{store_hash}.narinfo", narinfo, live.token))
+    assert (await conn.response())[0] == 200
+
+
+async def test_narinfo_gets_are_answered_on_the_short_path_with_the_same_bytes(
+    live: Live,
+) -> None:
+    store_hash = hash_of("a")
+    app_conn = await Conn.open(live)
+    await upload(live, app_conn, store_hash)  # a PUT: this connection is aiohttp's now
+    assert len(live.running.front) == 0
+    app_conn.send(get(f"/main/{store_hash}.narinfo"))
+    first = await app_conn.response()  # as the application answers
+    fast_conn = await Conn.open(live)
+    for _ in range(3):
+        fast_conn.send(get(f"/main/{store_hash}.narinfo"))
+        fast = await fast_conn.response()
+        assert fast[0] == 200 and fast[2] == first[2]
+        assert {k: v for k, v in fast[1].items() if k != "date"} == {
+            k: v for k, v in first[1].items() if k != "date"
+        }
+    assert len(live.running.front) == 1  # still on the short path
+    app_conn.close()
+    fast_conn.close()
+
+
+async def test_lookups_the_memory_lacks_are_made_on_the_short_path(live: Live) -> None:
+    store_hash = hash_of("cold")
+    app_conn = await Conn.open(live)
+    await upload(live, app_conn, store_hash)
+    nix = live.app[state.NIX]
+    assert nix.served_narinfo(live.main, store_hash) == (False, None)
+    fast_conn = await Conn.open(live)
+    fast_conn.send(get(f"/main/{store_hash}.narinfo"), get(f"/main/{hash_of('absent')}.narinfo"))
+    found, absent = await fast_conn.response(), await fast_conn.response()
+    assert found[0] == 200 and f"/nix/store/{store_hash}".encode() in found[2]
+    assert absent[0] == 404
+    assert live.running.front  # both answered without aiohttp
+    assert nix.served_narinfo(live.main, store_hash) == (True, found[2])  # and remembered
+    app_conn.close()
+    fast_conn.close()
+
+
+async def test_misses_are_remembered_briefly_and_forgotten_on_upload(live: Live) -> None:
+    store_hash = hash_of("later")
+    app_conn = await Conn.open(live)
+    app_conn.send(get("/main/nix-cache-info"))  # hands this connection over
+    await app_conn.response()
+    app_conn.send(get(f"/main/{store_hash}.narinfo"))
+    slow = await app_conn.response()  # the application answers and remembers the miss
+    assert slow[0] == 404
+    probe = await Conn.open(live)
+    probe.send(get(f"/main/{store_hash}.narinfo"))
+    fast = await probe.response()
+    assert fast[0] == 404 and fast[2] == slow[2] == b"404: Not Found"
+    assert fast[1]["content-type"] == slow[1]["content-type"]
+    assert live.running.front  # answered on the short path
+    await upload(live, app_conn, store_hash)
+    probe.send(get(f"/main/{store_hash}.narinfo"))
+    assert (await probe.response())[0] == 200
+    app_conn.close()
+    probe.close()
+
+
+async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(live: Live) -> None:
+    known, other = hash_of("known"), hash_of("other")
+    setup = await Conn.open(live)
+    await upload(live, setup, known)
+    setup.send(get(f"/main/{known}.narinfo"))
+    await setup.response()
+    digest, nar, narinfo = narinfo_for(other, b"other")
+    conn = await Conn.open(live)
+    conn.send(
+        get(f"/main/{known}.narinfo"),  # short path
+        get("/main/nix-cache-info"),  # hand-over: this and everything after go to aiohttp
+        put(f"/main/nar/{digest}.nar", nar, live.token),
+        put(f"/main/{other}.narinfo", narinfo, live.token),
+        get(f"/main/{other}.narinfo"),
+        get(f"/main/{known}.narinfo"),
+    )
+    answers = [await conn.response() for _ in range(6)]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 200, 200]
+    assert answers[0][2] == answers[5][2]
+    assert answers[1][2].startswith(b"StoreDir: /nix/store")
+    assert f"StorePath: /nix/store/{other}".encode() in answers[4][2]
+    assert not live.running.front
+    setup.close()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["Connection: close\r\n", "Content-Length: 3\r\n", "Expect: 100-continue\r\n"],
+)
+async def test_heads_the_short_path_refuses_go_to_the_application(live: Live, extra: str) -> None:
+    store_hash = hash_of("refused")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    setup.send(get(f"/main/{store_hash}.narinfo"))
+    await setup.response()
+    conn = await Conn.open(live)
+    request = get(f"/main/{store_hash}.narinfo", extra)
+    conn.send(request + (b"abc" if "Length: 3" in extra else b""))
+    assert (await conn.response())[0] == 200
+    assert not live.running.front
+    setup.close()
+    conn.close()
+
+
+async def test_private_caches_always_take_the_full_path(live: Live) -> None:
+    registry = live.app[state.CACHES]
+    secret = await registry.create("secret", private=True)
+    store_hash = hash_of("private")
+    conn = await Conn.open(live)
+    digest, nar, narinfo = narinfo_for(store_hash, b"p")
+    conn.send(put(f"/secret/nar/{digest}.nar", nar, live.token))
+    assert (await conn.response())[0] == 200
+    conn.send(put(f"/secret/{store_hash}.narinfo", narinfo, live.token))
+    assert (await conn.response())[0] == 200
+    reader = await Conn.open(live)
+    auth = f"Authorization: Bearer {live.token}\r\n"
+    reader.send(get(f"/secret/{store_hash}.narinfo", auth))
+    assert (await reader.response())[0] == 200
+    anonymous = await Conn.open(live)
+    anonymous.send(get(f"/secret/{store_hash}.narinfo"))
+    assert (await anonymous.response())[0] == 401  # remembered for the cache, still refused
+    assert secret.private and not live.running.front
+    for c in (conn, reader, anonymous):
+        c.close()
+
+
+async def test_short_answers_are_counted_logged_and_in_the_hit_statistics(live: Live) -> None:
+    store_hash, missing = hash_of("counted"), hash_of("missing")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    for path in (store_hash, missing):
+        setup.send(get(f"/main/{path}.narinfo"))
+        await setup.response()
+    metrics = live.app[METRICS]
+    requests = metrics.requests.labels("main", "nix", "2xx")
+    lookups_hit = metrics.lookups.labels("main", "nix", "narinfo", "hit")
+    lookups_miss = metrics.lookups.labels("main", "nix", "narinfo", "miss")
+    sent = metrics.sent.labels("main", "nix")
+    before = (requests._value.get(), lookups_hit._value.get(), lookups_miss._value.get(),
+              sent._value.get())  # fmt: skip
+    live.sink.flush()
+    lines_before = live.log.getvalue().count("\n")
+    conn = await Conn.open(live)
+    conn.send(get(f"/main/{store_hash}.narinfo"), get(f"/main/{missing}.narinfo"))
+    hit, miss = await conn.response(), await conn.response()
+    assert live.running.front
+    assert requests._value.get() == before[0] + 1
+    assert lookups_hit._value.get() == before[1] + 1
+    assert lookups_miss._value.get() == before[2] + 1
+    assert sent._value.get() == before[3] + len(hit[2]) + len(miss[2])
+    rates = live.app[HITS].rates("main")["nix"]["hour"]
+    assert rates == {"hits": 2, "misses": 2, "hit_rate": 0.5}  # type: ignore[comparison-overlap]
+    live.sink.flush()
+    lines = live.log.getvalue().splitlines()[lines_before:]
+    assert len(lines) == 2
+    assert f'"GET /main/{store_hash}.narinfo HTTP/1.1" 200 ' in lines[0]
+    assert f'"GET /main/{missing}.narinfo HTTP/1.1" 404 ' in lines[1]
+    assert lines[0].endswith('"-" "probe/1"') and " INFO aiohttp.access " in lines[0]
+    setup.close()
+    conn.close()
+
+
+async def test_a_failed_lookup_is_answered_by_the_application(live: Live) -> None:
+    storage = live.app[state.STORAGE].inner
+    assert isinstance(storage, Flaky)
+    storage.down = True
+    conn = await Conn.open(live)
+    conn.send(get(f"/main/{hash_of('down')}.narinfo"))
+    status, headers, _ = await conn.response()
+    assert status == 503 and headers["retry-after"] == "5"  # the error table's answer
+    assert not live.running.front
+    conn.close()
+
+
+async def test_a_client_that_stops_sending_still_gets_its_looked_up_answer(live: Live) -> None:
+    store_hash = hash_of("eof")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    storage = live.app[state.STORAGE].inner
+    assert isinstance(storage, Flaky)
+    storage.delay = 0.3  # the end of the request stream arrives while the lookup runs
+    conn = await Conn.open(live)
+    conn.send(get(f"/main/{store_hash}.narinfo"))  # not remembered yet: looked up
+    conn.writer.write_eof()
+    status, _, body = await conn.response()
+    assert status == 200 and f"/nix/store/{store_hash}".encode() in body
+    assert await asyncio.wait_for(conn.reader.read(), 5) == b""  # then closed
+    setup.close()
+    conn.close()
+
+
+async def test_a_client_that_reads_slowly_pauses_the_short_path_then_gets_everything(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pauses: list[int] = []
+    real_pause = FrontProtocol.pause_writing
+
+    def counted(self: FrontProtocol) -> None:
+        pauses.append(1)
+        real_pause(self)
+
+    monkeypatch.setattr(FrontProtocol, "pause_writing", counted)
+    store_hash = hash_of("backlog")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    setup.send(get(f"/main/{store_hash}.narinfo"))
+    await setup.response()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    conn = Conn(reader, writer)
+    count = 20_000  # far more answer bytes than the socket buffers hold: writing pauses
+    conn.send(get(f"/main/{store_hash}.narinfo") * count, get("/main/nix-cache-info"))
+    await asyncio.sleep(0.5)  # the short path fills the buffers, then hands over
+    for _ in range(count):
+        assert (await conn.response())[0] == 200
+    assert (await conn.response())[2].startswith(b"StoreDir:")
+    conn.send(get("/main/nix-cache-info"))  # aiohttp reads what comes next
+    assert (await conn.response())[2].startswith(b"StoreDir:")
+    assert pauses and not live.running.front
+    setup.close()
+    conn.close()
+
+
+async def test_narinfos_answered_on_the_short_path_count_as_used(live: Live) -> None:
+    store_hash = hash_of("used")
+    app_conn = await Conn.open(live)
+    await upload(live, app_conn, store_hash)
+    await live.app[state.RECORDER].flush()  # the upload recorded nothing
+    assert (await load_uses(live.app[state.STORAGE], "main")).times == {}
+    fast_conn = await Conn.open(live)
+    for _ in range(2):  # a lookup, then an answer from memory
+        fast_conn.send(get(f"/main/{store_hash}.narinfo"))
+        assert (await fast_conn.response())[0] == 200
+    assert live.running.front  # both on the short path
+    assert await live.app[state.RECORDER].flush() == 1
+    uses = await load_uses(live.app[state.STORAGE], "main")
+    assert list(uses.times) == [keys.narinfo("main", store_hash).split("/", 2)[2]]
+    # After a collection deletes it, the short path answers 404 at once, not from memory.
+    await live.app[state.STORAGE].delete(keys.narinfo("main", store_hash))
+    live.app[state.NIX].forget(keys.narinfo("main", store_hash))
+    fast_conn.send(get(f"/main/{store_hash}.narinfo"))
+    assert (await fast_conn.response())[0] == 404
+    app_conn.close()
+    fast_conn.close()

@@ -1,0 +1,136 @@
+"""Blobs on disk leave by sendfile(2) on uvloop too: the bytes, ranges, and the stall limit."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import uvloop
+import zstandard
+
+from larder.protocol import nix32
+from larder.protocol.nar import write_nar
+from larder.protocol.tokens import Scope
+from larder.service import state, transfer
+from larder.service.accesslog import LineSink
+from larder.service.app import build_app
+from larder.service.config import Config
+from larder.service.server import start
+from larder.storage.disk import DiskStorage
+
+SIZE = 6 * 1024 * 1024
+
+
+def blob_file(tmp_path: Path) -> Path:
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+async def request(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.encode() + b"Host: x\r\nConnection: close\r\n\r\n" + body)
+    status = int((await reader.readline()).split()[1])
+    headers = {}
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    data = await reader.read()
+    writer.close()
+    return status, headers, data
+
+
+def test_nar_zst_goes_out_by_sendfile_on_uvloop(tmp_path: Path) -> None:
+    calls: list[int] = []
+    real = transfer.send_file
+
+    async def counted(*args: object) -> None:
+        calls.append(int(args[4]))  # type: ignore[call-overload]
+        await real(*args)  # type: ignore[arg-type]
+
+    contents = os.urandom(3 * 1024 * 1024)
+    nar = write_nar({"type": "regular", "contents": contents})
+    digest = nix32.encode(hashlib.sha256(nar).digest())
+
+    async def main() -> None:
+        config = Config()
+        app = build_app(config, DiskStorage(tmp_path / "data"))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        running = await start(config, app, sock, LineSink(io.StringIO()))
+        try:
+            await app[state.CACHES].ensure("main")
+            token, _ = await app[state.TOKENS].issue("main", Scope.WRITE, 60)
+            head = f"PUT /main/nar/{digest}.nar HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
+            status, _, _ = await request(port, f"{head}Content-Length: {len(nar)}\r\n", nar)
+            assert status == 200
+            url = f"/main/nar/{digest}.nar.zst"
+            status, headers, body = await request(port, f"GET {url} HTTP/1.1\r\n")
+            assert status == 200 and headers["accept-ranges"] == "bytes"
+            assert int(headers["content-length"]) == len(body)
+            assert zstandard.ZstdDecompressor().decompressobj().decompress(body) == nar
+            status, headers, part = await request(
+                port, f"GET {url} HTTP/1.1\r\nRange: bytes=10-1009\r\n"
+            )
+            assert status == 206 and part == body[10:1010]
+            assert headers["content-range"] == f"bytes 10-1009/{len(body)}"
+        finally:
+            await running.stop()
+
+    transfer.send_file = counted  # type: ignore[assignment]
+    try:
+        uvloop.run(main())
+    finally:
+        transfer.send_file = real
+    assert len(calls) == 2 and calls[1] == 1000
+
+
+def test_send_file_waits_for_a_slow_reader_and_delivers_every_byte(tmp_path: Path) -> None:
+    path = blob_file(tmp_path)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    received = bytearray()
+
+    def slow_reader() -> None:
+        while chunk := theirs.recv(64 * 1024):
+            received.extend(chunk)
+            if len(received) < SIZE // 2:
+                threading.Event().wait(0.001)
+
+    thread = threading.Thread(target=slow_reader)
+    thread.start()
+
+    async def main() -> None:
+        with path.open("rb") as file:
+            await transfer.send_file(asyncio.get_running_loop(), ours.fileno(), file.fileno(),
+                                     100, SIZE - 100, idle=5)  # fmt: skip
+        ours.close()
+
+    uvloop.run(main())
+    thread.join()
+    theirs.close()
+    assert bytes(received) == path.read_bytes()[100:]
+
+
+def test_send_file_gives_up_on_a_client_that_takes_nothing(tmp_path: Path) -> None:
+    path = blob_file(tmp_path)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+
+    async def main() -> None:
+        with path.open("rb") as file:
+            await transfer.send_file(asyncio.get_running_loop(), ours.fileno(), file.fileno(),
+                                     0, SIZE, idle=0.2)  # fmt: skip
+
+    with pytest.raises(ConnectionResetError, match="took nothing"):
+        uvloop.run(main())
+    ours.close()
+    theirs.close()
