@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from larder.client.args import Compilation
+from larder.client.args import LINKED_CRATE_TYPES, Compilation
 
 RUSTC_TMP = "@LARDER:RUSTC_TMP@"
 SYSROOT = "@LARDER:SYSROOT@"
@@ -302,15 +302,18 @@ def _is_linux(target: str | None) -> bool:
 def check_compilation(compilation: Compilation, cwd: Path) -> str | None:
     """Why a linked compilation cannot be cached before it runs, or None.
 
-    Reasons: ``linked-target`` (not Linux: other output names and linkers),
-    ``unstable-option`` (``-Z``), ``linker-plugin``, ``linker-flavor``, ``rpath`` (``-C
-    rpath`` embeds the path from the output to the sysroot), ``native-kind`` (``-l`` kinds
-    other than static and dylib), ``link-arg`` and ``link-arg-file`` (a ``-C link-arg`` the
-    key cannot describe, or one naming a file that is not there).
+    Reasons: ``linked-target`` (not Linux: other output names and linkers), ``crate-types``
+    (more than one linked crate type), ``unstable-option`` (``-Z``), ``linker-plugin``,
+    ``linker-flavor``, ``rpath`` (``-C rpath`` embeds the path from the output to the
+    sysroot), ``native-kind`` (``-l`` kinds other than static and dylib), ``link-arg`` and
+    ``link-arg-file`` (a ``-C link-arg`` the key cannot describe, or one naming a file that is
+    not there).
     """
     targets = compilation.values("--target")
     if not _is_linux(targets[-1] if targets else None):
         return "linked-target"
+    if len(set(compilation.crate_types) & LINKED_CRATE_TYPES) > 1:
+        return "crate-types"  # two links write one link-args file
     if any(name == "-Z" for name, _ in compilation.flags):
         return "unstable-option"
     codegen = compilation.codegen()

@@ -145,6 +145,7 @@ class Invocation:
         self.target = targets[-1] if targets else None
         self.toolchain: toolchain.Fingerprint | None = None
         self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
+        self.uploaded = ""  # the key an upload went under
 
     # -- the pieces ------------------------------------------------------------------------
 
@@ -284,8 +285,9 @@ class Invocation:
                 return "link-input"
         files, env = list(deps.files), [name for name, _ in deps.env]
         inputs = cache_key.complete(base, files, env, self.roots, self.cwd, self.env, link)
-        key = self.keep(inputs)
-        needles = [path.encode() for _, path in self.roots.roots]
+        key = self.uploaded = self.keep(inputs)
+        # This machine's roots, and its sysroot: the key names it by placeholder.
+        needles = [path.encode() for _, path in self.link_roots().roots]
         outputs: list[Output] = []
         contents: dict[str, bytes | Path] = {}
         for name in self.compilation.expected_outputs():
@@ -369,6 +371,7 @@ class Invocation:
                     outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
                 else:
                     outcome.counters["uploads"] = 1
+                    outcome.key = outcome.key or self.uploaded
             except (*REMOTE_ERRORS, *KEY_ERRORS) as exc:
                 self._failed(outcome, exc)
         if remote is not None:

@@ -124,6 +124,8 @@ CARGO_BIN = [
         (["--target", "wasm32-unknown-unknown"], "linked-target"),
         (["--target", "aarch64-apple-darwin"], "linked-target"),
         (["--target", "aarch64-unknown-linux-gnu"], None),
+        (["--crate-type", "cdylib"], "crate-types"),
+        (["--crate-type", "rlib"], None),
         (["-Z", "threads=8"], "unstable-option"),
         (["-C", "linker-plugin-lto"], "linker-plugin"),
         (["-C", "linker-flavor=ld.lld"], "linker-flavor"),
