@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import free_port, larder_server
+from harness import build_env, compile_larder, free_port, larder_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,17 +130,6 @@ def cargo_build(workspace: Path, target: Path, env: dict[str, str]) -> float:
     return time.monotonic() - start
 
 
-def base_env() -> dict[str, str]:
-    # Installed packages run from compiled bytecode; a shell that sets PYTHONDONTWRITEBYTECODE
-    # would make every larder-rustc start recompile its modules.
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    for name in list(env):
-        if name.startswith(("LARDER_", "SCCACHE_")) or name == "RUSTC_WRAPPER":
-            del env[name]
-    return env
-
-
 LINKED = {"describe": "proc-macro", "demo": "bin", "genbin": "bin"}
 
 
@@ -196,7 +185,7 @@ def measure(
 def sccache(work: Path, source: Path, repeat: int) -> dict[str, object]:
     exe = str(BIN / "sccache")
     env = {
-        **base_env(),
+        **build_env(),
         "SCCACHE_DIR": str(work / "sccache-cache"),
         "SCCACHE_SERVER_PORT": str(free_port()),
         "SCCACHE_CACHE_SIZE": "10G",
@@ -232,7 +221,7 @@ def larder(work: Path, source: Path, repeat: int) -> dict[str, object]:
 
         def env_for(machine: str) -> dict[str, str]:
             env = {
-                **base_env(),
+                **build_env(),
                 "RUSTC_WRAPPER": exe,
                 "LARDER_URL": f"{server.url}/main",
                 "LARDER_STATE_DIR": str(work / f"larder-state-{machine}"),
@@ -265,15 +254,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="warm builds per tool (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args()
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(ROOT / "larder")],
-        env=base_env(), check=True, capture_output=True,
-    )  # fmt: skip
+    compile_larder()
     with tempfile.TemporaryDirectory(prefix="larder-bench-") as tmp:
         work = Path(tmp)
         source = copy_workspace(WORKSPACE, work / "source")
         generate(source, options.crates)
-        plain = cargo_build(copy_workspace(source, work / "plain"), work / "plain-t", base_env())
+        plain = cargo_build(copy_workspace(source, work / "plain"), work / "plain-t", build_env())
         results = {
             "crates_generated": options.crates,
             "plain_cargo_s": plain,

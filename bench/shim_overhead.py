@@ -25,9 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import larder_server
+from harness import build_env, compile_larder, larder_server
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIM = str(Path(sys.executable).parent / "larder-rustc")
 
 
@@ -54,17 +53,8 @@ def wall(command: list[str], cwd: Path | None = None, env: dict[str, str] | None
     return time.perf_counter() - start
 
 
-def base_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # installed code runs from bytecode
-    for name in list(env):
-        if name.startswith("LARDER_") or name == "RUSTC_WRAPPER":
-            del env[name]
-    return env
-
-
 def passthrough(runs: int) -> dict[str, dict[str, float]]:
-    env = {**base_env(), "LARDER_URL": "http://127.0.0.1:9/main"}  # never contacted
+    env = {**build_env(), "LARDER_URL": "http://127.0.0.1:9/main"}  # never contacted
     probes = {"-vV": ["-vV"], "--print": ["-", "--crate-name", "___", "--print=sysroot",
               "--print=cfg", "--crate-type", "lib"]}  # fmt: skip
     found: dict[str, dict[str, float]] = {}
@@ -95,7 +85,7 @@ def crate(base: Path, kind: str) -> tuple[Path, list[str]]:
 def hits(work: Path, runs: int) -> dict[str, dict[str, float]]:
     found: dict[str, dict[str, float]] = {}
     with larder_server(work / "data", work) as server:
-        env = {**base_env(), "LARDER_URL": f"{server.url}/main"}
+        env = {**build_env(), "LARDER_URL": f"{server.url}/main"}
         for kind in CRATES:
             ci, argv = crate(work / kind / "ci", kind)
             ci_env = {**env, "LARDER_TOKEN": server.token(), "LARDER_STATE_DIR": str(ci / "st")}
@@ -131,10 +121,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="runs per measurement (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args()
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(ROOT / "larder")],
-        env=base_env(), check=True, capture_output=True,
-    )  # fmt: skip
+    compile_larder()
     with tempfile.TemporaryDirectory(prefix="larder-bench-") as tmp:
         results = {
             "passthrough": passthrough(options.runs),
