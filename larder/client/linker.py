@@ -129,6 +129,14 @@ class Link:
             facts = toolchain.cached(self.state, "linkers.json", identity, compute)
         except (OSError, ValueError) as exc:
             raise KeyUnavailable(f"linker {program} answers no driver queries: {exc}") from None
+        search = facts.get("search")
+        if (
+            not isinstance(facts.get("driver_blake3"), str)
+            or not isinstance(facts.get("ld"), str)
+            or not isinstance(search, list)
+            or not all(isinstance(d, str) for d in search)
+        ):
+            raise KeyUnavailable("linkers.json holds a malformed entry")
         return {**facts, "driver": version.strip().partition("\n")[0]}
 
     def find(self, name: str, dirs: list[Path]) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -254,6 +255,15 @@ def test_driver_facts_are_asked_once_per_binary(ci: Machine) -> None:
     script.write_text(script.read_text() + "# replaced\n")  # another binary: asked again
     assert ci.item(tokens) != first
     assert len(log.read_text().splitlines()) == 7
+
+
+def test_a_damaged_linker_cache_gives_no_key(ci: Machine) -> None:
+    ci.item()
+    cache = ci.base / "state" / "linkers.json"
+    entries = json.loads(cache.read_text())
+    cache.write_text(json.dumps({k: {**v, "search": "/usr/lib"} for k, v in entries.items()}))
+    with pytest.raises(KeyUnavailable, match="malformed"):
+        ci.item()
 
 
 def test_search_dirs_and_script_references(tmp_path: Path) -> None:
