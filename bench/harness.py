@@ -10,6 +10,8 @@
   configuration, its pid file, logs and temporary directories all under one work directory.
 * :func:`put_stream`, :func:`get_stream`, :func:`request`: one-connection HTTP/1.1 transfers with
   ``http.client``, streaming both ways, so the client never holds a body in memory.
+* :func:`build_env` and :func:`compile_larder`: an environment without compiler wrappers or
+  cache settings, and larder's bytecode compiled, for the benchmarks that run ``larder-rustc``.
 
 Everything runs on loopback; nothing here listens on another interface.
 """
@@ -84,6 +86,27 @@ def _clean_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LARDER_")}
     env.update(extra or {})
     return env
+
+
+def build_env() -> dict[str, str]:
+    """The caller's environment without ``LARDER_*``, ``SCCACHE_*`` or ``RUSTC_WRAPPER``.
+
+    ``PYTHONDONTWRITEBYTECODE`` goes too: installed code runs from compiled bytecode, and a
+    shell that sets it would make every ``larder-rustc`` start compile its modules again.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    for name in list(env):
+        if name.startswith(("LARDER_", "SCCACHE_")) or name == "RUSTC_WRAPPER":
+            del env[name]
+    return env
+
+
+def compile_larder() -> None:
+    """Compile larder's modules to bytecode, as an installed package has them."""
+    root = Path(__file__).resolve().parents[1] / "larder"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root)], env=build_env(),
+                   check=True, capture_output=True)  # fmt: skip
 
 
 @dataclass

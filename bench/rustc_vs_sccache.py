@@ -1,13 +1,17 @@
-"""Warm builds from another directory: larder-rustc against sccache's local disk cache.
+"""Warm builds, same and another directory: larder-rustc against sccache's local disk cache.
 
 Both caches are filled by a cold build of the same workspace in one directory ("CI"), then the
-workspace is built again from a different directory with a different target directory ("a
-laptop"), which is where sccache's keys (they include absolute paths) miss. Printed per tool:
-cold and warm wall time, cacheable compilations hit on the warm build, and the ratio of the
-warm times. A plain ``cargo build`` without a wrapper is the baseline.
+workspace is built again with an empty target directory, once in CI's directory and once from a
+different directory ("a laptop"), which is where sccache's keys (they include absolute paths)
+miss. Printed per tool: cold and warm wall time, compilations hit and compiled (missed or not
+cacheable: sccache compiles binaries, proc-macros and build scripts every time), and the
+ratios of the warm times. A plain ``cargo build`` without a wrapper is the baseline.
 
-The workspace is ``tests/rust-workspace`` plus ``--crates`` generated path crates in layers (each
-depending on two crates of the layer before), so there is real work to cache.
+The workspace is ``tests/rust-workspace`` (libraries, build scripts, a proc-macro on syn, a
+crate linking a C library, a small binary) plus ``--crates`` generated path crates in layers
+(each depending on two crates of the layer before) and a generated binary of some size
+(``genbin``: its own generic code, a derive from the proc-macro, every crate of the last
+layer), so there is real work to cache and to link.
 
     .venv/bin/python bench/rustc_vs_sccache.py [--crates 40] [--repeat 3] [--json]
 """
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import free_port, larder_server
+from harness import build_env, compile_larder, free_port, larder_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +64,22 @@ def crate_source(index: int) -> str:
     return f"// Generated crate {index}.\nuse std::collections::BTreeMap;\n\n{items}"
 
 
+def binary_source(index: int, uses: list[str]) -> str:
+    """``genbin``'s main.rs: three crates' worth of generic code, run, and every dependency."""
+    items = "".join(RUST_ITEM.format(n=n, index=index) for n in range(45))
+    runs = " + ".join(f"run{n}(3)" for n in range(45))
+    deps = "".join(f'    println!("{{}}", {d}::run0(2));\n' for d in uses)
+    return (
+        "use describe::Describe;\nuse std::collections::BTreeMap;\n\n"
+        "#[derive(Describe)]\n#[allow(dead_code)]\nstruct Totals { local: f64, crates: usize }"
+        f'\n\n{items}\nfn main() {{\n    println!("{{}} {{}}", Totals::describe(), {runs});\n'
+        f"{deps}}}\n"
+    )
+
+
 def generate(workspace: Path, crates: int) -> list[str]:
-    """Add ``crates`` layered path crates to a copy of the test workspace; their names."""
+    """Add ``crates`` layered path crates and ``genbin`` to a copy of the test workspace;
+    the generated crates' names."""
     names = [f"gen{i:03d}" for i in range(crates)]
     for i, name in enumerate(names):
         layer = i // LAYER
@@ -78,10 +96,20 @@ def generate(workspace: Path, crates: int) -> list[str]:
         )
         uses = "".join(f"pub use {d};\n" for d in deps)
         (crate / "src" / "lib.rs").write_text(uses + crate_source(i))
+    last = names[-min(LAYER, len(names)) :] if names else []
+    genbin = workspace / "crates" / "genbin"
+    (genbin / "src").mkdir(parents=True)
+    dep_lines = "".join(f'{d} = {{ path = "../{d}" }}\n' for d in last)
+    (genbin / "Cargo.toml").write_text(
+        '[package]\nname = "genbin"\nversion = "0.1.0"\nedition = "2021"\n\n'
+        f'[dependencies]\ndescribe = {{ path = "../describe" }}\n{dep_lines}'
+    )
+    (genbin / "src" / "main.rs").write_text(binary_source(crates, last))
     manifest = workspace / "Cargo.toml"
     text = manifest.read_text()
-    members = ", ".join(f'"crates/{n}"' for n in names)
-    manifest.write_text(text.replace('"crates/demo"]', f'"crates/demo", {members}]'))
+    members = "".join(f'    "crates/{n}",\n' for n in [*names, "genbin"])
+    assert '    "crates/demo",\n]' in text, "the workspace's member list changed shape"
+    manifest.write_text(text.replace('    "crates/demo",\n]', f'    "crates/demo",\n{members}]'))
     return names
 
 
@@ -102,15 +130,22 @@ def cargo_build(workspace: Path, target: Path, env: dict[str, str]) -> float:
     return time.monotonic() - start
 
 
-def base_env() -> dict[str, str]:
-    # Installed packages run from compiled bytecode; a shell that sets PYTHONDONTWRITEBYTECODE
-    # would make every larder-rustc start recompile its modules.
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    for name in list(env):
-        if name.startswith(("LARDER_", "SCCACHE_")) or name == "RUSTC_WRAPPER":
-            del env[name]
-    return env
+LINKED = {"describe": "proc-macro", "demo": "bin", "genbin": "bin"}
+
+
+def kind_of(crate: str) -> str:
+    return "build script" if crate == "build_script_build" else LINKED.get(crate, "library")
+
+
+def log_kinds(log: Path) -> dict[str, dict[str, int]]:
+    """Per kind of crate: compilations by result and their milliseconds, from LARDER_LOG."""
+    kinds: dict[str, dict[str, int]] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        fields = dict(part.split("=", 1) for part in line.split()[1:])
+        row = kinds.setdefault(kind_of(fields["crate"]), {"hit": 0, "miss": 0, "ms": 0})
+        row[fields["result"]] = row.get(fields["result"], 0) + 1
+        row["ms"] += int(fields["ms"])
+    return kinds
 
 
 def measure(
@@ -118,7 +153,7 @@ def measure(
     source: Path,
     work: Path,
     env_for: Callable[[str], dict[str, str]],
-    stats: Callable[[], dict[str, int]],
+    stats: Callable[[], dict[str, object]],
     zero: Callable[[], None],
     repeat: int,
 ) -> dict[str, object]:
@@ -127,8 +162,8 @@ def measure(
     cold = cargo_build(copy_workspace(source, ci), ci_target, env_for("ci"))
     same: list[float] = []
     other: list[float] = []
-    same_stats: dict[str, int] = {}
-    other_stats: dict[str, int] = {}
+    same_stats: dict[str, object] = {}
+    other_stats: dict[str, object] = {}
     for attempt in range(repeat):
         shutil.rmtree(ci_target)
         zero()
@@ -150,7 +185,7 @@ def measure(
 def sccache(work: Path, source: Path, repeat: int) -> dict[str, object]:
     exe = str(BIN / "sccache")
     env = {
-        **base_env(),
+        **build_env(),
         "SCCACHE_DIR": str(work / "sccache-cache"),
         "SCCACHE_SERVER_PORT": str(free_port()),
         "SCCACHE_CACHE_SIZE": "10G",
@@ -159,13 +194,17 @@ def sccache(work: Path, source: Path, repeat: int) -> dict[str, object]:
     subprocess.run([exe, "--start-server"], env=env, check=True, capture_output=True)
     try:
 
-        def stats() -> dict[str, int]:
+        def stats() -> dict[str, object]:
             out = subprocess.run([exe, "--show-stats", "--stats-format", "json"], env=env,
                                  check=True, capture_output=True, text=True).stdout  # fmt: skip
             doc = json.loads(out)["stats"]
             hits = sum(doc["cache_hits"]["counts"].values())
             misses = sum(doc["cache_misses"]["counts"].values())
-            return {"hits": hits, "misses": misses}
+            # Not cached, minus cargo's probes (`rustc -vV`, `rustc - --print`): compilations
+            # rustc ran anyway (reason "crate-type": binaries, proc-macros, build scripts).
+            probes = ("-", "missing input")
+            passed = sum(n for why, n in doc["not_cached"].items() if why not in probes)
+            return {"hits": hits, "misses": misses, "non_cacheable": passed}
 
         def zero() -> None:
             subprocess.run([exe, "--zero-stats"], env=env, check=True, capture_output=True)
@@ -182,26 +221,31 @@ def larder(work: Path, source: Path, repeat: int) -> dict[str, object]:
 
         def env_for(machine: str) -> dict[str, str]:
             env = {
-                **base_env(),
+                **build_env(),
                 "RUSTC_WRAPPER": exe,
                 "LARDER_URL": f"{server.url}/main",
                 "LARDER_STATE_DIR": str(work / f"larder-state-{machine}"),
+                "LARDER_LOG": str(work / f"larder-log-{machine}"),
             }
             if machine == "ci":
                 env["LARDER_TOKEN"] = token
             return env
 
-        def stats() -> dict[str, int]:
+        def stats() -> dict[str, object]:
             out = subprocess.run([exe, "--stats", "--json"], env=env_for("laptop"), check=True,
                                  capture_output=True, text=True).stdout  # fmt: skip
             doc = json.loads(out)
-            return {"hits": doc["hits"], "misses": doc["misses"], "errors": doc["errors"]}
+            return {"hits": doc["hits"], "misses": doc["misses"], "errors": doc["errors"],
+                    "non_cacheable": doc["non_cacheable"],
+                    "kinds": log_kinds(work / "larder-log-laptop")}  # fmt: skip
 
         def zero() -> None:
             subprocess.run([exe, "--zero-stats"], env=env_for("laptop"), check=True,
                            capture_output=True)  # fmt: skip
+            (work / "larder-log-laptop").unlink(missing_ok=True)
 
-        return measure("larder", source, work, env_for, stats, zero, repeat)
+        result = measure("larder", source, work, env_for, stats, zero, repeat)
+        return {**result, "cold_kinds": log_kinds(work / "larder-log-ci")}
 
 
 def main() -> int:
@@ -210,15 +254,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="warm builds per tool (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args()
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(ROOT / "larder")],
-        env=base_env(), check=True, capture_output=True,
-    )  # fmt: skip
+    compile_larder()
     with tempfile.TemporaryDirectory(prefix="larder-bench-") as tmp:
         work = Path(tmp)
         source = copy_workspace(WORKSPACE, work / "source")
         generate(source, options.crates)
-        plain = cargo_build(copy_workspace(source, work / "plain"), work / "plain-t", base_env())
+        plain = cargo_build(copy_workspace(source, work / "plain"), work / "plain-t", build_env())
         results = {
             "crates_generated": options.crates,
             "plain_cargo_s": plain,
@@ -227,33 +268,41 @@ def main() -> int:
         }
     sc, la = results["sccache"], results["larder"]
     assert isinstance(sc, dict) and isinstance(la, dict)
-    results["ratio_larder_other_dir_over_sccache_same_dir"] = (
-        la["warm_other_dir_s"] / sc["warm_same_dir_s"]
-    )
-    results["ratio_larder_other_dir_over_sccache_other_dir"] = (
-        la["warm_other_dir_s"] / sc["warm_other_dir_s"]
-    )
+    for ours, theirs in (("same_dir", "same_dir"), ("other_dir", "same_dir"),
+                         ("other_dir", "other_dir")):  # fmt: skip
+        results[f"ratio_larder_{ours}_over_sccache_{theirs}"] = (
+            la[f"warm_{ours}_s"] / sc[f"warm_{theirs}_s"]
+        )
     if options.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"workspace: tests/rust-workspace + {options.crates} generated crates, 2 cores")
+    print(f"workspace: tests/rust-workspace + {options.crates} generated crates + genbin, "
+          f"{os.cpu_count()} cores")  # fmt: skip
     print(f"plain cargo build, no wrapper: {plain:6.2f} s")
-    print(f"{'':26s} {'cold':>8s} {'warm, same dir':>22s} {'warm, other dir':>22s}")
+    print(f"{'':26s} {'cold':>8s} {'warm, same dir':>28s} {'warm, other dir':>28s}")
     for name, result in (("sccache 0.16 (local disk)", sc), ("larder-rustc (loopback)", la)):
         cells = []
         for where in ("same_dir", "other_dir"):
-            hits = result[f"warm_{where}_stats"]
-            assert isinstance(hits, dict)
+            counts = result[f"warm_{where}_stats"]
+            assert isinstance(counts, dict)
             seconds = result[f"warm_{where}_s"]
-            cells.append(
-                f"{seconds:6.2f} s {hits['hits']:3d}/{hits['hits'] + hits['misses']:d} hit"
-            )
-        print(f"{name:26s} {result['cold_s']:6.2f} s {cells[0]:>22s} {cells[1]:>22s}")
+            compiled = counts["misses"] + counts["non_cacheable"]
+            cells.append(f"{seconds:6.2f} s {counts['hits']:3d} hit {compiled:3d} compiled")
+        print(f"{name:26s} {result['cold_s']:6.2f} s {cells[0]:>28s} {cells[1]:>28s}")
+    cold_kinds, warm = la["cold_kinds"], la["warm_other_dir_stats"]
+    assert isinstance(cold_kinds, dict) and isinstance(warm, dict)
+    print("larder-rustc by kind: compilations, time in the shim (cold: compile + upload; warm")
+    print("from another dir: key + download), summed over compilations (cargo runs them -j2)")
+    for kind, cold_row in sorted(cold_kinds.items()):
+        warm_row = warm["kinds"].get(kind, {"hit": 0, "miss": 0, "ms": 0})
+        print(f"  {kind:12s} cold {cold_row['miss']:3d} missed {cold_row['ms'] / 1000:7.2f} s"
+              f"   warm {warm_row['hit']:3d} hit {warm_row['ms'] / 1000:6.2f} s")  # fmt: skip
     print(
-        "larder from another dir / sccache in its own dir: "
-        f"{results['ratio_larder_other_dir_over_sccache_same_dir']:.2f}; "
-        "/ sccache from another dir: "
-        f"{results['ratio_larder_other_dir_over_sccache_other_dir']:.2f} (below 1: larder faster)"
+        "larder / sccache, warm: same dir "
+        f"{results['ratio_larder_same_dir_over_sccache_same_dir']:.2f}; larder from another "
+        f"dir / sccache in its own {results['ratio_larder_other_dir_over_sccache_same_dir']:.2f}"
+        f"; both from another dir {results['ratio_larder_other_dir_over_sccache_other_dir']:.2f}"
+        " (below 1: larder faster)"
     )
     return 0
 

@@ -8,7 +8,7 @@ set -euo pipefail
 missing=()
 command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
-for crate in itoa hex memchr fnv; do
+for crate in itoa hex memchr fnv proc-macro2 quote syn unicode-ident; do
   compgen -G "/usr/share/cargo/registry/${crate}-*" >/dev/null || missing+=("librust-${crate}-dev")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -6,11 +6,13 @@ ordered ``(flag, value)`` pairs plus the input file, without interpreting flags 
 need. A command is a *compilation* when it has an input file and asks for no ``--print``,
 ``--version`` or ``--explain``; anything else is passed straight to rustc.
 
-A compilation is *cacheable* when every crate type is ``lib``, ``rlib`` or ``staticlib``, it emits
-only ``dep-info``, ``metadata`` and ``link`` into ``--out-dir`` (no per-kind paths, no ``-o``),
-and it uses none of: ``-C incremental``, ``--test``, ``@argfiles``, stdin input, ``-C
-save-temps``, profile-guided optimisation, or split debug info (``-C
-split-debuginfo=packed|unpacked``). :attr:`Compilation.reason` names the first rule broken.
+A compilation is *cacheable* when ``--crate-type`` names only ``lib``, ``rlib``, ``staticlib``
+or a *linked* type (``bin``, ``dylib``, ``cdylib``, ``proc-macro``: the output is made by the
+linker, see :mod:`larder.client.linkline` for their further rules), it emits only ``dep-info``,
+``metadata`` and ``link`` into ``--out-dir`` (no per-kind paths, no ``-o``), and it uses none
+of: ``-C incremental``, ``--test``, ``@argfiles``, stdin input, ``-C save-temps``,
+profile-guided optimisation, or split debug info (``-C split-debuginfo=packed|unpacked``).
+:attr:`Compilation.reason` names the first rule broken.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ _TAKES_VALUE = frozenset(
     }
 )  # fmt: skip
 _SHORT_JOINED = ("-C", "-L", "-l", "-A", "-W", "-D", "-F", "-Z", "-o")
-CACHEABLE_CRATE_TYPES = frozenset({"lib", "rlib", "staticlib"})
+LINKED_CRATE_TYPES = frozenset({"bin", "dylib", "cdylib", "proc-macro"})
+CACHEABLE_CRATE_TYPES = frozenset({"lib", "rlib", "staticlib"}) | LINKED_CRATE_TYPES
 CACHEABLE_EMITS = frozenset({"dep-info", "metadata", "link"})
 
 
@@ -87,6 +90,11 @@ class Compilation(NamedTuple):
         return [t for value in self.values("--crate-type") for t in value.split(",") if t]
 
     @property
+    def linked(self) -> bool:
+        """Whether the linker makes an output (a binary or a shared library)."""
+        return "link" in self.emits and any(t in LINKED_CRATE_TYPES for t in self.crate_types)
+
+    @property
     def emits(self) -> list[str]:
         kinds = [k for value in self.values("--emit") for k in value.split(",") if k]
         return kinds or ["link"]
@@ -100,9 +108,15 @@ class Compilation(NamedTuple):
     def extra_filename(self) -> str:
         return self.codegen().get("extra-filename", "")
 
+    @property
+    def stem(self) -> str:
+        return f"{self.crate_name}{self.extra_filename}"
+
     def expected_outputs(self) -> list[str]:
-        """File names rustc writes into ``--out-dir`` for a cacheable compilation."""
-        stem = f"{self.crate_name}{self.extra_filename}"
+        """File names rustc writes into ``--out-dir`` for a cacheable compilation (a Linux
+        target for linked crate types)."""
+        stem = self.stem
+        link_names = {"staticlib": f"lib{stem}.a", "bin": stem}
         names = []
         for kind in sorted(set(self.emits)):
             if kind == "dep-info":
@@ -111,7 +125,8 @@ class Compilation(NamedTuple):
                 names.append(f"lib{stem}.rmeta")
             elif kind == "link":
                 for crate_type in sorted(set(self.crate_types)):
-                    names.append(f"lib{stem}.a" if crate_type == "staticlib" else f"lib{stem}.rlib")
+                    shared = f"lib{stem}.so" if crate_type in LINKED_CRATE_TYPES else None
+                    names.append(link_names.get(crate_type) or shared or f"lib{stem}.rlib")
         return sorted(set(names))
 
 
@@ -152,8 +167,8 @@ def _reason(
     if not c.crate_name:  # missing, or empty (which rustc refuses)
         return "no-crate-name"
     types = c.crate_types
-    if not types:
-        return "crate-type:bin"
+    if not types:  # rustc would read #![crate_type] from the source, or build a binary
+        return "crate-type:unspecified"
     for crate_type in types:
         if crate_type not in CACHEABLE_CRATE_TYPES:
             return f"crate-type:{crate_type}"

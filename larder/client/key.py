@@ -27,12 +27,20 @@ spaces) holding exactly these inputs, numbered as in the code below:
    and BLAKE3 (a symlink by its target).
 10. ``native``: each ``-l static=NAME`` library found as ``libNAME.a`` in a ``-L`` directory, by
     name and BLAKE3 (rustc bundles it into the rlib), or null when not found.
+11. ``link``, only for linked crate types (``bin``, ``dylib``, ``cdylib``, ``proc-macro``; other
+    documents have no such field): the linker command rustc ran, in portable form, the
+    linker's identity, every file the link reads (every crate's rlib, native libraries as the
+    linker finds them on the ``-L`` paths, start files, scripts) and the variables the driver
+    reads, as :mod:`larder.client.linker` describes. Item 7 already covers ``--extern``
+    proc-macro libraries, which rustc loads rather than links.
 
 **Direct mode.** Running rustc for items 5 and 6 costs a crate's parse and macro expansion. So
 each upload also records, under a *direct key*, which files and variables the dep-info run
-named (portable paths and variable names, no contents). The direct key is the BLAKE3 of the same
-kind of document with format ``larder-rustc-direct/1``, items 2-4 and 7-10, and ``input``: the
-crate root's portable path and BLAKE3. A later compilation with the same direct key hashes the
+named (portable paths and variable names, no contents), and for a linked crate the link line
+(item 11 can only be known from a link, so a linked crate is found through direct entries
+only). The direct key is the BLAKE3 of the same kind of document with format
+``larder-rustc-direct/1``, items 2-4 and 7-10, and ``input``: the crate root's portable path
+and BLAKE3. A later compilation with the same direct key hashes the
 recorded files and reads the recorded variables *on its own machine* and computes the full key
 from them; the server never supplies a key, only a list of names to look at, so a wrong list
 can only cause a miss. Any change that could make rustc read other files changes a file that
@@ -110,6 +118,7 @@ class KeyInputs(NamedTuple):
     base: Base
     sources: list[tuple[str, str]]  # 5
     env_deps: list[tuple[str, str | None]]  # 6
+    link: dict[str, object] | None = None  # 11, linked crates only
 
     def document(self) -> bytes:
         return _digest(self._fields_dict())[1]
@@ -118,12 +127,15 @@ class KeyInputs(NamedTuple):
         return _digest(self._fields_dict())[0]
 
     def _fields_dict(self) -> dict[str, object]:
-        return {
+        fields: dict[str, object] = {
             "format": KEY_FORMAT,
             **self.base._asdict(),
             "sources": self.sources,
             "env_deps": self.env_deps,
         }
+        if self.link is not None:
+            fields["link"] = self.link
+        return fields
 
 
 def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
@@ -268,9 +280,9 @@ def direct_key(base: Base, compilation: Compilation, roots: Roots, cwd: Path) ->
 
 def complete(
     base: Base, sources: list[str], env_names: list[str], roots: Roots, cwd: Path,
-    environ: dict[str, str],
+    environ: dict[str, str], link: dict[str, object] | None = None,
 ) -> KeyInputs:  # fmt: skip
-    """Items 5 and 6 from local paths (as dep-info lists them) and variable names."""
+    """Items 5 and 6 from local paths (as dep-info lists them) and variable names; item 11."""
     try:
         digests = [(roots.portable_path(p), file_digest(cwd / p)) for p in sources]
     except OSError as exc:
@@ -279,19 +291,23 @@ def complete(
         (name, None if environ.get(name) is None else roots.portable(environ[name]))
         for name in sorted(set(env_names))
     ]
-    return KeyInputs(base, digests, env)
+    return KeyInputs(base, digests, env, link)
 
 
-def direct_entry(deps: depinfo.DepInfo, roots: Roots) -> DirectEntry:
-    """What to record under the direct key after a dep-info run."""
-    return DirectEntry([roots.portable_path(p) for p in deps.files], [n for n, _ in deps.env])
+def direct_entry(deps: depinfo.DepInfo, roots: Roots, link: list[str] | None = None) -> DirectEntry:
+    """What to record under the direct key after a dep-info run (and a link)."""
+    sources = [roots.portable_path(p) for p in deps.files]
+    return DirectEntry(sources, [n for n, _ in deps.env], list(link or []))
 
 
 def from_direct_entry(
-    base: Base, entry: DirectEntry, roots: Roots, cwd: Path, environ: dict[str, str]
-) -> KeyInputs:
-    """The full key inputs for a recorded entry, from this machine's files and environment."""
-    return complete(base, [roots.local(p) for p in entry.sources], entry.env, roots, cwd, environ)
+    base: Base, entry: DirectEntry, roots: Roots, cwd: Path, environ: dict[str, str],
+    link: dict[str, object] | None = None,
+) -> KeyInputs:  # fmt: skip
+    """The full key inputs for a recorded entry, from this machine's files and environment
+    (item 11 computed by the caller from the entry's link line)."""
+    sources = [roots.local(p) for p in entry.sources]
+    return complete(base, sources, entry.env, roots, cwd, environ, link)
 
 
 def compute(

@@ -13,6 +13,10 @@ builds that should share a cache entry:
 outputs themselves the shim passes ``--remap-path-prefix`` for each root (``CWD`` to ``.``,
 ``TARGET`` to ``/larder/target``, ``CARGO_HOME`` to ``/larder/cargo-home``), so that rlibs, rmeta
 files and debug info are byte-identical whichever directory they were built in.
+
+A link line names two more machine-specific places (:mod:`larder.client.linkline`): the
+toolchain's ``SYSROOT`` and rustc's temporary directory ``RUSTC_TMP``. :meth:`Roots.extended`
+adds such roots for portable text only; they get no ``--remap-path-prefix``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import NamedTuple
 
 PLACEHOLDER = "@LARDER:{}@"
 REMAP_TO = {"CWD": ".", "TARGET": "/larder/target", "CARGO_HOME": "/larder/cargo-home"}
-_PLACEHOLDER = re.compile(r"@LARDER:(CWD|TARGET|CARGO_HOME)@")
+_PLACEHOLDER = re.compile(r"@LARDER:([A-Z_]+)@")
 
 
 def find_target_dir(out_dir: Path) -> Path:
@@ -72,6 +76,11 @@ class Roots(NamedTuple):
         ordered = sorted(found.items(), key=lambda item: len(item[1]), reverse=True)
         return cls(tuple(ordered))
 
+    def extended(self, **paths: Path | None) -> Roots:
+        """These roots and ``paths`` (placeholders without a remap, e.g. ``SYSROOT``)."""
+        known: dict[str, Path | None] = {name: Path(path) for name, path in self.roots}
+        return Roots.of(**{**known, **paths})
+
     def portable(self, text: str) -> str:
         """``text`` with every root replaced by its placeholder."""
         if not self.roots:
@@ -85,7 +94,7 @@ class Roots(NamedTuple):
 
         def expand(match: re.Match[str]) -> str:
             name = match.group(1)
-            return by_name.get(name, REMAP_TO[name])
+            return by_name.get(name) or REMAP_TO.get(name) or match.group(0)
 
         return _PLACEHOLDER.sub(expand, text)
 
@@ -99,5 +108,7 @@ class Roots(NamedTuple):
         """``--remap-path-prefix`` flags; rustc lets the last match win, so specific last."""
         flags = []
         for name, path in sorted(self.roots, key=lambda item: len(item[1])):
+            if name not in REMAP_TO:
+                continue
             flags.append(f"--remap-path-prefix={path}={REMAP_TO[name]}")
         return flags

@@ -8,19 +8,23 @@ Environment:
 * ``LARDER_URL``: the cache, e.g. ``http://larder:8080/main``. Unset: rustc runs untouched.
 * ``LARDER_TOKEN``: a write token; without it the shim only reads.
 * ``LARDER_DISABLE=1``: run rustc untouched.
-* ``LARDER_LOG``: a file that gets one line per compilation (crate, key, result, reason, ms).
+* ``LARDER_LOG``: a file that gets one line per compilation (crate, key, result, reason, ms,
+  and the package: every build script's crate is ``build_script_build``).
 * ``LARDER_TIMEOUT``: seconds per network operation (default 5).
 * ``LARDER_STATE_DIR``: where stats and the toolchain cache live (default
   ``$XDG_CACHE_HOME/larder``); ``LARDER_KEY_DIR``: if set, each key's inputs are written there
   as ``<key>.json``, to compare two machines' keys.
 
 For a compilation the shim computes the key (:mod:`larder.client.key`), asks the cache, and on a
-hit writes the outputs atomically into ``--out-dir`` (dep-info rewritten to this machine's paths),
-replays rustc's stdout and stderr and exits 0. On a miss it runs rustc with
-``--remap-path-prefix`` for each root (as it does for every compilation it runs, so outputs are
-the same from any directory), passes its output through as it comes, and with a token uploads the
-outputs, refusing any that still contain one of this machine's root paths. Calls that are not
-compilations (``-vV``, ``--print``) go straight to rustc with no network traffic.
+hit writes the outputs atomically into ``--out-dir`` (dep-info rewritten to this machine's paths,
+modes as recorded, so binaries stay executable), replays rustc's stdout and stderr and exits 0.
+On a miss it runs rustc with ``--remap-path-prefix`` for each root (as it does for every
+compilation it runs, so outputs are the same from any directory), passes its output through as it
+comes, and with a token uploads the outputs, refusing any that still contain one of this
+machine's root paths. A linked crate (binary, proc-macro, dylib, cdylib) it uploads is compiled
+with ``--print=link-args=FILE`` too, which tells the shim what the link read
+(:mod:`larder.client.linkline`, :mod:`larder.client.linker`). Calls that are not compilations
+(``-vV``, ``--print``) go straight to rustc with no network traffic.
 
 The cache can slow a build but never break it: every network failure, timeout, 5xx or garbage
 answer means a local compilation and a counted error, and after an unreachable server the shim
@@ -40,7 +44,7 @@ from typing import BinaryIO
 import blake3
 
 from larder.client import args as rustc_args
-from larder.client import depinfo, toolchain
+from larder.client import depinfo, linkline, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
 from larder.client.entry import cache_enabled
@@ -137,11 +141,17 @@ class Invocation:
         self.state = stats_mod.state_dir(environ)
         self.token = environ.get("LARDER_TOKEN") or None
         self.started = time.monotonic()
+        targets = self.compilation.values("--target")
+        self.target = targets[-1] if targets else None
+        self.toolchain: toolchain.Fingerprint | None = None
+        self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
+        self.uploaded = ""  # the key an upload went under
 
     # -- the pieces ------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        return [self.rustc, *self.args, *self.roots.remap_flags()]
+        extra = [f"--print=link-args={self.link_file}"] if self.link_file else []
+        return [self.rustc, *self.args, *self.roots.remap_flags(), *extra]
 
     def compile(self, outcome: Outcome) -> tuple[int, bytes, bytes]:
         start = time.monotonic()
@@ -167,18 +177,45 @@ class Invocation:
 
     def base(self) -> cache_key.Base:
         """Key items that need no dep-info run (the toolchain is cached per rustc binary)."""
-        targets = self.compilation.values("--target")
-        version, sysroot = toolchain.fingerprint(
-            self.rustc, targets[-1] if targets else None, self.env, self.state
-        )
+        self.toolchain = toolchain.fingerprint(self.rustc, self.target, self.env, self.state)
         return cache_key.base_inputs(
-            rustc_version=version,
-            sysroot=sysroot,
+            rustc_version=self.toolchain.version,
+            sysroot=self.toolchain.libraries,
             compilation=self.compilation,
             roots=self.roots,
             cwd=self.cwd,
             environ=self.env,
         )
+
+    def link_roots(self) -> Roots:
+        assert self.toolchain is not None
+        return self.roots.extended(SYSROOT=Path(self.toolchain.sysroot))
+
+    def link_item(self, tokens: list[str]) -> dict[str, object]:
+        """Key item 11 for a link line (:class:`linkline.Unaccounted` if it has no account)."""
+        from larder.client import linker  # linked crates only
+
+        assert self.toolchain is not None
+        plan = linkline.classify(tokens)
+        target = self.target or self.toolchain.host
+        tools = toolchain.tools(self.rustc, self.toolchain, self.target, self.env, self.state)
+        covered = {f"lib/rustlib/{target}/lib/{n}": h for n, h in self.toolchain.libraries}
+        covered.update(tools)
+        link = linker.Link(
+            roots=self.link_roots(), cwd=self.cwd, environ=self.env, state_dir=self.state,
+            fingerprint=self.toolchain, covered=covered,
+        )  # fmt: skip
+        return {**link.item(tokens, plan), "sysroot_tools": tools}
+
+    def link_tokens(self) -> list[str]:
+        """The link line rustc just wrote, in portable form."""
+        assert self.link_file is not None and self.out_dir is not None
+        argv = linkline.parse(self.link_file.read_text())
+        out_dirs = [str(self.out_dir), str(self.compilation.out_dir)]
+        tmp = linkline.rustc_tmp(argv, [*out_dirs, self.env.get("TMPDIR") or "/tmp"])
+        roots = self.link_roots().extended(RUSTC_TMP=Path(tmp) if tmp else None)
+        stem = self.compilation.stem
+        return linkline.normalise(argv, out_dirs=out_dirs, stem=stem, portable=roots.portable)
 
     def keep(self, inputs: cache_key.KeyInputs) -> str:
         """The key of ``inputs``; with ``LARDER_KEY_DIR`` also write them down."""
@@ -236,8 +273,21 @@ class Invocation:
         if not own_depinfo.is_file():
             return "no-dep-info"
         deps = depinfo.parse(own_depinfo.read_text())
-        key = self.keep(self.full_inputs(base, deps))
-        needles = [path.encode() for _, path in self.roots.roots]
+        tokens: list[str] | None = None
+        link: dict[str, object] | None = None
+        if self.compilation.linked:
+            try:
+                tokens = self.link_tokens()
+                link = self.link_item(tokens)
+            except linkline.Unaccounted as exc:
+                return exc.kind
+            except cache_key.KeyUnavailable:
+                return "link-input"
+        files, env = list(deps.files), [name for name, _ in deps.env]
+        inputs = cache_key.complete(base, files, env, self.roots, self.cwd, self.env, link)
+        key = self.uploaded = self.keep(inputs)
+        # This machine's roots, and its sysroot: the key names it by placeholder.
+        needles = [path.encode() for _, path in self.link_roots().roots]
         outputs: list[Output] = []
         contents: dict[str, bytes | Path] = {}
         for name in self.compilation.expected_outputs():
@@ -261,7 +311,7 @@ class Invocation:
         for blob_id in remote.missing(list(contents)):
             remote.put_blob(blob_id, contents[blob_id])
         remote.put_manifest(key, document)
-        remote.put_direct(direct, cache_key.direct_entry(deps, self.roots))
+        remote.put_direct(direct, cache_key.direct_entry(deps, self.roots, tokens))
         return None
 
     # -- the whole thing -------------------------------------------------------------------
@@ -269,11 +319,26 @@ class Invocation:
     def run(self) -> tuple[int, Outcome]:
         if not self.compilation.cacheable:
             return self.uncached(self.compilation.reason or "unknown")
+        if self.compilation.linked:
+            reason = linkline.check_compilation(self.compilation, self.cwd)
+            if reason:
+                return self.uncached(reason)
         try:
             base = self.base()
             direct = cache_key.direct_key(base, self.compilation, self.roots, self.cwd)
         except KEY_ERRORS:
             return self.uncached("no-key")
+        assert self.toolchain is not None and self.out_dir is not None
+        if self.compilation.linked and self.toolchain.release < linkline.MIN_RELEASE:
+            return self.uncached("rustc-version")
+        try:
+            return self.cached(base, direct)
+        finally:
+            if self.link_file is not None:
+                self.link_file.unlink(missing_ok=True)
+
+    def cached(self, base: cache_key.Base, direct: str) -> tuple[int, Outcome]:
+        """Look up, or compile and (with a token) upload, a cacheable compilation."""
         outcome = Outcome("miss")
         if self.offline():
             outcome.result, outcome.error = "error", "offline"
@@ -294,6 +359,9 @@ class Invocation:
             outcome.result = "error"
             self._failed(outcome, exc)
             remote = None
+        if self.compilation.linked and self.token and remote is not None:
+            assert self.out_dir is not None
+            self.link_file = self.out_dir / f".larder-link-{os.getpid()}-{os.urandom(4).hex()}"
         code, out, err = self.compile(outcome)
         if code == 0 and self.token and remote is not None:
             try:
@@ -303,6 +371,7 @@ class Invocation:
                     outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
                 else:
                     outcome.counters["uploads"] = 1
+                    outcome.key = outcome.key or self.uploaded
             except (*REMOTE_ERRORS, *KEY_ERRORS) as exc:
                 self._failed(outcome, exc)
         if remote is not None:
@@ -329,15 +398,22 @@ class Invocation:
         Direct entries first (no rustc run); then the key from a real dep-info run.
         """
         tried: set[str] = set()
+        linked = self.compilation.linked
         for entry in remote.get_direct(direct):
             try:
-                inputs = cache_key.from_direct_entry(base, entry, self.roots, self.cwd, self.env)
-            except cache_key.KeyUnavailable:
-                continue  # names a file this checkout does not have
+                link = self.link_item(entry.link) if linked else None
+                inputs = cache_key.from_direct_entry(
+                    base, entry, self.roots, self.cwd, self.env, link
+                )
+            except (cache_key.KeyUnavailable, linkline.Unaccounted):
+                continue  # names a file this checkout does not have, or no usable link line
             key = self.keep(inputs)
             tried.add(key)
             if self.fetch(remote, key, outcome):
                 return True
+        if linked:  # item 11 comes only from a link: no entry, no key
+            outcome.counters["misses"] = 1
+            return False
         assert self.out_dir is not None
         deps = cache_key.depinfo_run(self.rustc, self.compilation, self.cwd, self.out_dir, self.env)
         key = self.keep(self.full_inputs(base, deps))
@@ -379,7 +455,8 @@ def _log(environ: dict[str, str], crate: str, outcome: Outcome, ms: int) -> None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     line = (
         f"{stamp} crate={crate} key={outcome.key[:16] or '-'} result={outcome.result} "
-        f"reason={outcome.reason or outcome.error or '-'} ms={ms}\n"
+        f"reason={outcome.reason or outcome.error or '-'} ms={ms} "
+        f"pkg={environ.get('CARGO_PKG_NAME') or '-'}\n"
     )
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -23,8 +23,11 @@ larder's store; ``mode`` is the permission bits (0-0o777). The key itself is der
 A *direct entry* records what a compilation's dep-info run named, under the compilation's direct
 key (see :mod:`larder.client.key`): ``{"sources": [<portable path>, ...], "env": [<variable>,
 ...]}``, at most :data:`MAX_DIRECT_SOURCES` paths of at most 4096 characters and
-:data:`MAX_DIRECT_ENV` names of ``[A-Za-z_][A-Za-z0-9_]*``. A direct key can hold several entries
-(served as ``{"entries": [...]}``, at most :data:`MAX_DIRECT_ENTRIES`).
+:data:`MAX_DIRECT_ENV` names of ``[A-Za-z_][A-Za-z0-9_]*``. An entry of a linked crate (a binary,
+proc-macro, dylib or cdylib) also has ``"link": [<token>, ...]``, the linker command rustc ran
+in portable form (see :mod:`larder.client.linkline`), at most :data:`MAX_DIRECT_LINK` non-empty
+tokens of at most 4096 characters; other entries have no ``link``. A direct key can hold
+several entries (served as ``{"entries": [...]}``, at most :data:`MAX_DIRECT_ENTRIES`).
 
 Missing-blob queries are ``{"blobs": [<64 hex>, ...]}`` (at most :data:`MAX_QUERY_BLOBS`),
 answered with ``{"missing": [...]}`` in the order asked.
@@ -45,6 +48,7 @@ MAX_QUERY_BLOBS: Final = 10_000
 MAX_DIRECT_SOURCES: Final = 10_000
 MAX_DIRECT_ENV: Final = 1_000
 MAX_DIRECT_ENTRIES: Final = 32
+MAX_DIRECT_LINK: Final = 10_000
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,255}")
@@ -177,15 +181,17 @@ def parse_blob_query(data: bytes) -> list[str]:
 
 
 class DirectEntry(NamedTuple):
-    """The files (portable paths) and variables a dep-info run named."""
+    """The files (portable paths) and variables a dep-info run named; a linked crate's link."""
 
     sources: list[str]
     env: list[str]
+    link: list[str] = []  # noqa: RUF012 - never mutated; empty for crates that do not link
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"sources": self.sources, "env": self.env}, separators=(",", ":")
-        ).encode()
+        doc: dict[str, list[str]] = {"sources": self.sources, "env": self.env}
+        if self.link:
+            doc["link"] = self.link
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _direct_entry(doc: object) -> DirectEntry:
@@ -202,7 +208,13 @@ def _direct_entry(doc: object) -> DirectEntry:
     for name in env:
         if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
             raise FormatError(f"invalid environment variable name {str(name)[:80]!r}")
-    return DirectEntry(list(sources), list(env))
+    link = doc.get("link", [])
+    if not isinstance(link, list) or len(link) > MAX_DIRECT_LINK:
+        raise FormatError(f"direct entry 'link' must list at most {MAX_DIRECT_LINK} tokens")
+    for token in link:
+        if not isinstance(token, str) or not token or len(token) > 4096 or "\0" in token:
+            raise FormatError("direct entry link tokens must be non-empty strings without NUL")
+    return DirectEntry(list(sources), list(env), list(link))
 
 
 def parse_direct_entry(data: bytes) -> DirectEntry:

@@ -71,10 +71,8 @@ def _with(*extra: str, drop: str | None = None) -> list[str]:
 @pytest.mark.parametrize(
     ("argv", "reason"),
     [
-        (_with("--crate-type", "bin", drop="--crate-type"), "crate-type:bin"),
-        (_with("--crate-type", "proc-macro", drop="--crate-type"), "crate-type:proc-macro"),
-        (_with("--crate-type", "cdylib", drop="--crate-type"), "crate-type:cdylib"),
-        (_with(drop="--crate-type"), "crate-type:bin"),
+        (_with(drop="--crate-type"), "crate-type:unspecified"),
+        (_with("--crate-type", "sdylib", drop="--crate-type"), "crate-type:sdylib"),
         (_with("-C", "incremental=/w/target/debug/incremental"), "incremental"),
         (_with("--test"), "test"),
         (_with("--emit=asm"), "emit:asm"),
@@ -103,3 +101,29 @@ def test_staticlib_and_check_outputs() -> None:
         "leaf-0d7b9f46af7681ca.d",
         "libleaf-0d7b9f46af7681ca.rmeta",
     ]
+
+
+@pytest.mark.parametrize(
+    ("crate_type", "output"),
+    [("bin", "leaf-0d7b9f46af7681ca"), ("proc-macro", "libleaf-0d7b9f46af7681ca.so"),
+     ("cdylib", "libleaf-0d7b9f46af7681ca.so"), ("dylib", "libleaf-0d7b9f46af7681ca.so")],
+)  # fmt: skip
+def test_linked_crate_types_are_cacheable(crate_type: str, output: str) -> None:
+    linked = parse(_with("--crate-type", crate_type, drop="--crate-type"))
+    assert linked.cacheable and linked.linked
+    assert linked.expected_outputs() == sorted(
+        ["leaf-0d7b9f46af7681ca.d", "libleaf-0d7b9f46af7681ca.rmeta", output]
+    )
+
+
+def test_what_links() -> None:
+    assert not parse(CARGO_LIB).linked
+    assert not parse(_with("--crate-type", "staticlib", drop="--crate-type")).linked
+    # `cargo check` of a binary writes metadata only: nothing is linked.
+    check = _with("--crate-type", "bin", "--emit=dep-info,metadata", drop="--crate-type")
+    check.remove("--emit=dep-info,metadata,link")
+    assert parse(check).cacheable and not parse(check).linked
+    mixed = parse(_with("--crate-type", "rlib,cdylib", drop="--crate-type"))
+    assert mixed.linked
+    assert "libleaf-0d7b9f46af7681ca.rlib" in mixed.expected_outputs()
+    assert "libleaf-0d7b9f46af7681ca.so" in mixed.expected_outputs()

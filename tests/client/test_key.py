@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from larder.client.key import (
 )
 from larder.client.paths import Roots
 from larder.protocol.rustc import DirectEntry
+from tests.client.changes import Changes
 
 RUSTC_VERSION = "rustc 1.95.0 (59807616e 2026-04-14)\nhost: x86_64-unknown-linux-gnu\n"
 SYSROOT = [("libstd-abc.rlib", "11" * 32), ("libcore-def.rlib", "22" * 32)]
@@ -127,14 +127,7 @@ def test_portable_args_drop_outputs_and_paths(ci: Checkout) -> None:
     assert not any(a.startswith(("--out-dir", "--diagnostic-width")) for a in portable)
 
 
-CHANGES: dict[str, Callable[[Checkout], dict[str, object]]] = {}
-
-
-def change(name: str) -> Callable[[Callable[[Checkout], dict[str, object]]], None]:
-    def register(fn: Callable[[Checkout], dict[str, object]]) -> None:
-        CHANGES[name] = fn
-
-    return register
+change = Changes[Checkout]()
 
 
 @change("source file")
@@ -167,6 +160,11 @@ def _feature(c: Checkout) -> dict[str, object]:
 @change("RUSTFLAGS")
 def _rustflags(c: Checkout) -> dict[str, object]:
     return {"extra": ("-C", "opt-level=3")}
+
+
+@change("crate type")
+def _crate_type(c: Checkout) -> dict[str, object]:
+    return {"extra": ("--crate-type", "staticlib")}
 
 
 @change("dependency")
@@ -208,10 +206,10 @@ def _bootstrap(c: Checkout) -> dict[str, object]:
     return {"env": {"RUSTC_BOOTSTRAP": "1"}}
 
 
-@pytest.mark.parametrize("name", sorted(CHANGES))
+@pytest.mark.parametrize("name", change.names())
 def test_each_input_changes_the_key(name: str, ci: Checkout) -> None:
     before = key_of(ci)
-    options = CHANGES[name](ci)
+    options = change.by_name[name](ci)
     extra = options.pop("extra", ())
     after = key_of(ci, *extra, **options)  # type: ignore[arg-type]
     assert after != before, name
@@ -257,6 +255,27 @@ def test_direct_mode_gives_the_full_key_on_another_machine(ci: Checkout, laptop:
     assert direct_key(other_base, other_compilation, other_roots, laptop.root) != direct_key(
         base, compilation, roots, ci.root
     )
+
+
+def test_a_linked_crate_key_covers_its_link(ci: Checkout, laptop: Checkout) -> None:
+    base, roots, environ, _ = _base(ci)
+    files, env = list(ci.deps().files), ["GREETING"]
+    plain = complete(base, files, env, roots, ci.root, environ)
+    link = {"line": ["cc", "-lc"], "inputs": [["/usr/lib/libc.so", "33" * 32]]}
+    linked = complete(base, files, env, roots, ci.root, environ, link)
+    assert b'"link"' not in plain.document()  # documents of other crates are unchanged
+    assert linked.key() != plain.key()
+    other = {**link, "inputs": [["/usr/lib/libc.so", "44" * 32]]}
+    assert complete(base, files, env, roots, ci.root, environ, other).key() != linked.key()
+
+    # The entry carries the link line; the laptop computes the same key from it.
+    entry = direct_entry(ci.deps(), roots, ["cc", "-lc"])
+    assert entry.link == ["cc", "-lc"] and b'"link"' in entry.to_json()
+    assert b'"link"' not in direct_entry(ci.deps(), roots).to_json()
+    other_base, other_roots, other_env, _ = _base(laptop)
+    again = from_direct_entry(other_base, entry, other_roots, laptop.root, other_env, link)
+    full = complete(base, files, ["GREETING", "OUT_DIR"], roots, ci.root, environ, link)
+    assert again.key() == full.key()
 
 
 def test_direct_entry_naming_a_missing_file_is_unusable(ci: Checkout) -> None:

@@ -83,13 +83,15 @@ def crate(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def shim(crate: Path, url: str, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+LIB = ["--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
+       "--emit=dep-info,metadata,link"]  # fmt: skip
+
+
+def shim(
+    crate: Path, url: str, *extra: str, crate_args: list[str] = LIB, **env: str
+) -> subprocess.CompletedProcess[str]:
     rustc = env.pop("RUSTC_OVERRIDE", RUSTC)
-    argv = [
-        rustc, "--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
-        "--emit=dep-info,metadata,link", "-C", "extra-filename=-x", "--out-dir",
-        str(crate / "out"), *extra,
-    ]  # fmt: skip
+    argv = [rustc, *crate_args, "-C", "extra-filename=-x", "--out-dir", str(crate / "out"), *extra]
     environ = {
         **os.environ,
         "LARDER_URL": url,
@@ -257,6 +259,72 @@ def test_second_machine_hits_through_direct_mode_without_running_rustc(tmp_path:
     assert (machines[1] / "out" / "libt-x.rlib").read_bytes() == (
         machines[0] / "out" / "libt-x.rlib"
     ).read_bytes()
+
+
+BIN = ["--crate-name", "hello", "--edition=2021", "src/main.rs", "--crate-type", "bin",
+       "--emit=dep-info,link", "-L", "native=native", "-l", "static=answer"]  # fmt: skip
+
+
+def bin_crate(base: Path, answer: int = 42) -> Path:
+    """A binary that calls into a C static library on its -L path."""
+    crate = base / "src" / "hello"
+    (crate / "src").mkdir(parents=True)
+    (crate / "src" / "main.rs").write_text(
+        'extern "C" { fn answer() -> i32; }\n'
+        'fn main() { println!("answer {}", unsafe { answer() }); }\n'
+    )
+    (crate / "out").mkdir()
+    native_lib(crate, answer)
+    return crate
+
+
+def native_lib(crate: Path, answer: int) -> None:
+    native = crate / "native"
+    native.mkdir(exist_ok=True)
+    (native / "answer.c").write_text(f"int answer(void) {{ return {answer}; }}\n")
+    subprocess.run(["cc", "-c", "-fPIC", "answer.c", "-o", "answer.o"], cwd=native, check=True)
+    (native / "libanswer.a").unlink(missing_ok=True)
+    subprocess.run(["ar", "crsD", "libanswer.a", "answer.o"], cwd=native, check=True)
+
+
+def test_binaries_are_cached_with_their_link_inputs(tmp_path: Path) -> None:
+    from tests.e2e.harness import larder_server
+
+    log = tmp_path / "rustc-calls"
+    logging_rustc = tmp_path / "rustc"
+    logging_rustc.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {RUSTC} "$@"\n')
+    logging_rustc.chmod(0o755)
+    ci, laptop = bin_crate(tmp_path / "ci"), bin_crate(tmp_path / "home" / "me")
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        url = f"{server.url}/main"
+        done = shim(ci, url, crate_args=BIN, LARDER_TOKEN=server.token())
+        assert done.returncode == 0, done.stderr
+        assert stats(ci)["uploads"] == 1
+
+        log.unlink(missing_ok=True)
+        done = shim(laptop, url, crate_args=BIN, RUSTC_OVERRIDE=str(logging_rustc))
+        assert done.returncode == 0, done.stderr
+        calls = log.read_text().splitlines() if log.exists() else []
+        assert not [c for c in calls if "--crate-name" in c], calls  # a hit: no compile
+        binary = laptop / "out" / "hello-x"
+        assert os.access(binary, os.X_OK)
+        assert binary.read_bytes() == (ci / "out" / "hello-x").read_bytes()
+        assert subprocess.run([binary], capture_output=True, text=True).stdout == "answer 42\n"
+
+        # Another link argument, or another native library: the link differs, so a miss.
+        done = shim(laptop, url, "-C", "link-arg=-Wl,--build-id=sha1", crate_args=BIN)
+        assert done.returncode == 0, done.stderr
+        native_lib(laptop, 43)
+        done = shim(laptop, url, crate_args=BIN)
+        assert done.returncode == 0, done.stderr
+        assert subprocess.run([binary], capture_output=True, text=True).stdout == "answer 43\n"
+        counted = stats(laptop)
+        assert (counted["hits"], counted["misses"], counted["errors"]) == (1, 2, 0)
+
+        # What the key cannot describe is compiled locally and counted with its reason.
+        done = shim(laptop, url, "-C", "link-arg=-Wl,-Map=hello.map", crate_args=BIN)
+        assert done.returncode == 0, done.stderr
+        assert stats(laptop)["non_cacheable_reasons"] == {"link-arg": 1}
 
 
 def test_entry_point_decides_without_the_shim() -> None:

@@ -1,8 +1,9 @@
 """larder-rustc with real cargo and rustc: CI fills the cache, a laptop elsewhere hits it.
 
-The workspace (tests/rust-workspace) builds offline against Debian's registry crates. The CI
-build and the laptop build use different checkout directories, target directories and state
-directories, as two machines would.
+The workspace (tests/rust-workspace) builds offline against Debian's registry crates: libraries,
+build scripts, a proc-macro on syn, a library linking a C static library and a binary using
+them all. The CI build and the laptop build use different checkout directories, target
+directories and state directories, as two machines would.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from tests.e2e.harness import Larder, larder_server
 
 WORKSPACE = Path(__file__).resolve().parents[1] / "rust-workspace"
 SHIM = Path(sys.executable).parent / "larder-rustc"  # installed beside the test's Python
-CACHEABLE = {"memchr", "itoa", "hex", "fnv", "leaf", "generated", "envconf"}
+LIBRARIES = {
+    "memchr", "itoa", "hex", "fnv", "leaf", "generated", "envconf", "native", "unicode_ident",
+    "proc_macro2", "quote", "syn",
+}  # fmt: skip
+BUILD_SCRIPTS = {
+    f"build_script_build/{package}"
+    for package in ("memchr", "generated", "native", "proc-macro2", "quote", "syn")
+}
+LINKED = {"describe", "demo", *BUILD_SCRIPTS}  # the proc-macro, the binary and build scripts
+CACHEABLE = LIBRARIES | LINKED
+DEMO_OUTPUT_TAIL = "Report { greeting, total }\nnative answer 42\n"
 
 
 @dataclass
@@ -80,13 +91,17 @@ class Machine:
         subprocess.run([str(SHIM), "--zero-stats"], env=self.env(), check=True)
 
     def results(self) -> dict[str, str]:
-        """crate -> result of this build's cacheable compilations, from LARDER_LOG."""
+        """crate -> result of this build's compilations, from LARDER_LOG (build scripts as
+        ``build_script_build/<package>``)."""
         found: dict[str, str] = {}
         log = self.state / "log"
         for line in log.read_text().splitlines() if log.exists() else []:
             fields = dict(part.split("=", 1) for part in line.split()[1:])
-            if fields["crate"] in CACHEABLE:
-                found[fields["crate"]] = fields["result"]
+            name = fields["crate"]
+            if name == "build_script_build":
+                name = f"{name}/{fields['pkg']}"
+            assert name not in found, f"{name} compiled twice"
+            found[name] = fields["result"]
         return found
 
 
@@ -107,6 +122,8 @@ def test_laptop_reuses_ci_compilations_from_another_directory(tmp_path: Path) ->
         assert ci_stats["errors"] == 0 and ci_stats["uploads"] == len(CACHEABLE)
         expected_output = ci.run_demo()
 
+        # From another directory with an empty target directory, everything is a hit: the
+        # proc-macro, the build scripts and the binary too, which runs (restored executable).
         laptop = machine(tmp_path / "home" / "me", "laptop", server, token=None)
         laptop.build()
         assert laptop.results() == dict.fromkeys(CACHEABLE, "hit")
@@ -114,44 +131,78 @@ def test_laptop_reuses_ci_compilations_from_another_directory(tmp_path: Path) ->
         assert (laptop_stats["hits"], laptop_stats["misses"], laptop_stats["errors"]) == (
             len(CACHEABLE), 0, 0,
         )  # fmt: skip
+        assert laptop_stats["non_cacheable"] == 0
         assert laptop.run_demo() == expected_output
+        assert expected_output.endswith(DEMO_OUTPUT_TAIL)
 
         # Cargo sees restored outputs as fresh: nothing is compiled again.
         laptop.build()
         assert laptop.results() == {}
 
-        # One edited source: exactly that crate and its dependents miss.
+        # One edited source: exactly that crate and its dependents miss. The binary is
+        # compiled here, so this rustc loads the proc-macro restored from CI's build.
         lib = laptop.checkout / "crates/leaf/src/lib.rs"
         lib.write_text(lib.read_text() + "\npub fn added() -> u8 { 1 }\n")
         laptop.build()
-        assert laptop.results() == {"leaf": "miss", "generated": "miss"}
+        assert laptop.results() == dict.fromkeys(["leaf", "generated", "demo"], "miss")
+        assert laptop.run_demo() == expected_output
 
         # An env! variable the crate reads: only that crate misses, and its value is used.
         laptop.build(LARDER_DEMO_GREETING="bonjour")
-        assert laptop.results() == {"envconf": "miss"}
+        assert laptop.results() == {"envconf": "miss", "demo": "miss"}
         assert laptop.run_demo().startswith("bonjour from envconf")
 
         # A feature: the crate with the feature and its dependents miss.
         laptop.build("--features", "leaf/shout", LARDER_DEMO_GREETING="bonjour")
-        assert laptop.results() == {"leaf": "miss", "generated": "miss"}
+        assert laptop.results() == dict.fromkeys(["leaf", "generated", "demo"], "miss")
         assert laptop.run_demo().startswith("BONJOUR FROM ENVCONF")
+
+        # The C static library the binary links changes (its build script compiles it into
+        # OUT_DIR, outside the rlib): the binary misses and links the new code.
+        answer = laptop.checkout / "crates/native/src/answer.c"
+        answer.write_text(answer.read_text().replace("42", "43"))
+        laptop.build("--features", "leaf/shout", LARDER_DEMO_GREETING="bonjour")
+        assert laptop.results() == {"native": "miss", "demo": "miss"}
+        assert laptop.run_demo().endswith("native answer 43\n")
+
+        # Another `cc` first on PATH (the same compiler behind a wrapper script): libraries
+        # still hit, everything linked compiles again.
+        wrapped = machine(tmp_path / "wrapped", "wrapped", server, token=None)
+        wrapper = tmp_path / "other-cc" / "cc"
+        wrapper.parent.mkdir()
+        wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("cc")} "$@"\n')
+        wrapper.chmod(0o755)
+        wrapped.build(PATH=f"{wrapper.parent}:{os.environ['PATH']}")
+        assert wrapped.results() == {
+            **dict.fromkeys(LIBRARIES, "hit"), **dict.fromkeys(LINKED, "miss"),
+        }  # fmt: skip
+        assert wrapped.run_demo() == expected_output
 
     # The server is gone: the build still succeeds, compiling locally and counting errors.
     laptop.zero()
     lib.write_text(lib.read_text() + "\n// offline edit\n")
     laptop.build()
-    # envconf too: LARDER_DEMO_GREETING is unset again.
-    assert laptop.results() == dict.fromkeys(["leaf", "generated", "envconf"], "error")
+    # envconf too: LARDER_DEMO_GREETING is unset again; the features changed leaf's.
+    failed = ["leaf", "generated", "envconf", "demo"]
+    assert laptop.results() == dict.fromkeys(failed, "error")
     offline = laptop.stats()
-    assert offline["errors"] == 3 and offline["hits"] == 0
+    assert offline["errors"] == len(failed) and offline["hits"] == 0
     assert laptop.run_demo().startswith("hello from envconf")
 
-    # Compiled locally in a third directory (the server is down), every rlib and rmeta is
-    # byte-identical to CI's: the remapped outputs do not depend on where they were built.
+    # Compiled locally in a third directory (the server is down; CI's rustc also wrote its
+    # link lines, this one does not), every rlib, rmeta, proc-macro, build script and binary
+    # is byte-identical to CI's: the remapped outputs do not depend on where they were built.
     other = machine(tmp_path / "elsewhere", "other", server, token=None)
     other.build()
-    ci_deps, other_deps = ci.target / "debug" / "deps", other.target / "debug" / "deps"
-    libraries = sorted(p.name for p in ci_deps.glob("lib*.r*"))
-    assert len(libraries) == 2 * len(CACHEABLE)
-    for name in libraries:
-        assert (other_deps / name).read_bytes() == (ci_deps / name).read_bytes(), name
+    debug = ci.target / "debug"
+    outputs = sorted(
+        p.relative_to(ci.target)
+        for p in [*debug.glob("deps/*"), *debug.glob("build/*/build_script_build-*")]
+        if p.suffix != ".d"
+    )
+    names = [p.name for p in outputs]
+    assert len([n for n in names if n.endswith((".rlib", ".rmeta"))]) == 2 * len(LIBRARIES)
+    assert len([n for n in names if n.startswith("build_script_build")]) == len(BUILD_SCRIPTS)
+    assert len([n for n in names if n.endswith(".so") or n.startswith("demo-")]) == 2
+    for name in outputs:
+        assert (other.target / name).read_bytes() == (ci.target / name).read_bytes(), name

@@ -201,14 +201,15 @@ async def test_direct_entries_round_trip(service: Service) -> None:
     assert (await service.client.get(path)).status == 404
     first = {"sources": ["src/lib.rs", "@LARDER:TARGET@/debug/build/x/out/gen.rs"], "env": ["X"]}
     second = {"sources": ["src/lib.rs", "src/more.rs"], "env": []}
-    for entry in (first, second, first):  # the same entry twice is kept once
+    linked = {"sources": ["src/main.rs"], "env": [], "link": ["cc", "-m64", "-lc"]}
+    for entry in (first, second, first, linked):  # the same entry twice is kept once
         resp = await service.client.put(path, json=entry, headers=service.auth())
         assert resp.status == 200, await resp.text()
     resp = await service.client.get(path)
     assert resp.status == 200
     entries = (await resp.json())["entries"]
-    assert len(entries) == 2
-    assert first in entries and second in entries
+    assert len(entries) == 3
+    assert first in entries and second in entries and linked in entries
 
 
 @pytest.mark.parametrize(
@@ -218,6 +219,8 @@ async def test_direct_entries_round_trip(service: Service) -> None:
         (json.dumps({"sources": "src/lib.rs", "env": []}).encode(), "sources"),
         (json.dumps({"sources": ["a\u0000b"], "env": []}).encode(), "NUL"),
         (json.dumps({"sources": [], "env": ["NOT-A-NAME"]}).encode(), "variable name"),
+        (json.dumps({"sources": [], "env": [], "link": "cc -lc"}).encode(), "'link'"),
+        (json.dumps({"sources": [], "env": [], "link": ["cc", ""]}).encode(), "link tokens"),
     ],
 )
 async def test_malformed_direct_entries_are_refused(

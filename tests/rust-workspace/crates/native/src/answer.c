@@ -1,0 +1,1 @@
+int larder_native_answer(void) { return 42; }
