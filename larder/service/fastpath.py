@@ -46,7 +46,7 @@ from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
 from larder.service.accesslog import Entry
-from larder.service.guard import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard
+from larder.service.guard import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard, HeadTimer
 from larder.service.observe import HITS, METRICS, count_answer, count_sent_bytes
 
 #: A head longer than this is handed over (aiohttp applies its own limits).
@@ -198,7 +198,7 @@ class FrontProtocol(asyncio.Protocol):
         self._open = open_set
         self._guard = guard or ConnectionGuard(0, 0)
         self._counted = False
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer = HeadTimer(self._guard, self._head_timed_out)
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self._peer: str | None = None
@@ -218,7 +218,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         guard.open += 1
         self._counted = True
-        self._start_head_timer()
+        self._head_timer.start()
         peer = self._transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple | list) and peer else None
         self._open.add(self)
@@ -227,28 +227,15 @@ class FrontProtocol(asyncio.Protocol):
         self._idle = loop.call_at(self._last + IDLE_TIMEOUT, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        if not self._buffer and self._head_timer is None and self._lookup is None:
-            self._start_head_timer()  # the first byte of the next request's head
+        if not self._buffer and self._lookup is None:
+            self._head_timer.start()  # the first byte of the next request's head
         self._buffer += data
         self._serve()
 
-    def _start_head_timer(self) -> None:
-        if self._guard.header_timeout > 0 and self._head_timer is None:
-            loop = asyncio.get_running_loop()
-            self._head_timer = loop.call_later(self._guard.header_timeout, self._head_timed_out)
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
     def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self._transport is None or self not in self._open:
-            return
-        self._guard.timed_out += 1
-        self._transport.write(HEAD_TIMEOUT_RESPONSE)
-        self.close()
+        if self._transport is not None and self in self._open:
+            self._transport.write(HEAD_TIMEOUT_RESPONSE)
+            self.close()
 
     def _serve(self) -> None:
         while not self._paused and self._lookup is None and self._transport is not None:
@@ -257,9 +244,9 @@ class FrontProtocol(asyncio.Protocol):
                 if len(self._buffer) > MAX_HEAD:
                     self._hand_over()
                 elif self._buffer:
-                    self._start_head_timer()  # part of a pipelined head: it has its time too
+                    self._head_timer.start()  # part of a pipelined head: it has its time too
                 return
-            self._stop_head_timer()
+            self._head_timer.stop()
             request = self._fast.parse(bytes(self._buffer[:end]), self._peer)
             if request is None:
                 self._hand_over()
@@ -312,7 +299,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _forget(self) -> None:
         self._open.discard(self)
-        self._stop_head_timer()
+        self._head_timer.stop()
         if self._lookup is not None:
             self._lookup.cancel()
             self._lookup = None

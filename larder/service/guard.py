@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,38 @@ class ConnectionGuard:
     timed_out: int = field(default=0, init=False)
 
 
+class HeadTimer:
+    """One connection's request-head deadline: :meth:`start` when a head begins (a no-op while
+    running), :meth:`stop` when it is complete; ``expired`` is called if it runs out."""
+
+    __slots__ = ("_expired", "_guard", "_handle")
+
+    def __init__(self, guard: ConnectionGuard, expired: Callable[[], None]) -> None:
+        self._guard = guard
+        self._expired = expired
+        self._handle: asyncio.TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._handle is not None
+
+    def start(self) -> None:
+        timeout = self._guard.header_timeout
+        if timeout > 0 and self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(timeout, self._fire)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._guard.timed_out += 1
+        log.debug("no complete request head in %gs: closing", self._guard.header_timeout)
+        self._expired()
+
+
 class GuardedRequestHandler(web.RequestHandler):
     """aiohttp's connection handler plus the header timeout and the connection limit.
 
@@ -73,7 +106,7 @@ class GuardedRequestHandler(web.RequestHandler):
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer = HeadTimer(guard, lambda: self._reject(HEAD_TIMEOUT_RESPONSE))
         self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,42 +118,26 @@ class GuardedRequestHandler(web.RequestHandler):
             return
         guard.open += 1
         self._counted = True
-        self._start_head_timer()
+        self._head_timer.start()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_head_timer()
+        self._head_timer.stop()
         if self._counted:
             self._counted = False
             self._guard.open -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and self._waiting_for_request():
-            self._start_head_timer()
+        if not self._head_timer.running and self._waiting_for_request():
+            self._head_timer.start()
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:
-            self._stop_head_timer()
+            self._head_timer.stop()
 
     def _waiting_for_request(self) -> bool:
         """Idle between requests: new bytes are the start of the next request's head."""
         return self._waiter is not None and not self._waiter.done()
-
-    def _start_head_timer(self) -> None:
-        timeout = self._guard.header_timeout
-        if timeout > 0 and self.transport is not None:
-            self._head_timer = self._loop.call_later(timeout, self._head_timed_out)
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        self._guard.timed_out += 1
-        log.debug("no complete request head in %gs: closing", self._guard.header_timeout)
-        self._reject(HEAD_TIMEOUT_RESPONSE)
 
     def _reject(self, response: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

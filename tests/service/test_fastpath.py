@@ -59,17 +59,22 @@ class Flaky(MemoryStorage):
 
 
 @pytest.fixture
-async def live() -> AsyncIterator[Live]:
+def config() -> Config:
+    return Config()
+
+
+@pytest.fixture
+async def live(config: Config) -> AsyncIterator[Live]:
     access = logging.getLogger("aiohttp.access")
     level = access.level
     access.setLevel(logging.INFO)  # as `larder serve` configures it (log_level = info)
-    app = build_app(Config(), Flaky())
+    app = build_app(config, Flaky())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     log = io.StringIO()
     sink = LineSink(log)
-    running = await start(Config(), app, sock, sink)
+    running = await start(config, app, sock, sink)
     main, _ = await app[state.CACHES].ensure("main")
     token, _ = await app[state.TOKENS].issue("*", Scope.ADMIN, 3600)
     try:
@@ -385,3 +390,21 @@ async def test_narinfos_answered_on_the_short_path_count_as_used(live: Live) -> 
     assert (await fast_conn.response())[0] == 404
     app_conn.close()
     fast_conn.close()
+
+
+@pytest.mark.parametrize("config", [Config(header_timeout=0.3)])
+async def test_a_partial_head_behind_an_answer_has_the_head_timeout_too(live: Live) -> None:
+    store_hash = hash_of("pipelined")
+    app_conn = await Conn.open(live)
+    await upload(live, app_conn, store_hash)
+    conn = await Conn.open(live)
+    conn.send(get(f"/main/{store_hash}.narinfo"), b"GET /main/")  # the rest never comes
+    assert (await conn.response())[0] == 200
+    assert live.running.front  # answered on the short path
+    started = asyncio.get_running_loop().time()
+    status, _, body = await conn.response()
+    assert status == 408 and b"request head" in body
+    assert 0.2 < asyncio.get_running_loop().time() - started < 3
+    assert await conn.reader.read() == b""  # closed
+    conn.close()
+    app_conn.close()
