@@ -8,6 +8,7 @@ On disk, uploads also race collections: every upload Nix reports as done stays w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from larder.core import keys
 from larder.protocol import narinfo
+from larder.storage.s3 import S3Storage
 from tests.e2e.harness import LARDER, S3_ENV, Larder, http, larder_server, make_bucket, moto_server
 from tests.e2e.nix import Nix, netrc_for
 
@@ -180,3 +183,80 @@ def test_uploads_racing_collections_are_never_lost(tmp_path: Path) -> None:
         # and the collections really ran beside the uploads, evicting what was old.
         assert [rc for rc, _, _ in outcomes].count(0) >= 1, outcomes
         assert sum(evicted for _, evicted, _ in outcomes) > 0, outcomes
+
+
+def metric_sum(url: str, name: str) -> float:
+    status, body = http("GET", f"{url}/metrics")
+    assert status == 200
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+async def stored_closures(endpoint: str) -> tuple[int, list[str]]:
+    """From the bucket itself (a GET would count as a use): how many narinfos are stored, and
+    those whose NAR record, blob or references' narinfos are missing."""
+    storage = S3Storage("shared-gc", "x/", endpoint_url=endpoint, max_attempts=2)
+    broken = []
+    try:
+        stored = [key async for key in storage.keys(keys.narinfo_prefix("main"))]
+        for key in stored:
+            data = await storage.get(key)
+            if data is None:
+                continue  # evicted while we looked
+            info = narinfo.parse(data)
+            record = await storage.get(keys.nar("main", info.nar_hash.nix32()))
+            refs = [keys.narinfo("main", ref.hash) for ref in info.references]
+            if (
+                record is None
+                or await storage.blob_stored_size(json.loads(record)["blob"]) is None
+                or not all([await storage.exists(ref) for ref in refs])
+            ):
+                broken.append(key)
+        return len(stored), broken
+    finally:
+        await storage.close()
+
+
+def test_two_replicas_collecting_one_bucket_stay_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in S3_ENV.items():  # this process looks into the bucket too
+        monkeypatch.setenv(name, value)
+    with moto_server() as endpoint:
+        make_bucket(endpoint, "shared-gc")
+        env = {
+            **S3_ENV,
+            "AWS_ENDPOINT_URL": endpoint,
+            **SERVER_ENV,
+            "LARDER_GC_INTERVAL": "1",  # both replicas try every second; one at a time runs
+            "LARDER_GC_GRACE": "3",
+            "LARDER_GC_MAX_SIZE": "1",  # evict whatever is older than the grace
+        }
+        with (
+            larder_server("s3://shared-gc/x", tmp_path, env) as one,
+            larder_server("s3://shared-gc/x", tmp_path, env) as two,
+        ):
+            ci = Nix(tmp_path / "ci", netrc=netrc_for(one.token()))
+            for label in ("a", "b"):
+                (tmp_path / label).mkdir()
+                paths = ci.build_closure(tmp_path / label)
+                ci.copy_to(f"{one.url}/main", paths["app"])
+                assert whole(two, paths["app"]), "a fresh upload was not whole on the other replica"
+            deadline = time.monotonic() + 60
+            while True:  # at any moment every stored narinfo is whole; in the end none is left
+                left, broken = asyncio.run(stored_closures(endpoint))
+                assert not broken, f"half-evicted closures: {broken}"
+                if left == 0:
+                    break
+                assert time.monotonic() < deadline, "the replicas never collected the old paths"
+                time.sleep(0.3)
+            completed = sum(
+                metric_sum(r.url, 'larder_gc_runs_total{result="completed"}') for r in (one, two)
+            )
+            failed = sum(
+                metric_sum(r.url, 'larder_gc_runs_total{result="failed"}') for r in (one, two)
+            )
+            assert completed >= 1 and failed == 0
