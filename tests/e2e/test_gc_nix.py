@@ -213,7 +213,9 @@ async def stored_closures(endpoint: str) -> tuple[int, list[str]]:
                 record is None
                 or await storage.blob_stored_size(json.loads(record)["blob"]) is None
                 or not all([await storage.exists(ref) for ref in refs])
-            ):
+            ) and await storage.exists(key):
+                # Still there after what it needs went: broken. (Gone by now means a
+                # collection took it first and the rest after, as it must, while we read.)
                 broken.append(key)
         return len(stored), broken
     finally:
