@@ -125,6 +125,10 @@ class CacheRegistry:
         prefix = keys.CACHE_CONFIG_PREFIX
         return [key[len(prefix) : -len(".json")] async for key in self._storage.keys(prefix)]
 
+    async def all(self) -> list[CacheSettings]:
+        """Every cache's settings (one dropped between the listing and its read is left out)."""
+        return [found for name in await self.names() if (found := await self.get(name))]
+
     async def create(
         self,
         name: str,

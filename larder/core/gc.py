@@ -220,28 +220,27 @@ class Collector:
         snapshot = await read_snapshot(self._storage, caches, self.known, clock=report.started)
         self.known = snapshot.entries
         blob_sizes = {blob_id: blob.stored_size for blob_id, blob in snapshot.blobs.items()}
+        grouped = snapshot.by_cache()
         nodes: dict[str, Node] = {}
-        by_cache: dict[str, list[str]] = defaultdict(list)
+        scopes: dict[str, dict[str, Node]] = {}
         uses: dict[str, RecordedUses] = {}
         for cache in caches:
             uses[cache] = await load_uses(self._storage, cache)
             pinned = {
                 keys.narinfo(cache, pin.store_hash) for pin in await pins(self._storage, cache)
             }
-            prefix = keys.cache_prefix(cache)
-            for key, entry in snapshot.entries.items():
-                if not key.startswith(prefix):
-                    continue
-                used = max(entry.modified, uses[cache].times.get(key[len(prefix) :], -math.inf))
-                nodes[key] = Node(
+            cut = len(keys.cache_prefix(cache))
+            scope = scopes[cache] = {}
+            for key, entry in grouped.get(cache, {}).items():
+                used = max(entry.modified, uses[cache].times.get(key[cut:], -math.inf))
+                scope[key] = nodes[key] = Node(
                     key, entry.kind, used, entry.size, entry.refs, entry.blob, key in pinned
                 )
-                by_cache[cache].append(key)
         report.corrupt = sum(1 for entry in snapshot.entries.values() if entry.corrupt)
         order: list[str] = []
         for cache in caches:
             policy = policies.get(cache)
-            scope = {key: nodes[key] for key in by_cache[cache]}
+            scope = scopes[cache]
             cache_report = CacheReport(
                 max_size=policy.max_size if policy else None,
                 retention=policy.retention if policy else None,
@@ -387,11 +386,12 @@ class Collector:
         gone = set(work.order) if report.dry_run else work.deleted
         entries = work.snapshot.entries
         blob_sizes = {blob_id: blob.stored_size for blob_id, blob in work.snapshot.blobs.items()}
+        grouped = work.snapshot.by_cache()
         for cache, cache_report in report.caches.items():
-            prefix = keys.cache_prefix(cache)
-            evicted = [entries[k] for k in gone if k.startswith(prefix)]
+            held = grouped.get(cache, {})
+            evicted = [entry for key, entry in held.items() if key in gone]
             cache_report.evicted = tally(evicted, work.snapshot.blobs, KINDS)
-            left = [e for k, e in entries.items() if k.startswith(prefix) and k not in gone]
+            left = [entry for key, entry in held.items() if key not in gone]
             cache_report.size_after = total_size(left, blob_sizes)
         report.evicted_objects = len(gone)
         report.evicted_bytes = sum(entries[k].size for k in gone)

@@ -72,6 +72,15 @@ class Snapshot:
     entries: dict[str, Entry] = field(default_factory=dict)
     blobs: dict[str, StoredBlob] = field(default_factory=dict)
 
+    def by_cache(self) -> dict[str, dict[str, Entry]]:
+        """The entries grouped by cache (one pass)."""
+        grouped: dict[str, dict[str, Entry]] = {}
+        for key, entry in self.entries.items():
+            split = keys.cache_of(key)
+            if split is not None:
+                grouped.setdefault(split[0], {})[key] = entry
+        return grouped
+
 
 def _facts(cache: str, kind: str, rel: str, data: bytes) -> tuple[tuple[str, ...], str | None]:
     """``(refs, blob)`` of an object from its bytes; raises on a corrupt object."""
@@ -96,21 +105,26 @@ def _facts(cache: str, kind: str, rel: str, data: bytes) -> tuple[tuple[str, ...
     raise ValueError(f"no facts to read for kind {kind}")
 
 
-def _facts_from_key(kind: str, rel: str) -> tuple[tuple[str, ...], str | None] | None:
-    """Facts known without reading the object, or None when it must be read."""
+# Kinds whose facts are in their key: listed, never read.
+_KEY_ONLY_KINDS = frozenset({"rustc_blob", "rustc_direct"})
+
+
+def _facts_from_key(kind: str, rel: str) -> tuple[tuple[str, ...], str | None]:
+    """Facts of a :data:`_KEY_ONLY_KINDS` object: a marker names its blob, a direct entry
+    refers to nothing."""
     if kind == "rustc_blob":
         return (), check_blob_id(rel.rsplit("/", 1)[-1])
-    if kind == "rustc_direct":
-        return (), None
-    return None
+    return (), None
 
 
 def parse_entry(cache: str, kind: str, info: ObjectInfo, data: bytes | None) -> Entry:
-    """The :class:`Entry` of a listed object (``data`` is its bytes, when it needed reading)."""
+    """The :class:`Entry` of a listed object (``data`` is its bytes, for kinds that are read)."""
     rel = info.key[len(keys.cache_prefix(cache)) :]
     try:
-        known = _facts_from_key(kind, rel)
-        refs, blob = known if known is not None else _facts(cache, kind, rel, data or b"")
+        if kind in _KEY_ONLY_KINDS:
+            refs, blob = _facts_from_key(kind, rel)
+        else:
+            refs, blob = _facts(cache, kind, rel, data or b"")
     except (FormatError, StorageError, ValueError, KeyError, TypeError):
         return Entry(kind, info.size, info.modified, corrupt=True)
     return Entry(kind, info.size, info.modified, refs, blob)
@@ -128,9 +142,6 @@ async def scan(
 
     async def read(item: tuple[str, ObjectInfo]) -> tuple[str, Entry] | None:
         kind, info = item
-        rel = info.key[len(keys.cache_prefix(cache)) :]
-        if _facts_from_key(kind, rel) is not None:
-            return sys.intern(info.key), parse_entry(cache, kind, info, None)
         data = await storage.get(info.key)
         if data is None:
             return None  # deleted since it was listed
@@ -146,13 +157,15 @@ async def scan(
         async for info in storage.object_infos(prefix):
             old = known.get(info.key)
             if old is not None and old.size == info.size and old.modified == info.modified:
-                yield info.key, old
-                continue
-            batch.append((kind, info))
-            if len(batch) >= 4 * _READ_CONCURRENCY:
-                for found in await read_all(batch):
-                    yield found
-                batch = []
+                yield sys.intern(info.key), old
+            elif kind in _KEY_ONLY_KINDS:
+                yield sys.intern(info.key), parse_entry(cache, kind, info, None)
+            else:
+                batch.append((kind, info))
+                if len(batch) >= 4 * _READ_CONCURRENCY:
+                    for found in await read_all(batch):
+                        yield found
+                    batch = []
         for found in await read_all(batch):
             yield found
 
@@ -197,8 +210,3 @@ def tally(
             stored = blobs.get(entry.blob)
             counted.bytes += stored.stored_size if stored is not None else 0
     return report
-
-
-def cache_entries(snapshot: Snapshot, cache: str) -> dict[str, Entry]:
-    prefix = keys.cache_prefix(cache)
-    return {key: e for key, e in snapshot.entries.items() if key.startswith(prefix)}

@@ -26,7 +26,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from larder.core import keys
@@ -72,10 +72,6 @@ class UseRecorder:
             self.dropped += 1
             return
         self._pending[key] = self._clock()
-
-    def touch_all(self, found: Iterable[str]) -> None:
-        for key in found:
-            self.touch(key)
 
     @property
     def pending(self) -> int:

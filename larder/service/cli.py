@@ -303,10 +303,10 @@ def _limit(text: str | None, parse: Callable[[str], int], current: Any) -> Any:
 
 async def _gc(args: argparse.Namespace, storage: Storage, config: Config) -> int:
     registry = CacheRegistry(storage, config.refresh_interval)
-    names = await registry.names()
-    settings = [found for name in names if (found := await registry.get(name)) is not None]
-    max_size = _limit(args.max_size, parse_size, None) if args.max_size else None
-    retention = _limit(args.retention, parse_ttl, None) if args.retention else None
+    settings = await registry.all()
+    names = [found.name for found in settings]
+    max_size = _limit(args.max_size, parse_size, None)
+    retention = _limit(args.retention, parse_ttl, None)
     if args.cache is not None:
         if check_cache_name(args.cache) not in names:
             raise LarderError(f"no cache named {args.cache!r}")

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from larder.core.caches import CacheSettings
 from larder.core.gc import Report
-from larder.core.gcgraph import cache_entries, read_snapshot, tally
+from larder.core.gcgraph import read_snapshot, tally
 from larder.core.gclock import CollectionBusy
 from larder.core.gcplan import Policy
 from larder.core.keys import GC_LAST_RUN
@@ -65,7 +65,7 @@ async def collect(app: web.Application, *, dry_run: bool = False) -> Report:
     config = app[state.CONFIG]
     registry = app[state.CACHES]
     metrics = app[METRICS]
-    settings = [s for name in await registry.names() if (s := await registry.get(name))]
+    settings = await registry.all()
     try:
         report = await app[state.COLLECTOR].run(
             gc_policies(settings, config),
@@ -128,10 +128,10 @@ async def _scan_usage(app: web.Application) -> None:
     names = await app[state.CACHES].names()
     snapshot = await read_snapshot(app[state.STORAGE], names, collector.known)
     collector.known = snapshot.entries
+    grouped = snapshot.by_cache()
     for cache in names:
         metrics.add_cache(cache)
-        entries = cache_entries(snapshot, cache).values()
-        for kind, counted in tally(entries, snapshot.blobs).items():
+        for kind, counted in tally(grouped.get(cache, {}).values(), snapshot.blobs).items():
             metrics.objects.labels(cache, kind).set(counted.objects)
             metrics.stored_bytes.labels(cache, kind).set(counted.bytes)
 
