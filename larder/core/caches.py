@@ -104,22 +104,25 @@ class CacheRegistry:
 
     async def get(self, name: str) -> CacheSettings | None:
         """The cache's settings, or ``None`` if there is no such cache. ``name`` is trusted."""
-        hit = self._seen.get(name)
-        now = self._clock()
-        if hit is not None and now - hit[1] < self._refresh:
-            return hit[0]
+        fresh, settings = self._fresh(name)
+        if fresh:
+            return settings
         data = await self._storage.get(keys.cache_config(name))
         settings = CacheSettings.from_json(data) if data is not None else None
-        self._seen[name] = (settings, now)
+        self._seen[name] = (settings, self._clock())
         return settings
+
+    def _fresh(self, name: str) -> tuple[bool, CacheSettings | None]:
+        """``(True, settings)`` when this view's answer for ``name`` is fresh enough to use."""
+        hit = self._seen.get(name)
+        if hit is not None and self._clock() - hit[1] < self._refresh:
+            return True, hit[0]
+        return False, None
 
     def known(self, name: str) -> CacheSettings | None:
         """The cache's settings if this view holds them and they are fresh, without any I/O
         (``None``: no such cache, or not known right now: ask :meth:`get`)."""
-        hit = self._seen.get(name)
-        if hit is not None and self._clock() - hit[1] < self._refresh:
-            return hit[0]
-        return None
+        return self._fresh(name)[1]
 
     async def names(self) -> list[str]:
         prefix = keys.CACHE_CONFIG_PREFIX
