@@ -171,6 +171,7 @@ class Collector:
         self._settle = settle
         self._lease_term = lease
         self.known: dict[str, Entry] = {}  # the last listing, so the next re-reads only changes
+        self.left: Snapshot | None = None  # what the last collection left (objects and blobs)
 
     async def run(
         self,
@@ -402,6 +403,7 @@ class Collector:
         report.store_size_after = sum(e.size for e in survivors) + sum(blob_sizes.values()) - loose
         if not report.dry_run:
             self.known = {k: e for k, e in entries.items() if k not in gone}
+            self.left = Snapshot(work.snapshot.started, self.known, work.snapshot.blobs)
         report.finished = self._clock()
 
 

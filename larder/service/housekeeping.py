@@ -23,7 +23,7 @@ from aiohttp import web
 
 from larder.core.caches import CacheSettings
 from larder.core.gc import Report
-from larder.core.gcgraph import read_snapshot, tally
+from larder.core.gcgraph import Snapshot, read_snapshot, tally
 from larder.core.gclock import CollectionBusy
 from larder.core.gcplan import Policy
 from larder.core.keys import GC_LAST_RUN
@@ -118,16 +118,22 @@ async def _collect_when_due(app: web.Application) -> None:
         log.info("garbage collection skipped: %s", exc.message)
         return
     log.info("garbage collection done:\n%s", report.render())
-    if app[state.CONFIG].usage_interval > 0:
-        await _scan_usage(app)  # the gauges show the store as the collection left it
+    left = app[state.COLLECTOR].left
+    if left is not None and app[state.CONFIG].usage_interval > 0:
+        _set_gauges(app, left, list(report.caches))  # the store as the collection left it
 
 
 async def _scan_usage(app: web.Application) -> None:
-    metrics = app[METRICS]
     collector = app[state.COLLECTOR]
     names = await app[state.CACHES].names()
     snapshot = await read_snapshot(app[state.STORAGE], names, collector.known)
     collector.known = snapshot.entries
+    _set_gauges(app, snapshot, names)
+
+
+def _set_gauges(app: web.Application, snapshot: Snapshot, names: list[str]) -> None:
+    """``larder_storage_objects`` and ``_size_bytes`` of every cache from a listing."""
+    metrics = app[METRICS]
     grouped = snapshot.by_cache()
     for cache in names:
         metrics.add_cache(cache)
