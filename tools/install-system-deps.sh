@@ -3,11 +3,15 @@
 # - Nix (Debian's nix-bin) for the binary-cache tests;
 # - Prometheus, which scrapes a running larder in the metrics tests;
 # - the registry crates the offline Rust test workspace depends on (Debian's librust-*-dev,
-#   unpacked into /usr/share/cargo/registry, used as a cargo directory source).
+#   unpacked into /usr/share/cargo/registry, used as a cargo directory source);
+# - a C compiler and ar (gcc, binutils): rustc links with cc, and a workspace crate's build
+#   script compiles a C library.
 set -euo pipefail
 missing=()
 command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+command -v ar >/dev/null 2>&1 || missing+=(binutils)
 for crate in itoa hex memchr fnv proc-macro2 quote syn unicode-ident; do
   compgen -G "/usr/share/cargo/registry/${crate}-*" >/dev/null || missing+=("librust-${crate}-dev")
 done
