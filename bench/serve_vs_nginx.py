@@ -10,11 +10,14 @@ ceiling for a Nix binary cache on one machine. wrk (Debian's package) drives bot
 * NAR GET throughput (``.nar.zst``) over 1 and 4 connections.
 
     .venv/bin/python bench/serve_vs_nginx.py [--paths 500] [--nar-size 256MiB] [--seconds 10]
-        [--larder-env LARDER_WORKERS=2 ...]
+        [--rounds 3] [--larder-env LARDER_WORKERS=2 ...]
 
 Goals: narinfo requests/s and one-connection latency within 0.7x of nginx's, NAR throughput
 >= 0.9x nginx. The script prints the figures and the ratios (larder / nginx: above 1 is better
-for req/s and MiB/s, below 1 for latencies); it does not judge noise.
+for req/s and MiB/s, below 1 for latencies): the median of each figure over the rounds, and
+the median of the rounds' ratios, each round's ratio beside it. Both servers run throughout and
+take turns phase by phase, so a machine whose speed drifts (a shared virtual machine) moves
+both alike; it does not judge noise beyond that.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,17 +137,31 @@ def wrk(
     }
 
 
+PHASES = {  # phase -> (connections, the narinfo script or the NAR)
+    "narinfo_64": (64, True),
+    "narinfo_1": (1, True),
+    "nar_1": (1, False),
+    "nar_4": (4, False),
+}
+
+
 def measure(
-    binary: str, base: str, paths_file: Path, nar_path: str, seconds: int
-) -> dict[str, object]:
+    binary: str, bases: dict[str, str], paths_file: Path, nar_path: str, seconds: int,
+    rounds: int,
+) -> dict[str, dict[str, list[dict[str, float]]]]:  # fmt: skip
+    """Every phase ``rounds`` times against each server, the two taking turns (and turns about
+    which goes first), so that a machine whose speed drifts slows both alike."""
     script = paths_file.with_suffix(".lua")
     script.write_text(WRK_SCRIPT % paths_file)
-    return {
-        "narinfo_64": wrk(binary, base, 64, seconds, script),
-        "narinfo_1": wrk(binary, base, 1, seconds, script),
-        "nar_1": wrk(binary, base + nar_path, 1, seconds, None),
-        "nar_4": wrk(binary, base + nar_path, 4, seconds, None),
-    }
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {name: {} for name in bases}
+    for n in range(rounds):
+        for phase, (connections, narinfo) in PHASES.items():
+            order = list(bases) if n % 2 == 0 else list(reversed(bases))
+            for name in order:
+                url = bases[name] if narinfo else bases[name] + nar_path
+                figures = wrk(binary, url, connections, seconds, script if narinfo else None)
+                runs[name].setdefault(phase, []).append(figures)
+    return runs
 
 
 def main() -> int:
@@ -151,6 +169,7 @@ def main() -> int:
     parser.add_argument("--paths", type=int, default=500)
     parser.add_argument("--nar-size", default="256MiB")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--larder-env", nargs="*", default=[], help="KEY=VALUE for larder")
     options = parser.parse_args()
@@ -167,25 +186,30 @@ def main() -> int:
             misses = [store_hash(10**7 + n) for n in range(len(hashes) // 10)]
             paths_file = work / "paths.txt"
             paths_file.write_text("".join(f"/main/{h}.narinfo\n" for h in [*hashes, *misses]))
-            larder = measure(binary, server.url, paths_file, nar_path, options.seconds)
-        body = f"    root {static};\n    location / {{ }}\n"
-        with nginx_server(work / "nginx", body, workers=2) as nginx:
-            peer = measure(binary, nginx.url, paths_file, nar_path, options.seconds)
-    results = {"larder": larder, "nginx": peer}
+            body = f"    root {static};\n    location / {{ }}\n"
+            with nginx_server(work / "nginx", body, workers=2) as nginx:
+                bases = {"larder": server.url, "nginx": nginx.url}
+                runs = measure(binary, bases, paths_file, nar_path, options.seconds,
+                               options.rounds)  # fmt: skip
     if options.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(runs, indent=2))
         return 0
-    print(f"{options.paths} narinfos (+10% misses), one {options.nar_size} NAR; wrk on loopback; "
-          f"larder env {extra}; load average {[round(x, 2) for x in os.getloadavg()]}")  # fmt: skip
+    print(f"{options.paths} narinfos (+10% misses), one {options.nar_size} NAR; wrk on loopback, "
+          f"{options.rounds} rounds of {options.seconds} s, medians; larder env {extra}; "
+          f"load average {[round(x, 2) for x in os.getloadavg()]}")  # fmt: skip
     rows = (("narinfo_64", "rps", "narinfo GET, 64 conns, req/s"),
             ("narinfo_1", "p50_ms", "narinfo GET, 1 conn, p50 ms"),
             ("narinfo_1", "p99_ms", "narinfo GET, 1 conn, p99 ms"),
             ("nar_1", "mib_s", "NAR GET .zst, 1 conn, MiB/s"),
             ("nar_4", "mib_s", "NAR GET .zst, 4 conns, MiB/s"))  # fmt: skip
     for phase, field, label in rows:
-        ours, theirs = larder[phase][field], peer[phase][field]  # type: ignore[index]
+        ours = [run[field] for run in runs["larder"][phase]]
+        theirs = [run[field] for run in runs["nginx"][phase]]
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
         print(
-            f"  {label:32s} larder {ours:10.3f}   nginx {theirs:10.3f}   ratio {ours / theirs:.2f}"
+            f"  {label:32s} larder {statistics.median(ours):10.3f}   "
+            f"nginx {statistics.median(theirs):10.3f}   ratio {statistics.median(ratios):.2f}"
+            f"  (rounds {' '.join(f'{r:.2f}' for r in ratios)})"
         )
     return 0
 

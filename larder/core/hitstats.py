@@ -38,12 +38,14 @@ class HitStats:
         self._missed: dict[str, dict[str, int]] = {}
         self._pending: OrderedDict[tuple[str, str], int] = OrderedDict()
 
-    def record(self, cache: str, protocol: str, hit: bool) -> None:
+    def record(self, cache: str, protocol: str, hit: bool, count: int = 1) -> None:
         minute = int(self._clock() // 60)
-        buckets = self._buckets.setdefault((cache, protocol), deque(maxlen=DAY_MINUTES))
+        buckets = self._buckets.get((cache, protocol))
+        if buckets is None:
+            buckets = self._buckets[(cache, protocol)] = deque(maxlen=DAY_MINUTES)
         if not buckets or buckets[-1][0] != minute:
             buckets.append([minute, 0, 0])
-        buckets[-1][1 if hit else 2] += 1
+        buckets[-1][1 if hit else 2] += count
 
     def rates(self, cache: str) -> dict[str, dict[str, object]]:
         """Per protocol: hits, misses and hit rate over the last hour and day."""

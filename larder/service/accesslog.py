@@ -2,11 +2,11 @@
 
 An access logger formats its line itself and hands it either to its ``logging`` logger (as
 ``aiohttp``'s own logger does) or, when ``larder serve`` gives it a :class:`LineSink`, to a
-stream directly. The sink writes every line produced during one turn of the event loop in one
-write, each prefixed the way larder configures ``logging`` (``asctime levelname name message``),
-so the output is the same as through ``logging`` at a fraction of the cost per request (a
-``logging`` record, its formatting and a write per line cost about as much as answering a
-cached narinfo). Lines are written before the loop waits for I/O again, so none is held back.
+stream directly. The sink writes the lines gathered over at most :data:`FLUSH_DELAY` seconds (or
+:data:`MAX_BATCH` lines) in one write, each prefixed the way larder configures ``logging``
+(``asctime levelname name message``), so the output is the same as through ``logging`` at a
+fraction of the cost per request (a ``logging`` record, its formatting and a write per line cost
+about as much as answering a cached narinfo). Whatever is left is written when the server stops.
 
 The text layout is aiohttp's default access log format,
 ``%a %t "%r" %s %b "%{Referer}i" "%{User-Agent}i"``; the JSON layout is one object with
@@ -28,43 +28,52 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 MAX_BATCH = 512
+FLUSH_DELAY = 0.05
 
 
 class LineSink:
-    """Lines of one logger, written to ``stream`` once per event-loop turn."""
+    """Lines of one logger, written to ``stream`` in batches (see the module docstring)."""
 
     def __init__(self, stream: TextIO, name: str = "aiohttp.access", level: str = "INFO") -> None:
         self._stream = stream
         self._infix = f" {level} {name} "
         self._lines: list[str] = []
-        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
+        self._millisecond = -1
+        self._prefix = ""
 
-    def _asctime(self, now: float) -> str:
-        """``logging``'s default ``asctime``: local ``YYYY-MM-DD HH:MM:SS,mmm``."""
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{int((now - second) * 1000):03d}"
+    def _line_prefix(self, now: float) -> str:
+        """``asctime levelname name `` as ``logging`` writes them (``asctime`` is local
+        ``YYYY-MM-DD HH:MM:SS,mmm``), made once per millisecond."""
+        millisecond = int(now * 1000)
+        if millisecond != self._millisecond:
+            self._millisecond = millisecond
+            second = millisecond // 1000
+            if second != self._second:
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._prefix = f"{self._stamp},{millisecond % 1000:03d}{self._infix}"
+        return self._prefix
 
     def emit(self, message: str) -> None:
-        self._lines.append(self._asctime(time.time()) + self._infix + message + "\n")
+        self._lines.append(self._line_prefix(time.time()) + message + "\n")
         if len(self._lines) >= MAX_BATCH:
             self.flush()
             return
-        if not self._scheduled:
+        if self._timer is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 self.flush()
                 return
-            self._scheduled = True
-            loop.call_soon(self.flush)
+            self._timer = loop.call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
-        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._lines:
             text = "".join(self._lines)
             self._lines.clear()
@@ -106,6 +115,16 @@ class LineAccessLogger(AbstractAccessLogger):
     def line(entry: Entry) -> str:
         raise NotImplementedError
 
+    @classmethod
+    def get_line(
+        cls, remote: str | None, target: str, status: int, length: int, seconds: float,
+        referer: str | None, user_agent: str | None,
+    ) -> str:  # fmt: skip
+        """The line of an HTTP/1.1 ``GET target`` answered outside aiohttp (the short path)."""
+        entry = Entry(remote, "GET", target, target, (1, 1), status, length, seconds, referer,
+                      user_agent)  # fmt: skip
+        return cls.line(entry)
+
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         line = self.line(Entry.of(request, response, time))
         if self.sink is not None:
@@ -136,10 +155,32 @@ class TextAccessLogger(LineAccessLogger):
     @staticmethod
     def line(entry: Entry) -> str:
         major, minor = entry.version
+        return TextAccessLogger._text(
+            entry.remote, f"{entry.method} {entry.target} HTTP/{major}.{minor}", entry.status,
+            entry.length, entry.seconds, entry.referer, entry.user_agent,
+        )  # fmt: skip
+
+    @classmethod
+    def get_line(
+        cls, remote: str | None, target: str, status: int, length: int, seconds: float,
+        referer: str | None, user_agent: str | None,
+    ) -> str:  # fmt: skip
+        started = TextAccessLogger._stamp  # what started() gives, without the call when fresh
+        if int(time.time() - seconds) != started[0]:
+            started = (0, TextAccessLogger.started(seconds))
         return (
-            f"{entry.remote or '-'} [{TextAccessLogger.started(entry.seconds)}] "
-            f'"{entry.method} {entry.target} HTTP/{major}.{minor}" {entry.status} {entry.length} '
-            f'"{entry.referer or "-"}" "{entry.user_agent or "-"}"'
+            f'{remote or "-"} [{started[1]}] "GET {target} HTTP/1.1" {status} {length} '
+            f'"{referer or "-"}" "{user_agent or "-"}"'
+        )
+
+    @staticmethod
+    def _text(
+        remote: str | None, request_line: str, status: int, length: int, seconds: float,
+        referer: str | None, user_agent: str | None,
+    ) -> str:  # fmt: skip
+        return (
+            f'{remote or "-"} [{TextAccessLogger.started(seconds)}] "{request_line}" {status} '
+            f'{length} "{referer or "-"}" "{user_agent or "-"}"'
         )
 
 

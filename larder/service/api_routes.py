@@ -7,7 +7,7 @@ from aiohttp import web
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.access import cache_for
-from larder.service.observe import HITS
+from larder.service.observe import HITS, TALLY
 
 
 def substituter_url(request: web.Request, cache: str) -> str:
@@ -36,6 +36,7 @@ async def get_stats(request: web.Request) -> web.Response:
     since it started.
     """
     settings = await cache_for(request, Scope.READ)
+    request.app[TALLY].flush()
     hits = request.app[HITS]
     return web.json_response(
         {

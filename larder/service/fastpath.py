@@ -1,7 +1,7 @@
-"""A short path for the request Nix sends most: a narinfo GET, answered before aiohttp.
+"""Answers for the request Nix sends most, a narinfo GET, made before aiohttp sees it.
 
-Every connection of ``larder serve`` starts with :class:`FrontProtocol`, which reads request
-heads itself and answers one at once when all of these hold:
+:class:`~larder.service.front.FrontProtocol` gives every complete request head it reads to
+:class:`FastPath`, which answers it when all of these hold:
 
 * the request line is ``GET /<cache>/<32 nix32 characters>.narinfo HTTP/1.1`` (no query, no
   percent-escapes);
@@ -11,31 +11,29 @@ heads itself and answers one at once when all of these hold:
 
 The answer comes from the served-narinfo memory (a signed narinfo, or a miss remembered for at
 most a second and dropped once any process of the server stored a narinfo) or, when the memory
-does not hold it, from the same lookup the application makes (which then remembers it); requests
-behind it on the connection wait, so answers keep their order. The answer is what the
-application would send (status, ``Content-Type``, ``Content-Length``, ``Date``, ``Server``,
-body) and is counted the same way: request, latency, lookup and sent-bytes series, hit
-statistics (a miss also remembers its store hash), one access log line.
+does not hold it, from the same lookup the application makes (which then remembers it). It is
+what the application would send (status, ``Content-Type``, ``Content-Length``, ``Date``,
+``Server``, body) and is counted the same way: request, latency, lookup and sent-bytes series,
+hit statistics (a miss also remembers its store hash), one access log line, one use of the
+narinfo.
 
-At the first request that does not qualify, or whose lookup fails, the connection, with every
-byte not answered yet, is handed to aiohttp's own protocol for good (``transport.set_protocol``).
-The connection guards (:mod:`larder.service.guard`) hold from the start: over
-``max_connections`` a connection is answered 503 and closed, and a request head not complete
-within ``header_timeout`` of its first byte (or of the connection opening) is answered 408 and
-closed; the handover passes the connection's place in the count on to aiohttp's handler.
-Everything else (uploads, private caches, HEAD, NARs, errors and whatever follows them on the
-connection) is served by the full application, as if the connection had just opened.
+Most requests repeat a target answered before, so the bytes of each answer are kept, per target,
+beside the cache settings and the remembered body they were made from (at most
+:data:`MAX_ANSWERS`). A head whose fields are plain (``name: value`` lines, none of the fields
+above) and whose target has kept bytes is answered from them, with no parsing beyond two regular
+expressions, while the cache's settings and the served-narinfo memory still give the very objects
+the bytes were made from; otherwise the head takes the full check. Counting is batched per
+few hundredths of a second (:mod:`larder.service.tally`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
@@ -45,14 +43,12 @@ from larder.errors import FormatError, LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
-from larder.service.accesslog import Entry
-from larder.service.guard import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard, HeadTimer
-from larder.service.observe import HITS, METRICS, count_answer, count_sent_bytes
+from larder.service.observe import HITS, METRICS, TALLY
 
-#: A head longer than this is handed over (aiohttp applies its own limits).
-MAX_HEAD = 8192
-#: Seconds an idle keep-alive connection stays open (aiohttp's default).
-IDLE_TIMEOUT = 75.0
+#: Targets whose answer bytes are kept (all of them are dropped when one more comes).
+MAX_ANSWERS = 20_000
+#: Distinct sets of header lines whose verdict is kept (likewise).
+MAX_RESTS = 1024
 
 NARINFO_TYPE = b"text/x-nix-narinfo"
 NOT_FOUND_TYPE = b"text/plain; charset=utf-8"
@@ -61,36 +57,121 @@ NOT_FOUND_BODY = b"404: Not Found"  # what aiohttp answers for web.HTTPNotFound(
 _TARGET = re.compile(rb"/([^/?%#]+)/([^/?%#]{32})\.narinfo")
 _REFUSED_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _SERVER = SERVER_SOFTWARE.encode()
+_VERSION = b" HTTP/1.1"
+# Header fields this path reads nothing from: token names, values without CR or LF.
+_PLAIN_FIELDS = re.compile(
+    rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*)*"
+)
+_CHECKED_FIELDS = re.compile(
+    rb"(?:^|\n)(?:transfer-encoding|expect|upgrade|content-length|connection)[ \t]*:", re.I
+)
+_LOGGED_FIELDS = re.compile(
+    rb"^(user-agent|referer)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M
+)
+
+#: Formats the access log line of an answer: remote, target, status, length, seconds, referer,
+#: user agent.
+LogLine = Callable[[str | None, str, int, int, float, str | None, str | None], None]
+
+
+class _Answer:
+    """The bytes answering one target, and what they were made from."""
+
+    __slots__ = ("body", "cache", "head", "response", "second", "settings", "status", "store_hash",
+                 "target")  # fmt: skip
+
+    def __init__(
+        self, target: str, settings: CacheSettings, store_hash: str, body: bytes | None
+    ) -> None:
+        self.target = target
+        self.cache = settings.name
+        self.settings = settings
+        self.store_hash = store_hash
+        self.body = body
+        if body is None:
+            status, reason, content_type, body = 404, b"Not Found", NOT_FOUND_TYPE, NOT_FOUND_BODY
+        else:
+            status, reason, content_type = 200, b"OK", NARINFO_TYPE
+        self.status = status
+        self.head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+            status, reason, content_type, len(body),
+        )  # fmt: skip
+        self.second = -1
+        self.response = b""
+
+    @property
+    def sent(self) -> int:
+        return len(self.body) if self.body is not None else len(NOT_FOUND_BODY)
 
 
 class FastPath:
     """Answers qualifying request heads for one application (see the module docstring)."""
 
-    def __init__(self, app: web.Application, log: Callable[[Entry], None] | None) -> None:
+    def __init__(self, app: web.Application, log: LogLine | None) -> None:
         self._app = app
         self._caches = app[state.CACHES]
         self._nix = app[state.NIX]
         self._log = log
+        self._tally = app[TALLY]
+        self._answers: dict[bytes, _Answer] = {}
+        self._rests: dict[bytes, tuple[str | None, str | None] | Literal[False]] = {}
         self._second = -1
-        self._date = b""
+        self._date_line = b""
 
-    def _http_date(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._date = email.utils.formatdate(now, usegmt=True).encode()
-        return self._date
+    def _http_date_line(self, second: int) -> bytes:
+        if second != self._second:
+            self._second = second
+            date = email.utils.formatdate(second, usegmt=True).encode()
+            self._date_line = b"Date: %s\r\nServer: %s\r\n\r\n" % (date, _SERVER)
+        return self._date_line
+
+    def quick(self, head: bytes, peer: str | None) -> bytes | None:
+        """The answer to ``head`` (without its blank line) from kept bytes, or ``None``: then
+        :meth:`parse` decides."""
+        start = time.monotonic()
+        space = head.find(b" ", 4)
+        answer = self._answers.get(head[4:space])
+        if answer is None or not head.startswith(b"GET "):
+            return None
+        rest = head[space:]
+        logged = self._rests.get(rest)
+        if logged is None:
+            logged = self._check_rest(rest)
+        if logged is False:
+            return None
+        settings = self._caches.known(answer.cache)
+        if settings is not answer.settings:
+            return None
+        known, body = self._nix.served_narinfo(settings, answer.store_hash)
+        if not known or body is not answer.body:
+            return None
+        return self._finish(answer, start, peer, logged)
+
+    def _check_rest(self, rest: bytes) -> tuple[str | None, str | None] | Literal[False]:
+        """For the head after its target (`` HTTP/1.1`` and the header lines): the referer and
+        user agent if its fields are plain, else ``False``; remembered (clients repeat them)."""
+        verdict: tuple[str | None, str | None] | Literal[False] = False
+        fields = rest[len(_VERSION) + 2 :]
+        if rest == _VERSION or (
+            rest.startswith(_VERSION + b"\r\n")
+            and _PLAIN_FIELDS.fullmatch(fields) is not None
+            and _CHECKED_FIELDS.search(fields) is None
+        ):
+            verdict = _logged_fields(fields)
+        if len(self._rests) >= MAX_RESTS:
+            self._rests.clear()
+        self._rests[rest] = verdict
+        return verdict
 
     def parse(self, head: bytes, peer: str | None) -> NarinfoGet | None:
         """The request ``head`` (without its blank line) if this path may answer it."""
         line, _, fields = head.partition(b"\r\n")
-        if not (line.startswith(b"GET ") and line.endswith(b" HTTP/1.1")):
+        if not (line.startswith(b"GET ") and line.endswith(_VERSION)):
             return None
         target = line[4:-9]
         match = _TARGET.fullmatch(target)
         if match is None:
             return None
-        referer = agent = None
         for field in fields.split(b"\r\n") if fields else ():
             name, colon, raw = field.partition(b":")
             if not colon or not name or name[:1] in b" \t":
@@ -103,17 +184,12 @@ class FastPath:
                 return None
             if key == b"connection" and value.lower() != b"keep-alive":
                 return None
-            if key == b"user-agent":
-                agent = value.decode("latin-1")
-            elif key == b"referer":
-                referer = value.decode("latin-1")
         try:
             cache = check_cache_name(match.group(1).decode("ascii"))
             store_hash = check_hash_part(match.group(2).decode("ascii"))
         except (FormatError, UnicodeDecodeError):
             return None
-        path = target.decode("ascii")
-        return NarinfoGet(cache, store_hash, path, peer, referer, agent, time.monotonic())
+        return NarinfoGet(cache, store_hash, target.decode("ascii"), peer, fields, time.monotonic())
 
     def answer_now(self, request: NarinfoGet) -> bytes | Literal[False] | None:
         """The response from memory alone; ``None`` if unknown here (try :meth:`answer_later`);
@@ -143,34 +219,56 @@ class FastPath:
         return self._respond(request, settings, body)
 
     def _respond(self, request: NarinfoGet, settings: CacheSettings, body: bytes | None) -> bytes:
-        if body is None:
-            status, reason, content_type, body = 404, b"Not Found", NOT_FOUND_TYPE, NOT_FOUND_BODY
-            self._app[HITS].missed_store_hash(settings.name, request.store_hash)
-        else:
-            status, reason, content_type = 200, b"OK", NARINFO_TYPE
-        response = b"".join(
-            (
-                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                % (status, reason, content_type, len(body)),
-                b"Date: %s\r\nServer: %s\r\n\r\n" % (self._http_date(), _SERVER),
-                body,
-            )
-        )
-        seconds = time.monotonic() - request.start
+        answer = _Answer(request.path, settings, request.store_hash, body)
+        if len(self._answers) >= MAX_ANSWERS:
+            self._answers.clear()
+        self._answers[request.path.encode("ascii")] = answer
         self._app[METRICS].add_cache(settings.name)
-        count_answer(
-            self._app, settings.name, "nix", status, seconds, lookup=("narinfo", status == 200)
-        )
-        count_sent_bytes(self._app, settings.name, "nix", len(body))
+        logged = _logged_fields(request.fields)
+        return self._finish(answer, request.start, request.peer, logged)
+
+    def _finish(
+        self,
+        answer: _Answer,
+        start: float,
+        peer: str | None,
+        logged: tuple[str | None, str | None],
+    ) -> bytes:
+        second = int(time.time())
+        if answer.second != second:
+            answer.second = second
+            answer.response = b"".join(
+                (answer.head, self._http_date_line(second), answer.body or NOT_FOUND_BODY)
+            )
+        response = answer.response
+        seconds = time.monotonic() - start
+        hit = answer.body is not None
+        if not hit:
+            self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
+        self._tally.add(answer.cache, "nix", answer.status, seconds, answer.sent, "narinfo", hit)
         if self._log is not None:
-            self._log(
-                Entry(request.peer, "GET", request.path, request.path, (1, 1), status,
-                      len(response), seconds, request.referer, request.user_agent)
-            )  # fmt: skip
+            referer, agent = logged
+            self._log(peer, answer.target, answer.status, len(response), seconds, referer, agent)
         return response
 
+    def flush(self) -> None:
+        """Count every answer made so far (the server is stopping)."""
+        self._tally.flush()
 
-@dataclass(frozen=True)
+
+def _logged_fields(fields: bytes) -> tuple[str | None, str | None]:
+    """The last ``Referer`` and ``User-Agent`` among header lines ``fields``."""
+    referer = agent = None
+    for match in _LOGGED_FIELDS.finditer(fields):
+        value = match.group(2).decode("latin-1")
+        if len(match.group(1)) == len(b"referer"):
+            referer = value
+        else:
+            agent = value
+    return referer, agent
+
+
+@dataclass(frozen=True, slots=True)
 class NarinfoGet:
     """A request this path may answer."""
 
@@ -178,171 +276,5 @@ class NarinfoGet:
     store_hash: str
     path: str
     peer: str | None
-    referer: str | None
-    user_agent: str | None
+    fields: bytes  # the head's header lines, for the access log
     start: float
-
-
-class FrontProtocol(asyncio.Protocol):
-    """A connection's first protocol: answers what :class:`FastPath` can, then hands over."""
-
-    def __init__(
-        self,
-        server: web.Server,
-        fast: FastPath,
-        open_set: set[FrontProtocol],
-        guard: ConnectionGuard | None = None,
-    ) -> None:
-        self._server = server
-        self._fast = fast
-        self._open = open_set
-        self._guard = guard or ConnectionGuard(0, 0)
-        self._counted = False
-        self._head_timer = HeadTimer(self._guard, self._head_timed_out)
-        self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._peer: str | None = None
-        self._paused = False
-        self._last = 0.0
-        self._idle: asyncio.TimerHandle | None = None
-        self._lookup: asyncio.Task[None] | None = None
-        self._eof = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        guard = self._guard
-        if guard.max_connections and guard.open >= guard.max_connections:
-            guard.refused += 1
-            self._transport.write(BUSY_RESPONSE)
-            self._transport.close()
-            return
-        guard.open += 1
-        self._counted = True
-        self._head_timer.start()
-        peer = self._transport.get_extra_info("peername")
-        self._peer = str(peer[0]) if isinstance(peer, tuple | list) and peer else None
-        self._open.add(self)
-        loop = asyncio.get_running_loop()
-        self._last = loop.time()
-        self._idle = loop.call_at(self._last + IDLE_TIMEOUT, self._check_idle)
-
-    def data_received(self, data: bytes) -> None:
-        if not self._buffer and self._lookup is None:
-            self._head_timer.start()  # the first byte of the next request's head
-        self._buffer += data
-        self._serve()
-
-    def _head_timed_out(self) -> None:
-        if self._transport is not None and self in self._open:
-            self._transport.write(HEAD_TIMEOUT_RESPONSE)
-            self.close()
-
-    def _serve(self) -> None:
-        while not self._paused and self._lookup is None and self._transport is not None:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > MAX_HEAD:
-                    self._hand_over()
-                elif self._buffer:
-                    self._head_timer.start()  # part of a pipelined head: it has its time too
-                return
-            self._head_timer.stop()
-            request = self._fast.parse(bytes(self._buffer[:end]), self._peer)
-            if request is None:
-                self._hand_over()
-                return
-            response = self._fast.answer_now(request)
-            if response is False:
-                self._hand_over()
-                return
-            if response is None:  # look it up; later requests wait, so answers keep their order
-                self._lookup = asyncio.get_running_loop().create_task(self._later(request, end))
-                return
-            self._send(response, end)
-
-    def _send(self, response: bytes, end: int) -> None:
-        assert self._transport is not None
-        del self._buffer[: end + 4]
-        self._last = asyncio.get_running_loop().time()
-        self._transport.write(response)
-
-    async def _later(self, request: NarinfoGet, end: int) -> None:
-        try:
-            response = await self._fast.answer_later(request)
-        except Exception:  # not expected: the application answers it, and reports what broke
-            response = None
-        finally:
-            self._lookup = None
-        if self._transport is None or self not in self._open:
-            return  # closed meanwhile
-        if response is None:
-            self._hand_over()
-            return
-        self._send(response, end)
-        self._serve()
-        if self._eof and self._lookup is None and self in self._open:
-            self.close()  # the client is done sending and everything it sent is answered
-
-    def _hand_over(self) -> None:
-        transport = self._transport
-        assert transport is not None
-        self._forget()
-        if self._counted:  # the handler counts the connection from here on
-            self._counted = False
-            self._guard.open -= 1
-        handler = self._server()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        data, self._buffer = bytes(self._buffer), bytearray()
-        if data:
-            handler.data_received(data)
-
-    def _forget(self) -> None:
-        self._open.discard(self)
-        self._head_timer.stop()
-        if self._lookup is not None:
-            self._lookup.cancel()
-            self._lookup = None
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-
-    def _check_idle(self) -> None:
-        self._idle = None
-        if self._transport is None or self not in self._open:
-            return
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._last >= IDLE_TIMEOUT:
-            self.close()
-        else:
-            self._idle = loop.call_at(self._last + IDLE_TIMEOUT, self._check_idle)
-
-    def close(self) -> None:
-        """Close the connection (idle, or the server is stopping)."""
-        self._forget()
-        if self._transport is not None:
-            self._transport.close()
-
-    def pause_writing(self) -> None:
-        self._paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._transport is not None:
-            self._transport.resume_reading()
-            if self._buffer:
-                self._serve()
-
-    def eof_received(self) -> bool | None:
-        """The client is done sending: close once written, or once the lookup is answered."""
-        self._eof = True
-        return True if self._lookup is not None else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._forget()
-        if self._counted:
-            self._counted = False
-            self._guard.open -= 1
-        self._transport = None

@@ -54,6 +54,8 @@ ROUTE_PROTOCOLS: tuple[tuple[str, str], ...] = (
     ("/{cache}", "nix"),
 )
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+#: A status's class, by ``min(status // 100, 5)``.
+STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 UPLOAD_OUTCOMES = (
     "accepted", "bad_format", "verification_failed", "invalid_input", "too_large",
     "unauthorized", "forbidden", "no_such_cache", "storage_error", "other",
@@ -210,5 +212,19 @@ class Metrics:
             found = self._bound[key] = metric.labels(*labels)
         return found
 
-    def lookup(self, cache: str, protocol: str, kind: str, hit: bool) -> None:
-        self.child(self.lookups, cache, protocol, kind, "hit" if hit else "miss").inc()
+    def lookup(self, cache: str, protocol: str, kind: str, hit: bool, count: int = 1) -> None:
+        self.child(self.lookups, cache, protocol, kind, "hit" if hit else "miss").inc(count)
+
+
+def observe_many(child: Any, buckets: list[int], total: float) -> None:
+    """Add to a histogram child, at once, observations whose per-bucket counts are ``buckets``
+    (non-cumulative, one per upper bound of :data:`LATENCY_BUCKETS` and then +Inf) and whose
+    values add up to ``total``: the same series as observing each one.
+
+    prometheus-client observes one value at a time; this adds to the child's bucket and sum
+    values (``_buckets``, ``_sum``) directly. ``tests/service/test_tally.py`` fails if those
+    change meaning."""
+    child._sum.inc(total)
+    for value, count in zip(child._buckets, buckets, strict=True):
+        if count:
+            value.inc(count)

@@ -16,19 +16,20 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from larder.core.hitstats import HitStats
-from larder.service.metrics import NO_CACHE, ROUTE_PROTOCOLS, UPLOAD_OUTCOMES, Metrics
+from larder.service.metrics import NO_CACHE, ROUTE_PROTOCOLS, STATUS_CLASS, UPLOAD_OUTCOMES, Metrics
+from larder.service.tally import AnswerTally
 from larder.service.workers import Worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 METRICS = web.AppKey("metrics", Metrics)
 HITS = web.AppKey("hits", HitStats)
+TALLY = web.AppKey("tally", AnswerTally)
 
 _CACHE = web.RequestKey("larder_cache", str)
 _LOOKUP = web.RequestKey("larder_lookup", tuple)
 _UPLOAD = web.RequestKey("larder_upload", bool)
 _ERROR_CODE = web.RequestKey("larder_error_code", str)
-_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 WORKER_SCOPE = "the worker process of this replica that answered, since it started"
 
 
@@ -115,7 +116,7 @@ def count_answer(
     outcome, and a lookup's hit or miss (also in the hit statistics)."""
     metrics = app[METRICS]
     metrics.child(metrics.latency, protocol).observe(seconds)
-    metrics.child(metrics.requests, cache, protocol, _STATUS_CLASS[min(status // 100, 5)]).inc()
+    metrics.child(metrics.requests, cache, protocol, STATUS_CLASS[min(status // 100, 5)]).inc()
     if received:
         metrics.child(metrics.received, cache, protocol).inc(received)
     if upload is not None:
@@ -141,6 +142,7 @@ async def count_sent(request: web.Request, response: web.StreamResponse) -> None
 
 
 async def get_metrics(request: web.Request) -> web.Response:
+    request.app[TALLY].flush()
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -150,6 +152,7 @@ def install(app: web.Application, backend: str, worker: Worker | None = None) ->
     metrics = Metrics(backend, str(worker.metrics_dir) if worker is not None else None)
     app[METRICS] = metrics
     app[HITS] = HitStats() if worker is None else HitStats(scope=WORKER_SCOPE)
+    app[TALLY] = AnswerTally(metrics, app[HITS])
     app.middlewares.insert(0, metrics_middleware)  # outermost: it sees the final status
     app.on_response_prepare.append(count_sent)
     app.router.add_get("/metrics", get_metrics)

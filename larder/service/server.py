@@ -10,7 +10,7 @@ shared directory at the end. A worker whose supervisor is gone stops by itself.
 
 Each process runs its event loop on uvloop unless ``event_loop = "asyncio"``, writes its access
 log through :class:`~larder.service.accesslog.LineSink`, and starts every connection with
-:class:`~larder.service.fastpath.FrontProtocol`, which answers public narinfo GETs itself and
+:class:`~larder.service.front.FrontProtocol`, which answers public narinfo GETs itself and
 hands everything else to the aiohttp application.
 """
 
@@ -34,10 +34,11 @@ from pathlib import Path
 from aiohttp import web
 
 from larder.service import workers as shared
-from larder.service.accesslog import Entry, JsonAccessLogger, LineSink, TextAccessLogger
+from larder.service.accesslog import JsonAccessLogger, LineSink, TextAccessLogger
 from larder.service.app import build_app
 from larder.service.config import Config
-from larder.service.fastpath import FastPath, FrontProtocol
+from larder.service.fastpath import FastPath, LogLine
+from larder.service.front import FrontProtocol, Sweeper
 from larder.service.guard import (
     KEEPALIVE_TIMEOUT,
     ConnectionGuard,
@@ -126,11 +127,15 @@ class Running:
     listener: asyncio.AbstractServer
     #: Connections still with :class:`FrontProtocol` (not handed to aiohttp yet).
     front: set[FrontProtocol]
+    fast: FastPath
+    sweeper: Sweeper
 
     async def stop(self) -> None:
         self.listener.close()
+        self.sweeper.stop()
         for connection in list(self.front):
             connection.close()
+        self.fast.flush()
         await self.runner.cleanup()
 
 
@@ -149,18 +154,24 @@ async def start(
     await runner.setup()
     server = runner.server
     assert server is not None
-    log_entry = None
+    log_line: LogLine | None = None
     if logging.getLogger("aiohttp.access").isEnabledFor(logging.INFO):
+        line, emit = logger.get_line, sink.emit
 
-        def log_entry(entry: Entry) -> None:
-            sink.emit(logger.line(entry))
+        def log_line(
+            remote: str | None, target: str, status: int, length: int, seconds: float,
+            referer: str | None, user_agent: str | None,
+        ) -> None:  # fmt: skip
+            emit(line(remote, target, status, length, seconds, referer, user_agent))
 
-    fast = FastPath(app, log_entry)
+    fast = FastPath(app, log_line)
     front: set[FrontProtocol] = set()
     listener = await asyncio.get_running_loop().create_server(
         lambda: FrontProtocol(server, fast, front, guard), sock=sock, backlog=BACKLOG
     )
-    return Running(runner, listener, front)
+    sweeper = Sweeper(front, guard)
+    sweeper.start()
+    return Running(runner, listener, front, fast, sweeper)
 
 
 def _listen(config: Config) -> socket.socket:

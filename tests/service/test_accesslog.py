@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from aiohttp.web_log import AccessLogger
 
-from larder.service.accesslog import Entry, LineSink, TextAccessLogger
+from larder.service.accesslog import FLUSH_DELAY, Entry, LineSink, TextAccessLogger
 from larder.service.server import LOG_FORMAT
 from tests.service.conftest import capturing_logger
 
@@ -27,7 +27,7 @@ def test_text_line_is_aiohttps_default_line() -> None:
     assert ours == captured[0]
 
 
-def test_sink_writes_one_batch_per_loop_turn_in_loggings_layout() -> None:
+def test_sink_writes_one_batch_per_flush_delay_in_loggings_layout() -> None:
     writes: list[str] = []
 
     class Stream(io.StringIO):
@@ -38,11 +38,15 @@ def test_sink_writes_one_batch_per_loop_turn_in_loggings_layout() -> None:
     sink = LineSink(Stream())
 
     async def burst() -> None:
-        for n in range(5):
+        for n in range(3):
             sink.emit(f"line {n}")
-        assert writes == []  # nothing written during the turn ...
         await asyncio.sleep(0)
-        assert len(writes) == 1  # ... then all five at once
+        sink.emit("line 3")
+        assert writes == []  # nothing written at once ...
+        await asyncio.sleep(0)
+        sink.emit("line 4")
+        await asyncio.sleep(FLUSH_DELAY * 2)
+        assert len(writes) == 1  # ... then all five in one write, within the delay
 
     asyncio.run(burst())
     lines = writes[0].splitlines()

@@ -24,8 +24,8 @@ from larder.service import state
 from larder.service.accesslog import LineSink
 from larder.service.app import build_app
 from larder.service.config import Config
-from larder.service.fastpath import FrontProtocol
-from larder.service.observe import HITS, METRICS
+from larder.service.front import FrontProtocol
+from larder.service.observe import HITS, METRICS, TALLY
 from larder.service.server import Running, start
 from larder.storage.memory import MemoryStorage
 
@@ -290,6 +290,7 @@ async def test_short_answers_are_counted_logged_and_in_the_hit_statistics(live: 
     conn.send(get(f"/main/{store_hash}.narinfo"), get(f"/main/{missing}.narinfo"))
     hit, miss = await conn.response(), await conn.response()
     assert live.running.front
+    live.app[TALLY].flush()  # as /metrics and the statistics do before they answer
     assert requests._value.get() == before[0] + 1
     assert lookups_hit._value.get() == before[1] + 1
     assert lookups_miss._value.get() == before[2] + 1
