@@ -409,3 +409,46 @@ async def test_a_partial_head_behind_an_answer_has_the_head_timeout_too(live: Li
     assert await conn.reader.read() == b""  # closed
     conn.close()
     app_conn.close()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["Connection: close\r\n", "Content-Length: 3\r\n", "Expect: 100-continue\r\n",
+     "transfer-encoding: chunked\r\n", " folded\r\n"],
+)  # fmt: skip
+async def test_a_target_answered_from_kept_bytes_still_checks_every_new_head(
+    live: Live, extra: str
+) -> None:
+    store_hash = hash_of("kept")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    fast = await Conn.open(live)
+    for _ in range(2):  # a lookup, then the kept bytes
+        fast.send(get(f"/main/{store_hash}.narinfo"))
+        assert (await fast.response())[0] == 200
+    assert live.running.front
+    other = await Conn.open(live)
+    body = b"0\r\n\r\n" if "chunked" in extra else b"abc" if "Length: 3" in extra else b""
+    other.send(get(f"/main/{store_hash}.narinfo", extra) + body)
+    status = (await other.response())[0]
+    assert status in (200, 400)  # the application's answer (it is lenient with odd names) ...
+    assert len(live.running.front) == 1  # ... for the head was handed over
+    for c in (setup, fast, other):
+        c.close()
+
+
+async def test_an_idle_connection_is_closed_by_the_sweep(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from larder.service import front
+
+    monkeypatch.setattr(front, "IDLE_TIMEOUT", 0.2)
+    conn = await Conn.open(live)
+    conn.send(get(f"/main/{hash_of('idle')}.narinfo"))
+    assert (await conn.response())[0] == 404
+    assert live.running.front
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(conn.reader.read(), 5) == b""  # closed by the server
+    assert 0.15 < asyncio.get_running_loop().time() - started < 3
+    assert not live.running.front
+    conn.close()
