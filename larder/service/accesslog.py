@@ -27,6 +27,8 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from larder.service.batching import flush_later
+
 MAX_BATCH = 512
 FLUSH_DELAY = 0.05
 
@@ -63,12 +65,7 @@ class LineSink:
             self.flush()
             return
         if self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._timer = loop.call_later(FLUSH_DELAY, self.flush)
+            self._timer = flush_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:

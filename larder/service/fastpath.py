@@ -77,8 +77,8 @@ LogLine = Callable[[str | None, str, int, int, float, str | None, str | None], N
 class _Answer:
     """The bytes answering one target, and what they were made from."""
 
-    __slots__ = ("body", "cache", "head", "response", "second", "settings", "status", "store_hash",
-                 "target")  # fmt: skip
+    __slots__ = ("body", "cache", "head", "payload", "response", "second", "settings", "status",
+                 "store_hash", "target")  # fmt: skip
 
     def __init__(
         self, target: str, settings: CacheSettings, store_hash: str, body: bytes | None
@@ -93,15 +93,12 @@ class _Answer:
         else:
             status, reason, content_type = 200, b"OK", NARINFO_TYPE
         self.status = status
+        self.payload = body  # what is sent: the narinfo, or the 404's text
         self.head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
             status, reason, content_type, len(body),
         )  # fmt: skip
         self.second = -1
         self.response = b""
-
-    @property
-    def sent(self) -> int:
-        return len(self.body) if self.body is not None else len(NOT_FOUND_BODY)
 
 
 class FastPath:
@@ -237,15 +234,15 @@ class FastPath:
         second = int(time.time())
         if answer.second != second:
             answer.second = second
-            answer.response = b"".join(
-                (answer.head, self._http_date_line(second), answer.body or NOT_FOUND_BODY)
-            )
+            answer.response = b"".join((answer.head, self._http_date_line(second), answer.payload))
         response = answer.response
         seconds = time.monotonic() - start
         hit = answer.body is not None
         if not hit:
             self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
-        self._tally.add(answer.cache, "nix", answer.status, seconds, answer.sent, "narinfo", hit)
+        self._tally.add(
+            answer.cache, "nix", answer.status, seconds, len(answer.payload), "narinfo", hit
+        )
         if self._log is not None:
             referer, agent = logged
             self._log(peer, answer.target, answer.status, len(response), seconds, referer, agent)

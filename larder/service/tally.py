@@ -16,6 +16,7 @@ import asyncio
 import bisect
 
 from larder.core.hitstats import HitStats
+from larder.service.batching import flush_later
 from larder.service.metrics import LATENCY_BUCKETS, STATUS_CLASS, Metrics, observe_many
 
 #: Seconds answers wait, at most, to be folded into the series.
@@ -70,12 +71,7 @@ class AnswerTally:
         if self._pending >= MAX_PENDING:
             self.flush()
         elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._timer = loop.call_later(FLUSH_DELAY, self.flush)
+            self._timer = flush_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
         """Fold every total gathered so far into the series and statistics."""
