@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import IO, Any
 
@@ -183,34 +184,62 @@ async def send_file(
     loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int, offset: int, count: int,
     idle: float,
 ) -> None:  # fmt: skip
-    """``count`` bytes of ``file_fd`` from ``offset`` to the non-blocking socket ``sock_fd``."""
+    """``count`` bytes of ``file_fd`` from ``offset`` to the non-blocking socket ``sock_fd``.
+
+    Each time the socket can take more, the loop's writer callback calls ``sendfile(2)`` itself
+    (at most :data:`SENDFILE_CHUNK` bytes per callback, so one fast reader cannot hold the loop),
+    rather than waking a task that then calls it: one loop iteration per refill, as in asyncio's
+    own ``loop.sendfile``. No progress for ``idle`` seconds gives up.
+    """
     out = os.dup(sock_fd)
+    done: asyncio.Future[None] = loop.create_future()
+    position, left = offset, count
+    last_progress = time.monotonic()
+    timer: asyncio.TimerHandle | None = None
+
+    def finish(error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def step() -> None:
+        nonlocal position, left, last_progress
+        if done.done():
+            return
+        try:
+            sent = os.sendfile(out, file_fd, position, min(left, SENDFILE_CHUNK))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            finish(exc)
+            return
+        if sent == 0:
+            finish(ConnectionResetError("the file ended early or the connection closed"))
+            return
+        position += sent
+        left -= sent
+        last_progress = time.monotonic()
+        if left <= 0:
+            finish(None)
+
+    def watch() -> None:
+        nonlocal timer
+        quiet = time.monotonic() - last_progress
+        if quiet >= idle:
+            finish(ConnectionResetError(f"the client took nothing for {idle:g} seconds"))
+        else:
+            timer = loop.call_later(idle - quiet, watch)
+
     try:
-        while count > 0:
-            try:
-                sent = os.sendfile(out, file_fd, offset, min(count, SENDFILE_CHUNK))
-            except BlockingIOError:
-                await _writable(loop, out, idle)
-                continue
-            if sent == 0:
-                raise ConnectionResetError("the file ended early or the connection closed")
-            offset += sent
-            count -= sent
+        step()
+        if not done.done():
+            loop.add_writer(out, step)
+            timer = loop.call_later(idle, watch)
+        await done
     finally:
+        if timer is not None:
+            timer.cancel()
+        loop.remove_writer(out)
         os.close(out)
-
-
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int, idle: float) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await asyncio.wait_for(ready, idle)
-    except TimeoutError:
-        raise ConnectionResetError(f"the client took nothing for {idle:g} seconds") from None
-    finally:
-        loop.remove_writer(fd)

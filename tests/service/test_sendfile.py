@@ -134,3 +134,27 @@ def test_send_file_gives_up_on_a_client_that_takes_nothing(tmp_path: Path) -> No
         uvloop.run(main())
     ours.close()
     theirs.close()
+
+
+def test_send_file_fails_when_the_client_goes_away_mid_body(tmp_path: Path) -> None:
+    path = blob_file(tmp_path)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+
+    def leave_early() -> None:
+        theirs.recv(64 * 1024)
+        theirs.close()
+
+    thread = threading.Thread(target=leave_early)
+    thread.start()
+
+    async def main() -> None:
+        with path.open("rb") as file:
+            await transfer.send_file(asyncio.get_running_loop(), ours.fileno(), file.fileno(),
+                                     0, SIZE, idle=30)  # fmt: skip
+
+    with pytest.raises(OSError) as caught:
+        uvloop.run(main())
+    assert "took nothing" not in str(caught.value)  # the error itself, not the idle deadline
+    thread.join()
+    ours.close()
