@@ -10,7 +10,10 @@ refers to the one before, like crates), ``--size`` bytes in all, half of them in
   netrc) against ``nix copy --to 'file://DIR?compression=C&secret-key=K'`` for the other
   closure; which side goes first alternates between repetitions;
 * **pull**: ``nix copy --from`` each cache ``--to 'local?root=EMPTY'`` (a fresh store in a new
-  directory), signatures checked against larder's key and ``K``'s.
+  directory), signatures checked against larder's key and ``K``'s. A pull takes well under a
+  second, so each side is pulled ``--pulls`` times, the sides taking turns, and the median
+  counts; before the first, ``sync`` writes back what the pushes left dirty, which would
+  otherwise slow whichever side pulls first.
 
 A third closure goes the same way through nginx (2 workers; WebDAV ``PUT``, static ``GET``,
 narinfos signed by Nix with ``K``): what plain HTTP costs the Nix client, without any of larder's
@@ -21,7 +24,8 @@ larder serves ``.nar.zst`` whatever the upload's compression, while the ``file:/
 serves what it was given (so an xz pull decompresses xz there).
 
     .venv/bin/python bench/push_pull_vs_file.py [--paths 24] [--size 200MiB]
-        [--compression xz,zstd] [--repeat 2] [--json] [--larder-env LARDER_WORKERS=2 ...]
+        [--compression xz,zstd] [--repeat 2] [--pulls 5] [--json]
+        [--larder-env LARDER_WORKERS=2 ...]
 
 Goal: larder's time at most 1.25x the ``file://`` time, for push and for pull.
 """
@@ -33,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,9 +129,9 @@ def closure_bytes(nix: Nix, top: str) -> tuple[int, int]:
 
 def one_round(
     work: Path, server_url: str, token: str, public_key: str, file_key: tuple[str, str],
-    nginx_url: str, data: Path, paths: int, compression: str, larder_first: bool,
+    nginx_url: str, data: Path, paths: int, compression: str, larder_first: bool, pulls: int,
 ) -> dict[str, float]:  # fmt: skip
-    """Push a fresh closure to each side, then pull each into an empty store."""
+    """Push a fresh closure to each side, then pull each into empty stores ``pulls`` times."""
     tag = uuid.uuid4().hex[:8]
     builder = Nix(work / f"build-{tag}")
     sides = ("larder", "file", "nginx") if larder_first else ("file", "nginx", "larder")
@@ -150,17 +155,22 @@ def one_round(
         "nginx": f"{nginx_url}/{tag}",
     }
     keys = f"{public_key} {file_key[1]}"
+    os.sync()
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for n in range(pulls):
+        for side in sides:
+            nix = Nix(work / f"pull-{side}-{tag}-{n}")
+            root = work / f"store-{side}-{tag}"
+            times[side].append(nix.timed(
+                "nix", "copy", "--from", sources[side], "--to", f"local?root={root}",
+                "--option", "trusted-public-keys", keys, tops[side],
+            ))  # fmt: skip
+            restored = root / tops[side].lstrip("/")
+            if not (restored / "lib" / "dep").exists():
+                raise RuntimeError(f"pull from {side} did not restore {tops[side]}")
+            shutil.rmtree(root, ignore_errors=True)
     for side in sides:
-        nix = Nix(work / f"pull-{side}-{tag}")
-        root = work / f"store-{side}-{tag}"
-        result[f"pull_{side}"] = nix.timed(
-            "nix", "copy", "--from", sources[side], "--to", f"local?root={root}",
-            "--option", "trusted-public-keys", keys, tops[side],
-        )  # fmt: skip
-        restored = root / tops[side].lstrip("/")
-        if not (restored / "lib" / "dep").exists():
-            raise RuntimeError(f"pull from {side} did not restore {tops[side]}")
-        shutil.rmtree(root, ignore_errors=True)
+        result[f"pull_{side}"] = statistics.median(times[side])
     shutil.rmtree(cache_dir, ignore_errors=True)
     result["closure_paths"], result["closure_bytes"] = closure_bytes(builder, tops["larder"])
     for top in tops.values():
@@ -174,6 +184,7 @@ def main() -> int:
     parser.add_argument("--size", default="200MiB")
     parser.add_argument("--compression", default="xz,zstd")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--pulls", type=int, default=5, help="pulls per side (median)")
     parser.add_argument("--larder-env", nargs="*", default=[], help="KEY=VALUE for larder")
     parser.add_argument("--json", action="store_true")
     options = parser.parse_args()
@@ -210,6 +221,7 @@ def main() -> int:
                     figures = one_round(
                         work, server.url, token, info["public_key"], file_key, nginx.url,
                         data, options.paths, compression, larder_first=n % 2 == 0,
+                        pulls=options.pulls,
                     )  # fmt: skip
                     rounds.append({"compression": compression, "run": n + 1, **figures})
     report = {"machine": {**before, "loadavg_after": machine()["loadavg"]}, "larder_env": extra,

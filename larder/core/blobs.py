@@ -9,6 +9,7 @@ is left behind.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -36,9 +37,10 @@ class BlobStore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @asynccontextmanager
-    async def writer(self) -> AsyncIterator[BlobWriter]:
-        """A new blob writer, aborted on exit unless the caller committed it."""
-        writer = await self.run(self.storage.blob_writer)
+    async def writer(self, *, encoded: bool = False) -> AsyncIterator[BlobWriter]:
+        """A new blob writer (see ``Storage.blob_writer``), aborted on exit unless the caller
+        committed it."""
+        writer = await self.run(functools.partial(self.storage.blob_writer, encoded=encoded))
         try:
             yield writer
         finally:

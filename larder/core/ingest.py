@@ -1,16 +1,28 @@
 """Streaming verification of uploads, one chunk at a time, with bounded memory.
 
-A NAR upload flows through one chain, driven chunk by chunk from a worker thread::
+A NAR upload flows through two threads::
 
-    uploaded bytes -> sha256 (FileHash) -> decompress -> NarValidator + sha256 (NarHash)
-                   => blob writer (BLAKE3 + zstd into a temporary object)
+    caller's thread:  uploaded bytes -> sha256 (FileHash) -> decompress -> NAR pieces
+                          |                                                 |
+                          | (zstd: the bytes as they came)                  |
+                          v                                                 v
+    checker thread:   blob writer                  NarValidator + sha256 (NarHash) + blob writer
+                                                   (BLAKE3; zstd re-encoding unless the upload
+                                                   is kept)
 
-The blob writer runs on a thread of its own (``=>``), fed through a queue of at most
-:data:`PIPE_DEPTH` pieces, so compressing and storing overlap with decompressing and hashing
-(hashlib, zstandard and blake3 release the GIL on large inputs); a writer error surfaces at the
-next :meth:`NarIngest.feed` or at :meth:`NarIngest.finish`. The caller commits the blob only
-after :meth:`NarIngest.finish` returned (every piece written) and the digests matched what the
-upload claimed; otherwise the writer aborts and nothing becomes visible.
+The checker runs on a thread of its own, fed through a queue of at most :data:`PIPE_DEPTH`
+pieces, so checking and storing overlap with hashing and decompressing the upload (hashlib,
+zstandard and blake3 release the GIL on large inputs); its error (a malformed NAR, a full disk)
+surfaces at the next :meth:`NarIngest.feed` or at :meth:`NarIngest.finish`.
+
+A zstd upload is stored as it came (:func:`keeps_upload`): it is decoded completely here, within
+the decoder's window limit, so what is kept is a stream known to decode to the checked NAR, and
+re-encoding it would only spend the time zstd takes to compress. Other compressions are decoded
+and stored in larder's own zstd encoding.
+
+The caller commits the blob only after :meth:`NarIngest.finish` returned (every piece checked and
+written) and the digests matched what the upload claimed; otherwise the writer aborts and nothing
+becomes visible.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from larder.protocol.compression import Decompressor
@@ -35,36 +48,45 @@ class NarDigest:
     nar_size: int
 
 
-#: Pieces (of up to 256 KiB each) waiting for the blob writer's thread.
+#: Pieces (of up to 256 KiB of NAR, or one received chunk) waiting for the checker thread.
 PIPE_DEPTH = 8
 
 
-class _WriterThread:
-    """Runs ``writer.write`` for queued pieces on a thread of its own."""
+def keeps_upload(compression: str) -> bool:
+    """Whether an upload in ``compression`` is stored as it came (a writer with ``encoded``)."""
+    return compression == "zstd"
 
-    def __init__(self, writer: BlobWriter) -> None:
-        self._writer = writer
-        self._queue: queue.Queue[bytes | None] = queue.Queue(PIPE_DEPTH)
+
+#: A queued piece: its bytes and whether they are the upload as received (else NAR bytes).
+_Piece = tuple[bytes, bool]
+
+
+class _Stage:
+    """Runs ``handle`` on queued pieces on a thread of its own; keeps the first error."""
+
+    def __init__(self, handle: Callable[[bytes, bool], None]) -> None:
+        self._handle = handle
+        self._queue: queue.Queue[_Piece | None] = queue.Queue(PIPE_DEPTH)
         self._error: BaseException | None = None
         self._abandoned = False
-        self._thread = threading.Thread(target=self._run, name="larder-blob-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="larder-nar-check", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (piece := self._queue.get()) is not None:
             if self._error is None and not self._abandoned:
                 try:
-                    self._writer.write(piece)
+                    self._handle(*piece)
                 except BaseException as exc:
                     self._error = exc
 
-    def put(self, piece: bytes) -> None:
+    def put(self, data: bytes, received: bool) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put(piece)
+        self._queue.put((data, received))
 
     def drain(self) -> None:
-        """Wait until every queued piece is written; raise the writer's error, if any."""
+        """Wait until every queued piece is handled; raise the first error, if any."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
@@ -80,41 +102,55 @@ class _WriterThread:
 
 
 class NarIngest:
-    """Feeds an uploaded (possibly compressed) NAR into a blob writer while verifying it."""
+    """Feeds an uploaded (possibly compressed) NAR into a blob writer while verifying it.
+
+    ``writer`` must have been made with ``encoded=keeps_upload(compression)``.
+    """
 
     def __init__(self, compression: str, writer: BlobWriter) -> None:
         self._file_hash = hashlib.sha256()
         self._file_size = 0
         self._nar_hash = hashlib.sha256()
         self._validator = NarValidator()
-        self._pipe = _WriterThread(writer)
+        self._writer = writer
+        self._keep = keeps_upload(compression)
+        self._stage = _Stage(self._check)
         self._decompressor = Decompressor(compression, self._take_nar)
 
-    def _take_nar(self, data: bytes) -> None:
+    def _check(self, data: bytes, received: bool) -> None:
+        """On the checker thread: one chunk of the upload as received, or one piece of NAR."""
+        if received:  # queued only when the upload is kept
+            self._writer.write_encoded(data)
+            return
         self._validator.feed(data)
         self._nar_hash.update(data)
-        self._pipe.put(data)
+        self._writer.write(data)
+
+    def _take_nar(self, data: bytes) -> None:
+        self._stage.put(data, False)
 
     def feed(self, data: bytes) -> None:
         """Process one chunk of the upload as it arrived on the wire."""
         self._file_hash.update(data)
         self._file_size += len(data)
+        if self._keep:
+            self._stage.put(data, True)
         self._decompressor.write(data)
 
     def close(self) -> None:
-        """Release the decoder (and the cycle through it) and the writer's thread; idempotent.
+        """Release the decoder (and the cycle through it) and the checker thread; idempotent.
 
         After ``close`` the writer is no longer used here: the caller may commit or abort it.
         """
         self._decompressor.close()
-        self._pipe.stop()
+        self._stage.stop()
 
     def finish(self) -> NarDigest:
-        """End of upload: raise ``FormatError`` if truncated, else return the digests once every
-        byte has reached the writer."""
+        """End of upload: raise ``FormatError`` if truncated or malformed, else return the
+        digests once every byte has been checked and has reached the writer."""
         self._decompressor.finish()
+        self._stage.drain()
         self._validator.finish()
-        self._pipe.drain()
         return NarDigest(
             file_sha256=self._file_hash.digest(),
             file_size=self._file_size,

@@ -27,7 +27,7 @@ from typing import TypeVar
 from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
-from larder.core.ingest import NarIngest
+from larder.core.ingest import NarIngest, keeps_upload
 from larder.core.lastuse import Touch, ignore_use
 from larder.core.servedcache import ServedCache, WriteCounter
 from larder.errors import FormatError, StorageError, VerificationFailed
@@ -126,13 +126,24 @@ class NixCache:
     ) -> NarRecord:
         """Verify and store an uploaded NAR named ``<filehash>.nar[.ext]``."""
         file_hash, compression = parse_nar_name(name)
-        async with self._blobs.writer() as writer:
+        async with self._blobs.writer(encoded=keeps_upload(compression)) as writer:
             ingest = NarIngest(compression, writer)
+            feeding: asyncio.Future[None] | None = None
             try:
+                # The next chunk is read while the previous one is being fed.
                 async for chunk in body:
-                    await self._run(ingest.feed, chunk)
+                    if feeding is not None:
+                        await feeding
+                    feeding = asyncio.ensure_future(self._run(ingest.feed, chunk))
+                if feeding is not None:
+                    await feeding
                 digest = await self._run(ingest.finish)
             finally:
+                if feeding is not None and not feeding.done():
+                    # The body failed while a chunk was being fed: let the feed end first.
+                    await asyncio.wait([feeding])
+                    if not feeding.cancelled():
+                        feeding.exception()  # retrieved: the body's error is the one raised
                 ingest.close()
             if nix32.encode(digest.file_sha256) != file_hash:
                 raise VerificationFailed(

@@ -27,6 +27,9 @@ class _CountedWriter(BlobWriter):
     def write(self, data: bytes | memoryview) -> None:
         self._inner.write(data)
 
+    def write_encoded(self, piece: bytes) -> None:
+        self._inner.write_encoded(piece)
+
     @property
     def size(self) -> int:
         return self._inner.size
@@ -68,8 +71,8 @@ class InstrumentedStorage(Storage):
             self._metrics.backend_errors.labels(self.backend, operation).inc()
             raise
 
-    def blob_writer(self) -> BlobWriter:
-        return _CountedWriter(self.inner.blob_writer(), self._metrics)
+    def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
+        return _CountedWriter(self.inner.blob_writer(encoded=encoded), self._metrics)
 
     async def blob_open(self, blob_id: str) -> BlobReader | None:
         return await self._count("blob_open", self.inner.blob_open(blob_id))

@@ -3,7 +3,8 @@
 Two kinds of data live in a store:
 
 * **Blobs**: content-addressed by the BLAKE3 hex digest of their *uncompressed* bytes and kept
-  zstd-compressed at rest (one zstd stream). A blob is written through a :class:`BlobWriter`
+  zstd-compressed at rest (a zstd stream: the writer's own encoding, or one the caller verified
+  and hands over as it is). A blob is written through a :class:`BlobWriter`
   into a temporary object and becomes visible under ``blob_id`` only on :meth:`BlobWriter.commit`,
   which callers invoke after they have verified the content. Identical content is stored once.
   Readers get the *stored* (compressed) bytes, so a blob can be served as a ``.zst`` file as is.
@@ -123,7 +124,20 @@ class BlobWriter(ABC):
 
     @abstractmethod
     def write(self, data: bytes | memoryview) -> None:
-        """Hash and compress ``data`` and append it to the temporary object."""
+        """Hash and compress ``data`` and append it to the temporary object.
+
+        A writer made with ``encoded=True`` only hashes ``data``: the stored bytes are what the
+        caller passes to :meth:`write_encoded`.
+        """
+
+    def write_encoded(self, piece: bytes) -> None:
+        """Append ``piece`` of a zstd stream (RFC 8878) the caller encoded, or received and
+        decoded itself, to the temporary object as it is (writers made with ``encoded=True``).
+
+        The caller answers for the stream decoding to exactly the bytes it passed to
+        :meth:`write`, which is what the blob id is computed over.
+        """
+        raise ValueError("this blob writer encodes the stream itself")
 
     @property
     @abstractmethod
@@ -181,8 +195,12 @@ class Storage(ABC):
     # -- blobs ---------------------------------------------------------------------------
 
     @abstractmethod
-    def blob_writer(self) -> BlobWriter:
-        """Start a new blob. Blocking (may create a temporary object): call from a thread."""
+    def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
+        """Start a new blob. Blocking (may create a temporary object): call from a thread.
+
+        ``encoded``: the caller supplies the zstd stream itself (:meth:`BlobWriter.write_encoded`)
+        and the writer only hashes the content.
+        """
 
     @abstractmethod
     async def blob_open(self, blob_id: str) -> BlobReader | None:

@@ -1,19 +1,26 @@
 """The blob format at rest, and the streaming encoder every :class:`BlobWriter` shares.
 
-A stored blob is exactly one zstd frame (RFC 8878) holding the uncompressed bytes:
+A stored blob is a zstd stream (RFC 8878) holding the uncompressed bytes, either
 
-* the frame carries an XXH64 content checksum (so any zstd decoder, Nix's included, detects a
-  corrupted file) and no content size (it is not known while streaming);
-* the blob id is the BLAKE3-256 hex digest of the *uncompressed* bytes (64 lowercase hex digits).
+* larder's own encoding (:class:`BlobEncoder`): exactly one frame, with an XXH64 content
+  checksum (so any zstd decoder, Nix's included, detects a corrupted file) and no content size
+  (it is not known while streaming); or
+* a stream the caller received and verified, kept as it came (:class:`KeptStream`, writers made
+  with ``encoded=True``): a zstd NAR upload that decoded completely, within the decoder's window
+  limit, to the very bytes hashed. Nix writes one frame without a checksum; other encoders may
+  write several frames, or skippable ones, which every conforming decoder reads as one stream.
 
-So a blob file is a servable ``.zst`` (``.nar.zst``) as it is. Memory stays bounded: input is fed
-to one zstd stream in slices of at most :data:`WRITE_SLICE` bytes and each compressed piece goes to
-the backend's sink as soon as zstd emits it.
+Either way the blob id is the BLAKE3-256 hex digest of the *uncompressed* bytes (64 lowercase
+hex digits), and a blob file is a servable ``.zst`` (``.nar.zst``) as it is. Memory stays
+bounded: input is fed to one zstd stream in slices of at most :data:`WRITE_SLICE` bytes and each
+compressed piece goes to the backend's sink as soon as zstd emits it.
 
 :class:`EncodingBlobWriter` is the part of a writer that does not depend on the backend: hashing,
 compression, the open/committed/aborted life cycle, and cleanup when anything fails. A backend
 supplies three hooks: where compressed pieces go (``_sink``), how a finished temporary object
-becomes visible under its id (``_publish``) and how it is discarded (``_discard``).
+becomes visible under its id (``_publish``, which says how many bytes the kept blob has at rest:
+when the content was stored already, the earlier encoding may be what stays) and how it is
+discarded (``_discard``).
 """
 
 from __future__ import annotations
@@ -94,6 +101,9 @@ class BlobEncoder:
             self._emit(self._stream.compress(piece))
             self.size += len(piece)
 
+    def write_encoded(self, piece: bytes) -> None:
+        raise ValueError("this blob writer encodes the stream itself")
+
     def finish(self) -> str:
         """End the zstd frame and return the blob id (BLAKE3 hex of everything written)."""
         self._emit(self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
@@ -105,6 +115,36 @@ class BlobEncoder:
         a cycle (and the compressor's buffers) alive until a full garbage collection."""
         self._sink = _closed_sink
         self._stream = _FINISHED  # type: ignore[assignment]
+
+
+class KeptStream:
+    """BLAKE3 of the content, and a zstd stream encoded elsewhere handed to ``sink`` as it comes.
+
+    The same shape as :class:`BlobEncoder`: :meth:`write` takes the content (hashed only),
+    :meth:`write_encoded` the stored bytes.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._hasher = blake3.blake3()
+        self._sink = sink
+        self.size = 0
+        self.stored_size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._hasher.update(data)
+        self.size += len(data)
+
+    def write_encoded(self, piece: bytes) -> None:
+        if piece:
+            self._sink(piece)
+            self.stored_size += len(piece)
+
+    def finish(self) -> str:
+        self.close()
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        self._sink = _closed_sink
 
 
 class _State(Enum):
@@ -120,8 +160,14 @@ class EncodingBlobWriter(BlobWriter):
     propagates, so a failed writer never leaks (the caller's ``abort`` is then a no-op).
     """
 
-    def __init__(self, *, level: int = DEFAULT_ZSTD_LEVEL, threads: int = 0) -> None:
-        self._encoder = BlobEncoder(self._sink, level=level, threads=threads)
+    def __init__(
+        self, *, level: int = DEFAULT_ZSTD_LEVEL, threads: int = 0, encoded: bool = False
+    ) -> None:
+        self._encoder: BlobEncoder | KeptStream
+        if encoded:
+            self._encoder = KeptStream(self._sink)
+        else:
+            self._encoder = BlobEncoder(self._sink, level=level, threads=threads)
         self._state = _State.OPEN
 
     # -- backend hooks -------------------------------------------------------------------
@@ -131,11 +177,13 @@ class EncodingBlobWriter(BlobWriter):
         """Append compressed bytes to the temporary object."""
 
     @abstractmethod
-    def _publish(self, info: BlobInfo) -> None:
-        """Make the finished temporary object visible as ``info.blob_id``.
+    def _publish(self, info: BlobInfo) -> int:
+        """Make the finished temporary object visible as ``info.blob_id``; return the stored
+        size of the blob now under that id.
 
-        If that blob exists, keep it (the content is identical) but refresh its modification
-        time: a garbage collector must see content committed again as fresh.
+        If that blob exists, keep it (the content is identical, its encoding may differ) but
+        refresh its modification time: a garbage collector must see content committed again as
+        fresh. A backend may instead replace it with the new temporary.
         """
 
     @abstractmethod
@@ -160,6 +208,14 @@ class EncodingBlobWriter(BlobWriter):
             self.abort()
             raise
 
+    def write_encoded(self, piece: bytes) -> None:
+        self._check_open()
+        try:
+            self._encoder.write_encoded(piece)
+        except BaseException:
+            self.abort()
+            raise
+
     def commit(self, expected_id: str | None = None) -> BlobInfo:
         self._check_open()
         try:
@@ -169,7 +225,9 @@ class EncodingBlobWriter(BlobWriter):
                     f"content hash mismatch: the body's BLAKE3 is {blob_id}, expected {expected_id}"
                 )
             info = BlobInfo(blob_id, self._encoder.size, self._encoder.stored_size)
-            self._publish(info)
+            kept_size = self._publish(info)
+            if kept_size != info.stored_size:
+                info = BlobInfo(blob_id, info.size, kept_size)
         except BaseException:
             self.abort()
             raise

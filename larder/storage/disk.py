@@ -2,7 +2,7 @@
 
 Layout under ``root``::
 
-    blobs/<id[:2]>/<id>     committed blobs: one zstd frame each, servable as a .zst file as is
+    blobs/<id[:2]>/<id>     committed blobs: a zstd stream each, servable as a .zst file as is
     objects/<key>           objects; a key's ``/`` separated segments are directories
     tmp/                    temporaries (blob uploads in progress, objects being replaced)
 
@@ -152,8 +152,8 @@ WRITEBACK_STEP = 4 * 1024 * 1024
 
 
 class _DiskBlobWriter(EncodingBlobWriter):
-    def __init__(self, storage: DiskStorage) -> None:
-        super().__init__(level=storage._zstd_level, threads=storage._zstd_threads)
+    def __init__(self, storage: DiskStorage, encoded: bool) -> None:
+        super().__init__(level=storage._zstd_level, threads=storage._zstd_threads, encoded=encoded)
         self._storage = storage
         self._fd, self._temp = storage._create_temp("blob")
         self._written = 0
@@ -175,8 +175,9 @@ class _DiskBlobWriter(EncodingBlobWriter):
         if fd >= 0:
             os.close(fd)
 
-    def _publish(self, info: BlobInfo) -> None:
+    def _publish(self, info: BlobInfo) -> int:
         final = self._storage._blob_path(info.blob_id)
+        kept_size = info.stored_size
         with _os_errors("blob commit"):
             os.fsync(self._fd)
             self._close_fd()
@@ -187,15 +188,18 @@ class _DiskBlobWriter(EncodingBlobWriter):
                 # The same content is already stored: keep it, but as of now.
                 try:
                     os.utime(final)
+                    kept_size = os.stat(final).st_size
                 except FileNotFoundError:
                     # Deleted (by garbage collection) since the link failed: link again. If
                     # that fails too, another commit of this content has just created it.
                     with contextlib.suppress(FileExistsError):
                         _link(self._temp, final)
+                    kept_size = os.stat(final).st_size
             self._temp.unlink(missing_ok=True)
             _fsync_dir(final.parent)
             if created:
                 _fsync_dir(final.parent.parent)
+        return kept_size
 
     def _discard(self) -> None:
         try:
@@ -313,8 +317,8 @@ class DiskStorage(Storage):
 
     # -- blobs ---------------------------------------------------------------------------
 
-    def blob_writer(self) -> BlobWriter:
-        return _DiskBlobWriter(self)
+    def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
+        return _DiskBlobWriter(self, encoded)
 
     def _blob_open_sync(self, blob_id: str) -> BlobReader | None:
         path = self._blob_path(blob_id)

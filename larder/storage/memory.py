@@ -39,22 +39,24 @@ class _Entry(NamedTuple):
 
 
 class _MemoryBlobWriter(EncodingBlobWriter):
-    def __init__(self, storage: MemoryStorage, level: int, threads: int) -> None:
+    def __init__(self, storage: MemoryStorage, level: int, threads: int, encoded: bool) -> None:
         self._storage = storage
         self._pieces: list[bytes] = []
-        super().__init__(level=level, threads=threads)
+        super().__init__(level=level, threads=threads, encoded=encoded)
 
     def _sink(self, piece: bytes) -> None:
         self._pieces.append(piece)
 
-    def _publish(self, info: BlobInfo) -> None:
+    def _publish(self, info: BlobInfo) -> int:
         data = b"".join(self._pieces)
         self._pieces = []
         blobs = self._storage._blobs
         with self._storage._lock:
             existing = blobs.get(info.blob_id)
             # identical content is kept; only the commit time moves
-            blobs[info.blob_id] = _Entry(existing.data if existing else data, self._storage.clock())
+            kept = existing.data if existing else data
+            blobs[info.blob_id] = _Entry(kept, self._storage.clock())
+        return len(kept)
 
     def _discard(self) -> None:
         self._pieces = []
@@ -97,8 +99,8 @@ class MemoryStorage(Storage):
 
     # -- blobs ---------------------------------------------------------------------------
 
-    def blob_writer(self) -> BlobWriter:
-        return _MemoryBlobWriter(self, self._zstd_level, self._zstd_threads)
+    def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
+        return _MemoryBlobWriter(self, self._zstd_level, self._zstd_threads, encoded)
 
     async def blob_open(self, blob_id: str) -> BlobReader | None:
         check_blob_id(blob_id)

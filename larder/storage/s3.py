@@ -202,8 +202,8 @@ def _timestamp(value: datetime | None) -> float:
 
 
 class _S3BlobWriter(EncodingBlobWriter):
-    def __init__(self, storage: S3Storage) -> None:
-        super().__init__(level=storage._zstd_level, threads=storage._zstd_threads)
+    def __init__(self, storage: S3Storage, encoded: bool) -> None:
+        super().__init__(level=storage._zstd_level, threads=storage._zstd_threads, encoded=encoded)
         self._storage = storage
         self._client = storage._client
         self._bucket = storage.bucket
@@ -245,9 +245,10 @@ class _S3BlobWriter(EncodingBlobWriter):
                 part[name] = value
         self._parts.append(part)
 
-    def _publish(self, info: BlobInfo) -> None:
+    def _publish(self, info: BlobInfo) -> int:
         final = self._storage._blob_key(info.blob_id)
-        # Written even if the blob exists (identical content): that refreshes LastModified.
+        # Written even if the blob exists (identical content, perhaps encoded otherwise): that
+        # refreshes LastModified. The new encoding is what stays.
         if self._upload_id is None:
             data = bytes(self._buffer)
             self._buffer = bytearray()
@@ -255,7 +256,7 @@ class _S3BlobWriter(EncodingBlobWriter):
                 self._client.put_object(
                     Bucket=self._bucket, Key=final, Body=data, ContentType=BLOB_CONTENT_TYPE
                 )
-            return
+            return info.stored_size
         if self._buffer:
             self._upload_part(bytes(self._buffer))
             self._buffer = bytearray()
@@ -271,6 +272,7 @@ class _S3BlobWriter(EncodingBlobWriter):
         self._storage._copy_sync(self._temp_key, final, info.stored_size)
         self._temp_complete = False
         self._storage._delete_quietly(self._temp_key)
+        return info.stored_size
 
     def _discard(self) -> None:
         self._buffer = bytearray()
@@ -583,8 +585,8 @@ class S3Storage(Storage):
 
     # -- blobs ---------------------------------------------------------------------------
 
-    def blob_writer(self) -> BlobWriter:
-        return _S3BlobWriter(self)
+    def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
+        return _S3BlobWriter(self, encoded)
 
     async def blob_open(self, blob_id: str) -> BlobReader | None:
         key = self._blob_key(check_blob_id(blob_id))

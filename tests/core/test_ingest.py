@@ -1,8 +1,10 @@
-"""NAR ingest: the blob writer's own thread sees every byte, in order, and its errors surface."""
+"""NAR ingest: the checker thread sees every byte, in order, and its errors surface; a zstd
+upload is kept as it came, any other compression re-encoded."""
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 import threading
 
 import pytest
@@ -21,8 +23,13 @@ class Recorder(BlobWriter):
 
     def __init__(self, fail_after: int | None = None) -> None:
         self.data = bytearray()
+        self.encoded = bytearray()
         self.threads: set[str] = set()
         self.fail_after = fail_after
+
+    def write_encoded(self, piece: bytes) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.encoded += piece
 
     def write(self, data: bytes | memoryview) -> None:
         self.threads.add(threading.current_thread().name)
@@ -48,14 +55,39 @@ def feed(ingest: NarIngest, body: bytes, chunk: int = 64 * 1024) -> None:
 
 def test_every_byte_reaches_the_writer_in_order_on_its_own_thread() -> None:
     writer = Recorder()
+    upload = zstandard.ZstdCompressor(write_checksum=False).compress(NAR)
     ingest = NarIngest("zstd", writer)
-    feed(ingest, zstandard.ZstdCompressor().compress(NAR))
+    feed(ingest, upload)
     digest = ingest.finish()
     ingest.close()
     assert bytes(writer.data) == NAR  # complete once finish() returned
+    assert bytes(writer.encoded) == upload  # a zstd upload is stored as it came
     assert digest.nar_sha256 == hashlib.sha256(NAR).digest()
-    assert writer.threads == {"larder-blob-writer"}
+    assert digest.file_sha256 == hashlib.sha256(upload).digest()
+    assert writer.threads == {"larder-nar-check"}
     assert threading.current_thread().name not in writer.threads
+
+
+@pytest.mark.parametrize("compression", ["xz", "none"])
+def test_other_compressions_hand_over_only_the_nar(compression: str) -> None:
+    writer = Recorder()
+    upload = lzma.compress(NAR) if compression == "xz" else NAR
+    ingest = NarIngest(compression, writer)
+    feed(ingest, upload)
+    digest = ingest.finish()
+    ingest.close()
+    assert bytes(writer.data) == NAR and not writer.encoded  # the writer encodes it itself
+    assert digest.nar_size == len(NAR)
+
+
+def test_a_malformed_nar_in_a_valid_stream_fails_and_is_not_finished() -> None:
+    writer = Recorder()
+    ingest = NarIngest("zstd", writer)
+    bad = NAR[:-200] + b"\0" * 200  # the framing breaks near the end
+    with pytest.raises(FormatError):
+        feed(ingest, zstandard.ZstdCompressor().compress(bad))
+        ingest.finish()
+    ingest.close()
 
 
 def test_a_writer_error_surfaces_in_feed_or_finish() -> None:
@@ -85,4 +117,4 @@ def test_close_stops_the_thread_even_with_a_full_queue() -> None:
     ingest.close()
     with pytest.raises(FormatError):  # closed: the decoder refuses more input
         ingest.feed(b"more")
-    assert not any(t.name == "larder-blob-writer" for t in threading.enumerate())
+    assert not any(t.name == "larder-nar-check" for t in threading.enumerate())

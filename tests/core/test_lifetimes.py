@@ -68,7 +68,7 @@ def test_closed_decompressor_refuses_writes() -> None:
 @pytest.mark.parametrize("complete", [True, False])
 def test_nar_ingest_and_blob_writer_are_freed(complete: bool) -> None:
     storage = MemoryStorage()
-    writer = storage.blob_writer()
+    writer = storage.blob_writer(encoded=True)
     ingest = NarIngest("zstd", writer)
     data = zstandard.ZstdCompressor().compress(NAR)
     ingest.feed(data if complete else data[: len(data) // 2])

@@ -9,6 +9,7 @@ import hashlib
 import lzma
 import os
 
+import pytest
 import zstandard
 
 from larder.protocol import narinfo, nix32
@@ -418,23 +419,29 @@ async def test_unreachable_storage_is_503_with_retry_after(make_service: Service
     assert (await svc.client.get("/healthz")).status == 200
 
 
-async def test_full_storage_is_507_and_stores_nothing(make_service: ServiceFactory) -> None:
+@pytest.mark.parametrize("compression", ["xz", "zstd"])  # re-encoded, and kept as it came
+async def test_full_storage_is_507_and_stores_nothing(
+    make_service: ServiceFactory, compression: str
+) -> None:
     from larder.errors import StorageFull
     from larder.storage.memory import MemoryStorage
 
     class Full(MemoryStorage):
-        def blob_writer(self):  # type: ignore[no-untyped-def]
-            writer = super().blob_writer()
+        def blob_writer(self, *, encoded=False):  # type: ignore[no-untyped-def]
+            writer = super().blob_writer(encoded=encoded)
 
             def refuse(data: bytes) -> None:
                 raise StorageFull("no space left on device")
 
             writer.write = refuse  # type: ignore[method-assign]
+            writer.write_encoded = refuse  # type: ignore[method-assign]
             return writer
 
     svc = await make_service(Full())
-    body = lzma.compress(make_nar(b"full"))
-    resp = await svc.client.put(f"/main/{nar_url(body)}", data=body, headers=svc.auth())
+    nar = make_nar(b"full")
+    body = lzma.compress(nar) if compression == "xz" else zstandard.ZstdCompressor().compress(nar)
+    url = f"/main/{nar_url(body, '.xz' if compression == 'xz' else '.zst')}"
+    resp = await svc.client.put(url, data=body, headers=svc.auth())
     assert resp.status == 507
     assert await blob_count(svc) == 0
 

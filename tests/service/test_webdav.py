@@ -304,8 +304,8 @@ class WatchedStorage(MemoryStorage):
         self.committed = 0
         self.written = 0
 
-    def blob_writer(self) -> BlobWriter:
-        return _WatchedWriter(super().blob_writer(), self)
+    def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
+        return _WatchedWriter(super().blob_writer(encoded=encoded), self)
 
 
 async def test_truncated_put_leaves_nothing(make_service: ServiceFactory) -> None:

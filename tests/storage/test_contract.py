@@ -479,3 +479,57 @@ async def test_writer_from_many_threads_sequentially(storage: Storage) -> None:
     finally:
         await asyncio.to_thread(writer.abort)
     assert info.blob_id == blob_id_of(data)
+
+
+# -- blobs kept in the encoding they came in -----------------------------------------------
+
+
+async def test_an_encoded_writer_stores_the_given_stream_as_it_is(backend: Backend) -> None:
+    storage = backend.storage
+    data = mixed_data(700_000, seed=11)
+    stream = zstandard.ZstdCompressor(level=1, write_checksum=False).compress(data)
+
+    def work() -> BlobInfo:
+        with storage.blob_writer(encoded=True) as writer:
+            for offset in range(0, len(stream), 100_000):
+                writer.write_encoded(stream[offset : offset + 100_000])
+            for offset in range(0, len(data), 64 * 1024):
+                writer.write(data[offset : offset + 64 * 1024])
+            return writer.commit()
+
+    info = await asyncio.to_thread(work)
+    assert info == BlobInfo(blob_id_of(data), len(data), len(stream))
+    assert await read_stored(storage, info.blob_id) == stream  # not re-encoded
+    assert await storage.blob_stored_size(info.blob_id) == len(stream)
+    assert await backend.leftovers() == []
+
+
+async def test_content_stored_again_in_another_encoding_reports_what_is_kept(
+    storage: Storage,
+) -> None:
+    data = mixed_data(300_000, seed=12)
+    first = await write_blob(storage, data)  # larder's own encoding
+    other = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(data)
+    assert len(other) != first.stored_size
+
+    def work() -> BlobInfo:
+        with storage.blob_writer(encoded=True) as writer:
+            writer.write_encoded(other)
+            writer.write(data)
+            return writer.commit()
+
+    again = await asyncio.to_thread(work)
+    assert again.blob_id == first.blob_id
+    kept = await read_stored(storage, again.blob_id)
+    assert again.stored_size == len(kept) == await storage.blob_stored_size(again.blob_id)
+    assert decompress(kept) == data
+
+
+async def test_write_encoded_is_refused_by_a_writer_that_encodes(storage: Storage) -> None:
+    def work() -> None:
+        with storage.blob_writer() as writer:
+            with pytest.raises(ValueError, match="encodes the stream itself"):
+                writer.write_encoded(b"\x28\xb5\x2f\xfd")
+
+    await asyncio.to_thread(work)
+    assert await collect(storage.blob_ids()) == []
