@@ -116,6 +116,9 @@ class NixCache:
         self._blobs = blobs
         self._touch = touch
         self._served = ServedCache(served_ttl, writes=writes)
+        # NAR records found while serving (a NAR is fetched right after its narinfo, and again
+        # by every client), for as long as narinfos are remembered.
+        self._records = ServedCache(served_ttl)
         self._storage = blobs.storage
         self._run = blobs.run
 
@@ -152,19 +155,25 @@ class NixCache:
                 )
             blob = await self._run(writer.commit)
         record = NarRecord(blob.blob_id, digest.nar_size, blob.stored_size)
-        await self._storage.put(
-            keys.nar(cache.name, nix32.encode(digest.nar_sha256)), record.to_json()
-        )
+        nar_hash = nix32.encode(digest.nar_sha256)
+        await self._storage.put(keys.nar(cache.name, nar_hash), record.to_json())
+        self._records.forget(cache.name, nar_hash)
         return record
 
     async def nar_record(
         self, cache: CacheSettings, nar_hash_nix32: str, *, serving: bool = False
     ) -> NarRecord | None:
-        """The NAR's record; ``serving`` records a use (a client is downloading it)."""
+        """The NAR's record; ``serving`` records a use (a client is downloading it) and may
+        answer from the records remembered while serving."""
         key = keys.nar(cache.name, nar_hash_nix32)
-        data = await self._storage.get(key)
+        memo_key = (cache.name, nar_hash_nix32, "")
+        data = self._records.get(memo_key)[1] if serving else None  # only found ones are kept
         if data is None:
-            return None
+            data = await self._storage.get(key)
+            if data is None:
+                return None
+            if serving:
+                self._records.put(memo_key, data)
         if serving:
             self._touch(key)
         return NarRecord.from_json(data)
@@ -286,10 +295,13 @@ class NixCache:
         return FileRecord.from_json(data)
 
     def forget(self, key: str) -> None:
-        """Drop what this replica remembers of a deleted narinfo (``key`` is its storage key)."""
+        """Drop what this replica remembers of a deleted narinfo or NAR record (``key`` is its
+        storage key)."""
         split = keys.cache_of(key)
         if split is not None and split[1].startswith("narinfo/"):
             self._served.forget(split[0], split[1].removeprefix("narinfo/"))
+        elif split is not None and split[1].startswith("nar/"):
+            self._records.forget(split[0], split[1].removeprefix("nar/"))
 
 
 def _signed_by_any(info: NarInfo, trusted: tuple[str, ...]) -> bool:

@@ -114,11 +114,12 @@ class LineAccessLogger(AbstractAccessLogger):
 
     @classmethod
     def get_line(
-        cls, remote: str | None, target: str, status: int, length: int, seconds: float,
-        referer: str | None, user_agent: str | None,
+        cls, remote: str | None, method: str, target: str, status: int, length: int,
+        seconds: float, referer: str | None, user_agent: str | None,
     ) -> str:  # fmt: skip
-        """The line of an HTTP/1.1 ``GET target`` answered outside aiohttp (the short path)."""
-        entry = Entry(remote, "GET", target, target, (1, 1), status, length, seconds, referer,
+        """The line of an HTTP/1.1 ``method target`` answered outside aiohttp (the short
+        path)."""
+        entry = Entry(remote, method, target, target, (1, 1), status, length, seconds, referer,
                       user_agent)  # fmt: skip
         return cls.line(entry)
 
@@ -159,14 +160,14 @@ class TextAccessLogger(LineAccessLogger):
 
     @classmethod
     def get_line(
-        cls, remote: str | None, target: str, status: int, length: int, seconds: float,
-        referer: str | None, user_agent: str | None,
+        cls, remote: str | None, method: str, target: str, status: int, length: int,
+        seconds: float, referer: str | None, user_agent: str | None,
     ) -> str:  # fmt: skip
         started = TextAccessLogger._stamp  # what started() gives, without the call when fresh
         if int(time.time() - seconds) != started[0]:
             started = (0, TextAccessLogger.started(seconds))
         return (
-            f'{remote or "-"} [{started[1]}] "GET {target} HTTP/1.1" {status} {length} '
+            f'{remote or "-"} [{started[1]}] "{method} {target} HTTP/1.1" {status} {length} '
             f'"{referer or "-"}" "{user_agent or "-"}"'
         )
 

@@ -1,10 +1,11 @@
-"""Answers for the request Nix sends most, a narinfo GET, made before aiohttp sees it.
+"""Answers for the requests Nix sends, narinfo, NAR and ``nix-cache-info`` GETs, made before
+aiohttp sees them.
 
 :class:`~larder.service.front.FrontProtocol` gives every complete request head it reads to
 :class:`FastPath`, which answers it when all of these hold:
 
 * the request line is ``GET /<cache>/<32 nix32 characters>.narinfo HTTP/1.1`` (no query, no
-  percent-escapes);
+  percent-escapes), or the same with ``HEAD``, which Nix sends to ask whether a path is there;
 * the head announces no body (no ``Transfer-Encoding``; ``Content-Length`` absent or 0) and has
   no ``Expect`` or ``Upgrade`` header, nor a ``Connection`` header other than ``keep-alive``;
 * the cache exists and is public.
@@ -24,11 +25,27 @@ above) and whose target has kept bytes is answered from them, with no parsing be
 expressions, while the cache's settings and the served-narinfo memory still give the very objects
 the bytes were made from; otherwise the head takes the full check. Counting is batched per
 few hundredths of a second (:mod:`larder.service.tally`).
+
+``GET /<cache>/nix-cache-info``, which Nix sends first on a new connection, is answered under
+the same conditions when the cache's settings are in memory (otherwise the connection goes to
+the application there and then, as it would for any request this path does not take).
+
+A NAR GET (``GET /<cache>/nar/<52 nix32 characters>.nar.zst HTTP/1.1``, the same conditions,
+and none of ``Range``, ``If-Range``, ``If-Match``, ``If-None-Match``, ``If-Modified-Since``,
+``If-Unmodified-Since``) of a public cache whose blobs are local files is answered here too:
+the NAR record and the blob are looked up as the application looks them up, and
+:class:`~larder.service.front.FrontProtocol` sends the head this module makes (the
+application's status line and headers, ``Etag`` and ``Last-Modified`` as aiohttp derives them)
+and then the blob by ``sendfile(2)``. It is counted as the application counts it (a NAR lookup
+hit, its length as sent bytes, latency up to the head) and logged once the body is out. Anything
+else (a miss, a storage error, blobs that are not local files) the application answers.
 """
 
 from __future__ import annotations
 
 import email.utils
+import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -39,11 +56,13 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from larder.core.caches import CacheSettings
+from larder.core.nixcache import nix_cache_info
 from larder.errors import FormatError, LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
 from larder.service.observe import HITS, METRICS, TALLY
+from larder.storage.base import BlobReader
 
 #: Targets whose answer bytes are kept (all of them are dropped when one more comes).
 MAX_ANSWERS = 20_000
@@ -51,11 +70,20 @@ MAX_ANSWERS = 20_000
 MAX_RESTS = 1024
 
 NARINFO_TYPE = b"text/x-nix-narinfo"
+CACHE_INFO_TYPE = b"text/x-nix-cache-info"
+NAR_TYPE = b"application/x-nix-nar"
 NOT_FOUND_TYPE = b"text/plain; charset=utf-8"
 NOT_FOUND_BODY = b"404: Not Found"  # what aiohttp answers for web.HTTPNotFound()
 
 _TARGET = re.compile(rb"/([^/?%#]+)/([^/?%#]{32})\.narinfo")
+_CACHE_INFO_TARGET = re.compile(rb"/([^/?%#]+)/nix-cache-info")
+_NAR_TARGET = re.compile(rb"/([^/?%#]+)/nar/([0-9a-z]{52})\.nar\.zst")
 _REFUSED_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+# What aiohttp's file responses act on (ranges, conditional requests): the application answers.
+_NAR_REFUSED_HEADERS = _REFUSED_HEADERS | {
+    b"range", b"if-range", b"if-match", b"if-none-match", b"if-modified-since",
+    b"if-unmodified-since",
+}  # fmt: skip
 _SERVER = SERVER_SOFTWARE.encode()
 _VERSION = b" HTTP/1.1"
 # Header fields this path reads nothing from: token names, values without CR or LF.
@@ -69,9 +97,9 @@ _LOGGED_FIELDS = re.compile(
     rb"^(user-agent|referer)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M
 )
 
-#: Formats the access log line of an answer: remote, target, status, length, seconds, referer,
-#: user agent.
-LogLine = Callable[[str | None, str, int, int, float, str | None, str | None], None]
+#: Formats the access log line of an answer: remote, method, target, status, length, seconds,
+#: referer, user agent.
+LogLine = Callable[[str | None, str, str, int, int, float, str | None, str | None], None]
 
 
 class _Answer:
@@ -114,6 +142,7 @@ class FastPath:
         self._rests: dict[bytes, tuple[str | None, str | None] | Literal[False]] = {}
         self._second = -1
         self._date_line = b""
+        self._local_blobs = True  # until a blob turns out not to be a local file
 
     def _http_date_line(self, second: int) -> bytes:
         if second != self._second:
@@ -162,31 +191,108 @@ class FastPath:
 
     def parse(self, head: bytes, peer: str | None) -> NarinfoGet | None:
         """The request ``head`` (without its blank line) if this path may answer it."""
-        line, _, fields = head.partition(b"\r\n")
-        if not (line.startswith(b"GET ") and line.endswith(_VERSION)):
+        head_only = head.startswith(b"HEAD ")
+        parsed = _plain_get(b"GET " + head[5:] if head_only else head, _TARGET, _REFUSED_HEADERS)
+        if parsed is None:
             return None
-        target = line[4:-9]
-        match = _TARGET.fullmatch(target)
-        if match is None:
-            return None
-        for field in fields.split(b"\r\n") if fields else ():
-            name, colon, raw = field.partition(b":")
-            if not colon or not name or name[:1] in b" \t":
-                return None  # malformed or folded: aiohttp decides
-            key = name.lower()
-            value = raw.strip()
-            if key in _REFUSED_HEADERS:
-                return None
-            if key == b"content-length" and value != b"0":
-                return None
-            if key == b"connection" and value.lower() != b"keep-alive":
-                return None
+        match, target, fields = parsed
         try:
             cache = check_cache_name(match.group(1).decode("ascii"))
             store_hash = check_hash_part(match.group(2).decode("ascii"))
         except (FormatError, UnicodeDecodeError):
             return None
-        return NarinfoGet(cache, store_hash, target.decode("ascii"), peer, fields, time.monotonic())
+        return NarinfoGet(cache, store_hash, target, peer, fields, time.monotonic(), head_only)
+
+    def cache_info(self, head: bytes, peer: str | None) -> bytes | None:
+        """The answer to ``head`` if it is a ``nix-cache-info`` GET this path may answer."""
+        start = time.monotonic()
+        parsed = _plain_get(head, _CACHE_INFO_TARGET, _REFUSED_HEADERS)
+        if parsed is None:
+            return None
+        match, target, fields = parsed
+        try:
+            name = check_cache_name(match.group(1).decode("ascii"))
+        except (FormatError, UnicodeDecodeError):
+            return None
+        settings = self._caches.known(name)
+        if settings is None or settings.private:
+            return None
+        body = nix_cache_info(settings)
+        head_lines = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+            CACHE_INFO_TYPE, len(body),
+        )  # fmt: skip
+        response = head_lines + self._http_date_line(int(time.time())) + body
+        self._app[METRICS].add_cache(settings.name)
+        seconds = time.monotonic() - start
+        self._tally.add(settings.name, "nix", 200, seconds, len(body))
+        if self._log is not None:
+            referer, agent = _logged_fields(fields)
+            self._log(peer, "GET", target, 200, len(response), seconds, referer, agent)
+        return response
+
+    def parse_nar(self, head: bytes, peer: str | None) -> NarGet | None:
+        """The request ``head`` if it is a NAR GET this path may answer (module docstring)."""
+        if not self._local_blobs:
+            return None
+        parsed = _plain_get(head, _NAR_TARGET, _NAR_REFUSED_HEADERS)
+        if parsed is None:
+            return None
+        match, target, fields = parsed
+        try:
+            cache = check_cache_name(match.group(1).decode("ascii"))
+        except (FormatError, UnicodeDecodeError):
+            return None
+        nar_hash = match.group(2).decode("ascii")
+        return NarGet(cache, nar_hash, target, peer, fields, time.monotonic())
+
+    async def open_nar(self, request: NarGet) -> OpenNar | None:
+        """The NAR's blob, open, with the head to send before it; ``None`` if the application
+        must answer (no such cache or NAR, a private cache, an error, blobs not local files)."""
+        metrics = self._app[METRICS]
+        metrics.in_flight.inc()
+        reader: BlobReader | None = None
+        try:
+            settings = await self._caches.get(request.cache)
+            if settings is None or settings.private:
+                return None
+            record = await self._nix.nar_record(settings, request.nar_hash, serving=True)
+            if record is None:
+                return None
+            reader = await self._nix.open_blob(record.blob_id)
+            fd = reader.fileno() if reader is not None else None
+            if reader is None or fd is None:
+                if reader is not None:
+                    self._local_blobs = False  # this storage's blobs are not local files
+                return None
+            stat = os.fstat(fd)
+            opened = OpenNar(reader, fd, stat.st_size, _nar_head(stat), settings.name)
+            reader = None  # the caller closes it now
+            self._app[METRICS].add_cache(settings.name)
+            return opened
+        except (LarderError, OSError):
+            return None  # the application answers again, with its status for the error
+        finally:
+            metrics.in_flight.dec()
+            if reader is not None:
+                await reader.close()
+
+    def nar_started(self, request: NarGet, nar: OpenNar) -> None:
+        """The head is out: count the answer as the application would (latency to the head)."""
+        seconds = time.monotonic() - request.start
+        self._tally.add(nar.cache, "nix", 200, seconds, nar.size, "nar", True)
+
+    def nar_sent(self, request: NarGet, nar: OpenNar, sent: int) -> None:
+        """The body is out (``sent`` bytes of it, all unless the transfer failed): log it."""
+        if self._log is not None:
+            referer, agent = _logged_fields(request.fields)
+            seconds = time.monotonic() - request.start
+            self._log(request.peer, "GET", request.path, 200, len(nar.head) + sent, seconds,
+                      referer, agent)  # fmt: skip
+
+    @property
+    def send_idle(self) -> float:
+        """Seconds a NAR transfer may go without progress (``body_idle_timeout``)."""
+        return self._app[state.CONFIG].body_idle_timeout
 
     def answer_now(self, request: NarinfoGet) -> bytes | Literal[False] | None:
         """The response from memory alone; ``None`` if unknown here (try :meth:`answer_later`);
@@ -222,6 +328,8 @@ class FastPath:
         self._answers[request.path.encode("ascii")] = answer
         self._app[METRICS].add_cache(settings.name)
         logged = _logged_fields(request.fields)
+        if request.head_only:
+            return self._finish_head(answer, request.start, request.peer, logged)
         return self._finish(answer, request.start, request.peer, logged)
 
     def _finish(
@@ -245,12 +353,76 @@ class FastPath:
         )
         if self._log is not None:
             referer, agent = logged
-            self._log(peer, answer.target, answer.status, len(response), seconds, referer, agent)
+            self._log(peer, "GET", answer.target, answer.status, len(response), seconds, referer,
+                      agent)  # fmt: skip
+        return response
+
+    def _finish_head(
+        self,
+        answer: _Answer,
+        start: float,
+        peer: str | None,
+        logged: tuple[str | None, str | None],
+    ) -> bytes:
+        """A HEAD's answer, as the application gives it: no body, and no ``Content-Length`` for
+        a narinfo that is there (the 404's length is its text's)."""
+        hit = answer.body is not None
+        head = answer.head
+        if hit:
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n" % NARINFO_TYPE
+        response = head + self._http_date_line(int(time.time()))
+        seconds = time.monotonic() - start
+        if not hit:
+            self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
+        self._tally.add(answer.cache, "nix", answer.status, seconds, 0, "narinfo", hit)
+        if self._log is not None:
+            referer, agent = logged
+            self._log(peer, "HEAD", answer.target, answer.status, len(response), seconds, referer,
+                      agent)  # fmt: skip
         return response
 
     def flush(self) -> None:
         """Count every answer made so far (the server is stopping)."""
         self._tally.flush()
+
+
+def _plain_get(
+    head: bytes, pattern: re.Pattern[bytes], refused: frozenset[bytes]
+) -> tuple[re.Match[bytes], str, bytes] | None:
+    """``(match, target, header lines)`` of a ``GET <target> HTTP/1.1`` head whose target
+    matches ``pattern`` and whose fields announce no body and none of ``refused``."""
+    line, _, fields = head.partition(b"\r\n")
+    if not (line.startswith(b"GET ") and line.endswith(_VERSION)):
+        return None
+    target = line[4:-9]
+    match = pattern.fullmatch(target)
+    if match is None:
+        return None
+    for field in fields.split(b"\r\n") if fields else ():
+        name, colon, raw = field.partition(b":")
+        if not colon or not name or name[:1] in b" \t":
+            return None  # malformed or folded: aiohttp decides
+        key = name.lower()
+        value = raw.strip()
+        if key in refused:
+            return None
+        if key == b"content-length" and value != b"0":
+            return None
+        if key == b"connection" and value.lower() != b"keep-alive":
+            return None
+    return match, target.decode("ascii"), fields
+
+
+def _nar_head(stat: os.stat_result) -> bytes:
+    """The status line and headers aiohttp's file response sends for a whole blob file."""
+    etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+    modified = email.utils.formatdate(math.ceil(stat.st_mtime), usegmt=True)  # as aiohttp does
+    now = email.utils.formatdate(time.time(), usegmt=True)
+    return (
+        f"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Type: {NAR_TYPE.decode()}\r\n"
+        f"Etag: {etag}\r\nLast-Modified: {modified}\r\nContent-Length: {stat.st_size}\r\n"
+        f"Date: {now}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+    ).encode("latin-1")
 
 
 def _logged_fields(fields: bytes) -> tuple[str | None, str | None]:
@@ -266,6 +438,32 @@ def _logged_fields(fields: bytes) -> tuple[str | None, str | None]:
 
 
 @dataclass(frozen=True, slots=True)
+class NarGet:
+    """A NAR GET this path may answer."""
+
+    cache: str
+    nar_hash: str
+    path: str
+    peer: str | None
+    fields: bytes
+    start: float
+
+
+@dataclass(frozen=True, slots=True)
+class OpenNar:
+    """A NAR about to be sent: its open blob (``fd`` is the reader's) and response head."""
+
+    reader: BlobReader
+    fd: int
+    size: int
+    head: bytes
+    cache: str
+
+    async def close(self) -> None:
+        await self.reader.close()
+
+
+@dataclass(frozen=True, slots=True)
 class NarinfoGet:
     """A request this path may answer."""
 
@@ -275,3 +473,4 @@ class NarinfoGet:
     peer: str | None
     fields: bytes  # the head's header lines, for the access log
     start: float
+    head_only: bool = False  # HEAD: the answer has no body

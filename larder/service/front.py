@@ -1,20 +1,24 @@
-"""Every connection's first protocol: narinfo GETs answered at once, the rest handed to aiohttp.
+"""Every connection's first protocol: narinfo and NAR GETs answered here, the rest by aiohttp.
 
 :class:`FrontProtocol` reads request heads itself and gives each complete one to
-:class:`~larder.service.fastpath.FastPath`; requests behind a head that needs a storage lookup
-wait for it, so answers keep their order. At the first request the fast path does not take, or
-whose lookup fails, the connection, with every byte not answered yet, is handed to aiohttp's own
-protocol for good (``transport.set_protocol``): uploads, private caches, HEAD, NARs, errors and
-whatever follows them on the connection are served by the full application, as if the
-connection had just opened.
+:class:`~larder.service.fastpath.FastPath`; requests behind a head that needs a storage lookup,
+or behind a NAR being sent, wait for it (reading pauses while a NAR goes out), so answers keep
+their order. A NAR's head goes through the transport, its body by ``sendfile(2)`` straight to the
+socket (:func:`~larder.service.transfer.send_file`); a transfer that fails closes the connection.
+At the first request the fast path does not take, or whose lookup fails, the connection, with
+every byte not answered yet, is handed to aiohttp's own protocol for good
+(``transport.set_protocol``): uploads, private caches, HEAD, misses, ranges, errors and whatever
+follows them on the connection are served by the full application, as if the connection had
+just opened.
 
 The connection guards (:mod:`larder.service.guard`) hold from the start: over
 ``max_connections`` a connection is answered 503 and closed, and a request head not complete
 within ``header_timeout`` of its first byte (or of the connection opening) is answered 408 and
 closed; the handover passes the connection's place in the count on to aiohttp's handler. An idle
-keep-alive connection is closed after :data:`IDLE_TIMEOUT` seconds. Both deadlines are checked by
-one :class:`Sweeper` per server, a few times per ``header_timeout`` (at least once a second),
-rather than by a timer per request.
+keep-alive connection is closed after :data:`IDLE_TIMEOUT` seconds (one looking up or sending is
+not idle; a NAR transfer has its own deadline, ``body_idle_timeout`` without progress). Both
+deadlines are checked by one :class:`Sweeper` per server, a few times per ``header_timeout`` (at
+least once a second), rather than by a timer per request.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from typing import cast
 
 from aiohttp import web
 
-from larder.service.fastpath import FastPath, NarinfoGet
+from larder.service.fastpath import FastPath, NarGet, NarinfoGet, OpenNar
 from larder.service.guard import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard
+from larder.service.transfer import send_file
 
 log = logging.getLogger("larder.server")
 
@@ -123,7 +128,16 @@ class FrontProtocol(asyncio.Protocol):
                 continue
             request = self._fast.parse(head, self._peer)
             if request is None:
-                self._hand_over()
+                info = self._fast.cache_info(head, self._peer)
+                if info is not None:
+                    self._send(info, end)
+                    continue
+                nar = self._fast.parse_nar(head, self._peer)
+                if nar is None:
+                    self._hand_over()
+                else:
+                    loop = asyncio.get_running_loop()
+                    self._lookup = loop.create_task(self._send_nar(nar, end))
                 return
             answer = self._fast.answer_now(request)
             if answer is False:
@@ -156,6 +170,64 @@ class FrontProtocol(asyncio.Protocol):
         self._serve()
         if self._eof and self._lookup is None and self in self._open:
             self.close()  # the client is done sending and everything it sent is answered
+
+    @property
+    def busy(self) -> bool:
+        """Looking an answer up or sending a NAR: not idle, whatever the time since ``last``."""
+        return self._lookup is not None
+
+    async def _send_nar(self, request: NarGet, end: int) -> None:
+        try:
+            nar = await self._fast.open_nar(request)
+        except Exception:  # not expected: the application answers it, and reports what broke
+            nar = None
+        if self._transport is None or self not in self._open:
+            self._lookup = None
+            if nar is not None:
+                await nar.close()
+            return  # closed meanwhile
+        if nar is None:
+            self._lookup = None
+            self._hand_over()
+            return
+        del self._buffer[: end + 4]
+        transport = self._transport
+        transport.pause_reading()
+        sent = 0
+        try:
+            sent = await self._write_nar(transport, request, nar)
+        except (OSError, RuntimeError):
+            self._fast.nar_sent(request, nar, sent)
+            self._lookup = None
+            self.close()  # the client sees a body shorter than its Content-Length
+            return
+        finally:
+            await nar.close()
+        self._fast.nar_sent(request, nar, sent)
+        self._lookup = None
+        self.last = time.monotonic()
+        if self._transport is None or self not in self._open:
+            return
+        if not self._paused:
+            transport.resume_reading()
+        self._serve()
+        if self._eof and self._lookup is None and self in self._open:
+            self.close()
+
+    async def _write_nar(self, transport: asyncio.Transport, request: NarGet, nar: OpenNar) -> int:
+        """Send the head, then the blob; the number of body bytes sent."""
+        transport.write(nar.head)
+        self._fast.nar_started(request, nar)
+        while transport.get_write_buffer_size():  # the head must leave before the body
+            await asyncio.sleep(0.001)
+            if transport.is_closing():
+                raise ConnectionResetError("connection lost")
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            raise ConnectionResetError("connection lost")
+        loop = asyncio.get_running_loop()
+        await send_file(loop, sock.fileno(), nar.fd, 0, nar.size, self._fast.send_idle)
+        return nar.size
 
     def _hand_over(self) -> None:
         transport = self._transport
@@ -233,6 +305,6 @@ class Sweeper:
         for connection in list(self._connections):
             if timeout > 0 and connection.head_since and now - connection.head_since >= timeout:
                 connection.head_timed_out()
-            elif now - connection.last >= IDLE_TIMEOUT:
+            elif now - connection.last >= IDLE_TIMEOUT and not connection.busy:
                 connection.close()
         self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)

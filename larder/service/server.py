@@ -159,10 +159,10 @@ async def start(
         line, emit = logger.get_line, sink.emit
 
         def log_line(
-            remote: str | None, target: str, status: int, length: int, seconds: float,
-            referer: str | None, user_agent: str | None,
+            remote: str | None, method: str, target: str, status: int, length: int,
+            seconds: float, referer: str | None, user_agent: str | None,
         ) -> None:  # fmt: skip
-            emit(line(remote, target, status, length, seconds, referer, user_agent))
+            emit(line(remote, method, target, status, length, seconds, referer, user_agent))
 
     fast = FastPath(app, log_line)
     front: set[FrontProtocol] = set()

@@ -178,6 +178,11 @@ class BlobReader(ABC):
     # Set by backends whose blobs are local files, so the service can use sendfile.
     local_path: Path | None = None
 
+    def fileno(self) -> int | None:
+        """The open file's descriptor when the blob is a local file (for ``sendfile(2)``; valid
+        until :meth:`close`), else ``None``."""
+        return None
+
     @abstractmethod
     def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield the stored bytes in ``[start, end)`` (``end`` defaults to the end)."""

@@ -231,6 +231,9 @@ class _DiskBlobReader(BlobReader):
             yield data
             offset += len(data)
 
+    def fileno(self) -> int | None:
+        return None if self._file.closed else self._file.fileno()
+
     async def close(self) -> None:
         self._file.close()
 

@@ -527,9 +527,11 @@ async def test_content_stored_again_in_another_encoding_reports_what_is_kept(
 
 async def test_write_encoded_is_refused_by_a_writer_that_encodes(storage: Storage) -> None:
     def work() -> None:
-        with storage.blob_writer() as writer:
-            with pytest.raises(ValueError, match="encodes the stream itself"):
-                writer.write_encoded(b"\x28\xb5\x2f\xfd")
+        with (
+            storage.blob_writer() as writer,
+            pytest.raises(ValueError, match="encodes the stream itself"),
+        ):
+            writer.write_encoded(b"\x28\xb5\x2f\xfd")
 
     await asyncio.to_thread(work)
     assert await collect(storage.blob_ids()) == []

@@ -1,0 +1,300 @@
+"""The short path for NAR GETs, narinfo HEADs and ``nix-cache-info``: the application's answers,
+counted and logged the same way; what it does not take (ranges, conditional requests, misses,
+blobs that are not local files) the application answers on the same connection."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import os
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from larder.core import keys
+from larder.core.lastuse import load_uses
+from larder.protocol import nix32
+from larder.protocol.nar import write_nar
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.accesslog import LineSink
+from larder.service.app import build_app
+from larder.service.config import Config
+from larder.service.front import Sweeper
+from larder.service.observe import METRICS, TALLY
+from larder.service.server import start
+from larder.storage.base import Storage
+from larder.storage.disk import DiskStorage
+from larder.storage.memory import MemoryStorage
+from tests.service.test_fastpath import Conn, Live, get, hash_of, put
+
+CONTENTS = os.urandom(300_000) + b"text " * 50_000
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Storage:
+    return DiskStorage(tmp_path / "store")
+
+
+@pytest.fixture
+async def live(storage: Storage) -> AsyncIterator[Live]:
+    access = logging.getLogger("aiohttp.access")
+    level = access.level
+    access.setLevel(logging.INFO)
+    config = Config()
+    app = build_app(config, storage)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    log = io.StringIO()
+    sink = LineSink(log)
+    running = await start(config, app, sock, sink)
+    main, _ = await app[state.CACHES].ensure("main")
+    token, _ = await app[state.TOKENS].issue("*", Scope.ADMIN, 3600)
+    try:
+        yield Live(running, sock.getsockname()[1], main, token, log, sink)
+    finally:
+        await running.stop()
+        access.setLevel(level)
+
+
+async def push(live: Live, store_hash: str, contents: bytes = CONTENTS) -> str:
+    """Upload a zstd NAR and its narinfo; the URL the served narinfo gives for the NAR."""
+    nar = write_nar({"type": "regular", "contents": contents})
+    upload = zstandard.ZstdCompressor().compress(nar)
+    nar_hash = nix32.encode(hashlib.sha256(nar).digest())
+    file_hash = nix32.encode(hashlib.sha256(upload).digest())
+    narinfo = (
+        f"StorePath: /nix/store/{store_hash}-rust_nar-1.0.0\nURL: nar/{file_hash}.nar.zst\n"
+        f"Compression: zstd\nNarHash: sha256:{nar_hash}\nNarSize: {len(nar)}\nReferences: \n"
+    ).encode()
+    conn = await Conn.open(live)
+    conn.send(put(f"/main/nar/{file_hash}.nar.zst", upload, live.token))
+    assert (await conn.response())[0] == 200
+    conn.send(put(f"/main/{store_hash}.narinfo", narinfo, live.token))
+    assert (await conn.response())[0] == 200
+    conn.send(get(f"/main/{store_hash}.narinfo"))
+    status, _, served = await conn.response()
+    assert status == 200
+    conn.close()
+    url = re.search(rb"^URL: (\S+)$", served, re.M)
+    assert url is not None
+    return f"/main/{url.group(1).decode()}"
+
+
+async def application_answer(live: Live, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``request`` as the application answers it (on a connection already handed over)."""
+    conn = await Conn.open(live)
+    conn.send(get("/healthz"))
+    await conn.response()
+    conn.send(request)
+    answer = await conn.response()
+    conn.close()
+    return answer
+
+
+def without_date(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k != "date"}
+
+
+async def test_a_nar_get_is_answered_on_the_short_path_as_the_application_answers(
+    live: Live,
+) -> None:
+    url = await push(live, hash_of("nar"))
+    expected = await application_answer(live, get(url))
+    conn = await Conn.open(live)
+    for _ in range(2):  # a NAR, and the same again on the same connection
+        conn.send(get(url))
+        status, headers, body = await conn.response()
+        assert status == 200 and body == expected[2]
+        assert without_date(headers) == without_date(expected[1])
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(body).startswith(b"\x0d\x00")
+    assert len(live.running.front) == 1  # never handed over
+    conn.close()
+
+
+async def test_a_nar_answer_is_counted_logged_and_used(live: Live) -> None:
+    url = await push(live, hash_of("counted-nar"))
+    metrics = live.app[METRICS]
+    hits = metrics.lookups.labels("main", "nix", "nar", "hit")
+    sent = metrics.sent.labels("main", "nix")
+    live.app[TALLY].flush()
+    before = hits._value.get(), sent._value.get()
+    live.sink.flush()
+    lines_before = live.log.getvalue().count("\n")
+    conn = await Conn.open(live)
+    conn.send(get(url))
+    body = (await conn.response())[2]
+    assert live.running.front
+    live.app[TALLY].flush()
+    assert hits._value.get() == before[0] + 1
+    assert sent._value.get() == before[1] + len(body)
+    live.sink.flush()
+    lines = live.log.getvalue().splitlines()[lines_before:]
+    assert len(lines) == 1 and f'"GET {url} HTTP/1.1" 200 ' in lines[0]
+    nar_hash = url.rsplit("/", 1)[1].split(".")[0]
+    await live.app[state.RECORDER].flush()
+    uses = await load_uses(live.app[state.STORAGE], "main")
+    assert keys.nar("main", nar_hash).split("/", 2)[2] in uses.times  # the download is a use
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "extra, status",
+    [("Range: bytes=0-99\r\n", 206), ("If-None-Match: *\r\n", 304), ("Connection: close\r\n", 200)],
+)
+async def test_ranges_and_conditions_go_to_the_application(
+    live: Live, extra: str, status: int
+) -> None:
+    url = await push(live, hash_of(f"range-{status}"))
+    conn = await Conn.open(live)
+    conn.writer.write(get(url, extra))
+    line = await asyncio.wait_for(conn.reader.readline(), 5)
+    assert int(line.split()[1]) == status
+    assert not live.running.front
+    conn.close()
+
+
+async def test_a_missing_nar_is_the_applications_404(live: Live) -> None:
+    absent = "/main/nar/" + nix32.encode(hashlib.sha256(b"absent").digest()) + ".nar.zst"
+    conn = await Conn.open(live)
+    conn.send(get(absent))
+    assert (await conn.response())[0] == 404
+    assert not live.running.front
+    conn.close()
+
+
+async def test_pipelined_answers_keep_their_order_behind_a_nar(live: Live) -> None:
+    first, second = hash_of("pipe-1"), hash_of("pipe-2")
+    url_first, url_second = await push(live, first), await push(live, second, b"other" * 1000)
+    conn = await Conn.open(live)
+    conn.send(get(url_first), get(f"/main/{second}.narinfo"), get(url_second), get(url_first))
+    answers = [await conn.response() for _ in range(4)]
+    assert [a[0] for a in answers] == [200, 200, 200, 200]
+    assert answers[0][2] == answers[3][2] != answers[2][2]
+    assert f"/nix/store/{second}".encode() in answers[1][2]
+    assert live.running.front
+    conn.close()
+
+
+async def test_a_client_that_leaves_mid_body_costs_nothing_else(live: Live) -> None:
+    url = await push(live, hash_of("leaver"), os.urandom(8_000_000))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(get(url))
+    assert (await asyncio.wait_for(reader.read(100), 5)).startswith(b"HTTP/1.1 200 OK")
+    writer.transport.abort()  # gone, with most of the body unsent
+    for _ in range(100):
+        if not live.running.front:
+            break
+        await asyncio.sleep(0.05)
+    assert not live.running.front  # the connection is gone
+    conn = await Conn.open(live)  # and the server goes on
+    conn.send(get(url))
+    status, headers, body = await conn.response()
+    assert status == 200 and len(body) == int(headers["content-length"])
+    conn.close()
+
+
+@pytest.mark.parametrize("storage", [MemoryStorage()])
+async def test_blobs_that_are_not_local_files_go_to_the_application(live: Live) -> None:
+    url = await push(live, hash_of("memory"))
+    for _ in range(2):  # the first finds out, the second does not even look
+        conn = await Conn.open(live)
+        conn.send(get(url))
+        status, _, body = await conn.response()
+        assert status == 200 and body
+        assert not live.running.front
+        conn.close()
+
+
+def head(path: str) -> bytes:
+    return f"HEAD {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/1\r\n\r\n".encode()
+
+
+async def read_head(conn: Conn) -> tuple[int, dict[str, str]]:
+    status = int((await asyncio.wait_for(conn.reader.readline(), 5)).split()[1])
+    headers = {}
+    while (line := await conn.reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    return status, headers
+
+
+async def test_narinfo_heads_are_answered_on_the_short_path_as_the_application_does(
+    live: Live,
+) -> None:
+    present, absent = hash_of("head"), hash_of("no-head")
+    await push(live, present)
+    app_conn = await Conn.open(live)
+    app_conn.send(get("/healthz"))
+    await app_conn.response()
+    conn = await Conn.open(live)
+    for path in (present, absent):
+        app_conn.writer.write(head(f"/main/{path}.narinfo"))
+        expected = await read_head(app_conn)
+        conn.writer.write(head(f"/main/{path}.narinfo"))
+        assert await read_head(conn) == (expected[0], {**expected[1], "date": ANY})
+    conn.send(get(f"/main/{present}.narinfo"))  # no body came before: this answer is next
+    assert (await conn.response())[0] == 200
+    assert len(live.running.front) == 1
+    app_conn.close()
+    conn.close()
+
+
+class _Any:
+    def __eq__(self, other: object) -> bool:
+        return True
+
+
+ANY: str = _Any()  # type: ignore[assignment]
+
+
+async def test_nix_cache_info_is_answered_on_the_short_path(live: Live) -> None:
+    expected = await application_answer(live, get("/main/nix-cache-info"))
+    conn = await Conn.open(live)
+    conn.send(get("/main/nix-cache-info"))
+    status, headers, body = await conn.response()
+    assert (status, body) == (200, expected[2]) and body.startswith(b"StoreDir: /nix/store\n")
+    assert without_date(headers) == without_date(expected[1])
+    assert live.running.front
+    conn.close()
+
+
+async def test_a_private_caches_cache_info_needs_the_application(live: Live) -> None:
+    await live.app[state.CACHES].create("secret", private=True)
+    conn = await Conn.open(live)
+    conn.send(get("/secret/nix-cache-info"))
+    assert (await conn.response())[0] == 401
+    assert not live.running.front
+    conn.close()
+
+
+def test_the_sweep_spares_a_connection_that_is_busy() -> None:
+    class Busy:
+        head_since = 0.0
+        last = 0.0  # long idle by the clock ...
+        busy = True  # ... but sending
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def main() -> bool:
+        from larder.service.guard import ConnectionGuard
+
+        connection = Busy()
+        sweeper = Sweeper({connection}, ConnectionGuard(0, 0))  # type: ignore[arg-type]
+        sweeper._sweep()
+        sweeper.stop()
+        return connection.closed
+
+    assert asyncio.run(main()) is False
