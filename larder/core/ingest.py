@@ -15,6 +15,9 @@ pieces, so checking and storing overlap with hashing and decompressing the uploa
 zstandard and blake3 release the GIL on large inputs); its error (a malformed NAR, a full disk)
 surfaces at the next :meth:`NarIngest.feed` or at :meth:`NarIngest.finish`.
 
+An uncompressed upload is its NAR: its sha256 is the NarHash, and the caller's thread, which
+has nothing to decode, validates it and leaves the checker thread the blob writer alone.
+
 A zstd upload is stored as it came (:func:`keeps_upload`): it is decoded completely here, within
 the decoder's window limit, so what is kept is a stream known to decode to the checked NAR, and
 re-encoding it would only spend the time zstd takes to compress. Other compressions are decoded
@@ -114,6 +117,7 @@ class NarIngest:
         self._validator = NarValidator()
         self._writer = writer
         self._keep = keeps_upload(compression)
+        self._plain = compression == "none"  # the upload is the NAR: checked on this thread
         self._stage = _Stage(self._check)
         self._decompressor = Decompressor(compression, self._take_nar)
 
@@ -122,11 +126,14 @@ class NarIngest:
         if received:  # queued only when the upload is kept
             self._writer.write_encoded(data)
             return
-        self._validator.feed(data)
-        self._nar_hash.update(data)
+        if not self._plain:
+            self._validator.feed(data)
+            self._nar_hash.update(data)
         self._writer.write(data)
 
     def _take_nar(self, data: bytes) -> None:
+        if self._plain:
+            self._validator.feed(data)
         self._stage.put(data, False)
 
     def feed(self, data: bytes) -> None:
@@ -151,9 +158,10 @@ class NarIngest:
         self._decompressor.finish()
         self._stage.drain()
         self._validator.finish()
+        file_sha256 = self._file_hash.digest()
         return NarDigest(
-            file_sha256=self._file_hash.digest(),
+            file_sha256=file_sha256,
             file_size=self._file_size,
-            nar_sha256=self._nar_hash.digest(),
+            nar_sha256=file_sha256 if self._plain else self._nar_hash.digest(),
             nar_size=self._validator.size,
         )

@@ -5,7 +5,8 @@ aiohttp sees them.
 :class:`FastPath`, which answers it when all of these hold:
 
 * the request line is ``GET /<cache>/<32 nix32 characters>.narinfo HTTP/1.1`` (no query, no
-  percent-escapes), or the same with ``HEAD``, which Nix sends to ask whether a path is there;
+  percent-escapes), or the same with ``HEAD``, which Nix sends to ask whether a path is there
+  (answered as the application answers it: no body, and no ``Content-Length`` on a 200);
 * the head announces no body (no ``Transfer-Encoding``; ``Content-Length`` absent or 0) and has
   no ``Expect`` or ``Upgrade`` header, nor a ``Connection`` header other than ``keep-alive``;
 * the cache exists and is public.

@@ -1,4 +1,4 @@
-"""Every connection's first protocol: narinfo and NAR GETs answered here, the rest by aiohttp.
+"""Every connection's first protocol: what Nix asks most answered here, the rest by aiohttp.
 
 :class:`FrontProtocol` reads request heads itself and gives each complete one to
 :class:`~larder.service.fastpath.FastPath`; requests behind a head that needs a storage lookup,
@@ -7,9 +7,9 @@ their order. A NAR's head goes through the transport, its body by ``sendfile(2)`
 socket (:func:`~larder.service.transfer.send_file`); a transfer that fails closes the connection.
 At the first request the fast path does not take, or whose lookup fails, the connection, with
 every byte not answered yet, is handed to aiohttp's own protocol for good
-(``transport.set_protocol``): uploads, private caches, HEAD, misses, ranges, errors and whatever
-follows them on the connection are served by the full application, as if the connection had
-just opened.
+(``transport.set_protocol``): uploads, private caches, NAR misses and HEADs, ranges, errors and
+whatever follows them on the connection are served by the full application, as if the
+connection had just opened.
 
 The connection guards (:mod:`larder.service.guard`) hold from the start: over
 ``max_connections`` a connection is answered 503 and closed, and a request head not complete

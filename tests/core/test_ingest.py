@@ -78,14 +78,17 @@ def test_other_compressions_hand_over_only_the_nar(compression: str) -> None:
     ingest.close()
     assert bytes(writer.data) == NAR and not writer.encoded  # the writer encodes it itself
     assert digest.nar_size == len(NAR)
+    assert digest.nar_sha256 == hashlib.sha256(NAR).digest()
+    assert digest.file_sha256 == hashlib.sha256(upload).digest()
 
 
-def test_a_malformed_nar_in_a_valid_stream_fails_and_is_not_finished() -> None:
+@pytest.mark.parametrize("compression", ["zstd", "none"])  # checked on either thread
+def test_a_malformed_nar_in_a_valid_stream_fails_and_is_not_finished(compression: str) -> None:
     writer = Recorder()
-    ingest = NarIngest("zstd", writer)
+    ingest = NarIngest(compression, writer)
     bad = NAR[:-200] + b"\0" * 200  # the framing breaks near the end
     with pytest.raises(FormatError):
-        feed(ingest, zstandard.ZstdCompressor().compress(bad))
+        feed(ingest, zstandard.ZstdCompressor().compress(bad) if compression == "zstd" else bad)
         ingest.finish()
     ingest.close()
 
