@@ -64,7 +64,7 @@ async def live(storage: Storage) -> AsyncIterator[Live]:
         access.setLevel(level)
 
 
-async def push(live: Live, store_hash: str, contents: bytes = CONTENTS) -> str:
+async def push(live: Live, store_hash: str, contents: bytes = CONTENTS, cache: str = "main") -> str:
     """Upload a zstd NAR and its narinfo; the URL the served narinfo gives for the NAR."""
     nar = write_nar({"type": "regular", "contents": contents})
     upload = zstandard.ZstdCompressor().compress(nar)
@@ -75,17 +75,18 @@ async def push(live: Live, store_hash: str, contents: bytes = CONTENTS) -> str:
         f"Compression: zstd\nNarHash: sha256:{nar_hash}\nNarSize: {len(nar)}\nReferences: \n"
     ).encode()
     conn = await Conn.open(live)
-    conn.send(put(f"/main/nar/{file_hash}.nar.zst", upload, live.token))
+    conn.send(put(f"/{cache}/nar/{file_hash}.nar.zst", upload, live.token))
     assert (await conn.response())[0] == 200
-    conn.send(put(f"/main/{store_hash}.narinfo", narinfo, live.token))
+    conn.send(put(f"/{cache}/{store_hash}.narinfo", narinfo, live.token))
     assert (await conn.response())[0] == 200
-    conn.send(get(f"/main/{store_hash}.narinfo"))
+    auth = f"Authorization: Bearer {live.token}\r\n"
+    conn.send(get(f"/{cache}/{store_hash}.narinfo", auth))
     status, _, served = await conn.response()
     assert status == 200
     conn.close()
     url = re.search(rb"^URL: (\S+)$", served, re.M)
     assert url is not None
-    return f"/main/{url.group(1).decode()}"
+    return f"/{cache}/{url.group(1).decode()}"
 
 
 async def application_answer(live: Live, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -269,10 +270,13 @@ async def test_nix_cache_info_is_answered_on_the_short_path(live: Live) -> None:
     conn.close()
 
 
-async def test_a_private_caches_cache_info_needs_the_application(live: Live) -> None:
+@pytest.mark.parametrize("what", ["nix-cache-info", "nar"])
+async def test_a_private_caches_answers_need_the_application(live: Live, what: str) -> None:
     await live.app[state.CACHES].create("secret", private=True)
+    url = await push(live, hash_of("secret"), cache="secret")  # its NAR is there
+    target = "/secret/nix-cache-info" if what == "nix-cache-info" else url
     conn = await Conn.open(live)
-    conn.send(get("/secret/nix-cache-info"))
+    conn.send(get(target))
     assert (await conn.response())[0] == 401
     assert not live.running.front
     conn.close()
