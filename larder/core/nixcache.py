@@ -30,7 +30,7 @@ from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest, keeps_upload
 from larder.core.lastuse import Touch, ignore_use
 from larder.core.servedcache import ServedCache, WriteCounter
-from larder.errors import FormatError, StorageError, VerificationFailed
+from larder.errors import FormatError, LarderError, StorageError, VerificationFailed
 from larder.protocol import narinfo as narinfo_format
 from larder.protocol import nix32
 from larder.protocol.compression import compression_for_extension
@@ -44,6 +44,8 @@ from larder.storage.base import BlobReader
 T = TypeVar("T")
 
 SERVED_EXTENSION = ".zst"
+#: Stored narinfos whose rendering is kept (all are dropped when one more comes).
+MAX_SOURCES = 20_000
 
 
 def parse_nar_name(name: str) -> tuple[str, str]:
@@ -116,6 +118,11 @@ class NixCache:
         self._blobs = blobs
         self._touch = touch
         self._served = ServedCache(served_ttl, writes=writes)
+        # Narinfos being looked up again ahead of their expiry, and the tasks doing it.
+        self._refreshing: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        # The stored bytes each remembered narinfo was rendered from: a refresh that reads the
+        # same bytes keeps the same body (no parse, no signature, the very same object).
+        self._sources: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
         # NAR records found while serving (a NAR is fetched right after its narinfo, and again
         # by every client), for as long as narinfos are remembered.
         self._records = ServedCache(served_ttl)
@@ -241,7 +248,10 @@ class NixCache:
         """``(known, body)`` from the memory of served narinfos alone (no I/O): ``known`` says
         whether it holds an answer; ``body`` None is a remembered miss. ``store_hash`` valid.
         A narinfo answered from here counts as used, as in :meth:`get_narinfo`."""
-        known, body = self._served.get((cache.name, store_hash, cache.signing_key.to_string()))
+        memo_key = (cache.name, store_hash, cache.signing_key.to_string())
+        known, body = self._served.get(memo_key)
+        if known:
+            self._refresh_if_due(cache, memo_key)
         if body is not None:
             self._touch(keys.narinfo(cache.name, store_hash))
         return known, body
@@ -252,22 +262,54 @@ class NixCache:
         known, body = self._served.get(memo_key)
         if not known:
             mark = self._served.mark()
-            body = await self._render_narinfo(cache, store_hash)
+            body = await self._render_narinfo(cache, memo_key)
             self._served.put(memo_key, body, mark)
+        else:
+            self._refresh_if_due(cache, memo_key)
         if body is not None:
             self._touch(keys.narinfo(cache.name, store_hash))
         return body
 
-    async def _render_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
+    def _refresh_if_due(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
+        """Look a remembered narinfo up again in the background if it is about to expire."""
+        if memo_key in self._refreshing or not self._served.due(memo_key):
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(cache, memo_key))
+        self._refreshing[memo_key] = task
+
+    async def _refresh(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
+        try:
+            mark = self._served.mark()
+            body = await self._render_narinfo(cache, memo_key)
+            if self._served.mark() == mark:  # else a narinfo was stored meanwhile: let it expire
+                self._served.put(memo_key, body, mark)
+        except LarderError:
+            pass  # the entry expires; the next request looks it up and answers the error
+        finally:
+            del self._refreshing[memo_key]
+
+    async def _render_narinfo(
+        self, cache: CacheSettings, memo_key: tuple[str, str, str]
+    ) -> bytes | None:
+        """The stored narinfo signed by the cache (``memo_key``: cache, store hash, key)."""
+        store_hash = memo_key[1]
         data = await self._storage.get(keys.narinfo(cache.name, store_hash))
         if data is None:
+            self._sources.pop(memo_key, None)
             return None
+        source = self._sources.get(memo_key)
+        if source is not None and source[0] == data:
+            return source[1]
         try:
             info = narinfo_format.parse(data)
         except FormatError as exc:
             raise StorageError(f"stored narinfo {store_hash} is corrupt: {exc}") from None
         sig = cache.signing_key.sign(narinfo_format.fingerprint(info))
-        return narinfo_format.render(replace(info, sigs=(*info.sigs, sig))).encode()
+        body = narinfo_format.render(replace(info, sigs=(*info.sigs, sig))).encode()
+        if len(self._sources) >= MAX_SOURCES:
+            self._sources.clear()
+        self._sources[memo_key] = (data, body)
+        return body
 
     # -- opaque extras -------------------------------------------------------------------
 
@@ -293,6 +335,11 @@ class NixCache:
             return None
         self._touch(key)
         return FileRecord.from_json(data)
+
+    async def close(self) -> None:
+        """Wait for the narinfo refreshes under way (the service is stopping)."""
+        while self._refreshing:
+            await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
 
     def forget(self, key: str) -> None:
         """Drop what this replica remembers of a deleted narinfo or NAR record (``key`` is its

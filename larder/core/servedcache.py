@@ -9,6 +9,10 @@ narinfo overwritten through *another* replica is served in its old form for at m
 A remembered miss is dropped as soon as a narinfo was stored after the lookup began (a
 :class:`WriteCounter`, which the processes of one server share), so a path uploaded through one
 process is never answered 404 by another, nor by a lookup that raced the upload.
+
+An entry asked for in the last :data:`REFRESH_AHEAD` of its life is :meth:`ServedCache.due`: the
+owner looks it up again in the background while the entry still answers, so a narinfo asked for
+all the time never makes a request wait for the store (the bound on staleness is unchanged).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Protocol
 
 MAX_ENTRIES = 20_000
 MISS_TTL = 1.0
+#: The fraction of an entry's life, at its end, in which a use makes it due for a refresh.
+REFRESH_AHEAD = 0.25
 
 
 class WriteCounter(Protocol):
@@ -75,6 +81,17 @@ class ServedCache:
             return False, None
         self._entries.move_to_end((cache, store_hash))
         return True, body
+
+    def due(self, key: tuple[str, str, str]) -> bool:
+        """Whether the entry for ``key`` is still good but in the last :data:`REFRESH_AHEAD` of
+        its life (look it up again, and :meth:`put` what is found, to keep it)."""
+        cache, store_hash, variant = key
+        entry = self._entries.get((cache, store_hash))
+        if entry is None or entry[0] != variant:
+            return False
+        _, body, expires, _ = entry
+        life = self._ttl if body is not None else min(self._ttl, MISS_TTL)
+        return expires - self._clock() < life * REFRESH_AHEAD
 
     def mark(self) -> object:
         """Take before looking a narinfo up, and give to :meth:`put` with what was found."""

@@ -77,6 +77,7 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
         background = housekeeping.start(app, scans=worker is None or worker.index == 0)
         yield
         await housekeeping.stop(app, background)
+        await app[state.NIX].close()
         executor.shutdown(wait=True, cancel_futures=True)
         await storage.close()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from larder.core.servedcache import MISS_TTL, LocalWriteCounter, ServedCache
+from larder.core.servedcache import MISS_TTL, REFRESH_AHEAD, LocalWriteCounter, ServedCache
 
 
 class Clock:
@@ -70,3 +70,20 @@ def test_a_miss_looked_up_before_a_write_is_not_remembered() -> None:
     mark = cache.mark()
     cache.put(("main", "a", "k"), None, mark)
     assert cache.get(("main", "a", "k")) == (True, None)
+
+
+def test_an_entry_is_due_for_a_refresh_near_the_end_of_its_life() -> None:
+    clock = Clock()
+    cache = ServedCache(ttl=10, clock=clock)
+    cache.put(("main", "a", "k"), b"narinfo")
+    cache.put(("main", "b", "k"), None)
+    assert not cache.due(("main", "a", "k")) and not cache.due(("main", "b", "k"))
+    assert not cache.due(("main", "a", "other key")) and not cache.due(("main", "c", "k"))
+    clock.now = MISS_TTL * (1 - REFRESH_AHEAD) + 0.01  # a miss lives MISS_TTL
+    assert cache.due(("main", "b", "k")) and not cache.due(("main", "a", "k"))
+    clock.now = 10 * (1 - REFRESH_AHEAD) + 0.01
+    assert cache.due(("main", "a", "k"))
+    assert cache.get(("main", "a", "k")) == (True, b"narinfo")  # still answers meanwhile
+    cache.put(("main", "a", "k"), b"narinfo again")  # what the refresh found
+    assert not cache.due(("main", "a", "k"))
+    assert cache.get(("main", "a", "k")) == (True, b"narinfo again")
