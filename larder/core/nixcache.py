@@ -249,9 +249,9 @@ class NixCache:
         whether it holds an answer; ``body`` None is a remembered miss. ``store_hash`` valid.
         A narinfo answered from here counts as used, as in :meth:`get_narinfo`."""
         memo_key = (cache.name, store_hash, cache.signing_key.to_string())
-        known, body = self._served.get(memo_key)
-        if known:
-            self._refresh_if_due(cache, memo_key)
+        known, body, due = self._served.lookup(memo_key)
+        if due and memo_key not in self._refreshing:
+            self._refresh(cache, memo_key)
         if body is not None:
             self._touch(keys.narinfo(cache.name, store_hash))
         return known, body
@@ -259,25 +259,23 @@ class NixCache:
     async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
         """The narinfo as served (signed by the cache), or ``None``."""
         memo_key = (cache.name, check_hash_part(store_hash), cache.signing_key.to_string())
-        known, body = self._served.get(memo_key)
+        known, body, due = self._served.lookup(memo_key)
         if not known:
             mark = self._served.mark()
             body = await self._render_narinfo(cache, memo_key)
             self._served.put(memo_key, body, mark)
-        else:
-            self._refresh_if_due(cache, memo_key)
+        elif due and memo_key not in self._refreshing:
+            self._refresh(cache, memo_key)
         if body is not None:
             self._touch(keys.narinfo(cache.name, store_hash))
         return body
 
-    def _refresh_if_due(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
-        """Look a remembered narinfo up again in the background if it is about to expire."""
-        if memo_key in self._refreshing or not self._served.due(memo_key):
-            return
-        task = asyncio.get_running_loop().create_task(self._refresh(cache, memo_key))
+    def _refresh(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
+        """Look a remembered narinfo that is about to expire up again, in the background."""
+        task = asyncio.get_running_loop().create_task(self._reread(cache, memo_key))
         self._refreshing[memo_key] = task
 
-    async def _refresh(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
+    async def _reread(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
         try:
             mark = self._served.mark()
             body = await self._render_narinfo(cache, memo_key)

@@ -63,35 +63,37 @@ class ServedCache:
         self._max = max_entries
         self._clock = clock
         self._writes = writes if writes is not None else LocalWriteCounter()
-        # (cache, store hash) -> (signing-key variant, body or None for a miss, expiry,
-        # write count when a miss was remembered)
-        self._entries: OrderedDict[tuple[str, str], tuple[str, bytes | None, float, object]] = (
-            OrderedDict()
-        )
+        # (cache, store hash) -> (signing-key variant, body or None, expiry, write count when a
+        # miss was remembered, time from which a use makes the entry due for a refresh)
+        self._entries: OrderedDict[
+            tuple[str, str], tuple[str, bytes | None, float, object, float]
+        ] = OrderedDict()
+
+    def lookup(self, key: tuple[str, str, str]) -> tuple[bool, bytes | None, bool]:
+        """``(known, body, due)`` for ``(cache, store hash, key variant)``: body None is a miss;
+        ``due``: the entry is in the last :data:`REFRESH_AHEAD` of its life (look it up again,
+        and :meth:`put` what is found, to keep it)."""
+        cache, store_hash, variant = key
+        entry = self._entries.get((cache, store_hash))
+        if entry is None or entry[0] != variant:
+            return False, None, False
+        _, body, expires, written, refresh_at = entry
+        now = self._clock()
+        if now >= expires or (body is None and self._writes.value() != written):
+            del self._entries[(cache, store_hash)]
+            return False, None, False
+        self._entries.move_to_end((cache, store_hash))
+        return True, body, now >= refresh_at
 
     def get(self, key: tuple[str, str, str]) -> tuple[bool, bytes | None]:
         """``(known, body)`` for ``(cache, store hash, key variant)``; body None is a miss."""
-        cache, store_hash, variant = key
-        entry = self._entries.get((cache, store_hash))
-        if entry is None or entry[0] != variant:
-            return False, None
-        _, body, expires, written = entry
-        if self._clock() >= expires or (body is None and self._writes.value() != written):
-            del self._entries[(cache, store_hash)]
-            return False, None
-        self._entries.move_to_end((cache, store_hash))
-        return True, body
+        known, body, _ = self.lookup(key)
+        return known, body
 
     def due(self, key: tuple[str, str, str]) -> bool:
-        """Whether the entry for ``key`` is still good but in the last :data:`REFRESH_AHEAD` of
-        its life (look it up again, and :meth:`put` what is found, to keep it)."""
-        cache, store_hash, variant = key
-        entry = self._entries.get((cache, store_hash))
-        if entry is None or entry[0] != variant:
-            return False
-        _, body, expires, _ = entry
-        life = self._ttl if body is not None else min(self._ttl, MISS_TTL)
-        return expires - self._clock() < life * REFRESH_AHEAD
+        """Whether the entry for ``key`` is still good but due for a refresh (see
+        :meth:`lookup`)."""
+        return self.lookup(key)[2]
 
     def mark(self) -> object:
         """Take before looking a narinfo up, and give to :meth:`put` with what was found."""
@@ -105,7 +107,9 @@ class ServedCache:
             mark = self._writes.value()
         cache, store_hash, variant = key
         ttl = self._ttl if body is not None else min(self._ttl, MISS_TTL)
-        self._entries[(cache, store_hash)] = (variant, body, self._clock() + ttl, mark)
+        now = self._clock()
+        refresh_at = now + ttl * (1 - REFRESH_AHEAD)
+        self._entries[(cache, store_hash)] = (variant, body, now + ttl, mark, refresh_at)
         self._entries.move_to_end((cache, store_hash))
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
