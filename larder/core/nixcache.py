@@ -250,7 +250,7 @@ class NixCache:
         A narinfo answered from here counts as used, as in :meth:`get_narinfo`."""
         memo_key = (cache.name, store_hash, cache.signing_key.to_string())
         known, body, due = self._served.lookup(memo_key)
-        if due and memo_key not in self._refreshing:
+        if due:
             self._refresh(cache, memo_key)
         if body is not None:
             self._touch(keys.narinfo(cache.name, store_hash))
@@ -264,16 +264,18 @@ class NixCache:
             mark = self._served.mark()
             body = await self._render_narinfo(cache, memo_key)
             self._served.put(memo_key, body, mark)
-        elif due and memo_key not in self._refreshing:
+        elif due:
             self._refresh(cache, memo_key)
         if body is not None:
             self._touch(keys.narinfo(cache.name, store_hash))
         return body
 
     def _refresh(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
-        """Look a remembered narinfo that is about to expire up again, in the background."""
-        task = asyncio.get_running_loop().create_task(self._reread(cache, memo_key))
-        self._refreshing[memo_key] = task
+        """Look a remembered narinfo that is about to expire up again, in the background (once
+        at a time)."""
+        if memo_key not in self._refreshing:
+            task = asyncio.get_running_loop().create_task(self._reread(cache, memo_key))
+            self._refreshing[memo_key] = task
 
     async def _reread(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
         try:

@@ -72,7 +72,7 @@ MAX_RESTS = 1024
 
 NARINFO_TYPE = b"text/x-nix-narinfo"
 CACHE_INFO_TYPE = b"text/x-nix-cache-info"
-NAR_TYPE = b"application/x-nix-nar"
+NAR_TYPE = "application/x-nix-nar"
 NOT_FOUND_TYPE = b"text/plain; charset=utf-8"
 NOT_FOUND_BODY = b"404: Not Found"  # what aiohttp answers for web.HTTPNotFound()
 
@@ -192,29 +192,25 @@ class FastPath:
 
     def parse(self, head: bytes, peer: str | None) -> NarinfoGet | None:
         """The request ``head`` (without its blank line) if this path may answer it."""
-        head_only = head.startswith(b"HEAD ")
-        parsed = _plain_get(b"GET " + head[5:] if head_only else head, _TARGET, _REFUSED_HEADERS)
+        parsed = _plain_request(head, _TARGET, _REFUSED_HEADERS, head_too=True)
         if parsed is None:
             return None
-        match, target, fields = parsed
+        method, cache, match, target, fields = parsed
         try:
-            cache = check_cache_name(match.group(1).decode("ascii"))
             store_hash = check_hash_part(match.group(2).decode("ascii"))
         except (FormatError, UnicodeDecodeError):
             return None
-        return NarinfoGet(cache, store_hash, target, peer, fields, time.monotonic(), head_only)
+        return NarinfoGet(
+            cache, store_hash, target, peer, fields, time.monotonic(), method == b"HEAD"
+        )
 
     def cache_info(self, head: bytes, peer: str | None) -> bytes | None:
         """The answer to ``head`` if it is a ``nix-cache-info`` GET this path may answer."""
         start = time.monotonic()
-        parsed = _plain_get(head, _CACHE_INFO_TARGET, _REFUSED_HEADERS)
+        parsed = _plain_request(head, _CACHE_INFO_TARGET, _REFUSED_HEADERS)
         if parsed is None:
             return None
-        match, target, fields = parsed
-        try:
-            name = check_cache_name(match.group(1).decode("ascii"))
-        except (FormatError, UnicodeDecodeError):
-            return None
+        _, name, _, target, fields = parsed
         settings = self._caches.known(name)
         if settings is None or settings.private:
             return None
@@ -235,14 +231,10 @@ class FastPath:
         """The request ``head`` if it is a NAR GET this path may answer (module docstring)."""
         if not self._local_blobs:
             return None
-        parsed = _plain_get(head, _NAR_TARGET, _NAR_REFUSED_HEADERS)
+        parsed = _plain_request(head, _NAR_TARGET, _NAR_REFUSED_HEADERS)
         if parsed is None:
             return None
-        match, target, fields = parsed
-        try:
-            cache = check_cache_name(match.group(1).decode("ascii"))
-        except (FormatError, UnicodeDecodeError):
-            return None
+        _, cache, match, target, fields = parsed
         nar_hash = match.group(2).decode("ascii")
         return NarGet(cache, nar_hash, target, peer, fields, time.monotonic())
 
@@ -260,15 +252,17 @@ class FastPath:
             if record is None:
                 return None
             reader = await self._nix.open_blob(record.blob_id)
-            fd = reader.fileno() if reader is not None else None
-            if reader is None or fd is None:
-                if reader is not None:
-                    self._local_blobs = False  # this storage's blobs are not local files
+            if reader is None:
+                return None
+            fd = reader.fileno()
+            if fd is None:
+                self._local_blobs = False  # this storage's blobs are not local files
                 return None
             stat = os.fstat(fd)
-            opened = OpenNar(reader, fd, stat.st_size, _nar_head(stat), settings.name)
+            head = _nar_head(stat) + self._http_date_line(int(time.time()))
+            opened = OpenNar(reader, fd, stat.st_size, head, settings.name)
             reader = None  # the caller closes it now
-            self._app[METRICS].add_cache(settings.name)
+            metrics.add_cache(settings.name)
             return opened
         except (LarderError, OSError):
             return None  # the application answers again, with its status for the error
@@ -387,15 +381,17 @@ class FastPath:
         self._tally.flush()
 
 
-def _plain_get(
-    head: bytes, pattern: re.Pattern[bytes], refused: frozenset[bytes]
-) -> tuple[re.Match[bytes], str, bytes] | None:
-    """``(match, target, header lines)`` of a ``GET <target> HTTP/1.1`` head whose target
-    matches ``pattern`` and whose fields announce no body and none of ``refused``."""
+def _plain_request(
+    head: bytes, pattern: re.Pattern[bytes], refused: frozenset[bytes], head_too: bool = False
+) -> tuple[bytes, str, re.Match[bytes], str, bytes] | None:
+    """``(method, cache, match, target, header lines)`` of a ``GET <target> HTTP/1.1`` head
+    (or ``HEAD``, with ``head_too``) whose target matches ``pattern``, its first group a valid
+    cache name, and whose fields announce no body and none of ``refused``."""
     line, _, fields = head.partition(b"\r\n")
-    if not (line.startswith(b"GET ") and line.endswith(_VERSION)):
+    method, _, rest = line.partition(b" ")
+    if not (method == b"GET" or (head_too and method == b"HEAD")) or not rest.endswith(_VERSION):
         return None
-    target = line[4:-9]
+    target = rest[: -len(_VERSION)]
     match = pattern.fullmatch(target)
     if match is None:
         return None
@@ -411,18 +407,21 @@ def _plain_get(
             return None
         if key == b"connection" and value.lower() != b"keep-alive":
             return None
-    return match, target.decode("ascii"), fields
+    try:
+        cache = check_cache_name(match.group(1).decode("ascii"))
+        return method, cache, match, target.decode("ascii"), fields
+    except (FormatError, UnicodeDecodeError):
+        return None
 
 
 def _nar_head(stat: os.stat_result) -> bytes:
-    """The status line and headers aiohttp's file response sends for a whole blob file."""
+    """The status line and headers before ``Date`` that aiohttp's file response sends for a
+    whole blob file."""
     etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
     modified = email.utils.formatdate(math.ceil(stat.st_mtime), usegmt=True)  # as aiohttp does
-    now = email.utils.formatdate(time.time(), usegmt=True)
     return (
-        f"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Type: {NAR_TYPE.decode()}\r\n"
+        f"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Type: {NAR_TYPE}\r\n"
         f"Etag: {etag}\r\nLast-Modified: {modified}\r\nContent-Length: {stat.st_size}\r\n"
-        f"Date: {now}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
     ).encode("latin-1")
 
 

@@ -135,9 +135,8 @@ class FrontProtocol(asyncio.Protocol):
                 nar = self._fast.parse_nar(head, self._peer)
                 if nar is None:
                     self._hand_over()
-                else:
-                    loop = asyncio.get_running_loop()
-                    self._lookup = loop.create_task(self._send_nar(nar, end))
+                else:  # sent from a task; later requests wait, so answers keep their order
+                    self._lookup = asyncio.get_running_loop().create_task(self._send_nar(nar, end))
                 return
             answer = self._fast.answer_now(request)
             if answer is False:
@@ -167,9 +166,14 @@ class FrontProtocol(asyncio.Protocol):
             self._hand_over()
             return
         self._send(response, end)
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """After an answer a task made: serve what came behind it, or close once the client is
+        done sending and everything it sent is answered."""
         self._serve()
         if self._eof and self._lookup is None and self in self._open:
-            self.close()  # the client is done sending and everything it sent is answered
+            self.close()
 
     @property
     def busy(self) -> bool:
@@ -193,29 +197,28 @@ class FrontProtocol(asyncio.Protocol):
         del self._buffer[: end + 4]
         transport = self._transport
         transport.pause_reading()
-        sent = 0
+        complete = False
         try:
-            sent = await self._write_nar(transport, request, nar)
+            await self._write_nar(transport, request, nar)
+            complete = True
         except (OSError, RuntimeError):
-            self._fast.nar_sent(request, nar, sent)
-            self._lookup = None
-            self.close()  # the client sees a body shorter than its Content-Length
-            return
+            pass
         finally:
             await nar.close()
-        self._fast.nar_sent(request, nar, sent)
+        self._fast.nar_sent(request, nar, nar.size if complete else 0)
         self._lookup = None
+        if not complete:
+            self.close()  # the client sees a body shorter than its Content-Length
+            return
         self.last = time.monotonic()
         if self._transport is None or self not in self._open:
             return
         if not self._paused:
             transport.resume_reading()
-        self._serve()
-        if self._eof and self._lookup is None and self in self._open:
-            self.close()
+        self._go_on()
 
-    async def _write_nar(self, transport: asyncio.Transport, request: NarGet, nar: OpenNar) -> int:
-        """Send the head, then the blob; the number of body bytes sent."""
+    async def _write_nar(self, transport: asyncio.Transport, request: NarGet, nar: OpenNar) -> None:
+        """Send the head, then the blob."""
         transport.write(nar.head)
         self._fast.nar_started(request, nar)
         while transport.get_write_buffer_size():  # the head must leave before the body
@@ -227,7 +230,6 @@ class FrontProtocol(asyncio.Protocol):
             raise ConnectionResetError("connection lost")
         loop = asyncio.get_running_loop()
         await send_file(loop, sock.fileno(), nar.fd, 0, nar.size, self._fast.send_idle)
-        return nar.size
 
     def _hand_over(self) -> None:
         transport = self._transport

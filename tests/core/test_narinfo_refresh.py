@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 
 import pytest
 import zstandard
@@ -43,6 +44,17 @@ class Clock:
         return self.now
 
 
+@asynccontextmanager
+async def remembering(storage: Counting) -> AsyncIterator[tuple[NixCache, CacheSettings, Clock]]:
+    """Narinfos served from ``storage`` and remembered for 10 s of a clock the test moves."""
+    clock = Clock()
+    with ThreadPoolExecutor(2) as pool:
+        nix = NixCache(BlobStore(storage, pool), served_ttl=10)
+        nix._served._clock = clock
+        cache, _ = await CacheRegistry(storage).ensure("main")
+        yield nix, cache, clock
+
+
 async def chunks(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -64,11 +76,7 @@ async def stored_path(nix: NixCache, cache: CacheSettings, name: str) -> str:
 
 async def test_a_hot_narinfo_is_refreshed_ahead_and_never_expires() -> None:
     storage = Counting()
-    clock = Clock()
-    with ThreadPoolExecutor(2) as pool:
-        nix = NixCache(BlobStore(storage, pool), served_ttl=10)
-        nix._served._clock = clock
-        cache, _ = await CacheRegistry(storage).ensure("main")
+    async with remembering(storage) as (nix, cache, clock):
         store_hash = await stored_path(nix, cache, "hot")
         key = keys.narinfo("main", store_hash)
         body = await nix.get_narinfo(cache, store_hash)
@@ -91,7 +99,6 @@ async def test_a_refresh_renders_again_only_what_changed_in_the_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     storage = Counting()
-    clock = Clock()
     parsed: list[bytes] = []
     real_parse = narinfo_format.parse
 
@@ -99,10 +106,7 @@ async def test_a_refresh_renders_again_only_what_changed_in_the_store(
         parsed.append(data)
         return real_parse(data)
 
-    with ThreadPoolExecutor(2) as pool:
-        nix = NixCache(BlobStore(storage, pool), served_ttl=10)
-        nix._served._clock = clock
-        cache, _ = await CacheRegistry(storage).ensure("main")
+    async with remembering(storage) as (nix, cache, clock):
         store_hash = await stored_path(nix, cache, "changing")
         monkeypatch.setattr(narinfo_format, "parse", counted)
         body = await nix.get_narinfo(cache, store_hash)
@@ -126,11 +130,7 @@ async def test_a_refresh_renders_again_only_what_changed_in_the_store(
 
 async def test_a_narinfo_stored_during_a_refresh_voids_it() -> None:
     storage = Gated()
-    clock = Clock()
-    with ThreadPoolExecutor(2) as pool:
-        nix = NixCache(BlobStore(storage, pool), served_ttl=10)
-        nix._served._clock = clock
-        cache, _ = await CacheRegistry(storage).ensure("main")
+    async with remembering(storage) as (nix, cache, clock):
         store_hash = await stored_path(nix, cache, "raced")
         await nix.get_narinfo(cache, store_hash)
         clock.now += 8

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from larder.core.caches import CacheSettings
+from larder.errors import StorageUnavailable
 from larder.protocol.tokens import Scope
 from larder.service import state
+from larder.service.accesslog import LineSink
 from larder.service.app import build_app
 from larder.service.config import Config
+from larder.service.server import Running, start
 from larder.storage.base import Storage
 from larder.storage.memory import MemoryStorage
 
@@ -85,3 +90,65 @@ def make_service(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Servic
 @pytest.fixture
 async def service(make_service: ServiceFactory) -> Service:
     return await make_service()
+
+
+# -- a real server on a socket, with the short path in front (test_fastpath*.py) ---------
+
+
+@dataclass
+class Live:
+    running: Running
+    port: int
+    main: CacheSettings
+    token: str
+    log: io.StringIO
+    sink: LineSink
+
+    @property
+    def app(self):  # type: ignore[no-untyped-def]
+        return self.running.runner.app
+
+
+class Flaky(MemoryStorage):
+    """Memory storage whose narinfo reads fail while ``down`` is set."""
+
+    down = False
+    delay = 0.0
+
+    async def get(self, key: str) -> bytes | None:
+        if self.down and "/narinfo/" in key:
+            raise StorageUnavailable("bucket unreachable")
+        if self.delay and "/narinfo/" in key:
+            await asyncio.sleep(self.delay)
+        return await super().get(key)
+
+
+@pytest.fixture
+def config() -> Config:
+    return Config()
+
+
+@pytest.fixture
+def storage() -> Storage:
+    return Flaky()
+
+
+@pytest.fixture
+async def live(config: Config, storage: Storage) -> AsyncIterator[Live]:
+    access = logging.getLogger("aiohttp.access")
+    level = access.level
+    access.setLevel(logging.INFO)  # as `larder serve` configures it (log_level = info)
+    app = build_app(config, storage)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    log = io.StringIO()
+    sink = LineSink(log)
+    running = await start(config, app, sock, sink)
+    main, _ = await app[state.CACHES].ensure("main")
+    token, _ = await app[state.TOKENS].issue("*", Scope.ADMIN, 3600)
+    try:
+        yield Live(running, sock.getsockname()[1], main, token, log, sink)
+    finally:
+        await running.stop()
+        access.setLevel(level)

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
-import logging
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,18 +18,14 @@ from larder.core import keys
 from larder.core.lastuse import load_uses
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
-from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.accesslog import LineSink
-from larder.service.app import build_app
-from larder.service.config import Config
 from larder.service.front import Sweeper
 from larder.service.observe import METRICS, TALLY
-from larder.service.server import start
 from larder.storage.base import Storage
 from larder.storage.disk import DiskStorage
 from larder.storage.memory import MemoryStorage
-from tests.service.test_fastpath import Conn, Live, get, hash_of, put
+from tests.service.conftest import Live
+from tests.service.test_fastpath import Conn, get, hash_of, put
 
 CONTENTS = os.urandom(300_000) + b"text " * 50_000
 
@@ -40,28 +33,6 @@ CONTENTS = os.urandom(300_000) + b"text " * 50_000
 @pytest.fixture
 def storage(tmp_path: Path) -> Storage:
     return DiskStorage(tmp_path / "store")
-
-
-@pytest.fixture
-async def live(storage: Storage) -> AsyncIterator[Live]:
-    access = logging.getLogger("aiohttp.access")
-    level = access.level
-    access.setLevel(logging.INFO)
-    config = Config()
-    app = build_app(config, storage)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    log = io.StringIO()
-    sink = LineSink(log)
-    running = await start(config, app, sock, sink)
-    main, _ = await app[state.CACHES].ensure("main")
-    token, _ = await app[state.TOKENS].issue("*", Scope.ADMIN, 3600)
-    try:
-        yield Live(running, sock.getsockname()[1], main, token, log, sink)
-    finally:
-        await running.stop()
-        access.setLevel(level)
 
 
 async def push(live: Live, store_hash: str, contents: bytes = CONTENTS, cache: str = "main") -> str:
