@@ -46,6 +46,8 @@ T = TypeVar("T")
 SERVED_EXTENSION = ".zst"
 #: Stored narinfos whose rendering is kept (all are dropped when one more comes).
 MAX_SOURCES = 20_000
+#: A served narinfo's memory key (cache, store hash, signing key) and its use-record key.
+ServedKeys = tuple[tuple[str, str, str], str]
 
 
 def parse_nar_name(name: str) -> tuple[str, str]:
@@ -248,12 +250,24 @@ class NixCache:
         """``(known, body)`` from the memory of served narinfos alone (no I/O): ``known`` says
         whether it holds an answer; ``body`` None is a remembered miss. ``store_hash`` valid.
         A narinfo answered from here counts as used, as in :meth:`get_narinfo`."""
-        memo_key = (cache.name, store_hash, cache.signing_key.to_string())
+        return self.served_by(cache, self.served_keys(cache, store_hash))
+
+    @staticmethod
+    def served_keys(cache: CacheSettings, store_hash: str) -> ServedKeys:
+        """What :meth:`served_by` looks ``store_hash`` (valid) up by in ``cache``: made once and
+        used for as long as the same settings object stands for the cache."""
+        return (cache.name, store_hash, cache.signing_key.to_string()), keys.narinfo(
+            cache.name, store_hash
+        )
+
+    def served_by(self, cache: CacheSettings, served: ServedKeys) -> tuple[bool, bytes | None]:
+        """:meth:`served_narinfo` by the keys :meth:`served_keys` made for it."""
+        memo_key, use_key = served
         known, body, due = self._served.lookup(memo_key)
         if due:
             self._refresh(cache, memo_key)
         if body is not None:
-            self._touch(keys.narinfo(cache.name, store_hash))
+            self._touch(use_key)
         return known, body
 
     async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:

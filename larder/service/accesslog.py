@@ -46,25 +46,27 @@ class LineSink:
         self._millisecond = -1
         self._prefix = ""
 
-    def _line_prefix(self, now: float) -> str:
+    def _line_prefix(self, millisecond: int) -> str:
         """``asctime levelname name `` as ``logging`` writes them (``asctime`` is local
-        ``YYYY-MM-DD HH:MM:SS,mmm``), made once per millisecond."""
-        millisecond = int(now * 1000)
-        if millisecond != self._millisecond:
-            self._millisecond = millisecond
-            second = millisecond // 1000
-            if second != self._second:
-                self._second = second
-                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self._prefix = f"{self._stamp},{millisecond % 1000:03d}{self._infix}"
+        ``YYYY-MM-DD HH:MM:SS,mmm``) for ``millisecond`` since the epoch."""
+        self._millisecond = millisecond
+        second = millisecond // 1000
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        self._prefix = f"{self._stamp},{millisecond % 1000:03d}{self._infix}"
         return self._prefix
 
     def emit(self, message: str) -> None:
-        self._lines.append(self._line_prefix(time.time()) + message + "\n")
-        if len(self._lines) >= MAX_BATCH:
+        millisecond = int(time.time() * 1000)
+        prefix = self._prefix
+        if millisecond != self._millisecond:
+            prefix = self._line_prefix(millisecond)
+        lines = self._lines
+        lines.append(prefix + message + "\n")
+        if len(lines) >= MAX_BATCH:
             self.flush()
-            return
-        if self._timer is None:
+        elif self._timer is None:
             self._timer = flush_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
@@ -107,6 +109,8 @@ class LineAccessLogger(AbstractAccessLogger):
     """Base of larder's access loggers: :meth:`line` says what one request's line is."""
 
     sink: ClassVar[LineSink | None] = None
+    #: Whether a line states the request's duration (:class:`~larder.service.fastpath.AccessLog`).
+    timed: ClassVar[bool] = True
 
     @staticmethod
     def line(entry: Entry) -> str:
@@ -138,6 +142,8 @@ class LineAccessLogger(AbstractAccessLogger):
 
 class TextAccessLogger(LineAccessLogger):
     """aiohttp's default line: remote, start time, request line, status, bytes, referer, agent."""
+
+    timed: ClassVar[bool] = False  # the start second, not the duration
 
     _stamp: ClassVar[tuple[int, str]] = (-1, "")
 

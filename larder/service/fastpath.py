@@ -57,12 +57,13 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from larder.core.caches import CacheSettings
-from larder.core.nixcache import nix_cache_info
+from larder.core.nixcache import NixCache, nix_cache_info
 from larder.errors import FormatError, LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
 from larder.service.observe import HITS, METRICS, TALLY
+from larder.service.tally import TallyKey
 from larder.storage.base import BlobReader
 
 #: Targets whose answer bytes are kept (all of them are dropped when one more comes).
@@ -100,14 +101,27 @@ _LOGGED_FIELDS = re.compile(
 
 #: Formats the access log line of an answer: remote, method, target, status, length, seconds,
 #: referer, user agent.
-LogLine = Callable[[str | None, str, str, int, int, float, str | None, str | None], None]
+LogLine = Callable[[str | None, str, str, int, int, float, str | None, str | None], str]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """Where this path's access log lines go: ``line`` formats one, ``emit`` writes it.
+    ``timed``: a line states the request's duration; otherwise it states the second the request
+    began, so an answer repeated within that second to the same peer and client has the same
+    line, which is then formatted once."""
+
+    line: LogLine
+    emit: Callable[[str], None]
+    timed: bool
 
 
 class _Answer:
     """The bytes answering one target, and what they were made from."""
 
-    __slots__ = ("body", "cache", "head", "payload", "response", "second", "settings", "status",
-                 "store_hash", "target")  # fmt: skip
+    __slots__ = ("body", "cache", "head", "log_key", "log_text", "payload", "response", "second",
+                 "served", "settings", "status", "store_hash", "tally_key",
+                 "target")  # fmt: skip
 
     def __init__(
         self, target: str, settings: CacheSettings, store_hash: str, body: bytes | None
@@ -128,12 +142,17 @@ class _Answer:
         )  # fmt: skip
         self.second = -1
         self.response = b""
+        self.served = NixCache.served_keys(settings, store_hash)
+        self.tally_key: TallyKey = (self.cache, "nix", status, "narinfo", self.body is not None)
+        #: The access log line last written for this answer, and what it was made from.
+        self.log_key: tuple[object, ...] = ()
+        self.log_text = ""
 
 
 class FastPath:
     """Answers qualifying request heads for one application (see the module docstring)."""
 
-    def __init__(self, app: web.Application, log: LogLine | None) -> None:
+    def __init__(self, app: web.Application, log: AccessLog | None) -> None:
         self._app = app
         self._caches = app[state.CACHES]
         self._nix = app[state.NIX]
@@ -169,7 +188,7 @@ class FastPath:
         settings = self._caches.known(answer.cache)
         if settings is not answer.settings:
             return None
-        known, body = self._nix.served_narinfo(settings, answer.store_hash)
+        known, body = self._nix.served_by(settings, answer.served)
         if not known or body is not answer.body:
             return None
         return self._finish(answer, start, peer, logged)
@@ -224,7 +243,7 @@ class FastPath:
         self._tally.add(settings.name, "nix", 200, seconds, len(body))
         if self._log is not None:
             referer, agent = _logged_fields(fields)
-            self._log(peer, "GET", target, 200, len(response), seconds, referer, agent)
+            self._write_log(peer, "GET", target, 200, len(response), seconds, referer, agent)
         return response
 
     def parse_nar(self, head: bytes, peer: str | None) -> NarGet | None:
@@ -281,8 +300,8 @@ class FastPath:
         if self._log is not None:
             referer, agent = _logged_fields(request.fields)
             seconds = time.monotonic() - request.start
-            self._log(request.peer, "GET", request.path, 200, len(nar.head) + sent, seconds,
-                      referer, agent)  # fmt: skip
+            self._write_log(request.peer, "GET", request.path, 200, len(nar.head) + sent,
+                            seconds, referer, agent)  # fmt: skip
 
     @property
     def send_idle(self) -> float:
@@ -334,22 +353,29 @@ class FastPath:
         peer: str | None,
         logged: tuple[str | None, str | None],
     ) -> bytes:
-        second = int(time.time())
+        now = time.time()
+        second = int(now)
         if answer.second != second:
             answer.second = second
             answer.response = b"".join((answer.head, self._http_date_line(second), answer.payload))
         response = answer.response
         seconds = time.monotonic() - start
-        hit = answer.body is not None
-        if not hit:
+        if answer.body is None:
             self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
-        self._tally.add(
-            answer.cache, "nix", answer.status, seconds, len(answer.payload), "narinfo", hit
-        )
-        if self._log is not None:
+        self._tally.add_to(answer.tally_key, seconds, len(answer.payload))
+        log = self._log
+        if log is not None:
             referer, agent = logged
-            self._log(peer, "GET", answer.target, answer.status, len(response), seconds, referer,
-                      agent)  # fmt: skip
+            if log.timed:
+                log.emit(log.line(peer, "GET", answer.target, answer.status, len(response),
+                                  seconds, referer, agent))  # fmt: skip
+                return response
+            key = (int(now - seconds), peer, logged, len(response))
+            if answer.log_key != key:
+                answer.log_key = key
+                answer.log_text = log.line(peer, "GET", answer.target, answer.status,
+                                           len(response), seconds, referer, agent)  # fmt: skip
+            log.emit(answer.log_text)
         return response
 
     def _finish_head(
@@ -372,9 +398,17 @@ class FastPath:
         self._tally.add(answer.cache, "nix", answer.status, seconds, 0, "narinfo", hit)
         if self._log is not None:
             referer, agent = logged
-            self._log(peer, "HEAD", answer.target, answer.status, len(response), seconds, referer,
-                      agent)  # fmt: skip
+            self._write_log(peer, "HEAD", answer.target, answer.status, len(response), seconds,
+                            referer, agent)  # fmt: skip
         return response
+
+    def _write_log(
+        self, peer: str | None, method: str, target: str, status: int, length: int,
+        seconds: float, referer: str | None, agent: str | None,
+    ) -> None:  # fmt: skip
+        if self._log is not None:
+            self._log.emit(self._log.line(peer, method, target, status, length, seconds, referer,
+                                          agent))  # fmt: skip
 
     def flush(self) -> None:
         """Count every answer made so far (the server is stopping)."""

@@ -37,7 +37,7 @@ from larder.service import workers as shared
 from larder.service.accesslog import JsonAccessLogger, LineSink, TextAccessLogger
 from larder.service.app import build_app
 from larder.service.config import Config
-from larder.service.fastpath import FastPath, LogLine
+from larder.service.fastpath import AccessLog, FastPath
 from larder.service.front import FrontProtocol, Sweeper
 from larder.service.guard import (
     KEEPALIVE_TIMEOUT,
@@ -154,17 +154,10 @@ async def start(
     await runner.setup()
     server = runner.server
     assert server is not None
-    log_line: LogLine | None = None
+    access = None
     if logging.getLogger("aiohttp.access").isEnabledFor(logging.INFO):
-        line, emit = logger.get_line, sink.emit
-
-        def log_line(
-            remote: str | None, method: str, target: str, status: int, length: int,
-            seconds: float, referer: str | None, user_agent: str | None,
-        ) -> None:  # fmt: skip
-            emit(line(remote, method, target, status, length, seconds, referer, user_agent))
-
-    fast = FastPath(app, log_line)
+        access = AccessLog(logger.get_line, sink.emit, logger.timed)
+    fast = FastPath(app, access)
     front: set[FrontProtocol] = set()
     listener = await asyncio.get_running_loop().create_server(
         lambda: FrontProtocol(server, fast, front, guard), sock=sock, backlog=BACKLOG

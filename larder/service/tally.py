@@ -24,7 +24,8 @@ FLUSH_DELAY = 0.05
 #: Answers gathered before the totals are folded in at once.
 MAX_PENDING = 4096
 
-_Key = tuple[str, str, int, str | None, bool]
+#: What answers are totalled by: (cache, protocol, status, lookup, hit).
+TallyKey = tuple[str, str, int, str | None, bool]
 
 
 class _Total:
@@ -44,7 +45,7 @@ class AnswerTally:
     def __init__(self, metrics: Metrics, hits: HitStats) -> None:
         self._metrics = metrics
         self._hits = hits
-        self._totals: dict[_Key, _Total] = {}
+        self._totals: dict[TallyKey, _Total] = {}
         self._pending = 0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -59,7 +60,10 @@ class AnswerTally:
         hit: bool = False,
     ) -> None:
         """One answer: ``lookup`` names the kind looked up (``hit`` says how it went)."""
-        key = (cache, protocol, status, lookup, hit)
+        self.add_to((cache, protocol, status, lookup, hit), seconds, sent)
+
+    def add_to(self, key: TallyKey, seconds: float, sent: int) -> None:
+        """:meth:`add` by the answer's :data:`TallyKey` (made once for answers repeated)."""
         total = self._totals.get(key)
         if total is None:
             total = self._totals[key] = _Total()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import socket
 
 import pytest
@@ -387,4 +388,38 @@ async def test_an_idle_connection_is_closed_by_the_sweep(
     assert await asyncio.wait_for(conn.reader.read(), 5) == b""  # closed by the server
     assert 0.15 < asyncio.get_running_loop().time() - started < 3
     assert not live.running.front
+    conn.close()
+
+
+@pytest.mark.parametrize("config", [Config(), Config(access_log="json")], ids=["text", "json"])
+async def test_kept_answers_log_one_line_each_with_their_own_client(live: Live) -> None:
+    store_hash = hash_of("logged-kept")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    conn = await Conn.open(live)
+    conn.send(get(f"/main/{store_hash}.narinfo"))  # the lookup; the rest are kept bytes
+    assert (await conn.response())[0] == 200
+    live.sink.flush()
+    lines_before = live.log.getvalue().count("\n")
+    agents = ["probe/1", "probe/1", "other/2", "probe/1"]
+    for agent in agents:
+        head = f"GET /main/{store_hash}.narinfo HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\n\r\n"
+        conn.send(head.encode())
+        assert (await conn.response())[0] == 200
+    live.sink.flush()
+    lines = live.log.getvalue().splitlines()[lines_before:]
+    assert len(lines) == len(agents)
+    for line, agent in zip(lines, agents, strict=True):
+        message = line.split(" aiohttp.access ", 1)[1]
+        if live.running.runner.app[state.CONFIG].access_log == "json":
+            entry = json.loads(message)
+            assert (entry["path"], entry["status"], entry["user_agent"]) == (
+                f"/main/{store_hash}.narinfo", 200, agent
+            )
+            assert entry["seconds"] >= 0
+        else:
+            assert message.startswith("127.0.0.1 [")
+            assert f'"GET /main/{store_hash}.narinfo HTTP/1.1" 200 ' in message
+            assert message.endswith(f'"-" "{agent}"')
+    setup.close()
     conn.close()
