@@ -414,7 +414,9 @@ async def test_kept_answers_log_one_line_each_with_their_own_client(live: Live) 
         if live.running.runner.app[state.CONFIG].access_log == "json":
             entry = json.loads(message)
             assert (entry["path"], entry["status"], entry["user_agent"]) == (
-                f"/main/{store_hash}.narinfo", 200, agent
+                f"/main/{store_hash}.narinfo",
+                200,
+                agent,
             )
             assert entry["seconds"] >= 0
         else:
