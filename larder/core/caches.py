@@ -101,6 +101,8 @@ class CacheRegistry:
         self._refresh = refresh_interval
         self._clock = clock
         self._seen: dict[str, tuple[CacheSettings | None, float]] = {}
+        #: Changes whenever this view's memory of any cache changes.
+        self.version = 0
 
     async def get(self, name: str) -> CacheSettings | None:
         """The cache's settings, or ``None`` if there is no such cache. ``name`` is trusted."""
@@ -109,7 +111,7 @@ class CacheRegistry:
             return settings
         data = await self._storage.get(keys.cache_config(name))
         settings = CacheSettings.from_json(data) if data is not None else None
-        self._seen[name] = (settings, self._clock())
+        self._remember(name, settings)
         return settings
 
     def _fresh(self, name: str) -> tuple[bool, CacheSettings | None]:
@@ -123,6 +125,20 @@ class CacheRegistry:
         """The cache's settings if this view holds them and they are fresh, without any I/O
         (``None``: no such cache, or not known right now: ask :meth:`get`)."""
         return self._fresh(name)[1]
+
+    def fresh_for(self, name: str) -> float:
+        """Seconds for which :meth:`known` keeps giving what it gives now for ``name``, unless
+        :attr:`version` changes first (0 when it gives nothing now)."""
+        hit = self._seen.get(name)
+        return 0.0 if hit is None else max(0.0, hit[1] + self._refresh - self._clock())
+
+    def _remember(self, name: str, settings: CacheSettings | None) -> None:
+        self._seen[name] = (settings, self._clock())
+        self.version += 1
+
+    def _forget(self, name: str) -> None:
+        self._seen.pop(name, None)
+        self.version += 1
 
     async def names(self) -> list[str]:
         prefix = keys.CACHE_CONFIG_PREFIX
@@ -146,13 +162,13 @@ class CacheRegistry:
         settings = CacheSettings(name, key, private, priority, int(time.time()))
         if not await self._storage.put_if_absent(keys.cache_config(name), settings.to_json()):
             raise CacheExists(f"cache {name!r} already exists")
-        self._seen[name] = (settings, self._clock())
+        self._remember(name, settings)
         return settings
 
     async def update(self, settings: CacheSettings) -> None:
         """Replace an existing cache's settings (privacy, priority, key rotation)."""
         await self._storage.put(keys.cache_config(settings.name), settings.to_json())
-        self._seen[settings.name] = (settings, self._clock())
+        self._remember(settings.name, settings)
 
     async def adopt_key(self, name: str, key: SecretKey, priority: int = 30) -> str:
         """Make ``key`` the cache's signing key, creating the cache if needed.
@@ -164,9 +180,9 @@ class CacheRegistry:
         if existing is None:
             settings = CacheSettings(name, key, False, priority, int(time.time()))
             if await self._storage.put_if_absent(keys.cache_config(name), settings.to_json()):
-                self._seen[name] = (settings, self._clock())
+                self._remember(name, settings)
                 return "created"
-            self._seen.pop(name, None)
+            self._forget(name)
             existing = await self.get(name)
             assert existing is not None
         if existing.signing_key.to_string() == key.to_string():
@@ -182,7 +198,7 @@ class CacheRegistry:
         try:
             return await self.create(name, priority=priority), True
         except CacheExists:
-            self._seen.pop(name, None)
+            self._forget(name)
             settings = await self.get(name)
             assert settings is not None
             return settings, False

@@ -29,7 +29,7 @@ from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest, keeps_upload
 from larder.core.lastuse import Touch, ignore_use
-from larder.core.servedcache import ServedCache, WriteCounter
+from larder.core.servedcache import Entry, ServedCache, WriteCounter
 from larder.errors import FormatError, LarderError, StorageError, VerificationFailed
 from larder.protocol import narinfo as narinfo_format
 from larder.protocol import nix32
@@ -269,6 +269,12 @@ class NixCache:
         if body is not None:
             self._touch(use_key)
         return known, body
+
+    def served_hold(self, served: ServedKeys) -> tuple[Entry, float] | None:
+        """The served-narinfo memory's entry for a narinfo it holds, and the seconds it may be
+        answered from without asking :meth:`served_by` again, while it stays current
+        (:meth:`ServedCache.hold <larder.core.servedcache.ServedCache.hold>`)."""
+        return self._served.hold(served[0])
 
     async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
         """The narinfo as served (signed by the cache), or ``None``."""

@@ -13,6 +13,10 @@ process is never answered 404 by another, nor by a lookup that raced the upload.
 An entry asked for in the last :data:`REFRESH_AHEAD` of its life is :meth:`ServedCache.due`: the
 owner looks it up again in the background while the entry still answers, so a narinfo asked for
 all the time never makes a request wait for the store (the bound on staleness is unchanged).
+
+:meth:`ServedCache.hold` lets a caller that answers the same narinfo many times a second check it
+less often: it gives the remembered entry, which stays :attr:`Entry.current` until it is replaced,
+forgotten, evicted or found expired, and the seconds until it is due.
 """
 
 from __future__ import annotations
@@ -51,6 +55,22 @@ class LocalWriteCounter:
         self._count += 1
 
 
+class Entry:
+    """One remembered answer; ``current`` until this memory no longer holds it."""
+
+    __slots__ = ("body", "current", "expires", "refresh_at", "variant", "written")
+
+    def __init__(
+        self, variant: str, body: bytes | None, expires: float, written: object, refresh_at: float
+    ) -> None:
+        self.variant = variant
+        self.body = body
+        self.expires = expires
+        self.written = written  # the write count when the lookup began (for a miss)
+        self.refresh_at = refresh_at  # from then on a use makes it due for a refresh
+        self.current = True
+
+
 class ServedCache:
     def __init__(
         self,
@@ -63,11 +83,8 @@ class ServedCache:
         self._max = max_entries
         self._clock = clock
         self._writes = writes if writes is not None else LocalWriteCounter()
-        # (cache, store hash) -> (signing-key variant, body or None, expiry, write count when a
-        # miss was remembered, time from which a use makes the entry due for a refresh)
-        self._entries: OrderedDict[
-            tuple[str, str], tuple[str, bytes | None, float, object, float]
-        ] = OrderedDict()
+        # (cache, store hash) -> its entry (for one signing-key variant)
+        self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
 
     def lookup(self, key: tuple[str, str, str]) -> tuple[bool, bytes | None, bool]:
         """``(known, body, due)`` for ``(cache, store hash, key variant)``: body None is a miss;
@@ -75,15 +92,25 @@ class ServedCache:
         and :meth:`put` what is found, to keep it)."""
         cache, store_hash, variant = key
         entry = self._entries.get((cache, store_hash))
-        if entry is None or entry[0] != variant:
+        if entry is None or entry.variant != variant:
             return False, None, False
-        _, body, expires, written, refresh_at = entry
         now = self._clock()
-        if now >= expires or (body is None and self._writes.value() != written):
-            del self._entries[(cache, store_hash)]
+        if now >= entry.expires or (entry.body is None and self._writes.value() != entry.written):
+            self._drop((cache, store_hash))
             return False, None, False
         self._entries.move_to_end((cache, store_hash))
-        return True, body, now >= refresh_at
+        return True, entry.body, now >= entry.refresh_at
+
+    def hold(self, key: tuple[str, str, str]) -> tuple[Entry, float] | None:
+        """The entry remembering a narinfo (not a miss) for ``key``, and the seconds it may be
+        used from now on without another :meth:`lookup` (until it is due, while it stays
+        ``current``); ``None`` when this memory holds no such entry or it is due already."""
+        cache, store_hash, variant = key
+        entry = self._entries.get((cache, store_hash))
+        if entry is None or entry.variant != variant or entry.body is None:
+            return None
+        left = entry.refresh_at - self._clock()
+        return (entry, left) if left > 0 else None
 
     def get(self, key: tuple[str, str, str]) -> tuple[bool, bytes | None]:
         """``(known, body)`` for ``(cache, store hash, key variant)``; body None is a miss."""
@@ -109,12 +136,17 @@ class ServedCache:
         ttl = self._ttl if body is not None else min(self._ttl, MISS_TTL)
         now = self._clock()
         refresh_at = now + ttl * (1 - REFRESH_AHEAD)
-        self._entries[(cache, store_hash)] = (variant, body, now + ttl, mark, refresh_at)
-        self._entries.move_to_end((cache, store_hash))
+        self._drop((cache, store_hash))
+        self._entries[(cache, store_hash)] = Entry(variant, body, now + ttl, mark, refresh_at)
         while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+            self._entries.popitem(last=False)[1].current = False
 
     def forget(self, cache: str, store_hash: str) -> None:
         """A narinfo was stored: forget it here, and count the write for the other processes."""
-        self._entries.pop((cache, store_hash), None)
+        self._drop((cache, store_hash))
         self._writes.bump()
+
+    def _drop(self, pair: tuple[str, str]) -> None:
+        entry = self._entries.pop(pair, None)
+        if entry is not None:
+            entry.current = False

@@ -24,7 +24,12 @@ beside the cache settings and the remembered body they were made from (at most
 :data:`MAX_ANSWERS`). A head whose fields are plain (``name: value`` lines, none of the fields
 above) and whose target has kept bytes is answered from them, with no parsing beyond two regular
 expressions, while the cache's settings and the served-narinfo memory still give the very objects
-the bytes were made from; otherwise the head takes the full check. Counting is batched per
+the bytes were made from; otherwise the head takes the full check. Once that question was
+answered yes for a narinfo, it is not asked again for :data:`RECHECK` seconds (never past the
+point where the entry is due for a refresh or the cache's settings go stale) unless the
+served-narinfo entry stops being current (replaced, forgotten, evicted) or the memory of caches
+changes; so a narinfo answered all the time records one use, and renews its place in the
+memory, once per :data:`RECHECK`. Misses are asked about every time. Counting is batched per
 few hundredths of a second (:mod:`larder.service.tally`).
 
 ``GET /<cache>/nix-cache-info``, which Nix sends first on a new connection, is answered under
@@ -58,6 +63,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from larder.core.caches import CacheSettings
 from larder.core.nixcache import NixCache, nix_cache_info
+from larder.core.servedcache import Entry
 from larder.errors import FormatError, LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
@@ -70,6 +76,10 @@ from larder.storage.base import BlobReader
 MAX_ANSWERS = 20_000
 #: Distinct sets of header lines whose verdict is kept (likewise).
 MAX_RESTS = 1024
+#: Seconds for which a kept narinfo is answered without looking at the memories again, while
+#: neither changes it; a use of it is recorded, and its place in the memory renewed, once per
+#: that.
+RECHECK = 1.0
 
 NARINFO_TYPE = b"text/x-nix-narinfo"
 CACHE_INFO_TYPE = b"text/x-nix-cache-info"
@@ -116,12 +126,16 @@ class AccessLog:
     timed: bool
 
 
+_NOT_HELD = Entry("", None, 0.0, None, 0.0)
+_NOT_HELD.current = False
+
+
 class _Answer:
     """The bytes answering one target, and what they were made from."""
 
-    __slots__ = ("body", "cache", "head", "log_key", "log_text", "payload", "response", "second",
-                 "served", "settings", "status", "store_hash", "tally_key",
-                 "target")  # fmt: skip
+    __slots__ = ("body", "cache", "caches_seen", "checked_until", "entry", "head", "log_key",
+                 "log_text", "payload", "response", "second", "served", "settings", "status",
+                 "store_hash", "tally_key", "target")  # fmt: skip
 
     def __init__(
         self, target: str, settings: CacheSettings, store_hash: str, body: bytes | None
@@ -147,6 +161,11 @@ class _Answer:
         #: The access log line last written for this answer, and what it was made from.
         self.log_key: tuple[object, ...] = ()
         self.log_text = ""
+        #: Until ``checked_until`` (``time.monotonic()``) the memories need not be asked again
+        #: while the served entry stays current and the caches' memory at ``caches_seen``.
+        self.checked_until = 0.0
+        self.entry = _NOT_HELD
+        self.caches_seen = -1
 
 
 class FastPath:
@@ -185,13 +204,29 @@ class FastPath:
             logged = self._check_rest(rest)
         if logged is False:
             return None
-        settings = self._caches.known(answer.cache)
-        if settings is not answer.settings:
-            return None
-        known, body = self._nix.served_by(settings, answer.served)
-        if not known or body is not answer.body:
+        if (
+            start >= answer.checked_until
+            or not answer.entry.current
+            or answer.caches_seen != self._caches.version
+        ) and not self._still_good(answer, start):
             return None
         return self._finish(answer, start, peer, logged)
+
+    def _still_good(self, answer: _Answer, now: float) -> bool:
+        """Whether the memories still give what ``answer`` was made from (a use of it counts);
+        if so, and it is a narinfo, let :data:`RECHECK` seconds of repeats skip the question."""
+        settings = self._caches.known(answer.cache)
+        if settings is not answer.settings:
+            return False
+        known, body = self._nix.served_by(settings, answer.served)
+        if not known or body is not answer.body:
+            return False
+        held = self._nix.served_hold(answer.served) if body is not None else None
+        if held is not None:  # misses are asked about every time (writes in other processes)
+            answer.entry, seconds = held
+            answer.caches_seen = self._caches.version
+            answer.checked_until = now + min(RECHECK, seconds, self._caches.fresh_for(answer.cache))
+        return True
 
     def _check_rest(self, rest: bytes) -> tuple[str | None, str | None] | Literal[False]:
         """For the head after its target (`` HTTP/1.1`` and the header lines): the referer and

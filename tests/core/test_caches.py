@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from larder.core.caches import CacheRegistry
 from larder.protocol.signing import SecretKey
 from larder.storage.memory import MemoryStorage
@@ -20,3 +22,23 @@ async def test_adopt_key_creates_rotates_and_is_idempotent() -> None:
     assert settings is not None
     assert settings.public_key.to_string() == second.public_key().to_string()
     assert await registry.names() == ["team"]
+
+
+async def test_the_version_changes_with_what_is_known_and_fresh_for_counts_down() -> None:
+    now = [0.0]
+    registry = CacheRegistry(MemoryStorage(), refresh_interval=10, clock=lambda: now[0])
+    assert registry.fresh_for("main") == 0.0
+    start = registry.version
+    settings, _ = await registry.ensure("main")
+    assert registry.version != start
+    now[0] = 4.0
+    assert registry.fresh_for("main") == 6.0
+    assert registry.known("main") is settings
+    seen = registry.version
+    await registry.update(replace(settings, private=True))
+    assert registry.version != seen
+    now[0] = 20.0
+    assert registry.fresh_for("main") == 0.0 and registry.known("main") is None
+    seen = registry.version
+    assert await registry.get("main") is not None  # read again: a new memory
+    assert registry.version != seen

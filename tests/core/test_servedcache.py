@@ -87,3 +87,43 @@ def test_an_entry_is_due_for_a_refresh_near_the_end_of_its_life() -> None:
     cache.put(("main", "a", "k"), b"narinfo again")  # what the refresh found
     assert not cache.due(("main", "a", "k"))
     assert cache.get(("main", "a", "k")) == (True, b"narinfo again")
+
+
+def test_a_held_entry_stays_current_until_replaced_forgotten_evicted_or_expired() -> None:
+    clock = Clock()
+    cache = ServedCache(ttl=10, max_entries=2, clock=clock)
+    key = ("main", "a", "k")
+    cache.put(key, b"narinfo")
+    held = cache.hold(key)
+    assert held is not None
+    entry, seconds = held
+    assert entry.current and entry.body == b"narinfo"
+    assert seconds == 10 * (1 - REFRESH_AHEAD)  # until it is due
+    cache.put(key, b"narinfo")  # a refresh: a new entry
+    assert not entry.current
+    entry = cache.hold(key)[0]  # type: ignore[index]
+    cache.forget("main", "a")
+    assert not entry.current and cache.hold(key) is None
+    cache.put(key, b"narinfo")
+    entry = cache.hold(key)[0]  # type: ignore[index]
+    cache.put(("main", "b", "k"), b"b")
+    cache.put(("main", "c", "k"), b"c")  # the bound pushes "a" out
+    assert not entry.current
+    cache.put(key, b"narinfo")
+    entry = cache.hold(key)[0]  # type: ignore[index]
+    clock.now = 10.0
+    assert cache.get(key) == (False, None)  # found expired
+    assert not entry.current
+
+
+def test_misses_due_entries_and_other_keys_are_not_held() -> None:
+    clock = Clock()
+    cache = ServedCache(ttl=10, clock=clock)
+    cache.put(("main", "miss", "k"), None)
+    cache.put(("main", "a", "k"), b"narinfo")
+    assert cache.hold(("main", "miss", "k")) is None
+    assert cache.hold(("main", "a", "other key")) is None
+    assert cache.hold(("main", "absent", "k")) is None
+    clock.now = 10 * (1 - REFRESH_AHEAD)
+    assert cache.hold(("main", "a", "k")) is None  # due: asked about again
+    assert cache.get(("main", "a", "k")) == (True, b"narinfo")

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import socket
+from dataclasses import replace
 
 import pytest
 
@@ -423,5 +424,70 @@ async def test_kept_answers_log_one_line_each_with_their_own_client(live: Live) 
             assert message.startswith("127.0.0.1 [")
             assert f'"GET /main/{store_hash}.narinfo HTTP/1.1" 200 ' in message
             assert message.endswith(f'"-" "{agent}"')
+    setup.close()
+    conn.close()
+
+
+async def test_a_kept_narinfo_follows_a_new_upload_and_a_private_cache_at_once(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from larder.service import fastpath
+
+    monkeypatch.setattr(fastpath, "RECHECK", 60.0)  # only a change ends the shortcut
+    store_hash = hash_of("changing")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    conn = await Conn.open(live)
+    first = b""
+    for _ in range(3):  # a lookup, a check, then kept bytes without one
+        conn.send(get(f"/main/{store_hash}.narinfo"))
+        status, _, first = await conn.response()
+        assert status == 200
+    digest, nar, narinfo = narinfo_for(store_hash, b"other contents")
+    setup.send(put(f"/main/nar/{digest}.nar", nar, live.token))
+    assert (await setup.response())[0] == 200
+    setup.send(put(f"/main/{store_hash}.narinfo", narinfo, live.token))
+    assert (await setup.response())[0] == 200
+    conn.send(get(f"/main/{store_hash}.narinfo"))
+    status, _, again = await conn.response()
+    assert status == 200 and again != first and f"sha256:{digest}".encode() in again
+    conn.send(get(f"/main/{store_hash}.narinfo"))
+    assert (await conn.response())[2] == again
+    caches = live.app[state.CACHES]
+    await caches.update(replace(live.main, private=True))
+    conn.send(get(f"/main/{store_hash}.narinfo"))
+    assert (await conn.response())[0] == 401
+    setup.close()
+    conn.close()
+
+
+async def test_a_kept_narinfo_records_its_use_once_per_recheck(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from larder.service import fastpath
+
+    kept, checked = hash_of("used-kept"), hash_of("used-checked")
+    setup = await Conn.open(live)
+    await upload(live, setup, kept)
+    await upload(live, setup, checked)
+    recorder = live.app[state.RECORDER]
+    await recorder.flush()
+    conn = await Conn.open(live)
+
+    async def answers(store_hash: str, count: int) -> None:
+        for _ in range(count):
+            conn.send(get(f"/main/{store_hash}.narinfo"))
+            assert (await conn.response())[0] == 200
+
+    monkeypatch.setattr(fastpath, "RECHECK", 60.0)
+    await answers(kept, 3)
+    assert await recorder.flush() == 1
+    await answers(kept, 3)  # within RECHECK of the last check: no new use
+    assert await recorder.flush() == 0
+    monkeypatch.setattr(fastpath, "RECHECK", 0.0)
+    await answers(checked, 3)
+    assert await recorder.flush() == 1
+    await answers(checked, 2)  # no shortcut: each answer is checked, and used
+    assert await recorder.flush() == 1
     setup.close()
     conn.close()
