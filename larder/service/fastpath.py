@@ -402,8 +402,8 @@ class FastPath:
         if log is not None:
             referer, agent = logged
             if log.timed:
-                log.emit(log.line(peer, "GET", answer.target, answer.status, len(response),
-                                  seconds, referer, agent))  # fmt: skip
+                self._write_log(peer, "GET", answer.target, answer.status, len(response), seconds,
+                                referer, agent)  # fmt: skip
                 return response
             key = (int(now - seconds), peer, logged, len(response))
             if answer.log_key != key:
