@@ -4,6 +4,7 @@
 # - Prometheus, which scrapes a running larder in the metrics tests;
 # - the registry crates the offline Rust test workspace depends on (Debian's librust-*-dev,
 #   unpacked into /usr/share/cargo/registry, used as a cargo directory source);
+# - Nix and sccache from Debian sid, privately (tools/install-nix-sid.sh);
 # - a C compiler and ar (gcc, binutils): rustc links with cc, and a workspace crate's build
 #   script compiles a C library.
 set -euo pipefail
@@ -22,3 +23,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo and rustc must be on PATH" >&2; exit 1; }
+# A current Nix and sccache 0.17 from Debian sid, privately (every real-client test runs
+# against both versions).
+bash "$(dirname "$0")/install-nix-sid.sh"

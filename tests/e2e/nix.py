@@ -1,4 +1,10 @@
-"""Driving the real Nix client (Debian's nix-bin, as root, local store, no sandbox)."""
+"""Driving the real Nix clients: Debian's nix-bin (2.8) and sid's (2.34), as root, no sandbox.
+
+Every test that drives Nix runs against both (the ``nix_version`` fixture). Debian's Nix uses
+the machine's own store, shared by every role; sid's, installed privately by
+``tools/install-nix-sid.sh``, gets a chroot store of its own per role (``NIX_REMOTE=<dir>``, the
+paths still under ``/nix/store``), so its CI and laptop really are two machines.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,30 @@ import subprocess
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+SID_PREFIX = Path(os.environ.get("LARDER_SID_PREFIX", "/opt/nix234"))
+
+
+@dataclass(frozen=True)
+class NixVersion:
+    """One Nix release the tests drive."""
+
+    label: str
+    bindir: Path | None  # None: found on PATH
+    own_store: bool  # each role gets a chroot store under its home
+
+    def tool(self, name: str) -> str:
+        return name if self.bindir is None else str(self.bindir / name)
+
+    def check(self) -> None:
+        """Fail (never skip) when this Nix is not installed."""
+        proc = subprocess.run([self.tool("nix"), "--version"], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{self.label} is not installed: {proc.stderr}"
+
+
+DEBIAN = NixVersion("nix-2.8", None, own_store=False)
+SID = NixVersion("nix-sid", SID_PREFIX / "bin", own_store=True)
+VERSIONS = (DEBIAN, SID)
 
 NIX_CONFIG = "\n".join(
     [
@@ -48,26 +78,34 @@ in { inherit leaf mid app; }
 
 @dataclass
 class Nix:
-    """One Nix 'machine': its own narinfo cache dir and netrc, sharing the root store."""
+    """One Nix 'machine': its own narinfo cache dir and netrc; with Debian's Nix it shares the
+    machine's store, with sid's it has a store of its own (:attr:`NixVersion.own_store`)."""
 
     home: Path
     netrc: str = ""
+    version: NixVersion = DEBIAN
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         netrc_path = self.home / "netrc"
         netrc_path.write_text(self.netrc)
+        self.root = self.home / "root" if self.version.own_store else None
         self.env = {
             **os.environ,
-            "NIX_REMOTE": "local",
+            "NIX_REMOTE": str(self.root) if self.root is not None else "local",
             "NIX_CONFIG": NIX_CONFIG + f"\nnetrc-file = {netrc_path}\n",
             "XDG_CACHE_HOME": str(self.home / "cache"),
             "HOME": str(self.home),
         }
 
+    def real(self, path: str) -> Path:
+        """Where store path ``path`` lies on this machine's disk."""
+        return Path(path) if self.root is None else self.root / path.lstrip("/")
+
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=300)
+        command = [self.version.tool(args[0]), *args[1:]]
+        proc = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
@@ -82,6 +120,15 @@ class Nix:
             paths[attr] = out.stdout.strip().splitlines()[-1]
         return paths
 
+    def dump(self, path: str) -> bytes:
+        """The NAR of store path ``path`` (``nix store dump-path``; ``nix-store --dump`` reads
+        the file system, not the store)."""
+        command = [self.version.tool("nix"), "store", "dump-path", path]
+        return subprocess.run(command, env=self.env, capture_output=True, check=True).stdout
+
+    def exists(self, path: str) -> bool:
+        return self.real(path).exists()
+
     def closure(self, path: str) -> list[str]:
         return sorted(self.run("nix-store", "-qR", path).stdout.split())
 
@@ -93,7 +140,7 @@ class Nix:
     def delete(self, *paths: str) -> None:
         self.run("nix-store", "--delete", *paths)
         for path in paths:
-            assert not Path(path).exists(), f"{path} survived deletion"
+            assert not self.exists(path), f"{path} survived deletion"
 
     def substitute(
         self, url: str, public_key: str, path: str, check: bool = True

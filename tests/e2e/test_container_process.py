@@ -17,7 +17,7 @@ import yaml
 
 from larder.protocol.signing import SecretKey
 from tests.e2e.harness import free_port, http, stop, wait_for_http
-from tests.e2e.nix import Nix, netrc_for
+from tests.e2e.nix import Nix, NixVersion, netrc_for
 
 UID = GID = 10001  # the image's user
 CONFIGMAP = Path(__file__).resolve().parents[2] / "helm/larder/templates/configmap.yaml"
@@ -77,7 +77,9 @@ def shared_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_non_root_process_configured_by_the_chart_serves_nix(shared_tmp: Path) -> None:
+def test_non_root_process_configured_by_the_chart_serves_nix(
+    shared_tmp: Path, nix_version: NixVersion
+) -> None:
     tmp_path = shared_tmp
     started = tmp_path / "started"
     started.touch()
@@ -110,7 +112,7 @@ def test_non_root_process_configured_by_the_chart_serves_nix(shared_tmp: Path) -
              "--scope", "write"],
             capture_output=True, text=True, check=True, **as_larder_user(env, data),  # type: ignore[arg-type]
         ).stdout.strip()  # fmt: skip
-        ci = Nix(tmp_path / "ci", netrc=netrc_for(token))
+        ci = Nix(tmp_path / "ci", netrc=netrc_for(token), version=nix_version)
         paths = ci.build_closure(tmp_path)
         ci.copy_to(f"{url}/main", paths["app"])
         closure = ci.closure(paths["app"])
@@ -119,8 +121,9 @@ def test_non_root_process_configured_by_the_chart_serves_nix(shared_tmp: Path) -
         assert status == 200
         key = yaml.safe_load(body)["public_key"]
         assert key == signing_key.public_key().to_string()  # the mounted key signs
-        Nix(tmp_path / "laptop").substitute(f"{url}/main", key, paths["app"])
-        assert all(Path(p).exists() for p in closure)
+        laptop = Nix(tmp_path / "laptop", version=nix_version)
+        laptop.substitute(f"{url}/main", key, paths["app"])
+        assert all(laptop.exists(p) for p in closure)
     finally:
         stop(proc)
         log.close()

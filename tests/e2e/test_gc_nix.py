@@ -24,7 +24,7 @@ from larder.core import keys
 from larder.protocol import narinfo
 from larder.storage.s3 import S3Storage
 from tests.e2e.harness import LARDER, S3_ENV, Larder, http, larder_server, make_bucket, moto_server
-from tests.e2e.nix import Nix, netrc_for
+from tests.e2e.nix import Nix, NixVersion, netrc_for
 
 pytestmark = pytest.mark.nix
 
@@ -74,8 +74,10 @@ def whole(server: Larder, path: str) -> bool:
     return True
 
 
-def test_the_least_recently_used_closure_goes_whole(server: Larder, tmp_path: Path) -> None:
-    ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+def test_the_least_recently_used_closure_goes_whole(
+    server: Larder, tmp_path: Path, nix_version: NixVersion
+) -> None:
+    ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()), version=nix_version)
     closures, tops, nar_urls = {}, {}, {}
     for label in ("a", "b", "c"):
         (tmp_path / label).mkdir()
@@ -89,7 +91,7 @@ def test_the_least_recently_used_closure_goes_whole(server: Larder, tmp_path: Pa
     # A laptop substitutes A, the oldest push: now A is the most recently used.
     ci.delete(*reversed(closures["a"]))
     key = str(server.cache_info()["public_key"])
-    Nix(tmp_path / "laptop").substitute(f"{server.url}/main", key, tops["a"])
+    Nix(tmp_path / "laptop", version=nix_version).substitute(f"{server.url}/main", key, tops["a"])
     time.sleep(1.5)  # the uses are written (0.2 s) and everything is older than the grace (1 s)
 
     size = gc(server, "--dry-run")["caches"]["main"]["size_before"]  # type: ignore[index]
@@ -108,14 +110,14 @@ def test_the_least_recently_used_closure_goes_whole(server: Larder, tmp_path: Pa
 
     # A fresh machine substitutes what stayed, from the cache alone.
     ci.delete(*reversed(closures["a"] + closures["c"]))
-    fresh = Nix(tmp_path / "fresh")
+    fresh = Nix(tmp_path / "fresh", version=nix_version)
     for label in ("a", "c"):
         fresh.substitute(f"{server.url}/main", key, tops[label])
-        assert all(Path(path).exists() for path in closures[label])
+        assert all(fresh.exists(path) for path in closures[label])
     ci.delete(*reversed(closures["b"]))
     missing = fresh.substitute(f"{server.url}/main", key, tops["b"], check=False)
     assert missing.returncode != 0
-    assert not any(Path(path).exists() for path in closures["b"])
+    assert not any(fresh.exists(path) for path in closures["b"])
 
 
 DEPENDENT_NIX = r"""
@@ -142,11 +144,11 @@ def age_everything(data: Path, seconds: float) -> None:
             path.unlink()
 
 
-def test_uploads_racing_collections_are_never_lost(tmp_path: Path) -> None:
+def test_uploads_racing_collections_are_never_lost(tmp_path: Path, nix_version: NixVersion) -> None:
     data = tmp_path / "data"
     env = {**SERVER_ENV, "LARDER_GC_GRACE": "30"}
     with larder_server(str(data), tmp_path, env) as server:
-        ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+        ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()), version=nix_version)
         (tmp_path / "old").mkdir()
         old = ci.build_closure(tmp_path / "old")
         ci.copy_to(f"{server.url}/main", old["app"])
@@ -223,7 +225,7 @@ async def stored_closures(endpoint: str) -> tuple[int, list[str]]:
 
 
 def test_two_replicas_collecting_one_bucket_stay_consistent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nix_version: NixVersion
 ) -> None:
     for name, value in S3_ENV.items():  # this process looks into the bucket too
         monkeypatch.setenv(name, value)
@@ -241,7 +243,7 @@ def test_two_replicas_collecting_one_bucket_stay_consistent(
             larder_server("s3://shared-gc/x", tmp_path, env) as one,
             larder_server("s3://shared-gc/x", tmp_path, env) as two,
         ):
-            ci = Nix(tmp_path / "ci", netrc=netrc_for(one.token()))
+            ci = Nix(tmp_path / "ci", netrc=netrc_for(one.token()), version=nix_version)
             for label in ("a", "b"):
                 (tmp_path / label).mkdir()
                 paths = ci.build_closure(tmp_path / label)

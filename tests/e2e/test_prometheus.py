@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.harness import free_port, http, larder_server, wait_for_http
-from tests.e2e.nix import Nix, netrc_for
+from tests.e2e.nix import Nix, NixVersion, netrc_for
 from tools.make_dashboard import OUT as DASHBOARD
 from tools.make_dashboard import render
 
@@ -73,12 +73,14 @@ def test_dashboard_file_is_current() -> None:
     assert titles[0].startswith("Hit rate")  # hit rate first, on the wall screen
 
 
-def test_every_dashboard_expression_evaluates_against_real_traffic(tmp_path: Path) -> None:
+def test_every_dashboard_expression_evaluates_against_real_traffic(
+    tmp_path: Path, nix_version: NixVersion
+) -> None:
     env = {"LARDER_USAGE_INTERVAL": "1", "LARDER_GC_INTERVAL": "1"}  # collects, evicting nothing
     with larder_server(str(tmp_path / "data"), tmp_path, env) as server:
         target = server.url.removeprefix("http://")
         with prometheus(tmp_path, target) as prom:
-            ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+            ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()), version=nix_version)
             paths = ci.build_closure(tmp_path)
             hashes = [Path(p).name[:32] for p in ci.closure(paths["app"])]
             for store_hash in hashes:  # misses before the push

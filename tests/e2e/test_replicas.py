@@ -15,7 +15,7 @@ import zstandard
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from tests.e2e.harness import S3_ENV, http, larder_server, make_bucket, moto_server, start_put
-from tests.e2e.nix import Nix, netrc_for
+from tests.e2e.nix import Nix, NixVersion, netrc_for
 
 pytestmark = pytest.mark.nix
 
@@ -30,7 +30,9 @@ def test_first_start_prints_substituter_key_and_token_command(tmp_path: Path) ->
     assert "larder token create" in log and "--scope write" in log
 
 
-def test_replicas_on_one_bucket_share_uploads_tokens_and_revocations(tmp_path: Path) -> None:
+def test_replicas_on_one_bucket_share_uploads_tokens_and_revocations(
+    tmp_path: Path, nix_version: NixVersion
+) -> None:
     with moto_server() as endpoint:
         make_bucket(endpoint, "shared")
         env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "LARDER_REFRESH_INTERVAL": "0.5"}
@@ -40,14 +42,14 @@ def test_replicas_on_one_bucket_share_uploads_tokens_and_revocations(tmp_path: P
         ):
             assert one.cache_info()["public_key"] == two.cache_info()["public_key"]
             token = one.token()  # minted against the bucket, valid on every replica
-            ci = Nix(tmp_path / "ci", netrc=netrc_for(token))
+            ci = Nix(tmp_path / "ci", netrc=netrc_for(token), version=nix_version)
             paths = ci.build_closure(tmp_path)
             ci.copy_to(f"{one.url}/main", paths["app"])
             closure = ci.closure(paths["app"])
             ci.delete(*reversed(closure))
-            laptop = Nix(tmp_path / "laptop")
+            laptop = Nix(tmp_path / "laptop", version=nix_version)
             laptop.substitute(f"{two.url}/main", str(two.cache_info()["public_key"]), paths["app"])
-            assert all(Path(path).exists() for path in closure)
+            assert all(laptop.exists(path) for path in closure)
 
             # A write token made through replica two's storage works on replica one ...
             body = b"opaque build log"
