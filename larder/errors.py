@@ -36,6 +36,12 @@ class VerificationFailed(InvalidInput):
     code = "verification_failed"
 
 
+class UnsupportedEncoding(InvalidInput):
+    """A body arrived in a content coding larder cannot undo, or in one where none is allowed."""
+
+    code = "unsupported_encoding"
+
+
 class NoSuchCache(LarderError):
     """The named cache does not exist."""
 

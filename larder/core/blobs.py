@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from larder.errors import StorageError
+from larder.errors import StorageError, TooLarge
 from larder.protocol.compression import Decompressor
 from larder.storage.base import BlobInfo, BlobReader, BlobWriter, Storage
 
@@ -46,12 +46,60 @@ class BlobStore:
         finally:
             await self.run(writer.abort)
 
-    async def store(self, body: AsyncIterable[bytes]) -> BlobInfo:
-        """Stream an opaque ``body`` into a new blob and commit it."""
+    async def store(
+        self, body: AsyncIterable[bytes], *, coding: str = "none", limit: int | None = None
+    ) -> BlobInfo:
+        """Stream an opaque ``body`` into a new blob and commit it.
+
+        ``coding`` names the :class:`Decompressor` that undoes the body's content coding: the
+        blob holds the decoded bytes, at most ``limit`` of them (:class:`TooLarge` past that,
+        and nothing is stored). A body that does not decode is a ``FormatError``.
+        """
         async with self.writer() as writer:
-            async for chunk in body:
-                await self.run(writer.write, chunk)
+            if coding == "none":
+                async for chunk in body:
+                    if limit is not None and writer.size + len(chunk) > limit:
+                        raise TooLarge(f"body exceeds the limit of {limit} bytes")
+                    await self.run(writer.write, chunk)
+                return await self.run(writer.commit)
+            decoder = Decompressor(coding, _Bounded(writer.write, limit))
+            try:
+                async for chunk in body:
+                    await self.run(decoder.write, chunk)
+                await self.run(decoder.finish)
+            finally:
+                decoder.close()
             return await self.run(writer.commit)
+
+
+class _Bounded:
+    """A sink that passes pieces on until ``limit`` bytes went through, then raises."""
+
+    def __init__(self, sink: Callable[[bytes], None], limit: int | None) -> None:
+        self._sink = sink
+        self._limit = limit
+        self.size = 0
+
+    def __call__(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self._limit is not None and self.size > self._limit:
+            raise TooLarge(f"decoded body exceeds the limit of {self._limit} bytes")
+        self._sink(piece)
+
+
+def decode_document(data: bytes, coding: str, limit: int) -> bytes:
+    """A small body (a narinfo, a JSON document) decoded from its content coding, at most
+    ``limit`` bytes decoded (:class:`TooLarge` past that)."""
+    if coding == "none":
+        return data
+    pieces: list[bytes] = []
+    decoder = Decompressor(coding, _Bounded(pieces.append, limit))
+    try:
+        decoder.write(data)
+        decoder.finish()
+    finally:
+        decoder.close()
+    return b"".join(pieces)
 
 
 def load_record(data: bytes) -> dict[str, Any]:

@@ -6,7 +6,9 @@ kind               key below caches/<cache>/  refers to / holds
 =================  =========================  ==============================================
 narinfo            ``narinfo/<hash>``         the narinfos of its references, its NAR record,
                                               its ``<hash>.ls`` listing (when there is one)
-nar                ``nar/<NarHash>``          holds the NAR's blob
+nar                ``nar/<NarHash>``          holds the NAR's blob; the name of the upload
+                                              that brought it (``nar-file/``), if compressed
+nar_file           ``nar-file/<FileHash>``    the NAR record it names (an upload's file hash)
 nix_file           ``file/<path>``            holds a blob (``.ls``, ``log/``, realisations)
 rustc_manifest     ``rustc/manifest/<key>``   the blob markers of its outputs
 rustc_blob         ``rustc/blob/<id>``        holds blob ``<id>`` (the marker names it)
@@ -41,6 +43,7 @@ from larder.storage.base import ObjectInfo, Storage, StoredBlob, check_blob_id
 KINDS: dict[str, str] = {
     "narinfo": "narinfo/",
     "nar": "nar/",
+    "nar_file": "nar-file/",
     "nix_file": "file/",
     "rustc_manifest": "rustc/manifest/",
     "rustc_blob": "rustc/blob/",
@@ -94,7 +97,11 @@ def _facts(cache: str, kind: str, rel: str, data: bytes) -> tuple[tuple[str, ...
         refs.append(keys.extra_file(cache, f"{own}.ls"))
         return tuple(refs), None
     if kind == "nar":
-        return (), NarRecord.from_json(data).blob_id
+        record = NarRecord.from_json(data)
+        named = (keys.nar_file(cache, record.uploaded_as),) if record.uploaded_as else ()
+        return named, record.blob_id
+    if kind == "nar_file":
+        return (), None
     if kind == "nix_file":
         return (), FileRecord.from_json(data).blob_id
     if kind == "rustc_manifest":

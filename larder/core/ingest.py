@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from larder.errors import TooLarge
 from larder.protocol.compression import Decompressor
 from larder.protocol.nar import NarValidator
 from larder.storage.base import BlobWriter
@@ -107,10 +108,16 @@ class _Stage:
 class NarIngest:
     """Feeds an uploaded (possibly compressed) NAR into a blob writer while verifying it.
 
-    ``writer`` must have been made with ``encoded=keeps_upload(compression)``.
+    ``writer`` must have been made with ``encoded=keeps_upload(compression)``. A NAR larger
+    than ``max_nar_size`` bytes raises :class:`~larder.errors.TooLarge` as soon as its decoded
+    bytes pass that (a small upload that decompresses to a huge NAR is stopped early).
     """
 
-    def __init__(self, compression: str, writer: BlobWriter) -> None:
+    def __init__(
+        self, compression: str, writer: BlobWriter, max_nar_size: int | None = None
+    ) -> None:
+        self._max_nar_size = max_nar_size
+        self._nar_seen = 0
         self._file_hash = hashlib.sha256()
         self._file_size = 0
         self._nar_hash = hashlib.sha256()
@@ -132,6 +139,9 @@ class NarIngest:
         self._writer.write(data)
 
     def _take_nar(self, data: bytes) -> None:
+        self._nar_seen += len(data)
+        if self._max_nar_size is not None and self._nar_seen > self._max_nar_size:
+            raise TooLarge(f"the NAR exceeds max_nar_size ({self._max_nar_size} bytes)")
         if self._plain:
             self._validator.feed(data)
         self._stage.put(data, False)

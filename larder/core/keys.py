@@ -59,6 +59,11 @@ def nar(cache: str, nar_hash_nix32: str) -> str:
     return f"caches/{cache}/nar/{nar_hash_nix32}"
 
 
+def nar_file(cache: str, file_hash_nix32: str) -> str:
+    """The NAR an upload arrived as ``nar/<FileHash>.nar.<ext>``: its NarHash and compression."""
+    return f"caches/{cache}/nar-file/{file_hash_nix32}"
+
+
 def extra_file(cache: str, path: str) -> str:
     return f"caches/{cache}/file/{path}"
 

@@ -2,38 +2,53 @@
 
 Upload rules (each failure is a :class:`VerificationFailed` naming the check):
 
-* A NAR arrives as ``nar/<sha256 of the file, nix32>.nar[.xz|.bz2|.zst]``, which is how Nix
-  names it. It is decompressed while streaming, must be a well-formed NAR, and the file's sha256
-  must equal the name. It is stored once, as a zstd blob keyed by BLAKE3, whatever compression it
-  came in; a record ``nar/<NarHash>`` ties this cache to the blob.
+* A NAR arrives as ``nar/<sha256 of the file, nix32>.nar[.xz|.bz2|.zst|.br]``, which is how
+  Nix names it (a gzip NAR is named ``.nar``: its magic bytes tell it apart from a plain NAR). It
+  is decompressed while streaming, must be a well-formed NAR of at most ``max_nar_size`` bytes,
+  and the file's sha256 must equal the name. It is stored once, as a zstd blob keyed by BLAKE3,
+  whatever compression it came in; a record ``nar/<NarHash>`` ties this cache to the blob, and
+  ``nar-file/<FileHash>`` remembers the name it came under, so Nix's ``HEAD`` of that name
+  before an upload finds it.
 * A narinfo must parse strictly, its StorePath hash must equal the URL's, a NAR with its NarHash
   and NarSize must be in this cache, and every reference other than the path itself must already
   have a narinfo in this cache (so a served narinfo always has its closure).
 
-Served narinfos point at ``nar/<NarHash nix32>.nar.zst`` (``Compression: zstd``, ``FileSize`` of
-the stored blob); URL, Compression, FileHash and FileSize are not covered by Nix signatures, so
-rewriting them keeps the uploader's ``Sig`` lines valid. Each is signed on the fly with the
-cache's key; an older signature by the same key name is replaced.
+Served narinfos point at ``nar/<NarHash nix32>.nar.zst`` (``Compression: zstd``, ``FileHash``
+and ``FileSize`` of the stored blob, the bytes that URL serves); URL, Compression, FileHash and
+FileSize are not covered by Nix signatures, so rewriting them keeps the uploader's ``Sig`` lines
+valid. Each is signed on the fly with the cache's key; an older signature by the same key name
+is replaced.
+
+Uploads Nix compresses with a ``Content-Encoding`` (narinfos, ``.ls``, logs) are decoded here
+and stored decoded; ``debuginfo/<build-id>`` documents are rewritten to point at the NAR as
+larder serves it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from larder.core import keys
-from larder.core.blobs import BlobStore, load_record
+from larder.core.blobs import BlobStore, decode_document, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest, keeps_upload
 from larder.core.lastuse import Touch, ignore_use
 from larder.core.servedcache import Entry, ServedCache, WriteCounter
-from larder.errors import FormatError, LarderError, StorageError, VerificationFailed
+from larder.errors import (
+    FormatError,
+    LarderError,
+    StorageError,
+    TooLarge,
+    VerificationFailed,
+)
 from larder.protocol import narinfo as narinfo_format
 from larder.protocol import nix32
-from larder.protocol.compression import compression_for_extension
+from larder.protocol.compression import GZIP_MAGIC, compression_for_extension
 from larder.protocol.hashes import NixHash
 from larder.protocol.names import check_object_path
 from larder.protocol.narinfo import NarInfo
@@ -44,6 +59,8 @@ from larder.storage.base import BlobReader
 T = TypeVar("T")
 
 SERVED_EXTENSION = ".zst"
+#: Largest ``debuginfo/<build-id>`` document (Nix writes about 200 bytes).
+MAX_DEBUGINFO = 64 * 1024
 #: Stored narinfos whose rendering is kept (all are dropped when one more comes).
 MAX_SOURCES = 20_000
 #: A served narinfo's memory key (cache, store hash, signing key) and its use-record key.
@@ -65,21 +82,56 @@ def nix_cache_info(settings: CacheSettings) -> bytes:
 
 @dataclass(frozen=True)
 class NarRecord:
-    """A NAR present in a cache: its blob and sizes."""
+    """A NAR present in a cache: its blob, sizes, the sha256 (nix32) of the stored bytes and
+    the FileHash of the compressed upload that brought it when that differs from its NarHash
+    (its :class:`NarFileRecord`, which lives as long as this record). Records written before
+    larder kept them have ``None`` for both."""
 
     blob_id: str
     nar_size: int
     stored_size: int
+    file_hash: str | None = None
+    uploaded_as: str | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"blob": self.blob_id, "nar_size": self.nar_size, "stored_size": self.stored_size}
-        ).encode()
+        doc: dict[str, object] = {
+            "blob": self.blob_id,
+            "nar_size": self.nar_size,
+            "stored_size": self.stored_size,
+        }
+        if self.file_hash is not None:
+            doc["file_hash"] = self.file_hash
+        if self.uploaded_as is not None:
+            doc["uploaded_as"] = self.uploaded_as
+        return json.dumps(doc).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> NarRecord:
         doc = load_record(data)
-        return cls(doc["blob"], int(doc["nar_size"]), int(doc["stored_size"]))
+        file_hash, uploaded_as = doc.get("file_hash"), doc.get("uploaded_as")
+        return cls(
+            doc["blob"],
+            int(doc["nar_size"]),
+            int(doc["stored_size"]),
+            str(file_hash) if file_hash is not None else None,
+            str(uploaded_as) if uploaded_as is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class NarFileRecord:
+    """The name a NAR upload came under: ``nar/<FileHash>.nar<ext>`` held this NAR."""
+
+    nar_hash: str  # nix32
+    compression: str
+
+    def to_json(self) -> bytes:
+        return json.dumps({"nar_hash": self.nar_hash, "compression": self.compression}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> NarFileRecord:
+        doc = load_record(data)
+        return cls(str(doc["nar_hash"]), str(doc["compression"]))
 
 
 @dataclass(frozen=True)
@@ -116,8 +168,10 @@ class NixCache:
         served_ttl: float = 0.0,
         writes: WriteCounter | None = None,
         touch: Touch = ignore_use,
+        max_nar_size: int | None = None,
     ) -> None:
         self._blobs = blobs
+        self._max_nar_size = max_nar_size
         self._touch = touch
         self._served = ServedCache(served_ttl, writes=writes)
         # Narinfos being looked up again ahead of their expiry, and the tasks doing it.
@@ -138,12 +192,16 @@ class NixCache:
     ) -> NarRecord:
         """Verify and store an uploaded NAR named ``<filehash>.nar[.ext]``."""
         file_hash, compression = parse_nar_name(name)
+        chunks = aiter(body)
+        first = await anext(chunks, b"")
+        if compression == "none" and first.startswith(GZIP_MAGIC):
+            compression = "gzip"  # Nix names a gzip NAR .nar (a NAR starts with its length)
         async with self._blobs.writer(encoded=keeps_upload(compression)) as writer:
-            ingest = NarIngest(compression, writer)
+            ingest = NarIngest(compression, writer, self._max_nar_size)
             feeding: asyncio.Future[None] | None = None
             try:
                 # The next chunk is read while the previous one is being fed.
-                async for chunk in body:
+                async for chunk in _prepend(first, chunks):
                     if feeding is not None:
                         await feeding
                     feeding = asyncio.ensure_future(self._run(ingest.feed, chunk))
@@ -163,10 +221,60 @@ class NixCache:
                     f"{nix32.encode(digest.file_sha256)}, its name says {file_hash}"
                 )
             blob = await self._run(writer.commit)
-        record = NarRecord(blob.blob_id, digest.nar_size, blob.stored_size)
+        stored_sha256 = blob.stored_sha256 or await self._stored_sha256(blob.blob_id)
+        if stored_sha256 is None:
+            raise StorageError(f"blob {blob.blob_id} vanished right after its commit")
         nar_hash = nix32.encode(digest.nar_sha256)
+        # An uncompressed upload's name is its NarHash: the record answers for it.
+        uploaded_as = file_hash if file_hash != nar_hash else None
+        record = NarRecord(
+            blob.blob_id,
+            digest.nar_size,
+            blob.stored_size,
+            nix32.encode(stored_sha256),
+            uploaded_as,
+        )
+        if uploaded_as is not None:  # first: a record never refers to a missing name
+            alias = NarFileRecord(nar_hash, compression)
+            await self._storage.put(keys.nar_file(cache.name, uploaded_as), alias.to_json())
         await self._storage.put(keys.nar(cache.name, nar_hash), record.to_json())
         self._records.forget(cache.name, nar_hash)
+        return record
+
+    async def _stored_sha256(self, blob_id: str) -> bytes | None:
+        """sha256 of a blob's bytes at rest, read back (``None`` when the blob is gone)."""
+        reader = await self._storage.blob_open(blob_id)
+        if reader is None:
+            return None
+        digest = hashlib.sha256()
+        try:
+            async for chunk in reader.chunks():
+                await self._run(digest.update, chunk)
+        finally:
+            await reader.close()
+        return digest.digest()
+
+    async def nar_file(
+        self, cache: CacheSettings, file_hash: str, compression: str
+    ) -> NarRecord | None:
+        """The NAR an upload named ``nar/<file_hash>.nar<ext of compression>`` stored, if this
+        cache still holds it (what Nix asks with ``HEAD`` before uploading that file)."""
+        key = keys.nar_file(cache.name, file_hash)
+        data = await self._storage.get(key)
+        if data is None:
+            return None
+        try:
+            alias = NarFileRecord.from_json(data)
+        except (StorageError, KeyError, TypeError):
+            return None
+        if alias.compression != compression and (compression, alias.compression) != (
+            "none",
+            "gzip",  # both named .nar
+        ):
+            return None
+        record = await self.nar_record(cache, alias.nar_hash)
+        if record is not None:
+            self._touch(key)
         return record
 
     async def nar_record(
@@ -192,8 +300,17 @@ class NixCache:
 
     # -- narinfos ------------------------------------------------------------------------
 
-    async def put_narinfo(self, cache: CacheSettings, store_hash: str, data: bytes) -> NarInfo:
-        """Verify an uploaded narinfo against this cache and store it."""
+    async def put_narinfo(
+        self,
+        cache: CacheSettings,
+        store_hash: str,
+        data: bytes,
+        coding: str = "none",
+        limit: int = 1024**2,
+    ) -> NarInfo:
+        """Verify an uploaded narinfo against this cache and store it. ``coding`` undoes the
+        body's ``Content-Encoding``; the narinfo is at most ``limit`` bytes decoded."""
+        data = decode_document(data, coding, limit)
         info = narinfo_format.parse(data)
         if info.store_path.hash != store_hash:
             raise VerificationFailed(
@@ -229,7 +346,9 @@ class NixCache:
             info,
             url=f"nar/{nar_hash}.nar{SERVED_EXTENSION}",
             compression="zstd",
-            file_hash=None,
+            file_hash=NixHash("sha256", nix32.decode(record.file_hash))
+            if record.file_hash
+            else None,
             file_size=record.stored_size,
             sigs=tuple(sig for sig in info.sigs if not sig.startswith(own_key)),
         )
@@ -324,12 +443,30 @@ class NixCache:
             info = narinfo_format.parse(data)
         except FormatError as exc:
             raise StorageError(f"stored narinfo {store_hash} is corrupt: {exc}") from None
+        if info.file_hash is None:  # stored before larder kept FileHash: Nix needs one
+            info = await self._with_file_hash(cache, info)
         sig = cache.signing_key.sign(narinfo_format.fingerprint(info))
         body = narinfo_format.render(replace(info, sigs=(*info.sigs, sig))).encode()
         if len(self._sources) >= MAX_SOURCES:
             self._sources.clear()
         self._sources[memo_key] = (data, body)
         return body
+
+    async def _with_file_hash(self, cache: CacheSettings, info: NarInfo) -> NarInfo:
+        """``info`` with the FileHash of the NAR it points at (read back from the blob when the
+        NAR record predates FileHash), or as it is when the NAR is gone."""
+        if info.nar_hash.algo != "sha256":
+            return info
+        record = await self.nar_record(cache, info.nar_hash.nix32())
+        if record is None:
+            return info
+        if record.file_hash is not None:
+            digest: bytes | None = nix32.decode(record.file_hash)
+        else:
+            digest = await self._stored_sha256(record.blob_id)
+        if digest is None:
+            return info
+        return replace(info, file_hash=NixHash("sha256", digest), file_size=record.stored_size)
 
     # -- opaque extras -------------------------------------------------------------------
 
@@ -339,14 +476,58 @@ class NixCache:
         path: str,
         body: AsyncIterable[bytes],
         content_type: str,
-        content_encoding: str,
+        coding: str = "none",
+        limit: int | None = None,
     ) -> FileRecord:
-        """Store an opaque object Nix uploads next to narinfos, streaming it into a blob."""
+        """Store an opaque object Nix uploads next to narinfos, streaming it into a blob.
+
+        ``coding`` undoes the body's ``Content-Encoding``: the object is stored decoded (at most
+        ``limit`` bytes) and served without one. A ``debuginfo/<build-id>`` document (at most
+        :data:`MAX_DEBUGINFO` bytes) is rewritten to point at the NAR as this cache serves it.
+        """
         check_object_path(path)
-        blob = await self._blobs.store(body)
-        record = FileRecord(blob.blob_id, blob.size, content_type, content_encoding)
+        if path.startswith("debuginfo/"):
+            body = await self._debuginfo(cache, body, coding)
+            coding = "none"
+        blob = await self._blobs.store(body, coding=coding, limit=limit)
+        record = FileRecord(blob.blob_id, blob.size, content_type, "")
         await self._storage.put(keys.extra_file(cache.name, path), record.to_json())
         return record
+
+    async def _debuginfo(
+        self, cache: CacheSettings, body: AsyncIterable[bytes], coding: str
+    ) -> AsyncIterator[bytes]:
+        """A ``debuginfo/`` document whose ``archive`` (``../nar/<FileHash>.nar<ext>``, the
+        uploaded name) is replaced by ``../nar/<NarHash>.nar.zst`` when this cache knows that
+        upload; anything else is kept as it came."""
+        sent = bytearray()
+        async for chunk in body:
+            sent += chunk
+            if len(sent) > MAX_DEBUGINFO:
+                raise TooLarge(f"a debuginfo document is at most {MAX_DEBUGINFO} bytes")
+        data = decode_document(bytes(sent), coding, MAX_DEBUGINFO)
+        return _one(await self._rewrite_debuginfo(cache, data))
+
+    async def _rewrite_debuginfo(self, cache: CacheSettings, data: bytes) -> bytes:
+        try:
+            doc = json.loads(data)
+            archive = doc["archive"]
+            name = archive.removeprefix("../nar/")
+            file_hash, compression = parse_nar_name(name)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return data  # not the document Nix writes: stored as it is
+        key = keys.nar_file(cache.name, file_hash)
+        alias_data = await self._storage.get(key)
+        if alias_data is None or name == archive:
+            return data
+        try:
+            alias = NarFileRecord.from_json(alias_data)
+        except (StorageError, KeyError, TypeError):
+            return data
+        if alias.compression != compression:
+            return data
+        doc["archive"] = f"../nar/{alias.nar_hash}.nar{SERVED_EXTENSION}"
+        return json.dumps(doc).encode()
 
     async def file_record(self, cache: CacheSettings, path: str) -> FileRecord | None:
         key = keys.extra_file(cache.name, check_object_path(path))
@@ -369,6 +550,17 @@ class NixCache:
             self._served.forget(split[0], split[1].removeprefix("narinfo/"))
         elif split is not None and split[1].startswith("nar/"):
             self._records.forget(split[0], split[1].removeprefix("nar/"))
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _signed_by_any(info: NarInfo, trusted: tuple[str, ...]) -> bool:

@@ -5,10 +5,13 @@ cache stores ``nar/<FileHash>.nar<ext>`` compressed as the narinfo's ``Compressi
 names Nix writes, and the extensions it gives them, are:
 
     none  -> .nar        xz -> .nar.xz        bzip2 -> .nar.bz2        zstd -> .nar.zst
+    br    -> .nar.br     gzip -> .nar (sic: Nix gives gzip no extension; .nar.gz is read too)
 
-(Nix can also write ``br``, ``gzip`` and ``lz4`` through libarchive; larder does not accept those
-and says so.) Like Nix's decoders, :class:`Decompressor` reads concatenated streams (xz with
-``LZMA_CONCATENATED``, several bzip2 streams, several zstd frames including skippable ones).
+(Nix can also write ``lz4`` and ``lzip`` through libarchive; larder does not accept those and
+says so.) Like Nix's decoders, :class:`Decompressor` reads concatenated streams (xz with
+``LZMA_CONCATENATED``, several bzip2 streams, several gzip members, several zstd frames including
+skippable ones); a brotli stream is one stream. ``deflate`` (the zlib format, RFC 1950) exists
+for HTTP's ``Content-Encoding`` only.
 
 :class:`Decompressor` is a push decoder built for untrusted uploads: it hands its output to a
 ``sink`` in pieces of at most ``chunk_size`` bytes, so a small input that expands enormously (a
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import zlib
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Final, Protocol, cast
 
+import brotli
 import zstandard
 
 from larder.errors import FormatError
@@ -32,7 +37,17 @@ from larder.errors import FormatError
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-COMPRESSIONS: Final[dict[str, str]] = {"none": "", "xz": ".xz", "bzip2": ".bz2", "zstd": ".zst"}
+COMPRESSIONS: Final[dict[str, str]] = {
+    "none": "",
+    "xz": ".xz",
+    "bzip2": ".bz2",
+    "zstd": ".zst",
+    "br": ".br",
+    "gzip": ".gz",
+}
+#: Decoders beyond the NAR compressions (HTTP content codings only).
+_DECODE_ONLY: Final = ("deflate",)
+GZIP_MAGIC: Final = b"\x1f\x8b"
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 XZ_MEMLIMIT: Final = 128 * 1024 * 1024
 ZSTD_MAX_WINDOW: Final = 1 << 27
@@ -46,9 +61,10 @@ def _supported() -> str:
     return ", ".join(f"{name} ({ext or 'no extension'})" for name, ext in COMPRESSIONS.items())
 
 
-def check_compression(compression: str) -> str:
-    """Return ``compression`` if larder supports it, else raise :class:`FormatError`."""
-    if compression not in COMPRESSIONS:
+def check_compression(compression: str, *, decoding: bool = False) -> str:
+    """Return ``compression`` if larder supports it (``decoding``: as a decoder, which also
+    knows ``deflate``), else raise :class:`FormatError`."""
+    if compression not in COMPRESSIONS and not (decoding and compression in _DECODE_ONLY):
         raise FormatError(f"unsupported compression {compression!r}; supported: {_supported()}")
     return compression
 
@@ -76,6 +92,66 @@ class _StdlibDecoder(Protocol):
     def unused_data(self) -> bytes: ...
 
     def decompress(self, data: bytes, max_length: int = ..., /) -> bytes: ...
+
+
+class _ZlibDecoder:
+    """A gzip member or zlib stream with the interface of the lzma and bz2 decoders."""
+
+    def __init__(self, wbits: int) -> None:
+        self._decoder = zlib.decompressobj(wbits)
+
+    @property
+    def eof(self) -> bool:
+        return self._decoder.eof
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._decoder.unconsumed_tail
+
+    @property
+    def unused_data(self) -> bytes:
+        return self._decoder.unused_data
+
+    def decompress(self, data: bytes, max_length: int = 0, /) -> bytes:
+        try:
+            return self._decoder.decompress(self._decoder.unconsumed_tail + data, max_length)
+        except zlib.error as exc:
+            raise ValueError(str(exc)) from None
+
+
+class _BrotliDecoder:
+    """A brotli stream (RFC 7932) with the interface of the lzma and bz2 decoders; data after
+    the end of the stream is an error, as brotli streams do not concatenate.
+
+    The decoder may hold output back even when it accepts input, so it is asked again (with no
+    input) until a call gives nothing.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = brotli.Decompressor()
+        self._gave = False
+
+    @property
+    def eof(self) -> bool:
+        return bool(self._decoder.is_finished())
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._gave and bool(self._decoder.can_accept_more_data())
+
+    @property
+    def unused_data(self) -> bytes:
+        return b""
+
+    def decompress(self, data: bytes, max_length: int = 0, /) -> bytes:
+        if data and not self._decoder.can_accept_more_data():
+            raise ValueError("input given while output is pending")
+        try:
+            out = bytes(self._decoder.process(data, output_buffer_limit=max_length))
+        except brotli.error as exc:
+            raise ValueError(str(exc)) from None
+        self._gave = bool(out)
+        return out
 
 
 class _SinkWriter:
@@ -200,7 +276,7 @@ class Decompressor:
     """Push decoder: ``write`` compressed chunks, get pieces of at most ``chunk_size`` bytes."""
 
     def __init__(self, compression: str, sink: Sink, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        check_compression(compression)
+        check_compression(compression, decoding=True)
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         self.compression = compression
@@ -301,6 +377,12 @@ class Decompressor:
     def _new_decoder(self) -> _StdlibDecoder:
         if self.compression == "xz":
             return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+        if self.compression == "gzip":
+            return _ZlibDecoder(16 + zlib.MAX_WBITS)
+        if self.compression == "deflate":
+            return _ZlibDecoder(zlib.MAX_WBITS)
+        if self.compression == "br":
+            return _BrotliDecoder()
         return bz2.BZ2Decompressor()
 
     def _write_stdlib(self, data: bytes) -> None:
@@ -319,7 +401,7 @@ class Decompressor:
                 raise FormatError(f"{self.compression}: corrupt {where}{after}: {exc}") from None
             pending = b""
             if out:
-                self._sink(out)
+                self._pass_through(out)  # brotli may give a little more than asked
             if decoder.eof:
                 self._streams += 1
                 self._decoder = None
@@ -332,9 +414,9 @@ class Compressor:
     """Push encoder with the same shape: ``write`` chunks, ``finish``, output goes to ``sink``.
 
     ``level`` is the codec's own scale (zstd 1..22, default 3; xz presets 0..9, default 6;
-    bzip2 1..9, default 9). zstd frames carry a content checksum, xz streams a CRC64 (the
-    default), bzip2 its CRCs, so corruption is detected when decompressing. ``none`` passes data
-    through.
+    bzip2 1..9, default 9; gzip 1..9, default 6; brotli 0..11, default 11). zstd frames carry a
+    content checksum, xz streams a CRC64 (the default), bzip2 and gzip their CRCs, so corruption
+    is detected when decompressing. ``none`` passes data through.
     """
 
     def __init__(self, compression: str, sink: Sink, level: int | None = None) -> None:
@@ -342,7 +424,8 @@ class Compressor:
         self.compression = compression
         self._sink = sink
         self._zstd: zstandard.ZstdCompressionObj | None = None
-        self._stdlib: lzma.LZMACompressor | bz2.BZ2Compressor | None = None
+        self._stdlib: lzma.LZMACompressor | bz2.BZ2Compressor | zlib._Compress | None = None
+        self._brotli: brotli.Compressor | None = None
         if compression == "zstd":
             self._zstd = zstandard.ZstdCompressor(
                 level=3 if level is None else level, write_checksum=True
@@ -353,12 +436,20 @@ class Compressor:
             )
         elif compression == "bzip2":
             self._stdlib = bz2.BZ2Compressor(9 if level is None else level)
+        elif compression == "gzip":
+            self._stdlib = zlib.compressobj(
+                6 if level is None else level, wbits=16 + zlib.MAX_WBITS
+            )
+        elif compression == "br":
+            self._brotli = brotli.Compressor(quality=11 if level is None else level)
 
     def write(self, data: Buffer) -> None:
         if self._zstd is not None:
             out = self._zstd.compress(memoryview(data).cast("B"))
         elif self._stdlib is not None:
             out = self._stdlib.compress(data)
+        elif self._brotli is not None:
+            out = self._brotli.process(bytes(data))
         else:
             out = bytes(data)
         if out:
@@ -369,6 +460,8 @@ class Compressor:
             out = self._zstd.flush()
         elif self._stdlib is not None:
             out = self._stdlib.flush()
+        elif self._brotli is not None:
+            out = self._brotli.finish()
         else:
             out = b""
         if out:

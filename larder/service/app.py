@@ -45,7 +45,9 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     and hit statistics are then shared with the other workers, and only worker 0 scans usage
     and runs garbage collections.
     """
-    app = web.Application(middlewares=[error_middleware])
+    # Bodies reach the routes as sent: the Nix routes undo every coding Nix uses themselves
+    # (aiohttp would undo gzip and deflate only, and keep the header), the others refuse one.
+    app = web.Application(middlewares=[error_middleware], handler_args={"auto_decompress": False})
     metrics = observe.install(app, storage.backend, worker)
     storage = InstrumentedStorage(storage, metrics)
     executor = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="larder-io")
@@ -61,7 +63,11 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     recorder = app[state.RECORDER] = UseRecorder(storage)
     touch = recorder.touch
     app[state.NIX] = NixCache(
-        app[state.BLOBS], served_ttl=config.refresh_interval, writes=writes, touch=touch
+        app[state.BLOBS],
+        served_ttl=config.refresh_interval,
+        writes=writes,
+        touch=touch,
+        max_nar_size=config.max_nar_size,
     )
     app[state.RUSTC] = RustcCache(app[state.BLOBS], touch=touch)
     app[state.SCCACHE] = SccacheStore(app[state.BLOBS], touch=touch)

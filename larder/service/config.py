@@ -63,6 +63,9 @@ class Config:
     max_upload_size: int = 16 * 1024**3
     # Largest narinfo / small JSON document accepted.
     max_document_size: int = 1024**2
+    # Largest NAR accepted once decompressed, and largest decoded body of an opaque upload
+    # sent with a Content-Encoding (max_upload_size counts the bytes as sent).
+    max_nar_size: int = 64 * 1024**3
     zstd_level: int = 3
     # Seconds a replica trusts its in-memory view of caches and revoked tokens.
     refresh_interval: float = 10.0
@@ -147,6 +150,7 @@ _CONVERTERS: dict[str, Any] = {
     "public_url": lambda v: str(v).rstrip("/"),
     "max_upload_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
     "max_document_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
+    "max_nar_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
     "zstd_level": int,
     "refresh_interval": float,
     "default_priority": int,

@@ -30,6 +30,7 @@ STATUS_TABLE: tuple[tuple[type[errors.LarderError], int], ...] = (
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
     (errors.NoSuchCache, 404),
+    (errors.UnsupportedEncoding, 415),
     (errors.InvalidInput, 400),
 )
 

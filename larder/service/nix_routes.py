@@ -3,11 +3,15 @@
 =====================================  ======================================================
 ``GET|HEAD nix-cache-info``            StoreDir, WantMassQuery, Priority (always served)
 ``GET|HEAD|PUT <hash>.narinfo``        signed narinfo; PUT verifies against the cache
-``GET|HEAD|PUT nar/<hash>.nar[.ext]``  GET serves ``.nar.zst`` (Ranges) and ``.nar``; PUT verifies
+``GET|HEAD|PUT nar/<hash>.nar[.ext]``  GET serves ``.nar.zst`` (Ranges) and ``.nar``; PUT verifies;
+                                       HEAD also finds an upload by its own name (FileHash)
 ``GET|HEAD|PUT <path>``                anything else Nix uploads (``.ls``, ``log/``, ...), opaque
 =====================================  ======================================================
 
 Reads of a missing object are 404 (Nix reads 404 as "not here"); writes need a write token.
+Narinfo and opaque uploads may come with a ``Content-Encoding`` (Nix's ``narinfo-compression``,
+``ls-compression``, ``log-compression``): larder decodes them and stores them decoded; an opaque
+object is served as zstd (its stored form, no work) to a client that accepts zstd, else plain.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from larder.core.blobs import decompressed
-from larder.core.nixcache import nix_cache_info, parse_nar_name
+from larder.core.caches import CacheSettings
+from larder.core.nixcache import FileRecord, NixCache, nix_cache_info, parse_nar_name
 from larder.errors import FormatError
+from larder.protocol.compression import Decompressor
+from larder.protocol.content_coding import accepts
 from larder.protocol.names import check_object_path
 from larder.protocol.storepath import check_hash_part
 from larder.protocol.tokens import Scope
@@ -25,7 +32,8 @@ from larder.service.access import cache_for, expect_continue
 from larder.service.observe import HITS, note_lookup, note_upload
 from larder.service.transfer import (
     body_chunks,
-    read_document,
+    coded_body,
+    read_coded_document,
     serve_blob,
     serve_stream,
 )
@@ -72,8 +80,9 @@ async def put_narinfo(request: web.Request) -> web.Response:
     note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     store_hash = _store_hash(request)
-    document = await read_document(request, request.app[state.CONFIG].max_document_size)
-    info = await request.app[state.NIX].put_narinfo(settings, store_hash, document)
+    limit = request.app[state.CONFIG].max_document_size
+    coding, document = await read_coded_document(request, limit)
+    info = await request.app[state.NIX].put_narinfo(settings, store_hash, document, coding, limit)
     request.app[HITS].uploaded_store_path(settings.name, store_hash, info.store_path.name)
     return web.Response(status=200, text="stored\n")
 
@@ -88,8 +97,10 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
         nar_hash, compression = parse_nar_name(request.match_info["name"])
     except FormatError:
         raise web.HTTPNotFound() from None
+    if request.method == "HEAD" and await _uploaded_as(request, settings, nar_hash, compression):
+        return web.Response(headers={"Content-Type": NAR_TYPE})
     if compression not in ("zstd", "none"):
-        raise web.HTTPNotFound()
+        raise web.HTTPNotFound()  # larder keeps no file in that compression
     record = await nix.nar_record(settings, nar_hash, serving=True)
     reader = await nix.open_blob(record.blob_id) if record is not None else None
     note_lookup(request, "nar", reader is not None)
@@ -103,6 +114,18 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     return await serve_stream(
         request, decompressed(reader), record.nar_size, {"Content-Type": NAR_TYPE}
     )
+
+
+async def _uploaded_as(
+    request: web.Request, settings: CacheSettings, name_hash: str, compression: str
+) -> bool:
+    """Whether ``nar/<name_hash>.nar<ext>`` names an upload this cache stored and whose NAR
+    it still holds (not a NAR it serves under that name): what Nix 2.34 asks with ``HEAD``,
+    by the FileHash of its own compression, before uploading a NAR. Not counted as a lookup."""
+    nix = request.app[state.NIX]
+    if compression in ("zstd", "none") and await nix.nar_record(settings, name_hash):
+        return False  # served under that name: the GET path answers
+    return await nix.nar_file(settings, name_hash, compression) is not None
 
 
 async def put_nar(request: web.Request) -> web.Response:
@@ -130,28 +153,72 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     record = await nix.file_record(settings, path)
     if record is None:
         raise web.HTTPNotFound()
-    headers = {"Content-Type": record.content_type}
-    if record.content_encoding:
-        headers["Content-Encoding"] = record.content_encoding
-    if request.method == "HEAD":
-        return await serve_stream(request, None, record.size, headers)
     reader = await nix.open_blob(record.blob_id)
     if reader is None:
         raise web.HTTPNotFound()
+    headers = {"Content-Type": record.content_type, "Vary": "Accept-Encoding"}
+    if record.content_encoding in LEGACY_RAW_CODINGS:
+        # Stored (before larder decoded uploads) as sent: undo the coding while serving.
+        await reader.close()
+        return await _serve_legacy_coded(request, nix, record, headers)
+    if accepts(request.headers.get("Accept-Encoding"), "zstd"):
+        return await serve_blob(request, reader, {**headers, "Content-Encoding": "zstd"})
+    if request.method == "HEAD":
+        await reader.close()
+        return await serve_stream(request, None, record.size, headers)
     return await serve_stream(request, decompressed(reader), record.size, headers)
+
+
+#: Codings aiohttp did not undo for routes before larder decoded uploads itself: objects stored
+#: with these are the coded bytes. (gzip and deflate bodies were stored decoded.)
+LEGACY_RAW_CODINGS = frozenset({"xz", "bzip2"})
+
+
+async def _serve_legacy_coded(
+    request: web.Request, nix: NixCache, record: FileRecord, headers: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=headers)
+    if request.method == "HEAD":
+        await response.prepare(request)
+        return response
+    reader = await nix.open_blob(record.blob_id)
+    if reader is None:
+        raise web.HTTPNotFound()
+    pieces: list[bytes] = []
+    decoder = Decompressor(record.content_encoding, pieces.append)
+    await response.prepare(request)
+    try:
+        async for chunk in decompressed(reader):
+            decoder.write(chunk)
+            for piece in pieces:
+                await response.write(piece)
+            pieces.clear()
+        decoder.finish()
+        for piece in pieces:
+            await response.write(piece)
+    except BaseException:
+        if request.transport is not None:
+            request.transport.close()  # a body cut short, never a wrong one
+        raise
+    finally:
+        decoder.close()
+    await response.write_eof()
+    return response
 
 
 async def put_file(request: web.Request) -> web.Response:
     note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     path = check_object_path(request.match_info["path"])
-    limit = request.app[state.CONFIG].max_upload_size
+    config = request.app[state.CONFIG]
+    coding, body = coded_body(request, config.max_upload_size)
     await request.app[state.NIX].put_file(
         settings,
         path,
-        body_chunks(request, limit),
+        body,
         content_type=request.headers.get("Content-Type", "application/octet-stream"),
-        content_encoding=request.headers.get("Content-Encoding", ""),
+        coding=coding,
+        limit=config.max_nar_size if coding != "none" else None,
     )
     return web.Response(status=200, text="stored\n")
 

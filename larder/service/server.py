@@ -150,6 +150,7 @@ async def start(
         guard,
         access_log_class=logger.writing_to(sink),
         keepalive_timeout=KEEPALIVE_TIMEOUT,
+        auto_decompress=False,  # as the application asks (build_app): its server is remade here
     )
     await runner.setup()
     server = runner.server

@@ -12,7 +12,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from larder.errors import TooLarge, TooSlow
+from larder.errors import TooLarge, TooSlow, UnsupportedEncoding
+from larder.protocol.content_coding import body_coding
 from larder.service.state import CONFIG
 from larder.storage.base import BlobReader
 
@@ -27,14 +28,28 @@ def check_declared_length(request: web.Request, limit: int) -> None:
         raise TooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit}")
 
 
-async def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     """The request body in pieces of about ``UPLOAD_CHUNK`` bytes, at most ``limit`` in all.
 
     Raises :class:`TooLarge` as soon as the limit is passed, whatever the headers said, and
     :class:`TooSlow` when no byte arrives for ``body_idle_timeout`` seconds (a client that stalls
     mid-upload cannot hold a connection and a temporary forever); a body cut short by the client
-    raises aiohttp's payload error. Either way the upload is abandoned.
+    raises aiohttp's payload error. Either way the upload is abandoned. A body with a
+    ``Content-Encoding`` raises :class:`UnsupportedEncoding` here: routes that decode one use
+    :func:`coded_body`. (The application leaves bodies as sent: ``auto_decompress`` is off.)
     """
+    if body_coding(request.headers.get("Content-Encoding")) != "none":
+        raise UnsupportedEncoding("this resource takes no Content-Encoding")
+    return _chunks(request, limit)
+
+
+def coded_body(request: web.Request, limit: int) -> tuple[str, AsyncIterator[bytes]]:
+    """The body as :func:`body_chunks` reads it, still coded, with the name of the decoder
+    of its ``Content-Encoding`` (``none`` when it has none)."""
+    return body_coding(request.headers.get("Content-Encoding")), _chunks(request, limit)
+
+
+async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     check_declared_length(request, limit)
     idle = request.app[CONFIG].body_idle_timeout
     buffer = bytearray()
@@ -60,6 +75,13 @@ async def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
 async def read_document(request: web.Request, limit: int) -> bytes:
     """A small body (narinfo, JSON) read whole, at most ``limit`` bytes."""
     return b"".join([chunk async for chunk in body_chunks(request, limit)])
+
+
+async def read_coded_document(request: web.Request, limit: int) -> tuple[str, bytes]:
+    """A small body read whole and still coded (at most ``limit`` bytes as sent), with the
+    decoder name of its ``Content-Encoding``."""
+    coding, chunks = coded_body(request, limit)
+    return coding, b"".join([chunk async for chunk in chunks])
 
 
 async def _send(

@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
@@ -95,6 +95,9 @@ class BlobInfo:
     blob_id: str  # BLAKE3 hex of the uncompressed bytes
     size: int  # uncompressed bytes
     stored_size: int  # compressed bytes at rest
+    #: sha256 of the bytes at rest, when the writer that committed them knows it (it wrote
+    #: them); None when the backend kept an earlier commit of the same content.
+    stored_sha256: bytes | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ discarded (``_discard``).
 
 from __future__ import annotations
 
+import hashlib
 from abc import abstractmethod
 from collections.abc import Callable
 from enum import Enum
@@ -164,11 +165,16 @@ class EncodingBlobWriter(BlobWriter):
         self, *, level: int = DEFAULT_ZSTD_LEVEL, threads: int = 0, encoded: bool = False
     ) -> None:
         self._encoder: BlobEncoder | KeptStream
+        self._stored_hash = hashlib.sha256()
         if encoded:
-            self._encoder = KeptStream(self._sink)
+            self._encoder = KeptStream(self._hashed_sink)
         else:
-            self._encoder = BlobEncoder(self._sink, level=level, threads=threads)
+            self._encoder = BlobEncoder(self._hashed_sink, level=level, threads=threads)
         self._state = _State.OPEN
+
+    def _hashed_sink(self, piece: bytes) -> None:
+        self._stored_hash.update(piece)
+        self._sink(piece)
 
     # -- backend hooks -------------------------------------------------------------------
 
@@ -177,9 +183,9 @@ class EncodingBlobWriter(BlobWriter):
         """Append compressed bytes to the temporary object."""
 
     @abstractmethod
-    def _publish(self, info: BlobInfo) -> int:
+    def _publish(self, info: BlobInfo) -> tuple[int, bool]:
         """Make the finished temporary object visible as ``info.blob_id``; return the stored
-        size of the blob now under that id.
+        size of the blob now under that id, and whether its bytes are this writer's.
 
         If that blob exists, keep it (the content is identical, its encoding may differ) but
         refresh its modification time: a garbage collector must see content committed again as
@@ -225,9 +231,10 @@ class EncodingBlobWriter(BlobWriter):
                     f"content hash mismatch: the body's BLAKE3 is {blob_id}, expected {expected_id}"
                 )
             info = BlobInfo(blob_id, self._encoder.size, self._encoder.stored_size)
-            kept_size = self._publish(info)
-            if kept_size != info.stored_size:
-                info = BlobInfo(blob_id, info.size, kept_size)
+            kept_size, own = self._publish(info)
+            info = BlobInfo(
+                blob_id, info.size, kept_size, self._stored_hash.digest() if own else None
+            )
         except BaseException:
             self.abort()
             raise

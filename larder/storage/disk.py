@@ -32,7 +32,6 @@ One limit of mapping keys to paths: a key cannot also be the directory of anothe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
 import io
@@ -175,9 +174,10 @@ class _DiskBlobWriter(EncodingBlobWriter):
         if fd >= 0:
             os.close(fd)
 
-    def _publish(self, info: BlobInfo) -> int:
+    def _publish(self, info: BlobInfo) -> tuple[int, bool]:
         final = self._storage._blob_path(info.blob_id)
         kept_size = info.stored_size
+        own = True
         with _os_errors("blob commit"):
             os.fsync(self._fd)
             self._close_fd()
@@ -186,20 +186,24 @@ class _DiskBlobWriter(EncodingBlobWriter):
                 _link(self._temp, final)
             except FileExistsError:
                 # The same content is already stored: keep it, but as of now.
+                own = False
                 try:
                     os.utime(final)
                     kept_size = os.stat(final).st_size
                 except FileNotFoundError:
                     # Deleted (by garbage collection) since the link failed: link again. If
                     # that fails too, another commit of this content has just created it.
-                    with contextlib.suppress(FileExistsError):
+                    try:
                         _link(self._temp, final)
+                        own = True
+                    except FileExistsError:
+                        pass
                     kept_size = os.stat(final).st_size
             self._temp.unlink(missing_ok=True)
             _fsync_dir(final.parent)
             if created:
                 _fsync_dir(final.parent.parent)
-        return kept_size
+        return kept_size, own
 
     def _discard(self) -> None:
         try:

@@ -245,7 +245,7 @@ class _S3BlobWriter(EncodingBlobWriter):
                 part[name] = value
         self._parts.append(part)
 
-    def _publish(self, info: BlobInfo) -> int:
+    def _publish(self, info: BlobInfo) -> tuple[int, bool]:
         final = self._storage._blob_key(info.blob_id)
         # Written even if the blob exists (identical content, perhaps encoded otherwise): that
         # refreshes LastModified. The new encoding is what stays.
@@ -256,7 +256,7 @@ class _S3BlobWriter(EncodingBlobWriter):
                 self._client.put_object(
                     Bucket=self._bucket, Key=final, Body=data, ContentType=BLOB_CONTENT_TYPE
                 )
-            return info.stored_size
+            return info.stored_size, True
         if self._buffer:
             self._upload_part(bytes(self._buffer))
             self._buffer = bytearray()
@@ -272,7 +272,7 @@ class _S3BlobWriter(EncodingBlobWriter):
         self._storage._copy_sync(self._temp_key, final, info.stored_size)
         self._temp_complete = False
         self._storage._delete_quietly(self._temp_key)
-        return info.stored_size
+        return info.stored_size, True
 
     def _discard(self) -> None:
         self._buffer = bytearray()

@@ -7,6 +7,7 @@ import hashlib
 import lzma
 import re
 import tracemalloc
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -74,23 +75,68 @@ def test_real_compressed_nars(path: Path) -> None:
 
 
 def test_extensions() -> None:
-    assert {ext: compression_for_extension(ext) for ext in ("", ".xz", ".bz2", ".zst")} == {
+    known = ("", ".xz", ".bz2", ".zst", ".br", ".gz")
+    assert {ext: compression_for_extension(ext) for ext in known} == {
         "": "none",
         ".xz": "xz",
         ".bz2": "bzip2",
         ".zst": "zstd",
+        ".br": "br",
+        ".gz": "gzip",
     }
-    for bad in (".br", ".lz4", ".gz", "xz", ".XZ", ".zstd", ".xz.xz"):
+    for bad in (".lz4", ".lzip", "xz", ".XZ", ".zstd", ".xz.xz"):
         with pytest.raises(FormatError, match=r"unsupported NAR file extension .*supported: none"):
             compression_for_extension(bad)
 
 
-@pytest.mark.parametrize("name", ["br", "gzip", "lz4", "", "XZ"])
+@pytest.mark.parametrize("name", ["lz4", "lzip", "", "XZ", "compress"])
 def test_unsupported_compression(name: str) -> None:
     with pytest.raises(FormatError, match="unsupported compression"):
         Decompressor(name, lambda _: None)
     with pytest.raises(FormatError, match="unsupported compression"):
         Compressor(name, lambda _: None)
+
+
+def test_deflate_is_a_decoder_only() -> None:
+    """HTTP's ``deflate`` (zlib, RFC 1950) decodes; no NAR is ever written in it."""
+    pieces: list[bytes] = []
+    decoder = Decompressor("deflate", pieces.append)
+    decoder.write(zlib.compress(SAMPLE))
+    decoder.finish()
+    assert b"".join(pieces) == SAMPLE
+    with pytest.raises(FormatError, match="unsupported compression"):
+        Compressor("deflate", lambda _: None)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "br", "deflate"])
+def test_http_codings_refuse_trailing_and_truncated_input(compression: str) -> None:
+    encoded = zlib.compress(SAMPLE) if compression == "deflate" else _encode(compression, SAMPLE)
+    for bad in (encoded + b"junk", encoded[:-3], b"", b"not compressed at all"):
+        decoder = Decompressor(compression, lambda _: None)
+        with pytest.raises(FormatError):
+            decoder.write(bad)
+            decoder.finish()
+
+
+def test_brotli_output_stays_in_bounded_pieces() -> None:
+    """A small brotli input that expands enormously reaches the sink in pieces of at most
+    ``chunk_size`` bytes (brotli's own output buffer may overshoot; larder slices it)."""
+    bomb = _encode("br", b"\0" * (64 * 1024 * 1024))
+    assert len(bomb) < 64 * 1024
+    sizes: list[int] = []
+    decoder = Decompressor("br", lambda piece: sizes.append(len(piece)), chunk_size=1 << 16)
+    decoder.write(bomb)
+    decoder.finish()
+    assert sum(sizes) == 64 * 1024 * 1024
+    assert max(sizes) <= 1 << 16
+
+
+def _encode(compression: str, data: bytes) -> bytes:
+    pieces: list[bytes] = []
+    encoder = Compressor(compression, pieces.append)
+    encoder.write(data)
+    encoder.finish()
+    return b"".join(pieces)
 
 
 SAMPLE = b"".join(b"line %d of a sample NAR-ish payload\n" % i for i in range(3000))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -499,6 +500,7 @@ async def test_an_encoded_writer_stores_the_given_stream_as_it_is(backend: Backe
 
     info = await asyncio.to_thread(work)
     assert info == BlobInfo(blob_id_of(data), len(data), len(stream))
+    assert info.stored_sha256 == hashlib.sha256(stream).digest()
     assert await read_stored(storage, info.blob_id) == stream  # not re-encoded
     assert await storage.blob_stored_size(info.blob_id) == len(stream)
     assert await backend.leftovers() == []
@@ -523,6 +525,15 @@ async def test_content_stored_again_in_another_encoding_reports_what_is_kept(
     kept = await read_stored(storage, again.blob_id)
     assert again.stored_size == len(kept) == await storage.blob_stored_size(again.blob_id)
     assert decompress(kept) == data
+    # The sha256 of what is at rest is reported only by the writer whose bytes stayed.
+    assert again.stored_sha256 in (None, hashlib.sha256(kept).digest())
+    assert (again.stored_sha256 is None) == (kept != other)
+
+
+async def test_a_commit_reports_the_sha256_of_its_bytes_at_rest(storage: Storage) -> None:
+    data = mixed_data(500_000, seed=13)
+    info = await write_blob(storage, data)
+    assert info.stored_sha256 == hashlib.sha256(await read_stored(storage, info.blob_id)).digest()
 
 
 async def test_write_encoded_is_refused_by_a_writer_that_encodes(storage: Storage) -> None:
