@@ -20,7 +20,7 @@ valid. Each is signed on the fly with the cache's key; an older signature by the
 is replaced.
 
 Uploads Nix compresses with a ``Content-Encoding`` (narinfos, ``.ls``, logs) are decoded here
-and stored decoded; ``debuginfo/<build-id>`` documents are rewritten to point at the NAR as
+and stored decoded; ``debuginfo/<build-id>`` documents are served pointing at the NAR as
 larder serves it.
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from larder.core import keys
-from larder.core.blobs import BlobStore, decode_document, load_record
+from larder.core.blobs import BlobStore, decode_document, decompressed, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest, keeps_upload
 from larder.core.lastuse import Touch, ignore_use
@@ -482,31 +482,37 @@ class NixCache:
         """Store an opaque object Nix uploads next to narinfos, streaming it into a blob.
 
         ``coding`` undoes the body's ``Content-Encoding``: the object is stored decoded (at most
-        ``limit`` bytes) and served without one. A ``debuginfo/<build-id>`` document (at most
-        :data:`MAX_DEBUGINFO` bytes) is rewritten to point at the NAR as this cache serves it.
+        ``limit`` bytes) and served without one. A ``debuginfo/<build-id>`` document is at most
+        :data:`MAX_DEBUGINFO` bytes (:meth:`debuginfo` serves it).
         """
         check_object_path(path)
         if path.startswith("debuginfo/"):
-            body = await self._debuginfo(cache, body, coding)
+            body = await self._debuginfo(body, coding)
             coding = "none"
         blob = await self._blobs.store(body, coding=coding, limit=limit)
         record = FileRecord(blob.blob_id, blob.size, content_type, "")
         await self._storage.put(keys.extra_file(cache.name, path), record.to_json())
         return record
 
-    async def _debuginfo(
-        self, cache: CacheSettings, body: AsyncIterable[bytes], coding: str
-    ) -> AsyncIterator[bytes]:
-        """A ``debuginfo/`` document whose ``archive`` (``../nar/<FileHash>.nar<ext>``, the
-        uploaded name) is replaced by ``../nar/<NarHash>.nar.zst`` when this cache knows that
-        upload; anything else is kept as it came."""
+    async def _debuginfo(self, body: AsyncIterable[bytes], coding: str) -> AsyncIterator[bytes]:
+        """A ``debuginfo/`` document read whole and decoded (at most :data:`MAX_DEBUGINFO`)."""
         sent = bytearray()
         async for chunk in body:
             sent += chunk
             if len(sent) > MAX_DEBUGINFO:
                 raise TooLarge(f"a debuginfo document is at most {MAX_DEBUGINFO} bytes")
-        data = decode_document(bytes(sent), coding, MAX_DEBUGINFO)
-        return _one(await self._rewrite_debuginfo(cache, data))
+        return _one(decode_document(bytes(sent), coding, MAX_DEBUGINFO))
+
+    async def debuginfo(self, cache: CacheSettings, record: FileRecord) -> bytes | None:
+        """A stored ``debuginfo/<build-id>`` document as served: its ``archive``
+        (``../nar/<FileHash>.nar<ext>``, the name Nix uploads the NAR under, right after this
+        document) becomes ``../nar/<NarHash>.nar.zst`` once this cache holds that upload; a
+        document of another shape is served as it is. ``None`` when its blob is gone."""
+        reader = await self.open_blob(record.blob_id)
+        if reader is None:
+            return None
+        data = b"".join([piece async for piece in decompressed(reader)])
+        return await self._rewrite_debuginfo(cache, data)
 
     async def _rewrite_debuginfo(self, cache: CacheSettings, data: bytes) -> bytes:
         try:

@@ -157,6 +157,12 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if reader is None:
         raise web.HTTPNotFound()
     headers = {"Content-Type": record.content_type, "Vary": "Accept-Encoding"}
+    if path.startswith("debuginfo/"):
+        await reader.close()
+        document = await nix.debuginfo(settings, record)
+        if document is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=document, headers={"Content-Type": record.content_type})
     if record.content_encoding in LEGACY_RAW_CODINGS:
         # Stored (before larder decoded uploads) as sent: undo the coding while serving.
         await reader.close()

@@ -229,13 +229,15 @@ async def test_head_finds_a_nar_by_the_name_it_was_uploaded_under(
 async def test_debuginfo_points_at_the_nar_larder_serves(service: Service) -> None:
     nar = make_nar(b"\x7fELF debug symbols")
     body = lzma.compress(nar)
-    await push(service, store_path("with-debug"), nar)
     nar_hash = nix32.encode(hashlib.sha256(nar).digest())
     doc = {"archive": f"../{file_name(body, '.xz')}", "member": "lib/debug/.build-id/ab/cd.debug"}
+    # Nix uploads the document first, then the NAR it names.
     resp = await service.client.put(
         "/main/debuginfo/abcd", data=json.dumps(doc).encode(), headers=service.auth()
     )
     assert resp.status == 200
+    assert json.loads(await (await service.client.get("/main/debuginfo/abcd")).read()) == doc
+    await push(service, store_path("with-debug"), nar)
     stored = json.loads(await (await service.client.get("/main/debuginfo/abcd")).read())
     assert stored == {**doc, "archive": f"../nar/{nar_hash}.nar.zst"}
     nar_resp = await service.client.get(f"/main/{stored['archive'].removeprefix('../')}")
