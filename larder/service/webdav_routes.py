@@ -4,7 +4,8 @@
 ``GET|HEAD <path>``    200 with the entry's bytes, 404 on a miss (how sccache reads)
 ``PUT <path>``         store an entry (201); needs a write token; 413 over ``max_upload_size``
 ``DELETE <path>``      204, or 404 when there is no entry; 405 on a collection
-``PROPFIND <path>``    207: Depth 0 describes the resource, Depth 1 adds its children; a path
+``PROPFIND <path>``    207: Depth 0 describes the resource, Depth 1 adds its children (at most
+                       1,000, from one level of the store, never the keys below it); a path
                        ending in ``/`` is a collection and always exists; ``Depth: infinity``
                        (also a missing Depth) is refused with 403, as RFC 4918 allows
 ``MKCOL <path>/``      201 (collections are virtual), 405 when an entry has that name
