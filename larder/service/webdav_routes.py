@@ -12,8 +12,9 @@
 =====================  ===========================================================================
 
 A path that is not a valid :func:`~larder.protocol.dav.normalise` path is a 400 for every
-method. sccache 0.16 starts with ``GET`` then ``PUT <prefix>/.sccache_check``; a refused PUT
-(401/403) makes it read-only, which is how a client without a write token behaves. A failed
+method. sccache (0.16 and 0.17 alike) starts with ``GET`` then ``PUT <prefix>/.sccache_check``;
+a refused PUT (401/403) makes it read-only, which is how a client without a write token behaves.
+A failed
 probe GET other than 404 stops its server, and the build with it, so on a private cache a client
 without a valid read token gets 404 for the probe (nothing is revealed: the probe is the same
 everywhere) and then 401/403 for each lookup, which sccache counts as a miss while the build

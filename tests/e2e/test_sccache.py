@@ -56,13 +56,17 @@ VERSIONS = [
 ]
 
 
-@pytest.fixture(params=VERSIONS, ids=[f"sccache-{client.version}" for client in VERSIONS])
-def sccache(request: pytest.FixtureRequest) -> Sccache:
-    client: Sccache = request.param
+def installed(client: Sccache) -> Sccache:
+    """``client``, after checking that it is installed and is the version it should be."""
     assert client.binary.exists(), f"{client.binary} is missing: run {client.installed_by}"
     done = subprocess.run([str(client.binary), "--version"], capture_output=True, text=True)
     assert done.stdout.startswith(f"sccache {client.version}."), (done.stdout, done.stderr)
     return client
+
+
+@pytest.fixture(params=VERSIONS, ids=[f"sccache-{client.version}" for client in VERSIONS])
+def sccache(request: pytest.FixtureRequest) -> Sccache:
+    return installed(request.param)
 
 
 # Settings from the caller's environment that would change where or how cargo builds.
@@ -250,3 +254,24 @@ def test_sccache_on_a_private_cache(sccache: Sccache, tmp_path: Path) -> None:
         assert (refused["hits"], refused["misses"], refused["writes"]) == (0, cold["writes"], 0)
         refusals = [line for line in server.log().splitlines() if "/secret/sccache/" in line]
         assert sum('" 401 ' in line for line in refusals) >= cold["writes"], refusals
+
+
+@pytest.mark.parametrize(
+    ("writer", "reader"),
+    [(VERSIONS[0], VERSIONS[1]), (VERSIONS[1], VERSIONS[0])],
+    ids=["sccache-0.16-to-0.17", "sccache-0.17-to-0.16"],
+)
+def test_sccache_versions_share_entries(writer: Sccache, reader: Sccache, tmp_path: Path) -> None:
+    # A team upgrades one machine at a time: what one version wrote is a hit for the other.
+    for client in (writer, reader):
+        installed(client)
+    with workspace_and_server(tmp_path) as (workspace, server):
+        endpoint = f"{server.url}/main/sccache/"
+        with sccache_server(writer, tmp_path, endpoint, SCCACHE_WEBDAV_TOKEN=server.token()) as env:
+            cold = build(writer, workspace, env)
+        assert cold["write_errors"] == 0 and cold["misses"] == cold["writes"] > 0, cold
+        since = len(server.log())
+        with sccache_server(reader, tmp_path, endpoint) as env:
+            warm = build(reader, workspace, env)
+        assert (warm["hits"], warm["misses"], warm["read_errors"]) == (cold["writes"], 0, 0), warm
+        assert wire(reader, server, since)["GET", "entry", 200] == cold["writes"]
