@@ -19,11 +19,14 @@ from typing import NamedTuple
 from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
+from larder.core.concurrency import bounded_map
 from larder.core.lastuse import Touch, ignore_use
 from larder.storage.base import BlobReader
 
 # PROPFIND Depth 1 lists at most this many children (sccache never lists).
 MAX_LISTING = 1000
+# Entry records of a listing read at once.
+_READ_CONCURRENCY = 16
 PROBE_NAME = ".sccache_check"
 
 
@@ -85,17 +88,21 @@ class SccacheStore:
         return True
 
     async def children(self, cache: CacheSettings, path: str) -> list[tuple[str, Entry | None]]:
-        """Direct children of collection ``path``: ``(name, entry)``, ``None`` for collections."""
+        """Direct children of collection ``path``, at most :data:`MAX_LISTING`: ``(name, entry)``,
+        ``None`` for collections. One level is listed, never the keys below it."""
         prefix = keys.sccache_prefix(cache.name, path)
-        seen: dict[str, Entry | None] = {}
-        async for key in self._storage.keys(prefix):
-            name, sep, _ = key[len(prefix) :].partition("/")
-            if sep:
-                seen.setdefault(name, None)
-            elif name not in seen:
-                data = await self._storage.get(key)
-                if data is not None:
-                    seen[name] = Entry.from_json(data)
-            if len(seen) >= MAX_LISTING:
-                break
-        return sorted(seen.items())
+        listed = [item async for item in self._storage.list_level(prefix, limit=MAX_LISTING)]
+
+        async def read(name: str) -> Entry | None:
+            data = await self._storage.get(prefix + name)
+            return None if data is None else Entry.from_json(data)
+
+        names = [item.name for item in listed if not item.is_level]
+        entries = dict(zip(names, await bounded_map(read, names, _READ_CONCURRENCY), strict=True))
+        found: list[tuple[str, Entry | None]] = []
+        for item in listed:
+            if item.is_level:
+                found.append((item.name, None))
+            elif (entry := entries[item.name]) is not None:  # else deleted since the listing
+                found.append((item.name, entry))
+        return found

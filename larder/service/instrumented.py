@@ -11,6 +11,7 @@ from larder.storage.base import (
     BlobInfo,
     BlobReader,
     BlobWriter,
+    LevelEntry,
     ObjectInfo,
     Storage,
     StoredBlob,
@@ -114,6 +115,9 @@ class InstrumentedStorage(Storage):
 
     def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         return self._count_iter("object_infos", self.inner.object_infos(prefix))
+
+    def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        return self._count_iter("list_level", self.inner.list_level(prefix, limit=limit))
 
     async def delete_if_older(self, key: str, cutoff: float) -> bool:
         return await self._count("delete_if_older", self.inner.delete_if_older(key, cutoff))

@@ -63,8 +63,8 @@ UPLOAD_OUTCOMES = (
 STORED_KINDS = tuple(KINDS)
 GC_RESULTS = ("completed", "busy", "failed")
 BACKEND_OPERATIONS = (
-    "get", "put", "put_if_absent", "exists", "delete", "keys", "blob_open", "blob_stored_size",
-    "blob_delete", "blob_ids", "blob_write", "check",
+    "get", "put", "put_if_absent", "exists", "delete", "keys", "list_level", "blob_open",
+    "blob_stored_size", "blob_delete", "blob_ids", "blob_write", "check",
 )  # fmt: skip
 NO_CACHE = "_none"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -4,15 +4,17 @@
 ``GET|HEAD <path>``    200 with the entry's bytes, 404 on a miss (how sccache reads)
 ``PUT <path>``         store an entry (201); needs a write token; 413 over ``max_upload_size``
 ``DELETE <path>``      204, or 404 when there is no entry; 405 on a collection
-``PROPFIND <path>``    207: Depth 0 describes the resource, Depth 1 adds its children; a path
+``PROPFIND <path>``    207: Depth 0 describes the resource, Depth 1 adds its children (at most
+                       1,000, from one level of the store, never the keys below it); a path
                        ending in ``/`` is a collection and always exists; ``Depth: infinity``
                        (also a missing Depth) is refused with 403, as RFC 4918 allows
 ``MKCOL <path>/``      201 (collections are virtual), 405 when an entry has that name
 =====================  ===========================================================================
 
 A path that is not a valid :func:`~larder.protocol.dav.normalise` path is a 400 for every
-method. sccache 0.16 starts with ``GET`` then ``PUT <prefix>/.sccache_check``; a refused PUT
-(401/403) makes it read-only, which is how a client without a write token behaves. A failed
+method. sccache (0.16 and 0.17 alike) starts with ``GET`` then ``PUT <prefix>/.sccache_check``;
+a refused PUT (401/403) makes it read-only, which is how a client without a write token behaves.
+A failed
 probe GET other than 404 stops its server, and the build with it, so on a private cache a client
 without a valid read token gets 404 for the probe (nothing is revealed: the probe is the same
 everywhere) and then 401/403 for each lookup, which sccache counts as a miss while the build

@@ -81,6 +81,24 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def check_directory(prefix: str) -> str:
+    """Return ``prefix`` if it names a level of keys (for :meth:`Storage.list_level`), else raise.
+
+    That is ``""`` (the top) or complete segments each followed by ``/``: ``"caches/"``,
+    ``"caches/main/"``; not ``"caches"`` nor ``"caches/ma"``.
+    """
+    if prefix and (not prefix.endswith("/") or len(prefix) > MAX_KEY_LENGTH):
+        raise ValueError(f"invalid storage key level: {prefix!r}")
+    return check_prefix(prefix)
+
+
+def check_limit(limit: int) -> int:
+    """Return ``limit`` if it is a positive count of entries to list, else raise."""
+    if limit < 1:
+        raise ValueError(f"a listing limit must be positive: {limit}")
+    return limit
+
+
 def check_blob_id(blob_id: str) -> str:
     """Return ``blob_id`` if it is 64 lowercase hex digits, else raise ``ValueError``."""
     if not _BLOB_ID.fullmatch(blob_id):
@@ -107,6 +125,24 @@ class ObjectInfo:
     key: str
     size: int  # bytes of the object
     modified: float  # POSIX time of the last write (put, put_if_absent)
+
+
+@dataclass(frozen=True)
+class LevelEntry:
+    """One name one level below a prefix, as :meth:`Storage.list_level` lists it."""
+
+    name: str  # one key segment: the key (or the level) is the prefix followed by it
+    info: ObjectInfo | None  # the object ``prefix + name``; ``None`` for a level with keys below
+
+    @property
+    def is_level(self) -> bool:
+        return self.info is None
+
+
+def level_order(prefix: str, entry: LevelEntry) -> str:
+    """The sort key of ``entry`` in a listing of ``prefix``: the key an object has, a level as
+    ``prefix + name + "/"`` (S3's order, so every backend truncates a listing alike)."""
+    return prefix + entry.name + ("/" if entry.info is None else "")
 
 
 @dataclass(frozen=True)
@@ -274,6 +310,20 @@ class Storage(ABC):
     def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         """Like :meth:`keys` (same prefixes, same order), with each object's size and
         modification time."""
+
+    @abstractmethod
+    def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        """The names one level below ``prefix`` (``""`` or ending in ``/``,
+        :func:`check_directory`), at most ``limit`` of them: each object ``prefix + name``
+        with its size and time, and each ``name`` under which deeper keys lie as a level
+        (``info`` is ``None``). Sorted by :func:`level_order`; a name is both an object and a
+        level only where a backend can hold a key and keys below it (not on disk).
+
+        The work is bounded by one level, never by the keys further down: on S3 a listing with
+        ``/`` as delimiter that stops after ``limit`` entries, on disk one directory (and, for
+        each level listed, a descent only as far as its first object, so that a directory left
+        empty by deletions is not listed).
+        """
 
     @abstractmethod
     async def delete_if_older(self, key: str, cutoff: float) -> bool:

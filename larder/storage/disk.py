@@ -25,6 +25,10 @@ the instant it spends under ``tmp/``, which only happens when such a write races
 Temporaries left by a crash are removed when a :class:`DiskStorage` is opened, once older than
 ``stale_temp_age`` seconds (a live upload keeps its temporary's mtime fresh).
 
+A level listing (``list_level``) is one ``scandir`` of the level's directory; a subdirectory is
+listed as a level only if an object lies below it, which is looked for depth first and stops at
+the first one (deletions leave empty directories behind).
+
 One limit of mapping keys to paths: a key cannot also be the directory of another key
 (``a`` and ``a/b``); storing the second raises :class:`StorageError`.
 """
@@ -51,11 +55,14 @@ from larder.storage.base import (
     BlobInfo,
     BlobReader,
     BlobWriter,
+    LevelEntry,
     ObjectInfo,
     Storage,
     StoredBlob,
     check_blob_id,
+    check_directory,
     check_key,
+    check_limit,
     check_prefix,
     is_valid_key,
 )
@@ -561,6 +568,60 @@ class DiskStorage(Storage):
             infos = await asyncio.to_thread(self._object_infos_sync, prefix)
         for info in infos:
             yield info
+
+    def _holds_object(self, directory: str) -> bool:
+        """Whether an object lies anywhere under ``directory``: depth first, stopping at the
+        first one (a directory that deletions left empty holds none)."""
+        pending = [directory]
+        while pending:
+            below = []
+            try:
+                with os.scandir(pending.pop()) as entries:
+                    for entry in entries:
+                        if not is_valid_key(entry.name):
+                            continue
+                        if not entry.is_dir(follow_symlinks=False):
+                            return True
+                        below.append(entry.path)
+            except _MISSING:
+                continue
+            pending.extend(reversed(below))
+        return False
+
+    def _list_level_sync(self, prefix: str, limit: int) -> list[LevelEntry]:
+        names: list[tuple[str, os.DirEntry[str], bool]] = []
+        try:
+            with os.scandir(self._objects / prefix if prefix else self._objects) as entries:
+                for entry in entries:
+                    if is_valid_key(entry.name):
+                        level = entry.is_dir(follow_symlinks=False)
+                        names.append((prefix + entry.name + ("/" if level else ""), entry, level))
+        except _MISSING:
+            return []
+        names.sort(key=lambda item: item[0])
+        found: list[LevelEntry] = []
+        for _, entry, level in names:
+            if len(found) >= limit:
+                break
+            if level:
+                if self._holds_object(entry.path):
+                    found.append(LevelEntry(entry.name, None))
+                continue
+            try:
+                st = entry.stat()
+            except _MISSING:
+                continue  # deleted since the listing
+            info = ObjectInfo(prefix + entry.name, st.st_size, st.st_mtime)
+            found.append(LevelEntry(entry.name, info))
+        return found
+
+    async def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        check_directory(prefix)
+        check_limit(limit)
+        with _os_errors("list"):
+            found = await asyncio.to_thread(self._list_level_sync, prefix, limit)
+        for entry in found:
+            yield entry
 
     async def delete_if_older(self, key: str, cutoff: float) -> bool:
         path = self._object_path(key)

@@ -18,12 +18,16 @@ from larder.storage.base import (
     BlobInfo,
     BlobReader,
     BlobWriter,
+    LevelEntry,
     ObjectInfo,
     Storage,
     StoredBlob,
     check_blob_id,
+    check_directory,
     check_key,
+    check_limit,
     check_prefix,
+    level_order,
 )
 from larder.storage.blobformat import (
     DEFAULT_ZSTD_LEVEL,
@@ -185,6 +189,25 @@ class MemoryStorage(Storage):
             ]
         for info in infos:
             yield info
+
+    async def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        check_directory(prefix)
+        check_limit(limit)
+        found: dict[tuple[str, bool], LevelEntry] = {}
+        with self._lock:
+            for key, entry in self._objects.items():
+                if not key.startswith(prefix):
+                    continue
+                name, below, _ = key[len(prefix) :].partition("/")
+                if below:
+                    found[name, True] = LevelEntry(name, None)
+                else:
+                    found[name, False] = LevelEntry(
+                        name, ObjectInfo(key, len(entry.data), entry.modified)
+                    )
+        listing = sorted(found.values(), key=lambda item: level_order(prefix, item))
+        for item in listing[:limit]:
+            yield item
 
     async def delete_if_older(self, key: str, cutoff: float) -> bool:
         check_key(key)

@@ -24,6 +24,10 @@ a long-untouched object can fall into that window.
 Leftovers of a crash are a multipart upload or an object under ``tmp/``: a bucket lifecycle rule
 (abort incomplete multipart uploads and expire ``tmp/`` after a day) removes them.
 
+A level listing (``list_level``) is ``ListObjectsV2`` with ``/`` as delimiter (objects and
+common prefixes of one level), a page at a time of at most what is still wanted, stopping at the
+limit.
+
 ``put_if_absent`` is a conditional ``PutObject`` (``If-None-Match: *``), atomic on S3 itself.
 
 Credentials, region and endpoint come from boto3's usual sources (``AWS_*`` variables including
@@ -65,13 +69,17 @@ from larder.storage.base import (
     BlobInfo,
     BlobReader,
     BlobWriter,
+    LevelEntry,
     ObjectInfo,
     Storage,
     StoredBlob,
     check_blob_id,
+    check_directory,
     check_key,
+    check_limit,
     check_prefix,
     is_valid_key,
+    level_order,
 )
 from larder.storage.blobformat import (
     DEFAULT_ZSTD_LEVEL,
@@ -564,6 +572,36 @@ class S3Storage(Storage):
             for item in items:
                 yield item
 
+    def _level_page(
+        self, prefix: str, token: str | None, max_keys: int
+    ) -> tuple[list[LevelEntry], str | None]:
+        """One ``ListObjectsV2`` page of ``prefix``'s level (``/`` as delimiter) and the token
+        of the next page, ``None`` after the last."""
+        base = self._prefix + "objects/"
+        options: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": base + prefix,
+            "Delimiter": "/",
+            "MaxKeys": max_keys,
+        }
+        if token is not None:
+            options["ContinuationToken"] = token
+        with _translate_errors("list"):
+            page = self._client.list_objects_v2(**options)
+        entries = []
+        for item in page.get("Contents", []):
+            key = item.get("Key", "")[len(base) :]
+            if key.startswith(prefix) and is_valid_key(key):
+                info = ObjectInfo(key, item.get("Size", 0), _timestamp(item.get("LastModified")))
+                entries.append(LevelEntry(key[len(prefix) :], info))
+        for common in page.get("CommonPrefixes", []):
+            level = common.get("Prefix", "")[len(base) :]
+            if level.startswith(prefix) and level.endswith("/") and is_valid_key(level[:-1]):
+                entries.append(LevelEntry(level[len(prefix) : -1], None))
+        entries.sort(key=lambda entry: level_order(prefix, entry))
+        more = page.get("IsTruncated") and page.get("NextContinuationToken")
+        return entries, more or None
+
     async def _list_blobs(self) -> AsyncIterator[tuple[str, _Listed]]:
         """``(blob_id, listing)`` of every committed blob."""
         base = self._prefix + "blobs/"
@@ -635,6 +673,19 @@ class S3Storage(Storage):
     async def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         async for key, item in self._list_objects(prefix):
             yield ObjectInfo(key, item.size, item.modified)
+
+    async def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        check_directory(prefix)
+        remaining = check_limit(limit)
+        token: str | None = None
+        while remaining > 0:
+            page_size = min(remaining, self._LIST_PAGE_SIZE)
+            entries, token = await self._run(self._level_page, prefix, token, page_size)
+            for entry in entries[:remaining]:
+                yield entry
+            remaining -= len(entries)
+            if token is None:
+                break
 
     async def delete_if_older(self, key: str, cutoff: float) -> bool:
         return await self._run(self._delete_if_older_sync, self._object_key(key), cutoff)

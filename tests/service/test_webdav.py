@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+import larder.core.sccache as sccache_module
+from larder.core.sccache import Entry
 from larder.errors import StorageUnavailable
 from larder.protocol.dav import MAX_PATH_LENGTH
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.storage.base import BlobInfo, BlobWriter
+from larder.storage.base import BlobInfo, BlobWriter, LevelEntry
 from larder.storage.memory import MemoryStorage
 from tests.service.conftest import Service, ServiceFactory, send_raw
 
@@ -112,6 +114,58 @@ async def test_propfind_depth_0_and_1(service: Service) -> None:
     assert (await propfind(service, "/main/sccache/missing-entry", "0"))[0] == 404
     assert (await propfind(service, "/main/sccache/", "infinity"))[0] == 403
     assert (await propfind(service, "/main/sccache/", None))[0] == 403  # RFC 4918: infinity
+
+
+class CountingStorage(MemoryStorage):
+    """Memory storage that counts the keys and listing entries it hands out, and the reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visited = 0
+        self.reads = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.reads += 1
+        return await super().get(key)
+
+    async def keys(self, prefix: str) -> AsyncIterator[str]:
+        async for key in super().keys(prefix):
+            self.visited += 1
+            yield key
+
+    async def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        async for entry in super().list_level(prefix, limit=limit):
+            self.visited += 1
+            yield entry
+
+
+async def test_propfind_depth_1_lists_one_level_only(
+    make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = CountingStorage()
+    service = await make_service(storage)
+    for i in range(3):  # entries where sccache puts them: many keys below each collection
+        for j in range(100):
+            await storage.put(
+                f"caches/main/sccache/top/{i}/{j // 10}/{j}", Entry("0" * 64, 1, 0).to_json()
+            )
+    await service.client.put("/main/sccache/top/entry", data=b"12345", headers=service.auth())
+    storage.visited = storage.reads = 0
+    status, body = await propfind(service, "/main/sccache/top/", "1")
+    assert status == 207
+    assert parse(body) == [
+        ("/main/sccache/top/", True, None),
+        ("/main/sccache/top/0/", True, None),
+        ("/main/sccache/top/1/", True, None),
+        ("/main/sccache/top/2/", True, None),
+        ("/main/sccache/top/entry", False, "5"),
+    ]
+    assert (storage.visited, storage.reads) == (4, 1)  # not the 300 keys below
+
+    monkeypatch.setattr(sccache_module, "MAX_LISTING", 2)
+    storage.visited = storage.reads = 0
+    status, body = await propfind(service, "/main/sccache/top/", "1")
+    assert len(parse(body)) == 1 + 2 and (storage.visited, storage.reads) == (2, 0)
 
 
 async def test_mkcol(service: Service) -> None:
@@ -352,6 +406,11 @@ class FlakyStorage(MemoryStorage):
         self._check(prefix)
         async for key in super().keys(prefix):
             yield key
+
+    async def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        self._check(prefix)
+        async for entry in super().list_level(prefix, limit=limit):
+            yield entry
 
 
 async def test_unreachable_storage_is_503_and_leaves_no_entry(make_service: ServiceFactory) -> None:

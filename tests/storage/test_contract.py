@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -128,6 +129,85 @@ async def test_keys_rejects_bad_prefix(storage: Storage, prefix: str) -> None:
         await collect(storage.keys(prefix))
     with pytest.raises(ValueError):
         await collect(storage.object_infos(prefix))
+
+
+async def level(storage: Storage, prefix: str, limit: int = 100) -> list[tuple[str, bool]]:
+    """``(name, is_level)`` of ``prefix``'s listing."""
+    return [(item.name, item.is_level) async for item in storage.list_level(prefix, limit=limit)]
+
+
+async def test_list_level_lists_one_level_in_key_order(storage: Storage) -> None:
+    names = ["b/2", "a/1", "b/10", "b1", "b/1/deep", "c", "b/x.json", "b/1x/deeper/still"]
+    for name in names:
+        await storage.put(name, name.encode())
+    assert await level(storage, "") == [("a", True), ("b", True), ("b1", False), ("c", False)]
+    # S3's order: a level sorts as its name and "/" ("b/1/" < "b/10" < "b/1x/")
+    assert await level(storage, "b/") == [
+        ("1", True), ("10", False), ("1x", True), ("2", False), ("x.json", False)
+    ]  # fmt: skip
+    assert await level(storage, "b/1x/") == [("deeper", True)]
+    assert await level(storage, "b/1x/deeper/") == [("still", False)]
+    assert await level(storage, "nothing/") == []
+    assert await level(storage, "c/") == []  # an object is not a level
+
+
+async def test_list_level_describes_objects(storage: Storage) -> None:
+    before = time.time()
+    await storage.put("lv/obj", b"12345")
+    await storage.put("lv/sub/deep", b"x")
+    listed = [item async for item in storage.list_level("lv/", limit=10)]
+    assert [(item.name, item.is_level) for item in listed] == [("obj", False), ("sub", True)]
+    info = listed[0].info
+    assert info is not None and (info.key, info.size) == ("lv/obj", 5)
+    assert before - 2 <= info.modified <= time.time() + 2  # S3 keeps whole seconds
+    assert listed[1].info is None
+
+
+async def test_list_level_stops_at_the_limit(storage: Storage) -> None:
+    for i in range(12):
+        await storage.put(f"many/{i:02d}", b"")
+        await storage.put(f"many/{i:02d}x/below", b"")
+    everything = await level(storage, "many/", limit=100)
+    assert len(everything) == 24 and everything == sorted(
+        everything, key=lambda item: "many/" + item[0] + ("/" if item[1] else "")
+    )
+    for limit in (1, 5, 7, 23, 24, 25):
+        assert await level(storage, "many/", limit=limit) == everything[:limit]
+
+
+async def test_list_level_forgets_levels_emptied_by_deletion(storage: Storage) -> None:
+    await storage.put("e/f/g/h", b"")
+    await storage.put("e/kept/deep/obj", b"")
+    await storage.put("top", b"")
+    assert await storage.delete("e/f/g/h")
+    assert await level(storage, "e/") == [("kept", True)]
+    assert await level(storage, "e/f/") == []
+    assert await storage.delete("e/kept/deep/obj")
+    assert await level(storage, "") == [("top", False)]
+
+
+async def test_list_level_ignores_blobs_and_temporaries(backend: Backend) -> None:
+    storage = backend.storage
+    await storage.put("k", b"v")
+    await write_blob(storage, b"blob content")
+    writer = await asyncio.to_thread(storage.blob_writer)
+    await asyncio.to_thread(writer.write, b"in progress")
+    try:
+        assert await level(storage, "") == [("k", False)]
+    finally:
+        await asyncio.to_thread(writer.abort)
+
+
+@pytest.mark.parametrize("prefix", ["a", "a/b", "../", "a//", "/a", "a/../", "sp ace/", "x\x00/"])
+async def test_list_level_rejects_what_is_not_a_level(storage: Storage, prefix: str) -> None:
+    with pytest.raises(ValueError):
+        await level(storage, prefix)
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+async def test_list_level_rejects_a_limit_below_one(storage: Storage, limit: int) -> None:
+    with pytest.raises(ValueError):
+        await level(storage, "", limit)
 
 
 async def test_put_if_absent(storage: Storage) -> None:

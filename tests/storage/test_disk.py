@@ -77,6 +77,35 @@ async def test_key_that_is_also_a_directory(tmp_path: Path) -> None:
     assert temporaries(tmp_path) == []
 
 
+async def test_a_level_listing_reads_one_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = DiskStorage(tmp_path)
+    for i in range(3):
+        for j in range(20):
+            await storage.put(f"top/d{i}/x{j:02d}/k", b"")
+    await storage.put("top/f", b"12")
+    opened: list[str] = []
+    scandir = os.scandir
+
+    def counting_scandir(path: str | Path) -> Iterator[os.DirEntry[str]]:
+        opened.append(os.fspath(path))
+        return scandir(path)
+
+    def no_walk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a level listing walks no tree")
+
+    monkeypatch.setattr(disk_module.os, "scandir", counting_scandir)
+    monkeypatch.setattr(disk_module.os, "walk", no_walk)
+    listed = [(item.name, item.is_level) async for item in storage.list_level("top/", limit=10)]
+    assert listed == [("d0", True), ("d1", True), ("d2", True), ("f", False)]
+    # the level itself, and for each directory listed its way down to the first object
+    assert len(opened) == 1 + 3 * 2, opened
+    opened.clear()
+    assert len([item async for item in storage.list_level("top/", limit=1)]) == 1
+    assert len(opened) == 1 + 2, opened
+
+
 async def test_link_unsupported_falls_back_to_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -178,6 +178,48 @@ async def test_many_keys_are_paginated(
         await storage.close()
 
 
+async def test_a_level_listing_reads_one_level_and_stops_at_the_limit(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(S3Storage, "_LIST_PAGE_SIZE", 5)
+    storage = s3_bucket.make_storage()
+    requests: list[dict[str, Any]] = []
+    listed_keys: list[int] = []
+
+    def seen(params: dict[str, Any], **_: Any) -> None:
+        requests.append(params)
+
+    def answered(parsed: dict[str, Any], **_: Any) -> None:
+        listed_keys.append(len(parsed.get("Contents", [])) + len(parsed.get("CommonPrefixes", [])))
+
+    storage._client.meta.events.register("provide-client-params.s3.ListObjectsV2", seen)
+    storage._client.meta.events.register("after-call.s3.ListObjectsV2", answered)
+    try:
+        names = [f"top/d{i}/x/y/k{j:02d}" for i in range(4) for j in range(15)]  # 60 below
+        names += [f"top/f{i}" for i in range(3)]
+        await asyncio.gather(*(storage.put(name, b"") for name in names))
+
+        listed = [item async for item in storage.list_level("top/", limit=100)]
+        assert [(item.name, item.is_level) for item in listed] == [
+            ("d0", True), ("d1", True), ("d2", True), ("d3", True),
+            ("f0", False), ("f1", False), ("f2", False),
+        ]  # fmt: skip
+        # 7 names in pages of 5: two requests, never a key below the level
+        assert len(requests) == 2 and sum(listed_keys) == 7
+        assert {(r["Delimiter"], r["Prefix"]) for r in requests} == {("/", "pfx/objects/top/")}
+
+        requests.clear()
+        listed_keys.clear()
+        assert len([item async for item in storage.list_level("top/", limit=3)]) == 3
+        assert [r["MaxKeys"] for r in requests] == [3] and listed_keys == [3]
+
+        requests.clear()
+        assert len([key async for key in storage.keys("top/")]) == 63  # what keys() would read
+        assert len(requests) == 13
+    finally:
+        await storage.close()
+
+
 async def test_blob_deleted_while_open(s3_bucket: S3Bucket) -> None:
     storage = s3_bucket.make_storage()
     try:
