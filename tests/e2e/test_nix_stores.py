@@ -7,6 +7,7 @@ store options that 2.8 lacks are used with sid's only."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,9 +59,14 @@ def build(nix: Nix, workdir: Path) -> tuple[dict[str, str], str]:
 
 
 def access_lines(server: Larder, method: str, fragment: str) -> list[str]:
-    return [
-        line for line in server.log().splitlines() if f'"{method} ' in line and fragment in line
-    ]
+    """Access log lines of ``method`` requests whose line holds ``fragment``, once the log has
+    stopped growing (it is written in batches every 50 ms)."""
+    size, deadline = -1, time.monotonic() + 5
+    while (now := len(server.log())) != size and time.monotonic() < deadline:
+        size = now
+        time.sleep(0.25)
+    lines = server.log().splitlines()
+    return [line for line in lines if f'"{method} ' in line and fragment in line]
 
 
 @pytest.mark.parametrize("coding", ["xz", "bzip2", "br", "zstd", "gzip"])
