@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+BUILDER_KILLED = "builder failed due to signal 9 (Killed)"
 SID_PREFIX = Path(os.environ.get("LARDER_SID_PREFIX", "/opt/nix234"))
 
 
@@ -106,6 +107,12 @@ class Nix:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [self.version.tool(args[0]), *args[1:]]
         proc = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
+        if args[0] == "nix-build" and BUILDER_KILLED in proc.stderr:
+            # Nix sometimes kills a builder that exits very quickly (NixOS/nix#2176, seen here
+            # about once in a hundred builds): the build, not larder, failed; build it again.
+            proc = subprocess.run(
+                command, env=self.env, capture_output=True, text=True, timeout=300
+            )
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc

@@ -7,6 +7,7 @@ Nix (`make test` installs both); on CI a missing client is a failure, not a skip
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +120,30 @@ def test_narinfo_with_wrong_nar_hash_is_refused_and_never_served(
     assert b"NarHash" in body
     assert http("GET", f"{server.url}/main/{store_hash}.narinfo")[0] == 404
     assert http("HEAD", f"{server.url}/main/{store_hash}.narinfo")[0] == 404
+
+
+def test_a_private_cache_serves_only_readers_with_its_token(
+    tmp_path: Path, nix_version: NixVersion
+) -> None:
+    """Nix sends netrc credentials as Basic auth: a read token of the cache substitutes, no
+    token or another cache's token does not (and the failure is a clean "not substituted")."""
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        server.cli("cache", "create", "team", "--private")
+        server.cli("cache", "create", "other", "--private")
+        ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token("team")), version=nix_version)
+        paths = ci.build_closure(tmp_path)
+        ci.copy_to(f"{server.url}/team", paths["app"])
+        closure = ci.closure(paths["app"])
+        ci.delete(*reversed(closure))
+        key = json.loads(server.cli("cache", "show", "team"))["public_key"]
+        for name, token in (("nobody", ""), ("stranger", server.token("other", "read"))):
+            netrc = netrc_for(token) if token else ""
+            outsider = Nix(tmp_path / name, netrc=netrc, version=nix_version)
+            result = outsider.substitute(f"{server.url}/team", key, paths["leaf"], check=False)
+            assert result.returncode != 0
+            assert not outsider.exists(paths["leaf"])
+        reader = Nix(
+            tmp_path / "reader", netrc=netrc_for(server.token("team", "read")), version=nix_version
+        )
+        reader.substitute(f"{server.url}/team", key, paths["app"])
+        assert all(reader.exists(path) for path in closure)

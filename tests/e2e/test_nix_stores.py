@@ -150,3 +150,44 @@ def test_a_nar_larder_holds_is_not_uploaded_again(
     key = str(server.cache_info()["public_key"])
     laptop.substitute(f"{server.url}/main", key, paths["twin"])
     assert laptop.exists(paths["twin"])
+
+
+CA_NIX = r"""
+derivation {
+  name = "rust_ca-@NONCE@";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  __contentAddressed = true;
+  outputHashMode = "recursive";
+  outputHashAlgo = "sha256";
+  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $out; echo @NONCE@ > $out/lib.rlib" ];
+}
+"""
+
+
+def test_content_addressed_outputs_substitute_through_their_realisations(
+    server: Larder, tmp_path: Path, nix_version: NixVersion
+) -> None:
+    """A content-addressed derivation's output is found by its realisation
+    (``realisations/<drv hash>!out.doi``), which Nix uploads beside the narinfo."""
+    expr = tmp_path / "ca.nix"
+    expr.write_text(CA_NIX.replace("@NONCE@", uuid.uuid4().hex))
+    feature = ("--extra-experimental-features", "ca-derivations")
+    ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()), version=nix_version)
+    out = ci.run("nix-build", *feature, str(expr), "--no-out-link").stdout.split()[-1]
+    drv = ci.run("nix-instantiate", *feature, str(expr)).stdout.split()[-1]
+    output = f"{drv}^out" if nix_version.own_store else drv  # 2.8 copies a .drv's outputs
+    ci.run("nix", "copy", *feature, "--to", f"{server.url}/main", output)
+    assert access_lines(server, "PUT", "/main/realisations/")
+    ci.delete(out)  # with Debian's Nix the laptop shares this machine's store
+
+    key = str(server.cache_info()["public_key"])
+    laptop = Nix(tmp_path / "laptop", version=nix_version)
+    built = laptop.run(
+        "nix-build", *feature, str(expr), "--no-out-link",
+        "--option", "substituters", f"{server.url}/main",
+        "--option", "trusted-public-keys", key,
+    )  # fmt: skip
+    assert built.stdout.split()[-1] == out
+    assert "building" not in built.stderr, built.stderr  # substituted, not built
+    assert [line for line in access_lines(server, "GET", "/main/realisations/") if '" 200 ' in line]
