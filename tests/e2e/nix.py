@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +108,13 @@ class Nix:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [self.version.tool(args[0]), *args[1:]]
         proc = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
-        if args[0] == "nix-build" and BUILDER_KILLED in proc.stderr:
-            # Nix sometimes kills a builder that exits very quickly (NixOS/nix#2176, seen here
-            # about once in a hundred builds): the build, not larder, failed; build it again.
+        for _ in range(3):
+            if args[0] != "nix-build" or BUILDER_KILLED not in proc.stderr:
+                break
+            # Nix sometimes kills a builder that exits very quickly (NixOS/nix#2176; seen here
+            # about once in a hundred builds, more on a loaded machine): the build, not larder,
+            # failed; build it again.
+            time.sleep(0.2)
             proc = subprocess.run(
                 command, env=self.env, capture_output=True, text=True, timeout=300
             )
