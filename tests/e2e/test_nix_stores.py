@@ -131,7 +131,7 @@ def test_sign_and_copy_out_of_larder(
     )
 
 
-@pytest.mark.parametrize("compression", ["xz", "zstd"])
+@pytest.mark.parametrize("compression", ["xz", "zstd", "br", "gzip", "bzip2", "none"])
 def test_a_nar_larder_holds_is_not_uploaded_again(
     server: Larder, tmp_path: Path, compression: str
 ) -> None:
