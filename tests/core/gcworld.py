@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import lzma
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -107,15 +108,22 @@ class World:
     pushed: dict[str, list[str]] = field(default_factory=dict)
 
     async def push(
-        self, name: str, size: int = 2000, refs: list[str] | None = None, cache: str = "main"
+        self,
+        name: str,
+        size: int = 2000,
+        refs: list[str] | None = None,
+        cache: str = "main",
+        xz: bool = False,
     ) -> str:
-        """Upload one store path (its NAR, then its narinfo) as Nix would."""
+        """Upload one store path (its NAR, uncompressed or in xz, then its narinfo) as Nix
+        would."""
         settings = await self.registry.get(cache)
         assert settings is not None
         path = store_path(name)
         nar = write_nar({"type": "regular", "contents": payload(name, size)})
-        await self.nix.upload_nar(settings, nix32.encode(hashlib.sha256(nar).digest()) + ".nar",
-                                  body(nar))  # fmt: skip
+        sent = lzma.compress(nar) if xz else nar
+        file_name = nix32.encode(hashlib.sha256(sent).digest()) + (".nar.xz" if xz else ".nar")
+        await self.nix.upload_nar(settings, file_name, body(sent))
         references = " ".join(r.rsplit("/", 1)[1] for r in [*(refs or []), path])
         text = (
             f"StorePath: {path}\nURL: nar/x.nar\nCompression: none\n"

@@ -455,3 +455,21 @@ async def test_a_held_lease_is_renewed_and_a_stolen_one_stops_the_holder() -> No
         with pytest.raises(LeaseLost):
             lease.check()
     assert await storage.get(keys.GC_LOCK) == b'{"owner": "someone else"}'  # not ours to drop
+
+
+async def test_the_name_a_compressed_nar_came_under_goes_with_its_closure(world: World) -> None:
+    old = await world.push("old-xz", xz=True)
+    world.clock.advance(10)
+    new = await world.push("new-xz", xz=True)
+    world.clock.advance(GRACE + 1)
+    names = [key async for key in world.storage.keys("caches/main/nar-file/")]
+    assert len(names) == 2
+    full = report_size(await collect(world, dry_run=True))
+
+    report = await collect(world, max_size=full - 10)
+
+    assert await world.gone(old) and await world.whole(new)
+    assert report.caches["main"].evicted["nar_file"].objects == 1
+    left = [key async for key in world.storage.keys("caches/main/nar-file/")]
+    assert len(left) == 1 and left[0] in names
+    assert report.caches["main"].evicted["narinfo"].objects == 1
