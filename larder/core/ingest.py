@@ -4,7 +4,8 @@ A NAR upload flows through two threads::
 
     caller's thread:  uploaded bytes -> sha256 (FileHash) -> decompress -> NAR pieces
                           |                                                 |
-                          | (zstd: the bytes as they came)                  |
+                          | (zstd: the bytes as they came, hashed by the    |
+                          |  writer that stores them: that is the FileHash) |
                           v                                                 v
     checker thread:   blob writer                  NarValidator + sha256 (NarHash) + blob writer
                                                    (BLAKE3; zstd re-encoding unless the upload
@@ -124,6 +125,8 @@ class NarIngest:
         self._validator = NarValidator()
         self._writer = writer
         self._keep = keeps_upload(compression)
+        # A kept upload is hashed by the writer that stores it, on the checker thread.
+        self._writer_hashes = self._keep and writer.stored_digest() is not None
         self._plain = compression == "none"  # the upload is the NAR: checked on this thread
         self._stage = _Stage(self._check)
         self._decompressor = Decompressor(compression, self._take_nar)
@@ -148,8 +151,9 @@ class NarIngest:
 
     def feed(self, data: bytes) -> None:
         """Process one chunk of the upload as it arrived on the wire."""
-        self._file_hash.update(data)
         self._file_size += len(data)
+        if not self._writer_hashes:
+            self._file_hash.update(data)
         if self._keep:
             self._stage.put(data, True)
         self._decompressor.write(data)
@@ -168,7 +172,8 @@ class NarIngest:
         self._decompressor.finish()
         self._stage.drain()
         self._validator.finish()
-        file_sha256 = self._file_hash.digest()
+        kept = self._writer.stored_digest() if self._writer_hashes else None
+        file_sha256 = kept if kept is not None else self._file_hash.digest()
         return NarDigest(
             file_sha256=file_sha256,
             file_size=self._file_size,

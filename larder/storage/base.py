@@ -178,6 +178,12 @@ class BlobWriter(ABC):
         """
         raise ValueError("this blob writer encodes the stream itself")
 
+    def stored_digest(self) -> bytes | None:
+        """sha256 of the bytes sent to the temporary object so far (what :meth:`commit`
+        reports as ``stored_sha256`` if they stay), or None if this writer does not keep one.
+        Lets a caller that keeps an upload as it came learn its hash without a second pass."""
+        return None
+
     @property
     @abstractmethod
     def size(self) -> int:

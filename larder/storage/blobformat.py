@@ -202,6 +202,9 @@ class EncodingBlobWriter(BlobWriter):
     def size(self) -> int:
         return self._encoder.size
 
+    def stored_digest(self) -> bytes | None:
+        return self._stored_hash.copy().digest()
+
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
             raise ValueError(f"blob writer is {self._state.value}")
