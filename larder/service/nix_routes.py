@@ -20,7 +20,13 @@ from aiohttp import web
 
 from larder.core.blobs import decompressed
 from larder.core.caches import CacheSettings
-from larder.core.nixcache import FileRecord, NixCache, nix_cache_info, parse_nar_name
+from larder.core.nixcache import (
+    MAX_DEBUGINFO,
+    FileRecord,
+    NixCache,
+    nix_cache_info,
+    parse_nar_name,
+)
 from larder.errors import FormatError
 from larder.protocol.compression import Decompressor
 from larder.protocol.content_coding import accepts
@@ -157,7 +163,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if reader is None:
         raise web.HTTPNotFound()
     headers = {"Content-Type": record.content_type, "Vary": "Accept-Encoding"}
-    if path.startswith("debuginfo/"):
+    if path.startswith("debuginfo/") and record.size <= MAX_DEBUGINFO:
         await reader.close()
         document = await nix.debuginfo(settings, record)
         if document is None:
