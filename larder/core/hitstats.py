@@ -6,6 +6,11 @@ counted by name, at most :data:`MAX_CRATES` names per cache (the least-missed na
 A Nix miss names only a store path hash; the hash is remembered (at most :data:`MAX_PENDING`)
 and its misses are credited to the crate once a narinfo for it is uploaded, when the store path
 name says which crate it is (``rust_<crate>-<version>``, as buildRustCrate names outputs).
+
+The hashes asked for most and still missing are listed (:meth:`HitStats.top_missing`), and a
+store path uploaded after it was asked for is remembered with the number of requests that came
+before it, at most :data:`MAX_LATE` per cache, those asked for most kept
+(:meth:`HitStats.pushed_late`): what CI pushes late, or never.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from larder.protocol.storepath import STORE_DIR
+
 MAX_CRATES = 1000
 MAX_PENDING = 10_000
+MAX_LATE = 1000
 DAY_MINUTES = 24 * 60
 _RUST_PATH = re.compile(r"rust_([A-Za-z0-9_-]+?)-\d[^/]*$")
 _CRATE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -37,6 +45,8 @@ class HitStats:
         self._buckets: dict[tuple[str, str], deque[list[int]]] = {}
         self._missed: dict[str, dict[str, int]] = {}
         self._pending: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # cache -> store path name -> (requests before its upload, time of the upload)
+        self._late: dict[str, dict[str, tuple[int, float]]] = {}
 
     def record(self, cache: str, protocol: str, hit: bool, count: int = 1) -> None:
         minute = int(self._clock() // 60)
@@ -82,11 +92,39 @@ class HitStats:
             self._pending.popitem(last=False)
 
     def uploaded_store_path(self, cache: str, store_hash: str, name: str) -> None:
-        """A narinfo arrived: credit earlier misses of its hash to its crate."""
+        """A narinfo arrived: credit earlier misses of its hash to its crate, and remember how
+        often it was asked for before (``name``: the store path's name, without its hash)."""
         count = self._pending.pop((cache, store_hash), 0)
+        if not count:
+            return
         crate = crate_of_store_path_name(name)
-        if count and crate:
+        if crate:
             self.missed_crate(cache, crate, count)
+        name = f"{store_hash}-{name}"
+        late = self._late.setdefault(cache, {})
+        if name not in late and len(late) >= MAX_LATE:
+            del late[min(late, key=lambda known: late[known][0])]
+        before = late.get(name, (0, 0.0))[0]
+        late[name] = (before + count, self._clock())
+
+    def top_missing(self, cache: str, limit: int = 20) -> list[dict[str, object]]:
+        """The store hashes asked for most that no upload has answered yet."""
+        counts = [(n, h) for (c, h), n in self._pending.items() if c == cache]
+        ranked = sorted(counts, key=lambda item: (-item[0], item[1]))[:limit]
+        return [{"store_hash": store_hash, "requests": n} for n, store_hash in ranked]
+
+    def pushed_late(self, cache: str, limit: int = 20) -> list[dict[str, object]]:
+        """Store paths uploaded after they had been asked for, those asked for most first."""
+        late = self._late.get(cache, {})
+        ranked = sorted(late.items(), key=lambda item: (-item[1][0], item[0]))[:limit]
+        return [
+            {
+                "store_path": f"{STORE_DIR}/{name}",
+                "requests_before_upload": n,
+                "uploaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
+            }
+            for name, (n, when) in ranked
+        ]
 
     def top_missed(self, cache: str, limit: int = 20) -> list[dict[str, object]]:
         counts = self._missed.get(cache, {})

@@ -30,7 +30,9 @@ async def get_cache(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    """Hit rates over the last hour and day per protocol, and the most-missed crates.
+    """Hit rates over the last hour and day per protocol, the most-missed crates, the store
+    paths asked for most that are still missing, and those uploaded after they were asked for
+    (with how often they were asked for before).
 
     Counted in memory by the replica (with ``workers`` > 1: the worker process) that answers,
     since it started.
@@ -44,6 +46,8 @@ async def get_stats(request: web.Request) -> web.Response:
             "scope": hits.scope,
             "protocols": hits.rates(settings.name),
             "top_missed_crates": hits.top_missed(settings.name),
+            "top_missing_store_hashes": hits.top_missing(settings.name),
+            "pushed_late": hits.pushed_late(settings.name),
         }
     )
 

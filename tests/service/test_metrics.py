@@ -13,6 +13,7 @@ from larder.service import state
 from larder.service.metrics import Metrics
 from larder.storage.memory import MemoryStorage
 from tests.service.conftest import Service, ServiceFactory
+from tests.service.test_nix_routes import hash_part, make_nar, push, store_path
 
 MISSING = "0" * 32
 
@@ -174,3 +175,27 @@ def test_json_access_log_line_has_no_credentials() -> None:
     assert line["status"] == 200 and line["path"] == "/main/nix-cache-info"
     assert line["bytes"] == 42
     assert "secret-token" not in records[0]
+
+
+async def test_stats_api_names_store_paths_asked_for_before_ci_pushed_them(
+    service: Service,
+) -> None:
+    early, late, never = (store_path(n) for n in ("rust_early-1.0.0", "rust_late-0.2.0", "x-1"))
+    await push(service, early, make_nar(b"early"))
+    for path, times in ((early, 1), (late, 3), (never, 2)):
+        for _ in range(times):
+            resp = await service.client.get(f"/main/{hash_part(path)}.narinfo")
+            await resp.read()
+    stats = await (await service.client.get("/api/v1/caches/main/stats")).json()
+    assert stats["top_missing_store_hashes"] == [
+        {"store_hash": hash_part(late), "requests": 3},
+        {"store_hash": hash_part(never), "requests": 2},
+    ]
+    assert stats["pushed_late"] == []
+
+    await push(service, late, make_nar(b"late"))  # CI pushes it at last
+    stats = await (await service.client.get("/api/v1/caches/main/stats")).json()
+    assert stats["top_missing_store_hashes"] == [{"store_hash": hash_part(never), "requests": 2}]
+    [entry] = stats["pushed_late"]
+    assert entry["store_path"] == late and entry["requests_before_upload"] == 3
+    assert {"crate": "late", "misses": 3} in stats["top_missed_crates"]
