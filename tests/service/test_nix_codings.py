@@ -4,6 +4,7 @@ FileHash of served narinfos, HEAD of a NAR by its upload name, and debuginfo doc
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -273,3 +274,27 @@ async def test_objects_stored_coded_by_earlier_versions_are_served_decoded(
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def test_narinfos_stored_before_file_hashes_are_served_with_one(service: Service) -> None:
+    """A narinfo and NAR record written before larder kept FileHash: the served narinfo gets
+    the sha256 of the blob it points at (Nix aborts re-serialising a narinfo without one)."""
+    path = store_path("from-an-older-larder")
+    nar = make_nar(b"old " * 10000)
+    await push(service, path, nar)
+    nar_hash = nix32.encode(hashlib.sha256(nar).digest())
+    record_key = keys.nar("main", nar_hash)
+    record = json.loads(await service.storage.get(record_key) or b"{}")
+    del record["file_hash"], record["uploaded_as"]
+    await service.storage.put(record_key, json.dumps(record).encode())
+    stored = narinfo.parse(await service.storage.get(keys.narinfo("main", hash_part(path))) or b"")
+    old = dataclasses.replace(stored, file_hash=None)
+    await service.storage.put(keys.narinfo("main", hash_part(path)), narinfo.render(old).encode())
+
+    served = narinfo.parse(
+        await (await service.client.get(f"/main/{hash_part(path)}.narinfo")).read()
+    )
+    blob = await (await service.client.get(f"/main/{served.url}")).read()
+    assert served.file_hash is not None
+    assert served.file_hash.digest == hashlib.sha256(blob).digest()
+    assert served.file_size == len(blob)
