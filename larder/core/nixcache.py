@@ -234,10 +234,15 @@ class NixCache:
             nix32.encode(stored_sha256),
             uploaded_as,
         )
-        if uploaded_as is not None:  # first: a record never refers to a missing name
+        writes = [self._storage.put(keys.nar(cache.name, nar_hash), record.to_json())]
+        if uploaded_as is not None:
+            # Written side by side (each put waits for its fsync): a record whose name record
+            # failed to appear only means a HEAD of that name finds nothing.
             alias = NarFileRecord(nar_hash, compression)
-            await self._storage.put(keys.nar_file(cache.name, uploaded_as), alias.to_json())
-        await self._storage.put(keys.nar(cache.name, nar_hash), record.to_json())
+            writes.append(
+                self._storage.put(keys.nar_file(cache.name, uploaded_as), alias.to_json())
+            )
+        await asyncio.gather(*writes)
         self._records.forget(cache.name, nar_hash)
         return record
 
