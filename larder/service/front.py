@@ -45,6 +45,7 @@ log = logging.getLogger("larder.server")
 
 #: Unanswered bytes held before reading pauses.
 MAX_BUFFER = 64 * 1024
+_CRLF = b"\r\n"
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -97,15 +98,21 @@ class FrontProtocol(asyncio.Protocol):
         self.last = self.head_since = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        if not reader.feed(data):
+            self._buffer += data
+            self._hand_over()  # aiohttp refuses these bytes too
+            return
         if (
             not self._buffer
             and self._lookup is None
             and not self._paused
-            and data.endswith(END)
+            and len(reader.heads) == 1
             and data.find(END) == len(data) - 4
+            and data[0] not in _CRLF
         ):
             # The common case: exactly one whole head, often answered from kept bytes.
-            head = self._reader.read(data)
+            head = reader.heads.popleft()
             if head is not None:
                 response = self._fast.quick(head, self._peer)
                 if response is not None and self._transport is not None:
@@ -132,21 +139,25 @@ class FrontProtocol(asyncio.Protocol):
 
     def _serve(self) -> None:
         """Answer the whole heads held, in order, until one must wait or go to aiohttp."""
+        heads = self._reader.heads
         while not self._paused and self._lookup is None and self._transport is not None:
             end = self._buffer.find(END)
-            if end < 0 or end + 4 > MAX_HEAD:
-                if len(self._buffer) > MAX_HEAD:
+            if end < 0:
+                if len(self._buffer) > MAX_HEAD or heads:  # heads: one ended otherwise
                     self._hand_over()
                     return
                 if self._buffer and not self.head_since:
                     self.head_since = time.monotonic()  # part of a pipelined head
                 break
-            size = end + 4
-            head = self._reader.read(bytes(self._buffer[:size]))
-            if head is None:
+            # The head must be the next request llhttp completed: not past the short path's
+            # size, not after empty lines (llhttp skips them), and without a body.
+            if end + 4 > MAX_HEAD or self._buffer[0] in _CRLF or not heads:
                 self._hand_over()
                 return
-            if not self._dispatch(head, size):
+            head = heads.popleft()
+            if head is None or not self._dispatch(head, end + 4):
+                if head is None:
+                    self._hand_over()
                 return
         self._set_reading()
 

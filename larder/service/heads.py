@@ -1,36 +1,45 @@
-"""Reading a request head outside aiohttp: llhttp (httptools), with aiohttp's limits.
+"""Reading request heads outside aiohttp: llhttp (httptools), with aiohttp's own checks.
 
-:class:`HeadReader` reads one connection's request heads, one at a time, each the bytes up to
-and including its first empty line (``CRLF CRLF``). It gives a :class:`Head` only for a head
-that llhttp, in its strict mode (the parser family under aiohttp's own C reader), reads as one
-whole ``HTTP/1.1`` request without a body, and that aiohttp's reader would take as it is:
+:class:`HeadReader` is fed every byte a connection receives, in the pieces it arrives in, by a
+strict llhttp parser (the parser family under aiohttp's C reader, in the same mode). A piece is
+*refused* when aiohttp's reader would refuse it (and answer 400, RFC 9112): llhttp's own errors
+(a field name with a space or control byte before the colon, a bare CR or LF, ...) and the
+checks aiohttp adds: a request line or a field (name and value) over :data:`MAX_LINE` bytes,
+more than :data:`MAX_FIELDS` fields, a field aiohttp allows once (``Host``,
+``Content-Length``, ``Transfer-Encoding``, ...) repeated, a NUL in a value, an ``HTTP/1.1``
+request without ``Host``. After a refused piece the reader is spent and the connection goes to
+aiohttp with every byte not answered yet, the refused piece included, so aiohttp refuses it too.
 
-* exactly one message begins and ends in the bytes given, so there is no body: no
-  ``Transfer-Encoding``, ``Content-Length`` absent or 0 (otherwise llhttp waits for more);
-* at most :data:`MAX_HEAD` bytes, so the request line and each field are within aiohttp's
-  ``max_line_size`` and ``max_field_size`` (8190), and at most :data:`MAX_FIELDS` fields
-  (aiohttp's ``max_headers``);
-* exactly one ``Host`` field, and no field named twice (aiohttp refuses repeats of ``Host``,
-  ``Content-Length``, ``Transfer-Encoding`` and a few more; no answer here needs a repeat);
-* no NUL in a value (llhttp refuses other control bytes itself).
-
-Anything else gives ``None`` and the reader is spent: the caller hands every byte not answered
-yet to aiohttp untouched, which answers it itself (400 for a malformed head, RFC 9112), so a
-head is never read one way here and another way there.
+Every request completed in the bytes fed so far is queued in :attr:`HeadReader.heads`, in order:
+its :class:`Head`, or ``None`` when the short path must not answer it (not ``HTTP/1.1``, a
+body, or a field named twice). A request with no body ends at its first empty line, so the
+caller finds its bytes by the first ``CRLF CRLF`` (unless they begin with empty lines, which
+llhttp skips: the caller hands those to aiohttp).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import httptools
 
-#: The longest head read here (aiohttp's line and field limits, 8190, cannot be passed in it).
-MAX_HEAD = 8192
-#: The most fields a head read here may have (aiohttp's ``max_headers``).
+#: The longest request line, and the longest field (name and value), aiohttp reads
+#: (``max_line_size``, ``max_field_size``).
+MAX_LINE = 8190
+#: The most fields a request may have (aiohttp's ``max_headers``).
 MAX_FIELDS = 128
+#: The longest head the short path reads; a longer one goes to aiohttp.
+MAX_HEAD = 8192
 #: The end of a head.
 END = b"\r\n\r\n"
+#: Fields aiohttp refuses to see twice in a request (``aiohttp.http_parser.SINGLETON_HEADERS``).
+SINGLETONS = frozenset(
+    {
+        b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+        b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,60 +52,81 @@ class Head:
     fields: dict[bytes, bytes]
 
 
-class HeadReader:
-    """One connection's llhttp parser, fed one whole head at a time (module docstring)."""
+class _Refused(Exception):
+    """aiohttp's reader refuses the request being read."""
 
-    __slots__ = ("_begun", "_done", "_fields", "_good", "_parser", "_target")
+
+class HeadReader:
+    """One connection's llhttp parser and the requests it completed (module docstring)."""
+
+    __slots__ = ("_count", "_fields", "_fit", "_head", "_parser", "_target", "good", "heads")
 
     def __init__(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
+        #: The requests completed and not taken yet, in order (``None``: not for the short path).
+        self.heads: deque[Head | None] = deque()
+        #: False once a piece was refused.
+        self.good = True
         self._fields: dict[bytes, bytes] = {}
         self._target = b""
-        self._begun = 0
-        self._done = 0
-        self._good = True
+        self._count = 0
+        self._fit = True
+        self._head: Head | None = None
 
-    def read(self, data: bytes) -> Head | None:
-        """The head ``data`` (ending with its first ``CRLF CRLF``) if it qualifies, else
-        ``None`` (then this reader must not be used again)."""
-        self._fields = {}
-        self._target = b""
-        self._begun = self._done = 0
-        if len(data) > MAX_HEAD:
-            self._good = False
-        if not self._good:
-            return None
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._good = False
-            return None
-        fields = self._fields
-        if (
-            not self._good
-            or self._begun != 1
-            or self._done != 1
-            or len(fields) > MAX_FIELDS
-            or b"host" not in fields
-            or self._parser.get_http_version() != "1.1"
-        ):
-            self._good = False
-            return None
-        return Head(self._parser.get_method(), self._target, fields)
+    def feed(self, data: bytes) -> bool:
+        """Read ``data``, the next bytes of the connection; ``False`` if they are refused."""
+        if self.good:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.good = False
+        return self.good
 
     # llhttp's callbacks
 
     def on_message_begin(self) -> None:
-        self._begun += 1
+        self._fields = {}
+        self._target = b""
+        self._count = 0
+        self._fit = True
 
     def on_url(self, url: bytes) -> None:
         self._target += url
+        if len(self._target) > MAX_LINE:
+            raise _Refused("request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_LINE:
+            raise _Refused("field too long")
+        if b"\0" in value:
+            raise _Refused("NUL in a field value")
+        self._count += 1
+        if self._count > MAX_FIELDS:
+            raise _Refused("too many fields")
         key = name.lower()
-        if key in self._fields or b"\0" in value:
-            self._good = False
+        if key in self._fields:
+            if key in SINGLETONS:
+                raise _Refused("field repeated")
+            self._fit = False
         self._fields[key] = value.rstrip(b" \t")
 
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        fields = self._fields
+        version = parser.get_http_version()
+        if version == "1.1" and b"host" not in fields:
+            raise _Refused("no Host")
+        length = fields.get(b"content-length")
+        if (
+            not self._fit
+            or version != "1.1"
+            or b"transfer-encoding" in fields
+            or (length is not None and length != b"0")
+        ):
+            self._head = None
+        else:
+            self._head = Head(parser.get_method(), self._target, fields)
+
     def on_message_complete(self) -> None:
-        self._done += 1
+        self.heads.append(self._head)
+        self._head = None

@@ -19,14 +19,21 @@ from tests.service.test_fastpath import Conn, get, hash_of, upload
 SMUGGLED = b"GET /main/nix-cache-info?smuggled=1 HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-async def _everything(live: Live, data: bytes) -> bytes:
-    """What the server sends for ``data`` until it closes the connection (or 5 s pass)."""
+async def _everything(live: Live, *sends: bytes) -> bytes:
+    """What the server sends for ``sends`` (each written once the server has answered the one
+    before) until it closes the connection (or 5 s pass)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
-    writer.write(data)
+    reply = b""
     try:
-        return await asyncio.wait_for(reader.read(), 5)
-    except TimeoutError:
-        return await reader.read(1 << 20)
+        for data in sends[:-1]:
+            writer.write(data)
+            reply += await asyncio.wait_for(reader.readuntil(b"\nReferences: \n"), 5)
+            reply += await asyncio.wait_for(reader.readuntil(b"==\n"), 5)  # the signature
+        writer.write(sends[-1])
+        try:
+            return reply + await asyncio.wait_for(reader.read(), 5)
+        except TimeoutError:
+            return reply + await reader.read(1 << 20)
     finally:
         writer.close()
 
@@ -64,7 +71,7 @@ async def test_a_body_behind_a_malformed_field_is_never_answered_as_a_request(
         body, field = SMUGGLED, field.replace(b"%d", str(len(SMUGGLED)).encode())
     head = b"GET /main/%s.narinfo HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % (store_hash.encode(), field)
     warm = get(f"/main/{store_hash}.narinfo")  # the target has kept bytes
-    reply = await _everything(live, warm + head + body)
+    reply = await _everything(live, warm, head + body)
     statuses = _statuses(reply)
     assert statuses[0] == b"200"
     assert statuses[1:] == [b"400"], reply  # aiohttp's answer, and then the connection closes
