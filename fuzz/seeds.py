@@ -117,7 +117,17 @@ def head_seeds() -> list[bytes]:
         f"GET /main/{HELD}.narinfo HTTP/1.0\r\n\r\n".encode(),
         b"PUT /main/x.narinfo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab" + held + b"\r\n",
     ]
-    return [bytes([cut]) + head for cut in (0, 40) for head in heads]
+    whole = held + b"\r\n"
+    again = [  # two reads of one head each: the second may be answered without reading it again
+        whole + whole,
+        whole + held + b"X-A: b\r\n\r\n",
+        whole + whole.replace(b"GET", b"HEAD", 1),
+        whole + whole.replace(HELD.encode(), MISSING.encode()),
+        whole + whole.replace(b"Host: x", b"Host: x\r\nConnection: close"),
+    ]
+    return [bytes([cut]) + head for cut in (0, 40) for head in heads] + [
+        bytes([len(whole)]) + pair for pair in again
+    ]
 
 
 CARGO_LIB = [

@@ -70,6 +70,7 @@ from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
 from larder.service.heads import Head
+from larder.service.nixheaders import cache_info_headers, head_lines, nar_headers, narinfo_headers
 from larder.service.observe import HITS, METRICS, TALLY
 from larder.service.tally import TallyKey
 from larder.storage.base import BlobReader
@@ -81,11 +82,11 @@ MAX_ANSWERS = 20_000
 #: that.
 RECHECK = 1.0
 
-NARINFO_TYPE = b"text/x-nix-narinfo"
-CACHE_INFO_TYPE = b"text/x-nix-cache-info"
-NAR_TYPE = "application/x-nix-nar"
-NOT_FOUND_TYPE = b"text/plain; charset=utf-8"
-NOT_FOUND_BODY = b"404: Not Found"  # what aiohttp answers for web.HTTPNotFound()
+# What aiohttp answers for web.HTTPNotFound().
+NOT_FOUND_HEADERS = {"Content-Type": "text/plain; charset=utf-8"}
+NOT_FOUND_BODY = b"404: Not Found"
+#: A narinfo HEAD that finds it: the application's answer has no ``Content-Length``.
+_NARINFO_HEAD_HIT = head_lines(200, narinfo_headers(), None)
 
 _TARGET = re.compile(rb"/([^/?%#]+)/([^/?%#]{32})\.narinfo")
 _CACHE_INFO_TARGET = re.compile(rb"/([^/?%#]+)/nix-cache-info")
@@ -139,14 +140,12 @@ class _Answer:
         self.store_hash = store_hash
         self.body = body
         if body is None:
-            status, reason, content_type, body = 404, b"Not Found", NOT_FOUND_TYPE, NOT_FOUND_BODY
+            status, headers, body = 404, NOT_FOUND_HEADERS, NOT_FOUND_BODY
         else:
-            status, reason, content_type = 200, b"OK", NARINFO_TYPE
+            status, headers = 200, narinfo_headers()
         self.status = status
         self.payload = body  # what is sent: the narinfo, or the 404's text
-        self.head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-            status, reason, content_type, len(body),
-        )  # fmt: skip
+        self.head = head_lines(status, headers, len(body))
         self.second = -1
         self.response = b""
         self.served = NixCache.served_keys(settings, store_hash)
@@ -181,6 +180,10 @@ class FastPath:
             date = email.utils.formatdate(second, usegmt=True).encode()
             self._date_line = b"Date: %s\r\nServer: %s\r\n\r\n" % (date, _SERVER)
         return self._date_line
+
+    def kept(self, target: bytes) -> bool:
+        """Whether answer bytes are kept for ``target``."""
+        return target in self._answers
 
     def quick(self, head: Head, peer: str | None) -> bytes | None:
         """The answer to ``head`` from kept bytes, or ``None``: then :meth:`parse` decides."""
@@ -241,10 +244,8 @@ class FastPath:
         if settings is None or settings.private:
             return None
         body = nix_cache_info(settings)
-        head_lines = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-            CACHE_INFO_TYPE, len(body),
-        )  # fmt: skip
-        response = head_lines + self._http_date_line(int(time.time())) + body
+        lines = head_lines(200, cache_info_headers(), len(body))
+        response = lines + self._http_date_line(int(time.time())) + body
         self._app[METRICS].add_cache(settings.name)
         seconds = time.monotonic() - start
         self._tally.add(settings.name, "nix", 200, seconds, len(body))
@@ -397,7 +398,7 @@ class FastPath:
         hit = answer.body is not None
         head = answer.head
         if hit:
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n" % NARINFO_TYPE
+            head = _NARINFO_HEAD_HIT
         response = head + self._http_date_line(int(time.time()))
         seconds = time.monotonic() - start
         if not hit:
@@ -459,10 +460,8 @@ def _nar_head(stat: os.stat_result) -> bytes:
     whole blob file."""
     etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
     modified = email.utils.formatdate(math.ceil(stat.st_mtime), usegmt=True)  # as aiohttp does
-    return (
-        f"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Type: {NAR_TYPE}\r\n"
-        f"Etag: {etag}\r\nLast-Modified: {modified}\r\nContent-Length: {stat.st_size}\r\n"
-    ).encode("latin-1")
+    headers = {"Accept-Ranges": "bytes", **nar_headers(), "Etag": etag, "Last-Modified": modified}
+    return head_lines(200, headers, stat.st_size)
 
 
 def _logged_fields(fields: dict[bytes, bytes]) -> Logged:

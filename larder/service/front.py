@@ -65,6 +65,9 @@ class FrontProtocol(asyncio.Protocol):
         self._counted = False
         self._buffer = bytearray()
         self._reader = HeadReader()
+        #: The last whole head's bytes after its target, and its fields (:meth:`_again`).
+        self._rest = b""
+        self._rest_fields: dict[bytes, bytes] = {}
         self._transport: asyncio.Transport | None = None
         self._peer: str | None = None
         #: The transport's write buffer is full (``pause_writing``).
@@ -98,38 +101,74 @@ class FrontProtocol(asyncio.Protocol):
         self.last = self.head_since = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        if not reader.feed(data):
-            self._buffer += data
-            self._hand_over()  # aiohttp refuses these bytes too
+        if self._buffer or self._lookup is not None or self._paused:
+            self._more(data)
             return
-        if (
-            not self._buffer
-            and self._lookup is None
-            and not self._paused
-            and len(reader.heads) == 1
-            and data.find(END) == len(data) - 4
-            and data[0] not in _CRLF
-        ):
-            # The common case: exactly one whole head, often answered from kept bytes.
+        # The common case: exactly one whole head, often answered from kept bytes.
+        head = self._again(data)
+        if head is None:
+            reader = self._reader
+            if not reader.feed(data):
+                self._buffer += data
+                self._hand_over()  # aiohttp refuses these bytes too
+                return
+            if len(reader.heads) != 1 or data.find(END) != len(data) - 4 or data[0] in _CRLF:
+                self._held(data)
+                return
             head = reader.heads.popleft()
-            if head is not None:
-                response = self._fast.quick(head, self._peer)
-                if response is not None and self._transport is not None:
-                    self.head_since = 0.0
-                    self.last = time.monotonic()
-                    self._transport.write(response)
-                    return
-            self._buffer += data
             if head is None:
+                self._buffer += data
                 self._hand_over()
-            elif self._dispatch(head, len(data)):
-                self._serve()
+                return
+            self._remember(data, head)
+        response = self._fast.quick(head, self._peer)
+        if response is not None and self._transport is not None:
+            self.head_since = 0.0
+            self.last = time.monotonic()
+            self._transport.write(response)
             return
+        self._buffer += data
+        if self._dispatch(head, len(data)):
+            self._serve()
+
+    def _more(self, data: bytes) -> None:
+        """Bytes arriving behind others not answered yet."""
+        if not self._reader.feed(data):
+            self._buffer += data
+            self._hand_over()
+            return
+        self._held(data)
+
+    def _held(self, data: bytes) -> None:
         if not self.head_since:
             self.head_since = time.monotonic()
         self._buffer += data
         self._serve()
+
+    def _again(self, data: bytes) -> Head | None:
+        """The head ``data`` without reading it again, when it is ``GET``, a target answered
+        before, and the rest of the last head llhttp read on this connection as a whole request
+        (so llhttp would read it the same way; its parser stays between requests)."""
+        rest = self._rest
+        if rest and data.endswith(rest) and data.startswith(b"GET "):
+            target = data[4 : len(data) - len(rest)]
+            if self._fast.kept(target):
+                return Head(b"GET", target, self._rest_fields)
+        return None
+
+    def _remember(self, data: bytes, head: Head) -> None:
+        """Keep the rest of ``data`` after a ``GET`` head's target for :meth:`_again`."""
+        target = head.target
+        size = 4 + len(target)
+        if (
+            head.method == b"GET"
+            and len(data) <= MAX_HEAD
+            and data[4:size] == target
+            and data.startswith(b"GET ")
+            and data[size : size + 1] == b" "
+        ):
+            self._rest = data[size:]
+            self._rest_fields = head.fields
 
     def head_timed_out(self) -> None:
         """The head did not arrive within ``header_timeout``: answer 408 and close."""

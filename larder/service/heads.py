@@ -10,7 +10,8 @@ more than :data:`MAX_FIELDS` fields, a field aiohttp allows once (``Host``,
 request without ``Host``. After a refused piece the reader is spent and the connection goes to
 aiohttp with every byte not answered yet, the refused piece included, so aiohttp refuses it too.
 
-Every request completed in the bytes fed so far is queued in :attr:`HeadReader.heads`, in order:
+Every request head completed in the bytes fed so far is queued in :attr:`HeadReader.heads`, in
+order:
 its :class:`Head`, or ``None`` when the short path must not answer it (not ``HTTP/1.1``, a
 body, or a field named twice). A request with no body ends at its first empty line, so the
 caller finds its bytes by the first ``CRLF CRLF`` (unless they begin with empty lines, which
@@ -20,7 +21,7 @@ llhttp skips: the caller hands those to aiohttp).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import httptools
 
@@ -42,8 +43,7 @@ SINGLETONS = frozenset(
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+class Head(NamedTuple):
     """A request head: method, target as sent, and fields by lower-case name (values without
     the whitespace around them)."""
 
@@ -59,7 +59,7 @@ class _Refused(Exception):
 class HeadReader:
     """One connection's llhttp parser and the requests it completed (module docstring)."""
 
-    __slots__ = ("_count", "_fields", "_fit", "_head", "_parser", "_target", "good", "heads")
+    __slots__ = ("_count", "_fields", "_fit", "_parser", "_target", "good", "heads")
 
     def __init__(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
@@ -71,7 +71,6 @@ class HeadReader:
         self._target = b""
         self._count = 0
         self._fit = True
-        self._head: Head | None = None
 
     def feed(self, data: bytes) -> bool:
         """Read ``data``, the next bytes of the connection; ``False`` if they are refused."""
@@ -82,13 +81,7 @@ class HeadReader:
                 self.good = False
         return self.good
 
-    # llhttp's callbacks
-
-    def on_message_begin(self) -> None:
-        self._fields = {}
-        self._target = b""
-        self._count = 0
-        self._fit = True
+    # llhttp's callbacks (a request's state is reset when its head is complete)
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -104,11 +97,12 @@ class HeadReader:
         if self._count > MAX_FIELDS:
             raise _Refused("too many fields")
         key = name.lower()
-        if key in self._fields:
+        fields = self._fields
+        if key in fields:
             if key in SINGLETONS:
                 raise _Refused("field repeated")
             self._fit = False
-        self._fields[key] = value.rstrip(b" \t")
+        fields[key] = value.rstrip(b" \t")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -123,10 +117,10 @@ class HeadReader:
             or b"transfer-encoding" in fields
             or (length is not None and length != b"0")
         ):
-            self._head = None
+            self.heads.append(None)  # a body follows, or the short path does not answer it
         else:
-            self._head = Head(parser.get_method(), self._target, fields)
-
-    def on_message_complete(self) -> None:
-        self.heads.append(self._head)
-        self._head = None
+            self.heads.append(Head(parser.get_method(), self._target, fields))
+        self._fields = {}
+        self._target = b""
+        self._count = 0
+        self._fit = True
