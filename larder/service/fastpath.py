@@ -101,8 +101,8 @@ _NAR_REFUSED_HEADERS = _REFUSED_HEADERS | {
 }  # fmt: skip
 _SERVER = SERVER_SOFTWARE.encode()
 
-#: The ``Referer`` and ``User-Agent`` of a request, for its access log line.
-Logged = tuple[str | None, str | None]
+#: The ``Referer`` and ``User-Agent`` of a request as sent, for its access log line.
+Logged = tuple[bytes | None, bytes | None]
 #: Formats the access log line of an answer: remote, method, target, status, length, seconds,
 #: referer, user agent.
 LogLine = Callable[[str | None, str, str, int, int, float, str | None, str | None], str]
@@ -250,8 +250,7 @@ class FastPath:
         seconds = time.monotonic() - start
         self._tally.add(settings.name, "nix", 200, seconds, len(body))
         if self._log is not None:
-            referer, agent = logged
-            self._write_log(peer, "GET", target, 200, len(response), seconds, referer, agent)
+            self._write_log(peer, "GET", target, 200, len(response), seconds, logged)
         return response
 
     def parse_nar(self, head: Head, peer: str | None) -> NarGet | None:
@@ -306,10 +305,9 @@ class FastPath:
     def nar_sent(self, request: NarGet, nar: OpenNar, sent: int) -> None:
         """The body is out (``sent`` bytes of it, all unless the transfer failed): log it."""
         if self._log is not None:
-            referer, agent = request.logged
             seconds = time.monotonic() - request.start
             self._write_log(request.peer, "GET", request.path, 200, len(nar.head) + sent,
-                            seconds, referer, agent)  # fmt: skip
+                            seconds, request.logged)  # fmt: skip
 
     @property
     def send_idle(self) -> float:
@@ -373,14 +371,14 @@ class FastPath:
         self._tally.add_to(answer.tally_key, seconds, len(answer.payload))
         log = self._log
         if log is not None:
-            referer, agent = logged
             if log.timed:
                 self._write_log(peer, "GET", answer.target, answer.status, len(response), seconds,
-                                referer, agent)  # fmt: skip
+                                logged)  # fmt: skip
                 return response
             key = (int(now - seconds), peer, logged, len(response))
             if answer.log_key != key:
                 answer.log_key = key
+                referer, agent = _text(logged)
                 answer.log_text = log.line(peer, "GET", answer.target, answer.status,
                                            len(response), seconds, referer, agent)  # fmt: skip
             log.emit(answer.log_text)
@@ -405,16 +403,16 @@ class FastPath:
             self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
         self._tally.add(answer.cache, "nix", answer.status, seconds, 0, "narinfo", hit)
         if self._log is not None:
-            referer, agent = logged
             self._write_log(peer, "HEAD", answer.target, answer.status, len(response), seconds,
-                            referer, agent)  # fmt: skip
+                            logged)  # fmt: skip
         return response
 
     def _write_log(
         self, peer: str | None, method: str, target: str, status: int, length: int,
-        seconds: float, referer: str | None, agent: str | None,
+        seconds: float, logged: Logged,
     ) -> None:  # fmt: skip
         if self._log is not None:
+            referer, agent = _text(logged)
             self._log.emit(self._log.line(peer, method, target, status, length, seconds, referer,
                                           agent))  # fmt: skip
 
@@ -466,8 +464,11 @@ def _nar_head(stat: os.stat_result) -> bytes:
 
 def _logged_fields(fields: dict[bytes, bytes]) -> Logged:
     """The ``Referer`` and ``User-Agent`` of a head, for the access log."""
-    referer = fields.get(b"referer")
-    agent = fields.get(b"user-agent")
+    return fields.get(b"referer"), fields.get(b"user-agent")
+
+
+def _text(logged: Logged) -> tuple[str | None, str | None]:
+    referer, agent = logged
     return (
         None if referer is None else referer.decode("latin-1"),
         None if agent is None else agent.decode("latin-1"),

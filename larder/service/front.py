@@ -46,6 +46,7 @@ log = logging.getLogger("larder.server")
 #: Unanswered bytes held before reading pauses.
 MAX_BUFFER = 64 * 1024
 _CRLF = b"\r\n"
+_HEAD = tuple.__new__  # a Head from its three fields, without NamedTuple's own __new__
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -153,7 +154,7 @@ class FrontProtocol(asyncio.Protocol):
         if rest and data.endswith(rest) and data.startswith(b"GET "):
             target = data[4 : len(data) - len(rest)]
             if self._fast.kept(target):
-                return Head(b"GET", target, self._rest_fields)
+                return _HEAD(Head, (b"GET", target, self._rest_fields))
         return None
 
     def _remember(self, data: bytes, head: Head) -> None:
