@@ -150,7 +150,7 @@ PHASES = {  # phase -> (connections, what: "narinfos" (the script), "hot" (one n
 
 def measure(
     binary: str, bases: dict[str, str], paths_file: Path, nar_path: str, hot_path: str,
-    seconds: int, rounds: int,
+    seconds: int, rounds: int, phases: list[str],
 ) -> dict[str, dict[str, list[dict[str, float]]]]:  # fmt: skip
     """Every phase ``rounds`` times against each server, the two taking turns (and turns about
     which goes first), so that a machine whose speed drifts slows both alike."""
@@ -158,7 +158,8 @@ def measure(
     script.write_text(WRK_SCRIPT % paths_file)
     runs: dict[str, dict[str, list[dict[str, float]]]] = {name: {} for name in bases}
     for n in range(rounds):
-        for phase, (connections, what) in PHASES.items():
+        for phase in phases:
+            connections, what = PHASES[phase]
             order = list(bases) if n % 2 == 0 else list(reversed(bases))
             for name in order:
                 url = bases[name] + {"narinfos": "", "hot": hot_path, "nar": nar_path}[what]
@@ -176,6 +177,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--larder-env", nargs="*", default=[], help="KEY=VALUE for larder")
+    parser.add_argument(
+        "--phases", nargs="*", choices=list(PHASES), default=list(PHASES), help="default: all"
+    )
     options = parser.parse_args()
     extra = dict(item.split("=", 1) for item in options.larder_env)
     binary = ensure_wrk()
@@ -195,7 +199,7 @@ def main() -> int:
                 bases = {"larder": server.url, "nginx": nginx.url}
                 hot_path = f"/main/{hashes[0]}.narinfo"
                 runs = measure(binary, bases, paths_file, nar_path, hot_path, options.seconds,
-                               options.rounds)  # fmt: skip
+                               options.rounds, options.phases)  # fmt: skip
     if options.json:
         print(json.dumps(runs, indent=2))
         return 0
@@ -209,6 +213,8 @@ def main() -> int:
             ("nar_1", "mib_s", "NAR GET .zst, 1 conn, MiB/s"),
             ("nar_4", "mib_s", "NAR GET .zst, 4 conns, MiB/s"))  # fmt: skip
     for phase, field, label in rows:
+        if phase not in runs["larder"]:
+            continue
         ours = [run[field] for run in runs["larder"][phase]]
         theirs = [run[field] for run in runs["nginx"][phase]]
         ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
