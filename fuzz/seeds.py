@@ -99,6 +99,7 @@ def head_seeds() -> list[bytes]:
     )
     smuggled = b"GET /main/nix-cache-info?smuggled=1 HTTP/1.1\r\nHost: x\r\n\r\n"
     length = str(len(smuggled)).encode()
+    whole = held + b"\r\n"
     heads = [
         held + b"\r\n",
         held + b"\r\n" + held + b"\r\n",
@@ -117,7 +118,6 @@ def head_seeds() -> list[bytes]:
         f"GET /main/{HELD}.narinfo HTTP/1.0\r\n\r\n".encode(),
         b"PUT /main/x.narinfo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab" + held + b"\r\n",
     ]
-    whole = held + b"\r\n"
     again = [  # two reads of one head each: the second may be answered without reading it again
         whole + whole,
         whole + held + b"X-A: b\r\n\r\n",
@@ -125,6 +125,8 @@ def head_seeds() -> list[bytes]:
         whole + whole.replace(HELD.encode(), MISSING.encode()),
         whole + whole.replace(b"Host: x", b"Host: x\r\nConnection: close"),
     ]
+    heads.append(whole * 40)  # past the heads kept read: the rest are read again in turn
+    heads.append(whole * 36 + held + b"Content-Length: 3\r\n\r\nabc" + whole)
     return [bytes([cut]) + head for cut in (0, 40) for head in heads] + [
         bytes([len(whole)]) + pair for pair in again
     ]

@@ -38,7 +38,7 @@ from aiohttp import web
 
 from larder.service.fastpath import FastPath, NarGet, NarinfoGet, OpenNar
 from larder.service.guard import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard
-from larder.service.heads import END, MAX_HEAD, Head, HeadReader
+from larder.service.heads import AGAIN, END, MAX_HEAD, Head, HeadReader
 from larder.service.transfer import SendFailed, send_file
 
 log = logging.getLogger("larder.server")
@@ -195,6 +195,8 @@ class FrontProtocol(asyncio.Protocol):
                 self._hand_over()
                 return
             head = heads.popleft()
+            if head is AGAIN:
+                head = HeadReader.again(bytes(self._buffer[: end + 4]))
             if head is None or not self._dispatch(head, end + 4):
                 if head is None:
                     self._hand_over()

@@ -11,7 +11,8 @@ request without ``Host``. After a refused piece the reader is spent and the conn
 aiohttp with every byte not answered yet, the refused piece included, so aiohttp refuses it too.
 
 Every request head completed in the bytes fed so far is queued in :attr:`HeadReader.heads`, in
-order:
+order (past :data:`MAX_KEPT` waiting, as :data:`AGAIN`: read again with :meth:`HeadReader.again`
+when its turn comes, so a long pipeline holds its bytes and not their reading):
 its :class:`Head`, or ``None`` when the short path must not answer it (not ``HTTP/1.1``, a
 body, or a field named twice). A request with no body ends at its first empty line, so the
 caller finds its bytes by the first ``CRLF CRLF`` (unless they begin with empty lines, which
@@ -34,6 +35,8 @@ MAX_FIELDS = 128
 MAX_HEAD = 8192
 #: The end of a head.
 END = b"\r\n\r\n"
+#: Heads kept read in :attr:`HeadReader.heads`; later ones are queued as :data:`AGAIN`.
+MAX_KEPT = 32
 #: Fields aiohttp refuses to see twice in a request (``aiohttp.http_parser.SINGLETON_HEADERS``).
 SINGLETONS = frozenset(
     {
@@ -50,6 +53,10 @@ class Head(NamedTuple):
     method: bytes
     target: bytes
     fields: dict[bytes, bytes]
+
+
+#: A head queued without its reading (:meth:`HeadReader.again` reads it when its turn comes).
+AGAIN = Head(b"", b"", {})
 
 
 class _Refused(Exception):
@@ -71,6 +78,14 @@ class HeadReader:
         self._target = b""
         self._count = 0
         self._fit = True
+
+    @staticmethod
+    def again(data: bytes) -> Head | None:
+        """``data``, the bytes of a head queued as :data:`AGAIN`, read again (between requests,
+        so the same way as when it was fed)."""
+        reader = HeadReader()
+        reader.feed(data)
+        return reader.heads[0] if reader.good and len(reader.heads) == 1 else None
 
     def feed(self, data: bytes) -> bool:
         """Read ``data``, the next bytes of the connection; ``False`` if they are refused."""
@@ -111,7 +126,9 @@ class HeadReader:
         if version == "1.1" and b"host" not in fields:
             raise _Refused("no Host")
         length = fields.get(b"content-length")
-        if (
+        if len(self.heads) >= MAX_KEPT:
+            self.heads.append(AGAIN)
+        elif (
             not self._fit
             or version != "1.1"
             or b"transfer-encoding" in fields

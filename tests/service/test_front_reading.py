@@ -13,6 +13,7 @@ import tracemalloc
 
 import pytest
 
+from larder.service.front import FrontProtocol
 from tests.service.conftest import Live
 from tests.service.test_fastpath import Conn, get, hash_of, upload
 
@@ -119,3 +120,44 @@ async def test_distinct_heads_of_a_kept_target_are_not_remembered(live: Live) ->
     assert live.running.front  # answered on the short path
     assert grown < 2 * 1024 * 1024, grown  # 1,000 heads of 6 KB each were not kept
     conn.close()
+
+
+class _Quiet(asyncio.Transport):
+    """A transport whose client reads nothing: what is written stays with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += len(data)
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_long_pipeline_holds_its_bytes_not_their_reading(live: Live) -> None:
+    protocol = FrontProtocol(live.running.runner.server, live.running.fast, set())
+    transport = _Quiet()
+    protocol.connection_made(transport)
+    protocol.pause_writing()  # the client takes nothing: every request waits
+    data = get(f"/main/{hash_of('pipelined')}.narinfo") * 4_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        protocol.data_received(data)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert transport.written == 0
+    assert grown < 2 * len(data), (grown, len(data))  # the bytes, not a reading of each head
+    protocol.connection_lost(None)
