@@ -1,20 +1,22 @@
 """Every connection's first protocol: what Nix asks most answered here, the rest by aiohttp.
 
-:class:`FrontProtocol` reads request heads with :class:`~larder.service.heads.HeadReader`
-(llhttp, with aiohttp's limits) and gives each one it takes to
-:class:`~larder.service.fastpath.FastPath`. A NAR's head goes through the transport, its body by
-``sendfile(2)`` straight to the socket (:func:`~larder.service.transfer.send_file`); a transfer
-that fails closes the connection. At the first head the reader does not take, or the fast path
-does not answer, or whose lookup fails, the connection, with every byte not answered yet, is
-handed to aiohttp's own protocol for good (``transport.set_protocol``): malformed heads,
-uploads, private caches, NAR misses and HEADs, ranges, errors and whatever follows them on the
-connection are read and answered by aiohttp, as if the connection had just opened.
+:class:`FrontProtocol` feeds every read to the connection's
+:class:`~larder.service.heads.HeadReader` (llhttp, with aiohttp's own checks) and gives each
+whole head it read to :class:`~larder.service.fastpath.FastPath`. A NAR's head goes through the
+transport, its body by ``sendfile(2)`` straight to the socket
+(:func:`~larder.service.transfer.send_file`); a transfer that fails closes the connection. At
+the first read aiohttp would refuse, or the first request the fast path does not answer or
+whose lookup fails, the connection, with every byte not answered yet, is handed to aiohttp's own
+protocol for good (``transport.set_protocol``): malformed heads, uploads, private caches, NAR
+misses and HEADs, ranges, errors and whatever follows them on the connection are read and
+answered by aiohttp, as if the connection had just opened.
 
 Memory is bounded in every state. Reading is paused while an answer is in flight (a lookup, a
 NAR being sent: requests behind it wait, so answers keep their order), while the transport's
 write buffer is full (the client does not read), and while :data:`MAX_BUFFER` unanswered bytes
-are held; so the input buffer never holds more than that plus one read. Bytes without a whole
-head past :data:`~larder.service.heads.MAX_HEAD` go to aiohttp, which applies its own limits.
+are held; so the input buffer never holds more than that plus one read, and the reader keeps at
+most :data:`~larder.service.heads.MAX_KEPT` of its heads read. Bytes without a whole head past
+:data:`~larder.service.heads.MAX_HEAD` go to aiohttp, which applies its own limits.
 
 The connection guards (:mod:`larder.service.guard`) hold from the start: over
 ``max_connections`` a connection is answered 503 and closed, and a request head not complete
