@@ -89,6 +89,49 @@ def path_seeds() -> list[bytes]:
     ]
 
 
+def head_seeds() -> list[bytes]:
+    from fuzz.request_heads import HELD, MISSING
+
+    held = f"GET /main/{HELD}.narinfo HTTP/1.1\r\nHost: x\r\n".encode()
+    nix = (
+        b"Host: cache\r\nUser-Agent: curl/8.14.1 Nix/2.34.0\r\nAccept: */*\r\n"
+        b"Accept-Encoding: deflate, gzip, br, zstd\r\n"
+    )
+    smuggled = b"GET /main/nix-cache-info?smuggled=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    length = str(len(smuggled)).encode()
+    whole = held + b"\r\n"
+    heads = [
+        held + b"\r\n",
+        held + b"\r\n" + held + b"\r\n",
+        f"GET /main/{MISSING}.narinfo HTTP/1.1\r\n".encode() + nix + b"\r\n",
+        f"HEAD /main/{HELD}.narinfo HTTP/1.1\r\n".encode() + nix + b"\r\n",
+        b"GET /main/nix-cache-info HTTP/1.1\r\n" + nix + b"\r\n",
+        b"GET /main/nar/" + b"0" * 52 + b".nar.zst HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /nope/nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        held + b"Content-Length : " + length + b"\r\n\r\n" + smuggled,
+        held + b"Transfer-Encoding\t: chunked\r\n\r\n" + smuggled,
+        held + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" + held + b"\r\n",
+        held + b"Content-Length: " + length + b"\r\n\r\n" + smuggled,
+        held + b"X-A: b\nContent-Length: 3\r\n\r\nabc",
+        held + b"Referer: r\r\nUser-Agent: u\r\nConnection: keep-alive\r\n\r\n",
+        held + b"Expect: 100-continue\r\n\r\n",
+        f"GET /main/{HELD}.narinfo HTTP/1.0\r\n\r\n".encode(),
+        b"PUT /main/x.narinfo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab" + held + b"\r\n",
+    ]
+    again = [  # two reads of one head each: the second may be answered without reading it again
+        whole + whole,
+        whole + held + b"X-A: b\r\n\r\n",
+        whole + whole.replace(b"GET", b"HEAD", 1),
+        whole + whole.replace(HELD.encode(), MISSING.encode()),
+        whole + whole.replace(b"Host: x", b"Host: x\r\nConnection: close"),
+    ]
+    heads.append(whole * 40)  # past the heads kept read: the rest are read again in turn
+    heads.append(whole * 36 + held + b"Content-Length: 3\r\n\r\nabc" + whole)
+    return [bytes([cut]) + head for cut in (0, 40) for head in heads] + [
+        bytes([len(whole)]) + pair for pair in again
+    ]
+
+
 CARGO_LIB = [
     "--crate-name", "hex", "--edition=2018", "/h/.cargo/registry/src/idx/hex-0.4.3/src/lib.rs",
     "--error-format=json", "--json=diagnostic-rendered-ansi,artifacts,future-incompat",
@@ -129,6 +172,7 @@ def all_seeds(fixtures: Path) -> dict[str, dict[str, bytes]]:
         "nar": _named(nar_seeds(fixtures)),
         "tokens": _named(token_seeds()),
         "request_paths": _named(path_seeds()),
+        "request_heads": _named(head_seeds()),
         "client_args": _named(args_seeds()),
         "client_depinfo": _named(depinfo_seeds()),
     }

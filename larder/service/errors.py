@@ -18,7 +18,8 @@ from larder.service.observe import note_error_code
 
 log = logging.getLogger("larder.http")
 
-RETRY_AFTER_SECONDS = 5
+#: ``Retry-After`` of every 503 (storage unreachable, too many connections).
+RETRY_AFTER_SECONDS = 1
 
 # Most specific class first: the first isinstance match wins.
 STATUS_TABLE: tuple[tuple[type[errors.LarderError], int], ...] = (

@@ -19,12 +19,13 @@ what the application would send (status, ``Content-Type``, ``Content-Length``, `
 hit statistics (a miss also remembers its store hash), one access log line, one use of the
 narinfo.
 
-Most requests repeat a target answered before, so the bytes of each answer are kept, per target,
-beside the cache settings and the remembered body they were made from (at most
-:data:`MAX_ANSWERS`). A head whose fields are plain (``name: value`` lines, none of the fields
-above) and whose target has kept bytes is answered from them, with no parsing beyond two regular
-expressions, while the cache's settings and the served-narinfo memory still give the very objects
-the bytes were made from; otherwise the head takes the full check. Once that question was
+Heads come read (:class:`~larder.service.heads.Head`, by llhttp under aiohttp's limits); a head
+that reader does not take never comes here. Most requests repeat a target answered before, so
+the bytes of each answer are kept, per target, beside the cache settings and the remembered body
+they were made from (at most :data:`MAX_ANSWERS`). A head whose fields are none of the fields
+above and whose target has kept bytes is answered from them while the cache's settings and the
+served-narinfo memory still give the very objects the bytes were made from; otherwise the head
+takes the full check. Once that question was
 answered yes for a narinfo, it is not asked again for :data:`RECHECK` seconds (never past the
 point where the entry is due for a refresh or the cache's settings go stale) unless the
 served-narinfo entry stops being current (replaced, forgotten, evicted) or the memory of caches
@@ -68,47 +69,40 @@ from larder.errors import FormatError, LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
+from larder.service.heads import Head
+from larder.service.nixheaders import cache_info_headers, head_lines, nar_headers, narinfo_headers
 from larder.service.observe import HITS, METRICS, TALLY
 from larder.service.tally import TallyKey
 from larder.storage.base import BlobReader
 
 #: Targets whose answer bytes are kept (all of them are dropped when one more comes).
 MAX_ANSWERS = 20_000
-#: Distinct sets of header lines whose verdict is kept (likewise).
-MAX_RESTS = 1024
 #: Seconds for which a kept narinfo is answered without looking at the memories again, while
 #: neither changes it; a use of it is recorded, and its place in the memory renewed, once per
 #: that.
 RECHECK = 1.0
 
-NARINFO_TYPE = b"text/x-nix-narinfo"
-CACHE_INFO_TYPE = b"text/x-nix-cache-info"
-NAR_TYPE = "application/x-nix-nar"
-NOT_FOUND_TYPE = b"text/plain; charset=utf-8"
-NOT_FOUND_BODY = b"404: Not Found"  # what aiohttp answers for web.HTTPNotFound()
+# What aiohttp answers for web.HTTPNotFound().
+NOT_FOUND_HEADERS = {"Content-Type": "text/plain; charset=utf-8"}
+NOT_FOUND_BODY = b"404: Not Found"
+#: A narinfo HEAD that finds it: the application's answer has no ``Content-Length``.
+_NARINFO_HEAD_HIT = head_lines(200, narinfo_headers(), None)
 
 _TARGET = re.compile(rb"/([^/?%#]+)/([^/?%#]{32})\.narinfo")
 _CACHE_INFO_TARGET = re.compile(rb"/([^/?%#]+)/nix-cache-info")
 _NAR_TARGET = re.compile(rb"/([^/?%#]+)/nar/([0-9a-z]{52})\.nar\.zst")
 _REFUSED_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+#: Fields whose presence or value can make a GET something this path does not answer.
+_CHECKED = _REFUSED_HEADERS | {b"content-length", b"connection"}
 # What aiohttp's file responses act on (ranges, conditional requests): the application answers.
 _NAR_REFUSED_HEADERS = _REFUSED_HEADERS | {
     b"range", b"if-range", b"if-match", b"if-none-match", b"if-modified-since",
     b"if-unmodified-since",
 }  # fmt: skip
 _SERVER = SERVER_SOFTWARE.encode()
-_VERSION = b" HTTP/1.1"
-# Header fields this path reads nothing from: token names, values without CR or LF.
-_PLAIN_FIELDS = re.compile(
-    rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*)*"
-)
-_CHECKED_FIELDS = re.compile(
-    rb"(?:^|\n)(?:transfer-encoding|expect|upgrade|content-length|connection)[ \t]*:", re.I
-)
-_LOGGED_FIELDS = re.compile(
-    rb"^(user-agent|referer)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.I | re.M
-)
 
+#: The ``Referer`` and ``User-Agent`` of a request as sent, for its access log line.
+Logged = tuple[bytes | None, bytes | None]
 #: Formats the access log line of an answer: remote, method, target, status, length, seconds,
 #: referer, user agent.
 LogLine = Callable[[str | None, str, str, int, int, float, str | None, str | None], str]
@@ -146,14 +140,12 @@ class _Answer:
         self.store_hash = store_hash
         self.body = body
         if body is None:
-            status, reason, content_type, body = 404, b"Not Found", NOT_FOUND_TYPE, NOT_FOUND_BODY
+            status, headers, body = 404, NOT_FOUND_HEADERS, NOT_FOUND_BODY
         else:
-            status, reason, content_type = 200, b"OK", NARINFO_TYPE
+            status, headers = 200, narinfo_headers()
         self.status = status
         self.payload = body  # what is sent: the narinfo, or the 404's text
-        self.head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-            status, reason, content_type, len(body),
-        )  # fmt: skip
+        self.head = head_lines(status, headers, len(body))
         self.second = -1
         self.response = b""
         self.served = NixCache.served_keys(settings, store_hash)
@@ -178,7 +170,6 @@ class FastPath:
         self._log = log
         self._tally = app[TALLY]
         self._answers: dict[bytes, _Answer] = {}
-        self._rests: dict[bytes, tuple[str | None, str | None] | Literal[False]] = {}
         self._second = -1
         self._date_line = b""
         self._local_blobs = True  # until a blob turns out not to be a local file
@@ -190,20 +181,20 @@ class FastPath:
             self._date_line = b"Date: %s\r\nServer: %s\r\n\r\n" % (date, _SERVER)
         return self._date_line
 
-    def quick(self, head: bytes, peer: str | None) -> bytes | None:
-        """The answer to ``head`` (without its blank line) from kept bytes, or ``None``: then
-        :meth:`parse` decides."""
+    def kept(self, target: bytes) -> bool:
+        """Whether answer bytes are kept for ``target``."""
+        return target in self._answers
+
+    def quick(self, head: Head, peer: str | None) -> bytes | None:
+        """The answer to ``head`` from kept bytes, or ``None``: then :meth:`parse` decides."""
         start = time.monotonic()
-        space = head.find(b" ", 4)
-        answer = self._answers.get(head[4:space])
-        if answer is None or not head.startswith(b"GET "):
+        answer = self._answers.get(head.target)
+        if answer is None or head.method != b"GET":
             return None
-        rest = head[space:]
-        logged = self._rests.get(rest)
-        if logged is None:
-            logged = self._check_rest(rest)
-        if logged is False:
+        fields = head.fields
+        if not _CHECKED.isdisjoint(fields) and not _plain(fields, _REFUSED_HEADERS):
             return None
+        logged = _logged_fields(fields)
         if (
             start >= answer.checked_until
             or not answer.entry.current
@@ -228,69 +219,50 @@ class FastPath:
             answer.checked_until = now + min(RECHECK, seconds, self._caches.fresh_for(answer.cache))
         return True
 
-    def _check_rest(self, rest: bytes) -> tuple[str | None, str | None] | Literal[False]:
-        """For the head after its target (`` HTTP/1.1`` and the header lines): the referer and
-        user agent if its fields are plain, else ``False``; remembered (clients repeat them)."""
-        verdict: tuple[str | None, str | None] | Literal[False] = False
-        fields = rest[len(_VERSION) + 2 :]
-        if rest == _VERSION or (
-            rest.startswith(_VERSION + b"\r\n")
-            and _PLAIN_FIELDS.fullmatch(fields) is not None
-            and _CHECKED_FIELDS.search(fields) is None
-        ):
-            verdict = _logged_fields(fields)
-        if len(self._rests) >= MAX_RESTS:
-            self._rests.clear()
-        self._rests[rest] = verdict
-        return verdict
-
-    def parse(self, head: bytes, peer: str | None) -> NarinfoGet | None:
-        """The request ``head`` (without its blank line) if this path may answer it."""
+    def parse(self, head: Head, peer: str | None) -> NarinfoGet | None:
+        """The request ``head`` if this path may answer it."""
         parsed = _plain_request(head, _TARGET, _REFUSED_HEADERS, head_too=True)
         if parsed is None:
             return None
-        method, cache, match, target, fields = parsed
+        method, cache, match, target, logged = parsed
         try:
             store_hash = check_hash_part(match.group(2).decode("ascii"))
         except (FormatError, UnicodeDecodeError):
             return None
         return NarinfoGet(
-            cache, store_hash, target, peer, fields, time.monotonic(), method == b"HEAD"
+            cache, store_hash, target, peer, logged, time.monotonic(), method == b"HEAD"
         )
 
-    def cache_info(self, head: bytes, peer: str | None) -> bytes | None:
+    def cache_info(self, head: Head, peer: str | None) -> bytes | None:
         """The answer to ``head`` if it is a ``nix-cache-info`` GET this path may answer."""
         start = time.monotonic()
         parsed = _plain_request(head, _CACHE_INFO_TARGET, _REFUSED_HEADERS)
         if parsed is None:
             return None
-        _, name, _, target, fields = parsed
+        _, name, _, target, logged = parsed
         settings = self._caches.known(name)
         if settings is None or settings.private:
             return None
         body = nix_cache_info(settings)
-        head_lines = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-            CACHE_INFO_TYPE, len(body),
-        )  # fmt: skip
-        response = head_lines + self._http_date_line(int(time.time())) + body
+        lines = head_lines(200, cache_info_headers(), len(body))
+        response = lines + self._http_date_line(int(time.time())) + body
         self._app[METRICS].add_cache(settings.name)
         seconds = time.monotonic() - start
         self._tally.add(settings.name, "nix", 200, seconds, len(body))
         if self._log is not None:
-            referer, agent = _logged_fields(fields)
-            self._write_log(peer, "GET", target, 200, len(response), seconds, referer, agent)
+            self._write_log(peer, "GET", target, 200, len(response), seconds, logged)
         return response
 
-    def parse_nar(self, head: bytes, peer: str | None) -> NarGet | None:
+    def parse_nar(self, head: Head, peer: str | None) -> NarGet | None:
         """The request ``head`` if it is a NAR GET this path may answer (module docstring)."""
         if not self._local_blobs:
             return None
         parsed = _plain_request(head, _NAR_TARGET, _NAR_REFUSED_HEADERS)
         if parsed is None:
             return None
-        _, cache, match, target, fields = parsed
+        _, cache, match, target, logged = parsed
         nar_hash = match.group(2).decode("ascii")
-        return NarGet(cache, nar_hash, target, peer, fields, time.monotonic())
+        return NarGet(cache, nar_hash, target, peer, logged, time.monotonic())
 
     async def open_nar(self, request: NarGet) -> OpenNar | None:
         """The NAR's blob, open, with the head to send before it; ``None`` if the application
@@ -333,10 +305,9 @@ class FastPath:
     def nar_sent(self, request: NarGet, nar: OpenNar, sent: int) -> None:
         """The body is out (``sent`` bytes of it, all unless the transfer failed): log it."""
         if self._log is not None:
-            referer, agent = _logged_fields(request.fields)
             seconds = time.monotonic() - request.start
             self._write_log(request.peer, "GET", request.path, 200, len(nar.head) + sent,
-                            seconds, referer, agent)  # fmt: skip
+                            seconds, request.logged)  # fmt: skip
 
     @property
     def send_idle(self) -> float:
@@ -376,7 +347,7 @@ class FastPath:
             self._answers.clear()
         self._answers[request.path.encode("ascii")] = answer
         self._app[METRICS].add_cache(settings.name)
-        logged = _logged_fields(request.fields)
+        logged = request.logged
         if request.head_only:
             return self._finish_head(answer, request.start, request.peer, logged)
         return self._finish(answer, request.start, request.peer, logged)
@@ -386,7 +357,7 @@ class FastPath:
         answer: _Answer,
         start: float,
         peer: str | None,
-        logged: tuple[str | None, str | None],
+        logged: Logged,
     ) -> bytes:
         now = time.time()
         second = int(now)
@@ -400,14 +371,14 @@ class FastPath:
         self._tally.add_to(answer.tally_key, seconds, len(answer.payload))
         log = self._log
         if log is not None:
-            referer, agent = logged
             if log.timed:
                 self._write_log(peer, "GET", answer.target, answer.status, len(response), seconds,
-                                referer, agent)  # fmt: skip
+                                logged)  # fmt: skip
                 return response
             key = (int(now - seconds), peer, logged, len(response))
             if answer.log_key != key:
                 answer.log_key = key
+                referer, agent = _text(logged)
                 answer.log_text = log.line(peer, "GET", answer.target, answer.status,
                                            len(response), seconds, referer, agent)  # fmt: skip
             log.emit(answer.log_text)
@@ -418,30 +389,30 @@ class FastPath:
         answer: _Answer,
         start: float,
         peer: str | None,
-        logged: tuple[str | None, str | None],
+        logged: Logged,
     ) -> bytes:
         """A HEAD's answer, as the application gives it: no body, and no ``Content-Length`` for
         a narinfo that is there (the 404's length is its text's)."""
         hit = answer.body is not None
         head = answer.head
         if hit:
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n" % NARINFO_TYPE
+            head = _NARINFO_HEAD_HIT
         response = head + self._http_date_line(int(time.time()))
         seconds = time.monotonic() - start
         if not hit:
             self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
         self._tally.add(answer.cache, "nix", answer.status, seconds, 0, "narinfo", hit)
         if self._log is not None:
-            referer, agent = logged
             self._write_log(peer, "HEAD", answer.target, answer.status, len(response), seconds,
-                            referer, agent)  # fmt: skip
+                            logged)  # fmt: skip
         return response
 
     def _write_log(
         self, peer: str | None, method: str, target: str, status: int, length: int,
-        seconds: float, referer: str | None, agent: str | None,
+        seconds: float, logged: Logged,
     ) -> None:  # fmt: skip
         if self._log is not None:
+            referer, agent = _text(logged)
             self._log.emit(self._log.line(peer, method, target, status, length, seconds, referer,
                                           agent))  # fmt: skip
 
@@ -450,37 +421,36 @@ class FastPath:
         self._tally.flush()
 
 
+def _plain(fields: dict[bytes, bytes], refused: frozenset[bytes]) -> bool:
+    """Whether ``fields`` announce no body (``Content-Length`` absent or 0), none of
+    ``refused``, and no ``Connection`` other than ``keep-alive``."""
+    if not refused.isdisjoint(fields):
+        return False
+    length = fields.get(b"content-length")
+    connection = fields.get(b"connection")
+    return (length is None or length == b"0") and (
+        connection is None or connection.lower() == b"keep-alive"
+    )
+
+
 def _plain_request(
-    head: bytes, pattern: re.Pattern[bytes], refused: frozenset[bytes], head_too: bool = False
-) -> tuple[bytes, str, re.Match[bytes], str, bytes] | None:
-    """``(method, cache, match, target, header lines)`` of a ``GET <target> HTTP/1.1`` head
-    (or ``HEAD``, with ``head_too``) whose target matches ``pattern``, its first group a valid
-    cache name, and whose fields announce no body and none of ``refused``."""
-    line, _, fields = head.partition(b"\r\n")
-    method, _, rest = line.partition(b" ")
-    if not (method == b"GET" or (head_too and method == b"HEAD")) or not rest.endswith(_VERSION):
+    head: Head, pattern: re.Pattern[bytes], refused: frozenset[bytes], head_too: bool = False
+) -> tuple[bytes, str, re.Match[bytes], str, Logged] | None:
+    """``(method, cache, match, target, (referer, user agent))`` of a ``GET`` head (or
+    ``HEAD``, with ``head_too``) whose target matches ``pattern``, its first group a valid cache
+    name, and whose fields are :func:`_plain`."""
+    method = head.method
+    if not (method == b"GET" or (head_too and method == b"HEAD")):
         return None
-    target = rest[: -len(_VERSION)]
-    match = pattern.fullmatch(target)
-    if match is None:
+    match = pattern.fullmatch(head.target)
+    if match is None or not _plain(head.fields, refused):
         return None
-    for field in fields.split(b"\r\n") if fields else ():
-        name, colon, raw = field.partition(b":")
-        if not colon or not name or name[:1] in b" \t":
-            return None  # malformed or folded: aiohttp decides
-        key = name.lower()
-        value = raw.strip()
-        if key in refused:
-            return None
-        if key == b"content-length" and value != b"0":
-            return None
-        if key == b"connection" and value.lower() != b"keep-alive":
-            return None
     try:
         cache = check_cache_name(match.group(1).decode("ascii"))
-        return method, cache, match, target.decode("ascii"), fields
+        target = head.target.decode("ascii")
     except (FormatError, UnicodeDecodeError):
         return None
+    return method, cache, match, target, _logged_fields(head.fields)
 
 
 def _nar_head(stat: os.stat_result) -> bytes:
@@ -488,22 +458,21 @@ def _nar_head(stat: os.stat_result) -> bytes:
     whole blob file."""
     etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
     modified = email.utils.formatdate(math.ceil(stat.st_mtime), usegmt=True)  # as aiohttp does
+    headers = {"Accept-Ranges": "bytes", **nar_headers(), "Etag": etag, "Last-Modified": modified}
+    return head_lines(200, headers, stat.st_size)
+
+
+def _logged_fields(fields: dict[bytes, bytes]) -> Logged:
+    """The ``Referer`` and ``User-Agent`` of a head, for the access log."""
+    return fields.get(b"referer"), fields.get(b"user-agent")
+
+
+def _text(logged: Logged) -> tuple[str | None, str | None]:
+    referer, agent = logged
     return (
-        f"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Type: {NAR_TYPE}\r\n"
-        f"Etag: {etag}\r\nLast-Modified: {modified}\r\nContent-Length: {stat.st_size}\r\n"
-    ).encode("latin-1")
-
-
-def _logged_fields(fields: bytes) -> tuple[str | None, str | None]:
-    """The last ``Referer`` and ``User-Agent`` among header lines ``fields``."""
-    referer = agent = None
-    for match in _LOGGED_FIELDS.finditer(fields):
-        value = match.group(2).decode("latin-1")
-        if len(match.group(1)) == len(b"referer"):
-            referer = value
-        else:
-            agent = value
-    return referer, agent
+        None if referer is None else referer.decode("latin-1"),
+        None if agent is None else agent.decode("latin-1"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,7 +483,7 @@ class NarGet:
     nar_hash: str
     path: str
     peer: str | None
-    fields: bytes
+    logged: Logged  # referer and user agent, for the access log
     start: float
 
 
@@ -540,6 +509,6 @@ class NarinfoGet:
     store_hash: str
     path: str
     peer: str | None
-    fields: bytes  # the head's header lines, for the access log
+    logged: Logged  # referer and user agent, for the access log
     start: float
     head_only: bool = False  # HEAD: the answer has no body

@@ -1,24 +1,31 @@
 """Every connection's first protocol: what Nix asks most answered here, the rest by aiohttp.
 
-:class:`FrontProtocol` reads request heads itself and gives each complete one to
-:class:`~larder.service.fastpath.FastPath`; requests behind a head that needs a storage lookup,
-or behind a NAR being sent, wait for it (reading pauses while a NAR goes out), so answers keep
-their order. A NAR's head goes through the transport, its body by ``sendfile(2)`` straight to the
-socket (:func:`~larder.service.transfer.send_file`); a transfer that fails closes the connection.
-At the first request the fast path does not take, or whose lookup fails, the connection, with
-every byte not answered yet, is handed to aiohttp's own protocol for good
-(``transport.set_protocol``): uploads, private caches, NAR misses and HEADs, ranges, errors and
-whatever follows them on the connection are served by the full application, as if the
-connection had just opened.
+:class:`FrontProtocol` feeds every read to the connection's
+:class:`~larder.service.heads.HeadReader` (llhttp, with aiohttp's own checks) and gives each
+whole head it read to :class:`~larder.service.fastpath.FastPath`. A NAR's head goes through the
+transport, its body by ``sendfile(2)`` straight to the socket
+(:func:`~larder.service.transfer.send_file`); a transfer that fails closes the connection. At
+the first read aiohttp would refuse, or the first request the fast path does not answer or
+whose lookup fails, the connection, with every byte not answered yet, is handed to aiohttp's own
+protocol for good (``transport.set_protocol``): malformed heads, uploads, private caches, NAR
+misses and HEADs, ranges, errors and whatever follows them on the connection are read and
+answered by aiohttp, as if the connection had just opened.
+
+Memory is bounded in every state. Reading is paused while an answer is in flight (a lookup, a
+NAR being sent: requests behind it wait, so answers keep their order), while the transport's
+write buffer is full (the client does not read), and while :data:`MAX_BUFFER` unanswered bytes
+are held; so the input buffer never holds more than that plus one read, and the reader keeps at
+most :data:`~larder.service.heads.MAX_KEPT` of its heads read. Bytes without a whole head past
+:data:`~larder.service.heads.MAX_HEAD` go to aiohttp, which applies its own limits.
 
 The connection guards (:mod:`larder.service.guard`) hold from the start: over
 ``max_connections`` a connection is answered 503 and closed, and a request head not complete
 within ``header_timeout`` of its first byte (or of the connection opening) is answered 408 and
-closed; the handover passes the connection's place in the count on to aiohttp's handler. An idle
-keep-alive connection is closed after :data:`IDLE_TIMEOUT` seconds (one looking up or sending is
-not idle; a NAR transfer has its own deadline, ``body_idle_timeout`` without progress). Both
-deadlines are checked by one :class:`Sweeper` per server, a few times per ``header_timeout`` (at
-least once a second), rather than by a timer per request.
+closed (by the server's :class:`~larder.service.guard.Sweeper`); the handover passes the
+connection's place in the count on to aiohttp's handler. An idle keep-alive connection is closed
+after :data:`~larder.service.guard.KEEPALIVE_TIMEOUT` seconds, as aiohttp closes its own (one
+looking up or sending is not idle; a NAR transfer has its own deadline, ``body_idle_timeout``
+without progress).
 """
 
 from __future__ import annotations
@@ -26,22 +33,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 
 from aiohttp import web
 
 from larder.service.fastpath import FastPath, NarGet, NarinfoGet, OpenNar
 from larder.service.guard import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard
-from larder.service.transfer import send_file
+from larder.service.heads import AGAIN, END, MAX_HEAD, Head, HeadReader
+from larder.service.transfer import SendFailed, send_file
 
 log = logging.getLogger("larder.server")
 
-#: A head longer than this is handed over (aiohttp applies its own limits).
-MAX_HEAD = 8192
-#: Seconds an idle keep-alive connection stays open (aiohttp's default).
-IDLE_TIMEOUT = 75.0
-#: The longest time between two sweeps.
-MAX_SWEEP_INTERVAL = 1.0
+#: Unanswered bytes held before reading pauses.
+MAX_BUFFER = 64 * 1024
+_CRLF = b"\r\n"
+_HEAD = tuple.__new__  # a Head from its three fields, without NamedTuple's own __new__
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -60,9 +67,18 @@ class FrontProtocol(asyncio.Protocol):
         self._guard = guard or ConnectionGuard(0, 0)
         self._counted = False
         self._buffer = bytearray()
+        self._reader = HeadReader()
+        #: The last whole head's bytes after its target, and its fields (:meth:`_again`).
+        self._rest = b""
+        self._rest_fields: dict[bytes, bytes] = {}
         self._transport: asyncio.Transport | None = None
         self._peer: str | None = None
+        #: The transport's write buffer is full (``pause_writing``).
         self._paused = False
+        #: Whether the transport is reading (this protocol pauses and resumes it).
+        self._reading = True
+        #: Set while waiting for the write buffer to empty (a NAR's head before its body).
+        self._drained: asyncio.Future[None] | None = None
         #: ``time.monotonic()`` of the last answer (or of the opening): the idle deadline counts
         #: from it.
         self.last = 0.0
@@ -84,76 +100,163 @@ class FrontProtocol(asyncio.Protocol):
         peer = self._transport.get_extra_info("peername")
         self._peer = str(peer[0]) if isinstance(peer, tuple | list) and peer else None
         self._open.add(self)
+        guard.watched.add(self)
         self.last = self.head_since = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
-        if not self._buffer and self._lookup is None and not self._paused:
-            # The common case: exactly one whole head, answered from kept bytes.
-            if data.endswith(b"\r\n\r\n") and data.find(b"\r\n\r\n") == len(data) - 4:
-                response = self._fast.quick(data[:-4], self._peer)
-                if response is not None and self._transport is not None:
-                    self.head_since = 0.0
-                    self.last = time.monotonic()
-                    self._transport.write(response)
-                    return
-            if not self.head_since:
-                self.head_since = time.monotonic()
+        if self._buffer or self._lookup is not None or self._paused:
+            self._more(data)
+            return
+        # The common case: exactly one whole head, often answered from kept bytes.
+        head = self._again(data)
+        if head is None:
+            reader = self._reader
+            if not reader.feed(data):
+                self._buffer += data
+                self._hand_over()  # aiohttp refuses these bytes too
+                return
+            if len(reader.heads) != 1 or data.find(END) != len(data) - 4 or data[0] in _CRLF:
+                self._held(data)
+                return
+            head = reader.heads.popleft()
+            if head is None:
+                self._buffer += data
+                self._hand_over()
+                return
+            self._remember(data, head)
+        response = self._fast.quick(head, self._peer)
+        if response is not None and self._transport is not None:
+            self.head_since = 0.0
+            self.last = time.monotonic()
+            self._transport.write(response)
+            return
+        self._buffer += data
+        if self._dispatch(head, len(data)):
+            self._serve()
+
+    def _more(self, data: bytes) -> None:
+        """Bytes arriving behind others not answered yet."""
+        if not self._reader.feed(data):
+            self._buffer += data
+            self._hand_over()
+            return
+        self._held(data)
+
+    def _held(self, data: bytes) -> None:
+        if not self.head_since:
+            self.head_since = time.monotonic()
         self._buffer += data
         self._serve()
 
+    def _again(self, data: bytes) -> Head | None:
+        """The head ``data`` without reading it again, when it is ``GET``, a target answered
+        before, and the rest of the last head llhttp read on this connection as a whole request
+        (so llhttp would read it the same way; its parser stays between requests)."""
+        rest = self._rest
+        if rest and data.endswith(rest) and data.startswith(b"GET "):
+            target = data[4 : len(data) - len(rest)]
+            if self._fast.kept(target):
+                return _HEAD(Head, (b"GET", target, self._rest_fields))
+        return None
+
+    def _remember(self, data: bytes, head: Head) -> None:
+        """Keep the rest of ``data`` after a ``GET`` head's target for :meth:`_again`."""
+        target = head.target
+        size = 4 + len(target)
+        if (
+            head.method == b"GET"
+            and len(data) <= MAX_HEAD
+            and data[4:size] == target
+            and data.startswith(b"GET ")
+            and data[size : size + 1] == b" "
+        ):
+            self._rest = data[size:]
+            self._rest_fields = head.fields
+
     def head_timed_out(self) -> None:
         """The head did not arrive within ``header_timeout``: answer 408 and close."""
-        self._guard.timed_out += 1
-        log.debug("no complete request head in %gs: closing", self._guard.header_timeout)
         if self._transport is not None and self in self._open:
             self._transport.write(HEAD_TIMEOUT_RESPONSE)
             self.close()
 
     def _serve(self) -> None:
+        """Answer the whole heads held, in order, until one must wait or go to aiohttp."""
+        heads = self._reader.heads
         while not self._paused and self._lookup is None and self._transport is not None:
-            end = self._buffer.find(b"\r\n\r\n")
+            end = self._buffer.find(END)
             if end < 0:
-                if len(self._buffer) > MAX_HEAD:
+                if len(self._buffer) > MAX_HEAD or heads:  # heads: one ended otherwise
                     self._hand_over()
-                elif self._buffer and not self.head_since:
-                    self.head_since = (
-                        time.monotonic()
-                    )  # part of a pipelined head: it has its time too
-                return
-            self.head_since = 0.0
-            head = bytes(self._buffer[:end])
-            response = self._fast.quick(head, self._peer)
-            if response is not None:
-                self._send(response, end)
-                continue
-            request = self._fast.parse(head, self._peer)
-            if request is None:
-                info = self._fast.cache_info(head, self._peer)
-                if info is not None:
-                    self._send(info, end)
-                    continue
-                nar = self._fast.parse_nar(head, self._peer)
-                if nar is None:
-                    self._hand_over()
-                else:  # sent from a task; later requests wait, so answers keep their order
-                    self._lookup = asyncio.get_running_loop().create_task(self._send_nar(nar, end))
-                return
-            answer = self._fast.answer_now(request)
-            if answer is False:
+                    return
+                if self._buffer and not self.head_since:
+                    self.head_since = time.monotonic()  # part of a pipelined head
+                break
+            # The head must be the next request llhttp completed: not past the short path's
+            # size, not after empty lines (llhttp skips them), and without a body.
+            if end + 4 > MAX_HEAD or self._buffer[0] in _CRLF or not heads:
                 self._hand_over()
                 return
-            if answer is None:  # look it up; later requests wait, so answers keep their order
-                self._lookup = asyncio.get_running_loop().create_task(self._later(request, end))
+            head = heads.popleft()
+            if head is AGAIN:
+                head = HeadReader.again(bytes(self._buffer[: end + 4]))
+            if head is None or not self._dispatch(head, end + 4):
+                if head is None:
+                    self._hand_over()
                 return
-            self._send(answer, end)
+        self._set_reading()
 
-    def _send(self, response: bytes, end: int) -> None:
+    def _dispatch(self, head: Head, size: int) -> bool:
+        """Answer ``head`` (the first ``size`` bytes held); whether the next may be served."""
+        self.head_since = 0.0
+        fast = self._fast
+        response = fast.quick(head, self._peer)
+        if response is not None:
+            self._send(response, size)
+            return True
+        request = fast.parse(head, self._peer)
+        if request is None:
+            info = fast.cache_info(head, self._peer)
+            if info is not None:
+                self._send(info, size)
+                return True
+            nar = fast.parse_nar(head, self._peer)
+            if nar is None:
+                self._hand_over()
+            else:  # sent from a task; later requests wait, so answers keep their order
+                self._start(self._send_nar(nar, size))
+            return False
+        answer = fast.answer_now(request)
+        if answer is False:
+            self._hand_over()
+            return False
+        if answer is None:  # look it up; later requests wait, so answers keep their order
+            self._start(self._later(request, size))
+            return False
+        self._send(answer, size)
+        return True
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        self._lookup = asyncio.get_running_loop().create_task(work)
+        self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Read only while nothing is in flight, the client takes what is written, and fewer
+        than :data:`MAX_BUFFER` bytes wait."""
+        wanted = self._lookup is None and not self._paused and len(self._buffer) < MAX_BUFFER
+        if wanted != self._reading and self._transport is not None:
+            self._reading = wanted
+            if wanted:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
+    def _send(self, response: bytes, size: int) -> None:
         assert self._transport is not None
-        del self._buffer[: end + 4]
+        del self._buffer[:size]
         self.last = time.monotonic()
         self._transport.write(response)
 
-    async def _later(self, request: NarinfoGet, end: int) -> None:
+    async def _later(self, request: NarinfoGet, size: int) -> None:
         try:
             response = await self._fast.answer_later(request)
         except Exception:  # not expected: the application answers it, and reports what broke
@@ -165,7 +268,7 @@ class FrontProtocol(asyncio.Protocol):
         if response is None:
             self._hand_over()
             return
-        self._send(response, end)
+        self._send(response, size)
         self._go_on()
 
     def _go_on(self) -> None:
@@ -176,11 +279,11 @@ class FrontProtocol(asyncio.Protocol):
             self.close()
 
     @property
-    def busy(self) -> bool:
-        """Looking an answer up or sending a NAR: not idle, whatever the time since ``last``."""
-        return self._lookup is not None
+    def idle_since(self) -> float:
+        """``last``, or 0 while looking an answer up or sending a NAR (not idle then)."""
+        return self.last if self._lookup is None else 0.0
 
-    async def _send_nar(self, request: NarGet, end: int) -> None:
+    async def _send_nar(self, request: NarGet, size: int) -> None:
         try:
             nar = await self._fast.open_nar(request)
         except Exception:  # not expected: the application answers it, and reports what broke
@@ -194,42 +297,51 @@ class FrontProtocol(asyncio.Protocol):
             self._lookup = None
             self._hand_over()
             return
-        del self._buffer[: end + 4]
+        del self._buffer[:size]
         transport = self._transport
-        transport.pause_reading()
-        complete = False
+        sent = 0
         try:
-            await self._write_nar(transport, request, nar)
-            complete = True
+            sent = await self._write_nar(transport, request, nar)
+        except SendFailed as exc:
+            sent = exc.sent
         except (OSError, RuntimeError):
             pass
         finally:
             await nar.close()
-        self._fast.nar_sent(request, nar, nar.size if complete else 0)
+        self._fast.nar_sent(request, nar, sent)
         self._lookup = None
-        if not complete:
+        if sent < nar.size:
             self.close()  # the client sees a body shorter than its Content-Length
             return
         self.last = time.monotonic()
         if self._transport is None or self not in self._open:
             return
-        if not self._paused:
-            transport.resume_reading()
         self._go_on()
 
-    async def _write_nar(self, transport: asyncio.Transport, request: NarGet, nar: OpenNar) -> None:
-        """Send the head, then the blob."""
+    async def _write_nar(self, transport: asyncio.Transport, request: NarGet, nar: OpenNar) -> int:
+        """Send the head, then the blob; the body bytes sent."""
         transport.write(nar.head)
         self._fast.nar_started(request, nar)
-        while transport.get_write_buffer_size():  # the head must leave before the body
-            await asyncio.sleep(0.001)
-            if transport.is_closing():
-                raise ConnectionResetError("connection lost")
+        await self._until_written(transport)  # the head must leave before the body
         sock = transport.get_extra_info("socket")
         if sock is None:
             raise ConnectionResetError("connection lost")
         loop = asyncio.get_running_loop()
-        await send_file(loop, sock.fileno(), nar.fd, 0, nar.size, self._fast.send_idle)
+        return await send_file(loop, sock.fileno(), nar.fd, 0, nar.size, self._fast.send_idle)
+
+    async def _until_written(self, transport: asyncio.Transport) -> None:
+        """Wait until the transport's write buffer is empty: with both limits at 0 the
+        transport pauses this protocol at once and resumes it when the buffer is empty."""
+        if not transport.get_write_buffer_size():
+            return
+        self._drained = asyncio.get_running_loop().create_future()
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            await self._drained
+        finally:
+            self._drained = None
+            if not transport.is_closing():
+                transport.set_write_buffer_limits()
 
     def _hand_over(self) -> None:
         transport = self._transport
@@ -240,13 +352,19 @@ class FrontProtocol(asyncio.Protocol):
             self._guard.open -= 1
         handler = self._server()
         transport.set_protocol(handler)
+        if not self._reading:  # aiohttp pauses and resumes reading itself from here on
+            self._reading = True
+            transport.resume_reading()
         handler.connection_made(transport)
+        if self._paused:
+            handler.pause_writing()
         data, self._buffer = bytes(self._buffer), bytearray()
         if data:
             handler.data_received(data)
 
     def _forget(self) -> None:
         self._open.discard(self)
+        self._guard.watched.discard(self)
         self.head_since = 0.0
         if self._lookup is not None:
             self._lookup.cancel()
@@ -260,15 +378,14 @@ class FrontProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._set_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self._transport is not None:
-            self._transport.resume_reading()
-            if self._buffer:
-                self._serve()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if self._lookup is None:
+            self._serve()
 
     def eof_received(self) -> bool | None:
         """The client is done sending: close once written, or once the lookup is answered."""
@@ -281,32 +398,3 @@ class FrontProtocol(asyncio.Protocol):
             self._counted = False
             self._guard.open -= 1
         self._transport = None
-
-
-class Sweeper:
-    """Closes the front connections of one server whose head or idle deadline has passed."""
-
-    def __init__(self, connections: set[FrontProtocol], guard: ConnectionGuard) -> None:
-        self._connections = connections
-        self._guard = guard
-        timeout = guard.header_timeout
-        self.interval = min(MAX_SWEEP_INTERVAL, timeout / 4) if timeout > 0 else MAX_SWEEP_INTERVAL
-        self._handle: asyncio.TimerHandle | None = None
-
-    def start(self) -> None:
-        self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        timeout = self._guard.header_timeout
-        for connection in list(self._connections):
-            if timeout > 0 and connection.head_since and now - connection.head_since >= timeout:
-                connection.head_timed_out()
-            elif now - connection.last >= IDLE_TIMEOUT and not connection.busy:
-                connection.close()
-        self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)

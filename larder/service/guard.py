@@ -14,9 +14,13 @@ one byte a second holds its connection, and a few thousand such clients hold the
 * The process's soft limit on open files is raised towards its hard limit so that
   ``max_connections`` connections fit with room to spare (each connection is a descriptor).
 
-Every connection starts with :class:`~larder.service.fastpath.FrontProtocol`, which applies the
+Every connection starts with :class:`~larder.service.front.FrontProtocol`, which applies the
 same two rules while it reads heads itself and hands the count over with the connection to
-:class:`GuardedRequestHandler` (aiohttp's handler, with the rules added).
+:class:`GuardedRequestHandler` (aiohttp's handler, with the rules added). Both kinds of
+connection state when their current head began (``head_since``); one :class:`Sweeper` per
+server checks that deadline for all of them, and the idle deadline
+(:data:`KEEPALIVE_TIMEOUT`) for connections aiohttp does not hold yet, a few times per
+``header_timeout`` (at least once a second) rather than by a timer per request.
 """
 
 from __future__ import annotations
@@ -24,17 +28,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+
+from larder.service import internals
+from larder.service.errors import RETRY_AFTER_SECONDS
 
 log = logging.getLogger("larder.server")
 
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection stays open (run_app's default)
 SPARE_FILES = 256  # descriptors kept free beside max_connections (storage files, logs, pipes)
-RETRY_AFTER = 1
+#: The longest time between two sweeps.
+MAX_SWEEP_INTERVAL = 1.0
 
 HEAD_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
@@ -42,72 +50,100 @@ HEAD_TIMEOUT_RESPONSE = (
 )
 BUSY_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Retry-After: " + str(RETRY_AFTER).encode() + b"\r\nContent-Length: 21\r\n\r\n"
+    b"Retry-After: " + str(RETRY_AFTER_SECONDS).encode() + b"\r\nContent-Length: 21\r\n\r\n"
     b"too many connections\n"
 )
 
 
+class Watched(Protocol):
+    """A connection the :class:`Sweeper` checks."""
+
+    #: ``time.monotonic()`` when the current request head began, 0 while none is incomplete.
+    head_since: float
+
+    @property
+    def idle_since(self) -> float:
+        """``time.monotonic()`` since when the connection has been idle; 0 if it is busy or
+        its idle time is kept by aiohttp."""
+        ...
+
+    def head_timed_out(self) -> None:
+        """Answer 408 and close."""
+
+    def close(self) -> None:
+        """Close the connection."""
+
+
 @dataclass
 class ConnectionGuard:
-    """The limits, and the count of open connections they are checked against."""
+    """The limits, the count of open connections they are checked against, and the
+    connections whose deadlines the :class:`Sweeper` checks."""
 
     header_timeout: float
     max_connections: int
     open: int = field(default=0, init=False)
     refused: int = field(default=0, init=False)
     timed_out: int = field(default=0, init=False)
+    watched: set[Watched] = field(default_factory=set, init=False, repr=False)
 
 
-class HeadTimer:
-    """One connection's request-head deadline: :meth:`start` when a head begins (a no-op while
-    running), :meth:`stop` when it is complete; ``expired`` is called if it runs out."""
+class Sweeper:
+    """Closes the connections of one server whose head or idle deadline has passed."""
 
-    __slots__ = ("_expired", "_guard", "_handle")
-
-    def __init__(self, guard: ConnectionGuard, expired: Callable[[], None]) -> None:
+    def __init__(self, guard: ConnectionGuard) -> None:
         self._guard = guard
-        self._expired = expired
+        timeout = guard.header_timeout
+        self.interval = min(MAX_SWEEP_INTERVAL, timeout / 4) if timeout > 0 else MAX_SWEEP_INTERVAL
         self._handle: asyncio.TimerHandle | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._handle is not None
-
     def start(self) -> None:
-        timeout = self._guard.header_timeout
-        if timeout > 0 and self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(timeout, self._fire)
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
 
     def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
 
-    def _fire(self) -> None:
-        self._handle = None
-        self._guard.timed_out += 1
-        log.debug("no complete request head in %gs: closing", self._guard.header_timeout)
-        self._expired()
+    def sweep(self) -> None:
+        """Check every watched connection's deadlines now."""
+        now = time.monotonic()
+        guard = self._guard
+        timeout = guard.header_timeout
+        for connection in list(guard.watched):
+            since = connection.head_since
+            if timeout > 0 and since and now - since >= timeout:
+                guard.timed_out += 1
+                log.debug("no complete request head in %gs: closing", timeout)
+                connection.head_timed_out()
+                continue
+            idle = connection.idle_since
+            if idle and now - idle >= KEEPALIVE_TIMEOUT:
+                connection.close()
+
+    def _sweep(self) -> None:
+        self.sweep()
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
 
 
 class GuardedRequestHandler(web.RequestHandler):
     """aiohttp's connection handler plus the header timeout and the connection limit.
 
-    The timer runs while a head is being read: it starts when the connection opens, and again
-    when the first byte of a later request arrives on an idle connection; it stops when aiohttp's
-    parser has produced the request (or a 400 for a malformed one). aiohttp offers no hook for
-    this, so it reads two of the base class's attributes: ``_request_count`` (requests parsed)
-    and ``_waiter`` (pending while the connection waits for a request);
-    ``tests/e2e/test_connections.py`` fails if either changes meaning.
+    A head's time runs from the connection's opening, or from the first byte of a later request
+    on an idle connection, until aiohttp's parser has produced the request (or a 400 for a
+    malformed one); the server's :class:`Sweeper` checks it. aiohttp offers no hook for either
+    moment: :mod:`larder.service.internals` reads them from aiohttp's handler.
     """
 
-    __slots__ = ("_counted", "_guard", "_head_timer")
+    __slots__ = ("_counted", "_guard", "head_since")
+
+    #: aiohttp closes idle keep-alive connections itself.
+    idle_since = 0.0
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
-        self._head_timer = HeadTimer(guard, lambda: self._reject(HEAD_TIMEOUT_RESPONSE))
         self._counted = False
+        self.head_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -118,26 +154,27 @@ class GuardedRequestHandler(web.RequestHandler):
             return
         guard.open += 1
         self._counted = True
-        self._head_timer.start()
+        self.head_since = time.monotonic()
+        guard.watched.add(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._head_timer.stop()
+        self._guard.watched.discard(self)
         if self._counted:
             self._counted = False
             self._guard.open -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self._head_timer.running and self._waiting_for_request():
-            self._head_timer.start()
-        parsed = self._request_count
+        if not self.head_since and internals.waiting_for_request(self):
+            self.head_since = time.monotonic()
+        parsed = internals.requests_parsed(self)
         super().data_received(data)
-        if self._request_count != parsed:
-            self._head_timer.stop()
+        if internals.requests_parsed(self) != parsed:
+            self.head_since = 0.0
 
-    def _waiting_for_request(self) -> bool:
-        """Idle between requests: new bytes are the start of the next request's head."""
-        return self._waiter is not None and not self._waiter.done()
+    def head_timed_out(self) -> None:
+        self._guard.watched.discard(self)
+        self._reject(HEAD_TIMEOUT_RESPONSE)
 
     def _reject(self, response: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -153,24 +190,23 @@ class GuardedServer(web.Server):
         self.guard = guard
 
     def __call__(self) -> web.RequestHandler:
-        return GuardedRequestHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
+        return internals.make_handler(self, GuardedRequestHandler, guard=self.guard)
 
 
-class GuardedAppRunner(web.AppRunner):
+class GuardedAppRunner(internals.ServerMakingRunner):
     """An :class:`~aiohttp.web.AppRunner` whose server guards its connections."""
 
     def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
+        super().__init__(app, self._guarded, **kwargs)
         self.guard = guard
 
-    async def _make_server(self) -> web.Server:
-        made = await super()._make_server()  # starts the app; its Server is replaced
+    def _guarded(self, made: web.Server) -> web.Server:
         return GuardedServer(
             made.request_handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             guard=self.guard,
-            **self._kwargs,
+            **self.settings,
         )
 
 

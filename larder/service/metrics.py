@@ -214,17 +214,3 @@ class Metrics:
 
     def lookup(self, cache: str, protocol: str, kind: str, hit: bool, count: int = 1) -> None:
         self.child(self.lookups, cache, protocol, kind, "hit" if hit else "miss").inc(count)
-
-
-def observe_many(child: Any, buckets: list[int], total: float) -> None:
-    """Add to a histogram child, at once, observations whose per-bucket counts are ``buckets``
-    (non-cumulative, one per upper bound of :data:`LATENCY_BUCKETS` and then +Inf) and whose
-    values add up to ``total``: the same series as observing each one.
-
-    prometheus-client observes one value at a time; this adds to the child's bucket and sum
-    values (``_buckets``, ``_sum``) directly. ``tests/service/test_tally.py`` fails if those
-    change meaning."""
-    child._sum.inc(total)
-    for value, count in zip(child._buckets, buckets, strict=True):
-        if count:
-            value.inc(count)

@@ -35,6 +35,7 @@ from larder.protocol.storepath import check_hash_part
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.access import cache_for, expect_continue
+from larder.service.nixheaders import cache_info_headers, nar_headers, narinfo_headers
 from larder.service.observe import HITS, note_lookup, note_upload
 from larder.service.transfer import (
     body_chunks,
@@ -44,17 +45,12 @@ from larder.service.transfer import (
     serve_stream,
 )
 
-NARINFO_TYPE = "text/x-nix-narinfo"
-NAR_TYPE = "application/x-nix-nar"
-CACHE_INFO_TYPE = "text/x-nix-cache-info"
-
-
 # -- nix-cache-info ------------------------------------------------------------------------
 
 
 async def get_cache_info(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.READ)
-    return web.Response(body=nix_cache_info(settings), content_type=CACHE_INFO_TYPE)
+    return web.Response(body=nix_cache_info(settings), headers=cache_info_headers())
 
 
 # -- narinfo -------------------------------------------------------------------------------
@@ -78,8 +74,8 @@ async def get_narinfo(request: web.Request) -> web.Response:
         request.app[HITS].missed_store_hash(settings.name, store_hash)
         raise web.HTTPNotFound()
     if request.method == "HEAD":
-        return web.Response(content_type=NARINFO_TYPE)
-    return web.Response(body=body, content_type=NARINFO_TYPE)
+        return web.Response(headers=narinfo_headers())
+    return web.Response(body=body, headers=narinfo_headers())
 
 
 async def put_narinfo(request: web.Request) -> web.Response:
@@ -104,7 +100,7 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     except FormatError:
         raise web.HTTPNotFound() from None
     if request.method == "HEAD" and await _uploaded_as(request, settings, nar_hash, compression):
-        return web.Response(headers={"Content-Type": NAR_TYPE})
+        return web.Response(headers=nar_headers())
     if compression not in ("zstd", "none"):
         raise web.HTTPNotFound()  # larder keeps no file in that compression
     record = await nix.nar_record(settings, nar_hash, serving=True)
@@ -113,13 +109,11 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     if record is None or reader is None:
         raise web.HTTPNotFound()
     if compression == "zstd":
-        return await serve_blob(request, reader, {"Content-Type": NAR_TYPE})
+        return await serve_blob(request, reader, nar_headers())
     if request.method == "HEAD":
         await reader.close()
-        return await serve_stream(request, None, record.nar_size, {"Content-Type": NAR_TYPE})
-    return await serve_stream(
-        request, decompressed(reader), record.nar_size, {"Content-Type": NAR_TYPE}
-    )
+        return await serve_stream(request, None, record.nar_size, nar_headers())
+    return await serve_stream(request, decompressed(reader), record.nar_size, nar_headers())
 
 
 async def _uploaded_as(

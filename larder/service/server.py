@@ -38,11 +38,12 @@ from larder.service.accesslog import JsonAccessLogger, LineSink, TextAccessLogge
 from larder.service.app import build_app
 from larder.service.config import Config
 from larder.service.fastpath import AccessLog, FastPath
-from larder.service.front import FrontProtocol, Sweeper
+from larder.service.front import FrontProtocol
 from larder.service.guard import (
     KEEPALIVE_TIMEOUT,
     ConnectionGuard,
     GuardedAppRunner,
+    Sweeper,
     raise_open_file_limit,
 )
 from larder.storage.base import Storage
@@ -163,7 +164,7 @@ async def start(
     listener = await asyncio.get_running_loop().create_server(
         lambda: FrontProtocol(server, fast, front, guard), sock=sock, backlog=BACKLOG
     )
-    sweeper = Sweeper(front, guard)
+    sweeper = Sweeper(guard)
     sweeper.start()
     return Running(runner, listener, front, fast, sweeper)
 

@@ -17,7 +17,8 @@ import bisect
 
 from larder.core.hitstats import HitStats
 from larder.service.batching import flush_later
-from larder.service.metrics import LATENCY_BUCKETS, STATUS_CLASS, Metrics, observe_many
+from larder.service.internals import observe_many
+from larder.service.metrics import LATENCY_BUCKETS, STATUS_CLASS, Metrics
 
 #: Seconds answers wait, at most, to be folded into the series.
 FLUSH_DELAY = 0.05

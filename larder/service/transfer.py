@@ -6,14 +6,12 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import IO, Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.web_request import BaseRequest
 
 from larder.errors import TooLarge, TooSlow, UnsupportedEncoding
 from larder.protocol.content_coding import body_coding
+from larder.service.internals import ZeroCopyFileResponse
 from larder.service.state import CONFIG
 from larder.storage.base import BlobReader
 
@@ -130,7 +128,7 @@ async def serve_blob(
     if reader.local_path is not None:
         await reader.close()
         idle = request.app[CONFIG].body_idle_timeout
-        return ZeroCopyFileResponse(reader.local_path, idle, headers=headers)
+        return ZeroCopyFileResponse(reader.local_path, idle, send_file, headers=headers)
     try:
         size = reader.stored_size
         span = _requested_range(request, size)
@@ -164,67 +162,38 @@ async def serve_stream(
     return response
 
 
-def _has_native_sendfile(loop: asyncio.AbstractEventLoop) -> bool:
-    return type(loop).sendfile is not asyncio.AbstractEventLoop.sendfile
+class SendFailed(ConnectionResetError):
+    """A ``sendfile`` transfer ended early, after ``sent`` bytes."""
 
-
-class ZeroCopyFileResponse(web.FileResponse):
-    """``web.FileResponse`` that stays zero-copy on event loops without ``loop.sendfile``.
-
-    asyncio's own loop has ``sendfile``; uvloop does not, and aiohttp then reads the file in
-    256 KiB pieces through a thread and writes them. Here the body goes out by ``sendfile(2)``
-    from the event loop instead, on a duplicate of the connection's descriptor (so a connection
-    closed meanwhile never lets the number be reused under the transfer), waiting for the socket
-    to take more when it is full, and giving up after ``body_idle_timeout`` seconds without
-    progress, as uploads do.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], idle: float, **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self._idle = idle
-
-    async def _sendfile(
-        self, request: BaseRequest, fobj: IO[Any], offset: int, count: int
-    ) -> AbstractStreamWriter:
-        loop = asyncio.get_running_loop()
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if _has_native_sendfile(loop) or sock is None or self.compression:
-            return await super()._sendfile(request, fobj, offset, count)
-        writer = await web.StreamResponse.prepare(self, request)
-        assert writer is not None and transport is not None
-        while transport.get_write_buffer_size():  # the head must leave before the body
-            await asyncio.sleep(0.001)
-            if transport.is_closing():
-                raise ConnectionResetError("connection lost")
-        await send_file(loop, sock.fileno(), fobj.fileno(), offset, count, self._idle)
-        await web.StreamResponse.write_eof(self)
-        return writer
+    def __init__(self, message: str, sent: int) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 async def send_file(
     loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int, offset: int, count: int,
     idle: float,
-) -> None:  # fmt: skip
-    """``count`` bytes of ``file_fd`` from ``offset`` to the non-blocking socket ``sock_fd``.
+) -> int:  # fmt: skip
+    """``count`` bytes of ``file_fd`` from ``offset`` to the non-blocking socket ``sock_fd``;
+    returns ``count``, or raises :class:`SendFailed` saying how many bytes went.
 
     Each time the socket can take more, the loop's writer callback calls ``sendfile(2)`` itself
     (at most :data:`SENDFILE_CHUNK` bytes per callback, so one fast reader cannot hold the loop),
     rather than waking a task that then calls it: one loop iteration per refill, as in asyncio's
     own ``loop.sendfile``. No progress for ``idle`` seconds gives up.
     """
+    error: OSError | None = None
     out = os.dup(sock_fd)
     done: asyncio.Future[None] = loop.create_future()
     position, left = offset, count
     last_progress = time.monotonic()
     timer: asyncio.TimerHandle | None = None
 
-    def finish(error: BaseException | None) -> None:
+    def finish(failure: OSError | None) -> None:
+        nonlocal error
         if not done.done():
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
+            error = failure
+            done.set_result(None)
 
     def step() -> None:
         nonlocal position, left, last_progress
@@ -265,3 +234,6 @@ async def send_file(
             timer.cancel()
         loop.remove_writer(out)
         os.close(out)
+    if error is not None:
+        raise SendFailed(str(error), count - left) from error
+    return count

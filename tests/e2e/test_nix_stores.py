@@ -191,3 +191,18 @@ def test_content_addressed_outputs_substitute_through_their_realisations(
     assert built.stdout.split()[-1] == out
     assert "building" not in built.stderr, built.stderr  # substituted, not built
     assert [line for line in access_lines(server, "GET", "/main/realisations/") if '" 200 ' in line]
+
+
+def test_the_access_log_counts_the_bytes_of_a_nar_sent(server: Larder, tmp_path: Path) -> None:
+    ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()))
+    paths, _ = build(ci, tmp_path)
+    ci.copy_to(f"{server.url}/main", paths["one"])
+    store_hash = Path(paths["one"]).name[:32]
+    served = narinfo.parse(http("GET", f"{server.url}/main/{store_hash}.narinfo")[1])
+    status, nar = http("GET", f"{server.url}/main/{served.url}")
+    assert status == 200
+    lines = access_lines(server, "GET", served.url)
+    assert lines, server.log()
+    # aiohttp's %b: the bytes of the whole answer, its head included
+    logged = int(lines[-1].split('" 200 ', 1)[1].split()[0])
+    assert len(nar) < logged < len(nar) + 1024, (logged, len(nar))

@@ -17,6 +17,7 @@ from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from larder.service import state
 from larder.service.config import Config
+from larder.service.errors import RETRY_AFTER_SECONDS
 from larder.service.front import FrontProtocol
 from larder.service.observe import HITS, METRICS, TALLY
 from tests.service.conftest import Flaky, Live
@@ -252,7 +253,7 @@ async def test_a_failed_lookup_is_answered_by_the_application(live: Live) -> Non
     conn = await Conn.open(live)
     conn.send(get(f"/main/{hash_of('down')}.narinfo"))
     status, headers, _ = await conn.response()
-    assert status == 503 and headers["retry-after"] == "5"  # the error table's answer
+    assert status == 503 and headers["retry-after"] == str(RETRY_AFTER_SECONDS)  # the table
     assert not live.running.front
     conn.close()
 
@@ -378,9 +379,9 @@ async def test_a_target_answered_from_kept_bytes_still_checks_every_new_head(
 async def test_an_idle_connection_is_closed_by_the_sweep(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from larder.service import front
+    from larder.service import guard
 
-    monkeypatch.setattr(front, "IDLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(guard, "KEEPALIVE_TIMEOUT", 0.2)
     conn = await Conn.open(live)
     conn.send(get(f"/main/{hash_of('idle')}.narinfo"))
     assert (await conn.response())[0] == 404

@@ -19,7 +19,7 @@ from larder.core.lastuse import load_uses
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from larder.service import state
-from larder.service.front import Sweeper
+from larder.service.guard import ConnectionGuard, Sweeper
 from larder.service.observe import METRICS, TALLY
 from larder.storage.base import Storage
 from larder.storage.disk import DiskStorage
@@ -256,20 +256,17 @@ async def test_a_private_caches_answers_need_the_application(live: Live, what: s
 def test_the_sweep_spares_a_connection_that_is_busy() -> None:
     class Busy:
         head_since = 0.0
-        last = 0.0  # long idle by the clock ...
-        busy = True  # ... but sending
+        idle_since = 0.0  # sending: not idle, however long since the last answer
         closed = False
 
         def close(self) -> None:
             self.closed = True
 
-    async def main() -> bool:
-        from larder.service.guard import ConnectionGuard
+        def head_timed_out(self) -> None:
+            raise AssertionError("no head is incomplete")
 
-        connection = Busy()
-        sweeper = Sweeper({connection}, ConnectionGuard(0, 0))  # type: ignore[arg-type]
-        sweeper._sweep()
-        sweeper.stop()
-        return connection.closed
-
-    assert asyncio.run(main()) is False
+    guard = ConnectionGuard(0, 0)
+    connection = Busy()
+    guard.watched.add(connection)
+    Sweeper(guard).sweep()
+    assert connection.closed is False

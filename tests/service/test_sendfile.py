@@ -50,9 +50,9 @@ def test_nar_zst_goes_out_by_sendfile_on_uvloop(tmp_path: Path) -> None:
     calls: list[int] = []
     real = transfer.send_file
 
-    async def counted(*args: object) -> None:
+    async def counted(*args: object) -> int:
         calls.append(int(args[4]))  # type: ignore[call-overload]
-        await real(*args)  # type: ignore[arg-type]
+        return await real(*args)  # type: ignore[arg-type]
 
     contents = os.urandom(3 * 1024 * 1024)
     nar = write_nar({"type": "regular", "contents": contents})
