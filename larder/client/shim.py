@@ -202,9 +202,13 @@ class Invocation:
         covered = {f"lib/rustlib/{target}/lib/{n}": h for n, h in self.toolchain.libraries}
         covered.update(tools)
         link = linker.Link(
-            roots=self.link_roots(), cwd=self.cwd, environ=self.env, state_dir=self.state,
-            fingerprint=self.toolchain, covered=covered,
-        )  # fmt: skip
+            roots=self.link_roots(),
+            cwd=self.cwd,
+            environ=self.env,
+            state_dir=self.state,
+            fingerprint=self.toolchain,
+            covered=covered,
+        )
         return {**link.item(tokens, plan), "sysroot_tools": tools}
 
     def link_tokens(self) -> list[str]:
