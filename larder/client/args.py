@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from larder.client.entry import NOT_COMPILATION_FLAGS
+from larder.client.probe import NOT_COMPILATION_FLAGS
 
 # Flags whose value may be the next argument.
 _TAKES_VALUE = frozenset(

@@ -328,7 +328,7 @@ def test_binaries_are_cached_with_their_link_inputs(tmp_path: Path) -> None:
 
 
 def test_entry_point_decides_without_the_shim() -> None:
-    from larder.client.entry import cache_enabled, is_probe
+    from larder.client.probe import cache_enabled, is_probe
 
     assert is_probe(["-vV"]) and is_probe(["-", "--print=cfg"]) and is_probe(["--print", "x"])
     assert not is_probe(["--crate-name", "x", "src/lib.rs", "--printer"])
