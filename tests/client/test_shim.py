@@ -56,7 +56,7 @@ class FakeCache:
         if self.mode == "500":
             return 500, b"boom"
         if self.mode == "slow":
-            time.sleep(3)
+            time.sleep(3)  # an answer slower than the shim's timeout, on purpose
             return 404, b""
         if self.mode == "garbage":
             return 200, b"\x00not a manifest"
