@@ -7,9 +7,8 @@ PYTEST_ARGS ?=
 # The oldest allowed runtime dependencies (constraints-lowest.txt) and what runs against them.
 LOWEST_VENV  ?= .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
-LOWEST_TESTS ?= tests/protocol tests/storage/test_contract.py tests/service/test_nix_routes.py \
-	tests/service/test_rustc_routes.py tests/service/test_webdav.py tests/service/test_metrics.py \
-	tests/service/test_config.py tests/service/test_nix_codings.py
+# Everything but the end-to-end tests: about a minute and a half on two cores.
+LOWEST_TESTS ?= tests/protocol tests/storage tests/service tests/core tests/client
 TEST_RUNNER  := pytest pytest-aiohttp pytest-asyncio pytest-xdist pytest-timeout 'moto[server]' hypothesis
 
 .PHONY: run test test-lowest lint typecheck system-deps clean
