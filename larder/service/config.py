@@ -195,8 +195,17 @@ class Config:
         return parse_listen(self.listen)
 
 
-#: Each setting's parser, from its field's metadata.
-_PARSERS: dict[str, Callable[[Any], Any]] = {f.name: f.metadata[PARSE] for f in fields(Config)}
+def _parsers() -> dict[str, Callable[[Any], Any]]:
+    """Each setting's parser, from its field's metadata; a field without one fails at import."""
+    found = {}
+    for setting in fields(Config):
+        if PARSE not in setting.metadata:
+            raise TypeError(f"Config.{setting.name} has no parser: declare it with _setting()")
+        found[setting.name] = setting.metadata[PARSE]
+    return found
+
+
+_PARSERS = _parsers()
 
 
 def _convert(name: str, value: object, source: str) -> Any:
