@@ -4,11 +4,11 @@
 # Configuration comes from LARDER_* variables and mounted files only (see docs/operating.md).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY larder ./larder
 RUN python -m venv /opt/larder \
  && /opt/larder/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/larder/bin/pip install --no-cache-dir . \
+ && /opt/larder/bin/pip install --no-cache-dir -c constraints.txt . \
  && /opt/larder/bin/python -m compileall -q /opt/larder
 
 FROM python:3.11-slim

@@ -20,18 +20,45 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from larder.client.entry import NOT_COMPILATION_FLAGS
+from larder.client.probe import NOT_COMPILATION_FLAGS
 
 # Flags whose value may be the next argument.
 _TAKES_VALUE = frozenset(
     {
-        "--cfg", "--check-cfg", "-L", "-l", "--crate-type", "--crate-name", "--edition",
-        "--emit", "--print", "-o", "--out-dir", "--explain", "--target", "-A", "-W", "-D",
-        "-F", "--force-warn", "--cap-lints", "-C", "--codegen", "-Z", "--extern", "--sysroot",
-        "--error-format", "--json", "--color", "--diagnostic-width", "--remap-path-prefix",
-        "--env-set", "--extern-location", "--crate-attr",
+        "--cfg",
+        "--check-cfg",
+        "-L",
+        "-l",
+        "--crate-type",
+        "--crate-name",
+        "--edition",
+        "--emit",
+        "--print",
+        "-o",
+        "--out-dir",
+        "--explain",
+        "--target",
+        "-A",
+        "-W",
+        "-D",
+        "-F",
+        "--force-warn",
+        "--cap-lints",
+        "-C",
+        "--codegen",
+        "-Z",
+        "--extern",
+        "--sysroot",
+        "--error-format",
+        "--json",
+        "--color",
+        "--diagnostic-width",
+        "--remap-path-prefix",
+        "--env-set",
+        "--extern-location",
+        "--crate-attr",
     }
-)  # fmt: skip
+)
 _SHORT_JOINED = ("-C", "-L", "-l", "-A", "-W", "-D", "-F", "-Z", "-o")
 LINKED_CRATE_TYPES = frozenset({"bin", "dylib", "cdylib", "proc-macro"})
 CACHEABLE_CRATE_TYPES = frozenset({"lib", "rlib", "staticlib"}) | LINKED_CRATE_TYPES

@@ -76,12 +76,23 @@ _DROPPED_FLAGS = frozenset({"--out-dir", "-o", "--diagnostic-width", "--color"})
 # Flags left out of the dep-info run (it writes one file and nothing else).
 _DEPINFO_DROPPED = frozenset({"--emit", "--out-dir", "-o", "--error-format", "--json", "--color"})
 _CARGO_ENV = (
-    "CARGO_PKG_NAME", "CARGO_PKG_VERSION", "CARGO_PKG_VERSION_MAJOR", "CARGO_PKG_VERSION_MINOR",
-    "CARGO_PKG_VERSION_PATCH", "CARGO_PKG_VERSION_PRE", "CARGO_PKG_AUTHORS",
-    "CARGO_PKG_DESCRIPTION", "CARGO_PKG_HOMEPAGE", "CARGO_PKG_REPOSITORY", "CARGO_PKG_LICENSE",
-    "CARGO_PKG_LICENSE_FILE", "CARGO_PKG_RUST_VERSION", "CARGO_PKG_README", "CARGO_CRATE_NAME",
+    "CARGO_PKG_NAME",
+    "CARGO_PKG_VERSION",
+    "CARGO_PKG_VERSION_MAJOR",
+    "CARGO_PKG_VERSION_MINOR",
+    "CARGO_PKG_VERSION_PATCH",
+    "CARGO_PKG_VERSION_PRE",
+    "CARGO_PKG_AUTHORS",
+    "CARGO_PKG_DESCRIPTION",
+    "CARGO_PKG_HOMEPAGE",
+    "CARGO_PKG_REPOSITORY",
+    "CARGO_PKG_LICENSE",
+    "CARGO_PKG_LICENSE_FILE",
+    "CARGO_PKG_RUST_VERSION",
+    "CARGO_PKG_README",
+    "CARGO_CRATE_NAME",
     "RUSTC_BOOTSTRAP",
-)  # fmt: skip
+)
 
 
 class KeyUnavailable(Exception):
@@ -279,9 +290,14 @@ def direct_key(base: Base, compilation: Compilation, roots: Roots, cwd: Path) ->
 
 
 def complete(
-    base: Base, sources: list[str], env_names: list[str], roots: Roots, cwd: Path,
-    environ: dict[str, str], link: dict[str, object] | None = None,
-) -> KeyInputs:  # fmt: skip
+    base: Base,
+    sources: list[str],
+    env_names: list[str],
+    roots: Roots,
+    cwd: Path,
+    environ: dict[str, str],
+    link: dict[str, object] | None = None,
+) -> KeyInputs:
     """Items 5 and 6 from local paths (as dep-info lists them) and variable names; item 11."""
     try:
         digests = [(roots.portable_path(p), file_digest(cwd / p)) for p in sources]
@@ -301,9 +317,13 @@ def direct_entry(deps: depinfo.DepInfo, roots: Roots, link: list[str] | None = N
 
 
 def from_direct_entry(
-    base: Base, entry: DirectEntry, roots: Roots, cwd: Path, environ: dict[str, str],
+    base: Base,
+    entry: DirectEntry,
+    roots: Roots,
+    cwd: Path,
+    environ: dict[str, str],
     link: dict[str, object] | None = None,
-) -> KeyInputs:  # fmt: skip
+) -> KeyInputs:
     """The full key inputs for a recorded entry, from this machine's files and environment
     (item 11 computed by the caller from the entry's link line)."""
     sources = [roots.local(p) for p in entry.sources]
@@ -322,7 +342,11 @@ def compute(
 ) -> KeyInputs:
     """Every input of the key, after a dep-info run."""
     base = base_inputs(
-        rustc_version=rustc_version, sysroot=sysroot, compilation=compilation, roots=roots,
-        cwd=cwd, environ=environ,
-    )  # fmt: skip
+        rustc_version=rustc_version,
+        sysroot=sysroot,
+        compilation=compilation,
+        roots=roots,
+        cwd=cwd,
+        environ=environ,
+    )
     return complete(base, list(deps.files), [n for n, _ in deps.env], roots, cwd, environ)

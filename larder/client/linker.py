@@ -42,9 +42,19 @@ from larder.client.paths import Roots
 
 LINK_ENV = ("LIBRARY_PATH", "COMPILER_PATH", "GCC_EXEC_PREFIX", "LD_RUN_PATH")
 START_FILES = (
-    "crt1.o", "Scrt1.o", "rcrt1.o", "crti.o", "crtn.o", "crtbegin.o", "crtbeginS.o",
-    "crtbeginT.o", "crtend.o", "crtendS.o", "libgcc.a", "libgcc_eh.a",
-)  # fmt: skip
+    "crt1.o",
+    "Scrt1.o",
+    "rcrt1.o",
+    "crti.o",
+    "crtn.o",
+    "crtbegin.o",
+    "crtbeginS.o",
+    "crtbeginT.o",
+    "crtend.o",
+    "crtendS.o",
+    "libgcc.a",
+    "libgcc_eh.a",
+)
 _MAX_SCRIPT_DEPTH = 8
 _SCRIPT_WORD = re.compile(r"[()]|[^\s(),]+")
 _COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)

@@ -49,35 +49,101 @@ _RUSTC_TMP = re.compile(r"/rustc[A-Za-z0-9]{6}(?=/|$)")
 # which the linker facts cover).
 _DRIVER_FLAGS = frozenset(
     {
-        "-m64", "-m32", "-pie", "-no-pie", "-static-pie", "-static", "-shared", "-nodefaultlibs",
-        "-nostartfiles", "-nostdlib", "-rdynamic", "-pthread", "-s",
+        "-m64",
+        "-m32",
+        "-pie",
+        "-no-pie",
+        "-static-pie",
+        "-static",
+        "-shared",
+        "-nodefaultlibs",
+        "-nostartfiles",
+        "-nostdlib",
+        "-rdynamic",
+        "-pthread",
+        "-s",
     }
-)  # fmt: skip
+)
 _FUSE_LD = frozenset({"lld", "bfd", "gold", "mold"})
 # Linker arguments that read no file.
 _LD_FLAGS = frozenset(
     {
-        "--as-needed", "--no-as-needed", "--eh-frame-hdr", "--gc-sections", "--no-gc-sections",
-        "--strip-all", "--strip-debug", "-s", "-S", "--no-undefined-version",
-        "--undefined-version", "--enable-new-dtags", "--disable-new-dtags", "--whole-archive",
-        "--no-whole-archive", "--export-dynamic", "-E", "--no-export-dynamic", "--no-undefined",
-        "-Bsymbolic", "-Bsymbolic-functions", "--build-id", "--sort-common", "-O0", "-O1", "-O2",
-        "-O3", "-pie", "--pie", "-no-pie", "--no-pie", "-shared", "--shared", "--fatal-warnings",
-        "--warn-common", "--allow-shlib-undefined", "--no-allow-shlib-undefined",
-        "--discard-all", "-x", "--discard-locals", "-X", "--relax", "--no-relax",
-        "--no-copy-dt-needed-entries", "--no-rosegment", "--rosegment",
+        "--as-needed",
+        "--no-as-needed",
+        "--eh-frame-hdr",
+        "--gc-sections",
+        "--no-gc-sections",
+        "--strip-all",
+        "--strip-debug",
+        "-s",
+        "-S",
+        "--no-undefined-version",
+        "--undefined-version",
+        "--enable-new-dtags",
+        "--disable-new-dtags",
+        "--whole-archive",
+        "--no-whole-archive",
+        "--export-dynamic",
+        "-E",
+        "--no-export-dynamic",
+        "--no-undefined",
+        "-Bsymbolic",
+        "-Bsymbolic-functions",
+        "--build-id",
+        "--sort-common",
+        "-O0",
+        "-O1",
+        "-O2",
+        "-O3",
+        "-pie",
+        "--pie",
+        "-no-pie",
+        "--no-pie",
+        "-shared",
+        "--shared",
+        "--fatal-warnings",
+        "--warn-common",
+        "--allow-shlib-undefined",
+        "--no-allow-shlib-undefined",
+        "--discard-all",
+        "-x",
+        "--discard-locals",
+        "-X",
+        "--relax",
+        "--no-relax",
+        "--no-copy-dt-needed-entries",
+        "--no-rosegment",
+        "--rosegment",
     }
-)  # fmt: skip
+)
 _STATIC = frozenset({"-Bstatic", "-dn", "-non_shared", "-static"})
 _DYNAMIC = frozenset({"-Bdynamic", "-dy", "-call_shared"})
 # Linker options with a value that is text, not a file (``-z relro``, ``-soname=libx.so``).
 _LD_TEXT_VALUE = frozenset(
     {
-        "-z", "-soname", "--soname", "-h", "-rpath", "--rpath", "--hash-style", "--build-id",
-        "--compress-debug-sections", "--threads", "-m", "--exclude-libs", "-u", "--undefined",
-        "--defsym", "--wrap", "-e", "--entry", "--image-base", "--error-limit", "--icf",
+        "-z",
+        "-soname",
+        "--soname",
+        "-h",
+        "-rpath",
+        "--rpath",
+        "--hash-style",
+        "--build-id",
+        "--compress-debug-sections",
+        "--threads",
+        "-m",
+        "--exclude-libs",
+        "-u",
+        "--undefined",
+        "--defsym",
+        "--wrap",
+        "-e",
+        "--entry",
+        "--image-base",
+        "--error-limit",
+        "--icf",
     }
-)  # fmt: skip
+)
 _LD_FILE_VALUE = frozenset({"--version-script", "--dynamic-list"})
 _LD_SCRIPT_VALUE = frozenset({"-T", "--script"})  # also searched in -L directories
 _PLUGIN = ("-plugin", "--plugin", "-flto", "-fuse-linker-plugin", "--lto", "--thinlto", "-fplugin")
@@ -257,9 +323,13 @@ class _Reader:
             else:
                 self.files.append(token)
         return Plan(
-            tokens[0], tuple(self.driver), tuple(self.search), tuple(self.libs),
-            tuple(self.files), tuple(self.scripts),
-        )  # fmt: skip
+            tokens[0],
+            tuple(self.driver),
+            tuple(self.search),
+            tuple(self.libs),
+            tuple(self.files),
+            tuple(self.scripts),
+        )
 
 
 def _is_option(token: str) -> bool:

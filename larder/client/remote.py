@@ -1,6 +1,8 @@
 """The shim's HTTP client for ``<LARDER_URL>/rustc/`` (see :mod:`larder.service.rustc_routes`).
 
-One keep-alive connection per invocation (:mod:`larder.client.transport`), a short timeout on
+One keep-alive connection per invocation (:mod:`larder.client.transport`), through the proxy
+``https_proxy``/``http_proxy`` name unless ``no_proxy`` exempts the host
+(:mod:`larder.client.proxy`), a short timeout on
 every socket operation, and a single exception type: any failure (refused, timed out, 5xx, an
 unexpected status or body, a blob that does not hash to its name) is a :class:`RemoteError` with
 a short ``kind`` for the stats. A 404 is a miss, not an error.
@@ -16,6 +18,7 @@ from urllib.parse import urlsplit
 
 import blake3
 
+from larder.client.proxy import Proxy, proxy_for
 from larder.client.transport import Connection, ProtocolError, Response
 from larder.errors import FormatError
 from larder.protocol.rustc import DirectEntry, parse_direct_entries
@@ -39,10 +42,24 @@ class RemoteError(Exception):
 class Remote:
     """The rustc artifact API of one cache."""
 
-    def __init__(self, url: str, token: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        timeout: float,
+        environ: dict[str, str] | None = None,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise RemoteError("config", f"LARDER_URL must be http(s)://HOST[:PORT]/CACHE: {url!r}")
+        try:
+            self._proxy: Proxy | None = proxy_for(
+                parts.scheme,
+                parts.netloc.rpartition("@")[2],
+                dict(os.environ if environ is None else environ),
+            )
+        except ValueError as exc:
+            raise RemoteError("config", str(exc)) from None
         self._scheme = parts.scheme
         self._host = parts.hostname
         self._port = parts.port
@@ -61,7 +78,7 @@ class Remote:
     def _connection(self) -> Connection:
         if self._conn is None:
             tls = self._scheme == "https"
-            self._conn = Connection(self._host, self._port, tls, self._timeout)
+            self._conn = Connection(self._host, self._port, tls, self._timeout, self._proxy)
         return self._conn
 
     def _request(

@@ -47,8 +47,8 @@ from larder.client import args as rustc_args
 from larder.client import depinfo, linkline, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
-from larder.client.entry import cache_enabled
 from larder.client.paths import Roots, default_cargo_home, find_target_dir
+from larder.client.probe import cache_enabled
 from larder.client.remote import Remote, RemoteError
 from larder.errors import FormatError
 from larder.protocol.rustc import Manifest, Output, parse_manifest
@@ -202,9 +202,13 @@ class Invocation:
         covered = {f"lib/rustlib/{target}/lib/{n}": h for n, h in self.toolchain.libraries}
         covered.update(tools)
         link = linker.Link(
-            roots=self.link_roots(), cwd=self.cwd, environ=self.env, state_dir=self.state,
-            fingerprint=self.toolchain, covered=covered,
-        )  # fmt: skip
+            roots=self.link_roots(),
+            cwd=self.cwd,
+            environ=self.env,
+            state_dir=self.state,
+            fingerprint=self.toolchain,
+            covered=covered,
+        )
         return {**link.item(tokens, plan), "sysroot_tools": tools}
 
     def link_tokens(self) -> list[str]:
@@ -347,7 +351,7 @@ class Invocation:
             return code, outcome
         remote: Remote | None = None
         try:
-            remote = Remote(self.env["LARDER_URL"], self.token, self.timeout())
+            remote = Remote(self.env["LARDER_URL"], self.token, self.timeout(), self.env)
             if self.lookup(remote, base, direct, outcome):
                 return 0, outcome
         except KEY_ERRORS:

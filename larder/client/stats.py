@@ -18,9 +18,16 @@ from pathlib import Path
 from typing import IO, Any
 
 COUNTERS = (
-    "hits", "misses", "non_cacheable", "errors", "uploads", "bytes_down", "bytes_up",
-    "cache_ms", "compile_ms",
-)  # fmt: skip
+    "hits",
+    "misses",
+    "non_cacheable",
+    "errors",
+    "uploads",
+    "bytes_down",
+    "bytes_up",
+    "cache_ms",
+    "compile_ms",
+)
 BREAKDOWNS = ("non_cacheable_reasons", "error_kinds")
 
 

@@ -46,8 +46,10 @@ class Fingerprint(NamedTuple):
 
 def _field(version: str, name: str) -> str:
     prefix = f"{name}:"
-    return next((line[len(prefix) :].strip() for line in version.splitlines()
-                 if line.startswith(prefix)), "")  # fmt: skip
+    return next(
+        (line[len(prefix) :].strip() for line in version.splitlines() if line.startswith(prefix)),
+        "",
+    )
 
 
 def libraries(sysroot: str, target: str) -> list[tuple[str, str]]:
@@ -148,9 +150,12 @@ def fingerprint(
 
 
 def tools(
-    rustc: str, toolchain: Fingerprint, target: str | None, environ: dict[str, str],
+    rustc: str,
+    toolchain: Fingerprint,
+    target: str | None,
+    environ: dict[str, str],
     state_dir: Path,
-) -> list[tuple[str, str]]:  # fmt: skip
+) -> list[tuple[str, str]]:
     """The sysroot's linker tools and self-contained files: path under the sysroot, BLAKE3."""
     rustlib = Path(toolchain.sysroot, "lib", "rustlib")
 

@@ -6,12 +6,18 @@ package), which the shim would pay on every rustc invocation; this module needs 
 headers, and a body delimited by ``Content-Length``, ``Transfer-Encoding: chunked`` or the end of
 the connection. Any socket or framing failure raises ``OSError`` (``TimeoutError`` for timeouts)
 and closes the connection.
+
+Through an http proxy (:mod:`larder.client.proxy`), an https server is reached in a ``CONNECT``
+tunnel (TLS is then spoken with the server, end to end) and an http server with absolute-form
+request targets (``GET http://host:port/path``) sent to the proxy.
 """
 
 from __future__ import annotations
 
 import socket
 from typing import BinaryIO
+
+from larder.client.proxy import Proxy
 
 _MAX_LINE = 65536
 _MAX_HEADERS = 100
@@ -20,6 +26,10 @@ _SEND_CHUNK = 256 * 1024
 
 class ProtocolError(OSError):
     """The server's answer is not HTTP/1.x as this client reads it."""
+
+
+class ProxyRefused(ConnectionRefusedError):
+    """The proxy would not open a tunnel to the server."""
 
 
 class Response:
@@ -97,11 +107,14 @@ class Response:
 class Connection:
     """One persistent connection to ``host:port``, reopened on demand."""
 
-    def __init__(self, host: str, port: int | None, tls: bool, timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int | None, tls: bool, timeout: float, proxy: Proxy | None = None
+    ) -> None:
         self.host = host
         self.port = port or (443 if tls else 80)
         self.tls = tls
         self.timeout = timeout
+        self.proxy = proxy
         self._sock: socket.socket | None = None
         self.reader: BinaryIO = None  # type: ignore[assignment]
 
@@ -112,14 +125,42 @@ class Connection:
             self._sock = None
 
     def _open(self) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        if self.tls:
-            import ssl
+        peer = (self.proxy.host, self.proxy.port) if self.proxy else (self.host, self.port)
+        sock = socket.create_connection(peer, timeout=self.timeout)
+        try:
+            if self.proxy is not None and self.tls:
+                self._tunnel(sock, self.proxy)
+            if self.tls:
+                import ssl
 
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = sock.makefile("rb")
         return sock
+
+    def _tunnel(self, sock: socket.socket, proxy: Proxy) -> None:
+        """Ask the proxy for a tunnel to the server; return once it answered 2xx."""
+        target = f"{self.host}:{self.port}"
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        head = b""
+        while b"\r\n\r\n" not in head:  # nothing follows the head until TLS starts
+            data = sock.recv(4096)
+            if not data:
+                raise ProxyRefused("the proxy closed the connection")
+            head += data
+            if len(head) > _MAX_LINE:
+                raise ProtocolError("the proxy's answer to CONNECT is too long")
+        parts = head.split(b"\r\n", 1)[0].split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolError(f"not an HTTP status line from the proxy: {head[:60]!r}")
+        if not 200 <= int(parts[1]) < 300:
+            raise ProxyRefused(f"the proxy refused a tunnel to {target}: HTTP {int(parts[1])}")
 
     def request(
         self,
@@ -155,7 +196,13 @@ class Connection:
         if self._sock is None:
             self._sock = self._open()
         sock = self._sock
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        authority = f"{self.host}:{self.port}"
+        if self.proxy is not None and not self.tls:
+            lines = [f"{method} http://{authority}{path} HTTP/1.1", f"Host: {authority}"]
+            if self.proxy.authorization:
+                lines.append(f"Proxy-Authorization: {self.proxy.authorization}")
+        else:
+            lines = [f"{method} {path} HTTP/1.1", f"Host: {authority}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body is not None:
             lines.append(f"Content-Length: {len(body) if isinstance(body, bytes) else length}")

@@ -67,9 +67,13 @@ async def pins(storage: Storage, cache: str) -> list[Pin]:
         try:
             doc = load_record(data) if data is not None else {}
             found.append(
-                Pin(store_hash, str(doc.get("path", store_hash)), float(doc.get("pinned_at", 0)),
-                    str(doc.get("note", "")))
-            )  # fmt: skip
+                Pin(
+                    store_hash,
+                    str(doc.get("path", store_hash)),
+                    float(doc.get("pinned_at", 0)),
+                    str(doc.get("note", "")),
+                )
+            )
         except (StorageError, TypeError, ValueError):
             found.append(Pin(store_hash, store_hash, 0.0))
     return found

@@ -112,15 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
     gc.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    for verb, text in (("pin", "exempt store paths and their closures from eviction"),
-                       ("unpin", "remove pins")):  # fmt: skip
+    for verb, text in (
+        ("pin", "exempt store paths and their closures from eviction"),
+        ("unpin", "remove pins"),
+    ):
         command = commands.add_parser(verb, help=text)
         _common(command)
         command.add_argument("--cache", default=DEFAULT_CACHE, help="cache (default main)")
         command.add_argument(
-            "paths", nargs="*", help="/nix/store/<hash>-<name>, <hash>-<name> or <hash>"
-            + (" (none: list the pins)" if verb == "pin" else "")
-        )  # fmt: skip
+            "paths",
+            nargs="*",
+            help="/nix/store/<hash>-<name>, <hash>-<name> or <hash>"
+            + (" (none: list the pins)" if verb == "pin" else ""),
+        )
         if verb == "pin":
             command.add_argument("--note", default="", help="why (shown in the list)")
     return parser

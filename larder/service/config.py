@@ -6,6 +6,8 @@ in larder that reads ``os.environ`` (the rustc shim keeps its own small config).
 
 Config file keys are the field names below (``listen = "0.0.0.0:8080"``,
 ``max_upload_size = "8GiB"``); env vars are ``LARDER_`` + the upper-cased field name.
+Every field carries its parser in its metadata (``_setting(default, parser)``): flags, env vars
+and file values all go through it, so a new field cannot lack one.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from larder.errors import InvalidInput
 from larder.protocol.tokens import parse_ttl
@@ -51,56 +53,126 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+#: A field's metadata key for the function that turns a flag, env or TOML value into its value.
+PARSE = "parse"
+T = TypeVar("T")
+N = TypeVar("N", int, float)
+
+
+def _setting(default: T, parse: Callable[[Any], T]) -> T:
+    """A :class:`Config` field with its default and the parser every source goes through."""
+    return field(default=default, metadata={PARSE: parse})
+
+
+def _listen(value: object) -> str:
+    parse_listen(str(value))
+    return str(value)
+
+
+def _url(value: object) -> str:
+    return str(value).rstrip("/")
+
+
+def _size(value: object) -> int:
+    """Bytes from a TOML integer or from a size string (:func:`parse_size`)."""
+    return value if isinstance(value, int) else parse_size(str(value))
+
+
+def _duration(value: object) -> float:
+    """Seconds from a number or from ``30d``, ``12h``, ``15m``, ``90s``."""
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = float(parse_ttl(text))
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+def _duration_at_least(low: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        seconds = _duration(value)
+        if seconds < low:
+            raise ValueError(f"{seconds:g} is less than {low:g}")
+        return seconds
+
+    return parse
+
+
+def _non_negative(number: Callable[[Any], N]) -> Callable[[object], N]:
+    def parse(value: object) -> N:
+        parsed = number(value)
+        if parsed < 0:
+            raise ValueError(f"{parsed} is negative")
+        return parsed
+
+    return parse
+
+
+def _one_of(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).lower()
+        if text not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the server needs to know, validated."""
 
-    listen: str = "127.0.0.1:8080"
-    storage: str = "./larder-data"
+    listen: str = _setting("127.0.0.1:8080", _listen)
+    storage: str = _setting("./larder-data", str)
     # Public base URL clients use (e.g. https://larder.example); default: derived per request.
-    public_url: str = ""
+    public_url: str = _setting("", _url)
     # Largest request body accepted for NAR, artifact and opaque uploads (compressed bytes).
-    max_upload_size: int = 16 * 1024**3
+    max_upload_size: int = _setting(16 * 1024**3, _size)
     # Largest narinfo / small JSON document accepted.
-    max_document_size: int = 1024**2
+    max_document_size: int = _setting(1024**2, _size)
     # Largest NAR accepted once decompressed, and largest decoded body of an opaque upload
     # sent with a Content-Encoding (max_upload_size counts the bytes as sent).
-    max_nar_size: int = 64 * 1024**3
-    zstd_level: int = 3
+    max_nar_size: int = _setting(64 * 1024**3, _size)
+    zstd_level: int = _setting(3, int)
     # Seconds a replica trusts its in-memory view of caches and revoked tokens.
-    refresh_interval: float = 10.0
+    refresh_interval: float = _setting(10.0, float)
     # Priority advertised in nix-cache-info (lower wins; cache.nixos.org uses 40).
-    default_priority: int = 30
-    log_level: str = "info"
+    default_priority: int = _setting(30, int)
+    log_level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
     # Access log lines: "text" (aiohttp's format) or "json" (one object per line).
-    access_log: str = "text"
+    access_log: str = _setting("text", _one_of("text", "json"))
     # Seconds between scans of stored objects and bytes per cache (0: never).
-    usage_interval: float = 600.0
+    usage_interval: float = _setting(600.0, float)
     # A file holding the token secret (64+ hex digits, or 32+ bytes); empty: kept in the store.
-    token_secret_file: str = ""
+    token_secret_file: str = _setting("", str)
     # Seconds a request body may stall (no byte arriving) before the upload is dropped (408).
-    body_idle_timeout: float = 60.0
+    body_idle_timeout: float = _setting(60.0, float)
     # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
-    signing_keys_dir: str = ""
+    signing_keys_dir: str = _setting("", str)
     # Seconds between garbage collections run by `serve` (0: never); replicas take turns.
-    gc_interval: float = 3600.0
+    gc_interval: float = _setting(3600.0, _duration)
     # Cap on the whole store in bytes (0: none); each cache's own: `larder cache limits`.
-    gc_max_size: int = 0
+    gc_max_size: int = _setting(0, _size)
     # Seconds after its last use an object is evicted, in caches without their own (0: never).
-    gc_retention: float = 0.0
+    gc_retention: float = _setting(0.0, _duration)
     # Seconds: what was used (or uploaded) this recently is never evicted, with its closure, and
     # a blob nothing refers to is kept this long. Must exceed clock skew to the storage backend.
-    gc_grace: float = 600.0
+    gc_grace: float = _setting(600.0, _duration_at_least(1.0))
     # Seconds between writes of the uses this replica recorded (one object per cache).
-    use_flush_interval: float = 30.0
+    use_flush_interval: float = _setting(30.0, _duration_at_least(0.1))
     # Seconds a request head (request line and headers) may take to arrive (408 after; 0: off).
-    header_timeout: float = 30.0
+    header_timeout: float = _setting(30.0, _non_negative(float))
     # Connections served at once; one more is answered 503 and closed (0: no limit).
-    max_connections: int = 1000
+    max_connections: int = _setting(1000, _non_negative(int))
     # Server processes sharing the listening socket (0: one per CPU).
-    workers: int = 1
+    workers: int = _setting(1, _non_negative(int))
     # Event loop of each server process: "uvloop" (faster) or "asyncio" (the standard one).
-    event_loop: str = "uvloop"
+    event_loop: str = _setting("uvloop", _one_of("uvloop", "asyncio"))
 
     def token_secret(self) -> bytes | None:
         """The mounted token secret, if one is configured."""
@@ -123,70 +195,22 @@ class Config:
         return parse_listen(self.listen)
 
 
-def _duration(value: object) -> float:
-    """Seconds from a number or from ``30d``, ``12h``, ``15m``, ``90s``."""
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = float(parse_ttl(text))
-    if seconds < 0:
-        raise ValueError(f"{value!r} is negative")
-    return seconds
+def _parsers() -> dict[str, Callable[[Any], Any]]:
+    """Each setting's parser, from its field's metadata; a field without one fails at import."""
+    found = {}
+    for setting in fields(Config):
+        if PARSE not in setting.metadata:
+            raise TypeError(f"Config.{setting.name} has no parser: declare it with _setting()")
+        found[setting.name] = setting.metadata[PARSE]
+    return found
 
 
-def _at_least(value: Any, low: float) -> Any:
-    if value < low:
-        raise ValueError(f"{value:g} is less than {low:g}")
-    return value
-
-
-_CONVERTERS: dict[str, Any] = {
-    "listen": lambda v: (parse_listen(str(v)), str(v))[1],
-    "storage": str,
-    "public_url": lambda v: str(v).rstrip("/"),
-    "max_upload_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
-    "max_document_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
-    "max_nar_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
-    "zstd_level": int,
-    "refresh_interval": float,
-    "default_priority": int,
-    "log_level": lambda v: _choice(str(v).lower(), ("debug", "info", "warning", "error")),
-    "access_log": lambda v: _choice(str(v).lower(), ("text", "json")),
-    "usage_interval": float,
-    "token_secret_file": str,
-    "signing_keys_dir": str,
-    "body_idle_timeout": float,
-    "gc_interval": _duration,
-    "gc_max_size": lambda v: v if isinstance(v, int) else parse_size(str(v)),
-    "gc_retention": _duration,
-    "gc_grace": lambda v: _at_least(_duration(v), 1.0),
-    "use_flush_interval": lambda v: _at_least(_duration(v), 0.1),
-    "header_timeout": lambda v: _non_negative(float(v)),
-    "max_connections": lambda v: _non_negative(int(v)),
-    "workers": lambda v: _at_least(int(v), 0),
-    "event_loop": lambda v: _choice(str(v).lower(), ("uvloop", "asyncio")),
-}
-
-
-def _non_negative(value: Any) -> Any:
-    if value < 0:
-        raise ValueError(f"{value} is negative")
-    return value
-
-
-def _choice(value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
-    return value
+_PARSERS = _parsers()
 
 
 def _convert(name: str, value: object, source: str) -> Any:
     try:
-        return _CONVERTERS[name](value)
+        return _PARSERS[name](value)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{source}: bad value for {name}: {exc}") from None
 
@@ -211,16 +235,17 @@ def load_config(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
         for key, value in document.items():
-            if key not in _CONVERTERS:
+            if key not in _PARSERS:
                 raise ConfigError(f"{path}: unknown setting {key!r}")
             values[key] = _convert(key, value, str(path))
-    for field in fields(Config):
-        raw = env.get(f"LARDER_{field.name.upper()}")
+    for setting in fields(Config):
+        variable = f"LARDER_{setting.name.upper()}"
+        raw = env.get(variable)
         if raw is not None and raw != "":
-            values[field.name] = _convert(field.name, raw, f"LARDER_{field.name.upper()}")
+            values[setting.name] = _convert(setting.name, raw, variable)
     for name, value in flags.items():
         if value is not None:
-            if name not in _CONVERTERS:
+            if name not in _PARSERS:
                 raise ConfigError(f"unknown flag {name!r}")
             values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
     return Config(**values)

@@ -57,15 +57,41 @@ STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 #: A status's class, by ``min(status // 100, 5)``.
 STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 UPLOAD_OUTCOMES = (
-    "accepted", "bad_format", "verification_failed", "invalid_input", "too_large",
-    "unauthorized", "forbidden", "no_such_cache", "storage_error", "other",
-)  # fmt: skip
+    "accepted",
+    "bad_format",
+    "verification_failed",
+    "invalid_input",
+    "too_large",
+    "unauthorized",
+    "forbidden",
+    "no_such_cache",
+    "storage_error",
+    "other",
+)
 STORED_KINDS = tuple(KINDS)
 GC_RESULTS = ("completed", "busy", "failed")
+#: Every operation :class:`larder.service.instrumented.InstrumentedStorage` counts: one per
+#: method of :class:`larder.storage.base.Storage` but ``close``, and ``blob_write`` for a
+#: writer's commit (``tests/service/test_metrics.py`` checks the two agree).
 BACKEND_OPERATIONS = (
-    "get", "put", "put_if_absent", "exists", "delete", "keys", "list_level", "blob_open",
-    "blob_stored_size", "blob_delete", "blob_ids", "blob_write", "check",
-)  # fmt: skip
+    "get",
+    "put",
+    "put_if_absent",
+    "exists",
+    "delete",
+    "delete_if_older",
+    "keys",
+    "object_infos",
+    "list_level",
+    "blob_open",
+    "blob_stored_size",
+    "blob_delete",
+    "blob_delete_if_older",
+    "blob_ids",
+    "blob_infos",
+    "blob_write",
+    "check",
+)
 NO_CACHE = "_none"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -83,61 +109,91 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "larder_http_requests_total", "HTTP requests answered.",
-            ["cache", "protocol", "status_class"], registry=r,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "larder_http_request_duration_seconds", "Time to the response head.",
-            ["protocol"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.in_flight = Gauge(
-            "larder_http_requests_in_flight", "Requests being handled.", registry=r,
-            multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.lookups = Counter(
-            "larder_cache_lookups_total", "Cache lookups by result (hit or miss).",
-            ["cache", "protocol", "kind", "result"], registry=r,
-        )  # fmt: skip
-        self.sent = Counter(
-            "larder_transfer_sent_bytes_total", "Response body bytes.",
-            ["cache", "protocol"], registry=r,
-        )  # fmt: skip
-        self.received = Counter(
-            "larder_transfer_received_bytes_total", "Request body bytes.",
-            ["cache", "protocol"], registry=r,
-        )  # fmt: skip
-        self.uploads = Counter(
-            "larder_upload_requests_total", "Uploads, accepted or refused (outcome says why).",
-            ["cache", "protocol", "outcome"], registry=r,
-        )  # fmt: skip
-        self.objects = Gauge(
-            "larder_storage_objects", "Stored objects by cache and kind.",
-            ["cache", "kind"], registry=r, multiprocess_mode="max",
-        )  # fmt: skip
-        self.stored_bytes = Gauge(
-            "larder_storage_size_bytes", "Stored (compressed) bytes by cache and kind.",
-            ["cache", "kind"], registry=r, multiprocess_mode="max",
-        )  # fmt: skip
-        self.backend_ops = Counter(
-            "larder_backend_operations_total", "Storage backend calls.",
-            ["backend", "operation"], registry=r,
-        )  # fmt: skip
-        self.backend_errors = Counter(
-            "larder_backend_errors_total", "Storage backend calls that failed.",
-            ["backend", "operation"], registry=r,
-        )  # fmt: skip
-        self.gc_runs = Counter(
-            "larder_gc_runs_total", "Garbage collections attempted, by result.",
-            ["result"], registry=r,
-        )  # fmt: skip
-        self.gc_evicted = Counter(
-            "larder_gc_evicted_objects_total", "Objects garbage collection evicted.",
-            ["cache", "kind"], registry=r,
-        )  # fmt: skip
-        self.gc_freed = Counter(
-            "larder_gc_freed_bytes_total", "Bytes of evicted objects and reaped blobs.",
+            "larder_http_requests_total",
+            "HTTP requests answered.",
+            ["cache", "protocol", "status_class"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.latency = Histogram(
+            "larder_http_request_duration_seconds",
+            "Time to the response head.",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "larder_http_requests_in_flight",
+            "Requests being handled.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.lookups = Counter(
+            "larder_cache_lookups_total",
+            "Cache lookups by result (hit or miss).",
+            ["cache", "protocol", "kind", "result"],
+            registry=r,
+        )
+        self.sent = Counter(
+            "larder_transfer_sent_bytes_total",
+            "Response body bytes.",
+            ["cache", "protocol"],
+            registry=r,
+        )
+        self.received = Counter(
+            "larder_transfer_received_bytes_total",
+            "Request body bytes.",
+            ["cache", "protocol"],
+            registry=r,
+        )
+        self.uploads = Counter(
+            "larder_upload_requests_total",
+            "Uploads, accepted or refused (outcome says why).",
+            ["cache", "protocol", "outcome"],
+            registry=r,
+        )
+        self.objects = Gauge(
+            "larder_storage_objects",
+            "Stored objects by cache and kind.",
+            ["cache", "kind"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.stored_bytes = Gauge(
+            "larder_storage_size_bytes",
+            "Stored (compressed) bytes by cache and kind.",
+            ["cache", "kind"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.backend_ops = Counter(
+            "larder_backend_operations_total",
+            "Storage backend calls.",
+            ["backend", "operation"],
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "larder_backend_errors_total",
+            "Storage backend calls that failed.",
+            ["backend", "operation"],
+            registry=r,
+        )
+        self.gc_runs = Counter(
+            "larder_gc_runs_total",
+            "Garbage collections attempted, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.gc_evicted = Counter(
+            "larder_gc_evicted_objects_total",
+            "Objects garbage collection evicted.",
+            ["cache", "kind"],
+            registry=r,
+        )
+        self.gc_freed = Counter(
+            "larder_gc_freed_bytes_total",
+            "Bytes of evicted objects and reaped blobs.",
+            registry=r,
+        )
         self.gc_reaped = Counter(
             "larder_gc_reaped_blobs_total", "Blobs nothing referred to, deleted.", registry=r
         )
@@ -148,17 +204,22 @@ class Metrics:
         )
         self.gc_last = Gauge(
             "larder_gc_last_completed_timestamp_seconds",
-            "When this replica last completed a garbage collection.", registry=r,
-            multiprocess_mode="max",
-        )  # fmt: skip
-        self.gc_duration = Gauge(
-            "larder_gc_duration_seconds", "Length of this replica's last collection.",
-            registry=r, multiprocess_mode="max",
-        )  # fmt: skip
-        self.use_flushes = Counter(
-            "larder_use_flushes_total", "Writes of recorded uses, by result.", ["result"],
+            "When this replica last completed a garbage collection.",
             registry=r,
-        )  # fmt: skip
+            multiprocess_mode="max",
+        )
+        self.gc_duration = Gauge(
+            "larder_gc_duration_seconds",
+            "Length of this replica's last collection.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.use_flushes = Counter(
+            "larder_use_flushes_total",
+            "Writes of recorded uses, by result.",
+            ["result"],
+            registry=r,
+        )
         for result in GC_RESULTS:
             self.gc_runs.labels(result)
         for result in ("ok", "failed"):

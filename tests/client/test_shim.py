@@ -56,7 +56,7 @@ class FakeCache:
         if self.mode == "500":
             return 500, b"boom"
         if self.mode == "slow":
-            time.sleep(3)
+            time.sleep(3)  # an answer slower than the shim's timeout, on purpose
             return 404, b""
         if self.mode == "garbage":
             return 200, b"\x00not a manifest"
@@ -328,7 +328,7 @@ def test_binaries_are_cached_with_their_link_inputs(tmp_path: Path) -> None:
 
 
 def test_entry_point_decides_without_the_shim() -> None:
-    from larder.client.entry import cache_enabled, is_probe
+    from larder.client.probe import cache_enabled, is_probe
 
     assert is_probe(["-vV"]) and is_probe(["-", "--print=cfg"]) and is_probe(["--print", "x"])
     assert not is_probe(["--crate-name", "x", "src/lib.rs", "--printer"])

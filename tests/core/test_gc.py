@@ -451,7 +451,7 @@ async def test_a_held_lease_is_renewed_and_a_stolen_one_stops_the_holder() -> No
             await acquire(storage, lease=0.3)
         lease.check()
         await storage.put(keys.GC_LOCK, b'{"owner": "someone else"}')
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.25)  # time must pass: past the next renewal, which finds it lost
         with pytest.raises(LeaseLost):
             lease.check()
     assert await storage.get(keys.GC_LOCK) == b'{"owner": "someone else"}'  # not ours to drop

@@ -81,3 +81,9 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     assert 'ENTRYPOINT ["larder", "serve"]' in final
     assert 'VOLUME ["/var/lib/larder"]' in final
     assert not re.search(r"apt-get install|gcc|build-essential", final)
+
+
+def test_the_image_installs_the_tested_versions() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "constraints.txt" in dockerfile.split("\nRUN ")[0]
+    assert re.search(r"pip install [^\n]*-c constraints\.txt \.", dockerfile)

@@ -160,6 +160,19 @@ class Larder:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def settled_log(self, timeout: float = 5.0) -> str:
+        """The log once it has stopped growing: access log lines are written in batches every
+        50 ms, so two reads 0.1 s apart that agree hold every line of requests answered."""
+        last = self.log()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.log()
+            if now == last:
+                break
+            last = now
+        return last
+
 
 @contextmanager
 def larder_server(

@@ -106,11 +106,11 @@ def test_connections_past_max_connections_get_503(tmp_path: Path) -> None:
 
     async def crowd(host: str, port: int) -> tuple[bytes, bytes]:
         held = [await asyncio.open_connection(host, port) for _ in range(20)]
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the server accepts all 20 (nothing outside shows when)
         reader, writer = await asyncio.open_connection(host, port)
         refused = await _read_reply(reader, 5)
         await _close([writer, *(held_writer for _, held_writer in held[:5])])
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the server sees the five closes (likewise unobservable)
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         served = await _read_reply(reader, 5)

@@ -25,6 +25,7 @@ from larder.protocol import narinfo
 from larder.storage.s3 import S3Storage
 from tests.e2e.harness import LARDER, S3_ENV, Larder, http, larder_server, make_bucket, moto_server
 from tests.e2e.nix import Nix, NixVersion, netrc_for
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.nix
 
@@ -86,21 +87,27 @@ def test_the_least_recently_used_closure_goes_whole(
         closures[label], tops[label] = ci.closure(paths["app"]), paths["app"]
         for path in closures[label]:  # reading them is a use too: in push order
             nar_urls[path] = served(server, path).url  # type: ignore[union-attr]
-        time.sleep(1.1)  # S3 dates objects and uses to the second
+        # Time must pass, not a condition: S3 dates objects and uses to the second.
+        time.sleep(1.1)
 
     # A laptop substitutes A, the oldest push: now A is the most recently used.
     ci.delete(*reversed(closures["a"]))
     key = str(server.cache_info()["public_key"])
     Nix(tmp_path / "laptop", version=nix_version).substitute(f"{server.url}/main", key, tops["a"])
-    time.sleep(1.5)  # the uses are written (0.2 s) and everything is older than the grace (1 s)
+    # Time must pass, not a condition: every use older than the grace (1 s), at S3's
+    # one-second resolution (the uses themselves are written every 0.2 s).
+    time.sleep(1.5)
 
     size = gc(server, "--dry-run")["caches"]["main"]["size_before"]  # type: ignore[index]
     report = gc(server, "--max-size", str(size - 1))
     assert report["caches"]["main"]["size_after"] <= size - 1  # type: ignore[index]
     assert report["blobs_reaped"] == 3, json.dumps(report)[:3000]
-    time.sleep(0.5)  # the server forgets what it remembered of the deleted narinfos
+    # The server forgets what it remembered of the deleted narinfos (refresh_interval).
+    wait_until(
+        lambda: all(served(server, path) is None for path in closures["b"]),
+        what="the least recently used closure no longer served",
+    )
     for path in closures["b"]:
-        assert served(server, path) is None, f"{path} of the least recently used closure stayed"
         assert http("HEAD", f"{server.url}/main/{nar_urls[path]}")[0] == 404
     for path in closures["a"] + closures["c"]:
         assert whole(server, path), f"{path} lost part of its closure"
@@ -176,6 +183,8 @@ def test_uploads_racing_collections_are_never_lost(tmp_path: Path, nix_version: 
             time.sleep(0.4 * round_)  # land the upload at different points of the run
             copied = ci.copy_to(f"{server.url}/main", built, check=False)
             collection.join()
+            # Not a condition: a stale memory of the deleted narinfos would make `whole` true
+            # too, so let the server's memory of them run out (refresh_interval) first.
             time.sleep(0.5)
             report = json.loads(reports[0].stdout)
             if copied.returncode == 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from tests.e2e.harness import S3_ENV, http, larder_server, make_bucket, moto_server, start_put
 from tests.e2e.nix import Nix, NixVersion, netrc_for
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.nix
 
@@ -61,10 +61,22 @@ def test_replicas_on_one_bucket_share_uploads_tokens_and_revocations(
             for replica in (one, two):
                 assert http("PUT", f"{replica.url}/main/log/y.drv", body, revocable)[0] == 200
             two.cli("token", "revoke", token_id)
-            time.sleep(1.0)  # both replicas re-read revocations every LARDER_REFRESH_INTERVAL
+            # Both replicas re-read revocations every LARDER_REFRESH_INTERVAL.
+            wait_until(
+                lambda: all(
+                    http("PUT", f"{r.url}/main/log/probe.drv", body, revocable)[0] == 401
+                    for r in (one, two)
+                ),
+                what="the revocation reaching both replicas",
+            )
             for replica in (one, two):
                 assert http("PUT", f"{replica.url}/main/log/z.drv", body, revocable)[0] == 401
             assert http("GET", f"{one.url}/main/log/z.drv")[0] == 404
+
+
+def _partial(tmp: Path) -> list[Path]:
+    """Temporary objects that already hold bytes."""
+    return [p for p in tmp.iterdir() if p.stat().st_size > 0] if tmp.is_dir() else []
 
 
 def test_server_killed_mid_upload_leaves_nothing_visible(tmp_path: Path) -> None:
@@ -75,11 +87,10 @@ def test_server_killed_mid_upload_leaves_nothing_visible(tmp_path: Path) -> None
         conn = start_put(
             server.url, f"/main/nar/{file_hash}.nar", server.token(), nar, len(nar) // 2
         )
-        time.sleep(0.5)  # let the server stream the first half into its temporary object
+        # The server has streamed part of the upload into its temporary object.
+        wait_until(lambda: _partial(Path(data) / "tmp"), what="the upload starting to stream")
         os.kill(server.pid, signal.SIGKILL)
         conn.close()
-    partial = [p for p in (Path(data) / "tmp").iterdir() if p.stat().st_size > 0]
-    assert partial, "the upload never started streaming; the test proves nothing"
     with larder_server(data, tmp_path) as server:
         assert http("GET", f"{server.url}/main/nar/{file_hash}.nar")[0] == 404
         assert http("HEAD", f"{server.url}/main/nar/{file_hash}.nar")[0] == 404
@@ -115,9 +126,13 @@ def test_replicas_racing_on_one_narinfo_end_consistent(tmp_path: Path) -> None:
             with ThreadPoolExecutor(16) as pool:
                 results = list(pool.map(upload, range(40)))
             assert results == [(200, 200)] * 40
-            time.sleep(1.0)  # past refresh_interval: both replicas read the store again
-            served = [http("GET", f"{r.url}/main/{store_hash}.narinfo") for r in replicas]
-            assert served[0] == served[1] and served[0][0] == 200
+
+            def agreed() -> list[tuple[int, bytes]] | None:
+                served = [http("GET", f"{r.url}/main/{store_hash}.narinfo") for r in replicas]
+                return served if served[0] == served[1] and served[0][0] == 200 else None
+
+            # Within refresh_interval (0.5 s) both replicas read the store again.
+            served = wait_until(agreed, what="both replicas serving the same narinfo")
             text = served[0][1].decode()
             assert text.count("Deriver: ") == 1 and text.count("StorePath: ") == 1
             url = next(line[5:] for line in text.splitlines() if line.startswith("URL: "))

@@ -172,9 +172,8 @@ ACCESS_LINE = re.compile(
 def wire(client: Sccache, server: Larder, since: int) -> Counter[tuple[str, str, int]]:
     """``(method, probe|collection|entry, status)`` of the sccache requests larder logged after
     offset ``since`` of its log; each must come from ``client``."""
-    time.sleep(0.2)  # access log lines are written in batches every 50 ms
     seen: Counter[tuple[str, str, int]] = Counter()
-    for match in ACCESS_LINE.finditer(server.log()[since:]):
+    for match in ACCESS_LINE.finditer(server.settled_log()[since:]):
         assert match["agent"].startswith(client.user_agent), match[0]
         path = match["path"]
         what = "probe" if path.endswith("/.sccache_check") else "entry"

@@ -118,7 +118,7 @@ def test_s3_endpoint_dies_mid_request_and_comes_back(tmp_path: Path) -> None:
             # ... and an upload past its first multipart part (8 MiB) when the endpoint dies.
             nar, file_hash = nar_of(24 * MiB)
             upload = Upload.start(server, token, nar, file_hash, 12 * MiB)
-            time.sleep(1.0)
+            time.sleep(1.0)  # the server sends its first part to moto (not observable from here)
             moto.send_signal(signal.SIGKILL)
             moto.wait()
 

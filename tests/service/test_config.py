@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import Field, fields
 from pathlib import Path
 
 import pytest
 
-from larder.service.config import Config, ConfigError, load_config, parse_listen, parse_size
+from larder.service.config import (
+    PARSE,
+    Config,
+    ConfigError,
+    load_config,
+    parse_listen,
+    parse_size,
+)
 from larder.service.server import worker_count
 
 
@@ -131,3 +140,91 @@ def test_workers_and_event_loop_from_env_file_and_flag(tmp_path: Path) -> None:
         load_config({}, environ={"LARDER_WORKERS": "-1"})
     with pytest.raises(ConfigError, match="LARDER_EVENT_LOOP: bad value for event_loop"):
         load_config({}, environ={"LARDER_EVENT_LOOP": "tokio"})
+
+
+def _toml(value: object) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+@pytest.mark.parametrize("setting", fields(Config), ids=lambda setting: setting.name)
+def test_every_setting_parses_its_default_from_env_and_file(
+    setting: Field[object], tmp_path: Path
+) -> None:
+    default = getattr(Config(), setting.name)
+    assert callable(setting.metadata.get(PARSE)), f"{setting.name} has no parser"
+    variable = f"LARDER_{setting.name.upper()}"
+    assert getattr(load_config({}, environ={variable: str(default)}), setting.name) == default
+    path = tmp_path / "larder.toml"
+    path.write_text(f"{setting.name} = {_toml(default)}\n")
+    assert getattr(load_config({"config": str(path)}, environ={}), setting.name) == default
+
+
+# A value other than the default for every setting: (as text, as in a TOML file, parsed).
+SAMPLES: dict[str, tuple[str, object, object]] = {
+    "listen": ("[::1]:9000", "[::1]:9000", "[::1]:9000"),
+    "storage": ("s3://bucket/prefix", "/srv/larder", None),
+    "public_url": ("https://larder.example/", "https://larder.example", "https://larder.example"),
+    "max_upload_size": ("8GiB", 1000, None),
+    "max_document_size": ("2MiB", "2MiB", 2 * 1024**2),
+    "max_nar_size": ("1TB", 1024, None),
+    "zstd_level": ("9", 9, 9),
+    "refresh_interval": ("2.5", 2.5, 2.5),
+    "default_priority": ("40", 40, 40),
+    "log_level": ("DEBUG", "warning", None),
+    "access_log": ("json", "JSON", "json"),
+    "usage_interval": ("0", 0, 0.0),
+    "token_secret_file": ("/run/secret", "/run/secret", "/run/secret"),
+    "body_idle_timeout": ("5", 5.5, None),
+    "signing_keys_dir": ("/keys", "/keys", "/keys"),
+    "gc_interval": ("12h", "15m", None),
+    "gc_max_size": ("10GiB", "10GiB", 10 * 1024**3),
+    "gc_retention": ("30d", 86400, None),
+    "gc_grace": ("90s", "90s", 90.0),
+    "use_flush_interval": ("0.5", 2, None),
+    "header_timeout": ("0", 1.5, None),
+    "max_connections": ("64", 64, 64),
+    "workers": ("0", 4, None),
+    "event_loop": ("asyncio", "AsyncIO", "asyncio"),
+}
+EXPECTED_FROM_TEXT: dict[str, object] = {
+    "storage": "s3://bucket/prefix",
+    "max_upload_size": 8 * 1024**3,
+    "max_nar_size": 1000**4,
+    "log_level": "debug",
+    "body_idle_timeout": 5.0,
+    "gc_interval": 12 * 3600.0,
+    "gc_retention": 30 * 86400.0,
+    "use_flush_interval": 0.5,
+    "header_timeout": 0.0,
+    "workers": 0,
+}
+EXPECTED_FROM_FILE: dict[str, object] = {
+    "storage": "/srv/larder",
+    "max_upload_size": 1000,
+    "max_nar_size": 1024,
+    "log_level": "warning",
+    "body_idle_timeout": 5.5,
+    "gc_interval": 900.0,
+    "gc_retention": 86400.0,
+    "use_flush_interval": 2.0,
+    "header_timeout": 1.5,
+    "workers": 4,
+}
+
+
+def test_every_setting_has_a_sample() -> None:
+    assert set(SAMPLES) == {setting.name for setting in fields(Config)}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_every_setting_parses_from_env_flag_and_file(name: str, tmp_path: Path) -> None:
+    text, in_file, parsed = SAMPLES[name]
+    from_text = EXPECTED_FROM_TEXT.get(name, parsed)
+    from_file = EXPECTED_FROM_FILE.get(name, parsed)
+    assert getattr(Config(), name) not in (from_text, from_file)  # the value really changes
+    variable = f"LARDER_{name.upper()}"
+    assert getattr(load_config({}, environ={variable: text}), name) == from_text
+    assert getattr(load_config({name: text}, environ={}), name) == from_text
+    path = tmp_path / "larder.toml"
+    path.write_text(f"{name} = {_toml(in_file)}\n")
+    assert getattr(load_config({"config": str(path)}, environ={}), name) == from_file

@@ -10,7 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from larder.errors import StorageUnavailable
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.metrics import Metrics
+from larder.service.instrumented import InstrumentedStorage
+from larder.service.metrics import BACKEND_OPERATIONS, Metrics
+from larder.storage.base import Storage
 from larder.storage.memory import MemoryStorage
 from tests.service.conftest import Service, ServiceFactory
 from tests.service.test_nix_routes import hash_part, make_nar, push, store_path
@@ -29,8 +31,9 @@ async def scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...
     return samples
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-          **labels: str) -> float:  # fmt: skip
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
@@ -199,3 +202,40 @@ async def test_stats_api_names_store_paths_asked_for_before_ci_pushed_them(
     [entry] = stats["pushed_late"]
     assert entry["store_path"] == late and entry["requests_before_upload"] == 3
     assert {"crate": "late", "misses": 3} in stats["top_missed_crates"]
+
+
+def test_every_counted_storage_operation_starts_at_zero() -> None:
+    """Each method of the storage interface (but ``close``) is counted under its own name, a
+    writer's commit as ``blob_write``, and every one of those series exists before a call."""
+    interface = {
+        name
+        for name, member in vars(Storage).items()
+        if callable(member) and not name.startswith("_") and name != "close"
+    }
+    counted = (interface - {"blob_writer"}) | {"blob_write"}
+    assert set(BACKEND_OPERATIONS) == counted
+    assert interface <= set(vars(InstrumentedStorage))  # every call goes through the counter
+    metrics = Metrics("memory")
+    samples = {
+        sample.labels["operation"]
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        if family.name == "larder_backend_operations"
+        for sample in family.samples
+        if sample.name == "larder_backend_operations_total"
+    }
+    assert samples == counted
+
+
+async def test_instrumented_storage_counts_under_the_listed_names() -> None:
+    metrics = Metrics("memory")
+    storage = InstrumentedStorage(MemoryStorage(), metrics)
+    await storage.put("a/b", b"x")
+    await storage.get("a/b")
+    assert [entry async for entry in storage.object_infos("a/")]
+    assert await storage.delete_if_older("a/b", 0.0) in (True, False)
+    assert [blob async for blob in storage.blob_infos()] == []
+    assert await storage.blob_delete_if_older("0" * 64, 0.0) in (True, False)
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        if family.name == "larder_backend_operations":
+            labels = {sample.labels["operation"] for sample in family.samples}
+            assert labels == set(BACKEND_OPERATIONS)

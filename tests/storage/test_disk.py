@@ -245,7 +245,7 @@ CRASHING_WRITER = textwrap.dedent(
     writer = DiskStorage(sys.argv[1]).blob_writer()
     writer.write(os.urandom(3 * 1024 * 1024))
     print("written", flush=True)
-    time.sleep(120)
+    time.sleep(120)  # hold the open writer until the test kills this process
     """
 )
 
