@@ -4,8 +4,8 @@ A NAR upload flows through two threads::
 
     caller's thread:  uploaded bytes -> sha256 (FileHash) -> decompress -> NAR pieces
                           |                                                 |
-                          | (zstd: the bytes as they came, hashed by the    |
-                          |  writer that stores them: that is the FileHash) |
+                          | (zstd: the bytes as they came; their sha256 is  |
+                          |  the FileHash, given to the writer at commit)   |
                           v                                                 v
     checker thread:   blob writer                  NarValidator + sha256 (NarHash) + blob writer
                                                    (BLAKE3; zstd re-encoding unless the upload
@@ -125,8 +125,6 @@ class NarIngest:
         self._validator = NarValidator()
         self._writer = writer
         self._keep = keeps_upload(compression)
-        # A kept upload is hashed by the writer that stores it, on the checker thread.
-        self._writer_hashes = self._keep and writer.stored_digest() is not None
         self._plain = compression == "none"  # the upload is the NAR: checked on this thread
         self._stage = _Stage(self._check)
         self._decompressor = Decompressor(compression, self._take_nar)
@@ -151,9 +149,8 @@ class NarIngest:
 
     def feed(self, data: bytes) -> None:
         """Process one chunk of the upload as it arrived on the wire."""
+        self._file_hash.update(data)
         self._file_size += len(data)
-        if not self._writer_hashes:
-            self._file_hash.update(data)
         if self._keep:
             self._stage.put(data, True)
         self._decompressor.write(data)
@@ -172,8 +169,7 @@ class NarIngest:
         self._decompressor.finish()
         self._stage.drain()
         self._validator.finish()
-        kept = self._writer.stored_digest() if self._writer_hashes else None
-        file_sha256 = kept if kept is not None else self._file_hash.digest()
+        file_sha256 = self._file_hash.digest()
         return NarDigest(
             file_sha256=file_sha256,
             file_size=self._file_size,

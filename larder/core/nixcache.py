@@ -27,6 +27,7 @@ larder serves it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from collections.abc import AsyncIterable, AsyncIterator
@@ -220,7 +221,8 @@ class NixCache:
                     f"file hash mismatch: the upload's sha256 is "
                     f"{nix32.encode(digest.file_sha256)}, its name says {file_hash}"
                 )
-            blob = await self._run(writer.commit)
+            kept = digest.file_sha256 if keeps_upload(compression) else None
+            blob = await self._run(functools.partial(writer.commit, stored_sha256=kept))
         stored_sha256 = blob.stored_sha256 or await self._stored_sha256(blob.blob_id)
         if stored_sha256 is None:
             raise StorageError(f"blob {blob.blob_id} vanished right after its commit")

@@ -35,10 +35,12 @@ class _CountedWriter(BlobWriter):
     def size(self) -> int:
         return self._inner.size
 
-    def commit(self, expected_id: str | None = None) -> BlobInfo:
+    def commit(
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
+    ) -> BlobInfo:
         self._metrics.backend_ops.labels(self._metrics.backend, "blob_write").inc()
         try:
-            return self._inner.commit(expected_id)
+            return self._inner.commit(expected_id, stored_sha256=stored_sha256)
         except StorageError:
             self._metrics.backend_errors.labels(self._metrics.backend, "blob_write").inc()
             raise

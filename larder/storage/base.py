@@ -178,19 +178,15 @@ class BlobWriter(ABC):
         """
         raise ValueError("this blob writer encodes the stream itself")
 
-    def stored_digest(self) -> bytes | None:
-        """sha256 of the bytes sent to the temporary object so far (what :meth:`commit`
-        reports as ``stored_sha256`` if they stay), or None if this writer does not keep one.
-        Lets a caller that keeps an upload as it came learn its hash without a second pass."""
-        return None
-
     @property
     @abstractmethod
     def size(self) -> int:
         """Uncompressed bytes written so far."""
 
     @abstractmethod
-    def commit(self, expected_id: str | None = None) -> BlobInfo:
+    def commit(
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
+    ) -> BlobInfo:
         """Finish the stream and make the blob visible under its BLAKE3 id.
 
         Idempotent with respect to content: if the blob already exists the temporary object is
@@ -198,6 +194,11 @@ class BlobWriter(ABC):
         garbage collector sees content uploaded again as fresh). After commit the writer is
         closed. With ``expected_id``, content whose id differs is discarded instead and
         :class:`~larder.errors.VerificationFailed` is raised.
+
+        The result's ``stored_sha256`` is the sha256 of the bytes at rest when they are this
+        writer's: computed while encoding, or, for a writer made with ``encoded=True``, the
+        ``stored_sha256`` the caller gives for the bytes it passed to :meth:`write_encoded`
+        (which it hashed anyway: the stream is hashed once).
         """
 
     @abstractmethod

@@ -165,11 +165,14 @@ class EncodingBlobWriter(BlobWriter):
         self, *, level: int = DEFAULT_ZSTD_LEVEL, threads: int = 0, encoded: bool = False
     ) -> None:
         self._encoder: BlobEncoder | KeptStream
+        # The bytes this writer encodes are hashed as they go; a kept stream's hash is the
+        # caller's (commit's stored_sha256).
         self._stored_hash = hashlib.sha256()
         if encoded:
-            self._encoder = KeptStream(self._hashed_sink)
+            self._encoder = KeptStream(self._sink)
         else:
             self._encoder = BlobEncoder(self._hashed_sink, level=level, threads=threads)
+        self._encoded = encoded
         self._state = _State.OPEN
 
     def _hashed_sink(self, piece: bytes) -> None:
@@ -202,9 +205,6 @@ class EncodingBlobWriter(BlobWriter):
     def size(self) -> int:
         return self._encoder.size
 
-    def stored_digest(self) -> bytes | None:
-        return self._stored_hash.copy().digest()
-
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
             raise ValueError(f"blob writer is {self._state.value}")
@@ -225,7 +225,9 @@ class EncodingBlobWriter(BlobWriter):
             self.abort()
             raise
 
-    def commit(self, expected_id: str | None = None) -> BlobInfo:
+    def commit(
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
+    ) -> BlobInfo:
         self._check_open()
         try:
             blob_id = self._encoder.finish()
@@ -235,9 +237,8 @@ class EncodingBlobWriter(BlobWriter):
                 )
             info = BlobInfo(blob_id, self._encoder.size, self._encoder.stored_size)
             kept_size, own = self._publish(info)
-            info = BlobInfo(
-                blob_id, info.size, kept_size, self._stored_hash.digest() if own else None
-            )
+            digest = stored_sha256 if self._encoded else self._stored_hash.digest()
+            info = BlobInfo(blob_id, info.size, kept_size, digest if own else None)
         except BaseException:
             self.abort()
             raise

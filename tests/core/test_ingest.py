@@ -41,7 +41,9 @@ class Recorder(BlobWriter):
     def size(self) -> int:
         return len(self.data)
 
-    def commit(self, expected_id: str | None = None) -> BlobInfo:
+    def commit(
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
+    ) -> BlobInfo:
         raise AssertionError("not used")
 
     def abort(self) -> None:

@@ -340,9 +340,11 @@ class _WatchedWriter(BlobWriter):
     def size(self) -> int:
         return self._inner.size
 
-    def commit(self, expected_id: str | None = None) -> BlobInfo:
+    def commit(
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
+    ) -> BlobInfo:
         self._owner.committed += 1
-        return self._inner.commit(expected_id)
+        return self._inner.commit(expected_id, stored_sha256=stored_sha256)
 
     def abort(self) -> None:
         self._inner.abort()

@@ -576,7 +576,7 @@ async def test_an_encoded_writer_stores_the_given_stream_as_it_is(backend: Backe
                 writer.write_encoded(stream[offset : offset + 100_000])
             for offset in range(0, len(data), 64 * 1024):
                 writer.write(data[offset : offset + 64 * 1024])
-            return writer.commit()
+            return writer.commit(stored_sha256=hashlib.sha256(stream).digest())
 
     info = await asyncio.to_thread(work)
     assert info == BlobInfo(blob_id_of(data), len(data), len(stream))
@@ -598,7 +598,7 @@ async def test_content_stored_again_in_another_encoding_reports_what_is_kept(
         with storage.blob_writer(encoded=True) as writer:
             writer.write_encoded(other)
             writer.write(data)
-            return writer.commit()
+            return writer.commit(stored_sha256=hashlib.sha256(other).digest())
 
     again = await asyncio.to_thread(work)
     assert again.blob_id == first.blob_id
