@@ -7,6 +7,7 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 ``larder_http_request_duration_seconds``    protocol (histogram; time to the response head)
 ``larder_http_requests_in_flight``          (gauge)
 ``larder_cache_lookups_total``              cache, protocol, kind, result (hit | miss)
+``larder_rustc_miss_reasons_total``         cache, category (why a shim says a crate missed)
 ``larder_transfer_sent_bytes_total``        cache, protocol (response bodies)
 ``larder_transfer_received_bytes_total``    cache, protocol (request bodies)
 ``larder_upload_requests_total``            cache, protocol, outcome (accepted or why not)
@@ -38,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from larder.core.gcgraph import KINDS
+from larder.protocol.inputs import CATEGORIES as MISS_CATEGORIES
 
 # protocol -> what its lookups look up
 LOOKUP_KINDS: dict[str, tuple[str, ...]] = {
@@ -97,6 +99,10 @@ class Metrics:
         self.lookups = Counter(
             "larder_cache_lookups_total", "Cache lookups by result (hit or miss).",
             ["cache", "protocol", "kind", "result"], registry=r,
+        )  # fmt: skip
+        self.miss_reasons = Counter(
+            "larder_rustc_miss_reasons_total", "rustc misses by the category the shim found.",
+            ["cache", "category"], registry=r,
         )  # fmt: skip
         self.sent = Counter(
             "larder_transfer_sent_bytes_total", "Response body bytes.",
@@ -191,6 +197,8 @@ class Metrics:
                 for result in ("hit", "miss"):
                     self.lookups.labels(cache, protocol, kind, result)
         if cache != NO_CACHE:
+            for category in MISS_CATEGORIES:
+                self.miss_reasons.labels(cache, category)
             for kind in STORED_KINDS:
                 self.objects.labels(cache, kind)
                 self.stored_bytes.labels(cache, kind)
