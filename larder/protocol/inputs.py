@@ -200,12 +200,12 @@ def unpack_stored(data: bytes) -> bytes:
     stored_identity(data)
     body = data[len(STORED_HEADER) + 65 :]
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(body)
-        document: bytes = reader.read(MAX_INPUTS_SIZE + 1)
+        size = zstandard.frame_content_size(body)
+        if not 0 <= size <= MAX_INPUTS_SIZE:
+            raise FormatError("stored inputs document too large, or of unknown size")
+        document: bytes = zstandard.ZstdDecompressor().decompress(body)
     except zstandard.ZstdError as exc:
         raise FormatError(f"stored inputs document does not decompress: {exc}") from None
-    if len(document) > MAX_INPUTS_SIZE:
-        raise FormatError("stored inputs document too large")
     return document
 
 
@@ -351,11 +351,8 @@ def _args(current: list[str], stored: list[str]) -> tuple[list[Difference], list
         *((a, "removed") for a in before - now),
     ]:
         if arg.startswith("--extern="):
-            category = "dependency"
-        elif arg.startswith(_FEATURE_FLAGS):
-            category = "features"
-        else:
-            category = "flags"
+            continue  # the externs item names every added or removed dependency
+        category = "features" if arg.startswith(_FEATURE_FLAGS) else "flags"
         difference = Difference(category, display_arg(arg), how)
         (derived if arg.startswith(_DERIVED) else found).append(difference)
     return found, derived
