@@ -411,6 +411,10 @@ def differences(current: Mapping[str, Any], stored: Mapping[str, Any]) -> list[D
         [str(a) for a in current.get("args") or []], [str(a) for a in stored.get("args") or []]
     )
     found += args
+    # What a build script wrote (before the sources: generated files are among them too).
+    found += _compare_maps(
+        "build_script", _mapping(current.get("out_dir")), _mapping(stored.get("out_dir"))
+    )
     if "sources" in current:
         for d in _compare_maps(
             "source", _mapping(current["sources"]), _mapping(stored.get("sources"))
@@ -435,9 +439,6 @@ def differences(current: Mapping[str, Any], stored: Mapping[str, Any]) -> list[D
     )  # fmt: skip
     found += _compare_maps(
         "dependency", _mapping(current.get("externs")), _mapping(stored.get("externs"))
-    )
-    found += _compare_maps(
-        "build_script", _mapping(current.get("out_dir")), _mapping(stored.get("out_dir"))
     )
     found += _compare_maps("link", _mapping(current.get("native")), _mapping(stored.get("native")))
     if "link" in current and current.get("link") != stored.get("link"):

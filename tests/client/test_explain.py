@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -96,3 +97,25 @@ def test_a_server_without_documents_means_unknown(tmp_path: Path) -> None:
     assert miss["category"] == "unknown"
     assert not [r for r in fake.requests if r.startswith("POST")]  # nothing to report
     assert stats(crate)["miss_categories"] == {"unknown": 1}
+
+
+def test_private_caches_and_entries_older_than_documents(tmp_path: Path) -> None:
+    ci, laptop = checkout(tmp_path, "ci"), checkout(tmp_path, "laptop")
+    data = tmp_path / "data"
+    with larder_server(str(data), tmp_path) as server:
+        server.cli("cache", "create", "secret", "--private")
+        url = f"{server.url}/secret"
+        done = shim(ci, url, LARDER_TOKEN=server.token("secret"), **CARGO)
+        assert done.returncode == 0, done.stderr
+        # A reader of the private cache: the lookups need its token, and work with it.
+        (laptop / "src" / "lib.rs").write_text(SOURCE + "// edited\n")
+        done = shim(laptop, url, LARDER_TOKEN=server.token("secret", "read"), **CARGO)
+        assert done.returncode == 0, done.stderr
+        assert [m["category"] for m in explain(laptop)] == ["source"]
+        # Entries stored before inputs documents were: the crate looks never built.
+        for name in ("inputs", "crate"):
+            shutil.rmtree(data / "objects" / "caches" / "secret" / "rustc" / name)
+        (laptop / "src" / "lib.rs").write_text(SOURCE + "// edited again\n")
+        done = shim(laptop, url, LARDER_TOKEN=server.token("secret", "read"), **CARGO)
+        assert done.returncode == 0, done.stderr
+        assert [m["reason"] for m in explain(laptop)] == ["never built"]
