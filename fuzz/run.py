@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "fuzz" / "corpus"
 FIXTURES = ROOT / "tests" / "fixtures" / "nix"
-TARGETS = ("narinfo", "nar", "tokens", "request_paths", "client_args", "client_depinfo")
+TARGETS = (
+    "narinfo", "nar", "tokens", "request_paths", "client_args", "client_depinfo", "rustc_inputs",
+)  # fmt: skip
 MAX_LEN = {"nar": 65536}
 DEFAULT_MAX_LEN = 8192
 INPUT_TIMEOUT = 10
