@@ -14,8 +14,9 @@ Each explained miss is written to ``explain/<crate stem>.json`` in the state dir
 build it belongs to (cargo's process: the shim's parent, and its start time). ``explain`` shows
 the misses of the last build that had any: each crate's category and its differing inputs. A
 crate that missed only because a dependency did (``--extern`` files differ, nothing of its own)
-is followed down its dependencies' records to the first crates whose own inputs differ:
-``dependency changed: leaf``.
+is followed down its dependencies' records in the same build to the first crates whose own
+inputs differ: ``dependency changed: leaf`` (a dependency that did not miss in that build ends
+the walk under its own name).
 
 ``env!`` values are never printed or sent in clear: they are compared and shown as BLAKE3
 hashes, except variables on the safe list, :data:`SAFE_ENV` plus the names in
@@ -28,7 +29,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -210,10 +211,10 @@ def reason(doc: Mapping[str, Any], by_stem: Mapping[str, Mapping[str, Any]]) -> 
     return f"{title}: {show(str(own[0][1]))}" if own else title
 
 
-def summaries(
-    records: Iterable[dict[str, Any]], everything: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    by_stem = {str(doc.get("stem")): doc for doc in everything}
+def summaries(records: list[dict[str, Any]], build: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What ``explain`` shows of ``records``, following dependencies through ``build``'s
+    records only: an older build's record of the same crate may describe other inputs."""
+    by_stem = {str(doc.get("stem")): doc for doc in build}
     return [
         {
             "crate": name_of(doc),
@@ -233,11 +234,11 @@ def command(argv: list[str], state: Path) -> int:
     """``larder-rustc explain [CRATE] [--json]``."""
     as_json = "--json" in argv
     wanted = [arg for arg in argv[1:] if not arg.startswith("--")]
-    everything = load(state)
-    shown = last_build(everything)
+    build = last_build(load(state))
+    shown = build
     if wanted:
-        shown = [d for d in shown if wanted[0] in (d.get("crate"), d.get("package"), name_of(d))]
-    found = summaries(shown, everything)
+        shown = [d for d in build if wanted[0] in (d.get("crate"), d.get("package"), name_of(d))]
+    found = summaries(shown, build)
     if as_json:
         print(json.dumps(found, indent=2))
         return 0

@@ -10,6 +10,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.client.test_shim import FakeCache, shim, stats
 from tests.e2e.harness import larder_server
 
@@ -119,3 +121,31 @@ def test_private_caches_and_entries_older_than_documents(tmp_path: Path) -> None
         done = shim(laptop, url, LARDER_TOKEN=server.token("secret", "read"), **CARGO)
         assert done.returncode == 0, done.stderr
         assert [m["reason"] for m in explain(laptop)] == ["never built"]
+
+
+def test_dependencies_are_followed_down_to_the_crate_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from larder.client import explain as why
+    from larder.protocol.inputs import Difference, Explanation
+
+    def miss(crate: str, category: str, *changed: str, build: str = "this") -> None:
+        monkeypatch.setattr(why, "build_id", lambda: build)
+        own = [Difference(category, "crates/x/src/lib.rs", "changed")] if not changed else []
+        found = Explanation(category, [*own, *(Difference("dependency", c, "") for c in changed)])
+        externs = {name: f"{name}-1" for name in changed}
+        why.record(tmp_path, crate=crate, package=crate, stem=f"{crate}-1", explanation=found,
+                   externs=externs)  # fmt: skip
+
+    miss("old", "source", build="earlier")
+    miss("leaf", "source")
+    miss("generated", "dependency", "leaf")
+    miss("demo", "dependency", "generated", "leaf", "native")  # native did not miss
+    assert why.command(["explain"], tmp_path) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if not line.startswith(" ")] == [
+        "leaf: source file: crates/x/src/lib.rs",
+        "generated: dependency changed: leaf",
+        "demo: dependency changed: leaf, native",
+    ]
+    assert why.command(["explain", "nothing"], tmp_path) == 1
