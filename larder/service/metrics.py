@@ -27,8 +27,9 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 
 Labels never take a path, key or token: ``cache`` is a cache that exists (``_none`` for requests
 naming none), ``protocol`` is one of :data:`PROTOCOLS`, ``kind`` one of :data:`LOOKUP_KINDS` or
-:data:`STORED_KINDS`. A new protocol adds its lookup kinds to :data:`LOOKUP_KINDS` and its route
-prefix to :data:`ROUTE_PROTOCOLS`, here, and nothing else.
+:data:`STORED_KINDS`, ``category`` one of :data:`MISS_CATEGORIES`. A new protocol adds its
+lookup kinds to :data:`LOOKUP_KINDS` and its route prefix to :data:`ROUTE_PROTOCOLS`, here, and
+nothing else.
 """
 
 from __future__ import annotations
