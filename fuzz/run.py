@@ -33,6 +33,7 @@ CORPUS = ROOT / "fuzz" / "corpus"
 FIXTURES = ROOT / "tests" / "fixtures" / "nix"
 TARGETS = (
     "narinfo", "nar", "tokens", "request_paths", "request_heads", "client_args", "client_depinfo",
+    "rustc_inputs",
 )  # fmt: skip
 MAX_LEN = {"nar": 65536}
 DEFAULT_MAX_LEN = 8192

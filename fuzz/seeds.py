@@ -165,6 +165,30 @@ def depinfo_seeds() -> list[bytes]:
     ]
 
 
+def inputs_seeds() -> list[bytes]:
+    identity = {
+        "package": "leaf", "crate": "leaf", "version": "0.1.0", "crate_type": "lib",
+        "target": "x86_64-unknown-linux-gnu",
+    }  # fmt: skip
+    fields = {
+        "format": "larder-rustc/1", "rustc": "rustc 1.85.0\nhost: x86_64-unknown-linux-gnu\n",
+        "sysroot": [["libstd.rlib", "aa"]], "args": ["--crate-name=leaf", "-C=opt-level=0"],
+        "sources": [["crates/leaf/src/lib.rs", "11"]], "env_deps": [["X", {"blake3": "22"}]],
+        "externs": [["itoa", "33"]], "cargo_env": [], "out_dir": [], "native": [],
+        "link": {"line": ["cc"], "inputs": [["crt1.o", "44"]]},
+    }  # fmt: skip
+    document = json.dumps({"version": 1, "identity": identity, "inputs": fields}).encode()
+    stored = b"larder-inputs/1 " + b"a" * 64 + b"\n" + zstandard.compress(document)
+    changed = dict(fields, args=["--crate-name=leaf", '--cfg=feature="x"'], externs=[])
+    return [
+        b"\x00" + document,
+        b"\x01" + stored,
+        b'\x02{"keys":[{"key":"' + b"a" * 64 + b'","stored":1}]}',
+        b'\x03{"crate":"leaf","category":"source"}',
+        b"\x04" + json.dumps(fields).encode() + b"\0" + json.dumps(changed).encode(),
+    ]
+
+
 def all_seeds(fixtures: Path) -> dict[str, dict[str, bytes]]:
     """Seeds by target name."""
     return {
@@ -175,4 +199,5 @@ def all_seeds(fixtures: Path) -> dict[str, dict[str, bytes]]:
         "request_heads": _named(head_seeds()),
         "client_args": _named(args_seeds()),
         "client_depinfo": _named(depinfo_seeds()),
+        "rustc_inputs": _named(inputs_seeds()),
     }

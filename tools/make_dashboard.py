@@ -73,6 +73,11 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int, str]] = [
      [(f"sum(increase(larder_gc_freed_bytes_total[{R}]))", "freed")], 4, "timeseries"),
     ("Since the last collection", "s",
      [("time() - max(larder_gc_last_completed_timestamp_seconds > 0)", "age")], 4, "stat"),
+    # The category larder-rustc explained each miss with (a fixed label set; the crates missed
+    # most, each with its main reason, are in the stats API: a crate is never a label).
+    ("rustc misses by reason", "short",
+     [(f"sum by (category) (increase(larder_rustc_miss_reasons_total{C}[{R}]))",
+       "{{category}}")], 8, "timeseries"),
 ]  # fmt: skip
 
 

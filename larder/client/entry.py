@@ -18,6 +18,7 @@ def main() -> int:
     if (
         argv
         and not argv[0].startswith("-")
+        and argv[0] != "explain"
         and (not cache_enabled(os.environ) or is_probe(argv[1:]))
     ):
         try:

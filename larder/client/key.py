@@ -289,6 +289,21 @@ def direct_key(base: Base, compilation: Compilation, roots: Roots, cwd: Path) ->
     return _digest(document)[0]
 
 
+def partial(base: Base, compilation: Compilation, roots: Roots, cwd: Path) -> dict[str, object]:
+    """What is known of a key without a dep-info run or a link (to explain a linked crate's
+    miss): items 1-4 and 7-10, and ``input``, the crate root's portable path and BLAKE3."""
+    assert compilation.input is not None
+    try:
+        digest = file_digest(cwd / compilation.input)
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read the crate root: {exc}") from None
+    return {
+        "format": KEY_FORMAT,
+        **base._asdict(),
+        "input": [roots.portable_path(compilation.input), digest],
+    }
+
+
 def complete(
     base: Base,
     sources: list[str],

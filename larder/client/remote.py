@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import BinaryIO
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import quote, urlsplit
 
 import blake3
 
@@ -22,6 +22,9 @@ from larder.client.proxy import Proxy, proxy_for
 from larder.client.transport import Connection, ProtocolError, Response
 from larder.errors import FormatError
 from larder.protocol.rustc import DirectEntry, parse_direct_entries
+
+if TYPE_CHECKING:
+    from larder.protocol.inputs import Identity, Nearest
 
 _CHUNK = 256 * 1024
 
@@ -152,6 +155,42 @@ class Remote:
         except FormatError as exc:
             raise RemoteError("corrupt", str(exc)) from None
 
+    def nearest(self, identity: Identity) -> list[Nearest] | None:
+        """The keys most recently stored for ``identity``; None when the server keeps no
+        inputs documents (a server older than them answers 404)."""
+        from larder.protocol.inputs import parse_nearest  # misses only
+
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in identity.as_dict().items())
+        response = self._request("GET", f"/inputs?{query}")
+        if response.status in (404, 405):
+            self._read(response)
+            return None
+        try:
+            return parse_nearest(self._expect(response, "nearest keys", 200))
+        except FormatError as exc:
+            raise RemoteError("corrupt", str(exc)) from None
+
+    def get_inputs(self, key: str) -> dict[str, Any] | None:
+        """The ``inputs`` of the document stored for ``key``, or None."""
+        from larder.protocol.inputs import parse_document  # misses only
+
+        response = self._request("GET", f"/inputs/{key}")
+        if response.status == 404:
+            self._read(response)
+            return None
+        try:
+            return parse_document(self._expect(response, "inputs document", 200)).inputs
+        except FormatError as exc:
+            raise RemoteError("corrupt", str(exc)) from None
+
+    def report_explained(self, crate: str, category: str) -> None:
+        """Tell the cache why ``crate`` missed (counted by category; any answer will do)."""
+        from larder.protocol.inputs import report_to_json
+
+        body = report_to_json(crate, category)
+        response = self._request("POST", "/explained", body, content_type="application/json")
+        self._read(response)
+
     def download_blob(self, blob_id: str, out: BinaryIO) -> int:
         """Write the blob's bytes to ``out``; check they hash to ``blob_id``; return the size."""
         response = self._request("GET", f"/blobs/{blob_id}")
@@ -213,6 +252,12 @@ class Remote:
             "PUT", f"/direct/{direct_key}", document, content_type="application/json"
         )
         self._expect(response, "direct entry upload", 200, 201, 204)
+        self.bytes_up += len(document)
+
+    def put_inputs(self, key: str, document: bytes) -> None:
+        """Store the inputs document of ``key`` (after its manifest)."""
+        response = self._request("PUT", f"/inputs/{key}", document, content_type="application/json")
+        self._expect(response, "inputs document upload", 200, 201, 204)
         self.bytes_up += len(document)
 
     def put_manifest(self, key: str, document: bytes) -> None:

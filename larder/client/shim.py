@@ -1,7 +1,8 @@
 """``larder-rustc``: cargo's ``RUSTC_WRAPPER`` that fetches compilations from a larder cache.
 
 Usage: ``RUSTC_WRAPPER=larder-rustc cargo build``; cargo runs ``larder-rustc RUSTC ARGS...``.
-Also ``larder-rustc --stats [--json]`` and ``larder-rustc --zero-stats``.
+Also ``larder-rustc --stats [--json]``, ``larder-rustc --zero-stats`` and ``larder-rustc explain
+[CRATE] [--json]`` (why the last build's crates missed: :mod:`larder.client.explain`).
 
 Environment:
 
@@ -11,6 +12,8 @@ Environment:
 * ``LARDER_LOG``: a file that gets one line per compilation (crate, key, result, reason, ms,
   and the package: every build script's crate is ``build_script_build``).
 * ``LARDER_TIMEOUT``: seconds per network operation (default 5).
+* ``LARDER_EXPLAIN_SAFE_ENV``: ``env!`` variables (comma-separated, ``NAME*`` a prefix) whose
+  values ``explain`` may show and the cache may store in clear; others are hashed.
 * ``LARDER_STATE_DIR``: where stats and the toolchain cache live (default
   ``$XDG_CACHE_HOME/larder``); ``LARDER_KEY_DIR``: if set, each key's inputs are written there
   as ``<key>.json``, to compare two machines' keys.
@@ -21,7 +24,9 @@ modes as recorded, so binaries stay executable), replays rustc's stdout and stde
 On a miss it runs rustc with ``--remap-path-prefix`` for each root (as it does for every
 compilation it runs, so outputs are the same from any directory), passes its output through as it
 comes, and with a token uploads the outputs, refusing any that still contain one of this
-machine's root paths. A linked crate (binary, proc-macro, dylib, cdylib) it uploads is compiled
+machine's root paths, and then the key's inputs document. A miss is explained by comparing its
+inputs with those the cache stored for the same crate (:mod:`larder.client.explain`). A linked
+crate (binary, proc-macro, dylib, cdylib) it uploads is compiled
 with ``--print=link-args=FILE`` too, which tells the shim what the link read
 (:mod:`larder.client.linkline`, :mod:`larder.client.linker`). Calls that are not compilations
 (``-vV``, ``--print``) go straight to rustc with no network traffic.
@@ -39,7 +44,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import blake3
 
@@ -52,6 +57,9 @@ from larder.client.probe import cache_enabled
 from larder.client.remote import Remote, RemoteError
 from larder.errors import FormatError
 from larder.protocol.rustc import Manifest, Output, parse_manifest
+
+if TYPE_CHECKING:
+    from larder.protocol.inputs import Identity
 
 KEY_ERRORS = (cache_key.KeyUnavailable, OSError, ValueError)
 REMOTE_ERRORS = (RemoteError, FormatError, OSError, ValueError)
@@ -121,6 +129,7 @@ class Outcome:
         self.result = result  # hit | miss | non-cacheable | error
         self.reason = reason
         self.error: str | None = None
+        self.miss: str | None = None  # the category a miss was explained by
         self.key = ""
         self.counters: dict[str, int] = {}
 
@@ -146,6 +155,7 @@ class Invocation:
         self.toolchain: toolchain.Fingerprint | None = None
         self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
         self.uploaded = ""  # the key an upload went under
+        self.current: cache_key.KeyInputs | None = None  # the last key computed
 
     # -- the pieces ------------------------------------------------------------------------
 
@@ -224,6 +234,7 @@ class Invocation:
     def keep(self, inputs: cache_key.KeyInputs) -> str:
         """The key of ``inputs``; with ``LARDER_KEY_DIR`` also write them down."""
         key = inputs.key()
+        self.current = inputs
         if self.env.get("LARDER_KEY_DIR"):
             directory = Path(self.env["LARDER_KEY_DIR"])
             directory.mkdir(parents=True, exist_ok=True)
@@ -316,7 +327,95 @@ class Invocation:
             remote.put_blob(blob_id, contents[blob_id])
         remote.put_manifest(key, document)
         remote.put_direct(direct, cache_key.direct_entry(deps, self.roots, tokens))
+        self.put_inputs(remote, key, inputs)
         return None
+
+    # -- explaining misses -----------------------------------------------------------------
+
+    def identity(self) -> Identity | None:
+        """The crate as the cache indexes inputs documents (None outside cargo)."""
+        from larder.protocol.inputs import check_identity
+
+        assert self.toolchain is not None
+        fields = {
+            "package": self.env.get("CARGO_PKG_NAME"),
+            "crate": self.compilation.crate_name,
+            "version": self.env.get("CARGO_PKG_VERSION"),
+            "crate_type": ",".join(sorted(set(self.compilation.crate_types))),
+            "target": self.target or self.toolchain.host,
+        }
+        try:
+            return check_identity(fields)
+        except FormatError:
+            return None
+
+    def put_inputs(self, remote: Remote, key: str, inputs: cache_key.KeyInputs) -> None:
+        """Store the key's inputs beside its manifest, ``env!`` values hashed unless safe. A
+        refusal (an older server, a document over the size limit) leaves the upload as it is."""
+        from larder.client.explain import safe_env
+        from larder.protocol.inputs import MAX_INPUTS_SIZE, InputsDocument, redact
+
+        identity = self.identity()
+        if identity is None:
+            return
+        fields = redact(json.loads(inputs.document()), safe_env(self.env))
+        document = InputsDocument(identity, fields).to_json()
+        if len(document) > MAX_INPUTS_SIZE:
+            return
+        try:
+            remote.put_inputs(key, document)
+        except RemoteError:
+            return
+
+    def current_inputs(self, base: cache_key.Base) -> dict[str, object] | None:
+        """This compilation's inputs as far as known: the last key computed, else (a linked
+        crate no direct entry gave a key) items 2-4 and 7-10 and the crate root."""
+        known: dict[str, object]
+        if self.current is not None:
+            known = json.loads(self.current.document())
+        elif self.compilation.linked:
+            partial = cache_key.partial(base, self.compilation, self.roots, self.cwd)
+            known = json.loads(json.dumps(partial))
+        else:
+            return None
+        return known
+
+    def explain(self, remote: Remote, base: cache_key.Base, outcome: Outcome) -> None:
+        """Why this compilation missed, recorded for ``explain`` and reported to the cache.
+        Never fails: anything going wrong makes the miss ``unknown``."""
+        from larder.client import explain as why
+        from larder.protocol.inputs import Explanation, redact
+
+        explanation: Explanation | None = None
+        try:
+            identity = self.identity()
+            current = self.current_inputs(base)
+            if identity is not None and current is not None:
+                current = redact(current, why.safe_env(self.env))
+                explanation = why.explain_miss(remote, identity, current)
+        except Exception:  # an explanation is never worth a failed build
+            explanation = None
+        crate = self.compilation.crate_name or "unknown"
+        if explanation is not None:
+            try:
+                remote.report_explained(crate, explanation.category)
+            except (*REMOTE_ERRORS, *KEY_ERRORS):
+                pass
+        else:
+            explanation = Explanation("unknown", [])
+        outcome.miss = explanation.category
+        externs = {}
+        for value in self.compilation.values("--extern"):
+            name, sep, path = value.partition("=")
+            if sep:
+                externs[name] = why.stem_of(path)
+        try:
+            why.record(
+                self.state, crate=crate, package=self.env.get("CARGO_PKG_NAME") or "-",
+                stem=self.compilation.stem, explanation=explanation, externs=externs,
+            )  # fmt: skip
+        except OSError:
+            return
 
     # -- the whole thing -------------------------------------------------------------------
 
@@ -367,6 +466,8 @@ class Invocation:
             assert self.out_dir is not None
             self.link_file = self.out_dir / f".larder-link-{os.getpid()}-{os.urandom(4).hex()}"
         code, out, err = self.compile(outcome)
+        if outcome.counters.get("misses") and remote is not None:
+            self.explain(remote, base, outcome)
         if code == 0 and self.token and remote is not None:
             try:
                 refused = self.upload(remote, base, direct, out, err)
@@ -459,7 +560,7 @@ def _log(environ: dict[str, str], crate: str, outcome: Outcome, ms: int) -> None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     line = (
         f"{stamp} crate={crate} key={outcome.key[:16] or '-'} result={outcome.result} "
-        f"reason={outcome.reason or outcome.error or '-'} ms={ms} "
+        f"reason={outcome.reason or outcome.error or outcome.miss or '-'} ms={ms} "
         f"pkg={environ.get('CARGO_PKG_NAME') or '-'}\n"
     )
     try:
@@ -488,6 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     if argv and argv[0] in ("--stats", "--zero-stats"):
         return _stats_command(argv, environ)
+    if argv and argv[0] == "explain":
+        from larder.client.explain import command
+
+        return command(argv, stats_mod.state_dir(environ))
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[1] if __doc__ else "usage: larder-rustc RUSTC ARGS...")
         return 0 if argv else 2
@@ -506,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             counters,
             reason=outcome.reason if outcome.result == "non-cacheable" else None,
             error=outcome.error,
+            miss=outcome.miss,
         )
     except OSError:
         pass

@@ -3,9 +3,11 @@
 Every invocation adds its outcome under an exclusive ``flock`` on ``stats.lock``, so concurrent
 invocations (``cargo -j``) never lose an update. ``--stats`` prints them, ``--zero-stats`` resets
 them. Fields: ``hits``, ``misses``, ``non_cacheable`` (with ``non_cacheable_reasons``),
-``errors`` (with ``error_kinds``), ``uploads``, ``bytes_down``, ``bytes_up``, ``cache_ms`` (time
-spent on keys, lookups, restores and uploads), ``compile_ms`` (time in rustc for misses and
-non-cacheable compilations) and ``since`` (when the counters were last zeroed, Unix seconds).
+``errors`` (with ``error_kinds``), ``misses`` by the category that explains them
+(``miss_categories``: ``source``, ``dependency``... see :mod:`larder.client.explain`),
+``uploads``, ``bytes_down``, ``bytes_up``, ``cache_ms`` (time spent on keys, lookups,
+restores and uploads), ``compile_ms`` (time in rustc for misses and non-cacheable
+compilations) and ``since`` (when the counters were last zeroed, Unix seconds).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ COUNTERS = (
     "cache_ms",
     "compile_ms",
 )
-BREAKDOWNS = ("non_cacheable_reasons", "error_kinds")
+BREAKDOWNS = ("non_cacheable_reasons", "error_kinds", "miss_categories")
 
 
 def empty() -> dict[str, Any]:
@@ -98,9 +100,14 @@ class Stats:
             return self._load()
 
     def add(
-        self, counters: dict[str, int], reason: str | None = None, error: str | None = None
+        self,
+        counters: dict[str, int],
+        reason: str | None = None,
+        error: str | None = None,
+        miss: str | None = None,
     ) -> None:
-        """Add ``counters``; count ``reason`` (non-cacheable) and ``error`` kinds."""
+        """Add ``counters``; count ``reason`` (non-cacheable), ``error`` kinds and ``miss``
+        categories."""
         with self._locked():
             stats = self._load()
             for name, value in counters.items():
@@ -111,6 +118,9 @@ class Stats:
             if error:
                 kinds = stats["error_kinds"]
                 kinds[error] = kinds.get(error, 0) + 1
+            if miss:
+                categories = stats["miss_categories"]
+                categories[miss] = categories.get(miss, 0) + 1
             self._save(stats)
 
     def zero(self) -> None:
@@ -140,7 +150,8 @@ def render(stats: dict[str, Any]) -> str:
     lines = [
         f"larder-rustc statistics since {since}",
         f"  hits              {stats['hits']}",
-        f"  misses            {stats['misses']}",
+        f"  misses            {stats['misses']}"
+        + (f"  ({breakdown('miss_categories')})" if stats["miss_categories"] else ""),
         f"  hit rate          {rate}",
         f"  non-cacheable     {stats['non_cacheable']}"
         + (f"  ({breakdown('non_cacheable_reasons')})" if stats["non_cacheable_reasons"] else ""),

@@ -56,7 +56,9 @@ from larder.storage.base import Storage
 log = logging.getLogger("larder.gc")
 
 # Objects a new upload can refer to: kept in memory once deleted, to be put back if one does.
-RESTORABLE_KINDS = frozenset({"narinfo", "nar", "nix_file", "rustc_blob"})
+RESTORABLE_KINDS = frozenset(
+    {"narinfo", "nar", "nix_file", "rustc_blob", "rustc_inputs", "rustc_crate"}
+)
 BLOB_KINDS = ("nar", "nix_file", "rustc_blob", "sccache_entry")
 MIN_GRACE = 1.0  # S3 reports whole seconds: less could not tell a rewrite from the original
 DEFAULT_SETTLE = 2.0

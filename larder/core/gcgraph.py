@@ -10,9 +10,13 @@ nar                ``nar/<NarHash>``          holds the NAR's blob; the name of 
                                               that brought it (``nar-file/``), if compressed
 nar_file           ``nar-file/<FileHash>``    the NAR record it names (an upload's file hash)
 nix_file           ``file/<path>``            holds a blob (``.ls``, ``log/``, realisations)
-rustc_manifest     ``rustc/manifest/<key>``   the blob markers of its outputs
+rustc_manifest     ``rustc/manifest/<key>``   the blob markers of its outputs, its inputs
+                                              document (``rustc/inputs/<key>``), if any
 rustc_blob         ``rustc/blob/<id>``        holds blob ``<id>`` (the marker names it)
 rustc_direct       ``rustc/direct/<k>/<id>``  nothing (a small document)
+rustc_inputs       ``rustc/inputs/<key>``     its crate index entry (``rustc/crate/<id>/<key>``,
+                                              the id from the document's header)
+rustc_crate        ``rustc/crate/<id>/<key>`` nothing (an empty index entry)
 sccache_entry      ``sccache/<path>``         holds a blob
 =================  =========================  ==============================================
 
@@ -36,6 +40,7 @@ from larder.core.nixcache import FileRecord, NarRecord
 from larder.core.sccache import Entry as SccacheEntry
 from larder.errors import FormatError, StorageError
 from larder.protocol import narinfo as narinfo_format
+from larder.protocol.inputs import stored_identity
 from larder.protocol.rustc import parse_manifest
 from larder.storage.base import ObjectInfo, Storage, StoredBlob, check_blob_id
 
@@ -48,10 +53,12 @@ KINDS: dict[str, str] = {
     "rustc_manifest": "rustc/manifest/",
     "rustc_blob": "rustc/blob/",
     "rustc_direct": "rustc/direct/",
+    "rustc_inputs": "rustc/inputs/",
+    "rustc_crate": "rustc/crate/",
     "sccache_entry": "sccache/",
 }
 # Kinds whose objects refer to other objects: what a concurrent upload can make a new referrer of.
-REFERRING_KINDS = ("narinfo", "rustc_manifest")
+REFERRING_KINDS = ("narinfo", "rustc_manifest", "rustc_inputs")
 _READ_CONCURRENCY = 32
 
 
@@ -105,20 +112,27 @@ def _facts(cache: str, kind: str, rel: str, data: bytes) -> tuple[tuple[str, ...
     if kind == "nix_file":
         return (), FileRecord.from_json(data).blob_id
     if kind == "rustc_manifest":
+        # A manifest's inputs document goes with it (a manifest stored before documents were
+        # kept refers to one that is not there, which the collector ignores).
         outputs = parse_manifest(data).outputs
-        return tuple(dict.fromkeys(keys.rustc_blob(cache, o.blake3) for o in outputs)), None
+        key = rel.rsplit("/", 1)[-1]
+        refs = [*(keys.rustc_blob(cache, o.blake3) for o in outputs), keys.rustc_inputs(cache, key)]
+        return tuple(dict.fromkeys(refs)), None
+    if kind == "rustc_inputs":
+        key = rel.rsplit("/", 1)[-1]
+        return (keys.rustc_crate(cache, stored_identity(data), key),), None
     if kind == "sccache_entry":
         return (), SccacheEntry.from_json(data).blob_id
     raise ValueError(f"no facts to read for kind {kind}")
 
 
 # Kinds whose facts are in their key: listed, never read.
-_KEY_ONLY_KINDS = frozenset({"rustc_blob", "rustc_direct"})
+_KEY_ONLY_KINDS = frozenset({"rustc_blob", "rustc_direct", "rustc_crate"})
 
 
 def _facts_from_key(kind: str, rel: str) -> tuple[tuple[str, ...], str | None]:
-    """Facts of a :data:`_KEY_ONLY_KINDS` object: a marker names its blob, a direct entry
-    refers to nothing."""
+    """Facts of a :data:`_KEY_ONLY_KINDS` object: a marker names its blob, a direct entry and
+    a crate index entry refer to nothing."""
     if kind == "rustc_blob":
         return (), check_blob_id(rel.rsplit("/", 1)[-1])
     return (), None

@@ -11,6 +11,10 @@ The hashes asked for most and still missing are listed (:meth:`HitStats.top_miss
 store path uploaded after it was asked for is remembered with the number of requests that came
 before it, at most :data:`MAX_LATE` per cache, those asked for most kept
 (:meth:`HitStats.pushed_late`): what CI pushes late, or never.
+
+larder-rustc explains each miss it sees (:mod:`larder.protocol.inputs`) and reports the
+category: misses are counted by category per cache, and by category per crate (at most
+:data:`MAX_CRATES` crates), so the most-missed crates come with their main reason.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class HitStats:
         self._pending: OrderedDict[tuple[str, str], int] = OrderedDict()
         # cache -> store path name -> (requests before its upload, time of the upload)
         self._late: dict[str, dict[str, tuple[int, float]]] = {}
+        # cache -> category -> misses; cache -> crate -> category -> misses
+        self._categories: dict[str, dict[str, int]] = {}
+        self._reasons: dict[str, dict[str, dict[str, int]]] = {}
 
     def record(self, cache: str, protocol: str, hit: bool, count: int = 1) -> None:
         minute = int(self._clock() // 60)
@@ -84,6 +91,22 @@ class HitStats:
         if crate not in counts and len(counts) >= MAX_CRATES:
             del counts[min(counts, key=counts.__getitem__)]
         counts[crate] = counts.get(crate, 0) + count
+
+    def explained(self, cache: str, crate: str, category: str) -> None:
+        """A shim explained a miss of ``crate`` by ``category`` (a fixed set of names)."""
+        counts = self._categories.setdefault(cache, {})
+        counts[category] = counts.get(category, 0) + 1
+        if not _CRATE.fullmatch(crate):
+            return
+        reasons = self._reasons.setdefault(cache, {})
+        if crate not in reasons and len(reasons) >= MAX_CRATES:
+            del reasons[min(reasons, key=lambda known: sum(reasons[known].values()))]
+        per_crate = reasons.setdefault(crate, {})
+        per_crate[category] = per_crate.get(category, 0) + 1
+
+    def misses_by_category(self, cache: str) -> dict[str, int]:
+        """Explained misses by category."""
+        return dict(sorted(self._categories.get(cache, {}).items()))
 
     def missed_store_hash(self, cache: str, store_hash: str) -> None:
         key = (cache, store_hash)
@@ -127,6 +150,18 @@ class HitStats:
         ]
 
     def top_missed(self, cache: str, limit: int = 20) -> list[dict[str, object]]:
+        """The crates missed most, each with its main reason: the category its explained misses
+        had most often (None when none was explained)."""
         counts = self._missed.get(cache, {})
+        reasons = self._reasons.get(cache, {})
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
-        return [{"crate": crate, "misses": misses} for crate, misses in ranked]
+        return [
+            {"crate": crate, "misses": misses, "reason": _main(reasons.get(crate))}
+            for crate, misses in ranked
+        ]
+
+
+def _main(categories: dict[str, int] | None) -> str | None:
+    if not categories:
+        return None
+    return min(categories.items(), key=lambda item: (-item[1], item[0]))[0]

@@ -12,6 +12,8 @@
     caches/<cache>/rustc/manifest/<key>     rustc compilation manifest (JSON, see protocol.rustc)
     caches/<cache>/rustc/blob/<blob id>     marker: this cache holds the blob (JSON: size)
     caches/<cache>/rustc/direct/<dkey>/<id> direct entry: files and variables a dep-info named
+    caches/<cache>/rustc/inputs/<key>       a manifest's key inputs (protocol.inputs, stored form)
+    caches/<cache>/rustc/crate/<id>/<key>   index: keys stored for one crate identity (empty)
     caches/<cache>/sccache/<path>           sccache WebDAV entry (JSON: blob id, size, time)
     gc/lock                                 the running collection's lease (JSON: owner, since)
     gc/last-run                             the last finished collection's report (JSON)
@@ -82,6 +84,18 @@ def rustc_direct_prefix(cache: str, direct_key: str) -> str:
 
 def rustc_direct(cache: str, direct_key: str, entry_id: str) -> str:
     return f"{rustc_direct_prefix(cache, direct_key)}{entry_id}"
+
+
+def rustc_inputs(cache: str, key: str) -> str:
+    return f"caches/{cache}/rustc/inputs/{key}"
+
+
+def rustc_crate_prefix(cache: str, identity_id: str) -> str:
+    return f"caches/{cache}/rustc/crate/{identity_id}/"
+
+
+def rustc_crate(cache: str, identity_id: str, key: str) -> str:
+    return f"{rustc_crate_prefix(cache, identity_id)}{key}"
 
 
 def sccache_entry(cache: str, path: str) -> str:

@@ -12,6 +12,10 @@ Rules:
   its direct key by content, so the same entry is kept once and different ones side by side.
 * A manifest is accepted only when every blob it lists is held by this cache with the size the
   manifest states; until then it is refused (naming the missing blobs) and nothing is recorded.
+* A key's inputs document (:mod:`larder.protocol.inputs`) is accepted only for a key this cache
+  holds a manifest for, and is stored compressed under the key with an empty index entry under
+  its crate identity, so the keys stored for one crate are one bounded listing. The server
+  checks the document's shape, never its meaning: the client compares inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
 from larder.core.lastuse import Touch, ignore_use
 from larder.errors import FormatError, VerificationFailed
+from larder.protocol.inputs import (
+    MAX_NEAREST,
+    Identity,
+    Nearest,
+    pack_stored,
+    parse_document,
+    unpack_stored,
+)
 from larder.protocol.rustc import (
     MAX_DIRECT_ENTRIES,
     DirectEntry,
@@ -39,6 +51,8 @@ from larder.storage.base import BlobReader
 
 # Metadata lookups in flight at once for one missing-blob query.
 _LOOKUP_CONCURRENCY = 32
+# Index entries of one crate looked at for its nearest keys (the most recent are kept).
+MAX_CRATE_LISTING = 4096
 
 
 class RustcCache:
@@ -148,3 +162,43 @@ class RustcCache:
         if document is not None:
             self._touch(name)
         return document
+
+    async def put_inputs(self, cache: CacheSettings, key: str, data: bytes) -> Identity:
+        """Store the inputs document of ``key``, whose manifest this cache holds."""
+        check_key(key)
+        document = parse_document(data)
+        if await self._storage.get(keys.rustc_manifest(cache.name, key)) is None:
+            raise VerificationFailed(
+                f"no manifest for key {key[:16]}: upload it before its inputs document"
+            )
+        identity = document.identity
+        await self._storage.put(keys.rustc_inputs(cache.name, key), pack_stored(document))
+        await self._storage.put(keys.rustc_crate(cache.name, identity.id(), key), b"")
+        return identity
+
+    async def get_inputs(self, cache: CacheSettings, key: str) -> bytes | None:
+        """The inputs document (JSON) of ``key``, or None. A read is not a use: looking a key
+        up to explain a miss must not keep it."""
+        stored = await self._storage.get(keys.rustc_inputs(cache.name, check_key(key)))
+        if stored is None:
+            return None
+        try:
+            return unpack_stored(stored)
+        except FormatError:
+            return None  # damaged at rest: as good as absent for an explanation
+
+    async def nearest(self, cache: CacheSettings, identity: Identity) -> list[Nearest]:
+        """The most recently stored keys of ``identity`` (at most ``MAX_NEAREST``), newest
+        first, from at most ``MAX_CRATE_LISTING`` index entries."""
+        prefix = keys.rustc_crate_prefix(cache.name, identity.id())
+        found: list[Nearest] = []
+        async for info in self._storage.object_infos(prefix):
+            key = info.key[len(prefix) :]
+            try:
+                found.append(Nearest(check_key(key), int(info.modified)))
+            except FormatError:
+                continue
+            if len(found) >= MAX_CRATE_LISTING:
+                break
+        found.sort(key=lambda item: (-item.stored, item.key))
+        return found[:MAX_NEAREST]

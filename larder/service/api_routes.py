@@ -30,7 +30,8 @@ async def get_cache(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    """Hit rates over the last hour and day per protocol, the most-missed crates, the store
+    """Hit rates over the last hour and day per protocol, the most-missed crates (each with its
+    main reason), rustc misses by the category larder-rustc explained them with, the store
     paths asked for most that are still missing, and those uploaded after they were asked for
     (with how often they were asked for before).
 
@@ -46,6 +47,7 @@ async def get_stats(request: web.Request) -> web.Response:
             "scope": hits.scope,
             "protocols": hits.rates(settings.name),
             "top_missed_crates": hits.top_missed(settings.name),
+            "rustc_misses_by_category": hits.misses_by_category(settings.name),
             "top_missing_store_hashes": hits.top_missing(settings.name),
             "pushed_late": hits.pushed_late(settings.name),
         }

@@ -7,6 +7,7 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 ``larder_http_request_duration_seconds``    protocol (histogram; time to the response head)
 ``larder_http_requests_in_flight``          (gauge)
 ``larder_cache_lookups_total``              cache, protocol, kind, result (hit | miss)
+``larder_rustc_miss_reasons_total``         cache, category (why a shim says a crate missed)
 ``larder_transfer_sent_bytes_total``        cache, protocol (response bodies)
 ``larder_transfer_received_bytes_total``    cache, protocol (request bodies)
 ``larder_upload_requests_total``            cache, protocol, outcome (accepted or why not)
@@ -26,8 +27,9 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 
 Labels never take a path, key or token: ``cache`` is a cache that exists (``_none`` for requests
 naming none), ``protocol`` is one of :data:`PROTOCOLS`, ``kind`` one of :data:`LOOKUP_KINDS` or
-:data:`STORED_KINDS`. A new protocol adds its lookup kinds to :data:`LOOKUP_KINDS` and its route
-prefix to :data:`ROUTE_PROTOCOLS`, here, and nothing else.
+:data:`STORED_KINDS`, ``category`` one of :data:`MISS_CATEGORIES`. A new protocol adds its
+lookup kinds to :data:`LOOKUP_KINDS` and its route prefix to :data:`ROUTE_PROTOCOLS`, here, and
+nothing else.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from larder.core.gcgraph import KINDS
+from larder.protocol.inputs import CATEGORIES as MISS_CATEGORIES
 
 # protocol -> what its lookups look up
 LOOKUP_KINDS: dict[str, tuple[str, ...]] = {
@@ -131,6 +134,12 @@ class Metrics:
             "larder_cache_lookups_total",
             "Cache lookups by result (hit or miss).",
             ["cache", "protocol", "kind", "result"],
+            registry=r,
+        )
+        self.miss_reasons = Counter(
+            "larder_rustc_miss_reasons_total",
+            "rustc misses by the category the shim found.",
+            ["cache", "category"],
             registry=r,
         )
         self.sent = Counter(
@@ -252,6 +261,8 @@ class Metrics:
                 for result in ("hit", "miss"):
                     self.lookups.labels(cache, protocol, kind, result)
         if cache != NO_CACHE:
+            for category in MISS_CATEGORIES:
+                self.miss_reasons.labels(cache, category)
             for kind in STORED_KINDS:
                 self.objects.labels(cache, kind)
                 self.stored_bytes.labels(cache, kind)

@@ -56,6 +56,12 @@ def note_lookup(request: web.Request, kind: str, hit: bool) -> None:
     request[_LOOKUP] = (kind, hit)
 
 
+def note_miss_reason(request: web.Request, category: str) -> None:
+    """A shim explained a rustc miss (``category`` is one of the fixed miss categories)."""
+    metrics = request.app[METRICS]
+    metrics.child(metrics.miss_reasons, request.get(_CACHE, NO_CACHE), category).inc()
+
+
 def note_upload(request: web.Request) -> None:
     request[_UPLOAD] = True
 

@@ -9,6 +9,14 @@
 ``GET|HEAD rustc/manifests/<key>``          200 with the manifest on a hit, 404 on a miss
 ``PUT rustc/direct/<direct key>``           record a direct entry (files, variables)
 ``GET|HEAD rustc/direct/<direct key>``      ``{"entries": [...]}``; 404 when there are none
+``PUT rustc/inputs/<key>``                  the key's inputs document
+                                            (:mod:`larder.protocol.inputs`); 400 unless this
+                                            cache holds the key's manifest
+``GET|HEAD rustc/inputs/<key>``             the inputs document (JSON), 404 when there is none
+``GET rustc/inputs?package=&crate=&``       ``{"keys": [...]}``: the keys most recently stored
+``version=&crate_type=&target=``            for that crate identity, newest first (may be empty)
+``POST rustc/explained``                    ``{"crate", "category"}``: the shim explained a
+                                            miss (counted by category; read scope)
 ==========================================  ==================================================
 
 Writes need a ``write`` token for the cache; reads follow its read policy.
@@ -19,11 +27,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from larder.errors import FormatError
+from larder.protocol.inputs import MAX_INPUTS_SIZE, check_identity, nearest_to_json, parse_report
 from larder.protocol.rustc import MAX_MANIFEST_SIZE, check_key, parse_blob_query
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.access import cache_for, expect_continue
-from larder.service.observe import HITS, note_lookup, note_upload
+from larder.service.observe import HITS, note_lookup, note_miss_reason, note_upload
 from larder.service.transfer import body_chunks, read_document, serve_blob
 
 ZSTD_TYPE = "application/zstd"
@@ -111,6 +120,40 @@ async def get_direct(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+async def put_inputs(request: web.Request) -> web.Response:
+    note_upload(request)
+    settings = await cache_for(request, Scope.WRITE)
+    key = _key(request, "key")
+    document = await read_document(request, MAX_INPUTS_SIZE)
+    identity = await request.app[state.RUSTC].put_inputs(settings, key, document)
+    return web.json_response({"key": key, "crate": identity.crate})
+
+
+async def get_inputs(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    key = _key_or_404(request, "key")
+    document = await request.app[state.RUSTC].get_inputs(settings, key)
+    if document is None:
+        raise web.HTTPNotFound()
+    return web.Response(body=document, content_type="application/json")
+
+
+async def get_nearest(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    identity = check_identity(request.query)
+    found = await request.app[state.RUSTC].nearest(settings, identity)
+    return web.Response(body=nearest_to_json(found), content_type="application/json")
+
+
+async def post_explained(request: web.Request) -> web.Response:
+    """A shim's account of a miss: counted by category (a bounded label) and by crate."""
+    settings = await cache_for(request, Scope.READ)
+    crate, category = parse_report(await read_document(request, 4096))
+    note_miss_reason(request, category)
+    request.app[HITS].explained(settings.name, crate, category)
+    return web.Response(status=204)
+
+
 def add_routes(app: web.Application) -> None:
     """Register the rustc routes (before the Nix catch-all)."""
     router = app.router
@@ -122,3 +165,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get(base + "/manifests/{key}", get_manifest)
     router.add_route("PUT", base + "/direct/{key}", put_direct, expect_handler=expect_continue)
     router.add_get(base + "/direct/{key}", get_direct)
+    router.add_route("PUT", base + "/inputs/{key}", put_inputs, expect_handler=expect_continue)
+    router.add_get(base + "/inputs/{key}", get_inputs)
+    router.add_get(base + "/inputs", get_nearest)
+    router.add_post(base + "/explained", post_explained)

@@ -18,6 +18,7 @@ from larder.core.gclock import CollectionBusy, LeaseLost, acquire, held
 from larder.core.gcplan import Policy
 from larder.core.pins import pin
 from larder.errors import StorageUnavailable
+from larder.protocol.inputs import Identity, InputsDocument
 from larder.protocol.rustc import Manifest, Output
 from larder.storage.base import ObjectInfo
 from larder.storage.memory import MemoryStorage
@@ -308,6 +309,36 @@ async def test_rustc_manifests_never_point_at_missing_blobs(world: World) -> Non
     assert report.caches["main"].evicted["rustc_manifest"].objects == 1
     assert report.caches["main"].evicted["rustc_blob"].objects == 1
     assert await world.storage.blob_stored_size(first.blake3) is None
+
+
+async def test_a_manifest_takes_its_inputs_document_and_index_entry_along(world: World) -> None:
+    identity = Identity("leaf", "leaf", "0.1.0", "lib", "x86_64-unknown-linux-gnu")
+    for key, name in (("a" * 64, "old"), ("b" * 64, "new")):
+        data = payload(name, 5000)
+        blob_id = blake3.blake3(data).hexdigest()
+        await world.rustc.upload_blob(world.main, blob_id, body(data))
+        manifest = Manifest(name, (Output(f"lib{name}.rlib", blob_id, len(data), 0o644),))
+        await world.rustc.put_manifest(world.main, key, manifest.to_json())
+        inputs = {"format": "larder-rustc/1", "sources": [["src/lib.rs", name]]}
+        await world.rustc.put_inputs(world.main, key, InputsDocument(identity, inputs).to_json())
+        world.clock.advance(100)
+    # An old manifest stored before documents were kept: collected as before.
+    legacy = Manifest("legacy", (Output("liblegacy.rlib", blob_id, len(data), 0o644),))
+    await world.rustc.put_manifest(world.main, "c" * 64, legacy.to_json())
+    world.clock.advance(GRACE + 1)
+    assert [n.key for n in await world.rustc.nearest(world.main, identity)] == ["b" * 64, "a" * 64]
+    size = report_size(await collect(world, dry_run=True))
+    report = await collect(world, max_size=size - 1)  # the oldest manifest goes, whole
+    evicted = report.caches["main"].evicted
+    assert evicted["rustc_manifest"].objects == 1
+    assert evicted["rustc_inputs"].objects == 1 and evicted["rustc_crate"].objects == 1
+    assert await world.rustc.get_manifest(world.main, "a" * 64) is None
+    assert await world.rustc.get_inputs(world.main, "a" * 64) is None
+    assert await world.rustc.get_inputs(world.main, "b" * 64) is not None
+    assert [n.key for n in await world.rustc.nearest(world.main, identity)] == ["b" * 64]
+    # Everything down to the last manifest: nothing of either kind is left behind.
+    await collect(world, max_size=1)
+    assert [k async for k in world.storage.keys("caches/main/rustc/")] == []
 
 
 async def test_unused_sccache_entries_go_first(world: World) -> None:

@@ -110,6 +110,7 @@ def test_every_dashboard_expression_evaluates_against_real_traffic(
                 for store_hash in hashes:
                     assert http("GET", f"{server.url}/main/{store_hash}.narinfo")[0] == 200
                 assert http("GET", f"{server.url}/main/sccache/a/b/entry")[0] == 200
+                explained(server.url, "leaf", "source")
                 result = query(prom, concrete(hit_rate))["data"]["result"]
                 if (len(result) >= 2 and all_hit_rates_known(prom)) or time.monotonic() > deadline:
                     break
@@ -133,3 +134,16 @@ def test_every_dashboard_expression_evaluates_against_real_traffic(
             assert runs and float(runs[0]["value"][1]) >= 1
             age = query(prom, concrete(next(e for t, e in expressions() if "last coll" in t)))
             assert 0 <= float(age["data"]["result"][0]["value"][1]) < 120
+            reasons = query(prom, concrete(next(e for t, e in expressions() if "by reason" in t)))
+            by_category = {
+                r["metric"]["category"]: float(r["value"][1]) for r in reasons["data"]["result"]
+            }
+            assert by_category["source"] > 0 and by_category["never_built"] == 0, by_category
+
+
+def explained(base: str, crate: str, category: str) -> None:
+    """What larder-rustc reports after explaining a miss."""
+    body = json.dumps({"crate": crate, "category": category}).encode()
+    request = urllib.request.Request(f"{base}/main/rustc/explained", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert resp.status == 204

@@ -55,6 +55,8 @@ class Machine:
         }
         env.pop("LARDER_TOKEN", None)
         env.pop("LARDER_DEMO_GREETING", None)
+        env.pop("LARDER_DEMO_SQUARES", None)
+        env.pop("RUSTFLAGS", None)
         if self.token:
             env["LARDER_TOKEN"] = self.token
         return {**env, **extra}
