@@ -44,12 +44,25 @@ KEEP_SECONDS = 30 * 24 * 3600
 RECORDS = "explain"
 #: Variables whose values ``explain`` may show: what cargo sets about the package and profile.
 SAFE_ENV = (
-    "CARGO_PKG_*", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_MANIFEST_DIR", "CARGO_CFG_*",
-    "CARGO_PRIMARY_PACKAGE", "OUT_DIR", "PROFILE", "OPT_LEVEL", "DEBUG", "TARGET", "HOST",
+    "CARGO_PKG_*",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_MANIFEST_DIR",
+    "CARGO_CFG_*",
+    "CARGO_PRIMARY_PACKAGE",
+    "OUT_DIR",
+    "PROFILE",
+    "OPT_LEVEL",
+    "DEBUG",
+    "TARGET",
+    "HOST",
     "RUSTC_BOOTSTRAP",
-)  # fmt: skip
-_SHOWN_PATHS = (("@LARDER:CWD@/", ""), ("@LARDER:TARGET@", "<target>"),
-                ("@LARDER:CARGO_HOME@", "$CARGO_HOME"))  # fmt: skip
+)
+_SHOWN_PATHS = (
+    ("@LARDER:CWD@/", ""),
+    ("@LARDER:TARGET@", "<target>"),
+    ("@LARDER:CARGO_HOME@", "$CARGO_HOME"),
+)
 
 
 def safe_env(environ: Mapping[str, str]) -> Callable[[str], bool]:

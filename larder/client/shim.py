@@ -411,9 +411,13 @@ class Invocation:
                 externs[name] = why.stem_of(path)
         try:
             why.record(
-                self.state, crate=crate, package=self.env.get("CARGO_PKG_NAME") or "-",
-                stem=self.compilation.stem, explanation=explanation, externs=externs,
-            )  # fmt: skip
+                self.state,
+                crate=crate,
+                package=self.env.get("CARGO_PKG_NAME") or "-",
+                stem=self.compilation.stem,
+                explanation=explanation,
+                externs=externs,
+            )
         except OSError:
             return
 

@@ -59,9 +59,17 @@ STORED_HEADER: Final = b"larder-inputs/1 "
 
 #: Why a compilation missed. Fixed and small: a metric label takes these values only.
 CATEGORIES: Final = (
-    "never_built", "toolchain", "flags", "features", "source", "env", "dependency",
-    "build_script", "link", "unknown",
-)  # fmt: skip
+    "never_built",
+    "toolchain",
+    "flags",
+    "features",
+    "source",
+    "env",
+    "dependency",
+    "build_script",
+    "link",
+    "unknown",
+)
 TITLES: Final = {
     "never_built": "never built",
     "toolchain": "toolchain",
@@ -77,9 +85,16 @@ TITLES: Final = {
 # The main reason of a miss with several: the first of these present. A crate's own inputs come
 # before its dependencies ("dependency" only when nothing of its own differs).
 PRECEDENCE: Final = (
-    "toolchain", "flags", "features", "build_script", "source", "env", "link", "dependency",
+    "toolchain",
+    "flags",
+    "features",
+    "build_script",
+    "source",
+    "env",
+    "link",
+    "dependency",
     "unknown",
-)  # fmt: skip
+)
 
 _PACKAGE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CRATE = re.compile(r"[A-Za-z0-9_]{1,128}")
@@ -317,9 +332,12 @@ def _mapping(value: object) -> dict[str, Any]:
 
 
 def _compare_maps(
-    category: str, current: dict[str, Any], stored: dict[str, Any],
-    norm: Callable[[Any], Any] = lambda v: v, shown: Callable[[Any], str] = _short,
-) -> list[Difference]:  # fmt: skip
+    category: str,
+    current: dict[str, Any],
+    stored: dict[str, Any],
+    norm: Callable[[Any], Any] = lambda v: v,
+    shown: Callable[[Any], str] = _short,
+) -> list[Difference]:
     found = []
     for name in sorted(current.keys() | stored.keys()):
         if name not in stored:
@@ -430,13 +448,18 @@ def differences(current: Mapping[str, Any], stored: Mapping[str, Any]) -> list[D
             found.append(Difference("source", str(path), detail))
     if "env_deps" in current:
         found += _compare_maps(
-            "env", _mapping(current["env_deps"]), _mapping(stored.get("env_deps")),
-            _env_norm, _env_shown,
-        )  # fmt: skip
+            "env",
+            _mapping(current["env_deps"]),
+            _mapping(stored.get("env_deps")),
+            _env_norm,
+            _env_shown,
+        )
     found += _compare_maps(
-        "env", _mapping(current.get("cargo_env")), _mapping(stored.get("cargo_env")),
+        "env",
+        _mapping(current.get("cargo_env")),
+        _mapping(stored.get("cargo_env")),
         shown=lambda v: json.dumps(v),
-    )  # fmt: skip
+    )
     found += _compare_maps(
         "dependency", _mapping(current.get("externs")), _mapping(stored.get("externs"))
     )
