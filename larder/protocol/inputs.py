@@ -49,7 +49,7 @@ from typing import Any, Final, NamedTuple
 import blake3
 
 from larder.errors import FormatError
-from larder.protocol.rustc import check_key
+from larder.protocol.rustc import check_key, load_json
 
 INPUTS_VERSION: Final = 1
 MAX_INPUTS_SIZE: Final = 1024 * 1024
@@ -162,18 +162,11 @@ class InputsDocument(NamedTuple):
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _load(data: bytes, what: str) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise FormatError(f"{what} is not JSON: {str(exc)[:200]}") from None
-
-
 def parse_document(data: bytes) -> InputsDocument:
     """Parse and check an inputs document (shape only)."""
     if len(data) > MAX_INPUTS_SIZE:
         raise FormatError(f"inputs document larger than {MAX_INPUTS_SIZE} bytes")
-    doc = _load(data, "inputs document")
+    doc = load_json(data, "inputs document")
     if not isinstance(doc, dict):
         raise FormatError("an inputs document must be a JSON object")
     if doc.get("version") != INPUTS_VERSION:
@@ -235,7 +228,7 @@ def nearest_to_json(found: Iterable[Nearest]) -> bytes:
 
 
 def parse_nearest(data: bytes) -> list[Nearest]:
-    doc = _load(data, "nearest keys")
+    doc = load_json(data, "nearest keys")
     items = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(items, list) or len(items) > MAX_NEAREST:
         raise FormatError(f'expected {{"keys": [...]}} with at most {MAX_NEAREST} keys')
@@ -253,7 +246,7 @@ def report_to_json(crate: str, category: str) -> bytes:
 
 def parse_report(data: bytes) -> tuple[str, str]:
     """``(crate, category)`` of a shim's explained miss, ``{"crate", "category"}``."""
-    doc = _load(data, "miss report")
+    doc = load_json(data, "miss report")
     if not isinstance(doc, dict):
         raise FormatError('a miss report is {"crate": ..., "category": ...}')
     crate, category = doc.get("crate"), doc.get("category")

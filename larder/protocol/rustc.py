@@ -108,11 +108,13 @@ class Manifest(NamedTuple):
         return sum(output.size for output in self.outputs)
 
 
-def _load_json(data: bytes, what: str) -> Any:
+def load_json(data: bytes, what: str) -> Any:
+    """``data`` as JSON; :class:`FormatError` naming ``what`` when it is not (including JSON
+    nested too deeply to read)."""
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{what} is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise FormatError(f"{what} is not JSON: {str(exc)[:200]}") from None
 
 
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
@@ -143,7 +145,7 @@ def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate a manifest; :class:`FormatError` says what is wrong."""
     if len(data) > MAX_MANIFEST_SIZE:
         raise FormatError(f"manifest larger than {MAX_MANIFEST_SIZE} bytes")
-    doc = _load_json(data, "manifest")
+    doc = load_json(data, "manifest")
     if not isinstance(doc, dict):
         raise FormatError("manifest must be a JSON object")
     version = _field(doc, "version", int)
@@ -173,7 +175,7 @@ def parse_manifest(data: bytes) -> Manifest:
 
 def parse_blob_query(data: bytes) -> list[str]:
     """The blob ids of a missing-blobs query, validated."""
-    doc = _load_json(data, "query")
+    doc = load_json(data, "query")
     blobs = doc.get("blobs") if isinstance(doc, dict) else None
     if not isinstance(blobs, list) or len(blobs) > MAX_QUERY_BLOBS:
         raise FormatError(f'query must be {{"blobs": [...]}} with at most {MAX_QUERY_BLOBS} ids')
@@ -221,12 +223,12 @@ def parse_direct_entry(data: bytes) -> DirectEntry:
     """One direct entry, validated."""
     if len(data) > MAX_MANIFEST_SIZE:
         raise FormatError(f"direct entry larger than {MAX_MANIFEST_SIZE} bytes")
-    return _direct_entry(_load_json(data, "direct entry"))
+    return _direct_entry(load_json(data, "direct entry"))
 
 
 def parse_direct_entries(data: bytes) -> list[DirectEntry]:
     """The server's answer for a direct key: ``{"entries": [...]}``."""
-    doc = _load_json(data, "direct entries")
+    doc = load_json(data, "direct entries")
     entries = doc.get("entries") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or len(entries) > MAX_DIRECT_ENTRIES:
         raise FormatError(f'expected {{"entries": [...]}} with at most {MAX_DIRECT_ENTRIES}')
