@@ -19,7 +19,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from larder.core.blobs import decompressed
-from larder.core.caches import CacheSettings
 from larder.core.nixcache import (
     MAX_DEBUGINFO,
     FileRecord,
@@ -99,11 +98,15 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
         nar_hash, compression = parse_nar_name(request.match_info["name"])
     except FormatError:
         raise web.HTTPNotFound() from None
-    if request.method == "HEAD" and await _uploaded_as(request, settings, nar_hash, compression):
+    served = compression in ("zstd", "none")  # larder keeps no file in another compression
+    record = await nix.nar_record(settings, nar_hash, serving=True) if served else None
+    # What Nix 2.34 asks, by the FileHash of its own compression, before uploading a NAR: the
+    # name of an upload this cache stored and whose NAR it still holds. Not counted as a lookup.
+    uploaded = record is None and request.method == "HEAD"
+    if uploaded and await nix.nar_file(settings, nar_hash, compression) is not None:
         return web.Response(headers=nar_headers())
-    if compression not in ("zstd", "none"):
-        raise web.HTTPNotFound()  # larder keeps no file in that compression
-    record = await nix.nar_record(settings, nar_hash, serving=True)
+    if not served:
+        raise web.HTTPNotFound()
     reader = await nix.open_blob(record.blob_id) if record is not None else None
     note_lookup(request, "nar", reader is not None)
     if record is None or reader is None:
@@ -114,18 +117,6 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
         await reader.close()
         return await serve_stream(request, None, record.nar_size, nar_headers())
     return await serve_stream(request, decompressed(reader), record.nar_size, nar_headers())
-
-
-async def _uploaded_as(
-    request: web.Request, settings: CacheSettings, name_hash: str, compression: str
-) -> bool:
-    """Whether ``nar/<name_hash>.nar<ext>`` names an upload this cache stored and whose NAR
-    it still holds (not a NAR it serves under that name): what Nix 2.34 asks with ``HEAD``,
-    by the FileHash of its own compression, before uploading a NAR. Not counted as a lookup."""
-    nix = request.app[state.NIX]
-    if compression in ("zstd", "none") and await nix.nar_record(settings, name_hash):
-        return False  # served under that name: the GET path answers
-    return await nix.nar_file(settings, name_hash, compression) is not None
 
 
 async def put_nar(request: web.Request) -> web.Response:
