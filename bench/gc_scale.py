@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from larder.core import keys
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
-from larder.core.gc import Collector
-from larder.core.gcplan import Policy
+from larder.core.gc.collector import Collector
+from larder.core.gc.plan import Policy
 from larder.core.nixcache import NarRecord
 from larder.protocol import nix32
 from larder.storage.disk import DiskStorage

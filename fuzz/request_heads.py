@@ -1,10 +1,10 @@
 """Fuzz target: the short path's reading of request bytes against aiohttp's (differential).
 
 Input layout: the bytes a client sends on one connection (random and mutated heads, pipelined
-requests, bodies). They go, in one piece and then again split at a point the first byte picks,
-to two connections of the same application (memory storage, public cache ``main`` holding one
-narinfo): one read by :class:`~larder.service.front.FrontProtocol` (the short path, handing over
-to aiohttp what it does not answer), one by aiohttp's own handler from the first byte.
+requests, bodies). They go, in one piece and then again split at a point the first byte picks, to
+two connections of the same application (memory storage, public cache ``main`` holding one narinfo):
+one read by :class:`~larder.service.front.connection.FrontProtocol` (the short path, handing over to
+aiohttp what it does not answer), one by aiohttp's own handler from the first byte.
 
 Invariant: both connections send the same answers (statuses, headers other than ``Date``,
 bodies: so the same number of answers, each to the same bytes) and both are closed, or both
@@ -29,9 +29,9 @@ with instrumented():
     from larder.service import internals, state
     from larder.service.app import build_app
     from larder.service.config import Config
-    from larder.service.fastpath import FastPath
-    from larder.service.front import FrontProtocol
-    from larder.service.guard import ConnectionGuard
+    from larder.service.front.connection import FrontProtocol
+    from larder.service.front.limits import ConnectionGuard
+    from larder.service.front.short_path import FastPath
 
 from aiohttp import web
 

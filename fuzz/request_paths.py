@@ -31,7 +31,9 @@ with instrumented():
     from larder.protocol import dav
     from larder.protocol.names import check_cache_name, check_object_path
     from larder.protocol.storepath import check_hash_part
-    from larder.service import nix_routes, rustc_routes, webdav_routes
+    from larder.service.routes import nix as nix_routes
+    from larder.service.routes import rustc as rustc_routes
+    from larder.service.routes import webdav as webdav_routes
     from larder.storage.base import check_key, check_prefix
 
 METHODS = ("GET", "PUT", "HEAD", "DELETE", "PROPFIND", "MKCOL", "POST")

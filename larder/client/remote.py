@@ -1,4 +1,4 @@
-"""The shim's HTTP client for ``<LARDER_URL>/rustc/`` (see :mod:`larder.service.rustc_routes`).
+"""The shim's HTTP client for ``<LARDER_URL>/rustc/`` (see :mod:`larder.service.routes.rustc`).
 
 One keep-alive connection per invocation (:mod:`larder.client.transport`), through the proxy
 ``https_proxy``/``http_proxy`` name unless ``no_proxy`` exempts the host

@@ -11,24 +11,18 @@ from aiohttp import web
 from larder.core.auth import TokenAuthority
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
-from larder.core.gc import Collector
+from larder.core.gc.collector import Collector
 from larder.core.lastuse import UseRecorder
 from larder.core.nixcache import NixCache
 from larder.core.rustc import RustcCache
 from larder.core.sccache import SccacheStore
 from larder.errors import LarderError
-from larder.service import (
-    api_routes,
-    housekeeping,
-    nix_routes,
-    observe,
-    rustc_routes,
-    state,
-    webdav_routes,
-)
+from larder.service import housekeeping, state
 from larder.service.config import Config
 from larder.service.errors import error_middleware
-from larder.service.instrumented import InstrumentedStorage
+from larder.service.observability import recording
+from larder.service.observability.instrumented_storage import InstrumentedStorage
+from larder.service.routes import api, nix, rustc, webdav
 from larder.service.workers import SharedWriteCounter, Worker
 from larder.storage.base import Storage
 
@@ -48,7 +42,7 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     # Bodies reach the routes as sent: the Nix routes undo every coding Nix uses themselves
     # (aiohttp would undo gzip and deflate only, and keep the header), the others refuse one.
     app = web.Application(middlewares=[error_middleware], handler_args={"auto_decompress": False})
-    metrics = observe.install(app, storage.backend, worker)
+    metrics = recording.install(app, storage.backend, worker)
     storage = InstrumentedStorage(storage, metrics)
     executor = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="larder-io")
     app[state.CONFIG] = config
@@ -88,8 +82,8 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
         await storage.close()
 
     app.cleanup_ctx.append(resources)
-    api_routes.add_routes(app)
-    rustc_routes.add_routes(app)
-    webdav_routes.add_routes(app)
-    nix_routes.add_routes(app)  # last: it ends with a catch-all
+    api.add_routes(app)
+    rustc.add_routes(app)
+    webdav.add_routes(app)
+    nix.add_routes(app)  # last: it ends with a catch-all
     return app

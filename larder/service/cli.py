@@ -21,7 +21,7 @@ from typing import Any
 
 from larder.core.auth import TokenAuthority
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
-from larder.core.gc import Collector
+from larder.core.gc.collector import Collector
 from larder.core.pins import pin, pins, unpin
 from larder.errors import LarderError
 from larder.protocol.names import check_cache_name

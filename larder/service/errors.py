@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from larder import errors
-from larder.service.observe import note_error_code
+from larder.service.observability.recording import note_error_code
 
 log = logging.getLogger("larder.http")
 

@@ -22,16 +22,16 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiohttp import web
 
 from larder.core.caches import CacheSettings
-from larder.core.gc import Report
-from larder.core.gcgraph import Snapshot, read_snapshot, tally
-from larder.core.gclock import CollectionBusy
-from larder.core.gcplan import Policy
+from larder.core.gc.collector import Report
+from larder.core.gc.graph import Snapshot, read_snapshot, tally
+from larder.core.gc.lock import CollectionBusy
+from larder.core.gc.plan import Policy
 from larder.core.keys import GC_LAST_RUN
 from larder.errors import LarderError
 from larder.service import state
 from larder.service.config import Config
-from larder.service.metrics import Metrics
-from larder.service.observe import METRICS
+from larder.service.observability.metrics import Metrics
+from larder.service.state import METRICS
 
 log = logging.getLogger("larder")
 

@@ -6,7 +6,7 @@ one of these changes name or meaning, so raising a cap means running it):
 
 * aiohttp ``RequestHandler._request_count`` (requests parsed on the connection) and
   ``RequestHandler._waiter`` (pending while the connection waits for its next request): when a
-  request head begins and ends, for the header timeout (:mod:`larder.service.guard`);
+  request head begins and ends, for the header timeout (:mod:`larder.service.front.limits`);
 * aiohttp ``Server._loop`` and ``Server._kwargs``: making a handler of larder's class with the
   settings the application gave, and ``AppRunner._make_server``: giving the runner that server;
 * aiohttp ``FileResponse._sendfile``: sending a file body by ``sendfile(2)`` from the event loop
@@ -76,7 +76,7 @@ def _has_native_sendfile(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 #: Sends ``count`` bytes of file descriptor ``file_fd`` from ``offset`` to socket ``sock_fd``;
-#: returns the count (:func:`larder.service.transfer.send_file`).
+#: returns the count (:func:`larder.service.routes.bodies.send_file`).
 SendFile = Callable[[asyncio.AbstractEventLoop, int, int, int, int, float], Awaitable[int]]
 
 

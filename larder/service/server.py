@@ -8,10 +8,10 @@ It restarts a worker that dies (and gives up, stopping the rest, if one dies wit
 :data:`MIN_UPTIME` seconds of its start), stops them all on SIGTERM or SIGINT, and removes the
 shared directory at the end. A worker whose supervisor is gone stops by itself.
 
-Each process runs its event loop on uvloop unless ``event_loop = "asyncio"``, writes its access
-log through :class:`~larder.service.accesslog.LineSink`, and starts every connection with
-:class:`~larder.service.front.FrontProtocol`, which answers public narinfo GETs itself and
-hands everything else to the aiohttp application.
+Each process runs its event loop on uvloop unless ``event_loop = "asyncio"``, writes its access log
+through :class:`~larder.service.observability.access_log.LineSink`, and starts every connection with
+:class:`~larder.service.front.connection.FrontProtocol`, which answers public narinfo GETs itself
+and hands everything else to the aiohttp application.
 """
 
 from __future__ import annotations
@@ -34,18 +34,18 @@ from pathlib import Path
 from aiohttp import web
 
 from larder.service import workers as shared
-from larder.service.accesslog import JsonAccessLogger, LineSink, TextAccessLogger
 from larder.service.app import build_app
 from larder.service.config import Config
-from larder.service.fastpath import AccessLog, FastPath
-from larder.service.front import FrontProtocol
-from larder.service.guard import (
+from larder.service.front.connection import FrontProtocol
+from larder.service.front.limits import (
     KEEPALIVE_TIMEOUT,
     ConnectionGuard,
     GuardedAppRunner,
     Sweeper,
     raise_open_file_limit,
 )
+from larder.service.front.short_path import AccessLog, FastPath
+from larder.service.observability.access_log import JsonAccessLogger, LineSink, TextAccessLogger
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
 

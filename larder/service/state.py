@@ -1,4 +1,5 @@
-"""Typed application state shared by the routes (``web.AppKey``s)."""
+"""Typed application state shared by the routes, the front and the observability hooks: every
+``web.AppKey`` of the application, in one place."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from aiohttp import web
 from larder.core.auth import TokenAuthority
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
-from larder.core.gc import Collector
+from larder.core.gc.collector import Collector
+from larder.core.hitstats import HitStats
 from larder.core.lastuse import UseRecorder
 from larder.core.nixcache import NixCache
 from larder.core.rustc import RustcCache
 from larder.core.sccache import SccacheStore
 from larder.service.config import Config
+from larder.service.observability.answer_tally import AnswerTally
+from larder.service.observability.metrics import Metrics
 from larder.storage.base import Storage
 
 CONFIG = web.AppKey("config", Config)
@@ -28,3 +32,6 @@ SCCACHE = web.AppKey("sccache", SccacheStore)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 RECORDER = web.AppKey("recorder", UseRecorder)
 COLLECTOR = web.AppKey("collector", Collector)
+METRICS = web.AppKey("metrics", Metrics)
+HITS = web.AppKey("hits", HitStats)
+TALLY = web.AppKey("tally", AnswerTally)

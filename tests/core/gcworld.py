@@ -14,7 +14,7 @@ from typing import Any
 from larder.core import keys
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry, CacheSettings
-from larder.core.gc import Collector
+from larder.core.gc.collector import Collector
 from larder.core.lastuse import UseRecorder
 from larder.core.nixcache import NixCache
 from larder.core.rustc import RustcCache

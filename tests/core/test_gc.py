@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from larder.core import keys
-from larder.core.gc import Collector, Report
-from larder.core.gclock import CollectionBusy, LeaseLost, acquire, held
-from larder.core.gcplan import Policy
+from larder.core.gc.collector import Collector, Report
+from larder.core.gc.lock import CollectionBusy, LeaseLost, acquire, held
+from larder.core.gc.plan import Policy
 from larder.core.pins import pin
 from larder.errors import StorageUnavailable
 from larder.protocol.inputs import Identity, InputsDocument

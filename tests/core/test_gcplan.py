@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from larder.core.gcplan import Node, Policy, closure, effective_times, plan, referrers, total_size
+from larder.core.gc.plan import Node, Policy, closure, effective_times, plan, referrers, total_size
 
 NOW = 1_000_000.0
 

@@ -17,9 +17,9 @@ from larder.core.caches import CacheSettings
 from larder.errors import StorageUnavailable
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.accesslog import LineSink
 from larder.service.app import build_app
 from larder.service.config import Config
+from larder.service.observability.access_log import LineSink
 from larder.service.server import Running, start
 from larder.storage.base import Storage
 from larder.storage.memory import MemoryStorage

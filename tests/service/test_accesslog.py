@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from aiohttp.web_log import AccessLogger
 
-from larder.service.accesslog import FLUSH_DELAY, Entry, LineSink, TextAccessLogger
+from larder.service.observability.access_log import FLUSH_DELAY, Entry, LineSink, TextAccessLogger
 from larder.service.server import LOG_FORMAT
 from tests.service.conftest import capturing_logger
 

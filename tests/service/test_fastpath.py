@@ -18,8 +18,8 @@ from larder.protocol.nar import write_nar
 from larder.service import state
 from larder.service.config import Config
 from larder.service.errors import RETRY_AFTER_SECONDS
-from larder.service.front import FrontProtocol
-from larder.service.observe import HITS, METRICS, TALLY
+from larder.service.front.connection import FrontProtocol
+from larder.service.state import HITS, METRICS, TALLY
 from tests.service.conftest import Flaky, Live
 
 
@@ -379,7 +379,7 @@ async def test_a_target_answered_from_kept_bytes_still_checks_every_new_head(
 async def test_an_idle_connection_is_closed_by_the_sweep(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from larder.service import guard
+    from larder.service.front import limits as guard
 
     monkeypatch.setattr(guard, "KEEPALIVE_TIMEOUT", 0.2)
     conn = await Conn.open(live)
@@ -432,7 +432,7 @@ async def test_kept_answers_log_one_line_each_with_their_own_client(live: Live) 
 async def test_a_kept_narinfo_follows_a_new_upload_and_a_private_cache_at_once(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from larder.service import fastpath
+    from larder.service.front import short_path as fastpath
 
     monkeypatch.setattr(fastpath, "RECHECK", 60.0)  # only a change ends the shortcut
     store_hash = hash_of("changing")
@@ -465,7 +465,7 @@ async def test_a_kept_narinfo_follows_a_new_upload_and_a_private_cache_at_once(
 async def test_a_kept_narinfo_records_its_use_once_per_recheck(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from larder.service import fastpath
+    from larder.service.front import short_path as fastpath
 
     kept, checked = hash_of("used-kept"), hash_of("used-checked")
     setup = await Conn.open(live)

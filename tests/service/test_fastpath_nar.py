@@ -19,8 +19,8 @@ from larder.core.lastuse import load_uses
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from larder.service import state
-from larder.service.guard import ConnectionGuard, Sweeper
-from larder.service.observe import METRICS, TALLY
+from larder.service.front.limits import ConnectionGuard, Sweeper
+from larder.service.state import METRICS, TALLY
 from larder.storage.base import Storage
 from larder.storage.disk import DiskStorage
 from larder.storage.memory import MemoryStorage

@@ -13,7 +13,7 @@ import tracemalloc
 
 import pytest
 
-from larder.service.front import FrontProtocol
+from larder.service.front.connection import FrontProtocol
 from tests.service.conftest import Live
 from tests.service.test_fastpath import Conn, get, hash_of, upload
 

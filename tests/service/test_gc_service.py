@@ -9,7 +9,7 @@ import time
 from larder.core import keys
 from larder.core.lastuse import load_uses
 from larder.service import housekeeping, state
-from larder.service.observe import METRICS
+from larder.service.state import METRICS
 from tests.service.conftest import ServiceFactory
 from tests.service.test_nix_routes import hash_part, make_nar, nar_url, push, store_path
 from tests.service.test_rustc_routes import KEY, blob_id, manifest_for, upload

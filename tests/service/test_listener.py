@@ -10,7 +10,7 @@ RAISE = """
 import resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-from larder.service.guard import raise_open_file_limit
+from larder.service.front.limits import raise_open_file_limit
 print(raise_open_file_limit(int(sys.argv[1])), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 """
 

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from larder.errors import StorageUnavailable
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.instrumented import InstrumentedStorage
-from larder.service.metrics import BACKEND_OPERATIONS, Metrics
+from larder.service.observability.instrumented_storage import InstrumentedStorage
+from larder.service.observability.metrics import BACKEND_OPERATIONS, Metrics
 from larder.storage.base import Storage
 from larder.storage.memory import MemoryStorage
 from tests.service.conftest import Service, ServiceFactory
@@ -161,7 +161,7 @@ def test_json_access_log_line_has_no_credentials() -> None:
 
     from aiohttp.test_utils import make_mocked_request
 
-    from larder.service.accesslog import JsonAccessLogger
+    from larder.service.observability.access_log import JsonAccessLogger
     from tests.service.conftest import capturing_logger
 
     logger, records = capturing_logger("larder.test.access")

@@ -22,9 +22,9 @@ from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.accesslog import LineSink
 from larder.service.app import build_app
 from larder.service.config import Config
+from larder.service.observability.access_log import LineSink
 from larder.service.server import start
 from larder.storage.disk import DiskStorage
 from tests.service.test_sendfile import request

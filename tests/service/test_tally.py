@@ -7,8 +7,8 @@ import asyncio
 from prometheus_client import generate_latest
 
 from larder.core.hitstats import HitStats
-from larder.service.metrics import LATENCY_BUCKETS, Metrics
-from larder.service.tally import FLUSH_DELAY, AnswerTally
+from larder.service.observability.answer_tally import FLUSH_DELAY, AnswerTally
+from larder.service.observability.metrics import LATENCY_BUCKETS, Metrics
 
 LATENCIES = (0.00001, 0.0004, 0.0005, 0.003, 0.7, 30.0)  # below, on and between bounds, +Inf
 

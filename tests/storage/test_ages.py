@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from larder.errors import StorageUnavailable
-from larder.service.instrumented import InstrumentedStorage
-from larder.service.metrics import Metrics
+from larder.service.observability.instrumented_storage import InstrumentedStorage
+from larder.service.observability.metrics import Metrics
 from larder.storage.base import ObjectInfo, Storage, StoredBlob
 from larder.storage.disk import DiskStorage
 from larder.storage.memory import MemoryStorage

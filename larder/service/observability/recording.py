@@ -1,9 +1,10 @@
 """Counting what the service does: the metrics middleware, the hooks handlers call, ``/metrics``.
 
-Handlers say what a request was (``note_cache`` from :func:`~larder.service.access.cache_for`,
-``note_lookup`` for a hit or a miss, ``note_upload`` for a write); the middleware turns that and
-the final status into series and into the in-memory hit statistics. The protocol of a request is
-read from its route (``/{cache}/rustc/...`` is ``rustc``), never from the raw path.
+Handlers say what a request was (``note_cache`` from
+:func:`~larder.service.routes.cache_access.cache_for`, ``note_lookup`` for a hit or a miss,
+``note_upload`` for a write); the middleware turns that and the final status into series and into
+the in-memory hit statistics. The protocol of a request is read from its route
+(``/{cache}/rustc/...`` is ``rustc``), never from the raw path.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from larder.core.hitstats import HitStats
-from larder.service.metrics import NO_CACHE, ROUTE_PROTOCOLS, STATUS_CLASS, UPLOAD_OUTCOMES, Metrics
-from larder.service.tally import AnswerTally
+from larder.service.observability.answer_tally import AnswerTally
+from larder.service.observability.metrics import (
+    NO_CACHE,
+    ROUTE_PROTOCOLS,
+    STATUS_CLASS,
+    UPLOAD_OUTCOMES,
+    Metrics,
+)
+from larder.service.state import HITS, METRICS, TALLY
 from larder.service.workers import Worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-METRICS = web.AppKey("metrics", Metrics)
-HITS = web.AppKey("hits", HitStats)
-TALLY = web.AppKey("tally", AnswerTally)
 
 _CACHE = web.RequestKey("larder_cache", str)
 _LOOKUP = web.RequestKey("larder_lookup", tuple)

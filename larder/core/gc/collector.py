@@ -2,12 +2,12 @@
 
 One run (:meth:`Collector.run`):
 
-1. takes the lease (:mod:`larder.core.gclock`), so one collection runs at a time across every
+1. takes the lease (:mod:`larder.core.gc.lock`), so one collection runs at a time across every
    replica; a dry run takes none and changes nothing;
 2. writes this process's recorded uses, lists every cache's objects and every blob
-   (:mod:`larder.core.gcgraph`), reads recorded uses (:mod:`larder.core.lastuse`) and pins;
+   (:mod:`larder.core.gc.graph`), reads recorded uses (:mod:`larder.core.lastuse`) and pins;
 3. plans each cache under its own limits, then the whole store under the store's
-   (:func:`larder.core.gcplan.plan`): least recently used first, closures whole, pinned and
+   (:func:`larder.core.gc.plan.plan`): least recently used first, closures whole, pinned and
    recent closures kept;
 4. deletes in waves, referrers before what they refer to. Each delete is conditional on the
    modification time the listing saw, so an object written again meanwhile stays, and then so
@@ -36,9 +36,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
-from larder.core import gclock, keys
+from larder.core import keys
 from larder.core.concurrency import bounded_map
-from larder.core.gcgraph import (
+from larder.core.gc.graph import (
     KINDS,
     REFERRING_KINDS,
     Entry,
@@ -48,7 +48,8 @@ from larder.core.gcgraph import (
     scan,
     tally,
 )
-from larder.core.gcplan import Node, Policy, plan, total_size
+from larder.core.gc.lock import DEFAULT_LEASE, Lease, held
+from larder.core.gc.plan import Node, Policy, plan, total_size
 from larder.core.lastuse import RecordedUses, UseRecorder, compact_uses, load_uses
 from larder.core.pins import pins
 from larder.storage.base import Storage
@@ -164,7 +165,7 @@ class Collector:
         forget: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         settle: float = DEFAULT_SETTLE,
-        lease: float = gclock.DEFAULT_LEASE,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         self._storage = storage
         self._recorder = recorder
@@ -195,7 +196,7 @@ class Collector:
             self._count_reapable(work, grace, report)
             self._finish(work, report)
             return report
-        async with gclock.held(self._storage, self._lease_term, self._clock) as lease:
+        async with held(self._storage, self._lease_term, self._clock) as lease:
             if self._recorder is not None:
                 await self._recorder.flush()
             report = Report(dry_run=False, started=self._clock(), grace=grace)
@@ -273,7 +274,7 @@ class Collector:
 
     # -- deleting ----------------------------------------------------------------------------
 
-    async def _evict(self, work: _Work, lease: gclock.Lease) -> None:
+    async def _evict(self, work: _Work, lease: Lease) -> None:
         planned = set(work.order)
         referrers: dict[str, set[str]] = defaultdict(set)
         for key in work.order:

@@ -9,10 +9,10 @@ from larder.errors import LarderError, NoSuchCache
 from larder.protocol.names import check_cache_name
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.auth import check_access
 from larder.service.errors import error_response, status_for
-from larder.service.observe import note_cache
-from larder.service.transfer import check_declared_length
+from larder.service.observability.recording import note_cache
+from larder.service.routes.bodies import check_declared_length
+from larder.service.routes.credentials import check_access
 
 
 async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:

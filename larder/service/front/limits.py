@@ -14,13 +14,13 @@ one byte a second holds its connection, and a few thousand such clients hold the
 * The process's soft limit on open files is raised towards its hard limit so that
   ``max_connections`` connections fit with room to spare (each connection is a descriptor).
 
-Every connection starts with :class:`~larder.service.front.FrontProtocol`, which applies the
-same two rules while it reads heads itself and hands the count over with the connection to
-:class:`GuardedRequestHandler` (aiohttp's handler, with the rules added). Both kinds of
-connection state when their current head began (``head_since``); one :class:`Sweeper` per
-server checks that deadline for all of them, and the idle deadline
-(:data:`KEEPALIVE_TIMEOUT`) for connections aiohttp does not hold yet, a few times per
-``header_timeout`` (at least once a second) rather than by a timer per request.
+Every connection starts with :class:`~larder.service.front.connection.FrontProtocol`, which applies
+the same two rules while it reads heads itself and hands the count over with the connection to
+:class:`GuardedRequestHandler` (aiohttp's handler, with the rules added). Both kinds of connection
+state when their current head began (``head_since``); one :class:`Sweeper` per server checks that
+deadline for all of them, and the idle deadline (:data:`KEEPALIVE_TIMEOUT`) for connections aiohttp
+does not hold yet, a few times per ``header_timeout`` (at least once a second) rather than by a
+timer per request.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from larder.core.gcgraph import KINDS
+from larder.core.gc.graph import KINDS
 from larder.protocol.inputs import CATEGORIES as MISS_CATEGORIES
 
 # protocol -> what its lookups look up
@@ -73,9 +73,9 @@ UPLOAD_OUTCOMES = (
 )
 STORED_KINDS = tuple(KINDS)
 GC_RESULTS = ("completed", "busy", "failed")
-#: Every operation :class:`larder.service.instrumented.InstrumentedStorage` counts: one per
-#: method of :class:`larder.storage.base.Storage` but ``close``, and ``blob_write`` for a
-#: writer's commit (``tests/service/test_metrics.py`` checks the two agree).
+#: Every operation :class:`larder.service.observability.instrumented_storage.InstrumentedStorage`
+#: counts: one per method of :class:`larder.storage.base.Storage` but ``close``, and ``blob_write``
+#: for a writer's commit (``tests/service/test_metrics.py`` checks the two agree).
 BACKEND_OPERATIONS = (
     "get",
     "put",

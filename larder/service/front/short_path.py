@@ -1,8 +1,8 @@
 """Answers for the requests Nix sends, narinfo, NAR and ``nix-cache-info`` GETs, made before
 aiohttp sees them.
 
-:class:`~larder.service.front.FrontProtocol` gives every complete request head it reads to
-:class:`FastPath`, which answers it when all of these hold:
+:class:`~larder.service.front.connection.FrontProtocol` gives every complete request head it reads
+to :class:`FastPath`, which answers it when all of these hold:
 
 * the request line is ``GET /<cache>/<32 nix32 characters>.narinfo HTTP/1.1`` (no query, no
   percent-escapes), or the same with ``HEAD``, which Nix sends to ask whether a path is there
@@ -19,19 +19,19 @@ what the application would send (status, ``Content-Type``, ``Content-Length``, `
 hit statistics (a miss also remembers its store hash), one access log line, one use of the
 narinfo.
 
-Heads come read (:class:`~larder.service.heads.Head`, by llhttp under aiohttp's limits); a head
-that reader does not take never comes here. Most requests repeat a target answered before, so
+Heads come read (:class:`~larder.service.front.heads.Head`, by llhttp under aiohttp's limits); a
+head that reader does not take never comes here. Most requests repeat a target answered before, so
 the bytes of each answer are kept, per target, beside the cache settings and the remembered body
-they were made from (at most :data:`MAX_ANSWERS`). A head whose fields are none of the fields
-above and whose target has kept bytes is answered from them while the cache's settings and the
-served-narinfo memory still give the very objects the bytes were made from; otherwise the head
-takes the full check. Once that question was
-answered yes for a narinfo, it is not asked again for :data:`RECHECK` seconds (never past the
-point where the entry is due for a refresh or the cache's settings go stale) unless the
-served-narinfo entry stops being current (replaced, forgotten, evicted) or the memory of caches
-changes; so a narinfo answered all the time records one use, and renews its place in the
-memory, once per :data:`RECHECK`. Misses are asked about every time. Counting is batched per
-few hundredths of a second (:mod:`larder.service.tally`).
+they were made from (at most :data:`MAX_ANSWERS`). A head whose fields are none of the fields above
+and whose target has kept bytes is answered from them while the cache's settings and the
+served-narinfo memory still give the very objects the bytes were made from; otherwise the head takes
+the full check. Once that question was answered yes for a narinfo, it is not asked again for
+:data:`RECHECK` seconds (never past the point where the entry is due for a refresh or the cache's
+settings go stale) unless the served-narinfo entry stops being current (replaced, forgotten,
+evicted) or the memory of caches changes; so a narinfo answered all the time records one use, and
+renews its place in the memory, once per :data:`RECHECK`. Misses are asked about every time.
+Counting is batched per few hundredths of a second
+(:mod:`larder.service.observability.answer_tally`).
 
 ``GET /<cache>/nix-cache-info``, which Nix sends first on a new connection, is answered under
 the same conditions when the cache's settings are in memory (otherwise the connection goes to
@@ -41,7 +41,7 @@ A NAR GET (``GET /<cache>/nar/<52 nix32 characters>.nar.zst HTTP/1.1``, the same
 and none of ``Range``, ``If-Range``, ``If-Match``, ``If-None-Match``, ``If-Modified-Since``,
 ``If-Unmodified-Since``) of a public cache whose blobs are local files is answered here too:
 the NAR record and the blob are looked up as the application looks them up, and
-:class:`~larder.service.front.FrontProtocol` sends the head this module makes (the
+:class:`~larder.service.front.connection.FrontProtocol` sends the head this module makes (the
 application's status line and headers, ``Etag`` and ``Last-Modified`` as aiohttp derives them)
 and then the blob by ``sendfile(2)``. It is counted as the application counts it (a NAR lookup
 hit, its length as sent bytes, latency up to the head) and logged once the body is out. Anything
@@ -69,10 +69,15 @@ from larder.errors import FormatError, LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
-from larder.service.heads import Head
-from larder.service.nixheaders import cache_info_headers, head_lines, nar_headers, narinfo_headers
-from larder.service.observe import HITS, METRICS, TALLY
-from larder.service.tally import TallyKey
+from larder.service.front.heads import Head
+from larder.service.observability.answer_tally import TallyKey
+from larder.service.routes.nix_headers import (
+    cache_info_headers,
+    head_lines,
+    nar_headers,
+    narinfo_headers,
+)
+from larder.service.state import HITS, METRICS, TALLY
 from larder.storage.base import BlobReader
 
 #: Targets whose answer bytes are kept (all of them are dropped when one more comes).

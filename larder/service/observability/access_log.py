@@ -27,7 +27,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from larder.service.batching import flush_later
+from larder.service.observability.batching import flush_later
 
 MAX_BATCH = 512
 FLUSH_DELAY = 0.05
@@ -109,7 +109,8 @@ class LineAccessLogger(AbstractAccessLogger):
     """Base of larder's access loggers: :meth:`line` says what one request's line is."""
 
     sink: ClassVar[LineSink | None] = None
-    #: Whether a line states the request's duration (:class:`~larder.service.fastpath.AccessLog`).
+    #: Whether a line states the request's duration
+    #: (:class:`~larder.service.front.short_path.AccessLog`).
     timed: ClassVar[bool] = True
 
     @staticmethod

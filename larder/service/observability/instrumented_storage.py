@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from larder.errors import StorageError
-from larder.service.metrics import Metrics
+from larder.service.observability.metrics import Metrics
 from larder.storage.base import (
     BlobInfo,
     BlobReader,

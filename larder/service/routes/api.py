@@ -6,8 +6,8 @@ from aiohttp import web
 
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.access import cache_for
-from larder.service.observe import HITS, TALLY
+from larder.service.routes.cache_access import cache_for
+from larder.service.state import HITS, TALLY
 
 
 def substituter_url(request: web.Request, cache: str) -> str:

@@ -33,16 +33,17 @@ from larder.protocol.names import check_object_path
 from larder.protocol.storepath import check_hash_part
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.access import cache_for, expect_continue
-from larder.service.nixheaders import cache_info_headers, nar_headers, narinfo_headers
-from larder.service.observe import HITS, note_lookup, note_upload
-from larder.service.transfer import (
+from larder.service.observability.recording import note_lookup, note_upload
+from larder.service.routes.bodies import (
     body_chunks,
     coded_body,
     read_coded_document,
     serve_blob,
     serve_stream,
 )
+from larder.service.routes.cache_access import cache_for, expect_continue
+from larder.service.routes.nix_headers import cache_info_headers, nar_headers, narinfo_headers
+from larder.service.state import HITS
 
 # -- nix-cache-info ------------------------------------------------------------------------
 

@@ -16,9 +16,9 @@ import asyncio
 import bisect
 
 from larder.core.hitstats import HitStats
-from larder.service.batching import flush_later
 from larder.service.internals import observe_many
-from larder.service.metrics import LATENCY_BUCKETS, STATUS_CLASS, Metrics
+from larder.service.observability.batching import flush_later
+from larder.service.observability.metrics import LATENCY_BUCKETS, STATUS_CLASS, Metrics
 
 #: Seconds answers wait, at most, to be folded into the series.
 FLUSH_DELAY = 0.05
@@ -40,7 +40,8 @@ class _Total:
 
 
 class AnswerTally:
-    """Answers of one application, counted as :func:`~larder.service.observe.count_answer`
+    """Answers of one application, counted as
+    :func:`~larder.service.observability.recording.count_answer`
     counts them (requests, latency, lookups, hit statistics) plus their sent body bytes."""
 
     def __init__(self, metrics: Metrics, hits: HitStats) -> None:

@@ -31,9 +31,10 @@ from larder.protocol.inputs import MAX_INPUTS_SIZE, check_identity, nearest_to_j
 from larder.protocol.rustc import MAX_MANIFEST_SIZE, check_key, parse_blob_query
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.access import cache_for, expect_continue
-from larder.service.observe import HITS, note_lookup, note_miss_reason, note_upload
-from larder.service.transfer import body_chunks, read_document, serve_blob
+from larder.service.observability.recording import note_lookup, note_miss_reason, note_upload
+from larder.service.routes.bodies import body_chunks, read_document, serve_blob
+from larder.service.routes.cache_access import cache_for, expect_continue
+from larder.service.state import HITS
 
 ZSTD_TYPE = "application/zstd"
 # Sent by larder-rustc with manifest lookups, so misses can be counted by crate.

@@ -1,5 +1,5 @@
-"""The headers of the Nix answers, defined once for the routes (:mod:`.nix_routes`) and the
-short path (:mod:`.fastpath`), which writes them as aiohttp does (:func:`head_lines`).
+"""The headers of the Nix answers, defined once for the routes (:mod:`.nix`) and the short path
+(:mod:`larder.service.front.short_path`), which writes them as aiohttp does (:func:`head_lines`).
 
 A change to what a narinfo, ``nix-cache-info`` or NAR answer carries is made here, and both
 readers send it; ``tests/service/test_fastpath*.py`` compare their answers byte for byte.

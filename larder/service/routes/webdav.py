@@ -34,9 +34,9 @@ from larder.errors import Forbidden, FormatError, Unauthorized
 from larder.protocol.dav import Resource, multistatus, normalise
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.access import cache_for, expect_continue
-from larder.service.observe import note_lookup, note_upload
-from larder.service.transfer import body_chunks, serve_stream
+from larder.service.observability.recording import note_lookup, note_upload
+from larder.service.routes.bodies import body_chunks, serve_stream
+from larder.service.routes.cache_access import cache_for, expect_continue
 
 MULTISTATUS_TYPE = "application/xml"
 

@@ -1,29 +1,29 @@
 """Every connection's first protocol: what Nix asks most answered here, the rest by aiohttp.
 
 :class:`FrontProtocol` feeds every read to the connection's
-:class:`~larder.service.heads.HeadReader` (llhttp, with aiohttp's own checks) and gives each
-whole head it read to :class:`~larder.service.fastpath.FastPath`. A NAR's head goes through the
-transport, its body by ``sendfile(2)`` straight to the socket
-(:func:`~larder.service.transfer.send_file`); a transfer that fails closes the connection. At
-the first read aiohttp would refuse, or the first request the fast path does not answer or
-whose lookup fails, the connection, with every byte not answered yet, is handed to aiohttp's own
-protocol for good (``transport.set_protocol``): malformed heads, uploads, private caches, NAR
-misses and HEADs, ranges, errors and whatever follows them on the connection are read and
-answered by aiohttp, as if the connection had just opened.
+:class:`~larder.service.front.heads.HeadReader` (llhttp, with aiohttp's own checks) and gives each
+whole head it read to :class:`~larder.service.front.short_path.FastPath`. A NAR's head goes through
+the transport, its body by ``sendfile(2)`` straight to the socket
+(:func:`~larder.service.routes.bodies.send_file`); a transfer that fails closes the connection. At
+the first read aiohttp would refuse, or the first request the fast path does not answer or whose
+lookup fails, the connection, with every byte not answered yet, is handed to aiohttp's own protocol
+for good (``transport.set_protocol``): malformed heads, uploads, private caches, NAR misses and
+HEADs, ranges, errors and whatever follows them on the connection are read and answered by aiohttp,
+as if the connection had just opened.
 
 Memory is bounded in every state. Reading is paused while an answer is in flight (a lookup, a
 NAR being sent: requests behind it wait, so answers keep their order), while the transport's
 write buffer is full (the client does not read), and while :data:`MAX_BUFFER` unanswered bytes
 are held; so the input buffer never holds more than that plus one read, and the reader keeps at
-most :data:`~larder.service.heads.MAX_KEPT` of its heads read. Bytes without a whole head past
-:data:`~larder.service.heads.MAX_HEAD` go to aiohttp, which applies its own limits.
+most :data:`~larder.service.front.heads.MAX_KEPT` of its heads read. Bytes without a whole head past
+:data:`~larder.service.front.heads.MAX_HEAD` go to aiohttp, which applies its own limits.
 
-The connection guards (:mod:`larder.service.guard`) hold from the start: over
+The connection guards (:mod:`larder.service.front.limits`) hold from the start: over
 ``max_connections`` a connection is answered 503 and closed, and a request head not complete
 within ``header_timeout`` of its first byte (or of the connection opening) is answered 408 and
-closed (by the server's :class:`~larder.service.guard.Sweeper`); the handover passes the
+closed (by the server's :class:`~larder.service.front.limits.Sweeper`); the handover passes the
 connection's place in the count on to aiohttp's handler. An idle keep-alive connection is closed
-after :data:`~larder.service.guard.KEEPALIVE_TIMEOUT` seconds, as aiohttp closes its own (one
+after :data:`~larder.service.front.limits.KEEPALIVE_TIMEOUT` seconds, as aiohttp closes its own (one
 looking up or sending is not idle; a NAR transfer has its own deadline, ``body_idle_timeout``
 without progress).
 """
@@ -38,10 +38,10 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from larder.service.fastpath import FastPath, NarGet, NarinfoGet, OpenNar
-from larder.service.guard import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard
-from larder.service.heads import AGAIN, END, MAX_HEAD, Head, HeadReader
-from larder.service.transfer import SendFailed, send_file
+from larder.service.front.heads import AGAIN, END, MAX_HEAD, Head, HeadReader
+from larder.service.front.limits import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard
+from larder.service.front.short_path import FastPath, NarGet, NarinfoGet, OpenNar
+from larder.service.routes.bodies import SendFailed, send_file
 
 log = logging.getLogger("larder.server")
 
