@@ -17,16 +17,14 @@ TEST_RUNNER  := pytest pytest-aiohttp pytest-asyncio pytest-xdist pytest-timeout
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# compat mode: a plain path entry instead of an import hook, which would add ~25 ms to
-	# every larder-rustc start (the shim runs once per rustc call).
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 $(LOWEST_STAMP): pyproject.toml constraints-lowest.txt
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install -q -c constraints-lowest.txt \
-		-e . $(TEST_RUNNER) --config-settings editable_mode=compat
+		-e . $(TEST_RUNNER)
 	touch $@
 
 # The lower bounds in pyproject.toml are true: the fast tests pass on the oldest releases.

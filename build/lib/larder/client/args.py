@@ -1,0 +1,229 @@
+"""What a rustc command line asks for, and whether its result can be cached.
+
+Cargo invokes ``RUSTC_WRAPPER rustc ARGS...``. This module reads ARGS the way rustc does
+(``--flag value`` and ``--flag=value``; ``-Cx``, ``-C x``; ``-L``/``-l``/``-W``... likewise) into
+ordered ``(flag, value)`` pairs plus the input file, without interpreting flags it does not
+need. A command is a *compilation* when it has an input file and asks for no ``--print``,
+``--version`` or ``--explain``; anything else is passed straight to rustc.
+
+A compilation is *cacheable* when ``--crate-type`` names only ``lib``, ``rlib``, ``staticlib``
+or a *linked* type (``bin``, ``dylib``, ``cdylib``, ``proc-macro``: the output is made by the
+linker, see :mod:`larder.client.linkline` for their further rules), it emits only ``dep-info``,
+``metadata`` and ``link`` into ``--out-dir`` (no per-kind paths, no ``-o``), and it uses none
+of: ``-C incremental``, ``--test``, ``@argfiles``, stdin input, ``-C save-temps``,
+profile-guided optimisation, or split debug info (``-C split-debuginfo=packed|unpacked``).
+:attr:`Compilation.reason` names the first rule broken.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from larder.client.probe import NOT_COMPILATION_FLAGS
+
+# Flags whose value may be the next argument.
+_TAKES_VALUE = frozenset(
+    {
+        "--cfg",
+        "--check-cfg",
+        "-L",
+        "-l",
+        "--crate-type",
+        "--crate-name",
+        "--edition",
+        "--emit",
+        "--print",
+        "-o",
+        "--out-dir",
+        "--explain",
+        "--target",
+        "-A",
+        "-W",
+        "-D",
+        "-F",
+        "--force-warn",
+        "--cap-lints",
+        "-C",
+        "--codegen",
+        "-Z",
+        "--extern",
+        "--sysroot",
+        "--error-format",
+        "--json",
+        "--color",
+        "--diagnostic-width",
+        "--remap-path-prefix",
+        "--env-set",
+        "--extern-location",
+        "--crate-attr",
+    }
+)
+_SHORT_JOINED = ("-C", "-L", "-l", "-A", "-W", "-D", "-F", "-Z", "-o")
+LINKED_CRATE_TYPES = frozenset({"bin", "dylib", "cdylib", "proc-macro"})
+CACHEABLE_CRATE_TYPES = frozenset({"lib", "rlib", "staticlib"}) | LINKED_CRATE_TYPES
+CACHEABLE_EMITS = frozenset({"dep-info", "metadata", "link"})
+
+
+class Compilation(NamedTuple):
+    """A parsed rustc command line."""
+
+    flags: tuple[tuple[str, str | None], ...]
+    input: str | None
+    reason: str | None  # why it is not cacheable, None if it is
+
+    @property
+    def is_compilation(self) -> bool:
+        return self.input is not None and not any(
+            flag in NOT_COMPILATION_FLAGS for flag, _ in self.flags
+        )
+
+    @property
+    def cacheable(self) -> bool:
+        return self.is_compilation and self.reason is None
+
+    def argv(self, without: frozenset[str] = frozenset()) -> list[str]:
+        """The command line again (flags in canonical form, input last), minus ``without``."""
+        out: list[str] = []
+        for flag, value in self.flags:
+            if flag in without:
+                continue
+            if value is None:
+                out.append(flag)
+            elif flag.startswith("--"):
+                out.append(f"{flag}={value}")
+            else:
+                out += [flag, value]
+        return out + ([self.input] if self.input is not None else [])
+
+    def values(self, flag: str) -> list[str]:
+        return [value for name, value in self.flags if name == flag and value is not None]
+
+    def codegen(self) -> dict[str, str]:
+        """``-C name[=value]`` options (last one wins, as in rustc)."""
+        options: dict[str, str] = {}
+        for value in self.values("-C"):
+            name, _, setting = value.partition("=")
+            options[name] = setting
+        return options
+
+    @property
+    def crate_name(self) -> str | None:
+        names = self.values("--crate-name")
+        return names[-1] if names else None
+
+    @property
+    def crate_types(self) -> list[str]:
+        return [t for value in self.values("--crate-type") for t in value.split(",") if t]
+
+    @property
+    def linked(self) -> bool:
+        """Whether the linker makes an output (a binary or a shared library)."""
+        return "link" in self.emits and any(t in LINKED_CRATE_TYPES for t in self.crate_types)
+
+    @property
+    def emits(self) -> list[str]:
+        kinds = [k for value in self.values("--emit") for k in value.split(",") if k]
+        return kinds or ["link"]
+
+    @property
+    def out_dir(self) -> Path | None:
+        dirs = self.values("--out-dir")
+        return Path(dirs[-1]) if dirs else None
+
+    @property
+    def extra_filename(self) -> str:
+        return self.codegen().get("extra-filename", "")
+
+    @property
+    def stem(self) -> str:
+        return f"{self.crate_name}{self.extra_filename}"
+
+    def expected_outputs(self) -> list[str]:
+        """File names rustc writes into ``--out-dir`` for a cacheable compilation (a Linux
+        target for linked crate types)."""
+        stem = self.stem
+        link_names = {"staticlib": f"lib{stem}.a", "bin": stem}
+        names = []
+        for kind in sorted(set(self.emits)):
+            if kind == "dep-info":
+                names.append(f"{stem}.d")
+            elif kind == "metadata":
+                names.append(f"lib{stem}.rmeta")
+            elif kind == "link":
+                for crate_type in sorted(set(self.crate_types)):
+                    shared = f"lib{stem}.so" if crate_type in LINKED_CRATE_TYPES else None
+                    names.append(link_names.get(crate_type) or shared or f"lib{stem}.rlib")
+        return sorted(set(names))
+
+
+def split(args: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """Arguments as ``(flag, value)`` pairs in order, and the positional arguments."""
+    flags: list[tuple[str, str | None]] = []
+    positional: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg.startswith("--") and "=" in arg:
+            name, _, value = arg.partition("=")
+            flags.append((name, value))
+        elif arg in _TAKES_VALUE:
+            flags.append((arg, args[i] if i < len(args) else None))
+            i += 1
+        elif arg.startswith(_SHORT_JOINED) and len(arg) > 2:
+            flags.append((arg[:2], arg[2:]))
+        elif arg.startswith("-") and arg != "-":
+            flags.append((arg, None))
+        else:
+            positional.append(arg)
+    return flags, positional
+
+
+def _reason(
+    flags: list[tuple[str, str | None]], positional: list[str], c: Compilation
+) -> str | None:
+    if any(arg.startswith("@") for arg in positional):
+        return "argfile"
+    if any(value is None and name in _TAKES_VALUE for name, value in flags):
+        return "missing-value"
+    if len(positional) != 1:
+        return "inputs"
+    if positional[0] == "-":
+        return "stdin"
+    if not c.crate_name:  # missing, or empty (which rustc refuses)
+        return "no-crate-name"
+    types = c.crate_types
+    if not types:  # rustc would read #![crate_type] from the source, or build a binary
+        return "crate-type:unspecified"
+    for crate_type in types:
+        if crate_type not in CACHEABLE_CRATE_TYPES:
+            return f"crate-type:{crate_type}"
+    if any(name == "--test" for name, _ in flags):
+        return "test"
+    codegen = c.codegen()
+    if "incremental" in codegen:
+        return "incremental"
+    if any(name in codegen for name in ("save-temps", "profile-generate", "profile-use")):
+        return "codegen-option"
+    if codegen.get("split-debuginfo", "off") not in ("off", ""):
+        return "split-debuginfo"
+    for value in c.values("--emit"):
+        for kind in value.split(","):
+            if "=" in kind:
+                return "emit-path"
+            if kind not in CACHEABLE_EMITS:
+                return f"emit:{kind}"
+    if c.values("-o"):
+        return "output-file"
+    if c.out_dir is None:
+        return "no-out-dir"
+    return None
+
+
+def parse(args: list[str]) -> Compilation:
+    """Parse rustc's arguments (without the rustc path itself)."""
+    flags, positional = split(args)
+    inputs = [arg for arg in positional if not arg.startswith("@")]
+    draft = Compilation(tuple(flags), inputs[0] if inputs else None, None)
+    return Compilation(draft.flags, draft.input, _reason(flags, positional, draft))

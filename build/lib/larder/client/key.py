@@ -1,0 +1,367 @@
+"""The cache key of a rustc compilation.
+
+Key format ``larder-rustc/1``: the BLAKE3 (hex) of a canonical JSON object (sorted keys, no
+spaces) holding exactly these inputs, numbered as in the code below:
+
+1. ``format``: the string ``larder-rustc/1``; a change to these rules bumps it.
+2. ``rustc``: the output of ``rustc -vV`` (release, commit hash, host triple, LLVM version).
+3. ``sysroot``: each file in ``<sysroot>/lib/rustlib/<target>/lib`` (the standard library the
+   crate links against): its name and BLAKE3. Cached per rustc binary, as it rarely changes.
+4. ``args``: the arguments in order, minus those that name where outputs go or how diagnostics
+   are drawn (``--out-dir``, ``-o``, ``--diagnostic-width``, ``--color``) and minus ``--extern``
+   paths (item 7 covers them); every absolute path under a root is in portable form
+   (:mod:`larder.client.paths`), so the checkout, target directory and ``CARGO_HOME`` may live
+   anywhere.
+5. ``sources``: every file a ``--emit=dep-info`` run of the same command lists (the crate's
+   modules, ``include!``/``include_str!``/``include_bytes!`` files, including those under
+   ``OUT_DIR``): its portable path and BLAKE3.
+6. ``env_deps``: every variable read through ``env!``/``option_env!`` (named by the dep-info's
+   ``# env-dep:`` lines) with its value in this environment, or null when unset; values in
+   portable form.
+7. ``externs``: every ``--extern``: its name and the BLAKE3 of the file it points to (the
+   dependency's ``.rlib``/``.rmeta``), or null for a sysroot crate named without a path. A
+   dependency's own inputs thus reach this key through its output.
+8. ``cargo_env``: the package metadata cargo sets (``CARGO_PKG_*`` except paths,
+   ``CARGO_CRATE_NAME``) and ``RUSTC_BOOTSTRAP``.
+9. ``out_dir``: what a build script generated: each file under ``$OUT_DIR`` by relative path
+   and BLAKE3 (a symlink by its target).
+10. ``native``: each ``-l static=NAME`` library found as ``libNAME.a`` in a ``-L`` directory, by
+    name and BLAKE3 (rustc bundles it into the rlib), or null when not found.
+11. ``link``, only for linked crate types (``bin``, ``dylib``, ``cdylib``, ``proc-macro``; other
+    documents have no such field): the linker command rustc ran, in portable form, the
+    linker's identity, every file the link reads (every crate's rlib, native libraries as the
+    linker finds them on the ``-L`` paths, start files, scripts) and the variables the driver
+    reads, as :mod:`larder.client.linker` describes. Item 7 already covers ``--extern``
+    proc-macro libraries, which rustc loads rather than links.
+
+**Direct mode.** Running rustc for items 5 and 6 costs a crate's parse and macro expansion. So
+each upload also records, under a *direct key*, which files and variables the dep-info run
+named (portable paths and variable names, no contents), and for a linked crate the link line
+(item 11 can only be known from a link, so a linked crate is found through direct entries
+only). The direct key is the BLAKE3 of the same kind of document with format
+``larder-rustc-direct/1``, items 2-4 and 7-10, and ``input``: the crate root's portable path
+and BLAKE3. A later compilation with the same direct key hashes the
+recorded files and reads the recorded variables *on its own machine* and computes the full key
+from them; the server never supplies a key, only a list of names to look at, so a wrong list
+can only cause a miss. Any change that could make rustc read other files changes a file that
+is hashed (the crate root, a module declaring ``mod``, an ``env!`` value naming a path).
+
+What is left out, and why: the rustc path (item 2 identifies the compiler), the working
+directory and target directory (portable form), ``CARGO_MANIFEST_DIR``, ``CARGO_PRIMARY_PACKAGE``
+and other variables rustc only sees through ``env!`` (item 6 has them exactly when the crate
+reads them), and timestamps. A compiled output that still contains one of this machine's roots
+is never uploaded (see :mod:`larder.client.shim`), so portable keys cannot hand out an rlib that
+embeds another machine's paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import blake3
+
+from larder.client import depinfo
+from larder.client.args import Compilation
+from larder.client.paths import Roots
+from larder.protocol.rustc import DirectEntry
+
+KEY_FORMAT = "larder-rustc/1"
+DIRECT_FORMAT = "larder-rustc-direct/1"
+
+# Item 4: flags that say where outputs go or how diagnostics look, not what is compiled.
+_DROPPED_FLAGS = frozenset({"--out-dir", "-o", "--diagnostic-width", "--color"})
+# Flags left out of the dep-info run (it writes one file and nothing else).
+_DEPINFO_DROPPED = frozenset({"--emit", "--out-dir", "-o", "--error-format", "--json", "--color"})
+_CARGO_ENV = (
+    "CARGO_PKG_NAME",
+    "CARGO_PKG_VERSION",
+    "CARGO_PKG_VERSION_MAJOR",
+    "CARGO_PKG_VERSION_MINOR",
+    "CARGO_PKG_VERSION_PATCH",
+    "CARGO_PKG_VERSION_PRE",
+    "CARGO_PKG_AUTHORS",
+    "CARGO_PKG_DESCRIPTION",
+    "CARGO_PKG_HOMEPAGE",
+    "CARGO_PKG_REPOSITORY",
+    "CARGO_PKG_LICENSE",
+    "CARGO_PKG_LICENSE_FILE",
+    "CARGO_PKG_RUST_VERSION",
+    "CARGO_PKG_README",
+    "CARGO_CRATE_NAME",
+    "RUSTC_BOOTSTRAP",
+)
+
+
+class KeyUnavailable(Exception):
+    """The key could not be computed (a file vanished, the dep-info run failed...)."""
+
+
+def file_digest(path: str | Path) -> str:
+    """BLAKE3 hex of a file's content."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update_mmap(path)
+    return hasher.hexdigest()
+
+
+class Base(NamedTuple):
+    """Key items 2-4 and 7-10: everything but what the dep-info run names."""
+
+    rustc: str  # 2
+    sysroot: list[tuple[str, str]]  # 3
+    args: list[str]  # 4
+    externs: list[tuple[str, str | None]]  # 7
+    cargo_env: list[tuple[str, str]]  # 8
+    out_dir: list[tuple[str, str]]  # 9
+    native: list[tuple[str, str | None]]  # 10
+
+
+def _digest(document: dict[str, object]) -> tuple[str, bytes]:
+    data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    return blake3.blake3(data).hexdigest(), data
+
+
+class KeyInputs(NamedTuple):
+    """Everything the key covers (see the module docstring for each item)."""
+
+    base: Base
+    sources: list[tuple[str, str]]  # 5
+    env_deps: list[tuple[str, str | None]]  # 6
+    link: dict[str, object] | None = None  # 11, linked crates only
+
+    def document(self) -> bytes:
+        return _digest(self._fields_dict())[1]
+
+    def key(self) -> str:
+        return _digest(self._fields_dict())[0]
+
+    def _fields_dict(self) -> dict[str, object]:
+        fields: dict[str, object] = {
+            "format": KEY_FORMAT,
+            **self.base._asdict(),
+            "sources": self.sources,
+            "env_deps": self.env_deps,
+        }
+        if self.link is not None:
+            fields["link"] = self.link
+        return fields
+
+
+def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
+    """Item 4: the arguments with output locations dropped and paths made portable."""
+    out: list[str] = []
+    for flag, value in compilation.flags:
+        if flag in _DROPPED_FLAGS:
+            continue
+        if flag == "--extern" and value is not None:
+            value = value.partition("=")[0]
+        out.append(flag if value is None else f"{flag}={roots.portable(value)}")
+    if compilation.input is not None:
+        out.append(roots.portable_path(compilation.input))
+    return out
+
+
+def extern_digests(compilation: Compilation, cwd: Path) -> list[tuple[str, str | None]]:
+    """Item 7: each ``--extern`` by name, with the BLAKE3 of its file."""
+    found: list[tuple[str, str | None]] = []
+    for value in compilation.values("--extern"):
+        name, sep, path = value.partition("=")
+        found.append((name, file_digest(cwd / path) if sep else None))
+    return found
+
+
+def cargo_env(environ: dict[str, str]) -> list[tuple[str, str]]:
+    """Item 8."""
+    return [(name, environ[name]) for name in _CARGO_ENV if name in environ]
+
+
+def tree_digests(root: Path) -> list[tuple[str, str]]:
+    """Item 9: files (and symlinks) under ``root``, by relative path."""
+    entries: list[tuple[str, str]] = []
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if os.path.islink(Path(directory, d))]):
+            path = Path(directory, name)
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                entries.append((relative, "symlink:" + os.readlink(path)))
+            elif path.is_file():
+                entries.append((relative, file_digest(path)))
+    return entries
+
+
+def _search_dirs(compilation: Compilation, cwd: Path) -> list[Path]:
+    dirs = []
+    for value in compilation.values("-L"):
+        kind, sep, path = value.partition("=")
+        if not sep:
+            path, kind = value, "all"
+        if kind in ("native", "all"):
+            dirs.append(cwd / path)
+    return dirs
+
+
+def native_digests(compilation: Compilation, cwd: Path) -> list[tuple[str, str | None]]:
+    """Item 10: static native libraries an rlib bundles."""
+    found: list[tuple[str, str | None]] = []
+    for value in compilation.values("-l"):
+        kind, sep, name = value.partition("=")
+        if not sep or not kind.startswith("static") or "-bundle" in kind:
+            continue
+        name = name.partition(":")[0]
+        digest = None
+        for directory in _search_dirs(compilation, cwd):
+            candidate = directory / f"lib{name}.a"
+            if candidate.is_file():
+                digest = file_digest(candidate)
+                break
+        found.append((name, digest))
+    return found
+
+
+def depinfo_run(
+    rustc: str, compilation: Compilation, cwd: Path, scratch: Path, environ: dict[str, str]
+) -> depinfo.DepInfo:
+    """Item 5 and 6: run rustc with ``--emit=dep-info`` only and read what it lists."""
+    import subprocess  # only here: the direct-mode hit path never starts a process
+
+    target = scratch / f".larder-depinfo-{os.getpid()}-{os.urandom(4).hex()}.d"
+    args = [*compilation.argv(without=_DEPINFO_DROPPED), f"--emit=dep-info={target}"]
+    try:
+        done = subprocess.run(
+            [rustc, *args],
+            cwd=cwd,
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            close_fds=False,  # cargo's jobserver pipes
+        )
+        if done.returncode != 0:
+            raise KeyUnavailable(f"dep-info run exited with {done.returncode}")
+        return depinfo.parse(target.read_text())
+    except OSError as exc:
+        raise KeyUnavailable(f"dep-info run failed: {exc}") from None
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def base_inputs(
+    *,
+    rustc_version: str,
+    sysroot: list[tuple[str, str]],
+    compilation: Compilation,
+    roots: Roots,
+    cwd: Path,
+    environ: dict[str, str],
+) -> Base:
+    """Items 2-4 and 7-10."""
+    try:
+        out_dir = environ.get("OUT_DIR")
+        return Base(
+            rustc=rustc_version,
+            sysroot=sysroot,
+            args=portable_args(compilation, roots),
+            externs=extern_digests(compilation, cwd),
+            cargo_env=cargo_env(environ),
+            out_dir=tree_digests(Path(out_dir)) if out_dir and Path(out_dir).is_dir() else [],
+            native=native_digests(compilation, cwd),
+        )
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read a key input: {exc}") from None
+
+
+def direct_key(base: Base, compilation: Compilation, roots: Roots, cwd: Path) -> str:
+    """The direct key: the base plus the crate root's portable path and content."""
+    assert compilation.input is not None
+    try:
+        digest = file_digest(cwd / compilation.input)
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read the crate root: {exc}") from None
+    document = {
+        "format": DIRECT_FORMAT,
+        **base._asdict(),
+        "input": [roots.portable_path(compilation.input), digest],
+    }
+    return _digest(document)[0]
+
+
+def partial(base: Base, compilation: Compilation, roots: Roots, cwd: Path) -> dict[str, object]:
+    """What is known of a key without a dep-info run or a link (to explain a linked crate's
+    miss): items 1-4 and 7-10, and ``input``, the crate root's portable path and BLAKE3."""
+    assert compilation.input is not None
+    try:
+        digest = file_digest(cwd / compilation.input)
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read the crate root: {exc}") from None
+    return {
+        "format": KEY_FORMAT,
+        **base._asdict(),
+        "input": [roots.portable_path(compilation.input), digest],
+    }
+
+
+def complete(
+    base: Base,
+    sources: list[str],
+    env_names: list[str],
+    roots: Roots,
+    cwd: Path,
+    environ: dict[str, str],
+    link: dict[str, object] | None = None,
+) -> KeyInputs:
+    """Items 5 and 6 from local paths (as dep-info lists them) and variable names; item 11."""
+    try:
+        digests = [(roots.portable_path(p), file_digest(cwd / p)) for p in sources]
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read a source file: {exc}") from None
+    env = [
+        (name, None if environ.get(name) is None else roots.portable(environ[name]))
+        for name in sorted(set(env_names))
+    ]
+    return KeyInputs(base, digests, env, link)
+
+
+def direct_entry(deps: depinfo.DepInfo, roots: Roots, link: list[str] | None = None) -> DirectEntry:
+    """What to record under the direct key after a dep-info run (and a link)."""
+    sources = [roots.portable_path(p) for p in deps.files]
+    return DirectEntry(sources, [n for n, _ in deps.env], list(link or []))
+
+
+def from_direct_entry(
+    base: Base,
+    entry: DirectEntry,
+    roots: Roots,
+    cwd: Path,
+    environ: dict[str, str],
+    link: dict[str, object] | None = None,
+) -> KeyInputs:
+    """The full key inputs for a recorded entry, from this machine's files and environment
+    (item 11 computed by the caller from the entry's link line)."""
+    sources = [roots.local(p) for p in entry.sources]
+    return complete(base, sources, entry.env, roots, cwd, environ, link)
+
+
+def compute(
+    *,
+    rustc_version: str,
+    sysroot: list[tuple[str, str]],
+    compilation: Compilation,
+    deps: depinfo.DepInfo,
+    roots: Roots,
+    cwd: Path,
+    environ: dict[str, str],
+) -> KeyInputs:
+    """Every input of the key, after a dep-info run."""
+    base = base_inputs(
+        rustc_version=rustc_version,
+        sysroot=sysroot,
+        compilation=compilation,
+        roots=roots,
+        cwd=cwd,
+        environ=environ,
+    )
+    return complete(base, list(deps.files), [n for n, _ in deps.env], roots, cwd, environ)

@@ -1,0 +1,114 @@
+"""Machine-specific roots and the portable form of paths under them.
+
+A compilation names paths under a few roots that differ between machines but not between the
+builds that should share a cache entry:
+
+* ``CWD``: the directory cargo runs rustc in (the workspace root, or a registry crate's root);
+* ``TARGET``: cargo's target directory (found from ``--out-dir``: the nearest ancestor holding
+  ``CACHEDIR.TAG``, which cargo writes there);
+* ``CARGO_HOME``: ``$CARGO_HOME`` or ``~/.cargo`` (registry and git checkouts).
+
+:meth:`Roots.portable` replaces a root prefix with a placeholder (``@LARDER:TARGET@``) and
+:meth:`Roots.local` puts this machine's root back; the most specific (longest) root wins. For the
+outputs themselves the shim passes ``--remap-path-prefix`` for each root (``CWD`` to ``.``,
+``TARGET`` to ``/larder/target``, ``CARGO_HOME`` to ``/larder/cargo-home``), so that rlibs, rmeta
+files and debug info are byte-identical whichever directory they were built in.
+
+A link line names two more machine-specific places (:mod:`larder.client.linkline`): the
+toolchain's ``SYSROOT`` and rustc's temporary directory ``RUSTC_TMP``. :meth:`Roots.extended`
+adds such roots for portable text only; they get no ``--remap-path-prefix``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple
+
+PLACEHOLDER = "@LARDER:{}@"
+REMAP_TO = {"CWD": ".", "TARGET": "/larder/target", "CARGO_HOME": "/larder/cargo-home"}
+_PLACEHOLDER = re.compile(r"@LARDER:([A-Z_]+)@")
+
+
+def find_target_dir(out_dir: Path) -> Path:
+    """Cargo's target directory for an ``--out-dir`` (``<target>/<profile>/deps`` usually)."""
+    for candidate in (out_dir, *out_dir.parents):
+        if (candidate / "CACHEDIR.TAG").is_file():
+            return candidate
+    # Not built by cargo (or the tag was removed): the profile directory's parent.
+    return out_dir.parent.parent if out_dir.name == "deps" else out_dir
+
+
+def default_cargo_home(environ: dict[str, str] | os._Environ[str]) -> Path:
+    home = environ.get("CARGO_HOME")
+    return Path(home) if home else Path.home() / ".cargo"
+
+
+def _usable(path: Path) -> bool:
+    """Whether ``path`` is specific enough to be a root (never ``/`` or a top-level dir)."""
+    return path.is_absolute() and len(path.parts) >= 3
+
+
+@lru_cache(maxsize=8)
+def _matcher(roots: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], dict[str, str]]:
+    """The regex that finds any of ``roots`` and each root's placeholder (built once per set)."""
+    alternatives = "|".join(re.escape(path) for _, path in roots)
+    # A root matches only as a whole path component: /a/ws must not match /a/ws2.
+    pattern = re.compile(rf"(?:{alternatives})(?![A-Za-z0-9._+~-])")
+    return pattern, {path: PLACEHOLDER.format(name) for name, path in roots}
+
+
+class Roots(NamedTuple):
+    """This compilation's roots, by name, as absolute normalised paths."""
+
+    roots: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, **paths: Path | None) -> Roots:
+        found = {
+            name: os.path.normpath(path)
+            for name, path in paths.items()
+            if path is not None and _usable(Path(path))
+        }
+        # Longest first, so the most specific root claims a path.
+        ordered = sorted(found.items(), key=lambda item: len(item[1]), reverse=True)
+        return cls(tuple(ordered))
+
+    def extended(self, **paths: Path | None) -> Roots:
+        """These roots and ``paths`` (placeholders without a remap, e.g. ``SYSROOT``)."""
+        known: dict[str, Path | None] = {name: Path(path) for name, path in self.roots}
+        return Roots.of(**{**known, **paths})
+
+    def portable(self, text: str) -> str:
+        """``text`` with every root replaced by its placeholder."""
+        if not self.roots:
+            return text
+        pattern, by_path = _matcher(self.roots)
+        return pattern.sub(lambda match: by_path[match.group(0)], text)
+
+    def local(self, text: str) -> str:
+        """``text`` with every placeholder replaced by this machine's root."""
+        by_name = dict(self.roots)
+
+        def expand(match: re.Match[str]) -> str:
+            name = match.group(1)
+            return by_name.get(name) or REMAP_TO.get(name) or match.group(0)
+
+        return _PLACEHOLDER.sub(expand, text)
+
+    def portable_path(self, path: str) -> str:
+        """A path argument in portable form (relative paths are kept as given)."""
+        if not os.path.isabs(path):
+            return path
+        return self.portable(os.path.normpath(path))
+
+    def remap_flags(self) -> list[str]:
+        """``--remap-path-prefix`` flags; rustc lets the last match win, so specific last."""
+        flags = []
+        for name, path in sorted(self.roots, key=lambda item: len(item[1])):
+            if name not in REMAP_TO:
+                continue
+            flags.append(f"--remap-path-prefix={path}={REMAP_TO[name]}")
+        return flags

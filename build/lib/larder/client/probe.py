@@ -1,0 +1,25 @@
+"""What the entry point decides before importing anything: is the cache on, is this a probe.
+
+A leaf module (it imports only ``os``, loaded at interpreter start anyway) shared by
+:mod:`larder.client.entry`, which must stay cheap, and by :mod:`larder.client.args` and
+:mod:`larder.client.shim`, which the entry point imports only for a compilation.
+"""
+
+# No `from __future__ import annotations`: importing __future__ costs the probe path ~0.2 ms.
+import os
+
+# A command line with one of these flags asks rustc for information, not a compilation.
+NOT_COMPILATION_FLAGS = frozenset(
+    {"--print", "--explain", "-V", "--version", "-vV", "-h", "--help"}
+)
+TRUE_VALUES = ("1", "true", "yes", "on")
+
+
+def is_probe(args: list[str]) -> bool:
+    """Whether rustc ``args`` ask for information (``--print=x`` counts as ``--print``)."""
+    return any(arg.partition("=")[0] in NOT_COMPILATION_FLAGS for arg in args)
+
+
+def cache_enabled(environ: os._Environ[str] | dict[str, str]) -> bool:
+    disabled = environ.get("LARDER_DISABLE", "").lower() in TRUE_VALUES
+    return bool(environ.get("LARDER_URL")) and not disabled

@@ -1,0 +1,627 @@
+"""``larder-rustc``: cargo's ``RUSTC_WRAPPER`` that fetches compilations from a larder cache.
+
+Usage: ``RUSTC_WRAPPER=larder-rustc cargo build``; cargo runs ``larder-rustc RUSTC ARGS...``.
+Also ``larder-rustc --stats [--json]``, ``larder-rustc --zero-stats`` and ``larder-rustc explain
+[CRATE] [--json]`` (why the last build's crates missed: :mod:`larder.client.explain`).
+
+Environment:
+
+* ``LARDER_URL``: the cache, e.g. ``http://larder:8080/main``. Unset: rustc runs untouched.
+* ``LARDER_TOKEN``: a write token; without it the shim only reads.
+* ``LARDER_DISABLE=1``: run rustc untouched.
+* ``LARDER_LOG``: a file that gets one line per compilation (crate, key, result, reason, ms,
+  and the package: every build script's crate is ``build_script_build``).
+* ``LARDER_TIMEOUT``: seconds per network operation (default 5).
+* ``LARDER_EXPLAIN_SAFE_ENV``: ``env!`` variables (comma-separated, ``NAME*`` a prefix) whose
+  values ``explain`` may show and the cache may store in clear; others are hashed.
+* ``LARDER_STATE_DIR``: where stats and the toolchain cache live (default
+  ``$XDG_CACHE_HOME/larder``); ``LARDER_KEY_DIR``: if set, each key's inputs are written there
+  as ``<key>.json``, to compare two machines' keys.
+
+For a compilation the shim computes the key (:mod:`larder.client.key`), asks the cache, and on a
+hit writes the outputs atomically into ``--out-dir`` (dep-info rewritten to this machine's paths,
+modes as recorded, so binaries stay executable), replays rustc's stdout and stderr and exits 0.
+On a miss it runs rustc with ``--remap-path-prefix`` for each root (as it does for every
+compilation it runs, so outputs are the same from any directory), passes its output through as it
+comes, and with a token uploads the outputs, refusing any that still contain one of this
+machine's root paths, and then the key's inputs document. A miss is explained by comparing its
+inputs with those the cache stored for the same crate (:mod:`larder.client.explain`). A linked
+crate (binary, proc-macro, dylib, cdylib) it uploads is compiled
+with ``--print=link-args=FILE`` too, which tells the shim what the link read
+(:mod:`larder.client.linkline`, :mod:`larder.client.linker`). Calls that are not compilations
+(``-vV``, ``--print``) go straight to rustc with no network traffic.
+
+The cache can slow a build but never break it: every network failure, timeout, 5xx or garbage
+answer means a local compilation and a counted error, and after an unreachable server the shim
+stays offline for 30 seconds instead of retrying on every crate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import blake3
+
+from larder.client import args as rustc_args
+from larder.client import depinfo, linkline, toolchain
+from larder.client import key as cache_key
+from larder.client import stats as stats_mod
+from larder.client.paths import Roots, default_cargo_home, find_target_dir
+from larder.client.probe import cache_enabled
+from larder.client.remote import Remote, RemoteError
+from larder.errors import FormatError
+from larder.protocol.rustc import Manifest, Output, parse_manifest
+
+if TYPE_CHECKING:
+    from larder.protocol.inputs import Identity
+
+KEY_ERRORS = (cache_key.KeyUnavailable, OSError, ValueError)
+REMOTE_ERRORS = (RemoteError, FormatError, OSError, ValueError)
+OFFLINE_SECONDS = 30.0
+DEFAULT_TIMEOUT = 5.0
+
+
+def _now_ms(start: float) -> int:
+    return int((time.monotonic() - start) * 1000)
+
+
+def passthrough(rustc: str, args: Sequence[str]) -> int:
+    """Become rustc (no capture, no network)."""
+    try:
+        os.execvp(rustc, [rustc, *args])
+    except OSError as exc:
+        print(f"larder-rustc: cannot run {rustc}: {exc}", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+def _pump(source: BinaryIO, sink: BinaryIO, keep: list[bytes]) -> None:
+    while chunk := os.read(source.fileno(), 65536):
+        keep.append(chunk)
+        sink.write(chunk)
+        sink.flush()
+
+
+def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
+    """Run ``command``, passing its output through as it comes and keeping a copy."""
+    import subprocess  # not needed on a hit
+    import threading
+
+    # close_fds=False: rustc must inherit cargo's jobserver pipes (CARGO_MAKEFLAGS).
+    proc = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=False
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out: list[bytes] = []
+    err: list[bytes] = []
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer, out), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer, err), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    code = proc.wait()
+    for pump in pumps:
+        pump.join()
+    return code, b"".join(out), b"".join(err)
+
+
+def embeds(path: Path, needles: list[bytes]) -> bool:
+    """Whether the file contains any of ``needles`` (this machine's root paths)."""
+    import mmap
+
+    if path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return any(m.find(needle) != -1 for needle in needles)
+
+
+class Outcome:
+    """What one invocation did, for the stats and the log."""
+
+    def __init__(self, result: str, reason: str | None = None) -> None:
+        self.result = result  # hit | miss | non-cacheable | error
+        self.reason = reason
+        self.error: str | None = None
+        self.miss: str | None = None  # the category a miss was explained by
+        self.key = ""
+        self.counters: dict[str, int] = {}
+
+
+class Invocation:
+    """One cacheable-or-not rustc compilation."""
+
+    def __init__(self, rustc: str, args: list[str], environ: dict[str, str]) -> None:
+        self.rustc = rustc
+        self.args = args
+        self.env = environ
+        self.compilation = rustc_args.parse(args)
+        self.cwd = Path.cwd()
+        out_dir = self.compilation.out_dir
+        self.out_dir = self.cwd / out_dir if out_dir is not None else None
+        target = find_target_dir(self.out_dir) if self.out_dir is not None else None
+        self.roots = Roots.of(CWD=self.cwd, TARGET=target, CARGO_HOME=default_cargo_home(environ))
+        self.state = stats_mod.state_dir(environ)
+        self.token = environ.get("LARDER_TOKEN") or None
+        self.started = time.monotonic()
+        targets = self.compilation.values("--target")
+        self.target = targets[-1] if targets else None
+        self.toolchain: toolchain.Fingerprint | None = None
+        self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
+        self.uploaded = ""  # the key an upload went under
+        self.current: cache_key.KeyInputs | None = None  # the last key computed
+
+    # -- the pieces ------------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        extra = [f"--print=link-args={self.link_file}"] if self.link_file else []
+        return [self.rustc, *self.args, *self.roots.remap_flags(), *extra]
+
+    def compile(self, outcome: Outcome) -> tuple[int, bytes, bytes]:
+        start = time.monotonic()
+        code, out, err = run_teed(self.command(), self.cwd)
+        outcome.counters["compile_ms"] = _now_ms(start)
+        return code, out, err
+
+    def _offline_file(self) -> Path:
+        return self.state / "offline-until"
+
+    def offline(self) -> bool:
+        try:
+            return time.time() < float(self._offline_file().read_text())
+        except (OSError, ValueError):
+            return False
+
+    def go_offline(self) -> None:
+        try:
+            self.state.mkdir(parents=True, exist_ok=True)
+            self._offline_file().write_text(str(time.time() + OFFLINE_SECONDS))
+        except OSError:
+            pass
+
+    def base(self) -> cache_key.Base:
+        """Key items that need no dep-info run (the toolchain is cached per rustc binary)."""
+        self.toolchain = toolchain.fingerprint(self.rustc, self.target, self.env, self.state)
+        return cache_key.base_inputs(
+            rustc_version=self.toolchain.version,
+            sysroot=self.toolchain.libraries,
+            compilation=self.compilation,
+            roots=self.roots,
+            cwd=self.cwd,
+            environ=self.env,
+        )
+
+    def link_roots(self) -> Roots:
+        assert self.toolchain is not None
+        return self.roots.extended(SYSROOT=Path(self.toolchain.sysroot))
+
+    def link_item(self, tokens: list[str]) -> dict[str, object]:
+        """Key item 11 for a link line (:class:`linkline.Unaccounted` if it has no account)."""
+        from larder.client import linker  # linked crates only
+
+        assert self.toolchain is not None
+        plan = linkline.classify(tokens)
+        target = self.target or self.toolchain.host
+        tools = toolchain.tools(self.rustc, self.toolchain, self.target, self.env, self.state)
+        covered = {f"lib/rustlib/{target}/lib/{n}": h for n, h in self.toolchain.libraries}
+        covered.update(tools)
+        link = linker.Link(
+            roots=self.link_roots(),
+            cwd=self.cwd,
+            environ=self.env,
+            state_dir=self.state,
+            fingerprint=self.toolchain,
+            covered=covered,
+        )
+        return {**link.item(tokens, plan), "sysroot_tools": tools}
+
+    def link_tokens(self) -> list[str]:
+        """The link line rustc just wrote, in portable form."""
+        assert self.link_file is not None and self.out_dir is not None
+        argv = linkline.parse(self.link_file.read_text())
+        out_dirs = [str(self.out_dir), str(self.compilation.out_dir)]
+        tmp = linkline.rustc_tmp(argv, [*out_dirs, self.env.get("TMPDIR") or "/tmp"])
+        roots = self.link_roots().extended(RUSTC_TMP=Path(tmp) if tmp else None)
+        stem = self.compilation.stem
+        return linkline.normalise(argv, out_dirs=out_dirs, stem=stem, portable=roots.portable)
+
+    def keep(self, inputs: cache_key.KeyInputs) -> str:
+        """The key of ``inputs``; with ``LARDER_KEY_DIR`` also write them down."""
+        key = inputs.key()
+        self.current = inputs
+        if self.env.get("LARDER_KEY_DIR"):
+            directory = Path(self.env["LARDER_KEY_DIR"])
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{key}.json").write_bytes(inputs.document())
+        return key
+
+    def full_inputs(self, base: cache_key.Base, deps: depinfo.DepInfo) -> cache_key.KeyInputs:
+        files, env = list(deps.files), [name for name, _ in deps.env]
+        return cache_key.complete(base, files, env, self.roots, self.cwd, self.env)
+
+    def restore(self, remote: Remote, manifest: Manifest) -> None:
+        """Download every output beside its final name, then move them all into place."""
+        assert self.out_dir is not None
+        expected = self.compilation.expected_outputs()
+        if sorted(o.name for o in manifest.outputs) != expected:
+            raise FormatError(f"manifest outputs do not match this compilation's {expected}")
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for output in manifest.outputs:
+                final = self.out_dir / output.name
+                scratch = self.out_dir / f".{output.name}.larder-{os.getpid()}"
+                staged.append((scratch, final))
+                with open(scratch, "wb") as handle:
+                    remote.download_blob(output.blake3, handle)
+                if output.name.endswith(".d"):
+                    scratch.write_text(self.roots.local(scratch.read_text()))
+                os.chmod(scratch, output.mode)
+            for scratch, final in staged:
+                os.replace(scratch, final)
+        finally:
+            for scratch, _ in staged:
+                scratch.unlink(missing_ok=True)
+
+    def replay(self, manifest: Manifest) -> None:
+        for text, stream in ((manifest.stdout, sys.stdout), (manifest.stderr, sys.stderr)):
+            if text:
+                stream.buffer.write(self.roots.local(text).encode())
+                stream.flush()
+
+    def upload(
+        self, remote: Remote, base: cache_key.Base, direct: str, out: bytes, err: bytes
+    ) -> str | None:
+        """Store this compilation's outputs; an error kind when they may not be shared.
+
+        The key comes from the dep-info file rustc just wrote with the outputs (the same
+        command's own account of what it read), never from a direct entry.
+        """
+        assert self.out_dir is not None
+        stem = f"{self.compilation.crate_name}{self.compilation.extra_filename}"
+        own_depinfo = self.out_dir / f"{stem}.d"
+        if not own_depinfo.is_file():
+            return "no-dep-info"
+        deps = depinfo.parse(own_depinfo.read_text())
+        tokens: list[str] | None = None
+        link: dict[str, object] | None = None
+        if self.compilation.linked:
+            try:
+                tokens = self.link_tokens()
+                link = self.link_item(tokens)
+            except linkline.Unaccounted as exc:
+                return exc.kind
+            except cache_key.KeyUnavailable:
+                return "link-input"
+        files, env = list(deps.files), [name for name, _ in deps.env]
+        inputs = cache_key.complete(base, files, env, self.roots, self.cwd, self.env, link)
+        key = self.uploaded = self.keep(inputs)
+        # This machine's roots, and its sysroot: the key names it by placeholder.
+        needles = [path.encode() for _, path in self.link_roots().roots]
+        outputs: list[Output] = []
+        contents: dict[str, bytes | Path] = {}
+        for name in self.compilation.expected_outputs():
+            path = self.out_dir / name
+            if not path.is_file():
+                return "outputs-missing"
+            content: bytes | Path
+            if name.endswith(".d"):
+                content = self.roots.portable(path.read_text()).encode()
+                blob_id, size = blake3.blake3(content).hexdigest(), len(content)
+            else:
+                if embeds(path, needles):
+                    return "embeds-paths"
+                content = path
+                blob_id, size = cache_key.file_digest(path), path.stat().st_size
+            contents[blob_id] = content
+            outputs.append(Output(name, blob_id, size, path.stat().st_mode & 0o777))
+        stdout, stderr = (self.roots.portable(b.decode("utf-8", "replace")) for b in (out, err))
+        crate = self.compilation.crate_name or "unknown"
+        document = Manifest(crate, tuple(outputs), stdout, stderr).to_json()
+        for blob_id in remote.missing(list(contents)):
+            remote.put_blob(blob_id, contents[blob_id])
+        remote.put_manifest(key, document)
+        remote.put_direct(direct, cache_key.direct_entry(deps, self.roots, tokens))
+        self.put_inputs(remote, key, inputs)
+        return None
+
+    # -- explaining misses -----------------------------------------------------------------
+
+    def identity(self) -> Identity | None:
+        """The crate as the cache indexes inputs documents (None outside cargo)."""
+        from larder.protocol.inputs import check_identity
+
+        assert self.toolchain is not None
+        fields = {
+            "package": self.env.get("CARGO_PKG_NAME"),
+            "crate": self.compilation.crate_name,
+            "version": self.env.get("CARGO_PKG_VERSION"),
+            "crate_type": ",".join(sorted(set(self.compilation.crate_types))),
+            "target": self.target or self.toolchain.host,
+        }
+        try:
+            return check_identity(fields)
+        except FormatError:
+            return None
+
+    def put_inputs(self, remote: Remote, key: str, inputs: cache_key.KeyInputs) -> None:
+        """Store the key's inputs beside its manifest, ``env!`` values hashed unless safe. A
+        refusal (an older server, a document over the size limit) leaves the upload as it is."""
+        from larder.client.explain import safe_env
+        from larder.protocol.inputs import MAX_INPUTS_SIZE, InputsDocument, redact
+
+        identity = self.identity()
+        if identity is None:
+            return
+        fields = redact(json.loads(inputs.document()), safe_env(self.env))
+        document = InputsDocument(identity, fields).to_json()
+        if len(document) > MAX_INPUTS_SIZE:
+            return
+        try:
+            remote.put_inputs(key, document)
+        except RemoteError:
+            return
+
+    def current_inputs(self, base: cache_key.Base) -> dict[str, object] | None:
+        """This compilation's inputs as far as known: the last key computed, else (a linked
+        crate no direct entry gave a key) items 2-4 and 7-10 and the crate root."""
+        known: dict[str, object]
+        if self.current is not None:
+            known = json.loads(self.current.document())
+        elif self.compilation.linked:
+            partial = cache_key.partial(base, self.compilation, self.roots, self.cwd)
+            known = json.loads(json.dumps(partial))
+        else:
+            return None
+        return known
+
+    def explain(self, remote: Remote, base: cache_key.Base, outcome: Outcome) -> None:
+        """Why this compilation missed, recorded for ``explain`` and reported to the cache.
+        Never fails: anything going wrong makes the miss ``unknown``."""
+        from larder.client import explain as why
+        from larder.protocol.inputs import Explanation, redact
+
+        explanation: Explanation | None = None
+        try:
+            identity = self.identity()
+            current = self.current_inputs(base)
+            if identity is not None and current is not None:
+                current = redact(current, why.safe_env(self.env))
+                explanation = why.explain_miss(remote, identity, current)
+        except Exception:  # an explanation is never worth a failed build
+            explanation = None
+        crate = self.compilation.crate_name or "unknown"
+        if explanation is not None:
+            try:
+                remote.report_explained(crate, explanation.category)
+            except (*REMOTE_ERRORS, *KEY_ERRORS):
+                pass
+        else:
+            explanation = Explanation("unknown", [])
+        outcome.miss = explanation.category
+        externs = {}
+        for value in self.compilation.values("--extern"):
+            name, sep, path = value.partition("=")
+            if sep:
+                externs[name] = why.stem_of(path)
+        try:
+            why.record(
+                self.state,
+                crate=crate,
+                package=self.env.get("CARGO_PKG_NAME") or "-",
+                stem=self.compilation.stem,
+                explanation=explanation,
+                externs=externs,
+            )
+        except OSError:
+            return
+
+    # -- the whole thing -------------------------------------------------------------------
+
+    def run(self) -> tuple[int, Outcome]:
+        if not self.compilation.cacheable:
+            return self.uncached(self.compilation.reason or "unknown")
+        if self.compilation.linked:
+            reason = linkline.check_compilation(self.compilation, self.cwd)
+            if reason:
+                return self.uncached(reason)
+        try:
+            base = self.base()
+            direct = cache_key.direct_key(base, self.compilation, self.roots, self.cwd)
+        except KEY_ERRORS:
+            return self.uncached("no-key")
+        assert self.toolchain is not None and self.out_dir is not None
+        if self.compilation.linked and self.toolchain.release < linkline.MIN_RELEASE:
+            return self.uncached("rustc-version")
+        try:
+            return self.cached(base, direct)
+        finally:
+            if self.link_file is not None:
+                self.link_file.unlink(missing_ok=True)
+
+    def cached(self, base: cache_key.Base, direct: str) -> tuple[int, Outcome]:
+        """Look up, or compile and (with a token) upload, a cacheable compilation."""
+        outcome = Outcome("miss")
+        if self.offline():
+            outcome.result, outcome.error = "error", "offline"
+            outcome.counters["errors"] = 1
+            code, _, _ = self.compile(outcome)
+            return code, outcome
+        remote: Remote | None = None
+        try:
+            remote = Remote(self.env["LARDER_URL"], self.token, self.timeout(), self.env)
+            if self.lookup(remote, base, direct, outcome):
+                return 0, outcome
+        except KEY_ERRORS:
+            # Usually a compile error the dep-info run met first: rustc will report it.
+            if remote is not None:
+                remote.close()
+            return self.uncached("no-key")
+        except REMOTE_ERRORS as exc:
+            outcome.result = "error"
+            self._failed(outcome, exc)
+            remote = None
+        if self.compilation.linked and self.token and remote is not None:
+            assert self.out_dir is not None
+            self.link_file = self.out_dir / f".larder-link-{os.getpid()}-{os.urandom(4).hex()}"
+        code, out, err = self.compile(outcome)
+        if outcome.counters.get("misses") and remote is not None:
+            self.explain(remote, base, outcome)
+        if code == 0 and self.token and remote is not None:
+            try:
+                refused = self.upload(remote, base, direct, out, err)
+                if refused:
+                    outcome.error = refused
+                    outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
+                else:
+                    outcome.counters["uploads"] = 1
+                    outcome.key = outcome.key or self.uploaded
+            except (*REMOTE_ERRORS, *KEY_ERRORS) as exc:
+                self._failed(outcome, exc)
+        if remote is not None:
+            outcome.counters["bytes_down"] = remote.bytes_down
+            outcome.counters["bytes_up"] = remote.bytes_up
+            remote.close()
+        return code, outcome
+
+    def uncached(self, reason: str) -> tuple[int, Outcome]:
+        outcome = Outcome("non-cacheable", reason=reason)
+        outcome.counters["non_cacheable"] = 1
+        code, _, _ = self.compile(outcome)
+        return code, outcome
+
+    def timeout(self) -> float:
+        try:
+            return float(self.env.get("LARDER_TIMEOUT") or DEFAULT_TIMEOUT)
+        except ValueError:
+            return DEFAULT_TIMEOUT
+
+    def lookup(self, remote: Remote, base: cache_key.Base, direct: str, outcome: Outcome) -> bool:
+        """Find and restore a cached compilation; whether it was a hit.
+
+        Direct entries first (no rustc run); then the key from a real dep-info run.
+        """
+        tried: set[str] = set()
+        linked = self.compilation.linked
+        for entry in remote.get_direct(direct):
+            try:
+                link = self.link_item(entry.link) if linked else None
+                inputs = cache_key.from_direct_entry(
+                    base, entry, self.roots, self.cwd, self.env, link
+                )
+            except (cache_key.KeyUnavailable, linkline.Unaccounted):
+                continue  # names a file this checkout does not have, or no usable link line
+            key = self.keep(inputs)
+            tried.add(key)
+            if self.fetch(remote, key, outcome):
+                return True
+        if linked:  # item 11 comes only from a link: no entry, no key
+            outcome.counters["misses"] = 1
+            return False
+        assert self.out_dir is not None
+        deps = cache_key.depinfo_run(self.rustc, self.compilation, self.cwd, self.out_dir, self.env)
+        key = self.keep(self.full_inputs(base, deps))
+        outcome.key = key
+        if key not in tried and self.fetch(remote, key, outcome):
+            return True
+        outcome.counters["misses"] = 1
+        return False
+
+    def fetch(self, remote: Remote, key: str, outcome: Outcome) -> bool:
+        """Restore the compilation stored under ``key``, if there is one."""
+        document = remote.get_manifest(key, self.compilation.crate_name)
+        if document is None:
+            return False
+        manifest = parse_manifest(document)
+        self.restore(remote, manifest)
+        self.replay(manifest)
+        outcome.result, outcome.key = "hit", key
+        outcome.counters.update(hits=1, bytes_down=remote.bytes_down)
+        remote.close()
+        return True
+
+    def _failed(self, outcome: Outcome, exc: Exception) -> None:
+        if isinstance(exc, RemoteError):
+            outcome.error = exc.kind
+        elif isinstance(exc, ValueError):  # FormatError too: a manifest that makes no sense
+            outcome.error = "corrupt"
+        else:
+            outcome.error = "io"
+        outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
+        if isinstance(exc, RemoteError) and exc.unreachable:
+            self.go_offline()
+
+
+def _log(environ: dict[str, str], crate: str, outcome: Outcome, ms: int) -> None:
+    path = environ.get("LARDER_LOG")
+    if not path:
+        return
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    line = (
+        f"{stamp} crate={crate} key={outcome.key[:16] or '-'} result={outcome.result} "
+        f"reason={outcome.reason or outcome.error or outcome.miss or '-'} ms={ms} "
+        f"pkg={environ.get('CARGO_PKG_NAME') or '-'}\n"
+    )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _stats_command(argv: list[str], environ: dict[str, str]) -> int:
+    store = stats_mod.Stats(stats_mod.state_dir(environ))
+    if argv[0] == "--zero-stats":
+        store.zero()
+        print("larder-rustc: statistics reset")
+        return 0
+    current = store.read()
+    print(json.dumps(current, sort_keys=True) if "--json" in argv else stats_mod.render(current))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ)
+    if argv and argv[0] in ("--stats", "--zero-stats"):
+        return _stats_command(argv, environ)
+    if argv and argv[0] == "explain":
+        from larder.client.explain import command
+
+        return command(argv, stats_mod.state_dir(environ))
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[1] if __doc__ else "usage: larder-rustc RUSTC ARGS...")
+        return 0 if argv else 2
+    rustc, args = argv[0], argv[1:]
+    if not cache_enabled(environ):
+        return passthrough(rustc, args)
+    invocation = Invocation(rustc, args, environ)
+    if not invocation.compilation.is_compilation:
+        return passthrough(rustc, args)
+    code, outcome = invocation.run()
+    ms = _now_ms(invocation.started)
+    counters = dict(outcome.counters)
+    counters["cache_ms"] = max(ms - counters.get("compile_ms", 0), 0)
+    try:  # noqa: SIM105 - contextlib.suppress would cost an import on every invocation
+        stats_mod.Stats(invocation.state).add(
+            counters,
+            reason=outcome.reason if outcome.result == "non-cacheable" else None,
+            error=outcome.error,
+            miss=outcome.miss,
+        )
+    except OSError:
+        pass
+    _log(environ, invocation.compilation.crate_name or "-", outcome, ms)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""What identifies the compiler: ``rustc -vV``, its sysroot and the libraries and tools in it.
+
+Everything here is computed once per rustc binary (path, size, mtime, and ``RUSTUP_TOOLCHAIN``
+in case the binary is a rustup proxy) and kept in ``toolchains.json`` in the shim's state
+directory (:func:`cached`, which :mod:`larder.client.linker` uses for linkers too), so an
+invocation normally pays for none of it.
+
+* :func:`fingerprint`: ``rustc -vV``, the sysroot, and each file in
+  ``<sysroot>/lib/rustlib/<target>/lib`` (the standard library crates link against) by name and
+  BLAKE3.
+* :func:`tools`: what a link also takes from the sysroot: every file under
+  ``<sysroot>/lib/rustlib/<host>/bin`` (``rust-lld`` and the ``gcc-ld`` wrappers rustc hands
+  the C compiler with ``-B``) and in the subdirectories of the target's ``lib`` (the
+  ``self-contained`` start files and C library), by path relative to the sysroot and BLAKE3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from larder.client.key import file_digest, tree_digests
+
+
+class Fingerprint(NamedTuple):
+    version: str  # rustc -vV
+    sysroot: str
+    libraries: list[tuple[str, str]]  # key item 3
+
+    @property
+    def host(self) -> str:
+        return _field(self.version, "host")
+
+    @property
+    def release(self) -> tuple[int, int]:
+        """``(major, minor)`` of the release line (``1.95.0``, ``1.96.0-nightly``)."""
+        parts = _field(self.version, "release").split(".")
+        try:
+            return int(parts[0]), int(parts[1])
+        except (IndexError, ValueError):
+            return 0, 0
+
+
+def _field(version: str, name: str) -> str:
+    prefix = f"{name}:"
+    return next(
+        (line[len(prefix) :].strip() for line in version.splitlines() if line.startswith(prefix)),
+        "",
+    )
+
+
+def libraries(sysroot: str, target: str) -> list[tuple[str, str]]:
+    """Name and BLAKE3 of each file in the target's ``lib`` directory of the sysroot."""
+    directory = Path(sysroot, "lib", "rustlib", target, "lib")
+    if not directory.is_dir():
+        return []
+    return [(p.name, file_digest(p)) for p in sorted(directory.iterdir()) if p.is_file()]
+
+
+def run(command: list[str], environ: dict[str, str] | None = None) -> str:
+    """``command``'s standard output; an :class:`OSError` unless it exits with 0."""
+    import subprocess  # only when a fact is not cached yet
+
+    done = subprocess.run(
+        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=environ
+    )
+    if done.returncode != 0:
+        raise OSError(f"{command[0]} {' '.join(command[1:3])} exited with {done.returncode}")
+    return done.stdout
+
+
+def binary_identity(path: str) -> str:
+    """What changes when a binary is replaced: its real path, size and modification time."""
+    stat = os.stat(path)
+    return f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def resolve(program: str, environ: dict[str, str], first: list[str] | None = None) -> str:
+    """The executable ``program`` names: as given when it holds a ``/``, else looked up in
+    ``first`` and then ``PATH``."""
+    if os.sep in program:
+        return program
+    dirs = [*(first or []), *environ.get("PATH", os.defpath).split(os.pathsep)]
+    for directory in dirs:
+        candidate = os.path.join(directory or ".", program)
+        if os.access(candidate, os.X_OK) and os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"{program} not found on PATH")
+
+
+def cached(
+    state_dir: Path, name: str, identity: str, compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """``compute()``, once per ``identity``, remembered in the JSON object ``state_dir/name``.
+
+    Concurrent invocations may both compute a missing entry; the file is replaced atomically,
+    so at worst one of them computes it again later.
+    """
+    cache_file = state_dir / name
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    entry = known.get(identity)
+    if isinstance(entry, dict):
+        return entry
+    entry = compute()
+    known[identity] = entry
+    state_dir.mkdir(parents=True, exist_ok=True)
+    scratch = cache_file.with_name(f".{cache_file.stem}-{os.getpid()}.json")
+    scratch.write_text(json.dumps(known))
+    os.replace(scratch, cache_file)
+    return entry
+
+
+def _rustc_identity(rustc: str, environ: dict[str, str]) -> str:
+    # "2|": entries of this layout (older ones lack the sysroot).
+    return f"2|{binary_identity(rustc)}|{environ.get('RUSTUP_TOOLCHAIN', '')}"
+
+
+def fingerprint(
+    rustc: str, target: str | None, environ: dict[str, str], state_dir: Path
+) -> Fingerprint:
+    """``rustc -vV``, the sysroot and its libraries for key items 2 and 3."""
+    path = resolve(rustc, environ)
+
+    def compute() -> dict[str, Any]:
+        version = run([path, "-vV"])
+        sysroot = run([path, "--print", "sysroot"]).strip()
+        return {
+            "version": version,
+            "sysroot": sysroot,
+            "libraries": libraries(sysroot, target or _field(version, "host")),
+        }
+
+    identity = f"{_rustc_identity(path, environ)}|{target or ''}"
+    entry = cached(state_dir, "toolchains.json", identity, compute)
+    try:
+        return Fingerprint(
+            str(entry["version"]),
+            str(entry["sysroot"]),
+            [(str(n), str(h)) for n, h in entry["libraries"]],
+        )
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("toolchains.json holds a malformed entry") from None
+
+
+def tools(
+    rustc: str,
+    toolchain: Fingerprint,
+    target: str | None,
+    environ: dict[str, str],
+    state_dir: Path,
+) -> list[tuple[str, str]]:
+    """The sysroot's linker tools and self-contained files: path under the sysroot, BLAKE3."""
+    rustlib = Path(toolchain.sysroot, "lib", "rustlib")
+
+    def compute() -> dict[str, Any]:
+        found: list[tuple[str, str]] = []
+        bin_dir = rustlib / toolchain.host / "bin"
+        found += [(f"lib/rustlib/{toolchain.host}/bin/{p}", h) for p, h in tree_digests(bin_dir)]
+        lib_dir = rustlib / (target or toolchain.host) / "lib"
+        for sub in sorted(lib_dir.iterdir()) if lib_dir.is_dir() else []:
+            if sub.is_dir() and not sub.is_symlink():
+                prefix = sub.relative_to(toolchain.sysroot).as_posix()
+                found += [(f"{prefix}/{p}", h) for p, h in tree_digests(sub)]
+        return {"tools": found}
+
+    identity = f"{_rustc_identity(resolve(rustc, environ), environ)}|{target or ''}|tools"
+    entry = cached(state_dir, "toolchains.json", identity, compute)
+    return [(str(p), str(h)) for p, h in entry.get("tools", [])]

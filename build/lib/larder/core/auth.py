@@ -1,0 +1,104 @@
+"""Stateless signed tokens: issuing, verifying, revoking, and the access rule.
+
+Tokens are HS256 JWTs (see :mod:`larder.protocol.tokens`) signed with one secret kept in the
+object store, so every replica accepts every other replica's tokens. Revocation writes a marker
+object; replicas reload the set of revoked ids at most every ``refresh_interval`` seconds.
+
+Access rule: reading a public cache needs nothing; reading a private cache needs a ``read``
+token for it; writing needs a ``write`` token; ``admin`` implies ``write`` implies ``read``.
+A token names one cache or ``*`` (every cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Callable
+
+from larder.core import keys
+from larder.core.caches import CacheSettings
+from larder.errors import Forbidden, StorageError, Unauthorized
+from larder.protocol import tokens
+from larder.protocol.tokens import Scope, TokenClaims, TokenError
+from larder.storage.base import Storage
+
+
+def authorize(claims: TokenClaims | None, cache: CacheSettings, needed: Scope) -> None:
+    """Raise :class:`Unauthorized` or :class:`Forbidden` unless ``claims`` allow ``needed``."""
+    if needed == Scope.READ and not cache.private:
+        return
+    if claims is None:
+        what = "this cache is private" if needed == Scope.READ else "writing needs a token"
+        raise Unauthorized(f"{what}: send a token as Bearer or as the Basic auth password")
+    if claims.cache not in ("*", cache.name):
+        raise Forbidden("the token is not valid for this cache")
+    if claims.scope < needed:
+        raise Forbidden(f"the token's scope {claims.scope.name.lower()} does not allow this")
+
+
+class TokenAuthority:
+    """Issues and verifies tokens against the store's shared secret."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        refresh_interval: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        secret: bytes | None = None,
+    ) -> None:
+        self._storage = storage
+        self._refresh = refresh_interval
+        self._clock = clock
+        self._secret: bytes | None = secret  # given: a mounted secret wins over the store's
+        self._revoked: frozenset[str] = frozenset()
+        self._revoked_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def secret(self) -> bytes:
+        """The shared HS256 secret, created on first use (one winner across replicas)."""
+        if self._secret is None:
+            await self._storage.put_if_absent(keys.TOKEN_SECRET, secrets.token_hex(32).encode())
+            data = await self._storage.get(keys.TOKEN_SECRET)
+            if data is None:
+                raise StorageError("token secret vanished after creation")
+            self._secret = bytes.fromhex(data.decode().strip())
+        return self._secret
+
+    async def issue(self, cache: str, scope: Scope, ttl_seconds: int) -> tuple[str, TokenClaims]:
+        """A new token for ``cache`` (or ``*``); ``ttl_seconds == 0`` means no expiry."""
+        now = int(self._clock())
+        claims = TokenClaims(
+            token_id=tokens.new_token_id(),
+            cache=cache,
+            scope=scope,
+            expires_at=now + ttl_seconds if ttl_seconds else None,
+            issued_at=now,
+        )
+        return tokens.issue(await self.secret(), claims), claims
+
+    async def verify(self, token: str) -> TokenClaims:
+        """The token's claims; :class:`Unauthorized` if it is malformed, expired or revoked."""
+        try:
+            claims = tokens.verify(await self.secret(), token, now=self._clock())
+        except TokenError as exc:
+            raise Unauthorized(f"invalid token: {exc.message}") from None
+        if claims.token_id in await self._revoked_ids():
+            raise Unauthorized("invalid token: revoked")
+        return claims
+
+    async def revoke(self, token_id: str, reason: str = "") -> None:
+        marker = json.dumps({"revoked_at": int(self._clock()), "reason": reason}).encode()
+        await self._storage.put(keys.revoked(tokens.check_token_id(token_id)), marker)
+        self._revoked_at = float("-inf")
+
+    async def _revoked_ids(self) -> frozenset[str]:
+        if time.monotonic() - self._revoked_at >= self._refresh:
+            async with self._lock:
+                if time.monotonic() - self._revoked_at >= self._refresh:
+                    prefix = keys.REVOKED_PREFIX
+                    ids = [key[len(prefix) :] async for key in self._storage.keys(prefix)]
+                    self._revoked = frozenset(ids)
+                    self._revoked_at = time.monotonic()
+        return self._revoked

@@ -1,0 +1,137 @@
+"""One collection at a time across every replica: a lease in the object store.
+
+The lease is the object ``gc/lock`` (JSON: owner id, host, pid, when it was taken). Taking it is
+``put_if_absent``, so of two collectors starting together exactly one wins; while it is held
+(:func:`held`) a task rewrites it every ``lease / 3`` seconds, which moves its modification
+time, and the holder calls :meth:`Lease.check` before each step that deletes. A lease not rewritten
+for ``lease`` seconds belongs to a collector that died: the next one deletes it (only if it is
+still that old, :meth:`~larder.storage.base.Storage.delete_if_older`) and takes it. A holder
+that finds someone else's lease when it renews has lost it and must stop (:class:`LeaseLost`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from larder.core import keys
+from larder.core.blobs import load_record
+from larder.errors import LarderError, StorageError
+from larder.storage.base import Storage
+
+log = logging.getLogger("larder.gc")
+
+DEFAULT_LEASE = 900.0
+
+
+class CollectionBusy(LarderError):
+    """Another collection holds the lease."""
+
+    code = "gc_busy"
+
+
+class LeaseLost(LarderError):
+    """This collection's lease was taken over (it failed to renew it in time)."""
+
+    code = "gc_lease_lost"
+
+
+@dataclass
+class Lease:
+    """A held lease; :meth:`renew` it while working, :meth:`release` it when done."""
+
+    storage: Storage
+    owner: str
+    document: bytes
+    lease: float
+    clock: Callable[[], float]
+    renewed: float
+    lost: LarderError | None = field(default=None)
+
+    async def _holder(self) -> str | None:
+        data = await self.storage.get(keys.GC_LOCK)
+        if data is None:
+            return None
+        try:
+            return str(load_record(data).get("owner"))
+        except StorageError:
+            return None
+
+    async def renew(self, force: bool = False) -> None:
+        """Rewrite the lease if a third of its term has passed (or ``force``)."""
+        now = self.clock()
+        if not force and now - self.renewed < self.lease / 3:
+            return
+        if await self._holder() != self.owner:
+            raise LeaseLost("another collection took over this one's lease; stopping")
+        await self.storage.put(keys.GC_LOCK, self.document)
+        self.renewed = now
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` (or why renewing failed) unless the lease is still held."""
+        if self.lost is not None:
+            raise self.lost
+
+    async def keep(self) -> None:
+        """Renew every third of the term until cancelled; a failure is kept for :meth:`check`."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self.renew(force=True)
+            except LarderError as exc:
+                log.warning("cannot renew the collection lease: %s", exc.message)
+                self.lost = exc
+                return
+
+    async def release(self) -> None:
+        if await self._holder() == self.owner:
+            await self.storage.delete(keys.GC_LOCK)
+
+
+async def acquire(
+    storage: Storage, lease: float = DEFAULT_LEASE, clock: Callable[[], float] = time.time
+) -> Lease:
+    """Take the lease or raise :class:`CollectionBusy` naming its holder."""
+    owner = secrets.token_hex(8)
+    document = json.dumps(
+        {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "since": clock()}
+    ).encode()
+    for _ in range(3):
+        if await storage.put_if_absent(keys.GC_LOCK, document):
+            return Lease(storage, owner, document, lease, clock, clock())
+        stale = await storage.delete_if_older(keys.GC_LOCK, clock() - lease)
+        if not stale and await storage.exists(keys.GC_LOCK):
+            break  # held and alive
+    held = await storage.get(keys.GC_LOCK)
+    try:
+        holder = load_record(held) if held is not None else {}
+    except StorageError:
+        holder = {}
+    raise CollectionBusy(
+        f"another collection is running (host {holder.get('host', '?')}, "
+        f"pid {holder.get('pid', '?')}, since {holder.get('since', '?')})"
+    )
+
+
+@contextlib.asynccontextmanager
+async def held(
+    storage: Storage, lease: float = DEFAULT_LEASE, clock: Callable[[], float] = time.time
+) -> AsyncIterator[Lease]:
+    """The lease, renewed in the background while the block runs, released after it."""
+    taken = await acquire(storage, lease, clock)
+    keeper = asyncio.create_task(taken.keep())
+    try:
+        yield taken
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await taken.release()

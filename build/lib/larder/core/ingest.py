@@ -1,0 +1,178 @@
+"""Streaming verification of uploads, one chunk at a time, with bounded memory.
+
+A NAR upload flows through two threads::
+
+    caller's thread:  uploaded bytes -> sha256 (FileHash) -> decompress -> NAR pieces
+                          |                                                 |
+                          | (zstd: the bytes as they came; their sha256 is  |
+                          |  the FileHash, given to the writer at commit)   |
+                          v                                                 v
+    checker thread:   blob writer                  NarValidator + sha256 (NarHash) + blob writer
+                                                   (BLAKE3; zstd re-encoding unless the upload
+                                                   is kept)
+
+The checker runs on a thread of its own, fed through a queue of at most :data:`PIPE_DEPTH`
+pieces, so checking and storing overlap with hashing and decompressing the upload (hashlib,
+zstandard and blake3 release the GIL on large inputs); its error (a malformed NAR, a full disk)
+surfaces at the next :meth:`NarIngest.feed` or at :meth:`NarIngest.finish`.
+
+An uncompressed upload is its NAR: its sha256 is the NarHash, and the caller's thread, which
+has nothing to decode, validates it and leaves the checker thread the blob writer alone.
+
+A zstd upload is stored as it came (:func:`keeps_upload`): it is decoded completely here, within
+the decoder's window limit, so what is kept is a stream known to decode to the checked NAR, and
+re-encoding it would only spend the time zstd takes to compress. Other compressions are decoded
+and stored in larder's own zstd encoding.
+
+The caller commits the blob only after :meth:`NarIngest.finish` returned (every piece checked and
+written) and the digests matched what the upload claimed; otherwise the writer aborts and nothing
+becomes visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from larder.errors import TooLarge
+from larder.protocol.compression import Decompressor
+from larder.protocol.nar import NarValidator
+from larder.storage.base import BlobWriter
+
+
+@dataclass(frozen=True)
+class NarDigest:
+    """What an upload turned out to contain."""
+
+    file_sha256: bytes
+    file_size: int
+    nar_sha256: bytes
+    nar_size: int
+
+
+#: Pieces (of up to 256 KiB of NAR, or one received chunk) waiting for the checker thread.
+PIPE_DEPTH = 8
+
+
+def keeps_upload(compression: str) -> bool:
+    """Whether an upload in ``compression`` is stored as it came (a writer with ``encoded``)."""
+    return compression == "zstd"
+
+
+#: A queued piece: its bytes and whether they are the upload as received (else NAR bytes).
+_Piece = tuple[bytes, bool]
+
+
+class _Stage:
+    """Runs ``handle`` on queued pieces on a thread of its own; keeps the first error."""
+
+    def __init__(self, handle: Callable[[bytes, bool], None]) -> None:
+        self._handle = handle
+        self._queue: queue.Queue[_Piece | None] = queue.Queue(PIPE_DEPTH)
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, name="larder-nar-check", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            if self._error is None and not self._abandoned:
+                try:
+                    self._handle(*piece)
+                except BaseException as exc:
+                    self._error = exc
+
+    def put(self, data: bytes, received: bool) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((data, received))
+
+    def drain(self) -> None:
+        """Wait until every queued piece is handled; raise the first error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Drop what is queued and end the thread (idempotent)."""
+        self._abandoned = True
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+class NarIngest:
+    """Feeds an uploaded (possibly compressed) NAR into a blob writer while verifying it.
+
+    ``writer`` must have been made with ``encoded=keeps_upload(compression)``. A NAR larger
+    than ``max_nar_size`` bytes raises :class:`~larder.errors.TooLarge` as soon as its decoded
+    bytes pass that (a small upload that decompresses to a huge NAR is stopped early).
+    """
+
+    def __init__(
+        self, compression: str, writer: BlobWriter, max_nar_size: int | None = None
+    ) -> None:
+        self._max_nar_size = max_nar_size
+        self._nar_seen = 0
+        self._file_hash = hashlib.sha256()
+        self._file_size = 0
+        self._nar_hash = hashlib.sha256()
+        self._validator = NarValidator()
+        self._writer = writer
+        self._keep = keeps_upload(compression)
+        self._plain = compression == "none"  # the upload is the NAR: checked on this thread
+        self._stage = _Stage(self._check)
+        self._decompressor = Decompressor(compression, self._take_nar)
+
+    def _check(self, data: bytes, received: bool) -> None:
+        """On the checker thread: one chunk of the upload as received, or one piece of NAR."""
+        if received:  # queued only when the upload is kept
+            self._writer.write_encoded(data)
+            return
+        if not self._plain:
+            self._validator.feed(data)
+            self._nar_hash.update(data)
+        self._writer.write(data)
+
+    def _take_nar(self, data: bytes) -> None:
+        self._nar_seen += len(data)
+        if self._max_nar_size is not None and self._nar_seen > self._max_nar_size:
+            raise TooLarge(f"the NAR exceeds max_nar_size ({self._max_nar_size} bytes)")
+        if self._plain:
+            self._validator.feed(data)
+        self._stage.put(data, False)
+
+    def feed(self, data: bytes) -> None:
+        """Process one chunk of the upload as it arrived on the wire."""
+        self._file_hash.update(data)
+        self._file_size += len(data)
+        if self._keep:
+            self._stage.put(data, True)
+        self._decompressor.write(data)
+
+    def close(self) -> None:
+        """Release the decoder (and the cycle through it) and the checker thread; idempotent.
+
+        After ``close`` the writer is no longer used here: the caller may commit or abort it.
+        """
+        self._decompressor.close()
+        self._stage.stop()
+
+    def finish(self) -> NarDigest:
+        """End of upload: raise ``FormatError`` if truncated or malformed, else return the
+        digests once every byte has been checked and has reached the writer."""
+        self._decompressor.finish()
+        self._stage.drain()
+        self._validator.finish()
+        file_sha256 = self._file_hash.digest()
+        return NarDigest(
+            file_sha256=file_sha256,
+            file_size=self._file_size,
+            nar_sha256=file_sha256 if self._plain else self._nar_hash.digest(),
+            nar_size=self._validator.size,
+        )

@@ -1,0 +1,108 @@
+"""sccache entries: opaque blobs under WebDAV paths, per cache.
+
+An entry is streamed into the shared content-addressed store and becomes visible only when the
+whole body has arrived (a truncated upload aborts the blob and writes no record). The record
+``caches/<cache>/sccache/<path>`` holds the blob id, size and upload time. Collections are
+virtual: they are the prefixes of entry paths and always exist.
+
+sccache's start-up probe is ``<key prefix>/.sccache_check`` (:func:`is_probe`): a GET that must
+answer 200 or 404, then a PUT of ``Hello, World!`` whose failure makes the client read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterable
+from typing import NamedTuple
+
+from larder.core import keys
+from larder.core.blobs import BlobStore, load_record
+from larder.core.caches import CacheSettings
+from larder.core.concurrency import bounded_map
+from larder.core.lastuse import Touch, ignore_use
+from larder.storage.base import BlobReader
+
+# PROPFIND Depth 1 lists at most this many children (sccache never lists).
+MAX_LISTING = 1000
+# Entry records of a listing read at once.
+_READ_CONCURRENCY = 16
+PROBE_NAME = ".sccache_check"
+
+
+def is_probe(path: str) -> bool:
+    """Whether ``path`` is sccache's start-up probe (below any key prefix)."""
+    return path.rpartition("/")[2] == PROBE_NAME
+
+
+class Entry(NamedTuple):
+    blob_id: str
+    size: int
+    modified: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {"blob": self.blob_id, "size": self.size, "modified": self.modified}
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Entry:
+        doc = load_record(data)
+        return cls(str(doc["blob"]), int(doc["size"]), float(doc["modified"]))
+
+
+class SccacheStore:
+    """Entries of sccache's WebDAV backend, over one store."""
+
+    def __init__(self, blobs: BlobStore, touch: Touch = ignore_use) -> None:
+        self._blobs = blobs
+        self._storage = blobs.storage
+        self._touch = touch
+
+    async def put(self, cache: CacheSettings, path: str, body: AsyncIterable[bytes]) -> Entry:
+        """Store the whole ``body`` as the entry at ``path`` (replacing an older one)."""
+        blob = await self._blobs.store(body)
+        entry = Entry(blob.blob_id, blob.size, time.time())
+        await self._storage.put(keys.sccache_entry(cache.name, path), entry.to_json())
+        return entry
+
+    async def get(self, cache: CacheSettings, path: str) -> Entry | None:
+        if not path:
+            return None
+        key = keys.sccache_entry(cache.name, path)
+        data = await self._storage.get(key)
+        if data is None:
+            return None
+        self._touch(key)
+        return Entry.from_json(data)
+
+    async def open(self, entry: Entry) -> BlobReader | None:
+        return await self._storage.blob_open(entry.blob_id)
+
+    async def delete(self, cache: CacheSettings, path: str) -> bool:
+        """Remove the entry; whether there was one. The blob stays for GC to judge."""
+        key = keys.sccache_entry(cache.name, path)
+        if not path or not await self._storage.exists(key):
+            return False
+        await self._storage.delete(key)
+        return True
+
+    async def children(self, cache: CacheSettings, path: str) -> list[tuple[str, Entry | None]]:
+        """Direct children of collection ``path``, at most :data:`MAX_LISTING`: ``(name, entry)``,
+        ``None`` for collections. One level is listed, never the keys below it."""
+        prefix = keys.sccache_prefix(cache.name, path)
+        listed = [item async for item in self._storage.list_level(prefix, limit=MAX_LISTING)]
+
+        async def read(name: str) -> Entry | None:
+            data = await self._storage.get(prefix + name)
+            return None if data is None else Entry.from_json(data)
+
+        names = [item.name for item in listed if not item.is_level]
+        entries = dict(zip(names, await bounded_map(read, names, _READ_CONCURRENCY), strict=True))
+        found: list[tuple[str, Entry | None]] = []
+        for item in listed:
+            if item.is_level:
+                found.append((item.name, None))
+            elif (entry := entries[item.name]) is not None:  # else deleted since the listing
+                found.append((item.name, entry))
+        return found

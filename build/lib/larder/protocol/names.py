@@ -1,0 +1,64 @@
+"""Validated names from URLs: cache names and the paths of opaque Nix objects.
+
+Spec: larder's own rules, chosen so a validated value is safe as a URL segment, a storage key
+and a file name on disk:
+
+* a cache name matches ``[a-z0-9][a-z0-9_-]{0,62}`` and is not one of :data:`RESERVED_NAMES`
+  (first path segments the service routes itself);
+* an object path names a file Nix uploads next to narinfos and reads back verbatim
+  (``<hash>.ls``, ``log/<drv base name>``, ``realisations/sha256:<nix32>!out.doi``,
+  ``build-trace-v2/...``, ``debuginfo/<hex>``): 1 to 8 ``/``-separated segments of
+  ``[A-Za-z0-9._:!+=@?-]``, none empty, ``.`` or ``..``, at most 512 characters, no leading
+  ``/``. (``?`` is allowed because store path names, hence derivation log names, may contain it.)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from larder.errors import FormatError
+
+RESERVED_NAMES: Final = frozenset({"api", "healthz", "readyz", "metrics", "static"})
+MAX_OBJECT_PATH_LENGTH: Final = 512
+MAX_OBJECT_PATH_SEGMENTS: Final = 8
+
+_CACHE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_SEGMENT = re.compile(r"[A-Za-z0-9._:!+=@?-]+")
+
+
+def check_cache_name(name: str) -> str:
+    """Return ``name`` if it is a valid cache name, else raise :class:`FormatError`."""
+    if not _CACHE_NAME.fullmatch(name):
+        raise FormatError(
+            f"invalid cache name {name[:80]!r}: use 1-63 of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    if name in RESERVED_NAMES:
+        raise FormatError(f"invalid cache name {name!r}: it is reserved")
+    return name
+
+
+def check_object_path(path: str) -> str:
+    """Return ``path`` if it is a valid opaque object path, else raise :class:`FormatError`."""
+    shown = repr(path[:80] + ("..." if len(path) > 80 else ""))
+    if not path:
+        raise FormatError("invalid object path: it is empty")
+    if len(path) > MAX_OBJECT_PATH_LENGTH:
+        raise FormatError(
+            f"invalid object path {shown}: longer than {MAX_OBJECT_PATH_LENGTH} characters"
+        )
+    if path.startswith("/"):
+        raise FormatError(f"invalid object path {shown}: it must be relative")
+    segments = path.split("/")
+    if len(segments) > MAX_OBJECT_PATH_SEGMENTS:
+        raise FormatError(
+            f"invalid object path {shown}: more than {MAX_OBJECT_PATH_SEGMENTS} segments"
+        )
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            raise FormatError(f"invalid object path {shown}: empty, '.' or '..' segment")
+        if not _SEGMENT.fullmatch(segment):
+            bad = next(c for c in segment if not _SEGMENT.fullmatch(c))
+            raise FormatError(f"invalid object path {shown}: invalid character {bad!r}")
+    return path

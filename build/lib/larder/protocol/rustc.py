@@ -1,0 +1,235 @@
+"""The rustc artifact manifest: what one cached compilation produced.
+
+Spec (larder's own, version 1). A manifest is a UTF-8 JSON object, at most
+:data:`MAX_MANIFEST_SIZE` bytes, stored under the compilation's cache key (64 lowercase hex)::
+
+    {
+      "version": 1,
+      "crate": "serde",                      # crate name, for stats and logs
+      "outputs": [                           # files rustc wrote into --out-dir, sorted by name
+        {"name": "libserde-1a2b.rlib", "blake3": "<64 hex>", "size": 123456, "mode": 420},
+        ...
+      ],
+      "stdout": "...",                       # what rustc printed, with paths normalised
+      "stderr": "...",
+      "exit_code": 0                         # only successful compilations are cached
+    }
+
+``name`` is a plain file name (``[A-Za-z0-9._+-]``, not ``.``/``..``, at most 255 bytes), unique
+within the manifest; ``blake3`` is the BLAKE3 of the file's bytes, which is also its blob id in
+larder's store; ``mode`` is the permission bits (0-0o777). The key itself is derived by the client
+(see :mod:`larder.client.key`); the server only checks its shape.
+
+A *direct entry* records what a compilation's dep-info run named, under the compilation's direct
+key (see :mod:`larder.client.key`): ``{"sources": [<portable path>, ...], "env": [<variable>,
+...]}``, at most :data:`MAX_DIRECT_SOURCES` paths of at most 4096 characters and
+:data:`MAX_DIRECT_ENV` names of ``[A-Za-z_][A-Za-z0-9_]*``. An entry of a linked crate (a binary,
+proc-macro, dylib or cdylib) also has ``"link": [<token>, ...]``, the linker command rustc ran
+in portable form (see :mod:`larder.client.linkline`), at most :data:`MAX_DIRECT_LINK` non-empty
+tokens of at most 4096 characters; other entries have no ``link``. A direct key can hold
+several entries (served as ``{"entries": [...]}``, at most :data:`MAX_DIRECT_ENTRIES`).
+
+Missing-blob queries are ``{"blobs": [<64 hex>, ...]}`` (at most :data:`MAX_QUERY_BLOBS`),
+answered with ``{"missing": [...]}`` in the order asked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final, NamedTuple
+
+from larder.errors import FormatError
+
+MANIFEST_VERSION: Final = 1
+MAX_MANIFEST_SIZE: Final = 1024 * 1024
+MAX_OUTPUTS: Final = 64
+MAX_QUERY_BLOBS: Final = 10_000
+MAX_DIRECT_SOURCES: Final = 10_000
+MAX_DIRECT_ENV: Final = 1_000
+MAX_DIRECT_ENTRIES: Final = 32
+MAX_DIRECT_LINK: Final = 10_000
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,255}")
+_CRATE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is 64 lowercase hex digits (a cache key or a blob id)."""
+    if not _KEY.fullmatch(key):
+        raise FormatError(f"invalid key {key[:80]!r}: expected 64 lowercase hex digits")
+    return key
+
+
+def check_file_name(name: str) -> str:
+    """Return ``name`` if it is a plain output file name, safe to join to a directory."""
+    if not _FILE_NAME.fullmatch(name) or name in (".", ".."):
+        raise FormatError(f"invalid output file name {name[:80]!r}")
+    return name
+
+
+class Output(NamedTuple):
+    """One file of a compilation's output."""
+
+    name: str
+    blake3: str
+    size: int
+    mode: int = 0o644
+
+
+class Manifest(NamedTuple):
+    """A cached compilation: its outputs and what rustc printed."""
+
+    crate: str
+    outputs: tuple[Output, ...]
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int = 0
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> bytes:
+        doc = {
+            "version": self.version,
+            "crate": self.crate,
+            "outputs": [
+                {"name": o.name, "blake3": o.blake3, "size": o.size, "mode": o.mode}
+                for o in self.outputs
+            ],
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "exit_code": self.exit_code,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @property
+    def total_size(self) -> int:
+        return sum(output.size for output in self.outputs)
+
+
+def load_json(data: bytes, what: str) -> Any:
+    """``data`` as JSON; :class:`FormatError` naming ``what`` when it is not (including JSON
+    nested too deeply to read)."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise FormatError(f"{what} is not JSON: {str(exc)[:200]}") from None
+
+
+def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
+    value = doc.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise FormatError(f"manifest field {name!r} must be a {kind.__name__}")
+    return value
+
+
+def _output(item: object) -> Output:
+    if not isinstance(item, dict):
+        raise FormatError("manifest outputs must be objects")
+    size = _field(item, "size", int)
+    mode = _field(item, "mode", int)
+    if size < 0:
+        raise FormatError(f"output size must not be negative: {size}")
+    if not 0 <= mode <= 0o777:
+        raise FormatError(f"output mode must be permission bits (0-0o777): {mode}")
+    return Output(
+        name=check_file_name(_field(item, "name", str)),
+        blake3=check_key(_field(item, "blake3", str)),
+        size=size,
+        mode=mode,
+    )
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate a manifest; :class:`FormatError` says what is wrong."""
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise FormatError(f"manifest larger than {MAX_MANIFEST_SIZE} bytes")
+    doc = load_json(data, "manifest")
+    if not isinstance(doc, dict):
+        raise FormatError("manifest must be a JSON object")
+    version = _field(doc, "version", int)
+    if version != MANIFEST_VERSION:
+        raise FormatError(f"unsupported manifest version {version} (this server reads 1)")
+    crate = _field(doc, "crate", str)
+    if not _CRATE.fullmatch(crate):
+        raise FormatError(f"invalid crate name {crate[:80]!r}")
+    items = _field(doc, "outputs", list)
+    if not items or len(items) > MAX_OUTPUTS:
+        raise FormatError(f"a manifest lists 1 to {MAX_OUTPUTS} outputs, not {len(items)}")
+    outputs = tuple(_output(item) for item in items)
+    names = [output.name for output in outputs]
+    if len(set(names)) != len(names):
+        raise FormatError("manifest lists an output file name twice")
+    exit_code = _field(doc, "exit_code", int)
+    if exit_code != 0:
+        raise FormatError("only successful compilations (exit_code 0) are cached")
+    return Manifest(
+        crate=crate,
+        outputs=tuple(sorted(outputs, key=lambda o: o.name)),
+        stdout=_field(doc, "stdout", str),
+        stderr=_field(doc, "stderr", str),
+        exit_code=exit_code,
+    )
+
+
+def parse_blob_query(data: bytes) -> list[str]:
+    """The blob ids of a missing-blobs query, validated."""
+    doc = load_json(data, "query")
+    blobs = doc.get("blobs") if isinstance(doc, dict) else None
+    if not isinstance(blobs, list) or len(blobs) > MAX_QUERY_BLOBS:
+        raise FormatError(f'query must be {{"blobs": [...]}} with at most {MAX_QUERY_BLOBS} ids')
+    return [check_key(blob) if isinstance(blob, str) else check_key(repr(blob)) for blob in blobs]
+
+
+class DirectEntry(NamedTuple):
+    """The files (portable paths) and variables a dep-info run named; a linked crate's link."""
+
+    sources: list[str]
+    env: list[str]
+    link: list[str] = []  # noqa: RUF012 - never mutated; empty for crates that do not link
+
+    def to_json(self) -> bytes:
+        doc: dict[str, list[str]] = {"sources": self.sources, "env": self.env}
+        if self.link:
+            doc["link"] = self.link
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _direct_entry(doc: object) -> DirectEntry:
+    if not isinstance(doc, dict):
+        raise FormatError("a direct entry must be a JSON object")
+    sources, env = doc.get("sources"), doc.get("env")
+    if not isinstance(sources, list) or len(sources) > MAX_DIRECT_SOURCES:
+        raise FormatError(f"direct entry 'sources' must list at most {MAX_DIRECT_SOURCES} paths")
+    if not isinstance(env, list) or len(env) > MAX_DIRECT_ENV:
+        raise FormatError(f"direct entry 'env' must list at most {MAX_DIRECT_ENV} names")
+    for path in sources:
+        if not isinstance(path, str) or not path or len(path) > 4096 or "\0" in path:
+            raise FormatError("direct entry sources must be non-empty paths without NUL")
+    for name in env:
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise FormatError(f"invalid environment variable name {str(name)[:80]!r}")
+    link = doc.get("link", [])
+    if not isinstance(link, list) or len(link) > MAX_DIRECT_LINK:
+        raise FormatError(f"direct entry 'link' must list at most {MAX_DIRECT_LINK} tokens")
+    for token in link:
+        if not isinstance(token, str) or not token or len(token) > 4096 or "\0" in token:
+            raise FormatError("direct entry link tokens must be non-empty strings without NUL")
+    return DirectEntry(list(sources), list(env), list(link))
+
+
+def parse_direct_entry(data: bytes) -> DirectEntry:
+    """One direct entry, validated."""
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise FormatError(f"direct entry larger than {MAX_MANIFEST_SIZE} bytes")
+    return _direct_entry(load_json(data, "direct entry"))
+
+
+def parse_direct_entries(data: bytes) -> list[DirectEntry]:
+    """The server's answer for a direct key: ``{"entries": [...]}``."""
+    doc = load_json(data, "direct entries")
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or len(entries) > MAX_DIRECT_ENTRIES:
+        raise FormatError(f'expected {{"entries": [...]}} with at most {MAX_DIRECT_ENTRIES}')
+    return [_direct_entry(entry) for entry in entries]

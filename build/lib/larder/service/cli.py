@@ -1,0 +1,373 @@
+"""The ``larder`` command: ``serve``, ``token create|revoke``,
+``cache create|show|list|rotate-key|trust|limits``, ``gc``, ``pin`` and ``unpin``.
+
+Every subcommand takes ``--storage`` and ``--config`` (also ``LARDER_STORAGE`` /
+``LARDER_CONFIG``), so an operator can mint a token for a running deployment by pointing at the
+same directory or bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from larder.core.auth import TokenAuthority
+from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
+from larder.core.gc.collector import Collector
+from larder.core.pins import pin, pins, unpin
+from larder.errors import LarderError
+from larder.protocol.names import check_cache_name
+from larder.protocol.signing import PublicKey, SecretKey
+from larder.protocol.tokens import Scope, parse_ttl
+from larder.service.config import Config, load_config, parse_size
+from larder.service.housekeeping import gc_policies, store_policy
+from larder.service.server import LOG_FORMAT, serve
+from larder.storage.base import Storage
+from larder.storage.factory import open_storage
+
+log = logging.getLogger("larder")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", help="directory or s3://BUCKET[/PREFIX] (LARDER_STORAGE)")
+    parser.add_argument("--config", help="TOML config file (LARDER_CONFIG)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="larder", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    _common(serve)
+    serve.add_argument("--listen", help="HOST:PORT (LARDER_LISTEN, default 127.0.0.1:8080)")
+    serve.add_argument("--public-url", help="base URL clients use (LARDER_PUBLIC_URL)")
+    serve.add_argument("--workers", help="server processes, 0: one per CPU (LARDER_WORKERS)")
+
+    token = commands.add_parser("token", help="create or revoke access tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="print a new token on stdout")
+    _common(create)
+    create.add_argument("--cache", required=True, help="cache name, or * for every cache")
+    create.add_argument("--scope", required=True, choices=["read", "write", "admin"])
+    create.add_argument("--ttl", default="30d", help="lifetime: 30d, 12h, 15m, or 0 for none")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
+    _common(revoke)
+    revoke.add_argument("token_id")
+    revoke.add_argument("--reason", default="")
+
+    cache = commands.add_parser("cache", help="create and inspect caches")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    cache_create = cache_commands.add_parser("create", help="create a cache and its key")
+    _common(cache_create)
+    cache_create.add_argument("name")
+    cache_create.add_argument("--private", action="store_true", help="reads need a token")
+    cache_create.add_argument("--priority", type=int, help="nix-cache-info Priority")
+    cache_create.add_argument("--key-name", help="signing key name (default NAME.larder-XXXXXX)")
+    cache_show = cache_commands.add_parser("show", help="print a cache's settings as JSON")
+    _common(cache_show)
+    cache_show.add_argument("name")
+    rotate = cache_commands.add_parser(
+        "rotate-key", help="give a cache a new signing key (served signatures change at once)"
+    )
+    _common(rotate)
+    rotate.add_argument("name")
+    rotate.add_argument("--key-name", help="name of the new key (default NAME.larder-XXXXXX)")
+    rotate.add_argument(
+        "--key-file", help="use this Nix secret key (name:base64, as nix-store generates)"
+    )
+    trust = cache_commands.add_parser(
+        "trust", help="require uploaded narinfos to be signed by one of these keys"
+    )
+    _common(trust)
+    trust.add_argument("name")
+    trust.add_argument(
+        "--key", action="append", default=[], help="public key name:base64 (repeat; none: off)"
+    )
+    limits = cache_commands.add_parser(
+        "limits", help="set a cache's garbage-collection limits (0 or none: no limit)"
+    )
+    _common(limits)
+    limits.add_argument("name")
+    limits.add_argument("--max-size", help="largest size, e.g. 50GB, 200GiB")
+    limits.add_argument("--retention", help="evict what was not used for this long, e.g. 30d")
+    cache_list = cache_commands.add_parser("list", help="list caches")
+    _common(cache_list)
+
+    gc = commands.add_parser("gc", help="evict least recently used closures once, and exit")
+    _common(gc)
+    gc.add_argument("--cache", help="judge only this cache (default: every cache)")
+    gc.add_argument(
+        "--max-size", help="with --cache: that cache's cap; without: the whole store's cap"
+    )
+    gc.add_argument("--retention", help="evict what was not used for this long (e.g. 30d)")
+    gc.add_argument("--grace", help="keep what was used this recently (default: gc_grace)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
+    gc.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    for verb, text in (
+        ("pin", "exempt store paths and their closures from eviction"),
+        ("unpin", "remove pins"),
+    ):
+        command = commands.add_parser(verb, help=text)
+        _common(command)
+        command.add_argument("--cache", default=DEFAULT_CACHE, help="cache (default main)")
+        command.add_argument(
+            "paths",
+            nargs="*",
+            help="/nix/store/<hash>-<name>, <hash>-<name> or <hash>"
+            + (" (none: list the pins)" if verb == "pin" else ""),
+        )
+        if verb == "pin":
+            command.add_argument("--note", default="", help="why (shown in the list)")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    flags: dict[str, Any] = {"storage": args.storage, "config": args.config}
+    if args.command == "serve":
+        flags.update(listen=args.listen, public_url=args.public_url, workers=args.workers)
+    if args.command == "gc":
+        flags.update(gc_grace=args.grace)
+    return load_config(flags)
+
+
+async def _with_storage(config: Config, action: Callable[[Storage], Awaitable[int]]) -> int:
+    storage = open_storage(config.storage, zstd_level=config.zstd_level)
+    try:
+        return await action(storage)
+    finally:
+        await storage.close()
+
+
+def _describe(settings: CacheSettings, base_url: str) -> dict[str, Any]:
+    return {
+        "name": settings.name,
+        "public_key": settings.public_key.to_string(),
+        "substituter": f"{base_url}/{settings.name}",
+        "private": settings.private,
+        "priority": settings.priority,
+        "trusted_upload_keys": list(settings.trusted_upload_keys),
+        "gc_max_size": settings.gc_max_size,
+        "gc_retention": settings.gc_retention,
+    }
+
+
+def _base_url(config: Config) -> str:
+    if config.public_url:
+        return config.public_url
+    host, port = config.host_port
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:
+    """``signing_keys_dir``: each ``<cache>.key`` becomes that cache's signing key."""
+    if not config.signing_keys_dir:
+        return
+    directory = Path(config.signing_keys_dir)
+    try:
+        files = sorted(directory.glob("*.key"))
+    except OSError as exc:
+        raise LarderError(f"cannot read signing_keys_dir {directory}: {exc}") from None
+    for path in files:
+        try:
+            key = SecretKey.parse(path.read_text().strip())
+        except OSError as exc:
+            raise LarderError(f"cannot read {path}: {exc}") from None
+        what = await registry.adopt_key(path.stem, key, priority=config.default_priority)
+        if what != "unchanged":
+            print(f"cache {path.stem!r}: {what} with the key in {path.name}", flush=True)
+
+
+async def _bootstrap(config: Config, storage: Storage) -> None:
+    """On first start create cache ``main``; always print how to use the caches."""
+    registry = CacheRegistry(storage, config.refresh_interval)
+    await _adopt_signing_keys(config, registry)
+    names = await registry.names()
+    if not names:
+        await registry.ensure(DEFAULT_CACHE, priority=config.default_priority)
+        names = [DEFAULT_CACHE]
+        print(f"created cache {DEFAULT_CACHE!r} and its signing key", flush=True)
+    base = _base_url(config)
+    print(f"larder serving on {base}", flush=True)
+    for name in names:
+        settings = await registry.get(name)
+        if settings is None:
+            continue
+        print(
+            f"cache {name}: substituter {base}/{name}\n"
+            f"  trusted-public-keys: {settings.public_key.to_string()}\n"
+            f"  write token: larder token create --storage {config.storage} "
+            f"--cache {name} --scope write",
+            flush=True,
+        )
+
+
+def _serve(config: Config) -> int:
+    return serve(config, _bootstrap)
+
+
+async def _token_create(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    cache = args.cache if args.cache == "*" else check_cache_name(args.cache)
+    if cache != "*" and await CacheRegistry(storage).get(cache) is None:
+        raise LarderError(f"no cache named {cache!r}")
+    authority = TokenAuthority(storage, config.refresh_interval, secret=config.token_secret())
+    token, claims = await authority.issue(cache, Scope.parse(args.scope), parse_ttl(args.ttl))
+    print(token)
+    expiry = claims.expires_at or "never"
+    print(f"token id {claims.token_id}, scope {args.scope}, expires {expiry}", file=sys.stderr)
+    return 0
+
+
+async def _token_revoke(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    await TokenAuthority(storage, config.refresh_interval, secret=config.token_secret()).revoke(
+        args.token_id, args.reason
+    )
+    print(f"revoked {args.token_id}", file=sys.stderr)
+    return 0
+
+
+async def _cache_command(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    registry = CacheRegistry(storage, config.refresh_interval)
+    if args.cache_command == "list":
+        for name in await registry.names():
+            print(name)
+        return 0
+    if args.cache_command == "create":
+        settings = await registry.create(
+            args.name,
+            private=args.private,
+            priority=args.priority if args.priority is not None else config.default_priority,
+            key_name=args.key_name,
+        )
+    else:
+        found = await registry.get(check_cache_name(args.name))
+        if found is None:
+            raise LarderError(f"no cache named {args.name!r}")
+        settings = found
+        if args.cache_command == "trust":
+            trusted = tuple(PublicKey.parse(key).to_string() for key in args.key)
+            settings = replace(settings, trusted_upload_keys=trusted)
+            await registry.update(settings)
+        if args.cache_command == "limits":
+            settings = replace(
+                settings,
+                gc_max_size=_limit(args.max_size, parse_size, settings.gc_max_size),
+                gc_retention=_limit(args.retention, parse_ttl, settings.gc_retention),
+            )
+            await registry.update(settings)
+        if args.cache_command == "rotate-key":
+            settings = await _rotate_key(registry, settings, args.key_name, args.key_file)
+    print(json.dumps(_describe(settings, _base_url(config)), indent=2))
+    return 0
+
+
+async def _rotate_key(
+    registry: CacheRegistry, settings: CacheSettings, key_name: str | None, key_file: str | None
+) -> CacheSettings:
+    """Replace the cache's signing key; print the old and new public keys on stderr."""
+    if key_file:
+        try:
+            key = SecretKey.parse(Path(key_file).read_text().strip())
+        except OSError as exc:
+            raise LarderError(f"cannot read {key_file}: {exc}") from None
+    else:
+        key = SecretKey.generate(key_name or f"{settings.name}.larder-{secrets.token_hex(3)}")
+    rotated = replace(settings, signing_key=key)
+    await registry.update(rotated)
+    print(
+        f"rotated {settings.name}: was {settings.public_key.to_string()}\n"
+        f"  now {rotated.public_key.to_string()}\n"
+        "  laptops need the new key in trusted-public-keys (keep the old one until they do)",
+        file=sys.stderr,
+    )
+    return rotated
+
+
+def _limit(text: str | None, parse: Callable[[str], int], current: Any) -> Any:
+    """A limit from the command line: unchanged when not given, None for ``0``/``none``."""
+    if text is None:
+        return current
+    if text.strip().lower() in ("0", "none", "never"):
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise LarderError(f"not a limit: {text!r} ({exc})") from None
+
+
+async def _gc(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    registry = CacheRegistry(storage, config.refresh_interval)
+    settings = await registry.all()
+    names = [found.name for found in settings]
+    max_size = _limit(args.max_size, parse_size, None)
+    retention = _limit(args.retention, parse_ttl, None)
+    if args.cache is not None:
+        if check_cache_name(args.cache) not in names:
+            raise LarderError(f"no cache named {args.cache!r}")
+        chosen = [s for s in settings if s.name == args.cache]
+        policies = gc_policies(chosen, config, max_size=max_size, retention=retention)
+        store = None
+    else:
+        policies = gc_policies(settings, config, retention=retention)
+        store = store_policy(config, max_size)
+    report = await Collector(storage).run(
+        policies, store, caches=names, grace=config.gc_grace, dry_run=args.dry_run
+    )
+    print(report.to_json().decode() if args.json else report.render())
+    return 0
+
+
+async def _pin_command(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    cache = check_cache_name(args.cache)
+    if await CacheRegistry(storage).get(cache) is None:
+        raise LarderError(f"no cache named {cache!r}")
+    if args.command == "pin" and not args.paths:
+        for found in await pins(storage, cache):
+            note = f"  {found.note}" if found.note else ""
+            print(f"{found.path}{note}")
+        return 0
+    for path in args.paths:
+        if args.command == "pin":
+            pinned = await pin(storage, cache, path, args.note)
+            print(f"pinned {pinned.path} in {cache}", file=sys.stderr)
+        elif await unpin(storage, cache, path):
+            print(f"unpinned {path} in {cache}", file=sys.stderr)
+        else:
+            print(f"{path} was not pinned in {cache}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = _config(args)
+        logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+        if args.command == "serve":
+            return _serve(config)
+        handlers = {
+            ("token", "create"): _token_create,
+            ("token", "revoke"): _token_revoke,
+            ("gc", ""): _gc,
+            ("pin", ""): _pin_command,
+            ("unpin", ""): _pin_command,
+        }
+        sub: str = args.token_command if args.command == "token" else ""
+        handler = handlers.get((str(args.command), sub), _cache_command)
+        return asyncio.run(_with_storage(config, lambda storage: handler(args, storage, config)))
+    except LarderError as exc:
+        print(f"larder: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

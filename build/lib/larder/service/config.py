@@ -1,0 +1,251 @@
+"""Configuration: one frozen, typed object, loaded once and passed down.
+
+Precedence, highest first: command-line flags, ``LARDER_*`` environment variables, the TOML
+config file (``--config`` / ``LARDER_CONFIG``), built-in defaults. This module is the only place
+in larder that reads ``os.environ`` (the rustc shim keeps its own small config).
+
+Config file keys are the field names below (``listen = "0.0.0.0:8080"``,
+``max_upload_size = "8GiB"``); env vars are ``LARDER_`` + the upper-cased field name.
+Every field carries its parser in its metadata (``_setting(default, parser)``): flags, env vars
+and file values all go through it, so a new field cannot lack one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from larder.errors import InvalidInput
+from larder.protocol.tokens import parse_ttl
+
+_SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
+
+
+class ConfigError(InvalidInput):
+    """A configuration value is malformed; the message names the setting."""
+
+    code = "bad_config"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"1048576"``, ``"64MiB"``, ``"8GB"``, ``"512k"``. Binary units use ``i``."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = int(match.group(1)), (match.group(2) or "").upper().removesuffix("B")
+    if not unit:
+        return number
+    base = 1024 if unit.endswith("I") else 1000
+    exponent: int = "KMGT".index(unit[0]) + 1
+    return int(number * base**exponent)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) into its parts."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+#: A field's metadata key for the function that turns a flag, env or TOML value into its value.
+PARSE = "parse"
+T = TypeVar("T")
+N = TypeVar("N", int, float)
+
+
+def _setting(default: T, parse: Callable[[Any], T]) -> T:
+    """A :class:`Config` field with its default and the parser every source goes through."""
+    return field(default=default, metadata={PARSE: parse})
+
+
+def _listen(value: object) -> str:
+    parse_listen(str(value))
+    return str(value)
+
+
+def _url(value: object) -> str:
+    return str(value).rstrip("/")
+
+
+def _size(value: object) -> int:
+    """Bytes from a TOML integer or from a size string (:func:`parse_size`)."""
+    return value if isinstance(value, int) else parse_size(str(value))
+
+
+def _duration(value: object) -> float:
+    """Seconds from a number or from ``30d``, ``12h``, ``15m``, ``90s``."""
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = float(parse_ttl(text))
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+def _duration_at_least(low: float) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        seconds = _duration(value)
+        if seconds < low:
+            raise ValueError(f"{seconds:g} is less than {low:g}")
+        return seconds
+
+    return parse
+
+
+def _non_negative(number: Callable[[Any], N]) -> Callable[[object], N]:
+    def parse(value: object) -> N:
+        parsed = number(value)
+        if parsed < 0:
+            raise ValueError(f"{parsed} is negative")
+        return parsed
+
+    return parse
+
+
+def _one_of(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).lower()
+        if text not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs to know, validated."""
+
+    listen: str = _setting("127.0.0.1:8080", _listen)
+    storage: str = _setting("./larder-data", str)
+    # Public base URL clients use (e.g. https://larder.example); default: derived per request.
+    public_url: str = _setting("", _url)
+    # Largest request body accepted for NAR, artifact and opaque uploads (compressed bytes).
+    max_upload_size: int = _setting(16 * 1024**3, _size)
+    # Largest narinfo / small JSON document accepted.
+    max_document_size: int = _setting(1024**2, _size)
+    # Largest NAR accepted once decompressed, and largest decoded body of an opaque upload
+    # sent with a Content-Encoding (max_upload_size counts the bytes as sent).
+    max_nar_size: int = _setting(64 * 1024**3, _size)
+    zstd_level: int = _setting(3, int)
+    # Seconds a replica trusts its in-memory view of caches and revoked tokens.
+    refresh_interval: float = _setting(10.0, float)
+    # Priority advertised in nix-cache-info (lower wins; cache.nixos.org uses 40).
+    default_priority: int = _setting(30, int)
+    log_level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
+    # Access log lines: "text" (aiohttp's format) or "json" (one object per line).
+    access_log: str = _setting("text", _one_of("text", "json"))
+    # Seconds between scans of stored objects and bytes per cache (0: never).
+    usage_interval: float = _setting(600.0, float)
+    # A file holding the token secret (64+ hex digits, or 32+ bytes); empty: kept in the store.
+    token_secret_file: str = _setting("", str)
+    # Seconds a request body may stall (no byte arriving) before the upload is dropped (408).
+    body_idle_timeout: float = _setting(60.0, float)
+    # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
+    signing_keys_dir: str = _setting("", str)
+    # Seconds between garbage collections run by `serve` (0: never); replicas take turns.
+    gc_interval: float = _setting(3600.0, _duration)
+    # Cap on the whole store in bytes (0: none); each cache's own: `larder cache limits`.
+    gc_max_size: int = _setting(0, _size)
+    # Seconds after its last use an object is evicted, in caches without their own (0: never).
+    gc_retention: float = _setting(0.0, _duration)
+    # Seconds: what was used (or uploaded) this recently is never evicted, with its closure, and
+    # a blob nothing refers to is kept this long. Must exceed clock skew to the storage backend.
+    gc_grace: float = _setting(600.0, _duration_at_least(1.0))
+    # Seconds between writes of the uses this replica recorded (one object per cache).
+    use_flush_interval: float = _setting(30.0, _duration_at_least(0.1))
+    # Seconds a request head (request line and headers) may take to arrive (408 after; 0: off).
+    header_timeout: float = _setting(30.0, _non_negative(float))
+    # Connections served at once; one more is answered 503 and closed (0: no limit).
+    max_connections: int = _setting(1000, _non_negative(int))
+    # Server processes sharing the listening socket (0: one per CPU).
+    workers: int = _setting(1, _non_negative(int))
+    # Event loop of each server process: "uvloop" (faster) or "asyncio" (the standard one).
+    event_loop: str = _setting("uvloop", _one_of("uvloop", "asyncio"))
+
+    def token_secret(self) -> bytes | None:
+        """The mounted token secret, if one is configured."""
+        if not self.token_secret_file:
+            return None
+        try:
+            text = Path(self.token_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token_secret_file: {exc}") from None
+        try:
+            secret = bytes.fromhex(text.decode()) if len(text) >= 64 else text
+        except (UnicodeDecodeError, ValueError):
+            secret = text
+        if len(secret) < 32:
+            raise ConfigError("token_secret_file must hold at least 32 bytes (or 64 hex digits)")
+        return secret
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def _parsers() -> dict[str, Callable[[Any], Any]]:
+    """Each setting's parser, from its field's metadata; a field without one fails at import."""
+    found = {}
+    for setting in fields(Config):
+        if PARSE not in setting.metadata:
+            raise TypeError(f"Config.{setting.name} has no parser: declare it with _setting()")
+        found[setting.name] = setting.metadata[PARSE]
+    return found
+
+
+_PARSERS = _parsers()
+
+
+def _convert(name: str, value: object, source: str) -> Any:
+    try:
+        return _PARSERS[name](value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: bad value for {name}: {exc}") from None
+
+
+def load_config(
+    flags: Mapping[str, object | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge flags > env > file > defaults into a validated :class:`Config`.
+
+    ``flags`` holds command-line values by field name (``None`` = not given) plus an optional
+    ``config`` entry naming the TOML file; ``environ`` defaults to ``os.environ``.
+    """
+    flags = dict(flags or {})
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = flags.pop("config", None) or env.get("LARDER_CONFIG")
+    if config_file:
+        path = Path(str(config_file))
+        try:
+            document = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        for key, value in document.items():
+            if key not in _PARSERS:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            values[key] = _convert(key, value, str(path))
+    for setting in fields(Config):
+        variable = f"LARDER_{setting.name.upper()}"
+        raw = env.get(variable)
+        if raw is not None and raw != "":
+            values[setting.name] = _convert(setting.name, raw, variable)
+    for name, value in flags.items():
+        if value is not None:
+            if name not in _PARSERS:
+                raise ConfigError(f"unknown flag {name!r}")
+            values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
+    return Config(**values)

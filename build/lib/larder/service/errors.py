@@ -1,0 +1,85 @@
+"""The one table that turns domain errors into HTTP responses.
+
+Bodies are JSON ``{"code", "error", "message"}`` on ``/api/`` routes and plain text elsewhere
+(Nix prints a failed upload's response body, so the text says which check failed). Internal
+errors are logged with their details and answered with a generic message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from larder import errors
+from larder.service.observability.recording import note_error_code
+
+log = logging.getLogger("larder.http")
+
+#: ``Retry-After`` of every 503 (storage unreachable, too many connections).
+RETRY_AFTER_SECONDS = 1
+
+# Most specific class first: the first isinstance match wins.
+STATUS_TABLE: tuple[tuple[type[errors.LarderError], int], ...] = (
+    (errors.StorageFull, 507),
+    (errors.StorageUnavailable, 503),
+    (errors.StorageError, 500),
+    (errors.TooLarge, 413),
+    (errors.TooSlow, 408),
+    (errors.Unauthorized, 401),
+    (errors.Forbidden, 403),
+    (errors.NoSuchCache, 404),
+    (errors.UnsupportedEncoding, 415),
+    (errors.InvalidInput, 400),
+)
+
+
+def status_for(exc: errors.LarderError) -> int:
+    for cls, status in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    headers: dict[str, str] = {}
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="larder"'
+    if request.path.startswith("/api/"):
+        body = json.dumps({"code": status, "error": code, "message": message})
+        return web.Response(
+            status=status, text=body, content_type="application/json", headers=headers
+        )
+    return web.Response(status=status, text=message + "\n", headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except errors.LarderError as exc:
+        note_error_code(request, exc.code)
+        status = status_for(exc)
+        if status >= 500:
+            log.error("%s %s failed: %s", request.method, request.path, exc.message)
+        else:
+            log.info("%s %s refused (%d): %s", request.method, request.path, status, exc.message)
+        if status >= 500 and not isinstance(exc, errors.StorageFull | errors.StorageUnavailable):
+            message = "internal storage error"
+        else:
+            message = exc.message
+        return error_response(request, status, exc.code, message)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and request.path.startswith("/api/"):
+            return error_response(request, exc.status, "http_error", exc.reason)
+        raise
+    except Exception:
+        log.exception("%s %s crashed", request.method, request.path)
+        return error_response(request, 500, "internal", "internal error")

@@ -1,0 +1,231 @@
+"""Guards for ``larder serve``'s connections against clients that hold them.
+
+aiohttp bounds the size of a request head (8190 bytes a line, 128 headers) and closes idle
+keep-alive connections, but nothing bounds how long a head may take to arrive: a client sending
+one byte a second holds its connection, and a few thousand such clients hold the server. So:
+
+* ``header_timeout``: a request head (request line and headers) must be complete within this
+  many seconds of its first byte, or of the connection opening for a connection's first request.
+  Otherwise the server answers ``408`` and closes the connection. Time spent idle between
+  keep-alive requests does not count (``keepalive_timeout`` governs it); request bodies have
+  their own limit (``body_idle_timeout``). 0 turns the timeout off.
+* ``max_connections``: at most this many connections at once; one more is answered ``503`` with
+  ``Retry-After`` and closed at once. 0 means no limit.
+* The process's soft limit on open files is raised towards its hard limit so that
+  ``max_connections`` connections fit with room to spare (each connection is a descriptor).
+
+Every connection starts with :class:`~larder.service.front.connection.FrontProtocol`, which applies
+the same two rules while it reads heads itself and hands the count over with the connection to
+:class:`GuardedRequestHandler` (aiohttp's handler, with the rules added). Both kinds of connection
+state when their current head began (``head_since``); one :class:`Sweeper` per server checks that
+deadline for all of them, and the idle deadline (:data:`KEEPALIVE_TIMEOUT`) for connections aiohttp
+does not hold yet, a few times per ``header_timeout`` (at least once a second) rather than by a
+timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from larder.service import internals
+from larder.service.errors import RETRY_AFTER_SECONDS
+
+log = logging.getLogger("larder.server")
+
+KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection stays open (run_app's default)
+SPARE_FILES = 256  # descriptors kept free beside max_connections (storage files, logs, pipes)
+#: The longest time between two sweeps.
+MAX_SWEEP_INTERVAL = 1.0
+
+HEAD_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 35\r\n\r\nrequest head not received in time\r\n"
+)
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Retry-After: " + str(RETRY_AFTER_SECONDS).encode() + b"\r\nContent-Length: 21\r\n\r\n"
+    b"too many connections\n"
+)
+
+
+class Watched(Protocol):
+    """A connection the :class:`Sweeper` checks."""
+
+    #: ``time.monotonic()`` when the current request head began, 0 while none is incomplete.
+    head_since: float
+
+    @property
+    def idle_since(self) -> float:
+        """``time.monotonic()`` since when the connection has been idle; 0 if it is busy or
+        its idle time is kept by aiohttp."""
+        ...
+
+    def head_timed_out(self) -> None:
+        """Answer 408 and close."""
+
+    def close(self) -> None:
+        """Close the connection."""
+
+
+@dataclass
+class ConnectionGuard:
+    """The limits, the count of open connections they are checked against, and the
+    connections whose deadlines the :class:`Sweeper` checks."""
+
+    header_timeout: float
+    max_connections: int
+    open: int = field(default=0, init=False)
+    refused: int = field(default=0, init=False)
+    timed_out: int = field(default=0, init=False)
+    watched: set[Watched] = field(default_factory=set, init=False, repr=False)
+
+
+class Sweeper:
+    """Closes the connections of one server whose head or idle deadline has passed."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self._guard = guard
+        timeout = guard.header_timeout
+        self.interval = min(MAX_SWEEP_INTERVAL, timeout / 4) if timeout > 0 else MAX_SWEEP_INTERVAL
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def sweep(self) -> None:
+        """Check every watched connection's deadlines now."""
+        now = time.monotonic()
+        guard = self._guard
+        timeout = guard.header_timeout
+        for connection in list(guard.watched):
+            since = connection.head_since
+            if timeout > 0 and since and now - since >= timeout:
+                guard.timed_out += 1
+                log.debug("no complete request head in %gs: closing", timeout)
+                connection.head_timed_out()
+                continue
+            idle = connection.idle_since
+            if idle and now - idle >= KEEPALIVE_TIMEOUT:
+                connection.close()
+
+    def _sweep(self) -> None:
+        self.sweep()
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
+
+
+class GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler plus the header timeout and the connection limit.
+
+    A head's time runs from the connection's opening, or from the first byte of a later request
+    on an idle connection, until aiohttp's parser has produced the request (or a 400 for a
+    malformed one); the server's :class:`Sweeper` checks it. aiohttp offers no hook for either
+    moment: :mod:`larder.service.internals` reads them from aiohttp's handler.
+    """
+
+    __slots__ = ("_counted", "_guard", "head_since")
+
+    #: aiohttp closes idle keep-alive connections itself.
+    idle_since = 0.0
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._counted = False
+        self.head_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        guard = self._guard
+        if guard.max_connections and guard.open >= guard.max_connections:
+            guard.refused += 1
+            self._reject(BUSY_RESPONSE)
+            return
+        guard.open += 1
+        self._counted = True
+        self.head_since = time.monotonic()
+        guard.watched.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._guard.watched.discard(self)
+        if self._counted:
+            self._counted = False
+            self._guard.open -= 1
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.head_since and internals.waiting_for_request(self):
+            self.head_since = time.monotonic()
+        parsed = internals.requests_parsed(self)
+        super().data_received(data)
+        if internals.requests_parsed(self) != parsed:
+            self.head_since = 0.0
+
+    def head_timed_out(self) -> None:
+        self._guard.watched.discard(self)
+        self._reject(HEAD_TIMEOUT_RESPONSE)
+
+    def _reject(self, response: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(response)
+        self.force_close()
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server, making :class:`GuardedRequestHandler` connections."""
+
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+
+    def __call__(self) -> web.RequestHandler:
+        return internals.make_handler(self, GuardedRequestHandler, guard=self.guard)
+
+
+class GuardedAppRunner(internals.ServerMakingRunner):
+    """An :class:`~aiohttp.web.AppRunner` whose server guards its connections."""
+
+    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(app, self._guarded, **kwargs)
+        self.guard = guard
+
+    def _guarded(self, made: web.Server) -> web.Server:
+        return GuardedServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            guard=self.guard,
+            **self.settings,
+        )
+
+
+def raise_open_file_limit(connections: int) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` towards the hard limit; return the soft limit in force.
+
+    Logs a warning when ``connections`` plus :data:`SPARE_FILES` still do not fit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(connections + SPARE_FILES, soft)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit from %d: %s", soft, exc)
+    if connections and connections + SPARE_FILES > soft:
+        log.warning(
+            "open file limit %d leaves little room for max_connections %d", soft, connections
+        )
+    return soft

@@ -1,0 +1,206 @@
+"""A serving replica's background work: storage gauges, recorded uses, periodic collection.
+
+* Every ``usage_interval`` seconds the replica lists every cache (re-reading only objects that
+  changed since the last listing) and sets ``larder_storage_objects`` / ``_size_bytes``.
+* Every ``use_flush_interval`` seconds it writes the uses it recorded (and once at shutdown).
+* Every ``gc_interval`` seconds it runs a collection under the configured limits, unless another
+  replica completed one within the interval (``gc/last-run``) or holds the lease right now.
+
+Limits (:func:`gc_policies`): a cache's own (``larder cache limits``) win; a cache without a
+retention of its own gets ``gc_retention``; ``gc_max_size`` caps the whole store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from aiohttp import web
+
+from larder.core.caches import CacheSettings
+from larder.core.gc.collector import Report
+from larder.core.gc.graph import Snapshot, read_snapshot, tally
+from larder.core.gc.lock import CollectionBusy
+from larder.core.gc.plan import Policy
+from larder.core.keys import GC_LAST_RUN
+from larder.errors import LarderError
+from larder.service import state
+from larder.service.config import Config
+from larder.service.observability.metrics import Metrics
+from larder.service.state import METRICS
+
+log = logging.getLogger("larder")
+
+
+def gc_policies(
+    caches: Iterable[CacheSettings],
+    config: Config,
+    *,
+    max_size: int | None = None,
+    retention: float | None = None,
+) -> dict[str, Policy]:
+    """Each cache's limits: ``max_size``/``retention`` given here, else its own, else the
+    configured retention (0 means none)."""
+    policies = {}
+    for cache in caches:
+        size = max_size if max_size is not None else cache.gc_max_size
+        keep = retention if retention is not None else cache.gc_retention
+        if keep is None and config.gc_retention > 0:
+            keep = config.gc_retention
+        policies[cache.name] = Policy(size or None, keep or None, config.gc_grace)
+    return policies
+
+
+def store_policy(config: Config, max_size: int | None = None) -> Policy | None:
+    cap = max_size if max_size is not None else config.gc_max_size
+    return Policy(cap, None, config.gc_grace) if cap else None
+
+
+async def collect(app: web.Application, *, dry_run: bool = False) -> Report:
+    """One collection under the configured limits, counted in the metrics."""
+    config = app[state.CONFIG]
+    registry = app[state.CACHES]
+    metrics = app[METRICS]
+    settings = await registry.all()
+    try:
+        report = await app[state.COLLECTOR].run(
+            gc_policies(settings, config),
+            store_policy(config),
+            caches=[s.name for s in settings],
+            grace=config.gc_grace,
+            dry_run=dry_run,
+        )
+    except CollectionBusy:
+        metrics.gc_runs.labels("busy").inc()
+        raise
+    except (LarderError, OSError):
+        metrics.gc_runs.labels("failed").inc()
+        raise
+    count_report(metrics, report)
+    return report
+
+
+def count_report(metrics: Metrics, report: Report) -> None:
+    metrics.gc_runs.labels("completed").inc()
+    for cache, part in report.caches.items():
+        metrics.add_cache(cache)
+        for kind, gone in part.evicted.items():
+            metrics.gc_evicted.labels(cache, kind).inc(gone.objects)
+    metrics.gc_freed.inc(report.evicted_bytes + report.blob_bytes_reaped)
+    metrics.gc_reaped.inc(report.blobs_reaped)
+    metrics.gc_restored.inc(report.restored)
+    metrics.gc_last.set(report.finished)
+    metrics.gc_duration.set(report.finished - report.started)
+
+
+async def _last_run_age(app: web.Application) -> float | None:
+    data = await app[state.STORAGE].get(GC_LAST_RUN)
+    if data is None:
+        return None
+    try:
+        return time.time() - float(json.loads(data)["finished"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _collect_when_due(app: web.Application) -> None:
+    interval = app[state.CONFIG].gc_interval
+    age = await _last_run_age(app)
+    if age is not None and age < 0.9 * interval:
+        return  # another replica collected recently
+    try:
+        report = await collect(app)
+    except CollectionBusy as exc:
+        log.info("garbage collection skipped: %s", exc.message)
+        return
+    log.info("garbage collection done:\n%s", report.render())
+    left = app[state.COLLECTOR].left
+    if left is not None and app[state.CONFIG].usage_interval > 0:
+        _set_gauges(app, left, list(report.caches))  # the store as the collection left it
+
+
+async def _scan_usage(app: web.Application) -> None:
+    collector = app[state.COLLECTOR]
+    names = await app[state.CACHES].names()
+    snapshot = await read_snapshot(app[state.STORAGE], names, collector.known)
+    collector.known = snapshot.entries
+    _set_gauges(app, snapshot, names)
+
+
+def _set_gauges(app: web.Application, snapshot: Snapshot, names: list[str]) -> None:
+    """``larder_storage_objects`` and ``_size_bytes`` of every cache from a listing."""
+    metrics = app[METRICS]
+    grouped = snapshot.by_cache()
+    for cache in names:
+        metrics.add_cache(cache)
+        for kind, counted in tally(grouped.get(cache, {}).values(), snapshot.blobs).items():
+            metrics.objects.labels(cache, kind).set(counted.objects)
+            metrics.stored_bytes.labels(cache, kind).set(counted.bytes)
+
+
+async def _flush_uses(app: web.Application) -> None:
+    try:
+        await app[state.RECORDER].flush()
+    except LarderError:
+        app[METRICS].use_flushes.labels("failed").inc()
+        raise
+    app[METRICS].use_flushes.labels("ok").inc()
+
+
+async def _every(
+    interval: float, what: str, work: Callable[[], Awaitable[None]], first: float | None = None
+) -> None:
+    """``work()`` every ``interval`` seconds (the first time after ``first``); failures are
+    logged and the loop goes on."""
+    await asyncio.sleep(interval if first is None else first)
+    while True:
+        try:
+            await work()
+        except LarderError as exc:
+            log.warning("%s failed: %s", what, exc.message)
+        await asyncio.sleep(interval)
+
+
+def start(app: web.Application, scans: bool = True) -> list[asyncio.Task[None]]:
+    """The background tasks the config asks for (the caller cancels them at shutdown); without
+    ``scans`` only the recorded uses are written (the other workers of a server)."""
+    config = app[state.CONFIG]
+    tasks = []
+    if scans and config.usage_interval > 0:
+        tasks.append(
+            asyncio.create_task(
+                _every(config.usage_interval, "storage usage scan", lambda: _scan_usage(app), 0)
+            )
+        )
+    tasks.append(
+        asyncio.create_task(
+            _every(config.use_flush_interval, "writing recorded uses", lambda: _flush_uses(app))
+        )
+    )
+    if scans and config.gc_interval > 0:
+        # Replicas started together spread out; each then checks gc/last-run before it runs.
+        first = config.gc_interval * random.uniform(0.5, 1.0)
+        tasks.append(
+            asyncio.create_task(
+                _every(
+                    config.gc_interval, "garbage collection", lambda: _collect_when_due(app), first
+                )
+            )
+        )
+    return tasks
+
+
+async def stop(app: web.Application, tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the background tasks and write the last recorded uses."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if app[state.RECORDER].pending:
+        try:
+            await _flush_uses(app)
+        except LarderError as exc:
+            log.warning("could not write recorded uses at shutdown: %s", exc.message)

@@ -1,0 +1,131 @@
+"""A storage backend wrapped so that every call is counted, and every failure by operation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from larder.errors import StorageError
+from larder.service.observability.metrics import Metrics
+from larder.storage.base import (
+    BlobInfo,
+    BlobReader,
+    BlobWriter,
+    LevelEntry,
+    ObjectInfo,
+    Storage,
+    StoredBlob,
+)
+
+T = TypeVar("T")
+
+
+class _CountedWriter(BlobWriter):
+    def __init__(self, inner: BlobWriter, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._inner.write(data)
+
+    def write_encoded(self, piece: bytes) -> None:
+        self._inner.write_encoded(piece)
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    def commit(
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
+    ) -> BlobInfo:
+        self._metrics.backend_ops.labels(self._metrics.backend, "blob_write").inc()
+        try:
+            return self._inner.commit(expected_id, stored_sha256=stored_sha256)
+        except StorageError:
+            self._metrics.backend_errors.labels(self._metrics.backend, "blob_write").inc()
+            raise
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+class InstrumentedStorage(Storage):
+    """Delegates to ``inner``, counting operations and storage errors in ``metrics``."""
+
+    def __init__(self, inner: Storage, metrics: Metrics) -> None:
+        self.inner = inner
+        self.backend = inner.backend  # type: ignore[misc]
+        self._metrics = metrics
+
+    async def _count(self, operation: str, call: Awaitable[T]) -> T:
+        self._metrics.backend_ops.labels(self.backend, operation).inc()
+        try:
+            return await call
+        except StorageError:
+            self._metrics.backend_errors.labels(self.backend, operation).inc()
+            raise
+
+    async def _count_iter(self, operation: str, items: AsyncIterator[T]) -> AsyncIterator[T]:
+        self._metrics.backend_ops.labels(self.backend, operation).inc()
+        try:
+            async for item in items:
+                yield item
+        except StorageError:
+            self._metrics.backend_errors.labels(self.backend, operation).inc()
+            raise
+
+    def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
+        return _CountedWriter(self.inner.blob_writer(encoded=encoded), self._metrics)
+
+    async def blob_open(self, blob_id: str) -> BlobReader | None:
+        return await self._count("blob_open", self.inner.blob_open(blob_id))
+
+    async def blob_stored_size(self, blob_id: str) -> int | None:
+        return await self._count("blob_stored_size", self.inner.blob_stored_size(blob_id))
+
+    async def blob_delete(self, blob_id: str) -> bool:
+        return await self._count("blob_delete", self.inner.blob_delete(blob_id))
+
+    def blob_ids(self) -> AsyncIterator[str]:
+        return self._count_iter("blob_ids", self.inner.blob_ids())
+
+    def blob_infos(self) -> AsyncIterator[StoredBlob]:
+        return self._count_iter("blob_infos", self.inner.blob_infos())
+
+    async def blob_delete_if_older(self, blob_id: str, cutoff: float) -> bool:
+        return await self._count(
+            "blob_delete_if_older", self.inner.blob_delete_if_older(blob_id, cutoff)
+        )
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._count("get", self.inner.get(key))
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._count("put", self.inner.put(key, data))
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        return await self._count("put_if_absent", self.inner.put_if_absent(key, data))
+
+    async def exists(self, key: str) -> bool:
+        return await self._count("exists", self.inner.exists(key))
+
+    async def delete(self, key: str) -> bool:
+        return await self._count("delete", self.inner.delete(key))
+
+    def keys(self, prefix: str) -> AsyncIterator[str]:
+        return self._count_iter("keys", self.inner.keys(prefix))
+
+    def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        return self._count_iter("object_infos", self.inner.object_infos(prefix))
+
+    def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        return self._count_iter("list_level", self.inner.list_level(prefix, limit=limit))
+
+    async def delete_if_older(self, key: str, cutoff: float) -> bool:
+        return await self._count("delete_if_older", self.inner.delete_if_older(key, cutoff))
+
+    async def check(self) -> None:
+        await self._count("check", self.inner.check())
+
+    async def close(self) -> None:
+        await self.inner.close()

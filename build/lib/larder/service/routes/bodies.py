@@ -1,0 +1,239 @@
+"""Moving bytes over HTTP: size-limited request bodies in, stored blobs out (with Ranges)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+
+from aiohttp import web
+
+from larder.errors import TooLarge, TooSlow, UnsupportedEncoding
+from larder.protocol.content_coding import body_coding
+from larder.service.internals import ZeroCopyFileResponse
+from larder.service.state import CONFIG
+from larder.storage.base import BlobReader
+
+UPLOAD_CHUNK = 256 * 1024
+#: Largest piece one ``sendfile(2)`` call is asked for.
+SENDFILE_CHUNK = 16 * 1024 * 1024
+
+
+def check_declared_length(request: web.Request, limit: int) -> None:
+    """Refuse early when ``Content-Length`` already exceeds ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit}")
+
+
+def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body in pieces of about ``UPLOAD_CHUNK`` bytes, at most ``limit`` in all.
+
+    Raises :class:`TooLarge` as soon as the limit is passed, whatever the headers said, and
+    :class:`TooSlow` when no byte arrives for ``body_idle_timeout`` seconds (a client that stalls
+    mid-upload cannot hold a connection and a temporary forever); a body cut short by the client
+    raises aiohttp's payload error. Either way the upload is abandoned. A body with a
+    ``Content-Encoding`` raises :class:`UnsupportedEncoding` here: routes that decode one use
+    :func:`coded_body`. (The application leaves bodies as sent: ``auto_decompress`` is off.)
+    """
+    if body_coding(request.headers.get("Content-Encoding")) != "none":
+        raise UnsupportedEncoding("this resource takes no Content-Encoding")
+    return _chunks(request, limit)
+
+
+def coded_body(request: web.Request, limit: int) -> tuple[str, AsyncIterator[bytes]]:
+    """The body as :func:`body_chunks` reads it, still coded, with the name of the decoder
+    of its ``Content-Encoding`` (``none`` when it has none)."""
+    return body_coding(request.headers.get("Content-Encoding")), _chunks(request, limit)
+
+
+async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    check_declared_length(request, limit)
+    idle = request.app[CONFIG].body_idle_timeout
+    buffer = bytearray()
+    total = 0
+    while True:
+        try:
+            data = await asyncio.wait_for(request.content.readany(), idle)
+        except TimeoutError:
+            raise TooSlow(f"no body bytes for {idle:g} seconds") from None
+        if not data:
+            break
+        total += len(data)
+        if total > limit:
+            raise TooLarge(f"body exceeds the limit of {limit} bytes")
+        buffer += data
+        if len(buffer) >= UPLOAD_CHUNK:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
+
+
+async def read_document(request: web.Request, limit: int) -> bytes:
+    """A small body (narinfo, JSON) read whole, at most ``limit`` bytes."""
+    return b"".join([chunk async for chunk in body_chunks(request, limit)])
+
+
+async def read_coded_document(request: web.Request, limit: int) -> tuple[str, bytes]:
+    """A small body read whole and still coded (at most ``limit`` bytes as sent), with the
+    decoder name of its ``Content-Encoding``."""
+    coding, chunks = coded_body(request, limit)
+    return coding, b"".join([chunk async for chunk in chunks])
+
+
+async def _send(
+    request: web.Request, response: web.StreamResponse, chunks: AsyncIterable[bytes]
+) -> None:
+    """Write ``chunks`` as the body of a prepared ``response``.
+
+    Once the headers are out a failure (storage unreachable mid-stream) can no longer become an
+    error status: the connection is closed, so the client sees a body shorter than its
+    ``Content-Length`` at once (and retries) rather than waiting for bytes that never come.
+    """
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+    except BaseException:
+        if request.transport is not None:
+            request.transport.close()
+        raise
+
+
+def _requested_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """``(start, end)`` of a single satisfiable byte range, ``None`` for the whole body."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return None  # RFC 9110: an unparseable Range is ignored
+    start, stop = wanted.start, wanted.stop
+    if start is None and stop is None:
+        return None
+    if start is not None and start < 0:  # suffix range "bytes=-N"
+        start, stop = max(size + start, 0), size
+    start = start or 0
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+async def serve_blob(
+    request: web.Request, reader: BlobReader, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Send a blob's stored bytes with ``Accept-Ranges``; local files go out by sendfile."""
+    headers = {"Accept-Ranges": "bytes", **headers}
+    if reader.local_path is not None:
+        await reader.close()
+        idle = request.app[CONFIG].body_idle_timeout
+        return ZeroCopyFileResponse(reader.local_path, idle, send_file, headers=headers)
+    try:
+        size = reader.stored_size
+        span = _requested_range(request, size)
+        start, stop = span or (0, size)
+        response = web.StreamResponse(status=206 if span else 200, headers=headers)
+        if span:
+            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        response.content_length = stop - start
+        await response.prepare(request)
+        if request.method != "HEAD":
+            await _send(request, response, reader.chunks(start, stop))
+        await response.write_eof()
+        return response
+    finally:
+        await reader.close()
+
+
+async def serve_stream(
+    request: web.Request,
+    chunks: AsyncIterable[bytes] | None,
+    length: int,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """Send a generated body of known ``length`` (no ranges); ``chunks`` is None for HEAD."""
+    response = web.StreamResponse(headers=headers)
+    response.content_length = length
+    await response.prepare(request)
+    if request.method != "HEAD" and chunks is not None:
+        await _send(request, response, chunks)
+    await response.write_eof()
+    return response
+
+
+class SendFailed(ConnectionResetError):
+    """A ``sendfile`` transfer ended early, after ``sent`` bytes."""
+
+    def __init__(self, message: str, sent: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+async def send_file(
+    loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int, offset: int, count: int,
+    idle: float,
+) -> int:  # fmt: skip
+    """``count`` bytes of ``file_fd`` from ``offset`` to the non-blocking socket ``sock_fd``;
+    returns ``count``, or raises :class:`SendFailed` saying how many bytes went.
+
+    Each time the socket can take more, the loop's writer callback calls ``sendfile(2)`` itself
+    (at most :data:`SENDFILE_CHUNK` bytes per callback, so one fast reader cannot hold the loop),
+    rather than waking a task that then calls it: one loop iteration per refill, as in asyncio's
+    own ``loop.sendfile``. No progress for ``idle`` seconds gives up.
+    """
+    error: OSError | None = None
+    out = os.dup(sock_fd)
+    done: asyncio.Future[None] = loop.create_future()
+    position, left = offset, count
+    last_progress = time.monotonic()
+    timer: asyncio.TimerHandle | None = None
+
+    def finish(failure: OSError | None) -> None:
+        nonlocal error
+        if not done.done():
+            error = failure
+            done.set_result(None)
+
+    def step() -> None:
+        nonlocal position, left, last_progress
+        if done.done():
+            return
+        try:
+            sent = os.sendfile(out, file_fd, position, min(left, SENDFILE_CHUNK))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            finish(exc)
+            return
+        if sent == 0:
+            finish(ConnectionResetError("the file ended early or the connection closed"))
+            return
+        position += sent
+        left -= sent
+        last_progress = time.monotonic()
+        if left <= 0:
+            finish(None)
+
+    def watch() -> None:
+        nonlocal timer
+        quiet = time.monotonic() - last_progress
+        if quiet >= idle:
+            finish(ConnectionResetError(f"the client took nothing for {idle:g} seconds"))
+        else:
+            timer = loop.call_later(idle - quiet, watch)
+
+    try:
+        step()
+        if not done.done():
+            loop.add_writer(out, step)
+            timer = loop.call_later(idle, watch)
+        await done
+    finally:
+        if timer is not None:
+            timer.cancel()
+        loop.remove_writer(out)
+        os.close(out)
+    if error is not None:
+        raise SendFailed(str(error), count - left) from error
+    return count

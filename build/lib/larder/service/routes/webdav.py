@@ -1,0 +1,144 @@
+"""The sccache WebDAV backend under ``/<cache>/sccache/`` (``SCCACHE_WEBDAV_ENDPOINT``).
+
+=====================  ===========================================================================
+``GET|HEAD <path>``    200 with the entry's bytes, 404 on a miss (how sccache reads)
+``PUT <path>``         store an entry (201); needs a write token; 413 over ``max_upload_size``
+``DELETE <path>``      204, or 404 when there is no entry; 405 on a collection
+``PROPFIND <path>``    207: Depth 0 describes the resource, Depth 1 adds its children (at most
+                       1,000, from one level of the store, never the keys below it); a path
+                       ending in ``/`` is a collection and always exists; ``Depth: infinity``
+                       (also a missing Depth) is refused with 403, as RFC 4918 allows
+``MKCOL <path>/``      201 (collections are virtual), 405 when an entry has that name
+=====================  ===========================================================================
+
+A path that is not a valid :func:`~larder.protocol.dav.normalise` path is a 400 for every
+method. sccache (0.16 and 0.17 alike) starts with ``GET`` then ``PUT <prefix>/.sccache_check``;
+a refused PUT (401/403) makes it read-only, which is how a client without a write token behaves.
+A failed
+probe GET other than 404 stops its server, and the build with it, so on a private cache a client
+without a valid read token gets 404 for the probe (nothing is revealed: the probe is the same
+everywhere) and then 401/403 for each lookup, which sccache counts as a miss while the build
+goes on. Before writing ``a/b/c/<key>`` its WebDAV client asks ``PROPFIND`` (Depth 0) for
+the parent; it would ``MKCOL`` missing levels, but virtual collections are never missing. Tokens
+as for the Nix routes: Bearer (``SCCACHE_WEBDAV_TOKEN``) or the Basic password
+(``SCCACHE_WEBDAV_PASSWORD``).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from larder.core.blobs import decompressed
+from larder.core.sccache import is_probe
+from larder.errors import Forbidden, FormatError, Unauthorized
+from larder.protocol.dav import Resource, multistatus, normalise
+from larder.protocol.tokens import Scope
+from larder.service import state
+from larder.service.observability.recording import note_lookup, note_upload
+from larder.service.routes.bodies import body_chunks, serve_stream
+from larder.service.routes.cache_access import cache_for, expect_continue
+
+MULTISTATUS_TYPE = "application/xml"
+
+
+def _path(request: web.Request) -> tuple[str, bool]:
+    return normalise(request.match_info.get("path", ""))
+
+
+def _href(request: web.Request, path: str, collection: bool) -> str:
+    base = f"/{request.match_info['cache']}/sccache/"
+    return base + path + ("/" if collection and path else "")
+
+
+async def get_entry(request: web.Request) -> web.StreamResponse:
+    path, collection = _path(request)
+    try:
+        settings = await cache_for(request, Scope.READ)
+    except (Unauthorized, Forbidden):
+        if is_probe(path):  # anything but 200/404 here stops sccache and fails the build
+            raise web.HTTPNotFound() from None
+        raise
+    store = request.app[state.SCCACHE]
+    entry = None if collection else await store.get(settings, path)
+    if not is_probe(path):  # a probe, not a lookup
+        note_lookup(request, "entry", entry is not None)
+    if entry is None:
+        raise web.HTTPNotFound()
+    headers = {"Content-Type": "application/octet-stream"}
+    if request.method == "HEAD":
+        return await serve_stream(request, None, entry.size, headers)
+    reader = await store.open(entry)
+    if reader is None:
+        raise web.HTTPNotFound()
+    return await serve_stream(request, decompressed(reader), entry.size, headers)
+
+
+async def put_entry(request: web.Request) -> web.Response:
+    note_upload(request)
+    settings = await cache_for(request, Scope.WRITE)
+    path, collection = _path(request)
+    if collection or not path:
+        raise FormatError("PUT needs an entry path, not a collection")
+    limit = request.app[state.CONFIG].max_upload_size
+    await request.app[state.SCCACHE].put(settings, path, body_chunks(request, limit))
+    return web.Response(status=201)
+
+
+async def delete_entry(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    path, collection = _path(request)
+    if collection:
+        return web.Response(
+            status=405, headers={"Allow": "PROPFIND, MKCOL"}, text="collections are virtual\n"
+        )
+    if not await request.app[state.SCCACHE].delete(settings, path):
+        raise web.HTTPNotFound()
+    return web.Response(status=204)
+
+
+async def mkcol(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.WRITE)
+    path, _ = _path(request)
+    if request.content_length:
+        return web.Response(status=415, text="MKCOL with a body is not supported\n")
+    if path and await request.app[state.SCCACHE].get(settings, path) is not None:
+        return web.Response(status=405, text="an entry has that name\n")
+    return web.Response(status=201)
+
+
+async def propfind(request: web.Request) -> web.Response:
+    settings = await cache_for(request, Scope.READ)
+    depth = request.headers.get("Depth", "infinity").strip().lower()
+    if depth not in ("0", "1"):
+        return web.Response(status=403, text="PROPFIND Depth must be 0 or 1\n")
+    path, collection = _path(request)
+    store = request.app[state.SCCACHE]
+    entry = None if collection else await store.get(settings, path)
+    if not collection and entry is None:
+        raise web.HTTPNotFound()
+    if entry is not None:
+        resources = [Resource(_href(request, path, False), False, entry.size, entry.modified)]
+    else:
+        resources = [Resource(_href(request, path, True), True)]
+        if depth == "1":
+            for name, child in await store.children(settings, path):
+                child_path = f"{path}/{name}" if path else name
+                if child is None:
+                    resources.append(Resource(_href(request, child_path, True), True))
+                else:
+                    href = _href(request, child_path, False)
+                    resources.append(Resource(href, False, child.size, child.modified))
+    return web.Response(
+        status=207, body=multistatus(resources), content_type=MULTISTATUS_TYPE, charset="utf-8"
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the WebDAV routes (before the Nix catch-all)."""
+    router = app.router
+    for pattern in ("/{cache}/sccache", "/{cache}/sccache/{path:.*}"):
+        router.add_get(pattern, get_entry)
+        router.add_route("PUT", pattern, put_entry, expect_handler=expect_continue)
+        router.add_route("DELETE", pattern, delete_entry)
+        router.add_route("MKCOL", pattern, mkcol)
+        router.add_route("PROPFIND", pattern, propfind)

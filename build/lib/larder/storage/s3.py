@@ -1,0 +1,708 @@
+"""A store in an S3 (or S3-compatible) bucket, through boto3.
+
+Layout under ``prefix`` in ``bucket``::
+
+    <prefix>blobs/<id[:2]>/<id>     committed blobs: one zstd frame each
+    <prefix>objects/<key>           objects
+    <prefix>tmp/<uuid>              multipart uploads of blobs whose id is not known yet
+
+A blob writer buffers compressed output. A blob that stays under ``part_size`` is sent with one
+``PutObject`` to its final key at commit. A larger one goes to a multipart upload under ``tmp/``
+whose parts are sent as they fill (at most about one part is buffered); commit completes it,
+copies it server-side to the final key and deletes the temporary. Nothing appears under
+``blobs/`` before commit. A commit writes the final key even when the blob is already stored
+(identical content): that refreshes its ``LastModified``, which garbage collection reads as the
+blob's age. (In a versioned bucket each such commit leaves a noncurrent version; expire those
+with a lifecycle rule.)
+
+Modification times are ``LastModified`` (whole seconds, from S3's clock), read from the listing
+for ``object_infos`` and ``blob_infos``. ``delete_if_older`` is a HEAD, a comparison and a
+DELETE: a write landing between the HEAD and the DELETE (one round trip) is lost. Keep the
+cutoff well in the past (a GC grace period) so that only writes racing an age decision made on
+a long-untouched object can fall into that window.
+
+Leftovers of a crash are a multipart upload or an object under ``tmp/``: a bucket lifecycle rule
+(abort incomplete multipart uploads and expire ``tmp/`` after a day) removes them.
+
+A level listing (``list_level``) is ``ListObjectsV2`` with ``/`` as delimiter (objects and
+common prefixes of one level), a page at a time of at most what is still wanted, stopping at the
+limit.
+
+``put_if_absent`` is a conditional ``PutObject`` (``If-None-Match: *``), atomic on S3 itself.
+
+Credentials, region and endpoint come from boto3's usual sources (``AWS_*`` variables including
+``AWS_ENDPOINT_URL``, shared config files, instance roles); this module never reads the
+environment itself. Async methods run boto3 calls on the backend's own bounded thread pool; blob
+writers call boto3 directly from the (worker) thread driving them.
+
+Every botocore exception is translated in one place, :func:`_translate_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from larder.errors import StorageError, StorageFull, StorageUnavailable
+from larder.storage.base import (
+    BlobInfo,
+    BlobReader,
+    BlobWriter,
+    LevelEntry,
+    ObjectInfo,
+    Storage,
+    StoredBlob,
+    check_blob_id,
+    check_directory,
+    check_key,
+    check_limit,
+    check_prefix,
+    is_valid_key,
+    level_order,
+)
+from larder.storage.blobformat import (
+    DEFAULT_ZSTD_LEVEL,
+    READ_CHUNK,
+    EncodingBlobWriter,
+    check_zstd_level,
+    clamp_range,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+    from mypy_boto3_s3.paginator import ListObjectsV2Paginator
+    from mypy_boto3_s3.type_defs import ListObjectsV2OutputTypeDef
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIN_PART_SIZE = 5 * 1024 * 1024  # S3's minimum for every part but the last
+MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
+MAX_COPY_OBJECT_SIZE = 5 * 1024 * 1024 * 1024  # larger objects need a multipart copy
+BLOB_CONTENT_TYPE = "application/zstd"
+OBJECT_CONTENT_TYPE = "application/octet-stream"
+
+
+# -- the one place botocore exceptions are translated ------------------------------------
+
+
+class _Missing(StorageError):
+    """The object, upload or bucket does not exist (callers turn this into a return value)."""
+
+    code = "storage_missing"
+
+
+class _PreconditionFailed(StorageError):
+    """A conditional request's condition did not hold (the object exists)."""
+
+
+class _ConditionalConflict(StorageUnavailable):
+    """Another conditional write to the same key was in flight; retrying is safe."""
+
+
+_MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchUpload"})
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
+_FULL_CODES = frozenset({"QuotaExceeded", "XMinioStorageFull", "InsufficientStorage", "507"})
+_UNAVAILABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "ServiceUnavailable",
+        "InternalError",
+        "XMinioServerNotInitialized",
+    }
+)
+_UNAVAILABLE_STATUSES = frozenset({408, 429})
+
+
+def _client_error(operation: str, exc: ClientError) -> StorageError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    detail = f"S3 {operation} failed: {code or status}"
+    if message := error.get("Message"):
+        detail += f" ({message})"
+    if code in _MISSING_CODES:
+        return _Missing(detail)
+    if code in _PRECONDITION_CODES or status == 412:
+        return _PreconditionFailed(detail)
+    if code == "ConditionalRequestConflict":
+        return _ConditionalConflict(detail)
+    if code in _FULL_CODES or status == 507:
+        return StorageFull(detail)
+    if code in _UNAVAILABLE_CODES or status >= 500 or status in _UNAVAILABLE_STATUSES:
+        return StorageUnavailable(detail)
+    return StorageError(detail)
+
+
+@contextmanager
+def _translate_errors(operation: str) -> Iterator[None]:
+    """Raise botocore's exceptions as storage errors.
+
+    A missing key becomes the private ``_Missing``, a failed ``If-None-Match`` the private
+    ``_PreconditionFailed``: the operations that treat them as values catch them.
+    """
+    try:
+        yield
+    except ClientError as exc:
+        raise _client_error(operation, exc) from exc
+    except (
+        BotoConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError
+        HTTPClientError,  # ReadTimeoutError, ConnectionClosedError
+        ResponseStreamingError,
+        IncompleteReadError,
+    ) as exc:
+        raise StorageUnavailable(f"S3 {operation} failed: {exc}") from exc
+    except NoCredentialsError as exc:
+        raise StorageError(f"S3 {operation} failed: no AWS credentials configured") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"S3 {operation} failed: {exc}") from exc
+
+
+# -- listings ----------------------------------------------------------------------------
+
+
+class _Listed(NamedTuple):
+    """One entry of a ``ListObjectsV2`` page."""
+
+    name: str  # the full S3 key
+    size: int
+    modified: float  # LastModified as POSIX seconds
+
+
+def _timestamp(value: datetime | None) -> float:
+    # S3 always sends LastModified; an imitation that does not makes the object look new.
+    return value.timestamp() if value is not None else time.time()
+
+
+# -- blobs -------------------------------------------------------------------------------
+
+
+class _S3BlobWriter(EncodingBlobWriter):
+    def __init__(self, storage: S3Storage, encoded: bool) -> None:
+        super().__init__(level=storage._zstd_level, threads=storage._zstd_threads, encoded=encoded)
+        self._storage = storage
+        self._client = storage._client
+        self._bucket = storage.bucket
+        self._buffer = bytearray()
+        self._temp_key = storage._prefix + "tmp/" + uuid.uuid4().hex
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._temp_complete = False  # the multipart upload became an object under tmp/
+
+    def _sink(self, piece: bytes) -> None:
+        self._buffer += piece
+        part_size = self._storage._part_size
+        while len(self._buffer) >= part_size:
+            self._upload_part(bytes(self._buffer[:part_size]))
+            del self._buffer[:part_size]
+
+    def _upload_part(self, data: bytes) -> None:
+        if self._upload_id is None:
+            with _translate_errors("multipart upload start"):
+                response = self._client.create_multipart_upload(
+                    Bucket=self._bucket,
+                    Key=self._temp_key,
+                    ContentType=BLOB_CONTENT_TYPE,
+                    **self._storage._checksum_options(),
+                )
+            self._upload_id = response["UploadId"]
+        number = len(self._parts) + 1
+        with _translate_errors("multipart upload part"):
+            response_part = self._client.upload_part(
+                Bucket=self._bucket,
+                Key=self._temp_key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=data,
+            )
+        part: dict[str, Any] = {"PartNumber": number, "ETag": response_part["ETag"]}
+        for name in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumCRC64NVME", "ChecksumSHA1"):
+            if value := response_part.get(name):
+                part[name] = value
+        self._parts.append(part)
+
+    def _publish(self, info: BlobInfo) -> tuple[int, bool]:
+        final = self._storage._blob_key(info.blob_id)
+        # Written even if the blob exists (identical content, perhaps encoded otherwise): that
+        # refreshes LastModified. The new encoding is what stays.
+        if self._upload_id is None:
+            data = bytes(self._buffer)
+            self._buffer = bytearray()
+            with _translate_errors("blob put"):
+                self._client.put_object(
+                    Bucket=self._bucket, Key=final, Body=data, ContentType=BLOB_CONTENT_TYPE
+                )
+            return info.stored_size, True
+        if self._buffer:
+            self._upload_part(bytes(self._buffer))
+            self._buffer = bytearray()
+        with _translate_errors("multipart upload complete"):
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket,
+                Key=self._temp_key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
+            )
+        self._upload_id = None
+        self._temp_complete = True
+        self._storage._copy_sync(self._temp_key, final, info.stored_size)
+        self._temp_complete = False
+        self._storage._delete_quietly(self._temp_key)
+        return info.stored_size, True
+
+    def _discard(self) -> None:
+        self._buffer = bytearray()
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is not None:
+            try:
+                with _translate_errors("multipart upload abort"):
+                    self._client.abort_multipart_upload(
+                        Bucket=self._bucket, Key=self._temp_key, UploadId=upload_id
+                    )
+            except _Missing:
+                pass
+            except StorageError as exc:
+                log.warning("cannot abort multipart upload of %s: %s", self._temp_key, exc)
+        if self._temp_complete:
+            self._temp_complete = False
+            self._storage._delete_quietly(self._temp_key)
+
+
+class _S3BlobReader(BlobReader):
+    local_path = None
+
+    def __init__(self, storage: S3Storage, key: str, stored_size: int) -> None:
+        self._storage = storage
+        self._key = key
+        self.stored_size = stored_size
+        self._closed = False
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        start, stop = clamp_range(start, end, self.stored_size)
+        if start >= stop:
+            return
+        if self._closed:
+            raise ValueError("blob reader is closed")
+        storage = self._storage
+        body = await storage._run(storage._get_range_sync, self._key, start, stop, self.stored_size)
+        try:
+            received = 0
+            while True:
+                data = await storage._run(_read_body, body, READ_CHUNK)
+                if not data:
+                    break
+                received += len(data)
+                yield data
+            if received != stop - start:
+                raise StorageError(f"S3 blob read failed: got {received} of {stop - start} bytes")
+        finally:
+            body.close()
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+def _read_body(body: Any, size: int) -> bytes:
+    with _translate_errors("blob read"):
+        data: bytes = body.read(size)
+    return data
+
+
+# -- the backend -------------------------------------------------------------------------
+
+
+class S3Storage(Storage):
+    """Blobs and objects in one S3 bucket under an optional key prefix (``""`` or ending in ``/``).
+
+    ``client``: a ready boto3 S3 client (then ``endpoint_url``, ``region_name``, the timeouts
+    and ``max_attempts`` are ignored, and :meth:`close` leaves the client open); by default one
+    is built with standard retries, these timeouts and ``max_workers`` pooled connections.
+    ``part_size``: multipart threshold and part size, 5 MiB to 5 GiB; a writer buffers at most
+    about one part. ``max_workers``: threads running the async methods' boto3 calls.
+    """
+
+    backend: ClassVar[str] = "s3"
+    _LIST_PAGE_SIZE: ClassVar[int] = 1000  # S3's maximum
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: S3Client | None = None,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        zstd_threads: int = 0,
+        part_size: int = 8 * 1024 * 1024,
+        max_workers: int = 16,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 5,
+    ) -> None:
+        if not bucket:
+            raise ValueError("S3 bucket name is empty")
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"S3 prefix must end with '/': {prefix!r}")
+        if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+            raise ValueError(f"S3 part size must be in [5 MiB, 5 GiB]: {part_size}")
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be positive: {max_workers}")
+        if zstd_threads < 0:
+            raise ValueError(f"zstd threads must be >= 0: {zstd_threads}")
+        self.bucket = bucket
+        self._prefix = prefix
+        self._zstd_level = check_zstd_level(zstd_level)
+        self._zstd_threads = zstd_threads
+        self._part_size = part_size
+        self._owns_client = client is None
+        if client is None:
+            config = Config(
+                retries={"mode": "standard", "max_attempts": max_attempts},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_pool_connections=max_workers,
+                # Validate checksums only where larder asks for it (whole-object reads): S3 does
+                # not return checksums for ranged reads, but some S3 imitations send the whole
+                # object's, which botocore would then fail to match.
+                response_checksum_validation="when_required",
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
+            )
+        self._client: S3Client = client
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3")
+
+    def __repr__(self) -> str:
+        return f"S3Storage(bucket={self.bucket!r}, prefix={self._prefix!r})"
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def _blob_key(self, blob_id: str) -> str:
+        return f"{self._prefix}blobs/{blob_id[:2]}/{blob_id}"
+
+    def _object_key(self, key: str) -> str:
+        return f"{self._prefix}objects/{check_key(key)}"
+
+    def _checksum_options(self) -> dict[str, Any]:
+        """``ChecksumAlgorithm`` for multipart uploads and copies, as boto3's transfers set it.
+
+        botocore adds a CRC32 to every part by default (``request_checksum_calculation`` is
+        ``when_supported`` unless ``AWS_REQUEST_CHECKSUM_CALCULATION`` says otherwise), so the
+        upload must declare that algorithm for CompleteMultipartUpload to accept the parts; a
+        copy asks for a CRC32 of the whole new object.
+        """
+        config = self._client.meta.config
+        if getattr(config, "request_checksum_calculation", None) == "when_supported":
+            return {"ChecksumAlgorithm": "CRC32"}
+        return {}
+
+    # -- blocking helpers (run on the executor, or on a blob writer's thread) -------------
+
+    def _head_sync(self, key: str) -> int | None:
+        """The object's size, or ``None`` if it does not exist."""
+        try:
+            with _translate_errors("head"):
+                return self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        except _Missing:
+            return None
+
+    def _delete_if_older_sync(self, key: str, cutoff: float) -> bool:
+        """HEAD, compare ``LastModified`` with ``cutoff``, DELETE.
+
+        Not atomic: a write landing in the round trip between the HEAD and the DELETE is lost
+        (an ``If-Match`` on the ETag would not help: a rewrite of identical content keeps it).
+        """
+        try:
+            with _translate_errors("head"):
+                modified = self._client.head_object(Bucket=self.bucket, Key=key)["LastModified"]
+        except _Missing:
+            return False
+        if not modified.timestamp() < cutoff:
+            return False
+        with _translate_errors("delete"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        return True
+
+    def _get_sync(self, key: str) -> bytes | None:
+        try:
+            with _translate_errors("get"):
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=key, ChecksumMode="ENABLED"
+                )
+                with response["Body"] as body:
+                    return body.read()
+        except _Missing:
+            return None
+
+    def _get_range_sync(self, key: str, start: int, stop: int, size: int) -> Any:
+        if start == 0 and stop == size:
+            options: dict[str, Any] = {"ChecksumMode": "ENABLED"}
+        else:
+            options = {"Range": f"bytes={start}-{stop - 1}"}
+        try:
+            with _translate_errors("blob read"):
+                response = self._client.get_object(Bucket=self.bucket, Key=key, **options)
+        except _Missing:
+            raise StorageError("S3 blob read failed: the blob was deleted") from None
+        return response["Body"]
+
+    def _put_sync(self, key: str, data: bytes) -> None:
+        with _translate_errors("put"):
+            self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType=OBJECT_CONTENT_TYPE
+            )
+
+    def _put_if_absent_sync(self, key: str, data: bytes) -> bool:
+        # Note: if botocore retries a put whose first attempt did succeed, the retry's 412
+        # reports False although this call created the object. Callers read the object back.
+        for attempt in range(5):
+            try:
+                with _translate_errors("put"):
+                    self._client.put_object(
+                        Bucket=self.bucket,
+                        Key=key,
+                        Body=data,
+                        ContentType=OBJECT_CONTENT_TYPE,
+                        IfNoneMatch="*",
+                    )
+                return True
+            except _PreconditionFailed:
+                return False
+            except _ConditionalConflict:
+                time.sleep(0.05 * 2**attempt)
+        raise StorageUnavailable("S3 put failed: conditional writes keep conflicting")
+
+    def _delete_sync(self, key: str) -> bool:
+        if self._head_sync(key) is None:
+            return False
+        with _translate_errors("delete"):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        return True
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            with _translate_errors("delete temporary"):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+        except StorageError as exc:
+            log.warning("cannot delete temporary %s: %s", key, exc)
+
+    def _copy_sync(self, source: str, target: str, size: int) -> None:
+        copy_source = {"Bucket": self.bucket, "Key": source}
+        with _translate_errors("blob copy"):
+            if size <= MAX_COPY_OBJECT_SIZE:
+                self._client.copy_object(
+                    Bucket=self.bucket,
+                    Key=target,
+                    CopySource=copy_source,  # type: ignore[arg-type]
+                    **self._checksum_options(),
+                )
+            else:
+                self._client.copy(
+                    copy_source,  # type: ignore[arg-type]
+                    self.bucket,
+                    target,
+                    Config=TransferConfig(
+                        multipart_chunksize=max(self._part_size, 64 * 1024 * 1024),
+                        max_concurrency=4,
+                    ),
+                )
+
+    def _next_page(self, pages: Iterator[ListObjectsV2OutputTypeDef]) -> list[_Listed] | None:
+        with _translate_errors("list"):
+            page = next(pages, None)
+        if page is None:
+            return None
+        return [
+            _Listed(item["Key"], item.get("Size", 0), _timestamp(item.get("LastModified")))
+            for item in page.get("Contents", [])
+            if "Key" in item
+        ]
+
+    async def _list_items(self, prefix: str) -> AsyncIterator[_Listed]:
+        paginator: ListObjectsV2Paginator = self._client.get_paginator("list_objects_v2")
+        pages = iter(
+            paginator.paginate(
+                Bucket=self.bucket,
+                Prefix=prefix,
+                PaginationConfig={"PageSize": self._LIST_PAGE_SIZE},
+            )
+        )
+        while (items := await self._run(self._next_page, pages)) is not None:
+            for item in items:
+                yield item
+
+    def _level_page(
+        self, prefix: str, token: str | None, max_keys: int
+    ) -> tuple[list[LevelEntry], str | None]:
+        """One ``ListObjectsV2`` page of ``prefix``'s level (``/`` as delimiter) and the token
+        of the next page, ``None`` after the last."""
+        base = self._prefix + "objects/"
+        options: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": base + prefix,
+            "Delimiter": "/",
+            "MaxKeys": max_keys,
+        }
+        if token is not None:
+            options["ContinuationToken"] = token
+        with _translate_errors("list"):
+            page = self._client.list_objects_v2(**options)
+        entries = []
+        for item in page.get("Contents", []):
+            key = item.get("Key", "")[len(base) :]
+            if key.startswith(prefix) and is_valid_key(key):
+                info = ObjectInfo(key, item.get("Size", 0), _timestamp(item.get("LastModified")))
+                entries.append(LevelEntry(key[len(prefix) :], info))
+        for common in page.get("CommonPrefixes", []):
+            level = common.get("Prefix", "")[len(base) :]
+            if level.startswith(prefix) and level.endswith("/") and is_valid_key(level[:-1]):
+                entries.append(LevelEntry(level[len(prefix) : -1], None))
+        entries.sort(key=lambda entry: level_order(prefix, entry))
+        more = page.get("IsTruncated") and page.get("NextContinuationToken")
+        return entries, more or None
+
+    async def _list_blobs(self) -> AsyncIterator[tuple[str, _Listed]]:
+        """``(blob_id, listing)`` of every committed blob."""
+        base = self._prefix + "blobs/"
+        async for item in self._list_items(base):
+            directory, _, blob_id = item.name[len(base) :].partition("/")
+            if directory == blob_id[:2] and len(blob_id) == 64:
+                try:
+                    yield check_blob_id(blob_id), item
+                except ValueError:
+                    continue
+
+    async def _list_objects(self, prefix: str) -> AsyncIterator[tuple[str, _Listed]]:
+        """``(key, listing)`` of every object whose key starts with ``prefix``, in key order."""
+        base = self._prefix + "objects/"
+        async for item in self._list_items(base + check_prefix(prefix)):
+            key = item.name[len(base) :]
+            if is_valid_key(key):
+                yield key, item
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
+        return _S3BlobWriter(self, encoded)
+
+    async def blob_open(self, blob_id: str) -> BlobReader | None:
+        key = self._blob_key(check_blob_id(blob_id))
+        size = await self._run(self._head_sync, key)
+        return _S3BlobReader(self, key, size) if size is not None else None
+
+    async def blob_stored_size(self, blob_id: str) -> int | None:
+        return await self._run(self._head_sync, self._blob_key(check_blob_id(blob_id)))
+
+    async def blob_delete(self, blob_id: str) -> bool:
+        return await self._run(self._delete_sync, self._blob_key(check_blob_id(blob_id)))
+
+    async def blob_ids(self) -> AsyncIterator[str]:
+        async for blob_id, _item in self._list_blobs():
+            yield blob_id
+
+    async def blob_infos(self) -> AsyncIterator[StoredBlob]:
+        async for blob_id, item in self._list_blobs():
+            yield StoredBlob(blob_id, item.size, item.modified)
+
+    async def blob_delete_if_older(self, blob_id: str, cutoff: float) -> bool:
+        key = self._blob_key(check_blob_id(blob_id))
+        return await self._run(self._delete_if_older_sync, key, cutoff)
+
+    # -- objects -------------------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._run(self._get_sync, self._object_key(key))
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._run(self._put_sync, self._object_key(key), bytes(data))
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        return await self._run(self._put_if_absent_sync, self._object_key(key), bytes(data))
+
+    async def exists(self, key: str) -> bool:
+        return await self._run(self._head_sync, self._object_key(key)) is not None
+
+    async def delete(self, key: str) -> bool:
+        return await self._run(self._delete_sync, self._object_key(key))
+
+    async def keys(self, prefix: str) -> AsyncIterator[str]:
+        async for key, _item in self._list_objects(prefix):
+            yield key
+
+    async def object_infos(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        async for key, item in self._list_objects(prefix):
+            yield ObjectInfo(key, item.size, item.modified)
+
+    async def list_level(self, prefix: str, *, limit: int) -> AsyncIterator[LevelEntry]:
+        check_directory(prefix)
+        remaining = check_limit(limit)
+        token: str | None = None
+        while remaining > 0:
+            page_size = min(remaining, self._LIST_PAGE_SIZE)
+            entries, token = await self._run(self._level_page, prefix, token, page_size)
+            for entry in entries[:remaining]:
+                yield entry
+            remaining -= len(entries)
+            if token is None:
+                break
+
+    async def delete_if_older(self, key: str, cutoff: float) -> bool:
+        return await self._run(self._delete_if_older_sync, self._object_key(key), cutoff)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _check_sync(self) -> None:
+        try:
+            with _translate_errors("check"):
+                self._client.head_bucket(Bucket=self.bucket)
+        except _Missing:
+            raise StorageError(f"S3 bucket {self.bucket!r} does not exist") from None
+
+    async def check(self) -> None:
+        await self._run(self._check_sync)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if self._owns_client:
+            self._client.close()
