@@ -40,10 +40,18 @@ MAX_KEPT = 32
 #: Fields aiohttp refuses to see twice in a request (``aiohttp.http_parser.SINGLETON_HEADERS``).
 SINGLETONS = frozenset(
     {
-        b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
-        b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent",
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"transfer-encoding",
+        b"user-agent",
     }
-)  # fmt: skip
+)
 
 
 class Head(NamedTuple):

@@ -101,9 +101,13 @@ _REFUSED_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _CHECKED = _REFUSED_HEADERS | {b"content-length", b"connection"}
 # What aiohttp's file responses act on (ranges, conditional requests): the application answers.
 _NAR_REFUSED_HEADERS = _REFUSED_HEADERS | {
-    b"range", b"if-range", b"if-match", b"if-none-match", b"if-modified-since",
+    b"range",
+    b"if-range",
+    b"if-match",
+    b"if-none-match",
+    b"if-modified-since",
     b"if-unmodified-since",
-}  # fmt: skip
+}
 _SERVER = SERVER_SOFTWARE.encode()
 
 #: The ``Referer`` and ``User-Agent`` of a request as sent, for its access log line.
@@ -132,9 +136,25 @@ _NOT_HELD.current = False
 class _Answer:
     """The bytes answering one target, and what they were made from."""
 
-    __slots__ = ("body", "cache", "caches_seen", "checked_until", "entry", "head", "log_key",
-                 "log_text", "payload", "response", "second", "served", "settings", "status",
-                 "store_hash", "tally_key", "target")  # fmt: skip
+    __slots__ = (
+        "body",
+        "cache",
+        "caches_seen",
+        "checked_until",
+        "entry",
+        "head",
+        "log_key",
+        "log_text",
+        "payload",
+        "response",
+        "second",
+        "served",
+        "settings",
+        "status",
+        "store_hash",
+        "tally_key",
+        "target",
+    )
 
     def __init__(
         self, target: str, settings: CacheSettings, store_hash: str, body: bytes | None
@@ -311,8 +331,15 @@ class FastPath:
         """The body is out (``sent`` bytes of it, all unless the transfer failed): log it."""
         if self._log is not None:
             seconds = time.monotonic() - request.start
-            self._write_log(request.peer, "GET", request.path, 200, len(nar.head) + sent,
-                            seconds, request.logged)  # fmt: skip
+            self._write_log(
+                request.peer,
+                "GET",
+                request.path,
+                200,
+                len(nar.head) + sent,
+                seconds,
+                request.logged,
+            )
 
     @property
     def send_idle(self) -> float:
@@ -377,15 +404,24 @@ class FastPath:
         log = self._log
         if log is not None:
             if log.timed:
-                self._write_log(peer, "GET", answer.target, answer.status, len(response), seconds,
-                                logged)  # fmt: skip
+                self._write_log(
+                    peer, "GET", answer.target, answer.status, len(response), seconds, logged
+                )
                 return response
             key = (int(now - seconds), peer, logged, len(response))
             if answer.log_key != key:
                 answer.log_key = key
                 referer, agent = _text(logged)
-                answer.log_text = log.line(peer, "GET", answer.target, answer.status,
-                                           len(response), seconds, referer, agent)  # fmt: skip
+                answer.log_text = log.line(
+                    peer,
+                    "GET",
+                    answer.target,
+                    answer.status,
+                    len(response),
+                    seconds,
+                    referer,
+                    agent,
+                )
             log.emit(answer.log_text)
         return response
 
@@ -408,18 +444,26 @@ class FastPath:
             self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
         self._tally.add(answer.cache, "nix", answer.status, seconds, 0, "narinfo", hit)
         if self._log is not None:
-            self._write_log(peer, "HEAD", answer.target, answer.status, len(response), seconds,
-                            logged)  # fmt: skip
+            self._write_log(
+                peer, "HEAD", answer.target, answer.status, len(response), seconds, logged
+            )
         return response
 
     def _write_log(
-        self, peer: str | None, method: str, target: str, status: int, length: int,
-        seconds: float, logged: Logged,
-    ) -> None:  # fmt: skip
+        self,
+        peer: str | None,
+        method: str,
+        target: str,
+        status: int,
+        length: int,
+        seconds: float,
+        logged: Logged,
+    ) -> None:
         if self._log is not None:
             referer, agent = _text(logged)
-            self._log.emit(self._log.line(peer, method, target, status, length, seconds, referer,
-                                          agent))  # fmt: skip
+            self._log.emit(
+                self._log.line(peer, method, target, status, length, seconds, referer, agent)
+            )
 
     def flush(self) -> None:
         """Count every answer made so far (the server is stopping)."""

@@ -99,10 +99,17 @@ class Entry:
     def of(cls, request: BaseRequest, response: StreamResponse, seconds: float) -> Entry:
         headers = request.headers
         return cls(
-            request.remote, request.method, request.path, request.path_qs,
-            (request.version.major, request.version.minor), response.status,
-            response.body_length, seconds, headers.get("Referer"), headers.get("User-Agent"),
-        )  # fmt: skip
+            request.remote,
+            request.method,
+            request.path,
+            request.path_qs,
+            (request.version.major, request.version.minor),
+            response.status,
+            response.body_length,
+            seconds,
+            headers.get("Referer"),
+            headers.get("User-Agent"),
+        )
 
 
 class LineAccessLogger(AbstractAccessLogger):
@@ -119,13 +126,21 @@ class LineAccessLogger(AbstractAccessLogger):
 
     @classmethod
     def get_line(
-        cls, remote: str | None, method: str, target: str, status: int, length: int,
-        seconds: float, referer: str | None, user_agent: str | None,
-    ) -> str:  # fmt: skip
+        cls,
+        remote: str | None,
+        method: str,
+        target: str,
+        status: int,
+        length: int,
+        seconds: float,
+        referer: str | None,
+        user_agent: str | None,
+    ) -> str:
         """The line of an HTTP/1.1 ``method target`` answered outside aiohttp (the short
         path)."""
-        entry = Entry(remote, method, target, target, (1, 1), status, length, seconds, referer,
-                      user_agent)  # fmt: skip
+        entry = Entry(
+            remote, method, target, target, (1, 1), status, length, seconds, referer, user_agent
+        )
         return cls.line(entry)
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
@@ -161,15 +176,27 @@ class TextAccessLogger(LineAccessLogger):
     def line(entry: Entry) -> str:
         major, minor = entry.version
         return TextAccessLogger._text(
-            entry.remote, f"{entry.method} {entry.target} HTTP/{major}.{minor}", entry.status,
-            entry.length, entry.seconds, entry.referer, entry.user_agent,
-        )  # fmt: skip
+            entry.remote,
+            f"{entry.method} {entry.target} HTTP/{major}.{minor}",
+            entry.status,
+            entry.length,
+            entry.seconds,
+            entry.referer,
+            entry.user_agent,
+        )
 
     @classmethod
     def get_line(
-        cls, remote: str | None, method: str, target: str, status: int, length: int,
-        seconds: float, referer: str | None, user_agent: str | None,
-    ) -> str:  # fmt: skip
+        cls,
+        remote: str | None,
+        method: str,
+        target: str,
+        status: int,
+        length: int,
+        seconds: float,
+        referer: str | None,
+        user_agent: str | None,
+    ) -> str:
         started = TextAccessLogger._stamp  # what started() gives, without the call when fresh
         if int(time.time() - seconds) != started[0]:
             started = (0, TextAccessLogger.started(seconds))
@@ -180,9 +207,14 @@ class TextAccessLogger(LineAccessLogger):
 
     @staticmethod
     def _text(
-        remote: str | None, request_line: str, status: int, length: int, seconds: float,
-        referer: str | None, user_agent: str | None,
-    ) -> str:  # fmt: skip
+        remote: str | None,
+        request_line: str,
+        status: int,
+        length: int,
+        seconds: float,
+        referer: str | None,
+        user_agent: str | None,
+    ) -> str:
         return (
             f'{remote or "-"} [{TextAccessLogger.started(seconds)}] "{request_line}" {status} '
             f'{length} "{referer or "-"}" "{user_agent or "-"}"'
