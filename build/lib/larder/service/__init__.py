@@ -1,1 +1,0 @@
-"""The HTTP service: aiohttp app, routes per protocol, auth, error mapping, config, CLI."""
