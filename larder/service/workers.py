@@ -82,19 +82,19 @@ class SharedWriteCounter:
     """The narinfo write counters of all workers; this worker bumps only its own slot.
 
     ``value()`` is a snapshot of every slot: it changes whenever any worker stored a narinfo.
+    A worker started again in the same seat counts on from the slot's value, so a snapshot
+    never comes back.
     """
 
     def __init__(self, worker: Worker) -> None:
         self._slots = Slots(worker.directory / WRITES)
         self._index = worker.index
-        self._count = 0
 
     def value(self) -> object:
         return self._slots.snapshot()
 
     def bump(self) -> None:
-        self._count += 1
-        self._slots.set(self._index, self._count)
+        self._slots.set(self._index, self._slots.get(self._index) + 1)
 
 
 class Heartbeats:

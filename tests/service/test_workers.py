@@ -30,6 +30,15 @@ def test_a_narinfo_write_in_one_worker_changes_what_every_worker_sees(tmp_path: 
     assert Slots(tmp_path / "narinfo-writes").count == 3
 
 
+def test_a_worker_restarted_in_a_seat_never_repeats_a_snapshot(tmp_path: Path) -> None:
+    prepare(tmp_path, 2)
+    other = SharedWriteCounter(Worker(1, tmp_path))
+    SharedWriteCounter(Worker(0, tmp_path)).bump()
+    remembered = other.value()  # another worker remembers a miss as of this snapshot
+    SharedWriteCounter(Worker(0, tmp_path)).bump()  # the same seat, started again, stores one
+    assert other.value() != remembered
+
+
 def test_heartbeats_age_from_each_workers_own_beat(tmp_path: Path) -> None:
     prepare(tmp_path, 2)
     parent, worker = Heartbeats(tmp_path), Heartbeats(tmp_path)
