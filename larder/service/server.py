@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -220,7 +220,8 @@ class _Seat:
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     quick_exits: int = 0
-    restart_at: float | None = field(default=0.0)
+    #: When to start it (monotonic seconds); None while it runs or after giving up.
+    restart_at: float | None = 0.0
 
 
 class _Parent:

@@ -125,6 +125,8 @@ NIX_2XX = (
 
 def test_every_worker_serves_and_metrics_are_summed_across_workers(server: Larder) -> None:
     assert len(workers_of(server.pid)) == WORKERS
+    log = server.log()  # the start-up work ran once, in the parent
+    assert log.count("created cache 'main'") == 1 and log.count("larder serving on") == 1
     opened, by_worker = one_per_worker(server)
     for conn in by_worker.values():
         assert conn.request("GET", "/main/nix-cache-info")[0] == 200
