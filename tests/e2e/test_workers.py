@@ -203,7 +203,7 @@ def test_a_hung_worker_is_killed_and_replaced(server: Larder) -> None:
     try:
         now = wait_for_workers(server, before[0])
     finally:
-        if Path(f"/proc/{before[0]}").exists():
+        if before[0] in workers_of(server.pid):  # still the stopped worker (not a reused pid)
             os.kill(before[0], signal.SIGKILL)
     assert before[1] in now
     answers(server)
