@@ -42,7 +42,9 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     # Bodies reach the routes as sent: the Nix routes undo every coding Nix uses themselves
     # (aiohttp would undo gzip and deflate only, and keep the header), the others refuse one.
     app = web.Application(middlewares=[error_middleware], handler_args={"auto_decompress": False})
-    metrics = recording.install(app, storage.backend, worker)
+    metrics = recording.install(
+        app, storage.backend, str(worker.metrics_dir) if worker is not None else None
+    )
     storage = InstrumentedStorage(storage, metrics)
     executor = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="larder-io")
     app[state.CONFIG] = config

@@ -212,8 +212,8 @@ async def _bootstrap(config: Config, storage: Storage) -> None:
         )
 
 
-def _serve(config: Config) -> int:
-    return serve(config, _bootstrap)
+def _serve(config: Config, argv: Sequence[str]) -> int:
+    return serve(config, _bootstrap, [sys.executable, "-m", "larder", *argv])
 
 
 async def _token_create(args: argparse.Namespace, storage: Storage, config: Config) -> int:
@@ -348,12 +348,13 @@ async def _pin_command(args: argparse.Namespace, storage: Storage, config: Confi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         config = _config(args)
         logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
         if args.command == "serve":
-            return _serve(config)
+            return _serve(config, argv)
         handlers = {
             ("token", "create"): _token_create,
             ("token", "revoke"): _token_revoke,

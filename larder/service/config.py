@@ -171,6 +171,9 @@ class Config:
     max_connections: int = _setting(1000, _non_negative(int))
     # Server processes sharing the listening socket (0: one per CPU).
     workers: int = _setting(1, _non_negative(int))
+    # Seconds a worker's event loop may go without a heartbeat before the parent kills and
+    # replaces it (with workers > 1).
+    worker_timeout: float = _setting(30.0, _duration_at_least(1.0))
     # Event loop of each server process: "uvloop" (faster) or "asyncio" (the standard one).
     event_loop: str = _setting("uvloop", _one_of("uvloop", "asyncio"))
 
@@ -249,3 +252,42 @@ def load_config(
                 raise ConfigError(f"unknown flag {name!r}")
             values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
     return Config(**values)
+
+
+#: Environment variables the parent of a multi-process ``larder serve`` sets in each worker
+#: it starts (not settings: a worker reads its settings exactly as the parent did).
+WORKER_INDEX_ENV = "LARDER_WORKER_INDEX"
+WORKER_DIR_ENV = "LARDER_WORKER_DIR"
+WORKER_FD_ENV = "LARDER_WORKER_FD"
+
+
+@dataclass(frozen=True)
+class WorkerSeat:
+    """What a worker process is told by its parent: its index, the shared directory and the
+    descriptor of the listening socket it inherited."""
+
+    index: int
+    directory: str
+    listen_fd: int
+
+    def environ(self) -> dict[str, str]:
+        return {
+            WORKER_INDEX_ENV: str(self.index),
+            WORKER_DIR_ENV: self.directory,
+            WORKER_FD_ENV: str(self.listen_fd),
+        }
+
+
+def worker_seat(environ: Mapping[str, str] | None = None) -> WorkerSeat | None:
+    """The seat this process was started in by a multi-process server's parent, or ``None``."""
+    env = os.environ if environ is None else environ
+    if WORKER_INDEX_ENV not in env:
+        return None
+    try:
+        index, fd = int(env[WORKER_INDEX_ENV]), int(env.get(WORKER_FD_ENV, ""))
+    except ValueError:
+        raise ConfigError(f"{WORKER_INDEX_ENV} and {WORKER_FD_ENV} must be integers") from None
+    directory = env.get(WORKER_DIR_ENV, "")
+    if index < 0 or fd < 0 or not directory:
+        raise ConfigError(f"{WORKER_INDEX_ENV} is set without a valid worker seat")
+    return WorkerSeat(index, directory, fd)

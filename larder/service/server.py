@@ -1,12 +1,21 @@
-"""Running ``larder serve``: one process, or a supervisor and ``workers`` worker processes.
+"""Running ``larder serve``: one process, or a parent and ``workers`` worker processes.
 
-With ``workers = 1`` (the default) the process that was started serves. With more, it binds the
-listening socket, runs the start-up work once (creating cache ``main``, adopting signing keys),
-lays out a shared directory (:mod:`larder.service.workers`) and starts that many fresh
-interpreters (``python -m larder.service.server``) that inherit the socket and accept on it.
-It restarts a worker that dies (and gives up, stopping the rest, if one dies within
-:data:`MIN_UPTIME` seconds of its start), stops them all on SIGTERM or SIGINT, and removes the
-shared directory at the end. A worker whose supervisor is gone stops by itself.
+With ``workers = 1`` (the default) the process that was started serves. With more, it becomes
+a parent that serves nothing: it binds the listening socket, runs the start-up work once
+(creating cache ``main``, adopting signing keys), lays out a shared directory
+(:mod:`larder.service.workers`) and runs the same ``larder serve`` command that many times, each
+with the same flags, environment and config file plus its seat (index, shared directory,
+inherited socket: :func:`~larder.service.config.worker_seat`). Then it sleeps until a signal:
+
+* a worker exited (SIGCHLD): it is started again, at once if it had run :data:`MIN_UPTIME`
+  seconds, else after a back-off doubling from :data:`BACKOFF` seconds; after
+  :data:`MAX_QUICK_EXITS` quick exits in a row the parent gives up and stops the server;
+* a worker's heartbeat is older than ``worker_timeout`` (its event loop is blocked; checked
+  every :func:`check_interval`): it is killed (SIGKILL) and so replaced;
+* SIGTERM or SIGINT: every worker gets SIGTERM, finishes what it is answering (within
+  :data:`SHUTDOWN_TIMEOUT`) and exits; one still there after :data:`STOP_TIMEOUT` is killed.
+
+A worker whose parent is gone stops by itself.
 
 Each process runs its event loop on uvloop unless ``event_loop = "asyncio"``, writes its access log
 through :class:`~larder.service.observability.access_log.LineSink`, and starts every connection with
@@ -17,9 +26,9 @@ and hands everything else to the aiohttp application.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -27,15 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from larder.service import workers as shared
 from larder.service.app import build_app
-from larder.service.config import Config
+from larder.service.config import Config, WorkerSeat, worker_seat
 from larder.service.front.connection import FrontProtocol
 from larder.service.front.limits import (
     KEEPALIVE_TIMEOUT,
@@ -53,10 +62,20 @@ log = logging.getLogger("larder")
 
 Bootstrap = Callable[[Config, Storage], Awaitable[None]]
 
+#: A worker that exits sooner after its start is restarted only after a back-off.
 MIN_UPTIME = 5.0
+#: The first back-off in seconds; it doubles with each quick exit in a row, up to BACKOFF_MAX.
+BACKOFF = 0.5
+BACKOFF_MAX = 30.0
+#: Quick exits in a row of one worker after which the parent stops the server.
+MAX_QUICK_EXITS = 5
+#: Seconds a worker has, after its start, to beat its first heartbeat (at least worker_timeout).
+START_TIMEOUT = 60.0
+#: Seconds a stopping process waits for requests in progress before closing their connections.
+SHUTDOWN_TIMEOUT = 25.0
+#: Seconds the parent gives its workers to stop before it kills them.
 STOP_TIMEOUT = 30.0
 BACKLOG = 1024
-PARENT_CHECK = 1.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
@@ -75,8 +94,15 @@ def new_event_loop(config: Config) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def serve(config: Config, bootstrap: Bootstrap) -> int:
-    """Serve until SIGTERM or SIGINT; the exit status."""
+def serve(config: Config, bootstrap: Bootstrap, command: Sequence[str]) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status.
+
+    ``command`` is the ``larder serve`` command line that was run (the parent of a
+    multi-process server runs it again for each worker).
+    """
+    seat = worker_seat()
+    if seat is not None:
+        return _serve_worker(config, seat)
     count = worker_count(config)
     if count == 1:
         raise_open_file_limit(config.max_connections)
@@ -89,7 +115,7 @@ def serve(config: Config, bootstrap: Bootstrap) -> int:
         app.on_startup.append(on_startup)
         _run(config, app, _listen(config))
         return 0
-    return _supervise(config, count, bootstrap)
+    return _supervise(config, count, bootstrap, command)
 
 
 def _run(config: Config, app: web.Application, sock: socket.socket) -> None:
@@ -151,6 +177,7 @@ async def start(
         guard,
         access_log_class=logger.writing_to(sink),
         keepalive_timeout=KEEPALIVE_TIMEOUT,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
         auto_decompress=False,  # as the application asks (build_app): its server is remade here
     )
     await runner.setup()
@@ -180,7 +207,197 @@ def _listen(config: Config) -> socket.socket:
     return sock
 
 
-def _supervise(config: Config, count: int, bootstrap: Bootstrap) -> int:
+def check_interval(worker_timeout: float) -> float:
+    """Seconds between the parent's looks at the heartbeats."""
+    return max(worker_timeout / 4, 0.25)
+
+
+@dataclass
+class _Seat:
+    """One worker slot of the parent: the process in it and its recent history."""
+
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    quick_exits: int = 0
+    #: When to start it (monotonic seconds); None while it runs or after giving up.
+    restart_at: float | None = 0.0
+
+
+class _Parent:
+    """The parent of a multi-process server (see the module docstring)."""
+
+    def __init__(
+        self, config: Config, count: int, command: Sequence[str], sock: socket.socket
+    ) -> None:
+        self.command = list(command)
+        self.sock = sock
+        self.timeout = config.worker_timeout
+        self.directory = Path(tempfile.mkdtemp(prefix="larder-workers-"))
+        shared.prepare(self.directory, count)
+        self.heartbeats = shared.Heartbeats(self.directory)
+        self.seats = [_Seat(index) for index in range(count)]
+        self.status = 0
+
+    def run(self) -> int:
+        """Start the workers, keep them running until a stop signal, stop them; exit status."""
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(wake_write, False)
+        previous = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        # Each of these signals writes its number to the wake-up fd the parent sleeps on.
+        handlers = {signum: signal.signal(signum, _note) for signum in _WAKING}
+        try:
+            log.info("serving with %d worker processes", len(self.seats))
+            stopping = False
+            next_check = time.monotonic() + check_interval(self.timeout)
+            while not stopping:
+                now = time.monotonic()
+                self._start_due(now)
+                if self.status:
+                    break
+                due = [next_check] + [
+                    seat.restart_at for seat in self.seats if seat.restart_at is not None
+                ]
+                signums = _wait(wake_read, max(min(due) - time.monotonic(), 0.0))
+                stopping = bool(signums & {signal.SIGTERM, signal.SIGINT})
+                if stopping:
+                    log.info("stopping %d worker processes", len(self.seats))
+                    break
+                self._reap()
+                if time.monotonic() >= next_check:
+                    self._kill_hung()
+                    next_check = time.monotonic() + check_interval(self.timeout)
+            self._stop_all(wake_read)
+        finally:
+            signal.set_wakeup_fd(previous)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            os.close(wake_read)
+            os.close(wake_write)
+            shutil.rmtree(self.directory, ignore_errors=True)
+        return self.status
+
+    def _start_due(self, now: float) -> None:
+        for seat in self.seats:
+            if seat.restart_at is not None and seat.restart_at <= now:
+                self._start(seat)
+
+    def _start(self, seat: _Seat) -> None:
+        self.heartbeats.clear(seat.index)
+        worker_env = WorkerSeat(seat.index, str(self.directory), self.sock.fileno()).environ()
+        env = {
+            **os.environ,
+            **worker_env,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.directory / "metrics"),
+        }
+        try:
+            seat.proc = subprocess.Popen(self.command, env=env, pass_fds=(self.sock.fileno(),))
+        except OSError as exc:
+            log.error("cannot start worker %d: %s: stopping", seat.index, exc)
+            self.status = 1
+            return
+        seat.started = time.monotonic()
+        seat.restart_at = None
+
+    def _reap(self) -> None:
+        """Note every worker that exited and plan its restart (or give up)."""
+        for seat in self.seats:
+            if seat.proc is None or seat.proc.poll() is None:
+                continue
+            code, pid = seat.proc.returncode, seat.proc.pid
+            seat.proc = None
+            _forget(self.directory, pid)
+            uptime = time.monotonic() - seat.started
+            if uptime >= MIN_UPTIME:
+                seat.quick_exits = 0
+                delay = 0.0
+            else:
+                seat.quick_exits += 1
+                if seat.quick_exits >= MAX_QUICK_EXITS:
+                    log.error(
+                        "worker %d exited with status %d %d times in a row within %.0f s of "
+                        "its start: giving up, stopping the server",
+                        seat.index,
+                        code,
+                        seat.quick_exits,
+                        MIN_UPTIME,
+                    )
+                    self.status = 1
+                    continue
+                delay = min(BACKOFF * 2 ** (seat.quick_exits - 1), BACKOFF_MAX)
+            log.warning(
+                "worker %d (pid %d) exited with status %d after %.1f s: restarting it in %.1f s",
+                seat.index,
+                pid,
+                code,
+                uptime,
+                delay,
+            )
+            seat.restart_at = time.monotonic() + delay
+
+    def _kill_hung(self) -> None:
+        """Kill every worker whose heartbeat is too old (its exit then restarts it)."""
+        for seat in self.seats:
+            if seat.proc is None or seat.proc.returncode is not None:
+                continue
+            age = self.heartbeats.age(seat.index)
+            if age is None:
+                limit = max(START_TIMEOUT, self.timeout)
+                age = time.monotonic() - seat.started
+            else:
+                limit = self.timeout
+            if age > limit:
+                log.error(
+                    "worker %d (pid %d) sent no heartbeat for %.1f s: killing it",
+                    seat.index,
+                    seat.proc.pid,
+                    age,
+                )
+                seat.proc.kill()
+
+    def _stop_all(self, wake_read: int) -> None:
+        """SIGTERM every worker; wait for them (SIGKILL after :data:`STOP_TIMEOUT`)."""
+        live = [seat.proc for seat in self.seats if seat.proc is not None]
+        for proc in live:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while any(proc.poll() is None for proc in live):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for proc in live:
+                    if proc.poll() is None:
+                        log.error("worker pid %d did not stop in time: killing it", proc.pid)
+                        proc.kill()
+                        proc.wait()
+                break
+            _wait(wake_read, left)
+        for proc in live:
+            _forget(self.directory, proc.pid)
+
+
+_WAKING = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+
+
+def _note(signum: int, frame: object) -> None:
+    """A Python-level handler, so that the signal reaches the wake-up fd."""
+
+
+def _wait(wake_read: int, timeout: float) -> set[int]:
+    """Sleep until a signal arrives or ``timeout`` seconds pass; the signals that arrived."""
+    ready, _, _ = select.select([wake_read], [], [], timeout)
+    signums: set[int] = set()
+    if ready:
+        try:
+            while chunk := os.read(wake_read, 64):
+                signums.update(chunk)
+        except BlockingIOError:
+            pass
+    return signums
+
+
+def _supervise(config: Config, count: int, bootstrap: Bootstrap, command: Sequence[str]) -> int:
     async def start_up() -> None:
         storage = open_storage(config.storage, zstd_level=config.zstd_level)
         try:
@@ -189,66 +406,11 @@ def _supervise(config: Config, count: int, bootstrap: Bootstrap) -> int:
             await storage.close()
 
     sock = _listen(config)
-    asyncio.run(start_up())
-    directory = Path(tempfile.mkdtemp(prefix="larder-workers-"))
-    shared.prepare(directory, count)
-    stopping: list[int] = []
-
-    def stop(signum: int, frame: object) -> None:
-        stopping.append(signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    procs: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
-    status = 0
     try:
-        for index in range(count):
-            worker = shared.Worker(index, count, directory)
-            procs[index] = (_spawn(config, worker, sock), time.monotonic())
-        log.info("serving with %d worker processes", count)
-        while not stopping:
-            time.sleep(0.2)
-            for index, (proc, started) in list(procs.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                _forget(directory, proc.pid)
-                if code == 0 or time.monotonic() - started < MIN_UPTIME:
-                    log.error("worker %d exited with status %d: stopping", index, code)
-                    status = 0 if code == 0 else 1
-                    stopping.append(0)
-                    break
-                log.warning("worker %d exited with status %d: restarting it", index, code)
-                worker = shared.Worker(index, count, directory)
-                procs[index] = (_spawn(config, worker, sock), time.monotonic())
+        asyncio.run(start_up())
+        return _Parent(config, count, command, sock).run()
     finally:
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc, _ in procs.values():
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         sock.close()
-        shutil.rmtree(directory, ignore_errors=True)
-    return status
-
-
-def _spawn(config: Config, worker: shared.Worker, sock: socket.socket) -> subprocess.Popen[bytes]:
-    spec = {
-        "config": asdict(config),
-        "index": worker.index,
-        "count": worker.count,
-        "directory": str(worker.directory),
-        "fd": sock.fileno(),
-        "parent": os.getpid(),
-    }
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(worker.metrics_dir)}
-    argv = [sys.executable, "-m", "larder.service.server", json.dumps(spec)]
-    return subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(),))
 
 
 def _forget(directory: Path, pid: int) -> None:
@@ -258,32 +420,29 @@ def _forget(directory: Path, pid: int) -> None:
     multiprocess.mark_process_dead(pid, str(directory / "metrics"))  # type: ignore[no-untyped-call]
 
 
-def _worker_main(spec_text: str) -> int:
-    spec = json.loads(spec_text)
-    config = Config(**spec["config"])
-    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+def _serve_worker(config: Config, seat: WorkerSeat) -> int:
+    """Serve as worker ``seat.index`` of a multi-process server, on the inherited socket."""
     raise_open_file_limit(config.max_connections)
-    worker = shared.Worker(spec["index"], spec["count"], Path(spec["directory"]))
-    sock = socket.socket(fileno=spec["fd"])
+    worker = shared.Worker(seat.index, Path(seat.directory))
+    heartbeats = shared.Heartbeats(worker.directory)
+    sock = socket.socket(fileno=seat.listen_fd)
     storage = open_storage(config.storage, zstd_level=config.zstd_level)
     app = build_app(config, storage, worker=worker)
-    parent = spec["parent"]
+    parent = os.getppid()
+    interval = shared.heartbeat_interval(config.worker_timeout)
 
-    async def watch_parent(app: web.Application) -> AsyncIterator[None]:
-        async def check() -> None:
+    async def heartbeat(app: web.Application) -> AsyncIterator[None]:
+        async def beat() -> None:
             while os.getppid() == parent:
-                await asyncio.sleep(PARENT_CHECK)
-            log.warning("worker %d: the supervisor is gone, stopping", worker.index)
+                heartbeats.beat(worker.index)
+                await asyncio.sleep(interval)
+            log.warning("worker %d: the parent process is gone, stopping", worker.index)
             os.kill(os.getpid(), signal.SIGTERM)
 
-        task = asyncio.create_task(check())
+        task = asyncio.create_task(beat())
         yield
         task.cancel()
 
-    app.cleanup_ctx.append(watch_parent)
+    app.cleanup_ctx.append(heartbeat)
     _run(config, app, sock)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1]))

@@ -1,6 +1,7 @@
 """What the worker processes of one ``larder serve`` share (``workers`` > 1).
 
-The supervisor creates one directory per server and gives every worker its index and the path:
+The parent (:mod:`larder.service.server`) creates one directory per server; every worker gets
+its index and the path in its environment (:func:`larder.service.config.worker_seat`):
 
 * ``metrics/``: prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``), so any
   worker's ``GET /metrics`` shows the sums over all workers;
@@ -8,6 +9,9 @@ The supervisor creates one directory per server and gives every worker its index
   A worker that remembered a served narinfo miss drops it once any counter moved, so a path
   uploaded through one worker is never answered 404 by another (positive entries are bounded by
   ``refresh_interval``, as between replicas);
+* ``heartbeats``: one 8-byte slot per worker, ``CLOCK_MONOTONIC`` nanoseconds written by that
+  worker's event loop every :func:`heartbeat_interval`; 0 until the worker has started serving.
+  The parent kills a worker whose slot is older than ``worker_timeout``.
 
 Hit statistics (``/api/v1/caches/<cache>/stats``) stay per process: with several workers they
 count what the answering worker served, and say so in their ``scope``.
@@ -17,53 +21,96 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-COUNTER_SIZE = 8
+SLOT_SIZE = 8
+WRITES = "narinfo-writes"
+HEARTBEATS = "heartbeats"
+
+
+def heartbeat_interval(worker_timeout: float) -> float:
+    """Seconds between a worker's heartbeats: several within ``worker_timeout``, at most 1."""
+    return min(1.0, worker_timeout / 4)
+
+
+def prepare(directory: Path, count: int) -> None:
+    """Lay out a new shared directory for ``count`` workers (the parent does this once)."""
+    (directory / "metrics").mkdir(parents=True, exist_ok=True)
+    for name in (WRITES, HEARTBEATS):
+        (directory / name).write_bytes(bytes(SLOT_SIZE * count))
+
+
+class Slots:
+    """A file of 8-byte little-endian slots, one per worker, mapped shared."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or size % SLOT_SIZE:
+                raise ValueError(f"{path} is not a file of {SLOT_SIZE}-byte slots")
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.count = size // SLOT_SIZE
+
+    def get(self, index: int) -> int:
+        return int.from_bytes(self._map[SLOT_SIZE * index : SLOT_SIZE * (index + 1)], "little")
+
+    def set(self, index: int, value: int) -> None:
+        self._map[SLOT_SIZE * index : SLOT_SIZE * (index + 1)] = value.to_bytes(SLOT_SIZE, "little")
+
+    def snapshot(self) -> bytes:
+        return self._map[:]
 
 
 @dataclass(frozen=True)
 class Worker:
-    """One worker process: its index among ``count`` and the server's shared directory."""
+    """One worker process: its index and the server's shared directory."""
 
     index: int
-    count: int
     directory: Path
 
     @property
     def metrics_dir(self) -> Path:
         return self.directory / "metrics"
 
-    @property
-    def writes_path(self) -> Path:
-        return self.directory / "narinfo-writes"
-
-
-def prepare(directory: Path, count: int) -> None:
-    """Lay out a new shared directory for ``count`` workers (the supervisor does this once)."""
-    (directory / "metrics").mkdir(parents=True, exist_ok=True)
-    (directory / "narinfo-writes").write_bytes(bytes(COUNTER_SIZE * count))
-
 
 class SharedWriteCounter:
     """The narinfo write counters of all workers; this worker bumps only its own slot.
 
     ``value()`` is a snapshot of every slot: it changes whenever any worker stored a narinfo.
+    A worker started again in the same seat counts on from the slot's value, so a snapshot
+    never comes back.
     """
 
     def __init__(self, worker: Worker) -> None:
-        fd = os.open(worker.writes_path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            self._map = mmap.mmap(fd, COUNTER_SIZE * worker.count)
-        finally:
-            os.close(fd)
-        self._slot = slice(COUNTER_SIZE * worker.index, COUNTER_SIZE * (worker.index + 1))
-        self._count = 0
+        self._slots = Slots(worker.directory / WRITES)
+        self._index = worker.index
 
     def value(self) -> object:
-        return self._map[:]
+        return self._slots.snapshot()
 
     def bump(self) -> None:
-        self._count += 1
-        self._map[self._slot] = self._count.to_bytes(COUNTER_SIZE, "little")
+        self._slots.set(self._index, self._slots.get(self._index) + 1)
+
+
+class Heartbeats:
+    """The workers' heartbeat slots: each worker beats its own, the parent reads their ages."""
+
+    def __init__(self, directory: Path) -> None:
+        self._slots = Slots(directory / HEARTBEATS)
+
+    def beat(self, index: int) -> None:
+        self._slots.set(index, time.monotonic_ns())
+
+    def clear(self, index: int) -> None:
+        """A new worker takes slot ``index``: no heartbeat yet."""
+        self._slots.set(index, 0)
+
+    def age(self, index: int) -> float | None:
+        """Seconds since worker ``index`` last beat; ``None`` if it has not yet."""
+        last = self._slots.get(index)
+        return None if last == 0 else (time.monotonic_ns() - last) / 1e9

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPConnection
@@ -176,7 +176,10 @@ class Larder:
 
 @contextmanager
 def larder_server(
-    storage: str, workdir: Path, extra_env: Mapping[str, str] | None = None
+    storage: str,
+    workdir: Path,
+    extra_env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Larder]:
     port = free_port()
     env = {**os.environ, **(extra_env or {})}
@@ -184,7 +187,7 @@ def larder_server(
     log_path = workdir / f"larder-{port}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [*LARDER, "serve", "--listen", f"127.0.0.1:{port}", "--storage", storage],
+            [*LARDER, "serve", "--listen", f"127.0.0.1:{port}", "--storage", storage, *extra_args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

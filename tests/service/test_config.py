@@ -13,9 +13,11 @@ from larder.service.config import (
     PARSE,
     Config,
     ConfigError,
+    WorkerSeat,
     load_config,
     parse_listen,
     parse_size,
+    worker_seat,
 )
 from larder.service.server import worker_count
 
@@ -140,6 +142,24 @@ def test_workers_and_event_loop_from_env_file_and_flag(tmp_path: Path) -> None:
         load_config({}, environ={"LARDER_WORKERS": "-1"})
     with pytest.raises(ConfigError, match="LARDER_EVENT_LOOP: bad value for event_loop"):
         load_config({}, environ={"LARDER_EVENT_LOOP": "tokio"})
+    assert Config().worker_timeout == 30.0
+    with pytest.raises(ConfigError, match="LARDER_WORKER_TIMEOUT: bad value for worker_timeout"):
+        load_config({}, environ={"LARDER_WORKER_TIMEOUT": "0.5"})
+
+
+def test_a_worker_seat_comes_from_the_environment_its_parent_set() -> None:
+    assert worker_seat({}) is None
+    assert worker_seat({"LARDER_WORKERS": "2"}) is None  # a setting, not a seat
+    seat = WorkerSeat(1, "/tmp/shared", 3)
+    assert worker_seat(seat.environ()) == seat
+    for bad in (
+        {"LARDER_WORKER_INDEX": "1"},
+        {"LARDER_WORKER_INDEX": "x", "LARDER_WORKER_FD": "3", "LARDER_WORKER_DIR": "/d"},
+        {"LARDER_WORKER_INDEX": "-1", "LARDER_WORKER_FD": "3", "LARDER_WORKER_DIR": "/d"},
+        {"LARDER_WORKER_INDEX": "0", "LARDER_WORKER_FD": "3", "LARDER_WORKER_DIR": ""},
+    ):
+        with pytest.raises(ConfigError, match="LARDER_WORKER_INDEX"):
+            worker_seat(bad)
 
 
 def _toml(value: object) -> str:
@@ -184,6 +204,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "header_timeout": ("0", 1.5, None),
     "max_connections": ("64", 64, 64),
     "workers": ("0", 4, None),
+    "worker_timeout": ("2m", 5, 120.0),
     "event_loop": ("asyncio", "AsyncIO", "asyncio"),
 }
 EXPECTED_FROM_TEXT: dict[str, object] = {
@@ -209,6 +230,7 @@ EXPECTED_FROM_FILE: dict[str, object] = {
     "use_flush_interval": 2.0,
     "header_timeout": 1.5,
     "workers": 4,
+    "worker_timeout": 5.0,
 }
 
 

@@ -26,7 +26,6 @@ from larder.service.observability.metrics import (
     Metrics,
 )
 from larder.service.state import HITS, METRICS, TALLY
-from larder.service.workers import Worker
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -158,11 +157,12 @@ async def get_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def install(app: web.Application, backend: str, worker: Worker | None = None) -> Metrics:
-    """Create the registry and statistics, and hook them into ``app``."""
-    metrics = Metrics(backend, str(worker.metrics_dir) if worker is not None else None)
+def install(app: web.Application, backend: str, multiprocess_dir: str | None = None) -> Metrics:
+    """Create the registry and statistics, and hook them into ``app``; ``multiprocess_dir``:
+    this process is one worker of several, which share their metrics there."""
+    metrics = Metrics(backend, multiprocess_dir)
     app[METRICS] = metrics
-    app[HITS] = HitStats() if worker is None else HitStats(scope=WORKER_SCOPE)
+    app[HITS] = HitStats() if multiprocess_dir is None else HitStats(scope=WORKER_SCOPE)
     app[TALLY] = AnswerTally(metrics, app[HITS])
     app.middlewares.insert(0, metrics_middleware)  # outermost: it sees the final status
     app.on_response_prepare.append(count_sent)

@@ -1,0 +1,63 @@
+"""The files the worker processes of one server share: write counters and heartbeats."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from larder.service.workers import (
+    Heartbeats,
+    SharedWriteCounter,
+    Slots,
+    Worker,
+    heartbeat_interval,
+    prepare,
+)
+
+
+def test_a_narinfo_write_in_one_worker_changes_what_every_worker_sees(tmp_path: Path) -> None:
+    prepare(tmp_path, 3)
+    first, second = SharedWriteCounter(Worker(0, tmp_path)), SharedWriteCounter(Worker(2, tmp_path))
+    seen = second.value()
+    assert first.value() == seen
+    first.bump()
+    assert second.value() != seen
+    moved = second.value()
+    second.bump()
+    assert first.value() != moved
+    assert Slots(tmp_path / "narinfo-writes").count == 3
+
+
+def test_a_worker_restarted_in_a_seat_never_repeats_a_snapshot(tmp_path: Path) -> None:
+    prepare(tmp_path, 2)
+    other = SharedWriteCounter(Worker(1, tmp_path))
+    SharedWriteCounter(Worker(0, tmp_path)).bump()
+    remembered = other.value()  # another worker remembers a miss as of this snapshot
+    SharedWriteCounter(Worker(0, tmp_path)).bump()  # the same seat, started again, stores one
+    assert other.value() != remembered
+
+
+def test_heartbeats_age_from_each_workers_own_beat(tmp_path: Path) -> None:
+    prepare(tmp_path, 2)
+    parent, worker = Heartbeats(tmp_path), Heartbeats(tmp_path)
+    assert parent.age(0) is None and parent.age(1) is None  # not started serving yet
+    worker.beat(1)
+    time.sleep(0.05)
+    age = parent.age(1)
+    assert age is not None and 0.05 <= age < 5
+    assert parent.age(0) is None
+    parent.clear(1)  # a new worker in the seat
+    assert parent.age(1) is None
+
+
+def test_a_file_that_is_not_slots_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "heartbeats").write_bytes(b"123")
+    with pytest.raises(ValueError, match="8-byte slots"):
+        Heartbeats(tmp_path)
+
+
+def test_workers_beat_several_times_within_the_timeout() -> None:
+    assert heartbeat_interval(30.0) == 1.0
+    assert heartbeat_interval(2.0) == 0.5
