@@ -312,3 +312,67 @@ async def test_a_large_blob_is_handed_to_the_disk_while_it_is_written(
     assert ranges[0][0] == 0
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))  # contiguous
     assert decompress(await read_stored(storage, info.blob_id)) == data
+
+
+def _record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every file and directory fsync from now on, as ("file", name) or ("dir", path)."""
+    synced: list[tuple[str, str]] = []
+    real_fsync, real_fsync_dir = os.fsync, disk_module._fsync_dir
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not os.path.isdir(name):  # directories are noted by fsync_dir
+            synced.append(("file", name))
+        real_fsync(fd)
+
+    def fsync_dir(path: Path) -> None:
+        synced.append(("dir", str(path)))
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(disk_module.os, "fsync", fsync)
+    monkeypatch.setattr(disk_module, "_fsync_dir", fsync_dir)
+    return synced
+
+
+async def test_pending_names_are_synced_by_persist_bytes_before_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = DiskStorage(tmp_path)
+    await storage.put("a/first", b"created the directory")
+    writer = storage.blob_writer()
+    writer.write(b"blob bytes")
+    blob_id = blob_id_of(b"blob bytes")
+    await storage.put("a/warm", b"")  # the blob's directory exists before the measured commit
+    writer.commit(sync_name=False)
+    blob_dir = str(tmp_path / "blobs" / blob_id[:2])
+    synced = _record_syncs(monkeypatch)
+    await storage.put_pending("a/record", b"{}")
+    assert await storage.get("a/record") == b"{}"  # visible at once
+    object_dir = str(tmp_path / "objects" / "a")
+    # Its bytes were synced (in a temporary, before the rename), its directory not yet.
+    assert [kind for kind, _ in synced] == ["file"]
+    synced.clear()
+    await storage.persist(["a/record", "a/first"], [blob_id])
+    assert sorted(synced) == sorted([("dir", object_dir), ("dir", blob_dir)])  # one per directory
+    synced.clear()
+    await storage.persist(["gone/key"], [])  # a directory that is not there: nothing to do
+    assert synced == [("dir", str(tmp_path / "objects" / "gone"))]
+
+
+async def test_a_blob_committed_without_its_name_synced_still_syncs_its_bytes_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = DiskStorage(tmp_path)
+    await write_blob(storage, b"first, which creates the directory")
+    synced = _record_syncs(monkeypatch)
+    writer = storage.blob_writer()
+    writer.write(b"first, which creates the directoryX")
+    info = writer.commit(sync_name=False)
+    kinds = [kind for kind, _ in synced]
+    blob_dir = str(tmp_path / "blobs" / info.blob_id[:2])
+    assert kinds[0] == "file" and ("dir", blob_dir) not in synced
+    synced.clear()
+    writer = storage.blob_writer()
+    writer.write(b"third")
+    info = writer.commit()
+    assert synced[-1][0] == "dir" and synced[-1][1].startswith(str(tmp_path / "blobs"))
