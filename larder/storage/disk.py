@@ -10,7 +10,10 @@ Nothing is ever written to a final name. A blob is written to a temporary create
 ``O_CREAT | O_EXCL`` under ``tmp/``, fsynced, then hard-linked to its final name (if that name
 exists, the content is identical: the temporary is dropped and the existing file's mtime is set
 to now, so garbage collection sees the content as fresh) and its directory fsynced. An
-object is written to a temporary, fsynced and ``os.replace``d over its name; ``put_if_absent``
+object is written to a temporary, fsynced and ``os.replace``d over its name, and its directory
+fsynced. ``put_pending`` and ``commit(sync_name=False)`` skip that last directory fsync and
+leave it to a later ``persist`` (one fsync per directory for any number of names; a directory
+created on the way is synced at once); ``put_if_absent``
 hard-links the temporary instead, which fails if the name exists, so exactly one racer wins.
 ``tmp/`` and the final names are on one filesystem, which is what makes link and rename atomic.
 
