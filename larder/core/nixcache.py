@@ -222,11 +222,7 @@ class NixCache:
                     f"{nix32.encode(digest.file_sha256)}, its name says {file_hash}"
                 )
             kept = digest.file_sha256 if keeps_upload(compression) else None
-            # The blob's and the records' names are made durable by the narinfo that names
-            # them (put_narinfo), one directory flush for several names.
-            blob = await self._run(
-                functools.partial(writer.commit, stored_sha256=kept, sync_name=False)
-            )
+            blob = await self._run(functools.partial(writer.commit, stored_sha256=kept))
         stored_sha256 = blob.stored_sha256 or await self._stored_sha256(blob.blob_id)
         if stored_sha256 is None:
             raise StorageError(f"blob {blob.blob_id} vanished right after its commit")
@@ -240,13 +236,13 @@ class NixCache:
             nix32.encode(stored_sha256),
             uploaded_as,
         )
-        writes = [self._storage.put_pending(keys.nar(cache.name, nar_hash), record.to_json())]
+        writes = [self._storage.put(keys.nar(cache.name, nar_hash), record.to_json())]
         if uploaded_as is not None:
-            # Written side by side: a record whose name record failed to appear (or was lost
-            # in a crash) only means a HEAD of that name finds nothing.
+            # Written side by side (each put waits for its fsync): a record whose name record
+            # failed to appear only means a HEAD of that name finds nothing.
             alias = NarFileRecord(nar_hash, compression)
             writes.append(
-                self._storage.put_pending(keys.nar_file(cache.name, uploaded_as), alias.to_json())
+                self._storage.put(keys.nar_file(cache.name, uploaded_as), alias.to_json())
             )
         await asyncio.gather(*writes)
         self._records.forget(cache.name, nar_hash)
@@ -343,10 +339,8 @@ class NixCache:
                 f"NarSize {info.nar_size} does not match the uploaded NAR's {record.nar_size}"
             )
         others = [ref for ref in info.references if ref.hash != store_hash]
-        # The NAR's blob and record become durable before the narinfo naming them is written.
-        durable = self._storage.persist([keys.nar(cache.name, nar_hash)], [record.blob_id])
-        _, *present = await asyncio.gather(
-            durable, *(self._storage.exists(keys.narinfo(cache.name, ref.hash)) for ref in others)
+        present = await asyncio.gather(
+            *(self._storage.exists(keys.narinfo(cache.name, ref.hash)) for ref in others)
         )
         missing = [ref.base for ref, ok in zip(others, present, strict=True) if not ok]
         if missing:

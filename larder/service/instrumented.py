@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from larder.errors import StorageError
@@ -36,15 +36,11 @@ class _CountedWriter(BlobWriter):
         return self._inner.size
 
     def commit(
-        self,
-        expected_id: str | None = None,
-        *,
-        stored_sha256: bytes | None = None,
-        sync_name: bool = True,
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
     ) -> BlobInfo:
         self._metrics.backend_ops.labels(self._metrics.backend, "blob_write").inc()
         try:
-            return self._inner.commit(expected_id, stored_sha256=stored_sha256, sync_name=sync_name)
+            return self._inner.commit(expected_id, stored_sha256=stored_sha256)
         except StorageError:
             self._metrics.backend_errors.labels(self._metrics.backend, "blob_write").inc()
             raise
@@ -106,12 +102,6 @@ class InstrumentedStorage(Storage):
 
     async def put(self, key: str, data: bytes) -> None:
         await self._count("put", self.inner.put(key, data))
-
-    async def put_pending(self, key: str, data: bytes) -> None:
-        await self._count("put_pending", self.inner.put_pending(key, data))
-
-    async def persist(self, keys: Sequence[str] = (), blob_ids: Sequence[str] = ()) -> None:
-        await self._count("persist", self.inner.persist(keys, blob_ids))
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         return await self._count("put_if_absent", self.inner.put_if_absent(key, data))

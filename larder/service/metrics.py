@@ -79,8 +79,6 @@ GC_RESULTS = ("completed", "busy", "failed")
 BACKEND_OPERATIONS = (
     "get",
     "put",
-    "put_pending",
-    "persist",
     "put_if_absent",
     "exists",
     "delete",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -185,17 +185,9 @@ class BlobWriter(ABC):
 
     @abstractmethod
     def commit(
-        self,
-        expected_id: str | None = None,
-        *,
-        stored_sha256: bytes | None = None,
-        sync_name: bool = True,
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
     ) -> BlobInfo:
         """Finish the stream and make the blob visible under its BLAKE3 id.
-
-        The blob's bytes are durable before its name appears. With ``sync_name`` false its
-        name may become durable only at a later :meth:`Storage.persist` naming the blob: a crash
-        before that loses the blob whole, never leaves part of it.
 
         Idempotent with respect to content: if the blob already exists the temporary object is
         discarded and the existing blob is kept, but its modification time is refreshed (so a
@@ -300,23 +292,6 @@ class Storage(ABC):
     @abstractmethod
     async def put(self, key: str, data: bytes) -> None:
         """Create or atomically replace an object."""
-
-    async def put_pending(self, key: str, data: bytes) -> None:
-        """:meth:`put`, except that the object's name may become durable only at a later
-        :meth:`persist` naming ``key`` (its bytes are durable before the name appears, so a
-        crash loses the object whole or not at all). Backends whose writes are durable when
-        they return simply put."""
-        await self.put(key, data)
-
-    async def persist(self, keys: Sequence[str] = (), blob_ids: Sequence[str] = ()) -> None:
-        """Make the names of these objects and blobs durable, as written so far by
-        :meth:`put_pending` and by commits with ``sync_name`` false; missing ones are ignored.
-
-        Whoever makes visible something that names them (a narinfo naming a NAR) calls this
-        first. One call may cover many names with one flush per directory. A no-op for backends
-        whose writes are durable when they return.
-        """
-        return None
 
     @abstractmethod
     async def put_if_absent(self, key: str, data: bytes) -> bool:

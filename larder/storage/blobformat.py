@@ -174,8 +174,6 @@ class EncodingBlobWriter(BlobWriter):
             self._encoder = BlobEncoder(self._hashed_sink, level=level, threads=threads)
         self._encoded = encoded
         self._state = _State.OPEN
-        #: Whether :meth:`_publish` makes the blob's name durable (``commit``'s ``sync_name``).
-        self._sync_name = True
 
     def _hashed_sink(self, piece: bytes) -> None:
         self._stored_hash.update(piece)
@@ -228,14 +226,9 @@ class EncodingBlobWriter(BlobWriter):
             raise
 
     def commit(
-        self,
-        expected_id: str | None = None,
-        *,
-        stored_sha256: bytes | None = None,
-        sync_name: bool = True,
+        self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
     ) -> BlobInfo:
         self._check_open()
-        self._sync_name = sync_name
         try:
             blob_id = self._encoder.finish()
             if expected_id is not None and blob_id != expected_id:

@@ -10,10 +10,7 @@ Nothing is ever written to a final name. A blob is written to a temporary create
 ``O_CREAT | O_EXCL`` under ``tmp/``, fsynced, then hard-linked to its final name (if that name
 exists, the content is identical: the temporary is dropped and the existing file's mtime is set
 to now, so garbage collection sees the content as fresh) and its directory fsynced. An
-object is written to a temporary, fsynced and ``os.replace``d over its name, and its directory
-fsynced. ``put_pending`` and ``commit(sync_name=False)`` skip that last directory fsync and
-leave it to a later ``persist`` (one fsync per directory for any number of names; a directory
-created on the way is synced at once); ``put_if_absent``
+object is written to a temporary, fsynced and ``os.replace``d over its name; ``put_if_absent``
 hard-links the temporary instead, which fails if the name exists, so exactly one racer wins.
 ``tmp/`` and the final names are on one filesystem, which is what makes link and rename atomic.
 
@@ -48,8 +45,8 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, cast
 
@@ -210,9 +207,8 @@ class _DiskBlobWriter(EncodingBlobWriter):
                         pass
                     kept_size = os.stat(final).st_size
             self._temp.unlink(missing_ok=True)
-            if self._sync_name:
-                _fsync_dir(final.parent)
-            if created:  # a new directory's own name is synced now: persist only syncs names
+            _fsync_dir(final.parent)
+            if created:
                 _fsync_dir(final.parent.parent)
         return kept_size, own
 
@@ -479,57 +475,25 @@ class DiskStorage(Storage):
         with _os_errors("get"):
             return await asyncio.to_thread(self._get_sync, path)
 
-    def _put_sync(self, path: Path, data: bytes, sync_name: bool = True) -> None:
+    def _put_sync(self, path: Path, data: bytes) -> None:
         temp = self._write_temp(data)
         try:
-            created = self._make_parent(path)
+            self._make_parent(path)
             try:
                 os.replace(temp, path)
             except IsADirectoryError:
                 raise StorageError(
                     "disk storage: a key cannot also be the directory of another key"
                 ) from None
-            if sync_name:
-                _fsync_dir(path.parent)
-            if created:
-                self._fsync_new_parents(path.parent)
+            _fsync_dir(path.parent)
         except BaseException:
             _unlink_quietly(temp)
             raise
-
-    def _fsync_new_parents(self, directory: Path) -> None:
-        """Sync the names of directories just created above ``directory`` (up to ``objects/``),
-        so that :meth:`persist` only ever needs to sync an object's own directory."""
-        while directory != self._objects and directory != directory.parent:
-            directory = directory.parent
-            _fsync_dir(directory)
 
     async def put(self, key: str, data: bytes) -> None:
         path = self._object_path(key)
         with _os_errors("put"):
             await asyncio.to_thread(self._put_sync, path, data)
-
-    async def put_pending(self, key: str, data: bytes) -> None:
-        """The object's bytes are fsynced before its rename; the directory is fsynced by the
-        next :meth:`persist` naming it (or by any later write in the same directory)."""
-        path = self._object_path(key)
-        with _os_errors("put"):
-            await asyncio.to_thread(self._put_sync, path, data, False)
-
-    async def persist(self, keys: Sequence[str] = (), blob_ids: Sequence[str] = ()) -> None:
-        """One fsync per distinct directory holding these names, side by side."""
-        directories = {self._object_path(key).parent for key in keys}
-        for blob_id in blob_ids:
-            directories.add(self._blob_path(check_blob_id(blob_id)).parent)
-        with _os_errors("persist"):
-            await asyncio.gather(
-                *(asyncio.to_thread(self._fsync_dir_if_present, d) for d in directories)
-            )
-
-    @staticmethod
-    def _fsync_dir_if_present(directory: Path) -> None:
-        with suppress(*_MISSING):
-            _fsync_dir(directory)
 
     def _put_if_absent_sync(self, path: Path, data: bytes) -> bool:
         if path.exists():
