@@ -25,8 +25,12 @@ hit writes the outputs atomically into ``--out-dir`` (dep-info rewritten to this
 modes as recorded, so binaries stay executable), replays rustc's stdout and stderr and exits 0.
 On a miss it runs rustc with ``--remap-path-prefix`` for each root (as it does for every
 compilation it runs, so outputs are the same from any directory), passes its output through as it
-comes, and with a token uploads the outputs, refusing any that still contain one of this
-machine's root paths, and then the key's inputs document. A miss is explained by comparing its
+comes, takes the key from the dep-info file that compilation wrote, and with a token queues the
+outputs, snapshot, for the detached uploader (:mod:`larder.client.uploads`: blobs, manifest,
+direct entry, inputs document), refusing any that still contain one of this machine's root
+paths. A miss the direct entries could not key (some exist, none matched) costs a
+``--emit=dep-info`` run first, to look up its key; with no direct entry at all there is nothing
+under any key and rustc runs once. A miss is explained by comparing its
 inputs with those the cache stored for the same crate (:mod:`larder.client.explain`). A linked
 crate (binary, proc-macro, dylib, cdylib) it uploads is compiled
 with ``--print=link-args=FILE`` too, which tells the shim what the link read
