@@ -117,9 +117,11 @@ def start_uploader(spool: Path, environ: dict[str, str]) -> None:
 
     if uploader_running(spool):
         return
+    spool = spool.absolute()  # it runs in / (the build's directory may go away first)
     subprocess.Popen(
         [sys.executable, "-m", "larder.client.uploads", str(spool)],
-        env=environ,
+        cwd="/",
+        env={**environ, "LARDER_STATE_DIR": str(spool.parents[1])},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
