@@ -532,6 +532,15 @@ class Invocation:
                     own = self.own_inputs(base)
             except KEY_ERRORS as exc:
                 self._failed(outcome, exc)
+        if self.unkeyed and isinstance(own, OwnKey) and remote is not None:
+            # The lookup the dep-info run would have made: the cache counts the crate's miss
+            # (for its most-missed crates and hit rates). Nothing can be stored under it.
+            try:
+                with Phase(self.phases, "lookup"):
+                    remote.get_manifest(own.key, self.compilation.crate_name)
+                outcome.key = own.key
+            except REMOTE_ERRORS:
+                pass  # the miss stands; the upload will meet the same server
         if outcome.counters.get("misses") and remote is not None:
             with Phase(self.phases, "explain"):
                 self.explain(remote, base, outcome)
