@@ -5,7 +5,10 @@ workspace is built again with an empty target directory, once in CI's directory 
 different directory ("a laptop"), which is where sccache's keys (they include absolute paths)
 miss. Printed per tool: cold and warm wall time, compilations hit and compiled (missed or not
 cacheable: sccache compiles binaries, proc-macros and build scripts every time), and the
-ratios of the warm times. A plain ``cargo build`` without a wrapper is the baseline.
+ratios of the warm times. A plain ``cargo build`` without a wrapper, made right before each
+tool's cold build, is the baseline of the cold ratios; larder-rustc's cold build also gets the
+time until its uploads are sent (``--wait-uploads``), and the sum of its phases from
+``LARDER_LOG`` (where a cold build's time goes in the shim).
 
 The workspace is ``tests/rust-workspace`` (libraries, build scripts, a proc-macro on syn, a
 crate linking a C library, a small binary) plus ``--crates`` generated path crates in layers
