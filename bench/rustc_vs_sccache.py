@@ -5,7 +5,10 @@ workspace is built again with an empty target directory, once in CI's directory 
 different directory ("a laptop"), which is where sccache's keys (they include absolute paths)
 miss. Printed per tool: cold and warm wall time, compilations hit and compiled (missed or not
 cacheable: sccache compiles binaries, proc-macros and build scripts every time), and the
-ratios of the warm times. A plain ``cargo build`` without a wrapper is the baseline.
+ratios of the warm times. A plain ``cargo build`` without a wrapper, made right before each
+tool's cold build, is the baseline of the cold ratios; larder-rustc's cold build also gets the
+time until its uploads are sent (``--wait-uploads``), and the sum of its phases from
+``LARDER_LOG`` (where a cold build's time goes in the shim).
 
 The workspace is ``tests/rust-workspace`` (libraries, build scripts, a proc-macro on syn, a
 crate linking a C library, a small binary) plus ``--crates`` generated path crates in layers
@@ -148,6 +151,19 @@ def log_kinds(log: Path) -> dict[str, dict[str, int]]:
     return kinds
 
 
+def log_phases(log: Path) -> dict[str, float]:
+    """Seconds per phase of the shim (``phases=`` in LARDER_LOG), summed over compilations."""
+    total: dict[str, float] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        fields = dict(part.split("=", 1) for part in line.split()[1:])
+        for item in fields.get("phases", "-").split(","):
+            name, sep, ms = item.partition(":")
+            if sep:
+                total[name] = total.get(name, 0.0) + float(ms) / 1000
+        total["total"] = total.get("total", 0.0) + int(fields["ms"]) / 1000
+    return total
+
+
 def measure(
     name: str,
     source: Path,
@@ -156,10 +172,15 @@ def measure(
     stats: Callable[[], dict[str, object]],
     zero: Callable[[], None],
     repeat: int,
+    settle: Callable[[], None] = lambda: None,
 ) -> dict[str, object]:
-    """Cold build as CI, then warm builds in CI's directory and from laptops elsewhere."""
+    """Cold build as CI, then warm builds in CI's directory and from laptops elsewhere.
+    ``settle`` runs after the cold build (timed apart): until the uploads are sent."""
     ci, ci_target = work / f"{name}-ci" / "app", work / f"{name}-ci-t"
     cold = cargo_build(copy_workspace(source, ci), ci_target, env_for("ci"))
+    start = time.monotonic()
+    settle()
+    settled = time.monotonic() - start
     same: list[float] = []
     other: list[float] = []
     same_stats: dict[str, object] = {}
@@ -175,6 +196,7 @@ def measure(
         other_stats = stats()
     return {
         "cold_s": cold,
+        "cold_uploads_done_s": cold + settled,
         "warm_same_dir_s": statistics.median(same),
         "warm_other_dir_s": statistics.median(other),
         "warm_same_dir_stats": same_stats,
@@ -244,8 +266,14 @@ def larder(work: Path, source: Path, repeat: int) -> dict[str, object]:
                            capture_output=True)  # fmt: skip
             (work / "larder-log-laptop").unlink(missing_ok=True)
 
-        result = measure("larder", source, work, env_for, stats, zero, repeat)
-        return {**result, "cold_kinds": log_kinds(work / "larder-log-ci")}
+        def settle() -> None:
+            # check=False: a larder-rustc that uploads as it compiles has no such command.
+            subprocess.run([exe, "--wait-uploads", "600"], env=env_for("ci"), check=False,
+                           capture_output=True)  # fmt: skip
+
+        result = measure("larder", source, work, env_for, stats, zero, repeat, settle)
+        ci_log = work / "larder-log-ci"
+        return {**result, "cold_kinds": log_kinds(ci_log), "cold_phases": log_phases(ci_log)}
 
 
 def main() -> int:
@@ -259,13 +287,25 @@ def main() -> int:
         work = Path(tmp)
         source = copy_workspace(WORKSPACE, work / "source")
         generate(source, options.crates)
-        plain = cargo_build(copy_workspace(source, work / "plain"), work / "plain-t", build_env())
+        # A plain build right before each tool's cold build: the load on a shared machine
+        # drifts, so each cold ratio compares builds minutes apart, not a quarter hour.
+        plains: list[float] = []
+
+        def plain_build() -> float:
+            where = work / f"plain{len(plains)}"
+            plains.append(cargo_build(copy_workspace(source, where), where / "t", build_env()))
+            return plains[-1]
+
+        plain_build()
+        sc_result = sccache(work, source, options.repeat)
+        plain_build()
         results = {
             "crates_generated": options.crates,
-            "plain_cargo_s": plain,
-            "sccache": sccache(work, source, options.repeat),
+            "plain_cargo_s": plains,
+            "sccache": sc_result,
             "larder": larder(work, source, options.repeat),
         }
+    plain = statistics.mean(plains)
     sc, la = results["sccache"], results["larder"]
     assert isinstance(sc, dict) and isinstance(la, dict)
     for ours, theirs in (("same_dir", "same_dir"), ("other_dir", "same_dir"),
@@ -273,12 +313,22 @@ def main() -> int:
         results[f"ratio_larder_{ours}_over_sccache_{theirs}"] = (
             la[f"warm_{ours}_s"] / sc[f"warm_{theirs}_s"]
         )
+    for tool, result, before in (("sccache", sc, plains[0]), ("larder", la, plains[1])):
+        results[f"ratio_cold_{tool}_over_plain"] = result["cold_s"] / before
+        results[f"ratio_cold_{tool}_uploads_done_over_plain"] = (
+            result["cold_uploads_done_s"] / before
+        )
     if options.json:
         print(json.dumps(results, indent=2))
         return 0
     print(f"workspace: tests/rust-workspace + {options.crates} generated crates + genbin, "
           f"{os.cpu_count()} cores")  # fmt: skip
-    print(f"plain cargo build, no wrapper: {plain:6.2f} s")
+    print(f"plain cargo build, no wrapper: {plain:6.2f} s (before sccache's cold build "
+          f"{plains[0]:.2f} s, before larder-rustc's {plains[1]:.2f} s)")  # fmt: skip
+    for name, tool in (("sccache", "sccache"), ("larder-rustc", "larder")):
+        print(f"cold / the plain build before it: {name:13s} "
+              f"{results[f'ratio_cold_{tool}_over_plain']:.2f}  (until its uploads are sent "
+              f"{results[f'ratio_cold_{tool}_uploads_done_over_plain']:.2f})")  # fmt: skip
     print(f"{'':26s} {'cold':>8s} {'warm, same dir':>28s} {'warm, other dir':>28s}")
     for name, result in (("sccache 0.16 (local disk)", sc), ("larder-rustc (loopback)", la)):
         cells = []
@@ -297,6 +347,11 @@ def main() -> int:
         warm_row = warm["kinds"].get(kind, {"hit": 0, "miss": 0, "ms": 0})
         print(f"  {kind:12s} cold {cold_row['miss']:3d} missed {cold_row['ms'] / 1000:7.2f} s"
               f"   warm {warm_row['hit']:3d} hit {warm_row['ms'] / 1000:6.2f} s")  # fmt: skip
+    phases = la["cold_phases"]
+    assert isinstance(phases, dict)
+    print("larder-rustc cold, seconds per phase summed over compilations (startup: interpreter")
+    print("and imports; rustc: the compilation cargo asked for; total: the shim's wall time):")
+    print("  " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in sorted(phases.items())))
     print(
         "larder / sccache, warm: same dir "
         f"{results['ratio_larder_same_dir_over_sccache_same_dir']:.2f}; larder from another "

@@ -1,8 +1,10 @@
 """``larder-rustc``: cargo's ``RUSTC_WRAPPER`` that fetches compilations from a larder cache.
 
 Usage: ``RUSTC_WRAPPER=larder-rustc cargo build``; cargo runs ``larder-rustc RUSTC ARGS...``.
-Also ``larder-rustc --stats [--json]``, ``larder-rustc --zero-stats`` and ``larder-rustc explain
-[CRATE] [--json]`` (why the last build's crates missed: :mod:`larder.client.explain`).
+Also ``larder-rustc --stats [--json]``, ``larder-rustc --zero-stats``, ``larder-rustc explain
+[CRATE] [--json]`` (why the last build's crates missed: :mod:`larder.client.explain`) and
+``larder-rustc --wait-uploads [SECONDS]`` (until the uploads are sent:
+:mod:`larder.client.uploads`).
 
 Environment:
 
@@ -23,8 +25,12 @@ hit writes the outputs atomically into ``--out-dir`` (dep-info rewritten to this
 modes as recorded, so binaries stay executable), replays rustc's stdout and stderr and exits 0.
 On a miss it runs rustc with ``--remap-path-prefix`` for each root (as it does for every
 compilation it runs, so outputs are the same from any directory), passes its output through as it
-comes, and with a token uploads the outputs, refusing any that still contain one of this
-machine's root paths, and then the key's inputs document. A miss is explained by comparing its
+comes, takes the key from the dep-info file that compilation wrote, and with a token queues the
+outputs, snapshot, for the detached uploader (:mod:`larder.client.uploads`: blobs, manifest,
+direct entry, inputs document), refusing any that still contain one of this machine's root
+paths. A miss the direct entries could not key (some exist, none matched) costs a
+``--emit=dep-info`` run first, to look up its key; with no direct entry at all there is nothing
+under any key and rustc runs once. A miss is explained by comparing its
 inputs with those the cache stored for the same crate (:mod:`larder.client.explain`). A linked
 crate (binary, proc-macro, dylib, cdylib) it uploads is compiled
 with ``--print=link-args=FILE`` too, which tells the shim what the link read
@@ -44,7 +50,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import blake3
 
@@ -122,6 +128,29 @@ def embeds(path: Path, needles: list[bytes]) -> bool:
         return any(m.find(needle) != -1 for needle in needles)
 
 
+class Phase:
+    """Adds the wall time of a ``with`` block to ``phases[name]`` (ms, for the log)."""
+
+    def __init__(self, phases: dict[str, float], name: str) -> None:
+        self._phases, self._name, self._start = phases, name, 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        ms = (time.monotonic() - self._start) * 1000
+        self._phases[self._name] = self._phases.get(self._name, 0.0) + ms
+
+
+class OwnKey(NamedTuple):
+    """A compilation's key as computed from its own dep-info (and link line)."""
+
+    key: str
+    inputs: cache_key.KeyInputs
+    deps: depinfo.DepInfo
+    tokens: list[str] | None
+
+
 class Outcome:
     """What one invocation did, for the stats and the log."""
 
@@ -155,7 +184,9 @@ class Invocation:
         self.toolchain: toolchain.Fingerprint | None = None
         self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
         self.uploaded = ""  # the key an upload went under
+        self.unkeyed = False  # a miss found without a dep-info run: no key computed yet
         self.current: cache_key.KeyInputs | None = None  # the last key computed
+        self.phases: dict[str, float] = {}  # where the time went, by phase (ms, for the log)
 
     # -- the pieces ------------------------------------------------------------------------
 
@@ -165,7 +196,8 @@ class Invocation:
 
     def compile(self, outcome: Outcome) -> tuple[int, bytes, bytes]:
         start = time.monotonic()
-        code, out, err = run_teed(self.command(), self.cwd)
+        with Phase(self.phases, "rustc"):
+            code, out, err = run_teed(self.command(), self.cwd)
         outcome.counters["compile_ms"] = _now_ms(start)
         return code, out, err
 
@@ -274,60 +306,80 @@ class Invocation:
                 stream.buffer.write(self.roots.local(text).encode())
                 stream.flush()
 
-    def upload(
-        self, remote: Remote, base: cache_key.Base, direct: str, out: bytes, err: bytes
-    ) -> str | None:
-        """Store this compilation's outputs; an error kind when they may not be shared.
-
-        The key comes from the dep-info file rustc just wrote with the outputs (the same
-        command's own account of what it read), never from a direct entry.
+    def own_inputs(self, base: cache_key.Base) -> OwnKey | str:
+        """The key from the dep-info file rustc just wrote with the outputs (the same command's
+        own account of what it read, as a hit computes it from the direct entry recorded from
+        it), and for a linked crate the link line it printed; an error kind when there is none.
         """
         assert self.out_dir is not None
-        stem = f"{self.compilation.crate_name}{self.compilation.extra_filename}"
-        own_depinfo = self.out_dir / f"{stem}.d"
+        own_depinfo = self.out_dir / f"{self.compilation.stem}.d"
         if not own_depinfo.is_file():
             return "no-dep-info"
         deps = depinfo.parse(own_depinfo.read_text())
         tokens: list[str] | None = None
         link: dict[str, object] | None = None
         if self.compilation.linked:
+            if self.link_file is None:
+                return "no-link-line"  # only asked for when uploading
             try:
-                tokens = self.link_tokens()
-                link = self.link_item(tokens)
+                with Phase(self.phases, "key_link"):
+                    tokens = self.link_tokens()
+                    link = self.link_item(tokens)
             except linkline.Unaccounted as exc:
                 return exc.kind
             except cache_key.KeyUnavailable:
                 return "link-input"
         files, env = list(deps.files), [name for name, _ in deps.env]
         inputs = cache_key.complete(base, files, env, self.roots, self.cwd, self.env, link)
-        key = self.uploaded = self.keep(inputs)
+        return OwnKey(self.keep(inputs), inputs, deps, tokens)
+
+    def queue_upload(self, own: OwnKey, direct: str, out: bytes, err: bytes) -> str | None:
+        """Hash and snapshot this compilation's outputs into an upload job for the uploader
+        (:mod:`larder.client.uploads`); an error kind when they may not be shared."""
+        from larder.client import uploads
+
+        assert self.out_dir is not None
         # This machine's roots, and its sysroot: the key names it by placeholder.
         needles = [path.encode() for _, path in self.link_roots().roots]
         outputs: list[Output] = []
-        contents: dict[str, bytes | Path] = {}
+        files: dict[str, Path] = {}
+        texts: dict[str, bytes] = {}
         for name in self.compilation.expected_outputs():
             path = self.out_dir / name
             if not path.is_file():
                 return "outputs-missing"
-            content: bytes | Path
             if name.endswith(".d"):
-                content = self.roots.portable(path.read_text()).encode()
-                blob_id, size = blake3.blake3(content).hexdigest(), len(content)
+                text = self.roots.portable(path.read_text()).encode()
+                blob_id, size = blake3.blake3(text).hexdigest(), len(text)
+                texts[blob_id] = text
             else:
-                if embeds(path, needles):
-                    return "embeds-paths"
-                content = path
-                blob_id, size = cache_key.file_digest(path), path.stat().st_size
-            contents[blob_id] = content
+                with Phase(self.phases, "scan"):
+                    if embeds(path, needles):
+                        return "embeds-paths"
+                with Phase(self.phases, "hash"):
+                    blob_id, size = cache_key.file_digest(path), path.stat().st_size
+                files[blob_id] = path
             outputs.append(Output(name, blob_id, size, path.stat().st_mode & 0o777))
         stdout, stderr = (self.roots.portable(b.decode("utf-8", "replace")) for b in (out, err))
         crate = self.compilation.crate_name or "unknown"
         document = Manifest(crate, tuple(outputs), stdout, stderr).to_json()
-        for blob_id in remote.missing(list(contents)):
-            remote.put_blob(blob_id, contents[blob_id])
-        remote.put_manifest(key, document)
-        remote.put_direct(direct, cache_key.direct_entry(deps, self.roots, tokens))
-        self.put_inputs(remote, key, inputs)
+        entry = cache_key.direct_entry(own.deps, self.roots, own.tokens)
+        inputs = self.inputs_document(own.inputs)
+        job = {
+            "url": self.env["LARDER_URL"],
+            "key": own.key,
+            "crate": crate,
+            "blobs": sorted({*files, *texts}),
+            "manifest": document.decode(),
+            "direct_key": direct,
+            "direct_entry": entry.to_json().decode(),
+            "inputs": inputs.decode() if inputs is not None else None,
+        }
+        with Phase(self.phases, "snapshot"):
+            spool = uploads.spool_dir(self.state, self.env["LARDER_URL"])
+            uploads.enqueue(spool, job, files, texts)
+            uploads.start_uploader(spool, self.env)
+        self.uploaded = own.key
         return None
 
     # -- explaining misses -----------------------------------------------------------------
@@ -349,23 +401,18 @@ class Invocation:
         except FormatError:
             return None
 
-    def put_inputs(self, remote: Remote, key: str, inputs: cache_key.KeyInputs) -> None:
-        """Store the key's inputs beside its manifest, ``env!`` values hashed unless safe. A
-        refusal (an older server, a document over the size limit) leaves the upload as it is."""
+    def inputs_document(self, inputs: cache_key.KeyInputs) -> bytes | None:
+        """The key's inputs document to store beside its manifest, ``env!`` values hashed
+        unless safe; None outside cargo or over the size limit (the upload stands without)."""
         from larder.client.explain import safe_env
         from larder.protocol.inputs import MAX_INPUTS_SIZE, InputsDocument, redact
 
         identity = self.identity()
         if identity is None:
-            return
+            return None
         fields = redact(json.loads(inputs.document()), safe_env(self.env))
         document = InputsDocument(identity, fields).to_json()
-        if len(document) > MAX_INPUTS_SIZE:
-            return
-        try:
-            remote.put_inputs(key, document)
-        except RemoteError:
-            return
+        return document if len(document) <= MAX_INPUTS_SIZE else None
 
     def current_inputs(self, base: cache_key.Base) -> dict[str, object] | None:
         """This compilation's inputs as far as known: the last key computed, else (a linked
@@ -431,8 +478,9 @@ class Invocation:
             if reason:
                 return self.uncached(reason)
         try:
-            base = self.base()
-            direct = cache_key.direct_key(base, self.compilation, self.roots, self.cwd)
+            with Phase(self.phases, "key"):
+                base = self.base()
+                direct = cache_key.direct_key(base, self.compilation, self.roots, self.cwd)
         except KEY_ERRORS:
             return self.uncached("no-key")
         assert self.toolchain is not None and self.out_dir is not None
@@ -470,23 +518,45 @@ class Invocation:
             assert self.out_dir is not None
             self.link_file = self.out_dir / f".larder-link-{os.getpid()}-{os.urandom(4).hex()}"
         code, out, err = self.compile(outcome)
-        if outcome.counters.get("misses") and remote is not None:
-            self.explain(remote, base, outcome)
-        if code == 0 and self.token and remote is not None:
+        if code != 0 and self.unkeyed:
+            # No dep-info run met the error first: a failed compilation is still not cacheable.
+            if remote is not None:
+                remote.close()
+            failed = Outcome("non-cacheable", reason="no-key")
+            failed.counters = {"non_cacheable": 1, "compile_ms": outcome.counters["compile_ms"]}
+            return code, failed
+        own: OwnKey | str | None = None
+        if code == 0 and remote is not None:
             try:
-                refused = self.upload(remote, base, direct, out, err)
+                with Phase(self.phases, "key"):
+                    own = self.own_inputs(base)
+            except KEY_ERRORS as exc:
+                self._failed(outcome, exc)
+        if self.unkeyed and isinstance(own, OwnKey) and remote is not None:
+            # The lookup the dep-info run would have made: the cache counts the crate's miss
+            # (for its most-missed crates and hit rates). Nothing can be stored under it.
+            try:
+                with Phase(self.phases, "lookup"):
+                    remote.get_manifest(own.key, self.compilation.crate_name)
+                outcome.key = own.key
+            except REMOTE_ERRORS:
+                pass  # the miss stands; the upload will meet the same server
+        if outcome.counters.get("misses") and remote is not None:
+            with Phase(self.phases, "explain"):
+                self.explain(remote, base, outcome)
+        if remote is not None:
+            outcome.counters["bytes_down"] = remote.bytes_down
+            remote.close()
+        if self.token and remote is not None and own is not None:
+            try:
+                refused = own if isinstance(own, str) else self.queue_upload(own, direct, out, err)
                 if refused:
                     outcome.error = refused
                     outcome.counters["errors"] = outcome.counters.get("errors", 0) + 1
                 else:
-                    outcome.counters["uploads"] = 1
                     outcome.key = outcome.key or self.uploaded
             except (*REMOTE_ERRORS, *KEY_ERRORS) as exc:
                 self._failed(outcome, exc)
-        if remote is not None:
-            outcome.counters["bytes_down"] = remote.bytes_down
-            outcome.counters["bytes_up"] = remote.bytes_up
-            remote.close()
         return code, outcome
 
     def uncached(self, reason: str) -> tuple[int, Outcome]:
@@ -508,7 +578,9 @@ class Invocation:
         """
         tried: set[str] = set()
         linked = self.compilation.linked
-        for entry in remote.get_direct(direct):
+        with Phase(self.phases, "lookup"):
+            entries = remote.get_direct(direct)
+        for entry in entries:
             try:
                 link = self.link_item(entry.link) if linked else None
                 inputs = cache_key.from_direct_entry(
@@ -523,9 +595,19 @@ class Invocation:
         if linked:  # item 11 comes only from a link: no entry, no key
             outcome.counters["misses"] = 1
             return False
+        if not entries:
+            # Every upload records a direct entry beside its manifest, under this direct key:
+            # with none there is no key to find. The compilation's own dep-info gives the key.
+            self.unkeyed = True
+            outcome.counters["misses"] = 1
+            return False
         assert self.out_dir is not None
-        deps = cache_key.depinfo_run(self.rustc, self.compilation, self.cwd, self.out_dir, self.env)
-        key = self.keep(self.full_inputs(base, deps))
+        with Phase(self.phases, "depinfo_rustc"):
+            deps = cache_key.depinfo_run(
+                self.rustc, self.compilation, self.cwd, self.out_dir, self.env
+            )
+        with Phase(self.phases, "key"):
+            key = self.keep(self.full_inputs(base, deps))
         outcome.key = key
         if key not in tried and self.fetch(remote, key, outcome):
             return True
@@ -534,7 +616,8 @@ class Invocation:
 
     def fetch(self, remote: Remote, key: str, outcome: Outcome) -> bool:
         """Restore the compilation stored under ``key``, if there is one."""
-        document = remote.get_manifest(key, self.compilation.crate_name)
+        with Phase(self.phases, "lookup"):
+            document = remote.get_manifest(key, self.compilation.crate_name)
         if document is None:
             return False
         manifest = parse_manifest(document)
@@ -557,7 +640,9 @@ class Invocation:
             self.go_offline()
 
 
-def _log(environ: dict[str, str], crate: str, outcome: Outcome, ms: int) -> None:
+def _log(
+    environ: dict[str, str], crate: str, outcome: Outcome, ms: int, phases: dict[str, float]
+) -> None:
     path = environ.get("LARDER_LOG")
     if not path:
         return
@@ -565,7 +650,8 @@ def _log(environ: dict[str, str], crate: str, outcome: Outcome, ms: int) -> None
     line = (
         f"{stamp} crate={crate} key={outcome.key[:16] or '-'} result={outcome.result} "
         f"reason={outcome.reason or outcome.error or outcome.miss or '-'} ms={ms} "
-        f"pkg={environ.get('CARGO_PKG_NAME') or '-'}\n"
+        f"pkg={environ.get('CARGO_PKG_NAME') or '-'} "
+        f"phases={','.join(f'{k}:{v:.0f}' for k, v in sorted(phases.items())) or '-'}\n"
     )
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -575,6 +661,19 @@ def _log(environ: dict[str, str], crate: str, outcome: Outcome, ms: int) -> None
             os.close(fd)
     except OSError:
         pass
+
+
+def _startup_ms() -> float:
+    """Milliseconds from this process's start to the shim's first line (interpreter, imports);
+    from ``/proc`` (10 ms ticks), 0 where there is none."""
+    try:
+        with open("/proc/self/stat") as stat:
+            ticks = int(stat.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as uptime:
+            up = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max((up - ticks / os.sysconf("SC_CLK_TCK")) * 1000, 0.0)
 
 
 def _stats_command(argv: list[str], environ: dict[str, str]) -> int:
@@ -588,11 +687,37 @@ def _stats_command(argv: list[str], environ: dict[str, str]) -> int:
     return 0
 
 
+def _wait_command(argv: list[str], environ: dict[str, str]) -> int:
+    """``--wait-uploads [SECONDS]``: until this cache's upload jobs (every cache's without
+    ``LARDER_URL``) are sent; 1 if some are still waiting after SECONDS (default 300)."""
+    from larder.client import uploads
+
+    try:
+        seconds = float(argv[1]) if len(argv) > 1 else 300.0
+    except ValueError:
+        print(f"larder-rustc: --wait-uploads takes seconds, not {argv[1]!r}", file=sys.stderr)
+        return 2
+    state = stats_mod.state_dir(environ)
+    if environ.get("LARDER_URL"):
+        spools = [uploads.spool_dir(state, environ["LARDER_URL"])]
+    else:
+        spools = sorted((state / "uploads").glob("*")) if (state / "uploads").is_dir() else []
+    deadline = time.monotonic() + seconds
+    for spool in spools:
+        if not uploads.wait(spool, environ, max(deadline - time.monotonic(), 0.0)):
+            left = len(uploads.pending(spool))
+            print(f"larder-rustc: {left} upload(s) still waiting in {spool}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
     if argv and argv[0] in ("--stats", "--zero-stats"):
         return _stats_command(argv, environ)
+    if argv and argv[0] == "--wait-uploads":
+        return _wait_command(argv, environ)
     if argv and argv[0] == "explain":
         from larder.client.explain import command
 
@@ -603,9 +728,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rustc, args = argv[0], argv[1:]
     if not cache_enabled(environ):
         return passthrough(rustc, args)
+    startup = _startup_ms() if environ.get("LARDER_LOG") else 0.0
     invocation = Invocation(rustc, args, environ)
     if not invocation.compilation.is_compilation:
         return passthrough(rustc, args)
+    invocation.phases["startup"] = startup
     code, outcome = invocation.run()
     ms = _now_ms(invocation.started)
     counters = dict(outcome.counters)
@@ -619,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except OSError:
         pass
-    _log(environ, invocation.compilation.crate_name or "-", outcome, ms)
+    _log(environ, invocation.compilation.crate_name or "-", outcome, ms, invocation.phases)
     return code
 
 

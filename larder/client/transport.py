@@ -4,7 +4,8 @@ The standard library's ``http.client`` costs about 50 ms to import (it pulls in 
 package), which the shim would pay on every rustc invocation; this module needs only ``socket``
 (and ``ssl`` for https, imported when used). It speaks what larder's server sends: a status line,
 headers, and a body delimited by ``Content-Length``, ``Transfer-Encoding: chunked`` or the end of
-the connection. Any socket or framing failure raises ``OSError`` (``TimeoutError`` for timeouts)
+the connection (none at all after a ``204``, a ``304``, a ``1xx`` or a ``HEAD``, whatever the
+headers say). Any socket or framing failure raises ``OSError`` (``TimeoutError`` for timeouts)
 and closes the connection.
 
 Through an http proxy (:mod:`larder.client.proxy`), an https server is reached in a ``CONNECT``
@@ -22,6 +23,7 @@ from larder.client.proxy import Proxy
 _MAX_LINE = 65536
 _MAX_HEADERS = 100
 _SEND_CHUNK = 256 * 1024
+_NO_BODY = frozenset({204, 304})
 
 
 class ProtocolError(OSError):
@@ -36,7 +38,12 @@ class Response:
     """A response whose body is read incrementally with :meth:`read`."""
 
     def __init__(
-        self, conn: Connection, status: int, headers: dict[str, str], http10: bool = False
+        self,
+        conn: Connection,
+        status: int,
+        headers: dict[str, str],
+        http10: bool = False,
+        method: str = "GET",
     ) -> None:
         self.status = status
         self.headers = headers
@@ -46,6 +53,8 @@ class Response:
         self._remaining: int | None = (
             int(length) if length is not None and not self._chunked else None
         )
+        if status in _NO_BODY or 100 <= status < 200 or method == "HEAD":
+            self._chunked, self._remaining = False, 0  # never a body (RFC 9112, 6.3)
         self._chunk_left = 0
         self._done = self._remaining == 0
         connection = headers.get("connection", "").lower()
@@ -214,12 +223,12 @@ class Connection:
                 sock.sendall(head)
                 while body is not None and (piece := body.read(_SEND_CHUNK)):
                     sock.sendall(piece)
-            return self._response()
+            return self._response(method)
         except BaseException:
             self.close()
             raise
 
-    def _response(self) -> Response:
+    def _response(self, method: str) -> Response:
         status_line = self.reader.readline(_MAX_LINE)
         if not status_line:
             raise ConnectionResetError("the server closed the connection")
@@ -235,4 +244,5 @@ class Connection:
             headers[name.strip().lower()] = value.strip()
         else:
             raise ProtocolError("too many response headers")
-        return Response(self, int(parts[1]), headers, http10=parts[0] == b"HTTP/1.0")
+        http10 = parts[0] == b"HTTP/1.0"
+        return Response(self, int(parts[1]), headers, http10=http10, method=method)

@@ -80,6 +80,20 @@ def test_keep_alive_with_length_and_chunks(
     assert script.connections == 1
 
 
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+@pytest.mark.parametrize("script", [[[NO_CONTENT, OK]]], indirect=True)
+def test_a_204_has_no_body_and_keeps_the_connection(
+    script: Script, connect: Callable[[Script], Connection]
+) -> None:
+    conn = connect(script)  # reading to the end of the connection would time out
+    response = conn.request("POST", "/explained", {}, b"{}")
+    assert response.status == 204 and response.read() == b""
+    assert conn.request("GET", "/a", {}).read() == b"hello"
+    assert script.connections == 1
+
+
 HTTP10 = b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
 

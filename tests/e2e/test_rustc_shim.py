@@ -64,7 +64,7 @@ class Machine:
     def build(self, *cargo_args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         if (self.state / "log").exists():
             (self.state / "log").unlink()
-        return subprocess.run(
+        done = subprocess.run(
             ["cargo", "build", "--offline", *cargo_args],
             cwd=self.checkout,
             env=self.env(**extra),
@@ -73,6 +73,9 @@ class Machine:
             timeout=600,
             check=True,
         )
+        if self.token:  # as a CI job ends: until the uploads are sent
+            subprocess.run([str(SHIM), "--wait-uploads", "120"], env=self.env(), check=True)
+        return done
 
     def run_demo(self) -> str:
         return subprocess.run(

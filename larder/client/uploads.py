@@ -1,0 +1,242 @@
+"""Uploads off the build's critical path: a spool of upload jobs and a detached uploader.
+
+A compilation that missed ends, for the shim, once its outputs are *snapshot* into a job: each
+output file is hard-linked (copied where a link is impossible) into a job directory under
+``<state>/uploads/<spool>/`` (one spool per cache URL), next to ``job.json``, which holds the
+key, the manifest, the direct key and entry and the inputs document. The blob ids in the
+manifest were computed by the shim from the files rustc had just written, so the bytes the
+uploader sends are the compilation's: a file changed in place later no longer hashes to its id
+and the server refuses it (a counted error, nothing stored). A job becomes visible to the
+uploader only when complete (written beside the spool and renamed into it).
+
+The uploader (``python -m larder.client.uploads SPOOL``) is started on demand by the shim that
+finds none running (it holds an exclusive ``flock`` on ``SPOOL/uploader.lock``), outlives that
+rustc call in its own session with no inherited descriptors (cargo waits for no one), sends the
+spool's jobs oldest first and, after ``LINGER`` seconds with nothing to do, exits. For each job,
+in this order: the blobs the server lacks, then the manifest (the server accepts it only once
+its blobs are held), then the direct entry, then the inputs document; then the job is removed.
+Each network operation has ``LARDER_TIMEOUT``. An upload that fails is counted in the stats
+(``errors``, by kind) and its job dropped; after an unreachable server the remaining jobs are
+dropped and counted as ``offline``. An uploader killed mid-job leaves the job in the spool: the
+next uploader sends it again from the start, and the order above means no manifest was ever
+stored without its blobs.
+
+``larder-rustc --wait-uploads [SECONDS]`` starts an uploader if jobs are waiting and none runs,
+and returns once the spool is empty (exit 0) or after ``SECONDS`` (default 300; exit 1): the
+last step of a CI job, so its uploads are done before the machine goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+LINGER = 2.0
+POLL = 0.05
+JOB_FILE = "job.json"
+LOCK_FILE = "uploader.lock"
+_PREFIX = "job-"
+
+
+def spool_dir(state: Path, url: str) -> Path:
+    """The spool of ``url``'s jobs in the state directory ``state``."""
+    return state / "uploads" / blake3.blake3(url.encode()).hexdigest()[:16]
+
+
+def pending(spool: Path) -> list[Path]:
+    """Complete jobs waiting in ``spool``, oldest first."""
+    try:
+        names = sorted(n for n in os.listdir(spool) if n.startswith(_PREFIX))
+    except FileNotFoundError:
+        return []
+    return [spool / name for name in names]
+
+
+def _snapshot(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system, or links not allowed: a copy
+        shutil.copyfile(source, destination)
+
+
+def enqueue(
+    spool: Path, job: dict[str, Any], files: dict[str, Path], texts: dict[str, bytes]
+) -> Path:
+    """Write a job: ``files`` (blob id -> the output rustc wrote) snapshot, ``texts`` (blob id ->
+    bytes, e.g. a rewritten dep-info) stored, ``job`` as ``job.json``; return its path."""
+    spool.mkdir(parents=True, exist_ok=True)
+    name = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"
+    scratch = spool / f".tmp-{name}"
+    scratch.mkdir()
+    try:
+        for blob_id, path in files.items():
+            _snapshot(path, scratch / blob_id)
+        for blob_id, data in texts.items():
+            (scratch / blob_id).write_bytes(data)
+        (scratch / JOB_FILE).write_text(json.dumps(job, sort_keys=True))
+        final = spool / f"{_PREFIX}{name}"
+        os.rename(scratch, final)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return final
+
+
+def _try_lock(spool: Path) -> int | None:
+    """The uploader lock's descriptor if this process got it, else None."""
+    fd = os.open(spool / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def uploader_running(spool: Path) -> bool:
+    fd = _try_lock(spool)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def start_uploader(spool: Path, environ: dict[str, str]) -> None:
+    """Start a detached uploader for ``spool`` unless one runs (it re-checks, so a race between
+    two starters ends with one uploader)."""
+    import subprocess
+
+    if uploader_running(spool):
+        return
+    spool = spool.absolute()  # it runs in / (the build's directory may go away first)
+    subprocess.Popen(
+        [sys.executable, "-m", "larder.client.uploads", str(spool)],
+        cwd="/",
+        env={**environ, "LARDER_STATE_DIR": str(spool.parents[1])},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,  # not cargo's pipes or jobserver: the build never waits for it
+        start_new_session=True,
+    )
+
+
+def wait(spool: Path, environ: dict[str, str], seconds: float) -> bool:
+    """Whether ``spool`` emptied within ``seconds`` (an uploader is started if none runs)."""
+    deadline = time.monotonic() + seconds
+    while pending(spool):
+        if not uploader_running(spool):
+            start_uploader(spool, environ)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+# -- the uploader ----------------------------------------------------------------------------
+
+
+def send(job_dir: Path, remote: Any) -> int:
+    """Upload one job in order (blobs, manifest, direct entry, inputs document); bytes sent."""
+    from larder.client.remote import RemoteError
+
+    job = json.loads((job_dir / JOB_FILE).read_text())
+    blobs: list[str] = job["blobs"]
+    for blob_id in remote.missing(blobs):
+        remote.put_blob(blob_id, job_dir / blob_id)
+    remote.put_manifest(job["key"], job["manifest"].encode())
+    from larder.protocol.rustc import parse_direct_entry
+
+    remote.put_direct(job["direct_key"], parse_direct_entry(job["direct_entry"].encode()))
+    if job.get("inputs"):
+        # An older server, a document over its limit: the upload stands without it.
+        with contextlib.suppress(RemoteError):
+            remote.put_inputs(job["key"], job["inputs"].encode())
+    return int(remote.bytes_up)
+
+
+def drain(spool: Path, environ: dict[str, str]) -> None:
+    """Send every job in ``spool``, counting each upload or failure in the stats."""
+    from larder.client import stats as stats_mod
+    from larder.client.remote import Remote, RemoteError
+    from larder.errors import FormatError
+
+    store = stats_mod.Stats(stats_mod.state_dir(environ))
+    timeout = _timeout(environ)
+    offline = False
+    while jobs := pending(spool):
+        for job_dir in jobs:
+            counters: dict[str, int]
+            error: str | None = None
+            if offline:
+                counters, error = {"errors": 1}, "offline"
+            else:
+                remote = None
+                try:
+                    job = json.loads((job_dir / JOB_FILE).read_text())
+                    remote = Remote(
+                        job["url"], environ.get("LARDER_TOKEN") or None, timeout, environ
+                    )
+                    counters = {"uploads": 1, "bytes_up": send(job_dir, remote)}
+                except RemoteError as exc:
+                    counters, error = {"errors": 1}, exc.kind
+                    offline = exc.unreachable
+                except (FormatError, OSError, ValueError, KeyError, TypeError):
+                    counters, error = {"errors": 1}, "upload-job"
+                finally:
+                    if remote is not None:
+                        remote.close()
+            shutil.rmtree(job_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                store.add(counters, error=error)
+
+
+def _timeout(environ: dict[str, str]) -> float:
+    try:
+        return float(environ.get("LARDER_TIMEOUT") or 5.0)
+    except ValueError:
+        return 5.0
+
+
+def run(spool: Path, environ: dict[str, str]) -> None:
+    """The uploader: drain while holding the lock, linger, exit when nothing is left."""
+    while True:
+        fd = _try_lock(spool)
+        if fd is None:
+            return  # another uploader has it; it re-checks the spool before it exits
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a look or a kill
+            idle_since = time.monotonic()
+            while time.monotonic() - idle_since < LINGER:
+                if pending(spool):
+                    drain(spool, environ)
+                    idle_since = time.monotonic()
+                else:
+                    time.sleep(POLL)
+        finally:
+            os.close(fd)
+        if not pending(spool):
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m larder.client.uploads SPOOL", file=sys.stderr)
+        return 2
+    run(Path(argv[0]), dict(os.environ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

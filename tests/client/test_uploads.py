@@ -1,0 +1,198 @@
+"""Uploads leave the build's critical path, yet every one is counted and none is half-visible."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from larder.client import uploads
+from tests.client.test_shim import shim, stats, wait_uploads
+from tests.wait import wait_until
+
+
+class UploadSink:
+    """A cache that misses every lookup and treats uploads as ``mode`` says: ``accept`` them,
+    answer ``500``, or ``hang`` on blob uploads until :meth:`close`."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.requests: list[str] = []
+        self.released = threading.Event()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                sink.requests.append(f"{self.command} {self.path.split('?')[0]}")
+                status, answer = sink.answer(self.command, self.path, body)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                except OSError:
+                    pass  # the client was killed or gave up
+
+            do_GET = do_PUT = do_POST = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/main"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if method == "GET" or path.endswith("/explained"):
+            return 404, b""
+        if self.mode == "500":
+            return 500, b"boom"
+        if path.endswith("/missing"):
+            return 200, json.dumps({"missing": json.loads(body)["blobs"]}).encode()
+        if self.mode == "hang" and "/blobs/" in path:
+            self.released.wait(60)
+        return 201, b""
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sink(request: pytest.FixtureRequest) -> Iterator[UploadSink]:
+    server = UploadSink(request.param)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def crate(tmp_path: Path) -> Path:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def environ(crate: Path, url: str) -> dict[str, str]:
+    return {**os.environ, "LARDER_URL": url, "LARDER_STATE_DIR": str(crate / "state"),
+            "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "0.5"}  # fmt: skip
+
+
+@pytest.mark.parametrize("sink", ["500"], indirect=True)
+def test_a_failed_background_upload_is_counted(sink: UploadSink, crate: Path) -> None:
+    done = shim(crate, sink.url, LARDER_TOKEN="t")  # waits for the uploader
+    assert done.returncode == 0, done.stderr
+    counted = stats(crate)
+    assert (counted["misses"], counted["uploads"], counted["errors"]) == (1, 0, 1)
+    assert counted["error_kinds"] == {"server": 1}
+    assert uploads.pending(uploads.spool_dir(crate / "state", sink.url)) == []
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_uploads_are_sent_in_order_after_the_compilation_returned(
+    sink: UploadSink, crate: Path
+) -> None:
+    done = shim(crate, sink.url, wait=False, LARDER_TOKEN="t")
+    assert done.returncode == 0, done.stderr
+    wait_uploads(environ(crate, sink.url))
+    puts = [r.split("/")[3] for r in sink.requests if r.startswith(("PUT", "POST /main/rustc/m"))]
+    assert puts == ["missing", "blobs", "blobs", "blobs", "manifests", "direct"], sink.requests
+    counted = stats(crate)
+    assert (counted["uploads"], counted["errors"]) == (1, 0)
+    assert counted["bytes_up"] > 0
+
+
+@pytest.mark.parametrize("sink", ["hang"], indirect=True)
+def test_a_killed_uploader_leaves_no_manifest_without_its_blobs(
+    sink: UploadSink, crate: Path
+) -> None:
+    done = shim(crate, sink.url, wait=False, LARDER_TOKEN="t", LARDER_TIMEOUT="30")
+    assert done.returncode == 0, done.stderr
+    spool = uploads.spool_dir(crate / "state", sink.url)
+    wait_until(lambda: any("/blobs/" in r for r in sink.requests), timeout=30)
+    pid = int((spool / uploads.LOCK_FILE).read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not uploads.uploader_running(spool), timeout=10)
+    assert not [r for r in sink.requests if r.startswith("PUT") and "/blobs/" not in r]
+    assert len(uploads.pending(spool)) == 1  # kept, to be sent again
+
+    sink.mode, sent = "accept", len(sink.requests)
+    wait_uploads(environ(crate, sink.url))
+    again = [r.split("/")[3] for r in sink.requests[sent:]]
+    assert again == ["missing", "blobs", "blobs", "blobs", "manifests", "direct"], again
+    assert stats(crate)["uploads"] == 1 and uploads.pending(spool) == []
+
+
+@pytest.mark.parametrize("sink", ["hang"], indirect=True)
+def test_the_snapshot_is_what_rustc_wrote(sink: UploadSink, crate: Path) -> None:
+    done = shim(crate, sink.url, wait=False, LARDER_TOKEN="t", LARDER_TIMEOUT="30")
+    assert done.returncode == 0, done.stderr
+    [job] = uploads.pending(uploads.spool_dir(crate / "state", sink.url))  # held by the hang
+    rlib = crate / "out" / "libt-x.rlib"
+    original = rlib.read_bytes()
+    rlib.unlink()  # as cargo replaces a file: the job keeps the bytes rustc wrote
+    rlib.write_bytes(b"later")
+    assert original in [p.read_bytes() for p in job.iterdir()]
+
+
+def test_a_build_never_waits_past_the_timeout_on_a_hanging_server(crate: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts (the kernel does) and never answers
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/main"
+    try:
+        start = time.monotonic()
+        done = shim(crate, url, wait=False, LARDER_TOKEN="t", LARDER_TIMEOUT="0.5")
+        elapsed = time.monotonic() - start
+    finally:
+        listener.close()
+    assert done.returncode == 0, done.stderr
+    assert (crate / "out" / "libt-x.rlib").exists()
+    assert elapsed < 20  # one timed-out lookup, then a local compilation; never the 60 s cap
+    counted = stats(crate)
+    assert counted["error_kinds"] == {"timeout": 1} and counted["uploads"] == 0
+
+
+@pytest.mark.parametrize("sink", ["hang"], indirect=True)
+def test_a_hanging_upload_is_not_waited_for_and_times_out(sink: UploadSink, crate: Path) -> None:
+    start = time.monotonic()
+    done = shim(crate, sink.url, wait=False, LARDER_TOKEN="t", LARDER_TIMEOUT="1")
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - start < 20  # the compilation returned; the upload hangs
+    wait_uploads(environ(crate, sink.url) | {"LARDER_TIMEOUT": "1"})
+    counted = stats(crate)
+    assert counted["error_kinds"] == {"timeout": 1} and counted["uploads"] == 0
+
+
+def test_wait_uploads_gives_up_after_its_deadline(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9/main"
+    spool = uploads.spool_dir(tmp_path / "state", url)
+    uploads.enqueue(spool, {"url": url}, {}, {})
+    fd = os.open(spool / uploads.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX)  # an uploader that never finishes
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "larder.client.shim", "--wait-uploads", "0.3"],
+            env={**os.environ, "LARDER_URL": url, "LARDER_STATE_DIR": str(tmp_path / "state")},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(fd)
+    assert done.returncode == 1 and "1 upload(s) still waiting" in done.stderr
