@@ -71,20 +71,30 @@ in chain (@LAST@)
 """
 
 
-def make_data(directory: Path, paths: int, size: int) -> None:
-    """Per path: ``random-I.bin`` (incompressible) and ``text-I.rs``, half the bytes each."""
-    directory.mkdir(parents=True)
+def closure_contents(paths: int, size: int) -> list[tuple[bytes, bytes]]:
+    """Per path: incompressible bytes and Rust-like text, half of ``size // paths`` each (the
+    same bytes on every run)."""
     rng = random.Random(20261202)
     half = size // paths // 2
+    files = []
     for i in range(paths):
-        (directory / f"random-{i}.bin").write_bytes(rng.randbytes(half))
         lines, total, n = [], 0, i * 100_000
+        random_bytes = rng.randbytes(half)
         while total < half:
             line = f"pub fn item_{n}(x: u64) -> u64 {{ x.wrapping_mul({n * 7919 % 1000003}) }}\n"
             lines.append(line)
             total += len(line)
             n += 1
-        (directory / f"text-{i}.rs").write_text("".join(lines)[:half])
+        files.append((random_bytes, "".join(lines)[:half].encode()))
+    return files
+
+
+def make_data(directory: Path, paths: int, size: int) -> None:
+    """Per path: ``random-I.bin`` (incompressible) and ``text-I.rs``, half the bytes each."""
+    directory.mkdir(parents=True)
+    for i, (random_bytes, text) in enumerate(closure_contents(paths, size)):
+        (directory / f"random-{i}.bin").write_bytes(random_bytes)
+        (directory / f"text-{i}.rs").write_bytes(text)
 
 
 class Nix:

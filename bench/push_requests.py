@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
-import random
 import statistics
 import tempfile
 import time
@@ -25,26 +24,11 @@ from pathlib import Path
 
 import zstandard
 from harness import larder_server
+from push_pull_vs_file import closure_contents
 
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from larder.service.config import parse_size
-
-
-def contents(paths: int, size: int) -> list[tuple[bytes, bytes]]:
-    """Per path: its incompressible and its text file."""
-    rng = random.Random(20261202)
-    half = size // paths // 2
-    files = []
-    for i in range(paths):
-        lines, total, n = [], 0, i * 100_000
-        while total < half:
-            line = f"pub fn item_{n}(x: u64) -> u64 {{ x.wrapping_mul({n * 7919 % 1000003}) }}\n"
-            lines.append(line)
-            total += len(line)
-            n += 1
-        files.append((rng.randbytes(half), "".join(lines)[:half].encode()))
-    return files
 
 
 def one_round(url: str, token: str, files: list[tuple[bytes, bytes]]) -> dict[str, float]:
@@ -96,7 +80,7 @@ def main() -> None:
     parser.add_argument("--size", default="200MiB")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    files = contents(args.paths, parse_size(args.size))
+    files = closure_contents(args.paths, parse_size(args.size))
     with tempfile.TemporaryDirectory() as work, larder_server(Path(work) / "s", Path(work)) as srv:
         token = srv.token()
         for n in range(args.rounds):
