@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from larder.protocol.inputs import Identity, Nearest
 
 _CHUNK = 256 * 1024
+DEFAULT_TIMEOUT = 5.0
+
+
+def network_timeout(environ: dict[str, str]) -> float:
+    """Seconds per network operation: ``LARDER_TIMEOUT``, or 5 when unset or not a number."""
+    try:
+        return float(environ.get("LARDER_TIMEOUT") or DEFAULT_TIMEOUT)
+    except ValueError:
+        return DEFAULT_TIMEOUT
 
 
 class RemoteError(Exception):

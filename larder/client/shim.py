@@ -60,7 +60,7 @@ from larder.client import key as cache_key
 from larder.client import stats as stats_mod
 from larder.client.paths import Roots, default_cargo_home, find_target_dir
 from larder.client.probe import cache_enabled
-from larder.client.remote import Remote, RemoteError
+from larder.client.remote import Remote, RemoteError, network_timeout
 from larder.errors import FormatError
 from larder.protocol.rustc import Manifest, Output, parse_manifest
 
@@ -70,7 +70,6 @@ if TYPE_CHECKING:
 KEY_ERRORS = (cache_key.KeyUnavailable, OSError, ValueError)
 REMOTE_ERRORS = (RemoteError, FormatError, OSError, ValueError)
 OFFLINE_SECONDS = 30.0
-DEFAULT_TIMEOUT = 5.0
 
 
 def _now_ms(start: float) -> int:
@@ -566,10 +565,7 @@ class Invocation:
         return code, outcome
 
     def timeout(self) -> float:
-        try:
-            return float(self.env.get("LARDER_TIMEOUT") or DEFAULT_TIMEOUT)
-        except ValueError:
-            return DEFAULT_TIMEOUT
+        return network_timeout(self.env)
 
     def lookup(self, remote: Remote, base: cache_key.Base, direct: str, outcome: Outcome) -> bool:
         """Find and restore a cached compilation; whether it was a hit.

@@ -145,17 +145,16 @@ def wait(spool: Path, environ: dict[str, str], seconds: float) -> bool:
 # -- the uploader ----------------------------------------------------------------------------
 
 
-def send(job_dir: Path, remote: Any) -> int:
-    """Upload one job in order (blobs, manifest, direct entry, inputs document); bytes sent."""
+def send(job_dir: Path, job: dict[str, Any], remote: Any) -> int:
+    """Upload one job (read from ``job_dir``) in order: blobs, manifest, direct entry, inputs
+    document; the bytes sent."""
     from larder.client.remote import RemoteError
+    from larder.protocol.rustc import parse_direct_entry
 
-    job = json.loads((job_dir / JOB_FILE).read_text())
     blobs: list[str] = job["blobs"]
     for blob_id in remote.missing(blobs):
         remote.put_blob(blob_id, job_dir / blob_id)
     remote.put_manifest(job["key"], job["manifest"].encode())
-    from larder.protocol.rustc import parse_direct_entry
-
     remote.put_direct(job["direct_key"], parse_direct_entry(job["direct_entry"].encode()))
     if job.get("inputs"):
         # An older server, a document over its limit: the upload stands without it.
@@ -167,11 +166,11 @@ def send(job_dir: Path, remote: Any) -> int:
 def drain(spool: Path, environ: dict[str, str]) -> None:
     """Send every job in ``spool``, counting each upload or failure in the stats."""
     from larder.client import stats as stats_mod
-    from larder.client.remote import Remote, RemoteError
+    from larder.client.remote import Remote, RemoteError, network_timeout
     from larder.errors import FormatError
 
     store = stats_mod.Stats(stats_mod.state_dir(environ))
-    timeout = _timeout(environ)
+    timeout = network_timeout(environ)
     offline = False
     while jobs := pending(spool):
         for job_dir in jobs:
@@ -186,7 +185,7 @@ def drain(spool: Path, environ: dict[str, str]) -> None:
                     remote = Remote(
                         job["url"], environ.get("LARDER_TOKEN") or None, timeout, environ
                     )
-                    counters = {"uploads": 1, "bytes_up": send(job_dir, remote)}
+                    counters = {"uploads": 1, "bytes_up": send(job_dir, job, remote)}
                 except RemoteError as exc:
                     counters, error = {"errors": 1}, exc.kind
                     offline = exc.unreachable
@@ -198,13 +197,6 @@ def drain(spool: Path, environ: dict[str, str]) -> None:
             shutil.rmtree(job_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 store.add(counters, error=error)
-
-
-def _timeout(environ: dict[str, str]) -> float:
-    try:
-        return float(environ.get("LARDER_TIMEOUT") or 5.0)
-    except ValueError:
-        return 5.0
 
 
 def run(spool: Path, environ: dict[str, str]) -> None:
