@@ -289,7 +289,7 @@ class _Parent:
         env = {
             **os.environ,
             **worker_env,
-            "PROMETHEUS_MULTIPROC_DIR": str(self.directory / "metrics"),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.directory / shared.METRICS),
         }
         try:
             seat.proc = subprocess.Popen(self.command, env=env, pass_fds=(self.sock.fileno(),))
@@ -417,7 +417,7 @@ def _forget(directory: Path, pid: int) -> None:
     """A worker is gone: drop its live gauges (its counters stay in the sums)."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid, str(directory / "metrics"))  # type: ignore[no-untyped-call]
+    multiprocess.mark_process_dead(pid, str(directory / shared.METRICS))  # type: ignore[no-untyped-call]
 
 
 def _serve_worker(config: Config, seat: WorkerSeat) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 SLOT_SIZE = 8
 WRITES = "narinfo-writes"
 HEARTBEATS = "heartbeats"
+METRICS = "metrics"
 
 
 def heartbeat_interval(worker_timeout: float) -> float:
@@ -37,7 +38,7 @@ def heartbeat_interval(worker_timeout: float) -> float:
 
 def prepare(directory: Path, count: int) -> None:
     """Lay out a new shared directory for ``count`` workers (the parent does this once)."""
-    (directory / "metrics").mkdir(parents=True, exist_ok=True)
+    (directory / METRICS).mkdir(parents=True, exist_ok=True)
     for name in (WRITES, HEARTBEATS):
         (directory / name).write_bytes(bytes(SLOT_SIZE * count))
 
@@ -75,7 +76,7 @@ class Worker:
 
     @property
     def metrics_dir(self) -> Path:
-        return self.directory / "metrics"
+        return self.directory / METRICS
 
 
 class SharedWriteCounter:
