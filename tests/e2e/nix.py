@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BUILDER_KILLED = "builder failed due to signal 9 (Killed)"
+#: Builds again after such a kill before the failure stands.
+BUILD_RETRIES = 8
 SID_PREFIX = Path(os.environ.get("LARDER_SID_PREFIX", "/opt/nix234"))
 
 
@@ -108,13 +110,13 @@ class Nix:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [self.version.tool(args[0]), *args[1:]]
         proc = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
-        for _ in range(3):
+        for attempt in range(BUILD_RETRIES):
             if args[0] != "nix-build" or BUILDER_KILLED not in proc.stderr:
                 break
             # Nix sometimes kills a builder that exits very quickly (NixOS/nix#2176; seen here
-            # about once in a hundred builds, more on a loaded machine): the build, not larder,
-            # failed; build it again.
-            time.sleep(0.2)
+            # about once in a hundred builds, and four times in a row on a loaded machine): the
+            # build, not larder, failed; build it again, waiting a little longer each time.
+            time.sleep(0.2 * (attempt + 1))
             proc = subprocess.run(
                 command, env=self.env, capture_output=True, text=True, timeout=300
             )
