@@ -19,8 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
+from larder.service.config import WORKER_DIR_ENV, WORKER_INDEX_ENV
 from larder.service.server import BACKOFF, MAX_QUICK_EXITS
+from larder.service.workers import Heartbeats
 from tests.e2e.harness import Larder, larder_server
+from tests.wait import wait_until
 
 WORKERS = 2
 
@@ -46,6 +49,14 @@ def server(tmp_path: Path) -> Iterator[Larder]:
 def workers_of(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(child) for child in text.split()]
+
+
+def has_beaten(worker: int) -> bool:
+    """Whether worker process ``worker`` has started serving (its first heartbeat is in)."""
+    raw = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    env = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    seat = int(env[WORKER_INDEX_ENV])
+    return Heartbeats(Path(env[WORKER_DIR_ENV])).age(seat) is not None
 
 
 def socket_inodes(pid: int) -> set[str]:
@@ -198,7 +209,9 @@ def test_a_worker_that_dies_is_replaced(server: Larder) -> None:
 
 def test_a_hung_worker_is_killed_and_replaced(server: Larder) -> None:
     before = workers_of(server.pid)
-    answers(server)  # both started serving (and beating)
+    # Both started serving: one stopped before its first heartbeat is given the start-up time.
+    wait_until(lambda: all(has_beaten(worker) for worker in before), 30, what="first heartbeats")
+    answers(server)
     os.kill(before[0], signal.SIGSTOP)  # its event loop stops: no more heartbeats
     try:
         now = wait_for_workers(server, before[0])
