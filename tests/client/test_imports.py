@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.client.test_transport import OK, Script
 
@@ -65,3 +66,17 @@ def test_a_request_to_an_ascii_host_does_not_load_the_idna_codec() -> None:
     finally:
         server.close()
     assert sorted(loaded.intersection(IDNA)) == []
+
+
+def test_queueing_an_upload_by_hard_links_does_not_load_shutil(tmp_path: Path) -> None:
+    output = tmp_path / "libx.rlib"
+    output.write_bytes(b"rlib")
+    loaded = modules_after(
+        "from pathlib import Path\n"
+        "from larder.client import uploads\n"
+        f"job = uploads.enqueue(Path({str(tmp_path / 'spool')!r}), {{'key': 'k'}},"
+        f" {{'b' * 64: Path({str(output)!r})}}, {{'c' * 64: b'dep-info'}})\n"
+        "assert (job / ('b' * 64)).read_bytes() == b'rlib'"
+    )
+    assert "larder.client.uploads" in loaded
+    assert "shutil" not in loaded
