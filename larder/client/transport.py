@@ -26,6 +26,14 @@ _SEND_CHUNK = 256 * 1024
 _NO_BODY = frozenset({204, 304})
 
 
+def _wire(host: str) -> str | bytes:
+    """``host`` as ``getaddrinfo`` and ``ssl`` should get it: bytes when it is ASCII. Given a
+    str they encode it with the ``idna`` codec, which leaves an ASCII host name unchanged but
+    whose first use imports ``encodings.idna``, ``stringprep`` and ``unicodedata`` (a few ms
+    per invocation); a name that is not ASCII still goes through that codec."""
+    return host.encode("ascii") if host.isascii() else host
+
+
 class ProtocolError(OSError):
     """The server's answer is not HTTP/1.x as this client reads it."""
 
@@ -134,15 +142,17 @@ class Connection:
             self._sock = None
 
     def _open(self) -> socket.socket:
-        peer = (self.proxy.host, self.proxy.port) if self.proxy else (self.host, self.port)
-        sock = socket.create_connection(peer, timeout=self.timeout)
+        host, port = (self.proxy.host, self.proxy.port) if self.proxy else (self.host, self.port)
+        peer = (_wire(host), port)  # create_connection hands the host to getaddrinfo: bytes do
+        sock = socket.create_connection(peer, timeout=self.timeout)  # type: ignore[arg-type]
         try:
             if self.proxy is not None and self.tls:
                 self._tunnel(sock, self.proxy)
             if self.tls:
                 import ssl
 
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+                context = ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=_wire(self.host))
         except BaseException:
             sock.close()
             raise

@@ -32,7 +32,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,6 +64,8 @@ def _snapshot(source: Path, destination: Path) -> None:
     try:
         os.link(source, destination)
     except OSError:  # another file system, or links not allowed: a copy
+        import shutil  # not on the shim's path when links work (it imports bz2 and lzma)
+
         shutil.copyfile(source, destination)
 
 
@@ -86,6 +87,8 @@ def enqueue(
         final = spool / f"{_PREFIX}{name}"
         os.rename(scratch, final)
     except BaseException:
+        import shutil
+
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return final
@@ -165,6 +168,8 @@ def send(job_dir: Path, job: dict[str, Any], remote: Any) -> int:
 
 def drain(spool: Path, environ: dict[str, str]) -> None:
     """Send every job in ``spool``, counting each upload or failure in the stats."""
+    import shutil
+
     from larder.client import stats as stats_mod
     from larder.client.remote import Remote, RemoteError, network_timeout
     from larder.errors import FormatError
