@@ -10,7 +10,7 @@ handed to rustc with ``exec`` after importing nothing but ``os``, ``sys`` and th
 import os
 import sys
 
-from larder.client.probe import cache_enabled, is_probe
+from larder.client.probe import cache_enabled, is_probe, startup_ms
 
 
 def main() -> int:
@@ -26,8 +26,20 @@ def main() -> int:
         except OSError as exc:
             print(f"larder-rustc: cannot run {argv[0]}: {exc}", file=sys.stderr)
             return 127
+    absent = False
+    if argv and argv[0] != "explain" and not argv[0].startswith("-"):
+        from larder.client import resident
+
+        if resident.enabled(os.environ):
+            startup = startup_ms() if os.environ.get("LARDER_LOG") else 0.0
+            code = resident.delegate(argv, startup)
+            if isinstance(code, int):
+                return code
+            absent = code == resident.ABSENT
     from larder.client.shim import main as shim_main
 
+    if absent:
+        resident.start(dict(os.environ))
     return shim_main(argv)
 
 

@@ -77,9 +77,14 @@ def safe_env(environ: Mapping[str, str]) -> Callable[[str], bool]:
     return safe
 
 
+#: The calling ``larder-rustc``'s parent, when the call runs in another process
+#: (:mod:`larder.client.resident`).
+PARENT_PID: int | None = None
+
+
 def build_id() -> str:
     """This build: cargo's process (the shim's parent) and its start time."""
-    parent = os.getppid()
+    parent = PARENT_PID or os.getppid()
     try:
         stat = Path(f"/proc/{parent}/stat").read_text()
         started = stat.rpartition(")")[2].split()[19]

@@ -23,3 +23,24 @@ def is_probe(args: list[str]) -> bool:
 def cache_enabled(environ: os._Environ[str] | dict[str, str]) -> bool:
     disabled = environ.get("LARDER_DISABLE", "").lower() in TRUE_VALUES
     return bool(environ.get("LARDER_URL")) and not disabled
+
+
+def state_dir_name(environ: os._Environ[str] | dict[str, str]) -> str:
+    """``$LARDER_STATE_DIR``, else ``$XDG_CACHE_HOME/larder``, else ``~/.cache/larder``."""
+    if environ.get("LARDER_STATE_DIR"):
+        return environ["LARDER_STATE_DIR"]
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "larder")
+
+
+def startup_ms() -> float:
+    """Milliseconds from this process's start until now (interpreter, imports); from ``/proc``
+    (10 ms ticks), 0 where there is none."""
+    try:
+        with open("/proc/self/stat") as stat:
+            ticks = int(stat.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as uptime:
+            up = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max((up - ticks / os.sysconf("SC_CLK_TCK")) * 1000, 0.0)

@@ -48,7 +48,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
@@ -59,7 +59,7 @@ from larder.client import depinfo, linkline, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
 from larder.client.paths import Roots, default_cargo_home, find_target_dir
-from larder.client.probe import cache_enabled
+from larder.client.probe import cache_enabled, startup_ms
 from larder.client.remote import Remote, RemoteError, network_timeout
 from larder.errors import FormatError
 from larder.protocol.rustc import Manifest, Output, parse_manifest
@@ -659,19 +659,6 @@ def _log(
         pass
 
 
-def _startup_ms() -> float:
-    """Milliseconds from this process's start to the shim's first line (interpreter, imports);
-    from ``/proc`` (10 ms ticks), 0 where there is none."""
-    try:
-        with open("/proc/self/stat") as stat:
-            ticks = int(stat.read().rpartition(")")[2].split()[19])
-        with open("/proc/uptime") as uptime:
-            up = float(uptime.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return max((up - ticks / os.sysconf("SC_CLK_TCK")) * 1000, 0.0)
-
-
 def _stats_command(argv: list[str], environ: dict[str, str]) -> int:
     store = stats_mod.Stats(stats_mod.state_dir(environ))
     if argv[0] == "--zero-stats":
@@ -707,27 +694,21 @@ def _wait_command(argv: list[str], environ: dict[str, str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    environ = dict(os.environ)
-    if argv and argv[0] in ("--stats", "--zero-stats"):
-        return _stats_command(argv, environ)
-    if argv and argv[0] == "--wait-uploads":
-        return _wait_command(argv, environ)
-    if argv and argv[0] == "explain":
-        from larder.client.explain import command
+def _nothing() -> None:
+    pass
 
-        return command(argv, stats_mod.state_dir(environ))
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[1] if __doc__ else "usage: larder-rustc RUSTC ARGS...")
-        return 0 if argv else 2
-    rustc, args = argv[0], argv[1:]
-    if not cache_enabled(environ):
-        return passthrough(rustc, args)
-    startup = _startup_ms() if environ.get("LARDER_LOG") else 0.0
-    invocation = Invocation(rustc, args, environ)
+
+def compile_call(
+    argv: list[str], environ: dict[str, str], startup: float, taken: Callable[[], None] = _nothing
+) -> int | None:
+    """One call ``RUSTC ARGS...`` with the cache enabled: its exit code, or None, before
+    anything was done, when it is not a compilation (the caller then becomes rustc).
+    ``startup``: the milliseconds the calling process took to get here (for ``LARDER_LOG``);
+    ``taken`` runs once the call is known to be a compilation, before anything is done."""
+    invocation = Invocation(argv[0], argv[1:], environ)
     if not invocation.compilation.is_compilation:
-        return passthrough(rustc, args)
+        return None
+    taken()
     invocation.phases["startup"] = startup
     code, outcome = invocation.run()
     ms = _now_ms(invocation.started)
@@ -744,6 +725,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     _log(environ, invocation.compilation.crate_name or "-", outcome, ms, invocation.phases)
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ)
+    if argv and argv[0] in ("--stats", "--zero-stats"):
+        return _stats_command(argv, environ)
+    if argv and argv[0] == "--wait-uploads":
+        return _wait_command(argv, environ)
+    if argv and argv[0] == "explain":
+        from larder.client.explain import command
+
+        return command(argv, stats_mod.state_dir(environ))
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[1] if __doc__ else "usage: larder-rustc RUSTC ARGS...")
+        return 0 if argv else 2
+    if cache_enabled(environ):
+        startup = startup_ms() if environ.get("LARDER_LOG") else 0.0
+        code = compile_call(argv, environ, startup)
+        if code is not None:
+            return code
+    return passthrough(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

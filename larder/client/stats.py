@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from larder.client.probe import state_dir_name
+
 COUNTERS = (
     "hits",
     "misses",
@@ -42,10 +44,7 @@ def empty() -> dict[str, Any]:
 
 def state_dir(environ: dict[str, str] | os._Environ[str]) -> Path:
     """``$LARDER_STATE_DIR``, else ``$XDG_CACHE_HOME/larder``, else ``~/.cache/larder``."""
-    if environ.get("LARDER_STATE_DIR"):
-        return Path(environ["LARDER_STATE_DIR"])
-    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "larder"
+    return Path(state_dir_name(environ))
 
 
 class _Lock:

@@ -1,0 +1,510 @@
+"""A resident process that runs ``larder-rustc`` compilations, so a call skips loading the shim.
+
+Cargo starts a new ``larder-rustc`` for every compilation, and loading the shim's modules costs
+about three times what starting the interpreter does (some 30 ms of CPU per call, most of what a
+hit costs). The first call of a build that finds no resident process starts one (``python -m
+larder.client.resident SOCKET``, detached, like the uploader) and compiles by itself; the calls
+after it connect to ``SOCKET`` (``resident.sock`` in the state directory), hand over their
+command line, working directory, environment, umask and every descriptor rustc would inherit
+(stdin, stdout, stderr, cargo's jobserver pipes) with ``SCM_RIGHTS``, and wait for the exit code.
+The resident process forks a child per call. The child takes the caller's descriptors at the same
+numbers, its directory, environment and umask, runs the call as the shim in the caller would
+(:func:`larder.client.shim.compile_call`) and reports the code; a call that is not a compilation
+comes back to the caller, which becomes rustc as before. The child has a process group of its
+own: when the caller goes away (cargo killed it, Ctrl-C), the connection ends and the child kills
+its group, rustc with it.
+
+A call never depends on the resident process for its result. It compiles by itself when it
+cannot connect, when it is refused (the peer is another user, or another interpreter or copy of
+larder), or when the connection ends before the child took the call. Once the child took it,
+rustc may have printed or written, so a lost connection fails the call (exit 101) rather than
+compiling twice. ``LARDER_RESIDENT=0`` turns the resident process off.
+
+The resident process serves one user from one state directory, and exits after :data:`IDLE`
+seconds without a call, after :data:`MAX_AGE` seconds, or as soon as a module it loaded changed
+on disk (an upgrade): it never runs older code than a new process would load.
+
+This module is imported by every compilation's entry point: at module level it uses only what the
+interpreter has loaded at start (``os``, ``sys``) and ``_socket``.
+"""
+
+import _socket
+import os
+import sys
+
+TYPE_CHECKING = False  # typing itself costs a few ms to import, on every call
+if TYPE_CHECKING:
+    import socket
+    import threading
+
+#: Seconds without a call after which the resident process exits.
+IDLE = 20.0
+#: Seconds after which it exits even when busy (it is started again on demand).
+MAX_AGE = 3600.0
+#: Seconds a caller waits to connect and to hear whether its call was taken.
+HANDSHAKE_TIMEOUT = 30.0
+#: The first bytes of a call.
+MAGIC = b"LRS1"
+#: Answers of the child: the call is taken (an exit code follows as ``DONE`` + 4 bytes), it is
+#: not a compilation (the caller becomes rustc), or refused (the caller compiles by itself).
+TAKEN, DONE, EXEC, REFUSED = b"T", b"D", b"E", b"R"
+#: More descriptors than one message carries (the kernel's limit is 253): no delegation.
+MAX_FDS = 240
+#: Longest socket path (``sun_path`` holds 108 bytes with its NUL).
+MAX_PATH = 107
+#: Exit code of a call whose child vanished after taking it.
+LOST = 101
+SOCKET_NAME = "resident.sock"
+FALSE_VALUES = ("0", "false", "no", "off")
+
+
+def socket_path(environ: "os._Environ[str] | dict[str, str]") -> str:
+    from larder.client.probe import state_dir_name
+
+    return os.path.join(os.path.abspath(state_dir_name(environ)), SOCKET_NAME)
+
+
+def identity() -> bytes:
+    """What a caller and the resident process must share: the interpreter and larder's copy."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.fsencode(sys.executable) + b"\0" + os.fsencode(package)
+
+
+def enabled(environ: "os._Environ[str] | dict[str, str]") -> bool:
+    return environ.get("LARDER_RESIDENT", "1").lower() not in FALSE_VALUES
+
+
+# -- the caller -------------------------------------------------------------------------------
+
+
+def _inherited_fds(skip: int) -> list[int]:
+    """Descriptors rustc would inherit from this process (open, not close-on-exec)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd == skip:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the descriptor listdir itself used, already closed
+            continue
+    return sorted(found)
+
+
+def encode_call(argv: list[str], fds: list[int], startup: float) -> bytes:
+    """The call as sent: NUL-separated fields after :data:`MAGIC` and a 4-byte length."""
+    fields = [
+        identity(),
+        os.fsencode(os.getcwd()),
+        b"%d" % _umask(),
+        b"%d" % os.getppid(),
+        b"%.3f" % startup,
+        b",".join(b"%d" % fd for fd in fds),
+        b"%d" % len(argv),
+        *(os.fsencode(arg) for arg in argv),
+        *(os.fsencode(k) + b"=" + os.fsencode(v) for k, v in os.environ.items()),
+    ]
+    payload = b"\0".join(fields)
+    return MAGIC + len(payload).to_bytes(4, "big") + payload
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _recv_exact(sock: "_socket.socket", size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        piece = sock.recv(size - len(data))
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+#: What :func:`delegate` returns when this process must compile by itself: no resident process
+#: listens (one should be started), or the one there declined or vanished.
+ABSENT, DECLINED = "absent", "declined"
+
+
+def delegate(argv: list[str], startup: float) -> int | str:
+    """Run the call ``argv`` (``RUSTC ARGS...``) in the resident process: its exit code, or
+    :data:`ABSENT` / :data:`DECLINED` when this process must compile by itself. A call that is
+    not a compilation never returns: this process becomes rustc."""
+    path = socket_path(os.environ)
+    if len(os.fsencode(path)) > MAX_PATH:
+        return DECLINED
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            sock.connect(path)
+        except OSError:
+            return ABSENT
+        fds = _inherited_fds(sock.fileno())
+        if len(fds) > MAX_FDS:
+            return DECLINED
+        message = encode_call(argv, fds, startup)
+        rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+        try:
+            sent = sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+            sock.sendall(message[sent:])
+            answer = sock.recv(1)
+        except OSError:
+            return DECLINED
+        if answer == EXEC:
+            sock.close()
+            try:
+                os.execvp(argv[0], argv)
+            except OSError as exc:
+                print(f"larder-rustc: cannot run {argv[0]}: {exc}", file=sys.stderr)
+                return 127
+        if answer != TAKEN:
+            return DECLINED  # refused, or gone before taking the call
+        sock.settimeout(None)  # a compilation takes as long as it takes
+        try:
+            done = _recv_exact(sock, 5)
+        except OSError:
+            done = b""
+        except KeyboardInterrupt:  # Ctrl-C: closing the connection stops the compilation
+            return 130
+        if len(done) == 5 and done[:1] == DONE:
+            return int.from_bytes(done[1:], "big", signed=True)
+        print("larder-rustc: the resident process ended during the compilation", file=sys.stderr)
+        return LOST
+    finally:
+        sock.close()
+
+
+def start(environ: dict[str, str]) -> None:
+    """Start a detached resident process for this state directory (it exits at once if another
+    already serves it)."""
+    import subprocess
+
+    path = socket_path(environ)
+    if not enabled(environ) or len(os.fsencode(path)) > MAX_PATH:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "larder.client.resident", path],
+            cwd="/",
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,  # not cargo's pipes: the build never waits for it
+            start_new_session=True,
+        )
+    except OSError:
+        pass
+
+
+# -- the resident process ---------------------------------------------------------------------
+
+
+class Call:
+    """A call as the resident process received it."""
+
+    def __init__(self, payload: bytes) -> None:
+        fields = payload.split(b"\0")
+        self.identity = fields[0] + b"\0" + fields[1]
+        self.cwd = os.fsdecode(fields[2])
+        self.umask = int(fields[3])
+        self.ppid = int(fields[4])
+        self.startup = float(fields[5])
+        self.fds = [int(fd) for fd in fields[6].split(b",")] if fields[6] else []
+        count = int(fields[7])
+        self.argv = [os.fsdecode(arg) for arg in fields[8 : 8 + count]]
+        if len(self.argv) != count or not self.argv:
+            raise ValueError("a call without its command line")
+        self.environ = {}
+        for item in fields[8 + count :]:
+            name, sep, value = item.partition(b"=")
+            if sep:
+                self.environ[os.fsdecode(name)] = os.fsdecode(value)
+
+
+def _module_times() -> dict[str, int]:
+    """Modification times of the larder modules this process loaded."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    times = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and os.path.abspath(path).startswith(package + os.sep):
+            try:
+                times[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                times[path] = -1
+    return times
+
+
+def _changed(times: dict[str, int]) -> bool:
+    for path, stamp in times.items():
+        try:
+            if os.stat(path).st_mtime_ns != stamp:
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def _preload() -> None:
+    """What a compilation loads, so each child has it already."""
+    import mmap  # noqa: F401
+    import subprocess  # noqa: F401
+    import threading  # noqa: F401
+
+    import zstandard  # noqa: F401
+
+    import larder.client.explain
+    import larder.client.linker
+    import larder.client.shim
+    import larder.client.uploads
+    import larder.protocol.inputs  # noqa: F401
+
+
+def serve(path: str) -> int:
+    """Serve calls on the Unix socket ``path`` until idle, too old or outdated."""
+    import contextlib
+    import fcntl
+    import socket
+    import time
+
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    lock = os.open(os.path.join(directory, "resident.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another one serves this directory
+    _preload()
+    times = _module_times()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    mask = os.umask(0o177)  # the socket is the user's alone
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(mask)
+    bound = os.stat(path).st_ino
+    listener.listen(64)
+    listener.settimeout(1.0)
+    started = last = time.monotonic()
+    try:
+        while True:
+            _reap()
+            now = time.monotonic()
+            if now - last > IDLE or now - started > MAX_AGE or _changed(times):
+                break
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                time.sleep(0.1)  # out of descriptors, say: the caller compiles by itself
+                continue
+            last = time.monotonic()
+            with conn:
+                _take(conn, listener, lock, last)
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == bound:
+                os.unlink(path)
+        listener.close()
+    return 0
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _receive(conn: "socket.socket") -> tuple[bytes, list[int]]:
+    """The call's bytes and the descriptors that came with them."""
+    import socket
+
+    fds: list[int] = []
+    data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+    for level, kind, blob in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(blob) - len(blob) % 4
+            fds.extend(
+                int.from_bytes(blob[i : i + 4], sys.byteorder, signed=True)
+                for i in range(0, usable, 4)
+            )
+    try:
+        if len(data) < 8 or data[:4] != MAGIC:
+            raise ValueError("not a call")
+        size = int.from_bytes(data[4:8], "big")
+        while len(data) < size + 8:
+            piece = conn.recv(size + 8 - len(data))
+            if not piece:
+                raise ValueError("a call cut short")
+            data += piece
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return data[8:], fds
+
+
+def _take(conn: "socket.socket", listener: "socket.socket", lock: int, accepted: float) -> None:
+    """In the resident process: check the caller, read its call and fork a child to run it."""
+    import socket
+    import struct
+
+    conn.settimeout(2.0)
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        if struct.unpack("3i", creds)[1] != os.getuid():
+            conn.sendall(REFUSED)
+            return
+        payload, fds = _receive(conn)
+    except (OSError, ValueError):
+        return
+    try:
+        call = Call(payload)
+        if call.identity != identity() or len(call.fds) != len(fds):
+            conn.sendall(REFUSED)
+            return
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            os.close(lock)
+            _child(conn, call, fds, accepted)  # never returns
+    except (OSError, ValueError):
+        pass
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _install_fds(conn: "socket.socket", targets: list[int], received: list[int]) -> "socket.socket":
+    """Put each received descriptor at the caller's number; the connection moves above them."""
+    import fcntl
+    import socket
+
+    floor = max([*targets, *received, conn.fileno(), 2]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in received]
+    for fd in received:
+        os.close(fd)
+    connection = socket.socket(fileno=fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, floor))
+    conn.close()
+    connection.settimeout(None)  # blocking: the handshake's timeout made the descriptor not
+    for source, target in zip(moved, targets, strict=True):
+        os.dup2(source, target, inheritable=True)
+        os.close(source)
+    for fd in (0, 1, 2):
+        if fd not in targets:
+            os.close(fd)  # closed in the caller too
+    return connection
+
+
+def _fresh_stdio() -> None:
+    """``sys.stdin``/``stdout``/``stderr`` on the caller's descriptors, buffered as at start."""
+    import io
+
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            setattr(sys, name, None)
+            continue
+        raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+        buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        stream = io.TextIOWrapper(
+            buffered,
+            encoding="utf-8",
+            errors="backslashreplace" if fd == 2 else "strict",
+            line_buffering=fd == 2 or os.isatty(fd),
+        )
+        setattr(sys, name, stream)
+
+
+def _child(conn: "socket.socket", call: Call, received: list[int], accepted: float) -> None:
+    """A forked child: become the caller, run its call, report the exit code, exit."""
+    import contextlib
+    import threading
+    import time
+
+    code = LOST
+    finished = threading.Event()
+    try:
+        os.setpgid(0, 0)
+        connection = _install_fds(conn, call.fds, received)
+        received.clear()  # closed by _install_fds; the parent closes its own copies
+        os.chdir(call.cwd)
+        os.umask(call.umask)
+        os.environ.clear()
+        os.environ.update(call.environ)
+        sys.argv = ["larder-rustc", *call.argv]
+        _fresh_stdio()
+
+        from larder.client import explain
+        from larder.client.shim import compile_call
+
+        explain.PARENT_PID = call.ppid
+
+        def taken() -> None:
+            connection.sendall(TAKEN)
+            threading.Thread(target=_watch, args=(connection, finished), daemon=True).start()
+
+        startup = call.startup + (time.monotonic() - accepted) * 1000
+        result = compile_call(call.argv, dict(call.environ), startup, taken)
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        finished.set()  # the caller hangs up once it has the code: not a reason to kill
+        if result is None:
+            connection.sendall(EXEC)
+            code = 0
+        else:
+            connection.sendall(DONE + result.to_bytes(4, "big", signed=True))
+            code = result
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # on the caller's stderr, as the shim in the caller would
+        code = LOST
+    finally:
+        with contextlib.suppress(BaseException):
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
+        os._exit(code & 0xFF)
+
+
+def _watch(connection: "socket.socket", finished: "threading.Event") -> None:
+    """Until the caller hangs up; if that happens before the call finished, stop everything
+    this child started (its process group: rustc too)."""
+    import contextlib
+    import signal
+
+    with contextlib.suppress(OSError):
+        connection.recv(1)
+    if not finished.is_set():
+        os.killpg(0, signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m larder.client.resident SOCKET", file=sys.stderr)
+        return 2
+    return serve(argv[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
