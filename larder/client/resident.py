@@ -438,7 +438,7 @@ def _child(conn: "socket.socket", call: Call, received: list[int], accepted: flo
     import time
 
     code = LOST
-    finished = threading.Event()
+    started, finished = threading.Event(), threading.Event()
     try:
         os.setpgid(0, 0)
         connection = _install_fds(conn, call.fds, received)
@@ -457,6 +457,7 @@ def _child(conn: "socket.socket", call: Call, received: list[int], accepted: flo
 
         def taken() -> None:
             connection.sendall(TAKEN)
+            started.set()
             threading.Thread(target=_watch, args=(connection, finished), daemon=True).start()
 
         startup = call.startup + (time.monotonic() - accepted) * 1000
@@ -474,9 +475,10 @@ def _child(conn: "socket.socket", call: Call, received: list[int], accepted: flo
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
     except BaseException:
-        import traceback
+        if started.is_set():  # else the caller compiles by itself, and meets it there
+            import traceback
 
-        traceback.print_exc()  # on the caller's stderr, as the shim in the caller would
+            traceback.print_exc()  # on the caller's stderr, as the shim in the caller would
         code = LOST
     finally:
         with contextlib.suppress(BaseException):

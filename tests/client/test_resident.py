@@ -1,0 +1,255 @@
+"""The resident process runs a call as the caller would have, and never decides its outcome."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from larder.client import resident
+
+RUSTC = shutil.which("rustc") or "rustc"
+LIB = ["--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
+       "--emit=dep-info,metadata,link", "-C", "extra-filename=-x", "--out-dir", "out"]  # fmt: skip
+REPORT_FD = 7  # where the test's rustc reports, as cargo's jobserver pipes are passed on
+
+
+def reporting_rustc(where: Path, body: str = "") -> Path:
+    """A rustc that writes, for a compilation, its directory, an environment variable, its
+    umask and its grandparent's pid to descriptor 7 (inherited from the caller), then runs
+    ``body`` (default: the real rustc)."""
+    script = where / "rustc"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--crate-name*)\n'
+        "  grand=$(cut -d' ' -f4 /proc/$PPID/stat)\n"
+        f'  echo "cwd=$PWD foo=$LARDER_TEST_FOO umask=$(umask) grand=$grand pid=$$" >&{REPORT_FD}\n'
+        f"  {body or ':'} ;;\n"
+        "esac\n"
+        f'exec {RUSTC} "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def crate(tmp_path: Path) -> Path:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def environ(crate: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LARDER_URL": "http://127.0.0.1:9/main",  # nothing listens: every call compiles
+        "LARDER_STATE_DIR": str(crate / "state"),
+        "LARDER_TIMEOUT": "0.5",
+        "LARDER_TEST_FOO": "bar",
+    }
+
+
+class Resident:
+    def __init__(self, path: Path, idle: float = 60.0) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys, larder.client.resident as r; r.IDLE = float(sys.argv[2]); "
+             "sys.exit(r.serve(sys.argv[1]))", str(self.path), str(idle)],
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not self.path.exists():
+            assert self.proc.poll() is None, "the resident process exited"
+            assert time.monotonic() < deadline, "no socket"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def server(crate: Path) -> Iterator[Resident]:
+    running = Resident(crate / "state" / resident.SOCKET_NAME)
+    yield running
+    running.stop()
+
+
+def call(
+    crate: Path, argv: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``larder-rustc ARGV`` from ``crate`` with umask 027 and a pipe at descriptor 7; its
+    result and what was written to the pipe."""
+    read, write = os.pipe()
+
+    def prepare() -> None:
+        os.dup2(write, REPORT_FD)
+        os.umask(0o027)
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "larder.client.entry", *argv],
+            cwd=crate,
+            env=env or environ(crate),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            close_fds=False,  # (Python's own descriptors are not inheritable: only 0-2 and 7)
+            preexec_fn=prepare,
+        )
+    finally:
+        os.close(write)
+    with os.fdopen(read) as report:
+        return done, report.read()
+
+
+def test_a_call_runs_in_the_resident_process_as_the_caller(crate: Path, server: Resident) -> None:
+    rustc = reporting_rustc(crate)
+    done, report = call(crate, [str(rustc), *LIB])
+    assert done.returncode == 0, done.stderr
+    assert (crate / "out" / "libt-x.rlib").is_file()
+    line = report.strip()
+    assert f"cwd={crate} foo=bar umask=0027" in line
+    # rustc's parent is the child the resident process forked for this call
+    assert f"grand={server.proc.pid} " in line + " "
+    stats = (crate / "state" / "stats.json").read_text()
+    assert '"misses": 1' in stats or '"errors": 1' in stats
+
+
+def test_compile_errors_and_exit_codes_come_back(crate: Path, server: Resident) -> None:
+    (crate / "src" / "lib.rs").write_text("pub fn answer() -> u32 { nope }\n")
+    done, _ = call(crate, [str(reporting_rustc(crate)), *LIB])
+    assert done.returncode == 1
+    assert "cannot find value `nope`" in done.stderr
+
+
+def test_without_a_resident_process_the_caller_compiles_and_starts_one(crate: Path) -> None:
+    done, report = call(crate, [str(reporting_rustc(crate)), *LIB])
+    assert done.returncode == 0, done.stderr
+    # compiled by the caller: rustc's grandparent is this test
+    assert f"grand={os.getpid()} " in report + " "
+    path = crate / "state" / resident.SOCKET_NAME
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline, "no resident process was started"
+        time.sleep(0.05)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    _stop_serving(path)
+
+
+def _stop_serving(path: Path) -> None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(path).encode() in cmdline and b"larder.client.resident" in cmdline:
+                os.kill(int(entry.name), signal.SIGTERM)
+
+
+def test_resident_off_means_in_process(crate: Path, server: Resident) -> None:
+    done, report = call(
+        crate, [str(reporting_rustc(crate)), *LIB], {**environ(crate), "LARDER_RESIDENT": "0"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"grand={os.getpid()} " in report + " "
+
+
+def test_a_call_that_is_not_a_compilation_runs_rustc_in_the_caller(
+    crate: Path, server: Resident
+) -> None:
+    script = crate / "rustc"
+    script.write_text(f'#!/bin/sh\necho "parent=$PPID args=$*" >&{REPORT_FD}\nexit 3\n')
+    script.chmod(0o755)
+    done, report = call(crate, [str(script), "--cfg", "x"])
+    assert done.returncode == 3
+    assert report.strip() == f"parent={os.getpid()} args=--cfg x"  # the caller became it
+
+
+def test_killing_the_caller_stops_its_compilation(crate: Path, server: Resident) -> None:
+    pidfile = crate / "rustc.pid"
+    rustc = reporting_rustc(crate, body=f"echo $$ > {pidfile}; exec sleep 60")
+    read, write = os.pipe()
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "larder.client.entry", str(rustc), *LIB],
+        cwd=crate,
+        env=environ(crate),
+        close_fds=False,
+        preexec_fn=lambda: os.dup2(write, REPORT_FD),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write)
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline and caller.poll() is None
+        time.sleep(0.05)
+    sleeper = int(pidfile.read_text())
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 10
+    while _alive(sleeper):
+        assert time.monotonic() < deadline, "the compilation outlived its caller"
+        time.sleep(0.05)
+    os.close(read)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _send(path: Path, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(data)
+        return sock.recv(1)
+
+
+def test_another_copy_of_larder_is_refused_and_garbage_ignored(
+    crate: Path, server: Resident, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _send(server.path, b"GET / HTTP/1.1\r\n\r\n" + b"x" * 100) == b""
+    monkeypatch.setattr(resident, "identity", lambda: b"/other/python\0/other/larder")
+    monkeypatch.chdir(crate)
+    message = resident.encode_call([RUSTC, *LIB], [], 0.0)
+    assert _send(server.path, message) == resident.REFUSED
+    monkeypatch.undo()
+    # still serving
+    done, report = call(crate, [str(reporting_rustc(crate)), *LIB])
+    assert done.returncode == 0, done.stderr
+    assert f"grand={server.proc.pid} " in report + " "
+
+
+def test_the_resident_process_exits_when_idle(tmp_path: Path) -> None:
+    idle = Resident(tmp_path / "state" / resident.SOCKET_NAME, idle=0.3)
+    assert idle.proc.wait(15) == 0
+    assert not idle.path.exists()
+
+
+def test_a_changed_module_is_noticed(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("")
+    times = {str(module): module.stat().st_mtime_ns}
+    assert not resident._changed(times)
+    os.utime(module, ns=(0, module.stat().st_mtime_ns + 1))
+    assert resident._changed(times)
+    module.unlink()
+    assert resident._changed(times)
