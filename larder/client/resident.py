@@ -115,6 +115,15 @@ def _umask() -> int:
     return mask
 
 
+def _peer_uid(sock: "_socket.socket") -> int:
+    """The user id of the process at the other end of a Unix socket (-1 if unknown)."""
+    try:
+        creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    except OSError:
+        return -1
+    return int.from_bytes(creds[4:8], sys.byteorder)  # struct ucred: pid, uid, gid
+
+
 def _recv_exact(sock: "_socket.socket", size: int) -> bytes:
     data = b""
     while len(data) < size:
@@ -144,6 +153,8 @@ def delegate(argv: list[str], startup: float) -> int | str:
             sock.connect(path)
         except OSError:
             return ABSENT
+        if _peer_uid(sock) != os.getuid():
+            return DECLINED  # not ours: it would get this call's environment, tokens included
         fds = _inherited_fds(sock.fileno())
         if len(fds) > MAX_FDS:
             return DECLINED
@@ -360,13 +371,10 @@ def _receive(conn: "socket.socket") -> tuple[bytes, list[int]]:
 
 def _take(conn: "socket.socket", listener: "socket.socket", lock: int, accepted: float) -> None:
     """In the resident process: check the caller, read its call and fork a child to run it."""
-    import socket
-    import struct
 
     conn.settimeout(2.0)
     try:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        if struct.unpack("3i", creds)[1] != os.getuid():
+        if _peer_uid(conn) != os.getuid():
             conn.sendall(REFUSED)
             return
         payload, fds = _receive(conn)

@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +254,37 @@ def test_a_changed_module_is_noticed(tmp_path: Path) -> None:
     assert resident._changed(times)
     module.unlink()
     assert resident._changed(times)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to listen as another user")
+def test_a_socket_served_by_another_user_gets_nothing(crate: Path) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="larder-shared-state-"))  # a state directory anyone
+    shared.chmod(0o777)  # may write to (where the test's own tmp_path is root's alone)
+    path = shared / resident.SOCKET_NAME
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # someone else's process at the caller's socket path
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(str(path))
+                listener.listen(1)
+                os.write(write, b"listening\n")
+                listener.settimeout(30)
+                conn, _ = listener.accept()
+                conn.settimeout(10)
+                os.write(write, b"sent something\n" if conn.recv(100) else b"sent nothing\n")
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as heard:
+        assert heard.readline() == "listening\n"
+        env = {**environ(crate), "LARDER_STATE_DIR": str(shared)}
+        done, report = call(crate, [str(reporting_rustc(crate)), *LIB], env)
+        assert done.returncode == 0, done.stderr
+        assert f"grand={os.getpid()} " in report + " "  # compiled by the caller itself
+        assert heard.readline() == "sent nothing\n"
+    os.waitpid(pid, 0)
+    _stop_serving(path)  # the caller started a resident process of its own there
+    shutil.rmtree(shared, ignore_errors=True)
