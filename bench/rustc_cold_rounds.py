@@ -1,13 +1,14 @@
 """Cold ``cargo build`` rounds: plain cargo, sccache, larder-rustc uploading, interleaved.
 
 What a CI job pays for the cache. Each round builds the workspace of ``rustc_vs_sccache.py``
-(``tests/rust-workspace`` plus ``--crates`` generated crates and ``genbin``) three times, cold,
-each in a new directory with an empty target directory and an empty cache: plain cargo, then
-sccache 0.16 on a local disk cache, then larder-rustc with a write token against a new ``larder
+(``tests/rust-workspace`` plus ``--crates`` generated crates and ``genbin``) four times, cold,
+each in a new directory with an empty target directory and an empty cache: plain cargo;
+sccache 0.16 on a local disk cache; larder-rustc with a write token against a new ``larder
 serve`` on loopback (every compilation a miss, every output uploaded), followed by the time until
-its uploads are all sent (``--wait-uploads``). The order rotates between rounds so no tool
-always follows the same one; the machine's load drifts, so ratios are taken within a round and
-the median of the rounds is printed beside each round's own.
+its uploads are all sent (``--wait-uploads``); the same with ``LARDER_RESIDENT=0`` (every call
+loads the shim itself: :mod:`larder.client.resident`). The order rotates between rounds so no
+tool always follows the same one; the machine's load drifts, so ratios are taken within a round
+and the median of the rounds is printed beside each round's own.
 
 Besides wall time, each build's CPU is read from ``/proc/stat`` (every process on the machine,
 idle and I/O wait excluded) and the server's from ``/proc/<pid>/stat``: with the server on
@@ -33,7 +34,7 @@ from pathlib import Path
 from harness import build_env, compile_larder, free_port, larder_server
 from rustc_vs_sccache import BIN, WORKSPACE, cargo_build, copy_workspace, generate, log_phases
 
-TOOLS = ("plain", "sccache", "larder")
+TOOLS = ("plain", "sccache", "larder", "larder-in-process")
 
 
 def machine_cpu() -> float:
@@ -71,13 +72,14 @@ def sccache(source: Path, where: Path) -> dict[str, float]:
         subprocess.run([exe, "--stop-server"], env=env, check=False, capture_output=True)
 
 
-def larder(source: Path, where: Path) -> dict[str, float]:
+def larder(source: Path, where: Path, resident: bool = True) -> dict[str, float]:
     shim = str(BIN / "larder-rustc")
     where.mkdir(parents=True)
     with larder_server(where / "data", where) as server:
         env = {**build_env(), "RUSTC_WRAPPER": shim, "LARDER_URL": f"{server.url}/main",
                "LARDER_STATE_DIR": str(where / "state"), "LARDER_LOG": str(where / "log"),
-               "LARDER_TOKEN": server.token()}  # fmt: skip
+               "LARDER_TOKEN": server.token(),
+               "LARDER_RESIDENT": "1" if resident else "0"}  # fmt: skip
         server_before = process_cpu(server.proc.pid)
         result = timed_build(source, where, env)
         server_build = process_cpu(server.proc.pid) - server_before
@@ -97,6 +99,7 @@ BUILDERS: dict[str, Callable[[Path, Path], dict[str, float]]] = {
     "plain": plain,
     "sccache": sccache,
     "larder": larder,
+    "larder-in-process": lambda source, where: larder(source, where, resident=False),
 }
 
 
@@ -113,7 +116,7 @@ def main() -> int:
         source = copy_workspace(WORKSPACE, work / "source")
         generate(source, options.crates)
         for number in range(options.rounds):
-            order = TOOLS[number % 3 :] + TOOLS[: number % 3]
+            order = TOOLS[number % len(TOOLS) :] + TOOLS[: number % len(TOOLS)]
             rounds.append(
                 {tool: BUILDERS[tool](source, work / f"{tool}{number}") for tool in order}
             )
@@ -123,6 +126,7 @@ def main() -> int:
         "sccache": [r["sccache"]["s"] / r["plain"]["s"] for r in rounds],
         "larder": [r["larder"]["s"] / r["plain"]["s"] for r in rounds],
         "larder_uploads_done": [r["larder"]["uploads_done_s"] / r["plain"]["s"] for r in rounds],
+        "larder_in_process": [r["larder-in-process"]["s"] / r["plain"]["s"] for r in rounds],
     }
     medians = {name: statistics.median(values) for name, values in ratios.items()}
     if options.json:
@@ -130,14 +134,17 @@ def main() -> int:
         return 0
     print(f"median over {options.rounds} rounds, cold / plain cargo in the same round: "
           f"sccache {medians['sccache']:.3f}, larder-rustc {medians['larder']:.3f} "
-          f"(until its uploads are sent {medians['larder_uploads_done']:.3f})")  # fmt: skip
+          f"(until its uploads are sent {medians['larder_uploads_done']:.3f}; without the "
+          f"resident process {medians['larder_in_process']:.3f})")  # fmt: skip
     return 0
 
 
 def print_round(number: int, order: tuple[str, ...], result: dict[str, dict[str, float]]) -> None:
     base, sc, la = result["plain"], result["sccache"], result["larder"]
     print(f"round {number + 1} ({', '.join(order)})")
-    for name, row in (("plain cargo", base), ("sccache 0.16, local", sc), ("larder-rustc", la)):
+    rows = (("plain cargo", base), ("sccache 0.16, local", sc), ("larder-rustc", la),
+            ("  without resident", result["larder-in-process"]))  # fmt: skip
+    for name, row in rows:
         print(
             f"  {name:20s} {row['s']:6.2f} s  {row['s'] / base['s']:.3f}x  CPU {row['cpu_s']:.1f} s"
         )

@@ -3,7 +3,9 @@
 Cargo calls the wrapper for probes (``rustc -vV``, ``rustc - --print=...``) as well as for
 compilations. Those probes, and every call when the cache is disabled or not configured, are
 handed to rustc with ``exec`` after importing nothing but ``os``, ``sys`` and the leaf module
-:mod:`larder.client.probe`; only a compilation loads the rest of the shim.
+:mod:`larder.client.probe`. A compilation is handed to the resident process
+(:mod:`larder.client.resident`), which has the shim loaded already; only when there is none, or
+it declines, does this process load the rest of the shim.
 """
 
 # No `from __future__ import annotations`: importing __future__ costs the probe path ~0.2 ms.

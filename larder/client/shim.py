@@ -14,6 +14,8 @@ Environment:
 * ``LARDER_LOG``: a file that gets one line per compilation (crate, key, result, reason, ms,
   and the package: every build script's crate is ``build_script_build``).
 * ``LARDER_TIMEOUT``: seconds per network operation (default 5).
+* ``LARDER_RESIDENT=0``: no resident process (:mod:`larder.client.resident`); every call loads
+  the shim itself.
 * ``LARDER_EXPLAIN_SAFE_ENV``: ``env!`` variables (comma-separated, ``NAME*`` a prefix) whose
   values ``explain`` may show and the cache may store in clear; others are hashed.
 * ``LARDER_STATE_DIR``: where stats and the toolchain cache live (default
