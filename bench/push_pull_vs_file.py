@@ -1,10 +1,12 @@
 """Real ``nix copy`` to and from larder against the same with a ``file://`` binary cache.
 
-For each compression asked for (``xz``, Nix's default, and ``zstd``) and each repetition, two
-closures with the same contents but fresh store paths are built with the real Nix (Debian's
-nix-bin, as root, ``NIX_REMOTE=local``, no sandbox): ``--paths`` derivations in a chain (each
-refers to the one before, like crates), ``--size`` bytes in all, half of them incompressible
-(seeded pseudo-random bytes), half Rust-like text. Then, timed with the wall clock:
+For each compression asked for (``xz``, Nix's default, and ``zstd``), each repetition and each
+Nix asked for with ``--nix`` (Debian's nix-bin 2.8 on the machine's store, ``NIX_REMOTE=local``;
+Nix 2.34 installed privately, on a chroot store of its own; as root, see ``tests/e2e/nix.py``),
+three closures with the same contents but fresh store paths are built with that Nix:
+``--paths`` derivations in a chain (each refers to the one before, like crates), ``--size`` bytes
+in all, half of them incompressible (seeded pseudo-random bytes), half Rust-like text, read from
+one store path holding the data. Then, timed with the wall clock, with the same Nix:
 
 * **push**: ``nix copy --to 'http://127.0.0.1:PORT/main?compression=C'`` (a write token in
   netrc) against ``nix copy --to 'file://DIR?compression=C&secret-key=K'`` for the other
@@ -21,11 +23,14 @@ checks, shown as a second ratio.
 
 Each ``nix`` command gets its own ``XDG_CACHE_HOME``, so no side sees the other's narinfo cache.
 larder serves ``.nar.zst`` whatever the upload's compression, while the ``file://`` cache
-serves what it was given (so an xz pull decompresses xz there).
+serves what it was given (so an xz pull decompresses xz there). Both versions push to the same
+larder and nginx, one after the other (which goes first alternates between repetitions).
 
     .venv/bin/python bench/push_pull_vs_file.py [--paths 24] [--size 200MiB]
-        [--compression xz,zstd] [--repeat 2] [--pulls 5] [--json]
-        [--larder-env LARDER_WORKERS=2 ...]
+        [--compression xz,zstd] [--repeat 2] [--pulls 5] [--nix 2.8|2.34|both] [--json]
+        [--keep] [--larder-env LARDER_WORKERS=2 ...]
+
+``--keep`` keeps the work directory (larder's log with its access log, nginx's logs).
 
 Goal: larder's time at most 1.25x the ``file://`` time, for push and for pull.
 """
@@ -48,11 +53,13 @@ from pathlib import Path
 from harness import MiB, larder_server, machine, nginx_server
 
 from larder.service.config import parse_size
-from tests.e2e.nix import NIX_CONFIG  # the settings the end-to-end tests drive Nix with
+from tests.e2e.nix import DEBIAN, NIX_CONFIG, SID, NixVersion  # as the end-to-end tests drive Nix
+
+NIX_VERSIONS = {"2.8": DEBIAN, "2.34": SID}
 
 CLOSURE_NIX = r"""
 let
-  data = "@DATA@";
+  data = builtins.path { path = @DATA@; name = "bench-data"; };
   mk = i: prev: derivation {
     name = "rust_bench${toString i}-0.1.0";
     system = builtins.currentSystem;
@@ -98,21 +105,27 @@ def make_data(directory: Path, paths: int, size: int) -> None:
 
 
 class Nix:
-    """``nix`` commands with their own narinfo cache directory (one 'machine' each)."""
+    """``nix`` commands of ``version`` with their own narinfo cache directory (one 'machine'
+    each) on ``store`` (``NIX_REMOTE``: ``local``, or the directory of a chroot store)."""
 
-    def __init__(self, home: Path, netrc: str = "") -> None:
+    def __init__(
+        self, home: Path, version: NixVersion, store: str = "local", netrc: str = ""
+    ) -> None:
         home.mkdir(parents=True, exist_ok=True)
         (home / "netrc").write_text(netrc)
+        self.version = version
+        self.store = store
         self.env = {
             **os.environ,
-            "NIX_REMOTE": "local",
+            "NIX_REMOTE": store,
             "NIX_CONFIG": NIX_CONFIG + f"\nnetrc-file = {home / 'netrc'}\n",
             "XDG_CACHE_HOME": str(home / "cache"),
             "HOME": str(home),
         }
 
     def run(self, *args: str) -> str:
-        done = subprocess.run(list(args), env=self.env, capture_output=True, text=True)
+        command = [self.version.tool(args[0]), *args[1:]]
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
         return done.stdout
@@ -122,11 +135,22 @@ class Nix:
         self.run(*args)
         return time.perf_counter() - start
 
+    def beside(self, home: Path, netrc: str = "") -> Nix:
+        """Another machine of the same version on the same store (the paths this one built)."""
+        return Nix(home, self.version, self.store, netrc)
+
+
+def builder_for(version: NixVersion, work: Path) -> Nix:
+    """The Nix that builds closures with ``version``: on the machine's store, or on a chroot
+    store of its own under ``work`` when the version needs one (``own_store``)."""
+    home = work / f"build-{version.label}"
+    return Nix(home, version, str(home / "root") if version.own_store else "local")
+
 
 def build_closure(nix: Nix, work: Path, data: Path, paths: int) -> str:
     expr = work / f"closure-{uuid.uuid4().hex}.nix"
     text = CLOSURE_NIX.replace("@DATA@", str(data)).replace("@NONCE@", uuid.uuid4().hex)
-    expr.write_text(text.replace("@LAST@", str(paths - 1)))
+    expr.write_text(text.replace("@LAST@", str(paths - 1)))  # DATA: an absolute path
     return nix.run("nix-build", str(expr), "--no-out-link").strip().splitlines()[-1]
 
 
@@ -137,13 +161,23 @@ def closure_bytes(nix: Nix, top: str) -> tuple[int, int]:
     return len(paths), sum(int(s) for s in sizes)
 
 
+def forget(builder: Nix, top: str) -> None:
+    """Delete ``top``'s closure and the derivations that built it, but not the data they read
+    (a store path every round uses)."""
+    outputs = builder.run("nix-store", "-qR", top).split()
+    derivations = builder.run("nix-store", "-qR", builder.run("nix-store", "-qd", top).strip())
+    built = [path for path in derivations.split() if path.endswith(".drv")]
+    builder.run("nix-store", "--delete", *outputs, *built)
+
+
 def one_round(
-    work: Path, server_url: str, token: str, public_key: str, file_key: tuple[str, str],
-    nginx_url: str, data: Path, paths: int, compression: str, larder_first: bool, pulls: int,
+    work: Path, builder: Nix, server_url: str, token: str, public_key: str,
+    file_key: tuple[str, str], nginx_url: str, data: Path, paths: int, compression: str,
+    larder_first: bool, pulls: int,
 ) -> dict[str, float]:  # fmt: skip
-    """Push a fresh closure to each side, then pull each into empty stores ``pulls`` times."""
+    """Push a fresh closure to each side with ``builder``'s Nix, then pull each into empty
+    stores ``pulls`` times."""
     tag = uuid.uuid4().hex[:8]
-    builder = Nix(work / f"build-{tag}")
     sides = ("larder", "file", "nginx") if larder_first else ("file", "nginx", "larder")
     tops = {side: build_closure(builder, work, data, paths) for side in sides}
     cache_dir = work / f"file-cache-{tag}"
@@ -157,7 +191,7 @@ def one_round(
     netrc = f"machine 127.0.0.1 login bench password {token}\n"
     result: dict[str, float] = {}
     for side in sides:
-        nix = Nix(work / f"push-{side}-{tag}", netrc=netrc)
+        nix = builder.beside(work / f"push-{side}-{tag}", netrc=netrc)
         result[f"push_{side}"] = nix.timed("nix", "copy", "--to", targets[side], tops[side])
     sources = {
         "larder": f"{server_url}/main",
@@ -169,7 +203,7 @@ def one_round(
     times: dict[str, list[float]] = {side: [] for side in sides}
     for n in range(pulls):
         for side in sides:
-            nix = Nix(work / f"pull-{side}-{tag}-{n}")
+            nix = builder.beside(work / f"pull-{side}-{tag}-{n}")
             root = work / f"store-{side}-{tag}"
             times[side].append(nix.timed(
                 "nix", "copy", "--from", sources[side], "--to", f"local?root={root}",
@@ -184,42 +218,41 @@ def one_round(
     shutil.rmtree(cache_dir, ignore_errors=True)
     result["closure_paths"], result["closure_bytes"] = closure_bytes(builder, tops["larder"])
     for top in tops.values():
-        builder.run("nix-store", "--delete", *builder.run("nix-store", "-qR", top).split())
+        forget(builder, top)
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--paths", type=int, default=24)
-    parser.add_argument("--size", default="200MiB")
-    parser.add_argument("--compression", default="xz,zstd")
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--pulls", type=int, default=5, help="pulls per side (median)")
-    parser.add_argument("--larder-env", nargs="*", default=[], help="KEY=VALUE for larder")
-    parser.add_argument("--json", action="store_true")
-    options = parser.parse_args()
-    if shutil.which("nix") is None:
-        print("needs Debian's nix-bin (make test installs it)", file=sys.stderr)
-        return 2
-    extra = dict(item.split("=", 1) for item in options.larder_env)
-    before = machine()
+def installed(version: NixVersion) -> str | None:
+    """``version``'s own ``nix --version`` line, or None when it is not installed."""
+    try:
+        done = subprocess.run([version.tool("nix"), "--version"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def run_rounds(
+    options: argparse.Namespace, work: Path, versions: dict[str, NixVersion],
+    extra: dict[str, str],
+) -> list[dict[str, object]]:  # fmt: skip
+    """Every compression, repetition and Nix version against one larder and one nginx."""
+    data = work / "bench-data"  # its store path is named after it (``nix-store --add``)
+    make_data(data, options.paths, parse_size(options.size))
+    key_name = f"file-bench-{uuid.uuid4().hex[:6]}"
+    secret = work / "file.sec"
+    keygen = Nix(work / "keygen", DEBIAN)
+    keygen.run("nix-store", "--generate-binary-cache-key", key_name, str(secret),
+               str(work / "file.pub"))  # fmt: skip
+    file_key = (str(secret), (work / "file.pub").read_text().strip())
+    web_root = work / "nginx-root"
+    web_root.mkdir()
+    dav = (
+        f"    root {web_root};\n    client_max_body_size 0;\n"
+        "    location / { dav_methods PUT; create_full_put_path on; }\n"
+    )
+    builders = {name: builder_for(version, work) for name, version in versions.items()}
     rounds: list[dict[str, object]] = []
-    with tempfile.TemporaryDirectory(prefix="larder-nixcopy-") as tmp:
-        work = Path(tmp)
-        data = work / "data"
-        make_data(data, options.paths, parse_size(options.size))
-        key_name = f"file-bench-{uuid.uuid4().hex[:6]}"
-        secret = work / "file.sec"
-        keygen = Nix(work / "keygen")
-        keygen.run("nix-store", "--generate-binary-cache-key", key_name, str(secret),
-                   str(work / "file.pub"))  # fmt: skip
-        file_key = (str(secret), (work / "file.pub").read_text().strip())
-        web_root = work / "nginx-root"
-        web_root.mkdir()
-        dav = (
-            f"    root {web_root};\n    client_max_body_size 0;\n"
-            "    location / { dav_methods PUT; create_full_put_path on; }\n"
-        )
+    try:
         with (
             larder_server(work / "larder-data", work, extra_env=extra) as server,
             nginx_server(work / "nginx", dav, workers=2) as nginx,
@@ -228,20 +261,32 @@ def main() -> int:
             info = json.loads(server.cli("cache", "show", "main").stdout)
             for compression in options.compression.split(","):
                 for n in range(options.repeat):
-                    figures = one_round(
-                        work, server.url, token, info["public_key"], file_key, nginx.url,
-                        data, options.paths, compression, larder_first=n % 2 == 0,
-                        pulls=options.pulls,
-                    )  # fmt: skip
-                    rounds.append({"compression": compression, "run": n + 1, **figures})
-    report = {"machine": {**before, "loadavg_after": machine()["loadavg"]}, "larder_env": extra,
-              "rounds": rounds}  # fmt: skip
-    if options.json:
-        print(json.dumps(report, indent=2))
-        return 0
+                    order = list(builders.items())
+                    for name, builder in order if n % 2 == 0 else order[::-1]:
+                        figures = one_round(
+                            work, builder, server.url, token, info["public_key"], file_key,
+                            nginx.url, data, options.paths, compression,
+                            larder_first=n % 2 == 0, pulls=options.pulls,
+                        )  # fmt: skip
+                        rounds.append(
+                            {"compression": compression, "nix": name, "run": n + 1, **figures}
+                        )
+    finally:
+        for builder in builders.values():  # the data's store path, kept by every round
+            try:
+                stored = builder.run("nix-store", "--add", str(data)).strip()
+                builder.run("nix-store", "--delete", stored)
+            except RuntimeError as error:  # a round that failed left its derivations behind
+                print(f"the data stays in {builder.store}'s store: {error}", file=sys.stderr)
+    return rounds
+
+
+def print_table(report: dict[str, object], extra: dict[str, str]) -> None:
+    rounds: list[dict[str, object]] = report["rounds"]  # type: ignore[assignment]
     print(f"nix copy, larder against file://; machine {report['machine']}; larder env {extra}")
+    print(f"nix: {report['nix']}")
     columns = f"{'file':>6s} {'nginx':>6s} {'ratio':>5s} {'/nginx':>6s}"
-    print(f"{'compression':12s}{'run':>4s} {'paths':>5s} {'MiB':>6s}  "
+    print(f"{'compression':12s}{'nix':>5s}{'run':>4s} {'paths':>5s} {'MiB':>6s}  "
           f"{'push larder':>11s} {columns}  {'pull larder':>11s} {columns}")  # fmt: skip
     for r in rounds:
         t = {k: float(v) for k, v in r.items() if k.startswith(("push_", "pull_"))}  # type: ignore[arg-type]
@@ -251,9 +296,51 @@ def main() -> int:
             ratios = f"{ours / file:5.2f} {ours / web:6.2f}"
             cells.append(f"{ours:10.2f}s {file:5.2f}s {web:5.2f}s {ratios}")
         size = float(r["closure_bytes"]) / MiB  # type: ignore[arg-type]
-        print(f"{r['compression']!s:12s}{r['run']!s:>4s} {r['closure_paths']!s:>5s} "
-              f"{size:6.1f}  {cells[0]}  {cells[1]}")  # fmt: skip
+        print(f"{r['compression']!s:12s}{r['nix']!s:>5s}{r['run']!s:>4s} "
+              f"{r['closure_paths']!s:>5s} {size:6.1f}  {cells[0]}  {cells[1]}")  # fmt: skip
     print("ratio = larder's time / file://'s time (goal: at most 1.25); /nginx = larder / nginx")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paths", type=int, default=24)
+    parser.add_argument("--size", default="200MiB")
+    parser.add_argument("--compression", default="xz,zstd")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--pulls", type=int, default=5, help="pulls per side (median)")
+    parser.add_argument("--nix", choices=[*NIX_VERSIONS, "both"], default="both",
+                        help="the Nix versions to measure, each in every round")  # fmt: skip
+    parser.add_argument("--larder-env", nargs="*", default=[], help="KEY=VALUE for larder")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--json", action="store_true")
+    options = parser.parse_args()
+    chosen = list(NIX_VERSIONS) if options.nix == "both" else [options.nix]
+    versions = {name: NIX_VERSIONS[name] for name in chosen}
+    found = {name: installed(version) for name, version in versions.items()}
+    for name, line in found.items():
+        if line is None:
+            print(f"Nix {name} is not installed (make system-deps installs both)", file=sys.stderr)
+            return 2
+    extra = dict(item.split("=", 1) for item in options.larder_env)
+    before = machine()
+    work = Path(tempfile.mkdtemp(prefix="larder-nixcopy-"))
+    try:
+        rounds = run_rounds(options, work, versions, extra)
+    finally:
+        if options.keep:
+            print(f"work directory kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report: dict[str, object] = {
+        "machine": {**before, "loadavg_after": machine()["loadavg"]},
+        "larder_env": extra,
+        "nix": found,
+        "rounds": rounds,
+    }
+    if options.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report, extra)
     return 0
 
 
