@@ -55,6 +55,10 @@ MAX_PATH = 107
 #: Exit code of a call whose child vanished after taking it.
 LOST = 101
 SOCKET_NAME = "resident.sock"
+#: Held (``flock``) by the resident process; its time is that of the last start.
+LOCK_NAME = "resident.lock"
+#: Seconds between two starts of a resident process for one state directory.
+RESTART_AFTER = 10.0
 FALSE_VALUES = ("0", "false", "no", "off")
 
 
@@ -191,15 +195,26 @@ def delegate(argv: list[str], startup: float) -> int | str:
 
 
 def start(environ: dict[str, str]) -> None:
-    """Start a detached resident process for this state directory (it exits at once if another
-    already serves it)."""
+    """Start a detached resident process for this state directory, unless one was started in
+    the last :data:`RESTART_AFTER` seconds (where sockets cannot be made, the calls do not pay
+    for a failing start each time; one that finds another serving exits at once)."""
     import subprocess
+    import time
 
     path = socket_path(environ)
     if not enabled(environ) or len(os.fsencode(path)) > MAX_PATH:
         return
+    directory = os.path.dirname(path)
+    stamp = os.path.join(directory, LOCK_NAME)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
+        try:
+            if time.time() - os.stat(stamp).st_mtime < RESTART_AFTER:
+                return
+        except FileNotFoundError:
+            pass
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.utime(stamp)
         subprocess.Popen(
             [sys.executable, "-m", "larder.client.resident", path],
             cwd="/",
@@ -287,7 +302,7 @@ def serve(path: str) -> int:
 
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    lock = os.open(os.path.join(directory, "resident.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    lock = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -288,3 +288,16 @@ def test_a_socket_served_by_another_user_gets_nothing(crate: Path) -> None:
     os.waitpid(pid, 0)
     _stop_serving(path)  # the caller started a resident process of its own there
     shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_where_no_socket_can_be_made_calls_do_not_keep_starting_one(crate: Path) -> None:
+    (crate / "state" / resident.SOCKET_NAME).mkdir(parents=True)  # a directory: bind fails
+    rustc = reporting_rustc(crate)
+    stamp = crate / "state" / resident.LOCK_NAME
+    started = []
+    for _ in range(3):
+        done, report = call(crate, [str(rustc), *LIB])
+        assert done.returncode == 0, done.stderr
+        assert f"grand={os.getpid()} " in report + " "  # compiled by the caller
+        started.append(stamp.stat().st_mtime_ns)
+    assert started[0] == started[1] == started[2]  # one start in RESTART_AFTER seconds
