@@ -75,7 +75,11 @@ def identity() -> bytes:
 
 
 def enabled(environ: "os._Environ[str] | dict[str, str]") -> bool:
-    return environ.get("LARDER_RESIDENT", "1").lower() not in FALSE_VALUES
+    """On unless ``LARDER_RESIDENT`` says no, where peer credentials and ``/proc`` exist
+    (Linux)."""
+    if environ.get("LARDER_RESIDENT", "1").lower() in FALSE_VALUES:
+        return False
+    return hasattr(_socket, "SO_PEERCRED") and os.path.isdir("/proc/self/fd")
 
 
 # -- the caller -------------------------------------------------------------------------------
@@ -159,7 +163,10 @@ def delegate(argv: list[str], startup: float) -> int | str:
             return ABSENT
         if _peer_uid(sock) != os.getuid():
             return DECLINED  # not ours: it would get this call's environment, tokens included
-        fds = _inherited_fds(sock.fileno())
+        try:
+            fds = _inherited_fds(sock.fileno())
+        except OSError:
+            return DECLINED
         if len(fds) > MAX_FDS:
             return DECLINED
         message = encode_call(argv, fds, startup)
