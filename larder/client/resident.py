@@ -163,20 +163,7 @@ def delegate(argv: list[str], startup: float) -> int | str:
             return ABSENT
         if _peer_uid(sock) != os.getuid():
             return DECLINED  # not ours: it would get this call's environment, tokens included
-        try:
-            fds = _inherited_fds(sock.fileno())
-        except OSError:
-            return DECLINED
-        if len(fds) > MAX_FDS:
-            return DECLINED
-        message = encode_call(argv, fds, startup)
-        rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
-        try:
-            sent = sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
-            sock.sendall(message[sent:])
-            answer = sock.recv(1)
-        except OSError:
-            return DECLINED
+        answer = _hand_over(sock, argv, startup)
         if answer == EXEC:
             sock.close()
             try:
@@ -191,14 +178,31 @@ def delegate(argv: list[str], startup: float) -> int | str:
             done = _recv_exact(sock, 5)
         except OSError:
             done = b""
-        except KeyboardInterrupt:  # Ctrl-C: closing the connection stops the compilation
-            return 130
         if len(done) == 5 and done[:1] == DONE:
             return int.from_bytes(done[1:], "big", signed=True)
         print("larder-rustc: the resident process ended during the compilation", file=sys.stderr)
         return LOST
+    except KeyboardInterrupt:  # Ctrl-C: closing the connection stops the compilation
+        return 130
     finally:
         sock.close()
+
+
+def _hand_over(sock: "_socket.socket", argv: list[str], startup: float) -> bytes:
+    """Send the call with this process's inheritable descriptors; the first answer (empty when
+    the call could not be handed over)."""
+    try:
+        fds = _inherited_fds(sock.fileno())
+        if len(fds) > MAX_FDS:
+            return b""
+        message = encode_call(argv, fds, startup)
+        rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+        ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)] if fds else []
+        sent = sock.sendmsg([message], ancillary)
+        sock.sendall(message[sent:])
+        return sock.recv(1)
+    except OSError:  # gone, timed out, or this process's directory vanished
+        return b""
 
 
 def start(environ: dict[str, str]) -> None:
