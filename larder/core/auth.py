@@ -38,6 +38,10 @@ def authorize(claims: TokenClaims | None, cache: CacheSettings, needed: Scope) -
         raise Forbidden(f"the token's scope {claims.scope.name.lower()} does not allow this")
 
 
+#: Tokens remembered after their signature checked (then forgotten all at once).
+VERIFIED_TOKENS = 4096
+
+
 class TokenAuthority:
     """Issues and verifies tokens against the store's shared secret."""
 
@@ -55,6 +59,7 @@ class TokenAuthority:
         self._revoked: frozenset[str] = frozenset()
         self._revoked_at = float("-inf")
         self._lock = asyncio.Lock()
+        self._verified: dict[str, TokenClaims] = {}
 
     async def secret(self) -> bytes:
         """The shared HS256 secret, created on first use (one winner across replicas)."""
@@ -79,11 +84,23 @@ class TokenAuthority:
         return tokens.issue(await self.secret(), claims), claims
 
     async def verify(self, token: str) -> TokenClaims:
-        """The token's claims; :class:`Unauthorized` if it is malformed, expired or revoked."""
-        try:
-            claims = tokens.verify(await self.secret(), token, now=self._clock())
-        except TokenError as exc:
-            raise Unauthorized(f"invalid token: {exc.message}") from None
+        """The token's claims; :class:`Unauthorized` if it is malformed, expired or revoked.
+
+        A token whose signature checked once is remembered (up to :data:`VERIFIED_TOKENS` of
+        them): a client sends the same one with every request, and decoding it costs more than
+        the rest of a small request's checks. Expiry and revocation are checked every time."""
+        now = self._clock()
+        claims = self._verified.get(token)
+        if claims is None:
+            try:
+                claims = tokens.verify(await self.secret(), token, now=now)
+            except TokenError as exc:
+                raise Unauthorized(f"invalid token: {exc.message}") from None
+            if len(self._verified) >= VERIFIED_TOKENS:
+                self._verified.clear()
+            self._verified[token] = claims
+        elif claims.expires_at is not None and now >= claims.expires_at:
+            raise Unauthorized("invalid token: token expired")
         if claims.token_id in await self._revoked_ids():
             raise Unauthorized("invalid token: revoked")
         return claims
