@@ -42,14 +42,6 @@ def reporting_rustc(where: Path, body: str = "") -> Path:
     return script
 
 
-@pytest.fixture
-def crate(tmp_path: Path) -> Path:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
-    (tmp_path / "out").mkdir()
-    return tmp_path
-
-
 def environ(crate: Path) -> dict[str, str]:
     return {
         **os.environ,

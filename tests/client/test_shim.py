@@ -75,14 +75,6 @@ class FakeCache:
         self.server.server_close()
 
 
-@pytest.fixture
-def crate(tmp_path: Path) -> Path:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
-    (tmp_path / "out").mkdir()
-    return tmp_path
-
-
 LIB = ["--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
        "--emit=dep-info,metadata,link"]  # fmt: skip
 

@@ -78,14 +78,6 @@ def sink(request: pytest.FixtureRequest) -> Iterator[UploadSink]:
     server.close()
 
 
-@pytest.fixture
-def crate(tmp_path: Path) -> Path:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
-    (tmp_path / "out").mkdir()
-    return tmp_path
-
-
 def environ(crate: Path, url: str) -> dict[str, str]:
     return {**os.environ, "LARDER_URL": url, "LARDER_STATE_DIR": str(crate / "state"),
             "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "0.5"}  # fmt: skip
