@@ -42,7 +42,7 @@ IDLE = 20.0
 #: Seconds after which it exits even when busy (it is started again on demand).
 MAX_AGE = 3600.0
 #: Seconds a caller waits to connect and to hear whether its call was taken.
-HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = 10.0
 #: The first bytes of a call.
 MAGIC = b"LRS1"
 #: Answers of the child: the call is taken (an exit code follows as ``DONE`` + 4 bytes), it is
