@@ -106,7 +106,7 @@ BUILDERS: dict[str, Callable[[Path, Path], dict[str, float]]] = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--crates", type=int, default=40, help="generated path crates")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (one cold build per tool each)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of cold builds")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args()
     compile_larder()
