@@ -293,3 +293,52 @@ def test_where_no_socket_can_be_made_calls_do_not_keep_starting_one(crate: Path)
         assert f"grand={os.getpid()} " in report + " "  # compiled by the caller
         started.append(stamp.stat().st_mtime_ns)
     assert started[0] == started[1] == started[2]  # one start in RESTART_AFTER seconds
+
+
+def test_concurrent_calls_each_get_their_own_child(crate: Path, server: Resident) -> None:
+    rustc = reporting_rustc(crate)
+    for name in ("a", "b", "c", "d"):
+        (crate / "src" / f"{name}.rs").write_text(f"pub fn {name}() -> u8 {{ 1 }}\n")
+    read, write = os.pipe()
+    callers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "larder.client.entry", str(rustc), "--crate-name", name,
+             "--edition=2021", f"src/{name}.rs", "--crate-type", "lib", "--emit=link",
+             "--out-dir", "out"],
+            cwd=crate, env=environ(crate), close_fds=False,
+            preexec_fn=lambda: os.dup2(write, REPORT_FD),
+        )
+        for name in ("a", "b", "c", "d")
+    ]  # fmt: skip
+    os.close(write)
+    codes = [caller.wait(120) for caller in callers]
+    with os.fdopen(read) as report:
+        lines = report.read().splitlines()
+    assert codes == [0, 0, 0, 0]
+    assert len(lines) == 4 and all(f"grand={server.proc.pid} " in line + " " for line in lines)
+    assert len({line.rpartition("pid=")[2] for line in lines}) == 4
+    for name in ("a", "b", "c", "d"):
+        assert (crate / "out" / f"lib{name}.rlib").is_file()
+
+
+def test_a_changed_module_ends_the_resident_process(tmp_path: Path, crate: Path) -> None:
+    import larder
+
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(larder.__file__).parent, copy / "larder")
+    env = {**environ(crate), "PYTHONPATH": str(copy)}
+    path = crate / "state" / resident.SOCKET_NAME
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "larder.client.resident", str(path)], env=env, cwd=copy
+    )
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    done, report = call(crate, [str(reporting_rustc(crate)), *LIB], env)
+    assert done.returncode == 0, done.stderr
+    assert f"grand={proc.pid} " in report + " "  # that copy served the call
+    shim = copy / "larder" / "client" / "shim.py"
+    os.utime(shim, ns=(0, shim.stat().st_mtime_ns + 1_000_000))
+    assert proc.wait(15) == 0
+    assert not path.exists()
