@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from larder.client import resident
+from larder.client import resident, resident_server
 
 RUSTC = shutil.which("rustc") or "rustc"
 LIB = ["--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
@@ -57,7 +57,7 @@ class Resident:
         self.path = path
         self.proc = subprocess.Popen(
             [sys.executable, "-c",
-             "import sys, larder.client.resident as r; r.IDLE = float(sys.argv[2]); "
+             "import sys, larder.client.resident_server as r; r.IDLE = float(sys.argv[2]); "
              "sys.exit(r.serve(sys.argv[1]))", str(self.path), str(idle)],
             start_new_session=True,
         )  # fmt: skip
@@ -149,7 +149,7 @@ def _stop_serving(path: Path) -> None:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if str(path).encode() in cmdline and b"larder.client.resident" in cmdline:
+            if str(path).encode() in cmdline and b"larder.client.resident_server" in cmdline:
                 os.kill(int(entry.name), signal.SIGTERM)
 
 
@@ -241,11 +241,11 @@ def test_a_changed_module_is_noticed(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("")
     times = {str(module): module.stat().st_mtime_ns}
-    assert not resident._changed(times)
+    assert not resident_server._changed(times)
     os.utime(module, ns=(0, module.stat().st_mtime_ns + 1))
-    assert resident._changed(times)
+    assert resident_server._changed(times)
     module.unlink()
-    assert resident._changed(times)
+    assert resident_server._changed(times)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to listen as another user")
@@ -329,7 +329,7 @@ def test_a_changed_module_ends_the_resident_process(tmp_path: Path, crate: Path)
     env = {**environ(crate), "PYTHONPATH": str(copy)}
     path = crate / "state" / resident.SOCKET_NAME
     proc = subprocess.Popen(
-        [sys.executable, "-m", "larder.client.resident", str(path)], env=env, cwd=copy
+        [sys.executable, "-m", "larder.client.resident_server", str(path)], env=env, cwd=copy
     )
     deadline = time.monotonic() + 30
     while not path.exists():
