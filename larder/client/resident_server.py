@@ -42,7 +42,10 @@ class Call:
     """A call as the resident process received it."""
 
     def __init__(self, payload: bytes) -> None:
+        """Parse what :func:`larder.client.resident.encode_call` made; ``ValueError`` if not."""
         fields = payload.split(b"\0")
+        if len(fields) < 9:
+            raise ValueError("a call with too few fields")
         self.identity = fields[0] + b"\0" + fields[1]
         self.cwd = os.fsdecode(fields[2])
         self.umask = int(fields[3])

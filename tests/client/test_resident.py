@@ -220,6 +220,9 @@ def test_another_copy_of_larder_is_refused_and_garbage_ignored(
     crate: Path, server: Resident, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert _send(server.path, b"GET / HTTP/1.1\r\n\r\n" + b"x" * 100) == b""
+    short = b"x\0y\0z"
+    assert _send(server.path, resident.MAGIC + len(short).to_bytes(4, "big") + short) == b""
+    assert _send(server.path, resident.MAGIC + (1 << 20).to_bytes(4, "big") + b"cut") == b""
     monkeypatch.setattr(resident, "identity", lambda: b"/other/python\0/other/larder")
     monkeypatch.chdir(crate)
     message = resident.encode_call([RUSTC, *LIB], [], 0.0)
