@@ -17,19 +17,15 @@ from larder.client.probe import cache_enabled, is_probe, startup_ms
 
 def main() -> int:
     argv = sys.argv[1:]
-    if (
-        argv
-        and not argv[0].startswith("-")
-        and argv[0] != "explain"
-        and (not cache_enabled(os.environ) or is_probe(argv[1:]))
-    ):
+    rustc_call = bool(argv) and not argv[0].startswith("-") and argv[0] != "explain"
+    if rustc_call and (not cache_enabled(os.environ) or is_probe(argv[1:])):
         try:
             os.execvp(argv[0], argv)
         except OSError as exc:
             print(f"larder-rustc: cannot run {argv[0]}: {exc}", file=sys.stderr)
             return 127
     absent = False
-    if argv and argv[0] != "explain" and not argv[0].startswith("-"):
+    if rustc_call:
         from larder.client import resident
 
         if resident.enabled(os.environ):

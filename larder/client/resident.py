@@ -33,6 +33,8 @@ import _socket
 import os
 import sys
 
+from larder.client.probe import state_dir_name
+
 #: Seconds without a call after which the resident process exits.
 IDLE = 20.0
 #: Seconds after which it exits even when busy (it is started again on demand).
@@ -59,15 +61,17 @@ FALSE_VALUES = ("0", "false", "no", "off")
 
 
 def socket_path(environ: "os._Environ[str] | dict[str, str]") -> str:
-    from larder.client.probe import state_dir_name
-
     return os.path.join(os.path.abspath(state_dir_name(environ)), SOCKET_NAME)
+
+
+def package_dir() -> str:
+    """The directory of this copy of the ``larder`` package."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def identity() -> bytes:
     """What a caller and the resident process must share: the interpreter and larder's copy."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.fsencode(sys.executable) + b"\0" + os.fsencode(package)
+    return os.fsencode(sys.executable) + b"\0" + os.fsencode(package_dir())
 
 
 def enabled(environ: "os._Environ[str] | dict[str, str]") -> bool:

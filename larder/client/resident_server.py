@@ -34,6 +34,7 @@ from larder.client.resident import (
     REFUSED,
     TAKEN,
     identity,
+    package_dir,
     peer_uid,
 )
 
@@ -65,7 +66,7 @@ class Call:
 
 def _module_times() -> dict[str, int]:
     """Modification times of the larder modules this process loaded."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = package_dir()
     times = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
@@ -187,7 +188,6 @@ def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 def _take(conn: socket.socket, listener: socket.socket, lock: int, accepted: float) -> None:
     """In the resident process: check the caller, read its call and fork a child to run it."""
-
     conn.settimeout(2.0)
     try:
         if peer_uid(conn) != os.getuid():
@@ -277,9 +277,7 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
 
         startup = call.startup + (time.monotonic() - accepted) * 1000
         result = compile_call(call.argv, dict(call.environ), startup, taken)
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
+        _flush_stdio()  # before the caller exits with the code
         finished.set()  # the caller hangs up once it has the code: not a reason to kill
         if result is None:
             connection.sendall(EXEC)
@@ -295,10 +293,14 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
         code = LOST
     finally:
         with contextlib.suppress(BaseException):
-            for stream in (sys.stdout, sys.stderr):
-                if stream is not None:
-                    stream.flush()
+            _flush_stdio()
         os._exit(code & 0xFF)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
 
 
 def _watch(connection: socket.socket, finished: threading.Event) -> None:

@@ -99,7 +99,7 @@ class TokenAuthority:
             if len(self._verified) >= VERIFIED_TOKENS:
                 self._verified.clear()
             self._verified[token] = claims
-        elif claims.expires_at is not None and now >= claims.expires_at:
+        elif claims.expired(now):
             raise Unauthorized("invalid token: token expired")
         if claims.token_id in await self._revoked_ids():
             raise Unauthorized("invalid token: revoked")

@@ -77,6 +77,10 @@ class TokenClaims:
     expires_at: int | None
     issued_at: int
 
+    def expired(self, now: float) -> bool:
+        """Whether the token is past its expiry at time ``now``."""
+        return self.expires_at is not None and now >= self.expires_at
+
 
 def new_token_id() -> str:
     """A random token id: 16 lowercase hex characters (64 bits)."""
@@ -188,7 +192,7 @@ def verify(secret: bytes, token: str, now: float) -> TokenClaims:
         )
     except FormatError as exc:
         raise TokenError(f"malformed token: {exc.message}") from None
-    if expires_at is not None and now >= expires_at:
+    if claims.expired(now):
         raise TokenError("token expired")
     return claims
 
