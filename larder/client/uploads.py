@@ -15,7 +15,11 @@ rustc call in its own session with no inherited descriptors (cargo waits for no 
 spool's jobs oldest first and, after ``LINGER`` seconds with nothing to do, exits. For each job,
 in this order: the blobs the server lacks, then the manifest (the server accepts it only once
 its blobs are held), then the direct entry, then the inputs document; then the job is removed.
-Each network operation has ``LARDER_TIMEOUT``. An upload that fails is counted in the stats
+Each network operation has ``LARDER_TIMEOUT``.
+The uploader lowers its priority (``LARDER_UPLOAD_NICE``, default 10), so it takes the CPU a
+busy build leaves over, and sends each blob as a zstd stream (``LARDER_UPLOAD_ZSTD_LEVEL``,
+default 1; ``off`` sends the bytes as they are), which the server decodes to check and keeps as
+sent: a fraction of the bytes on the network and no compression on the server. An upload that fails is counted in the stats
 (``errors``, by kind) and its job dropped; after an unreachable server the remaining jobs are
 dropped and counted as ``offline``. An uploader killed mid-job leaves the job in the spool: the
 next uploader sends it again from the start, and the order above means no manifest was ever
@@ -40,6 +44,10 @@ from typing import Any
 import blake3
 
 LINGER = 2.0
+#: Niceness the uploader adds: it takes CPU a busy build leaves over.
+DEFAULT_NICE = 10
+#: zstd level of uploads: fast, and within a few percent of the server's level 3 in size.
+DEFAULT_LEVEL = 1
 POLL = 0.05
 JOB_FILE = "job.json"
 LOCK_FILE = "uploader.lock"
@@ -148,15 +156,36 @@ def wait(spool: Path, environ: dict[str, str], seconds: float) -> bool:
 # -- the uploader ----------------------------------------------------------------------------
 
 
-def send(job_dir: Path, job: dict[str, Any], remote: Any) -> int:
-    """Upload one job (read from ``job_dir``) in order: blobs, manifest, direct entry, inputs
-    document; the bytes sent."""
+def _setting(environ: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    try:
+        value = int(environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if low <= value <= high else default
+
+
+def upload_nice(environ: dict[str, str]) -> int:
+    """The niceness the uploader adds to its own: ``LARDER_UPLOAD_NICE`` (0-19), else 10."""
+    return _setting(environ, "LARDER_UPLOAD_NICE", DEFAULT_NICE, 0, 19)
+
+
+def upload_level(environ: dict[str, str]) -> int | None:
+    """The zstd level blobs are sent at: ``LARDER_UPLOAD_ZSTD_LEVEL`` (-7 to 19), else 1;
+    ``off``: the bytes as they are (None)."""
+    if (environ.get("LARDER_UPLOAD_ZSTD_LEVEL") or "").strip().lower() == "off":
+        return None
+    return _setting(environ, "LARDER_UPLOAD_ZSTD_LEVEL", DEFAULT_LEVEL, -7, 19)
+
+
+def send(job_dir: Path, job: dict[str, Any], remote: Any, level: int | None = None) -> int:
+    """Upload one job (read from ``job_dir``) in order: blobs (as zstd streams of ``level``),
+    manifest, direct entry, inputs document; the bytes sent."""
     from larder.client.remote import RemoteError
     from larder.protocol.rustc import parse_direct_entry
 
     blobs: list[str] = job["blobs"]
     for blob_id in remote.missing(blobs):
-        remote.put_blob(blob_id, job_dir / blob_id)
+        remote.put_blob(blob_id, job_dir / blob_id, level)
     remote.put_manifest(job["key"], job["manifest"].encode())
     remote.put_direct(job["direct_key"], parse_direct_entry(job["direct_entry"].encode()))
     if job.get("inputs"):
@@ -176,6 +205,7 @@ def drain(spool: Path, environ: dict[str, str]) -> None:
 
     store = stats_mod.Stats(stats_mod.state_dir(environ))
     timeout = network_timeout(environ)
+    level = upload_level(environ)
     offline = False
     while jobs := pending(spool):
         for job_dir in jobs:
@@ -190,7 +220,8 @@ def drain(spool: Path, environ: dict[str, str]) -> None:
                     remote = Remote(
                         job["url"], environ.get("LARDER_TOKEN") or None, timeout, environ
                     )
-                    counters = {"uploads": 1, "bytes_up": send(job_dir, job, remote)}
+                    sent = send(job_dir, job, remote, level)
+                    counters = {"uploads": 1, "bytes_up": sent}
                 except RemoteError as exc:
                     counters, error = {"errors": 1}, exc.kind
                     offline = exc.unreachable
@@ -231,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m larder.client.uploads SPOOL", file=sys.stderr)
         return 2
-    run(Path(argv[0]), dict(os.environ))
+    environ = dict(os.environ)
+    with contextlib.suppress(OSError):
+        os.nice(upload_nice(environ))
+    run(Path(argv[0]), environ)
     return 0
 
 

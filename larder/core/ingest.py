@@ -176,3 +176,48 @@ class NarIngest:
             nar_sha256=file_sha256 if self._plain else self._nar_hash.digest(),
             nar_size=self._validator.size,
         )
+
+
+class CodedBlobIngest:
+    """Feeds an upload in an HTTP content coding into a blob writer, decoding it as it comes.
+
+    ``writer`` must have been made with ``encoded=keeps_upload(coding)``: a zstd upload is kept
+    as it came once it decoded completely (the writer hashes the decoded bytes, which is what the
+    blob id is checked against); other codings are decoded and encoded again; ``none`` passes
+    through. Decoded bytes beyond ``max_size`` raise :class:`~larder.errors.TooLarge` as soon as
+    they pass it (a small upload that expands enormously is stopped early); a truncated or
+    corrupt stream raises :class:`~larder.errors.FormatError` at :meth:`feed` or :meth:`finish`.
+    Synchronous: call from a worker thread.
+    """
+
+    def __init__(self, coding: str, writer: BlobWriter, max_size: int) -> None:
+        self._writer = writer
+        self._keep = keeps_upload(coding)
+        self._max_size = max_size
+        self._seen = 0
+        self._decompressor = Decompressor(coding, self._take) if coding != "none" else None
+
+    def _take(self, data: bytes) -> None:
+        self._seen += len(data)
+        if self._seen > self._max_size:
+            raise TooLarge(f"the decoded upload exceeds the limit of {self._max_size} bytes")
+        self._writer.write(data)
+
+    def feed(self, data: bytes) -> None:
+        """Process one chunk of the upload as it arrived on the wire."""
+        if self._decompressor is None:
+            self._take(data)
+            return
+        if self._keep:
+            self._writer.write_encoded(data)
+        self._decompressor.write(data)
+
+    def finish(self) -> None:
+        """End of upload: raise ``FormatError`` if the stream is truncated or empty."""
+        if self._decompressor is not None:
+            self._decompressor.finish()
+
+    def close(self) -> None:
+        """Release the decoder (idempotent)."""
+        if self._decompressor is not None:
+            self._decompressor.close()

@@ -29,6 +29,7 @@ import blake3
 from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
+from larder.core.ingest import CodedBlobIngest, keeps_upload
 from larder.core.lastuse import Touch, ignore_use
 from larder.errors import FormatError, VerificationFailed
 from larder.protocol.inputs import (
@@ -53,6 +54,8 @@ from larder.storage.base import BlobReader
 _LOOKUP_CONCURRENCY = 32
 # Index entries of one crate looked at for its nearest keys (the most recent are kept).
 MAX_CRATE_LISTING = 4096
+#: No limit on a blob's decoded size beyond the caller's own (``upload_blob``'s default).
+UNLIMITED = 1 << 62
 
 
 class RustcCache:
@@ -89,13 +92,29 @@ class RustcCache:
         return [blob_id for blob_id, present in zip(ids, found, strict=True) if not present]
 
     async def upload_blob(
-        self, cache: CacheSettings, blob_id: str, body: AsyncIterable[bytes]
+        self,
+        cache: CacheSettings,
+        blob_id: str,
+        body: AsyncIterable[bytes],
+        coding: str = "none",
+        max_size: int | None = None,
     ) -> int:
-        """Store ``body`` if it hashes to ``blob_id``; return its size."""
+        """Store ``body`` if it hashes to ``blob_id`` once its ``coding`` (an HTTP content
+        coding's decoder name) is undone, at most ``max_size`` bytes decoded; return its size.
+
+        A zstd body is kept as it came (one decode checks it); other codings are decoded and
+        stored in the store's own encoding.
+        """
         check_key(blob_id)
-        async with self._blobs.writer() as writer:
-            async for chunk in body:
-                await self._blobs.run(writer.write, chunk)
+        limit = UNLIMITED if max_size is None else max_size
+        async with self._blobs.writer(encoded=keeps_upload(coding)) as writer:
+            ingest = CodedBlobIngest(coding, writer, limit)
+            try:
+                async for chunk in body:
+                    await self._blobs.run(ingest.feed, chunk)
+                await self._blobs.run(ingest.finish)
+            finally:
+                ingest.close()
             info = await self._blobs.run(writer.commit, blob_id)
         marker = json.dumps({"size": info.size}).encode()
         await self._storage.put(keys.rustc_blob(cache.name, blob_id), marker)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import blake3
 import pytest
 
 from larder.client import uploads
@@ -23,11 +24,14 @@ from tests.wait import wait_until
 
 class UploadSink:
     """A cache that misses every lookup and treats uploads as ``mode`` says: ``accept`` them,
-    answer ``500``, or ``hang`` on blob uploads until :meth:`close`."""
+    answer ``500``, ``hang`` on blob uploads until :meth:`close`, or take blobs only without a
+    Content-Encoding (``no-codings``: 415 otherwise, as a server from before codings). Blob
+    uploads are kept in ``blobs`` (name, Content-Encoding, body)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.requests: list[str] = []
+        self.blobs: list[tuple[str, str | None, bytes]] = []
         self.released = threading.Event()
         sink = self
 
@@ -39,7 +43,10 @@ class UploadSink:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 sink.requests.append(f"{self.command} {self.path.split('?')[0]}")
-                status, answer = sink.answer(self.command, self.path, body)
+                coding = self.headers.get("Content-Encoding")
+                if self.command == "PUT" and "/blobs/" in self.path:
+                    sink.blobs.append((self.path.rsplit("/", 1)[1], coding, body))
+                status, answer = sink.answer(self.command, self.path, body, coding)
                 try:
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(answer)))
@@ -54,11 +61,15 @@ class UploadSink:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/main"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def answer(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    def answer(
+        self, method: str, path: str, body: bytes, coding: str | None = None
+    ) -> tuple[int, bytes]:
         if method == "GET" or path.endswith("/explained"):
             return 404, b""
         if self.mode == "500":
             return 500, b"boom"
+        if self.mode == "no-codings" and coding:
+            return 415, b"this resource takes no Content-Encoding"
         if path.endswith("/missing"):
             return 200, json.dumps({"missing": json.loads(body)["blobs"]}).encode()
         if self.mode == "hang" and "/blobs/" in path:
@@ -188,3 +199,77 @@ def test_wait_uploads_gives_up_after_its_deadline(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert done.returncode == 1 and "1 upload(s) still waiting" in done.stderr
+
+
+def decoded(body: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_blobs_are_sent_as_zstd_streams_of_their_bytes(sink: UploadSink, crate: Path) -> None:
+    done = shim(crate, sink.url, LARDER_TOKEN="t")
+    assert done.returncode == 0, done.stderr
+    assert len(sink.blobs) == 3
+    for name, coding, body in sink.blobs:
+        assert coding == "zstd"
+        assert blake3.blake3(decoded(body)).hexdigest() == name
+    rlib = (crate / "out" / "libt-x.rlib").read_bytes()
+    assert rlib in [decoded(body) for _, _, body in sink.blobs]
+    # What went over the wire is what is counted.
+    sent = stats(crate)["bytes_up"]
+    assert isinstance(sent, int) and sent >= sum(len(body) for _, _, body in sink.blobs)
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_upload_compression_can_be_turned_off(sink: UploadSink, crate: Path) -> None:
+    done = shim(crate, sink.url, LARDER_TOKEN="t", LARDER_UPLOAD_ZSTD_LEVEL="off")
+    assert done.returncode == 0, done.stderr
+    assert [coding for _, coding, _ in sink.blobs] == [None, None, None]
+    assert (crate / "out" / "libt-x.rlib").read_bytes() in [body for _, _, body in sink.blobs]
+
+
+@pytest.mark.parametrize("sink", ["no-codings"], indirect=True)
+def test_a_server_that_takes_no_coding_gets_the_bytes_as_they_are(
+    sink: UploadSink, crate: Path
+) -> None:
+    done = shim(crate, sink.url, LARDER_TOKEN="t")
+    assert done.returncode == 0, done.stderr
+    codings = [coding for _, coding, _ in sink.blobs]
+    assert codings == ["zstd", None, None, None], codings  # asked once, then plain
+    assert sink.blobs[0][0] == sink.blobs[1][0]
+    counted = stats(crate)
+    assert (counted["uploads"], counted["errors"]) == (1, 0)
+
+
+@pytest.mark.parametrize("sink", ["hang"], indirect=True)
+def test_the_uploader_runs_at_a_lower_priority(sink: UploadSink, crate: Path) -> None:
+    done = shim(crate, sink.url, wait=False, LARDER_TOKEN="t", LARDER_TIMEOUT="30")
+    assert done.returncode == 0, done.stderr
+    spool = uploads.spool_dir(crate / "state", sink.url)
+    wait_until(lambda: any("/blobs/" in r for r in sink.requests), timeout=30)
+    pid = int((spool / uploads.LOCK_FILE).read_text())
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    assert int(fields[16]) - os.nice(0) == uploads.DEFAULT_NICE  # field 19: nice
+
+
+@pytest.mark.parametrize(
+    ("value", "nice", "level"),
+    [
+        (None, uploads.DEFAULT_NICE, uploads.DEFAULT_LEVEL),
+        ("0", 0, 0),
+        ("5", 5, 5),
+        ("-3", uploads.DEFAULT_NICE, -3),
+        ("19", 19, 19),
+        ("25", uploads.DEFAULT_NICE, uploads.DEFAULT_LEVEL),
+        ("fast", uploads.DEFAULT_NICE, uploads.DEFAULT_LEVEL),
+        ("OFF", uploads.DEFAULT_NICE, None),
+    ],
+)
+def test_upload_settings(value: str | None, nice: int, level: int | None) -> None:
+    environ = (
+        {} if value is None else {"LARDER_UPLOAD_NICE": value, "LARDER_UPLOAD_ZSTD_LEVEL": value}
+    )
+    assert uploads.upload_nice(environ) == nice
+    assert uploads.upload_level(environ) == level

@@ -2,8 +2,10 @@
 
 ==========================================  ==================================================
 ``POST rustc/missing``                      ``{"blobs": [...]}`` -> ``{"missing": [...]}``; write
-``PUT rustc/blobs/<blake3>``                an output file's bytes; 400 if they hash otherwise
-``GET|HEAD rustc/blobs/<blake3>``           its stored zstd frame (``application/zstd``)
+``PUT rustc/blobs/<blake3>``                an output file's bytes, or (``Content-Encoding``)
+                                            a zstd stream of them, kept as sent, or another
+                                            coding; 400 if they hash otherwise
+``GET|HEAD rustc/blobs/<blake3>``           its stored zstd stream (``application/zstd``)
 ``PUT rustc/manifests/<key>``               a manifest (:mod:`larder.protocol.rustc`); 400
                                             naming the blobs this cache does not hold yet
 ``GET|HEAD rustc/manifests/<key>``          200 with the manifest on a hit, 404 on a miss
@@ -32,7 +34,7 @@ from larder.protocol.rustc import MAX_MANIFEST_SIZE, check_key, parse_blob_query
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.observability.recording import note_lookup, note_miss_reason, note_upload
-from larder.service.routes.bodies import body_chunks, read_document, serve_blob
+from larder.service.routes.bodies import coded_body, read_document, serve_blob
 from larder.service.routes.cache_access import cache_for, expect_continue
 from larder.service.state import HITS
 
@@ -66,9 +68,8 @@ async def put_blob(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.WRITE)
     blob_id = _key(request, "blob")
     limit = request.app[state.CONFIG].max_upload_size
-    size = await request.app[state.RUSTC].upload_blob(
-        settings, blob_id, body_chunks(request, limit)
-    )
+    coding, body = coded_body(request, limit)
+    size = await request.app[state.RUSTC].upload_blob(settings, blob_id, body, coding, limit)
     return web.json_response({"blake3": blob_id, "size": size})
 
 
