@@ -72,6 +72,23 @@ def run(command: list[str], environ: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
+def run_both(first: list[str], second: list[str]) -> tuple[str, str]:
+    """The standard output of two commands run side by side (as :func:`run`)."""
+    import subprocess
+
+    started = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
+        for command in (first, second)
+    ]
+    outputs = [process.communicate()[0].decode() for process in started]
+    for command, process in zip((first, second), started, strict=True):
+        if process.returncode != 0:
+            raise OSError(f"{command[0]} {' '.join(command[1:3])} exited with {process.returncode}")
+    return outputs[0], outputs[1]
+
+
 def binary_identity(path: str) -> str:
     """What changes when a binary is replaced: its real path, size and modification time."""
     stat = os.stat(path)
@@ -91,29 +108,75 @@ def resolve(program: str, environ: dict[str, str], first: list[str] | None = Non
     raise FileNotFoundError(f"{program} not found on PATH")
 
 
-def cached(
-    state_dir: Path, name: str, identity: str, compute: Callable[[], dict[str, Any]]
-) -> dict[str, Any]:
-    """``compute()``, once per ``identity``, remembered in the JSON object ``state_dir/name``.
+#: Longest wait for another process computing the same facts before computing them too.
+LOCK_WAIT = 10.0
 
-    Concurrent invocations may both compute a missing entry; the file is replaced atomically,
-    so at worst one of them computes it again later.
-    """
-    cache_file = state_dir / name
+
+def _known(cache_file: Path) -> dict[str, Any]:
     try:
         known = json.loads(cache_file.read_text())
     except (OSError, ValueError):
-        known = {}
-    known = known if isinstance(known, dict) else {}
-    entry = known.get(identity)
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _lock(lock_file: Path) -> int | None:
+    """An exclusive ``flock`` on ``lock_file`` (its descriptor), waiting at most
+    :data:`LOCK_WAIT` seconds; None when it cannot be had."""
+    import fcntl
+    import time
+
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.005)
+
+
+def cached(
+    state_dir: Path,
+    name: str,
+    identity: str,
+    compute: Callable[[], dict[str, Any]],
+    aliases: Callable[[dict[str, Any]], list[str]] | None = None,
+) -> dict[str, Any]:
+    """``compute()``, once per ``identity``, remembered in the JSON object ``state_dir/name``
+    (and under each of ``aliases(entry)``: other identities the same facts answer).
+
+    The first calls of a build start together: the one that computes holds ``name.lock``, and
+    the others wait for its entry rather than compute the same facts beside it (each would take
+    the other's CPU). One that waited :data:`LOCK_WAIT` seconds computes anyway; the file is
+    replaced atomically, so at worst an entry is computed twice.
+    """
+    cache_file = state_dir / name
+    entry = _known(cache_file).get(identity)
     if isinstance(entry, dict):
         return entry
-    entry = compute()
-    known[identity] = entry
     state_dir.mkdir(parents=True, exist_ok=True)
-    scratch = cache_file.with_name(f".{cache_file.stem}-{os.getpid()}.json")
-    scratch.write_text(json.dumps(known))
-    os.replace(scratch, cache_file)
+    lock = _lock(state_dir / f"{name}.lock")
+    try:
+        known = _known(cache_file)
+        entry = known.get(identity)
+        if isinstance(entry, dict):
+            return entry  # computed while this call waited
+        entry = compute()
+        for alias in {identity, *(aliases(entry) if aliases else [])}:
+            known[alias] = entry
+        scratch = cache_file.with_name(f".{cache_file.stem}-{os.getpid()}.json")
+        scratch.write_text(json.dumps(known))
+        os.replace(scratch, cache_file)
+    finally:
+        if lock is not None:
+            os.close(lock)
     return entry
 
 
@@ -129,16 +192,22 @@ def fingerprint(
     path = resolve(rustc, environ)
 
     def compute() -> dict[str, Any]:
-        version = run([path, "-vV"])
-        sysroot = run([path, "--print", "sysroot"]).strip()
+        version, sysroot = run_both([path, "-vV"], [path, "--print", "sysroot"])
         return {
             "version": version,
-            "sysroot": sysroot,
-            "libraries": libraries(sysroot, target or _field(version, "host")),
+            "sysroot": sysroot.strip(),
+            "libraries": libraries(sysroot.strip(), target or _field(version, "host")),
         }
 
-    identity = f"{_rustc_identity(path, environ)}|{target or ''}"
-    entry = cached(state_dir, "toolchains.json", identity, compute)
+    base = _rustc_identity(path, environ)
+
+    def host_aliases(entry: dict[str, Any]) -> list[str]:
+        # No --target and --target <host> (build scripts' probes pass it) are the same facts.
+        host = _field(str(entry.get("version", "")), "host")
+        return [f"{base}|", f"{base}|{host}"] if target in (None, host) else []
+
+    identity = f"{base}|{target or ''}"
+    entry = cached(state_dir, "toolchains.json", identity, compute, host_aliases)
     try:
         return Fingerprint(
             str(entry["version"]),
@@ -170,6 +239,10 @@ def tools(
                 found += [(f"{prefix}/{p}", h) for p, h in tree_digests(sub)]
         return {"tools": found}
 
-    identity = f"{_rustc_identity(resolve(rustc, environ), environ)}|{target or ''}|tools"
-    entry = cached(state_dir, "toolchains.json", identity, compute)
+    base = _rustc_identity(resolve(rustc, environ), environ)
+    same = [f"{base}||tools", f"{base}|{toolchain.host}|tools"]
+    identity = f"{base}|{target or ''}|tools"
+    entry = cached(
+        state_dir, "toolchains.json", identity, compute, lambda _: same if identity in same else []
+    )
     return [(str(p), str(h)) for p, h in entry.get("tools", [])]

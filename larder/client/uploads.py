@@ -15,11 +15,11 @@ rustc call in its own session with no inherited descriptors (cargo waits for no 
 spool's jobs oldest first and, after ``LINGER`` seconds with nothing to do, exits. For each job,
 in this order: the blobs the server lacks, then the manifest (the server accepts it only once
 its blobs are held), then the direct entry, then the inputs document; then the job is removed.
-Each network operation has ``LARDER_TIMEOUT``.
-The uploader lowers its priority (``LARDER_UPLOAD_NICE``, default 10), so it takes the CPU a
-busy build leaves over, and sends each blob as a zstd stream (``LARDER_UPLOAD_ZSTD_LEVEL``,
-default 1; ``off`` sends the bytes as they are), which the server decodes to check and keeps as
-sent: a fraction of the bytes on the network and no compression on the server. An upload that fails is counted in the stats
+Each network operation has ``LARDER_TIMEOUT``. The uploader lowers its priority
+(``LARDER_UPLOAD_NICE``, default 10), so it takes the CPU a busy build leaves over, and sends
+each blob as a zstd stream (``LARDER_UPLOAD_ZSTD_LEVEL``, default 1; ``off`` sends the bytes as
+they are), which the server decodes to check and keeps as sent: a fraction of the bytes on the
+network and no compression on the server. An upload that fails is counted in the stats
 (``errors``, by kind) and its job dropped; after an unreachable server the remaining jobs are
 dropped and counted as ``offline``. An uploader killed mid-job leaves the job in the spool: the
 next uploader sends it again from the start, and the order above means no manifest was ever
