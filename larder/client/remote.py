@@ -256,12 +256,14 @@ class Remote:
         With a zstd ``level``, the body is a zstd stream of the file (``Content-Encoding: zstd``,
         written beside the file first so its length is known): the server decodes it to check
         the id and keeps it as sent. A server that takes no coding (415) gets the bytes as they
-        are, and every later blob of this connection too.
+        are, and every later blob of this connection too; so does a blob whose stream finds no
+        room on disk.
         """
         if level is not None and self._codings:
-            if self._put_zstd(blob_id, content, level) != 415:
+            sent = self._put_zstd(blob_id, content, level)
+            if sent == 200:
                 return
-            self._codings = False
+            self._codings = sent != 415  # else no room for the stream: this blob as it is
         if isinstance(content, bytes):
             response = self._request("PUT", f"/blobs/{blob_id}", content)
             size = len(content)
@@ -273,7 +275,8 @@ class Remote:
         self.bytes_up += size
 
     def _put_zstd(self, blob_id: str, content: bytes | Path, level: int) -> int:
-        """Send ``content`` as a zstd stream; the status when it is 415, else 200 (or raise)."""
+        """Send ``content`` as a zstd stream: 200 when sent, 415 when the server takes no
+        coding, 0 when the stream could not be written beside the file (a full disk)."""
         import zstandard
 
         compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
@@ -286,8 +289,13 @@ class Remote:
         else:
             encoded = content.with_name(content.name + ".zst")
             try:
-                with open(content, "rb") as source, open(encoded, "wb") as sink:
-                    compressor.copy_stream(source, sink)
+                try:
+                    with open(content, "rb") as source, open(encoded, "wb") as sink:
+                        compressor.copy_stream(source, sink)
+                except OSError:
+                    if not content.is_file():
+                        raise  # the snapshot itself is gone: no way to send it
+                    return 0
                 size = os.path.getsize(encoded)
                 with open(encoded, "rb") as stream:
                     response = self._request(

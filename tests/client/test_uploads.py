@@ -273,3 +273,28 @@ def test_upload_settings(value: str | None, nice: int, level: int | None) -> Non
     )
     assert uploads.upload_nice(environ) == nice
     assert uploads.upload_level(environ) == level
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_a_blob_whose_stream_finds_no_room_goes_as_it_is(
+    sink: UploadSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from larder.client import remote as remote_module
+
+    def full_disk(path: object, mode: str = "r", *args: object) -> object:
+        if str(path).endswith(".zst") and "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(remote_module, "open", full_disk, raising=False)
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"rlib bytes " * 1000)
+    remote = remote_module.Remote(sink.url, "t", 5.0, {})
+    try:
+        remote.put_blob(blake3.blake3(blob.read_bytes()).hexdigest(), blob, 1)
+    finally:
+        remote.close()
+    assert [(coding, body) for _, coding, body in sink.blobs] == [(None, blob.read_bytes())]
+    assert list(tmp_path.iterdir()) == [blob]
