@@ -82,6 +82,7 @@ class Remote:
         self.bytes_down = 0
         self.bytes_up = 0
         self._codings = True  # until a server refuses a Content-Encoding (415)
+        self.miss_counted = False  # the server counted the last direct lookup's 404 as a miss
 
     def close(self) -> None:
         if self._conn is not None:
@@ -154,11 +155,14 @@ class Remote:
             return None
         return self._expect(response, "manifest", 200)
 
-    def get_direct(self, direct_key: str) -> list[DirectEntry]:
-        """The direct entries recorded under ``direct_key`` (none on a 404)."""
-        response = self._request("GET", f"/direct/{direct_key}")
+    def get_direct(self, direct_key: str, crate: str | None = None) -> list[DirectEntry]:
+        """The direct entries recorded under ``direct_key`` (none on a 404). With ``crate``, a
+        server that counts a 404 as that crate's miss says so: :attr:`miss_counted`."""
+        headers = {"X-Larder-Crate": crate} if crate else None
+        response = self._request("GET", f"/direct/{direct_key}", extra_headers=headers)
         if response.status == 404:
             self._read(response)
+            self.miss_counted = response.headers.get("x-larder-counted") == "miss"
             return []
         try:
             return parse_direct_entries(self._expect(response, "direct entries", 200))

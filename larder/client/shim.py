@@ -534,14 +534,17 @@ class Invocation:
             except KEY_ERRORS as exc:
                 self._failed(outcome, exc)
         if self.unkeyed and isinstance(own, OwnKey) and remote is not None:
-            # The lookup the dep-info run would have made: the cache counts the crate's miss
-            # (for its most-missed crates and hit rates). Nothing can be stored under it.
-            try:
-                with Phase(self.phases, "lookup"):
-                    remote.get_manifest(own.key, self.compilation.crate_name)
+            if remote.miss_counted:  # the server counted the direct lookup's 404
                 outcome.key = own.key
-            except REMOTE_ERRORS:
-                pass  # the miss stands; the upload will meet the same server
+            else:
+                # The lookup the dep-info run would have made: the cache counts the crate's
+                # miss (for its most-missed crates and hit rates). Nothing is stored under it.
+                try:
+                    with Phase(self.phases, "lookup"):
+                        remote.get_manifest(own.key, self.compilation.crate_name)
+                    outcome.key = own.key
+                except REMOTE_ERRORS:
+                    pass  # the miss stands; the upload will meet the same server
         if outcome.counters.get("misses") and remote is not None:
             with Phase(self.phases, "explain"):
                 self.explain(remote, base, outcome)
@@ -577,7 +580,7 @@ class Invocation:
         tried: set[str] = set()
         linked = self.compilation.linked
         with Phase(self.phases, "lookup"):
-            entries = remote.get_direct(direct)
+            entries = remote.get_direct(direct, self.compilation.crate_name)
         for entry in entries:
             try:
                 link = self.link_item(entry.link) if linked else None

@@ -32,6 +32,7 @@ class UploadSink:
         self.mode = mode
         self.requests: list[str] = []
         self.blobs: list[tuple[str, str | None, bytes]] = []
+        self.counts_misses = False  # answer a direct lookup's 404 "X-Larder-Counted: miss"
         self.released = threading.Event()
         sink = self
 
@@ -49,6 +50,8 @@ class UploadSink:
                 status, answer = sink.answer(self.command, self.path, body, coding)
                 try:
                     self.send_response(status)
+                    if sink.counts_misses and "/direct/" in self.path and status == 404:
+                        self.send_header("X-Larder-Counted", "miss")
                     self.send_header("Content-Length", str(len(answer)))
                     self.end_headers()
                     self.wfile.write(answer)
@@ -298,3 +301,17 @@ def test_a_blob_whose_stream_finds_no_room_goes_as_it_is(
         remote.close()
     assert [(coding, body) for _, coding, body in sink.blobs] == [(None, blob.read_bytes())]
     assert list(tmp_path.iterdir()) == [blob]
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+@pytest.mark.parametrize("counts", [True, False])
+def test_a_miss_the_direct_lookup_counted_is_not_looked_up_again(
+    sink: UploadSink, crate: Path, counts: bool
+) -> None:
+    sink.counts_misses = counts
+    done = shim(crate, sink.url, LARDER_TOKEN="t")
+    assert done.returncode == 0, done.stderr
+    lookups = [r.split("/")[3] for r in sink.requests if r.startswith("GET")]
+    assert lookups[0] == "direct"
+    assert ("manifests" in lookups) is not counts, sink.requests
+    assert stats(crate)["misses"] == 1

@@ -239,3 +239,19 @@ async def test_instrumented_storage_counts_under_the_listed_names() -> None:
         if family.name == "larder_backend_operations":
             labels = {sample.labels["operation"] for sample in family.samples}
             assert labels == set(BACKEND_OPERATIONS)
+
+
+async def test_a_direct_lookup_that_finds_nothing_counts_the_crates_miss(service: Service) -> None:
+    direct = "/main/rustc/direct/" + "cd" * 32
+    resp = await service.client.get(direct, headers={"X-Larder-Crate": "serde"})
+    assert resp.status == 404 and resp.headers["X-Larder-Counted"] == "miss"
+    resp = await service.client.get(direct)  # no crate named: a plain 404, nothing counted
+    assert resp.status == 404 and "X-Larder-Counted" not in resp.headers
+    entry = b'{"sources":["src/lib.rs"],"env":[]}'
+    resp = await service.client.put(direct, data=entry, headers=service.auth())
+    assert resp.status == 200, await resp.text()
+    resp = await service.client.get(direct, headers={"X-Larder-Crate": "serde"})
+    assert resp.status == 200 and "X-Larder-Counted" not in resp.headers  # entries: no miss yet
+    stats = await (await service.client.get("/api/v1/caches/main/stats")).json()
+    assert stats["protocols"]["rustc"]["day"]["misses"] == 1
+    assert stats["top_missed_crates"] == [{"crate": "serde", "misses": 1, "reason": None}]

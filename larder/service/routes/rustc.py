@@ -11,6 +11,8 @@
 ``GET|HEAD rustc/manifests/<key>``          200 with the manifest on a hit, 404 on a miss
 ``PUT rustc/direct/<direct key>``           record a direct entry (files, variables)
 ``GET|HEAD rustc/direct/<direct key>``      ``{"entries": [...]}``; 404 when there are none
+                                            (with ``X-Larder-Crate``, counted as that crate's
+                                            miss and answered ``X-Larder-Counted: miss``)
 ``PUT rustc/inputs/<key>``                  the key's inputs document
                                             (:mod:`larder.protocol.inputs`); 400 unless this
                                             cache holds the key's manifest
@@ -41,6 +43,8 @@ from larder.service.state import HITS
 ZSTD_TYPE = "application/zstd"
 # Sent by larder-rustc with manifest lookups, so misses can be counted by crate.
 CRATE_HEADER = "X-Larder-Crate"
+# On a direct lookup's 404 sent with CRATE_HEADER: the miss is counted.
+COUNTED_HEADER = "X-Larder-Counted"
 
 
 def _key(request: web.Request, name: str) -> str:
@@ -117,6 +121,13 @@ async def get_direct(request: web.Request) -> web.Response:
     key = _key_or_404(request, "key")
     entries = await request.app[state.RUSTC].get_direct(settings, key)
     if not entries:
+        crate = request.headers.get(CRATE_HEADER)
+        if crate:
+            # No entry, so no key to look up: this is the compilation's miss, counted here
+            # (the header on the 404 tells the client it needs no manifest lookup to count it).
+            note_lookup(request, "manifest", False)
+            request.app[HITS].missed_crate(settings.name, crate)
+            raise web.HTTPNotFound(headers={COUNTED_HEADER: "miss"})
         raise web.HTTPNotFound()
     body = b'{"entries":[' + b",".join(entry.to_json() for entry in entries) + b"]}"
     return web.Response(body=body, content_type="application/json")
