@@ -253,7 +253,7 @@ def _fresh_stdio() -> None:
 def _child(conn: socket.socket, call: Call, received: list[int], accepted: float) -> None:
     """A forked child: become the caller, run its call, report the exit code, exit."""
     code = LOST
-    started, finished = threading.Event(), threading.Event()
+    started, finished, released = threading.Event(), threading.Event(), threading.Event()
     try:
         os.setpgid(0, 0)
         connection = _install_fds(conn, call.fds, received)
@@ -275,26 +275,51 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
             started.set()
             threading.Thread(target=_watch, args=(connection, finished), daemon=True).start()
 
+        def release(result: int) -> None:
+            _flush_stdio()  # before the caller exits with the code
+            finished.set()  # the caller hangs up once it has the code: not a reason to kill
+            connection.sendall(DONE + result.to_bytes(4, "big", signed=True))
+            released.set()
+            _let_go(call.fds)
+
         startup = call.startup + (time.monotonic() - accepted) * 1000
-        result = compile_call(call.argv, dict(call.environ), startup, taken)
-        _flush_stdio()  # before the caller exits with the code
-        finished.set()  # the caller hangs up once it has the code: not a reason to kill
+        result = compile_call(call.argv, dict(call.environ), startup, taken, release)
         if result is None:
+            _flush_stdio()
+            finished.set()
             connection.sendall(EXEC)
             code = 0
         else:
-            connection.sendall(DONE + result.to_bytes(4, "big", signed=True))
+            if not released.is_set():
+                release(result)
             code = result
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
     except BaseException:
-        if started.is_set():  # else the caller compiles by itself, and meets it there
-            traceback.print_exc()  # on the caller's stderr, as the shim in the caller would
-        code = LOST
+        if released.is_set():
+            code = 0  # the caller has its code; what failed after is the shim's to count
+        else:
+            if started.is_set():  # else the caller compiles by itself, and meets it there
+                traceback.print_exc()  # on the caller's stderr, as the shim in the caller would
+            code = LOST
     finally:
         with contextlib.suppress(BaseException):
             _flush_stdio()
         os._exit(code & 0xFF)
+
+
+def _let_go(fds: list[int]) -> None:
+    """Give back the caller's descriptors (stdio to ``/dev/null``, the rest closed), so cargo
+    sees the end of rustc's output and holds no pipe open for this child."""
+    _flush_stdio()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _flush_stdio() -> None:

@@ -188,6 +188,9 @@ class Invocation:
         self.unkeyed = False  # a miss found without a dep-info run: no key computed yet
         self.current: cache_key.KeyInputs | None = None  # the last key computed
         self.phases: dict[str, float] = {}  # where the time went, by phase (ms, for the log)
+        # Given the exit code once nothing left to do can change it (a successful compilation's
+        # key, explanation and upload job): the caller may go on while this call finishes.
+        self.release: Callable[[int], None] | None = None
 
     # -- the pieces ------------------------------------------------------------------------
 
@@ -526,6 +529,8 @@ class Invocation:
             failed = Outcome("non-cacheable", reason="no-key")
             failed.counters = {"non_cacheable": 1, "compile_ms": outcome.counters["compile_ms"]}
             return code, failed
+        if code == 0 and self.release is not None:
+            self.release(code)
         own: OwnKey | str | None = None
         if code == 0 and remote is not None:
             try:
@@ -704,17 +709,47 @@ def _nothing() -> None:
 
 
 def compile_call(
-    argv: list[str], environ: dict[str, str], startup: float, taken: Callable[[], None] = _nothing
+    argv: list[str],
+    environ: dict[str, str],
+    startup: float,
+    taken: Callable[[], None] = _nothing,
+    release: Callable[[int], None] | None = None,
 ) -> int | None:
     """One call ``RUSTC ARGS...`` with the cache enabled: its exit code, or None, before
     anything was done, when it is not a compilation (the caller then becomes rustc).
     ``startup``: the milliseconds the calling process took to get here (for ``LARDER_LOG``);
-    ``taken`` runs once the call is known to be a compilation, before anything is done."""
+    ``taken`` runs once the call is known to be a compilation, before anything is done;
+    ``release``, if given, gets the exit code of a compilation that uploads (a write token)
+    as soon as the rest cannot change it (the compilation succeeded): the caller may exit while
+    the key, the explanation and the upload job are made. Until this returns, the upload spool
+    holds a mark, so ``--wait-uploads`` waits for that job, its stats and its log line."""
     invocation = Invocation(argv[0], argv[1:], environ)
     if not invocation.compilation.is_compilation:
         return None
     taken()
     invocation.phases["startup"] = startup
+    mark: tuple[Path, int] | None = None
+    if release is not None and invocation.token:
+
+        def early(code: int) -> None:
+            nonlocal mark
+            from larder.client import uploads
+
+            mark = uploads.hold(uploads.spool_dir(invocation.state, environ["LARDER_URL"]))
+            release(code)
+
+        invocation.release = early
+    try:
+        return _finish(invocation, environ)
+    finally:
+        if mark is not None:
+            from larder.client import uploads
+
+            uploads.drop(mark)
+
+
+def _finish(invocation: Invocation, environ: dict[str, str]) -> int:
+    """Run the compilation, count it in the stats and log it; its exit code."""
     code, outcome = invocation.run()
     ms = _now_ms(invocation.started)
     counters = dict(outcome.counters)

@@ -52,6 +52,7 @@ POLL = 0.05
 JOB_FILE = "job.json"
 LOCK_FILE = "uploader.lock"
 _PREFIX = "job-"
+_BUSY = ".busy-"
 
 
 def spool_dir(state: Path, url: str) -> Path:
@@ -66,6 +67,66 @@ def pending(spool: Path) -> list[Path]:
     except FileNotFoundError:
         return []
     return [spool / name for name in names]
+
+
+def hold(spool: Path) -> tuple[Path, int] | None:
+    """Mark ``spool`` as about to get a job from this process, until :func:`drop`:
+    ``--wait-uploads`` waits for the job too. None when no mark can be made.
+
+    The mark is a ``.busy-*`` file this process holds a ``flock`` on (taken before the file
+    gets its name, so a waiter never sees it unlocked while its maker lives).
+    """
+    import fcntl
+
+    token = f"{os.getpid()}-{os.urandom(4).hex()}"
+    scratch = spool / f".tmp-busy-{token}"
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        fd = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = spool / f"{_BUSY}{token}"
+        os.rename(scratch, path)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            scratch.unlink()
+        return None
+    return path, fd
+
+
+def drop(mark: tuple[Path, int]) -> None:
+    """Remove a mark made by :func:`hold`."""
+    path, fd = mark
+    with contextlib.suppress(OSError):
+        path.unlink()
+    os.close(fd)
+
+
+def busy(spool: Path) -> bool:
+    """Whether a live process holds a mark on ``spool`` (marks of dead ones are removed)."""
+    import fcntl
+
+    try:
+        names = [n for n in os.listdir(spool) if n.startswith(_BUSY)]
+    except FileNotFoundError:
+        return False
+    for name in names:
+        try:
+            fd = os.open(spool / name, os.O_RDWR)
+        except OSError:
+            continue  # dropped meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            (spool / name).unlink()  # its maker died before dropping it
+    return False
 
 
 def _snapshot(source: Path, destination: Path) -> None:
@@ -142,10 +203,11 @@ def start_uploader(spool: Path, environ: dict[str, str]) -> None:
 
 
 def wait(spool: Path, environ: dict[str, str], seconds: float) -> bool:
-    """Whether ``spool`` emptied within ``seconds`` (an uploader is started if none runs)."""
+    """Whether ``spool`` emptied within ``seconds``, jobs still being prepared (:func:`hold`)
+    included (an uploader is started if none runs)."""
     deadline = time.monotonic() + seconds
-    while pending(spool):
-        if not uploader_running(spool):
+    while (jobs := pending(spool)) or busy(spool):
+        if jobs and not uploader_running(spool):
             start_uploader(spool, environ)
         if time.monotonic() >= deadline:
             return False

@@ -345,3 +345,90 @@ def test_a_changed_module_ends_the_resident_process(tmp_path: Path, crate: Path)
     os.utime(shim, ns=(0, shim.stat().st_mtime_ns + 1_000_000))
     assert proc.wait(15) == 0
     assert not path.exists()
+
+
+class SlowAfterCompile:
+    """A cache that misses every lookup at once but takes ``delay`` seconds over what a miss
+    does after its compilation (explaining it), and accepts uploads."""
+
+    def __init__(self, delay: float) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[str] = []
+        cache = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = self.path.split("?")[0]
+                if "/inputs" in path and self.command == "GET":
+                    time.sleep(delay)
+                if path.endswith("/missing"):
+                    status, answer = 200, body.replace(b'"blobs"', b'"missing"')
+                else:
+                    status, answer = (404 if self.command == "GET" else 201), b""
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+                cache.requests.append(f"{self.command} {path}")
+
+            do_GET = do_PUT = do_POST = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/main"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_caller_goes_on_while_its_upload_job_is_made(crate: Path, server: Resident) -> None:
+    cache = SlowAfterCompile(delay=4.0)
+    env = {**environ(crate), "LARDER_URL": cache.url, "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "20",
+           "LARDER_LOG": str(crate / "log"), "CARGO_PKG_NAME": "t",
+           "CARGO_PKG_VERSION": "0.1.0"}  # fmt: skip
+    try:
+        start = time.monotonic()
+        done, _ = call(crate, [RUSTC, *LIB], env)  # returns at the end of its stdout/stderr
+        returned = time.monotonic() - start
+        assert done.returncode == 0, done.stderr
+        assert (crate / "out" / "libt-x.rlib").is_file()
+        assert returned < 3.5, returned  # not held by the explanation's 4 s
+        assert not any(r.startswith("PUT") for r in cache.requests)  # the job is not made yet
+
+        waited = subprocess.run(
+            [sys.executable, "-m", "larder.client.entry", "--wait-uploads", "60"],
+            env=env, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert waited.returncode == 0, waited.stderr
+        assert "GET /main/rustc/inputs" in cache.requests  # the explanation was asked for
+        assert "PUT /main/rustc/manifests/" in [r[:26] for r in cache.requests]
+        assert "result=miss" in (crate / "log").read_text()  # logged before the wait ended
+    finally:
+        cache.close()
+
+
+def test_marks_of_jobs_in_preparation(tmp_path: Path) -> None:
+    from larder.client import uploads
+
+    spool = tmp_path / "spool"
+    assert not uploads.busy(spool)
+    mark = uploads.hold(spool)
+    assert mark is not None and uploads.busy(spool)
+    assert not uploads.wait(spool, {}, 0.2)  # a job is still being made
+    uploads.drop(mark)
+    assert not uploads.busy(spool) and uploads.wait(spool, {}, 0.2)
+    # A mark whose maker died is not waited for, and goes.
+    code = "import sys; from pathlib import Path; from larder.client import uploads; "
+    code += "uploads.hold(Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", code, str(spool)], check=True, timeout=60)
+    assert [p.name[:6] for p in spool.iterdir()] == [".busy-"]
+    assert not uploads.busy(spool)
+    assert list(spool.iterdir()) == []
