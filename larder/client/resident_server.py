@@ -281,6 +281,10 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
             connection.sendall(DONE + result.to_bytes(4, "big", signed=True))
             released.set()
             _let_go(call.fds)
+            from larder.client.uploads import upload_nice
+
+            with contextlib.suppress(OSError):  # the rest is the uploader's kind of work
+                os.nice(upload_nice(call.environ))
 
         startup = call.startup + (time.monotonic() - accepted) * 1000
         result = compile_call(call.argv, dict(call.environ), startup, taken, release)

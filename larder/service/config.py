@@ -135,8 +135,8 @@ class Config:
     max_upload_size: int = _setting(16 * 1024**3, _size)
     # Largest narinfo / small JSON document accepted.
     max_document_size: int = _setting(1024**2, _size)
-    # Largest NAR accepted once decompressed, and largest decoded body of an opaque upload
-    # sent with a Content-Encoding (max_upload_size counts the bytes as sent).
+    # Largest NAR accepted once decompressed, and largest decoded body of an opaque upload or
+    # rustc output sent with a Content-Encoding (max_upload_size counts the bytes as sent).
     max_nar_size: int = _setting(64 * 1024**3, _size)
     zstd_level: int = _setting(3, int)
     # Seconds a replica trusts its in-memory view of caches and revoked tokens.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from larder.client import resident, resident_server
+from larder.client import resident, resident_server, uploads
 
 RUSTC = shutil.which("rustc") or "rustc"
 LIB = ["--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
@@ -402,6 +402,11 @@ def test_the_caller_goes_on_while_its_upload_job_is_made(crate: Path, server: Re
         assert (crate / "out" / "libt-x.rlib").is_file()
         assert returned < 3.5, returned  # not held by the explanation's 4 s
         assert not any(r.startswith("PUT") for r in cache.requests)  # the job is not made yet
+        # What the child does now is the uploader's kind of work: at the uploader's priority.
+        pid = server.proc.pid
+        [child] = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        nice = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        assert nice - os.nice(0) == uploads.DEFAULT_NICE
 
         waited = subprocess.run(
             [sys.executable, "-m", "larder.client.entry", "--wait-uploads", "60"],
@@ -416,8 +421,6 @@ def test_the_caller_goes_on_while_its_upload_job_is_made(crate: Path, server: Re
 
 
 def test_marks_of_jobs_in_preparation(tmp_path: Path) -> None:
-    from larder.client import uploads
-
     spool = tmp_path / "spool"
     assert not uploads.busy(spool)
     mark = uploads.hold(spool)

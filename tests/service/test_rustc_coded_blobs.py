@@ -91,15 +91,19 @@ async def test_bad_coded_uploads_store_nothing(
 async def test_a_small_upload_that_expands_past_the_limit_is_stopped(
     make_service: ServiceFactory,
 ) -> None:
-    service = await make_service(max_upload_size=64 * 1024)
+    service = await make_service(max_upload_size=64 * 1024, max_nar_size=1024 * 1024)
     bomb = b"\0" * (8 * 1024 * 1024)
     body = zstd(bomb, level=19)
     assert len(body) < 64 * 1024
     status, text = await put(service, blob_id(bomb), body, "zstd")
     assert status == 413, text
+    assert "decoded upload exceeds" in text
     assert await stored(service) == []
-    # The same limit for a body sent as it is.
+    # The limit on what is sent holds too, coded or not.
     status, _ = await put(service, blob_id(bomb), bomb, None)
+    assert status == 413
+    noise = os.urandom(100 * 1024)
+    status, _ = await put(service, blob_id(noise), zstd(noise), "zstd")
     assert status == 413
 
 

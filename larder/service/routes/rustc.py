@@ -71,9 +71,10 @@ async def put_blob(request: web.Request) -> web.Response:
     note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     blob_id = _key(request, "blob")
-    limit = request.app[state.CONFIG].max_upload_size
-    coding, body = coded_body(request, limit)
-    size = await request.app[state.RUSTC].upload_blob(settings, blob_id, body, coding, limit)
+    config = request.app[state.CONFIG]
+    coding, body = coded_body(request, config.max_upload_size)
+    rustc = request.app[state.RUSTC]
+    size = await rustc.upload_blob(settings, blob_id, body, coding, config.max_nar_size)
     return web.json_response({"blake3": blob_id, "size": size})
 
 
