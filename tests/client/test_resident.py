@@ -347,50 +347,10 @@ def test_a_changed_module_ends_the_resident_process(tmp_path: Path, crate: Path)
     assert not path.exists()
 
 
-class SlowAfterCompile:
-    """A cache that misses every lookup at once but takes ``delay`` seconds over what a miss
-    does after its compilation (explaining it), and accepts uploads."""
-
-    def __init__(self, delay: float) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requests: list[str] = []
-        cache = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                path = self.path.split("?")[0]
-                if "/inputs" in path and self.command == "GET":
-                    time.sleep(delay)
-                if path.endswith("/missing"):
-                    status, answer = 200, body.replace(b'"blobs"', b'"missing"')
-                else:
-                    status, answer = (404 if self.command == "GET" else 201), b""
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-                cache.requests.append(f"{self.command} {path}")
-
-            do_GET = do_PUT = do_POST = _answer
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/main"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_the_caller_goes_on_while_its_upload_job_is_made(crate: Path, server: Resident) -> None:
-    cache = SlowAfterCompile(delay=4.0)
+    from tests.client.test_uploads import UploadSink
+
+    cache = UploadSink("slow-explain")
     env = {**environ(crate), "LARDER_URL": cache.url, "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "20",
            "LARDER_LOG": str(crate / "log"), "CARGO_PKG_NAME": "t",
            "CARGO_PKG_VERSION": "0.1.0"}  # fmt: skip

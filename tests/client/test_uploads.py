@@ -24,15 +24,17 @@ from tests.wait import wait_until
 
 class UploadSink:
     """A cache that misses every lookup and treats uploads as ``mode`` says: ``accept`` them,
-    answer ``500``, ``hang`` on blob uploads until :meth:`close`, or take blobs only without a
-    Content-Encoding (``no-codings``: 415 otherwise, as a server from before codings). Blob
-    uploads are kept in ``blobs`` (name, Content-Encoding, body)."""
+    answer ``500``, ``hang`` on blob uploads until :meth:`close`, take blobs only without a
+    Content-Encoding (``no-codings``: 415 otherwise, as a server from before codings), or accept
+    them but take :attr:`delay` seconds over what a miss asks after its compilation (``slow-
+    explain``: the nearest inputs). Blob uploads are kept in ``blobs`` (name, coding, body)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.requests: list[str] = []
         self.blobs: list[tuple[str, str | None, bytes]] = []
         self.counts_misses = False  # answer a direct lookup's 404 "X-Larder-Counted: miss"
+        self.delay = 4.0
         self.released = threading.Event()
         sink = self
 
@@ -67,6 +69,8 @@ class UploadSink:
     def answer(
         self, method: str, path: str, body: bytes, coding: str | None = None
     ) -> tuple[int, bytes]:
+        if self.mode == "slow-explain" and method == "GET" and "/inputs" in path:
+            time.sleep(self.delay)
         if method == "GET" or path.endswith("/explained"):
             return 404, b""
         if self.mode == "500":
