@@ -82,15 +82,21 @@ def safe_env(environ: Mapping[str, str]) -> Callable[[str], bool]:
 PARENT_PID: int | None = None
 
 
+_BUILD_IDS: dict[int, str] = {}
+
+
 def build_id() -> str:
-    """This build: cargo's process (the shim's parent) and its start time."""
+    """This build: cargo's process (the shim's parent) and its start time; remembered, as
+    cargo may have exited by the time a call that handed back its exit code early records."""
     parent = PARENT_PID or os.getppid()
-    try:
-        stat = Path(f"/proc/{parent}/stat").read_text()
-        started = stat.rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        started = "?"
-    return f"{parent}-{started}"
+    if parent not in _BUILD_IDS:
+        try:
+            stat = Path(f"/proc/{parent}/stat").read_text()
+            started = stat.rpartition(")")[2].split()[19]
+        except (OSError, IndexError):
+            started = "?"
+        _BUILD_IDS[parent] = f"{parent}-{started}"
+    return _BUILD_IDS[parent]
 
 
 def stem_of(path: str) -> str:

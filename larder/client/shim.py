@@ -733,9 +733,10 @@ def compile_call(
 
         def early(code: int) -> None:
             nonlocal mark
-            from larder.client import uploads
+            from larder.client import explain, uploads
 
             mark = uploads.hold(uploads.spool_dir(invocation.state, environ["LARDER_URL"]))
+            explain.build_id()  # while cargo, whose process names the build, still runs
             release(code)
 
         invocation.release = early
@@ -770,6 +771,11 @@ def _finish(invocation: Invocation, environ: dict[str, str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
+    if argv and argv[0] in ("--stats", "--zero-stats", "explain"):
+        from larder.client import uploads
+
+        # Compilations whose exit code went back early may still be counting and explaining.
+        uploads.settle(stats_mod.state_dir(environ))
     if argv and argv[0] in ("--stats", "--zero-stats"):
         return _stats_command(argv, environ)
     if argv and argv[0] == "--wait-uploads":

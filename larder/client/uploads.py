@@ -51,6 +51,8 @@ DEFAULT_LEVEL = 1
 POLL = 0.05
 JOB_FILE = "job.json"
 LOCK_FILE = "uploader.lock"
+#: Longest wait for compilations still being recorded before stats or explanations are read.
+SETTLE = 60.0
 _PREFIX = "job-"
 _BUSY = ".busy-"
 
@@ -127,6 +129,19 @@ def busy(spool: Path) -> bool:
         with contextlib.suppress(OSError):
             (spool / name).unlink()  # its maker died before dropping it
     return False
+
+
+def settle(state: Path, seconds: float = SETTLE) -> None:
+    """Wait, at most ``seconds``, until no compilation of any spool in the state directory
+    ``state`` is still being recorded (:func:`hold`): before stats or explanations are read."""
+    root = state / "uploads"
+    try:
+        spools = [root / name for name in os.listdir(root)]
+    except OSError:
+        return
+    deadline = time.monotonic() + seconds
+    while any(busy(spool) for spool in spools) and time.monotonic() < deadline:
+        time.sleep(POLL)
 
 
 def _snapshot(source: Path, destination: Path) -> None:

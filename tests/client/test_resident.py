@@ -395,3 +395,32 @@ def test_marks_of_jobs_in_preparation(tmp_path: Path) -> None:
     assert [p.name[:6] for p in spool.iterdir()] == [".busy-"]
     assert not uploads.busy(spool)
     assert list(spool.iterdir()) == []
+
+
+def test_a_miss_recorded_after_cargo_exited_keeps_its_build(crate: Path, server: Resident) -> None:
+    from larder.client import explain
+    from tests.client.test_uploads import UploadSink
+
+    cache = UploadSink("slow-explain")
+    cache.delay = 1.5
+    env = {**environ(crate), "LARDER_URL": cache.url, "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "20",
+           "CARGO_PKG_NAME": "t", "CARGO_PKG_VERSION": "0.1.0"}  # fmt: skip
+    try:
+        # A shell stands for cargo: it is gone before the explanation is recorded.
+        cargo = subprocess.run(
+            ["sh", "-c", 'echo $$; "$@"', "sh", sys.executable, "-m", "larder.client.entry",
+             RUSTC, *LIB],
+            cwd=crate, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert cargo.returncode == 0, cargo.stderr
+        done = subprocess.run(
+            [sys.executable, "-m", "larder.client.entry", "explain", "--json"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr  # it waited for the record
+    finally:
+        cache.close()
+    [record] = explain.load(crate / "state")
+    assert record["crate"] == "t"
+    assert record["build"].split("-")[0] == cargo.stdout.strip()
+    assert not record["build"].endswith("-?")  # named while cargo still ran
