@@ -14,7 +14,12 @@ time until its uploads are sent is printed beside it). Then, as a check of what 
 larder-rustc builds it again from another directory without a token: every cacheable
 compilation must hit. ``--repeat`` repeats the three cold builds, interleaved.
 
-    .venv/bin/python bench/rustc_cold_debian.py [--repeat 2] [--json]
+``--against DIR`` adds, in every repeat, a fourth cold build through the larder found in the
+checkout ``DIR`` (``git worktree add --detach DIR REV``): its shim, uploader, resident process
+and server all run that code (``PYTHONPATH=DIR``), so an old revision is measured in the same
+rounds as this one.
+
+    .venv/bin/python bench/rustc_cold_debian.py [--repeat 2] [--against DIR] [--json]
 """
 
 from __future__ import annotations
@@ -148,14 +153,39 @@ def count_lines(log: Path) -> dict[str, int]:
     return counts
 
 
+def against_build(other: Path, work: Path, attempt: int, checkout: Path) -> float:
+    """A cold build through the larder in the checkout ``other``, uploading to its own server."""
+    wrapper = work / "against-rustc"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m larder.client.entry "$@"\n')
+    wrapper.chmod(0o755)
+    code = {"PYTHONPATH": str(other)}
+    with larder_server(work / f"against{attempt}-data", work, extra_env=code) as server:
+        env = {**build_env(), **code, "RUSTC_WRAPPER": str(wrapper),
+               "LARDER_URL": f"{server.url}/main",
+               "LARDER_STATE_DIR": str(work / f"against{attempt}-state"),
+               "LARDER_TOKEN": server.token()}  # fmt: skip
+        seconds = cargo_build(checkout, work / f"against{attempt}-t", env)
+        subprocess.run([sys.executable, "-m", "larder.client.entry", "--wait-uploads", "600"],
+                       env=env, check=False, capture_output=True)  # fmt: skip
+    return seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=1, help="cold builds per tool (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--against", type=Path, help="a checkout of larder to measure beside")
     options = parser.parse_args()
     ensure_packages()
     compile_larder()
     times: dict[str, list[float]] = {"plain": [], "sccache": [], "larder": [], "uploads": []}
+    if options.against:
+        other = options.against.resolve()
+        if not (other / "larder" / "client" / "entry.py").is_file():
+            parser.error(f"--against: no larder checkout at {other}")
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(other / "larder")],
+                       env=build_env(), check=True, capture_output=True)  # fmt: skip
+        times["against"] = []
     phases: dict[str, float] = {}
     hits: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="larder-bench-") as tmp:
@@ -205,6 +235,9 @@ def main() -> int:
                 shutil.copy(lock_dir / "Cargo.lock", laptop / "Cargo.lock")
                 cargo_build(laptop, work / f"laptop{attempt}-t", laptop_env)
                 hits = count_lines(work / f"laptop{attempt}-log")
+            if options.against:
+                times["against"].append(against_build(options.against.resolve(), work, attempt,
+                                                      fresh(f"against{attempt}")))  # fmt: skip
     median = {name: statistics.median(values) for name, values in times.items()}
     results = {
         "runs_s": times,
@@ -215,6 +248,10 @@ def main() -> int:
         "larder_cold_phases_s": phases,
         "larder_warm_other_dir": hits,
     }
+    if options.against:
+        results["ratio_against_over_plain"] = median["against"] / median["plain"]
+        pairs = zip(times["larder"], times["against"], strict=True)
+        results["ratio_larder_over_against_by_repeat"] = [a / b for a, b in pairs]
     if options.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -230,6 +267,11 @@ def main() -> int:
     print("larder-rustc cold, seconds per phase summed over compilations: "
           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items())))  # fmt: skip
     print(f"larder-rustc warm from another directory, no token: {hits}")
+    if options.against:
+        by_repeat = ", ".join(f"{r:.2f}" for r in results["ratio_larder_over_against_by_repeat"])
+        print(f"larder-rustc from {options.against} {median['against']:6.2f} s   "
+              f"{results['ratio_against_over_plain']:.2f}x plain; this larder over it, by "
+              f"repeat: {by_repeat}")  # fmt: skip
     return 0
 
 
