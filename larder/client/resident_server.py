@@ -275,10 +275,13 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
             started.set()
             threading.Thread(target=_watch, args=(connection, finished), daemon=True).start()
 
-        def release(result: int) -> None:
+        def answer(message: bytes) -> None:
             _flush_stdio()  # before the caller exits with the code
             finished.set()  # the caller hangs up once it has the code: not a reason to kill
-            connection.sendall(DONE + result.to_bytes(4, "big", signed=True))
+            connection.sendall(message)
+
+        def release(result: int) -> None:
+            answer(DONE + result.to_bytes(4, "big", signed=True))
             released.set()
             _let_go(call.fds)
             from larder.client.uploads import upload_nice
@@ -289,13 +292,11 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
         startup = call.startup + (time.monotonic() - accepted) * 1000
         result = compile_call(call.argv, dict(call.environ), startup, taken, release)
         if result is None:
-            _flush_stdio()
-            finished.set()
-            connection.sendall(EXEC)
+            answer(EXEC)
             code = 0
         else:
             if not released.is_set():
-                release(result)
+                answer(DONE + result.to_bytes(4, "big", signed=True))
             code = result
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
@@ -315,7 +316,6 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
 def _let_go(fds: list[int]) -> None:
     """Give back the caller's descriptors (stdio to ``/dev/null``, the rest closed), so cargo
     sees the end of rustc's output and holds no pipe open for this child."""
-    _flush_stdio()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in fds:
         if fd > 2:

@@ -67,9 +67,13 @@ def run(command: list[str], environ: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=environ
     )
-    if done.returncode != 0:
-        raise OSError(f"{command[0]} {' '.join(command[1:3])} exited with {done.returncode}")
+    _check(command, done.returncode)
     return done.stdout
+
+
+def _check(command: list[str], code: int) -> None:
+    if code != 0:
+        raise OSError(f"{command[0]} {' '.join(command[1:3])} exited with {code}")
 
 
 def run_both(first: list[str], second: list[str]) -> tuple[str, str]:
@@ -84,8 +88,7 @@ def run_both(first: list[str], second: list[str]) -> tuple[str, str]:
     ]
     outputs = [process.communicate()[0].decode() for process in started]
     for command, process in zip((first, second), started, strict=True):
-        if process.returncode != 0:
-            raise OSError(f"{command[0]} {' '.join(command[1:3])} exited with {process.returncode}")
+        _check(command, process.returncode)
     return outputs[0], outputs[1]
 
 

@@ -78,8 +78,6 @@ def hold(spool: Path) -> tuple[Path, int] | None:
     The mark is a ``.busy-*`` file this process holds a ``flock`` on (taken before the file
     gets its name, so a waiter never sees it unlocked while its maker lives).
     """
-    import fcntl
-
     token = f"{os.getpid()}-{os.urandom(4).hex()}"
     scratch = spool / f".tmp-busy-{token}"
     try:
@@ -109,23 +107,18 @@ def drop(mark: tuple[Path, int]) -> None:
 
 def busy(spool: Path) -> bool:
     """Whether a live process holds a mark on ``spool`` (marks of dead ones are removed)."""
-    import fcntl
-
     try:
         names = [n for n in os.listdir(spool) if n.startswith(_BUSY)]
     except FileNotFoundError:
         return False
     for name in names:
         try:
-            fd = os.open(spool / name, os.O_RDWR)
+            fd = _try_lock(spool / name, create=False)
         except OSError:
             continue  # dropped meanwhile
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if fd is None:
             return True
-        finally:
-            os.close(fd)
+        os.close(fd)
         with contextlib.suppress(OSError):
             (spool / name).unlink()  # its maker died before dropping it
     return False
@@ -178,9 +171,10 @@ def enqueue(
     return final
 
 
-def _try_lock(spool: Path) -> int | None:
-    """The uploader lock's descriptor if this process got it, else None."""
-    fd = os.open(spool / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def _try_lock(path: Path, create: bool = True) -> int | None:
+    """The descriptor of ``path`` if this process got an exclusive ``flock`` on it, else None
+    (an :class:`OSError` if it cannot be opened)."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -190,7 +184,7 @@ def _try_lock(spool: Path) -> int | None:
 
 
 def uploader_running(spool: Path) -> bool:
-    fd = _try_lock(spool)
+    fd = _try_lock(spool / LOCK_FILE)
     if fd is None:
         return True
     os.close(fd)
@@ -315,7 +309,7 @@ def drain(spool: Path, environ: dict[str, str]) -> None:
 def run(spool: Path, environ: dict[str, str]) -> None:
     """The uploader: drain while holding the lock, linger, exit when nothing is left."""
     while True:
-        fd = _try_lock(spool)
+        fd = _try_lock(spool / LOCK_FILE)
         if fd is None:
             return  # another uploader has it; it re-checks the spool before it exits
         try:

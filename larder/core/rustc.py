@@ -97,7 +97,7 @@ class RustcCache:
         blob_id: str,
         body: AsyncIterable[bytes],
         coding: str = "none",
-        max_size: int | None = None,
+        max_size: int = UNLIMITED,
     ) -> int:
         """Store ``body`` if it hashes to ``blob_id`` once its ``coding`` (an HTTP content
         coding's decoder name) is undone, at most ``max_size`` bytes decoded; return its size.
@@ -106,9 +106,8 @@ class RustcCache:
         stored in the store's own encoding.
         """
         check_key(blob_id)
-        limit = UNLIMITED if max_size is None else max_size
         async with self._blobs.writer(encoded=keeps_upload(coding)) as writer:
-            ingest = CodedBlobIngest(coding, writer, limit)
+            ingest = CodedBlobIngest(coding, writer, max_size)
             try:
                 async for chunk in body:
                     await self._blobs.run(ingest.feed, chunk)
