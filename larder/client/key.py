@@ -65,6 +65,7 @@ import blake3
 
 from larder.client import depinfo
 from larder.client.args import Compilation
+from larder.client.digests import file_digest
 from larder.client.paths import Roots
 from larder.protocol.rustc import DirectEntry
 
@@ -97,13 +98,6 @@ _CARGO_ENV = (
 
 class KeyUnavailable(Exception):
     """The key could not be computed (a file vanished, the dep-info run failed...)."""
-
-
-def file_digest(path: str | Path) -> str:
-    """BLAKE3 hex of a file's content."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    hasher.update_mmap(path)
-    return hasher.hexdigest()
 
 
 class Base(NamedTuple):

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from larder.client import toolchain
-from larder.client.key import KeyUnavailable, file_digest
+from larder.client.digests import file_digest
+from larder.client.key import KeyUnavailable
 from larder.client.linkline import RUSTC_TMP, Lib, Plan
 from larder.client.paths import Roots
 

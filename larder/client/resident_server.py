@@ -21,7 +21,9 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
+from larder.client import digests
 from larder.client.resident import (
     DONE,
     EXEC,
@@ -112,6 +114,7 @@ def serve(path: str) -> int:
     except OSError:
         return 0  # another one serves this directory
     _preload()
+    digests.attach(Path(directory))
     times = _module_times()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
@@ -201,6 +204,7 @@ def _take(conn: socket.socket, listener: socket.socket, lock: int, accepted: flo
         if call.identity != identity() or len(call.fds) != len(fds):
             conn.sendall(REFUSED)
             return
+        digests.refresh()  # the child starts with what the calls before it hashed
         pid = os.fork()
         if pid == 0:
             listener.close()

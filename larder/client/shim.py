@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 import blake3
 
 from larder.client import args as rustc_args
-from larder.client import depinfo, linkline, toolchain
+from larder.client import depinfo, digests, linkline, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
 from larder.client.paths import Roots, default_cargo_home, find_target_dir
@@ -178,6 +178,7 @@ class Invocation:
         target = find_target_dir(self.out_dir) if self.out_dir is not None else None
         self.roots = Roots.of(CWD=self.cwd, TARGET=target, CARGO_HOME=default_cargo_home(environ))
         self.state = stats_mod.state_dir(environ)
+        digests.attach(self.state)
         self.token = environ.get("LARDER_TOKEN") or None
         self.started = time.monotonic()
         targets = self.compilation.values("--target")
@@ -361,7 +362,7 @@ class Invocation:
                     if embeds(path, needles):
                         return "embeds-paths"
                 with Phase(self.phases, "hash"):
-                    blob_id, size = cache_key.file_digest(path), path.stat().st_size
+                    blob_id, size = digests.file_digest(path), path.stat().st_size
                 files[blob_id] = path
             outputs.append(Output(name, blob_id, size, path.stat().st_mode & 0o777))
         stdout, stderr = (self.roots.portable(b.decode("utf-8", "replace")) for b in (out, err))

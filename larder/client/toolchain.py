@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from larder.client.key import file_digest, tree_digests
+from larder.client.digests import file_digest
+from larder.client.key import tree_digests
 
 
 class Fingerprint(NamedTuple):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from larder.client import toolchain
-from larder.client.key import KeyUnavailable, file_digest
+from larder.client.digests import file_digest
+from larder.client.key import KeyUnavailable
 from larder.client.linker import Link, script_references, search_dirs
 from larder.client.linkline import classify
 from larder.client.paths import Roots
