@@ -12,9 +12,10 @@ uploader only when complete (written beside the spool and renamed into it).
 The uploader (``python -m larder.client.uploads SPOOL``) is started on demand by the shim that
 finds none running (it holds an exclusive ``flock`` on ``SPOOL/uploader.lock``), outlives that
 rustc call in its own session with no inherited descriptors (cargo waits for no one), sends the
-spool's jobs oldest first and, after ``LINGER`` seconds with nothing to do, exits. For each job,
-in this order: the blobs the server lacks, then the manifest (the server accepts it only once
-its blobs are held), then the direct entry, then the inputs document; then the job is removed.
+spool's jobs oldest first over one connection and, after ``LINGER`` seconds with nothing to do,
+exits. For each job, in this order: the blobs the server lacks, then the manifest (the server
+accepts it only once its blobs are held), then the direct entry, then the inputs document; then
+the job is removed.
 Each network operation has ``LARDER_TIMEOUT``. The uploader lowers its priority
 (``LARDER_UPLOAD_NICE``, default 10), so it takes the CPU a busy build leaves over, and sends
 each blob as a zstd stream (``LARDER_UPLOAD_ZSTD_LEVEL``, default 1; ``off`` sends the bytes as
@@ -43,7 +44,9 @@ from typing import Any
 
 import blake3
 
-LINGER = 2.0
+#: Seconds an uploader with nothing to send waits for more before it exits: longer than the
+#: gaps between two misses of a build (a new uploader costs an interpreter and its imports).
+LINGER = 10.0
 #: Niceness the uploader adds: it takes CPU a busy build leaves over.
 DEFAULT_NICE = 10
 #: zstd level of uploads: fast, and within a few percent of the server's level 3 in size.
@@ -254,6 +257,7 @@ def send(job_dir: Path, job: dict[str, Any], remote: Any, level: int | None = No
     from larder.client.remote import RemoteError
     from larder.protocol.rustc import parse_direct_entry
 
+    before = int(remote.bytes_up)
     blobs: list[str] = job["blobs"]
     for blob_id in remote.missing(blobs):
         remote.put_blob(blob_id, job_dir / blob_id, level)
@@ -263,7 +267,7 @@ def send(job_dir: Path, job: dict[str, Any], remote: Any, level: int | None = No
         # An older server, a document over its limit: the upload stands without it.
         with contextlib.suppress(RemoteError):
             remote.put_inputs(job["key"], job["inputs"].encode())
-    return int(remote.bytes_up)
+    return int(remote.bytes_up) - before
 
 
 def drain(spool: Path, environ: dict[str, str]) -> None:
@@ -278,32 +282,36 @@ def drain(spool: Path, environ: dict[str, str]) -> None:
     timeout = network_timeout(environ)
     level = upload_level(environ)
     offline = False
-    while jobs := pending(spool):
-        for job_dir in jobs:
-            counters: dict[str, int]
-            error: str | None = None
-            if offline:
-                counters, error = {"errors": 1}, "offline"
-            else:
-                remote = None
-                try:
-                    job = json.loads((job_dir / JOB_FILE).read_text())
-                    remote = Remote(
-                        job["url"], environ.get("LARDER_TOKEN") or None, timeout, environ
-                    )
-                    sent = send(job_dir, job, remote, level)
-                    counters = {"uploads": 1, "bytes_up": sent}
-                except RemoteError as exc:
-                    counters, error = {"errors": 1}, exc.kind
-                    offline = exc.unreachable
-                except (FormatError, OSError, ValueError, KeyError, TypeError):
-                    counters, error = {"errors": 1}, "upload-job"
-                finally:
-                    if remote is not None:
-                        remote.close()
-            shutil.rmtree(job_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                store.add(counters, error=error)
+    # One connection for the jobs of a pass (a spool holds one cache's): no new handshake,
+    # TLS included, per compilation. A connection the server closed meanwhile is reopened.
+    remotes: dict[str, Remote] = {}
+    try:
+        while jobs := pending(spool):
+            for job_dir in jobs:
+                counters: dict[str, int]
+                error: str | None = None
+                if offline:
+                    counters, error = {"errors": 1}, "offline"
+                else:
+                    try:
+                        job = json.loads((job_dir / JOB_FILE).read_text())
+                        url = job["url"]
+                        if url not in remotes:
+                            token = environ.get("LARDER_TOKEN") or None
+                            remotes[url] = Remote(url, token, timeout, environ)
+                        sent = send(job_dir, job, remotes[url], level)
+                        counters = {"uploads": 1, "bytes_up": sent}
+                    except RemoteError as exc:
+                        counters, error = {"errors": 1}, exc.kind
+                        offline = exc.unreachable
+                    except (FormatError, OSError, ValueError, KeyError, TypeError):
+                        counters, error = {"errors": 1}, "upload-job"
+                shutil.rmtree(job_dir, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    store.add(counters, error=error)
+    finally:
+        for remote in remotes.values():
+            remote.close()
 
 
 def run(spool: Path, environ: dict[str, str]) -> None:

@@ -36,9 +36,17 @@ class UploadSink:
         self.counts_misses = False  # answer a direct lookup's 404 "X-Larder-Counted: miss"
         self.delay = 4.0
         self.released = threading.Event()
+        self.connections = 0
+        self.sent = 0  # body bytes of every PUT
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # connections are kept alive
+
+            def setup(self) -> None:
+                super().setup()
+                sink.connections += 1
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -46,6 +54,7 @@ class UploadSink:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 sink.requests.append(f"{self.command} {self.path.split('?')[0]}")
+                sink.sent += len(body) if self.command == "PUT" else 0
                 coding = self.headers.get("Content-Encoding")
                 if self.command == "PUT" and "/blobs/" in self.path:
                     sink.blobs.append((self.path.rsplit("/", 1)[1], coding, body))
@@ -319,3 +328,29 @@ def test_a_miss_the_direct_lookup_counted_is_not_looked_up_again(
     assert lookups[0] == "direct"
     assert ("manifests" in lookups) is not counts, sink.requests
     assert stats(crate)["misses"] == 1
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_the_jobs_of_a_pass_share_one_connection_and_count_their_own_bytes(
+    sink: UploadSink, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    spool = uploads.spool_dir(state, sink.url)
+    for n in range(3):
+        output = tmp_path / f"lib{n}.rlib"
+        output.write_bytes(os.urandom(1000 * (n + 1)))
+        blob = blake3.blake3(output.read_bytes()).hexdigest()
+        manifest = {"crate": f"c{n}", "outputs": [
+            {"name": output.name, "blake3": blob, "size": 1000 * (n + 1), "mode": 0o644}],
+            "stdout": "", "stderr": ""}  # fmt: skip
+        job = {"url": sink.url, "key": f"{n:064x}", "crate": f"c{n}", "blobs": [blob],
+               "manifest": json.dumps(manifest), "direct_key": f"{n + 10:064x}",
+               "direct_entry": json.dumps({"sources": ["src/lib.rs"], "env": []})}  # fmt: skip
+        uploads.enqueue(spool, job, {blob: output}, {})
+    env = {**os.environ, "LARDER_STATE_DIR": str(state), "LARDER_TOKEN": "t"}
+    uploads.drain(spool, env)
+    counted = json.loads((state / "stats.json").read_text())
+    assert (counted["uploads"], counted.get("errors", 0)) == (3, 0), counted
+    assert sink.connections == 1, sink.requests
+    assert counted["bytes_up"] == sink.sent  # each job its own bytes, not the pass's so far
+    assert uploads.pending(spool) == []
