@@ -119,6 +119,12 @@ def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
     return code, b"".join(out), b"".join(err)
 
 
+def fewest_needles(needles: list[bytes]) -> list[bytes]:
+    """``needles`` without those containing another (a target directory inside the workspace
+    is found by the workspace's path): one pass over each output per needle left."""
+    return [n for n in set(needles) if not any(o != n and o in n for o in needles)]
+
+
 def embeds(path: Path, needles: list[bytes]) -> bool:
     """Whether the file contains any of ``needles`` (this machine's root paths)."""
     import mmap
@@ -345,7 +351,7 @@ class Invocation:
 
         assert self.out_dir is not None
         # This machine's roots, and its sysroot: the key names it by placeholder.
-        needles = [path.encode() for _, path in self.link_roots().roots]
+        needles = fewest_needles([path.encode() for _, path in self.link_roots().roots])
         outputs: list[Output] = []
         files: dict[str, Path] = {}
         texts: dict[str, bytes] = {}

@@ -354,3 +354,24 @@ def test_the_jobs_of_a_pass_share_one_connection_and_count_their_own_bytes(
     assert sink.connections == 1, sink.requests
     assert counted["bytes_up"] == sink.sent  # each job its own bytes, not the pass's so far
     assert uploads.pending(spool) == []
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_an_output_holding_a_local_path_is_never_uploaded(sink: UploadSink, crate: Path) -> None:
+    here = str(crate / "src" / "data")
+    (crate / "src" / "lib.rs").write_text('pub const HERE: &str = env!("LARDER_TEST_HERE");\n')
+    done = shim(crate, sink.url, LARDER_TOKEN="t", LARDER_TEST_HERE=here)
+    assert done.returncode == 0, done.stderr
+    assert here.encode() in (crate / "out" / "libt-x.rlib").read_bytes()
+    counted = stats(crate)
+    assert counted["error_kinds"] == {"embeds-paths": 1}, counted
+    assert counted["uploads"] == 0
+    assert not [r for r in sink.requests if r.startswith("PUT")], sink.requests
+
+
+def test_one_pass_per_root_path_not_contained_in_another() -> None:
+    from larder.client.shim import fewest_needles
+
+    roots = [b"/w/app", b"/w/app/target", b"/home/me/.cargo", b"/w/app", b"/opt/rust"]
+    assert sorted(fewest_needles(roots)) == [b"/home/me/.cargo", b"/opt/rust", b"/w/app"]
+    assert fewest_needles([b"/a/b"]) == [b"/a/b"]
