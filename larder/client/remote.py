@@ -27,7 +27,17 @@ if TYPE_CHECKING:
     from larder.protocol.inputs import Identity, Nearest
 
 _CHUNK = 256 * 1024
+#: A blob up to this size is compressed in memory; a larger one into a file beside it first
+#: (its length must be known before it is sent).
+IN_MEMORY_STREAM = 32 * 1024 * 1024
 DEFAULT_TIMEOUT = 5.0
+
+
+def _small(path: Path) -> bool:
+    try:
+        return path.stat().st_size <= IN_MEMORY_STREAM
+    except OSError:
+        return False  # the file path below says what is wrong
 
 
 def network_timeout(environ: dict[str, str]) -> float:
@@ -258,8 +268,8 @@ class Remote:
         """Upload one output file (streamed from disk when given a path).
 
         With a zstd ``level``, the body is a zstd stream of the file (``Content-Encoding: zstd``,
-        written beside the file first so its length is known): the server decodes it to check
-        the id and keeps it as sent. A server that takes no coding (415) gets the bytes as they
+        made in memory, or beside the file first past :data:`IN_MEMORY_STREAM`, so its length
+        is known): the server decodes it to check the id and keeps it as sent. A server that takes no coding (415) gets the bytes as they
         are, and every later blob of this connection too; so does a blob whose stream finds no
         room on disk.
         """
@@ -280,12 +290,20 @@ class Remote:
 
     def _put_zstd(self, blob_id: str, content: bytes | Path, level: int) -> int:
         """Send ``content`` as a zstd stream: 200 when sent, 415 when the server takes no
-        coding, 0 when the stream could not be written beside the file (a full disk)."""
+        coding, 0 when the stream could not be made (no room beside the file)."""
         import zstandard
 
         compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
         what = f"blob upload {blob_id[:12]}"
         coded = {"Content-Encoding": "zstd"}
+        if isinstance(content, Path) and _small(content):
+            path = content
+            try:
+                content = path.read_bytes()  # a stream this small needs no file beside it
+            except OSError:
+                if path.is_file():
+                    return 0
+                raise  # the snapshot itself is gone: no way to send it
         if isinstance(content, bytes):
             body = compressor.compress(content)
             response = self._request("PUT", f"/blobs/{blob_id}", body, extra_headers=coded)

@@ -305,6 +305,7 @@ def test_a_blob_whose_stream_finds_no_room_goes_as_it_is(
         return open(path, mode, *args)  # type: ignore[call-overload]
 
     monkeypatch.setattr(remote_module, "open", full_disk, raising=False)
+    monkeypatch.setattr(remote_module, "IN_MEMORY_STREAM", 100)  # streamed through a file
     blob = tmp_path / "blob"
     blob.write_bytes(b"rlib bytes " * 1000)
     remote = remote_module.Remote(sink.url, "t", 5.0, {})
@@ -313,6 +314,36 @@ def test_a_blob_whose_stream_finds_no_room_goes_as_it_is(
     finally:
         remote.close()
     assert [(coding, body) for _, coding, body in sink.blobs] == [(None, blob.read_bytes())]
+    assert list(tmp_path.iterdir()) == [blob]
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+@pytest.mark.parametrize("size", [5000, 50_000])
+def test_a_stream_is_made_in_memory_or_beside_the_blob_by_size(
+    sink: UploadSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    from larder.client import remote as remote_module
+
+    monkeypatch.setattr(remote_module, "IN_MEMORY_STREAM", 10_000)
+    written: list[str] = []
+    real_open = open
+
+    def recording(path: object, mode: str = "r", *args: object) -> object:
+        if "w" in mode:
+            written.append(Path(str(path)).name)
+        return real_open(path, mode, *args)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(remote_module, "open", recording, raising=False)
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(size // 2) * 2)
+    remote = remote_module.Remote(sink.url, "t", 5.0, {})
+    try:
+        remote.put_blob(blake3.blake3(blob.read_bytes()).hexdigest(), blob, 1)
+    finally:
+        remote.close()
+    [(_, coding, body)] = sink.blobs
+    assert coding == "zstd" and decoded(body) == blob.read_bytes()
+    assert written == ([] if size <= 10_000 else ["blob.zst"])
     assert list(tmp_path.iterdir()) == [blob]
 
 
