@@ -269,9 +269,9 @@ class Remote:
 
         With a zstd ``level``, the body is a zstd stream of the file (``Content-Encoding: zstd``,
         made in memory, or beside the file first past :data:`IN_MEMORY_STREAM`, so its length
-        is known): the server decodes it to check the id and keeps it as sent. A server that takes no coding (415) gets the bytes as they
-        are, and every later blob of this connection too; so does a blob whose stream finds no
-        room on disk.
+        is known): the server decodes it to check the id and keeps it as sent. A server that
+        takes no coding (415) gets the bytes as they are, and every later blob of this
+        connection too; so does a blob whose stream finds no room on disk.
         """
         if level is not None and self._codings:
             sent = self._put_zstd(blob_id, content, level)

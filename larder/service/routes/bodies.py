@@ -50,8 +50,8 @@ def coded_body(request: web.Request, limit: int) -> tuple[str, AsyncIterator[byt
 async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     check_declared_length(request, limit)
     idle = request.app[CONFIG].body_idle_timeout
-    buffer = bytearray()
-    total = 0
+    pieces: list[bytes] = []
+    pending = total = 0
     while True:
         try:
             data = await asyncio.wait_for(request.content.readany(), idle)
@@ -62,12 +62,14 @@ async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
         total += len(data)
         if total > limit:
             raise TooLarge(f"body exceeds the limit of {limit} bytes")
-        buffer += data
-        if len(buffer) >= UPLOAD_CHUNK:
-            yield bytes(buffer)
-            buffer.clear()
-    if buffer:
-        yield bytes(buffer)
+        pieces.append(data)
+        pending += len(data)
+        if pending >= UPLOAD_CHUNK:
+            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)  # one copy at most
+            pieces.clear()
+            pending = 0
+    if pieces:
+        yield b"".join(pieces)
 
 
 async def read_document(request: web.Request, limit: int) -> bytes:
