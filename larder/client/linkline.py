@@ -202,14 +202,21 @@ def normalise(
     :meth:`larder.client.paths.Roots.portable` of roots that include ``SYSROOT`` and
     ``RUSTC_TMP``.
     """
-    spellings = "|".join(re.escape(f"{d.rstrip('/')}/{stem}.") for d in out_dirs)
-    own = re.compile(rf"(?:{spellings})[^/]*\.o")
+    spellings = tuple(f"{d.rstrip('/')}/{stem}." for d in out_dirs)
+
+    def own(token: str) -> bool:
+        """An object rustc wrote for this crate: ``<out dir>/<stem>.<anything>.o``."""
+        return token.endswith(".o") and any(
+            token.startswith(s) and len(token) >= len(s) + 2 and "/" not in token[len(s) : -2]
+            for s in spellings
+        )
+
     tokens = [portable(argv[0])]
     arguments = iter(argv[1:])
     for token in arguments:
         if token == "-o":
             next(arguments, None)
-        elif not own.fullmatch(token):
+        elif not own(token):
             tokens.append(portable(token))
     return tokens
 

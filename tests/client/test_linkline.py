@@ -55,6 +55,25 @@ def test_two_machines_give_the_same_tokens() -> None:
     assert not any("demo-ef00" in t for t in ci)
 
 
+@pytest.mark.parametrize(
+    ("token", "own"),
+    [
+        ("/t/deps/demo-ef00.demo.e0b4-cgu.0.rcgu.o", True),
+        ("/t/deps/demo-ef00..o", True),  # anything between the stem's dot and ".o"
+        ("/t2/deps/demo-ef00.x.o", True),  # the other spelling of the out dir
+        ("/t/deps/demo-ef00.o", False),  # no dot after the stem
+        ("/t/deps/demo-ef00.sub/x.o", False),  # another directory
+        ("/t/deps/demo-ef00.x.rlib", False),
+        ("/t/deps/demo-ef001.x.o", False),  # another stem
+        ("/t/deps/libleaf.o", False),
+    ],
+)
+def test_only_the_crates_own_objects_are_dropped(token: str, own: bool) -> None:
+    argv = ["cc", token, "-o", "/t/deps/demo-ef00"]
+    kept = normalise(argv, out_dirs=["/t/deps", "/t2/deps/"], stem="demo-ef00", portable=str)
+    assert kept == (["cc"] if own else ["cc", token])
+
+
 def test_classify_reads_files_libraries_and_search_order() -> None:
     plan = classify(tokens_on("/ci/app", "/ci/app/target", "/opt/rust/stable"))
     assert plan.program == "cc"
