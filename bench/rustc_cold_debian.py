@@ -214,6 +214,10 @@ def main() -> int:
             finally:
                 subprocess.run([exe, "--stop-server"], env=sc_env, capture_output=True)
 
+            # Odd repeats build the other checkout first: neither always follows the same build.
+            if options.against and attempt % 2:
+                times["against"].append(against_build(options.against.resolve(), work, attempt,
+                                                      fresh(f"against{attempt}")))  # fmt: skip
             with larder_server(work / f"larder{attempt}-data", work) as server:
                 shim = str(BIN / "larder-rustc")
                 env = {**build_env(), "RUSTC_WRAPPER": shim, "LARDER_URL": f"{server.url}/main",
@@ -235,7 +239,7 @@ def main() -> int:
                 shutil.copy(lock_dir / "Cargo.lock", laptop / "Cargo.lock")
                 cargo_build(laptop, work / f"laptop{attempt}-t", laptop_env)
                 hits = count_lines(work / f"laptop{attempt}-log")
-            if options.against:
+            if options.against and not attempt % 2:
                 times["against"].append(against_build(options.against.resolve(), work, attempt,
                                                       fresh(f"against{attempt}")))  # fmt: skip
     median = {name: statistics.median(values) for name, values in times.items()}
