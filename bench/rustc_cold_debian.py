@@ -12,7 +12,8 @@ and an empty cache: plain cargo; sccache 0.16 with a local disk cache; larder-ru
 write token against ``larder serve`` on loopback (every compilation a miss and uploaded; the
 time until its uploads are sent is printed beside it). Then, as a check of what was stored,
 larder-rustc builds it again from another directory without a token: every cacheable
-compilation must hit. ``--repeat`` repeats the three cold builds, interleaved.
+compilation must hit. ``--repeat`` repeats the three cold builds, interleaved, in an order that
+rotates from one repeat to the next.
 
 ``--against DIR`` adds, in every repeat, a fourth cold build through the larder found in the
 checkout ``DIR`` (``git worktree add --detach DIR REV``): its shim, uploader, resident process
@@ -200,10 +201,11 @@ def main() -> int:
             shutil.copy(lock_dir / "Cargo.lock", target / "Cargo.lock")
             return target
 
-        for attempt in range(options.repeat):
+        def plain_build(attempt: int) -> None:
             plain = fresh(f"plain{attempt}")
             times["plain"].append(cargo_build(plain, work / f"plain{attempt}-t", build_env()))
 
+        def sccache_build(attempt: int) -> None:
             exe = str(BIN / "sccache")
             sc_env = {**build_env(), "SCCACHE_DIR": str(work / f"sccache{attempt}-cache"),
                       "SCCACHE_SERVER_PORT": str(free_port()), "RUSTC_WRAPPER": exe}  # fmt: skip
@@ -214,10 +216,8 @@ def main() -> int:
             finally:
                 subprocess.run([exe, "--stop-server"], env=sc_env, capture_output=True)
 
-            # Odd repeats build the other checkout first: neither always follows the same build.
-            if options.against and attempt % 2:
-                times["against"].append(against_build(options.against.resolve(), work, attempt,
-                                                      fresh(f"against{attempt}")))  # fmt: skip
+        def larder_build(attempt: int) -> None:
+            nonlocal phases, hits
             with larder_server(work / f"larder{attempt}-data", work) as server:
                 shim = str(BIN / "larder-rustc")
                 env = {**build_env(), "RUSTC_WRAPPER": shim, "LARDER_URL": f"{server.url}/main",
@@ -239,9 +239,21 @@ def main() -> int:
                 shutil.copy(lock_dir / "Cargo.lock", laptop / "Cargo.lock")
                 cargo_build(laptop, work / f"laptop{attempt}-t", laptop_env)
                 hits = count_lines(work / f"laptop{attempt}-log")
-            if options.against and not attempt % 2:
-                times["against"].append(against_build(options.against.resolve(), work, attempt,
-                                                      fresh(f"against{attempt}")))  # fmt: skip
+
+        def other_build(attempt: int) -> None:
+            assert options.against is not None
+            times["against"].append(against_build(options.against.resolve(), work, attempt,
+                                                  fresh(f"against{attempt}")))  # fmt: skip
+
+        builds = [plain_build, sccache_build, larder_build]
+        if options.against:
+            builds.append(other_build)
+        for attempt in range(options.repeat):
+            # The order rotates: the machine's speed drifts, and no build always follows the
+            # same one (each ratio pairs the builds of one repeat).
+            shift = attempt % len(builds)
+            for build in builds[shift:] + builds[:shift]:
+                build(attempt)
     median = {name: statistics.median(values) for name, values in times.items()}
     results = {
         "runs_s": times,
