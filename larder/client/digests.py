@@ -19,8 +19,9 @@ Each process remembers in memory and appends what it learns to ``digests`` in th
 directory (one line per file, ``O_APPEND``): the resident process reads the new lines before it
 forks a child for the next call, a process compiling by itself reads them when it attaches, so
 the calls of one build share what each of them hashed. The file is started afresh once it
-passes :data:`MAX_LOG` bytes; a line that does not parse is skipped. The state directory is the
-user's own (like ``toolchains.json``, which holds digests too).
+passes :data:`MAX_LOG` bytes; a line that does not parse is skipped, and a log this user does not
+own is not read. The state directory is the user's own (like ``toolchains.json``, which holds
+digests too).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class Memo:
         try:
             with open(self.path, "rb") as log:
                 stat = os.fstat(log.fileno())
+                if stat.st_uid != os.getuid():
+                    return  # not written by this user's calls: nothing in it is trusted
                 if (stat.st_dev, stat.st_ino) != self._log_id or stat.st_size < self._offset:
                     self._log_id, self._offset = (stat.st_dev, stat.st_ino), 0  # a new log
                 if stat.st_size > MAX_LOG:

@@ -175,3 +175,17 @@ def test_attach_reads_what_was_appended_since(
     digests.attach(state)
     assert digests.file_digest(lib) == expected
     assert hashed == [str(lib)]  # by the other process only
+
+
+def test_a_log_another_user_owns_is_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / digests.LOG_NAME
+    log.write_text(f"1 2 3 4 5 {'a' * 64}\n")
+    memo = Memo(log)
+    monkeypatch.setattr(digests.os, "getuid", lambda: log.stat().st_uid + 1)
+    memo.refresh()
+    assert memo.known == {}
+    monkeypatch.undo()
+    memo.refresh()
+    assert memo.known == {b"1 2 3 4 5": b"a" * 64}
