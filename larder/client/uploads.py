@@ -270,8 +270,11 @@ def send(job_dir: Path, job: dict[str, Any], remote: Any, level: int | None = No
     return int(remote.bytes_up) - before
 
 
-def drain(spool: Path, environ: dict[str, str]) -> None:
-    """Send every job in ``spool``, counting each upload or failure in the stats."""
+def drain(spool: Path, environ: dict[str, str], remotes: dict[str, Any] | None = None) -> None:
+    """Send every job in ``spool``, counting each upload or failure in the stats.
+
+    ``remotes`` (cache URL -> :class:`~larder.client.remote.Remote`) keeps connections open
+    for the caller's next pass; without it they are closed on return."""
     import shutil
 
     from larder.client import stats as stats_mod
@@ -282,9 +285,11 @@ def drain(spool: Path, environ: dict[str, str]) -> None:
     timeout = network_timeout(environ)
     level = upload_level(environ)
     offline = False
-    # One connection for the jobs of a pass (a spool holds one cache's): no new handshake,
-    # TLS included, per compilation. A connection the server closed meanwhile is reopened.
-    remotes: dict[str, Remote] = {}
+    # One connection for every job (a spool holds one cache's): no new handshake, TLS
+    # included, per compilation. A connection the server closed meanwhile is reopened.
+    own = remotes is None
+    if remotes is None:
+        remotes = {}
     try:
         while jobs := pending(spool):
             for job_dir in jobs:
@@ -310,30 +315,41 @@ def drain(spool: Path, environ: dict[str, str]) -> None:
                 with contextlib.suppress(OSError):
                     store.add(counters, error=error)
     finally:
-        for remote in remotes.values():
-            remote.close()
+        if own:
+            close_all(remotes)
+
+
+def close_all(remotes: dict[str, Any]) -> None:
+    for remote in remotes.values():
+        remote.close()
+    remotes.clear()
 
 
 def run(spool: Path, environ: dict[str, str]) -> None:
-    """The uploader: drain while holding the lock, linger, exit when nothing is left."""
-    while True:
-        fd = _try_lock(spool / LOCK_FILE)
-        if fd is None:
-            return  # another uploader has it; it re-checks the spool before it exits
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a look or a kill
-            idle_since = time.monotonic()
-            while time.monotonic() - idle_since < LINGER:
-                if pending(spool):
-                    drain(spool, environ)
-                    idle_since = time.monotonic()
-                else:
-                    time.sleep(POLL)
-        finally:
-            os.close(fd)
-        if not pending(spool):
-            return
+    """The uploader: drain while holding the lock, linger, exit when nothing is left. The
+    connection stays open from one job to the next while it lingers."""
+    remotes: dict[str, Any] = {}
+    try:
+        while True:
+            fd = _try_lock(spool / LOCK_FILE)
+            if fd is None:
+                return  # another uploader has it; it re-checks the spool before it exits
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a look or a kill
+                idle_since = time.monotonic()
+                while time.monotonic() - idle_since < LINGER:
+                    if pending(spool):
+                        drain(spool, environ, remotes)
+                        idle_since = time.monotonic()
+                    else:
+                        time.sleep(POLL)
+            finally:
+                os.close(fd)
+            if not pending(spool):
+                return
+    finally:
+        close_all(remotes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -361,6 +361,20 @@ def test_a_miss_the_direct_lookup_counted_is_not_looked_up_again(
     assert stats(crate)["misses"] == 1
 
 
+def enqueue_job(spool: Path, url: str, n: int, directory: Path) -> None:
+    """Job ``n``: one output of ``1000 * (n + 1)`` random bytes, a manifest, a direct entry."""
+    output = directory / f"lib{n}.rlib"
+    output.write_bytes(os.urandom(1000 * (n + 1)))
+    blob = blake3.blake3(output.read_bytes()).hexdigest()
+    manifest = {"crate": f"c{n}", "outputs": [
+        {"name": output.name, "blake3": blob, "size": 1000 * (n + 1), "mode": 0o644}],
+        "stdout": "", "stderr": ""}  # fmt: skip
+    job = {"url": url, "key": f"{n:064x}", "crate": f"c{n}", "blobs": [blob],
+           "manifest": json.dumps(manifest), "direct_key": f"{n + 10:064x}",
+           "direct_entry": json.dumps({"sources": ["src/lib.rs"], "env": []})}  # fmt: skip
+    uploads.enqueue(spool, job, {blob: output}, {})
+
+
 @pytest.mark.parametrize("sink", ["accept"], indirect=True)
 def test_the_jobs_of_a_pass_share_one_connection_and_count_their_own_bytes(
     sink: UploadSink, tmp_path: Path
@@ -368,16 +382,7 @@ def test_the_jobs_of_a_pass_share_one_connection_and_count_their_own_bytes(
     state = tmp_path / "state"
     spool = uploads.spool_dir(state, sink.url)
     for n in range(3):
-        output = tmp_path / f"lib{n}.rlib"
-        output.write_bytes(os.urandom(1000 * (n + 1)))
-        blob = blake3.blake3(output.read_bytes()).hexdigest()
-        manifest = {"crate": f"c{n}", "outputs": [
-            {"name": output.name, "blake3": blob, "size": 1000 * (n + 1), "mode": 0o644}],
-            "stdout": "", "stderr": ""}  # fmt: skip
-        job = {"url": sink.url, "key": f"{n:064x}", "crate": f"c{n}", "blobs": [blob],
-               "manifest": json.dumps(manifest), "direct_key": f"{n + 10:064x}",
-               "direct_entry": json.dumps({"sources": ["src/lib.rs"], "env": []})}  # fmt: skip
-        uploads.enqueue(spool, job, {blob: output}, {})
+        enqueue_job(spool, sink.url, n, tmp_path)
     env = {**os.environ, "LARDER_STATE_DIR": str(state), "LARDER_TOKEN": "t"}
     uploads.drain(spool, env)
     counted = json.loads((state / "stats.json").read_text())
@@ -385,6 +390,26 @@ def test_the_jobs_of_a_pass_share_one_connection_and_count_their_own_bytes(
     assert sink.connections == 1, sink.requests
     assert counted["bytes_up"] == sink.sent  # each job its own bytes, not the pass's so far
     assert uploads.pending(spool) == []
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_a_lingering_uploader_keeps_its_connection_for_the_next_job(
+    sink: UploadSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(uploads, "LINGER", 3.0)
+    state = tmp_path / "state"
+    spool = uploads.spool_dir(state, sink.url)
+    env = {**os.environ, "LARDER_STATE_DIR": str(state), "LARDER_TOKEN": "t"}
+    enqueue_job(spool, sink.url, 0, tmp_path)
+    uploader = threading.Thread(target=uploads.run, args=(spool, env))
+    uploader.start()
+    for n in (1, 2):  # each job arrives once the one before it has been sent
+        wait_until(lambda: not uploads.pending(spool), timeout=10)
+        enqueue_job(spool, sink.url, n, tmp_path)
+    uploader.join(timeout=30)
+    counted = json.loads((state / "stats.json").read_text())
+    assert (counted["uploads"], counted.get("errors", 0)) == (3, 0), counted
+    assert sink.connections == 1, sink.requests
 
 
 @pytest.mark.parametrize("sink", ["accept"], indirect=True)
