@@ -132,6 +132,7 @@ class LarderServer:
         return subprocess.run(
             [*LARDER, *args, "--storage", str(self.storage)],
             env=self.env,
+            cwd=self.log_path.parent,  # as the server: PYTHONPATH decides which larder runs
             check=True,
             capture_output=True,
             text=True,
@@ -162,7 +163,9 @@ def larder_server(
     log_path = workdir / f"larder-{port}.log"
     argv = [*LARDER, "serve", "--listen", f"{HOST}:{port}", "--storage", str(storage)]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # In workdir: `python -m` puts the working directory first on sys.path, so from a
+        # checkout it would load that checkout's larder whatever PYTHONPATH names.
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     server = LarderServer(proc, port, storage, log_path, env)
     try:
         deadline = time.monotonic() + timeout
