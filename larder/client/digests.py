@@ -80,6 +80,12 @@ class Memo:
         self._offset = 0
         self._log_id: tuple[int, int] | None = None
 
+    def attach(self, path: Path) -> None:
+        """Share digests through the log ``path`` from now on (what is known is kept)."""
+        if self.path != path:
+            self.path, self._offset, self._log_id = path, 0, None
+        self.refresh()
+
     def refresh(self) -> None:
         """Take in the lines other processes appended since the last look."""
         if self.path is None:
@@ -158,10 +164,7 @@ _memo = Memo()
 
 def attach(state_dir: Path) -> None:
     """Share digests through ``state_dir``'s log (what this process knows is kept)."""
-    path = Path(os.path.abspath(state_dir), LOG_NAME)
-    if _memo.path != path:
-        _memo.path, _memo._offset, _memo._log_id = path, 0, None
-    _memo.refresh()
+    _memo.attach(Path(os.path.abspath(state_dir), LOG_NAME))
 
 
 def refresh() -> None:

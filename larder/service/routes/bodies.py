@@ -65,7 +65,7 @@ async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
         pieces.append(data)
         pending += len(data)
         if pending >= UPLOAD_CHUNK:
-            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)  # one copy at most
+            yield b"".join(pieces)  # one copy at most (a single piece is returned as is)
             pieces.clear()
             pending = 0
     if pieces:
