@@ -45,6 +45,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
+	$(PY) -m mypy bench
 
 # Everything: lint, types, the fast tests on the oldest allowed dependencies, then unit, storage
 # contract (incl. moto S3), real-Nix end-to-end.

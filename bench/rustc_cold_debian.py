@@ -267,7 +267,8 @@ def main() -> int:
     if options.against:
         results["ratio_against_over_plain"] = median["against"] / median["plain"]
         pairs = zip(times["larder"], times["against"], strict=True)
-        results["ratio_larder_over_against_by_repeat"] = [a / b for a, b in pairs]
+        by_pair = [a / b for a, b in pairs]
+        results["ratio_larder_over_against_by_repeat"] = by_pair
     if options.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -284,7 +285,7 @@ def main() -> int:
           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases.items())))  # fmt: skip
     print(f"larder-rustc warm from another directory, no token: {hits}")
     if options.against:
-        by_repeat = ", ".join(f"{r:.2f}" for r in results["ratio_larder_over_against_by_repeat"])
+        by_repeat = ", ".join(f"{r:.2f}" for r in by_pair)
         print(f"larder-rustc from {options.against} {median['against']:6.2f} s   "
               f"{results['ratio_against_over_plain']:.2f}x plain; this larder over it, by "
               f"repeat: {by_repeat}")  # fmt: skip
