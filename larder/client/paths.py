@@ -4,8 +4,8 @@ A compilation names paths under a few roots that differ between machines but not
 builds that should share a cache entry:
 
 * ``CWD``: the directory cargo runs rustc in (the workspace root, or a registry crate's root);
-* ``TARGET``: cargo's target directory (found from ``--out-dir``: the nearest ancestor holding
-  ``CACHEDIR.TAG``, which cargo writes there);
+* ``TARGET``: cargo's target directory (found from ``--out-dir`` and ``--target`` by cargo's
+  layout, :func:`find_target_dir`);
 * ``CARGO_HOME``: ``$CARGO_HOME`` or ``~/.cargo`` (registry and git checkouts).
 
 :meth:`Roots.portable` replaces a root prefix with a placeholder (``@LARDER:TARGET@``) and
@@ -32,13 +32,45 @@ REMAP_TO = {"CWD": ".", "TARGET": "/larder/target", "CARGO_HOME": "/larder/cargo
 _PLACEHOLDER = re.compile(r"@LARDER:([A-Z_]+)@")
 
 
-def find_target_dir(out_dir: Path) -> Path:
-    """Cargo's target directory for an ``--out-dir`` (``<target>/<profile>/deps`` usually)."""
+#: A build script's directory under ``<profile>/build``: the package and cargo's 16-hex hash.
+_BUILD_UNIT = re.compile(r".+-[0-9a-f]{16}")
+
+
+def _profile_dir(out_dir: Path) -> Path | None:
+    """The ``<profile>`` directory of an ``--out-dir`` laid out as cargo does, else None:
+    ``<profile>/deps`` (libraries, binaries, tests), ``<profile>/examples`` and
+    ``<profile>/build/<package>-<hash>`` (build scripts)."""
+    if out_dir.name in ("deps", "examples"):
+        return out_dir.parent
+    if out_dir.parent.name == "build" and _BUILD_UNIT.fullmatch(out_dir.name):
+        return out_dir.parent.parent
+    return None
+
+
+def _triple_dir_name(target: str) -> str:
+    """The directory cargo names after ``--target``: the triple, or a target spec file's stem."""
+    return Path(target).stem if target.endswith(".json") else target
+
+
+def find_target_dir(out_dir: Path, target: str | None = None) -> Path:
+    """Cargo's target directory for an ``--out-dir`` and the compilation's ``--target``.
+
+    By layout first: ``<target dir>/[<triple>/]<profile>/...`` (:func:`_profile_dir`), the triple
+    present when rustc is given ``--target``. A target directory cargo did not create (made
+    beforehand, a mounted volume, a symlink) has no ``CACHEDIR.TAG``, and with ``--target``
+    cargo writes one in the triple's directory too, so the tag alone cannot tell. Otherwise the
+    nearest ancestor holding ``CACHEDIR.TAG``, else ``out_dir`` itself.
+    """
+    profile = _profile_dir(out_dir)
+    if profile is not None:
+        root = profile.parent
+        if target is not None and root.name == _triple_dir_name(target):
+            root = root.parent
+        return root
     for candidate in (out_dir, *out_dir.parents):
         if (candidate / "CACHEDIR.TAG").is_file():
             return candidate
-    # Not built by cargo (or the tag was removed): the profile directory's parent.
-    return out_dir.parent.parent if out_dir.name == "deps" else out_dir
+    return out_dir
 
 
 def default_cargo_home(environ: dict[str, str] | os._Environ[str]) -> Path:

@@ -181,14 +181,18 @@ class Invocation:
         self.cwd = Path.cwd()
         out_dir = self.compilation.out_dir
         self.out_dir = self.cwd / out_dir if out_dir is not None else None
-        target = find_target_dir(self.out_dir) if self.out_dir is not None else None
-        self.roots = Roots.of(CWD=self.cwd, TARGET=target, CARGO_HOME=default_cargo_home(environ))
+        targets = self.compilation.values("--target")
+        self.target = targets[-1] if targets else None
+        target_dir = (
+            find_target_dir(self.out_dir, self.target) if self.out_dir is not None else None
+        )
+        self.roots = Roots.of(
+            CWD=self.cwd, TARGET=target_dir, CARGO_HOME=default_cargo_home(environ)
+        )
         self.state = stats_mod.state_dir(environ)
         digests.attach(self.state)
         self.token = environ.get("LARDER_TOKEN") or None
         self.started = time.monotonic()
-        targets = self.compilation.values("--target")
-        self.target = targets[-1] if targets else None
         self.toolchain: toolchain.Fingerprint | None = None
         self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
         self.uploaded = ""  # the key an upload went under

@@ -54,12 +54,48 @@ def test_remap_flags_put_the_most_specific_root_last() -> None:
     ]
 
 
-def test_target_dir_is_found_by_cargos_tag(tmp_path: Path) -> None:
+TAG = "Signature: 8a477f597d28d172789f06886806bc55\n"
+TRIPLE = "x86_64-unknown-linux-gnu"
+
+
+def test_target_dir_with_target_given_is_above_the_triples_directory(tmp_path: Path) -> None:
     target = tmp_path / "custom-target"
-    deps = target / "x86_64-unknown-linux-gnu" / "release" / "deps"
+    deps = target / TRIPLE / "release" / "deps"
     deps.mkdir(parents=True)
-    (target / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
-    assert find_target_dir(deps) == target
-    untagged = tmp_path / "plain" / "debug" / "deps"
-    untagged.mkdir(parents=True)
-    assert find_target_dir(untagged) == tmp_path / "plain"
+    # cargo tags both the target directory and the triple's directory.
+    (target / "CACHEDIR.TAG").write_text(TAG)
+    (target / TRIPLE / "CACHEDIR.TAG").write_text(TAG)
+    assert find_target_dir(deps, TRIPLE) == target
+    # Host units of the same build (build scripts, proc-macros) get no --target.
+    assert find_target_dir(target / "release" / "deps") == target
+    script = target / "release" / "build" / "serde-0123456789abcdef"
+    assert find_target_dir(script) == target
+    # A target spec file names the directory by its stem.
+    custom = target / "thumbv7-custom" / "debug" / "deps"
+    assert find_target_dir(custom, "/specs/thumbv7-custom.json") == target
+
+
+def test_target_dir_cargo_did_not_create_is_found_by_layout(tmp_path: Path) -> None:
+    """A target directory made beforehand (a CI cache, a volume) has no CACHEDIR.TAG."""
+    target = tmp_path / "made-before"
+    for out_dir in (
+        target / "debug" / "deps",
+        target / "debug" / "examples",
+        target / "debug" / "build" / "native-b2a3c4d5e6f70819",
+        target / "release-lto" / "deps",
+    ):
+        out_dir.mkdir(parents=True)
+        assert find_target_dir(out_dir) == target, out_dir
+
+
+def test_target_dir_outside_cargos_layout_is_the_tagged_ancestor(tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    out_dir = target / "custom" / "out"
+    out_dir.mkdir(parents=True)
+    assert find_target_dir(out_dir) == out_dir
+    (target / "CACHEDIR.TAG").write_text(TAG)
+    assert find_target_dir(out_dir) == target
+    # A directory under build/ without cargo's hash is not a build script's.
+    other = tmp_path / "proj" / "build" / "out"
+    other.mkdir(parents=True)
+    assert find_target_dir(other) == other

@@ -211,3 +211,23 @@ def test_laptop_reuses_ci_compilations_from_another_directory(tmp_path: Path) ->
     assert len([n for n in names if n.endswith(".so") or n.startswith("demo-")]) == 2
     for name in outputs:
         assert (other.target / name).read_bytes() == (ci.target / name).read_bytes(), name
+
+
+def test_explicit_target_into_target_directories_made_beforehand(tmp_path: Path) -> None:
+    """A CI cache or a volume gives cargo a target directory it did not create (no
+    CACHEDIR.TAG at its top), and ``--target`` puts the target's units under
+    ``<target>/<triple>``, which cargo tags: every compilation still hits from elsewhere."""
+    version = subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True)
+    host = next(line.split()[1] for line in version.stdout.splitlines() if line.startswith("host:"))
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        ci = machine(tmp_path, "ci", server, server.token())
+        laptop = machine(tmp_path / "home" / "me", "laptop", server, token=None)
+        outputs = []
+        for build, result in ((ci, "miss"), (laptop, "hit")):
+            build.target.mkdir(parents=True)
+            build.build("--target", host)
+            assert build.results() == dict.fromkeys(CACHEABLE, result)
+            demo = build.target / host / "debug" / "demo"
+            outputs.append(subprocess.run([demo], capture_output=True, text=True).stdout)
+        assert ci.stats()["uploads"] == len(CACHEABLE)
+        assert outputs[0] == outputs[1] and outputs[0].endswith(DEMO_OUTPUT_TAIL)
