@@ -389,6 +389,7 @@ class Invocation:
             "direct_key": direct,
             "direct_entry": entry.to_json().decode(),
             "inputs": inputs.decode() if inputs is not None else None,
+            "token": self.token,
         }
         with Phase(self.phases, "snapshot"):
             spool = uploads.spool_dir(self.state, self.env["LARDER_URL"])

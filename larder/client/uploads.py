@@ -3,7 +3,9 @@
 A compilation that missed ends, for the shim, once its outputs are *snapshot* into a job: each
 output file is hard-linked (copied where a link is impossible) into a job directory under
 ``<state>/uploads/<spool>/`` (one spool per cache URL), next to ``job.json``, which holds the
-key, the manifest, the direct key and entry and the inputs document. The blob ids in the
+key, the manifest, the direct key and entry, the inputs document and the token of the build
+that queued it (each job is sent with its own build's token, whichever build started the
+uploader; the file is readable by its owner only). The blob ids in the
 manifest were computed by the shim from the files rustc had just written, so the bytes the
 uploader sends are the compilation's: a file changed in place later no longer hashes to its id
 and the server refuses it (a counted error, nothing stored). A job becomes visible to the
@@ -163,7 +165,10 @@ def enqueue(
             _snapshot(path, scratch / blob_id)
         for blob_id, data in texts.items():
             (scratch / blob_id).write_bytes(data)
-        (scratch / JOB_FILE).write_text(json.dumps(job, sort_keys=True))
+        # Owner-only: the job holds the token of the build that queued it.
+        fd = os.open(scratch / JOB_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(job, sort_keys=True))
         final = spool / f"{_PREFIX}{name}"
         os.rename(scratch, final)
     except BaseException:
@@ -270,10 +275,14 @@ def send(job_dir: Path, job: dict[str, Any], remote: Any, level: int | None = No
     return int(remote.bytes_up) - before
 
 
-def drain(spool: Path, environ: dict[str, str], remotes: dict[str, Any] | None = None) -> None:
+#: Open connections by (cache URL, token).
+Remotes = dict[tuple[str, str | None], Any]
+
+
+def drain(spool: Path, environ: dict[str, str], remotes: Remotes | None = None) -> None:
     """Send every job in ``spool``, counting each upload or failure in the stats.
 
-    ``remotes`` (cache URL -> :class:`~larder.client.remote.Remote`) keeps connections open
+    ``remotes`` ((cache URL, token) -> :class:`~larder.client.remote.Remote`) keeps connections open
     for the caller's next pass; without it they are closed on return."""
     import shutil
 
@@ -300,11 +309,13 @@ def drain(spool: Path, environ: dict[str, str], remotes: dict[str, Any] | None =
                 else:
                     try:
                         job = json.loads((job_dir / JOB_FILE).read_text())
+                        # Each job goes with its own build's token (jobs queued before
+                        # jobs carried one: the uploader's).
                         url = job["url"]
-                        if url not in remotes:
-                            token = environ.get("LARDER_TOKEN") or None
-                            remotes[url] = Remote(url, token, timeout, environ)
-                        sent = send(job_dir, job, remotes[url], level)
+                        token = job.get("token", environ.get("LARDER_TOKEN")) or None
+                        if (url, token) not in remotes:
+                            remotes[url, token] = Remote(url, token, timeout, environ)
+                        sent = send(job_dir, job, remotes[url, token], level)
                         counters = {"uploads": 1, "bytes_up": sent}
                     except RemoteError as exc:
                         counters, error = {"errors": 1}, exc.kind
@@ -319,7 +330,7 @@ def drain(spool: Path, environ: dict[str, str], remotes: dict[str, Any] | None =
             close_all(remotes)
 
 
-def close_all(remotes: dict[str, Any]) -> None:
+def close_all(remotes: Remotes) -> None:
     for remote in remotes.values():
         remote.close()
     remotes.clear()
@@ -328,7 +339,7 @@ def close_all(remotes: dict[str, Any]) -> None:
 def run(spool: Path, environ: dict[str, str]) -> None:
     """The uploader: drain while holding the lock, linger, exit when nothing is left. The
     connection stays open from one job to the next while it lingers."""
-    remotes: dict[str, Any] = {}
+    remotes: Remotes = {}
     try:
         while True:
             fd = _try_lock(spool / LOCK_FILE)

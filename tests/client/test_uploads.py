@@ -38,6 +38,7 @@ class UploadSink:
         self.released = threading.Event()
         self.connections = 0
         self.sent = 0  # body bytes of every PUT
+        self.credentials: list[str | None] = []  # the Authorization of each PUT and POST
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +56,8 @@ class UploadSink:
                 body = self.rfile.read(length) if length else b""
                 sink.requests.append(f"{self.command} {self.path.split('?')[0]}")
                 sink.sent += len(body) if self.command == "PUT" else 0
+                if self.command in ("PUT", "POST"):
+                    sink.credentials.append(self.headers.get("Authorization"))
                 coding = self.headers.get("Content-Encoding")
                 if self.command == "PUT" and "/blobs/" in self.path:
                     sink.blobs.append((self.path.rsplit("/", 1)[1], coding, body))
@@ -132,6 +135,27 @@ def test_uploads_are_sent_in_order_after_the_compilation_returned(
     counted = stats(crate)
     assert (counted["uploads"], counted["errors"]) == (1, 0)
     assert counted["bytes_up"] > 0
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_each_job_is_sent_with_the_token_of_the_build_that_queued_it(
+    sink: UploadSink, crate: Path
+) -> None:
+    """Two builds share a state directory; the second's job reaches the uploader the first
+    started (it lingers), and still goes with the second build's token."""
+    for token in ("first", "second"):
+        done = shim(crate, sink.url, wait=False, LARDER_TOKEN=token)
+        assert done.returncode == 0, done.stderr
+    wait_uploads(environ(crate, sink.url))
+    assert stats(crate)["uploads"] == 2
+    half = len(sink.credentials) // 2
+    assert sink.credentials == ["Bearer first"] * half + ["Bearer second"] * half
+
+
+def test_a_queued_job_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    spool = uploads.spool_dir(tmp_path / "state", "http://127.0.0.1:9/main")
+    job = uploads.enqueue(spool, {"url": "http://127.0.0.1:9/main", "token": "secret"}, {}, {})
+    assert (job / uploads.JOB_FILE).stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("sink", ["hang"], indirect=True)
