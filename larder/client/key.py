@@ -4,7 +4,11 @@ Key format ``larder-rustc/1``: the BLAKE3 (hex) of a canonical JSON object (sort
 spaces) holding exactly these inputs, numbered as in the code below:
 
 1. ``format``: the string ``larder-rustc/1``; a change to these rules bumps it.
-2. ``rustc``: the output of ``rustc -vV`` (release, commit hash, host triple, LLVM version).
+2. ``rustc``: the output of ``rustc -vV`` (release, commit hash, host triple, LLVM version),
+   plus a ``rustc-wrapper-blake3:`` line when ``RUSTC`` is neither the sysroot's compiler nor
+   rustup's proxy (a script in front of the compiler, keyed by its text) and a
+   ``target-cpu-native:`` line listing the target features ``-C target-cpu=native`` enables on
+   this machine when the compilation asks for it.
 3. ``sysroot``: each file in ``<sysroot>/lib/rustlib/<target>/lib`` (the standard library the
    crate links against): its name and BLAKE3. Cached per rustc binary, as it rarely changes.
 4. ``args``: the arguments in order, minus those that name where outputs go or how diagnostics

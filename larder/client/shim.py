@@ -235,8 +235,11 @@ class Invocation:
     def base(self) -> cache_key.Base:
         """Key items that need no dep-info run (the toolchain is cached per rustc binary)."""
         self.toolchain = toolchain.fingerprint(self.rustc, self.target, self.env, self.state)
+        version = self.toolchain.version
+        if self.compilation.codegen().get("target-cpu") == "native":
+            version += toolchain.native_cpu(self.rustc, self.target, self.env, self.state)
         return cache_key.base_inputs(
-            rustc_version=self.toolchain.version,
+            rustc_version=version,
             sysroot=self.toolchain.libraries,
             compilation=self.compilation,
             roots=self.roots,

@@ -5,9 +5,11 @@ in case the binary is a rustup proxy) and kept in ``toolchains.json`` in the shi
 directory (:func:`cached`, which :mod:`larder.client.linker` uses for linkers too), so an
 invocation normally pays for none of it.
 
-* :func:`fingerprint`: ``rustc -vV``, the sysroot, and each file in
+* :func:`fingerprint`: ``rustc -vV`` (plus the BLAKE3 of the executable when ``RUSTC`` is
+  neither the sysroot's compiler nor rustup's proxy: a wrapper), the sysroot, and each file in
   ``<sysroot>/lib/rustlib/<target>/lib`` (the standard library crates link against) by name and
   BLAKE3.
+* :func:`native_cpu`: what ``-C target-cpu=native`` enables on this machine.
 * :func:`tools`: what a link also takes from the sysroot: every file under
   ``<sysroot>/lib/rustlib/<host>/bin`` (``rust-lld`` and the ``gcc-ld`` wrappers rustc hands
   the C compiler with ``-B``) and in the subdirectories of the target's ``lib`` (the
@@ -21,6 +23,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import blake3
 
 from larder.client.digests import file_digest
 from larder.client.key import tree_digests
@@ -185,8 +189,39 @@ def cached(
 
 
 def _rustc_identity(rustc: str, environ: dict[str, str]) -> str:
-    # "2|": entries of this layout (older ones lack the sysroot).
-    return f"2|{binary_identity(rustc)}|{environ.get('RUSTUP_TOOLCHAIN', '')}"
+    # "3|": entries of this layout (older ones lack the sysroot, or a wrapper's digest).
+    return f"3|{binary_identity(rustc)}|{environ.get('RUSTUP_TOOLCHAIN', '')}"
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _is_rustup_proxy(path: str) -> bool:
+    """Whether ``path`` is rustup's proxy (rustup itself under another name: a link to the
+    ``rustup`` beside it, or a copy of it)."""
+    sibling = os.path.join(os.path.dirname(path), "rustup")
+    if _same_file(path, sibling):
+        return True
+    try:
+        return os.path.getsize(path) == os.path.getsize(sibling) and file_digest(
+            Path(path)
+        ) == file_digest(Path(sibling))
+    except OSError:
+        return False
+
+
+def wrapper_line(path: str, sysroot: str) -> str:
+    """A line for ``rustc -vV`` naming what stands between cargo and the sysroot's compiler:
+    empty for the sysroot's own ``bin/rustc`` or rustup's proxy (both only select a toolchain,
+    which ``-vV`` and the sysroot name), else the BLAKE3 of the executable ``RUSTC`` names (a
+    script that adds flags is keyed by its text)."""
+    if _same_file(path, os.path.join(sysroot, "bin", "rustc")) or _is_rustup_proxy(path):
+        return ""
+    return f"rustc-wrapper-blake3: {file_digest(Path(os.path.realpath(path)))}\n"
 
 
 def fingerprint(
@@ -198,7 +233,7 @@ def fingerprint(
     def compute() -> dict[str, Any]:
         version, sysroot = run_both([path, "-vV"], [path, "--print", "sysroot"])
         return {
-            "version": version,
+            "version": version + wrapper_line(path, sysroot.strip()),
             "sysroot": sysroot.strip(),
             "libraries": libraries(sysroot.strip(), target or _field(version, "host")),
         }
@@ -250,3 +285,43 @@ def tools(
         state_dir, "toolchains.json", identity, compute, lambda _: same if identity in same else []
     )
     return [(str(p), str(h)) for p, h in entry.get("tools", [])]
+
+
+def _host_cpu() -> str | None:
+    """The BLAKE3 of this machine's CPU description (``/proc/cpuinfo``'s model and flags),
+    or None where there is none to read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            lines = info.read().splitlines()
+    except OSError:
+        return None
+    wanted = ("model name", "flags", "Features", "CPU part", "isa")
+    described = sorted({line for line in lines if line.split(":")[0].strip() in wanted})
+    if not described:
+        return None
+    return blake3.blake3("\n".join(described).encode()).hexdigest()
+
+
+def native_cpu(rustc: str, target: str | None, environ: dict[str, str], state_dir: Path) -> str:
+    """The target features ``-C target-cpu=native`` enables here (rustc's ``--print cfg``
+    ``target_feature`` lines): code built for one CPU may not run on another, so the key holds
+    them. Cached per rustc, target and this machine's CPU (a state directory restored on
+    another machine computes them again)."""
+    path = resolve(rustc, environ)
+    command = [path, "--print", "cfg", "-C", "target-cpu=native"]
+    command += ["--target", target] if target else []
+
+    def compute() -> dict[str, Any]:
+        lines = run(command).splitlines()
+        return {"features": sorted(x for x in lines if x.startswith("target_feature="))}
+
+    cpu = _host_cpu()
+    if cpu is None:
+        entry = compute()
+    else:
+        identity = f"native|{_rustc_identity(path, environ)}|{target or ''}|{cpu}"
+        entry = cached(state_dir, "toolchains.json", identity, compute)
+    features = entry.get("features")
+    if not isinstance(features, list):
+        raise ValueError("toolchains.json holds a malformed entry")
+    return "target-cpu-native: " + ",".join(str(f) for f in features) + "\n"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -308,7 +309,10 @@ def test_binaries_are_cached_with_their_link_inputs(tmp_path: Path) -> None:
     ci, laptop = bin_crate(tmp_path / "ci"), bin_crate(tmp_path / "home" / "me")
     with larder_server(str(tmp_path / "data"), tmp_path) as server:
         url = f"{server.url}/main"
-        done = shim(ci, url, crate_args=BIN, LARDER_TOKEN=server.token())
+        # Both through the same logging script (a wrapper is part of the key).
+        done = shim(
+            ci, url, crate_args=BIN, LARDER_TOKEN=server.token(), RUSTC_OVERRIDE=str(logging_rustc)
+        )
         assert done.returncode == 0, done.stderr
         assert stats(ci)["uploads"] == 1
 
@@ -346,3 +350,43 @@ def test_entry_point_decides_without_the_shim() -> None:
     assert cache_enabled({"LARDER_URL": "http://h/main"})
     assert not cache_enabled({"LARDER_URL": "http://h/main", "LARDER_DISABLE": "yes"})
     assert not cache_enabled({})
+
+
+def key_documents(directory: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_bytes()) for p in sorted(directory.glob("*.json"))]
+
+
+@pytest.mark.parametrize("fake", ["miss"], indirect=True)
+def test_target_cpu_native_is_keyed_by_the_features_it_enables(
+    fake: FakeCache, crate: Path
+) -> None:
+    """Code built for this CPU may not run on another: the key holds what ``native`` means."""
+    plain, native = crate / "keys-plain", crate / "keys-native"
+    assert shim(crate, fake.url, LARDER_KEY_DIR=str(plain)).returncode == 0
+    done = shim(crate, fake.url, "-C", "target-cpu=native", LARDER_KEY_DIR=str(native))
+    assert done.returncode == 0, done.stderr
+    assert all("target-cpu-native" not in d["rustc"] for d in key_documents(plain))
+    [line] = {
+        line for d in key_documents(native) for line in d["rustc"].splitlines() if "native" in line
+    }
+    assert 'target_feature="sse2"' in line  # x86_64's baseline, enabled on any such CPU
+
+
+@pytest.mark.parametrize("fake", ["miss"], indirect=True)
+def test_a_rustc_wrapper_script_is_keyed_by_its_text(fake: FakeCache, crate: Path) -> None:
+    """``RUSTC`` set to a script in front of the compiler (one that may add flags)."""
+    wrapper = crate / "bin" / "rustc"
+    wrapper.parent.mkdir()
+    keys = []
+    for extra in ("", " --cfg foo"):
+        wrapper.write_text(f'#!/bin/sh\nexec {RUSTC} "$@"{extra}\n')
+        wrapper.chmod(0o755)
+        directory = crate / f"keys{len(keys)}"
+        done = shim(crate, fake.url, RUSTC_OVERRIDE=str(wrapper), LARDER_KEY_DIR=str(directory))
+        assert done.returncode == 0, done.stderr
+        keys.append({d["rustc"] for d in key_documents(directory)})
+    assert all("rustc-wrapper-blake3: " in rustc for found in keys for rustc in found)
+    assert keys[0].isdisjoint(keys[1])
+    direct = crate / "keys-direct"
+    assert shim(crate, fake.url, LARDER_KEY_DIR=str(direct)).returncode == 0
+    assert all("rustc-wrapper" not in d["rustc"] for d in key_documents(direct))

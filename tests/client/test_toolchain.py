@@ -100,3 +100,49 @@ def test_a_lock_held_too_long_is_not_waited_for(
         os.close(fd)
     assert entry == {"facts": 1} and 0.2 <= waited < 5
     assert toolchain.cached(tmp_path, "facts.json", "rustc|", lambda: {"facts": 2}) == entry
+
+
+def test_the_sysroots_compiler_and_rustups_proxy_are_no_wrappers(
+    rustc: Path, tmp_path: Path
+) -> None:
+    sysroot = tmp_path / "sysroot"
+    real = sysroot / "bin" / "rustc"
+    real.parent.mkdir()
+    os.link(rustc, real)
+    assert toolchain.wrapper_line(str(real), str(sysroot)) == ""
+    proxies = tmp_path / "cargo-home" / "bin"
+    proxies.mkdir(parents=True)
+    (proxies / "rustup").write_bytes(b"\x7fELF rustup")
+    os.link(proxies / "rustup", proxies / "rustc")
+    assert toolchain.wrapper_line(str(proxies / "rustc"), str(sysroot)) == ""
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    assert toolchain.wrapper_line(str(wrapper), str(sysroot)).startswith("rustc-wrapper-blake3: ")
+
+
+def test_native_cpu_facts_are_kept_per_machine(
+    rustc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state directory restored on another machine does not reuse this CPU's features."""
+    features = tmp_path / "features"
+    rustc.write_text(
+        f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\necho "target_os=\\"linux\\""\ncat {features}\n'
+    )
+    state = tmp_path / "state"
+    features.write_text('target_feature="avx512f"\ntarget_feature="sse2"\n')
+    monkeypatch.setattr(toolchain, "_host_cpu", lambda: "cpu-a")
+    here = toolchain.native_cpu(str(rustc), None, {}, state)
+    assert here == 'target-cpu-native: target_feature="avx512f",target_feature="sse2"\n'
+    assert toolchain.native_cpu(str(rustc), None, {}, state) == here
+    assert calls(rustc) == ["--print cfg -C target-cpu=native"]  # once per machine
+    features.write_text('target_feature="sse2"\n')
+    monkeypatch.setattr(toolchain, "_host_cpu", lambda: "cpu-b")
+    assert toolchain.native_cpu(str(rustc), None, {}, state) == (
+        'target-cpu-native: target_feature="sse2"\n'
+    )
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="Linux describes its CPU")
+def test_this_machines_cpu_is_described() -> None:
+    described = toolchain._host_cpu()
+    assert described is not None and len(described) == 64
