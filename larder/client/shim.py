@@ -207,7 +207,8 @@ class Invocation:
 
     def command(self) -> list[str]:
         extra = [f"--print=link-args={self.link_file}"] if self.link_file else []
-        return [self.rustc, *self.args, *self.roots.remap_flags(), *extra]
+        # The remaps first: rustc lets the last matching one win, so the user's own win.
+        return [self.rustc, *self.roots.remap_flags(), *self.args, *extra]
 
     def compile(self, outcome: Outcome) -> tuple[int, bytes, bytes]:
         start = time.monotonic()

@@ -390,3 +390,10 @@ def test_a_rustc_wrapper_script_is_keyed_by_its_text(fake: FakeCache, crate: Pat
     direct = crate / "keys-direct"
     assert shim(crate, fake.url, LARDER_KEY_DIR=str(direct)).returncode == 0
     assert all("rustc-wrapper" not in d["rustc"] for d in key_documents(direct))
+
+
+@pytest.mark.parametrize("fake", ["miss"], indirect=True)
+def test_a_remap_of_the_users_own_wins_over_the_shims(fake: FakeCache, crate: Path) -> None:
+    done = shim(crate, fake.url, "-g", f"--remap-path-prefix={crate}=/my/project")
+    assert done.returncode == 0, done.stderr
+    assert b"/my/project" in (crate / "out" / "libt-x.rlib").read_bytes()
