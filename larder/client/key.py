@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import blake3
@@ -340,7 +340,24 @@ def from_direct_entry(
     """The full key inputs for a recorded entry, from this machine's files and environment
     (item 11 computed by the caller from the entry's link line)."""
     sources = [roots.local(p) for p in entry.sources]
+    for source in sources:
+        twin = module_twin(source)
+        if twin is not None and os.path.lexists(cwd / twin):
+            # rustc refuses a module found as both name.rs and name/mod.rs (E0761): only a
+            # real run says what this checkout's sources mean.
+            raise KeyUnavailable(f"{source} and {twin} both exist")
     return complete(base, sources, entry.env, roots, cwd, environ, link)
+
+
+def module_twin(source: str) -> str | None:
+    """The other file ``mod name;`` may load for the module in ``source``: ``name/mod.rs`` for
+    ``name.rs`` and ``name.rs`` for ``name/mod.rs``; None for a file that is not Rust."""
+    path = PurePosixPath(source)
+    if path.suffix != ".rs":
+        return None
+    if path.name == "mod.rs":
+        return str(path.parent.with_name(path.parent.name + ".rs")) if path.parent.name else None
+    return str(path.with_suffix("") / "mod.rs")
 
 
 def compute(

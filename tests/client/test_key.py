@@ -19,6 +19,7 @@ from larder.client.key import (
     direct_entry,
     direct_key,
     from_direct_entry,
+    module_twin,
     portable_args,
 )
 from larder.client.paths import Roots
@@ -319,3 +320,33 @@ def test_depinfo_run_failure_is_reported(tmp_path: Path) -> None:
     )
     with pytest.raises(KeyUnavailable, match="exited"):
         depinfo_run("rustc", compilation, tmp_path, tmp_path, {"PATH": _path()})
+
+
+@pytest.mark.parametrize(
+    ("source", "twin"),
+    [
+        ("src/amb.rs", "src/amb/mod.rs"),
+        ("src/amb/mod.rs", "src/amb.rs"),
+        ("/abs/crate/src/a/b.rs", "/abs/crate/src/a/b/mod.rs"),
+        ("mod.rs", None),
+        ("src/data.txt", None),
+    ],
+)
+def test_module_twins(source: str, twin: str | None) -> None:
+    assert module_twin(source) == twin
+
+
+def test_a_direct_entry_gives_no_key_once_a_module_is_ambiguous(
+    ci: Checkout, laptop: Checkout
+) -> None:
+    """``mod amb;`` with both ``amb.rs`` and ``amb/mod.rs`` is an error (E0761) that only a real
+    run reports: the entry recorded when only one existed must not give a key."""
+    base, roots, environ, _ = _base(laptop)
+    module = laptop.root / "crates/leaf/src/amb.rs"
+    module.write_text("pub fn g() {}\n")
+    entry = DirectEntry(["crates/leaf/src/lib.rs", "crates/leaf/src/amb.rs"], [])
+    from_direct_entry(base, entry, roots, laptop.root, environ)
+    (module.parent / "amb").mkdir()
+    (module.parent / "amb" / "mod.rs").write_text("pub fn g() {}\n")
+    with pytest.raises(KeyUnavailable, match="both exist"):
+        from_direct_entry(base, entry, roots, laptop.root, environ)

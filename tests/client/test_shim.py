@@ -397,3 +397,28 @@ def test_a_remap_of_the_users_own_wins_over_the_shims(fake: FakeCache, crate: Pa
     done = shim(crate, fake.url, "-g", f"--remap-path-prefix={crate}=/my/project")
     assert done.returncode == 0, done.stderr
     assert b"/my/project" in (crate / "out" / "libt-x.rlib").read_bytes()
+
+
+def test_a_module_made_ambiguous_fails_as_without_the_cache(tmp_path: Path) -> None:
+    """CI compiled ``mod amb;`` from ``amb.rs``; a checkout that also has ``amb/mod.rs`` gets
+    rustc's error (E0761), not CI's compilation through the direct entry."""
+    from tests.e2e.harness import larder_server
+
+    crates = []
+    for name in ("ci", "laptop"):
+        crate = tmp_path / name
+        (crate / "src").mkdir(parents=True)
+        (crate / "out").mkdir()
+        (crate / "src" / "lib.rs").write_text("mod amb;\npub fn f() -> u8 { amb::g() }\n")
+        (crate / "src" / "amb.rs").write_text("pub fn g() -> u8 { 1 }\n")
+        crates.append(crate)
+    ci, laptop = crates
+    (laptop / "src" / "amb").mkdir()
+    (laptop / "src" / "amb" / "mod.rs").write_text("pub fn g() -> u8 { 2 }\n")
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        url = f"{server.url}/main"
+        assert shim(ci, url, LARDER_TOKEN=server.token()).returncode == 0
+        assert stats(ci)["uploads"] == 1
+        done = shim(laptop, url)
+    assert done.returncode != 0 and "E0761" in done.stderr, done.stderr
+    assert stats(laptop)["hits"] == 0
