@@ -193,14 +193,14 @@ def _reason(
         return "stdin"
     if not c.crate_name:  # missing, or empty (which rustc refuses)
         return "no-crate-name"
+    if any(name == "--test" for name, _ in flags):
+        return "test"  # cargo passes no --crate-type with it
     types = c.crate_types
     if not types:  # rustc would read #![crate_type] from the source, or build a binary
         return "crate-type:unspecified"
     for crate_type in types:
         if crate_type not in CACHEABLE_CRATE_TYPES:
             return f"crate-type:{crate_type}"
-    if any(name == "--test" for name, _ in flags):
-        return "test"
     codegen = c.codegen()
     if "incremental" in codegen:
         return "incremental"

@@ -75,6 +75,7 @@ def _with(*extra: str, drop: str | None = None) -> list[str]:
         (_with("--crate-type", "sdylib", drop="--crate-type"), "crate-type:sdylib"),
         (_with("-C", "incremental=/w/target/debug/incremental"), "incremental"),
         (_with("--test"), "test"),
+        (_with("--test", drop="--crate-type"), "test"),  # as cargo passes it
         (_with("--emit=asm"), "emit:asm"),
         (_with("--emit=link=/tmp/x.rlib"), "emit-path"),
         (_with("-o", "/tmp/x"), "output-file"),
