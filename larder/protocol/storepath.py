@@ -1,10 +1,12 @@
 """Nix store paths.
 
-Spec: Nix ``src/libstore/path.cc`` (``StorePath``, ``checkName``) as of Nix 2.8. A store path is
+Spec: Nix ``src/libstore/path.cc`` (``StorePath``, ``checkName``). A store path is
 ``/nix/store/<hash>-<name>``: ``<hash>`` is 32 nix32 characters (a 160-bit digest), ``<name>``
-is 1 to 211 characters of ``[A-Za-z0-9+-._?=]`` and does not start with ``.`` (which also rules
-out ``.`` and ``..``). The *base name* ``<hash>-<name>`` is how narinfos list references and
-derivers; the *hash part* names the ``<hash>.narinfo`` file.
+is 1 to 211 characters of ``[A-Za-z0-9+-._?=]``, neither ``.`` nor ``..`` and not starting
+with ``.-`` or ``..-``. A leading ``.`` is otherwise allowed: Nix 2.4 and later create such
+paths (``builtins.toFile ".hidden"``), and Nix made it official in 2.20. The *base name*
+``<hash>-<name>`` is how narinfos list references and derivers; the *hash part* names the
+``<hash>.narinfo`` file.
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ def check_name(name: str) -> str:
         raise FormatError(
             f"store path name {_show(name)} is longer than {MAX_NAME_LENGTH} characters"
         )
-    if name.startswith("."):
-        raise FormatError(f"store path name {_show(name)} starts with '.'")
+    if name in (".", "..") or name.startswith((".-", "..-")):
+        raise FormatError(
+            f"store path name {_show(name)} is not valid: '.' and '..' are not names, nor the "
+            "first dash-separated component of one"
+        )
     if not _NAME.fullmatch(name):
         bad = next(c for c in name if not _NAME.fullmatch(c))
         raise FormatError(f"store path name {_show(name)} contains invalid character {bad!r}")

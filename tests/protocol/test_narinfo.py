@@ -196,7 +196,7 @@ MALFORMED: list[tuple[str, bytes | str, str]] = [
     ("StorePath not in store", edit(LEAF, "StorePath", "/tmp/x"), "line 1: StorePath: store"),
     ("StorePath base name", edit(LEAF, "StorePath", REF), "line 1: StorePath: store path"),
     ("StorePath bad hash", edit(LEAF, "StorePath", "/nix/store/" + "e" * 32 + "-x"), "hash"),
-    ("StorePath bad name", edit(LEAF, "StorePath", "/nix/store/" + "0" * 32 + "-.x"), "'.'"),
+    ("StorePath bad name", edit(LEAF, "StorePath", "/nix/store/" + "0" * 32 + "-.-x"), "'.-x'"),
     ("NarSize negative", edit(LEAF, "NarSize", "-1"), "line 7: NarSize '-1' is not a decimal"),
     ("NarSize plus", edit(LEAF, "NarSize", "+136"), "NarSize '+136' is not a decimal"),
     ("NarSize leading zero", edit(LEAF, "NarSize", "0136"), "NarSize '0136' is not a decimal"),

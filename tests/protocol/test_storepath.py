@@ -23,8 +23,10 @@ def test_real_paths(path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["a", "foo-1.0", "x?y=z+_", "larder-note.txt", "A" * 211, "-dash", "a..b", "_"]
-)
+    "name",
+    ["a", "foo-1.0", "x?y=z+_", "larder-note.txt", "A" * 211, "-dash", "a..b", "_",
+     ".hidden", "..dots...-", ".config-1.0", "...", ".a-b", "..a-b"],
+)  # fmt: skip
 def test_valid_names(name: str) -> None:
     assert StorePath(HASH, name).name == name
 
@@ -33,9 +35,10 @@ def test_valid_names(name: str) -> None:
     ("name", "message"),
     [
         ("", "store path name is empty"),
-        (".", "starts with '.'"),
-        ("..", "starts with '.'"),
-        (".hidden", "starts with '.'"),
+        (".", "is not valid"),
+        ("..", "is not valid"),
+        (".-foo", "is not valid"),
+        ("..-foo", "is not valid"),
         ("a/b", "invalid character '/'"),
         ("a b", "invalid character ' '"),
         ("caf\u00e9", "invalid character"),
