@@ -42,6 +42,13 @@ class UnsupportedEncoding(InvalidInput):
     code = "unsupported_encoding"
 
 
+class Conflict(LarderError):
+    """The name is taken in a way the request cannot change (on disk storage, an entry's name
+    used as a collection of other entries, or the reverse)."""
+
+    code = "conflict"
+
+
 class NoSuchCache(LarderError):
     """The named cache does not exist."""
 

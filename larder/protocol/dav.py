@@ -3,7 +3,8 @@
 Paths: the part of the request path after ``/<cache>/sccache/``. Empty segments (``a//b``) are
 collapsed; ``.`` and ``..`` segments (also percent-encoded, which the URL decoder has already
 turned into dots) and characters outside ``[A-Za-z0-9._:!+=@-]`` are refused, so a path can
-never leave the cache's namespace. At most :data:`MAX_SEGMENTS` segments and
+never leave the cache's namespace. A segment has at most 255 characters (a file name on disk
+storage), a path at most :data:`MAX_SEGMENTS` segments and
 :data:`MAX_PATH_LENGTH` characters once collapsed (sccache's are about 70 plus its key prefix;
 the bound keeps ``caches/<cache>/sccache/<path>`` a valid storage key for any cache name).
 A path that ends in ``/`` (or is empty) names a collection.
@@ -24,6 +25,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from larder.errors import FormatError
+from larder.protocol.names import MAX_SEGMENT_LENGTH
 
 MAX_SEGMENTS: Final = 16
 MAX_PATH_LENGTH: Final = 512
@@ -42,6 +44,10 @@ def normalise(raw: str) -> tuple[str, bool]:
     for segment in segments:
         if segment in (".", "..") or not _SEGMENT.fullmatch(segment):
             raise FormatError(f"invalid path segment {segment[:80]!r}")
+        if len(segment) > MAX_SEGMENT_LENGTH:
+            raise FormatError(
+                f"path segment {segment[:80]!r}... longer than {MAX_SEGMENT_LENGTH} characters"
+            )
     return path, is_collection
 
 

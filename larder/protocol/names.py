@@ -8,8 +8,9 @@ and a file name on disk:
 * an object path names a file Nix uploads next to narinfos and reads back verbatim
   (``<hash>.ls``, ``log/<drv base name>``, ``realisations/sha256:<nix32>!out.doi``,
   ``build-trace-v2/...``, ``debuginfo/<hex>``): 1 to 8 ``/``-separated segments of
-  ``[A-Za-z0-9._:!+=@?-]``, none empty, ``.`` or ``..``, at most 512 characters, no leading
-  ``/``. (``?`` is allowed because store path names, hence derivation log names, may contain it.)
+  ``[A-Za-z0-9._:!+=@?-]``, none empty, ``.`` or ``..`` or longer than 255 characters (a file
+  name on disk), at most 512 characters, no leading ``/``. (``?`` is allowed because store
+  path names, hence derivation log names, may contain it.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from larder.errors import FormatError
 RESERVED_NAMES: Final = frozenset({"api", "healthz", "readyz", "metrics", "static"})
 MAX_OBJECT_PATH_LENGTH: Final = 512
 MAX_OBJECT_PATH_SEGMENTS: Final = 8
+#: A file name's limit on common file systems (NAME_MAX): every segment is one on disk storage.
+MAX_SEGMENT_LENGTH: Final = 255
 
 _CACHE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _SEGMENT = re.compile(r"[A-Za-z0-9._:!+=@?-]+")
@@ -58,6 +61,11 @@ def check_object_path(path: str) -> str:
     for segment in segments:
         if segment in ("", ".", ".."):
             raise FormatError(f"invalid object path {shown}: empty, '.' or '..' segment")
+        if len(segment) > MAX_SEGMENT_LENGTH:
+            raise FormatError(
+                f"invalid object path {shown}: a segment longer than {MAX_SEGMENT_LENGTH} "
+                "characters"
+            )
         if not _SEGMENT.fullmatch(segment):
             bad = next(c for c in segment if not _SEGMENT.fullmatch(c))
             raise FormatError(f"invalid object path {shown}: invalid character {bad!r}")

@@ -31,6 +31,7 @@ STATUS_TABLE: tuple[tuple[type[errors.LarderError], int], ...] = (
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
     (errors.NoSuchCache, 404),
+    (errors.Conflict, 409),
     (errors.UnsupportedEncoding, 415),
     (errors.InvalidInput, 400),
 )
@@ -71,7 +72,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.error("%s %s failed: %s", request.method, request.path, exc.message)
         else:
             log.info("%s %s refused (%d): %s", request.method, request.path, status, exc.message)
-        if status >= 500 and not isinstance(exc, errors.StorageFull | errors.StorageUnavailable):
+        # A storage error's own message names the backend (an S3 endpoint, a bucket, a key,
+        # a local path): clients get its kind, the log gets the details.
+        if isinstance(exc, errors.StorageFull):
+            message = "storage is full"
+        elif isinstance(exc, errors.StorageUnavailable):
+            message = "storage is unavailable; retry later"
+        elif status >= 500:
             message = "internal storage error"
         else:
             message = exc.message

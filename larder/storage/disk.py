@@ -30,7 +30,7 @@ listed as a level only if an object lies below it, which is looked for depth fir
 the first one (deletions leave empty directories behind).
 
 One limit of mapping keys to paths: a key cannot also be the directory of another key
-(``a`` and ``a/b``); storing the second raises :class:`StorageError`.
+(``a`` and ``a/b``); storing the second raises :class:`~larder.errors.Conflict`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, cast
 
-from larder.errors import StorageError, StorageFull
+from larder.errors import Conflict, StorageError, StorageFull
 from larder.storage.base import (
     BlobInfo,
     BlobReader,
@@ -297,7 +297,7 @@ class DiskStorage(Storage):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            raise StorageError(
+            raise Conflict(
                 "disk storage: a key cannot also be the directory of another key"
             ) from None
         return True
@@ -482,7 +482,7 @@ class DiskStorage(Storage):
             try:
                 os.replace(temp, path)
             except IsADirectoryError:
-                raise StorageError(
+                raise Conflict(
                     "disk storage: a key cannot also be the directory of another key"
                 ) from None
             _fsync_dir(path.parent)

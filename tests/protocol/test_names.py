@@ -53,7 +53,8 @@ def test_invalid_cache_names(name: str, message: str) -> None:
         "x@y+z=w",
         "log/0000000000000000000000000000000a-name?with=query.drv",
         ".hidden",
-        "a" * 512,
+        "a" * 255,
+        "/".join(["a" * 255, "b" * 255]),
     ],
 )
 def test_valid_object_paths(path: str) -> None:
@@ -71,7 +72,8 @@ def test_valid_object_paths(path: str) -> None:
         ("log/../../etc/passwd", "empty, '.' or '..' segment"),
         ("..", "empty, '.' or '..' segment"),
         ("a/b/c/d/e/f/g/h/i", "more than 8 segments"),
-        ("a" * 513, "longer than 512 characters"),
+        ("/".join(["a" * 255] * 3), "longer than 512 characters"),
+        ("log/" + "a" * 256, "a segment longer than 255 characters"),
         ("log\\x", "invalid character '\\\\'"),
         ("log/a b", "invalid character ' '"),
         ("log/a%2f", "invalid character '%'"),

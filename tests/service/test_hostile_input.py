@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import lzma
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 from larder.core import keys
 from larder.protocol import narinfo, nix32
 from larder.service import state
-from tests.service.conftest import Service, send_raw
+from larder.storage.disk import DiskStorage
+from tests.service.conftest import Service, ServiceFactory, send_raw
 from tests.service.test_nix_routes import hash_part, make_nar, nar_url, narinfo_text, store_path
 
 T = TypeVar("T")
@@ -175,3 +177,31 @@ async def test_undecodable_bearer_bytes_are_401_not_500(service: Service) -> Non
     line = await asyncio.wait_for(reader.readline(), 5)
     writer.close()
     assert line.split()[1] == b"401", line
+
+
+async def test_names_disk_storage_cannot_hold_are_refused_not_500(
+    make_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """A segment longer than a file name may be is 400 on every backend; on disk, a name used
+    both as an entry and as a collection of entries is 409. Neither stores anything."""
+    service = await make_service(DiskStorage(tmp_path / "data"))
+
+    async def put(target: str) -> int:
+        head = (
+            f"PUT {target} HTTP/1.1\r\n"
+            f"Authorization: Bearer {service.write_token}\r\nContent-Length: 5\r\n"
+        )
+        return await send_raw(service, head, b"hello")
+
+    baseline = await all_keys(service)
+    assert await put(f"/main/sccache/{'x' * 256}/entry") == 400
+    assert await put(f"/main/log/{'x' * 256}") == 400
+    assert await all_keys(service) == baseline
+    assert await put("/main/sccache/a/e") == 201
+    stored = await all_keys(service)
+    assert await put("/main/sccache/a/e/child") == 409
+    assert await put("/main/sccache/a") == 409
+    assert await put("/main/log/l/x") in (200, 201)
+    assert await put("/main/log/l") == 409
+    assert await put("/main/log/l/x/y") == 409
+    assert await all_keys(service) - stored == {"caches/main/file/log/l/x"}

@@ -416,6 +416,8 @@ async def test_unreachable_storage_is_503_with_retry_after(make_service: Service
     resp = await svc.client.get(f"/main/{'0' * 32}.narinfo")
     assert resp.status == 503
     assert resp.headers["Retry-After"].isdigit()
+    # The backend's own message (an endpoint, a bucket, a key) stays in the log.
+    assert await resp.text() == "storage is unavailable; retry later\n"
     assert (await svc.client.get("/readyz")).status == 503
     assert (await svc.client.get("/healthz")).status == 200
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import larder.storage.disk as disk_module
-from larder.errors import StorageError, StorageFull
+from larder.errors import Conflict, StorageError, StorageFull
 from larder.storage.disk import DiskStorage
 from tests.storage.helpers import blob_id_of, decompress, mixed_data, read_stored, write_blob
 
@@ -66,11 +66,11 @@ async def test_reader_survives_delete(tmp_path: Path) -> None:
 async def test_key_that_is_also_a_directory(tmp_path: Path) -> None:
     storage = DiskStorage(tmp_path)
     await storage.put("a/b", b"below")
-    with pytest.raises(StorageError, match="directory of another key"):
+    with pytest.raises(Conflict, match="directory of another key"):
         await storage.put("a", b"above")
-    with pytest.raises(StorageError, match="directory of another key"):
+    with pytest.raises(Conflict, match="directory of another key"):
         await storage.put("a/b/c", b"further below")
-    with pytest.raises(StorageError, match="directory of another key"):
+    with pytest.raises(Conflict, match="directory of another key"):
         await storage.put_if_absent("a/b/c", b"further below")
     assert await storage.get("a/b") == b"below"
     assert [key async for key in storage.keys("")] == ["a/b"]
