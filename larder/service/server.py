@@ -2,10 +2,12 @@
 
 With ``workers = 1`` (the default) the process that was started serves. With more, it becomes
 a parent that serves nothing: it binds the listening socket, runs the start-up work once
-(creating cache ``main``, adopting signing keys), lays out a shared directory
-(:mod:`larder.service.workers`) and runs the same ``larder serve`` command that many times, each
-with the same flags, environment and config file plus its seat (index, shared directory,
-inherited socket: :func:`~larder.service.config.worker_seat`). Then it sleeps until a signal:
+(creating cache ``main``, adopting signing keys; with the storage unreachable, again in the
+background until it answers, while the server serves and ``/readyz`` says 503), lays out a
+shared directory (:mod:`larder.service.workers`) and runs the same ``larder serve`` command that
+many times, each with the same flags, environment and config file plus its seat (index,
+shared directory, inherited socket: :func:`~larder.service.config.worker_seat`). Then it sleeps
+until a signal:
 
 * a worker exited (SIGCHLD): it is started again, at once if it had run :data:`MIN_UPTIME`
   seconds, else after a back-off doubling from :data:`BACKOFF` seconds; after
@@ -35,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from larder.errors import StorageUnavailable
 from larder.service import workers as shared
 from larder.service.app import build_app
 from larder.service.config import Config, WorkerSeat, worker_seat
@@ -61,6 +65,42 @@ from larder.storage.factory import open_storage
 log = logging.getLogger("larder")
 
 Bootstrap = Callable[[Config, Storage], Awaitable[None]]
+
+#: Seconds before the next start-up attempt while the storage cannot be reached: the first
+#: wait, doubled after each failure up to the second.
+BOOTSTRAP_RETRY = (1.0, 30.0)
+
+
+async def bootstrap_until_done(config: Config, storage: Storage, bootstrap: Bootstrap) -> None:
+    """Run the start-up work again until the storage answers (one log line per attempt)."""
+    delay, cap = BOOTSTRAP_RETRY
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await bootstrap(config, storage)
+        except StorageUnavailable as exc:
+            delay = min(delay * 2, cap)
+            log.warning("storage still unreachable (%s); next attempt in %.0f s", exc, delay)
+            continue
+        log.warning("storage reachable again: start-up work done")
+        return
+
+
+async def bootstrap_or_defer(config: Config, storage: Storage, bootstrap: Bootstrap) -> bool:
+    """Run the start-up work; False, after one log line, when the storage cannot be reached
+    (the server starts anyway: ``/readyz`` answers 503 until the storage is back, so an
+    orchestrator routes nothing to it, and the caller retries with
+    :func:`bootstrap_until_done`). Every other start-up error stops the server."""
+    try:
+        await bootstrap(config, storage)
+    except StorageUnavailable as exc:
+        log.warning(
+            "storage unreachable at start-up (%s): serving, /readyz answers 503 until it is back",
+            exc,
+        )
+        return False
+    return True
+
 
 #: A worker that exits sooner after its start is restarted only after a back-off.
 MIN_UPTIME = 5.0
@@ -109,10 +149,16 @@ def serve(config: Config, bootstrap: Bootstrap, command: Sequence[str]) -> int:
         storage = open_storage(config.storage, zstd_level=config.zstd_level)
         app = build_app(config, storage)
 
-        async def on_startup(app: web.Application) -> None:
-            await bootstrap(config, storage)
+        async def deferred(app: web.Application) -> AsyncIterator[None]:
+            retry = None
+            if not await bootstrap_or_defer(config, storage, bootstrap):
+                retry = asyncio.create_task(bootstrap_until_done(config, storage, bootstrap))
+            yield
+            if retry is not None:
+                retry.cancel()
 
-        app.on_startup.append(on_startup)
+        # First: a fatal start-up error then stops the server before any background task runs.
+        app.cleanup_ctx.insert(0, deferred)
         _run(config, app, _listen(config))
         return 0
     return _supervise(config, count, bootstrap, command)
@@ -398,16 +444,23 @@ def _wait(wake_read: int, timeout: float) -> set[int]:
 
 
 def _supervise(config: Config, count: int, bootstrap: Bootstrap, command: Sequence[str]) -> int:
-    async def start_up() -> None:
+    async def start_up(retrying: bool) -> bool:
         storage = open_storage(config.storage, zstd_level=config.zstd_level)
         try:
-            await bootstrap(config, storage)
+            if retrying:
+                await bootstrap_until_done(config, storage, bootstrap)
+                return True
+            return await bootstrap_or_defer(config, storage, bootstrap)
         finally:
             await storage.close()
 
     sock = _listen(config)
     try:
-        asyncio.run(start_up())
+        if not asyncio.run(start_up(retrying=False)):
+            # The workers serve meanwhile; the parent's own loop waits for signals.
+            threading.Thread(
+                target=asyncio.run, args=(start_up(retrying=True),), daemon=True
+            ).start()
         return _Parent(config, count, command, sock).run()
     finally:
         sock.close()

@@ -164,3 +164,41 @@ def test_serve_takes_a_workers_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     args = build_parser().parse_args(["serve", "--workers", "2", "--storage", "memory://"])
     assert _config(args).workers == 2
     assert _config(build_parser().parse_args(["serve"])).workers == 1
+
+
+async def test_start_up_work_waits_for_unreachable_storage(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server starts with its storage down (``/readyz`` says so); cache ``main`` is created
+    once the storage answers, not never."""
+    from larder.core.caches import CacheRegistry
+    from larder.errors import StorageUnavailable
+    from larder.service import cli, server
+    from larder.service.config import Config
+    from larder.storage.memory import MemoryStorage
+
+    class Down(MemoryStorage):
+        down = True
+
+        async def get(self, key: str) -> bytes | None:
+            if self.down:
+                raise StorageUnavailable("connection refused")
+            return await super().get(key)
+
+        async def keys(self, prefix: str):  # type: ignore[no-untyped-def]
+            if self.down:
+                raise StorageUnavailable("connection refused")
+            async for key in super().keys(prefix):
+                yield key
+
+    monkeypatch.setattr(server, "BOOTSTRAP_RETRY", (0.05, 0.1))
+    storage, config = Down(), Config()
+    assert not await server.bootstrap_or_defer(config, storage, cli._bootstrap)
+    assert "storage unreachable at start-up (connection refused)" in caplog.text
+    assert [key async for key in MemoryStorage.keys(storage, "")] == []
+    retry = asyncio.create_task(server.bootstrap_until_done(config, storage, cli._bootstrap))
+    await asyncio.sleep(0.3)
+    assert not retry.done() and "storage still unreachable" in caplog.text
+    storage.down = False
+    await asyncio.wait_for(retry, 5)
+    assert await CacheRegistry(storage, 1.0).names() == ["main"]
