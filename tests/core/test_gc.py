@@ -147,6 +147,12 @@ async def test_dry_run_changes_nothing(world: World) -> None:
     report = await collect(world, dry_run=True, max_size=1)
     assert report.dry_run and report.evicted_objects == 18 and report.blobs_reaped == 9
     assert await world.storage.state() == before
+    # The run itself does and counts what the dry run said, its reaped blobs included.
+    done = await collect(world, max_size=1)
+    assert (done.evicted_objects, done.blobs_reaped) == (18, 9)
+    assert done.blob_bytes_reaped == report.blob_bytes_reaped
+    assert done.caches["main"].evicted == report.caches["main"].evicted
+    assert done.store_size_after == report.store_size_after
 
 
 async def test_other_caches_lose_nothing_to_one_caches_limits(world: World) -> None:

@@ -52,7 +52,7 @@ from larder.core.gc.lock import DEFAULT_LEASE, Lease, held
 from larder.core.gc.plan import Node, Policy, plan, total_size
 from larder.core.lastuse import RecordedUses, UseRecorder, compact_uses, load_uses
 from larder.core.pins import pins
-from larder.storage.base import Storage
+from larder.storage.base import Storage, StoredBlob
 
 log = logging.getLogger("larder.gc")
 
@@ -151,6 +151,7 @@ class _Work:
     kept: set[str] = field(default_factory=set)
     restored: set[str] = field(default_factory=set)
     trash: dict[str, bytes] = field(default_factory=dict)
+    reaped: dict[str, StoredBlob] = field(default_factory=dict)  # still counted in the report
 
 
 class Collector:
@@ -357,7 +358,7 @@ class Collector:
         report.blob_bytes_reaped = sum(size for size in freed if size > 0)
         for blob_id, size in zip(candidates, freed, strict=True):
             if size >= 0:
-                del work.snapshot.blobs[blob_id]
+                work.reaped[blob_id] = work.snapshot.blobs.pop(blob_id)
 
     def _loose_blobs(self, work: _Work, grace: float, held: set[str]) -> list[str]:
         cutoff = work.snapshot.started - grace
@@ -394,7 +395,9 @@ class Collector:
         for cache, cache_report in report.caches.items():
             held = grouped.get(cache, {})
             evicted = [entry for key, entry in held.items() if key in gone]
-            cache_report.evicted = tally(evicted, work.snapshot.blobs, KINDS)
+            # An evicted entry's blob counts with it whether it was reaped or is still held
+            # by another entry, as in a dry run.
+            cache_report.evicted = tally(evicted, {**work.snapshot.blobs, **work.reaped}, KINDS)
             left = [entry for key, entry in held.items() if key not in gone]
             cache_report.size_after = total_size(left, blob_sizes)
         report.evicted_objects = len(gone)
