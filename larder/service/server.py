@@ -45,7 +45,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from larder.errors import StorageUnavailable
+from larder.errors import StorageError, StorageUnavailable
 from larder.service import workers as shared
 from larder.service.app import build_app
 from larder.service.config import Config, WorkerSeat, worker_seat
@@ -72,13 +72,15 @@ BOOTSTRAP_RETRY = (1.0, 30.0)
 
 
 async def bootstrap_until_done(config: Config, storage: Storage, bootstrap: Bootstrap) -> None:
-    """Run the start-up work again until the storage answers (one log line per attempt)."""
+    """Run the start-up work again until the storage answers (one log line per attempt). Any
+    storage error counts as not answering yet: an endpoint coming up may first answer that
+    its bucket does not exist."""
     delay, cap = BOOTSTRAP_RETRY
     while True:
         await asyncio.sleep(delay)
         try:
             await bootstrap(config, storage)
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             delay = min(delay * 2, cap)
             log.warning("storage still unreachable (%s); next attempt in %.0f s", exc, delay)
             continue

@@ -40,6 +40,7 @@ from tests.e2e.harness import (
     start_put,
     stop,
 )
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.s3
 MiB = 1024 * 1024
@@ -209,3 +210,22 @@ def test_s3_upload_cut_by_the_client_aborts_its_multipart_upload(tmp_path: Path)
             assert [k for k in keys if k.startswith(("x/tmp/", "x/blobs/"))] == []
             assert [k for k in keys if "/nar/" in k] == []
             assert http("GET", f"{server.url}/main/nar/{file_hash}.nar")[0] == 404
+
+
+def test_a_server_started_while_s3_is_down_serves_once_it_is_up(tmp_path: Path) -> None:
+    """A replica started during an S3 outage does not exit: not ready, then ready, with cache
+    ``main`` made by the start-up work it retried, and no tracebacks in its log."""
+    port = free_port()
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    with larder_server(f"s3://{BUCKET}/late", tmp_path, env) as server:
+        assert http("GET", f"{server.url}/readyz")[0] == 503
+        moto = start_moto(port)
+        try:
+            s3_client(f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
+            wait_until(lambda: http("GET", f"{server.url}/main/nix-cache-info")[0] == 200, 90)
+            assert http("GET", f"{server.url}/readyz")[0] == 200
+        finally:
+            stop(moto)
+        log = server.log_path.read_text()
+    assert "storage unreachable at start-up" in log
+    assert "Traceback" not in log
