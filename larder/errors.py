@@ -42,6 +42,12 @@ class UnsupportedEncoding(InvalidInput):
     code = "unsupported_encoding"
 
 
+class ClientGone(LarderError):
+    """The client closed the connection before its request body was complete."""
+
+    code = "client_closed_request"
+
+
 class Conflict(LarderError):
     """The name is taken in a way the request cannot change (on disk storage, an entry's name
     used as a collection of other entries, or the reverse)."""

@@ -32,6 +32,9 @@ STATUS_TABLE: tuple[tuple[type[errors.LarderError], int], ...] = (
     (errors.Forbidden, 403),
     (errors.NoSuchCache, 404),
     (errors.Conflict, 409),
+    # Not an HTTP status any client sees (it has gone): nginx's 499 keeps such uploads out of
+    # the 5xx counts and alerts, and off the error log.
+    (errors.ClientGone, 499),
     (errors.UnsupportedEncoding, 415),
     (errors.InvalidInput, 400),
 )

@@ -192,6 +192,16 @@ def test_disk_upload_cut_by_the_client_leaves_no_temporary(tmp_path: Path) -> No
         assert http("GET", f"{server.url}/main/nar/{file_hash}.nar")[0] == 404
         assert [p for p in (data / "blobs").rglob("*") if p.is_file()] == []
         assert not any((data / "objects" / "caches" / "main").rglob("nar/*"))
+        # The client went away: not a server error in the metrics, the access log or the log.
+        _, metrics = http("GET", f"{server.url}/metrics")
+        server_errors = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.decode().splitlines()
+            if line.startswith("larder_http_requests_total{") and 'status_class="5xx"' in line
+        ]
+        assert sum(server_errors) == 0, server_errors
+        log = server.log_path.read_text()
+        assert '" 499 ' in log and '" 500 ' not in log and "Traceback" not in log
 
 
 def test_s3_upload_cut_by_the_client_aborts_its_multipart_upload(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 from aiohttp import web
 
-from larder.errors import TooLarge, TooSlow, UnsupportedEncoding
+from larder.errors import ClientGone, TooLarge, TooSlow, UnsupportedEncoding
 from larder.protocol.content_coding import body_coding
 from larder.service.internals import ZeroCopyFileResponse
 from larder.service.state import CONFIG
@@ -32,7 +32,7 @@ def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     Raises :class:`TooLarge` as soon as the limit is passed, whatever the headers said, and
     :class:`TooSlow` when no byte arrives for ``body_idle_timeout`` seconds (a client that stalls
     mid-upload cannot hold a connection and a temporary forever); a body cut short by the client
-    raises aiohttp's payload error. Either way the upload is abandoned. A body with a
+    raises :class:`ClientGone`. Either way the upload is abandoned. A body with a
     ``Content-Encoding`` raises :class:`UnsupportedEncoding` here: routes that decode one use
     :func:`coded_body`. (The application leaves bodies as sent: ``auto_decompress`` is off.)
     """
@@ -57,6 +57,8 @@ async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
             data = await asyncio.wait_for(request.content.readany(), idle)
         except TimeoutError:
             raise TooSlow(f"no body bytes for {idle:g} seconds") from None
+        except ConnectionResetError:
+            raise ClientGone("the client closed the connection mid-body") from None
         if not data:
             break
         total += len(data)
