@@ -33,7 +33,10 @@ This parser is stricter than Nix's (it is the gate for uploads from the network)
 * ``References`` are base names separated by single spaces, without duplicates (Nix keeps them in
   a set, so a duplicate would make the fingerprint disagree); their order is kept as given;
 * ``Deriver: unknown-deriver`` (written by old Nix) means no deriver;
-* ``Sig`` is ``<key name>:<base64>`` decoding to 64 bytes; signatures keep their order.
+* ``Sig`` is ``<key name>:<base64>`` decoding to 64 bytes; signatures keep their order;
+* ``CA`` is a content address as Nix writes it, ``text:sha256:<digest>`` or
+  ``fixed:[r:|git:]<algo>:<digest>`` (a digest as ``parse_hash`` reads it; ``blake3`` too); it
+  is kept as given.
 
 :func:`render` writes the layout above byte for byte, so a narinfo written by Nix (whose
 references and signatures are sorted) renders back identically.
@@ -112,6 +115,30 @@ def _check_sig(value: str, lineno: int) -> str:
         raise FormatError(
             f"narinfo line {lineno}: Sig of key {name!r} has {len(raw)} bytes, not 64"
         )
+    return value
+
+
+_BLAKE3_DIGEST = re.compile(r"[0-9a-f]{64}|[0-9a-df-np-sv-z]{52}|[A-Za-z0-9+/]{43}=")
+
+
+def _content_address(value: str, lineno: int) -> str:
+    """``value`` if it is a content address Nix could have written (its ``ContentAddress``):
+    a client reading a malformed one refuses the whole narinfo."""
+    kind, _, rest = value.partition(":")
+    if kind == "fixed":
+        for method in ("r:", "git:"):
+            rest = rest.removeprefix(method)
+    try:
+        if kind not in ("text", "fixed"):
+            raise FormatError("expected text:... or fixed:...")
+        if kind == "fixed" and rest.startswith("blake3:"):
+            if not _BLAKE3_DIGEST.fullmatch(rest.removeprefix("blake3:")):
+                raise FormatError("not a BLAKE3 digest")
+        else:
+            parse_hash(rest, "sha256" if kind == "text" else None)
+    except FormatError as exc:
+        shown = value if len(value) <= 120 else value[:117] + "..."
+        raise FormatError(f"narinfo line {lineno}: CA {shown!r}: {exc}") from None
     return value
 
 
@@ -234,7 +261,9 @@ def parse(data: bytes | str) -> NarInfo:
         if value != UNKNOWN_DERIVER:
             deriver = _store_path(value, "Deriver", lineno, base=True)
 
-    ca = values["CA"][0] if "CA" in values else None
+    ca = None
+    if "CA" in values:
+        ca = _content_address(*values["CA"])
 
     return NarInfo(
         store_path=store_path,

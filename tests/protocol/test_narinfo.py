@@ -191,6 +191,11 @@ MALFORMED: list[tuple[str, bytes | str, str]] = [
     ("empty URL", edit(LEAF, "URL", ""), "line 2: URL is empty"),
     ("empty Compression", edit(LEAF, "Compression", ""), "line 3: Compression is empty"),
     ("empty CA", LEAF + "CA: \n", "line 11: CA is empty"),
+    ("CA kind", LEAF + "CA: garbage:not-a-content-address\n", "line 11: CA 'garbage:"),
+    ("CA digest", LEAF + "CA: fixed:md5:x\n", "CA 'fixed:md5:x'"),
+    ("CA text not sha256", LEAF + "CA: text:sha1:" + "0" * 40 + "\n", "expected a sha256"),
+    ("CA blake3", LEAF + "CA: fixed:r:blake3:" + "0" * 63 + "\n", "not a BLAKE3 digest"),
+    ("CA long", LEAF + "CA: fixed:r:sha256:" + "a" * 500_000 + "\n", "..."),
     ("empty Deriver", edit(LEAF, "Deriver", ""), "line 9: Deriver is empty"),
     ("space in Compression", edit(LEAF, "Compression", "x z"), "Compression 'x z' contains"),
     ("StorePath not in store", edit(LEAF, "StorePath", "/tmp/x"), "line 1: StorePath: store"),
@@ -261,7 +266,11 @@ narinfos = st.builds(
     references=st.lists(store_paths, unique=True, max_size=5).map(tuple),
     deriver=st.none() | store_paths,
     sigs=st.lists(sigs, max_size=3).map(tuple),
-    ca=st.none() | st.from_regex(r"(text|fixed):[!-~]{1,60}", fullmatch=True),
+    ca=st.none()
+    | st.tuples(
+        st.sampled_from(["text:sha256:", "fixed:sha256:", "fixed:r:sha256:"]),
+        st.binary(min_size=32, max_size=32).map(nix32.encode),
+    ).map("".join),
     file_hash=st.none() | any_hashes,
     file_size=st.none() | st.integers(min_value=0, max_value=(1 << 63) - 1),
 )
@@ -293,3 +302,18 @@ def test_parse_never_crashes_on_mutations(data: st.DataObject) -> None:
         )
     with contextlib.suppress(FormatError):
         narinfo.parse(text)
+
+
+@pytest.mark.parametrize(
+    "ca",
+    [
+        "text:sha256:" + "1" * 52,
+        "fixed:r:sha256:" + "1" * 52,
+        "fixed:sha256:" + "ab" * 32,
+        "fixed:git:sha1:" + "0" * 40,
+        "fixed:r:sha512:" + base64.b64encode(bytes(64)).decode(),
+        "fixed:r:blake3:" + "0" * 64,
+    ],
+)
+def test_content_addresses_nix_writes(ca: str) -> None:
+    assert narinfo.parse(LEAF + f"CA: {ca}\n").ca == ca
