@@ -205,3 +205,18 @@ async def test_names_disk_storage_cannot_hold_are_refused_not_500(
     assert await put("/main/log/l") == 409
     assert await put("/main/log/l/x/y") == 409
     assert await all_keys(service) - stored == {"caches/main/file/log/l/x"}
+
+
+async def test_more_than_one_authorization_header_is_refused(service: Service) -> None:
+    """Whichever one larder read, a proxy in front might read the other: neither order works."""
+    good, bad = f"Bearer {service.write_token}", "Bearer not-a-token"
+    baseline = await all_keys(service)
+    for first, second in ((good, bad), (bad, good)):
+        head = (
+            "PUT /main/log/twice HTTP/1.1\r\n"
+            f"Authorization: {first}\r\nAuthorization: {second}\r\nContent-Length: 5\r\n"
+        )
+        assert await send_raw(service, head, b"hello") == 400
+    assert await all_keys(service) == baseline
+    head = f"PUT /main/log/twice HTTP/1.1\r\nAuthorization: {good}\r\nContent-Length: 5\r\n"
+    assert await send_raw(service, head, b"hello") == 200

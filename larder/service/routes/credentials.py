@@ -1,7 +1,8 @@
 """Reading credentials off a request.
 
 A token is accepted as ``Authorization: Bearer <token>`` or as the password of Basic auth with
-any user name, which is how Nix sends netrc credentials. The token itself is never logged.
+any user name, which is how Nix sends netrc credentials; a request with more than one
+``Authorization`` header is refused (400). The token itself is never logged.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ from aiohttp import web
 
 from larder.core.auth import TokenAuthority, authorize
 from larder.core.caches import CacheSettings
-from larder.errors import Unauthorized
+from larder.errors import InvalidInput, Unauthorized
 from larder.protocol.tokens import Scope, TokenClaims
 
 
 def token_from_request(request: web.Request) -> str | None:
     """The presented token, or ``None`` when the request carries no credentials."""
-    header = request.headers.get("Authorization")
-    if header is None:
+    headers = request.headers.getall("Authorization", [])
+    if not headers:
         return None
+    if len(headers) > 1:
+        # A proxy in front may read another one than larder does: refuse to guess.
+        raise InvalidInput("more than one Authorization header")
+    header = headers[0]
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer" and value:
