@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -287,9 +288,10 @@ def tools(
     return [(str(p), str(h)) for p, h in entry.get("tools", [])]
 
 
+@lru_cache(maxsize=1)
 def _host_cpu() -> str | None:
     """The BLAKE3 of this machine's CPU description (``/proc/cpuinfo``'s model and flags),
-    or None where there is none to read."""
+    or None where there is none to read; read once per process."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             lines = info.read().splitlines()

@@ -52,8 +52,10 @@ class NixHash:
         return self.digest.hex()
 
 
-def _decode_digest(algo: str, text: str, original: str, *, base64_only: bool = False) -> bytes:
-    size = HASH_SIZES[algo]
+def _decode_digest(
+    algo: str, text: str, original: str, *, base64_only: bool = False, size: int | None = None
+) -> bytes:
+    size = HASH_SIZES[algo] if size is None else size
     b64_len = (size + 2) // 3 * 4
     if base64_only and len(text) != b64_len:
         raise FormatError(
@@ -83,6 +85,12 @@ def _decode_digest(algo: str, text: str, original: str, *, base64_only: bool = F
         f"hash {_show(original)}: a {algo} digest has {2 * size} (base-16), "
         f"{nix32.encoded_length(size)} (nix32) or {b64_len} (base64) characters, not {len(text)}"
     )
+
+
+def parse_digest(algo: str, text: str, size: int) -> bytes:
+    """A ``size``-byte digest of ``algo`` in base-16, nix32 or base64 (told apart by length), for
+    algorithms :class:`NixHash` does not hold (BLAKE3 in content addresses)."""
+    return _decode_digest(algo, text, text, size=size)
 
 
 def _check_algo(algo: str, original: str) -> str:

@@ -50,7 +50,7 @@ import re
 from dataclasses import dataclass
 
 from larder.errors import FormatError
-from larder.protocol.hashes import NixHash, parse_hash
+from larder.protocol.hashes import NixHash, parse_digest, parse_hash
 from larder.protocol.signing import KEY_NAME
 from larder.protocol.storepath import StorePath
 
@@ -118,9 +118,6 @@ def _check_sig(value: str, lineno: int) -> str:
     return value
 
 
-_BLAKE3_DIGEST = re.compile(r"[0-9a-f]{64}|[0-9a-df-np-sv-z]{52}|[A-Za-z0-9+/]{43}=")
-
-
 def _content_address(value: str, lineno: int) -> str:
     """``value`` if it is a content address Nix could have written (its ``ContentAddress``):
     a client reading a malformed one refuses the whole narinfo."""
@@ -128,17 +125,18 @@ def _content_address(value: str, lineno: int) -> str:
     if kind == "fixed":
         for method in ("r:", "git:"):
             rest = rest.removeprefix(method)
+    blake3 = kind == "fixed" and rest.startswith("blake3:")
     try:
         if kind not in ("text", "fixed"):
             raise FormatError("expected text:... or fixed:...")
-        if kind == "fixed" and rest.startswith("blake3:"):
-            if not _BLAKE3_DIGEST.fullmatch(rest.removeprefix("blake3:")):
-                raise FormatError("not a BLAKE3 digest")
+        if blake3:
+            parse_digest("blake3", rest.removeprefix("blake3:"), 32)
         else:
             parse_hash(rest, "sha256" if kind == "text" else None)
     except FormatError as exc:
         shown = value if len(value) <= 120 else value[:117] + "..."
-        raise FormatError(f"narinfo line {lineno}: CA {shown!r}: {exc}") from None
+        what = "not a BLAKE3 digest: " if blake3 else ""
+        raise FormatError(f"narinfo line {lineno}: CA {shown!r}: {what}{exc}") from None
     return value
 
 
