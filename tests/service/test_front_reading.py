@@ -15,7 +15,7 @@ import pytest
 
 from larder.service.front.connection import FrontProtocol
 from tests.service.conftest import Live
-from tests.service.test_fastpath import Conn, get, hash_of, upload
+from tests.service.test_fastpath import Conn, get, hash_of, narinfo_for, put, upload
 
 SMUGGLED = b"GET /main/nix-cache-info?smuggled=1 HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -161,3 +161,49 @@ async def test_a_long_pipeline_holds_its_bytes_not_their_reading(live: Live) -> 
     assert transport.written == 0
     assert grown < 2 * len(data), (grown, len(data))  # the bytes, not a reading of each head
     protocol.connection_lost(None)
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",
+        # what `curl --http2 http://...` sends with its first request
+        b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAA\r\n",
+    ],
+    ids=["websocket", "h2c"],
+)
+async def test_an_upgrade_larder_does_not_speak_is_answered_in_http_1_1(
+    live: Live, upgrade: bytes
+) -> None:
+    """RFC 9110 §7.8: a server ignores an ``Upgrade`` it does not take and answers as usual
+    (the connection used to close without an answer, a traceback in the log)."""
+    store_hash = hash_of("upgrade")
+    conn = await Conn.open(live)
+    await upload(live, conn, store_hash)
+    conn.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    target = f"/main/{store_hash}.narinfo".encode()
+    writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (target, upgrade))
+    reply = await asyncio.wait_for(reader.readuntil(b"==\n"), 5)  # up to the signature
+    # the next request on the connection, sent once the answer came (as curl does)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply += await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert _statuses(reply) == [b"200", b"200"], reply
+    assert b"StorePath: /nix/store/" + store_hash.encode() in reply
+    digest, nar, _ = narinfo_for(store_hash, b"sent with an upgrade")
+    conn = await Conn.open(live)
+    conn.send(put(f"/main/nar/{digest}.nar", nar, live.token).replace(b"\r\n", b"\r\n" + upgrade, 1))
+    assert (await conn.response())[0] == 200
+    conn.send(get(f"/main/nar/{digest}.nar"))
+    assert (await conn.response())[2] == nar
+    conn.close()
+    assert "Traceback" not in live.log.getvalue()
+
+
+async def test_connect_is_refused_with_an_answer(live: Live) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    writer.write(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n")
+    reply = await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    assert _statuses(reply)[0].startswith(b"4"), reply

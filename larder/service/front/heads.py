@@ -100,8 +100,8 @@ class HeadReader:
         if self.good:
             try:
                 self._parser.feed_data(data)
-            except httptools.HttpParserError:
-                self.good = False
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                self.good = False  # an upgrade (or CONNECT) too: aiohttp answers it
         return self.good
 
     # llhttp's callbacks (a request's state is reset when its head is complete)
