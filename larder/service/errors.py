@@ -64,8 +64,30 @@ def error_response(request: web.Request, status: int, code: str, message: str) -
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _unknown_transfer_coding(request: web.Request) -> str | None:
+    """A transfer coding other than ``chunked`` the request's body came in, which aiohttp does
+    not undo (it reads ``gzip, chunked`` as plain chunked, so the body would be stored coded).
+
+    Refused with 400, as aiohttp refuses a ``Transfer-Encoding`` it cannot read, rather than
+    RFC 9112's suggested 501: a request anyone can send must not count as a server error.
+    """
+    value = request.headers.get("Transfer-Encoding")
+    if value is None:
+        return None
+    codings = [coding.strip().lower() for coding in value.split(",")]
+    unknown = [coding for coding in codings if coding != "chunked"]
+    return unknown[0] if unknown else None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    coding = _unknown_transfer_coding(request)
+    if coding is not None:
+        log.info("%s %s refused (400): transfer coding %r", request.method, request.path, coding)
+        message = f"transfer coding {coding!r} is not supported; send the body chunked or sized"
+        response = error_response(request, 400, "transfer_coding", message)
+        response.force_close()  # the body was not read
+        return response
     try:
         return await handler(request)
     except errors.LarderError as exc:

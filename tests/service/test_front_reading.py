@@ -193,7 +193,9 @@ async def test_an_upgrade_larder_does_not_speak_is_answered_in_http_1_1(
     assert b"StorePath: /nix/store/" + store_hash.encode() in reply
     digest, nar, _ = narinfo_for(store_hash, b"sent with an upgrade")
     conn = await Conn.open(live)
-    conn.send(put(f"/main/nar/{digest}.nar", nar, live.token).replace(b"\r\n", b"\r\n" + upgrade, 1))
+    conn.send(
+        put(f"/main/nar/{digest}.nar", nar, live.token).replace(b"\r\n", b"\r\n" + upgrade, 1)
+    )
     assert (await conn.response())[0] == 200
     conn.send(get(f"/main/nar/{digest}.nar"))
     assert (await conn.response())[2] == nar

@@ -8,6 +8,7 @@ event loop against the in-process server.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import lzma
 from collections.abc import Callable, Coroutine
@@ -220,3 +221,27 @@ async def test_more_than_one_authorization_header_is_refused(service: Service) -
     assert await all_keys(service) == baseline
     head = f"PUT /main/log/twice HTTP/1.1\r\nAuthorization: {good}\r\nContent-Length: 5\r\n"
     assert await send_raw(service, head, b"hello") == 200
+
+
+async def test_a_body_in_a_transfer_coding_other_than_chunked_is_refused(service: Service) -> None:
+    """aiohttp reads ``gzip, chunked`` as chunked and hands over the coded bytes, which would be
+    stored as they came; such a body is refused before any route reads it."""
+    coded = gzip.compress(b"cached output")
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(coded), coded)
+    baseline = await all_keys(service)
+    for codings in ("gzip, chunked", "identity, chunked", "deflate,chunked"):
+        head = (
+            "PUT /main/sccache/t/e/entry HTTP/1.1\r\n"
+            f"Authorization: Bearer {service.write_token}\r\nTransfer-Encoding: {codings}\r\n"
+        )
+        assert await send_raw(service, head, body) == 400, codings
+    # TE is what the client accepts in answers, not how its request came
+    assert (
+        await send_raw(service, "GET /main/nix-cache-info HTTP/1.1\r\nTE: gzip, chunked\r\n") == 200
+    )
+    assert await all_keys(service) == baseline
+    head = (
+        "PUT /main/sccache/t/e/entry HTTP/1.1\r\n"
+        f"Authorization: Bearer {service.write_token}\r\nTransfer-Encoding: chunked\r\n"
+    )
+    assert await send_raw(service, head, body) == 201
