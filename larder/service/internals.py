@@ -22,7 +22,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
@@ -93,12 +93,31 @@ class ZeroCopyFileResponse(web.FileResponse):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], idle: float, send: SendFile, **kwargs: Any
+        self,
+        path: str | os.PathLike[str],
+        idle: float,
+        send: SendFile,
+        byte_range: str | None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(path, **kwargs)
         self._idle = idle
         self._send = send
+        self._range = byte_range
         self.body_sent = 0
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        """Prepare with ``Range`` as the caller decided it (``None``: no range), whatever the
+        request said: aiohttp answers 416 to a field it cannot parse or to several ranges, and
+        takes ``bytes=-0`` for the whole file, where RFC 9110 ignores the first two and refuses
+        the last."""
+        if request.headers.get(hdrs.RANGE) != self._range:
+            headers = request.headers.copy()
+            headers.popall(hdrs.RANGE, None)
+            if self._range is not None:
+                headers[hdrs.RANGE] = self._range
+            request = request.clone(headers=headers)
+        return await super().prepare(request)
 
     @property
     def body_length(self) -> int:

@@ -12,6 +12,7 @@ from aiohttp import web
 from larder.errors import ClientGone, TooLarge, TooSlow, UnsupportedEncoding
 from larder.protocol.content_coding import body_coding
 from larder.service.internals import ZeroCopyFileResponse
+from larder.service.routes.ranges import Unsatisfiable, byte_range
 from larder.service.state import CONFIG
 from larder.storage.base import BlobReader
 
@@ -104,24 +105,26 @@ async def _send(
         raise
 
 
-def _requested_range(request: web.Request, size: int) -> tuple[int, int] | None:
-    """``(start, end)`` of a single satisfiable byte range, ``None`` for the whole body."""
-    if "Range" not in request.headers:
+def _requested_span(request: web.Request, size: int, *, dated: bool) -> tuple[int, int] | None:
+    """``(start, stop)`` of the byte range a ``GET`` asks of a ``size``-byte blob, ``None`` for
+    the whole blob (:mod:`.ranges`); 416 when it is unsatisfiable.
+
+    An ``If-Range`` makes the range conditional on a validator: an entity tag is never taken (no
+    answer here carries one aiohttp compares), a date only when ``dated`` (the file response
+    sends ``Last-Modified`` and compares it itself).
+    """
+    value = request.headers.get("Range")
+    if value is None or request.method != "GET":
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and (not dated or request.if_range is None):
         return None
     try:
-        wanted = request.http_range
-    except ValueError:
-        return None  # RFC 9110: an unparseable Range is ignored
-    start, stop = wanted.start, wanted.stop
-    if start is None and stop is None:
-        return None
-    if start is not None and start < 0:  # suffix range "bytes=-N"
-        start, stop = max(size + start, 0), size
-    start = start or 0
-    stop = size if stop is None else min(stop, size)
-    if start >= size or start >= stop:
-        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
-    return start, stop
+        return byte_range(value, size)
+    except Unsatisfiable:
+        raise web.HTTPRequestRangeNotSatisfiable(
+            headers={"Content-Range": f"bytes */{size}"}
+        ) from None
 
 
 async def serve_blob(
@@ -130,12 +133,16 @@ async def serve_blob(
     """Send a blob's stored bytes with ``Accept-Ranges``; local files go out by sendfile."""
     headers = {"Accept-Ranges": "bytes", **headers}
     if reader.local_path is not None:
-        await reader.close()
+        try:
+            span = _requested_span(request, reader.stored_size, dated=True)
+        finally:
+            await reader.close()
         idle = request.app[CONFIG].body_idle_timeout
-        return ZeroCopyFileResponse(reader.local_path, idle, send_file, headers=headers)
+        wanted = None if span is None else f"bytes={span[0]}-{span[1] - 1}"
+        return ZeroCopyFileResponse(reader.local_path, idle, send_file, wanted, headers=headers)
     try:
         size = reader.stored_size
-        span = _requested_range(request, size)
+        span = _requested_span(request, size, dated=False)
         start, stop = span or (0, size)
         response = web.StreamResponse(status=206 if span else 200, headers=headers)
         if span:
