@@ -58,6 +58,7 @@ from larder.service.front.limits import (
     raise_open_file_limit,
 )
 from larder.service.front.short_path import AccessLog, FastPath
+from larder.service.observability import unreadable
 from larder.service.observability.access_log import JsonAccessLogger, LineSink, TextAccessLogger
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
@@ -218,6 +219,7 @@ async def start(
     config: Config, app: web.Application, sock: socket.socket, sink: LineSink
 ) -> Running:
     """Start ``app`` (its start-up hooks run now) on the listening ``sock``."""
+    unreadable.install()
     logger = JsonAccessLogger if config.access_log == "json" else TextAccessLogger
     guard = ConnectionGuard(config.header_timeout, config.max_connections)
     runner = GuardedAppRunner(
