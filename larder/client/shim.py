@@ -322,7 +322,7 @@ class Invocation:
     def replay(self, manifest: Manifest) -> None:
         for text, stream in ((manifest.stdout, sys.stdout), (manifest.stderr, sys.stderr)):
             if text:
-                stream.buffer.write(self.roots.local(text).encode())
+                stream.buffer.write(self.roots.local(text).encode("utf-8", "replace"))
                 stream.flush()
 
     def own_inputs(self, base: cache_key.Base) -> OwnKey | str:

@@ -527,8 +527,8 @@ class NixCache:
             archive = doc["archive"]
             name = archive.removeprefix("../nar/")
             file_hash, compression = parse_nar_name(name)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return data  # not the document Nix writes: stored as it is
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return data  # not the document Nix writes (or nested past reading): as it is
         key = keys.nar_file(cache.name, file_hash)
         alias_data = await self._storage.get(key)
         if alias_data is None or name == archive:

@@ -169,7 +169,8 @@ def parse_document(data: bytes) -> InputsDocument:
     doc = load_json(data, "inputs document")
     if not isinstance(doc, dict):
         raise FormatError("an inputs document must be a JSON object")
-    if doc.get("version") != INPUTS_VERSION:
+    version = doc.get("version")
+    if type(version) is not int or version != INPUTS_VERSION:  # not true, not 1.0
         raise FormatError(f"unsupported inputs document version {str(doc.get('version'))[:20]}")
     identity = doc.get("identity")
     if not isinstance(identity, dict):

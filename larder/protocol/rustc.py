@@ -109,12 +109,29 @@ class Manifest(NamedTuple):
 
 
 def load_json(data: bytes, what: str) -> Any:
-    """``data`` as JSON; :class:`FormatError` naming ``what`` when it is not (including JSON
-    nested too deeply to read)."""
+    """``data`` as JSON (RFC 8259); :class:`FormatError` naming ``what`` when it is not: bytes
+    that are not UTF-8 (a BOM or UTF-16 included), ``NaN`` or ``Infinity``, an object naming a
+    member twice, a string with a lone surrogate (``"\\ud800"``: no UTF-8 can carry it, so the
+    document could not be written back), or nesting too deep to read."""
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        text = data.decode("utf-8")
+        doc = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_members)
+        if "\\u" in text:  # only an escape can make a lone surrogate
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:  # UnicodeError is a ValueError
         raise FormatError(f"{what} is not JSON: {str(exc)[:200]}") from None
+    return doc
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("an object names a member twice")
+    return doc
 
 
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:

@@ -249,6 +249,11 @@ async def test_debuginfo_points_at_the_nar_larder_serves(service: Service) -> No
         "/main/debuginfo/ef01", data=json.dumps(unknown).encode(), headers=service.auth()
     )
     assert json.loads(await (await service.client.get("/main/debuginfo/ef01")).read()) == unknown
+    # So is one nested deeper than the JSON reader goes (every read of it was a 500).
+    for deep in (b"[" * 3000 + b"]" * 3000, b'{"archive":' * 3000 + b"1" + b"}" * 3000):
+        await service.client.put("/main/debuginfo/0dee", data=deep, headers=service.auth())
+        resp = await service.client.get("/main/debuginfo/0dee")
+        assert resp.status == 200 and await resp.read() == deep
 
 
 async def test_objects_stored_coded_by_earlier_versions_are_served_decoded(
