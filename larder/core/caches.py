@@ -22,6 +22,8 @@ from larder.protocol.signing import PublicKey, SecretKey
 from larder.storage.base import Storage
 
 DEFAULT_CACHE = "main"
+#: Names found to be no cache that a registry remembers (the oldest is forgotten first).
+MAX_UNKNOWN = 4096
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,12 @@ class CacheRegistry:
         self._storage = storage
         self._refresh = refresh_interval
         self._clock = clock
-        self._seen: dict[str, tuple[CacheSettings | None, float]] = {}
-        #: Changes whenever this view's memory of any cache changes.
+        self._seen: dict[str, tuple[CacheSettings, float]] = {}
+        #: When each name was last found to be no cache, oldest first, at most MAX_UNKNOWN
+        #: (anyone can ask for any name: the memory of misses must not grow with them).
+        self._unknown: dict[str, float] = {}
+        #: Changes whenever this view's memory of any existing cache changes (a name that was
+        #: no cache and still is changes nothing).
         self.version = 0
 
     async def get(self, name: str) -> CacheSettings | None:
@@ -119,6 +125,9 @@ class CacheRegistry:
         hit = self._seen.get(name)
         if hit is not None and self._clock() - hit[1] < self._refresh:
             return True, hit[0]
+        missed = self._unknown.get(name)
+        if missed is not None and self._clock() - missed < self._refresh:
+            return True, None
         return False, None
 
     def known(self, name: str) -> CacheSettings | None:
@@ -130,14 +139,25 @@ class CacheRegistry:
         """Seconds for which :meth:`known` keeps giving what it gives now for ``name``, unless
         :attr:`version` changes first (0 when it gives nothing now)."""
         hit = self._seen.get(name)
-        return 0.0 if hit is None else max(0.0, hit[1] + self._refresh - self._clock())
+        since = hit[1] if hit is not None else self._unknown.get(name)
+        return 0.0 if since is None else max(0.0, since + self._refresh - self._clock())
 
     def _remember(self, name: str, settings: CacheSettings | None) -> None:
-        self._seen[name] = (settings, self._clock())
-        self.version += 1
+        now = self._clock()
+        self._unknown.pop(name, None)
+        if settings is not None:
+            self._seen[name] = (settings, now)
+            self.version += 1
+            return
+        if self._seen.pop(name, None) is not None:
+            self.version += 1
+        self._unknown[name] = now
+        if len(self._unknown) > MAX_UNKNOWN:
+            del self._unknown[next(iter(self._unknown))]
 
     def _forget(self, name: str) -> None:
         self._seen.pop(name, None)
+        self._unknown.pop(name, None)
         self.version += 1
 
     async def names(self) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from larder.core.caches import CacheRegistry
+from larder.core.caches import MAX_UNKNOWN, CacheRegistry
 from larder.protocol.signing import SecretKey
 from larder.storage.memory import MemoryStorage
 
@@ -42,3 +42,31 @@ async def test_the_version_changes_with_what_is_known_and_fresh_for_counts_down(
     seen = registry.version
     assert await registry.get("main") is not None  # read again: a new memory
     assert registry.version != seen
+
+
+class _Counting(MemoryStorage):
+    reads = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.reads += 1
+        return await super().get(key)
+
+
+async def test_names_that_are_no_cache_are_remembered_within_a_bound() -> None:
+    """Anyone may ask for any cache name: the registry's memory of misses stays bounded, and a
+    miss changes nothing the short path keeps (the version)."""
+    now = [0.0]
+    storage = _Counting()
+    registry = CacheRegistry(storage, refresh_interval=10, clock=lambda: now[0])
+    await registry.ensure("main")
+    version = registry.version
+    for number in range(3 * MAX_UNKNOWN):
+        assert await registry.get(f"nope{number}") is None
+    assert registry.version == version
+    assert len(registry._unknown) == MAX_UNKNOWN
+    reads = storage.reads
+    assert await registry.get(f"nope{3 * MAX_UNKNOWN - 1}") is None  # a recent miss: remembered
+    assert storage.reads == reads
+    await registry.create(f"nope{3 * MAX_UNKNOWN - 1}")  # a miss that became a cache
+    assert registry.version != version
+    assert registry.known(f"nope{3 * MAX_UNKNOWN - 1}") is not None
