@@ -64,6 +64,16 @@ def error_response(request: web.Request, status: int, code: str, message: str) -
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _escaped(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``...): what a client sent
+    (a path is percent-decoded) must not start a line of its own in the log."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _path(request: web.Request) -> str:
+    return _escaped(request.path)
+
+
 def _unknown_transfer_coding(request: web.Request) -> str | None:
     """A transfer coding other than ``chunked`` the request's body came in, which aiohttp does
     not undo (it reads ``gzip, chunked`` as plain chunked, so the body would be stored coded).
@@ -83,7 +93,7 @@ def _unknown_transfer_coding(request: web.Request) -> str | None:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     coding = _unknown_transfer_coding(request)
     if coding is not None:
-        log.info("%s %s refused (400): transfer coding %r", request.method, request.path, coding)
+        log.info("%s %s refused (400): transfer coding %r", request.method, _path(request), coding)
         message = f"transfer coding {coding!r} is not supported; send the body chunked or sized"
         response = error_response(request, 400, "transfer_coding", message)
         response.force_close()  # the body was not read
@@ -94,9 +104,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         note_error_code(request, exc.code)
         status = status_for(exc)
         if status >= 500:
-            log.error("%s %s failed: %s", request.method, request.path, exc.message)
+            log.error("%s %s failed: %s", request.method, _path(request), _escaped(exc.message))
         else:
-            log.info("%s %s refused (%d): %s", request.method, request.path, status, exc.message)
+            path, message = _path(request), _escaped(exc.message)
+            log.info("%s %s refused (%d): %s", request.method, path, status, message)
         # A storage error's own message names the backend (an S3 endpoint, a bucket, a key,
         # a local path): clients get its kind, the log gets the details.
         if isinstance(exc, errors.StorageFull):
@@ -113,5 +124,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return error_response(request, exc.status, "http_error", exc.reason)
         raise
     except Exception:
-        log.exception("%s %s crashed", request.method, request.path)
+        log.exception("%s %s crashed", request.method, _path(request))
         return error_response(request, 500, "internal", "internal error")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import logging
 import lzma
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -22,7 +23,7 @@ from larder.core import keys
 from larder.protocol import narinfo, nix32
 from larder.service import state
 from larder.storage.disk import DiskStorage
-from tests.service.conftest import Service, ServiceFactory, send_raw
+from tests.service.conftest import Service, ServiceFactory, capturing_logger, send_raw
 from tests.service.test_nix_routes import hash_part, make_nar, nar_url, narinfo_text, store_path
 
 T = TypeVar("T")
@@ -245,3 +246,16 @@ async def test_a_body_in_a_transfer_coding_other_than_chunked_is_refused(service
         f"Authorization: Bearer {service.write_token}\r\nTransfer-Encoding: chunked\r\n"
     )
     assert await send_raw(service, head, body) == 201
+
+
+async def test_a_path_cannot_write_a_line_of_its_own_into_the_log(service: Service) -> None:
+    logger, messages = capturing_logger("larder.http")
+    try:
+        forged = "%0A2026-12-06%2000:00:00,000%20ERROR%20larder.http%20crashed%1B[31m"
+        assert await send_raw(service, f"PUT /main/rustc/blobs/x{forged} HTTP/1.1\r\n") == 401
+    finally:
+        logger.propagate = True
+        logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+    assert messages and all("\n" not in m and "\x1b" not in m for m in messages), messages
+    assert any("x\\n2026-12-06" in m for m in messages), messages
