@@ -74,28 +74,38 @@ def _path(request: web.Request) -> str:
     return _escaped(request.path)
 
 
-def _unknown_transfer_coding(request: web.Request) -> str | None:
-    """A transfer coding other than ``chunked`` the request's body came in, which aiohttp does
-    not undo (it reads ``gzip, chunked`` as plain chunked, so the body would be stored coded).
+def _unreadable_body(request: web.Request) -> tuple[str, str] | None:
+    """``(code, message)`` when the request's body cannot be taken as what it names, whatever
+    the route: then it is refused with 400 before any route reads it.
 
-    Refused with 400, as aiohttp refuses a ``Transfer-Encoding`` it cannot read, rather than
-    RFC 9112's suggested 501: a request anyone can send must not count as a server error.
+    - A transfer coding other than ``chunked``: aiohttp reads ``gzip, chunked`` as plain chunked
+      and would hand over the coded bytes. (RFC 9112 suggests 501; 400 as aiohttp answers a
+      ``Transfer-Encoding`` it cannot read, since a request anyone can send must not count as a
+      server error.)
+    - ``Content-Range`` on a write: a part of a resource stored as the whole of it. RFC 9110
+      §14.5: a server that does not take partial ``PUT`` must answer 400.
     """
     value = request.headers.get("Transfer-Encoding")
-    if value is None:
-        return None
-    codings = [coding.strip().lower() for coding in value.split(",")]
-    unknown = [coding for coding in codings if coding != "chunked"]
-    return unknown[0] if unknown else None
+    if value is not None:
+        codings = [coding.strip().lower() for coding in value.split(",")]
+        unknown = [coding for coding in codings if coding != "chunked"]
+        if unknown:
+            return "transfer_coding", (
+                f"transfer coding {unknown[0][:40]!r} is not supported; "
+                "send the body chunked or sized"
+            )
+    if "Content-Range" in request.headers and request.method in ("PUT", "POST", "PATCH"):
+        return "partial_write", "partial writes (Content-Range) are not supported; send it whole"
+    return None
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    coding = _unknown_transfer_coding(request)
-    if coding is not None:
-        log.info("%s %s refused (400): transfer coding %r", request.method, _path(request), coding)
-        message = f"transfer coding {coding!r} is not supported; send the body chunked or sized"
-        response = error_response(request, 400, "transfer_coding", message)
+    refusal = _unreadable_body(request)
+    if refusal is not None:
+        code, message = refusal
+        log.info("%s %s refused (400): %s", request.method, _path(request), message)
+        response = error_response(request, 400, code, message)
         response.force_close()  # the body was not read
         return response
     try:

@@ -259,3 +259,16 @@ async def test_a_path_cannot_write_a_line_of_its_own_into_the_log(service: Servi
         logger.setLevel(logging.NOTSET)
     assert messages and all("\n" not in m and "\x1b" not in m for m in messages), messages
     assert any("x\\n2026-12-06" in m for m in messages), messages
+
+
+async def test_a_partial_write_is_refused_and_stores_nothing(service: Service) -> None:
+    """RFC 9110 §14.5: a PUT with Content-Range, on a server without partial PUT, is 400 (it was
+    stored as the whole entry)."""
+    baseline = await all_keys(service)
+    for target in ("/main/sccache/p/a/entry", "/main/log/partial"):
+        head = (
+            f"PUT {target} HTTP/1.1\r\nAuthorization: Bearer {service.write_token}\r\n"
+            "Content-Range: bytes 100-103/2000\r\nContent-Length: 4\r\n"
+        )
+        assert await send_raw(service, head, b"part") == 400
+    assert await all_keys(service) == baseline
