@@ -10,7 +10,10 @@ and a file name on disk:
   ``build-trace-v2/...``, ``debuginfo/<hex>``): 1 to 8 ``/``-separated segments of
   ``[A-Za-z0-9._:!+=@?-]``, none empty, ``.`` or ``..`` or longer than 255 characters (a file
   name on disk), at most 512 characters, no leading ``/``. (``?`` is allowed because store
-  path names, hence derivation log names, may contain it.)
+  path names, hence derivation log names, may contain it.) Names the cache's own routes answer
+  are not objects (:data:`ROUTED_PREFIXES`, ``nix-cache-info``, ``*.narinfo``): a write there
+  (``nar%2F<hash>.nar.xz``, ``rustc/manifest/<key>`` for ``rustc/manifests/``) would skip that
+  route's checks or be stored where no client reads it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Final
 from larder.errors import FormatError
 
 RESERVED_NAMES: Final = frozenset({"api", "healthz", "readyz", "metrics", "static"})
+#: First segments of a cache's URLs that its own routes answer (NARs, the rustc API, sccache).
+ROUTED_PREFIXES: Final = frozenset({"nar", "rustc", "sccache"})
 MAX_OBJECT_PATH_LENGTH: Final = 512
 MAX_OBJECT_PATH_SEGMENTS: Final = 8
 #: A file name's limit on common file systems (NAME_MAX): every segment is one on disk storage.
@@ -54,6 +59,10 @@ def check_object_path(path: str) -> str:
     if path.startswith("/"):
         raise FormatError(f"invalid object path {shown}: it must be relative")
     segments = path.split("/")
+    if (len(segments) > 1 and segments[0] in ROUTED_PREFIXES) or (
+        len(segments) == 1 and (path == "nix-cache-info" or path.endswith(".narinfo"))
+    ):
+        raise FormatError(f"invalid object path {shown}: the cache's own routes answer it")
     if len(segments) > MAX_OBJECT_PATH_SEGMENTS:
         raise FormatError(
             f"invalid object path {shown}: more than {MAX_OBJECT_PATH_SEGMENTS} segments"

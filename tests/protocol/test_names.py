@@ -55,6 +55,8 @@ def test_invalid_cache_names(name: str, message: str) -> None:
         ".hidden",
         "a" * 255,
         "/".join(["a" * 255, "b" * 255]),
+        "log/nar",
+        "debuginfo/x.narinfo",
     ],
 )
 def test_valid_object_paths(path: str) -> None:
@@ -79,7 +81,13 @@ def test_valid_object_paths(path: str) -> None:
         ("log/a%2f", "invalid character '%'"),
         ("log/x\0", "invalid character '\\x00'"),
         ("log/caf\u00e9", "invalid character"),
-        ("nar/x#y", "invalid character '#'"),
+        ("log/x#y", "invalid character '#'"),
+        ("nar/1dv112qm133k8j4k7a2nd9jyq8qpp82syfk7aa652i9kfan2agkz.nar.xz", "own routes"),
+        ("rustc/manifest/" + "ab" * 32, "own routes"),
+        ("rustc/v2/manifests/x", "own routes"),
+        ("sccache/a/b", "own routes"),
+        ("nix-cache-info", "own routes"),
+        ("lcy4f45x4mfwzinmvk2xg1vw63196ksb.narinfo", "own routes"),
     ],
 )
 def test_invalid_object_paths(path: str, message: str) -> None:
