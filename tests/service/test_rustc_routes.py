@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -261,3 +262,23 @@ async def test_traversal_on_rustc_routes_stores_nothing(service: Service, target
     assert status == 400, status
     assert [k async for k in service.storage.keys("caches/")] == []
     assert [b async for b in service.storage.blob_ids()] == []
+
+
+async def test_expect_continue_on_questions_waits_for_the_read_check(service: Service) -> None:
+    """A POST to a private cache's rustc routes is refused before its body, as a PUT is."""
+    await service.client.app[state.CACHES].create("priv", private=True)
+    reader_token, _ = await service.client.app[state.TOKENS].issue("priv", Scope.READ, 3600)
+    for route in ("missing", "explained"):
+        for headers, status in (
+            ("", b"401"),
+            (f"Authorization: Bearer {service.write_token}\r\n", b"403"),  # main's token
+            (f"Authorization: Bearer {reader_token}\r\n", b"100"),
+        ):
+            reader, writer = await asyncio.open_connection(service.client.host, service.client.port)
+            writer.write(
+                f"POST /priv/rustc/{route} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                f"Content-Length: 10\r\n{headers}\r\n".encode()
+            )
+            line = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            assert line.split()[1] == status, (route, line)

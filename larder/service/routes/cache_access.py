@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from larder.core.caches import CacheSettings
@@ -26,17 +28,26 @@ async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
     return settings
 
 
-async def expect_continue(request: web.Request) -> web.StreamResponse | None:
-    """Answer ``Expect: 100-continue`` only after auth and size checks pass.
+def expect_continue_for(
+    needed: Scope,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """An ``expect_handler`` that answers ``Expect: 100-continue`` only once the request may do
+    ``needed`` on its cache and its declared size is within the limit: a client that would be
+    refused learns it before sending its body."""
 
-    A client that would be refused learns it before sending a large body.
-    """
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        return error_response(request, 417, "expectation_failed", "unsupported Expect header")
-    try:
-        await cache_for(request, Scope.WRITE)
-        check_declared_length(request, request.app[state.CONFIG].max_upload_size)
-    except LarderError as exc:  # the error middleware does not wrap expect handlers
-        return error_response(request, status_for(exc), exc.code, exc.message)
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    return None
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error_response(request, 417, "expectation_failed", "unsupported Expect header")
+        try:
+            await cache_for(request, needed)
+            check_declared_length(request, request.app[state.CONFIG].max_upload_size)
+        except LarderError as exc:  # the error middleware does not wrap expect handlers
+            return error_response(request, status_for(exc), exc.code, exc.message)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
+    return expect
+
+
+#: Writes: the handler of every ``PUT``.
+expect_continue = expect_continue_for(Scope.WRITE)

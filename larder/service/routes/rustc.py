@@ -37,7 +37,7 @@ from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.observability.recording import note_lookup, note_miss_reason, note_upload
 from larder.service.routes.bodies import coded_body, read_document, serve_blob
-from larder.service.routes.cache_access import cache_for, expect_continue
+from larder.service.routes.cache_access import cache_for, expect_continue, expect_continue_for
 from larder.service.state import HITS
 
 ZSTD_TYPE = "application/zstd"
@@ -172,7 +172,8 @@ def add_routes(app: web.Application) -> None:
     """Register the rustc routes (before the Nix catch-all)."""
     router = app.router
     base = "/{cache}/rustc"
-    router.add_post(base + "/missing", post_missing)
+    reading = expect_continue_for(Scope.READ)  # the POSTs are questions: a read token asks them
+    router.add_route("POST", base + "/missing", post_missing, expect_handler=reading)
     router.add_route("PUT", base + "/blobs/{blob}", put_blob, expect_handler=expect_continue)
     router.add_get(base + "/blobs/{blob}", get_blob)
     router.add_route("PUT", base + "/manifests/{key}", put_manifest, expect_handler=expect_continue)
@@ -182,4 +183,4 @@ def add_routes(app: web.Application) -> None:
     router.add_route("PUT", base + "/inputs/{key}", put_inputs, expect_handler=expect_continue)
     router.add_get(base + "/inputs/{key}", get_inputs)
     router.add_get(base + "/inputs", get_nearest)
-    router.add_post(base + "/explained", post_explained)
+    router.add_route("POST", base + "/explained", post_explained, expect_handler=reading)
