@@ -131,7 +131,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, status, exc.code, message)
     except web.HTTPException as exc:
         if exc.status >= 400 and request.path.startswith("/api/"):
-            return error_response(request, exc.status, "http_error", exc.reason)
+            response = error_response(request, exc.status, "http_error", exc.reason)
+            if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110 §15.5.6)
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         raise
     except Exception:
         log.exception("%s %s crashed", request.method, _path(request))

@@ -305,13 +305,24 @@ async def raw_request(service: Service, method: str, target: str, body: bytes = 
     return await send_raw(service, head, body)
 
 
+async def test_a_method_an_api_route_does_not_take_is_405_with_allow(service: Service) -> None:
+    resp = await service.client.post("/api/v1/caches/main", data=b"{}")
+    assert resp.status == 405
+    assert "GET" in resp.headers["Allow"]
+    assert (await resp.json())["code"] == 405
+
+
 async def test_bad_names_and_traversal_are_refused_and_store_nothing(service: Service) -> None:
     before = [key async for key in service.storage.keys("")]
     attempts = [
         ("GET", "/Main/nix-cache-info", 400),
-        ("GET", "/api/nix-cache-info", 400),
+        ("GET", "/api/nix-cache-info", 404),
+        ("GET", "/api/v2/caches/main", 404),
+        ("PUT", "/metrics/x", 404),
         ("GET", "/nope/nix-cache-info", 404),
-        ("GET", "/main/short.narinfo", 400),
+        ("GET", "/main/short.narinfo", 404),
+        ("GET", "/main/" + "A" * 32 + ".narinfo", 404),
+        ("PUT", "/main/short.narinfo", 400),
         # Sent byte for byte: an HTTP client library would resolve the dot segments itself.
         ("PUT", "/main/../../etc/passwd", 400),
         ("PUT", "/main/%2e%2e/%2e%2e/etc/passwd", 400),

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from larder.core.caches import CacheSettings
 from larder.errors import LarderError, NoSuchCache
-from larder.protocol.names import check_cache_name
+from larder.protocol.names import RESERVED_NAMES, check_cache_name
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.errors import error_response, status_for
@@ -19,7 +19,10 @@ from larder.service.routes.credentials import check_access
 
 async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
     """The cache named in the URL, after checking the request may do ``needed`` on it."""
-    name = check_cache_name(request.match_info["cache"])
+    name = request.match_info["cache"]
+    if name in RESERVED_NAMES:  # /api/v2/..., /metrics/x: a route that does not exist
+        raise NoSuchCache(f"no route {request.path[:80]!r}")
+    check_cache_name(name)
     settings = await request.app[state.CACHES].get(name)
     if settings is None:
         raise NoSuchCache(f"no cache named {name!r}")

@@ -64,7 +64,10 @@ def _store_hash(request: web.Request) -> str:
 async def get_narinfo(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.READ)
     nix = request.app[state.NIX]
-    store_hash = _store_hash(request)
+    try:
+        store_hash = _store_hash(request)
+    except FormatError:  # no store path has this hash: not here, as Nix reads a 404
+        raise web.HTTPNotFound() from None
     if request.method == "HEAD":
         body = b"" if await nix.has_narinfo(settings, store_hash) else None
     else:
