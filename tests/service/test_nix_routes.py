@@ -383,6 +383,34 @@ async def test_opaque_extras_round_trip(service: Service) -> None:
     assert (await service.client.get("/main/log/unknown")).status == 404
 
 
+@pytest.mark.parametrize(
+    ("sent", "served"),
+    [
+        ("text/plain; charset=utf-8", "text/plain; charset=utf-8"),
+        ("application/json", "application/json"),
+        ("Application/JSON", "application/json"),
+        ("text/html", "application/octet-stream"),
+        ("image/svg+xml", "application/octet-stream"),
+        ('text/plain; charset="><script>', "text/plain"),
+        ("x" * 5000, "application/octet-stream"),
+        ("", "application/octet-stream"),
+    ],
+)
+async def test_an_opaque_object_is_never_served_as_a_page(
+    service: Service, sent: str, served: str
+) -> None:
+    """A writer cannot make the cache's origin serve HTML or SVG (script) to a browser."""
+    headers = {**service.auth(), "Content-Type": sent} if sent else service.auth()
+    resp = await service.client.put("/main/log/page", data=b"<script>x</script>", headers=headers)
+    assert resp.status == 200
+    for accept in ("zstd", "identity"):
+        got = await service.client.get(
+            "/main/log/page", headers={"Accept-Encoding": accept}, auto_decompress=False
+        )
+        assert got.headers["Content-Type"] == served
+        assert got.headers["X-Content-Type-Options"] == "nosniff"
+
+
 async def test_expect_continue_refuses_before_the_body(service: Service) -> None:
     host, port = service.client.host, service.client.port
     for headers, status in (

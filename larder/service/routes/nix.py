@@ -42,7 +42,13 @@ from larder.service.routes.bodies import (
     serve_stream,
 )
 from larder.service.routes.cache_access import cache_for, expect_continue
-from larder.service.routes.nix_headers import cache_info_headers, nar_headers, narinfo_headers
+from larder.service.routes.nix_headers import (
+    cache_info_headers,
+    nar_headers,
+    narinfo_headers,
+    opaque_headers,
+    opaque_type,
+)
 from larder.service.state import HITS
 
 # -- nix-cache-info ------------------------------------------------------------------------
@@ -151,13 +157,13 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     reader = await nix.open_blob(record.blob_id)
     if reader is None:
         raise web.HTTPNotFound()
-    headers = {"Content-Type": record.content_type, "Vary": "Accept-Encoding"}
+    headers = {**opaque_headers(record.content_type), "Vary": "Accept-Encoding"}
     if path.startswith("debuginfo/") and record.size <= MAX_DEBUGINFO:
         await reader.close()
         document = await nix.debuginfo(settings, record)
         if document is None:
             raise web.HTTPNotFound()
-        return web.Response(body=document, headers={"Content-Type": record.content_type})
+        return web.Response(body=document, headers=opaque_headers(record.content_type))
     if record.content_encoding in LEGACY_RAW_CODINGS:
         # Stored (before larder decoded uploads) as sent: undo the coding while serving.
         await reader.close()
@@ -217,7 +223,7 @@ async def put_file(request: web.Request) -> web.Response:
         settings,
         path,
         body,
-        content_type=request.headers.get("Content-Type", "application/octet-stream"),
+        content_type=opaque_type(request.headers.get("Content-Type", "")),
         coding=coding,
         limit=config.max_nar_size if coding != "none" else None,
     )

@@ -7,6 +7,7 @@ readers send it; ``tests/service/test_fastpath*.py`` compare their answers byte 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from http import HTTPStatus
 
@@ -28,6 +29,39 @@ def cache_info_headers() -> dict[str, str]:
 def nar_headers() -> dict[str, str]:
     """A NAR answer's own headers (a file response adds ``Accept-Ranges`` and its validators)."""
     return {"Content-Type": NAR_TYPE}
+
+
+#: Media types an opaque object (``.ls``, ``log/``, ``realisations/``...) keeps from its upload;
+#: Nix sends these. Any other is served as ``application/octet-stream``: a writer must not make
+#: the cache's origin serve a page a browser runs (``text/html``, ``image/svg+xml``).
+OPAQUE_TYPES = frozenset(
+    {
+        "application/json",
+        "application/octet-stream",
+        "application/x-nix-nar",
+        "text/plain",
+        "text/x-nix-cache-info",
+        NARINFO_TYPE,
+    }
+)
+_CHARSET = re.compile(r'\s*charset="?([A-Za-z0-9._-]{1,40})"?\s*', re.IGNORECASE)
+
+
+def opaque_type(content_type: str) -> str:
+    """The ``Content-Type`` an opaque object is stored and served with, from the one it came
+    with: a type of :data:`OPAQUE_TYPES` (with its ``charset``, if that is a plain name), else
+    ``application/octet-stream``."""
+    media, _, parameters = content_type.partition(";")
+    media = media.strip().lower()
+    if media not in OPAQUE_TYPES:
+        return "application/octet-stream"
+    charset = _CHARSET.fullmatch(parameters)
+    return f"{media}; charset={charset.group(1).lower()}" if charset else media
+
+
+def opaque_headers(content_type: str) -> dict[str, str]:
+    """An opaque object's answer headers: its type (:func:`opaque_type`), never sniffed."""
+    return {"Content-Type": opaque_type(content_type), "X-Content-Type-Options": "nosniff"}
 
 
 def head_lines(status: int, headers: Mapping[str, str], length: int | None) -> bytes:
