@@ -38,6 +38,7 @@ from larder.protocol.inputs import (
     Nearest,
     pack_stored,
     parse_document,
+    stored_identity,
     unpack_stored,
 )
 from larder.protocol.rustc import (
@@ -190,8 +191,15 @@ class RustcCache:
                 f"no manifest for key {key[:16]}: upload it before its inputs document"
             )
         identity = document.identity
+        earlier = await self._storage.get(keys.rustc_inputs(cache.name, key))
         await self._storage.put(keys.rustc_inputs(cache.name, key), pack_stored(document))
         await self._storage.put(keys.rustc_crate(cache.name, identity.id(), key), b"")
+        try:
+            replaced = stored_identity(earlier) if earlier is not None else identity.id()
+        except FormatError:
+            replaced = identity.id()
+        if replaced != identity.id():  # the key no longer belongs to the other crate's index
+            await self._storage.delete(keys.rustc_crate(cache.name, replaced, key))
         return identity
 
     async def get_inputs(self, cache: CacheSettings, key: str) -> bytes | None:

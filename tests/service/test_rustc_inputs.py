@@ -64,6 +64,22 @@ async def test_inputs_round_trip_and_nearest_keys(service: Service) -> None:
     assert (await service.client.get(f"/main/rustc/inputs/{'ef' * 32}")).status == 404
 
 
+async def test_a_key_stored_again_for_another_crate_leaves_the_first_ones_index(
+    service: Service,
+) -> None:
+    await store_manifest(service, KEY)
+    other = Identity("leaf", "leaf", "0.2.0", "lib", "x86_64-unknown-linux-gnu")
+    for identity in (IDENTITY, other):
+        resp = await service.client.put(
+            f"/main/rustc/inputs/{KEY}", json=document(identity), headers=service.auth()
+        )
+        assert resp.status == 200, await resp.text()
+    assert await nearest(service) == []
+    assert await nearest(service, QUERY.replace("version=0.1.0", "version=0.2.0")) == [KEY]
+    assert await service.storage.get(keys.rustc_crate("main", IDENTITY.id(), KEY)) is None
+    assert await service.storage.get(keys.rustc_crate("main", other.id(), KEY)) == b""
+
+
 async def test_inputs_need_the_manifest_of_their_key(service: Service) -> None:
     resp = await service.client.put(
         f"/main/rustc/inputs/{KEY}", json=document(), headers=service.auth()
