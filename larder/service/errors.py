@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from larder import errors
+from larder.service.front.heads import valid_host
 from larder.service.observability.recording import note_error_code
 
 log = logging.getLogger("larder.http")
@@ -74,9 +75,12 @@ def _path(request: web.Request) -> str:
     return _escaped(request.path)
 
 
-def _unreadable_body(request: web.Request) -> tuple[str, str] | None:
-    """``(code, message)`` when the request's body cannot be taken as what it names, whatever
-    the route: then it is refused with 400 before any route reads it.
+def _unreadable_request(request: web.Request) -> tuple[str, str] | None:
+    """``(code, message)`` when the request cannot be taken as it is, whatever the route: then
+    it is refused with 400 before any route reads it.
+
+    - A ``Host`` that is no host (RFC 9112 §3.2: 400): ``a b``, ``x"<y``, ``[::1``, a port past
+      65535. The API would have written it into the substituter URL it answers.
 
     - A transfer coding other than ``chunked``: aiohttp reads ``gzip, chunked`` as plain chunked
       and would hand over the coded bytes. (RFC 9112 suggests 501; 400 as aiohttp answers a
@@ -85,6 +89,9 @@ def _unreadable_body(request: web.Request) -> tuple[str, str] | None:
     - ``Content-Range`` on a write: a part of a resource stored as the whole of it. RFC 9110
       §14.5: a server that does not take partial ``PUT`` must answer 400.
     """
+    host = request.headers.get("Host")
+    if host is not None and not valid_host(host.encode("utf-8", "surrogateescape")):
+        return "invalid_host", "the Host header is not a host name or address with a port"
     value = request.headers.get("Transfer-Encoding")
     if value is not None:
         codings = [coding.strip().lower() for coding in value.split(",")]
@@ -101,7 +108,7 @@ def _unreadable_body(request: web.Request) -> tuple[str, str] | None:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    refusal = _unreadable_body(request)
+    refusal = _unreadable_request(request)
     if refusal is not None:
         code, message = refusal
         log.info("%s %s refused (400): %s", request.method, _path(request), message)

@@ -209,3 +209,27 @@ async def test_connect_is_refused_with_an_answer(live: Live) -> None:
     reply = await asyncio.wait_for(reader.read(4096), 5)
     writer.close()
     assert _statuses(reply)[0].startswith(b"4"), reply
+
+
+@pytest.mark.parametrize("host", [b"a b", b'x"<script>', b"[::1", b"h:99999", b"a/b"])
+async def test_a_host_that_is_no_host_is_refused(live: Live, host: bytes) -> None:
+    """RFC 9112 §3.2: 400, on the short path's targets too (a kept narinfo answer) and on the
+    API, which wrote the value into the substituter URL it answers."""
+    store_hash = hash_of("host")
+    conn = await Conn.open(live)
+    await upload(live, conn, store_hash)
+    conn.close()
+    narinfo = f"/main/{store_hash}.narinfo".encode()
+    warm = await _everything(
+        live,
+        get(narinfo.decode()) + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert _statuses(warm) == [b"200", b"200"]
+    for target in (narinfo, b"/api/v1/caches/main"):
+        reply = await _everything(live, b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host))
+        assert _statuses(reply) == [b"400"], reply
+        assert b"StorePath" not in reply and b"substituter" not in reply
+    good = await _everything(
+        live, b"GET /api/v1/caches/main HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n"
+    )
+    assert _statuses(good) == [b"200"] and b"http://[::1]:8080/main" in good

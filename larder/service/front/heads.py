@@ -21,6 +21,7 @@ llhttp skips: the caller hands those to aiohttp).
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import NamedTuple
 
@@ -52,6 +53,20 @@ SINGLETONS = frozenset(
         b"user-agent",
     }
 )
+
+
+#: A ``Host`` field value (RFC 9112 §3.2, RFC 3986 §3.2.2): an IP literal, or a name of
+#: unreserved, percent-encoded and sub-delimiter characters (empty included), then an optional
+#: port. A request with any other value is answered 400.
+HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]{0,5})?")
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether ``value`` is a ``Host`` field value (:data:`HOST`) with a port up to 65535."""
+    if HOST.fullmatch(value) is None:
+        return False
+    _, colon, port = value.rpartition(b":")
+    return not colon or value.endswith(b"]") or not port or int(port) <= 65535
 
 
 class Head(NamedTuple):
@@ -138,6 +153,7 @@ class HeadReader:
             self.heads.append(AGAIN)
         elif (
             not self._fit
+            or not valid_host(fields.get(b"host", b""))  # aiohttp answers it (400)
             or version != "1.1"
             or b"transfer-encoding" in fields
             or (length is not None and length != b"0")
