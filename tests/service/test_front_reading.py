@@ -233,3 +233,22 @@ async def test_a_host_that_is_no_host_is_refused(live: Live, host: bytes) -> Non
         live, b"GET /api/v1/caches/main HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n"
     )
     assert _statuses(good) == [b"200"] and b"http://[::1]:8080/main" in good
+
+
+@pytest.mark.parametrize("target", [b"*main/x.narinfo", b"main/x.narinfo", b"http:///x", b"*"])
+async def test_a_target_aiohttp_refuses_refuses_the_whole_piece(live: Live, target: bytes) -> None:
+    """aiohttp refuses a piece holding a request target it does not read, answering none of the
+    requests before it in that piece (400 and close); the short path must not answer them."""
+    store_hash = hash_of("target")
+    conn = await Conn.open(live)
+    await upload(live, conn, store_hash)
+    conn.close()
+    good = get(f"/main/{store_hash}.narinfo")
+    warm = await _everything(
+        live, good + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert _statuses(warm) == [b"200", b"200"]
+    reply = await _everything(
+        live, good * 3 + b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target + good
+    )
+    assert _statuses(reply) == [b"400"], reply

@@ -4,10 +4,11 @@
 strict llhttp parser (the parser family under aiohttp's C reader, in the same mode). A piece is
 *refused* when aiohttp's reader would refuse it (and answer 400, RFC 9112): llhttp's own errors
 (a field name with a space or control byte before the colon, a bare CR or LF, ...) and the
-checks aiohttp adds: a request line or a field (name and value) over :data:`MAX_LINE` bytes,
-more than :data:`MAX_FIELDS` fields, a field aiohttp allows once (``Host``,
-``Content-Length``, ``Transfer-Encoding``, ...) repeated, a NUL in a value, an ``HTTP/1.1``
-request without ``Host``. After a refused piece the reader is spent and the connection goes to
+checks aiohttp adds: a request target in none of the forms it reads (``GET *x``, ``GET x``),
+a request line or a field (name and value) over :data:`MAX_LINE` bytes, more than
+:data:`MAX_FIELDS` fields, a field aiohttp allows once (``Host``, ``Content-Length``,
+``Transfer-Encoding``, ...) repeated, a NUL in a value, an ``HTTP/1.1`` request without
+``Host``. After a refused piece the reader is spent and the connection goes to
 aiohttp with every byte not answered yet, the refused piece included, so aiohttp refuses it too.
 
 Every request head completed in the bytes fed so far is queued in :attr:`HeadReader.heads`, in
@@ -26,6 +27,8 @@ from collections import deque
 from typing import NamedTuple
 
 import httptools
+from aiohttp.http_parser import _has_authority
+from yarl import URL
 
 #: The longest request line, and the longest field (name and value), aiohttp reads
 #: (``max_line_size``, ``max_field_size``).
@@ -80,6 +83,24 @@ class Head(NamedTuple):
 
 #: A head queued without its reading (:meth:`HeadReader.again` reads it when its turn comes).
 AGAIN = Head(b"", b"", {})
+
+
+def _target_read(method: bytes, target: bytes) -> bool:
+    """Whether aiohttp's reader takes ``target`` as a request target (RFC 9112 §3.2): origin
+    form (``/...``), ``*`` for ``OPTIONS``, authority form for ``CONNECT``, else absolute form
+    with a host. It refuses any other with 400, and with it every request read from the same
+    piece (so must this reader: answering those would differ)."""
+    if target[:1] == b"/":
+        return True
+    text = target.decode("utf-8", "surrogateescape")
+    try:
+        if method == b"CONNECT":
+            return URL.build(authority=text, encoded=True).raw_host is not None
+        if text == "*" and method == b"OPTIONS":
+            return True
+        return _has_authority(text) and URL(text, encoded=True).raw_host is not None
+    except ValueError:
+        return False
 
 
 class _Refused(Exception):
@@ -144,6 +165,8 @@ class HeadReader:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        if not _target_read(parser.get_method(), self._target):
+            raise _Refused("request target aiohttp does not read")
         fields = self._fields
         version = parser.get_http_version()
         if version == "1.1" and b"host" not in fields:
