@@ -11,7 +11,8 @@ or a *linked* type (``bin``, ``dylib``, ``cdylib``, ``proc-macro``: the output i
 linker, see :mod:`larder.client.linkline` for their further rules), it emits only ``dep-info``,
 ``metadata`` and ``link`` into ``--out-dir`` (no per-kind paths, no ``-o``), and it uses none
 of: ``-C incremental``, ``--test``, ``@argfiles``, stdin input, ``-C save-temps``,
-profile-guided optimisation, or split debug info (``-C split-debuginfo=packed|unpacked``).
+profile-guided optimisation, split debug info (``-C split-debuginfo=packed|unpacked``), or
+``--sysroot`` (a standard library other than the toolchain's, which the key hashes).
 :attr:`Compilation.reason` names the first rule broken.
 """
 
@@ -218,6 +219,8 @@ def _reason(
         return "output-file"
     if c.out_dir is None:
         return "no-out-dir"
+    if c.values("--sysroot"):  # another standard library than the one key item 3 hashes
+        return "sysroot"
     return None
 
 

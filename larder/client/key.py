@@ -26,11 +26,13 @@ spaces) holding exactly these inputs, numbered as in the code below:
    dependency's ``.rlib``/``.rmeta``), or null for a sysroot crate named without a path. A
    dependency's own inputs thus reach this key through its output.
 8. ``cargo_env``: the package metadata cargo sets (``CARGO_PKG_*`` except paths,
-   ``CARGO_CRATE_NAME``) and ``RUSTC_BOOTSTRAP``.
+   ``CARGO_CRATE_NAME``), ``RUSTC_BOOTSTRAP`` and ``RUSTC_FORCE_RUSTC_VERSION``.
 9. ``out_dir``: what a build script generated: each file under ``$OUT_DIR`` by relative path
    and BLAKE3 (a symlink by its target).
 10. ``native``: each ``-l static=NAME`` library found as ``libNAME.a`` in a ``-L`` directory, by
-    name and BLAKE3 (rustc bundles it into the rlib), or null when not found.
+    name and BLAKE3 (rustc bundles it into the rlib), or null when not found; and every static
+    archive and crate file in a ``-L`` directory under a root, by portable path and BLAKE3
+    (what ``#[link(kind = "static")]`` or ``extern crate`` finds without an argument).
 11. ``link``, only for linked crate types (``bin``, ``dylib``, ``cdylib``, ``proc-macro``; other
     documents have no such field): the linker command rustc ran, in portable form, the
     linker's identity, every file the link reads (every crate's rlib, native libraries as the
@@ -97,6 +99,9 @@ _CARGO_ENV = (
     "CARGO_PKG_README",
     "CARGO_CRATE_NAME",
     "RUSTC_BOOTSTRAP",
+    # rustc reads it for the version it writes into metadata and symbol hashes (no dep-info
+    # line names it)
+    "RUSTC_FORCE_RUSTC_VERSION",
 )
 
 
@@ -190,32 +195,65 @@ def tree_digests(root: Path) -> list[tuple[str, str]]:
     return entries
 
 
-def _search_dirs(compilation: Compilation, cwd: Path) -> list[Path]:
+def _search_dirs(compilation: Compilation, cwd: Path) -> list[tuple[str, Path]]:
+    """Each ``-L`` directory with its kind (``native``, ``crate``, ``all``, ...)."""
     dirs = []
     for value in compilation.values("-L"):
         kind, sep, path = value.partition("=")
         if not sep:
             path, kind = value, "all"
-        if kind in ("native", "all"):
-            dirs.append(cwd / path)
+        dirs.append((kind, cwd / path))
     return dirs
 
 
-def native_digests(compilation: Compilation, cwd: Path) -> list[tuple[str, str | None]]:
-    """Item 10: static native libraries an rlib bundles."""
+#: Files of a project's own ``-L`` directory that rustc may read without any argument naming
+#: them: static archives (``#[link(name = "x", kind = "static")]`` bundles ``libx.a``) and
+#: crates (``extern crate x;`` finds ``libx.rlib``).
+_FOUND_BY_SEARCH = (".a", ".rlib", ".rmeta", ".so")
+#: The most such files one directory may hold; past it the compilation gets no key.
+MAX_SEARCHED_FILES = 256
+
+
+def native_digests(
+    compilation: Compilation, cwd: Path, roots: Roots
+) -> list[tuple[str, str | None]]:
+    """Item 10: static native libraries an rlib bundles, and what rustc may find by searching.
+
+    Each ``-l static=NAME`` (``+verbatim``: the file ``NAME`` itself) as the first
+    ``libNAME.a`` on the ``native``/``all`` search path, by name and BLAKE3, or null when not
+    found. Then, for each ``-L`` directory under a root (the project's own: a vendored library,
+    a build script's ``OUT_DIR``; system directories are left out like system headers), every
+    static archive and crate file in it (``search:<portable path>``, BLAKE3): a library named
+    only in the source (``#[link]``) or a crate named only by ``extern crate`` is found there.
+    """
     found: list[tuple[str, str | None]] = []
+    searched = _search_dirs(compilation, cwd)
+    native_dirs = [path for kind, path in searched if kind in ("native", "all")]
     for value in compilation.values("-l"):
         kind, sep, name = value.partition("=")
         if not sep or not kind.startswith("static") or "-bundle" in kind:
             continue
         name = name.partition(":")[0]
+        file_name = name if "+verbatim" in kind else f"lib{name}.a"
         digest = None
-        for directory in _search_dirs(compilation, cwd):
-            candidate = directory / f"lib{name}.a"
+        for directory in native_dirs:
+            candidate = directory / file_name
             if candidate.is_file():
                 digest = file_digest(candidate)
                 break
         found.append((name, digest))
+    for kind, directory in searched:
+        if kind == "dependency" or not directory.is_dir():
+            continue
+        portable = roots.portable_path(os.path.normpath(directory))
+        if portable == os.path.normpath(directory):
+            continue  # not the project's own
+        names = sorted(n for n in os.listdir(directory) if n.endswith(_FOUND_BY_SEARCH))
+        if len(names) > MAX_SEARCHED_FILES:
+            raise KeyUnavailable(f"{len(names)} libraries in the search directory {directory}")
+        for name in names:
+            if (directory / name).is_file():
+                found.append((f"search:{portable}/{name}", file_digest(directory / name)))
     return found
 
 
@@ -266,7 +304,7 @@ def base_inputs(
             externs=extern_digests(compilation, cwd),
             cargo_env=cargo_env(environ),
             out_dir=tree_digests(Path(out_dir)) if out_dir and Path(out_dir).is_dir() else [],
-            native=native_digests(compilation, cwd),
+            native=native_digests(compilation, cwd, roots),
         )
     except OSError as exc:
         raise KeyUnavailable(f"cannot read a key input: {exc}") from None

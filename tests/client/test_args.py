@@ -83,6 +83,8 @@ def _with(*extra: str, drop: str | None = None) -> list[str]:
         (_with("@/tmp/args"), "argfile"),
         (_with("-C", "split-debuginfo=unpacked"), "split-debuginfo"),
         (_with("-C", "profile-use=/tmp/p.profdata"), "codegen-option"),
+        (_with("--sysroot", "/opt/custom-sysroot"), "sysroot"),
+        (_with("--sysroot=sysroot"), "sysroot"),
         (_with(drop="--crate-name"), "no-crate-name"),
         (_with("--crate-name=", drop="--crate-name"), "no-crate-name"),  # found by fuzz.client_args
         (_with("other.rs"), "inputs"),

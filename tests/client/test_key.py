@@ -10,6 +10,7 @@ import pytest
 
 from larder.client import args, depinfo
 from larder.client.key import (
+    MAX_SEARCHED_FILES,
     Base,
     KeyUnavailable,
     base_inputs,
@@ -207,6 +208,11 @@ def _bootstrap(c: Checkout) -> dict[str, object]:
     return {"env": {"RUSTC_BOOTSTRAP": "1"}}
 
 
+@change("RUSTC_FORCE_RUSTC_VERSION")
+def _forced_version(c: Checkout) -> dict[str, object]:
+    return {"env": {"RUSTC_FORCE_RUSTC_VERSION": "1.0.0-forced"}}
+
+
 @pytest.mark.parametrize("name", change.names())
 def test_each_input_changes_the_key(name: str, ci: Checkout) -> None:
     before = key_of(ci)
@@ -350,3 +356,53 @@ def test_a_direct_entry_gives_no_key_once_a_module_is_ambiguous(
     (module.parent / "amb" / "mod.rs").write_text("pub fn g() {}\n")
     with pytest.raises(KeyUnavailable, match="both exist"):
         from_direct_entry(base, entry, roots, laptop.root, environ)
+
+
+def test_what_rustc_finds_by_searching_the_projects_directories_is_keyed(
+    ci: Checkout, laptop: Checkout, tmp_path: Path
+) -> None:
+    """A library named only in the source (``#[link(name = "vfoo", kind = "static")]``, bundled
+    into the rlib) or a crate named only by ``extern crate`` is found in a ``-L`` directory
+    with no argument naming it: its content must be in the key (it was a wrong hit)."""
+    system = tmp_path / "system"
+    system.mkdir()
+    (system / "libsys.a").write_bytes(b"system archive")
+    for c in (ci, laptop):
+        (c.root / "vendor").mkdir()
+        (c.root / "vendor/libvfoo.a").write_bytes(b"!<arch>\nreturns 41")
+        (c.root / "prebuilt").mkdir()
+        (c.root / "prebuilt/libpre.rlib").write_bytes(b"pre 1001")
+
+    def searching(c: Checkout) -> str:
+        return key_of(
+            c, "-L", f"native={c.root}/vendor", "-L", f"{c.root}/prebuilt",
+            "-L", f"native={system}",
+        )  # fmt: skip
+
+    first = searching(ci)
+    assert first == searching(laptop)  # portable: the same from another directory
+    (system / "libsys.a").write_bytes(b"system archive, updated")
+    assert searching(ci) == first  # system directories are left out, like system headers
+    (ci.target / "debug/deps/libunrelated-1.rlib").write_bytes(b"not searched: dependency=")
+    assert searching(ci) == first
+    (ci.root / "vendor/libvfoo.a").write_bytes(b"!<arch>\nreturns 42")
+    second = searching(ci)
+    assert second != first
+    (ci.root / "prebuilt/libpre.rlib").write_bytes(b"pre 1002")
+    assert searching(ci) != second
+    for number in range(MAX_SEARCHED_FILES + 1):
+        (ci.root / f"vendor/lib{number}.a").write_bytes(b"x")
+    with pytest.raises(KeyUnavailable, match="search directory"):
+        searching(ci)
+
+
+def test_a_verbatim_static_library_is_keyed_by_its_own_file_name(
+    ci: Checkout, tmp_path: Path
+) -> None:
+    system = tmp_path / "system"
+    system.mkdir()
+    (system / "foo.a").write_bytes(b"foo 41")
+    verbatim = ("-L", f"native={system}", "-l", "static:+verbatim=foo.a")
+    first = key_of(ci, *verbatim)
+    (system / "foo.a").write_bytes(b"foo 42")
+    assert key_of(ci, *verbatim) != first
