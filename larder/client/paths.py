@@ -78,9 +78,22 @@ def default_cargo_home(environ: dict[str, str] | os._Environ[str]) -> Path:
     return Path(home) if home else Path.home() / ".cargo"
 
 
+#: Top-level directories that are the system's, never a checkout, target directory or
+#: ``CARGO_HOME`` of their own (``/app``, ``/src``, ``/target`` in a container are).
+SYSTEM_DIRS = frozenset(
+    {
+        "bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "media", "mnt",
+        "nix", "opt", "proc", "root", "run", "sbin", "sys", "tmp", "usr", "var",
+    }
+)  # fmt: skip
+
+
 def _usable(path: Path) -> bool:
-    """Whether ``path`` is specific enough to be a root (never ``/`` or a top-level dir)."""
-    return path.is_absolute() and len(path.parts) >= 3
+    """Whether ``path`` is specific enough to be a root: never ``/``, nor a top-level system
+    directory (:data:`SYSTEM_DIRS`); ``/app`` or ``/target``, as containers lay them out, are."""
+    if not path.is_absolute() or len(path.parts) < 2:
+        return False
+    return len(path.parts) > 2 or path.parts[1] not in SYSTEM_DIRS
 
 
 @lru_cache(maxsize=8)

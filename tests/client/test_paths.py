@@ -45,6 +45,25 @@ def test_relative_paths_stay_and_shallow_roots_are_ignored() -> None:
     assert shallow.remap_flags() == []
 
 
+def test_top_level_directories_of_a_container_are_roots() -> None:
+    """``/app`` and ``/target`` (a Dockerfile's layout) were ignored as too shallow, so every
+    compilation there kept absolute paths and missed from anywhere else."""
+    container = Roots.of(
+        CWD=Path("/app"), TARGET=Path("/target"), CARGO_HOME=Path("/usr/local/cargo")
+    )
+    laptop = Roots.of(
+        CWD=Path("/home/me/app"),
+        TARGET=Path("/home/me/app/target"),
+        CARGO_HOME=Path("/home/me/.cargo"),
+    )
+    line = "-L dependency={}/debug/deps {}/src/lib.rs"
+    assert container.portable(line.format("/target", "/app")) == laptop.portable(
+        line.format("/home/me/app/target", "/home/me/app")
+    )
+    assert container.portable("/application/x") == "/application/x"  # whole components only
+    assert Roots.of(CWD=Path("/usr"), TARGET=Path("/home"), CARGO_HOME=Path("/root")).roots == ()
+
+
 def test_remap_flags_put_the_most_specific_root_last() -> None:
     flags = CI.remap_flags()
     assert flags == [
