@@ -5,8 +5,9 @@ package), which the shim would pay on every rustc invocation; this module needs 
 (and ``ssl`` for https, imported when used). It speaks what larder's server sends: a status line,
 headers, and a body delimited by ``Content-Length``, ``Transfer-Encoding: chunked`` or the end of
 the connection (none at all after a ``204``, a ``304``, a ``1xx`` or a ``HEAD``, whatever the
-headers say). Any socket or framing failure raises ``OSError`` (``TimeoutError`` for timeouts)
-and closes the connection.
+headers say). Any socket or framing failure raises ``OSError`` (``TimeoutError`` for timeouts:
+a ``recv`` waiting ``timeout``, or an answer slower than :data:`MIN_RATE` on average) and closes
+the connection.
 
 Through an http proxy (:mod:`larder.client.proxy`), an https server is reached in a ``CONNECT``
 tunnel (TLS is then spoken with the server, end to end) and an http server with absolute-form
@@ -15,14 +16,17 @@ request targets (``GET http://host:port/path``) sent to the proxy.
 
 from __future__ import annotations
 
+import io
 import socket
-from typing import BinaryIO
+import time
+from typing import Any, BinaryIO
 
 from larder.client.proxy import Proxy
 
 _MAX_LINE = 65536
 _MAX_HEADERS = 100
 _SEND_CHUNK = 256 * 1024
+_READ_BUFFER = 64 * 1024
 _NO_BODY = frozenset({204, 304})
 
 
@@ -32,6 +36,41 @@ def _wire(host: str) -> str | bytes:
     whose first use imports ``encodings.idna``, ``stringprep`` and ``unicodedata`` (a few ms
     per invocation); a name that is not ASCII still goes through that codec."""
     return host.encode("ascii") if host.isascii() else host
+
+
+#: The slowest a response may come, on average, once ``timeout`` seconds have passed: a server
+#: (or proxy) sending a byte now and then, each within the timeout, is given up on instead of
+#: holding the build (a compilation is cheaper than a download slower than this).
+MIN_RATE = 128 * 1024
+
+
+class _Paced(io.RawIOBase):
+    """A socket's received bytes, read with an overall deadline: a read fails with
+    ``TimeoutError`` once the response that started at :meth:`restart` has taken longer than
+    ``timeout`` seconds plus its bytes so far at :data:`MIN_RATE`. Each ``recv`` also waits at
+    most ``timeout``."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._timeout = timeout
+        self.restart()
+
+    def restart(self) -> None:
+        self._since = time.monotonic()
+        self._received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        allowed = self._since + self._timeout + self._received / MIN_RATE - time.monotonic()
+        if allowed <= 0:
+            raise TimeoutError(f"the answer came slower than {MIN_RATE // 1024} KiB/s")
+        self._sock.settimeout(min(self._timeout, allowed))
+        count = self._sock.recv_into(buffer)
+        self._received += count
+        return count
 
 
 class ProtocolError(OSError):
@@ -133,6 +172,7 @@ class Connection:
         self.timeout = timeout
         self.proxy = proxy
         self._sock: socket.socket | None = None
+        self._paced: _Paced = None  # type: ignore[assignment]
         self.reader: BinaryIO = None  # type: ignore[assignment]
 
     def close(self) -> None:
@@ -157,7 +197,8 @@ class Connection:
             sock.close()
             raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = sock.makefile("rb")
+        self._paced = _Paced(sock, self.timeout)
+        self.reader = io.BufferedReader(self._paced, _READ_BUFFER)
         return sock
 
     def _tunnel(self, sock: socket.socket, proxy: Proxy) -> None:
@@ -239,6 +280,7 @@ class Connection:
             raise
 
     def _response(self, method: str) -> Response:
+        self._paced.restart()
         status_line = self.reader.readline(_MAX_LINE)
         if not status_line:
             raise ConnectionResetError("the server closed the connection")

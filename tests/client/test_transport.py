@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -133,3 +134,61 @@ def test_garbage_and_truncation_are_errors(
 
 def test_protocol_error_is_an_os_error() -> None:
     assert issubclass(ProtocolError, OSError)
+
+
+@pytest.mark.parametrize("stage", ["head", "body"])
+def test_an_answer_that_trickles_in_is_given_up_on(stage: str) -> None:
+    """A byte every 0.2 s never trips a per-read timeout of 1 s; the whole answer's deadline
+    (timeout plus its bytes at MIN_RATE) does, so a stalled cache cannot hold a build."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+            if stage == "body":
+                conn.sendall(head)
+            for byte in head if stage == "head" else b"x" * 100000:
+                if stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    threading.Thread(target=trickle, daemon=True).start()
+    connection = Connection("127.0.0.1", listener.getsockname()[1], tls=False, timeout=1)
+    start = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            connection.request("GET", "/blob", {}).read()
+    finally:
+        stop.set()
+        connection.close()
+        listener.close()
+    assert time.monotonic() - start < 3
+
+
+def test_a_steady_answer_slower_than_one_read_timeout_arrives_whole() -> None:
+    """The deadline grows with the bytes received: a large body at a fair rate is read."""
+    body = bytes(range(256)) * 4096  # 1 MiB
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def steady() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for offset in range(0, len(body), 256 * 1024):
+                time.sleep(0.4)  # 640 KiB/s, each pause under the 1 s timeout, 1.6 s in all
+                conn.sendall(body[offset : offset + 256 * 1024])
+
+    threading.Thread(target=steady, daemon=True).start()
+    connection = Connection("127.0.0.1", listener.getsockname()[1], tls=False, timeout=1)
+    try:
+        assert connection.request("GET", "/blob", {}).read() == body
+    finally:
+        connection.close()
+        listener.close()
