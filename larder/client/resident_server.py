@@ -260,6 +260,9 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
     started, finished, released = threading.Event(), threading.Event(), threading.Event()
     try:
         os.setpgid(0, 0)
+        # Stopped by _watch (the caller hung up: Ctrl-C): unwind, so what the call wrote
+        # half (a download beside its output) is removed on the way out.
+        signal.signal(signal.SIGTERM, _unwind)
         connection = _install_fds(conn, call.fds, received)
         received.clear()  # closed by _install_fds; the parent closes its own copies
         os.chdir(call.cwd)
@@ -315,6 +318,10 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
         with contextlib.suppress(BaseException):
             _flush_stdio()
         os._exit(code & 0xFF)
+
+
+def _unwind(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _let_go(fds: list[int]) -> None:

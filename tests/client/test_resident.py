@@ -424,3 +424,24 @@ def test_a_miss_recorded_after_cargo_exited_keeps_its_build(crate: Path, server:
     assert record["crate"] == "t"
     assert record["build"].split("-")[0] == cargo.stdout.strip()
     assert not record["build"].endswith("-?")  # named while cargo still ran
+
+
+def test_a_stopped_child_unwinds_so_half_written_files_go(tmp_path: Path) -> None:
+    """The child a caller hung up on is stopped with SIGTERM (its process group); it unwinds
+    instead of dying on the spot, so a download staged beside its output is removed."""
+    staged = tmp_path / ".libt-x.rlib.larder-1"
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, sys, time, larder.client.resident_server as r\n"
+         "signal.signal(signal.SIGTERM, r._unwind)\n"
+         f"open({str(staged)!r}, 'w').close()\n"
+         "try:\n    print('ready', flush=True); time.sleep(60)\n"
+         f"finally:\n    import os; os.unlink({str(staged)!r})\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    assert staged.exists()
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(10) == 128 + signal.SIGTERM
+    child.stdout.close()
+    assert not staged.exists()
