@@ -28,7 +28,7 @@ spaces) holding exactly these inputs, numbered as in the code below:
 8. ``cargo_env``: the package metadata cargo sets (``CARGO_PKG_*`` except paths,
    ``CARGO_CRATE_NAME``), ``RUSTC_BOOTSTRAP`` and ``RUSTC_FORCE_RUSTC_VERSION``.
 9. ``out_dir``: what a build script generated: each file under ``$OUT_DIR`` by relative path
-   and BLAKE3 (a symlink by its target).
+   and BLAKE3 (a symlink by its target, and the BLAKE3 of the file it leads to).
 10. ``native``: each ``-l static=NAME`` library found as ``libNAME.a`` in a ``-L`` directory, by
     name and BLAKE3 (rustc bundles it into the rlib), or null when not found; and every static
     archive and crate file in a ``-L`` directory under a root, by portable path and BLAKE3
@@ -188,8 +188,9 @@ def tree_digests(root: Path) -> list[tuple[str, str]]:
         for name in sorted(filenames + [d for d in dirnames if os.path.islink(Path(directory, d))]):
             path = Path(directory, name)
             relative = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                entries.append((relative, "symlink:" + os.readlink(path)))
+            if path.is_symlink():  # by its target, and the content there (a system library)
+                content = file_digest(path) if path.is_file() else ""
+                entries.append((relative, f"symlink:{os.readlink(path)}:{content}"))
             elif path.is_file():
                 entries.append((relative, file_digest(path)))
     return entries

@@ -406,3 +406,15 @@ def test_a_verbatim_static_library_is_keyed_by_its_own_file_name(
     first = key_of(ci, *verbatim)
     (system / "foo.a").write_bytes(b"foo 42")
     assert key_of(ci, *verbatim) != first
+
+
+def test_a_symlink_a_build_script_made_is_keyed_by_what_it_leads_to(
+    ci: Checkout, tmp_path: Path
+) -> None:
+    system = tmp_path / "system"
+    system.mkdir()
+    (system / "libz.a").write_bytes(b"zlib 1.3")
+    (ci.out_dir / "libz.a").symlink_to(system / "libz.a")
+    first = key_of(ci)
+    (system / "libz.a").write_bytes(b"zlib 1.3.1, a security update")
+    assert key_of(ci) != first
