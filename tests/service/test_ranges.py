@@ -91,26 +91,32 @@ async def test_one_range_is_206(stored: tuple[Service, str, bytes]) -> None:
         assert resp.headers["Content-Range"] == f"bytes {span[0]}-{span[1] - 1}/{len(body)}"
 
 
-@pytest.mark.parametrize("value", ["bytes=-0", "bytes=999999-", "bytes=" + "9" * 5000 + "-"])
-async def test_an_unsatisfiable_range_is_416(
-    stored: tuple[Service, str, bytes], value: str
-) -> None:
-    service, url, body = stored
-    resp = await service.client.get(url, headers={"Range": value})
-    assert resp.status == 416
-    assert resp.headers["Content-Range"] == f"bytes */{len(body)}"
-
-
 @pytest.mark.parametrize(
-    "value", ["bytes", "bytes= 0 - 5", "bytes=5-1", "items=0-5", "bytes=0-1,2-3,4-5", "bytes=0x10-"]
+    ("value", "status"),
+    [
+        ("bytes=-0", 416),
+        ("bytes=999999-", 416),
+        ("bytes=" + "9" * 5000 + "-", 416),
+        ("bytes", 200),
+        ("bytes= 0 - 5", 200),
+        ("bytes=5-1", 200),
+        ("items=0-5", 200),
+        ("bytes=0-1,2-3,4-5", 200),
+        ("bytes=0x10-", 200),
+    ],
 )
-async def test_a_range_not_taken_gets_the_whole_body(
-    stored: tuple[Service, str, bytes], value: str
+async def test_a_range_not_served_is_416_or_the_whole_body(
+    stored: tuple[Service, str, bytes], value: str, status: int
 ) -> None:
+    """Unsatisfiable: 416 with the length; not taken (another unit, not the grammar, several
+    ranges): 200 and the whole body."""
     service, url, body = stored
     resp = await service.client.get(url, headers={"Range": value})
-    assert resp.status == 200
-    assert await resp.read() == body
+    assert resp.status == status
+    if status == 416:
+        assert resp.headers["Content-Range"] == f"bytes */{len(body)}"
+    else:
+        assert await resp.read() == body
 
 
 async def test_head_and_if_range_with_an_entity_tag_get_the_whole_body(
