@@ -505,6 +505,31 @@ async def test_a_stalled_upload_is_dropped_and_stores_nothing(make_service: Serv
     assert [k async for k in svc.storage.keys("caches/main/nar/")] == []
 
 
+async def test_an_upload_that_trickles_in_is_dropped_and_stores_nothing(
+    make_service: ServiceFactory,
+) -> None:
+    """A byte every 0.2 s never trips the 0.5 s idle timeout; the average rate past it does,
+    while the client is still sending."""
+    svc = await make_service(body_idle_timeout=0.5)
+    nar = write_nar({"type": "regular", "contents": os.urandom(50_000)})
+    reader, writer = await asyncio.open_connection(svc.client.host, svc.client.port)
+    writer.write(
+        f"PUT /main/{nar_url(nar, '')} HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {svc.write_token}\r\nContent-Length: {len(nar)}\r\n\r\n".encode()
+    )
+    answer = asyncio.ensure_future(reader.readline())
+    sent = 0
+    while not answer.done() and sent < 40:  # 8 s of trickling at most
+        writer.write(nar[sent : sent + 1])
+        sent += 1
+        await asyncio.sleep(0.2)
+    assert answer.done(), "the trickle was still being read"
+    status = (await answer).split()[1]
+    writer.close()
+    assert status == b"408"
+    assert await blob_count(svc) == 0
+
+
 async def test_cache_that_requires_trusted_upload_signatures(service: Service) -> None:
     trusted = SecretKey.generate("ci.example-1")
     untrusted = SecretKey.generate("pr.example-1")

@@ -17,6 +17,10 @@ from larder.service.state import CONFIG
 from larder.storage.base import BlobReader
 
 UPLOAD_CHUNK = 256 * 1024
+#: The slowest a request body may come on average once ``body_idle_timeout`` seconds have
+#: passed: a client sending a byte within every idle timeout would otherwise hold a connection
+#: and a temporary for as long as it likes.
+MIN_BODY_RATE = 4 * 1024
 #: Largest piece one ``sendfile(2)`` call is asked for.
 SENDFILE_CHUNK = 16 * 1024 * 1024
 
@@ -31,8 +35,10 @@ def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     """The request body in pieces of about ``UPLOAD_CHUNK`` bytes, at most ``limit`` in all.
 
     Raises :class:`TooLarge` as soon as the limit is passed, whatever the headers said, and
-    :class:`TooSlow` when no byte arrives for ``body_idle_timeout`` seconds (a client that stalls
-    mid-upload cannot hold a connection and a temporary forever); a body cut short by the client
+    :class:`TooSlow` when no byte arrives for ``body_idle_timeout`` seconds, or when, past that
+    long, the body has come slower than :data:`MIN_BODY_RATE` on average (a client that stalls
+    or trickles mid-upload cannot hold a connection and a temporary forever); a body cut short
+    by the client
     raises :class:`ClientGone`. Either way the upload is abandoned. A body with a
     ``Content-Encoding`` raises :class:`UnsupportedEncoding` here: routes that decode one use
     :func:`coded_body`. (The application leaves bodies as sent: ``auto_decompress`` is off.)
@@ -53,6 +59,7 @@ async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     idle = request.app[CONFIG].body_idle_timeout
     pieces: list[bytes] = []
     pending = total = 0
+    started = time.monotonic()
     while True:
         try:
             data = await asyncio.wait_for(request.content.readany(), idle)
@@ -63,6 +70,8 @@ async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
         if not data:
             break
         total += len(data)
+        if total < (time.monotonic() - started - idle) * MIN_BODY_RATE:
+            raise TooSlow(f"the body came slower than {MIN_BODY_RATE // 1024} KiB/s")
         if total > limit:
             raise TooLarge(f"body exceeds the limit of {limit} bytes")
         pieces.append(data)
