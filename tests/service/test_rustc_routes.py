@@ -264,15 +264,22 @@ async def test_traversal_on_rustc_routes_stores_nothing(service: Service, target
     assert [b async for b in service.storage.blob_ids()] == []
 
 
-async def test_expect_continue_on_questions_waits_for_the_read_check(service: Service) -> None:
-    """A POST to a private cache's rustc routes is refused before its body, as a PUT is."""
+async def test_expect_continue_on_posts_waits_for_the_access_check(service: Service) -> None:
+    """A POST of the rustc API is refused before its body, as a PUT is: ``missing`` (asked
+    before uploading) needs a write token, ``explained`` a read token."""
     await service.client.app[state.CACHES].create("priv", private=True)
     reader_token, _ = await service.client.app[state.TOKENS].issue("priv", Scope.READ, 3600)
-    for route in ("missing", "explained"):
+    writer_token, _ = await service.client.app[state.TOKENS].issue("priv", Scope.WRITE, 3600)
+    for route, needed in (("missing", writer_token), ("explained", reader_token)):
         for headers, status in (
             ("", b"401"),
             (f"Authorization: Bearer {service.write_token}\r\n", b"403"),  # main's token
-            (f"Authorization: Bearer {reader_token}\r\n", b"100"),
+            (f"Authorization: Bearer {needed}\r\n", b"100"),
+            *(
+                [(f"Authorization: Bearer {reader_token}\r\n", b"403")]
+                if route == "missing"
+                else []
+            ),
         ):
             reader, writer = await asyncio.open_connection(service.client.host, service.client.port)
             writer.write(

@@ -172,8 +172,8 @@ def add_routes(app: web.Application) -> None:
     """Register the rustc routes (before the Nix catch-all)."""
     router = app.router
     base = "/{cache}/rustc"
-    reading = expect_continue_for(Scope.READ)  # the POSTs are questions: a read token asks them
-    router.add_route("POST", base + "/missing", post_missing, expect_handler=reading)
+    reading = expect_continue_for(Scope.READ)  # explaining a miss is a read; /missing a write
+    router.add_route("POST", base + "/missing", post_missing, expect_handler=expect_continue)
     router.add_route("PUT", base + "/blobs/{blob}", put_blob, expect_handler=expect_continue)
     router.add_get(base + "/blobs/{blob}", get_blob)
     router.add_route("PUT", base + "/manifests/{key}", put_manifest, expect_handler=expect_continue)
