@@ -90,6 +90,13 @@ async def test_cache_api_reports_key_and_substituter(service: Service) -> None:
     assert doc["public_key"] == service.main.public_key.to_string()
     assert doc["substituter"].endswith("/main")
     assert (await service.client.get("/api/v1/caches/nope")).status == 404
+    # HTTP/1.0 without Host: the address and port the request reached, not the address alone
+    reader, writer = await asyncio.open_connection(service.client.host, service.client.port)
+    writer.write(b"GET /api/v1/caches/main HTTP/1.0\r\n\r\n")
+    reply = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    port = service.client.port
+    assert f'"substituter": "http://127.0.0.1:{port}/main"'.encode() in reply, reply
 
 
 async def test_push_and_fetch_round_trip_signed(service: Service) -> None:

@@ -11,9 +11,21 @@ from larder.service.state import HITS, TALLY
 
 
 def substituter_url(request: web.Request, cache: str) -> str:
-    """The URL laptops list in ``substituters``: the configured public URL, else this host."""
-    base = request.app[state.CONFIG].public_url or f"{request.scheme}://{request.host}"
+    """The URL laptops list in ``substituters``: the configured public URL, else the host the
+    request named, else (an HTTP/1.0 request without ``Host``) the address and port it reached."""
+    base = request.app[state.CONFIG].public_url
+    if not base:
+        host = request.headers.get("Host") or _local_address(request) or request.host
+        base = f"{request.scheme}://{host}"
     return f"{base}/{cache}"
+
+
+def _local_address(request: web.Request) -> str | None:
+    name = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(name, tuple) or len(name) < 2:
+        return None
+    address, port = name[0], name[1]
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 async def get_cache(request: web.Request) -> web.Response:
