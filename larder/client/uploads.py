@@ -330,6 +330,16 @@ def drain(spool: Path, environ: dict[str, str], remotes: Remotes | None = None) 
             close_all(remotes)
 
 
+def _holds(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path``: a state directory removed and made again
+    while this uploader lingered has a lock file (and jobs) of its own, for another uploader."""
+    try:
+        held, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+
 def close_all(remotes: Remotes) -> None:
     for remote in remotes.values():
         remote.close()
@@ -350,6 +360,8 @@ def run(spool: Path, environ: dict[str, str]) -> None:
                 os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a look or a kill
                 idle_since = time.monotonic()
                 while time.monotonic() - idle_since < LINGER:
+                    if not _holds(fd, spool / LOCK_FILE):
+                        return  # the spool was removed (and made again): not this one's now
                     if pending(spool):
                         drain(spool, environ, remotes)
                         idle_since = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -434,6 +435,27 @@ def test_a_lingering_uploader_keeps_its_connection_for_the_next_job(
     counted = json.loads((state / "stats.json").read_text())
     assert (counted["uploads"], counted.get("errors", 0)) == (3, 0), counted
     assert sink.connections == 1, sink.requests
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_a_lingering_uploader_leaves_a_state_directory_made_again(
+    sink: UploadSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state directory removed and made again while its uploader lingers belongs to the
+    next uploader: two on one spool took each other's jobs (counted as failed, never sent)."""
+    monkeypatch.setattr(uploads, "LINGER", 30.0)
+    state = tmp_path / "state"
+    spool = uploads.spool_dir(state, sink.url)
+    env = {**os.environ, "LARDER_STATE_DIR": str(state), "LARDER_TOKEN": "t"}
+    enqueue_job(spool, sink.url, 0, tmp_path)
+    uploader = threading.Thread(target=uploads.run, args=(spool, env))
+    uploader.start()
+    wait_until(lambda: not uploads.pending(spool), timeout=10)
+    shutil.rmtree(state)
+    spool.mkdir(parents=True)
+    (spool / uploads.LOCK_FILE).touch()
+    uploader.join(timeout=5)
+    assert not uploader.is_alive(), "the uploader kept lingering on a spool made anew"
 
 
 @pytest.mark.parametrize("sink", ["accept"], indirect=True)
