@@ -12,6 +12,7 @@ and file values all go through it, so a new field cannot lack one.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -56,7 +57,6 @@ def parse_listen(text: str) -> tuple[str, int]:
 #: A field's metadata key for the function that turns a flag, env or TOML value into its value.
 PARSE = "parse"
 T = TypeVar("T")
-N = TypeVar("N", int, float)
 
 
 def _setting(default: T, parse: Callable[[Any], T]) -> T:
@@ -65,21 +65,57 @@ def _setting(default: T, parse: Callable[[Any], T]) -> T:
 
 
 def _listen(value: object) -> str:
-    parse_listen(str(value))
+    parse_listen(_text(value))
     return str(value)
 
 
+def _text(value: object) -> str:
+    """A string setting (TOML must give a string: a list would become a path like ``['a']``)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
 def _url(value: object) -> str:
-    return str(value).rstrip("/")
+    return _text(value).rstrip("/")
 
 
-def _size(value: object) -> int:
-    """Bytes from a TOML integer or from a size string (:func:`parse_size`)."""
-    return value if isinstance(value, int) else parse_size(str(value))
+def _whole(value: object) -> int:
+    """An integer from TOML or a string; never a bool or a float (``1.9`` is not ``1``)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a whole number")
+    return value if isinstance(value, int) else int(value.strip())
+
+
+def _integer(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        number = _whole(value)
+        if not low <= number <= high:
+            raise ValueError(f"{number} is not within {low}-{high}")
+        return number
+
+    return parse
+
+
+def _size_at_least(low: int) -> Callable[[object], int]:
+    """Bytes from a TOML integer or a size string (:func:`parse_size`), at least ``low``."""
+
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"{value!r} is not a size")
+        size = value if isinstance(value, int) else parse_size(value)
+        if size < low:
+            raise ValueError(f"{size} is less than {low}")
+        return size
+
+    return parse
 
 
 def _duration(value: object) -> float:
-    """Seconds from a number or from ``30d``, ``12h``, ``15m``, ``90s``."""
+    """Seconds, finite and not negative, from a number or from ``30d``, ``12h``, ``15m``,
+    ``90s``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
     if isinstance(value, int | float):
         seconds = float(value)
     else:
@@ -88,6 +124,8 @@ def _duration(value: object) -> float:
             seconds = float(text)
         except ValueError:
             seconds = float(parse_ttl(text))
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite number of seconds")
     if seconds < 0:
         raise ValueError(f"{value!r} is negative")
     return seconds
@@ -103,16 +141,6 @@ def _duration_at_least(low: float) -> Callable[[object], float]:
     return parse
 
 
-def _non_negative(number: Callable[[Any], N]) -> Callable[[object], N]:
-    def parse(value: object) -> N:
-        parsed = number(value)
-        if parsed < 0:
-            raise ValueError(f"{parsed} is negative")
-        return parsed
-
-    return parse
-
-
 def _one_of(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = str(value).lower()
@@ -123,41 +151,45 @@ def _one_of(*allowed: str) -> Callable[[object], str]:
     return parse
 
 
+#: The most server processes ``workers`` may ask for (a typo such as 100000 would fork them all).
+MAX_WORKERS = 256
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the server needs to know, validated."""
 
     listen: str = _setting("127.0.0.1:8080", _listen)
-    storage: str = _setting("./larder-data", str)
+    storage: str = _setting("./larder-data", _text)
     # Public base URL clients use (e.g. https://larder.example); default: derived per request.
     public_url: str = _setting("", _url)
     # Largest request body accepted for NAR, artifact and opaque uploads (compressed bytes).
-    max_upload_size: int = _setting(16 * 1024**3, _size)
+    max_upload_size: int = _setting(16 * 1024**3, _size_at_least(1))
     # Largest narinfo / small JSON document accepted.
-    max_document_size: int = _setting(1024**2, _size)
+    max_document_size: int = _setting(1024**2, _size_at_least(1))
     # Largest NAR accepted once decompressed, and largest decoded body of an opaque upload or
     # rustc output sent with a Content-Encoding (max_upload_size counts the bytes as sent).
-    max_nar_size: int = _setting(64 * 1024**3, _size)
-    zstd_level: int = _setting(3, int)
+    max_nar_size: int = _setting(64 * 1024**3, _size_at_least(1))
+    zstd_level: int = _setting(3, _integer(1, 22))
     # Seconds a replica trusts its in-memory view of caches and revoked tokens.
-    refresh_interval: float = _setting(10.0, float)
+    refresh_interval: float = _setting(10.0, _duration)
     # Priority advertised in nix-cache-info (lower wins; cache.nixos.org uses 40).
-    default_priority: int = _setting(30, int)
+    default_priority: int = _setting(30, _integer(0, 2**31 - 1))
     log_level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
     # Access log lines: "text" (aiohttp's format) or "json" (one object per line).
     access_log: str = _setting("text", _one_of("text", "json"))
     # Seconds between scans of stored objects and bytes per cache (0: never).
-    usage_interval: float = _setting(600.0, float)
+    usage_interval: float = _setting(600.0, _duration)
     # A file holding the token secret (64+ hex digits, or 32+ bytes); empty: kept in the store.
-    token_secret_file: str = _setting("", str)
+    token_secret_file: str = _setting("", _text)
     # Seconds a request body may stall (no byte arriving) before the upload is dropped (408).
-    body_idle_timeout: float = _setting(60.0, float)
+    body_idle_timeout: float = _setting(60.0, _duration_at_least(1.0))
     # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
-    signing_keys_dir: str = _setting("", str)
+    signing_keys_dir: str = _setting("", _text)
     # Seconds between garbage collections run by `serve` (0: never); replicas take turns.
     gc_interval: float = _setting(3600.0, _duration)
     # Cap on the whole store in bytes (0: none); each cache's own: `larder cache limits`.
-    gc_max_size: int = _setting(0, _size)
+    gc_max_size: int = _setting(0, _size_at_least(0))
     # Seconds after its last use an object is evicted, in caches without their own (0: never).
     gc_retention: float = _setting(0.0, _duration)
     # Seconds: what was used (or uploaded) this recently is never evicted, with its closure, and
@@ -166,11 +198,11 @@ class Config:
     # Seconds between writes of the uses this replica recorded (one object per cache).
     use_flush_interval: float = _setting(30.0, _duration_at_least(0.1))
     # Seconds a request head (request line and headers) may take to arrive (408 after; 0: off).
-    header_timeout: float = _setting(30.0, _non_negative(float))
+    header_timeout: float = _setting(30.0, _duration)
     # Connections served at once; one more is answered 503 and closed (0: no limit).
-    max_connections: int = _setting(1000, _non_negative(int))
+    max_connections: int = _setting(1000, _integer(0, 10**6))
     # Server processes sharing the listening socket (0: one per CPU).
-    workers: int = _setting(1, _non_negative(int))
+    workers: int = _setting(1, _integer(0, MAX_WORKERS))
     # Seconds a worker's event loop may go without a heartbeat before the parent kills and
     # replaces it (with workers > 1).
     worker_timeout: float = _setting(30.0, _duration_at_least(1.0))
