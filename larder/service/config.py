@@ -291,22 +291,26 @@ def load_config(
 WORKER_INDEX_ENV = "LARDER_WORKER_INDEX"
 WORKER_DIR_ENV = "LARDER_WORKER_DIR"
 WORKER_FD_ENV = "LARDER_WORKER_FD"
+WORKER_PARENT_ENV = "LARDER_WORKER_PARENT"
 
 
 @dataclass(frozen=True)
 class WorkerSeat:
-    """What a worker process is told by its parent: its index, the shared directory and the
-    descriptor of the listening socket it inherited."""
+    """What a worker process is told by its parent: its index, the shared directory, the
+    descriptor of the listening socket it inherited and the parent's pid (0: not told; a worker
+    that reads ``getppid()`` itself would read 1 if the parent died while it started)."""
 
     index: int
     directory: str
     listen_fd: int
+    parent: int = 0
 
     def environ(self) -> dict[str, str]:
         return {
             WORKER_INDEX_ENV: str(self.index),
             WORKER_DIR_ENV: self.directory,
             WORKER_FD_ENV: str(self.listen_fd),
+            WORKER_PARENT_ENV: str(self.parent),
         }
 
 
@@ -317,9 +321,10 @@ def worker_seat(environ: Mapping[str, str] | None = None) -> WorkerSeat | None:
         return None
     try:
         index, fd = int(env[WORKER_INDEX_ENV]), int(env.get(WORKER_FD_ENV, ""))
+        parent = int(env.get(WORKER_PARENT_ENV, "0"))
     except ValueError:
         raise ConfigError(f"{WORKER_INDEX_ENV} and {WORKER_FD_ENV} must be integers") from None
     directory = env.get(WORKER_DIR_ENV, "")
-    if index < 0 or fd < 0 or not directory:
+    if index < 0 or fd < 0 or parent < 0 or not directory:
         raise ConfigError(f"{WORKER_INDEX_ENV} is set without a valid worker seat")
-    return WorkerSeat(index, directory, fd)
+    return WorkerSeat(index, directory, fd, parent)

@@ -335,7 +335,9 @@ class _Parent:
 
     def _start(self, seat: _Seat) -> None:
         self.heartbeats.clear(seat.index)
-        worker_env = WorkerSeat(seat.index, str(self.directory), self.sock.fileno()).environ()
+        worker_env = WorkerSeat(
+            seat.index, str(self.directory), self.sock.fileno(), os.getpid()
+        ).environ()
         env = {
             **os.environ,
             **worker_env,
@@ -485,7 +487,10 @@ def _serve_worker(config: Config, seat: WorkerSeat) -> int:
     sock = socket.socket(fileno=seat.listen_fd)
     storage = open_storage(config.storage, zstd_level=config.zstd_level)
     app = build_app(config, storage, worker=worker)
-    parent = os.getppid()
+    parent = seat.parent or os.getppid()
+    if os.getppid() != parent:  # the parent died while this worker started
+        log.warning("worker %d: the parent process is gone, not starting", seat.index)
+        return 1
     interval = shared.heartbeat_interval(config.worker_timeout)
 
     async def heartbeat(app: web.Application) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
-from larder.service.config import WORKER_DIR_ENV, WORKER_INDEX_ENV
+from larder.service.config import WORKER_DIR_ENV, WORKER_INDEX_ENV, WorkerSeat
 from larder.service.server import BACKOFF, MAX_QUICK_EXITS
-from larder.service.workers import Heartbeats
-from tests.e2e.harness import Larder, larder_server
+from larder.service.workers import Heartbeats, prepare
+from tests.e2e.harness import LARDER, Larder, larder_server
 from tests.wait import wait_until
 
 WORKERS = 2
@@ -275,3 +276,23 @@ def test_a_worker_that_keeps_dying_at_start_is_given_up_on(tmp_path: Path) -> No
     assert f"{MAX_QUICK_EXITS} times in a row" in log
     assert "giving up, stopping the server" in log
     assert not any(Path(f"/proc/{pid}").exists() for pid in before)
+
+
+def test_a_worker_whose_parent_died_while_it_started_does_not_serve(tmp_path: Path) -> None:
+    """A worker reading ``getppid()`` itself would read 1 once its parent was killed while it
+    started, and serve on as an orphan holding the port; it is told its parent's pid."""
+    shared = tmp_path / "shared"
+    prepare(shared, 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seat = WorkerSeat(0, str(shared), listener.fileno(), parent=1)  # not this worker's parent
+    env = {**os.environ, **seat.environ(), "PROMETHEUS_MULTIPROC_DIR": str(shared / "metrics")}
+    try:
+        done = subprocess.run(
+            [*LARDER, "serve", "--storage", str(tmp_path / "data")],
+            env=env, cwd=tmp_path, pass_fds=(listener.fileno(),), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        listener.close()
+    assert done.returncode == 1, done.stderr
+    assert "the parent process is gone, not starting" in done.stderr
