@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, cast
 
-from larder.errors import Conflict, StorageError, StorageFull
+from larder.errors import Conflict, StorageError, StorageFull, StorageUnavailable
 from larder.storage.base import (
     BlobInfo,
     BlobReader,
@@ -77,6 +77,9 @@ from larder.storage.blobformat import (
 log = logging.getLogger(__name__)
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# The volume cannot be written now (remounted read-only after errors, failing, permissions
+# taken away): unavailable, as an unreachable bucket is, so readiness takes the replica out.
+_UNAVAILABLE_ERRNOS = frozenset({errno.EROFS, errno.EIO, errno.EACCES})
 # link(2) is not supported everywhere (some network and FUSE filesystems): fall back to rename.
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
@@ -93,6 +96,8 @@ def _os_errors(operation: str) -> Iterator[None]:
         if exc.errno in _FULL_ERRNOS:
             raise StorageFull(f"disk storage: {operation}: no space left on device") from exc
         reason = exc.strerror or type(exc).__name__
+        if exc.errno in _UNAVAILABLE_ERRNOS:
+            raise StorageUnavailable(f"disk storage: {operation} failed: {reason}") from exc
         raise StorageError(f"disk storage: {operation} failed: {reason}") from exc
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import larder.storage.disk as disk_module
-from larder.errors import Conflict, StorageError, StorageFull
+from larder.errors import Conflict, StorageError, StorageFull, StorageUnavailable
 from larder.storage.disk import DiskStorage
 from tests.storage.helpers import blob_id_of, decompress, mixed_data, read_stored, write_blob
 
@@ -312,3 +312,22 @@ async def test_a_large_blob_is_handed_to_the_disk_while_it_is_written(
     assert ranges[0][0] == 0
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))  # contiguous
     assert decompress(await read_stored(storage, info.blob_id)) == data
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EIO, errno.EACCES])
+async def test_a_volume_that_cannot_be_written_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Remounted read-only after errors, failing, or its permissions taken away: 503 and not
+    ready (a replica out of rotation), not a 500 for every write."""
+    storage = DiskStorage(tmp_path / "data")
+    await storage.put("config/value", b"old")
+
+    def refuse(fd: int, data: bytes | memoryview) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(disk_module, "_write_all", refuse)
+    with pytest.raises(StorageUnavailable):
+        await storage.put("config/value", b"new")
+    assert await storage.get("config/value") == b"old"
+    assert temporaries(tmp_path / "data") == []
