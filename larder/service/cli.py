@@ -174,6 +174,8 @@ async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:
     if not config.signing_keys_dir:
         return
     directory = Path(config.signing_keys_dir)
+    if not directory.is_dir():  # a Secret mounted elsewhere must not go unnoticed
+        raise LarderError(f"signing_keys_dir {directory} is not a directory")
     try:
         files = sorted(directory.glob("*.key"))
     except OSError as exc:
@@ -183,6 +185,8 @@ async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:
             key = SecretKey.parse(path.read_text().strip())
         except OSError as exc:
             raise LarderError(f"cannot read {path}: {exc}") from None
+        except LarderError as exc:
+            raise LarderError(f"{path}: not a Nix secret key ({exc.message})") from None
         what = await registry.adopt_key(path.stem, key, priority=config.default_priority)
         if what != "unchanged":
             print(f"cache {path.stem!r}: {what} with the key in {path.name}", flush=True)

@@ -202,3 +202,20 @@ async def test_start_up_work_waits_for_unreachable_storage(
     storage.down = False
     await asyncio.wait_for(retry, 5)
     assert await CacheRegistry(storage, 1.0).names() == ["main"]
+
+
+async def test_a_signing_keys_dir_that_is_not_there_stops_the_start(tmp_path: Path) -> None:
+    """A Secret mounted at another path went unnoticed: the cache got a generated key."""
+    from larder.errors import LarderError
+    from larder.service import cli
+    from larder.service.config import Config
+    from larder.storage.memory import MemoryStorage
+
+    missing = Config(signing_keys_dir=str(tmp_path / "not-mounted"))
+    with pytest.raises(LarderError, match="not-mounted is not a directory"):
+        await cli._bootstrap(missing, MemoryStorage())
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "main.key").write_text("main.larder-1:not a key\n")
+    with pytest.raises(LarderError, match=r"main\.key: not a Nix secret key"):
+        await cli._bootstrap(Config(signing_keys_dir=str(keys)), MemoryStorage())
