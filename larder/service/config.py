@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from larder.errors import InvalidInput
 from larder.protocol.tokens import parse_ttl
+from larder.storage.factory import check_storage_url
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
 
@@ -74,6 +75,10 @@ def _text(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a string")
     return value
+
+
+def _storage(value: object) -> str:
+    return check_storage_url(_text(value))
 
 
 def _url(value: object) -> str:
@@ -160,7 +165,7 @@ class Config:
     """Everything the server needs to know, validated."""
 
     listen: str = _setting("127.0.0.1:8080", _listen)
-    storage: str = _setting("./larder-data", _text)
+    storage: str = _setting("./larder-data", _storage)
     # Public base URL clients use (e.g. https://larder.example); default: derived per request.
     public_url: str = _setting("", _url)
     # Largest request body accepted for NAR, artifact and opaque uploads (compressed bytes).

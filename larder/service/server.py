@@ -48,7 +48,7 @@ from aiohttp import web
 from larder.errors import StorageError, StorageUnavailable
 from larder.service import workers as shared
 from larder.service.app import build_app
-from larder.service.config import Config, WorkerSeat, worker_seat
+from larder.service.config import Config, ConfigError, WorkerSeat, worker_seat
 from larder.service.front.connection import FrontProtocol
 from larder.service.front.limits import (
     KEEPALIVE_TIMEOUT,
@@ -251,7 +251,12 @@ def _listen(config: Config) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:  # taken, not this machine's address, a name that does not resolve
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {config.listen}: {reason}") from None
     sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock

@@ -51,18 +51,32 @@ def _file_url_path(url: str) -> Path:
     return Path(path)
 
 
+def check_storage_url(url: str) -> str:
+    """``url`` if :func:`open_storage` can read it (without opening anything); else
+    ``ValueError`` saying what is wrong."""
+    if not url:
+        raise ValueError("empty storage URL")
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme == "memory" and url.lower() != "memory://":
+        raise ValueError(f"memory storage takes no path: {url!r}")
+    if scheme == "s3":
+        parse_s3_url(url)
+    elif scheme == "file":
+        _file_url_path(url)
+    elif scheme not in ("", "memory"):
+        raise ValueError(f"unknown storage URL scheme {scheme!r} in {url!r}")
+    return url
+
+
 def open_storage(url: str, *, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> Storage:
     """Open the store ``url`` names (see the module docstring). Raises ``ValueError`` if malformed.
 
     Disk stores create their directories on opening; S3 stores do not contact the bucket until
     first used (call :meth:`Storage.check` to find out whether it answers).
     """
-    if not url:
-        raise ValueError("empty storage URL")
+    check_storage_url(url)
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme == "memory":
-        if url.lower() != "memory://":
-            raise ValueError(f"memory storage takes no path: {url!r}")
         return MemoryStorage(zstd_level=zstd_level)
     if scheme == "s3":
         from larder.storage.s3 import S3Storage  # imports boto3: only when needed
@@ -71,6 +85,4 @@ def open_storage(url: str, *, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> Storage:
         return S3Storage(bucket, prefix, zstd_level=zstd_level)
     if scheme == "file":
         return DiskStorage(_file_url_path(url), zstd_level)
-    if scheme:
-        raise ValueError(f"unknown storage URL scheme {scheme!r} in {url!r}")
     return DiskStorage(Path(url), zstd_level)

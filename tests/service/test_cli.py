@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,18 @@ async def test_a_signing_keys_dir_that_is_not_there_stops_the_start(tmp_path: Pa
     (keys / "main.key").write_text("main.larder-1:not a key\n")
     with pytest.raises(LarderError, match=r"main\.key: not a Nix secret key"):
         await cli._bootstrap(Config(signing_keys_dir=str(keys)), MemoryStorage())
+
+
+def test_a_port_that_cannot_be_listened_on_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        code, _, err = run(
+            capsys, "serve", "--listen", f"127.0.0.1:{port}", "--storage", str(tmp_path / "d")
+        )
+    finally:
+        taken.close()
+    assert code == 2
+    assert err.strip() == f"larder: cannot listen on 127.0.0.1:{port}: Address already in use"

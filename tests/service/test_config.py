@@ -83,6 +83,9 @@ def test_parse_listen() -> None:
         ({"LARDER_HEADER_TIMEOUT": "-1"}, "LARDER_HEADER_TIMEOUT: bad value .* negative"),
         ({"LARDER_MAX_CONNECTIONS": "many"}, "LARDER_MAX_CONNECTIONS"),
         ({"LARDER_MAX_CONNECTIONS": "-5"}, "not within 0-"),
+        ({"LARDER_STORAGE": "ftp://x"}, "LARDER_STORAGE: bad value for storage: unknown storage"),
+        ({"LARDER_STORAGE": "s3://ab"}, "invalid S3 bucket name"),
+        ({"LARDER_STORAGE": "memory://x"}, "memory storage takes no path"),
     ],
 )
 def test_bad_values_name_their_source(env: dict[str, str], message: str) -> None:
