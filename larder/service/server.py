@@ -14,7 +14,7 @@ until a signal:
   :data:`MAX_QUICK_EXITS` quick exits in a row the parent gives up and stops the server;
 * a worker's heartbeat is older than ``worker_timeout`` (its event loop is blocked; checked
   every :func:`check_interval`): it is killed (SIGKILL) and so replaced;
-* SIGTERM or SIGINT: every worker gets SIGTERM, finishes what it is answering (within
+* SIGTERM, SIGINT or SIGHUP: every worker gets SIGTERM, finishes what it is answering (within
   :data:`SHUTDOWN_TIMEOUT`) and exits; one still there after :data:`STOP_TIMEOUT` is killed.
 
 A worker whose parent is gone stops by itself.
@@ -110,6 +110,10 @@ MIN_UPTIME = 5.0
 #: The first back-off in seconds; it doubles with each quick exit in a row, up to BACKOFF_MAX.
 BACKOFF = 0.5
 BACKOFF_MAX = 30.0
+#: Signals that stop the server gracefully: SIGHUP too (a closed terminal, or an operator's
+#: habit of "reload"): larder reads its settings only at start-up, so a restart is what
+#: applies them, and dying on the spot would lose the recorded uses.
+STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Quick exits in a row of one worker after which the parent stops the server.
 MAX_QUICK_EXITS = 5
 #: Seconds a worker has, after its start, to beat its first heartbeat (at least worker_timeout).
@@ -138,7 +142,7 @@ def new_event_loop(config: Config) -> asyncio.AbstractEventLoop:
 
 
 def serve(config: Config, bootstrap: Bootstrap, command: Sequence[str]) -> int:
-    """Serve until SIGTERM or SIGINT; the exit status.
+    """Serve until SIGTERM, SIGINT or SIGHUP; the exit status.
 
     ``command`` is the ``larder serve`` command line that was run (the parent of a
     multi-process server runs it again for each worker).
@@ -168,7 +172,7 @@ def serve(config: Config, bootstrap: Bootstrap, command: Sequence[str]) -> int:
 
 
 def _run(config: Config, app: web.Application, sock: socket.socket) -> None:
-    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve ``app`` on ``sock`` until SIGTERM, SIGINT or SIGHUP, then shut down gracefully."""
     sink = LineSink(sys.stderr)
     loop = new_event_loop(config)
     asyncio.set_event_loop(loop)
@@ -186,7 +190,7 @@ async def _serve_app(
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOPPING:
         loop.add_signal_handler(signum, stop.set)
     running = await start(config, app, sock, sink)
     try:
@@ -315,7 +319,7 @@ class _Parent:
                     seat.restart_at for seat in self.seats if seat.restart_at is not None
                 ]
                 signums = _wait(wake_read, max(min(due) - time.monotonic(), 0.0))
-                stopping = bool(signums & {signal.SIGTERM, signal.SIGINT})
+                stopping = bool(signums & set(STOPPING))
                 if stopping:
                     log.info("stopping %d worker processes", len(self.seats))
                     break
@@ -434,7 +438,7 @@ class _Parent:
             _forget(self.directory, proc.pid)
 
 
-_WAKING = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+_WAKING = (signal.SIGCHLD, *STOPPING)
 
 
 def _note(signum: int, frame: object) -> None:

@@ -296,3 +296,20 @@ def test_a_worker_whose_parent_died_while_it_started_does_not_serve(tmp_path: Pa
         listener.close()
     assert done.returncode == 1, done.stderr
     assert "the parent process is gone, not starting" in done.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_stops_the_server_gracefully(tmp_path: Path, workers: int) -> None:
+    """SIGHUP (a closed terminal) killed a single process on the spot, its recorded uses lost,
+    and left a multi-process server's workers running on as orphans for a while."""
+    with larder_server(
+        str(tmp_path / "data"), tmp_path, extra_args=["--workers", str(workers)]
+    ) as server:
+        children = workers_of(server.pid) if workers > 1 else []
+        os.kill(server.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "zombie" not in state_of(server.pid):
+            assert time.monotonic() < deadline, "the server outlived SIGHUP"
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+        assert os.waitpid(server.pid, 0)[1] == 0  # a clean exit, not death by the signal
