@@ -79,6 +79,13 @@ class TooLarge(LarderError):
     code = "too_large"
 
 
+class ServerStopping(LarderError):
+    """The server began to stop while the request's body was still arriving; sending it again
+    (to this server once restarted, or to another replica) will be answered."""
+
+    code = "server_stopping"
+
+
 class TooSlow(LarderError):
     """The client stopped sending its body for longer than the idle limit."""
 

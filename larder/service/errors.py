@@ -26,6 +26,7 @@ RETRY_AFTER_SECONDS = 1
 STATUS_TABLE: tuple[tuple[type[errors.LarderError], int], ...] = (
     (errors.StorageFull, 507),
     (errors.StorageUnavailable, 503),
+    (errors.ServerStopping, 503),
     (errors.StorageError, 500),
     (errors.TooLarge, 413),
     (errors.TooSlow, 408),
@@ -120,7 +121,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except errors.LarderError as exc:
         note_error_code(request, exc.code)
         status = status_for(exc)
-        if status >= 500:
+        if status >= 500 and not isinstance(exc, errors.ServerStopping):
             log.error("%s %s failed: %s", request.method, _path(request), _escaped(exc.message))
         else:
             path, message = _path(request), _escaped(exc.message)
@@ -131,6 +132,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = "storage is full"
         elif isinstance(exc, errors.StorageUnavailable):
             message = "storage is unavailable; retry later"
+        elif isinstance(exc, errors.ServerStopping):
+            message = exc.message
         elif status >= 500:
             message = "internal storage error"
         else:

@@ -60,6 +60,7 @@ from larder.service.front.limits import (
 from larder.service.front.short_path import AccessLog, FastPath
 from larder.service.observability import unreadable
 from larder.service.observability.access_log import JsonAccessLogger, LineSink, TextAccessLogger
+from larder.service.routes.bodies import stop_reading
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
 
@@ -216,6 +217,7 @@ class Running:
         for connection in list(self.front):
             connection.close()
         self.fast.flush()
+        stop_reading(self.runner.app)
         await self.runner.cleanup()
 
 

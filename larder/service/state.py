@@ -35,3 +35,5 @@ COLLECTOR = web.AppKey("collector", Collector)
 METRICS = web.AppKey("metrics", Metrics)
 HITS = web.AppKey("hits", HitStats)
 TALLY = web.AppKey("tally", AnswerTally)
+#: Requests whose body is being read right now (stopped with 503 when the server stops).
+READING = web.AppKey("reading", dict[int, web.Request])

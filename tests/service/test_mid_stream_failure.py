@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
+import socket
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +68,41 @@ async def test_a_download_cut_by_storage_closes_the_connection(
                  .split(b":")[1])  # fmt: skip
     assert 0 < len(body) < length
     assert b"HTTP/1.1" not in body  # no second response written into the body
+
+
+async def test_an_upload_still_arriving_when_the_server_stops_is_answered_503(
+    tmp_path: Path,
+) -> None:
+    """aiohttp reads no more of a connection once its shutdown began: the route waited for the
+    rest of the body until the shutdown timeout (25 s) and the client got no answer at all."""
+    from larder.protocol.tokens import Scope
+    from larder.service import state
+    from larder.service.app import build_app
+    from larder.service.config import Config
+    from larder.service.observability.access_log import LineSink
+    from larder.service.server import start
+    from larder.storage.disk import DiskStorage
+
+    app = build_app(Config(), DiskStorage(tmp_path / "data"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    running = await start(Config(), app, sock, LineSink(io.StringIO()))
+    await app[state.CACHES].ensure("main")
+    token, _ = await app[state.TOKENS].issue("main", Scope.WRITE, 3600)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    writer.write(
+        f"PUT /main/sccache/a/b/entry HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Length: 1000000\r\n\r\n".encode()
+        + b"x" * 1000
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the route is waiting for the rest of the body
+    began = time.monotonic()
+    stopping = asyncio.ensure_future(running.stop())
+    status = await asyncio.wait_for(reader.readline(), 5)
+    await asyncio.wait_for(stopping, 10)
+    writer.close()
+    assert status.split()[1] == b"503", status
+    assert time.monotonic() - began < 5
+    assert [key async for key in DiskStorage(tmp_path / "data").keys("caches/main/sccache")] == []

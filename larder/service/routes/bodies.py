@@ -9,11 +9,11 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 from aiohttp import web
 
-from larder.errors import ClientGone, TooLarge, TooSlow, UnsupportedEncoding
+from larder.errors import ClientGone, ServerStopping, TooLarge, TooSlow, UnsupportedEncoding
 from larder.protocol.content_coding import body_coding
 from larder.service.internals import ZeroCopyFileResponse
 from larder.service.routes.ranges import Unsatisfiable, byte_range
-from larder.service.state import CONFIG
+from larder.service.state import CONFIG, READING
 from larder.storage.base import BlobReader
 
 UPLOAD_CHUNK = 256 * 1024
@@ -56,6 +56,27 @@ def coded_body(request: web.Request, limit: int) -> tuple[str, AsyncIterator[byt
 
 async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     check_declared_length(request, limit)
+    reading = request.app[READING]
+    reading[id(request)] = request  # (a request is a mapping: not hashable)
+    try:
+        async for chunk in _read_chunks(request, limit):
+            yield chunk
+    finally:
+        reading.pop(id(request), None)
+
+
+def stop_reading(app: web.Application) -> None:
+    """The server is stopping: every body still arriving ends now with :class:`ServerStopping`
+    (answered 503), as aiohttp reads no more bytes of a connection once its shutdown began: the
+    route would otherwise wait for the rest until the shutdown timeout and answer nothing."""
+    reading: dict[int, web.Request] = app[READING]
+    for request in list(reading.values()):
+        request.content.set_exception(
+            ServerStopping("the server is stopping before the body arrived; send it again")
+        )
+
+
+async def _read_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     idle = request.app[CONFIG].body_idle_timeout
     pieces: list[bytes] = []
     pending = total = 0
