@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -255,3 +258,29 @@ async def test_a_direct_lookup_that_finds_nothing_counts_the_crates_miss(service
     stats = await (await service.client.get("/api/v1/caches/main/stats")).json()
     assert stats["protocols"]["rustc"]["day"]["misses"] == 1
     assert stats["top_missed_crates"] == [{"crate": "serde", "misses": 1, "reason": None}]
+
+
+def test_a_dead_workers_storage_gauges_go_with_it(tmp_path: Path) -> None:
+    """Worker 0 scans the store; once it is killed and replaced, its last figures must not
+    stay in /metrics for good (a deleted 3 MB kept showing after gc)."""
+    script = (
+        "import sys\n"
+        "from larder.service.observability.metrics import Metrics\n"
+        "m = Metrics('disk', sys.argv[1])\n"
+        "m.stored_bytes.labels('main', 'nar').set(3_000_000)\n"
+        "m.gc_last.set(1)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    dead = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True)
+    assert dead.returncode == 0
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    def rendered() -> str:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, str(tmp_path))  # type: ignore[no-untyped-call]
+        return generate_latest(registry).decode()
+
+    pid = int(next(tmp_path.glob("gauge_*_*.db")).stem.rsplit("_", 1)[1])
+    assert "larder_storage_size_bytes{" in rendered()
+    multiprocess.mark_process_dead(pid, str(tmp_path))  # type: ignore[no-untyped-call]
+    assert "larder_storage_size_bytes{" not in rendered()

@@ -104,7 +104,8 @@ class Metrics:
 
     In a multi-process server (``multiprocess_dir`` set, and prometheus-client started in its
     multiprocess mode there) :meth:`render` sums every worker's series; the in-flight gauge sums
-    the live workers, the storage gauges take the largest value (only one worker scans).
+    the live workers, the storage and collection gauges take the largest value among live
+    workers (only one scans; a dead worker's last values go with it, see ``_forget``).
     """
 
     def __init__(self, backend: str, multiprocess_dir: str | None = None) -> None:
@@ -165,14 +166,14 @@ class Metrics:
             "Stored objects by cache and kind.",
             ["cache", "kind"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.stored_bytes = Gauge(
             "larder_storage_size_bytes",
             "Stored (compressed) bytes by cache and kind.",
             ["cache", "kind"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.backend_ops = Counter(
             "larder_backend_operations_total",
@@ -215,13 +216,13 @@ class Metrics:
             "larder_gc_last_completed_timestamp_seconds",
             "When this replica last completed a garbage collection.",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.gc_duration = Gauge(
             "larder_gc_duration_seconds",
             "Length of this replica's last collection.",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.use_flushes = Counter(
             "larder_use_flushes_total",
