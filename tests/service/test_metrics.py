@@ -284,3 +284,32 @@ def test_a_dead_workers_storage_gauges_go_with_it(tmp_path: Path) -> None:
     assert "larder_storage_size_bytes{" in rendered()
     multiprocess.mark_process_dead(pid, str(tmp_path))  # type: ignore[no-untyped-call]
     assert "larder_storage_size_bytes{" not in rendered()
+
+
+async def test_a_blob_write_that_fails_before_its_commit_is_counted(
+    make_service: ServiceFactory,
+) -> None:
+    """A full disk fails while the body is written (or while its temporary is made), never
+    reaching a commit: the storage-errors alert must see it."""
+    from larder.errors import StorageFull
+    from larder.storage.memory import MemoryStorage
+
+    class Full(MemoryStorage):
+        def blob_writer(self, *, encoded=False):  # type: ignore[no-untyped-def]
+            writer = super().blob_writer(encoded=encoded)
+
+            def refuse(data: bytes | memoryview) -> None:
+                raise StorageFull("no space left on device")
+
+            writer.write = refuse  # type: ignore[method-assign]
+            writer.write_encoded = refuse  # type: ignore[method-assign]
+            return writer
+
+    service = await make_service(Full())
+    auth = service.auth()
+    for entry in ("a", "b"):
+        resp = await service.client.put(f"/main/sccache/x/{entry}", data=b"y" * 5000, headers=auth)
+        assert resp.status == 507
+    samples = await scrape(service)
+    assert value(samples, "larder_backend_errors_total", backend="memory",
+                 operation="blob_write") == 2  # fmt: skip

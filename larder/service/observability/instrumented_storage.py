@@ -21,15 +21,33 @@ T = TypeVar("T")
 
 
 class _CountedWriter(BlobWriter):
+    """A blob write is one operation, counted at its commit, or as failed at the first error
+    (a full disk fails while the body is written, long before any commit)."""
+
     def __init__(self, inner: BlobWriter, metrics: Metrics) -> None:
         self._inner = inner
         self._metrics = metrics
+        self._failed = False
+
+    def _fail(self) -> None:
+        if not self._failed:
+            self._failed = True
+            self._metrics.backend_ops.labels(self._metrics.backend, "blob_write").inc()
+            self._metrics.backend_errors.labels(self._metrics.backend, "blob_write").inc()
 
     def write(self, data: bytes | memoryview) -> None:
-        self._inner.write(data)
+        try:
+            self._inner.write(data)
+        except StorageError:
+            self._fail()
+            raise
 
     def write_encoded(self, piece: bytes) -> None:
-        self._inner.write_encoded(piece)
+        try:
+            self._inner.write_encoded(piece)
+        except StorageError:
+            self._fail()
+            raise
 
     @property
     def size(self) -> int:
@@ -38,10 +56,13 @@ class _CountedWriter(BlobWriter):
     def commit(
         self, expected_id: str | None = None, *, stored_sha256: bytes | None = None
     ) -> BlobInfo:
+        if self._failed:
+            return self._inner.commit(expected_id, stored_sha256=stored_sha256)
         self._metrics.backend_ops.labels(self._metrics.backend, "blob_write").inc()
         try:
             return self._inner.commit(expected_id, stored_sha256=stored_sha256)
         except StorageError:
+            self._failed = True
             self._metrics.backend_errors.labels(self._metrics.backend, "blob_write").inc()
             raise
 
@@ -75,7 +96,13 @@ class InstrumentedStorage(Storage):
             raise
 
     def blob_writer(self, *, encoded: bool = False) -> BlobWriter:
-        return _CountedWriter(self.inner.blob_writer(encoded=encoded), self._metrics)
+        try:
+            inner = self.inner.blob_writer(encoded=encoded)
+        except StorageError:  # no room even for the temporary
+            self._metrics.backend_ops.labels(self.backend, "blob_write").inc()
+            self._metrics.backend_errors.labels(self.backend, "blob_write").inc()
+            raise
+        return _CountedWriter(inner, self._metrics)
 
     async def blob_open(self, blob_id: str) -> BlobReader | None:
         return await self._count("blob_open", self.inner.blob_open(blob_id))
