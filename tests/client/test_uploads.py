@@ -417,17 +417,26 @@ def test_the_jobs_of_a_pass_share_one_connection_and_count_their_own_bytes(
     assert uploads.pending(spool) == []
 
 
-@pytest.mark.parametrize("sink", ["accept"], indirect=True)
-def test_a_lingering_uploader_keeps_its_connection_for_the_next_job(
-    sink: UploadSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(uploads, "LINGER", 3.0)
+def _lingering(
+    sink: UploadSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linger: float
+) -> tuple[Path, Path, threading.Thread]:
+    """A state directory, its spool holding one job, and an uploader draining it that lingers
+    ``linger`` seconds."""
+    monkeypatch.setattr(uploads, "LINGER", linger)
     state = tmp_path / "state"
     spool = uploads.spool_dir(state, sink.url)
     env = {**os.environ, "LARDER_STATE_DIR": str(state), "LARDER_TOKEN": "t"}
     enqueue_job(spool, sink.url, 0, tmp_path)
     uploader = threading.Thread(target=uploads.run, args=(spool, env))
     uploader.start()
+    return state, spool, uploader
+
+
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_a_lingering_uploader_keeps_its_connection_for_the_next_job(
+    sink: UploadSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, spool, uploader = _lingering(sink, tmp_path, monkeypatch, 3.0)
     for n in (1, 2):  # each job arrives once the one before it has been sent
         wait_until(lambda: not uploads.pending(spool), timeout=10)
         enqueue_job(spool, sink.url, n, tmp_path)
@@ -443,13 +452,7 @@ def test_a_lingering_uploader_leaves_a_state_directory_made_again(
 ) -> None:
     """The state directory removed and made again while its uploader lingers belongs to the
     next uploader: two on one spool took each other's jobs (counted as failed, never sent)."""
-    monkeypatch.setattr(uploads, "LINGER", 30.0)
-    state = tmp_path / "state"
-    spool = uploads.spool_dir(state, sink.url)
-    env = {**os.environ, "LARDER_STATE_DIR": str(state), "LARDER_TOKEN": "t"}
-    enqueue_job(spool, sink.url, 0, tmp_path)
-    uploader = threading.Thread(target=uploads.run, args=(spool, env))
-    uploader.start()
+    state, spool, uploader = _lingering(sink, tmp_path, monkeypatch, 30.0)
     wait_until(lambda: not uploads.pending(spool), timeout=10)
     shutil.rmtree(state)
     spool.mkdir(parents=True)

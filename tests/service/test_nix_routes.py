@@ -495,15 +495,23 @@ async def test_full_storage_is_507_and_stores_nothing(
     assert await blob_count(svc) == 0
 
 
-async def test_a_stalled_upload_is_dropped_and_stores_nothing(make_service: ServiceFactory) -> None:
-    svc = await make_service(body_idle_timeout=0.3)
-    nar = write_nar({"type": "regular", "contents": os.urandom(50_000)})
+async def _nar_put_head(
+    svc: Service, nar: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that has sent the head of a PUT of ``nar`` and none of its body."""
     reader, writer = await asyncio.open_connection(svc.client.host, svc.client.port)
     writer.write(
         f"PUT /main/{nar_url(nar, '')} HTTP/1.1\r\nHost: x\r\n"
         f"Authorization: Bearer {svc.write_token}\r\nContent-Length: {len(nar)}\r\n\r\n".encode()
-        + nar[:1000]  # then nothing: the client stalls with the connection open
     )
+    return reader, writer
+
+
+async def test_a_stalled_upload_is_dropped_and_stores_nothing(make_service: ServiceFactory) -> None:
+    svc = await make_service(body_idle_timeout=0.3)
+    nar = write_nar({"type": "regular", "contents": os.urandom(50_000)})
+    reader, writer = await _nar_put_head(svc, nar)
+    writer.write(nar[:1000])  # then nothing: the client stalls with the connection open
     await writer.drain()
     status = (await asyncio.wait_for(reader.readline(), 5)).split()[1]
     writer.close()
@@ -519,11 +527,7 @@ async def test_an_upload_that_trickles_in_is_dropped_and_stores_nothing(
     while the client is still sending."""
     svc = await make_service(body_idle_timeout=0.5)
     nar = write_nar({"type": "regular", "contents": os.urandom(50_000)})
-    reader, writer = await asyncio.open_connection(svc.client.host, svc.client.port)
-    writer.write(
-        f"PUT /main/{nar_url(nar, '')} HTTP/1.1\r\nHost: x\r\n"
-        f"Authorization: Bearer {svc.write_token}\r\nContent-Length: {len(nar)}\r\n\r\n".encode()
-    )
+    reader, writer = await _nar_put_head(svc, nar)
     answer = asyncio.ensure_future(reader.readline())
     sent = 0
     while not answer.done() and sent < 40:  # 8 s of trickling at most
