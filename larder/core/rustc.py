@@ -21,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterable, Iterable
 
@@ -194,12 +195,11 @@ class RustcCache:
         earlier = await self._storage.get(keys.rustc_inputs(cache.name, key))
         await self._storage.put(keys.rustc_inputs(cache.name, key), pack_stored(document))
         await self._storage.put(keys.rustc_crate(cache.name, identity.id(), key), b"")
-        try:
-            replaced = stored_identity(earlier) if earlier is not None else identity.id()
-        except FormatError:
-            replaced = identity.id()
-        if replaced != identity.id():  # the key no longer belongs to the other crate's index
-            await self._storage.delete(keys.rustc_crate(cache.name, replaced, key))
+        if earlier is not None:  # the key no longer belongs to another crate's index
+            with contextlib.suppress(FormatError):
+                replaced = stored_identity(earlier)
+                if replaced != identity.id():
+                    await self._storage.delete(keys.rustc_crate(cache.name, replaced, key))
         return identity
 
     async def get_inputs(self, cache: CacheSettings, key: str) -> bytes | None:

@@ -27,7 +27,7 @@ from larder.errors import LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
-from larder.service.config import Config, load_config, parse_size
+from larder.service.config import Config, format_listen, load_config, parse_size
 from larder.service.housekeeping import gc_policies, store_policy
 from larder.service.server import LOG_FORMAT, serve
 from larder.storage.base import Storage
@@ -166,7 +166,7 @@ def _base_url(config: Config) -> str:
     host, port = config.host_port
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    return f"http://{format_listen(host, port)}"
 
 
 async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:

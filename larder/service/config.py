@@ -47,6 +47,11 @@ def parse_size(text: str) -> int:
     return int(number * base**exponent)
 
 
+def format_listen(host: str, port: int) -> str:
+    """``HOST:PORT`` as :func:`parse_listen` reads it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:8080`` for IPv6) into its parts."""
     host, sep, port = text.rpartition(":")
@@ -66,8 +71,9 @@ def _setting(default: T, parse: Callable[[Any], T]) -> T:
 
 
 def _listen(value: object) -> str:
-    parse_listen(_text(value))
-    return str(value)
+    text = _text(value)
+    parse_listen(text)
+    return text
 
 
 def _text(value: object) -> str:
@@ -106,9 +112,7 @@ def _size_at_least(low: int) -> Callable[[object], int]:
     """Bytes from a TOML integer or a size string (:func:`parse_size`), at least ``low``."""
 
     def parse(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ValueError(f"{value!r} is not a size")
-        size = value if isinstance(value, int) else parse_size(value)
+        size = parse_size(value) if isinstance(value, str) else _whole(value)
         if size < low:
             raise ValueError(f"{size} is less than {low}")
         return size

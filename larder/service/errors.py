@@ -121,7 +121,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except errors.LarderError as exc:
         note_error_code(request, exc.code)
         status = status_for(exc)
-        if status >= 500 and not isinstance(exc, errors.ServerStopping):
+        # A server error of larder's own (a stop is not: the client sends its upload again)
+        internal = status >= 500 and not isinstance(exc, errors.ServerStopping)
+        if internal:
             log.error("%s %s failed: %s", request.method, _path(request), _escaped(exc.message))
         else:
             path, message = _path(request), _escaped(exc.message)
@@ -132,9 +134,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = "storage is full"
         elif isinstance(exc, errors.StorageUnavailable):
             message = "storage is unavailable; retry later"
-        elif isinstance(exc, errors.ServerStopping):
-            message = exc.message
-        elif status >= 500:
+        elif internal:
             message = "internal storage error"
         else:
             message = exc.message

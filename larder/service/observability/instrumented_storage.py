@@ -20,6 +20,12 @@ from larder.storage.base import (
 T = TypeVar("T")
 
 
+def _failed_write(metrics: Metrics) -> None:
+    """A blob write that failed before its commit: one operation, one error."""
+    metrics.backend_ops.labels(metrics.backend, "blob_write").inc()
+    metrics.backend_errors.labels(metrics.backend, "blob_write").inc()
+
+
 class _CountedWriter(BlobWriter):
     """A blob write is one operation, counted at its commit, or as failed at the first error
     (a full disk fails while the body is written, long before any commit)."""
@@ -32,8 +38,7 @@ class _CountedWriter(BlobWriter):
     def _fail(self) -> None:
         if not self._failed:
             self._failed = True
-            self._metrics.backend_ops.labels(self._metrics.backend, "blob_write").inc()
-            self._metrics.backend_errors.labels(self._metrics.backend, "blob_write").inc()
+            _failed_write(self._metrics)
 
     def write(self, data: bytes | memoryview) -> None:
         try:
@@ -99,8 +104,7 @@ class InstrumentedStorage(Storage):
         try:
             inner = self.inner.blob_writer(encoded=encoded)
         except StorageError:  # no room even for the temporary
-            self._metrics.backend_ops.labels(self.backend, "blob_write").inc()
-            self._metrics.backend_errors.labels(self.backend, "blob_write").inc()
+            _failed_write(self._metrics)
             raise
         return _CountedWriter(inner, self._metrics)
 

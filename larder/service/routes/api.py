@@ -6,6 +6,7 @@ from aiohttp import web
 
 from larder.protocol.tokens import Scope
 from larder.service import state
+from larder.service.config import format_listen
 from larder.service.routes.cache_access import cache_for
 from larder.service.state import HITS, TALLY
 
@@ -24,8 +25,7 @@ def _local_address(request: web.Request) -> str | None:
     name = request.transport.get_extra_info("sockname") if request.transport else None
     if not isinstance(name, tuple) or len(name) < 2:
         return None
-    address, port = name[0], name[1]
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return format_listen(str(name[0]), int(name[1]))
 
 
 async def get_cache(request: web.Request) -> web.Response:
