@@ -23,7 +23,7 @@ from larder.core.auth import TokenAuthority
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
 from larder.core.gc.collector import Collector
 from larder.core.pins import pin, pins, unpin
-from larder.errors import LarderError
+from larder.errors import LarderError, StorageUnavailable
 from larder.protocol.names import check_cache_name
 from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
@@ -139,8 +139,17 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(flags)
 
 
-async def _with_storage(config: Config, action: Callable[[Storage], Awaitable[int]]) -> int:
-    storage = open_storage(config.storage, zstd_level=config.zstd_level)
+async def _with_storage(
+    config: Config, action: Callable[[Storage], Awaitable[int]], create: bool
+) -> int:
+    """Run ``action`` on the configured store; only ``create`` makes a disk store that is not
+    there (a mistyped ``--storage`` for a command that reads must not leave a new store behind)."""
+    try:
+        storage = open_storage(config.storage, zstd_level=config.zstd_level, create=create)
+    except StorageUnavailable as exc:
+        raise LarderError(
+            f"{exc.message} (`larder serve` or `larder cache create` makes one)"
+        ) from None
     try:
         return await action(storage)
     finally:
@@ -368,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         sub: str = args.token_command if args.command == "token" else ""
         handler = handlers.get((str(args.command), sub), _cache_command)
-        return asyncio.run(_with_storage(config, lambda storage: handler(args, storage, config)))
+        creates = args.command == "cache" and args.cache_command == "create"
+        return asyncio.run(
+            _with_storage(config, lambda storage: handler(args, storage, config), creates)
+        )
     except LarderError as exc:
         print(f"larder: {exc.message}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ and hands everything else to the aiohttp application.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import select
@@ -48,7 +49,7 @@ from aiohttp import web
 from larder.errors import StorageError, StorageUnavailable
 from larder.service import workers as shared
 from larder.service.app import build_app
-from larder.service.config import Config, ConfigError, WorkerSeat, worker_seat
+from larder.service.config import Config, ConfigError, WorkerSeat, format_listen, worker_seat
 from larder.service.front.connection import FrontProtocol
 from larder.service.front.limits import (
     KEEPALIVE_TIMEOUT,
@@ -154,6 +155,8 @@ def serve(config: Config, bootstrap: Bootstrap, command: Sequence[str]) -> int:
     count = worker_count(config)
     if count == 1:
         raise_open_file_limit(config.max_connections)
+        sock = _listen(config)
+        config = _bound(config, sock)
         storage = open_storage(config.storage, zstd_level=config.zstd_level)
         app = build_app(config, storage)
 
@@ -167,7 +170,7 @@ def serve(config: Config, bootstrap: Bootstrap, command: Sequence[str]) -> int:
 
         # First: a fatal start-up error then stops the server before any background task runs.
         app.cleanup_ctx.insert(0, deferred)
-        _run(config, app, _listen(config))
+        _run(config, app, sock)
         return 0
     return _supervise(config, count, bootstrap, command)
 
@@ -266,6 +269,14 @@ def _listen(config: Config) -> socket.socket:
     sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock
+
+
+def _bound(config: Config, sock: socket.socket) -> Config:
+    """``config`` with the port ``sock`` got when ``listen`` asked for port 0 (any free one)."""
+    host, port = config.host_port
+    if port != 0:
+        return config
+    return dataclasses.replace(config, listen=format_listen(host, sock.getsockname()[1]))
 
 
 def check_interval(worker_timeout: float) -> float:
@@ -472,6 +483,7 @@ def _supervise(config: Config, count: int, bootstrap: Bootstrap, command: Sequen
             await storage.close()
 
     sock = _listen(config)
+    config = _bound(config, sock)
     try:
         if not asyncio.run(start_up(retrying=False)):
             # The workers serve meanwhile; the parent's own loop waits for signals.

@@ -266,8 +266,13 @@ class DiskStorage(Storage):
         *,
         zstd_threads: int = 0,
         stale_temp_age: float = 3600.0,
+        create: bool = True,
     ) -> None:
+        """Open the store in ``root``, creating its directories; with ``create=False`` a
+        ``root`` that does not exist is :class:`StorageUnavailable` and nothing is created."""
         self.root = Path(root)
+        if not create and not self.root.is_dir():
+            raise StorageUnavailable(f"disk storage: no store at {self.root}")
         self._zstd_level = check_zstd_level(zstd_level)
         self._zstd_threads = zstd_threads
         self._blobs = self.root / "blobs"

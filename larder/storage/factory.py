@@ -68,10 +68,11 @@ def check_storage_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str, *, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> Storage:
+def open_storage(url: str, *, zstd_level: int = DEFAULT_ZSTD_LEVEL, create: bool = True) -> Storage:
     """Open the store ``url`` names (see the module docstring). Raises ``ValueError`` if malformed.
 
-    Disk stores create their directories on opening; S3 stores do not contact the bucket until
+    Disk stores create their directories on opening (with ``create=False`` a directory that does
+    not exist is :class:`StorageUnavailable` instead); S3 stores do not contact the bucket until
     first used (call :meth:`Storage.check` to find out whether it answers).
     """
     check_storage_url(url)
@@ -84,5 +85,5 @@ def open_storage(url: str, *, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> Storage:
         bucket, prefix = parse_s3_url(url)
         return S3Storage(bucket, prefix, zstd_level=zstd_level)
     if scheme == "file":
-        return DiskStorage(_file_url_path(url), zstd_level)
-    return DiskStorage(Path(url), zstd_level)
+        return DiskStorage(_file_url_path(url), zstd_level, create=create)
+    return DiskStorage(Path(url), zstd_level, create=create)

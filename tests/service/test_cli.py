@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -81,10 +86,33 @@ def test_token_create_prints_only_the_token(store: str, capsys: pytest.CaptureFi
 def test_token_for_a_missing_cache_is_refused(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    assert run(capsys, "cache", "create", "main", "--storage", store)[0] == 0
     code, out, err = run(
         capsys, "token", "create", "--cache", "ghost", "--scope", "read", "--storage", store
     )
     assert code == 2 and out == "" and "no cache named 'ghost'" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["cache", "list"],
+        ["cache", "show", "main"],
+        ["gc", "--dry-run"],
+        ["token", "create", "--cache", "main", "--scope", "read"],
+        ["token", "revoke", "abc"],
+        ["pin", "--cache", "main"],
+    ],
+)
+def test_a_command_on_a_store_that_is_not_there_creates_nothing(
+    store: str, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    code, out, err = run(capsys, *command, "--storage", store)
+    assert code == 2 and out == ""
+    assert err.startswith(f"larder: disk storage: no store at {store} ")
+    assert not Path(store).exists()
+    assert run(capsys, *command, "--storage", f"file://{store}")[0] == 2
+    assert not Path(store).exists()
 
 
 def test_revoked_token_no_longer_verifies(store: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -235,3 +263,30 @@ def test_a_port_that_cannot_be_listened_on_is_one_line(
         taken.close()
     assert code == 2
     assert err.strip() == f"larder: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_port_0_prints_the_port_the_server_got(tmp_path: Path, workers: str) -> None:
+    env = {**os.environ, "LARDER_WORKERS": workers, "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in ("LARDER_CONFIG", "LARDER_PUBLIC_URL", "LARDER_LISTEN"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "larder", "serve", "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        [*command, "--storage", str(tmp_path / "d")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        served = re.fullmatch(r"larder serving on http://127\.0\.0\.1:(\d+)\n", lines[1])
+        assert served is not None and served[1] != "0", lines
+        assert lines[2] == f"cache main: substituter http://127.0.0.1:{served[1]}/main\n"
+        url = f"http://127.0.0.1:{served[1]}/main/nix-cache-info"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert b"StoreDir: /nix/store" in answer.read()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
