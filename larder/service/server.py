@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import select
@@ -61,6 +62,7 @@ from larder.service.front.limits import (
 from larder.service.front.short_path import AccessLog, FastPath
 from larder.service.observability import unreadable
 from larder.service.observability.access_log import JsonAccessLogger, LineSink, TextAccessLogger
+from larder.service.observability.recording import count_unreadable
 from larder.service.routes.bodies import stop_reading
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
@@ -228,7 +230,7 @@ async def start(
     config: Config, app: web.Application, sock: socket.socket, sink: LineSink
 ) -> Running:
     """Start ``app`` (its start-up hooks run now) on the listening ``sock``."""
-    unreadable.install()
+    unreadable.install(functools.partial(count_unreadable, app))
     logger = JsonAccessLogger if config.access_log == "json" else TextAccessLogger
     guard = ConnectionGuard(config.header_timeout, config.max_connections)
     runner = GuardedAppRunner(

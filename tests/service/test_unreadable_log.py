@@ -1,4 +1,5 @@
-"""A request aiohttp cannot read costs one INFO line, not an ERROR with a traceback."""
+"""A request aiohttp cannot read costs one INFO line, not an ERROR with a traceback, and is
+counted in ``larder_http_requests_total``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 
 from aiohttp.http_exceptions import BadHttpMessage
 
+from larder.service.observability.metrics import NO_CACHE
 from larder.service.observability.unreadable import LOGGER, OneLineRefusals
+from larder.service.state import METRICS
 from tests.service.conftest import Live
 
 
@@ -21,9 +24,16 @@ class _Keep(logging.Handler):
         self.records.append(record)
 
 
+def _refused(live: Live) -> float:
+    registry = live.running.runner.app[METRICS].registry
+    labels = {"cache": NO_CACHE, "protocol": "other", "status_class": "4xx"}
+    return registry.get_sample_value("larder_http_requests_total", labels) or 0.0
+
+
 async def test_malformed_heads_are_logged_as_one_info_line(live: Live) -> None:
     logger = logging.getLogger(LOGGER)
     keep, level = _Keep(), logger.level
+    before = _refused(live)
     logger.addHandler(keep)
     logger.setLevel(logging.INFO)
     try:
@@ -46,6 +56,16 @@ async def test_malformed_heads_are_logged_as_one_info_line(live: Live) -> None:
         assert "refused (400)" in record.getMessage()
         assert len(record.getMessage()) < 400
     assert "Transfer-Encoding" in keep.records[0].getMessage()
+    assert _refused(live) == before + 3
+    logger.setLevel(logging.WARNING)  # not logged at all, counted all the same
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        writer.write(b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 5)).split()[1] == b"400"
+        writer.close()
+    finally:
+        logger.setLevel(level)
+    assert _refused(live) == before + 4
 
 
 def _record(exc: BaseException) -> logging.LogRecord:

@@ -137,6 +137,13 @@ def count_answer(
         app[HITS].record(cache, protocol, hit)
 
 
+def count_unreadable(app: web.Application, status: int) -> None:
+    """A request aiohttp refused before any handler saw it (a head it cannot parse): counted by
+    status without a cache, and without a latency (it was never timed)."""
+    metrics = app[METRICS]
+    metrics.child(metrics.requests, NO_CACHE, "other", STATUS_CLASS[min(status // 100, 5)]).inc()
+
+
 def count_sent_bytes(app: web.Application, cache: str, protocol: str, length: int) -> None:
     metrics = app[METRICS]
     metrics.child(metrics.sent, cache, protocol).inc(length)

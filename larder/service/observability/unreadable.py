@@ -4,13 +4,15 @@ aiohttp answers a request it cannot parse (a malformed head, a ``Transfer-Encodi
 know, a field over its limits) with 400 and logs it at ERROR with a traceback that quotes the
 offending bytes. That is the client's fault, and anyone can send it: :class:`OneLineRefusals`
 turns such a record into one INFO line (``... refused (400): <aiohttp's reason>``) on the
-``aiohttp.server`` logger, so a scanner cannot fill the error log or trip an alert on it. Errors
-of the server itself keep their level and traceback.
+``aiohttp.server`` logger, so a scanner cannot fill the error log or trip an alert on it, and
+counts it (:func:`install`'s ``counted``: ``larder_http_requests_total`` without a cache, as no
+handler saw it). Errors of the server itself keep their level and traceback.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -22,10 +24,17 @@ MAX_REASON = 200
 class OneLineRefusals(logging.Filter):
     """Rewrites records of client-side parse errors (status below 500) as one INFO line."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: Told each refusal's status, whatever the log level.
+        self.counted: Callable[[int], None] | None = None
+
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 500) < 500:
             return True
+        if self.counted is not None:
+            self.counted(exc.code)
         if not logging.getLogger(LOGGER).isEnabledFor(logging.INFO):
             return False
         try:
@@ -39,8 +48,12 @@ class OneLineRefusals(logging.Filter):
         return True
 
 
-def install() -> None:
-    """Attach :class:`OneLineRefusals` to aiohttp's server logger (once)."""
+def install(counted: Callable[[int], None] | None = None) -> None:
+    """Attach :class:`OneLineRefusals` to aiohttp's server logger (once); ``counted`` is told
+    each refusal's status (the application this process serves counts it)."""
     logger = logging.getLogger(LOGGER)
-    if not any(isinstance(existing, OneLineRefusals) for existing in logger.filters):
-        logger.addFilter(OneLineRefusals())
+    found = [existing for existing in logger.filters if isinstance(existing, OneLineRefusals)]
+    refusals = found[0] if found else OneLineRefusals()
+    if not found:
+        logger.addFilter(refusals)
+    refusals.counted = counted
