@@ -6,6 +6,11 @@ One keep-alive connection per invocation (:mod:`larder.client.transport`), throu
 every socket operation, and a single exception type: any failure (refused, timed out, 5xx, an
 unexpected status or body, a blob that does not hash to its name) is a :class:`RemoteError` with
 a short ``kind`` for the stats. A 404 is a miss, not an error.
+
+Nothing an answer says is trusted further than it is checked: an answer is read into memory only
+up to the size its kind may have (:data:`MAX_ANSWER`, :data:`MAX_DIRECT_ANSWER`), a blob is
+decoded only up to the size its manifest states and must hash to its name, and an upload counts
+as stored only when the answer names what was sent (a proxy's ``200`` page does not).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import quote, urlsplit
 
 import blake3
@@ -21,7 +26,13 @@ import blake3
 from larder.client.proxy import Proxy, proxy_for
 from larder.client.transport import Connection, ProtocolError, Response
 from larder.errors import FormatError
-from larder.protocol.rustc import DirectEntry, parse_direct_entries
+from larder.protocol.rustc import (
+    MAX_DIRECT_ENTRIES,
+    MAX_MANIFEST_SIZE,
+    DirectEntry,
+    load_json,
+    parse_direct_entries,
+)
 
 if TYPE_CHECKING:
     from larder.protocol.inputs import Identity, Nearest
@@ -31,6 +42,14 @@ _CHUNK = 256 * 1024
 #: (its length must be known before it is sent).
 IN_MEMORY_STREAM = 32 * 1024 * 1024
 DEFAULT_TIMEOUT = 5.0
+#: The longest ``LARDER_TIMEOUT`` taken (an hour); more, or not a positive number, is the default.
+MAX_TIMEOUT = 3600.0
+#: The most of an answer read into memory: a manifest, an inputs document or an error page.
+MAX_ANSWER = 2 * MAX_MANIFEST_SIZE
+#: The most of a direct lookup's answer (its entries are each at most a manifest's size).
+MAX_DIRECT_ANSWER = MAX_DIRECT_ENTRIES * MAX_MANIFEST_SIZE
+#: What of an error answer is read before the connection is dropped instead.
+MAX_ERROR_BODY = 64 * 1024
 
 
 def _small(path: Path) -> bool:
@@ -41,11 +60,13 @@ def _small(path: Path) -> bool:
 
 
 def network_timeout(environ: dict[str, str]) -> float:
-    """Seconds per network operation: ``LARDER_TIMEOUT``, or 5 when unset or not a number."""
+    """Seconds per network operation: ``LARDER_TIMEOUT``, or 5 when unset or not a number of
+    seconds above 0 and at most :data:`MAX_TIMEOUT` (``inf``, ``nan``, ``0``, ``-1``)."""
     try:
-        return float(environ.get("LARDER_TIMEOUT") or DEFAULT_TIMEOUT)
+        seconds = float(environ.get("LARDER_TIMEOUT") or DEFAULT_TIMEOUT)
     except ValueError:
         return DEFAULT_TIMEOUT
+    return seconds if 0 < seconds <= MAX_TIMEOUT else DEFAULT_TIMEOUT
 
 
 class RemoteError(Exception):
@@ -72,7 +93,18 @@ class Remote:
         environ: dict[str, str] | None = None,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or past 65535
+            port = -1
+        cache = parts.path.strip("/")
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or port == -1
+            or not cache
+            or "//" in parts.path
+        ):
             raise RemoteError("config", f"LARDER_URL must be http(s)://HOST[:PORT]/CACHE: {url!r}")
         try:
             self._proxy: Proxy | None = proxy_for(
@@ -84,7 +116,7 @@ class Remote:
             raise RemoteError("config", str(exc)) from None
         self._scheme = parts.scheme
         self._host = parts.hostname
-        self._port = parts.port
+        self._port = port
         self._base = parts.path.rstrip("/") + "/rustc"
         self._token = token
         self._timeout = timeout
@@ -133,26 +165,52 @@ class Remote:
             self.close()
             raise RemoteError("connect", str(exc) or type(exc).__name__) from None
         if response.status >= 500:
-            response.read()
+            self._read(response, MAX_ERROR_BODY, drop=True)
             raise RemoteError("server", f"{method} {path}: HTTP {response.status}")
         return response
 
-    def _read(self, response: Response) -> bytes:
+    def _read(self, response: Response, limit: int = MAX_ANSWER, drop: bool = False) -> bytes:
+        """The answer's body, at most ``limit`` bytes: past it the connection is closed and the
+        answer is ``corrupt`` (or, with ``drop``, the first ``limit`` bytes are returned). A
+        body cut short is ``corrupt`` too: the server was reached, so no reason to back off."""
+        parts: list[bytes] = []
+        size = 0
         try:
-            data = response.read()
-        except OSError as exc:
+            while piece := response.read(min(_CHUNK, limit + 1 - size)):
+                self.bytes_down += len(piece)
+                size += len(piece)
+                if size > limit:
+                    self.close()
+                    if drop:
+                        break
+                    raise RemoteError("corrupt", f"an answer larger than {limit} bytes")
+                parts.append(piece)
+        except TimeoutError as exc:
             self.close()
             raise RemoteError("timeout", f"reading the response: {exc}") from None
-        self.bytes_down += len(data)
-        return data
+        except OSError as exc:
+            self.close()
+            raise RemoteError("corrupt", f"reading the response: {exc}") from None
+        return b"".join(parts)
 
-    def _expect(self, response: Response, what: str, *ok: int) -> bytes:
-        data = self._read(response)
+    def _expect(self, response: Response, what: str, *ok: int, limit: int = MAX_ANSWER) -> bytes:
         if response.status not in ok:
+            data = self._read(response, MAX_ERROR_BODY, drop=True)
             message = data[:200].decode("utf-8", "replace").strip()
             kind = "auth" if response.status in (401, 403) else "refused"
-            raise RemoteError(kind, f"{what}: HTTP {response.status} {message}")
-        return data
+            raise RemoteError(kind, f"{what}: HTTP {response.status} {message!r}")
+        return self._read(response, limit)
+
+    def _stored(self, response: Response, what: str, field: str, value: str) -> None:
+        """An upload's answer: 2xx naming ``value`` as its ``field`` (larder echoes what it
+        stored), else the upload did not reach the cache."""
+        data = self._expect(response, what, 200, 201)
+        try:
+            echoed = load_json(data, what).get(field)
+        except (FormatError, AttributeError):
+            echoed = None
+        if echoed != value:
+            raise RemoteError("corrupt", f"{what}: the answer does not name what was sent")
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -174,8 +232,9 @@ class Remote:
             self._read(response)
             self.miss_counted = response.headers.get("x-larder-counted") == "miss"
             return []
+        data = self._expect(response, "direct entries", 200, limit=MAX_DIRECT_ANSWER)
         try:
-            return parse_direct_entries(self._expect(response, "direct entries", 200))
+            return parse_direct_entries(data)
         except FormatError as exc:
             raise RemoteError("corrupt", str(exc)) from None
 
@@ -215,8 +274,9 @@ class Remote:
         response = self._request("POST", "/explained", body, content_type="application/json")
         self._read(response)
 
-    def download_blob(self, blob_id: str, out: BinaryIO) -> int:
-        """Write the blob's bytes to ``out``; check they hash to ``blob_id``; return the size."""
+    def download_blob(self, blob_id: str, out: BinaryIO, size: int) -> None:
+        """Write the blob's bytes to ``out``: exactly ``size`` of them (what its manifest
+        states; a stream that decodes to more is cut off there), hashing to ``blob_id``."""
         response = self._request("GET", f"/blobs/{blob_id}")
         if response.status != 200:
             self._expect(response, f"blob {blob_id[:12]}", 200)
@@ -224,30 +284,32 @@ class Remote:
         import zstandard  # only on a hit: it takes a while to import
 
         hasher = blake3.blake3()
-        size = 0
-        decoder = zstandard.ZstdDecompressor()
-        decompressor = decoder.decompressobj()
+        written = 0
+        source = _Counted(response, self)
+        # Several frames may follow each other (an upload encoded elsewhere); each read
+        # decodes at most _CHUNK bytes, so a small stream that decodes to gigabytes costs no
+        # more than the first byte past ``size``.
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            cast(BinaryIO, source), read_size=_CHUNK, read_across_frames=True, closefd=False
+        )
         try:
-            while chunk := response.read(_CHUNK):
-                self.bytes_down += len(chunk)
-                while chunk:
-                    data = decompressor.decompress(chunk)
-                    hasher.update(data)
-                    out.write(data)
-                    size += len(data)
-                    # A stream of several frames (an upload encoded elsewhere): the next one.
-                    chunk = decompressor.unused_data if decompressor.eof else b""
-                    if decompressor.eof:
-                        decompressor = decoder.decompressobj()
-        except OSError as exc:
+            while data := reader.read(min(_CHUNK, size + 1 - written)):
+                written += len(data)
+                if written > size:
+                    self.close()
+                    raise RemoteError("corrupt", f"blob {blob_id[:12]} is larger than stated")
+                hasher.update(data)
+                out.write(data)
+        except TimeoutError as exc:
             self.close()
             raise RemoteError("timeout", f"reading blob {blob_id[:12]}: {exc}") from None
-        except zstandard.ZstdError as exc:
+        except (OSError, zstandard.ZstdError) as exc:
             self.close()
             raise RemoteError("corrupt", f"blob {blob_id[:12]}: {exc}") from None
+        if written != size:
+            raise RemoteError("corrupt", f"blob {blob_id[:12]} is smaller than stated")
         if hasher.hexdigest() != blob_id:
             raise RemoteError("corrupt", f"blob {blob_id[:12]} does not hash to its name")
-        return size
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -257,10 +319,12 @@ class Remote:
         response = self._request("POST", "/missing", body, content_type="application/json")
         data = self._expect(response, "missing-blob query", 200)
         try:
-            missing = json.loads(data)["missing"]
-        except (ValueError, KeyError, TypeError) as exc:
+            missing = load_json(data, "missing-blob answer")["missing"]
+        except (FormatError, KeyError, TypeError) as exc:
             raise RemoteError("corrupt", f"missing-blob answer: {exc}") from None
-        if not isinstance(missing, list) or not set(missing) <= set(blob_ids):
+        if not isinstance(missing, list) or not all(isinstance(b, str) for b in missing):
+            raise RemoteError("corrupt", "missing-blob answer is not a list of ids")
+        if not set(missing) <= set(blob_ids):
             raise RemoteError("corrupt", "missing-blob answer names blobs not asked about")
         return [str(blob) for blob in missing]
 
@@ -285,7 +349,7 @@ class Remote:
             size = os.path.getsize(content)
             with open(content, "rb") as body:
                 response = self._request("PUT", f"/blobs/{blob_id}", body, length=size)
-        self._expect(response, f"blob upload {blob_id[:12]}", 200, 201, 204)
+        self._stored(response, f"blob upload {blob_id[:12]}", "blake3", blob_id)
         self.bytes_up += size
 
     def _put_zstd(self, blob_id: str, content: bytes | Path, level: int) -> int:
@@ -328,7 +392,7 @@ class Remote:
         if response.status == 415:
             self._read(response)
             return 415
-        self._expect(response, what, 200, 201, 204)
+        self._stored(response, what, "blake3", blob_id)
         self.bytes_up += size
         return 200
 
@@ -337,18 +401,31 @@ class Remote:
         response = self._request(
             "PUT", f"/direct/{direct_key}", document, content_type="application/json"
         )
-        self._expect(response, "direct entry upload", 200, 201, 204)
+        self._stored(response, "direct entry upload", "key", direct_key)
         self.bytes_up += len(document)
 
     def put_inputs(self, key: str, document: bytes) -> None:
         """Store the inputs document of ``key`` (after its manifest)."""
         response = self._request("PUT", f"/inputs/{key}", document, content_type="application/json")
-        self._expect(response, "inputs document upload", 200, 201, 204)
+        self._stored(response, "inputs document upload", "key", key)
         self.bytes_up += len(document)
 
     def put_manifest(self, key: str, document: bytes) -> None:
         response = self._request(
             "PUT", f"/manifests/{key}", document, content_type="application/json"
         )
-        self._expect(response, "manifest upload", 200, 201, 204)
+        self._stored(response, "manifest upload", "key", key)
         self.bytes_up += len(document)
+
+
+class _Counted:
+    """A response body as a file for the zstd reader, counting what it reads as downloaded."""
+
+    def __init__(self, response: Response, remote: Remote) -> None:
+        self._response = response
+        self._remote = remote
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._response.read(size if size >= 0 else _CHUNK)
+        self._remote.bytes_down += len(data)
+        return data

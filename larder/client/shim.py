@@ -72,6 +72,27 @@ if TYPE_CHECKING:
 KEY_ERRORS = (cache_key.KeyUnavailable, OSError, ValueError)
 REMOTE_ERRORS = (RemoteError, FormatError, OSError, ValueError)
 OFFLINE_SECONDS = 30.0
+#: A compilation's lookups (its direct entries' manifests) stop after this many times
+#: ``LARDER_TIMEOUT`` in all, however quickly each answer came.
+LOOKUP_TIMEOUTS = 3
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def file_mode(recorded: int) -> int:
+    """The mode a restored output gets: what rustc gives the file it writes here (``0o666``,
+    or ``0o777`` for an executable, minus this process's umask); the cache only says whether
+    it is executable, so it can neither lock the owner out nor open the file to others."""
+    return (0o777 if recorded & 0o100 else 0o666) & ~_umask()
 
 
 def _now_ms(start: float) -> int:
@@ -301,7 +322,7 @@ class Invocation:
         assert self.out_dir is not None
         expected = self.compilation.expected_outputs()
         if sorted(o.name for o in manifest.outputs) != expected:
-            raise FormatError(f"manifest outputs do not match this compilation's {expected}")
+            raise RemoteError("corrupt", f"manifest outputs are not this compilation's {expected}")
         staged: list[tuple[Path, Path]] = []
         try:
             for output in manifest.outputs:
@@ -309,10 +330,10 @@ class Invocation:
                 scratch = self.out_dir / f".{output.name}.larder-{os.getpid()}"
                 staged.append((scratch, final))
                 with open(scratch, "wb") as handle:
-                    remote.download_blob(output.blake3, handle)
+                    remote.download_blob(output.blake3, handle, output.size)
                 if output.name.endswith(".d"):
                     scratch.write_text(self.roots.local(scratch.read_text()))
-                os.chmod(scratch, output.mode)
+                os.chmod(scratch, file_mode(output.mode))
             for scratch, final in staged:
                 os.replace(scratch, final)
         finally:
@@ -600,9 +621,12 @@ class Invocation:
         """
         tried: set[str] = set()
         linked = self.compilation.linked
+        deadline = time.monotonic() + LOOKUP_TIMEOUTS * self.timeout()
         with Phase(self.phases, "lookup"):
             entries = remote.get_direct(direct, self.compilation.crate_name)
         for entry in entries:
+            if time.monotonic() > deadline:  # each answer in time, all of them far too slow
+                raise RemoteError("timeout", f"lookups past {LOOKUP_TIMEOUTS}x LARDER_TIMEOUT")
             try:
                 link = self.link_item(entry.link) if linked else None
                 inputs = cache_key.from_direct_entry(
@@ -642,7 +666,10 @@ class Invocation:
             document = remote.get_manifest(key, self.compilation.crate_name)
         if document is None:
             return False
-        manifest = parse_manifest(document)
+        try:
+            manifest = parse_manifest(document)
+        except FormatError as exc:  # the cache's answer, not this compilation, is wrong
+            raise RemoteError("corrupt", exc.message) from None
         self.restore(remote, manifest)
         self.replay(manifest)
         outcome.result, outcome.key = "hit", key

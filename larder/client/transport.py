@@ -4,10 +4,10 @@ The standard library's ``http.client`` costs about 50 ms to import (it pulls in 
 package), which the shim would pay on every rustc invocation; this module needs only ``socket``
 (and ``ssl`` for https, imported when used). It speaks what larder's server sends: a status line,
 headers, and a body delimited by ``Content-Length``, ``Transfer-Encoding: chunked`` or the end of
-the connection (none at all after a ``204``, a ``304``, a ``1xx`` or a ``HEAD``, whatever the
-headers say). Any socket or framing failure raises ``OSError`` (``TimeoutError`` for timeouts:
-a ``recv`` waiting ``timeout``, or an answer slower than :data:`MIN_RATE` on average) and closes
-the connection.
+the connection (none at all after a ``204``, a ``304`` or a ``HEAD``, whatever the headers say);
+interim answers (``100 Continue``, ``103 Early Hints``) before the final one are skipped. Any
+socket or framing failure raises ``OSError`` (``TimeoutError`` for timeouts: a ``recv`` waiting
+``timeout``, or an answer slower than :data:`MIN_RATE` on average) and closes the connection.
 
 Through an http proxy (:mod:`larder.client.proxy`), an https server is reached in a ``CONNECT``
 tunnel (TLS is then spoken with the server, end to end) and an http server with absolute-form
@@ -28,6 +28,8 @@ _MAX_HEADERS = 100
 _SEND_CHUNK = 256 * 1024
 _READ_BUFFER = 64 * 1024
 _NO_BODY = frozenset({204, 304})
+#: Interim (1xx) answers skipped before the final one (``100 Continue``, ``103 Early Hints``).
+_MAX_INTERIM = 8
 
 
 def _wire(host: str) -> str | bytes:
@@ -97,6 +99,9 @@ class Response:
         self._conn = conn
         self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         length = headers.get("content-length")
+        if length is not None and not (length.isascii() and length.isdigit()):
+            conn.close()
+            raise ProtocolError(f"bad Content-Length {length[:40]!r}")
         self._remaining: int | None = (
             int(length) if length is not None and not self._chunked else None
         )
@@ -175,6 +180,12 @@ class Connection:
         self._paced: _Paced = None  # type: ignore[assignment]
         self.reader: BinaryIO = None  # type: ignore[assignment]
 
+    @property
+    def authority(self) -> str:
+        """``host:port`` as a request's ``Host`` names it (an IPv6 address in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
     def close(self) -> None:
         if self._sock is not None:
             self.reader.close()  # the file object holds the socket open until closed
@@ -203,7 +214,7 @@ class Connection:
 
     def _tunnel(self, sock: socket.socket, proxy: Proxy) -> None:
         """Ask the proxy for a tunnel to the server; return once it answered 2xx."""
-        target = f"{self.host}:{self.port}"
+        target = self.authority
         lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
         if proxy.authorization:
             lines.append(f"Proxy-Authorization: {proxy.authorization}")
@@ -256,7 +267,7 @@ class Connection:
         if self._sock is None:
             self._sock = self._open()
         sock = self._sock
-        authority = f"{self.host}:{self.port}"
+        authority = self.authority
         if self.proxy is not None and not self.tls:
             lines = [f"{method} http://{authority}{path} HTTP/1.1", f"Host: {authority}"]
             if self.proxy.authorization:
@@ -281,11 +292,27 @@ class Connection:
 
     def _response(self, method: str) -> Response:
         self._paced.restart()
+        for _ in range(_MAX_INTERIM):
+            status, headers, http10 = self._head()
+            if not 100 <= status < 200:
+                return Response(self, status, headers, http10=http10, method=method)
+            if status == 101:  # never asked for: the connection no longer speaks HTTP/1.1
+                raise ProtocolError("the server switched protocols unasked (101)")
+            # 100 Continue, 103 Early Hints, ...: interim answers before the final one
+        raise ProtocolError(f"more than {_MAX_INTERIM} interim (1xx) answers")
+
+    def _head(self) -> tuple[int, dict[str, str], bool]:
+        """One status line and its header fields: (status, fields by lower-case name, HTTP/1.0)."""
         status_line = self.reader.readline(_MAX_LINE)
         if not status_line:
             raise ConnectionResetError("the server closed the connection")
         parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        if (
+            len(parts) < 2
+            or not parts[0].startswith(b"HTTP/1.")
+            or len(parts[1]) != 3
+            or not parts[1].isdigit()
+        ):
             raise ProtocolError(f"not an HTTP status line: {status_line[:60]!r}")
         headers: dict[str, str] = {}
         for _ in range(_MAX_HEADERS):
@@ -297,4 +324,4 @@ class Connection:
         else:
             raise ProtocolError("too many response headers")
         http10 = parts[0] == b"HTTP/1.0"
-        return Response(self, int(parts[1]), headers, http10=http10, method=method)
+        return int(parts[1]), headers, http10

@@ -60,19 +60,25 @@ def test_every_frame_of_a_stream_is_read(served: tuple[str, dict[str, bytes]], p
     out = io.BytesIO()
     remote = Remote(url, None, 5.0, {})
     try:
-        assert remote.download_blob(name, out) == len(DATA)
+        remote.download_blob(name, out, len(DATA))
     finally:
         remote.close()
     assert out.getvalue() == DATA
 
 
 @pytest.mark.parametrize(
-    "body",
-    [frames(DATA, 2)[:-50], frames(DATA, 1) + b"junk after it", frames(DATA[:-1], 2)],
-    ids=["truncated", "trailing-junk", "other-bytes"],
+    ("body", "stated"),
+    [
+        (frames(DATA, 2)[:-50], len(DATA)),
+        (frames(DATA, 1) + b"junk after it", len(DATA)),
+        (frames(DATA[:-1], 2), len(DATA)),
+        (frames(DATA, 2), len(DATA) - 1),
+        (frames(DATA, 2), len(DATA) + 1),
+    ],
+    ids=["truncated", "trailing-junk", "other-bytes", "larger-than-stated", "smaller-than-stated"],
 )
 def test_a_stream_that_is_not_the_blob_is_corrupt(
-    served: tuple[str, dict[str, bytes]], body: bytes
+    served: tuple[str, dict[str, bytes]], body: bytes, stated: int
 ) -> None:
     url, bodies = served
     name = blake3.blake3(DATA).hexdigest()
@@ -80,7 +86,41 @@ def test_a_stream_that_is_not_the_blob_is_corrupt(
     remote = Remote(url, None, 5.0, {})
     try:
         with pytest.raises(RemoteError) as caught:
-            remote.download_blob(name, io.BytesIO())
+            remote.download_blob(name, io.BytesIO(), stated)
     finally:
         remote.close()
     assert caught.value.kind == "corrupt"
+
+
+def test_a_stream_decoding_past_its_stated_size_is_cut_off_there(
+    served: tuple[str, dict[str, bytes]],
+) -> None:
+    """64 KiB of zstd that decodes to 4 GiB: the download stops one piece past what the
+    manifest states instead of decoding (and writing) it all."""
+    url, bodies = served
+    compressor = zstandard.ZstdCompressor(level=19)
+    chunk = compressor.compress(b"\0" * (64 << 20))
+    name = "0" * 64
+    bodies[name] = chunk * 64  # 64 frames of 64 MiB of zeros
+    assert len(bodies[name]) < 1 << 20
+
+    class Sink(io.RawIOBase):
+        written = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: object) -> int:
+            size = len(data)  # type: ignore[arg-type]
+            self.written += size
+            return size
+
+    sink = Sink()
+    remote = Remote(url, None, 5.0, {})
+    try:
+        with pytest.raises(RemoteError, match="larger than stated") as caught:
+            remote.download_blob(name, sink, 1 << 20)  # type: ignore[arg-type]
+    finally:
+        remote.close()
+    assert caught.value.kind == "corrupt"
+    assert sink.written <= 1 << 20

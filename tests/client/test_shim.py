@@ -61,6 +61,17 @@ class FakeCache:
             return 404, b""
         if self.mode == "garbage":
             return 200, b"\x00not a manifest"
+        if self.mode in ("bad-manifest", "slow-entries") and "/direct/" in path:
+            entries = [{"sources": ["src/lib.rs"], "env": [f"V{i}"]} for i in range(32)]
+            return 200, json.dumps({"entries": entries}).encode()
+        if self.mode == "bad-manifest" and "/manifests/" in path:
+            outputs = [{"name": "../libt-x.rlib", "blake3": "ab" * 32, "size": 1, "mode": 420}]
+            document = {"version": 1, "crate": "t", "outputs": outputs, "stdout": "",
+                        "stderr": "", "exit_code": 0}  # fmt: skip
+            return 200, json.dumps(document).encode()
+        if self.mode == "slow-entries" and "/manifests/" in path:
+            time.sleep(0.4)  # each in time (LARDER_TIMEOUT 0.5), all together far too slow
+            return 404, b""
         if self.mode == "corrupt-blob":
             if "/direct/" in path:  # an entry naming the crate root: its key is looked up
                 return 200, b'{"entries":[{"sources":["src/lib.rs"],"env":[]}]}'
@@ -142,7 +153,7 @@ def fake(request: pytest.FixtureRequest) -> Iterator[FakeCache]:
 @pytest.mark.parametrize(
     ("fake", "kind"),
     [("500", "server"), ("slow", "timeout"), ("garbage", "corrupt"),
-     ("corrupt-blob", "corrupt")],
+     ("corrupt-blob", "corrupt"), ("bad-manifest", "corrupt"), ("slow-entries", "timeout")],
     indirect=["fake"],
 )  # fmt: skip
 def test_bad_server_means_local_compile_and_a_counted_error(
@@ -422,3 +433,15 @@ def test_a_module_made_ambiguous_fails_as_without_the_cache(tmp_path: Path) -> N
         done = shim(laptop, url)
     assert done.returncode != 0 and "E0761" in done.stderr, done.stderr
     assert stats(laptop)["hits"] == 0
+
+
+@pytest.mark.parametrize("recorded", [0o644, 0o755, 0o000, 0o777, 0o4755, 0o100])
+def test_a_restored_output_gets_the_mode_rustc_would_give_it(recorded: int) -> None:
+    from larder.client.shim import file_mode
+
+    umask = os.umask(0o027)
+    try:
+        executable = bool(recorded & 0o100)
+        assert file_mode(recorded) == (0o750 if executable else 0o640)
+    finally:
+        os.umask(umask)

@@ -34,7 +34,10 @@ class Script:
                         if not data:
                             return
                         request += data
-                    conn.sendall(answer)
+                    try:
+                        conn.sendall(answer)
+                    except OSError:  # the client stopped reading and closed: next connection
+                        break
 
     def close(self) -> None:
         self.listener.close()
@@ -130,6 +133,68 @@ def test_garbage_and_truncation_are_errors(
     conn = connect(script)
     with pytest.raises(OSError):
         conn.request("GET", "/", {}).read()
+
+
+EARLY = b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@pytest.mark.parametrize("script", [[[EARLY + CONTINUE + OK, OK]]], indirect=True)
+def test_interim_answers_are_skipped_for_the_final_one(
+    script: Script, connect: Callable[[Script], Connection]
+) -> None:
+    conn = connect(script)
+    response = conn.request("GET", "/a", {})
+    assert response.status == 200 and response.read() == b"hello"
+    assert conn.request("GET", "/b", {}).read() == b"hello"  # nothing was left unread
+    assert script.connections == 1
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        [[b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n"]],
+        [[EARLY * 9 + OK]],
+        [[b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello"]],
+        [[b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello"]],
+        [[b"HTTP/1.1 2000 OK\r\nContent-Length: 5\r\n\r\nhello"]],
+    ],
+    indirect=True,
+    ids=["101-unasked", "endless-1xx", "length-not-a-number", "negative-length", "4-digit-status"],
+)
+def test_answers_that_are_not_http_are_protocol_errors(
+    script: Script, connect: Callable[[Script], Connection]
+) -> None:
+    conn = connect(script)
+    with pytest.raises(ProtocolError):
+        conn.request("GET", "/", {}).read()
+
+
+def test_an_ipv6_server_is_named_in_brackets() -> None:
+    try:
+        listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.fail("this machine has no IPv6 loopback")
+    port = listener.getsockname()[1]
+    heads: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            heads.append(head)
+            conn.sendall(OK)
+
+    threading.Thread(target=serve, daemon=True).start()
+    conn = Connection("::1", port, tls=False, timeout=2)
+    try:
+        assert conn.request("GET", "/a", {}).read() == b"hello"
+    finally:
+        conn.close()
+        listener.close()
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in heads[0]
 
 
 def test_protocol_error_is_an_os_error() -> None:

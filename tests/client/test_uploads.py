@@ -23,6 +23,12 @@ from tests.client.test_shim import shim, stats, wait_uploads
 from tests.wait import wait_until
 
 
+def stored_answer(path: str) -> bytes:
+    """What larder answers an upload to ``path``: the blob id or key it stored."""
+    name = path.split("?")[0].rsplit("/", 1)[1]
+    return json.dumps({"blake3" if "/blobs/" in path else "key": name}).encode()
+
+
 class UploadSink:
     """A cache that misses every lookup and treats uploads as ``mode`` says: ``accept`` them,
     answer ``500``, ``hang`` on blob uploads until :meth:`close`, take blobs only without a
@@ -94,7 +100,7 @@ class UploadSink:
             return 200, json.dumps({"missing": json.loads(body)["blobs"]}).encode()
         if self.mode == "hang" and "/blobs/" in path:
             self.released.wait(60)
-        return 201, b""
+        return 201, stored_answer(path)
 
     def close(self) -> None:
         self.released.set()
