@@ -26,9 +26,11 @@ digests too).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
+from stat import S_ISREG
 
 import blake3
 
@@ -128,9 +130,12 @@ class Memo:
         self._log_id, self._offset = None, 0
 
     def digest(self, path: str | Path) -> str:
-        """BLAKE3 hex of the file at ``path``, remembered or hashed now."""
+        """BLAKE3 hex of the regular file at ``path`` (anything else is an :class:`OSError`),
+        remembered or hashed now."""
         began = time.time_ns()
         stat = os.stat(path)
+        if not S_ISREG(stat.st_mode):  # a FIFO or a device would be read until killed
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         before = _signature(stat)
         known = self.known.get(before)
         if known is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -218,10 +219,16 @@ def root_causes(doc: Mapping[str, Any], by_stem: Mapping[str, Mapping[str, Any]]
     return roots
 
 
+#: C0 and C1 control characters: what a stored document says reaches a terminal without them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def show(text: str) -> str:
+    """``text`` for a terminal: placeholders as their short names, control characters
+    escaped (``\\x1b``), so a stored document cannot draw over what ``explain`` prints."""
     for placeholder, shown in _SHOWN_PATHS:
         text = text.replace(placeholder, shown)
-    return text
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def reason(doc: Mapping[str, Any], by_stem: Mapping[str, Mapping[str, Any]]) -> str:
@@ -270,7 +277,7 @@ def command(argv: list[str], state: Path) -> int:
         print("larder-rustc: no explained misses" + (f" for {wanted[0]}" if wanted else ""))
         return 0 if not wanted else 1
     for item in found:
-        print(f"{item['crate']}: {show(item['reason'])}")
+        print(f"{show(str(item['crate']))}: {show(item['reason'])}")
         for line in item["differences"]:
             print(f"    {show(line)}")
     sys.stdout.flush()

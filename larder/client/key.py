@@ -49,7 +49,10 @@ only). The direct key is the BLAKE3 of the same kind of document with format
 and BLAKE3. A later compilation with the same direct key hashes the
 recorded files and reads the recorded variables *on its own machine* and computes the full key
 from them; the server never supplies a key, only a list of names to look at, so a wrong list
-can only cause a miss. Any change that could make rustc read other files changes a file that
+can only cause a miss. It is not trusted further: a listed file must be a regular file under the
+working directory, the target directory or ``CARGO_HOME``'s ``registry``/``git`` checkouts
+(anything else makes the entry unusable), and a recorded link line must name the linker the
+compilation itself selects (:meth:`larder.client.shim.Invocation.link_item`). Any change that could make rustc read other files changes a file that
 is hashed (the crate root, a module declaring ``mod``, an ``env!`` value naming a path).
 
 What is left out, and why: the rustc path (item 2 identifies the compiler), the working
@@ -379,13 +382,31 @@ def from_direct_entry(
     """The full key inputs for a recorded entry, from this machine's files and environment
     (item 11 computed by the caller from the entry's link line)."""
     sources = [roots.local(p) for p in entry.sources]
+    within = _named_places(roots, cwd)
     for source in sources:
+        path = os.path.normpath(os.path.join(cwd, source))
+        if not any(path.startswith(place) for place in within):
+            # The cache names what to hash: only the project's own files, never the
+            # machine's (/etc/shadow, ~/.ssh, /dev/zero), whatever it says.
+            raise KeyUnavailable(f"the entry names {source!r}, outside the project")
         twin = module_twin(source)
         if twin is not None and os.path.lexists(cwd / twin):
             # rustc refuses a module found as both name.rs and name/mod.rs (E0761): only a
             # real run says what this checkout's sources mean.
             raise KeyUnavailable(f"{source} and {twin} both exist")
     return complete(base, sources, entry.env, roots, cwd, environ, link)
+
+
+def _named_places(roots: Roots, cwd: Path) -> list[str]:
+    """Where a direct entry may name a file (each with a trailing ``/``): the working
+    directory, the ``CWD`` and ``TARGET`` roots, and the registry and git checkouts under
+    ``CARGO_HOME`` (not its credentials or configuration)."""
+    by_name = dict(roots.roots)
+    places = [os.path.normpath(cwd)]
+    places += [by_name[name] for name in ("CWD", "TARGET") if name in by_name]
+    if "CARGO_HOME" in by_name:
+        places += [os.path.join(by_name["CARGO_HOME"], name) for name in ("registry", "git")]
+    return [place.rstrip("/") + "/" for place in places]
 
 
 def module_twin(source: str) -> str | None:

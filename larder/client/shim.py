@@ -273,12 +273,21 @@ class Invocation:
         assert self.toolchain is not None
         return self.roots.extended(SYSROOT=Path(self.toolchain.sysroot))
 
-    def link_item(self, tokens: list[str]) -> dict[str, object]:
-        """Key item 11 for a link line (:class:`linkline.Unaccounted` if it has no account)."""
+    def link_item(self, tokens: list[str], recorded: bool = False) -> dict[str, object]:
+        """Key item 11 for a link line (:class:`linkline.Unaccounted` if it has no account).
+
+        A ``recorded`` line (a direct entry's, from the cache) must name the linker this
+        compilation would run (``-C linker=``, else ``cc``): the key asks that program for its
+        version and search directories, and the cache must not choose what runs here.
+        """
         from larder.client import linker  # linked crates only
 
         assert self.toolchain is not None
         plan = linkline.classify(tokens)
+        if recorded:
+            chosen = self.compilation.codegen().get("linker") or "cc"
+            if plan.program not in (chosen, self.link_roots().portable(chosen)):
+                raise linkline.Unaccounted("linker", f"the entry's linker is not {chosen}")
         target = self.target or self.toolchain.host
         tools = toolchain.tools(self.rustc, self.toolchain, self.target, self.env, self.state)
         covered = {f"lib/rustlib/{target}/lib/{n}": h for n, h in self.toolchain.libraries}
@@ -628,7 +637,7 @@ class Invocation:
             if time.monotonic() > deadline:  # each answer in time, all of them far too slow
                 raise RemoteError("timeout", f"lookups past {LOOKUP_TIMEOUTS}x LARDER_TIMEOUT")
             try:
-                link = self.link_item(entry.link) if linked else None
+                link = self.link_item(entry.link, recorded=True) if linked else None
                 inputs = cache_key.from_direct_entry(
                     base, entry, self.roots, self.cwd, self.env, link
                 )

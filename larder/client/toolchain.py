@@ -66,13 +66,26 @@ def libraries(sysroot: str, target: str) -> list[tuple[str, str]]:
     return [(p.name, file_digest(p)) for p in sorted(directory.iterdir()) if p.is_file()]
 
 
+#: Seconds a tool asked for a fact (a version, search directories) may take.
+RUN_TIMEOUT = 60.0
+
+
 def run(command: list[str], environ: dict[str, str] | None = None) -> str:
-    """``command``'s standard output; an :class:`OSError` unless it exits with 0."""
+    """``command``'s standard output; an :class:`OSError` unless it exits with 0 within
+    :data:`RUN_TIMEOUT` seconds (a tool that hangs is killed: no fact is worth the build)."""
     import subprocess  # only when a fact is not cached yet
 
-    done = subprocess.run(
-        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=environ
-    )
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env=environ,
+            timeout=RUN_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"{command[0]} took longer than {RUN_TIMEOUT:.0f} s") from None
     _check(command, done.returncode)
     return done.stdout
 

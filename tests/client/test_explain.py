@@ -149,3 +149,18 @@ def test_dependencies_are_followed_down_to_the_crate_that_changed(
         "demo: dependency changed: leaf, native",
     ]
     assert why.command(["explain", "nothing"], tmp_path) == 1
+
+
+def test_what_a_stored_document_says_reaches_the_terminal_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from larder.client import explain as why
+    from larder.protocol.inputs import Difference, Explanation
+
+    hostile = "src/\x1b]0;owned\x07lib.rs\r\x1b[2Kall good"
+    explanation = Explanation("source", [Difference("source", hostile, "\x9b31m")])
+    why.record(tmp_path, crate="t", package="t", stem="t-x", explanation=explanation, externs={})
+    assert why.command(["explain"], tmp_path) == 0
+    shown = capsys.readouterr().out
+    assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in shown), shown
+    assert "src/\\x1b]0;owned\\x07lib.rs\\x0d\\x1b[2Kall good" in shown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,51 @@ def test_direct_entry_naming_a_missing_file_is_unusable(ci: Checkout) -> None:
     entry = DirectEntry(["crates/leaf/src/gone.rs"], [])
     with pytest.raises(KeyUnavailable, match="source file"):
         from_direct_entry(base, entry, roots, ci.root, environ)
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        "/etc/hostname",
+        "/dev/zero",
+        "@LARDER:CWD@/../../outside.rs",
+        "../outside.rs",
+        "@LARDER:CARGO_HOME@/credentials.toml",
+        "@LARDER:CARGO_HOME@/config.toml",
+    ],
+)
+def test_a_direct_entry_names_only_the_projects_own_files(ci: Checkout, named: str) -> None:
+    """The cache says which files to hash; outside the project (or the registry's checkouts)
+    the entry is unusable, so a cache cannot make a client read (and confirm guesses about)
+    the machine's own files, nor hang it on a device."""
+    base, roots, environ, _ = _base(ci)
+    (ci.root.parent / "outside.rs").write_text("pub fn f() {}\n")
+    (ci.cargo_home / "credentials.toml").write_text('[registry]\ntoken = "secret"\n')
+    (ci.cargo_home / "config.toml").write_text("")
+    entry = DirectEntry(["crates/leaf/src/lib.rs", named], [])
+    with pytest.raises(KeyUnavailable, match="outside the project"):
+        from_direct_entry(base, entry, roots, ci.root, environ)
+
+
+def test_a_direct_entry_may_name_registry_and_target_files(ci: Checkout) -> None:
+    base, roots, environ, _ = _base(ci)
+    registry = ci.cargo_home / "registry/src/index/dep-1.0.0/src"
+    registry.mkdir(parents=True)
+    (registry / "lib.rs").write_text("pub fn g() {}\n")
+    sources = [
+        "crates/leaf/src/lib.rs",
+        "@LARDER:CARGO_HOME@/registry/src/index/dep-1.0.0/src/lib.rs",
+        roots.portable_path(str(ci.out_dir / "gen.rs")),
+    ]
+    assert from_direct_entry(base, DirectEntry(sources, []), roots, ci.root, environ).key()
+
+
+def test_only_regular_files_are_hashed(ci: Checkout) -> None:
+    base, roots, environ, _ = _base(ci)
+    fifo = ci.root / "crates/leaf/src/pipe.rs"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    with pytest.raises(KeyUnavailable, match="not a regular file"):
+        complete(base, ["crates/leaf/src/pipe.rs"], [], roots, ci.root, environ)
 
 
 def test_depinfo_run_lists_sources_and_env_with_real_rustc(tmp_path: Path) -> None:

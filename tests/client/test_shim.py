@@ -353,6 +353,43 @@ def test_binaries_are_cached_with_their_link_inputs(tmp_path: Path) -> None:
         assert stats(laptop)["non_cacheable_reasons"] == {"link-arg": 1}
 
 
+def test_a_recorded_link_line_cannot_choose_the_program_run(tmp_path: Path) -> None:
+    """A direct entry whose link line names another program than the compilation's linker is
+    unusable: the key would ask that program for its version and search directories."""
+    from tests.e2e.harness import larder_server
+
+    ci, laptop = bin_crate(tmp_path / "ci"), bin_crate(tmp_path / "home" / "me")
+    ran = tmp_path / "ran"
+    for crate in (ci, laptop):
+        script = crate / "linker.sh"
+        script.write_text(f'#!/bin/sh\necho "$*" >> {ran}\nexec cc "$@"\n')
+        script.chmod(0o755)
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        url = f"{server.url}/main"
+        done = shim(ci, url, crate_args=BIN, LARDER_TOKEN=server.token())
+        assert done.returncode == 0, done.stderr
+        # The stored entry now names a script of the checkout as its linker driver.
+        stored = list((tmp_path / "data" / "objects").glob("caches/main/rustc/direct/*/*"))
+        assert len(stored) == 1
+        entry = json.loads(stored[0].read_bytes())
+        assert entry["link"][0] == "cc"
+        entry["link"][0] = "@LARDER:CWD@/linker.sh"
+        stored[0].write_bytes(json.dumps(entry).encode())
+
+        done = shim(laptop, url, crate_args=BIN)
+        assert done.returncode == 0, done.stderr
+        assert not ran.exists(), ran.read_text()
+        counted = stats(laptop)
+        assert (counted["hits"], counted["misses"]) == (0, 1)
+        assert subprocess.run([laptop / "out" / "hello-x"], capture_output=True).returncode == 0
+
+        # The same script chosen by the compilation itself (-C linker=) is run and keyed.
+        done = shim(ci, url, "-C", f"linker={ci / 'linker.sh'}", crate_args=BIN,
+                    LARDER_TOKEN=server.token())  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert ran.exists()
+
+
 def test_entry_point_decides_without_the_shim() -> None:
     from larder.client.probe import cache_enabled, is_probe
 
