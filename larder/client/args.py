@@ -158,8 +158,21 @@ class Compilation(NamedTuple):
         return sorted(set(names))
 
 
+def _canonical(name: str, value: str | None) -> tuple[str, str | None]:
+    """A codegen option as rustc reads it, whichever way it was spelled: ``--codegen`` is
+    ``-C``, and ``_`` in an option's name is ``-`` (``-Csplit_debuginfo=packed`` is
+    ``-C split-debuginfo=packed``), so every rule about an option sees every spelling."""
+    if name == "--codegen":
+        name = "-C"
+    if name == "-C" and value is not None:
+        option, sep, setting = value.partition("=")
+        value = option.replace("_", "-") + sep + setting
+    return name, value
+
+
 def split(args: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """Arguments as ``(flag, value)`` pairs in order, and the positional arguments."""
+    """Arguments as ``(flag, value)`` pairs in order (codegen options in one spelling:
+    :func:`_canonical`), and the positional arguments."""
     flags: list[tuple[str, str | None]] = []
     positional: list[str] = []
     i = 0
@@ -168,12 +181,12 @@ def split(args: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
         i += 1
         if arg.startswith("--") and "=" in arg:
             name, _, value = arg.partition("=")
-            flags.append((name, value))
+            flags.append(_canonical(name, value))
         elif arg in _TAKES_VALUE:
-            flags.append((arg, args[i] if i < len(args) else None))
+            flags.append(_canonical(arg, args[i] if i < len(args) else None))
             i += 1
         elif arg.startswith(_SHORT_JOINED) and len(arg) > 2:
-            flags.append((arg[:2], arg[2:]))
+            flags.append(_canonical(arg[:2], arg[2:]))
         elif arg.startswith("-") and arg != "-":
             flags.append((arg, None))
         else:

@@ -141,19 +141,80 @@ def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
 
 
 def fewest_needles(needles: list[bytes]) -> list[bytes]:
-    """``needles`` without those containing another (a target directory inside the workspace
-    is found by the workspace's path): one pass over each output per needle left."""
-    return [n for n in set(needles) if not any(o != n and o in n for o in needles)]
+    """``needles`` without those under another (a target directory inside the workspace is
+    found by the workspace's path): one pass over each output per needle left."""
+    under = [o.rstrip(b"/") + b"/" for o in needles]
+    return [n for n in set(needles) if not any(n.startswith(o) for o in under)]
+
+
+#: Bytes that continue a path component: a root found next to one is part of another path
+#: (``/target`` inside ``/larder/target/...`` or ``./src`` or ``/target2``), not the root.
+_PATH_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~-")
 
 
 def embeds(path: Path, needles: list[bytes]) -> bool:
-    """Whether the file contains any of ``needles`` (this machine's root paths)."""
+    """Whether the file contains any of ``needles`` (this machine's root paths) as a path of its
+    own: not preceded by a path byte or ``/``, not followed by a path byte."""
     import mmap
 
     if path.stat().st_size == 0:
         return False
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        return any(m.find(needle) != -1 for needle in needles)
+        for needle in needles:
+            at = m.find(needle)
+            while at != -1:
+                before = m[at - 1] if at else 0
+                end = at + len(needle)
+                after = m[end] if end < len(m) else 0
+                if before not in _PATH_BYTES and before != ord("/") and after not in _PATH_BYTES:
+                    return True
+                at = m.find(needle, at + 1)
+    return False
+
+
+def remapped(roots: list[str], args: list[str]) -> list[str]:
+    """``roots`` as the user's own ``--remap-path-prefix=FROM=TO`` flags write them in outputs
+    when ``FROM`` is a directory above them (``$HOME=~``: the rest of the path, this checkout's
+    own name, stays in the outputs; the last match wins, as in rustc). A remap from a root or
+    from inside one (``$PWD=/build``) writes the same on every machine and is left out."""
+    remaps = []
+    for index, arg in enumerate(args):
+        if arg == "--remap-path-prefix" and index + 1 < len(args):
+            arg = f"--remap-path-prefix={args[index + 1]}"
+        if arg.startswith("--remap-path-prefix="):
+            source, sep, target = arg.partition("=")[2].rpartition("=")
+            source = source.rstrip("/")
+            if sep and source:
+                remaps.append((source, target))
+    found = []
+    for root in roots:
+        for source, target in reversed(remaps):
+            if root == source or root.startswith(source + "/"):
+                portable = any(source == r or source.startswith(r + "/") for r in roots)
+                if not portable:
+                    found.append(target + root[len(source) :])
+                break
+    return found
+
+
+def wraps_rustc(first: str) -> bool:
+    """Whether a call's first argument is the compiler itself: cargo runs ``RUSTC_WRAPPER
+    RUSTC_WORKSPACE_WRAPPER RUSTC ARGS`` (``clippy-driver``), which takes ``RUSTC`` first."""
+    return not first.startswith("-") and os.path.basename(first) == "rustc"
+
+
+def changed_since(paths: Sequence[str], cwd: Path, since_ns: int) -> bool:
+    """Whether any of ``paths`` (missing included) was written or replaced at ``since_ns`` or
+    later. The kernel stamps files from a clock that lags the one read for ``since_ns`` by at
+    most a tick, so a file written before ``since_ns`` never counts."""
+    for path in paths:
+        try:
+            stat = os.stat(cwd / path)
+        except OSError:
+            return True
+        if max(stat.st_mtime_ns, stat.st_ctime_ns) >= since_ns:
+            return True
+    return False
 
 
 class Phase:
@@ -218,6 +279,7 @@ class Invocation:
         self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
         self.uploaded = ""  # the key an upload went under
         self.unkeyed = False  # a miss found without a dep-info run: no key computed yet
+        self.compile_started_ns = 0  # when rustc was started (time.time_ns), once it was
         self.current: cache_key.KeyInputs | None = None  # the last key computed
         self.phases: dict[str, float] = {}  # where the time went, by phase (ms, for the log)
         # Given the exit code once nothing left to do can change it (a successful compilation's
@@ -228,11 +290,15 @@ class Invocation:
 
     def command(self) -> list[str]:
         extra = [f"--print=link-args={self.link_file}"] if self.link_file else []
+        head, args = [self.rustc], self.args
+        if args and wraps_rustc(args[0]):  # clippy-driver RUSTC ARGS: the driver reads RUSTC
+            head, args = [self.rustc, args[0]], args[1:]
         # The remaps first: rustc lets the last matching one win, so the user's own win.
-        return [self.rustc, *self.roots.remap_flags(), *self.args, *extra]
+        return [*head, *self.roots.remap_flags(), *args, *extra]
 
     def compile(self, outcome: Outcome) -> tuple[int, bytes, bytes]:
         start = time.monotonic()
+        self.compile_started_ns = time.time_ns()
         with Phase(self.phases, "rustc"):
             code, out, err = run_teed(self.command(), self.cwd)
         outcome.counters["compile_ms"] = _now_ms(start)
@@ -365,6 +431,9 @@ class Invocation:
         if not own_depinfo.is_file():
             return "no-dep-info"
         deps = depinfo.parse(own_depinfo.read_text())
+        if changed_since(deps.files, self.cwd, self.compile_started_ns):
+            # Saved while rustc ran: the key would name the new text, the outputs the old.
+            return "changed-while-compiling"
         tokens: list[str] | None = None
         link: dict[str, object] | None = None
         if self.compilation.linked:
@@ -388,8 +457,11 @@ class Invocation:
         from larder.client import uploads
 
         assert self.out_dir is not None
-        # This machine's roots, and its sysroot: the key names it by placeholder.
-        needles = fewest_needles([path.encode() for _, path in self.link_roots().roots])
+        # This machine's roots, and its sysroot: the key names it by placeholder. A remap of
+        # the user's own over a root's parent (``$HOME=~``) writes the rest of the root's path.
+        roots = [path for _, path in self.link_roots().roots]
+        roots += remapped(roots, self.args)
+        needles = fewest_needles([path.encode() for path in roots])
         outputs: list[Output] = []
         files: dict[str, Path] = {}
         texts: dict[str, bytes] = {}

@@ -83,6 +83,13 @@ def _with(*extra: str, drop: str | None = None) -> list[str]:
         (_with("@/tmp/args"), "argfile"),
         (_with("-C", "split-debuginfo=unpacked"), "split-debuginfo"),
         (_with("-C", "profile-use=/tmp/p.profdata"), "codegen-option"),
+        # rustc's other spellings of a codegen option
+        (_with("--codegen", "split-debuginfo=packed"), "split-debuginfo"),
+        (_with("--codegen=split-debuginfo=packed"), "split-debuginfo"),
+        (_with("-Csplit_debuginfo=packed"), "split-debuginfo"),
+        (_with("-C", "save_temps"), "codegen-option"),
+        (_with("--codegen", "profile_generate=/tmp/p"), "codegen-option"),
+        (_with("-Cincremental=/w/target/debug/incremental"), "incremental"),
         (_with("--sysroot", "/opt/custom-sysroot"), "sysroot"),
         (_with("--sysroot=sysroot"), "sysroot"),
         (_with(drop="--crate-name"), "no-crate-name"),
@@ -93,6 +100,16 @@ def _with(*extra: str, drop: str | None = None) -> list[str]:
 )
 def test_non_cacheable_reasons(argv: list[str], reason: str) -> None:
     assert parse(argv).reason == reason
+
+
+def test_codegen_options_read_as_rustc_reads_them() -> None:
+    spelled = parse(_with("--codegen=target_cpu=native", "-Clink_arg=-Wl,-z,now"))
+    assert spelled.codegen()["target-cpu"] == "native"
+    assert spelled.values("-C")[-1] == "link-arg=-Wl,-z,now"
+    assert (
+        spelled.codegen()
+        == parse(_with("-C", "target-cpu=native", "-C", "link-arg=-Wl,-z,now")).codegen()
+    )
 
 
 def test_staticlib_and_check_outputs() -> None:

@@ -390,6 +390,41 @@ def test_a_recorded_link_line_cannot_choose_the_program_run(tmp_path: Path) -> N
         assert ran.exists()
 
 
+def test_a_source_saved_while_rustc_runs_is_not_uploaded(crate: Path) -> None:
+    """rustc read the old text; a key hashed afterwards names the new one: such outputs would
+    be a wrong hit for every checkout of the new text."""
+    from tests.e2e.harness import larder_server
+
+    saving = crate / "rustc-then-save"
+    saving.write_text(
+        f'#!/bin/sh\n{RUSTC} "$@"; code=$?\n'
+        'case "$*" in *--crate-name*) echo "// saved" >> src/lib.rs;; esac\nexit $code\n'
+    )
+    saving.chmod(0o755)
+    with larder_server(str(crate / "data"), crate) as server:
+        done = shim(crate, f"{server.url}/main", LARDER_TOKEN=server.token(),
+                    RUSTC_OVERRIDE=str(saving))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        counted = stats(crate)
+        assert counted["uploads"] == 0
+        assert counted["error_kinds"] == {"changed-while-compiling": 1}
+
+
+@pytest.mark.parametrize("fake", ["404"], indirect=True)
+def test_a_workspace_wrapper_gets_the_compiler_first(fake: FakeCache, crate: Path) -> None:
+    """``cargo clippy`` runs ``larder-rustc clippy-driver RUSTC ARGS``: the driver takes
+    ``RUSTC`` as its first argument (the shim's remaps after it, not before)."""
+    driver = crate / "clippy-driver"
+    driver.write_text(
+        '#!/bin/sh\ncase "$1" in */rustc|rustc) ;; *) echo "first: $1" >&2; exit 3;; esac\n'
+        'exec "$@"\n'
+    )
+    driver.chmod(0o755)
+    done = shim(crate, fake.url, crate_args=[RUSTC, *LIB], RUSTC_OVERRIDE=str(driver))
+    assert done.returncode == 0, done.stderr
+    assert (crate / "out" / "libt-x.rlib").is_file()
+
+
 def test_entry_point_decides_without_the_shim() -> None:
     from larder.client.probe import cache_enabled, is_probe
 

@@ -480,9 +480,64 @@ def test_an_output_holding_a_local_path_is_never_uploaded(sink: UploadSink, crat
     assert not [r for r in sink.requests if r.startswith("PUT")], sink.requests
 
 
+@pytest.mark.parametrize("sink", ["accept"], indirect=True)
+def test_an_output_holding_a_path_the_users_remap_shortened_is_never_uploaded(
+    sink: UploadSink, crate: Path
+) -> None:
+    """``--remap-path-prefix=$HOME=~`` wins over the shim's remap of the checkout, so outputs
+    hold ``~/<checkout>/...``: another checkout's outputs would differ under the same key."""
+    (crate / "src" / "lib.rs").write_text("pub const HERE: &str = file!();\n")
+    remap = f"--remap-path-prefix={crate.parent}=~"
+    done = shim(crate, sink.url, remap, LARDER_TOKEN="t")
+    assert done.returncode == 0, done.stderr
+    assert f"~/{crate.name}/src/lib.rs".encode() in (crate / "out" / "libt-x.rlib").read_bytes()
+    counted = stats(crate)
+    assert counted["error_kinds"] == {"embeds-paths": 1}, counted
+    assert not [r for r in sink.requests if r.startswith("PUT")], sink.requests
+
+
 def test_one_pass_per_root_path_not_contained_in_another() -> None:
     from larder.client.shim import fewest_needles
 
     roots = [b"/w/app", b"/w/app/target", b"/home/me/.cargo", b"/w/app", b"/opt/rust"]
     assert sorted(fewest_needles(roots)) == [b"/home/me/.cargo", b"/opt/rust", b"/w/app"]
     assert fewest_needles([b"/a/b"]) == [b"/a/b"]
+    # A path merely containing another is no longer found by it (``/target`` is not a prefix
+    # of ``/app/target``), so both are looked for.
+    assert sorted(fewest_needles([b"/target", b"/app/target"])) == [b"/app/target", b"/target"]
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (b"\0/target/debug/deps/x.rs\0", True),
+        (b'"/target"', True),
+        (b"/larder/target/debug/deps/x.rs", False),  # the shim's own remap of a root
+        (b"./src/lib.rs", False),
+        (b"src/builder/app_settings.rs", False),
+        (b"/target2/x", False),
+        (b"/a//target/x", False),
+        (b"/larder/target/x /target/y", True),  # the second one counts
+    ],
+)
+def test_a_short_root_is_found_only_as_a_path_of_its_own(
+    tmp_path: Path, content: bytes, found: bool
+) -> None:
+    from larder.client.shim import embeds
+
+    output = tmp_path / "libx.rlib"
+    output.write_bytes(b"head " + content + b" tail")
+    assert embeds(output, [b"/target", b"/src", b"/app"]) is found
+
+
+def test_a_users_remap_above_a_root_leaves_the_rest_of_its_path_to_find() -> None:
+    from larder.client.shim import remapped
+
+    roots = ["/home/me/proj-a", "/home/me/proj-a/target", "/home/me/.cargo"]
+    above = ["--remap-path-prefix=/home/me=~"]
+    assert remapped(roots, above) == ["~/proj-a", "~/proj-a/target", "~/.cargo"]
+    # From a root itself, or inside one, the rest is the same on every machine.
+    assert remapped(roots, ["--remap-path-prefix", "/home/me/proj-a=/build"]) == []
+    assert remapped(roots, ["--remap-path-prefix=/home/me/proj-a/src=s"]) == []
+    assert remapped(roots, [*above, "--remap-path-prefix=/home/me/proj-a=/b"]) == ["~/.cargo"]
+    assert remapped(roots, ["--remap-path-prefix=/opt=/o"]) == []
