@@ -52,8 +52,9 @@ from them; the server never supplies a key, only a list of names to look at, so 
 can only cause a miss. It is not trusted further: a listed file must be a regular file under the
 working directory, the target directory or ``CARGO_HOME``'s ``registry``/``git`` checkouts
 (anything else makes the entry unusable), and a recorded link line must name the linker the
-compilation itself selects (:meth:`larder.client.shim.Invocation.link_item`). Any change that could make rustc read other files changes a file that
-is hashed (the crate root, a module declaring ``mod``, an ``env!`` value naming a path).
+compilation itself selects (:meth:`larder.client.shim.Invocation.link_item`). Any change that
+could make rustc read other files changes a file that is hashed (the crate root, a module
+declaring ``mod``, an ``env!`` value naming a path).
 
 What is left out, and why: the rustc path (item 2 identifies the compiler), the working
 directory and target directory (portable form), ``CARGO_MANIFEST_DIR``, ``CARGO_PRIMARY_PACKAGE``

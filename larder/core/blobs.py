@@ -9,20 +9,21 @@ is left behind.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
+
+import zstandard
 
 from larder.errors import StorageError, TooLarge
-from larder.protocol.compression import Decompressor
+from larder.protocol.compression import ZSTD_MAX_WINDOW, Decompressor
 from larder.storage.base import BlobInfo, BlobReader, BlobWriter, Storage
 
 T = TypeVar("T")
-
-_DECOMPRESS_SLICE = 64 * 1024
 
 
 class BlobStore:
@@ -113,20 +114,81 @@ def load_record(data: bytes) -> dict[str, Any]:
     return doc
 
 
-async def decompressed(reader: BlobReader) -> AsyncIterator[bytes]:
-    """The uncompressed bytes of a stored blob, in bounded pieces; closes ``reader``."""
-    pieces: list[bytes] = []
-    decompressor = Decompressor("zstd", pieces.append)
+async def decompressed(reader: BlobReader, size: int) -> AsyncIterator[bytes]:
+    """The ``size`` uncompressed bytes of a stored blob, in pieces of at most
+    :data:`_PIECE`; closes ``reader``.
+
+    Bounded by what is *produced*, not read: a few KiB of zstd can decode to gigabytes (a NAR
+    of zeros), so each step decodes one piece from stored bytes fetched ahead (enough for any
+    piece of real data). A stream that decodes to other than ``size`` bytes, or not at all, is
+    a :class:`StorageError` (the store holds something other than what its record says); a read
+    that fails mid-way still yields what came before it.
+    """
+    feed = _Feed()
+    chunks = reader.chunks().__aiter__()
+    ended = False
+    failure: BaseException | None = None
+    decoder = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    stream = decoder.stream_reader(
+        cast(BinaryIO, feed), read_size=_FEED_READ, read_across_frames=True, closefd=False
+    )
+    produced = 0
     try:
-        async for chunk in reader.chunks():
-            for offset in range(0, len(chunk), _DECOMPRESS_SLICE):
-                decompressor.write(chunk[offset : offset + _DECOMPRESS_SLICE])
-                for piece in pieces:
-                    yield piece
-                pieces.clear()
-        decompressor.finish()
-        for piece in pieces:
+        while True:
+            while not ended and feed.size < _AHEAD:
+                try:
+                    feed.add(await anext(chunks))
+                except StopAsyncIteration:
+                    ended = True
+                except Exception as exc:  # storage gone: send what came, then fail
+                    ended, failure = True, exc
+            try:
+                piece = stream.read(min(_PIECE, size + 1 - produced))
+            except zstandard.ZstdError as exc:
+                raise failure or StorageError(f"stored blob does not decode: {exc}") from None
+            if not piece:
+                break
+            produced += len(piece)
+            if produced > size:
+                raise StorageError(f"stored blob decodes to more than its {size} bytes")
             yield piece
+        if failure is not None:
+            raise failure
+        if produced != size or not ended or feed.size:
+            raise StorageError(f"stored blob decodes to {produced} bytes, not {size}")
     finally:
-        decompressor.close()
+        stream.close()  # type: ignore[no-untyped-call]
         await reader.close()
+
+
+#: Decoded bytes per step of :func:`decompressed`.
+_PIECE = 256 * 1024
+#: What the zstd reader asks of the stored bytes at a time.
+_FEED_READ = 64 * 1024
+#: Stored bytes held ahead of each step: a piece of data needs at most about as many stored
+#: bytes (a zstd block never stores more than it holds) plus a block and a read.
+_AHEAD = _PIECE + 128 * 1024 + _FEED_READ + 64 * 1024
+
+
+class _Feed:
+    """Stored bytes fetched ahead, as a file the zstd reader reads; empty only at the end."""
+
+    def __init__(self) -> None:
+        self._pieces: collections.deque[memoryview] = collections.deque()
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(memoryview(data))
+            self.size += len(data)
+
+    def read(self, wanted: int = -1) -> bytes:
+        if not self._pieces:
+            return b""
+        first = self._pieces[0]
+        if wanted < 0 or wanted >= len(first):
+            self._pieces.popleft()
+        else:
+            self._pieces[0], first = first[wanted:], first[:wanted]
+        self.size -= len(first)
+        return bytes(first)

@@ -518,7 +518,7 @@ class NixCache:
         reader = await self.open_blob(record.blob_id)
         if reader is None:
             return None
-        data = b"".join([piece async for piece in decompressed(reader)])
+        data = b"".join([piece async for piece in decompressed(reader, record.size)])
         return await self._rewrite_debuginfo(cache, data)
 
     async def _rewrite_debuginfo(self, cache: CacheSettings, data: bytes) -> bytes:

@@ -126,7 +126,9 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         await reader.close()
         return await serve_stream(request, None, record.nar_size, nar_headers())
-    return await serve_stream(request, decompressed(reader), record.nar_size, nar_headers())
+    return await serve_stream(
+        request, decompressed(reader, record.nar_size), record.nar_size, nar_headers()
+    )
 
 
 async def put_nar(request: web.Request) -> web.Response:
@@ -173,7 +175,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         await reader.close()
         return await serve_stream(request, None, record.size, headers)
-    return await serve_stream(request, decompressed(reader), record.size, headers)
+    return await serve_stream(request, decompressed(reader, record.size), record.size, headers)
 
 
 #: Codings aiohttp did not undo for routes before larder decoded uploads itself: objects stored
@@ -195,7 +197,7 @@ async def _serve_legacy_coded(
     decoder = Decompressor(record.content_encoding, pieces.append)
     await response.prepare(request)
     try:
-        async for chunk in decompressed(reader):
+        async for chunk in decompressed(reader, record.size):
             decoder.write(chunk)
             for piece in pieces:
                 await response.write(piece)
