@@ -97,14 +97,8 @@ class Remote:
             port = parts.port
         except ValueError:  # not a number, or past 65535
             port = -1
-        cache = parts.path.strip("/")
-        if (
-            parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or port == -1
-            or not cache
-            or "//" in parts.path
-        ):
+        cache = "/".join(segment for segment in parts.path.split("/") if segment)
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or not cache:
             raise RemoteError("config", f"LARDER_URL must be http(s)://HOST[:PORT]/CACHE: {url!r}")
         try:
             self._proxy: Proxy | None = proxy_for(
@@ -117,7 +111,7 @@ class Remote:
         self._scheme = parts.scheme
         self._host = parts.hostname
         self._port = port
-        self._base = parts.path.rstrip("/") + "/rustc"
+        self._base = f"/{cache}/rustc"  # empty segments dropped (``//main``)
         self._token = token
         self._timeout = timeout
         self._conn: Connection | None = None

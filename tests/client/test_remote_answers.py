@@ -144,7 +144,7 @@ def test_larder_timeout_is_a_positive_number_of_seconds(setting: str, seconds: f
     [
         "http://h:8080",
         "http://h:8080/",
-        "http://h:8080//main",
+        "http://h:8080//",
         "http://h:99999/main",
         "http://h:port/main",
         "ftp://h/main",
@@ -161,5 +161,6 @@ def test_a_url_with_a_cache_is_taken() -> None:
         "http://h/main/",
         "https://[::1]:8443/team",
         "http://u:p@h/x",
+        "http://h:8080//main",
     ):
         Remote(url, None, 1.0, {}).close()

@@ -227,6 +227,21 @@ async def test_head_finds_a_nar_by_the_name_it_was_uploaded_under(
     assert (await service.client.head(f"/main/{unknown}")).status == 404
 
 
+async def test_the_name_a_zstd_nar_was_uploaded_under_serves_it(service: Service) -> None:
+    """The pushing machine keeps the narinfo it uploaded (URL ``nar/<FileHash>.nar.zst``) in its
+    narinfo cache and later substitutes from that URL: the NAR is served there, as zstd."""
+    nar = make_nar(b"pushed from here" * 1000)
+    name = file_name(zstandard.ZstdCompressor().compress(nar), ".zst")  # as push() sends it
+    assert (await service.client.get(f"/main/{name}")).status == 404
+    await push(service, store_path("pushed"), nar, ext=".zst")
+    served = await service.client.get(f"/main/{name}")
+    assert served.status == 200
+    assert zstandard.ZstdDecompressor().decompress(await served.read()) == nar
+    # Another compression's upload name is not served as zstd, nor as what it was.
+    xz = file_name(lzma.compress(nar), ".xz")
+    assert (await service.client.get(f"/main/{xz.replace('.xz', '.zst')}")).status == 404
+
+
 async def test_debuginfo_points_at_the_nar_larder_serves(service: Service) -> None:
     nar = make_nar(b"\x7fELF debug symbols")
     body = lzma.compress(nar)

@@ -115,6 +115,11 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     uploaded = record is None and request.method == "HEAD"
     if uploaded and await nix.nar_file(settings, nar_hash, compression) is not None:
         return web.Response(headers=nar_headers())
+    if record is None and compression == "zstd":
+        # The URL of the narinfo Nix uploaded, which the pushing machine keeps in its narinfo
+        # cache and substitutes from later: the NAR that zstd upload stored, as zstd (Nix
+        # decodes it and checks NarHash; a NAR uploaded as xz cannot be served as xz).
+        record = await nix.nar_file(settings, nar_hash, compression)
     if not served:
         raise web.HTTPNotFound()
     reader = await nix.open_blob(record.blob_id) if record is not None else None
