@@ -74,9 +74,8 @@ async def test_every_frame_is_decoded(frames: int) -> None:
         (zstandard.ZstdCompressor().compress(b"x" * 100_000), 99_999),  # more than recorded
         (zstandard.ZstdCompressor().compress(b"x" * 100_000), 100_001),  # less than recorded
         (b"not zstd at all" * 100, 1500),
-        (zstandard.ZstdCompressor().compress(b"x" * 100) + b"junk", 100),
     ],
-    ids=["truncated", "larger", "smaller", "not-zstd", "trailing-junk"],
+    ids=["truncated", "larger", "smaller", "not-zstd"],
 )
 async def test_a_blob_that_is_not_what_its_record_says_is_a_storage_error(
     stored: bytes, size: int
