@@ -205,14 +205,16 @@ def wraps_rustc(first: str) -> bool:
 
 def changed_since(paths: Sequence[str], cwd: Path, since_ns: int) -> bool:
     """Whether any of ``paths`` (missing included) was written or replaced at ``since_ns`` or
-    later. The kernel stamps files from a clock that lags the one read for ``since_ns`` by at
-    most a tick, so a file written before ``since_ns`` never counts."""
+    later, by its change time: the kernel sets it from its own clock on every write, rename or
+    link (``touch -d`` or ``tar`` can set a modification time in the future, not this), from a
+    clock that lags the one read for ``since_ns`` by at most a tick, so a file written before
+    ``since_ns`` never counts."""
     for path in paths:
         try:
-            stat = os.stat(cwd / path)
+            changed = os.stat(cwd / path).st_ctime_ns
         except OSError:
             return True
-        if max(stat.st_mtime_ns, stat.st_ctime_ns) >= since_ns:
+        if changed >= since_ns:
             return True
     return False
 

@@ -410,6 +410,20 @@ def test_a_source_saved_while_rustc_runs_is_not_uploaded(crate: Path) -> None:
         assert counted["error_kinds"] == {"changed-while-compiling": 1}
 
 
+def test_a_source_dated_in_the_future_is_uploaded(crate: Path) -> None:
+    """A modification time ahead of the clock (a tarball from a skewed machine, ``touch -d``)
+    says nothing about a save during the compilation: the change time does."""
+    from tests.e2e.harness import larder_server
+
+    ahead = time.time() + 3600
+    os.utime(crate / "src" / "lib.rs", (ahead, ahead))
+    with larder_server(str(crate / "data"), crate) as server:
+        done = shim(crate, f"{server.url}/main", LARDER_TOKEN=server.token())
+        assert done.returncode == 0, done.stderr
+        counted = stats(crate)
+        assert counted["uploads"] == 1, counted
+
+
 @pytest.mark.parametrize("fake", ["404"], indirect=True)
 def test_a_workspace_wrapper_gets_the_compiler_first(fake: FakeCache, crate: Path) -> None:
     """``cargo clippy`` runs ``larder-rustc clippy-driver RUSTC ARGS``: the driver takes
