@@ -50,11 +50,12 @@ and BLAKE3. A later compilation with the same direct key hashes the
 recorded files and reads the recorded variables *on its own machine* and computes the full key
 from them; the server never supplies a key, only a list of names to look at, so a wrong list
 can only cause a miss. It is not trusted further: a listed file must be a regular file under the
-working directory, the target directory or ``CARGO_HOME``'s ``registry``/``git`` checkouts
-(anything else makes the entry unusable), and a recorded link line must name the linker the
-compilation itself selects (:meth:`larder.client.shim.Invocation.link_item`). Any change that
-could make rustc read other files changes a file that is hashed (the crate root, a module
-declaring ``mod``, an ``env!`` value naming a path).
+working directory, the target directory or a directory of ``CARGO_HOME`` (``registry``, ``git``,
+``vendor``: not its credentials; anything else makes the entry unusable), and a recorded link
+line must name the linker the compilation itself selects
+(:meth:`larder.client.shim.Invocation.link_item`). Any change that could make rustc read other
+files changes a file that is hashed (the crate root, a module declaring ``mod``, an ``env!``
+value naming a path).
 
 What is left out, and why: the rustc path (item 2 identifies the compiler), the working
 directory and target directory (portable form), ``CARGO_MANIFEST_DIR``, ``CARGO_PRIMARY_PACKAGE``
@@ -386,7 +387,7 @@ def from_direct_entry(
     within = _named_places(roots, cwd)
     for source in sources:
         path = os.path.normpath(os.path.join(cwd, source))
-        if not any(path.startswith(place) for place in within):
+        if not _named_place(path, within, roots):
             # The cache names what to hash: only the project's own files, never the
             # machine's (/etc/shadow, ~/.ssh, /dev/zero), whatever it says.
             raise KeyUnavailable(f"the entry names {source!r}, outside the project")
@@ -400,14 +401,23 @@ def from_direct_entry(
 
 def _named_places(roots: Roots, cwd: Path) -> list[str]:
     """Where a direct entry may name a file (each with a trailing ``/``): the working
-    directory, the ``CWD`` and ``TARGET`` roots, and the registry and git checkouts under
-    ``CARGO_HOME`` (not its credentials or configuration)."""
+    directory, the ``CWD`` and ``TARGET`` roots, and the directories under ``CARGO_HOME``
+    (``registry``, ``git``, a ``vendor`` of the user's; not the files directly in it, its
+    credentials and configuration)."""
     by_name = dict(roots.roots)
     places = [os.path.normpath(cwd)]
     places += [by_name[name] for name in ("CWD", "TARGET") if name in by_name]
-    if "CARGO_HOME" in by_name:
-        places += [os.path.join(by_name["CARGO_HOME"], name) for name in ("registry", "git")]
     return [place.rstrip("/") + "/" for place in places]
+
+
+def _named_place(path: str, within: list[str], roots: Roots) -> bool:
+    """Whether a direct entry may name ``path`` (absolute, normalised; :func:`_named_places`)."""
+    if any(path.startswith(place) for place in within):
+        return True
+    cargo_home = dict(roots.roots).get("CARGO_HOME")
+    if cargo_home is None or not path.startswith(cargo_home.rstrip("/") + "/"):
+        return False
+    return "/" in path[len(cargo_home.rstrip("/")) + 1 :]
 
 
 def module_twin(source: str) -> str | None:

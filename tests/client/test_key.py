@@ -317,14 +317,18 @@ def test_a_direct_entry_names_only_the_projects_own_files(ci: Checkout, named: s
         from_direct_entry(base, entry, roots, ci.root, environ)
 
 
-def test_a_direct_entry_may_name_registry_and_target_files(ci: Checkout) -> None:
+def test_a_direct_entry_may_name_registry_vendor_and_target_files(ci: Checkout) -> None:
     base, roots, environ, _ = _base(ci)
     registry = ci.cargo_home / "registry/src/index/dep-1.0.0/src"
     registry.mkdir(parents=True)
     (registry / "lib.rs").write_text("pub fn g() {}\n")
+    vendor = ci.cargo_home / "vendor/dep-2.0.0"
+    vendor.mkdir(parents=True)
+    (vendor / "build.rs").write_text("fn main() {}\n")
     sources = [
         "crates/leaf/src/lib.rs",
         "@LARDER:CARGO_HOME@/registry/src/index/dep-1.0.0/src/lib.rs",
+        "@LARDER:CARGO_HOME@/vendor/dep-2.0.0/build.rs",
         roots.portable_path(str(ci.out_dir / "gen.rs")),
     ]
     assert from_direct_entry(base, DirectEntry(sources, []), roots, ci.root, environ).key()
