@@ -15,8 +15,8 @@ own: when the caller goes away (cargo killed it, Ctrl-C), the connection ends an
 its group, rustc with it.
 
 A call never depends on the resident process for its result. It compiles by itself when it
-cannot connect, when it is refused (the peer is another user, or another interpreter or copy of
-larder), or when the connection ends before the child took the call. Once the child took it,
+cannot connect, when it is refused (the peer is another user, another interpreter or copy of
+larder, or runs under other resource limits, niceness or control groups), or when the connection ends before the child took the call. Once the child took it,
 rustc may have printed or written, so a lost connection fails the call (exit 101) rather than
 compiling twice. ``LARDER_RESIDENT=0`` turns the resident process off.
 
@@ -70,8 +70,22 @@ def package_dir() -> str:
 
 
 def identity() -> bytes:
-    """What a caller and the resident process must share: the interpreter and larder's copy."""
-    return os.fsencode(sys.executable) + b"\0" + os.fsencode(package_dir())
+    """What a caller and the resident process must share: the interpreter and larder's copy,
+    and what the kernel applies to the process and its children: resource limits, niceness and
+    control groups (a call run under another build's ``ulimit -f``, ``nice`` or memory limit
+    could fail where the caller's own rustc would not, or take the machine from others)."""
+    return os.fsencode(sys.executable) + b"\0" + os.fsencode(package_dir()) + _context()
+
+
+def _context() -> bytes:
+    parts = [b"\x01nice=%d" % os.nice(0)]
+    for name in ("/proc/self/limits", "/proc/self/cgroup"):
+        try:
+            with open(name, "rb") as found:
+                parts.append(found.read().replace(b"\0", b""))
+        except OSError:
+            parts.append(b"-")
+    return b"\x01".join(parts)
 
 
 def enabled(environ: "os._Environ[str] | dict[str, str]") -> bool:

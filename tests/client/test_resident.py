@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,15 +82,20 @@ def server(crate: Path) -> Iterator[Resident]:
 
 
 def call(
-    crate: Path, argv: list[str], env: dict[str, str] | None = None
+    crate: Path,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    also: Callable[[], None] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], str]:
-    """``larder-rustc ARGV`` from ``crate`` with umask 027 and a pipe at descriptor 7; its
-    result and what was written to the pipe."""
+    """``larder-rustc ARGV`` from ``crate`` with umask 027 and a pipe at descriptor 7 (and
+    ``also`` run in the child first); its result and what was written to the pipe."""
     read, write = os.pipe()
 
     def prepare() -> None:
         os.dup2(write, REPORT_FD)
         os.umask(0o027)
+        if also is not None:
+            also()
 
     try:
         done = subprocess.run(
@@ -231,6 +237,27 @@ def test_another_copy_of_larder_is_refused_and_garbage_ignored(
     # still serving
     done, report = call(crate, [str(reporting_rustc(crate)), *LIB])
     assert done.returncode == 0, done.stderr
+    assert f"grand={server.proc.pid} " in report + " "
+
+
+@pytest.mark.parametrize("context", ["nice", "ulimit-f"])
+def test_a_call_under_other_limits_compiles_by_itself(
+    crate: Path, server: Resident, context: str
+) -> None:
+    """The resident process runs calls with the limits and niceness of the build that started
+    it: a call from another context (``ulimit -f``, ``nice``) is refused and compiles in the
+    caller, under its own."""
+
+    def other() -> None:
+        if context == "nice":
+            os.nice(5)
+        else:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, resource.RLIM_INFINITY))
+
+    done, report = call(crate, [str(reporting_rustc(crate)), *LIB], also=other)
+    assert done.returncode == 0, done.stderr
+    assert f"grand={server.proc.pid} " not in report + " "
+    done, report = call(crate, [str(reporting_rustc(crate)), *LIB])  # its own context: taken
     assert f"grand={server.proc.pid} " in report + " "
 
 
