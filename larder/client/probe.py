@@ -26,10 +26,16 @@ def cache_enabled(environ: os._Environ[str] | dict[str, str]) -> bool:
 
 
 def state_dir_name(environ: os._Environ[str] | dict[str, str]) -> str:
-    """``$LARDER_STATE_DIR``, else ``$XDG_CACHE_HOME/larder``, else ``~/.cache/larder``."""
-    if environ.get("LARDER_STATE_DIR"):
-        return environ["LARDER_STATE_DIR"]
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """``$LARDER_STATE_DIR``, else ``$XDG_CACHE_HOME/larder``, else ``~/.cache/larder``. A
+    relative value is ignored (as the XDG specification says of ``XDG_CACHE_HOME``): cargo runs
+    each rustc in its package's directory, so it would name a state directory per package, and
+    ``--stats`` or ``--wait-uploads`` in the workspace yet another."""
+    state = environ.get("LARDER_STATE_DIR")
+    if state and os.path.isabs(state):
+        return state
+    base = environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "larder")
 
 

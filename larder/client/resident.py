@@ -16,9 +16,10 @@ its group, rustc with it.
 
 A call never depends on the resident process for its result. It compiles by itself when it
 cannot connect, when it is refused (the peer is another user, another interpreter or copy of
-larder, or runs under other resource limits, niceness or control groups), or when the connection ends before the child took the call. Once the child took it,
-rustc may have printed or written, so a lost connection fails the call (exit 101) rather than
-compiling twice. ``LARDER_RESIDENT=0`` turns the resident process off.
+larder, or runs under other resource limits, niceness or control groups), or when the
+connection ends before the child took the call. Once the child took it, rustc may have printed
+or written, so a lost connection fails the call (exit 101) rather than compiling twice.
+``LARDER_RESIDENT=0`` turns the resident process off.
 
 The resident process serves one user from one state directory, and exits after :data:`IDLE`
 seconds without a call, after :data:`MAX_AGE` seconds, or as soon as a module it loaded changed

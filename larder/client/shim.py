@@ -797,12 +797,21 @@ def _log(
 
 def _stats_command(argv: list[str], environ: dict[str, str]) -> int:
     store = stats_mod.Stats(stats_mod.state_dir(environ))
-    if argv[0] == "--zero-stats":
-        store.zero()
-        print("larder-rustc: statistics reset")
+    try:
+        if argv[0] == "--zero-stats":
+            store.zero()
+            print("larder-rustc: statistics reset")
+            return 0
+        current = store.read()
+        as_json = "--json" in argv
+        print(json.dumps(current, sort_keys=True) if as_json else stats_mod.render(current))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--stats | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    current = store.read()
-    print(json.dumps(current, sort_keys=True) if "--json" in argv else stats_mod.render(current))
+    except OSError as exc:
+        print(f"larder-rustc: statistics in {stats_mod.state_dir(environ)}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -91,8 +91,12 @@ class Stats:
 
     def _save(self, stats: dict[str, Any]) -> None:
         scratch = self._file.with_name(f".stats-{os.getpid()}.json")
-        scratch.write_text(json.dumps(stats, sort_keys=True))
-        os.replace(scratch, self._file)
+        try:
+            scratch.write_text(json.dumps(stats, sort_keys=True))
+            os.replace(scratch, self._file)
+        except BaseException:
+            scratch.unlink(missing_ok=True)  # a full disk must not leave one per compilation
+            raise
 
     def read(self) -> dict[str, Any]:
         with self._locked():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from larder.client.paths import Roots, find_target_dir
 
 CI = Roots.of(
@@ -118,3 +120,24 @@ def test_target_dir_outside_cargos_layout_is_the_tagged_ancestor(tmp_path: Path)
     other = tmp_path / "proj" / "build" / "out"
     other.mkdir(parents=True)
     assert find_target_dir(other) == other
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"LARDER_STATE_DIR": "/s/larder"}, "/s/larder"),
+        ({"LARDER_STATE_DIR": ".larder-state", "XDG_CACHE_HOME": "/c"}, "/c/larder"),
+        ({"XDG_CACHE_HOME": "/c"}, "/c/larder"),
+        ({"XDG_CACHE_HOME": "cache", "HOME": "/h"}, "/h/.cache/larder"),
+        ({"LARDER_STATE_DIR": "s", "XDG_CACHE_HOME": "c", "HOME": "/h"}, "/h/.cache/larder"),
+    ],
+)
+def test_a_relative_state_directory_is_ignored(
+    environ: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cargo runs each rustc in its package's directory: a relative state directory would be
+    one per package (and another for ``--stats`` in the workspace)."""
+    from larder.client.probe import state_dir_name
+
+    monkeypatch.setenv("HOME", environ.get("HOME", "/h"))
+    assert state_dir_name(environ) == expected
