@@ -109,6 +109,11 @@ class Roots(NamedTuple):
     """This compilation's roots, by name, as absolute normalised paths."""
 
     roots: tuple[tuple[str, str], ...]
+    #: A root's other spelling where it is reached through a symlink (its real path): rustc
+    #: resolves some paths (an ``--extern`` on the link line), ``os.getcwd()`` does too, so the
+    #: same root comes in both spellings. Both become its placeholder and get its remap; the
+    #: placeholder is put back as the root's own spelling.
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, **paths: Path | None) -> Roots:
@@ -119,7 +124,20 @@ class Roots(NamedTuple):
         }
         # Longest first, so the most specific root claims a path.
         ordered = sorted(found.items(), key=lambda item: len(item[1]), reverse=True)
-        return cls(tuple(ordered))
+        spelled = set(found.values())
+        aliases = []
+        for name, path in ordered:
+            real = os.path.realpath(path)
+            if real not in spelled and _usable(Path(real)):
+                aliases.append((name, real))
+                spelled.add(real)
+        return cls(tuple(ordered), tuple(sorted(aliases, key=lambda a: len(a[1]), reverse=True)))
+
+    @property
+    def spellings(self) -> tuple[tuple[str, str], ...]:
+        """Every root and alias, longest first."""
+        both = self.roots + self.aliases
+        return tuple(sorted(both, key=lambda item: len(item[1]), reverse=True))
 
     def extended(self, **paths: Path | None) -> Roots:
         """These roots and ``paths`` (placeholders without a remap, e.g. ``SYSROOT``)."""
@@ -130,7 +148,7 @@ class Roots(NamedTuple):
         """``text`` with every root replaced by its placeholder."""
         if not self.roots:
             return text
-        pattern, by_path = _matcher(self.roots)
+        pattern, by_path = _matcher(self.spellings)
         return pattern.sub(lambda match: by_path[match.group(0)], text)
 
     def local(self, text: str) -> str:
@@ -152,7 +170,7 @@ class Roots(NamedTuple):
     def remap_flags(self) -> list[str]:
         """``--remap-path-prefix`` flags; rustc lets the last match win, so specific last."""
         flags = []
-        for name, path in sorted(self.roots, key=lambda item: len(item[1])):
+        for name, path in sorted(self.spellings, key=lambda item: len(item[1])):
             if name not in REMAP_TO:
                 continue
             flags.append(f"--remap-path-prefix={path}={REMAP_TO[name]}")

@@ -461,7 +461,7 @@ class Invocation:
         assert self.out_dir is not None
         # This machine's roots, and its sysroot: the key names it by placeholder. A remap of
         # the user's own over a root's parent (``$HOME=~``) writes the rest of the root's path.
-        roots = [path for _, path in self.link_roots().roots]
+        roots = [path for _, path in self.link_roots().spellings]
         roots += remapped(roots, self.args)
         needles = fewest_needles([path.encode() for path in roots])
         outputs: list[Output] = []

@@ -141,3 +141,31 @@ def test_a_relative_state_directory_is_ignored(
 
     monkeypatch.setenv("HOME", environ.get("HOME", "/h"))
     assert state_dir_name(environ) == expected
+
+
+def test_a_root_reached_through_a_symlink_is_found_in_both_spellings(tmp_path: Path) -> None:
+    """A checkout or ``CARGO_HOME`` behind a symlink: cargo names it as given, the working
+    directory and rustc's own resolved paths name the real one; both are the root."""
+    real = tmp_path / "disk" / "cargo"
+    (real / "registry").mkdir(parents=True)
+    link = tmp_path / "home" / ".cargo"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    roots = Roots.of(CARGO_HOME=link)
+    given = f"{link}/registry/src/x/lib.rs"
+    resolved = f"{real}/registry/src/x/lib.rs"
+    assert (
+        roots.portable(given)
+        == roots.portable(resolved)
+        == "@LARDER:CARGO_HOME@/registry/src/x/lib.rs"
+    )
+    assert roots.local("@LARDER:CARGO_HOME@/registry") == f"{link}/registry"  # as given
+    assert roots.remap_flags() == sorted(
+        [
+            f"--remap-path-prefix={link}=/larder/cargo-home",
+            f"--remap-path-prefix={real}=/larder/cargo-home",
+        ],
+        key=len,
+    )
+    plain = Roots.of(CARGO_HOME=real)
+    assert plain.aliases == () and plain.portable(resolved) == roots.portable(resolved)
