@@ -197,6 +197,19 @@ def remapped(roots: list[str], args: list[str]) -> list[str]:
     return found
 
 
+def logical_cwd(cwd: Path, environ: dict[str, str]) -> Path:
+    """The working directory as cargo names it: ``os.getcwd()`` resolves symlinks, cargo does
+    not (a registry crate under a symlinked ``CARGO_HOME``, a checkout reached through one), so
+    the directory among ``CARGO_MANIFEST_DIR`` and its parents that is ``cwd``, else ``cwd``."""
+    manifest_dir = environ.get("CARGO_MANIFEST_DIR")
+    if not manifest_dir or not os.path.isabs(manifest_dir):
+        return cwd
+    for candidate in (Path(manifest_dir), *Path(manifest_dir).parents):
+        if os.path.realpath(candidate) == str(cwd):
+            return candidate
+    return cwd
+
+
 def wraps_rustc(first: str) -> bool:
     """Whether a call's first argument is the compiler itself: cargo runs ``RUSTC_WRAPPER
     RUSTC_WORKSPACE_WRAPPER RUSTC ARGS`` (``clippy-driver``), which takes ``RUSTC`` first."""
@@ -271,7 +284,9 @@ class Invocation:
             find_target_dir(self.out_dir, self.target) if self.out_dir is not None else None
         )
         self.roots = Roots.of(
-            CWD=self.cwd, TARGET=target_dir, CARGO_HOME=default_cargo_home(environ)
+            CWD=logical_cwd(self.cwd, environ),
+            TARGET=target_dir,
+            CARGO_HOME=default_cargo_home(environ),
         )
         self.state = stats_mod.state_dir(environ)
         digests.attach(self.state)

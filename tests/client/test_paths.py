@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,22 @@ def test_a_root_reached_through_a_symlink_is_found_in_both_spellings(tmp_path: P
     )
     plain = Roots.of(CARGO_HOME=real)
     assert plain.aliases == () and plain.portable(resolved) == roots.portable(resolved)
+
+
+def test_the_working_directory_as_cargo_names_it(tmp_path: Path) -> None:
+    from larder.client.shim import logical_cwd
+
+    real = tmp_path / "data" / "cargo" / "vendor" / "dep-1.0.0"
+    real.mkdir(parents=True)
+    (tmp_path / "cargo").symlink_to(tmp_path / "data" / "cargo")
+    given = tmp_path / "cargo" / "vendor" / "dep-1.0.0"
+    resolved = Path(os.path.realpath(given))
+    # A registry crate: cargo runs rustc in its package's directory, named as cargo found it.
+    assert logical_cwd(resolved, {"CARGO_MANIFEST_DIR": str(given)}) == given
+    # A workspace member: the workspace root, one of its manifest directory's parents.
+    member = given / "crates" / "leaf"
+    member.mkdir(parents=True)
+    assert logical_cwd(resolved, {"CARGO_MANIFEST_DIR": str(member)}) == given
+    # Elsewhere, or not under cargo: the working directory as the system names it.
+    assert logical_cwd(resolved, {"CARGO_MANIFEST_DIR": str(tmp_path / "other")}) == resolved
+    assert logical_cwd(resolved, {}) == resolved
