@@ -43,7 +43,8 @@ class UnsupportedEncoding(InvalidInput):
 
 
 class ClientGone(LarderError):
-    """The client closed the connection before its request body was complete."""
+    """The client closed the connection before its request body was complete, or while its
+    answer was being sent."""
 
     code = "client_closed_request"
 

@@ -237,6 +237,10 @@ async def test_the_name_a_zstd_nar_was_uploaded_under_serves_it(service: Service
     served = await service.client.get(f"/main/{name}")
     assert served.status == 200
     assert zstandard.ZstdDecompressor().decompress(await served.read()) == nar
+    head = await service.client.head(f"/main/{name}")
+    assert head.status == 200
+    for field in ("Content-Length", "Content-Type", "Accept-Ranges"):
+        assert head.headers.get(field) == served.headers.get(field), field
     # Another compression's upload name is not served as zstd, nor as what it was.
     xz = file_name(lzma.compress(nar), ".xz")
     assert (await service.client.get(f"/main/{xz.replace('.xz', '.zst')}")).status == 404

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 from aiohttp import web
 
@@ -124,15 +125,40 @@ async def _send(
 
     Once the headers are out a failure (storage unreachable mid-stream) can no longer become an
     error status: the connection is closed, so the client sees a body shorter than its
-    ``Content-Length`` at once (and retries) rather than waiting for bytes that never come.
+    ``Content-Length`` at once (and retries) rather than waiting for bytes that never come. A
+    client that takes nothing for ``body_idle_timeout`` is dropped (:class:`TooSlow`), as a
+    ``sendfile`` download is, and one that went away is :class:`ClientGone`, not a server
+    error; either way ``chunks`` is closed at once (a decoder and an open blob are let go).
     """
+    idle = request.app[CONFIG].body_idle_timeout
     try:
-        async for chunk in chunks:
-            await response.write(chunk)
-    except BaseException:
-        if request.transport is not None:
-            request.transport.close()
+        async with contextlib.aclosing(_closable(chunks)) as pieces:
+            async for chunk in pieces:
+                async with asyncio.timeout(idle):
+                    await response.write(chunk)
+    except BaseException as exc:
+        transport = request.transport
+        if isinstance(exc, TimeoutError):
+            if transport is not None:
+                transport.abort()  # close() would wait to flush to a client that reads nothing
+            raise TooSlow(f"the client took nothing for {idle:g} s") from None
+        if transport is not None:
+            transport.close()
+        if isinstance(exc, ConnectionError):
+            raise ClientGone("the client went away during the download") from None
         raise
+
+
+def _closable(chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
+    """``chunks`` as an iterator with ``aclose`` (an async generator already is one)."""
+    if hasattr(chunks, "aclose"):
+        return chunks  # type: ignore[return-value]
+
+    async def each() -> AsyncGenerator[bytes, None]:
+        async for chunk in chunks:
+            yield chunk
+
+    return each()
 
 
 def _requested_span(request: web.Request, size: int, *, dated: bool) -> tuple[int, int] | None:

@@ -112,18 +112,22 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     record = await nix.nar_record(settings, nar_hash, serving=True) if served else None
     # What Nix 2.34 asks, by the FileHash of its own compression, before uploading a NAR: the
     # name of an upload this cache stored and whose NAR it still holds. Not counted as a lookup.
-    uploaded = record is None and request.method == "HEAD"
+    uploaded = record is None and request.method == "HEAD" and compression != "zstd"
     if uploaded and await nix.nar_file(settings, nar_hash, compression) is not None:
         return web.Response(headers=nar_headers())
+    aliased = False
     if record is None and compression == "zstd":
         # The URL of the narinfo Nix uploaded, which the pushing machine keeps in its narinfo
         # cache and substitutes from later: the NAR that zstd upload stored, as zstd (Nix
-        # decodes it and checks NarHash; a NAR uploaded as xz cannot be served as xz).
+        # decodes it and checks NarHash; a NAR uploaded as xz cannot be served as xz), with
+        # the same headers for HEAD as for GET.
         record = await nix.nar_file(settings, nar_hash, compression)
+        aliased = record is not None
     if not served:
         raise web.HTTPNotFound()
     reader = await nix.open_blob(record.blob_id) if record is not None else None
-    note_lookup(request, "nar", reader is not None)
+    if not (aliased and request.method == "HEAD"):
+        note_lookup(request, "nar", reader is not None)
     if record is None or reader is None:
         raise web.HTTPNotFound()
     if compression == "zstd":

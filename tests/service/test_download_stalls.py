@@ -1,0 +1,83 @@
+"""Downloads sent piece by piece (decoded bodies): a client that stops reading is dropped after
+``body_idle_timeout``, one that goes away is not a server error, and either way the decoder and
+the open blob are let go at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from larder.service.config import Config
+from larder.service.observability.metrics import NO_CACHE
+from larder.service.state import METRICS
+from tests.service.conftest import Live
+
+BODY = os.urandom(6 << 20)  # incompressible: the decoded body fills any socket buffer
+
+
+@pytest.fixture
+def config() -> Config:
+    return Config(body_idle_timeout=1.0)
+
+
+async def _stored_log(live: Live) -> str:
+    path = "/main/log/stall-1.0.drv"
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live.token}\r\n"
+        f"Content-Type: text/plain\r\nContent-Length: {len(BODY)}\r\n\r\n"
+    )
+    writer.write(head.encode() + BODY)
+    status = await asyncio.wait_for(reader.readline(), 30)
+    writer.close()
+    assert status.split()[1] == b"200", status
+    return path
+
+
+def _errors(live: Live) -> float:
+    registry = live.app[METRICS].registry
+    total = 0.0
+    for cache in ("main", NO_CACHE):
+        labels = {"cache": cache, "protocol": "nix", "status_class": "5xx"}
+        total += registry.get_sample_value("larder_http_requests_total", labels) or 0.0
+    return total
+
+
+def _stalled_get(port: int, path: str) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # no zstd: decoded
+    return sock
+
+
+async def test_a_client_that_stops_reading_is_dropped(live: Live) -> None:
+    path = await _stored_log(live)
+    sock = _stalled_get(live.port, path)
+    try:
+        await asyncio.sleep(4)  # well past the 1 s idle limit
+        sock.settimeout(10)
+        received = 0
+        try:
+            while data := sock.recv(1 << 20):
+                received += len(data)
+        except ConnectionResetError:
+            pass  # dropped without flushing what it had queued
+        assert received < len(BODY)  # the server gave up on it rather than sending it all
+    finally:
+        sock.close()
+    assert _errors(live) == 0
+
+
+async def test_a_client_gone_mid_download_is_not_a_server_error(live: Live) -> None:
+    path = await _stored_log(live)
+    for _ in range(3):
+        sock = _stalled_get(live.port, path)
+        await asyncio.sleep(0.3)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # a reset
+    await asyncio.sleep(1)
+    assert _errors(live) == 0
