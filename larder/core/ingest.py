@@ -37,6 +37,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import zstandard
+
 from larder.errors import TooLarge
 from larder.protocol.compression import Decompressor
 from larder.protocol.nar import NarValidator
@@ -57,9 +59,25 @@ class NarDigest:
 PIPE_DEPTH = 8
 
 
-def keeps_upload(compression: str) -> bool:
-    """Whether an upload in ``compression`` is stored as it came (a writer with ``encoded``)."""
-    return compression == "zstd"
+#: The largest zstd window a NAR upload is kept with. What is stored is also served decoded
+#: (``.nar`` to clients without zstd), and each such download holds a decoder of the stream's
+#: window: one compressed with a larger window (``--ultra``, ``--long``: up to 128 MiB) is
+#: stored in the store's own encoding instead.
+MAX_KEPT_WINDOW = 8 << 20
+
+
+def keeps_upload(compression: str, head: bytes | None = None) -> bool:
+    """Whether an upload in ``compression`` is stored as it came (a writer with ``encoded``);
+    given ``head``, the upload's first bytes, only when its first frame's window is at most
+    :data:`MAX_KEPT_WINDOW` (a head too short to tell is not kept)."""
+    if compression != "zstd":
+        return False
+    if head is None:
+        return True
+    try:
+        return zstandard.get_frame_parameters(head).window_size <= MAX_KEPT_WINDOW
+    except zstandard.ZstdError:
+        return False
 
 
 #: A queued piece: its bytes and whether they are the upload as received (else NAR bytes).
@@ -109,13 +127,18 @@ class _Stage:
 class NarIngest:
     """Feeds an uploaded (possibly compressed) NAR into a blob writer while verifying it.
 
-    ``writer`` must have been made with ``encoded=keeps_upload(compression)``. A NAR larger
+    ``writer`` must have been made with ``encoded=keep`` (by default
+    ``keeps_upload(compression)``). A NAR larger
     than ``max_nar_size`` bytes raises :class:`~larder.errors.TooLarge` as soon as its decoded
     bytes pass that (a small upload that decompresses to a huge NAR is stopped early).
     """
 
     def __init__(
-        self, compression: str, writer: BlobWriter, max_nar_size: int | None = None
+        self,
+        compression: str,
+        writer: BlobWriter,
+        max_nar_size: int | None = None,
+        keep: bool | None = None,
     ) -> None:
         self._max_nar_size = max_nar_size
         self._nar_seen = 0
@@ -124,7 +147,7 @@ class NarIngest:
         self._nar_hash = hashlib.sha256()
         self._validator = NarValidator()
         self._writer = writer
-        self._keep = keeps_upload(compression)
+        self._keep = keeps_upload(compression) if keep is None else keep
         self._plain = compression == "none"  # the upload is the NAR: checked on this thread
         self._stage = _Stage(self._check)
         self._decompressor = Decompressor(compression, self._take_nar)

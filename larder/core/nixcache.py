@@ -197,8 +197,9 @@ class NixCache:
         first = await anext(chunks, b"")
         if compression == "none" and first.startswith(GZIP_MAGIC):
             compression = "gzip"  # Nix names a gzip NAR .nar (a NAR starts with its length)
-        async with self._blobs.writer(encoded=keeps_upload(compression)) as writer:
-            ingest = NarIngest(compression, writer, self._max_nar_size)
+        keep = keeps_upload(compression, first)
+        async with self._blobs.writer(encoded=keep) as writer:
+            ingest = NarIngest(compression, writer, self._max_nar_size, keep=keep)
             feeding: asyncio.Future[None] | None = None
             try:
                 # The next chunk is read while the previous one is being fed.
@@ -221,7 +222,7 @@ class NixCache:
                     f"file hash mismatch: the upload's sha256 is "
                     f"{nix32.encode(digest.file_sha256)}, its name says {file_hash}"
                 )
-            kept = digest.file_sha256 if keeps_upload(compression) else None
+            kept = digest.file_sha256 if keep else None
             blob = await self._run(functools.partial(writer.commit, stored_sha256=kept))
         stored_sha256 = blob.stored_sha256 or await self._stored_sha256(blob.blob_id)
         if stored_sha256 is None:

@@ -207,6 +207,34 @@ async def test_file_hash_follows_the_bytes_kept_when_a_nar_comes_twice(service: 
     assert served.file_hash.digest == hashlib.sha256(served_bytes).digest()
 
 
+@pytest.mark.parametrize("window_log", [20, 23, 24, 27])
+async def test_a_zstd_nar_is_kept_as_sent_only_with_a_small_window(
+    service: Service, window_log: int
+) -> None:
+    """A stored NAR is also served decoded, one decoder of its window per download: an upload
+    compressed with a window past 8 MiB (``--ultra``, ``--long``) is stored re-encoded."""
+    nar = make_nar(b"window " * 5000)
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log)
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    body = stream.compress(nar) + stream.flush()  # no size given: the window stays as asked
+    assert zstandard.get_frame_parameters(body).window_size == 1 << window_log
+    resp = await service.client.put(f"/main/{file_name(body, '.zst')}", data=body,
+                                    headers=service.auth())  # fmt: skip
+    assert resp.status == 200, await resp.text()
+    path = store_path(f"window{window_log}")
+    resp = await service.client.put(
+        f"/main/{hash_part(path)}.narinfo", data=narinfo_text(path, nar), headers=service.auth()
+    )
+    assert resp.status == 200
+    served = narinfo.parse(
+        await (await service.client.get(f"/main/{hash_part(path)}.narinfo")).read()
+    )
+    stored = await (await service.client.get(f"/main/{served.url}")).read()
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(stored) == nar
+    assert zstandard.get_frame_parameters(stored).window_size <= 8 << 20
+    assert (stored == body) is (window_log <= 23)
+
+
 async def test_head_finds_a_nar_by_the_name_it_was_uploaded_under(
     make_service: ServiceFactory,
 ) -> None:
