@@ -204,7 +204,20 @@ def cached(
 
 def _rustc_identity(rustc: str, environ: dict[str, str]) -> str:
     # "3|": entries of this layout (older ones lack the sysroot, or a wrapper's digest).
-    return f"3|{binary_identity(rustc)}|{environ.get('RUSTUP_TOOLCHAIN', '')}"
+    toolchain = environ.get("RUSTUP_TOOLCHAIN", "")
+    return f"3|{binary_identity(rustc)}|{toolchain}{_toolchain_identity(toolchain, environ)}"
+
+
+def _toolchain_identity(toolchain: str, environ: dict[str, str]) -> str:
+    """The compiler of rustup's toolchain ``toolchain``: rustup's proxy stays the same file when
+    ``rustup update`` replaces what it runs, so facts cached by the proxy alone go stale."""
+    if not toolchain or "/" in toolchain:
+        return ""
+    home = environ.get("RUSTUP_HOME") or os.path.join(os.path.expanduser("~"), ".rustup")
+    try:
+        return "|" + binary_identity(os.path.join(home, "toolchains", toolchain, "bin", "rustc"))
+    except OSError:
+        return ""
 
 
 def _same_file(a: str, b: str) -> bool:

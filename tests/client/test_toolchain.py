@@ -146,3 +146,22 @@ def test_native_cpu_facts_are_kept_per_machine(
 def test_this_machines_cpu_is_described() -> None:
     described = toolchain._host_cpu()
     assert described is not None and len(described) == 64
+
+
+def test_a_toolchain_rustup_updated_is_another_compiler(tmp_path: Path) -> None:
+    """rustup's proxy is the same file after ``rustup update``: the facts kept for it must
+    follow the toolchain's own compiler."""
+    from larder.client.toolchain import _rustc_identity
+
+    proxy = tmp_path / "cargo-bin" / "rustc"
+    proxy.parent.mkdir()
+    proxy.write_text("#!/bin/sh\n")
+    compiler = tmp_path / "rustup" / "toolchains" / "nightly-x" / "bin" / "rustc"
+    compiler.parent.mkdir(parents=True)
+    compiler.write_text("old")
+    environ = {"RUSTUP_TOOLCHAIN": "nightly-x", "RUSTUP_HOME": str(tmp_path / "rustup")}
+    before = _rustc_identity(str(proxy), environ)
+    compiler.unlink()
+    compiler.write_text("the new one")  # what an update leaves: another file
+    assert _rustc_identity(str(proxy), environ) != before
+    assert _rustc_identity(str(proxy), {**environ, "RUSTUP_TOOLCHAIN": "gone"}).endswith("|gone")
