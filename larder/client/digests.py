@@ -34,6 +34,8 @@ from stat import S_ISREG
 
 import blake3
 
+from larder.client.atomic import replace_with
+
 LOG_NAME = "digests"
 #: A file whose change time is this close to the moment its hashing began is not remembered
 #: (ten times the coarsest tick Linux stamps times with, 100 Hz).
@@ -123,8 +125,7 @@ class Memo:
         assert self.path is not None
         scratch = self.path.with_name(f".{LOG_NAME}-{os.getpid()}")
         try:
-            scratch.write_bytes(b"")
-            os.replace(scratch, self.path)
+            replace_with(self.path, b"", scratch)
         except OSError:
             return
         self._log_id, self._offset = None, 0

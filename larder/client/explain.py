@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from larder.client.atomic import replace_with
 from larder.protocol.inputs import TITLES, Difference, Explanation, Identity, explain, redact
 
 if TYPE_CHECKING:
@@ -156,8 +157,7 @@ def record(
     directory = state / RECORDS
     directory.mkdir(parents=True, exist_ok=True)
     scratch = directory / f".{stem}.{os.getpid()}.tmp"
-    scratch.write_text(json.dumps(doc, sort_keys=True))
-    os.replace(scratch, directory / f"{stem}.json")
+    replace_with(directory / f"{stem}.json", json.dumps(doc, sort_keys=True).encode(), scratch)
 
 
 def load(state: Path) -> list[dict[str, Any]]:

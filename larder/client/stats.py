@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from larder.client.atomic import replace_with
 from larder.client.probe import state_dir_name
 
 COUNTERS = (
@@ -91,12 +92,7 @@ class Stats:
 
     def _save(self, stats: dict[str, Any]) -> None:
         scratch = self._file.with_name(f".stats-{os.getpid()}.json")
-        try:
-            scratch.write_text(json.dumps(stats, sort_keys=True))
-            os.replace(scratch, self._file)
-        except BaseException:
-            scratch.unlink(missing_ok=True)  # a full disk must not leave one per compilation
-            raise
+        replace_with(self._file, json.dumps(stats, sort_keys=True).encode(), scratch)
 
     def read(self) -> dict[str, Any]:
         with self._locked():

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import blake3
 
+from larder.client.atomic import replace_with
 from larder.client.digests import file_digest
 from larder.client.key import tree_digests
 
@@ -194,8 +195,7 @@ def cached(
         for alias in {identity, *(aliases(entry) if aliases else [])}:
             known[alias] = entry
         scratch = cache_file.with_name(f".{cache_file.stem}-{os.getpid()}.json")
-        scratch.write_text(json.dumps(known))
-        os.replace(scratch, cache_file)
+        replace_with(cache_file, json.dumps(known).encode(), scratch)
     finally:
         if lock is not None:
             os.close(lock)

@@ -1,0 +1,17 @@
+"""Replacing a file of the state directory whole: readers see the old content or the new."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def replace_with(path: Path, data: bytes, scratch: Path) -> None:
+    """Write ``data`` to ``scratch`` and rename it over ``path``; on any failure (a full disk)
+    ``scratch`` is removed, so a failing state directory does not fill with one per call."""
+    try:
+        scratch.write_bytes(data)
+        os.replace(scratch, path)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
