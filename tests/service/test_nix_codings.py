@@ -54,6 +54,18 @@ def file_name(body: bytes, ext: str) -> str:
     return f"nar/{nix32.encode(hashlib.sha256(body).digest())}.nar{ext}"
 
 
+async def narinfo_and_nar(service: Service, path: str, nar: bytes) -> tuple[narinfo.NarInfo, bytes]:
+    """Upload the narinfo of ``path`` (its NAR is held); the narinfo served and its NAR's bytes."""
+    resp = await service.client.put(
+        f"/main/{hash_part(path)}.narinfo", data=narinfo_text(path, nar), headers=service.auth()
+    )
+    assert resp.status == 200, await resp.text()
+    served = narinfo.parse(
+        await (await service.client.get(f"/main/{hash_part(path)}.narinfo")).read()
+    )
+    return served, await (await service.client.get(f"/main/{served.url}")).read()
+
+
 async def stored_keys(service: Service) -> list[str]:
     return [key async for key in service.storage.keys("caches/")]
 
@@ -194,15 +206,7 @@ async def test_file_hash_follows_the_bytes_kept_when_a_nar_comes_twice(service: 
             f"/main/{file_name(body, ext)}", data=body, headers=service.auth()
         )
         assert resp.status == 200
-    path = store_path("twice")
-    resp = await service.client.put(
-        f"/main/{hash_part(path)}.narinfo", data=narinfo_text(path, nar), headers=service.auth()
-    )
-    assert resp.status == 200
-    served = narinfo.parse(
-        await (await service.client.get(f"/main/{hash_part(path)}.narinfo")).read()
-    )
-    served_bytes = await (await service.client.get(f"/main/{served.url}")).read()
+    served, served_bytes = await narinfo_and_nar(service, store_path("twice"), nar)
     assert served.file_hash is not None
     assert served.file_hash.digest == hashlib.sha256(served_bytes).digest()
 
@@ -221,15 +225,7 @@ async def test_a_zstd_nar_is_kept_as_sent_only_with_a_small_window(
     resp = await service.client.put(f"/main/{file_name(body, '.zst')}", data=body,
                                     headers=service.auth())  # fmt: skip
     assert resp.status == 200, await resp.text()
-    path = store_path(f"window{window_log}")
-    resp = await service.client.put(
-        f"/main/{hash_part(path)}.narinfo", data=narinfo_text(path, nar), headers=service.auth()
-    )
-    assert resp.status == 200
-    served = narinfo.parse(
-        await (await service.client.get(f"/main/{hash_part(path)}.narinfo")).read()
-    )
-    stored = await (await service.client.get(f"/main/{served.url}")).read()
+    _, stored = await narinfo_and_nar(service, store_path(f"window{window_log}"), nar)
     assert zstandard.ZstdDecompressor().decompressobj().decompress(stored) == nar
     assert zstandard.get_frame_parameters(stored).window_size <= 8 << 20
     assert (stored == body) is (window_log <= 23)
