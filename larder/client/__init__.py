@@ -13,6 +13,8 @@
 * :mod:`~larder.client.transport` a small HTTP/1.1 client that starts fast (keep-alive).
 * :mod:`~larder.client.proxy`    ``https_proxy``/``http_proxy``/``no_proxy`` for that client.
 * :mod:`~larder.client.explain`  why a crate missed (``larder-rustc explain``).
+* :mod:`~larder.client.leaks`    this machine's paths as an output may hold them (not uploaded).
+* :mod:`~larder.client.atomic`   state files replaced whole, no scratch left on failure.
 * :mod:`~larder.client.shim`     the command itself: hit, miss, pass-through.
 * :mod:`~larder.client.probe`    what is decided before importing anything (cache on? a probe?).
 * :mod:`~larder.client.entry`    the console entry point: rustc left alone as cheaply as possible.

@@ -175,3 +175,16 @@ class Roots(NamedTuple):
                 continue
             flags.append(f"--remap-path-prefix={path}={REMAP_TO[name]}")
         return flags
+
+
+def logical_cwd(cwd: Path, environ: dict[str, str]) -> Path:
+    """The working directory as cargo names it: ``os.getcwd()`` resolves symlinks, cargo does
+    not (a registry crate under a symlinked ``CARGO_HOME``, a checkout reached through one), so
+    the directory among ``CARGO_MANIFEST_DIR`` and its parents that is ``cwd``, else ``cwd``."""
+    manifest_dir = environ.get("CARGO_MANIFEST_DIR")
+    if not manifest_dir or not os.path.isabs(manifest_dir):
+        return cwd
+    for candidate in (Path(manifest_dir), *Path(manifest_dir).parents):
+        if os.path.realpath(candidate) == str(cwd):
+            return candidate
+    return cwd

@@ -60,7 +60,8 @@ from larder.client import args as rustc_args
 from larder.client import depinfo, digests, linkline, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
-from larder.client.paths import Roots, default_cargo_home, find_target_dir
+from larder.client.leaks import embeds, fewest_needles, remapped
+from larder.client.paths import Roots, default_cargo_home, find_target_dir, logical_cwd
 from larder.client.probe import cache_enabled, startup_ms
 from larder.client.remote import Remote, RemoteError, network_timeout
 from larder.errors import FormatError
@@ -138,76 +139,6 @@ def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
     for pump in pumps:
         pump.join()
     return code, b"".join(out), b"".join(err)
-
-
-def fewest_needles(needles: list[bytes]) -> list[bytes]:
-    """``needles`` without those under another (a target directory inside the workspace is
-    found by the workspace's path): one pass over each output per needle left."""
-    under = [o.rstrip(b"/") + b"/" for o in needles]
-    return [n for n in set(needles) if not any(n.startswith(o) for o in under)]
-
-
-#: Bytes that continue a path component: a root found next to one is part of another path
-#: (``/target`` inside ``/larder/target/...`` or ``./src`` or ``/target2``), not the root.
-_PATH_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~-")
-
-
-def embeds(path: Path, needles: list[bytes]) -> bool:
-    """Whether the file contains any of ``needles`` (this machine's root paths) as a path of its
-    own: not preceded by a path byte or ``/``, not followed by a path byte."""
-    import mmap
-
-    if path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        for needle in needles:
-            at = m.find(needle)
-            while at != -1:
-                before = m[at - 1] if at else 0
-                end = at + len(needle)
-                after = m[end] if end < len(m) else 0
-                if before not in _PATH_BYTES and before != ord("/") and after not in _PATH_BYTES:
-                    return True
-                at = m.find(needle, at + 1)
-    return False
-
-
-def remapped(roots: list[str], args: list[str]) -> list[str]:
-    """``roots`` as the user's own ``--remap-path-prefix=FROM=TO`` flags write them in outputs
-    when ``FROM`` is a directory above them (``$HOME=~``: the rest of the path, this checkout's
-    own name, stays in the outputs; the last match wins, as in rustc). A remap from a root or
-    from inside one (``$PWD=/build``) writes the same on every machine and is left out."""
-    remaps = []
-    for index, arg in enumerate(args):
-        if arg == "--remap-path-prefix" and index + 1 < len(args):
-            arg = f"--remap-path-prefix={args[index + 1]}"
-        if arg.startswith("--remap-path-prefix="):
-            source, sep, target = arg.partition("=")[2].rpartition("=")
-            source = source.rstrip("/")
-            if sep and source:
-                remaps.append((source, target))
-    found = []
-    for root in roots:
-        for source, target in reversed(remaps):
-            if root == source or root.startswith(source + "/"):
-                portable = any(source == r or source.startswith(r + "/") for r in roots)
-                if not portable:
-                    found.append(target + root[len(source) :])
-                break
-    return found
-
-
-def logical_cwd(cwd: Path, environ: dict[str, str]) -> Path:
-    """The working directory as cargo names it: ``os.getcwd()`` resolves symlinks, cargo does
-    not (a registry crate under a symlinked ``CARGO_HOME``, a checkout reached through one), so
-    the directory among ``CARGO_MANIFEST_DIR`` and its parents that is ``cwd``, else ``cwd``."""
-    manifest_dir = environ.get("CARGO_MANIFEST_DIR")
-    if not manifest_dir or not os.path.isabs(manifest_dir):
-        return cwd
-    for candidate in (Path(manifest_dir), *Path(manifest_dir).parents):
-        if os.path.realpath(candidate) == str(cwd):
-            return candidate
-    return cwd
 
 
 def wraps_rustc(first: str) -> bool:

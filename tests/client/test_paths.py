@@ -173,7 +173,7 @@ def test_a_root_reached_through_a_symlink_is_found_in_both_spellings(tmp_path: P
 
 
 def test_the_working_directory_as_cargo_names_it(tmp_path: Path) -> None:
-    from larder.client.shim import logical_cwd
+    from larder.client.paths import logical_cwd
 
     real = tmp_path / "data" / "cargo" / "vendor" / "dep-1.0.0"
     real.mkdir(parents=True)

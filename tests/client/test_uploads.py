@@ -497,7 +497,7 @@ def test_an_output_holding_a_path_the_users_remap_shortened_is_never_uploaded(
 
 
 def test_one_pass_per_root_path_not_contained_in_another() -> None:
-    from larder.client.shim import fewest_needles
+    from larder.client.leaks import fewest_needles
 
     roots = [b"/w/app", b"/w/app/target", b"/home/me/.cargo", b"/w/app", b"/opt/rust"]
     assert sorted(fewest_needles(roots)) == [b"/home/me/.cargo", b"/opt/rust", b"/w/app"]
@@ -523,7 +523,7 @@ def test_one_pass_per_root_path_not_contained_in_another() -> None:
 def test_a_short_root_is_found_only_as_a_path_of_its_own(
     tmp_path: Path, content: bytes, found: bool
 ) -> None:
-    from larder.client.shim import embeds
+    from larder.client.leaks import embeds
 
     output = tmp_path / "libx.rlib"
     output.write_bytes(b"head " + content + b" tail")
@@ -531,7 +531,7 @@ def test_a_short_root_is_found_only_as_a_path_of_its_own(
 
 
 def test_a_users_remap_above_a_root_leaves_the_rest_of_its_path_to_find() -> None:
-    from larder.client.shim import remapped
+    from larder.client.leaks import remapped
 
     roots = ["/home/me/proj-a", "/home/me/proj-a/target", "/home/me/.cargo"]
     above = ["--remap-path-prefix=/home/me=~"]

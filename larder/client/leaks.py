@@ -1,0 +1,67 @@
+"""What of this machine an output still holds: its root paths, as they may be written in it.
+
+The shim scans each output before uploading it (:meth:`larder.client.shim.Invocation.queue_upload`)
+and refuses one that holds any of them (``embeds-paths``): portable keys must not hand out an
+output that names another machine's directories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def fewest_needles(needles: list[bytes]) -> list[bytes]:
+    """``needles`` without those under another (a target directory inside the workspace is
+    found by the workspace's path): one pass over each output per needle left."""
+    under = [o.rstrip(b"/") + b"/" for o in needles]
+    return [n for n in set(needles) if not any(n.startswith(o) for o in under)]
+
+
+#: Bytes that continue a path component: a root found next to one is part of another path
+#: (``/target`` inside ``/larder/target/...`` or ``./src`` or ``/target2``), not the root.
+_PATH_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~-")
+
+
+def embeds(path: Path, needles: list[bytes]) -> bool:
+    """Whether the file contains any of ``needles`` (this machine's root paths) as a path of its
+    own: not preceded by a path byte or ``/``, not followed by a path byte."""
+    import mmap
+
+    if path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        for needle in needles:
+            at = m.find(needle)
+            while at != -1:
+                before = m[at - 1] if at else 0
+                end = at + len(needle)
+                after = m[end] if end < len(m) else 0
+                if before not in _PATH_BYTES and before != ord("/") and after not in _PATH_BYTES:
+                    return True
+                at = m.find(needle, at + 1)
+    return False
+
+
+def remapped(roots: list[str], args: list[str]) -> list[str]:
+    """``roots`` as the user's own ``--remap-path-prefix=FROM=TO`` flags write them in outputs
+    when ``FROM`` is a directory above them (``$HOME=~``: the rest of the path, this checkout's
+    own name, stays in the outputs; the last match wins, as in rustc). A remap from a root or
+    from inside one (``$PWD=/build``) writes the same on every machine and is left out."""
+    remaps = []
+    for index, arg in enumerate(args):
+        if arg == "--remap-path-prefix" and index + 1 < len(args):
+            arg = f"--remap-path-prefix={args[index + 1]}"
+        if arg.startswith("--remap-path-prefix="):
+            source, sep, target = arg.partition("=")[2].rpartition("=")
+            source = source.rstrip("/")
+            if sep and source:
+                remaps.append((source, target))
+    found = []
+    for root in roots:
+        for source, target in reversed(remaps):
+            if root == source or root.startswith(source + "/"):
+                portable = any(source == r or source.startswith(r + "/") for r in roots)
+                if not portable:
+                    found.append(target + root[len(source) :])
+                break
+    return found
