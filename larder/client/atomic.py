@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 
-def replace_with(path: Path, data: bytes, scratch: Path) -> None:
-    """Write ``data`` to ``scratch`` and rename it over ``path``; on any failure (a full disk)
-    ``scratch`` is removed, so a failing state directory does not fill with one per call."""
+def replace_with(path: Path, data: bytes) -> None:
+    """Write ``data`` to a scratch file beside ``path`` (``.<name>.<pid>``) and rename it over
+    ``path``; on any failure (a full disk) the scratch file is removed, so a failing state
+    directory does not fill with one per call."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         scratch.write_bytes(data)
         os.replace(scratch, path)

@@ -123,9 +123,8 @@ class Memo:
 
     def _restart(self) -> None:
         assert self.path is not None
-        scratch = self.path.with_name(f".{LOG_NAME}-{os.getpid()}")
         try:
-            replace_with(self.path, b"", scratch)
+            replace_with(self.path, b"")
         except OSError:
             return
         self._log_id, self._offset = None, 0

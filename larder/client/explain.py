@@ -156,8 +156,7 @@ def record(
     }
     directory = state / RECORDS
     directory.mkdir(parents=True, exist_ok=True)
-    scratch = directory / f".{stem}.{os.getpid()}.tmp"
-    replace_with(directory / f"{stem}.json", json.dumps(doc, sort_keys=True).encode(), scratch)
+    replace_with(directory / f"{stem}.json", json.dumps(doc, sort_keys=True).encode())
 
 
 def load(state: Path) -> list[dict[str, Any]]:

@@ -384,10 +384,10 @@ def from_direct_entry(
     """The full key inputs for a recorded entry, from this machine's files and environment
     (item 11 computed by the caller from the entry's link line)."""
     sources = [roots.local(p) for p in entry.sources]
-    within = _named_places(roots, cwd)
+    within, cargo_home = _named_places(roots, cwd)
     for source in sources:
         path = os.path.normpath(os.path.join(cwd, source))
-        if not _named_place(path, within, roots):
+        if not path.startswith(within) and not _in_a_directory_of(path, cargo_home):
             # The cache names what to hash: only the project's own files, never the
             # machine's (/etc/shadow, ~/.ssh, /dev/zero), whatever it says.
             raise KeyUnavailable(f"the entry names {source!r}, outside the project")
@@ -399,25 +399,24 @@ def from_direct_entry(
     return complete(base, sources, entry.env, roots, cwd, environ, link)
 
 
-def _named_places(roots: Roots, cwd: Path) -> list[str]:
-    """Where a direct entry may name a file (each with a trailing ``/``): the working
-    directory, the ``CWD`` and ``TARGET`` roots, and the directories under ``CARGO_HOME``
-    (``registry``, ``git``, a ``vendor`` of the user's; not the files directly in it, its
-    credentials and configuration)."""
+def _named_places(roots: Roots, cwd: Path) -> tuple[tuple[str, ...], str | None]:
+    """Where a direct entry may name a file, each with a trailing ``/``: anywhere under the
+    working directory and the ``CWD`` and ``TARGET`` roots; and ``CARGO_HOME``, where only its
+    directories count (``registry``, ``git``, a ``vendor`` of the user's; not the files
+    directly in it, its credentials and configuration)."""
     by_name = dict(roots.roots)
     places = [os.path.normpath(cwd)]
     places += [by_name[name] for name in ("CWD", "TARGET") if name in by_name]
-    return [place.rstrip("/") + "/" for place in places]
+    cargo_home = by_name.get("CARGO_HOME")
+    return (
+        tuple(place.rstrip("/") + "/" for place in places),
+        cargo_home.rstrip("/") + "/" if cargo_home else None,
+    )
 
 
-def _named_place(path: str, within: list[str], roots: Roots) -> bool:
-    """Whether a direct entry may name ``path`` (absolute, normalised; :func:`_named_places`)."""
-    if any(path.startswith(place) for place in within):
-        return True
-    cargo_home = dict(roots.roots).get("CARGO_HOME")
-    if cargo_home is None or not path.startswith(cargo_home.rstrip("/") + "/"):
-        return False
-    return "/" in path[len(cargo_home.rstrip("/")) + 1 :]
+def _in_a_directory_of(path: str, parent: str | None) -> bool:
+    """Whether ``path`` is in a directory under ``parent`` (not a file directly in it)."""
+    return parent is not None and path.startswith(parent) and "/" in path[len(parent) :]
 
 
 def module_twin(source: str) -> str | None:

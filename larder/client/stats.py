@@ -91,8 +91,7 @@ class Stats:
         return stats
 
     def _save(self, stats: dict[str, Any]) -> None:
-        scratch = self._file.with_name(f".stats-{os.getpid()}.json")
-        replace_with(self._file, json.dumps(stats, sort_keys=True).encode(), scratch)
+        replace_with(self._file, json.dumps(stats, sort_keys=True).encode())
 
     def read(self) -> dict[str, Any]:
         with self._locked():

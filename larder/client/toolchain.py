@@ -194,8 +194,7 @@ def cached(
         entry = compute()
         for alias in {identity, *(aliases(entry) if aliases else [])}:
             known[alias] = entry
-        scratch = cache_file.with_name(f".{cache_file.stem}-{os.getpid()}.json")
-        replace_with(cache_file, json.dumps(known).encode(), scratch)
+        replace_with(cache_file, json.dumps(known).encode())
     finally:
         if lock is not None:
             os.close(lock)

@@ -42,7 +42,7 @@ def test_no_state_file_leaves_a_scratch_file_when_the_disk_is_full(
 
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError):
-        replace_with(tmp_path / "f", b"data", tmp_path / ".f-scratch")
+        replace_with(tmp_path / "f", b"data")
     with pytest.raises(OSError):
         toolchain.cached(tmp_path, "toolchains.json", "id", lambda: {"x": 1})
     with pytest.raises(OSError):
