@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import zstandard
@@ -69,7 +69,11 @@ MAX_KEPT_WINDOW = 8 << 20
 def keeps_upload(compression: str, head: bytes | None = None) -> bool:
     """Whether an upload in ``compression`` is stored as it came (a writer with ``encoded``);
     given ``head``, the upload's first bytes, only when its first frame's window is at most
-    :data:`MAX_KEPT_WINDOW` (a head too short to tell is not kept)."""
+    :data:`MAX_KEPT_WINDOW` (a head too short to tell is not kept).
+
+    A kept upload is decoded with that limit on every frame: a later frame with a larger window
+    fails the upload (:func:`_decompressor`), since what was kept so far cannot be taken back.
+    """
     if compression != "zstd":
         return False
     if head is None:
@@ -78,6 +82,25 @@ def keeps_upload(compression: str, head: bytes | None = None) -> bool:
         return zstandard.get_frame_parameters(head).window_size <= MAX_KEPT_WINDOW
     except zstandard.ZstdError:
         return False
+
+
+async def peek(body: AsyncIterable[bytes]) -> tuple[bytes, AsyncIterator[bytes]]:
+    """The first chunk of ``body`` (``b""`` when it is empty) and the whole body again."""
+    chunks = aiter(body)
+    first = await anext(chunks, b"")
+
+    async def whole() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return first, whole()
+
+
+def _decompressor(compression: str, sink: Callable[[bytes], None], keep: bool) -> Decompressor:
+    """The upload's decoder; a kept zstd upload's frames must all stay within the kept window."""
+    return Decompressor(compression, sink, max_window=MAX_KEPT_WINDOW if keep else None)
 
 
 #: A queued piece: its bytes and whether they are the upload as received (else NAR bytes).
@@ -150,7 +173,7 @@ class NarIngest:
         self._keep = keeps_upload(compression) if keep is None else keep
         self._plain = compression == "none"  # the upload is the NAR: checked on this thread
         self._stage = _Stage(self._check)
-        self._decompressor = Decompressor(compression, self._take_nar)
+        self._decompressor = _decompressor(compression, self._take_nar, self._keep)
 
     def _check(self, data: bytes, received: bool) -> None:
         """On the checker thread: one chunk of the upload as received, or one piece of NAR."""
@@ -204,21 +227,26 @@ class NarIngest:
 class CodedBlobIngest:
     """Feeds an upload in an HTTP content coding into a blob writer, decoding it as it comes.
 
-    ``writer`` must have been made with ``encoded=keeps_upload(coding)``: a zstd upload is kept
-    as it came once it decoded completely (the writer hashes the decoded bytes, which is what the
-    blob id is checked against); other codings are decoded and encoded again; ``none`` passes
-    through. Decoded bytes beyond ``max_size`` raise :class:`~larder.errors.TooLarge` as soon as
-    they pass it (a small upload that expands enormously is stopped early); a truncated or
-    corrupt stream raises :class:`~larder.errors.FormatError` at :meth:`feed` or :meth:`finish`.
-    Synchronous: call from a worker thread.
+    ``writer`` must have been made with ``encoded=keep`` (by default ``keeps_upload(coding)``): a
+    kept zstd upload is stored as it came once it decoded completely (the writer hashes the
+    decoded bytes, which is what the blob id is checked against); other uploads are decoded and
+    encoded again; ``none`` passes through. Decoded bytes beyond ``max_size`` raise
+    :class:`~larder.errors.TooLarge` as soon as they pass it (a small upload that expands
+    enormously is stopped early); a truncated or corrupt stream raises
+    :class:`~larder.errors.FormatError` at :meth:`feed` or :meth:`finish`. Synchronous: call
+    from a worker thread.
     """
 
-    def __init__(self, coding: str, writer: BlobWriter, max_size: int) -> None:
+    def __init__(
+        self, coding: str, writer: BlobWriter, max_size: int, keep: bool | None = None
+    ) -> None:
         self._writer = writer
-        self._keep = keeps_upload(coding)
+        self._keep = keeps_upload(coding) if keep is None else keep
         self._max_size = max_size
         self._seen = 0
-        self._decompressor = Decompressor(coding, self._take) if coding != "none" else None
+        self._decompressor = (
+            _decompressor(coding, self._take, self._keep) if coding != "none" else None
+        )
 
     def _take(self, data: bytes) -> None:
         self._seen += len(data)

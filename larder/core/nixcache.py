@@ -37,7 +37,7 @@ from typing import TypeVar
 from larder.core import keys
 from larder.core.blobs import BlobStore, decode_document, decompressed, load_record
 from larder.core.caches import CacheSettings
-from larder.core.ingest import NarIngest, keeps_upload
+from larder.core.ingest import NarIngest, keeps_upload, peek
 from larder.core.lastuse import Touch, ignore_use
 from larder.core.servedcache import Entry, ServedCache, WriteCounter
 from larder.errors import (
@@ -193,8 +193,7 @@ class NixCache:
     ) -> NarRecord:
         """Verify and store an uploaded NAR named ``<filehash>.nar[.ext]``."""
         file_hash, compression = parse_nar_name(name)
-        chunks = aiter(body)
-        first = await anext(chunks, b"")
+        first, chunks = await peek(body)
         if compression == "none" and first.startswith(GZIP_MAGIC):
             compression = "gzip"  # Nix names a gzip NAR .nar (a NAR starts with its length)
         keep = keeps_upload(compression, first)
@@ -203,7 +202,7 @@ class NixCache:
             feeding: asyncio.Future[None] | None = None
             try:
                 # The next chunk is read while the previous one is being fed.
-                async for chunk in _prepend(first, chunks):
+                async for chunk in chunks:
                     if feeding is not None:
                         await feeding
                     feeding = asyncio.ensure_future(self._run(ingest.feed, chunk))
@@ -564,13 +563,6 @@ class NixCache:
             self._served.forget(split[0], split[1].removeprefix("narinfo/"))
         elif split is not None and split[1].startswith("nar/"):
             self._records.forget(split[0], split[1].removeprefix("nar/"))
-
-
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    if first:
-        yield first
-    async for chunk in rest:
-        yield chunk
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

@@ -30,7 +30,7 @@ import blake3
 from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
-from larder.core.ingest import CodedBlobIngest, keeps_upload
+from larder.core.ingest import CodedBlobIngest, keeps_upload, peek
 from larder.core.lastuse import Touch, ignore_use
 from larder.errors import FormatError, VerificationFailed
 from larder.protocol.inputs import (
@@ -104,14 +104,16 @@ class RustcCache:
         """Store ``body`` if it hashes to ``blob_id`` once its ``coding`` (an HTTP content
         coding's decoder name) is undone, at most ``max_size`` bytes decoded; return its size.
 
-        A zstd body is kept as it came (one decode checks it); other codings are decoded and
-        stored in the store's own encoding.
+        A zstd body is kept as it came (one decode checks it) when its windows are small enough
+        (:func:`keeps_upload`); other bodies are decoded and stored in the store's own encoding.
         """
         check_key(blob_id)
-        async with self._blobs.writer(encoded=keeps_upload(coding)) as writer:
-            ingest = CodedBlobIngest(coding, writer, max_size)
+        first, chunks = await peek(body)
+        keep = keeps_upload(coding, first)
+        async with self._blobs.writer(encoded=keep) as writer:
+            ingest = CodedBlobIngest(coding, writer, max_size, keep=keep)
             try:
-                async for chunk in body:
+                async for chunk in chunks:
                     await self._blobs.run(ingest.feed, chunk)
                 await self._blobs.run(ingest.finish)
             finally:

@@ -171,15 +171,34 @@ _SKIPPABLE_MAGIC: Final = 0x184D2A50
 _Z_MAGIC, _Z_DESCRIPTOR, _Z_HEADER, _Z_BLOCK, _Z_CHECKSUM, _Z_SKIPPABLE_SIZE = range(6)
 
 
+def zstd_window_size(descriptor: int, header: bytes) -> int:
+    """The window a zstd frame needs (RFC 8878, 3.1.1.1), from its Frame_Header_Descriptor and
+    the header fields after it: the Window_Descriptor's size, or for a single-segment frame its
+    Frame_Content_Size."""
+    dictionary_id_size = (0, 1, 2, 4)[descriptor & 3]
+    if not descriptor & 0x20:
+        exponent, mantissa = header[0] >> 3, header[0] & 7
+        base = 1 << (10 + exponent)
+        return base + (base >> 3) * mantissa
+    start = dictionary_id_size
+    size_field = (1, 2, 4, 8)[descriptor >> 6]
+    content_size = int.from_bytes(header[start : start + size_field], "little")
+    return content_size + 256 if size_field == 2 else content_size
+
+
 class _ZstdFrames:
     """Follows the frame structure of a zstd stream (RFC 8878, section 3.1) without decoding.
 
     zstandard's streaming decoder cannot tell whether its input stopped at a frame boundary; this
-    tracker can, by reading frame headers and block headers and counting block contents.
+    tracker can, by reading frame headers and block headers and counting block contents. A frame
+    whose window exceeds ``max_window`` (when given) is a :class:`FormatError`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_window: int | None = None) -> None:
         self.frames = 0
+        self._max_window = max_window
+        self._descriptor = 0
+        self._frame_start = 0
         self._state = _Z_MAGIC
         self._need = 4
         self._buf = bytearray()
@@ -221,6 +240,7 @@ class _ZstdFrames:
         state = self._state
         if state == _Z_MAGIC:
             if value == _ZSTD_MAGIC:
+                self._frame_start = offset
                 self._expect(_Z_DESCRIPTOR, 1)
             elif value & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
                 self._expect(_Z_SKIPPABLE_SIZE, 4)
@@ -232,10 +252,18 @@ class _ZstdFrames:
                 raise FormatError(f"zstd: reserved bit set in frame header at byte {offset}")
             single_segment = bool(value & 0x20)
             self._checksum = bool(value & 0x04)
+            self._descriptor = value
             rest = (0 if single_segment else 1) + (0, 1, 2, 4)[value & 3]
             rest += ((1 if single_segment else 0), 2, 4, 8)[value >> 6]
-            self._expect(_Z_HEADER, rest) if rest else self._expect(_Z_BLOCK, 3)
+            self._expect(_Z_HEADER, rest)  # never empty: a window or a content size
         elif state == _Z_HEADER:
+            window = zstd_window_size(self._descriptor, piece)
+            if self._max_window is not None and window > self._max_window:
+                frame, start = self.frames + 1, self._frame_start
+                raise FormatError(
+                    f"zstd: frame {frame} (at byte {start}) needs a window of {window} bytes, "
+                    f"more than the {self._max_window} allowed for this stream"
+                )
             self._expect(_Z_BLOCK, 3)
         elif state == _Z_BLOCK:
             block_type = (value >> 1) & 3
@@ -273,9 +301,19 @@ def _closed_sink(data: bytes) -> None:
 
 
 class Decompressor:
-    """Push decoder: ``write`` compressed chunks, get pieces of at most ``chunk_size`` bytes."""
+    """Push decoder: ``write`` compressed chunks, get pieces of at most ``chunk_size`` bytes.
 
-    def __init__(self, compression: str, sink: Sink, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    ``max_window`` (zstd only) refuses, as a :class:`FormatError`, any frame whose window is
+    larger, before its first block is decoded; without it the limit is :data:`ZSTD_MAX_WINDOW`.
+    """
+
+    def __init__(
+        self,
+        compression: str,
+        sink: Sink,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_window: int | None = None,
+    ) -> None:
         check_compression(compression, decoding=True)
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -289,7 +327,7 @@ class Decompressor:
         self._streams = 0
         self._zstd: zstandard.ZstdDecompressionWriter | None = None
         if compression == "zstd":
-            self._frames = _ZstdFrames()
+            self._frames = _ZstdFrames(max_window)
             self._zstd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_writer(
                 cast("IO[bytes]", _SinkWriter(sink)), write_size=chunk_size, closefd=False
             )

@@ -23,6 +23,7 @@ from larder.protocol.compression import (
     Compressor,
     Decompressor,
     compression_for_extension,
+    zstd_window_size,
 )
 from larder.protocol.nar import NarValidator
 
@@ -355,6 +356,71 @@ def test_zstd_window_limit() -> None:
     assert zstandard.get_frame_parameters(data).window_size == 1 << 28
     with pytest.raises(FormatError, match="zstd: corrupt input"):
         decompress("zstd", data)
+
+
+def _zstd_frame(data: bytes, window_log: int | None = None, checksum: bool = False) -> bytes:
+    """One frame; with ``window_log``, compressed without a content size so the window stays."""
+    if window_log is None:
+        return zstandard.ZstdCompressor(write_checksum=checksum).compress(data)
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log)
+    cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    return cobj.compress(data) + cobj.flush()
+
+
+@given(
+    size=st.sampled_from([0, 1, 255, 256, 300, 65535, 65536 + 255, 65536 + 256, 70_000]),
+    window_log=st.sampled_from([None, 10, 17, 20, 23, 24, 27]),
+    checksum=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_zstd_window_size_agrees_with_libzstd(
+    size: int, window_log: int | None, checksum: bool
+) -> None:
+    """Window descriptors and each size of Frame_Content_Size (single-segment frames) read as
+    libzstd reads them."""
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    frame = _zstd_frame(data, window_log, checksum)
+    descriptor = frame[4]
+    single = bool(descriptor & 0x20)
+    header_size = (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3]
+    header_size += ((1 if single else 0), 2, 4, 8)[descriptor >> 6]
+    expected = zstandard.get_frame_parameters(frame).window_size
+    assert zstd_window_size(descriptor, frame[5 : 5 + header_size]) == expected
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "fields"),
+    [
+        (0x01, bytes([0x58]) + b"\x07"),  # window 2^21, 1-byte dictionary id
+        (0x02, bytes([0x8B]) + b"\x01\x02"),  # window with a mantissa, 2-byte id
+        (0x23, b"\x01\x02\x03\x04" + b"\x99"),  # single segment, 4-byte id, 1-byte size
+        (0x61, b"\x05" + b"\x10\x27"),  # single segment, 1-byte id, 2-byte size (+256)
+        (0xA2, b"\x05\x06" + (70_000).to_bytes(4, "little")),  # 4-byte size
+    ],
+)
+def test_zstd_window_size_skips_dictionary_ids(descriptor: int, fields: bytes) -> None:
+    header = (0xFD2FB528).to_bytes(4, "little") + bytes([descriptor]) + fields
+    expected = zstandard.get_frame_parameters(header).window_size
+    assert zstd_window_size(descriptor, fields) == expected
+
+
+def test_a_frame_past_the_window_limit_is_refused_before_it_is_decoded() -> None:
+    small = _zstd_frame(SAMPLE, window_log=20)
+    large = _zstd_frame(SAMPLE, window_log=24)
+    decoded: list[bytes] = []
+    within = Decompressor("zstd", decoded.append, max_window=1 << 20)
+    within.write(small + small)
+    within.finish()
+    assert b"".join(decoded) == SAMPLE * 2  # exactly at the limit is allowed
+    for stream, frame in ((large, 1), (small + large, 2)):
+        decoded.clear()
+        limited = Decompressor("zstd", decoded.append, max_window=1 << 20)
+        with pytest.raises(FormatError, match=f"frame {frame} .*window of {1 << 24} bytes"):
+            for start in range(0, len(stream), 7):  # headers split across writes
+                limited.write(stream[start : start + 7])
+        assert b"".join(decoded) == (SAMPLE if frame == 2 else b"")
+    # Without a limit, the decoder's own (128 MiB) applies.
+    assert b"".join(decompress("zstd", small + large)) == SAMPLE * 2
 
 
 def test_stdlib_sanity_bz2_and_lzma_vectors() -> None:

@@ -231,6 +231,37 @@ async def test_a_zstd_nar_is_kept_as_sent_only_with_a_small_window(
     assert (stored == body) is (window_log <= 23)
 
 
+def _windowed(data: bytes, window_log: int) -> bytes:
+    """One zstd frame of ``data`` that keeps a window of ``2**window_log`` (no content size)."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log)
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    return stream.compress(data) + stream.flush()
+
+
+async def test_a_later_zstd_frame_past_the_kept_window_fails_the_upload(service: Service) -> None:
+    """The first frame decides that an upload is kept as sent; a later frame with a larger
+    window would make every decoded download of it hold that window, so the upload fails."""
+    nar = make_nar(b"frames " * 20000)
+    half = len(nar) // 2
+    body = _windowed(nar[:half], 20) + _windowed(nar[half:], 27)
+    before, blobs = await stored_keys(service), await blob_count(service)
+    resp = await service.client.put(
+        f"/main/{file_name(body, '.zst')}", data=body, headers=service.auth()
+    )
+    assert resp.status == 400
+    assert "frame 2" in await resp.text()
+    assert await stored_keys(service) == before
+    assert await blob_count(service) == blobs
+    # The same NAR in one setting throughout is taken (and, with this window, kept).
+    body = _windowed(nar[:half], 20) + _windowed(nar[half:], 23)
+    resp = await service.client.put(
+        f"/main/{file_name(body, '.zst')}", data=body, headers=service.auth()
+    )
+    assert resp.status == 200, await resp.text()
+    _, stored = await narinfo_and_nar(service, store_path("frames"), nar)
+    assert stored == body
+
+
 async def test_head_finds_a_nar_by_the_name_it_was_uploaded_under(
     make_service: ServiceFactory,
 ) -> None:

@@ -21,6 +21,13 @@ def zstd(data: bytes, level: int = 1) -> bytes:
     return zstandard.ZstdCompressor(level=level).compress(data)
 
 
+def windowed(data: bytes, window_log: int) -> bytes:
+    """One zstd frame of ``data`` that keeps a window of ``2**window_log`` (no content size)."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=window_log)
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    return stream.compress(data) + stream.flush()
+
+
 async def put(service: Service, name: str, body: bytes, coding: str | None) -> tuple[int, str]:
     headers = service.auth()
     if coding is not None:
@@ -56,6 +63,22 @@ async def test_several_frames_are_one_stream(service: Service) -> None:
     assert await resp.read() == body
 
 
+@pytest.mark.parametrize("window_log", [23, 24, 27])
+async def test_a_zstd_upload_is_kept_only_with_a_small_window(
+    service: Service, window_log: int
+) -> None:
+    """What is stored is also served decoded (clients without zstd): an upload whose window
+    is past 8 MiB is stored in larder's own encoding, not kept as sent."""
+    body = windowed(DATA, window_log)
+    status, text = await put(service, blob_id(DATA), body, "zstd")
+    assert status == 200, text
+    resp = await service.client.get(f"/main/rustc/blobs/{blob_id(DATA)}")
+    served = await resp.read()
+    assert (served == body) is (window_log <= 23)
+    assert zstandard.get_frame_parameters(served).window_size <= 8 << 20
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(served) == DATA
+
+
 async def test_other_codings_are_decoded_and_encoded_again(service: Service) -> None:
     status, text = await put(service, blob_id(DATA), gzip.compress(DATA), "gzip")
     assert status == 200, text
@@ -75,6 +98,8 @@ async def test_other_codings_are_decoded_and_encoded_again(service: Service) -> 
         (zstd(DATA), None, 400, "content hash mismatch"),  # sent compressed, not labelled
         (zstd(DATA), "lz4", 415, "unsupported Content-Encoding"),
         (gzip.compress(zstd(DATA)), "zstd, gzip", 415, "more than one"),
+        # kept as sent from its first frame on, then a frame with a 128 MiB window
+        (windowed(DATA[:1000], 20) + windowed(DATA[1000:], 27), "zstd", 400, "frame 2"),
     ],
 )
 async def test_bad_coded_uploads_store_nothing(
