@@ -274,10 +274,7 @@ class NixCache:
             alias = NarFileRecord.from_json(data)
         except (StorageError, KeyError, TypeError):
             return None
-        if alias.compression != compression and (compression, alias.compression) != (
-            "none",
-            "gzip",  # both named .nar
-        ):
+        if not _named_alike(compression, alias.compression):
             return None
         record = await self.nar_record(cache, alias.nar_hash)
         if record is not None:
@@ -537,7 +534,7 @@ class NixCache:
             alias = NarFileRecord.from_json(alias_data)
         except (StorageError, KeyError, TypeError):
             return data
-        if alias.compression != compression:
+        if not _named_alike(compression, alias.compression):
             return data
         doc["archive"] = f"../nar/{alias.nar_hash}.nar{SERVED_EXTENSION}"
         return json.dumps(doc).encode()
@@ -563,6 +560,12 @@ class NixCache:
             self._served.forget(split[0], split[1].removeprefix("narinfo/"))
         elif split is not None and split[1].startswith("nar/"):
             self._records.forget(split[0], split[1].removeprefix("nar/"))
+
+
+def _named_alike(named: str, uploaded: str) -> bool:
+    """Whether a NAR file name in ``named``'s extension is the name an upload recorded in
+    ``uploaded`` went under (a gzip NAR is named ``.nar``, as an uncompressed one is)."""
+    return named == uploaded or (named, uploaded) == ("none", "gzip")
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

@@ -330,6 +330,26 @@ async def test_debuginfo_points_at_the_nar_larder_serves(service: Service) -> No
         assert resp.status == 200 and await resp.read() == deep
 
 
+async def test_debuginfo_of_a_gzip_nar_points_at_the_nar_larder_serves(service: Service) -> None:
+    """Nix names a gzip NAR ``.nar``; the document naming it is rewritten as for the others."""
+    nar = make_nar(b"\x7fELF gzip debug symbols")
+    body = gzip.compress(nar)
+    archive = "../" + file_name(body, "")
+    doc = {"archive": archive, "member": "lib/debug/.build-id/12/34.debug"}
+    resp = await service.client.put("/main/" + file_name(body, ""), data=body,
+                                    headers=service.auth())  # fmt: skip
+    assert resp.status == 200, await resp.text()
+    resp = await service.client.put(
+        "/main/debuginfo/1234", data=json.dumps(doc).encode(), headers=service.auth()
+    )
+    assert resp.status == 200
+    stored = json.loads(await (await service.client.get("/main/debuginfo/1234")).read())
+    nar_hash = nix32.encode(hashlib.sha256(nar).digest())
+    assert stored == {**doc, "archive": f"../nar/{nar_hash}.nar.zst"}
+    nar_resp = await service.client.get(f"/main/{stored['archive'].removeprefix('../')}")
+    assert nar_resp.status == 200
+
+
 async def test_objects_stored_coded_by_earlier_versions_are_served_decoded(
     service: Service,
 ) -> None:
