@@ -399,12 +399,16 @@ class NixCache:
         (:meth:`ServedCache.hold <larder.core.servedcache.ServedCache.hold>`)."""
         return self._served.hold(served[0])
 
+    def served_unchanged(self, entry: Entry) -> bool:
+        """Whether no process of this server stored the narinfo of a held ``entry`` again."""
+        return self._served.unchanged(entry)
+
     async def get_narinfo(self, cache: CacheSettings, store_hash: str) -> bytes | None:
         """The narinfo as served (signed by the cache), or ``None``."""
         memo_key = (cache.name, check_hash_part(store_hash), cache.signing_key.to_string())
         known, body, due = self._served.lookup(memo_key)
         if not known:
-            mark = self._served.mark()
+            mark = self._served.mark(memo_key)
             body = await self._render_narinfo(cache, memo_key)
             self._served.put(memo_key, body, mark)
         elif due:
@@ -422,9 +426,9 @@ class NixCache:
 
     async def _reread(self, cache: CacheSettings, memo_key: tuple[str, str, str]) -> None:
         try:
-            mark = self._served.mark()
+            mark = self._served.mark(memo_key)
             body = await self._render_narinfo(cache, memo_key)
-            if self._served.mark() == mark:  # else a narinfo was stored meanwhile: let it expire
+            if self._served.mark(memo_key) == mark:  # else it was stored meanwhile: let it go
                 self._served.put(memo_key, body, mark)
         except LarderError:
             pass  # the entry expires; the next request looks it up and answers the error

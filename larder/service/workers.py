@@ -5,10 +5,11 @@ its index and the path in its environment (:func:`larder.service.config.worker_s
 
 * ``metrics/``: prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``), so any
   worker's ``GET /metrics`` shows the sums over all workers;
-* ``narinfo-writes``: one 8-byte counter per worker, bumped by the worker that stores a narinfo.
-  A worker that remembered a served narinfo miss drops it once any counter moved, so a path
-  uploaded through one worker is never answered 404 by another (positive entries are bounded by
-  ``refresh_interval``, as between replicas);
+* ``narinfo-writes``: for each bucket of store hashes
+  (:data:`~larder.core.servedcache.WRITE_BUCKETS`), one 8-byte counter per worker, bumped by the
+  worker that stores a narinfo of that bucket. A worker drops a served narinfo it remembers (hit
+  or miss) once any counter of its bucket moved, so a path uploaded through one worker is never
+  answered 404 by another, nor a narinfo stored again answered in its old form;
 * ``heartbeats``: one 8-byte slot per worker, ``CLOCK_MONOTONIC`` nanoseconds written by that
   worker's event loop every :func:`heartbeat_interval`; 0 until the worker has started serving.
   The parent kills a worker whose slot is older than ``worker_timeout``.
@@ -25,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from larder.core.servedcache import WRITE_BUCKETS
+
 SLOT_SIZE = 8
 WRITES = "narinfo-writes"
 HEARTBEATS = "heartbeats"
@@ -39,8 +42,8 @@ def heartbeat_interval(worker_timeout: float) -> float:
 def prepare(directory: Path, count: int) -> None:
     """Lay out a new shared directory for ``count`` workers (the parent does this once)."""
     (directory / METRICS).mkdir(parents=True, exist_ok=True)
-    for name in (WRITES, HEARTBEATS):
-        (directory / name).write_bytes(bytes(SLOT_SIZE * count))
+    (directory / WRITES).write_bytes(bytes(SLOT_SIZE * count * WRITE_BUCKETS))
+    (directory / HEARTBEATS).write_bytes(bytes(SLOT_SIZE * count))
 
 
 class Slots:
@@ -63,8 +66,9 @@ class Slots:
     def set(self, index: int, value: int) -> None:
         self._map[SLOT_SIZE * index : SLOT_SIZE * (index + 1)] = value.to_bytes(SLOT_SIZE, "little")
 
-    def snapshot(self) -> bytes:
-        return self._map[:]
+    def span(self, start: int, count: int) -> bytes:
+        """The bytes of ``count`` slots from slot ``start`` on."""
+        return self._map[SLOT_SIZE * start : SLOT_SIZE * (start + count)]
 
 
 @dataclass(frozen=True)
@@ -80,22 +84,27 @@ class Worker:
 
 
 class SharedWriteCounter:
-    """The narinfo write counters of all workers; this worker bumps only its own slot.
+    """The narinfo write counters of all workers, bucket by bucket; this worker bumps only its
+    own slot of each bucket.
 
-    ``value()`` is a snapshot of every slot: it changes whenever any worker stored a narinfo.
-    A worker started again in the same seat counts on from the slot's value, so a snapshot
-    never comes back.
+    ``value(bucket)`` is a snapshot of the bucket's slots: it changes whenever any worker stored
+    a narinfo of that bucket. A worker started again in the same seat counts on from its slots'
+    values, so a snapshot never comes back.
     """
 
     def __init__(self, worker: Worker) -> None:
         self._slots = Slots(worker.directory / WRITES)
+        self._workers = self._slots.count // WRITE_BUCKETS
+        if self._workers * WRITE_BUCKETS != self._slots.count or worker.index >= self._workers:
+            raise ValueError(f"{worker.directory / WRITES} was not laid out for this worker")
         self._index = worker.index
 
-    def value(self) -> object:
-        return self._slots.snapshot()
+    def value(self, bucket: int) -> object:
+        return self._slots.span(bucket * self._workers, self._workers)
 
-    def bump(self) -> None:
-        self._slots.set(self._index, self._slots.get(self._index) + 1)
+    def bump(self, bucket: int) -> None:
+        slot = bucket * self._workers + self._index
+        self._slots.set(slot, self._slots.get(slot) + 1)
 
 
 class Heartbeats:

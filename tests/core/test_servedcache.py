@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from larder.core.servedcache import MISS_TTL, REFRESH_AHEAD, LocalWriteCounter, ServedCache
+from larder.core.servedcache import (
+    MISS_TTL,
+    REFRESH_AHEAD,
+    LocalWriteCounter,
+    ServedCache,
+    write_bucket,
+)
 
 
 class Clock:
@@ -50,26 +56,39 @@ def test_forget_and_disabled() -> None:
     assert not off.get(("main", "a", "k"))[0]
 
 
-def test_a_miss_is_dropped_once_a_narinfo_was_stored_elsewhere() -> None:
+def test_an_entry_is_dropped_once_its_narinfo_was_stored_elsewhere() -> None:
     writes = LocalWriteCounter()  # shared, as the processes of one server share theirs
     one, other = ServedCache(ttl=10, writes=writes), ServedCache(ttl=10, writes=writes)
+    assert write_bucket("main", "a") != write_bucket("main", "b")
     one.put(("main", "a", "k"), None)
     one.put(("main", "b", "k"), b"narinfo")
+    one.put(("main", "c", "k"), b"narinfo of c")
+    held = one.hold(("main", "c", "k"))
+    assert held is not None and one.unchanged(held[0])
     assert one.get(("main", "a", "k")) == (True, None)
     other.forget("main", "a")  # stored through the other process
+    other.forget("main", "c")  # stored again (`nix store sign`) through the other process
     assert one.get(("main", "a", "k")) == (False, None)
-    assert one.get(("main", "b", "k")) == (True, b"narinfo")  # hits live out their ttl
+    assert not one.unchanged(held[0])
+    assert one.get(("main", "c", "k")) == (False, None)
+    assert one.get(("main", "b", "k")) == (True, b"narinfo")  # another bucket: kept
 
 
-def test_a_miss_looked_up_before_a_write_is_not_remembered() -> None:
+def test_a_lookup_begun_before_a_write_is_not_remembered() -> None:
     cache = ServedCache(ttl=10)
-    mark = cache.mark()  # the lookup starts ...
-    cache.forget("main", "a")  # ... an upload lands meanwhile ...
-    cache.put(("main", "a", "k"), None, mark)  # ... and the lookup found nothing
-    assert cache.get(("main", "a", "k")) == (False, None)
-    mark = cache.mark()
-    cache.put(("main", "a", "k"), None, mark)
-    assert cache.get(("main", "a", "k")) == (True, None)
+    key = ("main", "a", "k")
+    for body in (None, b"the narinfo as it was"):
+        mark = cache.mark(key)  # the lookup starts ...
+        cache.forget("main", "a")  # ... an upload lands meanwhile ...
+        cache.put(key, body, mark)  # ... and the lookup found what was there before
+        assert cache.get(key) == (False, None)
+        mark = cache.mark(key)
+        cache.put(key, body, mark)
+        assert cache.get(key) == (True, body)
+    mark = cache.mark(key)
+    cache.forget("main", "b")  # another bucket's write
+    cache.put(key, b"narinfo", mark)
+    assert cache.get(key) == (True, b"narinfo")
 
 
 def test_an_entry_is_due_for_a_refresh_near_the_end_of_its_life() -> None:

@@ -5,6 +5,7 @@ hangs, gives up on one that keeps dying at start, and stops them all (gracefully
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import os
@@ -169,6 +170,14 @@ def test_a_narinfo_stored_through_one_worker_is_served_by_the_other(server: Lard
     status, body = second.request("GET", f"/main/{store_hash}.narinfo")
     assert status == 200, body
     assert f"NarHash: sha256:{digest}".encode() in body
+    for _ in range(3):  # remembered, and answered from what is remembered
+        assert second.request("GET", f"/main/{store_hash}.narinfo") == (200, body)
+    # Stored again with one more signature (`nix store sign`): the other worker serves it at once.
+    sig = "other-1:" + base64.b64encode(bytes(64)).decode()
+    assert first.request("PUT", f"/main/{store_hash}.narinfo", narinfo + f"Sig: {sig}\n".encode(),
+                         token)[0] == 200  # fmt: skip
+    status, body = second.request("GET", f"/main/{store_hash}.narinfo")
+    assert status == 200 and f"Sig: {sig}".encode() in body, body
 
 
 def wait_for_workers(server: Larder, gone: int, timeout: float = 20) -> list[int]:

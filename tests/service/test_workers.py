@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from larder.core.servedcache import WRITE_BUCKETS
 from larder.service.workers import (
     Heartbeats,
     SharedWriteCounter,
@@ -20,23 +21,33 @@ from larder.service.workers import (
 def test_a_narinfo_write_in_one_worker_changes_what_every_worker_sees(tmp_path: Path) -> None:
     prepare(tmp_path, 3)
     first, second = SharedWriteCounter(Worker(0, tmp_path)), SharedWriteCounter(Worker(2, tmp_path))
-    seen = second.value()
-    assert first.value() == seen
-    first.bump()
-    assert second.value() != seen
-    moved = second.value()
-    second.bump()
-    assert first.value() != moved
-    assert Slots(tmp_path / "narinfo-writes").count == 3
+    bucket, other_bucket = 7, WRITE_BUCKETS - 1
+    seen, other_seen = second.value(bucket), second.value(other_bucket)
+    assert first.value(bucket) == seen
+    first.bump(bucket)
+    assert second.value(bucket) != seen
+    assert second.value(other_bucket) == other_seen  # a write moves its own bucket only
+    moved = second.value(bucket)
+    second.bump(bucket)
+    assert first.value(bucket) != moved
+    second.bump(other_bucket)
+    assert first.value(other_bucket) != other_seen
+    assert Slots(tmp_path / "narinfo-writes").count == 3 * WRITE_BUCKETS
 
 
 def test_a_worker_restarted_in_a_seat_never_repeats_a_snapshot(tmp_path: Path) -> None:
     prepare(tmp_path, 2)
     other = SharedWriteCounter(Worker(1, tmp_path))
-    SharedWriteCounter(Worker(0, tmp_path)).bump()
-    remembered = other.value()  # another worker remembers a miss as of this snapshot
-    SharedWriteCounter(Worker(0, tmp_path)).bump()  # the same seat, started again, stores one
-    assert other.value() != remembered
+    SharedWriteCounter(Worker(0, tmp_path)).bump(5)
+    remembered = other.value(5)  # another worker remembers a narinfo as of this snapshot
+    SharedWriteCounter(Worker(0, tmp_path)).bump(5)  # the same seat, started again, stores one
+    assert other.value(5) != remembered
+
+
+def test_a_seat_past_the_layout_is_refused(tmp_path: Path) -> None:
+    prepare(tmp_path, 2)
+    with pytest.raises(ValueError, match="not laid out"):
+        SharedWriteCounter(Worker(2, tmp_path))
 
 
 def test_heartbeats_age_from_each_workers_own_beat(tmp_path: Path) -> None:

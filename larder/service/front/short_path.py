@@ -129,7 +129,7 @@ class AccessLog:
     timed: bool
 
 
-_NOT_HELD = Entry("", None, 0.0, None, 0.0)
+_NOT_HELD = Entry("", None, 0.0, (0, None), 0.0)
 _NOT_HELD.current = False
 
 
@@ -224,6 +224,7 @@ class FastPath:
             start >= answer.checked_until
             or not answer.entry.current
             or answer.caches_seen != self._caches.version
+            or not self._nix.served_unchanged(answer.entry)  # stored again by another worker
         ) and not self._still_good(answer, start):
             return None
         return self._finish(answer, start, peer, logged)
