@@ -335,16 +335,7 @@ class NixCache:
             raise VerificationFailed(
                 f"NarSize {info.nar_size} does not match the uploaded NAR's {record.nar_size}"
             )
-        others = [ref for ref in info.references if ref.hash != store_hash]
-        present = await asyncio.gather(
-            *(self._storage.exists(keys.narinfo(cache.name, ref.hash)) for ref in others)
-        )
-        missing = [ref.base for ref, ok in zip(others, present, strict=True) if not ok]
-        if missing:
-            shown = ", ".join(missing[:5]) + (
-                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            )
-            raise VerificationFailed(f"references not in this cache (upload them first): {shown}")
+        await self._check_references(cache, info)
         own_key = cache.signing_key.name + ":"
         stored = replace(
             info,
@@ -361,6 +352,31 @@ class NixCache:
         )
         self._served.forget(cache.name, store_hash)
         return stored
+
+    async def _check_references(self, cache: CacheSettings, info: NarInfo) -> None:
+        """Every reference of ``info`` is itself or a path this cache holds, under that name
+        (Nix asks for a reference by its hash and refuses a narinfo naming another path)."""
+        own = info.store_path
+        others = [ref for ref in info.references if ref.hash != own.hash]
+        held = await asyncio.gather(
+            *(self._storage.get(keys.narinfo(cache.name, ref.hash)) for ref in others)
+        )
+        missing = [ref.base for ref, data in zip(others, held, strict=True) if data is None]
+        if missing:
+            raise VerificationFailed(
+                f"references not in this cache (upload them first): {_some(missing)}"
+            )
+        renamed = [
+            f"{ref.base} (held as {found.base if found else 'an unreadable narinfo'})"
+            for ref, data in zip(others, held, strict=True)
+            if data is not None and (found := narinfo_format.stored_path_of(data)) != ref
+        ]
+        renamed += [f"{ref.base} (this path is {own.base})" for ref in info.references
+                    if ref.hash == own.hash and ref != own]  # fmt: skip
+        if renamed:
+            raise VerificationFailed(
+                f"references name paths this cache holds under another name: {_some(renamed)}"
+            )
 
     async def has_narinfo(self, cache: CacheSettings, store_hash: str) -> bool:
         key = keys.narinfo(cache.name, check_hash_part(store_hash))
@@ -564,6 +580,12 @@ class NixCache:
             self._served.forget(split[0], split[1].removeprefix("narinfo/"))
         elif split is not None and split[1].startswith("nar/"):
             self._records.forget(split[0], split[1].removeprefix("nar/"))
+
+
+def _some(items: list[str]) -> str:
+    """The first five of ``items``, and how many more."""
+    more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+    return ", ".join(items[:5]) + more
 
 
 def _named_alike(named: str, uploaded: str) -> bool:

@@ -154,6 +154,19 @@ def _hash(value: str, key: str, lineno: int) -> NixHash:
         raise FormatError(f"narinfo line {lineno}: {key}: {exc.message}") from None
 
 
+def stored_path_of(data: bytes) -> StorePath | None:
+    """The StorePath of a narinfo larder rendered (:func:`render` writes it on the first line),
+    read without parsing the rest; ``None`` when the first line is not a valid StorePath."""
+    end = data.find(b"\n")
+    first = data[:end]
+    if end < 0 or not first.startswith(b"StorePath: "):
+        return None
+    try:
+        return StorePath.parse(first[len(b"StorePath: ") :].decode("utf-8"))
+    except (UnicodeDecodeError, FormatError):
+        return None
+
+
 def parse(data: bytes | str) -> NarInfo:
     """Parse a narinfo strictly (see the module docstring); raise :class:`FormatError`."""
     if isinstance(data, str):

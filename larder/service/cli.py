@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cache_show)
     cache_show.add_argument("name")
     rotate = cache_commands.add_parser(
-        "rotate-key", help="give a cache a new signing key (served signatures change at once)"
+        "rotate-key",
+        help="give a cache a new signing key (servers sign with it within refresh_interval)",
     )
     _common(rotate)
     rotate.add_argument("name")

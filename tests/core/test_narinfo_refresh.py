@@ -138,7 +138,7 @@ async def test_a_narinfo_stored_during_a_refresh_voids_it() -> None:
         assert nix.served_narinfo(cache, store_hash)[0]
         assert nix._refreshing
         await asyncio.sleep(0)  # the refresh has begun
-        await stored_path(nix, cache, "other")  # a write while the refresh is under way
+        await stored_path(nix, cache, "raced")  # stored again while the refresh is under way
         storage.gate.set()
         await nix.close()  # waits for the refreshes under way
         clock.now += 3

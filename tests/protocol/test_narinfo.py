@@ -35,6 +35,27 @@ def test_real_narinfo_renders_byte_identical(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", narinfo_files(), ids=fixture_id)
+def test_the_store_path_of_a_rendered_narinfo_is_read_from_its_first_line(path: Path) -> None:
+    info = narinfo.parse(path.read_bytes())
+    assert narinfo.stored_path_of(narinfo.render(info).encode()) == info.store_path
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"URL: nar/x.nar\nStorePath: /nix/store/" + b"0" * 32 + b"-x\n",  # not first
+        b"StorePath: /nix/store/" + b"0" * 32 + b"-\xff\n",
+        b"StorePath: /tmp/" + b"0" * 32 + b"-x\n",
+        b"StorePath: /nix/store/" + b"e" * 32 + b"-x\n",  # e is not a nix32 digit
+        b"StorePath: /nix/store/" + b"0" * 32 + b"-xy",  # no newline: not one larder wrote
+    ],
+)
+def test_the_store_path_of_other_documents_is_none(data: bytes) -> None:
+    assert narinfo.stored_path_of(data) is None
+
+
+@pytest.mark.parametrize("path", narinfo_files(), ids=fixture_id)
 def test_real_narinfo_matches_nix_path_info(path: Path) -> None:
     info = narinfo.parse(path.read_bytes())
     real = BY_PATH[info.store_path.full]

@@ -251,6 +251,33 @@ async def test_narinfo_checks_each_name_the_failed_check(service: Service) -> No
     assert (await service.client.get(f"/main/{hash_part(dep)}.narinfo")).status == 404
 
 
+async def test_a_reference_must_name_the_path_the_cache_holds(service: Service) -> None:
+    """Nix asks for a reference by its hash and refuses a narinfo naming another path: a
+    narinfo whose reference is held under another name would never substitute."""
+    dep, path = store_path("dep-1.0"), store_path("user-1.0")
+    await push(service, dep, make_nar(b"dep"))
+    nar = make_nar(b"user")
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    renamed = dep.replace("-dep-1.0", "-wrongname")
+    self_renamed = path.replace("-user-1.0", "-other-name")
+    url = f"/main/{hash_part(path)}.narinfo"
+    for references, says in (
+        ([renamed], f"{renamed.rsplit('/', 1)[1]} (held as {dep.rsplit('/', 1)[1]})"),
+        ([dep, self_renamed], f"(this path is {path.rsplit('/', 1)[1]})"),
+    ):
+        resp = await service.client.put(
+            url, data=narinfo_text(path, nar, references), headers=service.auth()
+        )
+        assert resp.status == 400
+        text = await resp.text()
+        assert "under another name" in text and says in text, text
+        assert (await service.client.get(url)).status == 404
+    resp = await service.client.put(url, data=narinfo_text(path, nar, [dep, path]),
+                                    headers=service.auth())  # fmt: skip
+    assert resp.status == 200, await resp.text()
+
+
 async def test_writes_need_a_write_token_for_this_cache(service: Service) -> None:
     await service.client.app[state.CACHES].create("other")
     path = store_path("auth-1.0")
