@@ -190,9 +190,9 @@ class EncodingBlobWriter(BlobWriter):
         """Make the finished temporary object visible as ``info.blob_id``; return the stored
         size of the blob now under that id, and whether its bytes are this writer's.
 
-        If that blob exists, keep it (the content is identical, its encoding may differ) but
-        refresh its modification time: a garbage collector must see content committed again as
-        fresh. A backend may instead replace it with the new temporary.
+        If that blob exists, keep it (the content is identical, its encoding may differ: the
+        records made from it describe its bytes) but refresh its modification time: a garbage
+        collector must see content committed again as fresh.
         """
 
     @abstractmethod

@@ -10,10 +10,13 @@ A blob writer buffers compressed output. A blob that stays under ``part_size`` i
 ``PutObject`` to its final key at commit. A larger one goes to a multipart upload under ``tmp/``
 whose parts are sent as they fill (at most about one part is buffered); commit completes it,
 copies it server-side to the final key and deletes the temporary. Nothing appears under
-``blobs/`` before commit. A commit writes the final key even when the blob is already stored
-(identical content): that refreshes its ``LastModified``, which garbage collection reads as the
-blob's age. (In a versioned bucket each such commit leaves a noncurrent version; expire those
-with a lifecycle rule.)
+``blobs/`` before commit. A blob already stored (identical content, perhaps encoded otherwise)
+keeps its bytes, which the records made from it describe: the small commit is a conditional
+``PutObject`` (``If-None-Match: *``), the large one looks first; the existing object is then
+copied onto itself, which refreshes its ``LastModified`` (what garbage collection reads as the
+blob's age; past 5 GiB, the limit of one copy, it is left as it is). Two large commits of the
+same content racing each other may leave either one's bytes. (In a versioned bucket each
+refresh leaves a noncurrent version; expire those with a lifecycle rule.)
 
 Modification times are ``LastModified`` (whole seconds, from S3's clock), read from the listing
 for ``object_infos`` and ``blob_infos``. ``delete_if_older`` is a HEAD, a comparison and a
@@ -255,16 +258,30 @@ class _S3BlobWriter(EncodingBlobWriter):
 
     def _publish(self, info: BlobInfo) -> tuple[int, bool]:
         final = self._storage._blob_key(info.blob_id)
-        # Written even if the blob exists (identical content, perhaps encoded otherwise): that
-        # refreshes LastModified. The new encoding is what stays.
+        # Content already stored (perhaps encoded otherwise) keeps its bytes, which the records
+        # and narinfos made from it describe, and is only made fresh (module docstring).
         if self._upload_id is None:
             data = bytes(self._buffer)
             self._buffer = bytearray()
-            with _translate_errors("blob put"):
-                self._client.put_object(
-                    Bucket=self._bucket, Key=final, Body=data, ContentType=BLOB_CONTENT_TYPE
-                )
-            return info.stored_size, True
+            for attempt in range(5):
+                try:
+                    with _translate_errors("blob put"):
+                        self._client.put_object(
+                            Bucket=self._bucket,
+                            Key=final,
+                            Body=data,
+                            ContentType=BLOB_CONTENT_TYPE,
+                            IfNoneMatch="*",
+                        )
+                    return info.stored_size, True
+                except _PreconditionFailed:
+                    kept = self._storage._refresh_sync(final)
+                    if kept is not None:
+                        return kept, False
+                    # deleted (by garbage collection) since: put it again
+                except _ConditionalConflict:
+                    time.sleep(0.05 * 2**attempt)
+            raise StorageUnavailable("S3 blob put failed: conditional writes keep conflicting")
         if self._buffer:
             self._upload_part(bytes(self._buffer))
             self._buffer = bytearray()
@@ -277,10 +294,13 @@ class _S3BlobWriter(EncodingBlobWriter):
             )
         self._upload_id = None
         self._temp_complete = True
-        self._storage._copy_sync(self._temp_key, final, info.stored_size)
+        kept = self._storage._refresh_sync(final)
+        own = kept is None
+        if own:  # a commit of the same content racing this one may still overwrite it
+            self._storage._copy_sync(self._temp_key, final, info.stored_size)
         self._temp_complete = False
         self._storage._delete_quietly(self._temp_key)
-        return info.stored_size, True
+        return (info.stored_size if kept is None else kept), own
 
     def _discard(self) -> None:
         self._buffer = bytearray()
@@ -526,6 +546,26 @@ class S3Storage(Storage):
                 self._client.delete_object(Bucket=self.bucket, Key=key)
         except StorageError as exc:
             log.warning("cannot delete temporary %s: %s", key, exc)
+
+    def _refresh_sync(self, key: str) -> int | None:
+        """Make a stored blob's ``LastModified`` now, keeping its bytes; its size, or ``None``
+        if it is not there. A blob too large for one ``CopyObject`` is left as it is."""
+        size = self._head_sync(key)
+        if size is None or size > MAX_COPY_OBJECT_SIZE:
+            return size
+        try:
+            with _translate_errors("blob refresh"):
+                self._client.copy_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    CopySource={"Bucket": self.bucket, "Key": key},
+                    MetadataDirective="REPLACE",  # a copy onto itself must change something
+                    ContentType=BLOB_CONTENT_TYPE,
+                    **self._checksum_options(),
+                )
+        except _Missing:
+            return None
+        return size
 
     def _copy_sync(self, source: str, target: str, size: int) -> None:
         copy_source = {"Bucket": self.bucket, "Key": source}
