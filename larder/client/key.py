@@ -26,7 +26,9 @@ spaces) holding exactly these inputs, numbered as in the code below:
    dependency's ``.rlib``/``.rmeta``), or null for a sysroot crate named without a path. A
    dependency's own inputs thus reach this key through its output.
 8. ``cargo_env``: the package metadata cargo sets (``CARGO_PKG_*`` except paths,
-   ``CARGO_CRATE_NAME``), ``RUSTC_BOOTSTRAP`` and ``RUSTC_FORCE_RUSTC_VERSION``.
+   ``CARGO_CRATE_NAME``), ``RUSTC_BOOTSTRAP`` and ``RUSTC_FORCE_RUSTC_VERSION``; then every
+   variable the package's build script set (``cargo:rustc-env=NAME=VALUE``), value in portable
+   form: a proc-macro may read it while it expands, which no dep-info reports.
 9. ``out_dir``: what a build script generated: each file under ``$OUT_DIR`` by relative path
    and BLAKE3 (a symlink by its target, and the BLAKE3 of the file it leads to).
 10. ``native``: each ``-l static=NAME`` library found as ``libNAME.a`` in a ``-L`` directory, by
@@ -180,9 +182,32 @@ def extern_digests(compilation: Compilation, cwd: Path) -> list[tuple[str, str |
     return found
 
 
-def cargo_env(environ: dict[str, str]) -> list[tuple[str, str]]:
+def cargo_env(environ: dict[str, str], roots: Roots) -> list[tuple[str, str]]:
     """Item 8."""
-    return [(name, environ[name]) for name in _CARGO_ENV if name in environ]
+    fixed = [(name, environ[name]) for name in _CARGO_ENV if name in environ]
+    extra = [name for name in build_script_env(environ) if name in environ]
+    return fixed + [(name, roots.portable(environ[name])) for name in extra]
+
+
+def build_script_env(environ: dict[str, str]) -> list[str]:
+    """The variables the package's build script set for its compilations, as it printed them
+    (``cargo:rustc-env=NAME=VALUE`` or ``cargo::rustc-env=...``) into the ``output`` file cargo
+    keeps beside ``OUT_DIR``; sorted, without those item 8 already names."""
+    out_dir = environ.get("OUT_DIR")
+    if not out_dir:
+        return []
+    try:
+        text = (Path(out_dir).parent / "output").read_text(errors="replace")
+    except OSError:
+        return []
+    names = set()
+    for line in text.splitlines():
+        for prefix in ("cargo::rustc-env=", "cargo:rustc-env="):
+            if line.startswith(prefix):
+                name = line[len(prefix) :].partition("=")[0]
+                if name and name not in _CARGO_ENV:
+                    names.add(name)
+    return sorted(names)
 
 
 def tree_digests(root: Path) -> list[tuple[str, str]]:
@@ -308,7 +333,7 @@ def base_inputs(
             sysroot=sysroot,
             args=portable_args(compilation, roots),
             externs=extern_digests(compilation, cwd),
-            cargo_env=cargo_env(environ),
+            cargo_env=cargo_env(environ, roots),
             out_dir=tree_digests(Path(out_dir)) if out_dir and Path(out_dir).is_dir() else [],
             native=native_digests(compilation, cwd, roots),
         )

@@ -233,6 +233,10 @@ class Invocation:
         # Given the exit code once nothing left to do can change it (a successful compilation's
         # key, explanation and upload job): the caller may go on while this call finishes.
         self.release: Callable[[int], None] | None = None
+        # What rustc wrote, as it was before the caller could go on (:meth:`record_outputs`):
+        # its dep-info text, and each other output's identity (:func:`uploads.identity`).
+        self.depinfo_text: str | None = None
+        self.produced: dict[str, tuple[int, int, int, int] | None] = {}
 
     # -- the pieces ------------------------------------------------------------------------
 
@@ -369,16 +373,31 @@ class Invocation:
                 stream.buffer.write(self.roots.local(text).encode("utf-8", "replace"))
                 stream.flush()
 
+    def record_outputs(self) -> None:
+        """Read the dep-info rustc wrote and note each other output's identity, before the
+        caller (cargo) may go on: the next compilation of the same crate writes the same file
+        names, and what is hashed and uploaded afterwards must be what this one produced."""
+        from larder.client.uploads import identity
+
+        assert self.out_dir is not None
+        for name in self.compilation.expected_outputs():
+            path = self.out_dir / name
+            if name.endswith(".d"):
+                try:
+                    self.depinfo_text = path.read_text()
+                except (OSError, UnicodeDecodeError):
+                    self.depinfo_text = None
+            else:
+                self.produced[name] = identity(path)
+
     def own_inputs(self, base: cache_key.Base) -> OwnKey | str:
         """The key from the dep-info file rustc just wrote with the outputs (the same command's
         own account of what it read, as a hit computes it from the direct entry recorded from
         it), and for a linked crate the link line it printed; an error kind when there is none.
         """
-        assert self.out_dir is not None
-        own_depinfo = self.out_dir / f"{self.compilation.stem}.d"
-        if not own_depinfo.is_file():
+        if self.depinfo_text is None:
             return "no-dep-info"
-        deps = depinfo.parse(own_depinfo.read_text())
+        deps = depinfo.parse(self.depinfo_text)
         if changed_since(deps.files, self.cwd, self.compile_started_ns):
             # Saved while rustc ran: the key would name the new text, the outputs the old.
             return "changed-while-compiling"
@@ -413,21 +432,28 @@ class Invocation:
         outputs: list[Output] = []
         files: dict[str, Path] = {}
         texts: dict[str, bytes] = {}
+        expected: dict[str, tuple[int, int, int, int]] = {}
         for name in self.compilation.expected_outputs():
             path = self.out_dir / name
             if not path.is_file():
                 return "outputs-missing"
             if name.endswith(".d"):
-                text = self.roots.portable(path.read_text()).encode()
+                if self.depinfo_text is None:
+                    return "outputs-missing"
+                text = self.roots.portable(self.depinfo_text).encode()
                 blob_id, size = blake3.blake3(text).hexdigest(), len(text)
                 texts[blob_id] = text
             else:
                 with Phase(self.phases, "scan"):
                     if embeds(path, needles):
                         return "embeds-paths"
+                produced = self.produced.get(name)
+                if produced is None:
+                    return "outputs-missing"
                 with Phase(self.phases, "hash"):
                     blob_id, size = digests.file_digest(path), path.stat().st_size
                 files[blob_id] = path
+                expected[blob_id] = produced
             outputs.append(Output(name, blob_id, size, path.stat().st_mode & 0o777))
         stdout, stderr = (self.roots.portable(b.decode("utf-8", "replace")) for b in (out, err))
         crate = self.compilation.crate_name or "unknown"
@@ -447,7 +473,10 @@ class Invocation:
         }
         with Phase(self.phases, "snapshot"):
             spool = uploads.spool_dir(self.state, self.env["LARDER_URL"])
-            uploads.enqueue(spool, job, files, texts)
+            try:
+                uploads.enqueue(spool, job, files, texts, expected)
+            except uploads.OutputChanged:
+                return "changed-after-compiling"  # the next build of the crate wrote it
             uploads.start_uploader(spool, self.env)
         self.uploaded = own.key
         return None
@@ -595,8 +624,10 @@ class Invocation:
             failed = Outcome("non-cacheable", reason="no-key")
             failed.counters = {"non_cacheable": 1, "compile_ms": outcome.counters["compile_ms"]}
             return code, failed
-        if code == 0 and self.release is not None:
-            self.release(code)
+        if code == 0:
+            self.record_outputs()
+            if self.release is not None:
+                self.release(code)
         own: OwnKey | str | None = None
         if code == 0 and remote is not None:
             try:

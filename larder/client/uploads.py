@@ -142,27 +142,55 @@ def settle(state: Path, seconds: float = SETTLE) -> None:
         time.sleep(POLL)
 
 
-def _snapshot(source: Path, destination: Path) -> None:
+class OutputChanged(Exception):
+    """An output was replaced or written again since it was recorded."""
+
+
+def identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells that a file was replaced or written: its device, inode, size and modification
+    time (not its change time, which a hard link to it moves too); ``None`` if it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _snapshot(source: Path, destination: Path, expected: tuple[int, int, int, int] | None) -> None:
+    """Link (else copy) ``source`` to ``destination``; with ``expected``, the identity it had
+    when recorded, :class:`OutputChanged` unless what was taken is still that file."""
     try:
         os.link(source, destination)
+        taken = destination  # the same inode: what the uploader will read
     except OSError:  # another file system, or links not allowed: a copy
         import shutil  # not on the shim's path when links work (it imports bz2 and lzma)
 
         shutil.copyfile(source, destination)
+        taken = source  # unchanged after the copy: the copy is of it
+    if expected is not None and identity(taken) != expected:
+        raise OutputChanged(str(source))
 
 
 def enqueue(
-    spool: Path, job: dict[str, Any], files: dict[str, Path], texts: dict[str, bytes]
+    spool: Path,
+    job: dict[str, Any],
+    files: dict[str, Path],
+    texts: dict[str, bytes],
+    expected: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> Path:
     """Write a job: ``files`` (blob id -> the output rustc wrote) snapshot, ``texts`` (blob id ->
-    bytes, e.g. a rewritten dep-info) stored, ``job`` as ``job.json``; return its path."""
+    bytes, e.g. a rewritten dep-info) stored, ``job`` as ``job.json``; return its path.
+
+    ``expected`` (blob id -> :func:`identity`), the outputs as rustc left them: a file replaced
+    or written since (the next compilation of the crate, once the caller went on) raises
+    :class:`OutputChanged` and queues nothing, since its blob id was perhaps hashed from it."""
     spool.mkdir(parents=True, exist_ok=True)
     name = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"
     scratch = spool / f".tmp-{name}"
     scratch.mkdir()
     try:
         for blob_id, path in files.items():
-            _snapshot(path, scratch / blob_id)
+            _snapshot(path, scratch / blob_id, (expected or {}).get(blob_id))
         for blob_id, data in texts.items():
             (scratch / blob_id).write_bytes(data)
         # Owner-only: the job holds the token of the build that queued it.

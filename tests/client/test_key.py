@@ -230,6 +230,28 @@ def test_other_cargo_variables_do_not_change_the_key(ci: Checkout) -> None:
     assert key_of(ci, env={"UNRELATED": "x"}) == base
 
 
+def test_variables_the_build_script_set_are_keyed(ci: Checkout, laptop: Checkout) -> None:
+    """A proc-macro may read them while it expands (no dep-info line names them): every
+    ``cargo:rustc-env`` variable is keyed, with path values in portable form."""
+    for checkout in (ci, laptop):
+        (checkout.out_dir.parent / "output").write_text(
+            "cargo:rerun-if-env-changed=SETTING\n"
+            "cargo:rustc-env=SETTING=hello=world\n"
+            f"cargo::rustc-env=DATA_DIR={checkout.out_dir}/data\n"
+            "cargo:rustc-env=CARGO_PKG_NAME=ignored\n"
+            "cargo:warning=rustc-env=NOT_A_VARIABLE=1\n"
+        )
+    env = {"SETTING": "hello=world"}
+    base = key_of(ci, env={**env, "DATA_DIR": f"{ci.out_dir}/data"})
+    assert key_of(laptop, env={**env, "DATA_DIR": f"{laptop.out_dir}/data"}) == base
+    assert key_of(ci, env={"SETTING": "bye", "DATA_DIR": f"{ci.out_dir}/data"}) != base
+    assert key_of(ci, env={"SETTING": "hello=world", "DATA_DIR": "/elsewhere"}) != base
+    assert key_of(ci, env={"DATA_DIR": f"{ci.out_dir}/data"}) != base  # unset here
+    assert key_of(ci, env={**env, "DATA_DIR": f"{ci.out_dir}/data", "NOT_A_VARIABLE": "2"}) == base
+    (ci.out_dir.parent / "output").unlink()  # no build script output: nothing more keyed
+    assert key_of(ci, env={"SETTING": "bye"}) == key_of(ci, env={"SETTING": "hello"})
+
+
 def _base(c: Checkout) -> tuple[Base, Roots, dict[str, str], args.Compilation]:
     roots = Roots.of(CWD=c.root, TARGET=c.target, CARGO_HOME=c.cargo_home)
     environ = {"CARGO_PKG_NAME": "leaf", "GREETING": "hello", "OUT_DIR": str(c.out_dir)}

@@ -407,6 +407,42 @@ def test_the_caller_goes_on_while_its_upload_job_is_made(crate: Path, server: Re
         cache.close()
 
 
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_an_output_the_next_build_wrote_after_the_caller_went_on_is_not_uploaded(
+    crate: Path, server: Resident, how: str
+) -> None:
+    """The caller (cargo) goes on before the upload job is made; the next compilation of the
+    crate (another env! value) writes the same file names meanwhile. Its bytes must never go
+    under this compilation's key."""
+    from tests.client.test_uploads import UploadSink
+
+    cache = UploadSink("slow-explain")
+    cache.delay = 2.0
+    env = {**environ(crate), "LARDER_URL": cache.url, "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "20",
+           "LARDER_LOG": str(crate / "log"), "CARGO_PKG_NAME": "t",
+           "CARGO_PKG_VERSION": "0.1.0"}  # fmt: skip
+    try:
+        done, _ = call(crate, [RUSTC, *LIB], env)
+        assert done.returncode == 0, done.stderr
+        rlib = crate / "out" / "libt-x.rlib"
+        if how == "replaced":  # a new file under the name, as rustc and linkers write
+            rlib.unlink()
+            rlib.write_bytes(b"the next build's rlib")
+        else:  # the same file written again
+            with rlib.open("r+b") as out:
+                out.write(b"the next build's rlib")
+        waited = subprocess.run(
+            [sys.executable, "-m", "larder.client.entry", "--wait-uploads", "60"],
+            env=env, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert waited.returncode == 0, waited.stderr
+        assert "GET /main/rustc/inputs" in cache.requests  # it went on past the explanation
+        assert not any(r.startswith("PUT") for r in cache.requests), cache.requests
+        assert "reason=changed-after-compiling" in (crate / "log").read_text()
+    finally:
+        cache.close()
+
+
 def test_marks_of_jobs_in_preparation(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     assert not uploads.busy(spool)
