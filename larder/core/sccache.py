@@ -7,6 +7,7 @@ virtual: they are the prefixes of entry paths and always exist.
 
 sccache's start-up probe is ``<key prefix>/.sccache_check`` (:func:`is_probe`): a GET that must
 answer 200 or 404, then a PUT of ``Hello, World!`` whose failure makes the client read-only.
+:func:`probe_problem` says why a prefix could hold no entry (each is ``a/b/c/<key>`` below it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
 from larder.core.concurrency import bounded_map
 from larder.core.lastuse import Touch, ignore_use
+from larder.errors import FormatError
+from larder.protocol.dav import normalise
 from larder.storage.base import BlobReader
 
 # PROPFIND Depth 1 lists at most this many children (sccache never lists).
@@ -30,9 +33,27 @@ _READ_CONCURRENCY = 16
 PROBE_NAME = ".sccache_check"
 
 
+#: What an entry's path adds below the key prefix: three one-character levels and the key (64
+#: hex digits).
+_ENTRY_BELOW_PREFIX = "0/0/0/" + "0" * 64
+
+
 def is_probe(path: str) -> bool:
-    """Whether ``path`` is sccache's start-up probe (below any key prefix)."""
-    return path.rpartition("/")[2] == PROBE_NAME
+    """Whether ``path`` (a request path below the sccache root, as sent) is sccache's start-up
+    probe (below any key prefix)."""
+    return path.rstrip("/").rpartition("/")[2] == PROBE_NAME
+
+
+def probe_problem(path: str) -> str | None:
+    """Why no entry could be stored below the key prefix of the probe at ``path`` (as sent),
+    or ``None``: the probe's own path may be valid where every entry's is too long."""
+    prefix = path.rstrip("/").rpartition("/")[0]
+    try:
+        normalise(path)
+        normalise(f"{prefix}/{_ENTRY_BELOW_PREFIX}")
+    except FormatError as exc:
+        return f"the key prefix {prefix[:80]!r} cannot hold entries: {exc}"
+    return None
 
 
 class Entry(NamedTuple):

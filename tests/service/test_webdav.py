@@ -426,3 +426,48 @@ async def test_unreachable_storage_is_503_and_leaves_no_entry(make_service: Serv
     assert resp.status == 503
     storage.down = False
     assert (await service.client.get(ENTRY)).status == 404
+
+
+async def test_a_probe_during_a_storage_outage_makes_sccache_read_only_not_fail(
+    make_service: ServiceFactory,
+) -> None:
+    """A probe GET other than 200/404 stops sccache's server and fails the build."""
+    storage = FlakyStorage()
+    service = await make_service(storage)
+    storage.down = True
+    resp = await service.client.get(PROBE)
+    assert resp.status == 404 and "storage is unavailable" in await resp.text()
+    resp = await service.client.put(PROBE, data=b"Hello, World!", headers=service.auth())
+    assert resp.status == 403 and "read-only" in await resp.text()
+    assert (await service.client.get(ENTRY)).status == 503  # lookups say what happened
+    storage.down = False
+    resp = await service.client.put(PROBE, data=b"Hello, World!", headers=service.auth())
+    assert resp.status == 201
+
+
+@pytest.mark.parametrize(
+    ("prefix", "why"),
+    [
+        ("team~ci", "invalid path segment"),
+        ("team%20ci", "invalid path segment"),
+        ("/".join(f"s{i}" for i in range(13)), "at most 16 segments"),  # probe fits, entries not
+        ("p" * 200 + "/" + "q" * 250, "chars"),
+    ],
+)
+async def test_a_key_prefix_that_can_hold_no_entry_makes_sccache_read_only_not_fail(
+    service: Service, prefix: str, why: str
+) -> None:
+    probe = f"/main/sccache/{prefix}/.sccache_check"
+    resp = await service.client.get(probe)
+    assert resp.status == 404, await resp.text()
+    resp = await service.client.put(probe, data=b"Hello, World!", headers=service.auth())
+    text = await resp.text()
+    assert resp.status == 403 and why in text and "read-only" in text, text
+    assert await records(service) == []
+    entry = f"/main/sccache/{prefix}/1/b/b/{ENTRY.rsplit('/', 1)[1]}"
+    assert (await service.client.get(entry)).status == 400  # lookups: refused as before
+    # The deepest prefix whose entries fit is taken.
+    deepest = "/".join(f"s{i}" for i in range(12))
+    probe = f"/main/sccache/{deepest}/.sccache_check"
+    resp = await service.client.put(probe, data=b"Hello, World!", headers=service.auth())
+    assert resp.status == 201, await resp.text()

@@ -12,16 +12,19 @@
 =====================  ===========================================================================
 
 A path that is not a valid :func:`~larder.protocol.dav.normalise` path is a 400 for every
-method. sccache (0.16 and 0.17 alike) starts with ``GET`` then ``PUT <prefix>/.sccache_check``;
-a refused PUT (401/403) makes it read-only, which is how a client without a write token behaves.
-A failed
-probe GET other than 404 stops its server, and the build with it, so on a private cache a client
-without a valid read token gets 404 for the probe (nothing is revealed: the probe is the same
-everywhere) and then 401/403 for each lookup, which sccache counts as a miss while the build
-goes on. Before writing ``a/b/c/<key>`` its WebDAV client asks ``PROPFIND`` (Depth 0) for
-the parent; it would ``MKCOL`` missing levels, but virtual collections are never missing. Tokens
-as for the Nix routes: Bearer (``SCCACHE_WEBDAV_TOKEN``) or the Basic password
-(``SCCACHE_WEBDAV_PASSWORD``).
+method but sccache's probe. sccache (0.16 and 0.17 alike) starts with ``GET`` then ``PUT
+<prefix>/.sccache_check``; a refused PUT (401/403) makes it read-only, which is how a client
+without a write token behaves. A failed probe GET other than 404 stops its server, and the build
+with it, so a cache costs hits, never builds: the probe GET is a 404 when the client has no
+valid read token for a private cache (nothing is revealed: the probe is the same everywhere),
+when its path is not valid, and while storage is unavailable; the probe PUT is a 403 saying why
+when the key prefix could hold no entry (``a/b/c/<key>`` below it: characters outside the set,
+too many levels or characters) and while storage is unavailable. sccache then runs read-only,
+and each lookup fails as usual (401/403/400/503), which it counts as a miss while the build
+goes on. Before writing ``a/b/c/<key>`` its WebDAV client asks ``PROPFIND`` (Depth 0) for the
+parent; it would ``MKCOL`` missing levels, but virtual collections are never missing. Tokens as
+for the Nix routes: Bearer (``SCCACHE_WEBDAV_TOKEN``) or the Basic password
+(``SCCACHE_WEBDAV_PASSWORD``, with any user name: sccache sends no credentials without one).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from larder.core.blobs import decompressed
-from larder.core.sccache import is_probe
-from larder.errors import Forbidden, FormatError, Unauthorized
+from larder.core.sccache import is_probe, probe_problem
+from larder.errors import Forbidden, FormatError, StorageError, Unauthorized
 from larder.protocol.dav import Resource, multistatus, normalise
 from larder.protocol.tokens import Scope
 from larder.service import state
@@ -51,13 +54,20 @@ def _href(request: web.Request, path: str, collection: bool) -> str:
 
 
 async def get_entry(request: web.Request) -> web.StreamResponse:
+    raw = request.match_info.get("path", "")
+    if is_probe(raw):
+        try:
+            return await _get_entry(request)
+        except (Unauthorized, Forbidden, FormatError, StorageError) as exc:
+            # Anything but 200/404 here stops sccache and fails the build (module docstring).
+            why = "storage is unavailable" if isinstance(exc, StorageError) else str(exc)
+            raise web.HTTPNotFound(text=f"not found ({why})\n") from None
+    return await _get_entry(request)
+
+
+async def _get_entry(request: web.Request) -> web.StreamResponse:
     path, collection = _path(request)
-    try:
-        settings = await cache_for(request, Scope.READ)
-    except (Unauthorized, Forbidden):
-        if is_probe(path):  # anything but 200/404 here stops sccache and fails the build
-            raise web.HTTPNotFound() from None
-        raise
+    settings = await cache_for(request, Scope.READ)
     store = request.app[state.SCCACHE]
     entry = None if collection else await store.get(settings, path)
     if not is_probe(path):  # a probe, not a lookup
@@ -76,11 +86,20 @@ async def get_entry(request: web.Request) -> web.StreamResponse:
 async def put_entry(request: web.Request) -> web.Response:
     note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
+    raw = request.match_info.get("path", "")
+    if is_probe(raw) and (problem := probe_problem(raw)) is not None:
+        raise Forbidden(f"{problem}; sccache runs read-only")  # a 400 would fail the build
     path, collection = _path(request)
     if collection or not path:
         raise FormatError("PUT needs an entry path, not a collection")
     limit = request.app[state.CONFIG].max_upload_size
-    await request.app[state.SCCACHE].put(settings, path, body_chunks(request, limit))
+    try:
+        await request.app[state.SCCACHE].put(settings, path, body_chunks(request, limit))
+    except StorageError:
+        if is_probe(raw):
+            message = "storage is unavailable; sccache runs read-only until it starts again"
+            raise Forbidden(message) from None
+        raise
     return web.Response(status=201)
 
 
