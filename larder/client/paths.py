@@ -3,7 +3,8 @@
 A compilation names paths under a few roots that differ between machines but not between the
 builds that should share a cache entry:
 
-* ``CWD``: the directory cargo runs rustc in (the workspace root, or a registry crate's root);
+* ``CWD``: the directory cargo runs rustc in (the workspace root, or a crate's own root),
+  unless it is under ``CARGO_HOME`` (:func:`working_root`);
 * ``TARGET``: cargo's target directory (found from ``--out-dir`` and ``--target`` by cargo's
   layout, :func:`find_target_dir`);
 * ``CARGO_HOME``: ``$CARGO_HOME`` or ``~/.cargo`` (registry and git checkouts).
@@ -175,6 +176,17 @@ class Roots(NamedTuple):
                 continue
             flags.append(f"--remap-path-prefix={path}={REMAP_TO[name]}")
         return flags
+
+
+def working_root(cwd: Path, cargo_home: Path) -> Path | None:
+    """The ``CWD`` root, or ``None`` when ``cwd`` is inside ``cargo_home`` (a registry or git
+    crate, which cargo compiles in its own directory): ``CARGO_HOME``'s root then covers it,
+    and its remap keeps the crate's name and version in panics and debug info
+    (``/larder/cargo-home/registry/src/<index>/serde-1.0.0/src/de.rs``, not ``./src/de.rs``)."""
+    for inner, outer in ((cwd, cargo_home), (Path(os.path.realpath(cwd)), cargo_home.resolve())):
+        if os.path.normpath(inner).startswith(os.path.normpath(outer).rstrip("/") + "/"):
+            return None
+    return cwd
 
 
 def logical_cwd(cwd: Path, environ: dict[str, str]) -> Path:

@@ -61,7 +61,13 @@ from larder.client import depinfo, digests, linkline, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
 from larder.client.leaks import embeds, fewest_needles, remapped
-from larder.client.paths import Roots, default_cargo_home, find_target_dir, logical_cwd
+from larder.client.paths import (
+    Roots,
+    default_cargo_home,
+    find_target_dir,
+    logical_cwd,
+    working_root,
+)
 from larder.client.probe import cache_enabled, startup_ms
 from larder.client.remote import Remote, RemoteError, network_timeout
 from larder.errors import FormatError
@@ -214,10 +220,11 @@ class Invocation:
         target_dir = (
             find_target_dir(self.out_dir, self.target) if self.out_dir is not None else None
         )
+        cargo_home = default_cargo_home(environ)
         self.roots = Roots.of(
-            CWD=logical_cwd(self.cwd, environ),
+            CWD=working_root(logical_cwd(self.cwd, environ), cargo_home),
             TARGET=target_dir,
-            CARGO_HOME=default_cargo_home(environ),
+            CARGO_HOME=cargo_home,
         )
         self.state = stats_mod.state_dir(environ)
         digests.attach(self.state)

@@ -189,3 +189,28 @@ def test_the_working_directory_as_cargo_names_it(tmp_path: Path) -> None:
     # Elsewhere, or not under cargo: the working directory as the system names it.
     assert logical_cwd(resolved, {"CARGO_MANIFEST_DIR": str(tmp_path / "other")}) == resolved
     assert logical_cwd(resolved, {}) == resolved
+
+
+def test_a_crate_compiled_inside_cargo_home_keeps_its_name_in_remapped_paths(
+    tmp_path: Path,
+) -> None:
+    """Cargo compiles a registry crate in its own directory: with that directory as a root of
+    its own its paths would read ``./src/de.rs``; ``CARGO_HOME``'s root names the crate."""
+    from larder.client.paths import working_root
+
+    real = tmp_path / "disk" / "cargo"
+    crate = real / "registry" / "src" / "index-1" / "serde-1.0.0"
+    crate.mkdir(parents=True)
+    link = tmp_path / ".cargo"
+    link.symlink_to(real)
+    for cwd, cargo_home in ((crate, real), (crate, link), (link / crate.relative_to(real), link)):
+        assert working_root(cwd, cargo_home) is None
+        roots = Roots.of(CWD=working_root(cwd, cargo_home), CARGO_HOME=cargo_home)
+        assert roots.portable(f"{cwd}/src/de.rs") == (
+            "@LARDER:CARGO_HOME@/registry/src/index-1/serde-1.0.0/src/de.rs"
+        )
+        assert not [flag for flag in roots.remap_flags() if flag.endswith("=.")]
+    workspace = tmp_path / "work" / "app"
+    workspace.mkdir(parents=True)
+    assert working_root(workspace, link) == workspace
+    assert working_root(real, real) == real  # CARGO_HOME itself is not inside it
