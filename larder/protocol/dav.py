@@ -27,7 +27,7 @@ from xml.sax.saxutils import escape
 from larder.errors import FormatError
 from larder.protocol.names import MAX_SEGMENT_LENGTH
 
-MAX_SEGMENTS: Final = 16
+MAX_SEGMENTS: Final = 32
 MAX_PATH_LENGTH: Final = 512
 _SEGMENT = re.compile(r"[A-Za-z0-9._:!+=@-]+")
 

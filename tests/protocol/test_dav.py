@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from larder.errors import FormatError
-from larder.protocol.dav import Resource, multistatus, normalise
+from larder.protocol.dav import MAX_SEGMENTS, Resource, multistatus, normalise
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_normalise(raw: str, expected: tuple[str, bool]) -> None:
         "a\x00b",
         "a b",
         "a~b",
-        "x/" * 17,
+        "x/" * (MAX_SEGMENTS + 1),
         "/".join(["x" * 200] * 3),  # longer than MAX_PATH_LENGTH in all
         "a/" + "x" * 256,  # a segment longer than a file name may be
     ],

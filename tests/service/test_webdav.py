@@ -13,7 +13,7 @@ import pytest
 import larder.core.sccache as sccache_module
 from larder.core.sccache import Entry
 from larder.errors import StorageUnavailable
-from larder.protocol.dav import MAX_PATH_LENGTH
+from larder.protocol.dav import MAX_PATH_LENGTH, MAX_SEGMENTS
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.storage.base import BlobInfo, BlobWriter, LevelEntry
@@ -264,7 +264,7 @@ async def test_unknown_cache_is_404(service: Service) -> None:
         "/main/sccache/a\\b",
         "/main/sccache/a%2f..%2f..%2fb",
         "/main/sccache/a%20b",
-        "/main/sccache/" + "a/" * 20 + "x",
+        "/main/sccache/" + "a/" * MAX_SEGMENTS + "x",
         "/main/sccache/" + "a" * (MAX_PATH_LENGTH + 1),
     ],
 )
@@ -450,7 +450,7 @@ async def test_a_probe_during_a_storage_outage_makes_sccache_read_only_not_fail(
     [
         ("team~ci", "invalid path segment"),
         ("team%20ci", "invalid path segment"),
-        ("/".join(f"s{i}" for i in range(13)), "at most 16 segments"),  # probe fits, entries not
+        ("/".join(f"s{i}" for i in range(29)), "at most 32 segments"),  # probe fits, entries not
         ("p" * 200 + "/" + "q" * 250, "chars"),
     ],
 )
@@ -467,7 +467,7 @@ async def test_a_key_prefix_that_can_hold_no_entry_makes_sccache_read_only_not_f
     entry = f"/main/sccache/{prefix}/1/b/b/{ENTRY.rsplit('/', 1)[1]}"
     assert (await service.client.get(entry)).status == 400  # lookups: refused as before
     # The deepest prefix whose entries fit is taken.
-    deepest = "/".join(f"s{i}" for i in range(12))
+    deepest = "/".join(f"s{i}" for i in range(28))
     probe = f"/main/sccache/{deepest}/.sccache_check"
     resp = await service.client.put(probe, data=b"Hello, World!", headers=service.auth())
     assert resp.status == 201, await resp.text()
