@@ -241,7 +241,8 @@ class Invocation:
         # key, explanation and upload job): the caller may go on while this call finishes.
         self.release: Callable[[int], None] | None = None
         # What rustc wrote, as it was before the caller could go on (:meth:`record_outputs`):
-        # its dep-info text, and each other output's identity (:func:`uploads.identity`).
+        # its dep-info text, and each other output's identity
+        # (:func:`larder.client.uploads.identity`).
         self.depinfo_text: str | None = None
         self.produced: dict[str, tuple[int, int, int, int] | None] = {}
 
