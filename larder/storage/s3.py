@@ -35,8 +35,11 @@ limit.
 
 Credentials, region and endpoint come from boto3's usual sources (``AWS_*`` variables including
 ``AWS_ENDPOINT_URL``, shared config files, instance roles); this module never reads the
-environment itself. Async methods run boto3 calls on the backend's own bounded thread pool; blob
-writers call boto3 directly from the (worker) thread driving them.
+environment itself. A mistake there that boto3 finds while building the client (an endpoint
+without a scheme, a malformed region, an unknown profile) is a ``StorageError`` naming the
+setting, which the ``larder`` command reports in one line. Async methods run boto3 calls on
+the backend's own bounded thread pool; blob writers call boto3 directly from the (worker)
+thread driving them.
 
 Every botocore exception is translated in one place, :func:`_translate_errors`.
 """
@@ -62,7 +65,9 @@ from botocore.exceptions import (
     ClientError,
     HTTPClientError,
     IncompleteReadError,
+    InvalidRegionError,
     NoCredentialsError,
+    ProfileNotFound,
     ResponseStreamingError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -191,6 +196,19 @@ def _translate_errors(operation: str) -> Iterator[None]:
         raise StorageError(f"S3 {operation} failed: no AWS credentials configured") from exc
     except BotoCoreError as exc:
         raise StorageError(f"S3 {operation} failed: {exc}") from exc
+
+
+def _client_setup_error(exc: Exception) -> StorageError:
+    """A mistake in the AWS settings found while building the client, naming the setting."""
+    if isinstance(exc, ProfileNotFound):
+        hint = "AWS_PROFILE names a profile that no AWS config or credentials file defines"
+    elif isinstance(exc, InvalidRegionError):
+        hint = "check AWS_DEFAULT_REGION, AWS_REGION or region in the AWS config file"
+    elif isinstance(exc, ValueError) and "endpoint" in str(exc).lower():
+        hint = "AWS_ENDPOINT_URL needs a scheme and a host, e.g. http://minio:9000"
+    else:
+        hint = "check the AWS_* variables and the AWS config files"
+    return StorageError(f"cannot set up the S3 client: {exc}; {hint}")
 
 
 # -- listings ----------------------------------------------------------------------------
@@ -419,9 +437,12 @@ class S3Storage(Storage):
                 # object's, which botocore would then fail to match.
                 response_checksum_validation="when_required",
             )
-            client = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
-            )
+            try:
+                client = boto3.session.Session().client(
+                    "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
+                )
+            except (BotoCoreError, ValueError) as exc:
+                raise _client_setup_error(exc) from exc
         self._client: S3Client = client
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3")
 

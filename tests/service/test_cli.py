@@ -144,6 +144,19 @@ def test_bad_ttl_and_bad_config_are_clear_errors(
     assert code == 2 and "LARDER_ZSTD_LEVEL" in err
 
 
+def test_a_bad_aws_setting_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "minio:9000")  # no scheme
+    code, out, err = run(capsys, "cache", "list", "--storage", "s3://bucket")
+    assert code == 2 and out == ""
+    assert err.startswith("larder: cannot set up the S3 client") and err.count("\n") == 1
+    assert "AWS_ENDPOINT_URL" in err
+
+
 def test_rotate_key_changes_the_served_key(
     store: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

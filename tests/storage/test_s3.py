@@ -304,6 +304,23 @@ async def every_operation_fails_with(storage: Storage, error: type[StorageError]
     await asyncio.to_thread(large_blob)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("AWS_ENDPOINT_URL", "minio:9000", "AWS_ENDPOINT_URL"),
+        ("AWS_DEFAULT_REGION", "eu_west 1", "AWS_DEFAULT_REGION"),
+        ("AWS_PROFILE", "nosuch", "AWS_PROFILE"),
+    ],
+)
+def test_a_bad_aws_setting_is_a_storage_error_naming_it(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(StorageError, match="cannot set up the S3 client") as caught:
+        S3Storage("bucket")
+    assert named in caught.value.message and value in caught.value.message
+
+
 async def test_unreachable_endpoint_is_unavailable(aws_env: None) -> None:
     storage = S3Storage(
         "bucket",
