@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the end-to-end tests drive, when they are missing (needs root):
 # - Nix (Debian's nix-bin) for the binary-cache tests;
-# - Prometheus, which scrapes a running larder in the metrics tests;
+# - Prometheus, which scrapes a running larder in the metrics tests, and its promtool, which
+#   evaluates the dashboard's queries and the documented alerts in rule unit tests;
 # - the registry crates the offline Rust test workspace depends on (Debian's librust-*-dev,
 #   unpacked into /usr/share/cargo/registry, used as a cargo directory source);
 # - Nix and sccache from Debian sid, privately (tools/install-nix-sid.sh);
@@ -10,7 +11,7 @@
 set -euo pipefail
 missing=()
 command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
-command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v ar >/dev/null 2>&1 || missing+=(binutils)
 for crate in itoa hex memchr fnv proc-macro2 quote syn unicode-ident; do

@@ -1,0 +1,77 @@
+"""The shipped dashboard's queries, evaluated by promtool's rule unit tests on the series a
+deployment exports (several replicas of one store), not only checked to parse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tools.make_dashboard import OUT as DASHBOARD
+
+
+def promtool(tmp: Path, tests: list[dict[str, Any]], rules: Sequence[dict[str, Any]] = ()) -> str:
+    """Run ``promtool test rules`` on ``tests`` (and alerting ``rules``); its output, or fail."""
+    exe = shutil.which("promtool")
+    assert exe, "promtool must be installed (make test installs Debian's prometheus package)"
+    files: list[str] = []
+    if rules:
+        group = {"name": "t", "rules": list(rules)}
+        (tmp / "rules.yml").write_text(yaml.safe_dump({"groups": [group]}))
+        files.append("rules.yml")
+    unit = {"rule_files": files, "evaluation_interval": "1m", "tests": tests}
+    (tmp / "test.yml").write_text(yaml.safe_dump(unit))
+    done = subprocess.run(
+        [exe, "test", "rules", "test.yml"], cwd=tmp, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def panel_exprs(title: str) -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    found = [p for p in board["panels"] if p["title"] == title]
+    assert found, f"no panel {title!r}"
+    return [
+        t["expr"].replace("$cache", ".*").replace("$__rate_interval", "5m")
+        for t in found[0]["targets"]
+    ]
+
+
+def test_storage_panels_count_a_shared_store_once(tmp_path: Path) -> None:
+    # Two replicas scan one store and export the same figures; two caches hold NARs.
+    series = [
+        {"series": f'{gauge}{{instance="{replica}",cache="{cache}",kind="nar"}}',
+         "values": f"{value}x10"}
+        for gauge in ("larder_storage_size_bytes", "larder_storage_objects")
+        for replica in ("a", "b")
+        for cache, value in (("main", 1000), ("pr", 500))
+    ]  # fmt: skip
+    [size] = panel_exprs("Storage size")
+    [objects] = panel_exprs("Stored objects")
+    checks = [
+        {
+            "expr": expr,
+            "eval_time": "5m",
+            "exp_samples": [{"labels": '{kind="nar"}', "value": 1500}],
+        }
+        for expr in (size, objects)
+    ]
+    promtool(tmp_path, [{"interval": "1m", "input_series": series, "promql_expr_test": checks}])
+
+
+def test_error_panel_counts_server_errors_not_misses(tmp_path: Path) -> None:
+    def requests(status_class: str, per_minute: int) -> dict[str, str]:
+        labels = f'cache="main",protocol="nix",status_class="{status_class}"'
+        return {"series": f"larder_http_requests_total{{{labels}}}", "values": f"0+{per_minute}x10"}
+
+    [errors] = panel_exprs("Server errors per second (5xx)")
+    series = [requests("2xx", 600), requests("4xx", 300), requests("5xx", 6)]
+    check = {"expr": errors, "eval_time": "10m",
+             "exp_samples": [{"labels": '{protocol="nix"}', "value": 0.1}]}  # fmt: skip
+    promtool(tmp_path, [{"interval": "1m", "input_series": series, "promql_expr_test": [check]}])
