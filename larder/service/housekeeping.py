@@ -5,6 +5,10 @@
 * Every ``use_flush_interval`` seconds it writes the uses it recorded (and once at shutdown).
 * Every ``gc_interval`` seconds it runs a collection under the configured limits, unless another
   replica completed one within the interval (``gc/last-run``) or holds the lease right now.
+  ``larder_gc_last_completed_timestamp_seconds`` is the store's last completed run as this
+  replica knows it: read from ``gc/last-run`` at start and before each due run, then its own.
+  A replica that restarted, or that another replica's runs keep idle, so still shows how long
+  the store has gone without a collection.
 
 Limits (:func:`gc_policies`): a cache's own (``larder cache limits``) win; a cache without a
 retention of its own gets ``gc_retention``; ``gc_max_size`` caps the whole store.
@@ -97,20 +101,25 @@ def count_report(metrics: Metrics, report: Report) -> None:
     metrics.gc_duration.set(report.finished - report.started)
 
 
-async def _last_run_age(app: web.Application) -> float | None:
+async def _last_run_finished(app: web.Application) -> float | None:
+    """When the store's last recorded collection finished (``gc/last-run``), also exported as
+    ``larder_gc_last_completed_timestamp_seconds``."""
     data = await app[state.STORAGE].get(GC_LAST_RUN)
     if data is None:
         return None
     try:
-        return time.time() - float(json.loads(data)["finished"])
+        finished = float(json.loads(data)["finished"])
     except (ValueError, KeyError, TypeError):
         return None
+    if finished > 0:
+        app[METRICS].gc_last.set(finished)
+    return finished
 
 
 async def _collect_when_due(app: web.Application) -> None:
     interval = app[state.CONFIG].gc_interval
-    age = await _last_run_age(app)
-    if age is not None and age < 0.9 * interval:
+    finished = await _last_run_finished(app)
+    if finished is not None and time.time() - finished < 0.9 * interval:
         return  # another replica collected recently
     try:
         report = await collect(app)
@@ -165,6 +174,14 @@ async def _every(
         await asyncio.sleep(interval)
 
 
+async def _read_last_run(app: web.Application) -> None:
+    """At start: export the store's last completed collection, not 0, until this replica's own."""
+    try:
+        await _last_run_finished(app)
+    except LarderError as exc:
+        log.info("could not read the last collection's record: %s", exc.message)
+
+
 def start(app: web.Application, scans: bool = True) -> list[asyncio.Task[None]]:
     """The background tasks the config asks for (the caller cancels them at shutdown); without
     ``scans`` only the recorded uses are written (the other workers of a server)."""
@@ -182,6 +199,7 @@ def start(app: web.Application, scans: bool = True) -> list[asyncio.Task[None]]:
         )
     )
     if scans and config.gc_interval > 0:
+        tasks.append(asyncio.create_task(_read_last_run(app)))
         # Replicas started together spread out; each then checks gc/last-run before it runs.
         first = config.gc_interval * random.uniform(0.5, 1.0)
         tasks.append(

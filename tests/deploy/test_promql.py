@@ -4,8 +4,10 @@ deployment exports (several replicas of one store), not only checked to parse.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,3 +77,53 @@ def test_error_panel_counts_server_errors_not_misses(tmp_path: Path) -> None:
     check = {"expr": errors, "eval_time": "10m",
              "exp_samples": [{"labels": '{protocol="nix"}', "value": 0.1}]}  # fmt: skip
     promtool(tmp_path, [{"interval": "1m", "input_series": series, "promql_expr_test": [check]}])
+
+
+def documented_alert(name: str) -> dict[str, Any]:
+    """The alerting rule ``name`` as docs/operating.md gives it (in a YAML block)."""
+    text = (DASHBOARD.parents[3] / "docs" / "operating.md").read_text()
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        stack: list[Any] = [yaml.safe_load(textwrap.dedent(block))]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if node.get("alert") == name:
+                    return node
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+    raise AssertionError(f"no alert {name} in docs/operating.md")
+
+
+def test_gc_stale_alert_fires_when_no_collection_completes(tmp_path: Path) -> None:
+    last = "larder_gc_last_completed_timestamp_seconds"
+    runs = "larder_gc_runs_total"
+    hours8 = 8 * 60
+
+    def case(series: dict[str, str], fires: bool) -> dict[str, Any]:
+        return {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series.items()],
+            "alert_rule_test": [
+                {"eval_time": "8h", "alertname": "LarderGcStale",
+                 "exp_alerts": [{"exp_labels": {"severity": "warning"}}] if fires else []}
+            ],
+        }  # fmt: skip
+
+    healthy_last = " ".join(str(60 * (m - m % 60)) for m in range(hours8 + 1))
+    cases = [
+        # One run completed at 10 min, none since.
+        case({f'{last}{{instance="a"}}': f"600x{hours8}"}, fires=True),
+        # Two replicas on a store never collected; every hourly run fails.
+        case({f'{last}{{instance="a"}}': f"0x{hours8}", f'{last}{{instance="b"}}': f"0x{hours8}",
+              f'{runs}{{instance="a",result="failed"}}': f"0+0.0167x{hours8}",
+              f'{runs}{{instance="a",result="completed"}}': f"0x{hours8}"}, fires=True),
+        # Hourly runs complete (one failure in between changes nothing).
+        case({f'{last}{{instance="a"}}': healthy_last,
+              f'{runs}{{instance="a",result="completed"}}': f"0+0.0167x{hours8}",
+              f'{runs}{{instance="a",result="failed"}}': f"0x300 1x{hours8 - 301}"}, fires=False),
+        # Collection turned off (gc_interval 0): nothing runs, nothing is wrong.
+        case({f'{last}{{instance="a"}}': f"0x{hours8}",
+              f'{runs}{{instance="a",result="failed"}}': f"0x{hours8}"}, fires=False),
+    ]  # fmt: skip
+    promtool(tmp_path, cases, [documented_alert("LarderGcStale")])

@@ -10,6 +10,7 @@ from larder.core import keys
 from larder.core.lastuse import load_uses
 from larder.service import housekeeping, state
 from larder.service.state import METRICS
+from larder.storage.memory import MemoryStorage
 from tests.service.conftest import ServiceFactory
 from tests.service.test_nix_routes import hash_part, make_nar, nar_url, push, store_path
 from tests.service.test_rustc_routes import KEY, blob_id, manifest_for, upload
@@ -100,3 +101,23 @@ async def test_a_replica_skips_a_collection_another_just_did(
     await service.storage.delete(keys.GC_LAST_RUN)
     await housekeeping._collect_when_due(app)
     assert completed._value.get() == runs + 1
+
+
+async def test_a_replica_starts_with_the_stores_last_collection_not_zero(
+    make_service: ServiceFactory,
+) -> None:
+    # A run another replica (or this one before a restart) completed two hours ago.
+    storage = MemoryStorage()
+    finished = time.time() - 7200
+    await storage.put(keys.GC_LAST_RUN, json.dumps({"finished": finished}).encode())
+    service = await make_service(storage, gc_interval=3600, usage_interval=0)
+    gauge = "larder_gc_last_completed_timestamp_seconds"
+
+    async def exported() -> float:
+        text = await (await service.client.get("/metrics")).text()
+        return float(next(line for line in text.splitlines() if line.startswith(gauge)).split()[1])
+
+    deadline = time.monotonic() + 10
+    while await exported() != finished and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert await exported() == finished  # so "time since the last collection" stays true

@@ -20,7 +20,7 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 ``larder_gc_freed_bytes_total``             bytes of evicted objects and reaped blobs
 ``larder_gc_reaped_blobs_total``            blobs nothing referred to any more
 ``larder_gc_restored_objects_total``        deleted, then put back for a racing upload
-``larder_gc_last_completed_timestamp_seconds``  when this replica last completed a run
+``larder_gc_last_completed_timestamp_seconds``  the store's last completed run (``gc/last-run``)
 ``larder_gc_duration_seconds``              length of this replica's last run (gauge)
 ``larder_use_flushes_total``                result (ok | failed): recorded uses written
 ==========================================  ===============================================
@@ -214,7 +214,7 @@ class Metrics:
         )
         self.gc_last = Gauge(
             "larder_gc_last_completed_timestamp_seconds",
-            "When this replica last completed a garbage collection.",
+            "When the store's last garbage collection completed, as this replica knows it.",
             registry=r,
             multiprocess_mode="livemax",
         )
