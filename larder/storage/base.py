@@ -9,7 +9,10 @@ Two kinds of data live in a store:
   which callers invoke after they have verified the content. Identical content is stored once.
   Readers get the *stored* (compressed) bytes, so a blob can be served as a ``.zst`` file as is.
 * **Objects**: small keyed byte strings (metadata: narinfos, records, configuration), written
-  atomically (a reader sees the old or the new value, never a mix).
+  atomically (a reader sees the old or the new value, never a mix). Objects under
+  :data:`PRIVATE_PREFIX` hold secrets (the token secret, signing keys): a backend that has
+  permissions of its own keeps them to the server's own user (disk: mode 0600, in a 0700
+  directory).
 
 Keys are ``/``-separated segments of ``[A-Za-z0-9._:!+=@?-]``; no segment is empty, ``.`` or
 ``..``; at most 1024 characters (``?`` because store path names, and so the build logs Nix
@@ -43,6 +46,9 @@ from typing import ClassVar
 _KEY_SEGMENT = re.compile(r"[A-Za-z0-9._:!+=@?-]+")
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
 MAX_KEY_LENGTH = 1024
+#: Keys under this prefix hold secrets: readable by the server's own user only, where the
+#: backend can say so.
+PRIVATE_PREFIX = "config/"
 
 
 def check_key(key: str) -> str:

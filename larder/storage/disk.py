@@ -22,6 +22,11 @@ write after the rename simply creates the name again. A blob commit whose target
 between its link and its mtime refresh links again. Readers can miss an object or blob for
 the instant it spends under ``tmp/``, which only happens when such a write races the deletion.
 
+Objects under ``PRIVATE_PREFIX`` (``objects/config/``: the token secret, signing keys) are
+written with mode 0600 in a 0700 directory, everything else 0644 (the umask may narrow both).
+Opening a store whose ``objects/config`` others can enter (a store made before this rule)
+narrows it to 0700 and warns; its older files are narrowed as they are written again.
+
 Temporaries left by a crash are removed when a :class:`DiskStorage` is opened, once older than
 ``stale_temp_age`` seconds (a live upload keeps its temporary's mtime fresh).
 
@@ -52,6 +57,7 @@ from typing import ClassVar, cast
 
 from larder.errors import Conflict, StorageError, StorageFull, StorageUnavailable
 from larder.storage.base import (
+    PRIVATE_PREFIX,
     BlobInfo,
     BlobReader,
     BlobWriter,
@@ -85,6 +91,8 @@ _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 _HEX = frozenset("0123456789abcdef")
 _FILE_MODE = 0o644
+_PRIVATE_FILE_MODE = 0o600
+_PRIVATE_DIR_MODE = 0o700
 
 
 @contextmanager
@@ -278,10 +286,13 @@ class DiskStorage(Storage):
         self._blobs = self.root / "blobs"
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
+        self._private = self._objects / PRIVATE_PREFIX.rstrip("/")
         with _os_errors("open"):
             for directory in (self.root, self._blobs, self._objects, self._tmp):
                 directory.mkdir(parents=True, exist_ok=True)
+            self._private.mkdir(mode=_PRIVATE_DIR_MODE, exist_ok=True)
             self._remove_stale_temporaries(stale_temp_age)
+        self._keep_private()
 
     def __repr__(self) -> str:
         return f"DiskStorage({str(self.root)!r})"
@@ -294,11 +305,36 @@ class DiskStorage(Storage):
     def _object_path(self, key: str) -> Path:
         return self._objects / check_key(key)
 
-    def _create_temp(self, kind: str) -> tuple[int, Path]:
+    def _keep_private(self) -> None:
+        """Narrow ``objects/config`` to the server's user if others can enter it (a store made
+        before secrets were kept private), and say so: what is inside may have been read."""
+        try:
+            mode = stat.S_IMODE(self._private.stat().st_mode)
+            if not mode & 0o077:
+                return
+            os.chmod(self._private, _PRIVATE_DIR_MODE)
+        except OSError as exc:
+            log.warning(
+                "%s holds the token secret and signing keys and other users can read it, "
+                "and it could not be narrowed: %s",
+                self._private,
+                exc.strerror or exc,
+            )
+            return
+        log.warning(
+            "%s holds the token secret and signing keys and was readable by other users "
+            "(mode %o): narrowed to %o; consider new signing keys (larder cache rotate-key) "
+            "and a new token secret",
+            self._private,
+            mode,
+            _PRIVATE_DIR_MODE,
+        )
+
+    def _create_temp(self, kind: str, mode: int = _FILE_MODE) -> tuple[int, Path]:
         path = self._tmp / f"{kind}-{uuid.uuid4().hex}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         with _os_errors("create temporary"):
-            return os.open(path, flags, _FILE_MODE), path
+            return os.open(path, flags, mode), path
 
     def _make_parent(self, path: Path) -> bool:
         """Create ``path``'s directory; ``True`` if it had to be created."""
@@ -326,8 +362,10 @@ class DiskStorage(Storage):
         if removed:
             log.info("removed %d stale temporaries from %s", removed, self._tmp)
 
-    def _write_temp(self, data: bytes) -> Path:
-        fd, temp = self._create_temp("object")
+    def _write_temp(self, data: bytes, path: Path) -> Path:
+        """A temporary holding ``data``, with the mode the object at ``path`` gets."""
+        private = path.is_relative_to(self._private)
+        fd, temp = self._create_temp("object", _PRIVATE_FILE_MODE if private else _FILE_MODE)
         try:
             try:
                 _write_all(fd, data)
@@ -486,7 +524,7 @@ class DiskStorage(Storage):
             return await asyncio.to_thread(self._get_sync, path)
 
     def _put_sync(self, path: Path, data: bytes) -> None:
-        temp = self._write_temp(data)
+        temp = self._write_temp(data, path)
         try:
             self._make_parent(path)
             try:
@@ -508,7 +546,7 @@ class DiskStorage(Storage):
     def _put_if_absent_sync(self, path: Path, data: bytes) -> bool:
         if path.exists():
             return False
-        temp = self._write_temp(data)
+        temp = self._write_temp(data, path)
         try:
             self._make_parent(path)
             try:

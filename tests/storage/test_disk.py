@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 import larder.storage.disk as disk_module
+from larder.core import keys
 from larder.errors import Conflict, StorageError, StorageFull, StorageUnavailable
+from larder.storage.base import PRIVATE_PREFIX
 from larder.storage.disk import DiskStorage
 from tests.storage.helpers import blob_id_of, decompress, mixed_data, read_stored, write_blob
 
@@ -331,3 +333,52 @@ async def test_a_volume_that_cannot_be_written_is_unavailable(
         await storage.put("config/value", b"new")
     assert await storage.get("config/value") == b"old"
     assert temporaries(tmp_path / "data") == []
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def test_secrets_are_readable_by_the_servers_user_only(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        storage = DiskStorage(tmp_path)
+        assert await storage.put_if_absent(keys.TOKEN_SECRET, b"secret")
+        await storage.put(keys.cache_config("main"), b'{"signing_key": "..."}')
+        await storage.put("caches/main/narinfo/abc", b"narinfo")
+        info = await write_blob(storage, b"blob")
+    finally:
+        os.umask(old_umask)
+    objects = tmp_path / "objects"
+    assert mode(objects / "config") == 0o700
+    assert mode(objects / keys.TOKEN_SECRET) == 0o600
+    assert mode(objects / keys.cache_config("main")) == 0o600
+    # What the server serves stays as it was.
+    assert mode(objects / "caches/main/narinfo/abc") == 0o644
+    assert mode(tmp_path / "blobs" / info.blob_id[:2] / info.blob_id) == 0o644
+
+
+def test_every_secret_key_is_under_the_private_prefix() -> None:
+    for key in (keys.TOKEN_SECRET, keys.cache_config("main"), keys.revoked("id")):
+        assert key.startswith(PRIVATE_PREFIX)
+
+
+async def test_a_store_made_world_readable_is_narrowed_and_rewrites_are_private(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "objects" / "config" / "caches"
+    config.mkdir(parents=True)
+    for directory in (config, config.parent):
+        directory.chmod(0o755)
+    (config / "main.json").write_bytes(b"old")
+    (config / "main.json").chmod(0o644)
+    with caplog.at_level("WARNING", logger=disk_module.__name__):
+        storage = DiskStorage(tmp_path)
+    assert mode(config.parent) == 0o700
+    assert "was readable by other users" in caplog.text
+    await storage.put(keys.cache_config("main"), b"new")
+    assert mode(config / "main.json") == 0o600
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=disk_module.__name__):
+        DiskStorage(tmp_path)
+    assert caplog.text == ""  # narrowed once
