@@ -208,7 +208,8 @@ class Config:
     use_flush_interval: float = _setting(30.0, _duration_at_least(0.1))
     # Seconds a request head (request line and headers) may take to arrive (408 after; 0: off).
     header_timeout: float = _setting(30.0, _duration)
-    # Connections served at once; one more is answered 503 and closed (0: no limit).
+    # Connections each server process serves at once (with `workers` > 1 the server holds up to
+    # workers x this); one more reaching a process is answered 503 and closed (0: no limit).
     max_connections: int = _setting(1000, _integer(0, 10**6))
     # Server processes sharing the listening socket (0: one per CPU).
     workers: int = _setting(1, _integer(0, MAX_WORKERS))
