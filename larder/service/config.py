@@ -185,7 +185,8 @@ class Config:
     # Priority advertised in nix-cache-info (lower wins; cache.nixos.org uses 40).
     default_priority: int = _setting(30, _integer(0, 2**31 - 1))
     log_level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
-    # Access log lines: "text" (aiohttp's format) or "json" (one object per line).
+    # Access log lines: "text" (aiohttp's format) or "json" (one object per line, with a UTC
+    # "time", nothing before it: JSON lines).
     access_log: str = _setting("text", _one_of("text", "json"))
     # Seconds between scans of stored objects and bytes per cache (0: never).
     usage_interval: float = _setting(600.0, _duration)

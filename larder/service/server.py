@@ -179,7 +179,7 @@ def serve(config: Config, bootstrap: Bootstrap, command: Sequence[str]) -> int:
 
 def _run(config: Config, app: web.Application, sock: socket.socket) -> None:
     """Serve ``app`` on ``sock`` until SIGTERM, SIGINT or SIGHUP, then shut down gracefully."""
-    sink = LineSink(sys.stderr)
+    sink = LineSink(sys.stderr, prefixed=config.access_log != "json")  # json: JSON lines
     loop = new_event_loop(config)
     asyncio.set_event_loop(loop)
     try:

@@ -9,7 +9,9 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -303,3 +305,36 @@ def test_port_0_prints_the_port_the_server_got(tmp_path: Path, workers: str) -> 
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_the_json_access_log_is_json_lines_with_a_time(tmp_path: Path) -> None:
+    env = {**os.environ, "LARDER_ACCESS_LOG": "json", "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in ("LARDER_CONFIG", "LARDER_PUBLIC_URL", "LARDER_LISTEN", "LARDER_WORKERS"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "larder", "serve", "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        [*command, "--storage", str(tmp_path / "d")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        served = re.search(r":(\d+)\n", [proc.stdout.readline() for _ in range(2)][1])
+        assert served is not None
+        base = f"http://127.0.0.1:{served[1]}"
+        for path in ("/main/nix-cache-info", "/api/v1/caches/main"):  # short path, aiohttp
+            with urllib.request.urlopen(base + path, timeout=10) as answer:
+                answer.read()
+        before = time.time()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if "/main/nix-cache-info" in line or "/api/" in line]
+    assert len(lines) == 2, err
+    for line in lines:
+        entry = json.loads(line)  # the whole line: no logging prefix
+        logged = datetime.fromisoformat(entry["time"].replace("Z", "+00:00"))
+        assert logged.utcoffset() == timedelta(0)
+        assert before - 60 < logged.timestamp() <= before + 1

@@ -3,15 +3,17 @@
 An access logger formats its line itself and hands it either to its ``logging`` logger (as
 ``aiohttp``'s own logger does) or, when ``larder serve`` gives it a :class:`LineSink`, to a
 stream directly. The sink writes the lines gathered over at most :data:`FLUSH_DELAY` seconds (or
-:data:`MAX_BATCH` lines) in one write, each prefixed the way larder configures ``logging``
+:data:`MAX_BATCH` lines) in one write, text lines prefixed the way larder configures ``logging``
 (``asctime levelname name message``), so the output is the same as through ``logging`` at a
 fraction of the cost per request (a ``logging`` record, its formatting and a write per line cost
 about as much as answering a cached narinfo). Whatever is left is written when the server stops.
 
 The text layout is aiohttp's default access log format,
 ``%a %t "%r" %s %b "%{Referer}i" "%{User-Agent}i"``; the JSON layout is one object with
-``remote``, ``method``, ``path``, ``status``, ``bytes``, ``seconds`` and ``user_agent``.
-Neither ever carries credentials (no ``Authorization``, no query string in JSON).
+``time`` (when the answer was logged, RFC 3339 in UTC to the millisecond), ``remote``,
+``method``, ``path``, ``status``, ``bytes``, ``seconds`` and ``user_agent``, written alone on its
+line (JSON lines: no ``logging`` prefix). Neither ever carries credentials (no
+``Authorization``, no query string in JSON).
 """
 
 from __future__ import annotations
@@ -36,8 +38,18 @@ FLUSH_DELAY = 0.05
 class LineSink:
     """Lines of one logger, written to ``stream`` in batches (see the module docstring)."""
 
-    def __init__(self, stream: TextIO, name: str = "aiohttp.access", level: str = "INFO") -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        name: str = "aiohttp.access",
+        level: str = "INFO",
+        *,
+        prefixed: bool = True,
+    ) -> None:
+        """``prefixed``: each line starts as ``logging`` would start it; else it is the message
+        alone (JSON lines)."""
         self._stream = stream
+        self._prefixed = prefixed
         self._infix = f" {level} {name} "
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -58,12 +70,15 @@ class LineSink:
         return self._prefix
 
     def emit(self, message: str) -> None:
-        millisecond = int(time.time() * 1000)
-        prefix = self._prefix
-        if millisecond != self._millisecond:
-            prefix = self._line_prefix(millisecond)
         lines = self._lines
-        lines.append(prefix + message + "\n")
+        if self._prefixed:
+            millisecond = int(time.time() * 1000)
+            prefix = self._prefix
+            if millisecond != self._millisecond:
+                prefix = self._line_prefix(millisecond)
+            lines.append(prefix + message + "\n")
+        else:
+            lines.append(message + "\n")
         if len(lines) >= MAX_BATCH:
             self.flush()
         elif self._timer is None:
@@ -224,10 +239,23 @@ class TextAccessLogger(LineAccessLogger):
 class JsonAccessLogger(LineAccessLogger):
     """One JSON object per request (``access_log = "json"``); never logs credentials."""
 
+    _second: ClassVar[tuple[int, str]] = (-1, "")
+
+    @staticmethod
+    def now() -> str:
+        """``2026-11-22T10:00:00.123Z``: the current time in UTC (RFC 3339)."""
+        millisecond = int(time.time() * 1000)
+        second, fraction = divmod(millisecond, 1000)
+        if second != JsonAccessLogger._second[0]:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            JsonAccessLogger._second = (second, stamp)
+        return f"{JsonAccessLogger._second[1]}.{fraction:03d}Z"
+
     @staticmethod
     def line(entry: Entry) -> str:
         return json.dumps(
             {
+                "time": JsonAccessLogger.now(),
                 "remote": entry.remote,
                 "method": entry.method,
                 "path": entry.path,
