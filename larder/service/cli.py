@@ -137,7 +137,7 @@ def _config(args: argparse.Namespace) -> Config:
         flags.update(listen=args.listen, public_url=args.public_url, workers=args.workers)
     if args.command == "gc":
         flags.update(gc_grace=args.grace)
-    return load_config(flags)
+    return load_config(flags, flag_names={"gc_grace": "--grace"})
 
 
 async def _with_storage(
@@ -282,6 +282,12 @@ async def _cache_command(args: argparse.Namespace, storage: Storage, config: Con
         if args.cache_command == "rotate-key":
             settings = await _rotate_key(registry, settings, args.key_name, args.key_file)
     print(json.dumps(_describe(settings, _base_url(config)), indent=2))
+    if not config.public_url and config.listen == Config().listen:
+        print(
+            "substituter: from the default listen address, as neither public_url nor listen "
+            "is configured here (set LARDER_PUBLIC_URL to the URL clients use)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from larder.errors import InvalidInput
 from larder.protocol.tokens import parse_ttl
@@ -88,7 +89,20 @@ def _storage(value: object) -> str:
 
 
 def _url(value: object) -> str:
-    return _text(value).rstrip("/")
+    """A base URL clients can use: ``http`` or ``https``, a host, no query (``""``: none)."""
+    text = _text(value).strip().rstrip("/")
+    if not text:
+        return ""
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises ValueError for a port that is not one
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {text!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError(f"{text!r} has a query or fragment; give the base URL only")
+    return text
 
 
 def _whole(value: object) -> int:
@@ -264,11 +278,14 @@ def _convert(name: str, value: object, source: str) -> Any:
 def load_config(
     flags: Mapping[str, object | None] | None = None,
     environ: Mapping[str, str] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Config:
     """Merge flags > env > file > defaults into a validated :class:`Config`.
 
     ``flags`` holds command-line values by field name (``None`` = not given) plus an optional
     ``config`` entry naming the TOML file; ``environ`` defaults to ``os.environ``.
+    ``flag_names``: the option a field's flag is spelt as, where it is not ``--field-name``
+    (error messages name it).
     """
     flags = dict(flags or {})
     env = os.environ if environ is None else environ
@@ -293,7 +310,8 @@ def load_config(
         if value is not None:
             if name not in _PARSERS:
                 raise ConfigError(f"unknown flag {name!r}")
-            values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
+            flag = (flag_names or {}).get(name) or f"--{name.replace('_', '-')}"
+            values[name] = _convert(name, value, flag)
     return Config(**values)
 
 

@@ -159,6 +159,32 @@ def test_a_bad_aws_setting_is_one_line_and_exit_2(
     assert "AWS_ENDPOINT_URL" in err
 
 
+def test_small_command_line_mistakes_name_what_was_typed(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "cache", "create", "main", "--storage", store)
+    code, _, err = run(capsys, "gc", "--storage", store, "--grace", "abc")
+    assert code == 2 and err.startswith("larder: --grace: bad value for gc_grace")
+    code, _, err = run(
+        capsys, "serve", "--storage", store, "--public-url", "larder.example:8080"
+    )  # fmt: skip
+    assert code == 2 and "--public-url" in err and "http://" in err
+
+
+def test_cache_commands_print_the_configured_substituter(
+    store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, out, err = run(capsys, "cache", "create", "main", "--storage", store)
+    assert json.loads(out)["substituter"] == "http://127.0.0.1:8080/main"
+    assert "neither public_url nor listen is configured" in err  # a guess, and it says so
+    monkeypatch.setenv("LARDER_LISTEN", "0.0.0.0:9000")
+    _, out, err = run(capsys, "cache", "show", "main", "--storage", store)
+    assert json.loads(out)["substituter"] == "http://127.0.0.1:9000/main" and err == ""
+    monkeypatch.setenv("LARDER_PUBLIC_URL", "https://larder.example/")
+    _, out, _ = run(capsys, "cache", "limits", "main", "--storage", store)
+    assert json.loads(out)["substituter"] == "https://larder.example/main"
+
+
 def test_rotate_key_changes_the_served_key(
     store: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -86,11 +86,28 @@ def test_parse_listen() -> None:
         ({"LARDER_STORAGE": "ftp://x"}, "LARDER_STORAGE: bad value for storage: unknown storage"),
         ({"LARDER_STORAGE": "s3://ab"}, "invalid S3 bucket name"),
         ({"LARDER_STORAGE": "memory://x"}, "memory storage takes no path"),
+        # Served as the substituter: Nix cannot use one without its scheme or host.
+        ({"LARDER_PUBLIC_URL": "larder.example:8080"}, "LARDER_PUBLIC_URL: .* http:// or https"),
+        ({"LARDER_PUBLIC_URL": "ftp://larder.example"}, "http:// or https://"),
+        ({"LARDER_PUBLIC_URL": "https://"}, "with a host"),
+        ({"LARDER_PUBLIC_URL": "http://larder:99999"}, "not a URL"),
+        ({"LARDER_PUBLIC_URL": "https://larder.example/?x=1"}, "query"),
     ],
 )
 def test_bad_values_name_their_source(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config({}, environ=env)
+
+
+def test_public_urls_clients_can_use_are_taken() -> None:
+    for url in ("https://larder.example/", "http://[::1]:8080/larder", "http://10.0.0.1:80"):
+        assert load_config({"public_url": url}, environ={}).public_url == url.rstrip("/")
+    assert load_config({}, environ={"LARDER_PUBLIC_URL": ""}).public_url == ""
+
+
+def test_a_flag_spelt_otherwise_is_named_as_spelt() -> None:
+    with pytest.raises(ConfigError, match=r"^--grace: bad value for gc_grace"):
+        load_config({"gc_grace": "abc"}, environ={}, flag_names={"gc_grace": "--grace"})
 
 
 @pytest.mark.parametrize(
