@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
+
+from larder.service.cli import build_parser
+from larder.service.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,3 +48,35 @@ def test_every_local_pip_install_in_the_docs_names_a_project() -> None:
     assert paths, commands
     for path in paths:
         assert (ROOT / path / "pyproject.toml").is_file(), f"pip install {path}"
+
+
+def test_every_setting_is_documented() -> None:
+    text = docs_text()
+    for setting in fields(Config):
+        named = re.search(rf"\b{setting.name}\b", text) or f"LARDER_{setting.name.upper()}" in text
+        assert named, f"setting {setting.name} is named in no doc"
+
+
+def _options(parser: argparse.ArgumentParser, path: list[str]) -> Iterator[tuple[str, str]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, [*path, name])
+        for option in action.option_strings:
+            if option.startswith("--") and option not in ("--help", "--storage", "--config"):
+                yield " ".join(path), option
+
+
+def test_every_flag_is_documented_with_its_command() -> None:
+    lines = docs_text().splitlines()
+    windows = ["\n".join(lines[i : i + 2]) for i in range(len(lines))]
+    for command, option in _options(build_parser(), []):
+        shown = any(command in window and option in window for window in windows)
+        assert shown, f"larder {command} {option} is shown in no doc"
+
+
+def test_the_synopsis_shows_repeated_options_as_repeated() -> None:
+    # "--key PUBKEY ..." reads as several keys after one --key; argparse takes one per --key.
+    synopsis = re.search(r"```\nlarder serve.*?```", docs_text(), re.S)
+    assert synopsis is not None
+    assert not re.search(r"--\w[\w-]* [A-Z]+ \.\.\.", synopsis[0])
