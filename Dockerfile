@@ -25,6 +25,7 @@ USER 10001:10001
 WORKDIR /var/lib/larder
 VOLUME ["/var/lib/larder"]
 EXPOSE 8080
+# GET /healthz on LARDER_LISTEN's port (or the config file's listen), whatever it is set to.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+  CMD ["larder", "healthcheck"]
 ENTRYPOINT ["larder", "serve"]

@@ -1,5 +1,6 @@
 """The ``larder`` command: ``serve``, ``token create|revoke``,
-``cache create|show|list|rotate-key|trust|limits``, ``gc``, ``pin`` and ``unpin``.
+``cache create|show|list|rotate-key|trust|limits``, ``gc``, ``pin``, ``unpin`` and
+``healthcheck``.
 
 Every subcommand takes ``--storage`` and ``--config`` (also ``LARDER_STORAGE`` /
 ``LARDER_CONFIG``), so an operator can mint a token for a running deployment by pointing at the
@@ -14,6 +15,7 @@ import json
 import logging
 import secrets
 import sys
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +36,7 @@ from larder.storage.base import Storage
 from larder.storage.factory import open_storage
 
 log = logging.getLogger("larder")
+HEALTHCHECK_TIMEOUT = 2.0  # seconds; the image's HEALTHCHECK allows 3
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT (LARDER_LISTEN, default 127.0.0.1:8080)")
     serve.add_argument("--public-url", help="base URL clients use (LARDER_PUBLIC_URL)")
     serve.add_argument("--workers", help="server processes, 0: one per CPU (LARDER_WORKERS)")
+
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 if the server on the configured listen address is up"
+    )
+    health.add_argument("--config", help="TOML config file (LARDER_CONFIG)")
 
     token = commands.add_parser("token", help="create or revoke access tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
@@ -132,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    flags: dict[str, Any] = {"storage": args.storage, "config": args.config}
+    flags: dict[str, Any] = {"storage": getattr(args, "storage", None), "config": args.config}
     if args.command == "serve":
         flags.update(listen=args.listen, public_url=args.public_url, workers=args.workers)
     if args.command == "gc":
@@ -171,12 +179,28 @@ def _describe(settings: CacheSettings, base_url: str) -> dict[str, Any]:
 
 
 def _base_url(config: Config) -> str:
-    if config.public_url:
-        return config.public_url
+    return config.public_url or _local_url(config)
+
+
+def _local_url(config: Config) -> str:
+    """The configured listen address as a URL (a wildcard address: the loopback one)."""
     host, port = config.host_port
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     return f"http://{format_listen(host, port)}"
+
+
+def _healthcheck(config: Config) -> int:
+    """``GET /healthz`` on the configured listen address (the image's ``HEALTHCHECK``)."""
+    url = f"{_local_url(config)}/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    try:
+        with direct.open(url, timeout=HEALTHCHECK_TIMEOUT) as answer:
+            answer.read()
+    except (OSError, ValueError) as exc:
+        print(f"larder: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:
@@ -375,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
         if args.command == "serve":
             return _serve(config, argv)
+        if args.command == "healthcheck":
+            return _healthcheck(config)
         handlers = {
             ("token", "create"): _token_create,
             ("token", "revoke"): _token_revoke,

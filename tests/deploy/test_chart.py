@@ -77,7 +77,11 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     final = dockerfile.split("\nFROM ")[-1]
     assert "slim" in final.splitlines()[0]
     assert re.search(r"^USER 10001", final, re.M)
-    assert "HEALTHCHECK" in final and "/healthz" in final
+    assert "HEALTHCHECK" in final
+    # The probe reads LARDER_LISTEN (and the config file) as the server does: never a fixed port.
+    probe = re.search(r"^HEALTHCHECK [^\n]*\\\n\s*CMD (.*)$", final, re.M)
+    assert probe is not None and probe[1] == '["larder", "healthcheck"]'
+    assert "8080/healthz" not in final
     assert 'ENTRYPOINT ["larder", "serve"]' in final
     assert 'VOLUME ["/var/lib/larder"]' in final
     assert not re.search(r"apt-get install|gcc|build-essential", final)

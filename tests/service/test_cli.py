@@ -9,9 +9,12 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -364,3 +367,42 @@ def test_the_json_access_log_is_json_lines_with_a_time(tmp_path: Path) -> None:
         logged = datetime.fromisoformat(entry["time"].replace("Z", "+00:00"))
         assert logged.utcoffset() == timedelta(0)
         assert before - 60 < logged.timestamp() <= before + 1
+
+
+@pytest.fixture
+def healthz() -> Iterator[int]:
+    """A server answering ``GET /healthz`` on a port of its own."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_healthcheck_probes_the_configured_listen_address(
+    healthz: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LARDER_CONFIG", raising=False)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # the probe never goes via a proxy
+    monkeypatch.setenv("LARDER_LISTEN", f"0.0.0.0:{healthz}")  # as the image sets it
+    assert run(capsys, "healthcheck") == (0, "", "")
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    monkeypatch.setenv("LARDER_LISTEN", f"127.0.0.1:{port}")  # nothing listens there
+    code, out, err = run(capsys, "healthcheck")
+    assert code == 1 and out == "" and f"127.0.0.1:{port}/healthz" in err
