@@ -226,7 +226,8 @@ class Config:
     # Connections each server process serves at once (with `workers` > 1 the server holds up to
     # workers x this); one more reaching a process is answered 503 and closed (0: no limit).
     max_connections: int = _setting(1000, _integer(0, 10**6))
-    # Server processes sharing the listening socket (0: one per CPU).
+    # Server processes sharing the listening socket (0: one per CPU the process may use, within
+    # a cgroup v2 CPU quota such as a container's CPU limit, rounded up).
     workers: int = _setting(1, _integer(0, MAX_WORKERS))
     # Seconds a worker's event loop may go without a heartbeat before the parent kills and
     # replaces it (with workers > 1).

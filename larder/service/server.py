@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import os
 import select
 import shutil
@@ -130,11 +131,42 @@ BACKLOG = 1024
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
-def worker_count(config: Config) -> int:
-    """``workers``, with 0 meaning one per CPU this process may run on."""
+#: Where the cgroup v2 hierarchy is mounted (in a container: its own cgroup).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def worker_count(config: Config, cpu_max: Path | None = None) -> int:
+    """``workers``, with 0 meaning one per CPU this process may use: the CPUs it may run on,
+    fewer under a cgroup v2 CPU quota (a container's CPU limit), read from ``cpu_max``
+    (default: this process's cgroup's ``cpu.max``)."""
     if config.workers:
         return config.workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    quota = cpu_quota(cpu_max if cpu_max is not None else _own_cpu_max())
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+def _own_cpu_max() -> Path:
+    """``cpu.max`` of this process's cgroup (v2: the ``0::`` line of ``/proc/self/cgroup``)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    own = next((line[3:] for line in lines if line.startswith("0::")), "/")
+    return CGROUP_ROOT / own.lstrip("/") / "cpu.max"
+
+
+def cpu_quota(cpu_max: Path) -> int | None:
+    """CPUs a cgroup v2 ``cpu.max`` file (``"200000 100000"``: quota and period in µs) allows,
+    rounded up; ``None`` without a file or a quota (``"max 100000"``)."""
+    try:
+        quota, _, period = cpu_max.read_text().strip().partition(" ")
+        if quota == "max" or int(quota) <= 0:
+            return None
+        return max(1, math.ceil(int(quota) / int(period or "100000")))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def new_event_loop(config: Config) -> asyncio.AbstractEventLoop:

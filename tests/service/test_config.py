@@ -206,7 +206,7 @@ def test_workers_and_event_loop_from_env_file_and_flag(tmp_path: Path) -> None:
     assert (config.workers, config.event_loop) == (3, "asyncio")
     config = load_config({"workers": "0"}, environ={"LARDER_WORKERS": "2"})
     assert config.workers == 0  # the flag wins; 0 means one per CPU
-    assert worker_count(config) == len(os.sched_getaffinity(0))
+    assert worker_count(config, tmp_path / "no-cpu.max") == len(os.sched_getaffinity(0))
     assert worker_count(load_config({}, environ={"LARDER_WORKERS": "2"})) == 2
     with pytest.raises(ConfigError, match="LARDER_WORKERS: bad value for workers"):
         load_config({}, environ={"LARDER_WORKERS": "-1"})
@@ -215,6 +215,28 @@ def test_workers_and_event_loop_from_env_file_and_flag(tmp_path: Path) -> None:
     assert Config().worker_timeout == 30.0
     with pytest.raises(ConfigError, match="LARDER_WORKER_TIMEOUT: bad value for worker_timeout"):
         load_config({}, environ={"LARDER_WORKER_TIMEOUT": "0.5"})
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000", None),  # no quota: every CPU the process may run on
+        ("200000 100000", 2),  # a pod's 2-CPU limit
+        ("150000 100000", 2),  # 1.5 CPUs: rounded up
+        ("50000 100000", 1),  # half a CPU: still one worker
+        ("10000000 100000", None),  # 100 CPUs allowed: no more than it may run on
+        ("garbage", None),
+    ],
+)
+def test_workers_0_honours_a_cgroup_cpu_quota(
+    tmp_path: Path, cpu_max: str, expected: int | None
+) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max + "\n")
+    config = Config(workers=0)
+    assert worker_count(config, path) == (cpus if expected is None else min(cpus, expected))
+    assert worker_count(Config(workers=3), path) == 3  # a number given is taken as it is
 
 
 def test_a_worker_seat_comes_from_the_environment_its_parent_set() -> None:
