@@ -15,7 +15,8 @@ spaces) holding exactly these inputs, numbered as in the code below:
    are drawn (``--out-dir``, ``-o``, ``--diagnostic-width``, ``--color``) and minus ``--extern``
    paths (item 7 covers them); every absolute path under a root is in portable form
    (:mod:`larder.client.paths`), so the checkout, target directory and ``CARGO_HOME`` may live
-   anywhere.
+   anywhere; last, for a crate compiled in its own directory, the name its outputs give that
+   directory (``--remap-path-prefix=@LARDER:CWD@=/larder/crate/serde-1.0.0``).
 5. ``sources``: every file a ``--emit=dep-info`` run of the same command lists (the crate's
    modules, ``include!``/``include_str!``/``include_bytes!`` files, including those under
    ``OUT_DIR``): its portable path and BLAKE3.
@@ -160,7 +161,8 @@ class KeyInputs(NamedTuple):
 
 
 def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
-    """Item 4: the arguments with output locations dropped and paths made portable."""
+    """Item 4: the arguments with output locations dropped and paths made portable, and where
+    ``CWD`` is remapped to when not ``.`` (the crate directory's name is in the outputs)."""
     out: list[str] = []
     for flag, value in compilation.flags:
         if flag in _DROPPED_FLAGS:
@@ -170,6 +172,8 @@ def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
         out.append(flag if value is None else f"{flag}={roots.portable(value)}")
     if compilation.input is not None:
         out.append(roots.portable_path(compilation.input))
+    if roots.cwd_remap != ".":  # the outputs name the crate's directory
+        out.append(f"--remap-path-prefix=@LARDER:CWD@={roots.cwd_remap}")
     return out
 
 

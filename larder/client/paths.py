@@ -3,8 +3,7 @@
 A compilation names paths under a few roots that differ between machines but not between the
 builds that should share a cache entry:
 
-* ``CWD``: the directory cargo runs rustc in (the workspace root, or a crate's own root),
-  unless it is under ``CARGO_HOME`` (:func:`working_root`);
+* ``CWD``: the directory cargo runs rustc in (the workspace root, or a crate's own root);
 * ``TARGET``: cargo's target directory (found from ``--out-dir`` and ``--target`` by cargo's
   layout, :func:`find_target_dir`);
 * ``CARGO_HOME``: ``$CARGO_HOME`` or ``~/.cargo`` (registry and git checkouts).
@@ -13,7 +12,11 @@ builds that should share a cache entry:
 :meth:`Roots.local` puts this machine's root back; the most specific (longest) root wins. For the
 outputs themselves the shim passes ``--remap-path-prefix`` for each root (``CWD`` to ``.``,
 ``TARGET`` to ``/larder/target``, ``CARGO_HOME`` to ``/larder/cargo-home``), so that rlibs, rmeta
-files and debug info are byte-identical whichever directory they were built in.
+files and debug info are byte-identical whichever directory they were built in. A crate cargo
+compiles in its own directory (registry, git, vendored: cargo names its root file by absolute
+path) has ``CWD`` remapped to ``/larder/crate/<directory name>`` instead
+(:func:`crate_dir_remap`), so its panics and debug info name it (``serde-1.0.0/src/de.rs``, not
+``./src/de.rs``) whichever registry or vendor directory holds it.
 
 A link line names two more machine-specific places (:mod:`larder.client.linkline`): the
 toolchain's ``SYSROOT`` and rustc's temporary directory ``RUSTC_TMP``. :meth:`Roots.extended`
@@ -115,6 +118,8 @@ class Roots(NamedTuple):
     #: same root comes in both spellings. Both become its placeholder and get its remap; the
     #: placeholder is put back as the root's own spelling.
     aliases: tuple[tuple[str, str], ...] = ()
+    #: What ``CWD`` (and its aliases) is remapped to (:func:`crate_dir_remap`).
+    cwd_remap: str = "."
 
     @classmethod
     def of(cls, **paths: Path | None) -> Roots:
@@ -143,7 +148,7 @@ class Roots(NamedTuple):
     def extended(self, **paths: Path | None) -> Roots:
         """These roots and ``paths`` (placeholders without a remap, e.g. ``SYSROOT``)."""
         known: dict[str, Path | None] = {name: Path(path) for name, path in self.roots}
-        return Roots.of(**{**known, **paths})
+        return Roots.of(**{**known, **paths})._replace(cwd_remap=self.cwd_remap)
 
     def portable(self, text: str) -> str:
         """``text`` with every root replaced by its placeholder."""
@@ -174,19 +179,20 @@ class Roots(NamedTuple):
         for name, path in sorted(self.spellings, key=lambda item: len(item[1])):
             if name not in REMAP_TO:
                 continue
-            flags.append(f"--remap-path-prefix={path}={REMAP_TO[name]}")
+            to = self.cwd_remap if name == "CWD" else REMAP_TO[name]
+            flags.append(f"--remap-path-prefix={path}={to}")
         return flags
 
 
-def working_root(cwd: Path, cargo_home: Path) -> Path | None:
-    """The ``CWD`` root, or ``None`` when ``cwd`` is inside ``cargo_home`` (a registry or git
-    crate, which cargo compiles in its own directory): ``CARGO_HOME``'s root then covers it,
-    and its remap keeps the crate's name and version in panics and debug info
-    (``/larder/cargo-home/registry/src/<index>/serde-1.0.0/src/de.rs``, not ``./src/de.rs``)."""
-    for inner, outer in ((cwd, cargo_home), (Path(os.path.realpath(cwd)), cargo_home.resolve())):
-        if os.path.normpath(inner).startswith(os.path.normpath(outer).rstrip("/") + "/"):
-            return None
-    return cwd
+def crate_dir_remap(crate_root: str | None, cwd: Path) -> str:
+    """What ``CWD`` is remapped to: ``/larder/crate/<directory name>`` when cargo compiles the
+    crate in its own directory and names its root file by absolute path (a registry, git or
+    vendored crate, ``serde-1.0.0``), else ``.`` (a workspace member, named relative to the
+    workspace root)."""
+    if crate_root is None or not os.path.isabs(crate_root):
+        return "."
+    inside = os.path.normpath(crate_root).startswith(os.path.normpath(cwd).rstrip("/") + "/")
+    return f"/larder/crate/{cwd.name}" if inside and cwd.name else "."
 
 
 def logical_cwd(cwd: Path, environ: dict[str, str]) -> Path:

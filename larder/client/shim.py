@@ -63,10 +63,10 @@ from larder.client import stats as stats_mod
 from larder.client.leaks import embeds, fewest_needles, remapped
 from larder.client.paths import (
     Roots,
+    crate_dir_remap,
     default_cargo_home,
     find_target_dir,
     logical_cwd,
-    working_root,
 )
 from larder.client.probe import cache_enabled, startup_ms
 from larder.client.remote import Remote, RemoteError, network_timeout
@@ -220,12 +220,12 @@ class Invocation:
         target_dir = (
             find_target_dir(self.out_dir, self.target) if self.out_dir is not None else None
         )
-        cargo_home = default_cargo_home(environ)
+        cwd_root = logical_cwd(self.cwd, environ)
         self.roots = Roots.of(
-            CWD=working_root(logical_cwd(self.cwd, environ), cargo_home),
+            CWD=cwd_root,
             TARGET=target_dir,
-            CARGO_HOME=cargo_home,
-        )
+            CARGO_HOME=default_cargo_home(environ),
+        )._replace(cwd_remap=crate_dir_remap(self.compilation.input, cwd_root))
         self.state = stats_mod.state_dir(environ)
         digests.attach(self.state)
         self.token = environ.get("LARDER_TOKEN") or None

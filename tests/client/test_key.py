@@ -252,6 +252,36 @@ def test_variables_the_build_script_set_are_keyed(ci: Checkout, laptop: Checkout
     assert key_of(ci, env={"SETTING": "bye"}) == key_of(ci, env={"SETTING": "hello"})
 
 
+def test_a_registry_crate_is_keyed_by_its_directory_name_not_its_registry(
+    tmp_path: Path,
+) -> None:
+    """Its outputs name ``/larder/crate/<directory>``: the key holds that name, and nothing of
+    where the registry (a mirror, another index) keeps it."""
+    from larder.client.paths import crate_dir_remap
+
+    def registry_key(holder: str, directory: str, cargo_home: str = "cargo") -> str:
+        crate = tmp_path / cargo_home / "registry/src" / holder / directory
+        (crate / "src").mkdir(parents=True, exist_ok=True)
+        (crate / "src/lib.rs").write_text("pub fn f() -> u32 { 1 }\n")
+        argv = ["--crate-name", "fnv", "--edition=2015", f"{crate}/src/lib.rs",
+                "--crate-type", "lib", "--emit=dep-info,metadata,link", "--cap-lints", "allow",
+                "--out-dir", str(tmp_path / "target/debug/deps")]  # fmt: skip
+        compilation = args.parse(argv)
+        roots = Roots.of(CWD=crate, CARGO_HOME=tmp_path / cargo_home)._replace(
+            cwd_remap=crate_dir_remap(compilation.input, crate)
+        )
+        deps = depinfo.DepInfo(files=(f"{crate}/src/lib.rs",), env=())
+        return compute(
+            rustc_version=RUSTC_VERSION, sysroot=SYSROOT, compilation=compilation, deps=deps,
+            roots=roots, cwd=crate, environ={"CARGO_PKG_NAME": "fnv"},
+        ).key()  # fmt: skip
+
+    base = registry_key("index.crates.io-1949cf8c6b5b557f", "fnv-1.0.7")
+    assert registry_key("mirror-0123456789abcdef", "fnv-1.0.7") == base
+    assert registry_key("index.crates.io-1949cf8c6b5b557f", "fnv-1.0.7", "home/.cargo") == base
+    assert registry_key("vendor-source", "fnv") != base  # its outputs name another directory
+
+
 def _base(c: Checkout) -> tuple[Base, Roots, dict[str, str], args.Compilation]:
     roots = Roots.of(CWD=c.root, TARGET=c.target, CARGO_HOME=c.cargo_home)
     environ = {"CARGO_PKG_NAME": "leaf", "GREETING": "hello", "OUT_DIR": str(c.out_dir)}

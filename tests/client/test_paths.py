@@ -191,26 +191,24 @@ def test_the_working_directory_as_cargo_names_it(tmp_path: Path) -> None:
     assert logical_cwd(resolved, {}) == resolved
 
 
-def test_a_crate_compiled_inside_cargo_home_keeps_its_name_in_remapped_paths(
+def test_a_crate_compiled_in_its_own_directory_keeps_its_name_in_remapped_paths(
     tmp_path: Path,
 ) -> None:
-    """Cargo compiles a registry crate in its own directory: with that directory as a root of
-    its own its paths would read ``./src/de.rs``; ``CARGO_HOME``'s root names the crate."""
-    from larder.client.paths import working_root
+    """Cargo compiles a registry, git or vendored crate in its own directory and names its
+    root file by absolute path: remapped to ``.`` its paths would read ``./src/de.rs``."""
+    from larder.client.paths import crate_dir_remap
 
-    real = tmp_path / "disk" / "cargo"
-    crate = real / "registry" / "src" / "index-1" / "serde-1.0.0"
-    crate.mkdir(parents=True)
-    link = tmp_path / ".cargo"
-    link.symlink_to(real)
-    for cwd, cargo_home in ((crate, real), (crate, link), (link / crate.relative_to(real), link)):
-        assert working_root(cwd, cargo_home) is None
-        roots = Roots.of(CWD=working_root(cwd, cargo_home), CARGO_HOME=cargo_home)
-        assert roots.portable(f"{cwd}/src/de.rs") == (
-            "@LARDER:CARGO_HOME@/registry/src/index-1/serde-1.0.0/src/de.rs"
+    for holder in ("cargo/registry/src/index-1", "mirror/registry/src/other-2", "ws/vendor"):
+        crate = tmp_path / holder / "serde-1.0.0"
+        assert crate_dir_remap(f"{crate}/src/lib.rs", crate) == "/larder/crate/serde-1.0.0"
+        roots = Roots.of(CWD=crate, CARGO_HOME=tmp_path / "cargo")._replace(
+            cwd_remap="/larder/crate/serde-1.0.0"
         )
-        assert not [flag for flag in roots.remap_flags() if flag.endswith("=.")]
+        assert roots.remap_flags()[-1] == f"--remap-path-prefix={crate}=/larder/crate/serde-1.0.0"
+        assert roots.extended(SYSROOT=tmp_path).cwd_remap == "/larder/crate/serde-1.0.0"
     workspace = tmp_path / "work" / "app"
-    workspace.mkdir(parents=True)
-    assert working_root(workspace, link) == workspace
-    assert working_root(real, real) == real  # CARGO_HOME itself is not inside it
+    assert crate_dir_remap("src/main.rs", workspace) == "."  # a member: named relatively
+    assert crate_dir_remap("crates/leaf/src/lib.rs", workspace) == "."
+    assert crate_dir_remap("/elsewhere/src/lib.rs", workspace) == "."  # not inside
+    assert crate_dir_remap(None, workspace) == "."
+    assert Roots.of(CWD=workspace).remap_flags() == [f"--remap-path-prefix={workspace}=."]
