@@ -119,8 +119,8 @@ class BlobInfo:
     blob_id: str  # BLAKE3 hex of the uncompressed bytes
     size: int  # uncompressed bytes
     stored_size: int  # compressed bytes at rest
-    #: sha256 of the bytes at rest, when the writer that committed them knows it (it wrote
-    #: them); None when the backend kept an earlier commit of the same content.
+    #: sha256 of the bytes at rest, when known: the committing writer's own, or, when the
+    #: backend kept an earlier commit's bytes, what it recorded with them (S3); else None.
     stored_sha256: bytes | None = field(default=None, compare=False)
 
 

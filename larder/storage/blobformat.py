@@ -186,9 +186,11 @@ class EncodingBlobWriter(BlobWriter):
         """Append compressed bytes to the temporary object."""
 
     @abstractmethod
-    def _publish(self, info: BlobInfo) -> tuple[int, bool]:
+    def _publish(self, info: BlobInfo) -> tuple[int, bytes | None]:
         """Make the finished temporary object visible as ``info.blob_id``; return the stored
-        size of the blob now under that id, and whether its bytes are this writer's.
+        size of the blob now under that id, and the sha256 of its bytes when known: this
+        writer's (``info.stored_sha256``) when they are its, else what the backend recorded
+        with the bytes kept, if anything.
 
         If that blob exists, keep it (the content is identical, its encoding may differ: the
         records made from it describe its bytes) but refresh its modification time: a garbage
@@ -235,10 +237,10 @@ class EncodingBlobWriter(BlobWriter):
                 raise VerificationFailed(
                     f"content hash mismatch: the body's BLAKE3 is {blob_id}, expected {expected_id}"
                 )
-            info = BlobInfo(blob_id, self._encoder.size, self._encoder.stored_size)
-            kept_size, own = self._publish(info)
             digest = stored_sha256 if self._encoded else self._stored_hash.digest()
-            info = BlobInfo(blob_id, info.size, kept_size, digest if own else None)
+            info = BlobInfo(blob_id, self._encoder.size, self._encoder.stored_size, digest)
+            kept_size, kept_sha256 = self._publish(info)
+            info = BlobInfo(blob_id, info.size, kept_size, kept_sha256)
         except BaseException:
             self.abort()
             raise

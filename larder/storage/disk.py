@@ -194,7 +194,7 @@ class _DiskBlobWriter(EncodingBlobWriter):
         if fd >= 0:
             os.close(fd)
 
-    def _publish(self, info: BlobInfo) -> tuple[int, bool]:
+    def _publish(self, info: BlobInfo) -> tuple[int, bytes | None]:
         final = self._storage._blob_path(info.blob_id)
         kept_size = info.stored_size
         own = True
@@ -223,7 +223,7 @@ class _DiskBlobWriter(EncodingBlobWriter):
             _fsync_dir(final.parent)
             if created:
                 _fsync_dir(final.parent.parent)
-        return kept_size, own
+        return kept_size, info.stored_sha256 if own else None
 
     def _discard(self) -> None:
         try:

@@ -51,7 +51,7 @@ class _MemoryBlobWriter(EncodingBlobWriter):
     def _sink(self, piece: bytes) -> None:
         self._pieces.append(piece)
 
-    def _publish(self, info: BlobInfo) -> tuple[int, bool]:
+    def _publish(self, info: BlobInfo) -> tuple[int, bytes | None]:
         data = b"".join(self._pieces)
         self._pieces = []
         blobs = self._storage._blobs
@@ -60,7 +60,7 @@ class _MemoryBlobWriter(EncodingBlobWriter):
             # identical content is kept; only the commit time moves
             kept = existing.data if existing else data
             blobs[info.blob_id] = _Entry(kept, self._storage.clock())
-        return len(kept), existing is None
+        return len(kept), info.stored_sha256 if existing is None else None
 
     def _discard(self) -> None:
         self._pieces = []

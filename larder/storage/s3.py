@@ -14,7 +14,9 @@ copies it server-side to the final key and deletes the temporary. Nothing appear
 keeps its bytes, which the records made from it describe: the small commit is a conditional
 ``PutObject`` (``If-None-Match: *``), the large one looks first; the existing object is then
 copied onto itself, which refreshes its ``LastModified`` (what garbage collection reads as the
-blob's age; past 5 GiB, the limit of one copy, it is left as it is). Two large commits of the
+blob's age; past 5 GiB, the limit of one copy, it is left as it is). Each blob carries the sha256
+of its bytes as user metadata (``x-amz-meta-sha256``), so a commit that keeps an earlier one's
+bytes reports their sha256 without reading them back. Two large commits of the
 same content racing each other may leave either one's bytes. (In a versioned bucket each
 refresh leaves a noncurrent version; expire those with a lifecycle rule.)
 
@@ -211,6 +213,23 @@ def _client_setup_error(exc: Exception) -> StorageError:
     return StorageError(f"cannot set up the S3 client: {exc}; {hint}")
 
 
+#: The user metadata a blob's sha256 (of its bytes at rest) is recorded under.
+_SHA256_METADATA = "sha256"
+
+
+def _sha256_metadata(digest: bytes | None) -> dict[str, str]:
+    return {_SHA256_METADATA: digest.hex()} if digest is not None else {}
+
+
+def _recorded_sha256(metadata: dict[str, str]) -> bytes | None:
+    """The sha256 recorded with a blob, if it is one."""
+    try:
+        digest = bytes.fromhex(metadata.get(_SHA256_METADATA, ""))
+    except ValueError:
+        return None
+    return digest if len(digest) == 32 else None
+
+
 # -- listings ----------------------------------------------------------------------------
 
 
@@ -274,10 +293,11 @@ class _S3BlobWriter(EncodingBlobWriter):
                 part[name] = value
         self._parts.append(part)
 
-    def _publish(self, info: BlobInfo) -> tuple[int, bool]:
+    def _publish(self, info: BlobInfo) -> tuple[int, bytes | None]:
         final = self._storage._blob_key(info.blob_id)
         # Content already stored (perhaps encoded otherwise) keeps its bytes, which the records
         # and narinfos made from it describe, and is only made fresh (module docstring).
+        metadata = _sha256_metadata(info.stored_sha256)
         if self._upload_id is None:
             data = bytes(self._buffer)
             self._buffer = bytearray()
@@ -289,13 +309,14 @@ class _S3BlobWriter(EncodingBlobWriter):
                             Key=final,
                             Body=data,
                             ContentType=BLOB_CONTENT_TYPE,
+                            Metadata=metadata,
                             IfNoneMatch="*",
                         )
-                    return info.stored_size, True
+                    return info.stored_size, info.stored_sha256
                 except _PreconditionFailed:
                     kept = self._storage._refresh_sync(final)
                     if kept is not None:
-                        return kept, False
+                        return kept
                     # deleted (by garbage collection) since: put it again
                 except _ConditionalConflict:
                     time.sleep(0.05 * 2**attempt)
@@ -313,12 +334,11 @@ class _S3BlobWriter(EncodingBlobWriter):
         self._upload_id = None
         self._temp_complete = True
         kept = self._storage._refresh_sync(final)
-        own = kept is None
-        if own:  # a commit of the same content racing this one may still overwrite it
-            self._storage._copy_sync(self._temp_key, final, info.stored_size)
+        if kept is None:  # a commit of the same content racing this one may still overwrite it
+            self._storage._copy_sync(self._temp_key, final, info.stored_size, metadata)
         self._temp_complete = False
         self._storage._delete_quietly(self._temp_key)
-        return (info.stored_size if kept is None else kept), own
+        return kept if kept is not None else (info.stored_size, info.stored_sha256)
 
     def _discard(self) -> None:
         self._buffer = bytearray()
@@ -568,34 +588,47 @@ class S3Storage(Storage):
         except StorageError as exc:
             log.warning("cannot delete temporary %s: %s", key, exc)
 
-    def _refresh_sync(self, key: str) -> int | None:
-        """Make a stored blob's ``LastModified`` now, keeping its bytes; its size, or ``None``
-        if it is not there. A blob too large for one ``CopyObject`` is left as it is."""
-        size = self._head_sync(key)
-        if size is None or size > MAX_COPY_OBJECT_SIZE:
-            return size
+    def _refresh_sync(self, key: str) -> tuple[int, bytes | None] | None:
+        """Make a stored blob's ``LastModified`` now, keeping its bytes and metadata; its size
+        and the sha256 recorded with it (``None`` for blobs stored without one), or ``None`` if
+        it is not there. A blob too large for one ``CopyObject`` is left as it is."""
         try:
-            with _translate_errors("blob refresh"):
-                self._client.copy_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    CopySource={"Bucket": self.bucket, "Key": key},
-                    MetadataDirective="REPLACE",  # a copy onto itself must change something
-                    ContentType=BLOB_CONTENT_TYPE,
-                    **self._checksum_options(),
-                )
+            with _translate_errors("head"):
+                head = self._client.head_object(Bucket=self.bucket, Key=key)
         except _Missing:
             return None
-        return size
+        size, metadata = head["ContentLength"], head.get("Metadata", {})
+        if size <= MAX_COPY_OBJECT_SIZE:
+            try:
+                with _translate_errors("blob refresh"):
+                    self._client.copy_object(
+                        Bucket=self.bucket,
+                        Key=key,
+                        CopySource={"Bucket": self.bucket, "Key": key},
+                        MetadataDirective="REPLACE",  # a copy onto itself must change something
+                        Metadata=metadata,
+                        ContentType=BLOB_CONTENT_TYPE,
+                        **self._checksum_options(),
+                    )
+            except _Missing:
+                return None
+        return size, _recorded_sha256(metadata)
 
-    def _copy_sync(self, source: str, target: str, size: int) -> None:
+    def _copy_sync(
+        self, source: str, target: str, size: int, metadata: dict[str, str] | None = None
+    ) -> None:
         copy_source = {"Bucket": self.bucket, "Key": source}
+        described: dict[str, Any] = {}
+        if metadata:
+            described = {"MetadataDirective": "REPLACE", "Metadata": metadata}
+            described["ContentType"] = BLOB_CONTENT_TYPE
         with _translate_errors("blob copy"):
             if size <= MAX_COPY_OBJECT_SIZE:
                 self._client.copy_object(
                     Bucket=self.bucket,
                     Key=target,
                     CopySource=copy_source,  # type: ignore[arg-type]
+                    **described,
                     **self._checksum_options(),
                 )
             else:
@@ -603,6 +636,7 @@ class S3Storage(Storage):
                     copy_source,  # type: ignore[arg-type]
                     self.bucket,
                     target,
+                    ExtraArgs=described or None,
                     Config=TransferConfig(
                         multipart_chunksize=max(self._part_size, 64 * 1024 * 1024),
                         max_concurrency=4,

@@ -85,6 +85,36 @@ async def test_multipart_of_existing_blob(s3_bucket: S3Bucket) -> None:
         await storage.close()
 
 
+@pytest.mark.parametrize("size", [300_000, 11 * MiB])  # one PutObject, a multipart upload
+async def test_content_stored_again_reports_the_kept_bytes_sha256_without_reading_them(
+    s3_bucket: S3Bucket, size: int
+) -> None:
+    """The same NAR pushed to a second cache is committed again: the sha256 of the bytes kept
+    comes from the blob's metadata, not from downloading the whole blob."""
+    import hashlib
+
+    storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
+    data = mixed_data(size, seed=21)
+    downloads: list[str] = []
+
+    def count(**kwargs: Any) -> None:
+        downloads.append(kwargs["model"].name)
+
+    storage._client.meta.events.register("before-call.s3.GetObject", count)
+    try:
+        first = await write_blob(storage, data, piece=MiB)
+        again = await write_blob(storage, data, piece=3 * MiB)
+        stored = await read_stored(storage, first.blob_id)
+        assert first.stored_sha256 == again.stored_sha256 == hashlib.sha256(stored).digest()
+        assert len(downloads) == 1  # the read_stored above, nothing for the commits
+        head = s3_bucket.client.head_object(
+            Bucket=s3_bucket.name, Key=f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
+        )
+        assert head["Metadata"] == {"sha256": hashlib.sha256(stored).hexdigest()}
+    finally:
+        await storage.close()
+
+
 @pytest.mark.parametrize("how", ["abort", "exception"])
 async def test_multipart_abandoned(s3_bucket: S3Bucket, how: str) -> None:
     storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
