@@ -391,9 +391,10 @@ class FlakyStorage(MemoryStorage):
     """Memory storage whose cache objects become unreachable on demand."""
 
     down = False
+    prefix = "caches/"  # "": every object, cache settings too
 
     def _check(self, key: str) -> None:
-        if self.down and key.startswith("caches/"):
+        if self.down and key.startswith(self.prefix):
             raise StorageUnavailable("connection refused")
 
     async def get(self, key: str) -> bytes | None:
@@ -433,16 +434,18 @@ async def test_a_probe_during_a_storage_outage_makes_sccache_read_only_not_fail(
 ) -> None:
     """A probe GET other than 200/404 stops sccache's server and fails the build."""
     storage = FlakyStorage()
-    service = await make_service(storage)
-    storage.down = True
-    resp = await service.client.get(PROBE)
-    assert resp.status == 404 and "storage is unavailable" in await resp.text()
-    resp = await service.client.put(PROBE, data=b"Hello, World!", headers=service.auth())
-    assert resp.status == 403 and "read-only" in await resp.text()
-    assert (await service.client.get(ENTRY)).status == 503  # lookups say what happened
-    storage.down = False
-    resp = await service.client.put(PROBE, data=b"Hello, World!", headers=service.auth())
-    assert resp.status == 201
+    # Settings looked up again on every request: the outage meets their read too.
+    service = await make_service(storage, refresh_interval=0)
+    for prefix in ("caches/", ""):  # the cache's objects, then the cache's settings too
+        storage.down, storage.prefix = True, prefix
+        resp = await service.client.get(PROBE)
+        assert resp.status == 404 and "storage is unavailable" in await resp.text()
+        resp = await service.client.put(PROBE, data=b"Hello, World!", headers=service.auth())
+        assert resp.status == 403 and "read-only" in await resp.text(), prefix
+        assert (await service.client.get(ENTRY)).status == 503  # lookups say what happened
+        storage.down = False
+        resp = await service.client.put(PROBE, data=b"Hello, World!", headers=service.auth())
+        assert resp.status == 201
 
 
 @pytest.mark.parametrize(

@@ -85,21 +85,26 @@ async def _get_entry(request: web.Request) -> web.StreamResponse:
 
 async def put_entry(request: web.Request) -> web.Response:
     note_upload(request)
+    raw = request.match_info.get("path", "")
+    if not is_probe(raw):
+        return await _put_entry(request)
+    try:
+        return await _put_entry(request)
+    except StorageError:
+        message = "storage is unavailable; sccache runs read-only until it starts again"
+        raise Forbidden(message) from None
+
+
+async def _put_entry(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.WRITE)
     raw = request.match_info.get("path", "")
     if is_probe(raw) and (problem := probe_problem(raw)) is not None:
-        raise Forbidden(f"{problem}; sccache runs read-only")  # a 400 would fail the build
+        raise Forbidden(f"{problem}; sccache runs read-only")  # module docstring
     path, collection = _path(request)
     if collection or not path:
         raise FormatError("PUT needs an entry path, not a collection")
     limit = request.app[state.CONFIG].max_upload_size
-    try:
-        await request.app[state.SCCACHE].put(settings, path, body_chunks(request, limit))
-    except StorageError:
-        if is_probe(raw):
-            message = "storage is unavailable; sccache runs read-only until it starts again"
-            raise Forbidden(message) from None
-        raise
+    await request.app[state.SCCACHE].put(settings, path, body_chunks(request, limit))
     return web.Response(status=201)
 
 
