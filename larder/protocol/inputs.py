@@ -374,7 +374,10 @@ def _lines(text: object) -> list[str]:
     return str(text).splitlines() if text is not None else []
 
 
-def _link(current: object, stored: object) -> list[Difference]:
+def _link(current: object, stored: object, dependencies: frozenset[object]) -> list[Difference]:
+    """Differences of item 11; a link input whose new digest is that of a changed ``--extern``
+    (the dependency's rlib, which the link reads too) is the dependency's change, not the
+    link's."""
     if not isinstance(current, dict) or not isinstance(stored, dict):
         return [Difference("link", "link", "added" if stored is None else "removed")]
     found: list[Difference] = []
@@ -383,7 +386,13 @@ def _link(current: object, stored: object) -> list[Difference]:
         if now == before:
             continue
         if name in ("inputs", "env") and isinstance(now, list) and isinstance(before, list):
-            found += _compare_maps("link", _mapping(now), _mapping(before))
+            now_map, before_map = _mapping(now), _mapping(before)
+            if name == "inputs":
+                for path in [p for p, v in now_map.items() if v in dependencies]:
+                    if before_map.get(path) != now_map[path]:
+                        del now_map[path]
+                        before_map.pop(path, None)
+            found += _compare_maps("link", now_map, before_map)
         elif name == "sysroot_tools" and isinstance(now, dict) and isinstance(before, dict):
             found += _compare_maps("link", now, before)
         else:
@@ -454,12 +463,14 @@ def differences(current: Mapping[str, Any], stored: Mapping[str, Any]) -> list[D
         _mapping(stored.get("cargo_env")),
         shown=lambda v: json.dumps(v),
     )
-    found += _compare_maps(
-        "dependency", _mapping(current.get("externs")), _mapping(stored.get("externs"))
-    )
+    externs, stored_externs = _mapping(current.get("externs")), _mapping(stored.get("externs"))
+    found += _compare_maps("dependency", externs, stored_externs)
     found += _compare_maps("link", _mapping(current.get("native")), _mapping(stored.get("native")))
     if "link" in current and current.get("link") != stored.get("link"):
-        found += _link(current.get("link"), stored.get("link"))
+        rebuilt: frozenset[object] = frozenset(
+            v for k, v in externs.items() if v is not None and stored_externs.get(k) != v
+        )
+        found += _link(current.get("link"), stored.get("link"), rebuilt)
     return found or derived
 
 

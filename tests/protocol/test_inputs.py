@@ -95,6 +95,25 @@ def test_own_inputs_come_before_dependencies_and_derived_flags_are_consequences(
     assert categories(current)[0] == "source"
 
 
+def test_a_linked_crate_whose_dependency_changed_misses_for_the_dependency() -> None:
+    """The link reads the dependency's rlib too: its new digest there is the dependency's
+    change, not the link's; another link input that changed still counts."""
+    rlib = "@LARDER:TARGET@/debug/deps/libitoa-1.rlib"
+    link = {"line": ["cc"], "inputs": [[rlib, "33"], ["/usr/lib/libz.a", "66"]], "env": []}
+    stored = inputs(link=link)
+    relinked = {**link, "inputs": [[rlib, "44"], ["/usr/lib/libz.a", "66"]]}
+    current = inputs(externs=[["itoa", "44"]], link=relinked)
+    found = explain(current, [("k" * 64, stored)])
+    assert (found.category, [(d.category, d.item) for d in found.differences]) == (
+        "dependency",
+        [("dependency", "itoa")],
+    )
+    both = {**link, "inputs": [[rlib, "44"], ["/usr/lib/libz.a", "77"]]}
+    found = explain(inputs(externs=[["itoa", "44"]], link=both), [("k" * 64, stored)])
+    assert found.category == "link"
+    assert ("link", "/usr/lib/libz.a") in [(d.category, d.item) for d in found.differences]
+
+
 def test_never_built_unknown_and_the_nearest_document() -> None:
     assert explain(inputs(), []).category == "never_built"
     same = explain(inputs(), [("a" * 64, inputs())])
