@@ -301,26 +301,14 @@ class _S3BlobWriter(EncodingBlobWriter):
         if self._upload_id is None:
             data = bytes(self._buffer)
             self._buffer = bytearray()
-            for attempt in range(5):
-                try:
-                    with _translate_errors("blob put"):
-                        self._client.put_object(
-                            Bucket=self._bucket,
-                            Key=final,
-                            Body=data,
-                            ContentType=BLOB_CONTENT_TYPE,
-                            Metadata=metadata,
-                            IfNoneMatch="*",
-                        )
+            for _ in range(5):
+                if self._storage._create_sync(final, data, BLOB_CONTENT_TYPE, metadata):
                     return info.stored_size, info.stored_sha256
-                except _PreconditionFailed:
-                    kept = self._storage._refresh_sync(final)
-                    if kept is not None:
-                        return kept
-                    # deleted (by garbage collection) since: put it again
-                except _ConditionalConflict:
-                    time.sleep(0.05 * 2**attempt)
-            raise StorageUnavailable("S3 blob put failed: conditional writes keep conflicting")
+                kept = self._storage._refresh_sync(final)
+                if kept is not None:
+                    return kept
+                # deleted (by garbage collection) since: put it again
+            raise StorageUnavailable("S3 blob put failed: the blob kept vanishing meanwhile")
         if self._buffer:
             self._upload_part(bytes(self._buffer))
             self._buffer = bytearray()
@@ -554,7 +542,10 @@ class S3Storage(Storage):
                 Bucket=self.bucket, Key=key, Body=data, ContentType=OBJECT_CONTENT_TYPE
             )
 
-    def _put_if_absent_sync(self, key: str, data: bytes) -> bool:
+    def _create_sync(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None
+    ) -> bool:
+        """A conditional ``PutObject`` (``If-None-Match: *``): whether it created ``key``."""
         # Note: if botocore retries a put whose first attempt did succeed, the retry's 412
         # reports False although this call created the object. Callers read the object back.
         for attempt in range(5):
@@ -564,7 +555,8 @@ class S3Storage(Storage):
                         Bucket=self.bucket,
                         Key=key,
                         Body=data,
-                        ContentType=OBJECT_CONTENT_TYPE,
+                        ContentType=content_type,
+                        Metadata=metadata or {},
                         IfNoneMatch="*",
                     )
                 return True
@@ -753,7 +745,8 @@ class S3Storage(Storage):
         await self._run(self._put_sync, self._object_key(key), bytes(data))
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
-        return await self._run(self._put_if_absent_sync, self._object_key(key), bytes(data))
+        create = functools.partial(self._create_sync, content_type=OBJECT_CONTENT_TYPE)
+        return await self._run(create, self._object_key(key), bytes(data))
 
     async def exists(self, key: str) -> bool:
         return await self._run(self._head_sync, self._object_key(key)) is not None

@@ -309,19 +309,25 @@ def test_a_port_that_cannot_be_listened_on_is_one_line(
     assert err.strip() == f"larder: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_port_0_prints_the_port_the_server_got(tmp_path: Path, workers: str) -> None:
-    env = {**os.environ, "LARDER_WORKERS": workers, "PYTHONDONTWRITEBYTECODE": "1"}
-    for name in ("LARDER_CONFIG", "LARDER_PUBLIC_URL", "LARDER_LISTEN"):
-        env.pop(name, None)
+def _serve_on_port_0(tmp_path: Path, **env: str) -> subprocess.Popen[str]:
+    """``larder serve --listen 127.0.0.1:0`` with a disk store in ``tmp_path`` and ``env``;
+    stdout and stderr piped."""
+    environ = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in ("LARDER_CONFIG", "LARDER_PUBLIC_URL", "LARDER_LISTEN", "LARDER_WORKERS"):
+        environ.pop(name, None)
     command = [sys.executable, "-m", "larder", "serve", "--listen", "127.0.0.1:0"]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [*command, "--storage", str(tmp_path / "d")],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
+        stderr=subprocess.PIPE,
+        env={**environ, **env},
         text=True,
     )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_port_0_prints_the_port_the_server_got(tmp_path: Path, workers: str) -> None:
+    proc = _serve_on_port_0(tmp_path, LARDER_WORKERS=workers)
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(3)]
@@ -337,17 +343,7 @@ def test_port_0_prints_the_port_the_server_got(tmp_path: Path, workers: str) -> 
 
 
 def test_the_json_access_log_is_json_lines_with_a_time(tmp_path: Path) -> None:
-    env = {**os.environ, "LARDER_ACCESS_LOG": "json", "PYTHONDONTWRITEBYTECODE": "1"}
-    for name in ("LARDER_CONFIG", "LARDER_PUBLIC_URL", "LARDER_LISTEN", "LARDER_WORKERS"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "larder", "serve", "--listen", "127.0.0.1:0"]
-    proc = subprocess.Popen(
-        [*command, "--storage", str(tmp_path / "d")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    proc = _serve_on_port_0(tmp_path, LARDER_ACCESS_LOG="json")
     try:
         assert proc.stdout is not None
         served = re.search(r":(\d+)\n", [proc.stdout.readline() for _ in range(2)][1])
