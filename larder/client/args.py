@@ -11,8 +11,10 @@ or a *linked* type (``bin``, ``dylib``, ``cdylib``, ``proc-macro``: the output i
 linker, see :mod:`larder.client.linkline` for their further rules), it emits only ``dep-info``,
 ``metadata`` and ``link`` into ``--out-dir`` (no per-kind paths, no ``-o``), and it uses none
 of: ``-C incremental``, ``--test``, ``@argfiles``, stdin input, ``-C save-temps``,
-profile-guided optimisation, split debug info (``-C split-debuginfo=packed|unpacked``), or
-``--sysroot`` (a standard library other than the toolchain's, which the key hashes).
+profile-guided optimisation, split debug info (``-C split-debuginfo=packed|unpacked``),
+``--sysroot`` (a standard library other than the toolchain's, which the key hashes), or, for a
+crate type that carries metadata, a ``--remap-path-scope`` narrower than ``all``
+(:func:`_remaps_everything`).
 :attr:`Compilation.reason` names the first rule broken.
 """
 
@@ -55,6 +57,7 @@ _TAKES_VALUE = frozenset(
         "--color",
         "--diagnostic-width",
         "--remap-path-prefix",
+        "--remap-path-scope",
         "--env-set",
         "--extern-location",
         "--crate-attr",
@@ -64,6 +67,11 @@ _SHORT_JOINED = ("-C", "-L", "-l", "-A", "-W", "-D", "-F", "-Z", "-o")
 LINKED_CRATE_TYPES = frozenset({"bin", "dylib", "cdylib", "proc-macro"})
 CACHEABLE_CRATE_TYPES = frozenset({"lib", "rlib", "staticlib"}) | LINKED_CRATE_TYPES
 CACHEABLE_EMITS = frozenset({"dep-info", "metadata", "link"})
+#: Crate types whose outputs carry crate metadata (an rmeta, in the rlib or the library).
+_METADATA_CRATE_TYPES = frozenset({"lib", "rlib", "dylib", "proc-macro"})
+#: ``--remap-path-scope`` values, and what ``object`` stands for; ``all`` is rustc's default.
+_REMAP_SCOPES = frozenset({"macro", "diagnostics", "debuginfo", "coverage", "documentation"})
+_SCOPE_ALIASES = {"object": frozenset({"macro", "coverage", "debuginfo"}), "all": _REMAP_SCOPES}
 
 
 class Compilation(NamedTuple):
@@ -222,6 +230,8 @@ def _reason(
         return "codegen-option"
     if codegen.get("split-debuginfo", "off") not in ("off", ""):
         return "split-debuginfo"
+    if _METADATA_CRATE_TYPES & set(types) and not _remaps_everything(c):
+        return "remap-path-scope"
     for value in c.values("--emit"):
         for kind in value.split(","):
             if "=" in kind:
@@ -235,6 +245,23 @@ def _reason(
     if c.values("--sysroot"):  # another standard library than the one key item 3 hashes
         return "sysroot"
     return None
+
+
+def _remaps_everything(c: Compilation) -> bool:
+    """Whether ``--remap-path-prefix`` applies in every scope (rustc's default, ``all``).
+
+    With a narrower ``--remap-path-scope`` (``object``, stable since rustc 1.95, or nightly's
+    ``-Z remap-path-scope``) rustc writes the real local paths beside the remapped ones into
+    the crate metadata, so a library's outputs name this machine's directories."""
+    given = list(c.values("--remap-path-scope"))
+    given += [v.partition("=")[2] for v in c.values("-Z") if v.startswith("remap-path-scope=")]
+    if not given:
+        return True
+    scopes: set[str] = set()
+    for value in given:
+        for scope in value.split(","):
+            scopes |= _SCOPE_ALIASES.get(scope, {scope})
+    return scopes >= _REMAP_SCOPES
 
 
 def parse(args: list[str]) -> Compilation:

@@ -96,10 +96,29 @@ def _with(*extra: str, drop: str | None = None) -> list[str]:
         (_with("--crate-name=", drop="--crate-name"), "no-crate-name"),  # found by fuzz.client_args
         (_with("other.rs"), "inputs"),
         (_with("--cfg"), "missing-value"),
+        # rustc then writes the real paths beside the remapped ones into the crate metadata
+        (_with("--remap-path-scope=object"), "remap-path-scope"),
+        (_with("--remap-path-scope", "macro,diagnostics,debuginfo,coverage"), "remap-path-scope"),
+        (_with("-Z", "remap-path-scope=object"), "remap-path-scope"),
     ],
 )
 def test_non_cacheable_reasons(argv: list[str], reason: str) -> None:
     assert parse(argv).reason == reason
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        _with("--remap-path-scope=all"),
+        _with("--remap-path-scope=object", "--remap-path-scope=diagnostics,documentation"),
+        # no crate metadata: a binary, staticlib or cdylib stays portable under `object`
+        _with("--remap-path-scope=object", "--crate-type", "bin", drop="--crate-type"),
+        _with("--remap-path-scope=object", "--crate-type=staticlib", drop="--crate-type"),
+        _with("--remap-path-scope=object", "--crate-type", "cdylib", drop="--crate-type"),
+    ],
+)
+def test_a_remap_path_scope_that_keeps_outputs_portable_is_cacheable(argv: list[str]) -> None:
+    assert parse(argv).reason is None
 
 
 def test_codegen_options_read_as_rustc_reads_them() -> None:
