@@ -184,15 +184,17 @@ class Roots(NamedTuple):
         return flags
 
 
-def crate_dir_remap(crate_root: str | None, cwd: Path) -> str:
-    """What ``CWD`` is remapped to: ``/larder/crate/<directory name>`` when cargo compiles the
-    crate in its own directory and names its root file by absolute path (a registry, git or
-    vendored crate, ``serde-1.0.0``), else ``.`` (a workspace member, named relative to the
-    workspace root)."""
-    if crate_root is None or not os.path.isabs(crate_root):
+def crate_dir_remap(crate_root: str | None, cwd: Path, lints_capped: bool = True) -> str:
+    """What ``CWD`` is remapped to: ``/larder/crate/<directory name>`` when cargo compiles a
+    dependency from a registry, git or vendored source in its own directory (it names the root
+    file by absolute path and caps its lints), else ``.``: a workspace member (named relative to
+    the workspace root), and a path dependency, the user's own code (lints not capped), whose
+    diagnostics then read ``./src/lib.rs`` rather than a directory that does not exist. Also
+    ``.`` for a name with ``=``, which rustc would split the remap at."""
+    if crate_root is None or not os.path.isabs(crate_root) or not lints_capped:
         return "."
     inside = os.path.normpath(crate_root).startswith(os.path.normpath(cwd).rstrip("/") + "/")
-    return f"/larder/crate/{cwd.name}" if inside and cwd.name else "."
+    return f"/larder/crate/{cwd.name}" if inside and cwd.name and "=" not in cwd.name else "."
 
 
 def logical_cwd(cwd: Path, environ: dict[str, str]) -> Path:

@@ -225,7 +225,11 @@ class Invocation:
             CWD=cwd_root,
             TARGET=target_dir,
             CARGO_HOME=default_cargo_home(environ),
-        )._replace(cwd_remap=crate_dir_remap(self.compilation.input, cwd_root))
+        )._replace(
+            cwd_remap=crate_dir_remap(
+                self.compilation.input, cwd_root, bool(self.compilation.values("--cap-lints"))
+            )
+        )
         self.state = stats_mod.state_dir(environ)
         digests.attach(self.state)
         self.token = environ.get("LARDER_TOKEN") or None

@@ -211,4 +211,10 @@ def test_a_crate_compiled_in_its_own_directory_keeps_its_name_in_remapped_paths(
     assert crate_dir_remap("crates/leaf/src/lib.rs", workspace) == "."
     assert crate_dir_remap("/elsewhere/src/lib.rs", workspace) == "."  # not inside
     assert crate_dir_remap(None, workspace) == "."
+    # A path dependency outside the workspace: the user's own code, lints not capped.
+    shared = tmp_path / "shared lib"
+    assert crate_dir_remap(f"{shared}/src/lib.rs", shared, lints_capped=False) == "."
+    # A name rustc would split the remap at.
+    odd = tmp_path / "vendor" / "feat=x"
+    assert crate_dir_remap(f"{odd}/src/lib.rs", odd) == "."
     assert Roots.of(CWD=workspace).remap_flags() == [f"--remap-path-prefix={workspace}=."]
