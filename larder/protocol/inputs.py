@@ -374,24 +374,31 @@ def _lines(text: object) -> list[str]:
     return str(text).splitlines() if text is not None else []
 
 
-def _link(current: object, stored: object, dependencies: frozenset[object]) -> list[Difference]:
-    """Differences of item 11; a link input whose new digest is that of a changed ``--extern``
-    (the dependency's rlib, which the link reads too) is the dependency's change, not the
-    link's."""
+def _link(
+    current: object, stored: object, rebuilt: frozenset[object], replaced: frozenset[object]
+) -> list[Difference]:
+    """Differences of item 11. The link reads each dependency's rlib too: an input holding the
+    new digest of a changed ``--extern`` (``rebuilt``), or its old one (``replaced``), and that
+    path in the link line (a new version: a new file name) are the dependency's change, not
+    the link's."""
     if not isinstance(current, dict) or not isinstance(stored, dict):
         return [Difference("link", "link", "added" if stored is None else "removed")]
+    now_inputs, before_inputs = _mapping(current.get("inputs")), _mapping(stored.get("inputs"))
+    theirs = {p for p, v in now_inputs.items() if v in rebuilt and before_inputs.get(p) != v}
+    theirs |= {p for p, v in before_inputs.items() if v in replaced and now_inputs.get(p) != v}
     found: list[Difference] = []
     for name in sorted(current.keys() | stored.keys()):
         now, before = current.get(name), stored.get(name)
+        if name == "line" and isinstance(now, list) and isinstance(before, list):
+            now = [token for token in now if token not in theirs]
+            before = [token for token in before if token not in theirs]
         if now == before:
             continue
         if name in ("inputs", "env") and isinstance(now, list) and isinstance(before, list):
             now_map, before_map = _mapping(now), _mapping(before)
-            if name == "inputs":
-                for path in [p for p, v in now_map.items() if v in dependencies]:
-                    if before_map.get(path) != now_map[path]:
-                        del now_map[path]
-                        before_map.pop(path, None)
+            for path in theirs if name == "inputs" else ():
+                now_map.pop(path, None)
+                before_map.pop(path, None)
             found += _compare_maps("link", now_map, before_map)
         elif name == "sysroot_tools" and isinstance(now, dict) and isinstance(before, dict):
             found += _compare_maps("link", now, before)
@@ -467,10 +474,11 @@ def differences(current: Mapping[str, Any], stored: Mapping[str, Any]) -> list[D
     found += _compare_maps("dependency", externs, stored_externs)
     found += _compare_maps("link", _mapping(current.get("native")), _mapping(stored.get("native")))
     if "link" in current and current.get("link") != stored.get("link"):
-        rebuilt: frozenset[object] = frozenset(
-            v for k, v in externs.items() if v is not None and stored_externs.get(k) != v
-        )
-        found += _link(current.get("link"), stored.get("link"), rebuilt)
+        altered = {k for k in externs.keys() | stored_externs.keys()
+                   if externs.get(k) != stored_externs.get(k)}  # fmt: skip
+        rebuilt = frozenset(externs[k] for k in altered if externs.get(k) is not None)
+        replaced = frozenset(stored_externs[k] for k in altered if stored_externs.get(k))
+        found += _link(current.get("link"), stored.get("link"), rebuilt, replaced)
     return found or derived
 
 

@@ -112,6 +112,20 @@ def test_a_linked_crate_whose_dependency_changed_misses_for_the_dependency() -> 
     found = explain(inputs(externs=[["itoa", "44"]], link=both), [("k" * 64, stored)])
     assert found.category == "link"
     assert ("link", "/usr/lib/libz.a") in [(d.category, d.item) for d in found.differences]
+    # A new version of the dependency: a new rlib name, in the inputs and in the link line.
+    line = ["cc", rlib, "-lz"]
+    stored = inputs(link={**link, "line": line})
+    renamed = rlib.replace("-1.rlib", "-2.rlib")
+    bumped = {**link, "line": ["cc", renamed, "-lz"],
+              "inputs": [[renamed, "44"], ["/usr/lib/libz.a", "66"]]}  # fmt: skip
+    found = explain(inputs(externs=[["itoa", "44"]], link=bumped), [("k" * 64, stored)])
+    assert (found.category, [(d.category, d.item) for d in found.differences]) == (
+        "dependency",
+        [("dependency", "itoa")],
+    )
+    relinked = {**bumped, "line": ["cc", renamed, "-lz", "-lm"]}  # and the line changed too
+    found = explain(inputs(externs=[["itoa", "44"]], link=relinked), [("k" * 64, stored)])
+    assert found.category == "link"
 
 
 def test_never_built_unknown_and_the_nearest_document() -> None:
