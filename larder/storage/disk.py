@@ -24,6 +24,8 @@ the instant it spends under ``tmp/``, which only happens when such a write races
 
 Objects under ``PRIVATE_PREFIX`` (``objects/config/``: the token secret, signing keys) are
 written with mode 0600 in a 0700 directory, everything else 0644 (the umask may narrow both).
+A process running as root in a store another user owns (``sudo larder cache create`` on a
+server's store) gives what it creates to that user, so the server can still read it.
 Opening a store whose ``objects/config`` others can enter (a store made before this rule)
 narrows it to 0700 and warns; its older files are narrowed as they are written again.
 
@@ -95,15 +97,27 @@ _PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
 
 
+def _handed_to(root: Path) -> tuple[int, int] | None:
+    """Whom what this process creates in the store at ``root`` must belong to: the store's
+    owner when this process runs as root and the store is another user's (``sudo larder cache
+    create`` on a server's store), so the server can still read its secrets; else ``None``."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    st = root.stat()
+    return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
+
+
 @contextmanager
 def _os_errors(operation: str) -> Iterator[None]:
-    """Translate ``OSError`` into storage errors (the path stays in the chained cause)."""
+    """Translate ``OSError`` into storage errors, naming the file."""
     try:
         yield
     except OSError as exc:
         if exc.errno in _FULL_ERRNOS:
             raise StorageFull(f"disk storage: {operation}: no space left on device") from exc
         reason = exc.strerror or type(exc).__name__
+        if exc.filename:
+            reason += f": {exc.filename}"
         if exc.errno in _UNAVAILABLE_ERRNOS:
             raise StorageUnavailable(f"disk storage: {operation} failed: {reason}") from exc
         raise StorageError(f"disk storage: {operation} failed: {reason}") from exc
@@ -288,9 +302,11 @@ class DiskStorage(Storage):
         self._tmp = self.root / "tmp"
         self._private = self._objects / PRIVATE_PREFIX.rstrip("/")
         with _os_errors("open"):
-            for directory in (self.root, self._blobs, self._objects, self._tmp):
-                directory.mkdir(parents=True, exist_ok=True)
-            self._private.mkdir(mode=_PRIVATE_DIR_MODE, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._owner = _handed_to(self.root)
+            for directory in (self._blobs, self._objects, self._tmp):
+                self._mkdir(directory)
+            self._mkdir(self._private, _PRIVATE_DIR_MODE)
             self._remove_stale_temporaries(stale_temp_age)
         self._keep_private()
 
@@ -305,6 +321,15 @@ class DiskStorage(Storage):
     def _object_path(self, key: str) -> Path:
         return self._objects / check_key(key)
 
+    def _mkdir(self, directory: Path, mode: int = 0o777) -> None:
+        """Create ``directory`` if missing (its parent exists), owned as the store is."""
+        try:
+            directory.mkdir(mode=mode)
+        except FileExistsError:
+            return
+        if self._owner is not None:
+            os.chown(directory, *self._owner)
+
     def _keep_private(self) -> None:
         """Narrow ``objects/config`` to the server's user if others can enter it (a store made
         before secrets were kept private), and say so: what is inside may have been read."""
@@ -313,6 +338,8 @@ class DiskStorage(Storage):
             if not mode & 0o077:
                 return
             os.chmod(self._private, _PRIVATE_DIR_MODE)
+            if stat.S_IMODE(self._private.stat().st_mode) & 0o077:  # a mount that ignores it
+                raise PermissionError(errno.EPERM, "the file system keeps its mode")
         except OSError as exc:
             log.warning(
                 "%s holds the token secret and signing keys and other users can read it, "
@@ -334,18 +361,25 @@ class DiskStorage(Storage):
         path = self._tmp / f"{kind}-{uuid.uuid4().hex}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         with _os_errors("create temporary"):
-            return os.open(path, flags, mode), path
+            fd = os.open(path, flags, mode)
+            if self._owner is not None:
+                os.fchown(fd, *self._owner)
+            return fd, path
 
     def _make_parent(self, path: Path) -> bool:
         """Create ``path``'s directory; ``True`` if it had to be created."""
         if path.parent.is_dir():
             return False
+        missing = [d for d in (path.parent, *path.parent.parents) if not d.is_dir()]
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
+            for directory in reversed(missing):
+                self._mkdir(directory)
+        except NotADirectoryError:
             raise Conflict(
                 "disk storage: a key cannot also be the directory of another key"
             ) from None
+        if not path.parent.is_dir():
+            raise Conflict("disk storage: a key cannot also be the directory of another key")
         return True
 
     def _remove_stale_temporaries(self, max_age: float) -> None:

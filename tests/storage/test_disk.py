@@ -382,3 +382,42 @@ async def test_a_store_made_world_readable_is_narrowed_and_rewrites_are_private(
     with caplog.at_level("WARNING", logger=disk_module.__name__):
         DiskStorage(tmp_path)
     assert caplog.text == ""  # narrowed once
+
+
+async def test_a_chmod_the_file_system_ignores_is_not_reported_as_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Some mounts (CIFS, some FUSE) accept chmod and keep their mode."""
+    DiskStorage(tmp_path / "store")
+    private = tmp_path / "store" / "objects" / "config"
+    private.chmod(0o777)
+    monkeypatch.setattr(disk_module.os, "chmod", lambda *args, **kwargs: None)
+    DiskStorage(tmp_path / "store")
+    assert "could not be narrowed" in caplog.text and "narrowed to" not in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making files for another user needs root")
+async def test_what_root_writes_into_another_users_store_stays_that_users(tmp_path: Path) -> None:
+    """``sudo larder cache create`` on a store ``larder serve`` runs as uid 10001 from: the
+    secrets root writes must stay readable by the server."""
+    root = tmp_path / "store"
+    root.mkdir()
+    os.chown(root, 10001, 10001)
+    storage = DiskStorage(root)
+    await storage.put(f"{PRIVATE_PREFIX}caches/second.json", b"{}")
+    await storage.put("caches/second/narinfo/abc", b"x")
+    info = await write_blob(storage, mixed_data(100_000))
+    made = [root, *root.rglob("*")]
+    assert len(made) > 8
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(10001, 10001)}
+    secret = root / "objects" / PRIVATE_PREFIX / "caches" / "second.json"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert await read_stored(storage, info.blob_id)
+
+
+def test_a_permission_error_names_the_file(tmp_path: Path) -> None:
+    with (
+        pytest.raises(StorageError, match=f"Permission denied: {tmp_path}/x"),
+        disk_module._os_errors("get"),
+    ):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
