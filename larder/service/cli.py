@@ -15,7 +15,6 @@ import json
 import logging
 import secrets
 import sys
-import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,14 +28,14 @@ from larder.errors import LarderError, StorageUnavailable
 from larder.protocol.names import check_cache_name
 from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
-from larder.service.config import Config, format_listen, load_config, parse_size
+from larder.service import healthcheck
+from larder.service.config import Config, load_config, parse_size
 from larder.service.housekeeping import gc_policies, store_policy
 from larder.service.server import LOG_FORMAT, serve
 from larder.storage.base import Storage
 from larder.storage.factory import open_storage
 
 log = logging.getLogger("larder")
-HEALTHCHECK_TIMEOUT = 2.0  # seconds; the image's HEALTHCHECK allows 3
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -184,23 +183,7 @@ def _base_url(config: Config) -> str:
 
 def _local_url(config: Config) -> str:
     """The configured listen address as a URL (a wildcard address: the loopback one)."""
-    host, port = config.host_port
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://{format_listen(host, port)}"
-
-
-def _healthcheck(config: Config) -> int:
-    """``GET /healthz`` on the configured listen address (the image's ``HEALTHCHECK``)."""
-    url = f"{_local_url(config)}/healthz"
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    try:
-        with direct.open(url, timeout=HEALTHCHECK_TIMEOUT) as answer:
-            answer.read()
-    except (OSError, ValueError) as exc:
-        print(f"larder: {url}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return healthcheck.local_url(config.listen)
 
 
 async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:
@@ -400,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(config, argv)
         if args.command == "healthcheck":
-            return _healthcheck(config)
+            return healthcheck.probe(config.listen)
         handlers = {
             ("token", "create"): _token_create,
             ("token", "revoke"): _token_revoke,

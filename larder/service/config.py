@@ -23,8 +23,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from larder.errors import InvalidInput
-from larder.protocol.tokens import parse_ttl
-from larder.storage.factory import check_storage_url
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
 
@@ -85,6 +83,9 @@ def _text(value: object) -> str:
 
 
 def _storage(value: object) -> str:
+    # Imported when used: the image's health check loads this module every 30 s.
+    from larder.storage.factory import check_storage_url
+
     return check_storage_url(_text(value))
 
 
@@ -146,6 +147,8 @@ def _duration(value: object) -> float:
         try:
             seconds = float(text)
         except ValueError:
+            from larder.protocol.tokens import parse_ttl  # imported when used, as above
+
             seconds = float(parse_ttl(text))
     if not math.isfinite(seconds):
         raise ValueError(f"{value!r} is not a finite number of seconds")

@@ -80,7 +80,7 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     assert "HEALTHCHECK" in final
     # The probe reads LARDER_LISTEN (and the config file) as the server does: never a fixed port.
     probe = re.search(r"^HEALTHCHECK [^\n]*\\\n\s*CMD (.*)$", final, re.M)
-    assert probe is not None and probe[1] == '["larder", "healthcheck"]'
+    assert probe is not None and probe[1] == '["python", "-m", "larder.service.healthcheck"]'
     assert "8080/healthz" not in final
     assert 'ENTRYPOINT ["larder", "serve"]' in final
     assert 'VOLUME ["/var/lib/larder"]' in final

@@ -402,3 +402,32 @@ def test_healthcheck_probes_the_configured_listen_address(
     monkeypatch.setenv("LARDER_LISTEN", f"127.0.0.1:{port}")  # nothing listens there
     code, out, err = run(capsys, "healthcheck")
     assert code == 1 and out == "" and f"127.0.0.1:{port}/healthz" in err
+
+
+def test_the_image_health_check_reads_listen_as_the_server_does_and_loads_nothing_heavy(
+    healthz: int, tmp_path: Path
+) -> None:
+    """It runs every 30 s under the container's CPU limit: no aiohttp, storage or tokens."""
+    from larder.service.healthcheck import listen_address
+
+    config = tmp_path / "larder.toml"
+    config.write_text(f'listen = "[::]:{healthz}"\n')
+    assert listen_address({}) == "127.0.0.1:8080"  # the default
+    assert listen_address({"LARDER_CONFIG": str(config)}) == f"[::]:{healthz}"
+    assert listen_address({"LARDER_CONFIG": str(config), "LARDER_LISTEN": "0.0.0.0:1"}) == (
+        "0.0.0.0:1"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LARDER_")}
+    probe = [sys.executable, "-m", "larder.service.healthcheck"]
+    for extra, code in (({"LARDER_LISTEN": f"0.0.0.0:{healthz}"}, 0), ({}, 1)):
+        done = subprocess.run(probe, env={**env, **extra}, capture_output=True, timeout=30)
+        assert done.returncode == code, done.stderr
+    done = subprocess.run([*probe, "--config", str(config)], env=env, timeout=30)
+    assert done.returncode == 0  # [::] is probed on 127.0.0.1, where the test server is
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, larder.service.healthcheck as h; "
+         "print(sorted({m.split('.')[0] for m in sys.modules} & "
+         "{'aiohttp', 'boto3', 'botocore', 'zstandard', 'jwt', 'cryptography'}))"],
+        env=env, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert loaded.stdout.strip() == "[]"

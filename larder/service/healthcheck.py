@@ -1,0 +1,70 @@
+"""``python -m larder.service.healthcheck [--config FILE]``: exit 0 if ``GET /healthz`` answers
+on the listen address the server is configured with, 1 (saying why) if not.
+
+The image's ``HEALTHCHECK`` runs it every 30 s beside the server, under the same CPU limit, so
+it reads only ``listen`` (``LARDER_LISTEN``, else the config file's, else the default) and loads
+nothing of the server: no aiohttp, no storage backends. It never goes through a proxy.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from larder.service.config import Config, format_listen, parse_listen
+
+TIMEOUT = 2.0  # seconds; the image's HEALTHCHECK allows 3
+
+
+def listen_address(environ: Mapping[str, str], config_file: str | None = None) -> str:
+    """``listen`` as ``larder serve`` would read it without flags."""
+    listen = environ.get("LARDER_LISTEN")
+    path = config_file or environ.get("LARDER_CONFIG")
+    if not listen and path:
+        value = tomllib.loads(Path(path).read_text()).get("listen")
+        listen = value if isinstance(value, str) else None
+    return listen or Config().listen
+
+
+def local_url(listen: str) -> str:
+    """The listen address as a URL to reach it from here (a wildcard address: loopback)."""
+    host, port = parse_listen(listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{format_listen(host, port)}"
+
+
+def probe(listen: str) -> int:
+    """``GET /healthz`` on ``listen``: 0 if it answered 2xx, else 1 (the reason on stderr)."""
+    url = f"{local_url(listen)}/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with direct.open(url, timeout=TIMEOUT) as answer:
+            answer.read()
+    except (OSError, ValueError) as exc:
+        print(f"larder: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    config_file = args[1] if args[:1] == ["--config"] and len(args) == 2 else None
+    if args and config_file is None:
+        print("usage: python -m larder.service.healthcheck [--config FILE]", file=sys.stderr)
+        return 2
+    import os
+
+    try:
+        listen = listen_address(os.environ, config_file)
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        print(f"larder: cannot read the listen address: {exc}", file=sys.stderr)
+        return 1
+    return probe(listen)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
