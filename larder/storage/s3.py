@@ -131,6 +131,11 @@ class _ConditionalConflict(StorageUnavailable):
     """Another conditional write to the same key was in flight; retrying is safe."""
 
 
+class _NotImplemented(StorageError):
+    """The store does not implement what was asked (``501``: ``If-None-Match`` on a store
+    older than S3's conditional writes)."""
+
+
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchUpload"})
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 _FULL_CODES = frozenset({"QuotaExceeded", "XMinioStorageFull", "InsufficientStorage", "507"})
@@ -169,6 +174,8 @@ def _client_error(operation: str, exc: ClientError) -> StorageError:
         return _PreconditionFailed(detail)
     if code == "ConditionalRequestConflict":
         return _ConditionalConflict(detail)
+    if code == "NotImplemented" or status == 501:
+        return _NotImplemented(detail)
     if code in _FULL_CODES or status == 507:
         return StorageFull(detail)
     if code in _UNAVAILABLE_CODES or status >= 500 or status in _UNAVAILABLE_STATUSES:
@@ -453,6 +460,7 @@ class S3Storage(Storage):
                 raise _client_setup_error(exc) from exc
         self._client: S3Client = client
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3")
+        self._conditional_puts = True  # until the store answers that it has none
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, prefix={self._prefix!r})"
@@ -545,25 +553,44 @@ class S3Storage(Storage):
     def _create_sync(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None
     ) -> bool:
-        """A conditional ``PutObject`` (``If-None-Match: *``): whether it created ``key``."""
+        """A conditional ``PutObject`` (``If-None-Match: *``): whether it created ``key``.
+
+        On a store without conditional writes (it answers ``501``) a HEAD then a plain PUT,
+        from then on: two writers racing for a new key may then both think they created it.
+        """
         # Note: if botocore retries a put whose first attempt did succeed, the retry's 412
         # reports False although this call created the object. Callers read the object back.
+        put = functools.partial(
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            Metadata=metadata or {},
+        )
         for attempt in range(5):
+            if not self._conditional_puts:
+                if self._head_sync(key) is not None:
+                    return False
+                with _translate_errors("put"):
+                    put()
+                return True
             try:
                 with _translate_errors("put"):
-                    self._client.put_object(
-                        Bucket=self.bucket,
-                        Key=key,
-                        Body=data,
-                        ContentType=content_type,
-                        Metadata=metadata or {},
-                        IfNoneMatch="*",
-                    )
+                    put(IfNoneMatch="*")
                 return True
             except _PreconditionFailed:
                 return False
             except _ConditionalConflict:
                 time.sleep(0.05 * 2**attempt)
+            except _NotImplemented as exc:
+                self._conditional_puts = False
+                log.warning(
+                    "%s takes no conditional writes (%s): creating objects with a HEAD then a "
+                    "PUT from now on, which two replicas creating the same new key can race",
+                    self,
+                    exc.message,
+                )
         raise StorageUnavailable("S3 put failed: conditional writes keep conflicting")
 
     def _delete_sync(self, key: str) -> bool:

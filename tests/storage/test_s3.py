@@ -115,6 +115,41 @@ async def test_content_stored_again_reports_the_kept_bytes_sha256_without_readin
         await storage.close()
 
 
+async def test_a_store_without_conditional_writes_still_takes_blobs_and_objects(
+    s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 itself took ``If-None-Match`` only in 2024; a store that answers 501 to it gets a
+    HEAD then a plain PUT instead, and a warning once."""
+    storage = s3_bucket.make_storage()
+    real_put = storage._client.put_object
+    conditional: list[str] = []
+
+    def put_object(**kwargs: Any) -> Any:
+        if "IfNoneMatch" in kwargs:
+            conditional.append(kwargs["Key"])
+            raise ClientError(
+                {"Error": {"Code": "NotImplemented", "Message": "If-None-Match"},
+                 "ResponseMetadata": {"HTTPStatusCode": 501}},
+                "PutObject",
+            )  # fmt: skip
+        return real_put(**kwargs)
+
+    storage._client.put_object = put_object  # type: ignore[method-assign]
+    try:
+        data = mixed_data(200_000, seed=31)
+        first = await write_blob(storage, data)
+        again = await write_blob(storage, data)
+        assert again.stored_size == first.stored_size
+        assert decompress(await read_stored(storage, first.blob_id)) == data
+        assert await storage.put_if_absent("config/token-secret", b"one")
+        assert not await storage.put_if_absent("config/token-secret", b"two")
+        assert await storage.get("config/token-secret") == b"one"
+        assert len(conditional) == 1  # asked once, then not again
+        assert caplog.text.count("takes no conditional writes") == 1
+    finally:
+        await storage.close()
+
+
 @pytest.mark.parametrize("how", ["abort", "exception"])
 async def test_multipart_abandoned(s3_bucket: S3Bucket, how: str) -> None:
     storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
