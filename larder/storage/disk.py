@@ -24,8 +24,9 @@ the instant it spends under ``tmp/``, which only happens when such a write races
 
 Objects under ``PRIVATE_PREFIX`` (``objects/config/``: the token secret, signing keys) are
 written with mode 0600 in a 0700 directory, everything else 0644 (the umask may narrow both).
-A process running as root in a store another user owns (``sudo larder cache create`` on a
-server's store) gives what it creates to that user, so the server can still read it.
+A process running as root gives each file and directory it creates to the owner of the
+directory it is created in (of ``objects/`` for temporaries), when that is another user
+(``sudo larder cache create`` on a server's store), so the server can still read it.
 Opening a store whose ``objects/config`` others can enter (a store made before this rule)
 narrows it to 0700 and warns; its older files are narrowed as they are written again.
 
@@ -97,14 +98,36 @@ _PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
 
 
-def _handed_to(root: Path) -> tuple[int, int] | None:
-    """Whom what this process creates in the store at ``root`` must belong to: the store's
-    owner when this process runs as root and the store is another user's (``sudo larder cache
-    create`` on a server's store), so the server can still read its secrets; else ``None``."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return None
-    st = root.stat()
-    return (st.st_uid, st.st_gid) if st.st_uid != 0 else None
+_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+_CHOWN_WARNED = False
+
+
+def _hand_over(made: Path | int, parent: Path) -> None:
+    """Give ``made`` (a path, or an open file's descriptor) to the owner of ``parent``, the
+    directory it was created in, when this process runs as root and that owner is another
+    user (``sudo larder cache create`` on a server's store, a volume the server's user owns or
+    its group may write): the server must still read what root wrote there. Best effort: a
+    root without ``CAP_CHOWN`` (NFS root squash, dropped capabilities) keeps what it made."""
+    if not _AS_ROOT:
+        return
+    try:
+        st = parent.stat()
+        if st.st_uid == 0:
+            return
+        if isinstance(made, int):
+            os.fchown(made, st.st_uid, st.st_gid)
+        else:
+            os.chown(made, st.st_uid, st.st_gid)
+    except OSError as exc:
+        global _CHOWN_WARNED
+        if not _CHOWN_WARNED:  # once: every file would say the same
+            _CHOWN_WARNED = True
+            log.warning(
+                "cannot give what this root process creates in %s to its owner (%s): the "
+                "server may not read it; run larder commands as the store's user",
+                parent,
+                exc.strerror or exc,
+            )
 
 
 @contextmanager
@@ -303,7 +326,6 @@ class DiskStorage(Storage):
         self._private = self._objects / PRIVATE_PREFIX.rstrip("/")
         with _os_errors("open"):
             self.root.mkdir(parents=True, exist_ok=True)
-            self._owner = _handed_to(self.root)
             for directory in (self._blobs, self._objects, self._tmp):
                 self._mkdir(directory)
             self._mkdir(self._private, _PRIVATE_DIR_MODE)
@@ -327,8 +349,7 @@ class DiskStorage(Storage):
             directory.mkdir(mode=mode)
         except FileExistsError:
             return
-        if self._owner is not None:
-            os.chown(directory, *self._owner)
+        _hand_over(directory, directory.parent)
 
     def _keep_private(self) -> None:
         """Narrow ``objects/config`` to the server's user if others can enter it (a store made
@@ -362,8 +383,7 @@ class DiskStorage(Storage):
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         with _os_errors("create temporary"):
             fd = os.open(path, flags, mode)
-            if self._owner is not None:
-                os.fchown(fd, *self._owner)
+            _hand_over(fd, self._objects)
             return fd, path
 
     def _make_parent(self, path: Path) -> bool:

@@ -397,22 +397,54 @@ async def test_a_chmod_the_file_system_ignores_is_not_reported_as_done(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making files for another user needs root")
-async def test_what_root_writes_into_another_users_store_stays_that_users(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["owned", "fsgroup"])
+async def test_what_root_writes_into_another_users_store_stays_that_users(
+    tmp_path: Path, layout: str
+) -> None:
     """``sudo larder cache create`` on a store ``larder serve`` runs as uid 10001 from: the
-    secrets root writes must stay readable by the server."""
+    secrets root writes must stay readable by the server. ``fsgroup``: the volume's top is
+    root's (group 10001, setgid, as Kubernetes' fsGroup makes it), the server made the rest."""
     root = tmp_path / "store"
     root.mkdir()
-    os.chown(root, 10001, 10001)
+    if layout == "owned":
+        os.chown(root, 10001, 10001)
+    else:
+        os.chown(root, 0, 10001)
+        root.chmod(0o2775)
+        for name in ("objects", "blobs", "tmp"):
+            (root / name).mkdir()
+            os.chown(root / name, 10001, 10001)
     storage = DiskStorage(root)
     await storage.put(f"{PRIVATE_PREFIX}caches/second.json", b"{}")
     await storage.put("caches/second/narinfo/abc", b"x")
     info = await write_blob(storage, mixed_data(100_000))
-    made = [root, *root.rglob("*")]
+    made = [p for p in root.rglob("*")]
     assert len(made) > 8
     assert {(p.stat().st_uid, p.stat().st_gid) for p in made} == {(10001, 10001)}
     secret = root / "objects" / PRIVATE_PREFIX / "caches" / "second.json"
     assert secret.stat().st_mode & 0o777 == 0o600
     assert await read_stored(storage, info.blob_id)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making files for another user needs root")
+async def test_a_root_that_may_not_chown_still_uses_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NFS with root squash, dropped capabilities: root keeps what it makes, with a warning."""
+    root = tmp_path / "store"
+    root.mkdir()
+    os.chown(root, 10001, 10001)
+
+    def refused(*args: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(disk_module.os, "chown", refused)
+    monkeypatch.setattr(disk_module.os, "fchown", refused)
+    monkeypatch.setattr(disk_module, "_CHOWN_WARNED", False)
+    storage = DiskStorage(root)
+    await storage.put(f"{PRIVATE_PREFIX}caches/second.json", b"{}")
+    assert await storage.get(f"{PRIVATE_PREFIX}caches/second.json") == b"{}"
+    assert caplog.text.count("cannot give what this root process creates") == 1
 
 
 def test_a_permission_error_names_the_file(tmp_path: Path) -> None:
