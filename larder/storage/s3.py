@@ -131,9 +131,9 @@ class _ConditionalConflict(StorageUnavailable):
     """Another conditional write to the same key was in flight; retrying is safe."""
 
 
-class _NotImplemented(StorageError):
+class _NotImplemented(StorageUnavailable):
     """The store does not implement what was asked (``501``: ``If-None-Match`` on a store
-    older than S3's conditional writes)."""
+    older than S3's conditional writes); unavailable to the callers that do not expect it."""
 
 
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchUpload"})
@@ -460,7 +460,7 @@ class S3Storage(Storage):
                 raise _client_setup_error(exc) from exc
         self._client: S3Client = client
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3")
-        self._conditional_puts = True  # until the store answers that it has none
+        self._warned_unconditional = False
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, prefix={self._prefix!r})"
@@ -555,8 +555,10 @@ class S3Storage(Storage):
     ) -> bool:
         """A conditional ``PutObject`` (``If-None-Match: *``): whether it created ``key``.
 
-        On a store without conditional writes (it answers ``501``) a HEAD then a plain PUT,
-        from then on: two writers racing for a new key may then both think they created it.
+        A ``501`` to it (a store without conditional writes) is followed, for this call, by a
+        HEAD then a plain PUT: two writers racing for a new key may then both think they
+        created it. Each call asks the condition first, so a stray 501 costs one call's
+        atomicity, not the process's.
         """
         # Note: if botocore retries a put whose first attempt did succeed, the retry's 412
         # reports False although this call created the object. Callers read the object back.
@@ -569,12 +571,6 @@ class S3Storage(Storage):
             Metadata=metadata or {},
         )
         for attempt in range(5):
-            if not self._conditional_puts:
-                if self._head_sync(key) is not None:
-                    return False
-                with _translate_errors("put"):
-                    put()
-                return True
             try:
                 with _translate_errors("put"):
                     put(IfNoneMatch="*")
@@ -584,13 +580,19 @@ class S3Storage(Storage):
             except _ConditionalConflict:
                 time.sleep(0.05 * 2**attempt)
             except _NotImplemented as exc:
-                self._conditional_puts = False
-                log.warning(
-                    "%s takes no conditional writes (%s): creating objects with a HEAD then a "
-                    "PUT from now on, which two replicas creating the same new key can race",
-                    self,
-                    exc.message,
-                )
+                if not self._warned_unconditional:
+                    self._warned_unconditional = True
+                    log.warning(
+                        "%s takes no conditional writes (%s): creating objects with a HEAD "
+                        "then a PUT, which two replicas creating the same new key can race",
+                        self,
+                        exc.message,
+                    )
+                if self._head_sync(key) is not None:
+                    return False
+                with _translate_errors("put"):
+                    put()
+                return True
         raise StorageUnavailable("S3 put failed: conditional writes keep conflicting")
 
     def _delete_sync(self, key: str) -> bool:

@@ -144,8 +144,26 @@ async def test_a_store_without_conditional_writes_still_takes_blobs_and_objects(
         assert await storage.put_if_absent("config/token-secret", b"one")
         assert not await storage.put_if_absent("config/token-secret", b"two")
         assert await storage.get("config/token-secret") == b"one"
-        assert len(conditional) == 1  # asked once, then not again
+        assert len(conditional) == 4  # asked each time: a stray 501 costs one call
         assert caplog.text.count("takes no conditional writes") == 1
+    finally:
+        await storage.close()
+
+
+async def test_a_501_elsewhere_is_unavailable_storage(s3_bucket: S3Bucket) -> None:
+    """Only a conditional put falls back on a 501; any other is a 503 as before."""
+    storage = s3_bucket.make_storage()
+
+    def get_object(**kwargs: Any) -> Any:
+        raise ClientError(
+            {"Error": {"Code": "NotImplemented"}, "ResponseMetadata": {"HTTPStatusCode": 501}},
+            "GetObject",
+        )
+
+    storage._client.get_object = get_object  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StorageUnavailable):
+            await storage.get("caches/main/narinfo/x")
     finally:
         await storage.close()
 
