@@ -377,16 +377,26 @@ def _lines(text: object) -> list[str]:
 def _link(
     current: object, stored: object, rebuilt: frozenset[object], replaced: frozenset[object]
 ) -> list[Difference]:
-    """Differences of item 11. The link reads each dependency's rlib too: an input holding the
-    new digest of a changed ``--extern`` (``rebuilt``), or its old one (``replaced``), and that
-    path in the link line (a new version: a new file name) are the dependency's change, not
-    the link's."""
+    """Differences of item 11. The link reads every crate the binary depends on, direct or
+    not: an input holding the new digest of a changed ``--extern`` (``rebuilt``) or its old
+    one (``replaced``), any rlib that changed, and those paths in the link line (a new version:
+    a new file name) are dependencies' changes, not the link's (``dependency`` when no
+    ``--extern`` says so)."""
     if not isinstance(current, dict) or not isinstance(stored, dict):
         return [Difference("link", "link", "added" if stored is None else "removed")]
     now_inputs, before_inputs = _mapping(current.get("inputs")), _mapping(stored.get("inputs"))
     theirs = {p for p, v in now_inputs.items() if v in rebuilt and before_inputs.get(p) != v}
     theirs |= {p for p, v in before_inputs.items() if v in replaced and now_inputs.get(p) != v}
+    crates = {
+        p
+        for p in now_inputs.keys() | before_inputs.keys()
+        if p.endswith(".rlib") and now_inputs.get(p) != before_inputs.get(p)
+    }
+    theirs |= crates
     found: list[Difference] = []
+    if crates and not rebuilt and not replaced:
+        for path in sorted(crates):
+            found.append(Difference("dependency", path.rpartition("/")[2], "changed"))
     for name in sorted(current.keys() | stored.keys()):
         now, before = current.get(name), stored.get(name)
         if name == "line" and isinstance(now, list) and isinstance(before, list):

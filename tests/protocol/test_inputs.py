@@ -126,6 +126,20 @@ def test_a_linked_crate_whose_dependency_changed_misses_for_the_dependency() -> 
     relinked = {**bumped, "line": ["cc", renamed, "-lz", "-lm"]}  # and the line changed too
     found = explain(inputs(externs=[["itoa", "44"]], link=relinked), [("k" * 64, stored)])
     assert found.category == "link"
+    # A crate further down (an rlib on the link line, no --extern of this crate's) changed.
+    leaf = "@LARDER:TARGET@/debug/deps/libleaf-1.rlib"
+    deep = {**link, "line": ["cc", rlib, leaf], "inputs": [*link["inputs"], [leaf, "70"]]}
+    stored = inputs(link=deep)
+    edited = {**deep, "inputs": [*link["inputs"], [leaf, "71"]]}
+    found = explain(inputs(link=edited), [("k" * 64, stored)])
+    assert (found.category, [(d.category, d.item) for d in found.differences]) == (
+        "dependency",
+        [("dependency", "libleaf-1.rlib")],
+    )
+    bumped = {**deep, "line": ["cc", rlib, leaf.replace("-1", "-2")],
+              "inputs": [*link["inputs"], [leaf.replace("-1", "-2"), "72"]]}  # fmt: skip
+    found = explain(inputs(externs=[["itoa", "44"]], link=bumped), [("k" * 64, stored)])
+    assert found.category == "dependency"
 
 
 def test_never_built_unknown_and_the_nearest_document() -> None:
