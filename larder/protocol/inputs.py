@@ -385,8 +385,17 @@ def _link(
     if not isinstance(current, dict) or not isinstance(stored, dict):
         return [Difference("link", "link", "added" if stored is None else "removed")]
     now_inputs, before_inputs = _mapping(current.get("inputs")), _mapping(stored.get("inputs"))
-    theirs = {p for p, v in now_inputs.items() if v in rebuilt and before_inputs.get(p) != v}
-    theirs |= {p for p, v in before_inputs.items() if v in replaced and now_inputs.get(p) != v}
+    # A stored document is whatever the cache holds: only string digests are compared.
+    theirs = {
+        p
+        for p, v in now_inputs.items()
+        if isinstance(v, str) and v in rebuilt and before_inputs.get(p) != v
+    }
+    theirs |= {
+        p
+        for p, v in before_inputs.items()
+        if isinstance(v, str) and v in replaced and now_inputs.get(p) != v
+    }
     crates = {
         p
         for p in now_inputs.keys() | before_inputs.keys()
@@ -400,8 +409,8 @@ def _link(
     for name in sorted(current.keys() | stored.keys()):
         now, before = current.get(name), stored.get(name)
         if name == "line" and isinstance(now, list) and isinstance(before, list):
-            now = [token for token in now if token not in theirs]
-            before = [token for token in before if token not in theirs]
+            now = [token for token in now if not (isinstance(token, str) and token in theirs)]
+            before = [t for t in before if not (isinstance(t, str) and t in theirs)]
         if now == before:
             continue
         if name in ("inputs", "env") and isinstance(now, list) and isinstance(before, list):
@@ -486,8 +495,8 @@ def differences(current: Mapping[str, Any], stored: Mapping[str, Any]) -> list[D
     if "link" in current and current.get("link") != stored.get("link"):
         altered = {k for k in externs.keys() | stored_externs.keys()
                    if externs.get(k) != stored_externs.get(k)}  # fmt: skip
-        rebuilt = frozenset(externs[k] for k in altered if externs.get(k) is not None)
-        replaced = frozenset(stored_externs[k] for k in altered if stored_externs.get(k))
+        rebuilt = frozenset(v for k in altered if isinstance(v := externs.get(k), str))
+        replaced = frozenset(v for k in altered if isinstance(v := stored_externs.get(k), str))
         found += _link(current.get("link"), stored.get("link"), rebuilt, replaced)
     return found or derived
 

@@ -142,6 +142,20 @@ def test_a_linked_crate_whose_dependency_changed_misses_for_the_dependency() -> 
     assert found.category == "dependency"
 
 
+def test_a_stored_link_of_any_shape_is_compared_without_failing() -> None:
+    """A stored document is whatever the cache holds (found by fuzz.rustc_inputs): lists where
+    strings belong in the line, digests and externs."""
+    rlib = "@LARDER:TARGET@/debug/deps/libitoa-1.rlib"
+    odd = {"line": [["cc"], rlib, {"x": 1}], "inputs": [[rlib, ["33"]], [["a"], "b"]]}
+    stored = inputs(externs=[["itoa", ["33"]], ["x", {"y": 2}]], link=odd)
+    plain = {"line": ["cc", rlib], "inputs": [[rlib, "44"]]}
+    current = inputs(externs=[["itoa", "44"]], link=plain)
+    found = explain(current, [("k" * 64, stored)])
+    assert found.category in CATEGORIES
+    found = explain(stored, [("k" * 64, current)])
+    assert found.category in CATEGORIES
+
+
 def test_never_built_unknown_and_the_nearest_document() -> None:
     assert explain(inputs(), []).category == "never_built"
     same = explain(inputs(), [("a" * 64, inputs())])
