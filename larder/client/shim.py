@@ -52,6 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import blake3
@@ -447,7 +448,11 @@ class Invocation:
         expected: dict[str, tuple[int, int, int, int]] = {}
         for name in self.compilation.expected_outputs():
             path = self.out_dir / name
-            if not path.is_file():
+            try:
+                found = path.stat()
+            except OSError:
+                return "outputs-missing"
+            if not S_ISREG(found.st_mode):
                 return "outputs-missing"
             if name.endswith(".d"):
                 if self.depinfo_text is None:
@@ -463,10 +468,10 @@ class Invocation:
                 if produced is None:
                     return "outputs-missing"
                 with Phase(self.phases, "hash"):
-                    blob_id, size = digests.file_digest(path), path.stat().st_size
+                    blob_id, size = digests.file_digest(path), found.st_size
                 files[blob_id] = path
-                expected[blob_id] = produced
-            outputs.append(Output(name, blob_id, size, path.stat().st_mode & 0o777))
+                expected[blob_id] = produced  # checked when the job is made: size included
+            outputs.append(Output(name, blob_id, size, found.st_mode & 0o777))
         stdout, stderr = (self.roots.portable(b.decode("utf-8", "replace")) for b in (out, err))
         crate = self.compilation.crate_name or "unknown"
         document = Manifest(crate, tuple(outputs), stdout, stderr).to_json()

@@ -178,12 +178,7 @@ def _describe(settings: CacheSettings, base_url: str) -> dict[str, Any]:
 
 
 def _base_url(config: Config) -> str:
-    return config.public_url or _local_url(config)
-
-
-def _local_url(config: Config) -> str:
-    """The configured listen address as a URL (a wildcard address: the loopback one)."""
-    return healthcheck.local_url(config.listen)
+    return config.public_url or healthcheck.local_url(config.listen)
 
 
 async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:

@@ -344,7 +344,8 @@ class DiskStorage(Storage):
         return self._objects / check_key(key)
 
     def _mkdir(self, directory: Path, mode: int = 0o777) -> None:
-        """Create ``directory`` if missing (its parent exists), owned as the store is."""
+        """Create ``directory`` if missing (its parent exists); as root, given to the parent's
+        owner (:func:`_hand_over`)."""
         try:
             directory.mkdir(mode=mode)
         except FileExistsError:
@@ -388,16 +389,18 @@ class DiskStorage(Storage):
 
     def _make_parent(self, path: Path) -> bool:
         """Create ``path``'s directory; ``True`` if it had to be created."""
-        if path.parent.is_dir():
+        missing: list[Path] = []
+        directory = path.parent
+        while not directory.is_dir():  # up to the first that exists (the store's root does)
+            missing.append(directory)
+            directory = directory.parent
+        if not missing:
             return False
-        missing = [d for d in (path.parent, *path.parent.parents) if not d.is_dir()]
         try:
             for directory in reversed(missing):
                 self._mkdir(directory)
         except NotADirectoryError:
-            raise Conflict(
-                "disk storage: a key cannot also be the directory of another key"
-            ) from None
+            pass  # a key is in the way: said just below
         if not path.parent.is_dir():
             raise Conflict("disk storage: a key cannot also be the directory of another key")
         return True

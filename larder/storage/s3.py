@@ -102,7 +102,7 @@ from larder.storage.blobformat import (
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
     from mypy_boto3_s3.paginator import ListObjectsV2Paginator
-    from mypy_boto3_s3.type_defs import ListObjectsV2OutputTypeDef
+    from mypy_boto3_s3.type_defs import HeadObjectOutputTypeDef, ListObjectsV2OutputTypeDef
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -496,13 +496,18 @@ class S3Storage(Storage):
 
     # -- blocking helpers (run on the executor, or on a blob writer's thread) -------------
 
-    def _head_sync(self, key: str) -> int | None:
-        """The object's size, or ``None`` if it does not exist."""
+    def _head_object_sync(self, key: str) -> HeadObjectOutputTypeDef | None:
+        """The object's ``HeadObject`` answer, or ``None`` if it does not exist."""
         try:
             with _translate_errors("head"):
-                return self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+                return self._client.head_object(Bucket=self.bucket, Key=key)
         except _Missing:
             return None
+
+    def _head_sync(self, key: str) -> int | None:
+        """The object's size, or ``None`` if it does not exist."""
+        head = self._head_object_sync(key)
+        return None if head is None else head["ContentLength"]
 
     def _delete_if_older_sync(self, key: str, cutoff: float) -> bool:
         """HEAD, compare ``LastModified`` with ``cutoff``, DELETE.
@@ -510,12 +515,8 @@ class S3Storage(Storage):
         Not atomic: a write landing in the round trip between the HEAD and the DELETE is lost
         (an ``If-Match`` on the ETag would not help: a rewrite of identical content keeps it).
         """
-        try:
-            with _translate_errors("head"):
-                modified = self._client.head_object(Bucket=self.bucket, Key=key)["LastModified"]
-        except _Missing:
-            return False
-        if not modified.timestamp() < cutoff:
+        head = self._head_object_sync(key)
+        if head is None or not head["LastModified"].timestamp() < cutoff:
             return False
         with _translate_errors("delete"):
             self._client.delete_object(Bucket=self.bucket, Key=key)
@@ -613,10 +614,8 @@ class S3Storage(Storage):
         """Make a stored blob's ``LastModified`` now, keeping its bytes and metadata; its size
         and the sha256 recorded with it (``None`` for blobs stored without one), or ``None`` if
         it is not there. A blob too large for one ``CopyObject`` is left as it is."""
-        try:
-            with _translate_errors("head"):
-                head = self._client.head_object(Bucket=self.bucket, Key=key)
-        except _Missing:
+        head = self._head_object_sync(key)
+        if head is None:
             return None
         size, metadata = head["ContentLength"], head.get("Metadata", {})
         if size <= MAX_COPY_OBJECT_SIZE:

@@ -87,18 +87,18 @@ async def put_entry(request: web.Request) -> web.Response:
     note_upload(request)
     raw = request.match_info.get("path", "")
     if not is_probe(raw):
-        return await _put_entry(request)
+        return await _put_entry(request, None)
     try:
-        return await _put_entry(request)
+        return await _put_entry(request, probe_problem(raw))
     except StorageError:
         message = "storage is unavailable; sccache runs read-only until it starts again"
         raise Forbidden(message) from None
 
 
-async def _put_entry(request: web.Request) -> web.Response:
+async def _put_entry(request: web.Request, problem: str | None) -> web.Response:
+    """The PUT; ``problem``: why the key prefix of the probe being put can hold no entry."""
     settings = await cache_for(request, Scope.WRITE)
-    raw = request.match_info.get("path", "")
-    if is_probe(raw) and (problem := probe_problem(raw)) is not None:
+    if problem is not None:
         raise Forbidden(f"{problem}; sccache runs read-only")  # module docstring
     path, collection = _path(request)
     if collection or not path:
