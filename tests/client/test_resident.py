@@ -508,3 +508,31 @@ def test_a_stopped_child_unwinds_so_half_written_files_go(tmp_path: Path) -> Non
     assert child.wait(10) == 128 + signal.SIGTERM
     child.stdout.close()
     assert not staged.exists()
+
+
+def test_an_output_cargo_set_back_in_time_is_still_uploaded(crate: Path, server: Resident) -> None:
+    """After ``cargo check`` cargo sets each output's modification time back to when the
+    compilation started, often before the upload job is made: the file is the one rustc wrote,
+    and must still be uploaded (it was refused as changed, so check builds were never cached)."""
+    from tests.client.test_uploads import UploadSink
+
+    cache = UploadSink("slow-explain")
+    cache.delay = 2.0
+    env = {**environ(crate), "LARDER_URL": cache.url, "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "20",
+           "LARDER_LOG": str(crate / "log"), "CARGO_PKG_NAME": "t",
+           "CARGO_PKG_VERSION": "0.1.0"}  # fmt: skip
+    try:
+        started = time.time() - 1
+        done, _ = call(crate, [RUSTC, *LIB], env)
+        assert done.returncode == 0, done.stderr
+        for output in (crate / "out").iterdir():
+            os.utime(output, (started, started))
+        waited = subprocess.run(
+            [sys.executable, "-m", "larder.client.entry", "--wait-uploads", "60"],
+            env=env, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert waited.returncode == 0, waited.stderr
+        assert "PUT /main/rustc/manifests/" in [r[:26] for r in cache.requests], cache.requests
+        assert "changed-after-compiling" not in (crate / "log").read_text()
+    finally:
+        cache.close()

@@ -62,10 +62,15 @@ class Machine:
         return {**env, **extra}
 
     def build(self, *cargo_args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return self.cargo("build", *cargo_args, **extra)
+
+    def cargo(
+        self, command: str, *cargo_args: str, **extra: str
+    ) -> subprocess.CompletedProcess[str]:
         if (self.state / "log").exists():
             (self.state / "log").unlink()
         done = subprocess.run(
-            ["cargo", "build", "--offline", *cargo_args],
+            ["cargo", command, "--offline", *cargo_args],
             cwd=self.checkout,
             env=self.env(**extra),
             capture_output=True,
@@ -231,3 +236,25 @@ def test_explicit_target_into_target_directories_made_beforehand(tmp_path: Path)
             outputs.append(subprocess.run([demo], capture_output=True, text=True).stdout)
         assert ci.stats()["uploads"] == len(CACHEABLE)
         assert outputs[0] == outputs[1] and outputs[0].endswith(DEMO_OUTPUT_TAIL)
+
+
+def test_cargo_check_outputs_reach_the_cache(tmp_path: Path) -> None:
+    """After ``cargo check`` cargo sets each output's time back to when its compilation
+    started, while the upload is being prepared: the uploads must still be made, so a second
+    checkout's ``cargo check`` (an editor's, a laptop's) hits."""
+
+    def results(build: Machine) -> list[str]:
+        lines = (build.state / "log").read_text().splitlines()
+        return sorted(" ".join(f for f in line.split()[1:] if f.startswith(("crate=", "result=")))
+                      for line in lines)  # fmt: skip
+
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        ci = machine(tmp_path, "ci", server, server.token())
+        ci.cargo("check")
+        checked = results(ci)
+        assert len(checked) > len(CACHEABLE) and all(r.endswith("result=miss") for r in checked)
+        assert "changed-after-compiling" not in (ci.state / "log").read_text()
+        assert ci.stats()["uploads"] == len(checked)
+        laptop = machine(tmp_path / "home" / "me", "laptop", server, token=None)
+        laptop.cargo("check")
+        assert results(laptop) == [r.replace("result=miss", "result=hit") for r in checked]
