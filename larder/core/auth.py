@@ -1,8 +1,9 @@
 """Stateless signed tokens: issuing, verifying, revoking, and the access rule.
 
 Tokens are HS256 JWTs (see :mod:`larder.protocol.tokens`) signed with one secret kept in the
-object store, so every replica accepts every other replica's tokens. Revocation writes a marker
-object; replicas reload the set of revoked ids at most every ``refresh_interval`` seconds.
+object store (or mounted), so every replica accepts every other replica's tokens. Revocation
+writes a marker object; replicas reload the set of revoked ids, and the secret, at most every
+``refresh_interval`` seconds, so a replaced secret ends every older token on every replica.
 
 Access rule: reading a public cache needs nothing; reading a private cache needs a ``read``
 token for it; writing needs a ``write`` token; ``admin`` implies ``write`` implies ``read``.
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
 
 from larder.core import keys
 from larder.core.caches import CacheSettings
-from larder.errors import Forbidden, StorageError, Unauthorized
+from larder.errors import Forbidden, LarderError, StorageError, Unauthorized
 from larder.protocol import tokens
 from larder.protocol.tokens import Scope, TokenClaims, TokenError
 from larder.storage.base import Storage
@@ -38,6 +40,8 @@ def authorize(claims: TokenClaims | None, cache: CacheSettings, needed: Scope) -
         raise Forbidden(f"the token's scope {claims.scope.name.lower()} does not allow this")
 
 
+log = logging.getLogger(__name__)
+
 #: Tokens remembered after their signature checked (then forgotten all at once).
 VERIFIED_TOKENS = 4096
 
@@ -50,26 +54,63 @@ class TokenAuthority:
         storage: Storage,
         refresh_interval: float = 10.0,
         clock: Callable[[], float] = time.time,
-        secret: bytes | None = None,
+        mounted: Callable[[], bytes] | None = None,
     ) -> None:
         self._storage = storage
         self._refresh = refresh_interval
         self._clock = clock
-        self._secret: bytes | None = secret  # given: a mounted secret wins over the store's
+        self._mounted = mounted  # reads a mounted secret, which wins over the store's
+        self._secret: bytes | None = None
+        self._secret_at = float("-inf")
+        self._secret_lock = asyncio.Lock()
         self._revoked: frozenset[str] = frozenset()
         self._revoked_at = float("-inf")
         self._lock = asyncio.Lock()
         self._verified: dict[str, TokenClaims] = {}
 
     async def secret(self) -> bytes:
-        """The shared HS256 secret, created on first use (one winner across replicas)."""
-        if self._secret is None:
+        """The shared HS256 secret, read again every ``refresh_interval``.
+
+        The store's is created on first use (one winner across replicas); a deleted one is
+        created anew, which ends every token. A secret that changed forgets every token
+        remembered under the old one. Once one was read, a failed re-read keeps it (and warns):
+        an outage must not end every token."""
+        if self._secret is not None and time.monotonic() - self._secret_at < self._refresh:
+            return self._secret
+        async with self._secret_lock:
+            if self._secret is None or time.monotonic() - self._secret_at >= self._refresh:
+                try:
+                    secret = await self._read_secret()
+                except LarderError as exc:
+                    if self._secret is None:
+                        raise
+                    log.warning("token secret not read again, kept as it was: %s", exc.message)
+                    secret = self._secret
+                if secret != self._secret:
+                    self._verified.clear()
+                self._secret, self._secret_at = secret, time.monotonic()
+        return self._secret
+
+    async def _read_secret(self) -> bytes:
+        if self._mounted is not None:
+            return self._mounted()
+        data = await self._storage.get(keys.TOKEN_SECRET)
+        if data is None:
             await self._storage.put_if_absent(keys.TOKEN_SECRET, secrets.token_hex(32).encode())
             data = await self._storage.get(keys.TOKEN_SECRET)
             if data is None:
                 raise StorageError("token secret vanished after creation")
-            self._secret = bytes.fromhex(data.decode().strip())
-        return self._secret
+        try:
+            return bytes.fromhex(data.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise StorageError("the stored token secret is not hex") from None
+
+    async def replace_secret(self) -> None:
+        """Store a new random secret: every token issued before it stops being accepted."""
+        if self._mounted is not None:
+            raise LarderError("the token secret is mounted (token_secret_file): replace that file")
+        await self._storage.put(keys.TOKEN_SECRET, secrets.token_hex(32).encode())
+        self._secret_at = float("-inf")
 
     async def issue(self, cache: str, scope: Scope, ttl_seconds: int) -> tuple[str, TokenClaims]:
         """A new token for ``cache`` (or ``*``); ``ttl_seconds == 0`` means no expiry."""
@@ -90,10 +131,11 @@ class TokenAuthority:
         them): a client sends the same one with every request, and decoding it costs more than
         the rest of a small request's checks. Expiry and revocation are checked every time."""
         now = self._clock()
+        secret = await self.secret()  # first: a replaced secret forgets remembered tokens
         claims = self._verified.get(token)
         if claims is None:
             try:
-                claims = tokens.verify(await self.secret(), token, now=now)
+                claims = tokens.verify(secret, token, now=now)
             except TokenError as exc:
                 raise Unauthorized(f"invalid token: {exc.message}") from None
             if len(self._verified) >= VERIFIED_TOKENS:

@@ -190,15 +190,18 @@ class CacheRegistry:
         await self._storage.put(keys.cache_config(settings.name), settings.to_json())
         self._remember(settings.name, settings)
 
-    async def adopt_key(self, name: str, key: SecretKey, priority: int = 30) -> str:
-        """Make ``key`` the cache's signing key, creating the cache if needed.
+    async def adopt_key(
+        self, name: str, key: SecretKey, priority: int = 30, private: bool = False
+    ) -> str:
+        """Make ``key`` the cache's signing key, creating the cache if needed (``private`` says
+        how; an existing cache keeps its privacy).
 
         Returns ``"created"``, ``"rotated"`` or ``"unchanged"``. For keys kept outside the store
         (a mounted Kubernetes Secret): every replica adopts the same key at start-up.
         """
         existing = await self.get(check_cache_name(name))
         if existing is None:
-            settings = CacheSettings(name, key, False, priority, int(time.time()))
+            settings = CacheSettings(name, key, private, priority, int(time.time()))
             if await self._storage.put_if_absent(keys.cache_config(name), settings.to_json()):
                 self._remember(name, settings)
                 return "created"
@@ -210,13 +213,16 @@ class CacheRegistry:
         await self.update(replace(existing, signing_key=key))
         return "rotated"
 
-    async def ensure(self, name: str, priority: int = 30) -> tuple[CacheSettings, bool]:
-        """The cache, creating it if missing; the flag says whether this call created it."""
+    async def ensure(
+        self, name: str, priority: int = 30, private: bool = False
+    ) -> tuple[CacheSettings, bool]:
+        """The cache, creating it if missing (``private`` says how); the flag says whether this
+        call created it."""
         existing = await self.get(name)
         if existing is not None:
             return existing, False
         try:
-            return await self.create(name, priority=priority), True
+            return await self.create(name, private=private, priority=priority), True
         except CacheExists:
             self._forget(name)
             settings = await self.get(name)

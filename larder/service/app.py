@@ -53,7 +53,7 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     app[state.EXECUTOR] = executor
     app[state.CACHES] = CacheRegistry(storage, config.refresh_interval)
     app[state.TOKENS] = TokenAuthority(
-        storage, config.refresh_interval, secret=config.token_secret()
+        storage, config.refresh_interval, mounted=config.mounted_token_secret()
     )
     app[state.BLOBS] = BlobStore(storage, executor)
     writes = SharedWriteCounter(worker) if worker is not None else None

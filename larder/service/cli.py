@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(revoke)
     revoke.add_argument("token_id")
     revoke.add_argument("--reason", default="")
+    replace_secret = token_commands.add_parser(
+        "replace-secret",
+        help="sign tokens with a new secret: every token made before stops working within "
+        "refresh_interval",
+    )
+    _common(replace_secret)
 
     cache = commands.add_parser("cache", help="create and inspect caches")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
@@ -106,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("name")
     limits.add_argument("--max-size", help="largest size, e.g. 50GB, 200GiB")
     limits.add_argument("--retention", help="evict what was not used for this long, e.g. 30d")
+    cache_set = cache_commands.add_parser(
+        "set", help="change a cache's privacy or priority (servers follow within refresh_interval)"
+    )
+    _common(cache_set)
+    cache_set.add_argument("name")
+    privacy = cache_set.add_mutually_exclusive_group()
+    privacy.add_argument("--private", action="store_true", default=None, help="reads need a token")
+    privacy.add_argument("--public", dest="private", action="store_false", help="anyone may read")
+    cache_set.add_argument("--priority", type=int, help="nix-cache-info Priority")
     cache_list = cache_commands.add_parser("list", help="list caches")
     _common(cache_list)
 
@@ -199,15 +214,32 @@ async def _adopt_signing_keys(config: Config, registry: CacheRegistry) -> None:
             raise LarderError(f"cannot read {path}: {exc}") from None
         except LarderError as exc:
             raise LarderError(f"{path}: not a Nix secret key ({exc.message})") from None
-        what = await registry.adopt_key(path.stem, key, priority=config.default_priority)
+        what = await registry.adopt_key(
+            path.stem,
+            key,
+            priority=config.default_priority,
+            private=path.stem in config.private_cache_names,
+        )
         if what != "unchanged":
             print(f"cache {path.stem!r}: {what} with the key in {path.name}", flush=True)
+
+
+async def _make_private(config: Config, registry: CacheRegistry) -> None:
+    """``private_caches``: each exists and is private (one left out keeps what it is)."""
+    for name in config.private_cache_names:
+        settings, created = await registry.ensure(name, config.default_priority, private=True)
+        if created:
+            print(f"created private cache {name!r} and its signing key", flush=True)
+        elif not settings.private:
+            await registry.update(replace(settings, private=True))
+            print(f"cache {name!r}: made private (private_caches)", flush=True)
 
 
 async def _bootstrap(config: Config, storage: Storage) -> None:
     """On first start create cache ``main``; always print how to use the caches."""
     registry = CacheRegistry(storage, config.refresh_interval)
     await _adopt_signing_keys(config, registry)
+    await _make_private(config, registry)
     names = await registry.names()
     if not names:
         await registry.ensure(DEFAULT_CACHE, priority=config.default_priority)
@@ -236,7 +268,9 @@ async def _token_create(args: argparse.Namespace, storage: Storage, config: Conf
     cache = args.cache if args.cache == "*" else check_cache_name(args.cache)
     if cache != "*" and await CacheRegistry(storage).get(cache) is None:
         raise LarderError(f"no cache named {cache!r}")
-    authority = TokenAuthority(storage, config.refresh_interval, secret=config.token_secret())
+    authority = TokenAuthority(
+        storage, config.refresh_interval, mounted=config.mounted_token_secret()
+    )
     token, claims = await authority.issue(cache, Scope.parse(args.scope), parse_ttl(args.ttl))
     print(token)
     expiry = claims.expires_at or "never"
@@ -245,11 +279,31 @@ async def _token_create(args: argparse.Namespace, storage: Storage, config: Conf
 
 
 async def _token_revoke(args: argparse.Namespace, storage: Storage, config: Config) -> int:
-    await TokenAuthority(storage, config.refresh_interval, secret=config.token_secret()).revoke(
-        args.token_id, args.reason
-    )
+    await TokenAuthority(
+        storage, config.refresh_interval, mounted=config.mounted_token_secret()
+    ).revoke(args.token_id, args.reason)
     print(f"revoked {args.token_id}", file=sys.stderr)
     return 0
+
+
+async def _token_replace_secret(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    await TokenAuthority(storage, mounted=config.mounted_token_secret()).replace_secret()
+    print(
+        "replaced the token secret: tokens made before it stop working within "
+        f"refresh_interval ({config.refresh_interval:g} s); make new ones with `larder token "
+        "create`",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _priority(value: int | None, default: int) -> int:
+    """``--priority``, or ``default``: what nix-cache-info may carry (Nix reads an int)."""
+    if value is None:
+        return default
+    if not 0 <= value < 2**31:
+        raise LarderError(f"--priority must be between 0 and {2**31 - 1}")
+    return value
 
 
 async def _cache_command(args: argparse.Namespace, storage: Storage, config: Config) -> int:
@@ -262,7 +316,7 @@ async def _cache_command(args: argparse.Namespace, storage: Storage, config: Con
         settings = await registry.create(
             args.name,
             private=args.private,
-            priority=args.priority if args.priority is not None else config.default_priority,
+            priority=_priority(args.priority, config.default_priority),
             key_name=args.key_name,
         )
     else:
@@ -273,6 +327,13 @@ async def _cache_command(args: argparse.Namespace, storage: Storage, config: Con
         if args.cache_command == "trust":
             trusted = tuple(PublicKey.parse(key).to_string() for key in args.key)
             settings = replace(settings, trusted_upload_keys=trusted)
+            await registry.update(settings)
+        if args.cache_command == "set":
+            settings = replace(
+                settings,
+                private=settings.private if args.private is None else args.private,
+                priority=_priority(args.priority, settings.priority),
+            )
             await registry.update(settings)
         if args.cache_command == "limits":
             settings = replace(
@@ -382,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers = {
             ("token", "create"): _token_create,
             ("token", "revoke"): _token_revoke,
+            ("token", "replace-secret"): _token_replace_secret,
             ("gc", ""): _gc,
             ("pin", ""): _pin_command,
             ("unpin", ""): _pin_command,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from larder.errors import InvalidInput
+from larder.errors import InvalidInput, LarderError
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
 
@@ -167,6 +167,23 @@ def _duration_at_least(low: float) -> Callable[[object], float]:
     return parse
 
 
+def _cache_names(value: object) -> str:
+    """Cache names from a TOML list of strings or a comma-separated string (the environment),
+    kept comma-separated."""
+    from larder.protocol.names import check_cache_name  # imported when used, as above
+
+    if isinstance(value, str):
+        items: list[object] = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ValueError(f"{value!r} is not a list of cache names")
+    try:
+        return ",".join(dict.fromkeys(check_cache_name(_text(item)) for item in items))
+    except LarderError as exc:
+        raise ValueError(exc.message) from None
+
+
 def _one_of(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = str(value).lower()
@@ -213,6 +230,9 @@ class Config:
     body_idle_timeout: float = _setting(60.0, _duration_at_least(1.0))
     # A directory of <cache>.key files (Nix secret keys) that serve adopts at start-up.
     signing_keys_dir: str = _setting("", _text)
+    # Caches that serve makes sure exist and are private at start-up (a list, or comma-separated
+    # in LARDER_PRIVATE_CACHES); leaving a cache out never makes it public (`larder cache set`).
+    private_caches: str = _setting("", _cache_names)
     # Seconds between garbage collections run by `serve` (0: never); replicas take turns.
     gc_interval: float = _setting(3600.0, _duration)
     # Cap on the whole store in bytes (0: none); each cache's own: `larder cache limits`.
@@ -238,10 +258,15 @@ class Config:
     # Event loop of each server process: "uvloop" (faster) or "asyncio" (the standard one).
     event_loop: str = _setting("uvloop", _one_of("uvloop", "asyncio"))
 
-    def token_secret(self) -> bytes | None:
-        """The mounted token secret, if one is configured."""
+    def mounted_token_secret(self) -> Callable[[], bytes] | None:
+        """What reads the mounted token secret, if one is configured; the file is read once now,
+        so a bad one stops start-up, and again on each call (a replaced Secret takes effect)."""
         if not self.token_secret_file:
             return None
+        self._read_token_secret()
+        return self._read_token_secret
+
+    def _read_token_secret(self) -> bytes:
         try:
             text = Path(self.token_secret_file).read_bytes().strip()
         except OSError as exc:
@@ -253,6 +278,10 @@ class Config:
         if len(secret) < 32:
             raise ConfigError("token_secret_file must hold at least 32 bytes (or 64 hex digits)")
         return secret
+
+    @property
+    def private_cache_names(self) -> tuple[str, ...]:
+        return tuple(self.private_caches.split(",")) if self.private_caches else ()
 
     @property
     def host_port(self) -> tuple[str, int]:

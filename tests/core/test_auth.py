@@ -1,11 +1,13 @@
-"""Token verification: a remembered token still expires and can still be revoked."""
+"""Token verification: a remembered token still expires, can still be revoked, and ends with
+the secret that signed it."""
 
 from __future__ import annotations
 
 import pytest
 
+from larder.core import keys
 from larder.core.auth import TokenAuthority
-from larder.errors import Unauthorized
+from larder.errors import LarderError, StorageError, StorageUnavailable, Unauthorized
 from larder.protocol.tokens import Scope
 from larder.storage.memory import MemoryStorage
 
@@ -46,3 +48,74 @@ async def test_a_forged_token_is_refused_every_time() -> None:
     for _ in range(2):
         with pytest.raises(Unauthorized, match=r"signature|malformed"):
             await authority.verify(forged)
+
+
+async def test_a_replaced_secret_ends_older_tokens_once_read_again() -> None:
+    """Replacing the secret must end every token on a running replica, remembered ones too."""
+    storage = MemoryStorage()
+    running = TokenAuthority(storage, refresh_interval=3600)
+    elsewhere = TokenAuthority(storage, refresh_interval=0)  # the operator's command
+    old, _ = await elsewhere.issue("main", Scope.ADMIN, 0)
+    await running.verify(old)  # remembered
+    await elsewhere.replace_secret()
+    new, _ = await elsewhere.issue("main", Scope.READ, 0)
+    with pytest.raises(Unauthorized, match="signature"):
+        await elsewhere.verify(old)
+    assert (await running.verify(old)).cache == "main"  # within refresh_interval: as it was
+    running._secret_at = float("-inf")  # refresh_interval has passed
+    with pytest.raises(Unauthorized, match="signature"):
+        await running.verify(old)
+    assert (await running.verify(new)).scope == Scope.READ
+
+
+async def test_a_deleted_secret_is_made_anew() -> None:
+    storage = MemoryStorage()
+    authority = TokenAuthority(storage, refresh_interval=0)
+    token, _ = await authority.issue("main", Scope.READ, 0)
+    await storage.delete(keys.TOKEN_SECRET)
+    with pytest.raises(Unauthorized, match="signature"):
+        await authority.verify(token)
+    assert await storage.get(keys.TOKEN_SECRET) is not None
+
+
+async def test_a_secret_that_cannot_be_read_again_is_kept(caplog: pytest.LogCaptureFixture) -> None:
+    class Flaky(MemoryStorage):
+        down = False
+
+        async def get(self, key: str) -> bytes | None:
+            if self.down:
+                raise StorageUnavailable("connection refused")
+            return await super().get(key)
+
+    storage = Flaky()
+    authority = TokenAuthority(storage, refresh_interval=0)
+    token, _ = await authority.issue("main", Scope.READ, 0)
+    storage.down = True
+    assert (await authority.secret()) and "kept as it was" in caplog.text
+    authority._verified.clear()
+    fresh = TokenAuthority(storage, refresh_interval=0)
+    with pytest.raises(StorageUnavailable):  # nothing read yet: no secret to keep
+        await fresh.secret()
+    storage.down = False
+    assert (await fresh.verify(token)).cache == "main"
+
+
+async def test_a_stored_secret_that_is_not_hex_is_a_storage_error() -> None:
+    storage = MemoryStorage()
+    await storage.put(keys.TOKEN_SECRET, b"not hex at all\n")
+    with pytest.raises(StorageError, match="not hex"):
+        await TokenAuthority(storage).secret()
+
+
+async def test_a_mounted_secret_is_read_again_and_not_replaced_in_the_store() -> None:
+    storage = MemoryStorage()
+    mounted = [b"a" * 32]
+    authority = TokenAuthority(storage, refresh_interval=0, mounted=lambda: mounted[0])
+    token, _ = await authority.issue("main", Scope.READ, 0)
+    assert (await authority.verify(token)).cache == "main"
+    mounted[0] = b"b" * 32  # the Secret was updated
+    with pytest.raises(Unauthorized, match="signature"):
+        await authority.verify(token)
+    with pytest.raises(LarderError, match="mounted"):
+        await authority.replace_secret()
+    assert await storage.get(keys.TOKEN_SECRET) is None

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -213,6 +214,84 @@ def test_rotate_key_changes_the_served_key(
     assert code == 2 and out == "" and err.startswith("larder: ")
     shown = run(capsys, "cache", "show", "team", "--storage", store)[1]
     assert json.loads(shown)["public_key"].startswith("team.imported-1:")
+
+
+def test_replace_secret_ends_every_token(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "cache", "create", "team", "--storage", store)
+    old = run(capsys, "token", "create", "--cache", "*", "--scope", "admin", "--storage", store)[1]
+    assert verify(store, old.strip()) == ("*", Scope.ADMIN)
+    code, out, err = run(capsys, "token", "replace-secret", "--storage", store)
+    assert code == 0 and out == "" and "stop working within refresh_interval" in err
+    with pytest.raises(Unauthorized, match="signature"):
+        verify(store, old.strip())
+    new = run(capsys, "token", "create", "--cache", "team", "--scope", "read", "--storage", store)
+    assert verify(store, new[1].strip()) == ("team", Scope.READ)
+
+
+def test_replace_secret_refuses_a_mounted_secret(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(capsys, "cache", "create", "team", "--storage", store)
+    before = sorted(p.name for p in Path(store).rglob("*"))
+    mounted = tmp_path / "token-secret"
+    mounted.write_text("ab" * 32)
+    monkeypatch.setenv("LARDER_TOKEN_SECRET_FILE", str(mounted))
+    code, out, err = run(capsys, "token", "replace-secret", "--storage", store)
+    assert code == 2 and out == "" and "mounted (token_secret_file): replace that file" in err
+    assert sorted(p.name for p in Path(store).rglob("*")) == before
+
+
+def test_cache_set_changes_privacy_and_priority_only(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = json.loads(run(capsys, "cache", "create", "team", "--storage", store)[1])
+    assert created["private"] is False
+    code, out, _ = run(capsys, "cache", "set", "team", "--private", "--storage", store)
+    assert code == 0 and json.loads(out) == {**created, "private": True}
+    code, out, _ = run(capsys, "cache", "set", "team", "--priority", "0", "--storage", store)
+    assert code == 0 and json.loads(out) == {**created, "private": True, "priority": 0}
+    code, out, _ = run(capsys, "cache", "set", "team", "--public", "--storage", store)
+    assert code == 0 and json.loads(out) == {**created, "private": False, "priority": 0}
+    shown = json.loads(run(capsys, "cache", "show", "team", "--storage", store)[1])
+    assert shown == {**created, "private": False, "priority": 0}
+    for bad in (["--priority", "-1"], ["--priority", str(2**31)]):
+        code, out, err = run(capsys, "cache", "set", "team", *bad, "--storage", store)
+        assert code == 2 and out == "" and "--priority must be between" in err
+    code, out, err = run(capsys, "cache", "set", "nope", "--private", "--storage", store)
+    assert code == 2 and out == "" and "no cache named 'nope'" in err
+    with pytest.raises(SystemExit):  # argparse: not both
+        main(["cache", "set", "team", "--private", "--public", "--storage", store])
+    assert json.loads(run(capsys, "cache", "show", "team", "--storage", store)[1]) == shown
+
+
+async def test_private_caches_are_created_or_made_private_at_start(tmp_path: Path) -> None:
+    """A cache created by signing_keys_dir (or before) could not be made private any other way."""
+    from larder.core.caches import CacheRegistry
+    from larder.service import cli
+    from larder.service.config import Config
+    from larder.storage.memory import MemoryStorage
+
+    storage = MemoryStorage()
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "main.key").write_text(SecretKey.generate("main.example-1").to_string() + "\n")
+    (keys / "open.key").write_text(SecretKey.generate("open.example-1").to_string() + "\n")
+    await CacheRegistry(storage).create("older")
+    registry = CacheRegistry(storage, refresh_interval=0)
+
+    async def privacy() -> dict[str, bool]:
+        found = {name: await registry.get(name) for name in await registry.names()}
+        return {name: settings.private for name, settings in found.items() if settings}
+
+    await cli._bootstrap(
+        Config(signing_keys_dir=str(keys), private_caches="main,older,team"), storage
+    )
+    assert await privacy() == {"main": True, "older": True, "team": True, "open": False}
+    older = await registry.get("older")
+    assert older is not None
+    await registry.update(replace(older, private=False))
+    await cli._bootstrap(Config(signing_keys_dir=str(keys)), storage)  # left out: unchanged
+    assert await privacy() == {"main": True, "older": False, "team": True, "open": False}
 
 
 def test_cache_trust_sets_and_clears_upload_keys(

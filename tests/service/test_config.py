@@ -133,6 +133,9 @@ def test_a_flag_spelt_otherwise_is_named_as_spelt() -> None:
         ("max_connections = 1.9", "max_connections"),
         ('storage = ["a", "b"]', "storage"),
         ("signing_keys_dir = 5", "signing_keys_dir"),
+        ('private_caches = ["main", "Team"]', "private_caches"),
+        ('private_caches = "main,../x"', "private_caches"),
+        ("private_caches = [5]", "private_caches"),
     ],
 )
 def test_values_that_would_leave_a_broken_server_are_refused(
@@ -179,23 +182,37 @@ def test_unknown_or_malformed_file_settings_are_refused(tmp_path: Path) -> None:
 
 
 def test_token_secret_file(tmp_path: Path) -> None:
+    def mounted(config: Config) -> bytes:
+        read = config.mounted_token_secret()
+        assert read is not None
+        return read()
+
     hex_file = tmp_path / "hex"
     hex_file.write_text("ab" * 32 + "\n")
-    assert load_config({"token_secret_file": str(hex_file)}, environ={}).token_secret() == (
-        bytes.fromhex("ab" * 32)
-    )
+    config = load_config({"token_secret_file": str(hex_file)}, environ={})
+    assert mounted(config) == bytes.fromhex("ab" * 32)
     raw = tmp_path / "raw"
     raw.write_bytes(b"x" * 40)
-    assert load_config({}, environ={"LARDER_TOKEN_SECRET_FILE": str(raw)}).token_secret() == (
-        b"x" * 40
-    )
+    assert mounted(load_config({}, environ={"LARDER_TOKEN_SECRET_FILE": str(raw)})) == b"x" * 40
     short = tmp_path / "short"
     short.write_text("too short")
     with pytest.raises(ConfigError, match="at least 32 bytes"):
-        load_config({"token_secret_file": str(short)}, environ={}).token_secret()
+        load_config({"token_secret_file": str(short)}, environ={}).mounted_token_secret()
     with pytest.raises(ConfigError, match="cannot read"):
-        load_config({"token_secret_file": str(tmp_path / "absent")}, environ={}).token_secret()
-    assert Config().token_secret() is None
+        load_config(
+            {"token_secret_file": str(tmp_path / "absent")}, environ={}
+        ).mounted_token_secret()
+    assert Config().mounted_token_secret() is None
+
+
+def test_mounted_token_secret_is_read_again(tmp_path: Path) -> None:
+    """A replaced file (a Kubernetes Secret updated in place) is what the next call returns."""
+    path = tmp_path / "secret"
+    path.write_text("ab" * 32)
+    read = load_config({"token_secret_file": str(path)}, environ={}).mounted_token_secret()
+    assert read is not None and read() == bytes.fromhex("ab" * 32)
+    path.write_text("cd" * 32)
+    assert read() == bytes.fromhex("cd" * 32)
 
 
 def test_workers_and_event_loop_from_env_file_and_flag(tmp_path: Path) -> None:
@@ -288,6 +305,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "token_secret_file": ("/run/secret", "/run/secret", "/run/secret"),
     "body_idle_timeout": ("5", 5.5, None),
     "signing_keys_dir": ("/keys", "/keys", "/keys"),
+    "private_caches": (" main, team,main ", ["team", "main"], None),
     "gc_interval": ("12h", "15m", None),
     "gc_max_size": ("10GiB", "10GiB", 10 * 1024**3),
     "gc_retention": ("30d", 86400, None),
@@ -300,6 +318,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "event_loop": ("asyncio", "AsyncIO", "asyncio"),
 }
 EXPECTED_FROM_TEXT: dict[str, object] = {
+    "private_caches": "main,team",
     "storage": "s3://bucket/prefix",
     "max_upload_size": 8 * 1024**3,
     "max_nar_size": 1000**4,
@@ -312,6 +331,7 @@ EXPECTED_FROM_TEXT: dict[str, object] = {
     "workers": 0,
 }
 EXPECTED_FROM_FILE: dict[str, object] = {
+    "private_caches": "team,main",
     "storage": "/srv/larder",
     "max_upload_size": 1000,
     "max_nar_size": 1024,
