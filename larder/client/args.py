@@ -20,6 +20,8 @@ crate type that carries metadata, a ``--remap-path-scope`` narrower than ``all``
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -265,8 +267,29 @@ def _remaps_everything(c: Compilation) -> bool:
 
 
 def parse(args: list[str]) -> Compilation:
-    """Parse rustc's arguments (without the rustc path itself)."""
+    """Parse rustc's arguments (without the rustc path itself).
+
+    Without ``--crate-type`` and ``--test`` (cargo's ``harness = false`` tests and benches)
+    rustc builds a binary unless the crate root declares ``crate_type``: such a compilation
+    reads as ``--crate-type bin`` when the crate root's text never names ``crate_type``."""
     flags, positional = split(args)
     inputs = [arg for arg in positional if not arg.startswith("@")]
+    if _binary_by_default(flags, inputs):
+        flags.append(("--crate-type", "bin"))
     draft = Compilation(tuple(flags), inputs[0] if inputs else None, None)
     return Compilation(draft.flags, draft.input, _reason(flags, positional, draft))
+
+
+def _binary_by_default(flags: list[tuple[str, str | None]], inputs: list[str]) -> bool:
+    names = {name for name, _ in flags}
+    if "--crate-type" in names or "--test" in names or "--crate-attr" in names:
+        return False
+    if len(inputs) != 1 or inputs[0] == "-" or any(v and "crate-attr" in v for _, v in flags):
+        return False
+    try:  # a regular file only: reading a pipe (`rustc <(...)`) would take rustc's input
+        if not stat.S_ISREG(os.stat(inputs[0]).st_mode):
+            return False
+        with open(inputs[0], "rb") as root:
+            return b"crate_type" not in root.read()
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,39 @@ def test_non_cacheable_reasons(argv: list[str], reason: str) -> None:
 )
 def test_a_remap_path_scope_that_keeps_outputs_portable_is_cacheable(argv: list[str]) -> None:
     assert parse(argv).reason is None
+
+
+@pytest.mark.parametrize(
+    ("root", "extra", "reason", "types"),
+    [
+        ("fn main() {}\n", [], None, ["bin"]),  # cargo's harness = false bench or test
+        ('#![crate_type = "lib"]\npub fn f() {}\n', [], "crate-type:unspecified", []),
+        ('#![cfg_attr(x, crate_type = "rlib")]\nfn main() {}\n', [], "crate-type:unspecified", []),
+        ("fn main() {}\n", ["--crate-attr", "crate_type=lib"], "crate-type:unspecified", []),
+        ("fn main() {}\n", ["-Z", "crate-attr=crate_type=lib"], "crate-type:unspecified", []),
+        ("fn main() {}\n", ["--test"], "test", []),
+    ],
+)
+def test_no_crate_type_is_a_binary_unless_the_crate_root_says_otherwise(
+    tmp_path: Path, root: str, extra: list[str], reason: str | None, types: list[str]
+) -> None:
+    source = tmp_path / "benches" / "speed.rs"
+    source.parent.mkdir()
+    source.write_text(root)
+    argv = [
+        a if a != "crates/leaf/src/lib.rs" else str(source)
+        for a in _with(*extra, drop="--crate-type")
+    ]
+    c = parse(argv)
+    assert (c.reason, c.crate_types) == (reason, types)
+    if reason is None:
+        assert c.linked and c.expected_outputs() == [
+            "leaf-0d7b9f46af7681ca", "leaf-0d7b9f46af7681ca.d", "libleaf-0d7b9f46af7681ca.rmeta"
+        ]  # fmt: skip
+    source.unlink()  # unreadable: rustc will say why; nothing is assumed
+    assert parse(argv).reason in ("crate-type:unspecified", "test")
+    os.mkfifo(source)  # never opened: reading it would take what rustc must read
+    assert parse(argv).reason in ("crate-type:unspecified", "test")
 
 
 def test_codegen_options_read_as_rustc_reads_them() -> None:

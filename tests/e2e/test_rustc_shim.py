@@ -258,3 +258,34 @@ def test_cargo_check_outputs_reach_the_cache(tmp_path: Path) -> None:
         laptop = machine(tmp_path / "home" / "me", "laptop", server, token=None)
         laptop.cargo("check")
         assert results(laptop) == [r.replace("result=miss", "result=hit") for r in checked]
+
+
+def test_harness_false_targets_are_cached_as_binaries(tmp_path: Path) -> None:
+    """Cargo compiles a ``harness = false`` test or bench (criterion's benches) without
+    ``--crate-type``: a binary, cached as one, while ``--test`` harnesses compile locally."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "tests").mkdir()
+    (project / "Cargo.toml").write_text(
+        '[package]\nname = "runner"\nversion = "0.1.0"\nedition = "2021"\n\n'
+        '[[test]]\nname = "custom"\nharness = false\n'
+    )
+    (project / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+    (project / "tests" / "custom.rs").write_text(
+        'fn main() { assert_eq!(runner::answer(), 42); println!("custom runner ok"); }\n'
+    )
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        runs = []
+        for name, token in (("ci", server.token()), ("laptop", None)):
+            checkout = tmp_path / name / "runner"
+            shutil.copytree(project, checkout)
+            build = Machine(
+                checkout, tmp_path / f"{name}-target", tmp_path / f"{name}-state",
+                f"{server.url}/main", token,
+            )  # fmt: skip
+            done = build.cargo("test", "--test", "custom")
+            assert "custom runner ok" in done.stdout
+            runs.append(build.results())
+            assert build.stats()["non_cacheable"] == 0
+        assert runs[0] == {"runner": "miss", "custom": "miss"}
+        assert runs[1] == {"runner": "hit", "custom": "hit"}
