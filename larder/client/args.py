@@ -12,7 +12,8 @@ linker, see :mod:`larder.client.linkline` for their further rules), it emits onl
 ``metadata`` and ``link`` into ``--out-dir`` (no per-kind paths, no ``-o``), and it uses none
 of: ``-C incremental``, ``--test``, ``@argfiles``, stdin input, ``-C save-temps``,
 profile-guided optimisation, split debug info (``-C split-debuginfo=packed|unpacked``),
-``--sysroot`` (a standard library other than the toolchain's, which the key hashes), or, for a
+``--sysroot`` (a standard library other than the toolchain's, which the key hashes), a ``-Z``
+option that names a file (:func:`_reads_a_file`: the key holds ``-Z`` options as text), or, for a
 crate type that carries metadata, a ``--remap-path-scope`` narrower than ``all``
 (:func:`_remaps_everything`).
 :attr:`Compilation.reason` names the first rule broken.
@@ -246,7 +247,22 @@ def _reason(
         return "no-out-dir"
     if c.values("--sysroot"):  # another standard library than the one key item 3 hashes
         return "sysroot"
+    if any(_reads_a_file(value) for value in c.values("-Z")):
+        return "unstable-option-file"
     return None
+
+
+#: Nightly ``-Z`` options that read a file the key would know only by its name.
+_Z_FILE_OPTIONS = frozenset(
+    {"llvm-plugins", "profile-sample-use", "sanitizer-dataflow-abilist", "sanitizer-ignorelist"}
+)
+
+
+def _reads_a_file(value: str) -> bool:
+    """Whether a ``-Z`` option names a file: a known one, or any value with a path in it (the
+    key holds ``-Z`` options as text, which tells nothing of a file's content)."""
+    option, _, setting = value.partition("=")
+    return option.replace("_", "-") in _Z_FILE_OPTIONS or "/" in setting
 
 
 def _remaps_everything(c: Compilation) -> bool:

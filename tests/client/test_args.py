@@ -101,6 +101,13 @@ def _with(*extra: str, drop: str | None = None) -> list[str]:
         (_with("--remap-path-scope=object"), "remap-path-scope"),
         (_with("--remap-path-scope", "macro,diagnostics,debuginfo,coverage"), "remap-path-scope"),
         (_with("-Z", "remap-path-scope=object"), "remap-path-scope"),
+        # the key knows a -Z option's text only, not the file it reads
+        (_with("-Z", "profile-sample-use=prof.txt"), "unstable-option-file"),
+        (_with("-Zllvm_plugins=plugin.so"), "unstable-option-file"),
+        (
+            _with("-Z", "codegen-backend=/opt/backends/librustc_codegen_x.so"),
+            "unstable-option-file",
+        ),
     ],
 )
 def test_non_cacheable_reasons(argv: list[str], reason: str) -> None:
@@ -153,6 +160,12 @@ def test_no_crate_type_is_a_binary_unless_the_crate_root_says_otherwise(
     assert parse(argv).reason in ("crate-type:unspecified", "test")
     os.mkfifo(source)  # never opened: reading it would take what rustc must read
     assert parse(argv).reason in ("crate-type:unspecified", "test")
+
+
+def test_unstable_options_without_a_file_stay_cacheable() -> None:
+    assert parse(
+        _with("-Z", "threads=8", "-Zshare-generics=y", "-Zcodegen-backend=cranelift")
+    ).cacheable
 
 
 def test_codegen_options_read_as_rustc_reads_them() -> None:
