@@ -181,7 +181,10 @@ class CacheRegistry:
         key = SecretKey.generate(key_name or f"{name}.larder-{secrets.token_hex(3)}")
         settings = CacheSettings(name, key, private, priority, int(time.time()))
         if not await self._storage.put_if_absent(keys.cache_config(name), settings.to_json()):
-            raise CacheExists(f"cache {name!r} already exists")
+            raise CacheExists(
+                f"cache {name!r} already exists (`larder cache set {name}` changes its privacy "
+                "or priority)"
+            )
         self._remember(name, settings)
         return settings
 

@@ -70,8 +70,8 @@ def test_cache_create_refuses_duplicates_and_bad_names(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run(capsys, "cache", "create", "team", "--storage", store)
-    code, out, err = run(capsys, "cache", "create", "team", "--storage", store)
-    assert code == 2 and out == "" and "exists" in err
+    code, out, err = run(capsys, "cache", "create", "team", "--private", "--storage", store)
+    assert code == 2 and out == "" and "exists (`larder cache set team` changes its" in err
     for bad in ("Team", "../x", "api", "a" * 80):
         code, out, err = run(capsys, "cache", "create", bad, "--storage", store)
         assert code == 2 and out == "" and err.startswith("larder: "), bad
