@@ -77,6 +77,14 @@ class UseRecorder:
     def pending(self) -> int:
         return len(self._pending)
 
+    def merge_pending(self, cache: str, times: dict[str, float]) -> None:
+        """Add the uses of ``cache`` gathered and not written yet to ``times`` (key below the
+        cache's prefix -> POSIX time), keeping the later time."""
+        for key, when in list(self._pending.items()):
+            split = keys.cache_of(key)
+            if split is not None and split[0] == cache:
+                times[split[1]] = max(when, times.get(split[1], -math.inf))
+
     async def flush(self) -> int:
         """Write what was gathered; the number of keys written. On a storage error the uses are
         kept for the next flush and the error is raised."""

@@ -182,11 +182,22 @@ async def _read_last_run(app: web.Application) -> None:
         log.info("could not read the last collection's record: %s", exc.message)
 
 
+async def _housekeep_storage(app: web.Application) -> None:
+    """At start: the backend's housekeeping (on disk: the reserve a collection needs on a full
+    disk, which must exist before the disk fills up, and stale temporaries)."""
+    try:
+        await app[state.STORAGE].housekeep()
+    except LarderError as exc:
+        log.warning("storage housekeeping at start-up failed: %s", exc.message)
+
+
 def start(app: web.Application, scans: bool = True) -> list[asyncio.Task[None]]:
     """The background tasks the config asks for (the caller cancels them at shutdown); without
     ``scans`` only the recorded uses are written (the other workers of a server)."""
     config = app[state.CONFIG]
     tasks = []
+    if scans:
+        tasks.append(asyncio.create_task(_housekeep_storage(app)))
     if scans and config.usage_interval > 0:
         tasks.append(
             asyncio.create_task(

@@ -353,6 +353,16 @@ class Storage(ABC):
     async def check(self) -> None:
         """Raise a storage error unless the backend answers (used by readiness probes)."""
 
+    async def release_reserve(self) -> bool:
+        """Free the space a backend keeps back so that a collection can start when it is full;
+        ``True`` if some was freed (a backend without a reserve: ``False``)."""
+        return False
+
+    async def housekeep(self) -> None:
+        """What a collection asks of the backend once it has deleted: remove what crashed
+        writers left behind, keep the reserve. Nothing by default."""
+        return None
+
     async def close(self) -> None:
         """Release connections and thread pools."""
         return None

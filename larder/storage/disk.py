@@ -30,8 +30,13 @@ directory it is created in (of ``objects/`` for temporaries), when that is anoth
 Opening a store whose ``objects/config`` others can enter (a store made before this rule)
 narrows it to 0700 and warns; its older files are narrowed as they are written again.
 
-Temporaries left by a crash are removed when a :class:`DiskStorage` is opened, once older than
-``stale_temp_age`` seconds (a live upload keeps its temporary's mtime fresh).
+Temporaries left by a crash are removed when a :class:`DiskStorage` is opened and after each
+collection (:meth:`DiskStorage.housekeep`), once older than ``stale_temp_age`` seconds (a live
+upload keeps its temporary's mtime fresh).
+
+A collection must be able to start on a full disk (it writes its lease before it deletes): a
+collection leaves ``tmp/reserve`` (:data:`RESERVE_SIZE` bytes) behind, which
+:meth:`DiskStorage.release_reserve` deletes when a write the collection needs finds no space.
 
 A level listing (``list_level``) is one ``scandir`` of the level's directory; a subdirectory is
 listed as a level only if an object lies below it, which is looked for depth first and stops at
@@ -94,6 +99,9 @@ _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 _HEX = frozenset("0123456789abcdef")
 _FILE_MODE = 0o644
+#: Bytes kept in ``tmp/reserve`` for a collection to start on a full disk.
+RESERVE_SIZE = 1024**2
+_RESERVE = "reserve"
 _PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
 
@@ -320,6 +328,7 @@ class DiskStorage(Storage):
             raise StorageUnavailable(f"disk storage: no store at {self.root}")
         self._zstd_level = check_zstd_level(zstd_level)
         self._zstd_threads = zstd_threads
+        self._stale_temp_age = stale_temp_age
         self._blobs = self.root / "blobs"
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
@@ -410,6 +419,8 @@ class DiskStorage(Storage):
         removed = 0
         with os.scandir(self._tmp) as entries:
             for entry in entries:
+                if entry.name == _RESERVE:
+                    continue
                 try:
                     if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime <= cutoff:
                         os.unlink(entry.path)
@@ -418,6 +429,39 @@ class DiskStorage(Storage):
                     continue
         if removed:
             log.info("removed %d stale temporaries from %s", removed, self._tmp)
+
+    async def release_reserve(self) -> bool:
+        with _os_errors("release reserve"):
+            return await asyncio.to_thread(self._unlink, self._tmp / _RESERVE)
+
+    async def housekeep(self) -> None:
+        with _os_errors("housekeeping"):
+            await asyncio.to_thread(self._housekeep)
+
+    def _housekeep(self) -> None:
+        self._remove_stale_temporaries(self._stale_temp_age)
+        reserve = self._tmp / _RESERVE
+        if reserve.exists():
+            return
+        try:
+            self._write_reserve(reserve)
+        except (OSError, StorageFull) as exc:
+            if isinstance(exc, OSError) and exc.errno not in _FULL_ERRNOS:
+                raise
+            log.warning("no space for the %d-byte reserve in %s yet", RESERVE_SIZE, self._tmp)
+
+    def _write_reserve(self, reserve: Path) -> None:
+        fd, temp = self._create_temp("reserve")
+        try:
+            try:  # random bytes: a compressing file system keeps them
+                for _ in range(RESERVE_SIZE // 65536):
+                    _write_all(fd, os.urandom(65536))
+            finally:
+                os.close(fd)
+            os.replace(temp, reserve)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
 
     def _write_temp(self, data: bytes, path: Path) -> Path:
         """A temporary holding ``data``, with the mode the object at ``path`` gets."""

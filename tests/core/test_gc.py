@@ -17,7 +17,7 @@ from larder.core.gc.collector import Collector, Report
 from larder.core.gc.lock import CollectionBusy, LeaseLost, acquire, held
 from larder.core.gc.plan import Policy
 from larder.core.pins import pin
-from larder.errors import StorageUnavailable
+from larder.errors import StorageFull, StorageUnavailable
 from larder.protocol.inputs import Identity, InputsDocument
 from larder.protocol.rustc import Manifest, Output
 from larder.storage.base import ObjectInfo
@@ -406,6 +406,53 @@ async def test_a_dead_collectors_lease_is_taken_over(world: World) -> None:
     await taker.renew(force=True)
     await taker.release()
     assert await world.storage.get(keys.GC_LOCK) is None
+
+
+async def test_a_full_store_is_collected_with_its_reserve(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk the lease cannot be written, nor the uses gathered since the last flush:
+    the reserve makes room for the lease, and the uses are taken from memory."""
+    a, b, c = await three_closures(world)  # A's use is gathered, not written yet
+    storage = world.storage
+    room = {"writes": 0, "reserve": 1}
+    put, put_if_absent, delete_if_older = (
+        storage.put, storage.put_if_absent, storage.delete_if_older
+    )  # fmt: skip
+
+    def write(call):  # type: ignore[no-untyped-def]
+        async def full(key: str, data: bytes):  # type: ignore[no-untyped-def]
+            if room["writes"] == 0:
+                raise StorageFull(f"disk storage: put {key}: no space left on device")
+            room["writes"] -= 1
+            return await call(key, data)
+
+        return full
+
+    async def release_reserve() -> bool:
+        freed, room["reserve"] = room["reserve"], 0
+        room["writes"] += freed
+        return bool(freed)
+
+    async def delete(key: str, cutoff: float) -> bool:
+        room["writes"] += 10  # deleting frees space
+        return await delete_if_older(key, cutoff)
+
+    monkeypatch.setattr(storage, "put", write(put))
+    monkeypatch.setattr(storage, "put_if_absent", write(put_if_absent))
+    monkeypatch.setattr(storage, "release_reserve", release_reserve)
+    monkeypatch.setattr(storage, "delete_if_older", delete)
+    report = await collect(world, retention=GRACE + 150)
+    for path in b:
+        assert await world.gone(path)
+    for path in (*a, *c):  # A only through the use kept in memory
+        assert await world.whole(path)
+    assert report.evicted_objects == 6 and room["reserve"] == 0
+    assert await storage.get(keys.GC_LAST_RUN) is not None
+    assert await storage.get(keys.GC_LOCK) is None
+    room["writes"] = room["reserve"] = 0  # full, and nothing left to free: a clear error
+    with pytest.raises(StorageFull):
+        await collect(world, retention=GRACE + 150)
 
 
 async def test_unreachable_storage_fails_the_run_and_deletes_nothing(world: World) -> None:

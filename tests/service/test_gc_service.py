@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 from larder.core import keys
 from larder.core.lastuse import load_uses
 from larder.service import housekeeping, state
 from larder.service.state import METRICS
+from larder.storage.disk import RESERVE_SIZE, DiskStorage
 from larder.storage.memory import MemoryStorage
 from tests.service.conftest import ServiceFactory
 from tests.service.test_nix_routes import hash_part, make_nar, nar_url, push, store_path
@@ -121,3 +123,16 @@ async def test_a_replica_starts_with_the_stores_last_collection_not_zero(
     while await exported() != finished and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert await exported() == finished  # so "time since the last collection" stays true
+
+
+async def test_a_disk_store_gets_its_reserve_when_serve_starts(
+    make_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """The reserve that lets a collection start on a full disk must be there before the disk
+    fills up, not only after the first collection (an hour after start by default)."""
+    await make_service(DiskStorage(tmp_path), gc_interval=3600, usage_interval=0)
+    reserve = tmp_path / "tmp" / "reserve"
+    deadline = time.monotonic() + 10
+    while not reserve.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert reserve.stat().st_size == RESERVE_SIZE

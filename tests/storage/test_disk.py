@@ -292,6 +292,40 @@ def test_stale_temporaries_use_age(tmp_path: Path) -> None:
     assert temporaries(tmp_path) == ["blob-fresh"]
 
 
+async def test_housekeeping_removes_stale_temporaries_and_keeps_a_reserve(tmp_path: Path) -> None:
+    """A server restarted at once after a crash never opens the store with the crash's
+    temporaries old enough: a collection's housekeeping removes them later."""
+    storage = DiskStorage(tmp_path, stale_temp_age=3600)
+    assert not await storage.release_reserve()  # no collection yet: no reserve
+    crashed = tmp_path / "tmp" / "blob-crashed"
+    crashed.write_bytes(b"half an upload")
+    await storage.housekeep()
+    reserve = tmp_path / "tmp" / "reserve"
+    assert crashed.exists() and reserve.stat().st_size == disk_module.RESERVE_SIZE
+    two_hours_ago = time.time() - 7200
+    for old in (crashed, reserve):
+        os.utime(old, (two_hours_ago, two_hours_ago))
+    await storage.housekeep()
+    assert temporaries(tmp_path) == ["reserve"]  # the reserve is no temporary, however old
+    DiskStorage(tmp_path, stale_temp_age=0)
+    assert temporaries(tmp_path) == ["reserve"]
+    assert await storage.release_reserve() and not reserve.exists()
+    assert not await storage.release_reserve()
+
+
+async def test_housekeeping_on_a_full_disk_goes_without_a_reserve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = DiskStorage(tmp_path)
+
+    def no_space(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_module, "_write_all", no_space)
+    await storage.housekeep()
+    assert temporaries(tmp_path) == [] and "no space for the" in caplog.text
+
+
 async def test_a_large_blob_is_handed_to_the_disk_while_it_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

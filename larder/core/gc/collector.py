@@ -52,6 +52,7 @@ from larder.core.gc.lock import DEFAULT_LEASE, Lease, held
 from larder.core.gc.plan import Node, Policy, plan, total_size
 from larder.core.lastuse import RecordedUses, UseRecorder, compact_uses, load_uses
 from larder.core.pins import pins
+from larder.errors import StorageError, StorageFull
 from larder.storage.base import Storage, StoredBlob
 
 log = logging.getLogger("larder.gc")
@@ -199,7 +200,10 @@ class Collector:
             return report
         async with held(self._storage, self._lease_term, self._clock) as lease:
             if self._recorder is not None:
-                await self._recorder.flush()
+                try:
+                    await self._recorder.flush()
+                except StorageFull as exc:  # the uses are still read from memory: _plan
+                    log.warning("uses not written before collecting: %s", exc.message)
             report = Report(dry_run=False, started=self._clock(), grace=grace)
             work = await self._plan(list(caches), policies, store, grace, report)
             await self._evict(work, lease)
@@ -210,6 +214,10 @@ class Collector:
             await self._compact(work)
             self._finish(work, report)
             await self._storage.put(keys.GC_LAST_RUN, report.to_json())
+            try:
+                await self._storage.housekeep()
+            except StorageError as exc:
+                log.warning("storage housekeeping after the collection failed: %s", exc.message)
             return report
 
     # -- planning ----------------------------------------------------------------------------
@@ -231,6 +239,8 @@ class Collector:
         uses: dict[str, RecordedUses] = {}
         for cache in caches:
             uses[cache] = await load_uses(self._storage, cache)
+            if self._recorder is not None:  # what a failed flush left in memory
+                self._recorder.merge_pending(cache, uses[cache].times)
             pinned = {
                 keys.narinfo(cache, pin.store_hash) for pin in await pins(self._storage, cache)
             }

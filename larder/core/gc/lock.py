@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from larder.core import keys
 from larder.core.blobs import load_record
-from larder.errors import LarderError, StorageError
+from larder.errors import LarderError, StorageError, StorageFull
 from larder.storage.base import Storage
 
 log = logging.getLogger("larder.gc")
@@ -105,7 +105,14 @@ async def acquire(
         {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "since": clock()}
     ).encode()
     for _ in range(3):
-        if await storage.put_if_absent(keys.GC_LOCK, document):
+        try:
+            taken = await storage.put_if_absent(keys.GC_LOCK, document)
+        except StorageFull:  # a full disk is when a collection is needed most
+            if not await storage.release_reserve():
+                raise
+            log.warning("storage full: the reserve was freed for the collection lease")
+            taken = await storage.put_if_absent(keys.GC_LOCK, document)
+        if taken:
             return Lease(storage, owner, document, lease, clock, clock())
         stale = await storage.delete_if_older(keys.GC_LOCK, clock() - lease)
         if not stale and await storage.exists(keys.GC_LOCK):

@@ -158,5 +158,11 @@ class InstrumentedStorage(Storage):
     async def check(self) -> None:
         await self._count("check", self.inner.check())
 
+    async def release_reserve(self) -> bool:
+        return await self.inner.release_reserve()
+
+    async def housekeep(self) -> None:
+        await self.inner.housekeep()
+
     async def close(self) -> None:
         await self.inner.close()
