@@ -557,3 +557,39 @@ async def test_the_name_a_compressed_nar_came_under_goes_with_its_closure(world:
     left = [key async for key in world.storage.keys("caches/main/nar-file/")]
     assert len(left) == 1 and left[0] in names
     assert report.caches["main"].evicted["narinfo"].objects == 1
+
+
+async def test_a_lease_whose_process_is_gone_is_taken_over_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collector killed (-9, out of memory) on this machine held the lease for 15 minutes
+    more; its process being gone is known at once."""
+    import subprocess
+    import sys
+
+    from larder.core.gc import lock
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setattr(lock.os, "getpid", lambda: child.pid)
+        dead = await acquire(world.storage, lease=900, clock=world.clock)  # the child's lease
+        monkeypatch.undo()
+        with pytest.raises(CollectionBusy, match=f"pid {child.pid}"):  # alive: its lease
+            await acquire(world.storage, lease=900, clock=world.clock)
+    finally:
+        child.kill()
+        child.wait()
+    taker = await acquire(world.storage, lease=900, clock=world.clock)
+    assert await world.storage.get(keys.GC_LOCK) == taker.document
+    with pytest.raises(LeaseLost):
+        await dead.renew(force=True)
+    await taker.release()
+
+    # Another machine's, boot's or pid namespace's holder, or one that recorded no start
+    # time (an older larder), is never judged from here: only by its lease's age.
+    for other in ({"host": "elsewhere"}, {"boot": "0"}, {"pidns": "pid:[1]"}, {"started": None}):
+        holder = {**json.loads(taker.document), "pid": child.pid, **other}
+        await world.storage.put(keys.GC_LOCK, json.dumps(holder).encode())
+        with pytest.raises(CollectionBusy):
+            await acquire(world.storage, lease=900, clock=world.clock)
+        await world.storage.delete(keys.GC_LOCK)

@@ -5,7 +5,9 @@ The lease is the object ``gc/lock`` (JSON: owner id, host, pid, when it was take
 (:func:`held`) a task rewrites it every ``lease / 3`` seconds, which moves its modification
 time, and the holder calls :meth:`Lease.check` before each step that deletes. A lease not rewritten
 for ``lease`` seconds belongs to a collector that died: the next one deletes it (only if it is
-still that old, :meth:`~larder.storage.base.Storage.delete_if_older`) and takes it. A holder
+still that old, :meth:`~larder.storage.base.Storage.delete_if_older`) and takes it. A lease
+whose holder ran on the same machine (host, boot and pid namespace) and whose process is gone
+(its pid free, or another process's: the start time differs) is taken over at once. A holder
 that finds someone else's lease when it renews has lost it and must stop (:class:`LeaseLost`).
 """
 
@@ -21,6 +23,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from larder.core import keys
 from larder.core.blobs import load_record
@@ -96,13 +99,75 @@ class Lease:
             await self.storage.delete(keys.GC_LOCK)
 
 
+def _process() -> dict[str, str]:
+    """What names this process on this machine beyond its pid, which a restarted container
+    reuses: the boot, the pid namespace and the process's start time (Linux; else empty)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return {}
+    started = _started(os.getpid())
+    return {"boot": boot, "pidns": namespace, "started": started} if started else {}
+
+
+def _started(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _holder_is_dead(holder: dict[str, object]) -> bool:
+    """Whether the lease's holder was a process of this machine, boot and pid namespace that
+    is gone (killed, or its pid now another process's); unknown is alive."""
+    mine = _process()
+    if not mine or holder.get("host") != socket.gethostname():
+        return False
+    if any(holder.get(name) != mine[name] for name in ("boot", "pidns")):
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid == os.getpid():
+        return False
+    return holder.get("started") is not None and _started(pid) != holder.get("started")
+
+
+async def _take_from_the_dead(storage: Storage) -> bool:
+    """Delete the lease if its holder is dead (:func:`_holder_is_dead`), only if it is still
+    the lease that holder wrote; ``True`` if this call deleted it."""
+    data = await storage.get(keys.GC_LOCK)
+    try:
+        holder = load_record(data) if data is not None else {}
+    except StorageError:
+        return False
+    if not _holder_is_dead(holder):
+        return False
+    written = [i async for i in storage.object_infos(keys.GC_LOCK) if i.key == keys.GC_LOCK]
+    if not written:
+        return False
+    log.warning(
+        "taking over the collection lease of pid %s on this host: the process is gone",
+        holder.get("pid"),
+    )
+    return await storage.delete_if_older(keys.GC_LOCK, written[0].modified + 0.001)
+
+
 async def acquire(
     storage: Storage, lease: float = DEFAULT_LEASE, clock: Callable[[], float] = time.time
 ) -> Lease:
     """Take the lease or raise :class:`CollectionBusy` naming its holder."""
     owner = secrets.token_hex(8)
     document = json.dumps(
-        {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "since": clock()}
+        {
+            "owner": owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": clock(),
+            **_process(),
+        }
     ).encode()
     for _ in range(3):
         try:
@@ -115,6 +180,8 @@ async def acquire(
         if taken:
             return Lease(storage, owner, document, lease, clock, clock())
         stale = await storage.delete_if_older(keys.GC_LOCK, clock() - lease)
+        if not stale:
+            stale = await _take_from_the_dead(storage)
         if not stale and await storage.exists(keys.GC_LOCK):
             break  # held and alive
     held = await storage.get(keys.GC_LOCK)
