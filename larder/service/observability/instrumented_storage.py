@@ -159,10 +159,10 @@ class InstrumentedStorage(Storage):
         await self._count("check", self.inner.check())
 
     async def release_reserve(self) -> bool:
-        return await self.inner.release_reserve()
+        return await self._count("release_reserve", self.inner.release_reserve())
 
     async def housekeep(self) -> None:
-        await self.inner.housekeep()
+        await self._count("housekeep", self.inner.housekeep())
 
     async def close(self) -> None:
         await self.inner.close()

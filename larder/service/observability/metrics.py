@@ -83,6 +83,8 @@ BACKEND_OPERATIONS = (
     "exists",
     "delete",
     "delete_if_older",
+    "release_reserve",
+    "housekeep",
     "keys",
     "object_infos",
     "list_level",
