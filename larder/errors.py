@@ -87,6 +87,13 @@ class ServerStopping(LarderError):
     code = "server_stopping"
 
 
+class Busy(LarderError):
+    """The server is already doing as many of these at once as it may; asking again shortly
+    will be answered."""
+
+    code = "busy"
+
+
 class TooSlow(LarderError):
     """The client stopped sending its body for longer than the idle limit."""
 

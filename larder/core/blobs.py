@@ -12,7 +12,7 @@ import asyncio
 import collections
 import functools
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from typing import Any, BinaryIO, TypeVar, cast
@@ -114,7 +114,32 @@ def load_record(data: bytes) -> dict[str, Any]:
     return doc
 
 
-async def decompressed(reader: BlobReader, size: int) -> AsyncIterator[bytes]:
+class Decoded:
+    """The pieces :func:`decompressed` yields; :meth:`aclose` closes the reader also when no
+    piece was asked for yet (an async generator never started runs no ``finally``)."""
+
+    def __init__(self, reader: BlobReader, size: int) -> None:
+        self._reader = reader
+        self._pieces = _decode(reader, size)
+
+    def __aiter__(self) -> Decoded:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._pieces)
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
+        await self._reader.close()
+
+
+def decompressed(reader: BlobReader, size: int) -> Decoded:
+    """The ``size`` uncompressed bytes of a stored blob, in pieces (:func:`_decode`); closes
+    ``reader`` when they end or are closed."""
+    return Decoded(reader, size)
+
+
+async def _decode(reader: BlobReader, size: int) -> AsyncGenerator[bytes, None]:
     """The ``size`` uncompressed bytes of a stored blob, in pieces of at most
     :data:`_PIECE`; closes ``reader``.
 

@@ -27,6 +27,7 @@ STATUS_TABLE: tuple[tuple[type[errors.LarderError], int], ...] = (
     (errors.StorageFull, 507),
     (errors.StorageUnavailable, 503),
     (errors.ServerStopping, 503),
+    (errors.Busy, 503),
     (errors.StorageError, 500),
     (errors.TooLarge, 413),
     (errors.TooSlow, 408),

@@ -81,3 +81,42 @@ async def test_a_client_gone_mid_download_is_not_a_server_error(live: Live) -> N
         sock.close()  # a reset
     await asyncio.sleep(1)
     assert _errors(live) == 0
+
+
+async def test_a_client_gone_before_the_headers_is_not_a_server_error(live: Live) -> None:
+    """The client sends its GET and closes at once: the headers cannot be written."""
+    path = await _stored_log(live)
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", live.port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.close()
+    await asyncio.sleep(1)
+    assert _errors(live) == 0
+    assert " 500 " not in live.log.getvalue()
+
+
+async def test_large_decoded_downloads_beyond_the_limit_wait_their_turn(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each decoded download holds a decoder while its client reads: past the limit one more
+    is 503 with Retry-After, before anything is decoded, and a slot freed is used again."""
+    from larder.service.routes import bodies
+
+    monkeypatch.setattr(bodies, "MAX_LARGE_GENERATED", 1)
+    path = await _stored_log(live)
+    holder = _stalled_get(live.port, path)  # takes the one slot, reads nothing
+    try:
+        await asyncio.sleep(0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head, head
+    finally:
+        holder.close()
+    await asyncio.sleep(0.5)  # the stalled download ends: its slot is free
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    body = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    assert body.startswith(b"HTTP/1.1 200 ") and body.endswith(BODY)

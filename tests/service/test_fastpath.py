@@ -492,3 +492,40 @@ async def test_a_kept_narinfo_records_its_use_once_per_recheck(
     assert await recorder.flush() == 1
     setup.close()
     conn.close()
+
+
+async def test_a_connection_reset_before_the_hand_over_logs_nothing(live: Live) -> None:
+    """The short path's answer cannot be written (the client reset), then a request for the
+    application follows: handing the dying connection to aiohttp made its handler fail an
+    assertion, logged as an error for every such connection."""
+    import gc
+    import struct
+
+    known = hash_of("reset")
+    setup = await Conn.open(live)
+    await upload(live, setup, known)
+    setup.send(get(f"/main/{known}.narinfo"))
+    await setup.response()
+    setup.close()
+    failures: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: failures.append(context))
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", live.port))
+            sock.sendall(
+                get("/main/nix-cache-info") + get(f"/main/{known}.narinfo") + get("/healthz")
+            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        gc.collect()  # a task's unretrieved exception is reported when it is collected
+        await asyncio.sleep(0.1)
+    finally:
+        loop.set_exception_handler(None)
+    assert failures == []
+    conn = await Conn.open(live)  # still serving
+    conn.send(get(f"/main/{known}.narinfo"))
+    assert (await conn.response())[0] == 200
+    conn.close()

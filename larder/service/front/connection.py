@@ -346,6 +346,9 @@ class FrontProtocol(asyncio.Protocol):
     def _hand_over(self) -> None:
         transport = self._transport
         assert transport is not None
+        if transport.is_closing():  # an answer's write found the peer gone: aiohttp would get
+            self.close()  # connection_lost before its handler started, and log a traceback
+            return
         self._forget()
         if self._counted:  # the handler counts the connection from here on
             self._counted = False

@@ -10,7 +10,14 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 
 from aiohttp import web
 
-from larder.errors import ClientGone, ServerStopping, TooLarge, TooSlow, UnsupportedEncoding
+from larder.errors import (
+    Busy,
+    ClientGone,
+    ServerStopping,
+    TooLarge,
+    TooSlow,
+    UnsupportedEncoding,
+)
 from larder.protocol.content_coding import body_coding
 from larder.service.internals import ZeroCopyFileResponse
 from larder.service.routes.ranges import Unsatisfiable, byte_range
@@ -213,20 +220,54 @@ async def serve_blob(
         await reader.close()
 
 
+#: A generated body at least this long is a *large* one (:func:`serve_stream`): decoding it
+#: holds up to the stored stream's window (8 MiB) and a read-ahead while its client reads.
+LARGE_GENERATED = 1024**2
+#: Large generated bodies one server process sends at once; one more is 503 (with
+#: ``Retry-After``), so clients that stop reading cannot make a process hold more than about
+#: this many decoders (~300 MiB). Nix downloads ``.nar.zst`` (sent as stored) and is never
+#: counted; a small sccache entry or log is not either.
+MAX_LARGE_GENERATED = 32
+
+
+class _Sending:
+    """How many large generated bodies this process is sending (one per process)."""
+
+    count = 0
+
+
 async def serve_stream(
     request: web.Request,
     chunks: AsyncIterable[bytes] | None,
     length: int,
     headers: dict[str, str],
 ) -> web.StreamResponse:
-    """Send a generated body of known ``length`` (no ranges); ``chunks`` is None for HEAD."""
-    response = web.StreamResponse(headers=headers)
-    response.content_length = length
-    await response.prepare(request)
-    if request.method != "HEAD" and chunks is not None:
-        await _send(request, response, chunks)
-    await response.write_eof()
-    return response
+    """Send a generated body of known ``length`` (no ranges); ``chunks`` is None for HEAD.
+
+    ``chunks`` is closed whatever happens. A large body (:data:`LARGE_GENERATED`) beyond
+    :data:`MAX_LARGE_GENERATED` at once is :class:`~larder.errors.Busy`, before any header
+    is sent; a client gone before the headers went is :class:`ClientGone`."""
+    large = chunks is not None and request.method != "HEAD" and length >= LARGE_GENERATED
+    try:
+        if large and _Sending.count >= MAX_LARGE_GENERATED:
+            raise Busy(f"{MAX_LARGE_GENERATED} large decoded downloads at once already")
+        _Sending.count += large
+        try:
+            response = web.StreamResponse(headers=headers)
+            response.content_length = length
+            try:
+                await response.prepare(request)
+            except ConnectionError:
+                raise ClientGone("the client went away before the download began") from None
+            if request.method != "HEAD" and chunks is not None:
+                await _send(request, response, chunks)
+            await response.write_eof()
+            return response
+        finally:
+            _Sending.count -= large
+    finally:
+        if chunks is not None:
+            await _closable(chunks).aclose()
 
 
 class SendFailed(ConnectionResetError):
