@@ -49,6 +49,7 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     executor = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="larder-io")
     app[state.CONFIG] = config
     app[state.READING] = {}
+    app[state.DECODING] = {}
     app[state.STORAGE] = storage
     app[state.EXECUTOR] = executor
     app[state.CACHES] = CacheRegistry(storage, config.refresh_interval)

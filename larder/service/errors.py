@@ -122,8 +122,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except errors.LarderError as exc:
         note_error_code(request, exc.code)
         status = status_for(exc)
-        # A server error of larder's own (a stop is not: the client sends its upload again)
-        internal = status >= 500 and not isinstance(exc, errors.ServerStopping)
+        # A server error of larder's own (a stop is not: the client sends its upload again;
+        # nor is shedding load: the client asks again)
+        internal = status >= 500 and not isinstance(exc, errors.ServerStopping | errors.Busy)
         if internal:
             log.error("%s %s failed: %s", request.method, _path(request), _escaped(exc.message))
         else:

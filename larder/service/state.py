@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -37,3 +38,5 @@ HITS = web.AppKey("hits", HitStats)
 TALLY = web.AppKey("tally", AnswerTally)
 #: Requests whose body is being read right now (stopped with 503 when the server stops).
 READING = web.AppKey("reading", dict[int, web.Request])
+#: Per cache: the large decoded downloads it may send at once (:mod:`.routes.bodies`).
+DECODING = web.AppKey("decoding", dict[str, asyncio.Semaphore])

@@ -10,6 +10,7 @@ import socket
 
 import pytest
 
+from larder.service import state
 from larder.service.config import Config
 from larder.service.observability.metrics import NO_CACHE
 from larder.service.state import METRICS
@@ -23,8 +24,7 @@ def config() -> Config:
     return Config(body_idle_timeout=1.0)
 
 
-async def _stored_log(live: Live) -> str:
-    path = "/main/log/stall-1.0.drv"
+async def _stored_log(live: Live, path: str = "/main/log/stall-1.0.drv") -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
     head = (
         f"PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live.token}\r\n"
@@ -98,25 +98,33 @@ async def test_a_client_gone_before_the_headers_is_not_a_server_error(live: Live
 async def test_large_decoded_downloads_beyond_the_limit_wait_their_turn(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each decoded download holds a decoder while its client reads: past the limit one more
-    is 503 with Retry-After, before anything is decoded, and a slot freed is used again."""
+    """Each decoded download holds a decoder while its client reads: past a cache's limit one
+    more waits for a slot, then is 503 with Retry-After before anything is decoded. Another
+    cache's downloads are not held up, and a slot freed is used again."""
     from larder.service.routes import bodies
 
     monkeypatch.setattr(bodies, "MAX_LARGE_GENERATED", 1)
+    monkeypatch.setattr(bodies, "SLOT_WAIT", 0.5)
     path = await _stored_log(live)
-    holder = _stalled_get(live.port, path)  # takes the one slot, reads nothing
+    await live.app[state.CACHES].ensure("team")
+    other = await _stored_log(live, "/team/log/stall-1.0.drv")
+
+    async def get(target: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return answer
+
+    holder = _stalled_get(live.port, path)  # takes main's one slot, reads nothing
     try:
         await asyncio.sleep(0.3)
-        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        writer.close()
-        assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head, head
+        busy = await get(path)
+        assert busy.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in busy, busy[:200]
+        assert (await get(other)).endswith(BODY)  # another cache: its own slots
+        waiting = asyncio.create_task(get(path))
+        await asyncio.sleep(0.1)
     finally:
-        holder.close()
-    await asyncio.sleep(0.5)  # the stalled download ends: its slot is free
-    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    body = await asyncio.wait_for(reader.read(), 30)
-    writer.close()
-    assert body.startswith(b"HTTP/1.1 200 ") and body.endswith(BODY)
+        holder.close()  # the stalled download ends: the waiting one gets its slot
+    assert (await waiting).endswith(BODY)
+    assert " ERROR " not in live.log.getvalue()

@@ -21,7 +21,7 @@ from larder.errors import (
 from larder.protocol.content_coding import body_coding
 from larder.service.internals import ZeroCopyFileResponse
 from larder.service.routes.ranges import Unsatisfiable, byte_range
-from larder.service.state import CONFIG, READING
+from larder.service.state import CONFIG, DECODING, READING
 from larder.storage.base import BlobReader
 
 UPLOAD_CHUNK = 256 * 1024
@@ -223,17 +223,14 @@ async def serve_blob(
 #: A generated body at least this long is a *large* one (:func:`serve_stream`): decoding it
 #: holds up to the stored stream's window (8 MiB) and a read-ahead while its client reads.
 LARGE_GENERATED = 1024**2
-#: Large generated bodies one server process sends at once; one more is 503 (with
-#: ``Retry-After``), so clients that stop reading cannot make a process hold more than about
-#: this many decoders (~300 MiB). Nix downloads ``.nar.zst`` (sent as stored) and is never
-#: counted; a small sccache entry or log is not either.
+#: Large generated bodies one server process sends at once for one cache, so clients that stop
+#: reading cannot make a process hold more than about this many decoders per cache (~300 MiB).
+#: One more waits up to :data:`SLOT_WAIT` seconds for a slot, then is 503 (with
+#: ``Retry-After``). Per cache: clients stalling on a public cache take nothing from a private
+#: cache's users. Nix downloads ``.nar.zst`` (sent as stored) and is never counted; a small
+#: sccache entry or log is not either.
 MAX_LARGE_GENERATED = 32
-
-
-class _Sending:
-    """How many large generated bodies this process is sending (one per process)."""
-
-    count = 0
+SLOT_WAIT = 5.0
 
 
 async def serve_stream(
@@ -244,30 +241,46 @@ async def serve_stream(
 ) -> web.StreamResponse:
     """Send a generated body of known ``length`` (no ranges); ``chunks`` is None for HEAD.
 
-    ``chunks`` is closed whatever happens. A large body (:data:`LARGE_GENERATED`) beyond
-    :data:`MAX_LARGE_GENERATED` at once is :class:`~larder.errors.Busy`, before any header
-    is sent; a client gone before the headers went is :class:`ClientGone`."""
-    large = chunks is not None and request.method != "HEAD" and length >= LARGE_GENERATED
+    ``chunks`` is closed whatever happens. A large body (:data:`LARGE_GENERATED`) waits for
+    one of its cache's :data:`MAX_LARGE_GENERATED` slots, else is :class:`~larder.errors.Busy`
+    before any header is sent; a client gone before the headers went is :class:`ClientGone`."""
     try:
-        if large and _Sending.count >= MAX_LARGE_GENERATED:
-            raise Busy(f"{MAX_LARGE_GENERATED} large decoded downloads at once already")
-        _Sending.count += large
+        if chunks is None or request.method == "HEAD" or length < LARGE_GENERATED:
+            return await _serve_stream(request, chunks, length, headers)
+        cache = request.match_info.get("cache", "")
+        slots = request.app[DECODING].setdefault(cache, asyncio.Semaphore(MAX_LARGE_GENERATED))
         try:
-            response = web.StreamResponse(headers=headers)
-            response.content_length = length
-            try:
-                await response.prepare(request)
-            except ConnectionError:
-                raise ClientGone("the client went away before the download began") from None
-            if request.method != "HEAD" and chunks is not None:
-                await _send(request, response, chunks)
-            await response.write_eof()
-            return response
+            async with asyncio.timeout(SLOT_WAIT):
+                await slots.acquire()
+        except TimeoutError:
+            raise Busy(
+                f"{MAX_LARGE_GENERATED} large decoded downloads of this cache at once already"
+            ) from None
+        try:
+            return await _serve_stream(request, chunks, length, headers)
         finally:
-            _Sending.count -= large
+            slots.release()
     finally:
         if chunks is not None:
             await _closable(chunks).aclose()
+
+
+async def _serve_stream(
+    request: web.Request,
+    chunks: AsyncIterable[bytes] | None,
+    length: int,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=headers)
+    response.content_length = length
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        raise ClientGone("the client went away before the download began") from None
+    if request.method != "HEAD" and chunks is not None:
+        await _send(request, response, chunks)
+    await response.write_eof()
+    return response
 
 
 class SendFailed(ConnectionResetError):
