@@ -254,15 +254,22 @@ def _reason(
 
 #: Nightly ``-Z`` options that read a file the key would know only by its name.
 _Z_FILE_OPTIONS = frozenset(
-    {"llvm-plugins", "profile-sample-use", "sanitizer-dataflow-abilist", "sanitizer-ignorelist"}
+    {"llvm-plugins", "profile-sample-use", "sanitizer-dataflow-abilist", "translate-additional-ftl"}
 )
 
 
 def _reads_a_file(value: str) -> bool:
-    """Whether a ``-Z`` option names a file: a known one, or any value with a path in it (the
-    key holds ``-Z`` options as text, which tells nothing of a file's content)."""
+    """Whether a ``-Z`` option names a file: a known one, ``codegen-backend`` given a library
+    (a name with ``.`` or ``/``; a bare name is the toolchain's own), or any other value with a
+    path in it, but for the ``remap-*`` options, whose paths are prefixes, not files (the key
+    holds ``-Z`` options as text, which tells nothing of a file's content)."""
     option, _, setting = value.partition("=")
-    return option.replace("_", "-") in _Z_FILE_OPTIONS or "/" in setting
+    option = option.replace("_", "-")
+    if option in _Z_FILE_OPTIONS:
+        return True
+    if option == "codegen-backend":
+        return "." in setting or "/" in setting
+    return "/" in setting and not option.startswith("remap-")
 
 
 def _remaps_everything(c: Compilation) -> bool:

@@ -593,3 +593,38 @@ async def test_a_lease_whose_process_is_gone_is_taken_over_at_once(
         with pytest.raises(CollectionBusy):
             await acquire(world.storage, lease=900, clock=world.clock)
         await world.storage.delete(keys.GC_LOCK)
+
+
+async def test_taking_over_a_dead_lease_never_deletes_the_lease_of_another_that_did(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two collectors find the same dead holder; one takes the lease first, between the
+    other's reads: the other must not delete the live lease."""
+    import subprocess
+    import sys
+
+    from larder.core.gc import lock
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    monkeypatch.setattr(lock.os, "getpid", lambda: child.pid)
+    await acquire(world.storage, lease=900, clock=world.clock)  # the soon dead child's lease
+    monkeypatch.undo()
+    child.wait()
+    world.clock.advance(1)
+    taken: list[lock.Lease] = []
+    raced = False
+    real_get = world.storage.get
+
+    async def get(key: str) -> bytes | None:
+        nonlocal raced
+        data = await real_get(key)
+        if key == keys.GC_LOCK and not raced:  # the other collector gets there in between
+            raced = True
+            world.clock.advance(1)
+            taken.append(await acquire(world.storage, lease=900, clock=world.clock))
+        return data
+
+    monkeypatch.setattr(world.storage, "get", get)
+    with pytest.raises(CollectionBusy):
+        await acquire(world.storage, lease=900, clock=world.clock)
+    assert await real_get(keys.GC_LOCK) == taken[0].document

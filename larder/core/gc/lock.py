@@ -138,15 +138,17 @@ def _holder_is_dead(holder: dict[str, object]) -> bool:
 async def _take_from_the_dead(storage: Storage) -> bool:
     """Delete the lease if its holder is dead (:func:`_holder_is_dead`), only if it is still
     the lease that holder wrote; ``True`` if this call deleted it."""
+    # Its time first: a lease written after it (another collector that took over the same
+    # dead lease) is newer than the cutoff, so it is never the one deleted.
+    written = [i async for i in storage.object_infos(keys.GC_LOCK) if i.key == keys.GC_LOCK]
     data = await storage.get(keys.GC_LOCK)
+    if not written or data is None:
+        return False
     try:
-        holder = load_record(data) if data is not None else {}
+        holder = load_record(data)
     except StorageError:
         return False
     if not _holder_is_dead(holder):
-        return False
-    written = [i async for i in storage.object_infos(keys.GC_LOCK) if i.key == keys.GC_LOCK]
-    if not written:
         return False
     log.warning(
         "taking over the collection lease of pid %s on this host: the process is gone",
