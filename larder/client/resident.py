@@ -4,7 +4,7 @@ Cargo starts a new ``larder-rustc`` for every compilation, and loading the shim'
 about three times what starting the interpreter does (some 30 ms of CPU per call, most of what a
 hit costs). The first call of a build that finds no resident process starts one (``python -m
 larder.client.resident_server SOCKET``, detached, like the uploader) and compiles by itself; the
-calls after it connect to ``SOCKET`` (``resident.sock`` in the state directory), hand over their
+calls after it connect to ``SOCKET`` (:data:`SOCKET_NAME` in the state directory), hand over their
 command line, working directory, environment, umask and every descriptor rustc would inherit
 (stdin, stdout, stderr, cargo's jobserver pipes) with ``SCM_RIGHTS``, and wait for the exit code.
 The resident process forks a child per call. The child takes the caller's descriptors at the same
@@ -14,11 +14,15 @@ comes back to the caller, which becomes rustc as before. The child has a process
 own: when the caller goes away (cargo killed it, Ctrl-C), the connection ends and the child kills
 its group, rustc with it.
 
-A call never depends on the resident process for its result. It compiles by itself when it
-cannot connect, when it is refused (the peer is another user, another interpreter or copy of
-larder, or runs under other resource limits, niceness or control groups), or when the
-connection ends before the child took the call. Once the child took it, rustc may have printed
-or written, so a lost connection fails the call (exit 101) rather than compiling twice.
+A call never depends on the resident process for its result. It sends nothing before the
+resident process greeted it (:data:`HELLO`, once it accepted the connection and checked the
+peer): descriptors in flight to a process that never accepts (stopped, frozen) would keep
+cargo's pipes open after the caller gave up. It compiles by itself when it cannot connect, when
+it is not greeted within :data:`HANDSHAKE_TIMEOUT`, when it is refused (the peer is another
+user, another interpreter or copy of larder, or runs under other resource limits, niceness or
+control groups), or when the connection ends before the child took the call. Once the child
+took it, rustc may have printed or written, so a lost connection fails the call (exit 101)
+rather than compiling twice.
 ``LARDER_RESIDENT=0`` turns the resident process off.
 
 The resident process serves one user from one state directory, and exits after :data:`IDLE`
@@ -47,13 +51,15 @@ MAGIC = b"LRS1"
 #: Answers of the child: the call is taken (an exit code follows as ``DONE`` + 4 bytes), it is
 #: not a compilation (the caller becomes rustc), or refused (the caller compiles by itself).
 TAKEN, DONE, EXEC, REFUSED = b"T", b"D", b"E", b"R"
+#: The resident process's first byte on a connection it accepted from its own user.
+HELLO = b"H"
 #: More descriptors than one message carries (the kernel's limit is 253): no delegation.
 MAX_FDS = 240
 #: Longest socket path (``sun_path`` holds 108 bytes with its NUL).
 MAX_PATH = 107
 #: Exit code of a call whose child vanished after taking it.
 LOST = 101
-SOCKET_NAME = "resident.sock"
+SOCKET_NAME = "resident-2.sock"  # 2: the resident process greets first (HELLO)
 #: Held (``flock``) by the resident process; its time is that of the last start.
 LOCK_NAME = "resident.lock"
 #: Seconds between two starts of a resident process for one state directory.
@@ -207,6 +213,11 @@ def _hand_over(sock: "_socket.socket", argv: list[str], startup: float) -> bytes
     """Send the call with this process's inheritable descriptors; the first answer (empty when
     the call could not be handed over)."""
     try:
+        # Nothing (descriptors least of all) is sent before the resident process accepted the
+        # connection: descriptors in flight to a process that never accepts keep cargo's pipes
+        # open after this caller gave up and compiled by itself.
+        if sock.recv(1) != HELLO:
+            return b""
         fds = _inherited_fds(sock.fileno())
         if len(fds) > MAX_FDS:
             return b""

@@ -27,6 +27,7 @@ from larder.client import digests
 from larder.client.resident import (
     DONE,
     EXEC,
+    HELLO,
     IDLE,
     LOCK_NAME,
     LOST,
@@ -196,6 +197,7 @@ def _take(conn: socket.socket, listener: socket.socket, lock: int, accepted: flo
         if peer_uid(conn) != os.getuid():
             conn.sendall(REFUSED)
             return
+        conn.sendall(HELLO)
         payload, fds = _receive(conn)
     except (OSError, ValueError):
         return

@@ -215,9 +215,11 @@ def _alive(pid: int) -> bool:
 
 
 def _send(path: Path, data: bytes) -> bytes:
+    """The resident process's answer to ``data``, sent once it greeted the connection."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(str(path))
+        assert sock.recv(1) == resident.HELLO
         sock.sendall(data)
         return sock.recv(1)
 
@@ -536,3 +538,21 @@ def test_an_output_cargo_set_back_in_time_is_still_uploaded(crate: Path, server:
         assert "changed-after-compiling" not in (crate / "log").read_text()
     finally:
         cache.close()
+
+
+def test_a_stopped_resident_process_never_holds_the_callers_output_open(
+    crate: Path, server: Resident
+) -> None:
+    """A resident process that is stopped (SIGSTOP, a frozen cgroup) never accepts: the caller
+    gives up after the handshake timeout and compiles by itself. Had it sent its descriptors
+    already, they would stay in flight and cargo would never see the end of its output."""
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        done, _ = call(crate, [RUSTC, *LIB])  # capture_output: returns once stdout/err end
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert done.returncode == 0, done.stderr
+    assert (crate / "out" / "libt-x.rlib").exists()
+    assert elapsed < resident.HANDSHAKE_TIMEOUT + 20
