@@ -18,6 +18,7 @@ invocation normally pays for none of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -184,7 +185,8 @@ def cached(
     entry = _known(cache_file).get(identity)
     if isinstance(entry, dict):
         return entry
-    state_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # unwritable: the facts are computed, just not kept
+        state_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(state_dir / f"{name}.lock")
     try:
         known = _known(cache_file)
@@ -194,7 +196,8 @@ def cached(
         entry = compute()
         for alias in {identity, *(aliases(entry) if aliases else [])}:
             known[alias] = entry
-        replace_with(cache_file, json.dumps(known).encode())
+        with contextlib.suppress(OSError):  # not kept: the next call computes them again
+            replace_with(cache_file, json.dumps(known).encode())
     finally:
         if lock is not None:
             os.close(lock)

@@ -43,8 +43,8 @@ def test_no_state_file_leaves_a_scratch_file_when_the_disk_is_full(
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError):
         replace_with(tmp_path / "f", b"data")
-    with pytest.raises(OSError):
-        toolchain.cached(tmp_path, "toolchains.json", "id", lambda: {"x": 1})
+    # facts are still used when they cannot be kept (a read-only state directory had no hits)
+    assert toolchain.cached(tmp_path, "toolchains.json", "id", lambda: {"x": 1}) == {"x": 1}
     with pytest.raises(OSError):
         explain.record(tmp_path, crate="t", package="t", stem="t-x",
                        explanation=Explanation("never_built", []), externs={})  # fmt: skip

@@ -165,3 +165,21 @@ def test_a_toolchain_rustup_updated_is_another_compiler(tmp_path: Path) -> None:
     compiler.write_text("the new one")  # what an update leaves: another file
     assert _rustc_identity(str(proxy), environ) != before
     assert _rustc_identity(str(proxy), {**environ, "RUSTUP_TOOLCHAIN": "gone"}).endswith("|gone")
+
+
+def test_facts_are_used_when_the_state_directory_cannot_keep_them(tmp_path: Path) -> None:
+    """A read-only or impossible state directory (``~/.cache`` not writable for a CI user)
+    made every compilation non-cacheable (no key): the facts must be computed and used."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    computed = []
+
+    def compute() -> dict[str, Any]:
+        computed.append(1)
+        return {"release": "1.95.0"}
+
+    for _ in range(2):
+        assert toolchain.cached(blocked / "state", "toolchains.json", "id", compute) == {
+            "release": "1.95.0"
+        }
+    assert len(computed) == 2  # not kept: computed again, never an error
