@@ -83,6 +83,9 @@ OFFLINE_SECONDS = 30.0
 #: A compilation's lookups (its direct entries' manifests) stop after this many times
 #: ``LARDER_TIMEOUT`` in all, however quickly each answer came.
 LOOKUP_TIMEOUTS = 3
+#: Bytes a second a restore may go no slower than, on average, beyond its
+#: ``LOOKUP_TIMEOUTS`` x ``LARDER_TIMEOUT`` (:meth:`Invocation.restore`).
+RESTORE_MIN_RATE = 1024**2
 
 
 def _umask() -> int:
@@ -358,11 +361,20 @@ class Invocation:
         return cache_key.complete(base, files, env, self.roots, self.cwd, self.env)
 
     def restore(self, remote: Remote, manifest: Manifest) -> None:
-        """Download every output beside its final name, then move them all into place."""
+        """Download every output beside its final name, then move them all into place.
+
+        Lookups and restore share :data:`LOOKUP_TIMEOUTS` x ``LARDER_TIMEOUT`` (the restore
+        gets what the lookups left, at least one ``LARDER_TIMEOUT``), plus the outputs' size
+        at :data:`RESTORE_MIN_RATE`; past it the compilation runs here (a server answering each
+        request just within the timeout made a hit cost many times a compilation)."""
         assert self.out_dir is not None
         expected = self.compilation.expected_outputs()
         if sorted(o.name for o in manifest.outputs) != expected:
             raise RemoteError("corrupt", f"manifest outputs are not this compilation's {expected}")
+        total = sum(output.size for output in manifest.outputs)
+        looked = self.phases.get("lookup", 0.0) / 1000
+        left = max(LOOKUP_TIMEOUTS * self.timeout() - looked, self.timeout())
+        deadline = time.monotonic() + left + total / RESTORE_MIN_RATE
         staged: list[tuple[Path, Path]] = []
         try:
             for output in manifest.outputs:
@@ -370,7 +382,7 @@ class Invocation:
                 scratch = self.out_dir / f".{output.name}.larder-{os.getpid()}"
                 staged.append((scratch, final))
                 with open(scratch, "wb") as handle:
-                    remote.download_blob(output.blake3, handle, output.size)
+                    remote.download_blob(output.blake3, handle, output.size, deadline)
                 if output.name.endswith(".d"):
                     scratch.write_text(self.roots.local(scratch.read_text()))
                 os.chmod(scratch, file_mode(output.mode))
@@ -747,7 +759,8 @@ class Invocation:
             manifest = parse_manifest(document)
         except FormatError as exc:  # the cache's answer, not this compilation, is wrong
             raise RemoteError("corrupt", exc.message) from None
-        self.restore(remote, manifest)
+        with Phase(self.phases, "restore"):
+            self.restore(remote, manifest)
         self.replay(manifest)
         outcome.result, outcome.key = "hit", key
         outcome.counters.update(hits=1, bytes_down=remote.bytes_down)
