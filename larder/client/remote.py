@@ -16,9 +16,7 @@ as stored only when the answer names what was sent (a proxy's ``200`` page does 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import quote, urlsplit
@@ -270,14 +268,9 @@ class Remote:
         response = self._request("POST", "/explained", body, content_type="application/json")
         self._read(response)
 
-    def download_blob(
-        self, blob_id: str, out: BinaryIO, size: int, deadline: float = math.inf
-    ) -> None:
+    def download_blob(self, blob_id: str, out: BinaryIO, size: int) -> None:
         """Write the blob's bytes to ``out``: exactly ``size`` of them (what its manifest
-        states; a stream that decodes to more is cut off there), hashing to ``blob_id``; a
-        timeout once ``time.monotonic()`` passes ``deadline``."""
-        if time.monotonic() > deadline:
-            raise RemoteError("timeout", f"blob {blob_id[:12]}: the restore took too long")
+        states; a stream that decodes to more is cut off there), hashing to ``blob_id``."""
         response = self._request("GET", f"/blobs/{blob_id}")
         if response.status != 200:
             self._expect(response, f"blob {blob_id[:12]}", 200)
@@ -286,7 +279,7 @@ class Remote:
 
         hasher = blake3.blake3()
         written = 0
-        source = _Counted(response, self, deadline)
+        source = _Counted(response, self)
         # Several frames may follow each other (an upload encoded elsewhere); each read
         # decodes at most _CHUNK bytes, so a small stream that decodes to gigabytes costs no
         # more than the first byte past ``size``.
@@ -422,14 +415,11 @@ class Remote:
 class _Counted:
     """A response body as a file for the zstd reader, counting what it reads as downloaded."""
 
-    def __init__(self, response: Response, remote: Remote, deadline: float = math.inf) -> None:
+    def __init__(self, response: Response, remote: Remote) -> None:
         self._response = response
         self._remote = remote
-        self._deadline = deadline
 
     def read(self, size: int = -1) -> bytes:
-        if time.monotonic() > self._deadline:
-            raise TimeoutError("the restore took too long")
         data = self._response.read(size if size >= 0 else _CHUNK)
         self._remote.bytes_down += len(data)
         return data

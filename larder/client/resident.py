@@ -53,6 +53,8 @@ MAGIC = b"LRS1"
 TAKEN, DONE, EXEC, REFUSED = b"T", b"D", b"E", b"R"
 #: The resident process's first byte on a connection it accepted from its own user.
 HELLO = b"H"
+#: What :func:`_hand_over` returns when no greeting came within :data:`HANDSHAKE_TIMEOUT`.
+STALLED = b"stalled"
 #: More descriptors than one message carries (the kernel's limit is 253): no delegation.
 MAX_FDS = 240
 #: Longest socket path (``sun_path`` holds 108 bytes with its NUL).
@@ -179,12 +181,22 @@ def delegate(argv: list[str], startup: float) -> int | str:
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
+            bound = os.stat(path).st_ino
             sock.connect(path)
         except OSError:
             return ABSENT
         if peer_uid(sock) != os.getuid():
             return DECLINED  # not ours: it would get this call's environment, tokens included
         answer = _hand_over(sock, argv, startup)
+        if answer == STALLED:
+            # Not greeted in time (stopped, frozen): the calls after this one must not wait
+            # too. Its socket goes; it exits idle once it runs again, and another starts.
+            try:
+                if os.stat(path).st_ino == bound:
+                    os.unlink(path)
+            except OSError:
+                pass
+            return DECLINED
         if answer == EXEC:
             sock.close()
             try:
@@ -216,7 +228,11 @@ def _hand_over(sock: "_socket.socket", argv: list[str], startup: float) -> bytes
         # Nothing (descriptors least of all) is sent before the resident process accepted the
         # connection: descriptors in flight to a process that never accepts keep cargo's pipes
         # open after this caller gave up and compiled by itself.
-        if sock.recv(1) != HELLO:
+        try:
+            greeting = sock.recv(1)
+        except TimeoutError:
+            return STALLED
+        if greeting != HELLO:
             return b""
         fds = _inherited_fds(sock.fileno())
         if len(fds) > MAX_FDS:

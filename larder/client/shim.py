@@ -83,9 +83,6 @@ OFFLINE_SECONDS = 30.0
 #: A compilation's lookups (its direct entries' manifests) stop after this many times
 #: ``LARDER_TIMEOUT`` in all, however quickly each answer came.
 LOOKUP_TIMEOUTS = 3
-#: Bytes a second a restore may go no slower than, on average, beyond its
-#: ``LOOKUP_TIMEOUTS`` x ``LARDER_TIMEOUT`` (:meth:`Invocation.restore`).
-RESTORE_MIN_RATE = 1024**2
 
 
 def _umask() -> int:
@@ -363,26 +360,30 @@ class Invocation:
     def restore(self, remote: Remote, manifest: Manifest) -> None:
         """Download every output beside its final name, then move them all into place.
 
-        Lookups and restore share :data:`LOOKUP_TIMEOUTS` x ``LARDER_TIMEOUT`` (the restore
-        gets what the lookups left, at least one ``LARDER_TIMEOUT``), plus the outputs' size
-        at :data:`RESTORE_MIN_RATE`; past it the compilation runs here (a server answering each
-        request just within the timeout made a hit cost many times a compilation)."""
+        Lookups and restore share :data:`LOOKUP_TIMEOUTS` x ``LARDER_TIMEOUT`` for starting
+        requests (the restore gets what the lookups left, at least one ``LARDER_TIMEOUT``):
+        an output whose download would start later is not asked for, and the compilation runs
+        here (error kind ``slow``; a server answering each request just within the timeout made
+        a hit cost many times a compilation). A download under way is never cut off for the
+        deadline: each answer has its own timeout and least rate (:mod:`.transport`), and
+        downloads of parallel hits share the link."""
         assert self.out_dir is not None
         expected = self.compilation.expected_outputs()
         if sorted(o.name for o in manifest.outputs) != expected:
             raise RemoteError("corrupt", f"manifest outputs are not this compilation's {expected}")
-        total = sum(output.size for output in manifest.outputs)
         looked = self.phases.get("lookup", 0.0) / 1000
         left = max(LOOKUP_TIMEOUTS * self.timeout() - looked, self.timeout())
-        deadline = time.monotonic() + left + total / RESTORE_MIN_RATE
+        deadline = time.monotonic() + left
         staged: list[tuple[Path, Path]] = []
         try:
             for output in manifest.outputs:
+                if time.monotonic() > deadline:
+                    raise RemoteError("slow", f"restoring past {LOOKUP_TIMEOUTS}x LARDER_TIMEOUT")
                 final = self.out_dir / output.name
                 scratch = self.out_dir / f".{output.name}.larder-{os.getpid()}"
                 staged.append((scratch, final))
                 with open(scratch, "wb") as handle:
-                    remote.download_blob(output.blake3, handle, output.size, deadline)
+                    remote.download_blob(output.blake3, handle, output.size)
                 if output.name.endswith(".d"):
                     scratch.write_text(self.roots.local(scratch.read_text()))
                 os.chmod(scratch, file_mode(output.mode))

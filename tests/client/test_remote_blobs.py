@@ -124,27 +124,3 @@ def test_a_stream_decoding_past_its_stated_size_is_cut_off_there(
         remote.close()
     assert caught.value.kind == "corrupt"
     assert sink.written <= 1 << 20
-
-
-def test_a_download_past_the_restore_deadline_is_a_timeout(
-    served: tuple[str, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A server answering each request just within LARDER_TIMEOUT made one hit cost many
-    times a compilation: the restore has one deadline, checked before and while reading."""
-    import time
-
-    url, bodies = served
-    name = blake3.blake3(DATA).hexdigest()
-    bodies[name] = frames(DATA, 7)
-    remote = Remote(url, None, 5.0, {})
-    try:
-        with pytest.raises(RemoteError, match="took too long") as before:
-            remote.download_blob(name, io.BytesIO(), len(DATA), time.monotonic() - 1)
-        assert before.value.kind == "timeout"
-        clock = iter([0.0, 0.0] + [100.0] * 1000)  # passes the deadline after the first read
-        monkeypatch.setattr("larder.client.remote.time.monotonic", lambda: next(clock))
-        with pytest.raises(RemoteError, match="took too long") as during:
-            remote.download_blob(name, io.BytesIO(), len(DATA), 50.0)
-        assert during.value.kind == "timeout"
-    finally:
-        remote.close()

@@ -72,6 +72,13 @@ class FakeCache:
         if self.mode == "slow-entries" and "/manifests/" in path:
             time.sleep(0.4)  # each in time (LARDER_TIMEOUT 0.5), all together far too slow
             return 404, b""
+        if self.mode == "slow-blobs":  # every answer in time, the restore far too slow
+            time.sleep(0.4)
+            if "/direct/" in path:
+                return 200, b'{"entries":[{"sources":["src/lib.rs"],"env":[]}]}'
+            if "/manifests/" in path:
+                return 200, self.manifest
+            return 200, zstandard.ZstdCompressor().compress(b"x")
         if self.mode == "corrupt-blob":
             if "/direct/" in path:  # an entry naming the crate root: its key is looked up
                 return 200, b'{"entries":[{"sources":["src/lib.rs"],"env":[]}]}'
@@ -174,6 +181,28 @@ def test_bad_server_means_local_compile_and_a_counted_error(
     counted = stats(crate)
     assert counted["errors"] == 1 and counted["hits"] == 0
     assert counted["error_kinds"] == {kind: 1}
+
+
+@pytest.mark.parametrize("fake", ["slow-blobs"], indirect=True)
+def test_a_restore_past_the_lookup_deadline_compiles_here_and_stays_online(
+    fake: FakeCache, crate: Path
+) -> None:
+    """A server answering each request just within LARDER_TIMEOUT made one hit cost many
+    times a compilation: no download starts past 3x the timeout. Slow is not unreachable:
+    the next compilation still asks the cache."""
+    outputs = tuple(
+        Output(name, blake3.blake3(b"x").hexdigest(), 1, 0o644)
+        for name in ("libt-x.rlib", "libt-x.rmeta", "t-x.d")
+    )
+    fake.manifest = Manifest("t", outputs).to_json()
+    for _ in range(2):
+        start = time.monotonic()
+        done = shim(crate, fake.url)
+        assert done.returncode == 0, done.stderr
+        assert time.monotonic() - start < 10
+        assert (crate / "out" / "libt-x.rlib").stat().st_size > 1  # compiled, not restored
+    assert stats(crate)["error_kinds"] == {"slow": 2}
+    assert len([r for r in fake.requests if "/blobs/" in r]) == 4  # two of three, twice
 
 
 def test_unreachable_server_backs_off(crate: Path) -> None:
