@@ -7,6 +7,7 @@ A leaf module (it imports only ``os``, loaded at interpreter start anyway) share
 
 # No `from __future__ import annotations`: importing __future__ costs the probe path ~0.2 ms.
 import os
+import stat
 
 # A command line with one of these flags asks rustc for information, not a compilation.
 NOT_COMPILATION_FLAGS = frozenset(
@@ -29,14 +30,52 @@ def state_dir_name(environ: os._Environ[str] | dict[str, str]) -> str:
     """``$LARDER_STATE_DIR``, else ``$XDG_CACHE_HOME/larder``, else ``~/.cache/larder``. A
     relative value is ignored (as the XDG specification says of ``XDG_CACHE_HOME``): cargo runs
     each rustc in its package's directory, so it would name a state directory per package, and
-    ``--stats`` or ``--wait-uploads`` in the workspace yet another."""
+    ``--stats`` or ``--wait-uploads`` in the workspace yet another.
+
+    One that cannot be written (a read-only home of a CI user) gives way to
+    :func:`private_fallback`: without a state directory nothing is uploaded."""
     state = environ.get("LARDER_STATE_DIR")
-    if state and os.path.isabs(state):
+    if not (state and os.path.isabs(state)):
+        base = environ.get("XDG_CACHE_HOME") or ""
+        if not os.path.isabs(base):
+            base = os.path.join(os.path.expanduser("~"), ".cache")
+        state = os.path.join(base, "larder")
+    if _writable(state):
         return state
-    base = environ.get("XDG_CACHE_HOME") or ""
-    if not os.path.isabs(base):
-        base = os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "larder")
+    return private_fallback(environ) or state
+
+
+def _writable(path: str) -> bool:
+    """Whether ``path`` is a directory this process may write, or could be created."""
+    while not os.path.isdir(path):
+        if os.path.lexists(path):
+            return False  # a file (or a dangling link) is in the way
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def private_fallback(environ: os._Environ[str] | dict[str, str]) -> str | None:
+    """``$TMPDIR/larder-<uid>`` (``/tmp``), this user's alone (created 0700; one that another
+    user owns, or others may write, or that is a link, is never used): None if it cannot be
+    had."""
+    tmp = environ.get("TMPDIR") or ""
+    path = os.path.join(tmp if os.path.isabs(tmp) else "/tmp", f"larder-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o022:
+        return None
+    return path
 
 
 def startup_ms() -> float:

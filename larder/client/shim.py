@@ -273,15 +273,19 @@ class Invocation:
         return self.state / "offline-until"
 
     def offline(self) -> bool:
+        """Whether this cache (``LARDER_URL``: builds for other caches share the state
+        directory) was found unreachable less than :data:`OFFLINE_SECONDS` ago."""
         try:
-            return time.time() < float(self._offline_file().read_text())
+            until, _, url = self._offline_file().read_text().partition(" ")
+            return url == self.env.get("LARDER_URL", "") and time.time() < float(until)
         except (OSError, ValueError):
             return False
 
     def go_offline(self) -> None:
         try:
             self.state.mkdir(parents=True, exist_ok=True)
-            self._offline_file().write_text(str(time.time() + OFFLINE_SECONDS))
+            marker = f"{time.time() + OFFLINE_SECONDS} {self.env.get('LARDER_URL', '')}"
+            self._offline_file().write_text(marker)
         except OSError:
             pass
 

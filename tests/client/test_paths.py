@@ -138,10 +138,34 @@ def test_a_relative_state_directory_is_ignored(
 ) -> None:
     """cargo runs each rustc in its package's directory: a relative state directory would be
     one per package (and another for ``--stats`` in the workspace)."""
-    from larder.client.probe import state_dir_name
+    from larder.client import probe
 
     monkeypatch.setenv("HOME", environ.get("HOME", "/h"))
-    assert state_dir_name(environ) == expected
+    monkeypatch.setattr(probe, "_writable", lambda path: True)
+    assert probe.state_dir_name(environ) == expected
+
+
+def test_a_state_directory_that_cannot_be_written_gives_way_to_a_private_one(
+    tmp_path: Path,
+) -> None:
+    """A CI user whose home is read-only had no state directory: nothing was uploaded."""
+    from larder.client.probe import state_dir_name
+
+    blocked = tmp_path / "file"
+    blocked.write_text("in the way")
+    environ = {"LARDER_STATE_DIR": str(blocked / "larder"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    private = tmp_path / "tmp" / f"larder-{os.getuid()}"
+    assert state_dir_name(environ) == str(private)
+    assert private.is_dir() and private.stat().st_mode & 0o777 == 0o700
+    assert state_dir_name({**environ, "LARDER_STATE_DIR": str(tmp_path / "ok")}) == str(
+        tmp_path / "ok"
+    )  # one that can be made is used as it is
+    private.chmod(0o777)  # others may write it: never used, the configured one stays
+    assert state_dir_name(environ) == str(blocked / "larder")
+    private.rmdir()
+    private.symlink_to(tmp_path)  # a link another user could have put there: never used
+    assert state_dir_name(environ) == str(blocked / "larder")
 
 
 def test_a_root_reached_through_a_symlink_is_found_in_both_spellings(tmp_path: Path) -> None:

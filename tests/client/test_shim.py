@@ -214,6 +214,13 @@ def test_unreachable_server_backs_off(crate: Path) -> None:
     second = shim(crate, url)
     assert second.returncode == 0
     assert stats(crate)["error_kinds"] == {"connect": 1, "offline": 1}
+    other = FakeCache("404")  # another cache, the same state directory: not backed off
+    try:
+        assert shim(crate, other.url).returncode == 0
+        assert other.requests
+    finally:
+        other.close()
+    assert stats(crate)["error_kinds"] == {"connect": 1, "offline": 1}
 
 
 @pytest.mark.parametrize("fake", ["404"], indirect=True)
