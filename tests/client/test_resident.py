@@ -14,10 +14,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from larder.client import resident, resident_server, uploads
+
+if TYPE_CHECKING:
+    from tests.client.test_uploads import UploadSink
 
 RUSTC = shutil.which("rustc") or "rustc"
 LIB = ["--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
@@ -409,13 +413,9 @@ def test_the_caller_goes_on_while_its_upload_job_is_made(crate: Path, server: Re
         cache.close()
 
 
-@pytest.mark.parametrize("how", ["replaced", "rewritten"])
-def test_an_output_the_next_build_wrote_after_the_caller_went_on_is_not_uploaded(
-    crate: Path, server: Resident, how: str
-) -> None:
-    """The caller (cargo) goes on before the upload job is made; the next compilation of the
-    crate (another env! value) writes the same file names meanwhile. Its bytes must never go
-    under this compilation's key."""
+def _slow_writer_cache(crate: Path) -> tuple[UploadSink, dict[str, str]]:
+    """A cache slow to explain a miss (so the upload job is made late), and the environment of
+    a caller with a write token for it."""
     from tests.client.test_uploads import UploadSink
 
     cache = UploadSink("slow-explain")
@@ -423,6 +423,17 @@ def test_an_output_the_next_build_wrote_after_the_caller_went_on_is_not_uploaded
     env = {**environ(crate), "LARDER_URL": cache.url, "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "20",
            "LARDER_LOG": str(crate / "log"), "CARGO_PKG_NAME": "t",
            "CARGO_PKG_VERSION": "0.1.0"}  # fmt: skip
+    return cache, env
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_an_output_the_next_build_wrote_after_the_caller_went_on_is_not_uploaded(
+    crate: Path, server: Resident, how: str
+) -> None:
+    """The caller (cargo) goes on before the upload job is made; the next compilation of the
+    crate (another env! value) writes the same file names meanwhile. Its bytes must never go
+    under this compilation's key."""
+    cache, env = _slow_writer_cache(crate)
     try:
         done, _ = call(crate, [RUSTC, *LIB], env)
         assert done.returncode == 0, done.stderr
@@ -516,13 +527,7 @@ def test_an_output_cargo_set_back_in_time_is_still_uploaded(crate: Path, server:
     """After ``cargo check`` cargo sets each output's modification time back to when the
     compilation started, often before the upload job is made: the file is the one rustc wrote,
     and must still be uploaded (it was refused as changed, so check builds were never cached)."""
-    from tests.client.test_uploads import UploadSink
-
-    cache = UploadSink("slow-explain")
-    cache.delay = 2.0
-    env = {**environ(crate), "LARDER_URL": cache.url, "LARDER_TOKEN": "t", "LARDER_TIMEOUT": "20",
-           "LARDER_LOG": str(crate / "log"), "CARGO_PKG_NAME": "t",
-           "CARGO_PKG_VERSION": "0.1.0"}  # fmt: skip
+    cache, env = _slow_writer_cache(crate)
     try:
         started = time.time() - 1
         done, _ = call(crate, [RUSTC, *LIB], env)
