@@ -1,6 +1,6 @@
 """What the entry point decides before importing anything: is the cache on, is this a probe.
 
-A leaf module (it imports only ``os``, loaded at interpreter start anyway) shared by
+A leaf module (it imports only ``os`` and ``stat``, loaded at interpreter start anyway) shared by
 :mod:`larder.client.entry`, which must stay cheap, and by :mod:`larder.client.args` and
 :mod:`larder.client.shim`, which the entry point imports only for a compilation.
 """
