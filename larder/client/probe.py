@@ -32,8 +32,10 @@ def state_dir_name(environ: os._Environ[str] | dict[str, str]) -> str:
     each rustc in its package's directory, so it would name a state directory per package, and
     ``--stats`` or ``--wait-uploads`` in the workspace yet another.
 
-    One that cannot be written (a read-only home of a CI user) gives way to
-    :func:`private_fallback`: without a state directory nothing is uploaded."""
+    One that cannot be written (a read-only home of a CI user), or that another user owns
+    (``sudo`` keeping ``HOME``: root would write through that user's links, and leave files the
+    user cannot replace), gives way to :func:`private_fallback`: without a state directory
+    nothing is uploaded."""
     state = environ.get("LARDER_STATE_DIR")
     if not (state and os.path.isabs(state)):
         base = environ.get("XDG_CACHE_HOME") or ""
@@ -46,7 +48,13 @@ def state_dir_name(environ: os._Environ[str] | dict[str, str]) -> str:
 
 
 def _writable(path: str) -> bool:
-    """Whether ``path`` is a directory this process may write, or could be created."""
+    """Whether ``path`` is a directory of this user's that it may write, or could be made."""
+    if os.path.isdir(path):
+        try:
+            owner = os.stat(path).st_uid
+        except OSError:
+            return False
+        return owner == os.geteuid() and os.access(path, os.W_OK | os.X_OK)
     while not os.path.isdir(path):
         if os.path.lexists(path):
             return False  # a file (or a dangling link) is in the way
@@ -58,24 +66,28 @@ def _writable(path: str) -> bool:
 
 
 def private_fallback(environ: os._Environ[str] | dict[str, str]) -> str | None:
-    """``$TMPDIR/larder-<uid>`` (``/tmp``), this user's alone (created 0700; one that another
-    user owns, or others may write, or that is a link, is never used): None if it cannot be
-    had."""
-    tmp = environ.get("TMPDIR") or ""
-    path = os.path.join(tmp if os.path.isabs(tmp) else "/tmp", f"larder-{os.getuid()}")
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError:
-        return None
-    try:
-        found = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o022:
-        return None
-    return path
+    """``$XDG_RUNTIME_DIR/larder`` (``/run/user/<uid>``, private by construction), else
+    ``/tmp/larder-<uid>``; used only while it is this user's alone (made 0700; one that another
+    user owns, others may write, or that is a link, is not). Not ``$TMPDIR``, which differs
+    from one shell to the next (``nix develop``, pam_tmpdir): ``--wait-uploads`` must find the
+    spool the build used. None if neither can be had."""
+    runtime = environ.get("XDG_RUNTIME_DIR") or ""
+    candidates = [os.path.join(runtime, "larder")] if os.path.isabs(runtime) else []
+    for path in [*candidates, f"/tmp/larder-{os.geteuid()}"]:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            continue
+        try:
+            found = os.lstat(path)
+        except OSError:
+            continue
+        mine = stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid()
+        if mine and not found.st_mode & 0o022:
+            return path
+    return None
 
 
 def startup_ms() -> float:

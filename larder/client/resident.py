@@ -181,7 +181,7 @@ def delegate(argv: list[str], startup: float) -> int | str:
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
-            bound = os.stat(path).st_ino
+            bound = _file_identity(path)
             sock.connect(path)
         except OSError:
             return ABSENT
@@ -192,7 +192,7 @@ def delegate(argv: list[str], startup: float) -> int | str:
             # Not greeted in time (stopped, frozen): the calls after this one must not wait
             # too. Its socket goes; it exits idle once it runs again, and another starts.
             try:
-                if os.stat(path).st_ino == bound:
+                if _file_identity(path) == bound:
                     os.unlink(path)
             except OSError:
                 pass
@@ -219,6 +219,13 @@ def delegate(argv: list[str], startup: float) -> int | str:
         return 130
     finally:
         sock.close()
+
+
+def _file_identity(path: str) -> tuple[int, int, int]:
+    """What tells one socket file from another bound later at the same path (inode numbers
+    are reused): device, inode and change time."""
+    found = os.stat(path)
+    return found.st_dev, found.st_ino, found.st_ctime_ns
 
 
 def _hand_over(sock: "_socket.socket", argv: list[str], startup: float) -> bytes:

@@ -153,19 +153,37 @@ def test_a_state_directory_that_cannot_be_written_gives_way_to_a_private_one(
 
     blocked = tmp_path / "file"
     blocked.write_text("in the way")
-    environ = {"LARDER_STATE_DIR": str(blocked / "larder"), "TMPDIR": str(tmp_path / "tmp")}
-    (tmp_path / "tmp").mkdir()
-    private = tmp_path / "tmp" / f"larder-{os.getuid()}"
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    environ = {"LARDER_STATE_DIR": str(blocked / "larder"), "XDG_RUNTIME_DIR": str(runtime)}
+    private = runtime / "larder"
     assert state_dir_name(environ) == str(private)
     assert private.is_dir() and private.stat().st_mode & 0o777 == 0o700
+    # The same whatever TMPDIR says (it differs from one shell to the next).
+    assert state_dir_name({**environ, "TMPDIR": str(tmp_path)}) == str(private)
     assert state_dir_name({**environ, "LARDER_STATE_DIR": str(tmp_path / "ok")}) == str(
         tmp_path / "ok"
     )  # one that can be made is used as it is
-    private.chmod(0o777)  # others may write it: never used, the configured one stays
-    assert state_dir_name(environ) == str(blocked / "larder")
+    last_resort = f"/tmp/larder-{os.geteuid()}"
+    private.chmod(0o777)  # others may write it: not used
+    assert state_dir_name(environ) in (last_resort, str(blocked / "larder"))
     private.rmdir()
-    private.symlink_to(tmp_path)  # a link another user could have put there: never used
-    assert state_dir_name(environ) == str(blocked / "larder")
+    private.symlink_to(tmp_path)  # a link another user could have put there: not used
+    assert state_dir_name(environ) in (last_resort, str(blocked / "larder"))
+
+
+def test_a_state_directory_another_user_owns_is_not_written(tmp_path: Path) -> None:
+    """``sudo`` keeping ``HOME``: root wrote into the user's state directory (through any link
+    the user put there) and left files the user could no longer replace."""
+    from larder.client.probe import state_dir_name
+
+    theirs = tmp_path / "home" / ".cache" / "larder"
+    theirs.mkdir(parents=True)
+    os.chown(theirs, os.geteuid() + 1000, -1)  # the tests run as root: any owner can be set
+    environ = {"LARDER_STATE_DIR": str(theirs), "XDG_RUNTIME_DIR": str(tmp_path)}
+    assert state_dir_name(environ) == str(tmp_path / "larder")
+    os.chown(theirs, os.geteuid(), -1)
+    assert state_dir_name(environ) == str(theirs)
 
 
 def test_a_root_reached_through_a_symlink_is_found_in_both_spellings(tmp_path: Path) -> None:
