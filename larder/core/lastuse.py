@@ -77,24 +77,20 @@ class UseRecorder:
     def pending(self) -> int:
         return len(self._pending)
 
-    def merge_pending(self, cache: str, times: dict[str, float]) -> None:
-        """Add the uses of ``cache`` gathered and not written yet to ``times`` (key below the
-        cache's prefix -> POSIX time), keeping the later time."""
-        for key, when in list(self._pending.items()):
-            split = keys.cache_of(key)
-            if split is not None and split[0] == cache:
-                times[split[1]] = max(when, times.get(split[1], -math.inf))
+    def pending_by_cache(self) -> dict[str, dict[str, float]]:
+        """The uses gathered and not written yet: cache -> key below its prefix -> POSIX time
+        (what a collection adds to the recorded ones when a write failed)."""
+        return _by_cache(self._pending)
 
     async def flush(self) -> int:
         """Write what was gathered; the number of keys written. On a storage error the uses are
         kept for the next flush and the error is raised."""
         async with self._lock:
             taken, self._pending = self._pending, {}
-            batches: dict[str, dict[str, int]] = {}
-            for key, when in taken.items():
-                split = keys.cache_of(key)
-                if split is not None:
-                    batches.setdefault(split[0], {})[split[1]] = math.ceil(when)
+            batches = {
+                cache: {rel: math.ceil(when) for rel, when in uses.items()}
+                for cache, uses in _by_cache(taken).items()
+            }
             stamp = int(self._clock() * 1000)
             written: list[str] = []
             try:
@@ -109,6 +105,16 @@ class UseRecorder:
                         self._pending[key] = max(when, self._pending.get(key, 0.0))
                 raise
             return sum(len(batches[cache]) for cache in written)
+
+
+def _by_cache(uses: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Uses by storage key, grouped: cache -> key below the cache's prefix -> time."""
+    grouped: dict[str, dict[str, float]] = {}
+    for key, when in uses.items():
+        split = keys.cache_of(key)
+        if split is not None:
+            grouped.setdefault(split[0], {})[split[1]] = when
+    return grouped
 
 
 @dataclass

@@ -445,20 +445,19 @@ class DiskStorage(Storage):
             return
         try:
             self._write_reserve(reserve)
-        except (OSError, StorageFull) as exc:
-            if isinstance(exc, OSError) and exc.errno not in _FULL_ERRNOS:
-                raise
+        except StorageFull:
             log.warning("no space for the %d-byte reserve in %s yet", RESERVE_SIZE, self._tmp)
 
     def _write_reserve(self, reserve: Path) -> None:
         fd, temp = self._create_temp("reserve")
         try:
-            try:  # random bytes: a compressing file system keeps them
-                for _ in range(RESERVE_SIZE // 65536):
-                    _write_all(fd, os.urandom(65536))
-            finally:
-                os.close(fd)
-            os.replace(temp, reserve)
+            with _os_errors("write reserve"):
+                try:  # random bytes: a compressing file system keeps them
+                    for _ in range(RESERVE_SIZE // 65536):
+                        _write_all(fd, os.urandom(65536))
+                finally:
+                    os.close(fd)
+                os.replace(temp, reserve)
         except BaseException:
             _unlink_quietly(temp)
             raise

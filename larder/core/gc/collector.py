@@ -237,10 +237,13 @@ class Collector:
         nodes: dict[str, Node] = {}
         scopes: dict[str, dict[str, Node]] = {}
         uses: dict[str, RecordedUses] = {}
+        # What a failed flush left in memory (nothing after one that worked)
+        pending = self._recorder.pending_by_cache() if self._recorder is not None else {}
         for cache in caches:
             uses[cache] = await load_uses(self._storage, cache)
-            if self._recorder is not None:  # what a failed flush left in memory
-                self._recorder.merge_pending(cache, uses[cache].times)
+            times = uses[cache].times
+            for rel, when in pending.get(cache, {}).items():
+                times[rel] = max(when, times.get(rel, -math.inf))
             pinned = {
                 keys.narinfo(cache, pin.store_hash) for pin in await pins(self._storage, cache)
             }
