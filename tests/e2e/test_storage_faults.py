@@ -193,6 +193,8 @@ def test_disk_upload_cut_by_the_client_leaves_no_temporary(tmp_path: Path) -> No
 
         file_hash = _disconnect_mid_upload(server, 16 * MiB, 6 * MiB, temporaries)
         _eventually(lambda: not temporaries())
+        # The temporary goes as the error unwinds; the request's line is written just after.
+        _eventually(lambda: "refused (499)" in server.log_path.read_text())
         assert http("GET", f"{server.url}/main/nar/{file_hash}.nar")[0] == 404
         assert [p for p in (data / "blobs").rglob("*") if p.is_file()] == []
         assert not any((data / "objects" / "caches" / "main").rglob("nar/*"))
