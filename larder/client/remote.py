@@ -69,6 +69,12 @@ def network_timeout(environ: dict[str, str]) -> float:
     return seconds if 0 < seconds <= MAX_TIMEOUT else DEFAULT_TIMEOUT
 
 
+def url_cache(url: str) -> str:
+    """The cache a ``LARDER_URL`` names: its path without empty segments (``//main`` is
+    ``main``)."""
+    return "/".join(segment for segment in urlsplit(url).path.split("/") if segment)
+
+
 class RemoteError(Exception):
     """The cache could not be used for this request; ``kind`` names why."""
 
@@ -97,7 +103,7 @@ class Remote:
             port = parts.port
         except ValueError:  # not a number, or past 65535
             port = -1
-        cache = "/".join(segment for segment in parts.path.split("/") if segment)
+        cache = url_cache(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or not cache:
             raise RemoteError("config", f"LARDER_URL must be http(s)://HOST[:PORT]/CACHE: {url!r}")
         try:

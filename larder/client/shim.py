@@ -9,7 +9,8 @@ Also ``larder-rustc --stats [--json]``, ``larder-rustc --zero-stats``, ``larder-
 Environment:
 
 * ``LARDER_URL``: the cache, e.g. ``http://larder:8080/main``. Unset: rustc runs untouched.
-* ``LARDER_TOKEN``: a write token; without it the shim only reads.
+* ``LARDER_TOKEN``: a token for the cache; with a write token the shim also uploads (a read
+  token, for a private cache, only reads: its own claims say so, and no upload is attempted).
 * ``LARDER_DISABLE=1``: run rustc untouched.
 * ``LARDER_LOG``: a file that gets one line per compilation (crate, key, result, reason, ms,
   and the package: every build script's crate is ``build_script_build``).
@@ -70,8 +71,9 @@ from larder.client.paths import (
     logical_cwd,
 )
 from larder.client.probe import cache_enabled, startup_ms
-from larder.client.remote import Remote, RemoteError, network_timeout
+from larder.client.remote import Remote, RemoteError, network_timeout, url_cache
 from larder.errors import FormatError
+from larder.protocol import token_claims
 from larder.protocol.rustc import Manifest, Output, parse_manifest
 
 if TYPE_CHECKING:
@@ -234,6 +236,10 @@ class Invocation:
         self.state = stats_mod.state_dir(environ)
         digests.attach(self.state)
         self.token = environ.get("LARDER_TOKEN") or None
+        # Uploads only with a token that may write here (the server judges any it cannot read).
+        self.writes = self.token is not None and token_claims.may_write(
+            self.token, url_cache(environ.get("LARDER_URL", ""))
+        )
         self.started = time.monotonic()
         self.toolchain: toolchain.Fingerprint | None = None
         self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
@@ -647,7 +653,7 @@ class Invocation:
             outcome.result = "error"
             self._failed(outcome, exc)
             remote = None
-        if self.compilation.linked and self.token and remote is not None:
+        if self.compilation.linked and self.writes and remote is not None:
             assert self.out_dir is not None
             self.link_file = self.out_dir / f".larder-link-{os.getpid()}-{os.urandom(4).hex()}"
         code, out, err = self.compile(outcome)
@@ -687,7 +693,7 @@ class Invocation:
         if remote is not None:
             outcome.counters["bytes_down"] = remote.bytes_down
             remote.close()
-        if self.token and remote is not None and own is not None:
+        if self.writes and remote is not None and own is not None:
             try:
                 refused = own if isinstance(own, str) else self.queue_upload(own, direct, out, err)
                 if refused:
@@ -876,7 +882,7 @@ def compile_call(
     taken()
     invocation.phases["startup"] = startup
     mark: tuple[Path, int] | None = None
-    if release is not None and invocation.token:
+    if release is not None and invocation.writes:
 
         def early(code: int) -> None:
             nonlocal mark

@@ -320,6 +320,35 @@ def test_second_machine_hits_through_direct_mode_without_running_rustc(tmp_path:
     ).read_bytes()
 
 
+def test_a_read_token_reads_a_private_cache_and_never_tries_to_upload(tmp_path: Path) -> None:
+    from tests.e2e.harness import larder_server
+
+    machines = []
+    for name in ("ci", "laptop"):
+        crate = tmp_path / name / "src" / "crate"
+        (crate / "src").mkdir(parents=True)
+        (crate / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+        (crate / "out").mkdir()
+        machines.append(crate)
+    ci, laptop = machines
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        server.run_cli("cache", "set", "main", "--private")
+        url = f"{server.url}/main"
+        assert shim(ci, url, LARDER_TOKEN=server.token()).returncode == 0
+        read = server.token(scope="read")
+        assert shim(laptop, url, LARDER_TOKEN=read).returncode == 0  # a hit
+        (laptop / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 43 }\n")
+        missed = shim(laptop, url, LARDER_TOKEN=read, LARDER_LOG=str(laptop / "log"))
+        assert missed.returncode == 0, missed.stderr
+    counted = stats(laptop)
+    assert (counted["hits"], counted["misses"], counted["errors"], counted["uploads"]) == (
+        1, 1, 0, 0,
+    ), counted  # fmt: skip
+    assert "error=" not in (laptop / "log").read_text()
+    assert not list((laptop / "state").rglob("*.job*")), "an upload was queued"
+    assert (laptop / "out" / "libt-x.rlib").exists()
+
+
 BIN = ["--crate-name", "hello", "--edition=2021", "src/main.rs", "--crate-type", "bin",
        "--emit=dep-info,link", "-L", "native=native", "-l", "static=answer"]  # fmt: skip
 
