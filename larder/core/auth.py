@@ -3,7 +3,9 @@
 Tokens are HS256 JWTs (see :mod:`larder.protocol.tokens`) signed with one secret kept in the
 object store (or mounted), so every replica accepts every other replica's tokens. Revocation
 writes a marker object; replicas reload the set of revoked ids, and the secret, at most every
-``refresh_interval`` seconds, so a replaced secret ends every older token on every replica.
+``refresh_interval`` seconds, so a replaced secret ends every older token on every replica;
+a token with a bad signature makes the secret be read again sooner (at most once a second), so
+one made right after a replacement works at once.
 
 Access rule: reading a public cache needs nothing; reading a private cache needs a ``read``
 token for it; writing needs a ``write`` token; ``admin`` implies ``write`` implies ``read``.
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Tokens remembered after their signature checked (then forgotten all at once).
 VERIFIED_TOKENS = 4096
+#: Seconds: how often a badly signed token may make the secret be read again.
+SECRET_RECHECK = 1.0
 
 
 class TokenAuthority:
@@ -68,17 +72,19 @@ class TokenAuthority:
         self._lock = asyncio.Lock()
         self._verified: dict[str, TokenClaims] = {}
 
-    async def secret(self) -> bytes:
-        """The shared HS256 secret, read again every ``refresh_interval``.
+    async def secret(self, max_age: float | None = None) -> bytes:
+        """The shared HS256 secret, read again once older than ``max_age`` (by default
+        ``refresh_interval``).
 
         The store's is created on first use (one winner across replicas); a deleted one is
         created anew, which ends every token. A secret that changed forgets every token
         remembered under the old one. Once one was read, a failed re-read keeps it (and warns):
         an outage must not end every token."""
-        if self._secret is not None and time.monotonic() - self._secret_at < self._refresh:
+        age = self._refresh if max_age is None else max_age
+        if self._secret is not None and time.monotonic() - self._secret_at < age:
             return self._secret
         async with self._secret_lock:
-            if self._secret is None or time.monotonic() - self._secret_at >= self._refresh:
+            if self._secret is None or time.monotonic() - self._secret_at >= age:
                 try:
                     secret = await self._read_secret()
                 except LarderError as exc:
@@ -134,10 +140,7 @@ class TokenAuthority:
         secret = await self.secret()  # first: a replaced secret forgets remembered tokens
         claims = self._verified.get(token)
         if claims is None:
-            try:
-                claims = tokens.verify(secret, token, now=now)
-            except TokenError as exc:
-                raise Unauthorized(f"invalid token: {exc.message}") from None
+            claims = await self._signed(secret, token, now)
             if len(self._verified) >= VERIFIED_TOKENS:
                 self._verified.clear()
             self._verified[token] = claims
@@ -146,6 +149,23 @@ class TokenAuthority:
         if claims.token_id in await self._revoked_ids():
             raise Unauthorized("invalid token: revoked")
         return claims
+
+    async def _signed(self, secret: bytes, token: str, now: float) -> TokenClaims:
+        """The claims of ``token`` if ``secret`` signed it. A bad signature reads the secret
+        again (at most every :data:`SECRET_RECHECK` seconds) and tries the new one: a token made
+        just after the secret was replaced elsewhere works at once, not a refresh later."""
+        try:
+            return tokens.verify(secret, token, now=now)
+        except TokenError as exc:
+            error = exc
+        if error.message.startswith("bad token signature"):
+            newer = await self.secret(max_age=SECRET_RECHECK)
+            if newer != secret:
+                try:
+                    return tokens.verify(newer, token, now=now)
+                except TokenError as exc:
+                    error = exc
+        raise Unauthorized(f"invalid token: {error.message}") from None
 
     async def revoke(self, token_id: str, reason: str = "") -> None:
         marker = json.dumps({"revoked_at": int(self._clock()), "reason": reason}).encode()

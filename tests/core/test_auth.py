@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from larder.core import keys
+from larder.core import auth, keys
 from larder.core.auth import TokenAuthority
 from larder.errors import LarderError, StorageError, StorageUnavailable, Unauthorized
 from larder.protocol.tokens import Scope
@@ -66,6 +66,42 @@ async def test_a_replaced_secret_ends_older_tokens_once_read_again() -> None:
     with pytest.raises(Unauthorized, match="signature"):
         await running.verify(old)
     assert (await running.verify(new)).scope == Scope.READ
+
+
+async def test_a_token_made_after_a_replacement_works_at_once_and_reads_are_bounded() -> None:
+    """A token signed with a secret replaced elsewhere makes a running replica read the secret
+    again (not a refresh_interval later), and badly signed tokens cannot make it read the
+    store more than once per SECRET_RECHECK."""
+
+    class Counting(MemoryStorage):
+        reads = 0
+
+        async def get(self, key: str) -> bytes | None:
+            self.reads += key == keys.TOKEN_SECRET
+            return await super().get(key)
+
+    storage = Counting()
+    running = TokenAuthority(storage, refresh_interval=3600)
+    elsewhere = TokenAuthority(storage, refresh_interval=0)
+    old, _ = await elsewhere.issue("main", Scope.ADMIN, 0)
+    await running.verify(old)
+    running._secret_at -= auth.SECRET_RECHECK  # the replacement comes later
+    await elsewhere.replace_secret()
+    new, _ = await elsewhere.issue("main", Scope.READ, 0)
+    assert (await running.verify(new)).scope == Scope.READ
+    with pytest.raises(Unauthorized, match="signature"):
+        await running.verify(old)  # the new secret, once read, ends remembered old tokens
+    strangers = TokenAuthority(MemoryStorage())  # another store's secret
+    forged = [(await strangers.issue("main", Scope.ADMIN, 0))[0] for _ in range(21)]
+    reads = storage.reads
+    for token in forged[:20]:
+        with pytest.raises(Unauthorized, match="signature"):
+            await running.verify(token)
+    assert storage.reads == reads  # read just now: not again within SECRET_RECHECK
+    running._secret_at -= auth.SECRET_RECHECK
+    with pytest.raises(Unauthorized, match="signature"):
+        await running.verify(forged[20])
+    assert storage.reads == reads + 1
 
 
 async def test_a_deleted_secret_is_made_anew() -> None:
