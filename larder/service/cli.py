@@ -236,7 +236,8 @@ async def _make_private(config: Config, registry: CacheRegistry) -> None:
 
 
 async def _bootstrap(config: Config, storage: Storage) -> None:
-    """On first start create cache ``main``; always print how to use the caches."""
+    """Adopt configured keys and private caches; with no cache at all (none configured either)
+    create ``main``. Always print how to use the caches."""
     registry = CacheRegistry(storage, config.refresh_interval)
     await _adopt_signing_keys(config, registry)
     await _make_private(config, registry)

@@ -1,14 +1,15 @@
 """HTTP routes of the Nix binary-cache protocol under ``/<cache>/``.
 
 =====================================  ======================================================
-``GET|HEAD nix-cache-info``            StoreDir, WantMassQuery, Priority (always served)
+``GET|HEAD nix-cache-info``            StoreDir, WantMassQuery, Priority (PUT refused)
 ``GET|HEAD|PUT <hash>.narinfo``        signed narinfo; PUT verifies against the cache
 ``GET|HEAD|PUT nar/<hash>.nar[.ext]``  GET serves ``.nar.zst`` (Ranges) and ``.nar``; PUT verifies;
                                        HEAD also finds an upload by its own name (FileHash)
 ``GET|HEAD|PUT <path>``                anything else Nix uploads (``.ls``, ``log/``, ...), opaque
 =====================================  ======================================================
 
-Reads of a missing object are 404 (Nix reads 404 as "not here"); writes need a write token.
+Reads of a missing object are 404 (Nix reads 404 as "not here"); writes need a write token, and
+every read of a private cache, ``nix-cache-info`` included, a read token.
 Narinfo and opaque uploads may come with a ``Content-Encoding`` (Nix's ``narinfo-compression``,
 ``ls-compression``, ``log-compression``): larder decodes them and stores them decoded; an opaque
 object is served as zstd (its stored form, no work) to a client that accepts zstd, else plain.
