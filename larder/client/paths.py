@@ -6,7 +6,10 @@ builds that should share a cache entry:
 * ``CWD``: the directory cargo runs rustc in (the workspace root, or a crate's own root);
 * ``TARGET``: cargo's target directory (found from ``--out-dir`` and ``--target`` by cargo's
   layout, :func:`find_target_dir`);
-* ``CARGO_HOME``: ``$CARGO_HOME`` or ``~/.cargo`` (registry and git checkouts).
+* ``CARGO_HOME``: ``$CARGO_HOME`` or ``~/.cargo`` (registry and git checkouts);
+* ``WORKSPACE``: for a crate cargo compiles outside the workspace (a registry or vendored
+  dependency), the workspace its default target directory sits in (:func:`workspace_dir`),
+  for portable text only (no remap of its own).
 
 :meth:`Roots.portable` replaces a root prefix with a placeholder (``@LARDER:TARGET@``) and
 :meth:`Roots.local` puts this machine's root back; the most specific (longest) root wins. For the
@@ -75,6 +78,23 @@ def find_target_dir(out_dir: Path, target: str | None = None) -> Path:
         if (candidate / "CACHEDIR.TAG").is_file():
             return candidate
     return out_dir
+
+
+def workspace_dir(target_dir: Path | None, cwd: Path) -> Path | None:
+    """The workspace a compilation run outside it belongs to, when cargo's default target
+    directory says so: ``<dir>`` for ``<dir>/target`` beside ``<dir>/Cargo.toml``. None when that
+    is the working directory itself (a workspace member, whose root is ``CWD``) or the target
+    directory is elsewhere (``CARGO_TARGET_DIR``). A root with no remap of its own: a user's
+    ``--remap-path-prefix=$PWD=/build`` is keyed the same from every checkout for the registry
+    and vendored crates cargo compiles in their own directories."""
+    if target_dir is None or target_dir.name != "target":
+        return None
+    workspace = target_dir.parent
+    if not (workspace / "Cargo.toml").is_file():
+        return None
+    if os.path.realpath(workspace) == os.path.realpath(cwd):
+        return None
+    return workspace
 
 
 def default_cargo_home(environ: dict[str, str] | os._Environ[str]) -> Path:

@@ -69,6 +69,7 @@ from larder.client.paths import (
     default_cargo_home,
     find_target_dir,
     logical_cwd,
+    workspace_dir,
 )
 from larder.client.probe import cache_enabled, startup_ms
 from larder.client.remote import Remote, RemoteError, network_timeout, url_cache
@@ -228,6 +229,7 @@ class Invocation:
             CWD=cwd_root,
             TARGET=target_dir,
             CARGO_HOME=default_cargo_home(environ),
+            WORKSPACE=workspace_dir(target_dir, cwd_root),
         )._replace(
             cwd_remap=crate_dir_remap(
                 self.compilation.input, cwd_root, bool(self.compilation.values("--cap-lints"))

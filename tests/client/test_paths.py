@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from larder.client.paths import Roots, find_target_dir
+from larder.client.paths import Roots, find_target_dir, workspace_dir
 
 CI = Roots.of(
     CWD=Path("/ci/work/app"),
@@ -260,3 +260,19 @@ def test_a_crate_compiled_in_its_own_directory_keeps_its_name_in_remapped_paths(
     odd = tmp_path / "vendor" / "feat=x"
     assert crate_dir_remap(f"{odd}/src/lib.rs", odd) == "."
     assert Roots.of(CWD=workspace).remap_flags() == [f"--remap-path-prefix={workspace}=."]
+
+
+def test_the_workspace_is_known_only_from_cargos_default_target_directory(tmp_path: Path) -> None:
+    workspace = tmp_path / "app"
+    (workspace / "target").mkdir(parents=True)
+    registry_crate = tmp_path / "registry" / "itoa-1.0.0"
+    registry_crate.mkdir(parents=True)
+    assert workspace_dir(workspace / "target", registry_crate) is None  # no Cargo.toml there
+    (workspace / "Cargo.toml").write_text("[workspace]\n")
+    assert workspace_dir(workspace / "target", registry_crate) == workspace
+    assert workspace_dir(workspace / "target", workspace) is None  # a member: that is CWD
+    link = tmp_path / "link"
+    link.symlink_to(workspace)
+    assert workspace_dir(workspace / "target", link) is None  # CWD in another spelling
+    assert workspace_dir(tmp_path / "elsewhere", registry_crate) is None  # CARGO_TARGET_DIR
+    assert workspace_dir(None, registry_crate) is None

@@ -289,3 +289,22 @@ def test_harness_false_targets_are_cached_as_binaries(tmp_path: Path) -> None:
             assert build.stats()["non_cacheable"] == 0
         assert runs[0] == {"runner": "miss", "custom": "miss"}
         assert runs[1] == {"runner": "hit", "custom": "hit"}
+
+
+def test_a_users_own_remap_of_the_workspace_hits_for_every_crate(tmp_path: Path) -> None:
+    """Reproducible-build advice has the workspace remapped by the user
+    (``--remap-path-prefix=$PWD=/build``). Cargo compiles registry crates in their own
+    directories, where that flag names a directory outside every root: it must still be keyed
+    the same from another checkout, or every dependency misses."""
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        builds = []
+        for base, name, token in ((tmp_path, "ci", server.token()), (tmp_path / "me", "lap", None)):
+            build = machine(base, name, server, token)
+            build.target = build.checkout / "target"  # cargo's default place
+            builds.append(build)
+        outputs = []
+        for build, result in zip(builds, ("miss", "hit"), strict=True):
+            build.build(RUSTFLAGS=f"--remap-path-prefix={build.checkout}=/build")
+            assert build.results() == dict.fromkeys(CACHEABLE, result)
+            outputs.append(build.run_demo())
+        assert outputs[0] == outputs[1] and outputs[0].endswith(DEMO_OUTPUT_TAIL)
