@@ -168,7 +168,12 @@ async def _with_storage(
     """Run ``action`` on the configured store; only ``create`` makes a disk store that is not
     there (a mistyped ``--storage`` for a command that reads must not leave a new store behind)."""
     try:
-        storage = open_storage(config.storage, zstd_level=config.zstd_level, create=create)
+        storage = open_storage(
+            config.storage,
+            zstd_level=config.zstd_level,
+            create=create,
+            timeout=config.storage_timeout,
+        )
     except StorageUnavailable as exc:
         raise LarderError(
             f"{exc.message} (`larder serve` or `larder cache create` makes one)"
@@ -437,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _config(args)
         logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+        # boto3's INFO lines ("Found credentials in environment variables") are not larder's.
+        logging.getLogger("botocore").setLevel(max(logging.WARNING, logging.root.level))
         if args.command == "serve":
             return _serve(config, argv)
         if args.command == "healthcheck":

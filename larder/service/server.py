@@ -191,7 +191,9 @@ def serve(config: Config, bootstrap: Bootstrap, command: Sequence[str]) -> int:
         raise_open_file_limit(config.max_connections)
         sock = _listen(config)
         config = _bound(config, sock)
-        storage = open_storage(config.storage, zstd_level=config.zstd_level)
+        storage = open_storage(
+            config.storage, zstd_level=config.zstd_level, timeout=config.storage_timeout
+        )
         app = build_app(config, storage)
 
         async def deferred(app: web.Application) -> AsyncIterator[None]:
@@ -507,7 +509,9 @@ def _wait(wake_read: int, timeout: float) -> set[int]:
 
 def _supervise(config: Config, count: int, bootstrap: Bootstrap, command: Sequence[str]) -> int:
     async def start_up(retrying: bool) -> bool:
-        storage = open_storage(config.storage, zstd_level=config.zstd_level)
+        storage = open_storage(
+            config.storage, zstd_level=config.zstd_level, timeout=config.storage_timeout
+        )
         try:
             if retrying:
                 await bootstrap_until_done(config, storage, bootstrap)
@@ -542,7 +546,9 @@ def _serve_worker(config: Config, seat: WorkerSeat) -> int:
     worker = shared.Worker(seat.index, Path(seat.directory))
     heartbeats = shared.Heartbeats(worker.directory)
     sock = socket.socket(fileno=seat.listen_fd)
-    storage = open_storage(config.storage, zstd_level=config.zstd_level)
+    storage = open_storage(
+        config.storage, zstd_level=config.zstd_level, timeout=config.storage_timeout
+    )
     app = build_app(config, storage, worker=worker)
     parent = seat.parent or os.getppid()
     if os.getppid() != parent:  # the parent died while this worker started

@@ -18,6 +18,8 @@ from larder.storage.blobformat import DEFAULT_ZSTD_LEVEL
 from larder.storage.disk import DiskStorage
 from larder.storage.memory import MemoryStorage
 
+DEFAULT_TIMEOUT = 15.0
+
 # S3 bucket naming rules (3-63 characters of lowercase letters, digits, dots and hyphens, starting
 # and ending with a letter or digit); underscores are tolerated for S3-compatible stores.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
@@ -68,8 +70,15 @@ def check_storage_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str, *, zstd_level: int = DEFAULT_ZSTD_LEVEL, create: bool = True) -> Storage:
+def open_storage(
+    url: str,
+    *,
+    zstd_level: int = DEFAULT_ZSTD_LEVEL,
+    create: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Storage:
     """Open the store ``url`` names (see the module docstring). Raises ``ValueError`` if malformed.
+    ``timeout``: seconds an S3 request waits for an answer's next bytes, per attempt.
 
     Disk stores create their directories on opening (with ``create=False`` a directory that does
     not exist is :class:`StorageUnavailable` instead); S3 stores do not contact the bucket until
@@ -83,7 +92,7 @@ def open_storage(url: str, *, zstd_level: int = DEFAULT_ZSTD_LEVEL, create: bool
         from larder.storage.s3 import S3Storage  # imports boto3: only when needed
 
         bucket, prefix = parse_s3_url(url)
-        return S3Storage(bucket, prefix, zstd_level=zstd_level)
+        return S3Storage(bucket, prefix, zstd_level=zstd_level, read_timeout=timeout)
     if scheme == "file":
         return DiskStorage(_file_url_path(url), zstd_level, create=create)
     return DiskStorage(Path(url), zstd_level, create=create)

@@ -393,6 +393,9 @@ def _read_body(body: Any, size: int) -> bytes:
     return data
 
 
+#: Pooled connections kept beyond ``max_workers`` for blob writers run on other threads.
+WRITER_CONNECTIONS = 16
+
 # -- the backend -------------------------------------------------------------------------
 
 
@@ -401,7 +404,10 @@ class S3Storage(Storage):
 
     ``client``: a ready boto3 S3 client (then ``endpoint_url``, ``region_name``, the timeouts
     and ``max_attempts`` are ignored, and :meth:`close` leaves the client open); by default one
-    is built with standard retries, these timeouts and ``max_workers`` pooled connections.
+    is built with standard retries, these timeouts and ``max_workers`` (plus
+    :data:`WRITER_CONNECTIONS`) pooled connections. ``read_timeout`` bounds each wait for an
+    answer's next bytes, per attempt: a hung endpoint fails a call after about
+    ``max_attempts * read_timeout`` seconds.
     ``part_size``: multipart threshold and part size, 5 MiB to 5 GiB; a writer buffers at most
     about one part. ``max_workers``: threads running the async methods' boto3 calls.
     """
@@ -422,8 +428,8 @@ class S3Storage(Storage):
         endpoint_url: str | None = None,
         region_name: str | None = None,
         connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        max_attempts: int = 5,
+        read_timeout: float = 15.0,
+        max_attempts: int = 3,
     ) -> None:
         if not bucket:
             raise ValueError("S3 bucket name is empty")
@@ -443,10 +449,11 @@ class S3Storage(Storage):
         self._owns_client = client is None
         if client is None:
             config = Config(
-                retries={"mode": "standard", "max_attempts": max_attempts},
+                retries={"mode": "standard", "total_max_attempts": max_attempts},  # first included
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                max_pool_connections=max_workers,
+                # The blob writers, driven from the caller's threads, call boto3 too.
+                max_pool_connections=max_workers + WRITER_CONNECTIONS,
                 # Validate checksums only where larder asks for it (whole-object reads): S3 does
                 # not return checksums for ranged reads, but some S3 imitations send the whole
                 # object's, which botocore would then fail to match.

@@ -495,6 +495,25 @@ async def test_unreachable_storage_is_503_with_retry_after(make_service: Service
     assert (await svc.client.get("/healthz")).status == 200
 
 
+async def test_readyz_does_not_wait_for_a_hung_storage(
+    make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend that accepts and never answers (a stuck endpoint, retried for its own timeout)
+    is a 503 within READY_TIMEOUT, so the probe and the load balancer see it."""
+    from larder.service.routes import api
+    from larder.storage.memory import MemoryStorage
+
+    class Hung(MemoryStorage):
+        async def check(self) -> None:
+            await asyncio.sleep(3600)
+
+    monkeypatch.setattr(api, "READY_TIMEOUT", 0.2)
+    svc = await make_service(Hung())
+    resp = await asyncio.wait_for(svc.client.get("/readyz"), 10)
+    assert resp.status == 503 and resp.headers["Retry-After"].isdigit()
+    assert (await svc.client.get("/healthz")).status == 200
+
+
 @pytest.mark.parametrize("compression", ["xz", "zstd"])  # re-encoded, and kept as it came
 async def test_full_storage_is_507_and_stores_nothing(
     make_service: ServiceFactory, compression: str

@@ -428,6 +428,20 @@ def silent_endpoint() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
+async def test_the_configured_timeout_and_pool_reach_the_client(aws_env: None) -> None:
+    """``open_storage``'s timeout is each attempt's read timeout; a hung endpoint then costs
+    about 3x it, and the pool has room for the blob writers' threads beside the workers'."""
+    storage = open_storage("s3://bucket/p", timeout=7.5)
+    assert isinstance(storage, S3Storage)
+    try:
+        config = storage._client.meta.config
+        assert config.read_timeout == 7.5
+        assert config.retries["total_max_attempts"] == 3  # the first attempt included
+        assert config.max_pool_connections >= 16 + 8  # S3 workers + the service's writers
+    finally:
+        await storage.close()
+
+
 async def test_read_timeout_is_unavailable(aws_env: None, silent_endpoint: str) -> None:
     storage = S3Storage("bucket", endpoint_url=silent_endpoint, read_timeout=0.3, max_attempts=1)
     try:

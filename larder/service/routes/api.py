@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
+from larder.errors import StorageUnavailable
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.config import format_listen
 from larder.service.routes.cache_access import cache_for
 from larder.service.state import HITS, TALLY
+
+#: Seconds /readyz waits for the storage backend to answer.
+READY_TIMEOUT = 5.0
 
 
 def substituter_url(request: web.Request, cache: str) -> str:
@@ -71,8 +77,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 only when the storage backend answers (503 with Retry-After otherwise)."""
-    await request.app[state.STORAGE].check()
+    """200 only when the storage backend answers, within :data:`READY_TIMEOUT` seconds (503 with
+    Retry-After otherwise: a hung endpoint must not hold the probe for its retries)."""
+    try:
+        await asyncio.wait_for(request.app[state.STORAGE].check(), READY_TIMEOUT)
+    except TimeoutError:
+        raise StorageUnavailable(f"storage did not answer within {READY_TIMEOUT:g} s") from None
     return web.Response(text="ready\n")
 
 
