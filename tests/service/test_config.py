@@ -121,6 +121,7 @@ def test_a_flag_spelt_otherwise_is_named_as_spelt() -> None:
         ("max_nar_size = true", "max_nar_size"),
         ("body_idle_timeout = 0", "body_idle_timeout"),
         ("body_idle_timeout = -1", "body_idle_timeout"),
+        ("storage_timeout = 0.5", "storage_timeout"),
         ("gc_grace = nan", "gc_grace"),
         ("worker_timeout = inf", "worker_timeout"),
         ("refresh_interval = -1", "refresh_interval"),
@@ -297,6 +298,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "max_document_size": ("2MiB", "2MiB", 2 * 1024**2),
     "max_nar_size": ("1TB", 1024, None),
     "zstd_level": ("9", 9, 9),
+    "storage_timeout": ("1m", 5, None),
     "refresh_interval": ("2.5", 2.5, 2.5),
     "default_priority": ("40", 40, 40),
     "log_level": ("DEBUG", "warning", None),
@@ -318,6 +320,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "event_loop": ("asyncio", "AsyncIO", "asyncio"),
 }
 EXPECTED_FROM_TEXT: dict[str, object] = {
+    "storage_timeout": 60.0,
     "private_caches": "main,team",
     "storage": "s3://bucket/prefix",
     "max_upload_size": 8 * 1024**3,
@@ -331,6 +334,7 @@ EXPECTED_FROM_TEXT: dict[str, object] = {
     "workers": 0,
 }
 EXPECTED_FROM_FILE: dict[str, object] = {
+    "storage_timeout": 5.0,
     "private_caches": "team,main",
     "storage": "/srv/larder",
     "max_upload_size": 1000,
