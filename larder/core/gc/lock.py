@@ -7,8 +7,10 @@ time, and the holder calls :meth:`Lease.check` before each step that deletes. A 
 for ``lease`` seconds belongs to a collector that died: the next one deletes it (only if it is
 still that old, :meth:`~larder.storage.base.Storage.delete_if_older`) and takes it. A lease
 whose holder ran on the same machine (host, boot and pid namespace) and whose process is gone
-(its pid free, or another process's: the start time differs) is taken over at once. A holder
-that finds someone else's lease when it renews has lost it and must stop (:class:`LeaseLost`).
+(its pid free, or another process's: the start time differs) is taken over at once, as is one
+this process left behind when releasing it failed; "at once" is once the lease has stood
+:data:`SETTLED` seconds. A holder that finds someone else's lease when it renews has lost it and
+must stop (:class:`LeaseLost`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from larder.storage.base import Storage
 log = logging.getLogger("larder.gc")
 
 DEFAULT_LEASE = 900.0
+#: Seconds a dead holder's lease must have stood before it is taken over: S3 keeps whole
+#: seconds, so a lease another collector wrote in the same second could not be told from it.
+SETTLED = 2.0
+#: Owners of the leases this process holds: a lease naming this process with another owner is
+#: one it could not release (its storage was down then), free to take over at once.
+_HELD: set[str] = set()
 
 
 class CollectionBusy(LarderError):
@@ -95,6 +103,7 @@ class Lease:
                 return
 
     async def release(self) -> None:
+        _HELD.discard(self.owner)  # if deleting fails, the next collection here takes it over
         if await self._holder() == self.owner:
             await self.storage.delete(keys.GC_LOCK)
 
@@ -123,38 +132,48 @@ def _started(pid: int) -> str | None:
 
 def _holder_is_dead(holder: dict[str, object]) -> bool:
     """Whether the lease's holder was a process of this machine, boot and pid namespace that
-    is gone (killed, or its pid now another process's); unknown is alive."""
+    is gone (killed, or its pid now another process's), or is this process with a lease it no
+    longer holds (:data:`_HELD`); unknown is alive."""
     mine = _process()
     if not mine or holder.get("host") != socket.gethostname():
         return False
     if any(holder.get(name) != mine[name] for name in ("boot", "pidns")):
         return False
     pid = holder.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid == os.getpid():
+    if not isinstance(pid, int) or isinstance(pid, bool):
         return False
+    if pid == os.getpid():
+        return holder.get("started") == mine["started"] and holder.get("owner") not in _HELD
     return holder.get("started") is not None and _started(pid) != holder.get("started")
 
 
-async def _take_from_the_dead(storage: Storage) -> bool:
+async def _take_from_the_dead(storage: Storage, clock: Callable[[], float]) -> bool:
     """Delete the lease if its holder is dead (:func:`_holder_is_dead`), only if it is still
     the lease that holder wrote; ``True`` if this call deleted it."""
     # Its time first: a lease written after it (another collector that took over the same
-    # dead lease) is newer than the cutoff, so it is never the one deleted.
-    written = [i async for i in storage.object_infos(keys.GC_LOCK) if i.key == keys.GC_LOCK]
-    data = await storage.get(keys.GC_LOCK)
-    if not written or data is None:
-        return False
-    try:
-        holder = load_record(data)
-    except StorageError:
-        return False
-    if not _holder_is_dead(holder):
-        return False
-    log.warning(
-        "taking over the collection lease of pid %s on this host: the process is gone",
-        holder.get("pid"),
-    )
-    return await storage.delete_if_older(keys.GC_LOCK, written[0].modified + 0.001)
+    # dead lease) is newer than the cutoff, so it is never the one deleted. A dead holder's
+    # lease written less than SETTLED ago is waited for (once): in the same second, another
+    # collector's would look no newer.
+    for _ in range(2):
+        written = [i async for i in storage.object_infos(keys.GC_LOCK) if i.key == keys.GC_LOCK]
+        data = await storage.get(keys.GC_LOCK)
+        if not written or data is None:
+            return False
+        try:
+            holder = load_record(data)
+        except StorageError:
+            return False
+        if not _holder_is_dead(holder):
+            return False
+        wait = written[0].modified + SETTLED - clock()
+        if wait <= 0:
+            log.warning(
+                "taking over the collection lease of pid %s on this host: the process is gone",
+                holder.get("pid"),
+            )
+            return await storage.delete_if_older(keys.GC_LOCK, written[0].modified + 0.001)
+        await asyncio.sleep(min(wait, SETTLED))
+    return False
 
 
 async def acquire(
@@ -180,10 +199,11 @@ async def acquire(
             log.warning("storage full: the reserve was freed for the collection lease")
             taken = await storage.put_if_absent(keys.GC_LOCK, document)
         if taken:
+            _HELD.add(owner)
             return Lease(storage, owner, document, lease, clock, clock())
         stale = await storage.delete_if_older(keys.GC_LOCK, clock() - lease)
         if not stale:
-            stale = await _take_from_the_dead(storage)
+            stale = await _take_from_the_dead(storage, clock)
         if not stale and await storage.exists(keys.GC_LOCK):
             break  # held and alive
     held = await storage.get(keys.GC_LOCK)
@@ -206,8 +226,24 @@ async def held(
     keeper = asyncio.create_task(taken.keep())
     try:
         yield taken
-    finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+    except BaseException:
+        await _let_go(taken, keeper, failing=True)
+        raise
+    await _let_go(taken, keeper, failing=False)
+
+
+async def _let_go(taken: Lease, keeper: asyncio.Task[None], failing: bool) -> None:
+    """Stop renewing and release; a release that fails after the collection failed is logged,
+    so the collection's own error is the one reported."""
+    keeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keeper
+    try:
         await taken.release()
+    except LarderError as exc:
+        if not failing:
+            raise
+        log.warning(
+            "collection lease not released (%s): the next collection here takes it over",
+            exc.message,
+        )
