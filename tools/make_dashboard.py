@@ -59,6 +59,11 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int, str]] = [
     ("Uploads and rejections", "reqps",
      [(f"sum by (outcome) (rate(larder_upload_requests_total{C}[{R}]))", "{{outcome}}")], 8,
      "timeseries"),
+    # Not misses: a laptop without its read token for a private cache, or a writer's expired
+    # token, is refused here while its builds go on without the cache.
+    ("Refused for their token (401/403)", "reqps",
+     [(f"sum by (protocol, needed) (rate(larder_access_refused_total{C}[{R}]))",
+       "{{protocol}} needs {{needed}}")], 8, "timeseries"),
     # Every replica scans the same shared store and exports the same figures: one replica's
     # (max) per cache, summed over caches.
     ("Storage size", "bytes", [(stored("larder_storage_size_bytes"), "{{kind}}")], 8,

@@ -159,6 +159,38 @@ async def test_private_cache_stats_need_a_token(service: Service) -> None:
     assert resp.status == 200
 
 
+async def test_requests_refused_for_their_token_are_counted_by_protocol_and_need(
+    service: Service,
+) -> None:
+    """A laptop without its read token for a private cache gets 401s that are neither hits nor
+    misses: they are counted apart, or the dashboard would show nothing while it builds."""
+    await service.client.app[state.CACHES].create("secret", private=True)
+    reader = await service.issue("secret", Scope.READ)
+    before = await scrape(service)
+    for path in (f"/secret/{MISSING}.narinfo", "/secret/nix-cache-info"):
+        assert (await service.client.get(path)).status == 401
+    entry = "/secret/sccache/a/b/c/" + "0" * 40
+    assert (await service.client.get(entry, headers=service.auth("not-a-token"))).status == 401
+    resp = await service.client.put(entry, data=b"e", headers=service.auth(reader))
+    assert resp.status == 403
+    resp = await service.client.get(f"/secret/{MISSING}.narinfo", headers=service.auth(reader))
+    assert resp.status == 404  # allowed: a miss, not a refusal
+    after = await scrape(service)
+
+    def grew(protocol: str, needed: str) -> float:
+        labels = {"cache": "secret", "protocol": protocol, "needed": needed}
+        name = "larder_access_refused_total"
+        return value(after, name, **labels) - before.get((name, tuple(sorted(labels.items()))), 0)
+
+    assert grew("nix", "read") == 2
+    assert grew("sccache", "read") == 1
+    assert grew("sccache", "write") == 1
+    assert grew("nix", "write") == 0
+    lookups = value(after, "larder_cache_lookups_total", cache="secret", protocol="nix",
+                    kind="narinfo", result="miss")  # fmt: skip
+    assert lookups == 1
+
+
 def test_json_access_log_line_has_no_credentials() -> None:
     import json
 

@@ -11,6 +11,8 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 ``larder_transfer_sent_bytes_total``        cache, protocol (response bodies)
 ``larder_transfer_received_bytes_total``    cache, protocol (request bodies)
 ``larder_upload_requests_total``            cache, protocol, outcome (accepted or why not)
+``larder_access_refused_total``             cache, protocol, needed (read | write | admin):
+                                            401/403 for a missing, bad or too weak token
 ``larder_storage_objects``                  cache, kind (gauge, from the periodic scan)
 ``larder_storage_size_bytes``               cache, kind (gauge, stored bytes, same scan)
 ``larder_backend_operations_total``         backend, operation
@@ -59,6 +61,7 @@ ROUTE_PROTOCOLS: tuple[tuple[str, str], ...] = (
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 #: A status's class, by ``min(status // 100, 5)``.
 STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+SCOPES = ("read", "write", "admin")
 UPLOAD_OUTCOMES = (
     "accepted",
     "bad_format",
@@ -163,6 +166,12 @@ class Metrics:
             ["cache", "protocol", "outcome"],
             registry=r,
         )
+        self.refused = Counter(
+            "larder_access_refused_total",
+            "Requests to a cache refused for their token (none, invalid, or not enough scope).",
+            ["cache", "protocol", "needed"],
+            registry=r,
+        )
         self.objects = Gauge(
             "larder_storage_objects",
             "Stored objects by cache and kind.",
@@ -259,6 +268,9 @@ class Metrics:
             self.received.labels(cache, protocol)
             for outcome in UPLOAD_OUTCOMES:
                 self.uploads.labels(cache, protocol, outcome)
+            if cache != NO_CACHE:
+                for needed in SCOPES:
+                    self.refused.labels(cache, protocol, needed)
         for protocol, kinds in LOOKUP_KINDS.items():
             for kind in kinds:
                 for result in ("hit", "miss"):

@@ -66,6 +66,13 @@ def note_miss_reason(request: web.Request, category: str) -> None:
     metrics.child(metrics.miss_reasons, request.get(_CACHE, NO_CACHE), category).inc()
 
 
+def note_refused(request: web.Request, needed: str) -> None:
+    """The request was refused for its token (it needed ``needed``) on the cache noted."""
+    metrics = request.app[METRICS]
+    cache = request.get(_CACHE, NO_CACHE)
+    metrics.child(metrics.refused, cache, protocol_of(request), needed).inc()
+
+
 def note_upload(request: web.Request) -> None:
     request[_UPLOAD] = True
 

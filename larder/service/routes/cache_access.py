@@ -7,12 +7,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from larder.core.caches import CacheSettings
-from larder.errors import LarderError, NoSuchCache
+from larder.errors import Forbidden, LarderError, NoSuchCache, Unauthorized
 from larder.protocol.names import RESERVED_NAMES, check_cache_name
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.errors import error_response, status_for
-from larder.service.observability.recording import note_cache
+from larder.service.observability.recording import note_cache, note_refused
 from larder.service.routes.bodies import check_declared_length
 from larder.service.routes.credentials import check_access
 
@@ -27,7 +27,11 @@ async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
     if settings is None:
         raise NoSuchCache(f"no cache named {name!r}")
     note_cache(request, settings.name)
-    await check_access(request, request.app[state.TOKENS], settings, needed)
+    try:
+        await check_access(request, request.app[state.TOKENS], settings, needed)
+    except (Unauthorized, Forbidden):
+        note_refused(request, str(needed))  # a laptop without its read token shows here
+        raise
     return settings
 
 
