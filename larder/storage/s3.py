@@ -4,7 +4,7 @@ Layout under ``prefix`` in ``bucket``::
 
     <prefix>blobs/<id[:2]>/<id>     committed blobs: one zstd frame each
     <prefix>objects/<key>           objects
-    <prefix>tmp/<uuid>              multipart uploads of blobs whose id is not known yet
+    <prefix>tmp/<time>-<uuid>       multipart uploads of blobs whose id is not known yet
 
 A blob writer buffers compressed output. A blob that stays under ``part_size`` is sent with one
 ``PutObject`` to its final key at commit. A larger one goes to a multipart upload under ``tmp/``
@@ -26,8 +26,10 @@ DELETE: a write landing between the HEAD and the DELETE (one round trip) is lost
 cutoff well in the past (a GC grace period) so that only writes racing an age decision made on
 a long-untouched object can fall into that window.
 
-Leftovers of a crash are a multipart upload or an object under ``tmp/``: a bucket lifecycle rule
-(abort incomplete multipart uploads and expire ``tmp/`` after a day) removes them.
+Leftovers of a crash, or of an abort that failed in an outage, are a multipart upload or an
+object under ``tmp/``: :meth:`S3Storage.housekeep` (after each garbage collection) removes them
+once stale, as a bucket lifecycle rule (abort incomplete multipart uploads and expire ``tmp/``
+after a day) would.
 
 A level listing (``list_level``) is ``ListObjectsV2`` with ``/`` as delimiter (objects and
 common prefixes of one level), a page at a time of at most what is still wanted, stopping at the
@@ -248,6 +250,13 @@ class _Listed(NamedTuple):
     modified: float  # LastModified as POSIX seconds
 
 
+def _started(temp_key: str, initiated: datetime | None) -> float:
+    """When the multipart upload to ``temp_key`` started: the time its name begins with
+    (``<unix seconds>-<uuid>``), else the ``Initiated`` the listing gave."""
+    stamp, sep, _ = temp_key.rpartition("/")[2].partition("-")
+    return float(stamp) if sep and stamp.isdigit() else _timestamp(initiated)
+
+
 def _timestamp(value: datetime | None) -> float:
     # S3 always sends LastModified; an imitation that does not makes the object look new.
     return value.timestamp() if value is not None else time.time()
@@ -263,7 +272,8 @@ class _S3BlobWriter(EncodingBlobWriter):
         self._client = storage._client
         self._bucket = storage.bucket
         self._buffer = bytearray()
-        self._temp_key = storage._prefix + "tmp/" + uuid.uuid4().hex
+        # Named by when it started: some S3 imitations list every upload as started long ago.
+        self._temp_key = f"{storage._prefix}tmp/{int(time.time())}-{uuid.uuid4().hex}"
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._temp_complete = False  # the multipart upload became an object under tmp/
@@ -414,6 +424,11 @@ class S3Storage(Storage):
 
     backend: ClassVar[str] = "s3"
     _LIST_PAGE_SIZE: ClassVar[int] = 1000  # S3's maximum
+    #: Seconds after which an object under ``tmp/`` (a completed multipart upload never copied)
+    #: is a leftover; and an unfinished multipart upload, counted from when it was started (no
+    #: live upload takes a day).
+    STALE_TEMPORARY: ClassVar[float] = 3600.0
+    STALE_UPLOAD: ClassVar[float] = 86400.0
 
     def __init__(
         self,
@@ -824,6 +839,57 @@ class S3Storage(Storage):
 
     async def check(self) -> None:
         await self._run(self._check_sync)
+
+    async def housekeep(self) -> None:
+        """Remove what writers that crashed, or could not clean up in an outage, left under
+        ``tmp/``: objects older than :attr:`STALE_TEMPORARY` and multipart uploads started more
+        than :attr:`STALE_UPLOAD` ago (a lifecycle rule does the same, where a store has one)."""
+        uploads, temporaries = await self._run(self._housekeep_sync)
+        if uploads or temporaries:
+            log.info(
+                "removed %d unfinished multipart uploads and %d temporaries under %stmp/",
+                uploads,
+                temporaries,
+                self._prefix,
+            )
+
+    def _housekeep_sync(self) -> tuple[int, int]:
+        now = time.time()
+        base = self._prefix + "tmp/"
+        aborted = 0
+        with _translate_errors("housekeeping"):
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=base
+            ):
+                for upload in page.get("Uploads", []):
+                    key, upload_id = upload.get("Key", ""), upload.get("UploadId", "")
+                    started = _started(key, upload.get("Initiated"))
+                    if (
+                        not key.startswith(base)
+                        or not upload_id
+                        or now - started < self.STALE_UPLOAD
+                    ):
+                        continue
+                    try:
+                        self._client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=key, UploadId=upload_id
+                        )
+                        aborted += 1
+                    except ClientError as exc:
+                        if not isinstance(_client_error("abort", exc), _Missing):
+                            raise
+            stale = [
+                item["Key"]
+                for page in self._client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=base
+                )
+                for item in page.get("Contents", [])
+                if "Key" in item
+                and now - _timestamp(item.get("LastModified")) >= self.STALE_TEMPORARY
+            ]
+        for key in stale:
+            self._delete_quietly(key)
+        return aborted, len(stale)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -187,6 +188,35 @@ async def test_multipart_abandoned(s3_bucket: S3Bucket, how: str) -> None:
         assert await asyncio.to_thread(s3_bucket.uploads) == []
         assert await asyncio.to_thread(s3_bucket.keys) == []
         assert await storage.blob_open(blob_id_of(data)) is None
+    finally:
+        await storage.close()
+
+
+async def test_housekeeping_removes_what_a_failed_abort_left_once_stale(
+    s3_bucket: S3Bucket,
+) -> None:
+    """An abort that failed in an outage leaves a multipart upload (and a completed one never
+    copied, an object) under tmp/; housekeeping removes them once stale, keeps fresh ones (an
+    upload under way) and never touches anything outside tmp/ or this store's prefix."""
+    storage = s3_bucket.make_storage()
+    client, bucket = s3_bucket.client, s3_bucket.name
+    try:
+        # Named as the writers name them, by when they started (moto lists every upload as
+        # started in 2010, as some S3 imitations do).
+        now = int(time.time())
+        started = client.create_multipart_upload(Bucket=bucket, Key=f"{S3_PREFIX}tmp/{now}-ab")
+        client.put_object(Bucket=bucket, Key=f"{S3_PREFIX}tmp/never-copied", Body=b"x")
+        client.put_object(Bucket=bucket, Key=f"{S3_PREFIX}objects/kept", Body=b"k")
+        client.create_multipart_upload(Bucket=bucket, Key="other/tmp/not-ours")
+        await storage.housekeep()  # all fresh: an upload may be under way
+        assert len(s3_bucket.uploads()) == 2
+        assert s3_bucket.keys(f"{S3_PREFIX}tmp/") == [f"{S3_PREFIX}tmp/never-copied"]
+        storage.STALE_TEMPORARY = storage.STALE_UPLOAD = 0.0  # now they are old enough
+        await storage.housekeep()
+        assert s3_bucket.uploads() == ["other/tmp/not-ours"]
+        assert s3_bucket.keys() == [f"{S3_PREFIX}objects/kept"]
+        assert started["UploadId"]
+        await storage.housekeep()  # nothing left to do is no error
     finally:
         await storage.close()
 
