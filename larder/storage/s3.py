@@ -842,9 +842,16 @@ class S3Storage(Storage):
 
     async def housekeep(self) -> None:
         """Remove what writers that crashed, or could not clean up in an outage, left under
-        ``tmp/``: objects older than :attr:`STALE_TEMPORARY` and multipart uploads started more
-        than :attr:`STALE_UPLOAD` ago (a lifecycle rule does the same, where a store has one)."""
-        uploads, temporaries = await self._run(self._housekeep_sync)
+        ``tmp/``: multipart uploads started more than :attr:`STALE_UPLOAD` ago and objects
+        older than :attr:`STALE_TEMPORARY` (a lifecycle rule does the same, where a store has
+        one). Uploads that cannot be listed (no ``s3:ListBucketMultipartUploads``) are left to
+        such a rule, with a warning."""
+        try:
+            uploads = await self._run(self._abort_stale_uploads)
+        except StorageError as exc:
+            log.warning("unfinished multipart uploads not swept: %s", exc.message)
+            uploads = 0
+        temporaries = await self._run(self._delete_stale_temporaries)
         if uploads or temporaries:
             log.info(
                 "removed %d unfinished multipart uploads and %d temporaries under %stmp/",
@@ -853,31 +860,34 @@ class S3Storage(Storage):
                 self._prefix,
             )
 
-    def _housekeep_sync(self) -> tuple[int, int]:
-        now = time.time()
-        base = self._prefix + "tmp/"
-        aborted = 0
-        with _translate_errors("housekeeping"):
-            for page in self._client.get_paginator("list_multipart_uploads").paginate(
+    def _abort_stale_uploads(self) -> int:
+        now, base, aborted = time.time(), self._prefix + "tmp/", 0
+        with _translate_errors("list multipart uploads"):
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=base
-            ):
-                for upload in page.get("Uploads", []):
-                    key, upload_id = upload.get("Key", ""), upload.get("UploadId", "")
-                    started = _started(key, upload.get("Initiated"))
-                    if (
-                        not key.startswith(base)
-                        or not upload_id
-                        or now - started < self.STALE_UPLOAD
-                    ):
-                        continue
-                    try:
-                        self._client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=key, UploadId=upload_id
-                        )
-                        aborted += 1
-                    except ClientError as exc:
-                        if not isinstance(_client_error("abort", exc), _Missing):
-                            raise
+            )
+            stale = [
+                (key, upload_id)
+                for page in pages
+                for upload in page.get("Uploads", [])
+                if (key := upload.get("Key", "")).startswith(base)
+                and (upload_id := upload.get("UploadId", ""))
+                and now - _started(key, upload.get("Initiated")) >= self.STALE_UPLOAD
+            ]
+        for key, upload_id in stale:
+            try:
+                with _translate_errors("multipart upload abort"):
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                aborted += 1
+            except _Missing:
+                pass
+        return aborted
+
+    def _delete_stale_temporaries(self) -> int:
+        now, base = time.time(), self._prefix + "tmp/"
+        with _translate_errors("list temporaries"):
             stale = [
                 item["Key"]
                 for page in self._client.get_paginator("list_objects_v2").paginate(
@@ -889,7 +899,7 @@ class S3Storage(Storage):
             ]
         for key in stale:
             self._delete_quietly(key)
-        return aborted, len(stale)
+        return len(stale)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
