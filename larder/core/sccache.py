@@ -108,6 +108,13 @@ class SccacheStore:
         await self._storage.delete(key)
         return True
 
+    async def has_children(self, cache: CacheSettings, path: str) -> bool:
+        """Whether collection ``path`` holds anything (one listed item is enough)."""
+        prefix = keys.sccache_prefix(cache.name, path)
+        async for _ in self._storage.list_level(prefix, limit=1):
+            return True
+        return False
+
     async def children(self, cache: CacheSettings, path: str) -> list[tuple[str, Entry | None]]:
         """Direct children of collection ``path``, at most :data:`MAX_LISTING`: ``(name, entry)``,
         ``None`` for collections. One level is listed, never the keys below it."""

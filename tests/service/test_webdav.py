@@ -112,8 +112,49 @@ async def test_propfind_depth_0_and_1(service: Service) -> None:
     status, body = await propfind(service, "/main/sccache", "0")
     assert status == 207 and parse(body) == [("/main/sccache/", True, None)]
     assert (await propfind(service, "/main/sccache/missing-entry", "0"))[0] == 404
+    # A collection named without its trailing slash is still the collection (RFC 4918).
+    status, body = await propfind(service, "/main/sccache/1/b/b", "1")
+    assert status == 207
+    assert parse(body) == [("/main/sccache/1/b/b/", True, None), (ENTRY, False, "5")]
+    assert (await propfind(service, "/main/sccache/1/b/x", "0"))[0] == 404
     assert (await propfind(service, "/main/sccache/", "infinity"))[0] == 403
     assert (await propfind(service, "/main/sccache/", None))[0] == 403  # RFC 4918: infinity
+
+
+async def test_options_says_what_is_offered(service: Service) -> None:
+    resp = await service.client.options("/main/sccache/")
+    assert resp.status == 200 and resp.headers["DAV"] == "1"
+    assert set(resp.headers["Allow"].split(", ")) >= {"GET", "PUT", "PROPFIND", "MKCOL"}
+    assert (await service.client.options("/nope/sccache/")).status == 404
+
+
+async def test_webdav_outside_sccache_names_the_endpoint(service: Service) -> None:
+    """An endpoint written without ``/sccache`` gets PROPFIND refused; the answer says where
+    WebDAV is, as sccache only runs read-only without saying why."""
+    for path in ("/main/", "/main", "/main/a/b/c/"):
+        resp = await service.client.request("PROPFIND", path, headers={"Depth": "0"})
+        assert resp.status == 405, path
+        assert "/main/sccache/" in await resp.text()
+    resp = await service.client.request("PROPFIND", "/nope/", headers={"Depth": "0"})
+    assert resp.status == 404
+    assert (await service.client.get(f"/main/{'0' * 32}.narinfo")).status == 404  # Nix's
+
+
+async def test_only_a_get_of_an_entry_counts_as_a_lookup(service: Service) -> None:
+    from tests.service.test_metrics import scrape, value
+
+    def lookups(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> list[float]:
+        labels = {"cache": "main", "protocol": "sccache", "kind": "entry"}
+        name = "larder_cache_lookups_total"
+        return [value(samples, name, **labels, result=r) for r in ("hit", "miss")]
+
+    await service.client.put(ENTRY, data=b"12345", headers=service.auth())
+    before = lookups(await scrape(service))
+    assert (await service.client.head(ENTRY)).status == 200
+    assert (await service.client.get("/main/sccache/1/b/")).status == 404  # a collection
+    assert lookups(await scrape(service)) == before
+    assert (await service.client.get(ENTRY)).status == 200
+    assert lookups(await scrape(service)) == [before[0] + 1, before[1]]
 
 
 class CountingStorage(MemoryStorage):

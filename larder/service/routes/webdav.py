@@ -6,9 +6,11 @@
 ``DELETE <path>``      204, or 404 when there is no entry; 405 on a collection
 ``PROPFIND <path>``    207: Depth 0 describes the resource, Depth 1 adds its children (at most
                        1,000, from one level of the store, never the keys below it); a path
-                       ending in ``/`` is a collection and always exists; ``Depth: infinity``
+                       ending in ``/`` is a collection and always exists, one without it
+                       is a collection when it holds anything; ``Depth: infinity``
                        (also a missing Depth) is refused with 403, as RFC 4918 allows
 ``MKCOL <path>/``      201 (collections are virtual), 405 when an entry has that name
+``OPTIONS <path>``     200 with ``DAV: 1`` and ``Allow`` (no locks, copies or moves: 405)
 =====================  ===========================================================================
 
 A path that is not a valid :func:`~larder.protocol.dav.normalise` path is a 400 for every
@@ -70,8 +72,8 @@ async def _get_entry(request: web.Request) -> web.StreamResponse:
     settings = await cache_for(request, Scope.READ)
     store = request.app[state.SCCACHE]
     entry = None if collection else await store.get(settings, path)
-    if not is_probe(path):  # a probe, not a lookup
-        note_lookup(request, "entry", entry is not None)
+    if not is_probe(path) and not collection and request.method == "GET":
+        note_lookup(request, "entry", entry is not None)  # a probe or a HEAD is no lookup
     if entry is None:
         raise web.HTTPNotFound()
     headers = {"Content-Type": "application/octet-stream"}
@@ -138,7 +140,8 @@ async def propfind(request: web.Request) -> web.Response:
     path, collection = _path(request)
     store = request.app[state.SCCACHE]
     entry = None if collection else await store.get(settings, path)
-    if not collection and entry is None:
+    # A collection may be named without its trailing slash (RFC 4918 clients do).
+    if not collection and entry is None and not await store.has_children(settings, path):
         raise web.HTTPNotFound()
     if entry is not None:
         resources = [Resource(_href(request, path, False), False, entry.size, entry.modified)]
@@ -157,6 +160,23 @@ async def propfind(request: web.Request) -> web.Response:
     )
 
 
+async def options(request: web.Request) -> web.Response:
+    """What this WebDAV subset offers (class 1, without locks), for clients that ask first."""
+    await cache_for(request, Scope.READ)
+    return web.Response(headers={"DAV": "1", "Allow": ALLOWED, "MS-Author-Via": "DAV"})
+
+
+async def elsewhere(request: web.Request) -> web.Response:
+    """WebDAV sent to a cache outside ``sccache/`` (an endpoint missing that segment, which
+    sccache takes as read-only without saying why): a 405 that names the right endpoint."""
+    settings = await cache_for(request, Scope.READ)  # 404 for what is not a cache
+    message = f"WebDAV is served under /{settings.name}/sccache/ (SCCACHE_WEBDAV_ENDPOINT)"
+    return web.Response(status=405, headers={"Allow": "GET, HEAD, PUT"}, text=message + "\n")
+
+
+ALLOWED = "GET, HEAD, PUT, DELETE, MKCOL, PROPFIND, OPTIONS"
+
+
 def add_routes(app: web.Application) -> None:
     """Register the WebDAV routes (before the Nix catch-all)."""
     router = app.router
@@ -166,3 +186,7 @@ def add_routes(app: web.Application) -> None:
         router.add_route("DELETE", pattern, delete_entry)
         router.add_route("MKCOL", pattern, mkcol)
         router.add_route("PROPFIND", pattern, propfind)
+        router.add_route("OPTIONS", pattern, options)
+    for pattern in ("/{cache}", "/{cache}/", "/{cache}/{path:.*}"):
+        for method in ("PROPFIND", "MKCOL"):
+            router.add_route(method, pattern, elsewhere)
