@@ -80,7 +80,7 @@ import blake3
 from larder.client import depinfo
 from larder.client.args import Compilation
 from larder.client.digests import file_digest
-from larder.client.paths import Roots
+from larder.client.paths import Roots, remapped_below, user_remaps
 from larder.protocol.rustc import DirectEntry
 
 KEY_FORMAT = "larder-rustc/1"
@@ -172,7 +172,12 @@ def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
         out.append(flag if value is None else f"{flag}={roots.portable(value)}")
     if compilation.input is not None:
         out.append(roots.portable_path(compilation.input))
-    if roots.cwd_remap != ".":  # the outputs name the crate's directory
+    # Where the outputs name the crate's directory: a remap of the user's own from above it
+    # wins over the shim's, and then where the crate sits below that directory counts.
+    applied = remapped_below(roots, user_remaps(compilation.values("--remap-path-prefix")))
+    if applied is not None:
+        out.append(f"--remap-path-prefix=@LARDER:CWD@={applied}")
+    elif roots.cwd_remap != ".":
         out.append(f"--remap-path-prefix=@LARDER:CWD@={roots.cwd_remap}")
     return out
 

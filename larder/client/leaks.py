@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from larder.client.paths import user_remaps
+
 
 def fewest_needles(needles: list[bytes]) -> list[bytes]:
     """``needles`` without those under another (a target directory inside the workspace is
@@ -42,20 +44,29 @@ def embeds(path: Path, needles: list[bytes]) -> bool:
     return False
 
 
+def scan_needles(spellings: tuple[tuple[str, str], ...], args: list[str]) -> list[bytes]:
+    """What to look for in outputs: this machine's roots (by name and path; the sysroot too,
+    which the key names by placeholder), and their remapped form where a remap of the user's own
+    over a root's parent (``$HOME=~``) writes the rest of the root's path. Not ``WORKSPACE``: a
+    placeholder for the key's text only, which a crate compiled outside it never wrote, and a
+    short one (``/code``) is found in plain text (rustdoc's ``</code>``)."""
+    roots = [path for name, path in spellings if name != "WORKSPACE"]
+    roots += remapped(roots, args)
+    return fewest_needles([path.encode() for path in roots])
+
+
 def remapped(roots: list[str], args: list[str]) -> list[str]:
     """``roots`` as the user's own ``--remap-path-prefix=FROM=TO`` flags write them in outputs
     when ``FROM`` is a directory above them (``$HOME=~``: the rest of the path, this checkout's
     own name, stays in the outputs; the last match wins, as in rustc). A remap from a root or
     from inside one (``$PWD=/build``) writes the same on every machine and is left out."""
-    remaps = []
+    values = []
     for index, arg in enumerate(args):
         if arg == "--remap-path-prefix" and index + 1 < len(args):
-            arg = f"--remap-path-prefix={args[index + 1]}"
-        if arg.startswith("--remap-path-prefix="):
-            source, sep, target = arg.partition("=")[2].rpartition("=")
-            source = source.rstrip("/")
-            if sep and source:
-                remaps.append((source, target))
+            values.append(args[index + 1])
+        elif arg.startswith("--remap-path-prefix="):
+            values.append(arg.partition("=")[2])
+    remaps = user_remaps(values)
     found = []
     for root in roots:
         for source, target in reversed(remaps):

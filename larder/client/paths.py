@@ -217,6 +217,33 @@ def crate_dir_remap(crate_root: str | None, cwd: Path, lints_capped: bool = True
     return f"/larder/crate/{cwd.name}" if inside and cwd.name and "=" not in cwd.name else "."
 
 
+def user_remaps(values: list[str]) -> list[tuple[str, str]]:
+    """``--remap-path-prefix`` values (``FROM=TO``) as ``(FROM, TO)``, in order; ``FROM``
+    without a trailing ``/``. rustc splits at the last ``=``."""
+    remaps = []
+    for value in values:
+        source, sep, target = value.rpartition("=")
+        source = source.rstrip("/")
+        if sep and source:
+            remaps.append((source, target))
+    return remaps
+
+
+def remapped_below(roots: Roots, remaps: list[tuple[str, str]]) -> str | None:
+    """Where the user's own remaps write ``CWD`` when one maps a directory *above* it (the last
+    that matches wins, as in rustc, and the user's come after the shim's): its ``TO`` and the rest
+    of the path (``/build/vendor/itoa-1.0.1``), which then differs with where the crate sits
+    below that directory. None when none does (a remap of ``CWD`` itself is in the flags)."""
+    cwd = [path for name, path in roots.spellings if name == "CWD"]
+    for source, target in reversed(remaps):
+        for path in cwd:
+            if path == source:
+                return None
+            if path.startswith(source + "/"):
+                return target + path[len(source) :]
+    return None
+
+
 def logical_cwd(cwd: Path, environ: dict[str, str]) -> Path:
     """The working directory as cargo names it: ``os.getcwd()`` resolves symlinks, cargo does
     not (a registry crate under a symlinked ``CARGO_HOME``, a checkout reached through one), so

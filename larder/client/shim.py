@@ -62,7 +62,7 @@ from larder.client import args as rustc_args
 from larder.client import depinfo, digests, linkline, toolchain
 from larder.client import key as cache_key
 from larder.client import stats as stats_mod
-from larder.client.leaks import embeds, fewest_needles, remapped
+from larder.client.leaks import embeds, scan_needles
 from larder.client.paths import (
     Roots,
     crate_dir_remap,
@@ -462,11 +462,7 @@ class Invocation:
         from larder.client import uploads
 
         assert self.out_dir is not None
-        # This machine's roots, and its sysroot: the key names it by placeholder. A remap of
-        # the user's own over a root's parent (``$HOME=~``) writes the rest of the root's path.
-        roots = [path for _, path in self.link_roots().spellings]
-        roots += remapped(roots, self.args)
-        needles = fewest_needles([path.encode() for path in roots])
+        needles = scan_needles(self.link_roots().spellings, self.args)
         outputs: list[Output] = []
         files: dict[str, Path] = {}
         texts: dict[str, bytes] = {}

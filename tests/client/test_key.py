@@ -130,6 +130,30 @@ def test_portable_args_drop_outputs_and_paths(ci: Checkout) -> None:
     assert not any(a.startswith(("--out-dir", "--diagnostic-width")) for a in portable)
 
 
+def test_a_users_remap_over_the_workspace_keys_where_a_crate_sits_below_it() -> None:
+    """With ``--remap-path-prefix=$PWD=/build`` a crate vendored inside the workspace writes
+    ``/build/vendor/itoa-1.0.1`` where one from the registry writes the shim's
+    ``/larder/crate/itoa-1.0.1``: their keys differ. Two checkouts of one layout agree."""
+
+    def key_args(workspace: str, crate_dir: str) -> list[str]:
+        argv = ["--crate-name", "itoa", f"{crate_dir}/src/lib.rs", "--crate-type", "lib",
+                "--cap-lints", "allow", f"--remap-path-prefix={workspace}=/build"]  # fmt: skip
+        roots = Roots.of(
+            CWD=Path(crate_dir),
+            TARGET=Path(f"{workspace}/target"),
+            CARGO_HOME=Path("/home/u/.cargo"),
+            WORKSPACE=Path(workspace),
+        )._replace(cwd_remap="/larder/crate/itoa-1.0.1")
+        return portable_args(args.parse(argv), roots)
+
+    vendored = key_args("/ci/app", "/ci/app/vendor/itoa-1.0.1")
+    assert vendored == key_args("/home/me/app", "/home/me/app/vendor/itoa-1.0.1")
+    assert "--remap-path-prefix=@LARDER:CWD@=/build/vendor/itoa-1.0.1" in vendored
+    registry = key_args("/home/me/app", "/home/u/.cargo/registry/src/x/itoa-1.0.1")
+    assert "--remap-path-prefix=@LARDER:CWD@=/larder/crate/itoa-1.0.1" in registry
+    assert vendored != registry
+
+
 change = Changes[Checkout]()
 
 

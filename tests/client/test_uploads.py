@@ -530,6 +530,25 @@ def test_a_short_root_is_found_only_as_a_path_of_its_own(
     assert embeds(output, [b"/target", b"/src", b"/app"]) is found
 
 
+def test_the_workspace_of_a_crate_compiled_outside_it_is_not_looked_for() -> None:
+    """A registry crate's outputs never held its workspace's path; a short one (``/code``) is
+    in rustdoc text (``</code>``), so looking for it refused syn and proc-macro2. A vendored
+    crate below a remap of the user's own over the workspace still has its remapped place
+    looked for (it differs with the layout)."""
+    from larder.client.leaks import scan_needles
+
+    spellings = (
+        ("CWD", "/code/vendor/itoa-1.0.1"),
+        ("TARGET", "/code/target"),
+        ("CARGO_HOME", "/root/.cargo"),
+        ("WORKSPACE", "/code"),
+    )
+    needles = scan_needles(spellings, [])
+    assert b"/code" not in needles and b"/code/target" in needles
+    remap = ["--remap-path-prefix=/code=/build"]
+    assert b"/build/vendor/itoa-1.0.1" in scan_needles(spellings, remap)
+
+
 def test_a_users_remap_above_a_root_leaves_the_rest_of_its_path_to_find() -> None:
     from larder.client.leaks import remapped
 
