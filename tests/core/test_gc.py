@@ -241,6 +241,31 @@ async def test_an_upload_referring_to_an_evicted_path_gets_it_back(world: World)
         assert await world.gone(path)
 
 
+async def test_an_upload_during_the_run_gets_its_reference_back_after_a_usage_scan(
+    world: World,
+) -> None:
+    """A serving replica's usage scan (every ``usage_interval``) lists the store with the
+    collector's ``known`` entries and keeps its listing there, also while a collection runs:
+    the restore step must still see the upload made during the run as new."""
+    from larder.core.gc.graph import read_snapshot
+
+    _, b, _ = await three_closures(world)
+    bottom = keys.narinfo("main", hash_part(b[0]))
+    newcomer: list[str] = []
+
+    async def upload_then_scan(key: str) -> None:
+        if key == bottom:
+            world.storage.before_delete = None
+            newcomer.append(await world.push("newcomer", 1000, [b[0]]))
+            scanned = await read_snapshot(world.storage, ["main"], world.collector.known)
+            world.collector.known = scanned.entries  # what the usage scan does
+
+    world.storage.before_delete = upload_then_scan
+    report = await collect(world, max_size=1)
+    assert newcomer and await world.whole(newcomer[0])
+    assert report.restored >= 2
+
+
 async def test_a_blob_committed_again_during_the_run_is_not_reaped(world: World) -> None:
     await world.sccache.put(world.main, "x/orphan", body(b"content"))
     await world.storage.delete(keys.sccache_entry("main", "x/orphan"))

@@ -332,9 +332,12 @@ class Collector:
         await asyncio.sleep(self._settle)
         touched = {split[0] for key in work.deleted if (split := keys.cache_of(key))}
         wanted: list[str] = []
+        # Against this run's own listing: ``known`` may have been replaced meanwhile (a usage
+        # scan), and an upload it saw would then look as old as the listing.
+        listed = work.snapshot.entries
         for cache in sorted(touched):
-            async for key, entry in scan(self._storage, cache, REFERRING_KINDS, self.known):
-                if entry is not self.known.get(key):  # new or written again since the listing
+            async for key, entry in scan(self._storage, cache, REFERRING_KINDS, listed):
+                if entry is not listed.get(key):  # new or written again since the listing
                     wanted += [ref for ref in entry.refs if ref in work.trash]
         back: set[str] = set()
         while wanted:
