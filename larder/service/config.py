@@ -215,7 +215,7 @@ class Config:
     max_nar_size: int = _setting(64 * 1024**3, _size_at_least(1))
     zstd_level: int = _setting(3, _integer(1, 22))
     # Seconds an S3 request waits for the next bytes of an answer, per attempt (3 attempts): a
-    # hung endpoint is a 503 within about 3x this; /readyz answers 503 within 5 s.
+    # hung endpoint fails a storage call after about 3x this; /readyz answers 503 within 5 s.
     storage_timeout: float = _setting(15.0, _duration_at_least(1.0))
     # Seconds a replica trusts its in-memory view of caches and revoked tokens.
     refresh_interval: float = _setting(10.0, _duration)

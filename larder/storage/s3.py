@@ -330,7 +330,7 @@ class _S3BlobWriter(EncodingBlobWriter):
             self._upload_part(bytes(self._buffer))
             self._buffer = bytearray()
         with _translate_errors("multipart upload complete"):
-            self._client.complete_multipart_upload(
+            self._storage._slow_client.complete_multipart_upload(
                 Bucket=self._bucket,
                 Key=self._temp_key,
                 UploadId=self._upload_id,
@@ -405,6 +405,10 @@ def _read_body(body: Any, size: int) -> bytes:
 
 #: Pooled connections kept beyond ``max_workers`` for blob writers run on other threads.
 WRITER_CONNECTIONS = 16
+#: Seconds to wait for the answer to a multipart completion or a copy (a store may copy a large
+#: blob without sending anything meanwhile; the calls before them have the usual timeout, so a
+#: store that hangs altogether fails there first).
+SLOW_CALL_TIMEOUT = 300.0
 
 # -- the backend -------------------------------------------------------------------------
 
@@ -462,25 +466,34 @@ class S3Storage(Storage):
         self._zstd_threads = zstd_threads
         self._part_size = part_size
         self._owns_client = client is None
+        slow_client = client
         if client is None:
-            config = Config(
-                retries={"mode": "standard", "total_max_attempts": max_attempts},  # first included
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                # The blob writers, driven from the caller's threads, call boto3 too.
-                max_pool_connections=max_workers + WRITER_CONNECTIONS,
-                # Validate checksums only where larder asks for it (whole-object reads): S3 does
-                # not return checksums for ranged reads, but some S3 imitations send the whole
-                # object's, which botocore would then fail to match.
-                response_checksum_validation="when_required",
-            )
-            try:
-                client = boto3.session.Session().client(
-                    "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
+
+            def make(timeout: float, attempts: int) -> S3Client:
+                config = Config(
+                    retries={"mode": "standard", "total_max_attempts": attempts},  # the first too
+                    connect_timeout=connect_timeout,
+                    read_timeout=timeout,
+                    # The blob writers, driven from the caller's threads, call boto3 too.
+                    max_pool_connections=max_workers + WRITER_CONNECTIONS,
+                    # Validate checksums only where larder asks for it (whole-object reads): S3
+                    # does not return checksums for ranged reads, but some S3 imitations send
+                    # the whole object's, which botocore would then fail to match.
+                    response_checksum_validation="when_required",
                 )
-            except (BotoCoreError, ValueError) as exc:
-                raise _client_setup_error(exc) from exc
+                try:
+                    return boto3.session.Session().client(
+                        "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
+                    )
+                except (BotoCoreError, ValueError) as exc:
+                    raise _client_setup_error(exc) from exc
+
+            client = make(read_timeout, max_attempts)
+            slow_client = make(max(read_timeout, SLOW_CALL_TIMEOUT), 2)
         self._client: S3Client = client
+        #: For the calls a store may take minutes to answer without sending anything: completing
+        #: a multipart upload, copying a blob (which a retry only starts over).
+        self._slow_client: S3Client = slow_client or client
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3")
         self._warned_unconditional = False
 
@@ -643,7 +656,7 @@ class S3Storage(Storage):
         if size <= MAX_COPY_OBJECT_SIZE:
             try:
                 with _translate_errors("blob refresh"):
-                    self._client.copy_object(
+                    self._slow_client.copy_object(
                         Bucket=self.bucket,
                         Key=key,
                         CopySource={"Bucket": self.bucket, "Key": key},
@@ -664,9 +677,10 @@ class S3Storage(Storage):
         if metadata:
             described = {"MetadataDirective": "REPLACE", "Metadata": metadata}
             described["ContentType"] = BLOB_CONTENT_TYPE
+        client = self._slow_client
         with _translate_errors("blob copy"):
             if size <= MAX_COPY_OBJECT_SIZE:
-                self._client.copy_object(
+                client.copy_object(
                     Bucket=self.bucket,
                     Key=target,
                     CopySource=copy_source,  # type: ignore[arg-type]
@@ -674,7 +688,7 @@ class S3Storage(Storage):
                     **self._checksum_options(),
                 )
             else:
-                self._client.copy(
+                client.copy(
                     copy_source,  # type: ignore[arg-type]
                     self.bucket,
                     target,
@@ -905,3 +919,4 @@ class S3Storage(Storage):
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         if self._owns_client:
             self._client.close()
+            self._slow_client.close()

@@ -519,6 +519,101 @@ def error_endpoint(status: int, code: str) -> Iterator[str]:
         thread.join()
 
 
+@contextmanager
+def delaying_proxy(upstream: str, copy_delay: float) -> Iterator[str]:
+    """A proxy before ``upstream`` that answers every copy (``x-amz-copy-source``) and multipart
+    completion ``copy_delay`` seconds late, sending nothing meanwhile: a store slow to copy."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    target = urlsplit(upstream)
+    hop = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(chunks)
+
+        def forward(self) -> None:
+            body = self.body()
+            slow = "x-amz-copy-source" in self.headers or (
+                self.command == "POST" and "uploadId=" in self.path
+            )
+            if slow:
+                time.sleep(copy_delay)
+            conn = http.client.HTTPConnection(target.hostname or "", target.port, timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+            conn.request(self.command, self.path, body or None, headers)
+            answer = conn.getresponse()
+            data = answer.read()
+            self.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in hop:
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_a_store_slow_to_copy_a_large_blob_still_commits_it(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multipart blob's completion and copy may take a store longer than the usual timeout
+    without a byte sent; retrying one only starts it over. They get their own timeout."""
+    from larder.storage import s3
+
+    monkeypatch.setattr(s3, "SLOW_CALL_TIMEOUT", 10.0)
+    data = os.urandom(11 * MiB)
+    with delaying_proxy(s3_bucket.endpoint, copy_delay=2.0) as endpoint:
+        storage = S3Storage(
+            s3_bucket.name, S3_PREFIX, endpoint_url=endpoint, part_size=MIN_PART_SIZE,
+            read_timeout=1.0, max_attempts=1,
+        )  # fmt: skip
+        try:
+            info = await write_blob(storage, data)
+            direct = s3_bucket.make_storage()
+            try:
+                assert decompress(await read_stored(direct, info.blob_id)) == data
+            finally:
+                await direct.close()
+            with pytest.raises(ReadTimeoutError):  # the usual calls keep the usual timeout
+                await asyncio.to_thread(
+                    storage._client.copy_object,
+                    Bucket=s3_bucket.name,
+                    Key=f"{S3_PREFIX}x",
+                    CopySource={"Bucket": s3_bucket.name, "Key": f"{S3_PREFIX}x"},
+                )
+        finally:
+            await storage.close()
+
+
 @pytest.mark.parametrize(
     ("status", "code", "error"),
     [
