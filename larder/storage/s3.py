@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -250,11 +251,18 @@ class _Listed(NamedTuple):
     modified: float  # LastModified as POSIX seconds
 
 
-def _started(temp_key: str, initiated: datetime | None) -> float:
-    """When the multipart upload to ``temp_key`` started: the time its name begins with
-    (``<unix seconds>-<uuid>``), else the ``Initiated`` the listing gave."""
-    stamp, sep, _ = temp_key.rpartition("/")[2].partition("-")
-    return float(stamp) if sep and stamp.isdigit() else _timestamp(initiated)
+#: A blob writer's temporary under ``tmp/``: ``<unix seconds>-<uuid hex>`` (before, the uuid only).
+_TEMP_NAME = re.compile(r"(?:([0-9]{1,12})-)?[0-9a-f]{32}")
+
+
+def _temp_started(base: str, key: str, listed: datetime | None) -> float | None:
+    """When the upload to temporary ``key`` (under ``base``) started: the time its name begins
+    with, else the time the listing gave; None for a key no blob writer names so."""
+    name = key[len(base) :] if key.startswith(base) else ""
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return float(match.group(1)) if match.group(1) else _timestamp(listed)
 
 
 def _timestamp(value: datetime | None) -> float:
@@ -428,10 +436,10 @@ class S3Storage(Storage):
 
     backend: ClassVar[str] = "s3"
     _LIST_PAGE_SIZE: ClassVar[int] = 1000  # S3's maximum
-    #: Seconds after which an object under ``tmp/`` (a completed multipart upload never copied)
-    #: is a leftover; and an unfinished multipart upload, counted from when it was started (no
-    #: live upload takes a day).
-    STALE_TEMPORARY: ClassVar[float] = 3600.0
+    #: Seconds after its upload started that a blob writer's temporary under ``tmp/`` (an
+    #: unfinished multipart upload, or one completed and never copied) is a leftover: no live
+    #: upload takes a day. (An object completed from a multipart upload may be dated by S3 from
+    #: when the upload began, so a temporary's own date says nothing sooner.)
     STALE_UPLOAD: ClassVar[float] = 86400.0
 
     def __init__(
@@ -855,11 +863,11 @@ class S3Storage(Storage):
         await self._run(self._check_sync)
 
     async def housekeep(self) -> None:
-        """Remove what writers that crashed, or could not clean up in an outage, left under
-        ``tmp/``: multipart uploads started more than :attr:`STALE_UPLOAD` ago and objects
-        older than :attr:`STALE_TEMPORARY` (a lifecycle rule does the same, where a store has
-        one). Uploads that cannot be listed (no ``s3:ListBucketMultipartUploads``) are left to
-        such a rule, with a warning."""
+        """Remove what blob writers that crashed, or could not clean up in an outage, left under
+        ``tmp/``: multipart uploads and objects named as they name them whose upload started
+        more than :attr:`STALE_UPLOAD` ago (a lifecycle rule does the same, where a store has
+        one); keys named otherwise are not this store's and stay. Uploads that cannot be listed
+        (no ``s3:ListBucketMultipartUploads``) are left to such a rule, with a warning."""
         try:
             uploads = await self._run(self._abort_stale_uploads)
         except StorageError as exc:
@@ -884,9 +892,14 @@ class S3Storage(Storage):
                 (key, upload_id)
                 for page in pages
                 for upload in page.get("Uploads", [])
-                if (key := upload.get("Key", "")).startswith(base)
-                and (upload_id := upload.get("UploadId", ""))
-                and now - _started(key, upload.get("Initiated")) >= self.STALE_UPLOAD
+                if (upload_id := upload.get("UploadId", ""))
+                and (
+                    started := _temp_started(
+                        base, key := upload.get("Key", ""), upload.get("Initiated")
+                    )
+                )
+                is not None
+                and now - started >= self.STALE_UPLOAD
             ]
         for key, upload_id in stale:
             try:
@@ -909,7 +922,9 @@ class S3Storage(Storage):
                 )
                 for item in page.get("Contents", [])
                 if "Key" in item
-                and now - _timestamp(item.get("LastModified")) >= self.STALE_TEMPORARY
+                and (started := _temp_started(base, item["Key"], item.get("LastModified")))
+                is not None
+                and now - started >= self.STALE_UPLOAD
             ]
         for key in stale:
             self._delete_quietly(key)

@@ -196,26 +196,33 @@ async def test_housekeeping_removes_what_a_failed_abort_left_once_stale(
     s3_bucket: S3Bucket,
 ) -> None:
     """An abort that failed in an outage leaves a multipart upload (and a completed one never
-    copied, an object) under tmp/; housekeeping removes them once stale, keeps fresh ones (an
-    upload under way) and never touches anything outside tmp/ or this store's prefix."""
+    copied, an object) under tmp/; housekeeping removes those whose upload started a day ago,
+    judged by the time in their names (moto lists every upload as started in 2010, and S3 may
+    date a completed temporary from its upload's start), and never touches keys named
+    otherwise (another application's, another store's under a prefix such as ``tmp/``)."""
     storage = s3_bucket.make_storage()
     client, bucket = s3_bucket.client, s3_bucket.name
+    tmp = f"{S3_PREFIX}tmp/"
+    day_ago, now = int(time.time()) - 86400 - 60, int(time.time())
+    old_name, new_name = f"{tmp}{day_ago}-{'a' * 32}", f"{tmp}{now}-{'b' * 32}"
     try:
-        # Named as the writers name them, by when they started (moto lists every upload as
-        # started in 2010, as some S3 imitations do).
-        now = int(time.time())
-        started = client.create_multipart_upload(Bucket=bucket, Key=f"{S3_PREFIX}tmp/{now}-ab")
-        client.put_object(Bucket=bucket, Key=f"{S3_PREFIX}tmp/never-copied", Body=b"x")
-        client.put_object(Bucket=bucket, Key=f"{S3_PREFIX}objects/kept", Body=b"k")
-        client.create_multipart_upload(Bucket=bucket, Key="other/tmp/not-ours")
-        await storage.housekeep()  # all fresh: an upload may be under way
-        assert len(s3_bucket.uploads()) == 2
-        assert s3_bucket.keys(f"{S3_PREFIX}tmp/") == [f"{S3_PREFIX}tmp/never-copied"]
-        storage.STALE_TEMPORARY = storage.STALE_UPLOAD = 0.0  # now they are old enough
+        client.create_multipart_upload(Bucket=bucket, Key=old_name)
+        client.create_multipart_upload(Bucket=bucket, Key=new_name)  # an upload under way
+        client.put_object(Bucket=bucket, Key=f"{tmp}{day_ago}-{'c' * 32}", Body=b"x")
+        client.put_object(Bucket=bucket, Key=f"{tmp}{now}-{'d' * 32}", Body=b"x")
+        foreign = [f"{tmp}reports/{day_ago}.csv", f"{tmp}objects/caches/main/narinfo/abc"]
+        for key in [*foreign, f"{S3_PREFIX}objects/kept"]:
+            client.put_object(Bucket=bucket, Key=key, Body=b"k")
+        client.create_multipart_upload(Bucket=bucket, Key=f"other/tmp/{day_ago}-{'e' * 32}")
         await storage.housekeep()
-        assert s3_bucket.uploads() == ["other/tmp/not-ours"]
-        assert s3_bucket.keys() == [f"{S3_PREFIX}objects/kept"]
-        assert started["UploadId"]
+        assert sorted(s3_bucket.uploads()) == sorted([new_name, f"other/tmp/{day_ago}-{'e' * 32}"])
+        assert sorted(s3_bucket.keys()) == sorted(
+            [f"{tmp}{now}-{'d' * 32}", *foreign, f"{S3_PREFIX}objects/kept"]
+        )
+        storage.STALE_UPLOAD = 0.0  # now everything of this store's is old enough
+        await storage.housekeep()
+        assert s3_bucket.uploads() == [f"other/tmp/{day_ago}-{'e' * 32}"]
+        assert sorted(s3_bucket.keys()) == sorted([*foreign, f"{S3_PREFIX}objects/kept"])
         await storage.housekeep()  # nothing left to do is no error
     finally:
         await storage.close()
