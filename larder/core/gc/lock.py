@@ -8,8 +8,8 @@ for ``lease`` seconds belongs to a collector that died: the next one deletes it 
 still that old, :meth:`~larder.storage.base.Storage.delete_if_older`) and takes it. A lease
 whose holder ran on the same machine (host, boot and pid namespace) and whose process is gone
 (its pid free, or another process's: the start time differs) is taken over at once, as is one
-this process left behind when releasing it failed; "at once" is once the lease has stood
-:data:`SETTLED` seconds. A holder that finds someone else's lease when it renews has lost it and
+this process left behind when releasing it failed; "at once" is after watching it unchanged
+for :data:`SETTLED` seconds. A holder that finds someone else's lease when it renews has lost it and
 must stop (:class:`LeaseLost`).
 """
 
@@ -35,7 +35,7 @@ from larder.storage.base import Storage
 log = logging.getLogger("larder.gc")
 
 DEFAULT_LEASE = 900.0
-#: Seconds a dead holder's lease must have stood before it is taken over: S3 keeps whole
+#: Seconds a dead holder's lease is watched, unchanged, before it is taken over: S3 keeps whole
 #: seconds, so a lease another collector wrote in the same second could not be told from it.
 SETTLED = 2.0
 #: Owners of the leases this process holds: a lease naming this process with another owner is
@@ -147,13 +147,15 @@ def _holder_is_dead(holder: dict[str, object]) -> bool:
     return holder.get("started") is not None and _started(pid) != holder.get("started")
 
 
-async def _take_from_the_dead(storage: Storage, clock: Callable[[], float]) -> bool:
+async def _take_from_the_dead(storage: Storage) -> bool:
     """Delete the lease if its holder is dead (:func:`_holder_is_dead`), only if it is still
     the lease that holder wrote; ``True`` if this call deleted it."""
     # Its time first: a lease written after it (another collector that took over the same
-    # dead lease) is newer than the cutoff, so it is never the one deleted. A dead holder's
-    # lease written less than SETTLED ago is waited for (once): in the same second, another
-    # collector's would look no newer.
+    # dead lease) is newer than the cutoff, so it is never the one deleted. S3 keeps whole
+    # seconds: the lease is judged again SETTLED seconds (of this machine's time, whatever the
+    # store's clock says) after it was first seen, and a collector taking it over meanwhile
+    # wrote its own at least that much later, so visibly newer.
+    seen: float | None = None
     for _ in range(2):
         written = [i async for i in storage.object_infos(keys.GC_LOCK) if i.key == keys.GC_LOCK]
         data = await storage.get(keys.GC_LOCK)
@@ -165,14 +167,14 @@ async def _take_from_the_dead(storage: Storage, clock: Callable[[], float]) -> b
             return False
         if not _holder_is_dead(holder):
             return False
-        wait = written[0].modified + SETTLED - clock()
-        if wait <= 0:
+        if seen == written[0].modified:
             log.warning(
                 "taking over the collection lease of pid %s on this host: the process is gone",
                 holder.get("pid"),
             )
             return await storage.delete_if_older(keys.GC_LOCK, written[0].modified + 0.001)
-        await asyncio.sleep(min(wait, SETTLED))
+        seen = written[0].modified
+        await asyncio.sleep(SETTLED)
     return False
 
 
@@ -203,7 +205,7 @@ async def acquire(
             return Lease(storage, owner, document, lease, clock, clock())
         stale = await storage.delete_if_older(keys.GC_LOCK, clock() - lease)
         if not stale:
-            stale = await _take_from_the_dead(storage, clock)
+            stale = await _take_from_the_dead(storage)
         if not stale and await storage.exists(keys.GC_LOCK):
             break  # held and alive
     held = await storage.get(keys.GC_LOCK)
