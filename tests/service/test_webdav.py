@@ -137,6 +137,14 @@ async def test_webdav_outside_sccache_names_the_endpoint(service: Service) -> No
         assert "/main/sccache/" in await resp.text()
     resp = await service.client.request("PROPFIND", "/nope/", headers={"Depth": "0"})
     assert resp.status == 404
+    resp = await service.client.request("PROPFIND", "/main/rustc/missing")
+    assert resp.status == 405 and "POST" in resp.headers["Allow"]
+    # The service's own first segments keep aiohttp's 405, naming their own methods.
+    for method, path in (("PROPFIND", "/metrics"), ("POST", "/metrics"),
+                         ("PROPFIND", "/api/v1/caches/main"), ("MKCOL", "/healthz")):  # fmt: skip
+        resp = await service.client.request(method, path)
+        assert resp.status == 405, (method, path)
+        assert "PROPFIND" not in resp.headers["Allow"] and "MKCOL" not in resp.headers["Allow"]
     assert (await service.client.get(f"/main/{'0' * 32}.narinfo")).status == 404  # Nix's
 
 

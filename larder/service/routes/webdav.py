@@ -37,6 +37,7 @@ from larder.core.blobs import decompressed
 from larder.core.sccache import is_probe, probe_problem
 from larder.errors import Forbidden, FormatError, StorageError, Unauthorized
 from larder.protocol.dav import Resource, multistatus, normalise
+from larder.protocol.names import RESERVED_NAMES
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.observability.recording import note_lookup, note_upload
@@ -171,7 +172,9 @@ async def elsewhere(request: web.Request) -> web.Response:
     sccache takes as read-only without saying why): a 405 that names the right endpoint."""
     settings = await cache_for(request, Scope.READ)  # 404 for what is not a cache
     message = f"WebDAV is served under /{settings.name}/sccache/ (SCCACHE_WEBDAV_ENDPOINT)"
-    return web.Response(status=405, headers={"Allow": "GET, HEAD, PUT"}, text=message + "\n")
+    rustc = request.match_info.get("path", "").startswith("rustc/")
+    allow = "GET, HEAD, PUT, POST" if rustc else "GET, HEAD, PUT"  # what the routes there take
+    return web.Response(status=405, headers={"Allow": allow}, text=message + "\n")
 
 
 ALLOWED = "GET, HEAD, PUT, DELETE, MKCOL, PROPFIND, OPTIONS"
@@ -187,6 +190,8 @@ def add_routes(app: web.Application) -> None:
         router.add_route("MKCOL", pattern, mkcol)
         router.add_route("PROPFIND", pattern, propfind)
         router.add_route("OPTIONS", pattern, options)
-    for pattern in ("/{cache}", "/{cache}/", "/{cache}/{path:.*}"):
+    # Not on the service's own first segments (/api, /metrics, ...), whose 405s stay theirs.
+    cache = "{cache:(?!(?:" + "|".join(sorted(RESERVED_NAMES)) + ")(?:/|$))[^/]+}"
+    for pattern in (f"/{cache}", f"/{cache}/", f"/{cache}/{{path:.*}}"):
         for method in ("PROPFIND", "MKCOL"):
             router.add_route(method, pattern, elsewhere)
