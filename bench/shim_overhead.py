@@ -90,6 +90,8 @@ def hits(work: Path, runs: int) -> dict[str, dict[str, float]]:
             ci, argv = crate(work / kind / "ci", kind)
             ci_env = {**env, "LARDER_TOKEN": server.token(), "LARDER_STATE_DIR": str(ci / "st")}
             subprocess.run([SHIM, RUSTC, *argv], cwd=ci, env=ci_env, check=True)
+            # The upload leaves after the call returns: the laptop's first call must find it.
+            subprocess.run([SHIM, "--wait-uploads", "120"], cwd=ci, env=ci_env, check=True)
             laptop, _ = crate(work / kind / "laptop" / "elsewhere", kind)
             laptop_env = {**env, "LARDER_STATE_DIR": str(laptop / "st")}
             plain_dir, _ = crate(work / kind / "plain", kind)
