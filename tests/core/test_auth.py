@@ -136,6 +136,29 @@ async def test_a_secret_that_cannot_be_read_again_is_kept(caplog: pytest.LogCapt
     assert (await fresh.verify(token)).cache == "main"
 
 
+async def test_forged_tokens_in_an_outage_do_not_fill_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Down(MemoryStorage):
+        down = False
+
+        async def get(self, key: str) -> bytes | None:
+            if self.down:
+                raise StorageUnavailable("connection refused")
+            return await super().get(key)
+
+    storage = Down()
+    authority = TokenAuthority(storage, refresh_interval=3600)
+    await authority.secret()
+    storage.down = True
+    forged, _ = await TokenAuthority(MemoryStorage()).issue("main", Scope.READ, 0)
+    for _ in range(3):
+        authority._secret_at -= auth.SECRET_RECHECK
+        with pytest.raises(Unauthorized, match="signature"):  # refused, not a 503
+            await authority.verify(forged)
+    assert "kept as it was" not in caplog.text  # at DEBUG, not a warning per forged token
+
+
 async def test_a_stored_secret_that_is_not_hex_is_a_storage_error() -> None:
     storage = MemoryStorage()
     await storage.put(keys.TOKEN_SECRET, b"not hex at all\n")
