@@ -4,8 +4,8 @@ Tokens are HS256 JWTs (see :mod:`larder.protocol.tokens`) signed with one secret
 object store (or mounted), so every replica accepts every other replica's tokens. Revocation
 writes a marker object; replicas reload the set of revoked ids, and the secret, at most every
 ``refresh_interval`` seconds, so a replaced secret ends every older token on every replica;
-a token with a bad signature makes the secret be read again sooner (at most once a second), so
-one made right after a replacement works at once.
+a token with a bad signature makes the secret be read again at once (at most once a second for
+such reads), so one made right after a replacement works at once.
 
 Access rule: reading a public cache needs nothing; reading a private cache needs a ``read``
 token for it; writing needs a ``write`` token; ``admin`` implies ``write`` implies ``read``.
@@ -67,6 +67,7 @@ class TokenAuthority:
         self._secret: bytes | None = None
         self._secret_at = float("-inf")
         self._secret_lock = asyncio.Lock()
+        self._rechecked_at = float("-inf")  # when a bad signature last made it read the secret
         self._revoked: frozenset[str] = frozenset()
         self._revoked_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -155,14 +156,20 @@ class TokenAuthority:
 
     async def _signed(self, secret: bytes, token: str, now: float) -> TokenClaims:
         """The claims of ``token`` if ``secret`` signed it. A bad signature reads the secret
-        again (at most every :data:`SECRET_RECHECK` seconds) and tries the new one: a token made
-        just after the secret was replaced elsewhere works at once, not a refresh later."""
+        again (unless another did less than :data:`SECRET_RECHECK` seconds ago) and tries the
+        new one: a token made just after the secret was replaced elsewhere works at once, not a
+        refresh later."""
         try:
             return tokens.verify(secret, token, now=now)
         except TokenError as exc:
             error = exc
-        if error.message.startswith("bad token signature"):
-            newer = await self.secret(max_age=SECRET_RECHECK)
+        now_monotonic = time.monotonic()
+        if (
+            error.message.startswith("bad token signature")
+            and now_monotonic - self._rechecked_at >= SECRET_RECHECK
+        ):
+            self._rechecked_at = now_monotonic
+            newer = await self.secret(max_age=0.0)
             if newer != secret:
                 try:
                     return tokens.verify(newer, token, now=now)

@@ -84,8 +84,7 @@ async def test_a_token_made_after_a_replacement_works_at_once_and_reads_are_boun
     running = TokenAuthority(storage, refresh_interval=3600)
     elsewhere = TokenAuthority(storage, refresh_interval=0)
     old, _ = await elsewhere.issue("main", Scope.ADMIN, 0)
-    await running.verify(old)
-    running._secret_at -= auth.SECRET_RECHECK  # the replacement comes later
+    await running.verify(old)  # the secret read just now: the new token must still work
     await elsewhere.replace_secret()
     new, _ = await elsewhere.issue("main", Scope.READ, 0)
     assert (await running.verify(new)).scope == Scope.READ
@@ -97,8 +96,8 @@ async def test_a_token_made_after_a_replacement_works_at_once_and_reads_are_boun
     for token in forged[:20]:
         with pytest.raises(Unauthorized, match="signature"):
             await running.verify(token)
-    assert storage.reads == reads  # read just now: not again within SECRET_RECHECK
-    running._secret_at -= auth.SECRET_RECHECK
+    assert storage.reads == reads  # read for the new token just now: not again so soon
+    running._rechecked_at -= auth.SECRET_RECHECK
     with pytest.raises(Unauthorized, match="signature"):
         await running.verify(forged[20])
     assert storage.reads == reads + 1
@@ -153,7 +152,7 @@ async def test_forged_tokens_in_an_outage_do_not_fill_the_log(
     storage.down = True
     forged, _ = await TokenAuthority(MemoryStorage()).issue("main", Scope.READ, 0)
     for _ in range(3):
-        authority._secret_at -= auth.SECRET_RECHECK
+        authority._rechecked_at -= auth.SECRET_RECHECK
         with pytest.raises(Unauthorized, match="signature"):  # refused, not a 503
             await authority.verify(forged)
     assert "kept as it was" not in caplog.text  # at DEBUG, not a warning per forged token
