@@ -291,6 +291,18 @@ def test_stats_survive_and_zero(crate: Path) -> None:
     assert stats(crate)["hits"] == 0
 
 
+def two_checkouts(base: Path) -> list[Path]:
+    """The same one-file crate checked out as ``ci`` and ``laptop`` under ``base``."""
+    machines = []
+    for name in ("ci", "laptop"):
+        crate = base / name / "src" / "crate"
+        (crate / "src").mkdir(parents=True)
+        (crate / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
+        (crate / "out").mkdir()
+        machines.append(crate)
+    return machines
+
+
 def test_second_machine_hits_through_direct_mode_without_running_rustc(tmp_path: Path) -> None:
     from tests.e2e.harness import larder_server
 
@@ -298,13 +310,7 @@ def test_second_machine_hits_through_direct_mode_without_running_rustc(tmp_path:
     logging_rustc = tmp_path / "rustc"
     logging_rustc.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {RUSTC} "$@"\n')
     logging_rustc.chmod(0o755)
-    machines = []
-    for name in ("ci", "laptop"):
-        crate = tmp_path / name / "src" / "crate"
-        (crate / "src").mkdir(parents=True)
-        (crate / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
-        (crate / "out").mkdir()
-        machines.append(crate)
+    machines = two_checkouts(tmp_path)
     with larder_server(str(tmp_path / "data"), tmp_path) as server:
         url = f"{server.url}/main"
         ci = shim(machines[0], url, LARDER_TOKEN=server.token(), RUSTC_OVERRIDE=str(logging_rustc))
@@ -323,13 +329,7 @@ def test_second_machine_hits_through_direct_mode_without_running_rustc(tmp_path:
 def test_a_read_token_reads_a_private_cache_and_never_tries_to_upload(tmp_path: Path) -> None:
     from tests.e2e.harness import larder_server
 
-    machines = []
-    for name in ("ci", "laptop"):
-        crate = tmp_path / name / "src" / "crate"
-        (crate / "src").mkdir(parents=True)
-        (crate / "src" / "lib.rs").write_text("pub fn answer() -> u32 { 42 }\n")
-        (crate / "out").mkdir()
-        machines.append(crate)
+    machines = two_checkouts(tmp_path)
     ci, laptop = machines
     with larder_server(str(tmp_path / "data"), tmp_path) as server:
         server.run_cli("cache", "set", "main", "--private")

@@ -20,6 +20,17 @@ class Clock:
         return self.now
 
 
+class Flaky(MemoryStorage):
+    """Memory storage whose reads fail while ``down``."""
+
+    down = False
+
+    async def get(self, key: str) -> bytes | None:
+        if self.down:
+            raise StorageUnavailable("connection refused")
+        return await super().get(key)
+
+
 async def test_a_remembered_token_expires_on_time() -> None:
     clock = Clock()
     authority = TokenAuthority(MemoryStorage(), refresh_interval=0, clock=clock)
@@ -114,14 +125,6 @@ async def test_a_deleted_secret_is_made_anew() -> None:
 
 
 async def test_a_secret_that_cannot_be_read_again_is_kept(caplog: pytest.LogCaptureFixture) -> None:
-    class Flaky(MemoryStorage):
-        down = False
-
-        async def get(self, key: str) -> bytes | None:
-            if self.down:
-                raise StorageUnavailable("connection refused")
-            return await super().get(key)
-
     storage = Flaky()
     authority = TokenAuthority(storage, refresh_interval=0)
     token, _ = await authority.issue("main", Scope.READ, 0)
@@ -138,15 +141,7 @@ async def test_a_secret_that_cannot_be_read_again_is_kept(caplog: pytest.LogCapt
 async def test_forged_tokens_in_an_outage_do_not_fill_the_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    class Down(MemoryStorage):
-        down = False
-
-        async def get(self, key: str) -> bytes | None:
-            if self.down:
-                raise StorageUnavailable("connection refused")
-            return await super().get(key)
-
-    storage = Down()
+    storage = Flaky()
     authority = TokenAuthority(storage, refresh_interval=3600)
     await authority.secret()
     storage.down = True
