@@ -7,6 +7,7 @@ output that names another machine's directories.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from larder.client.paths import user_remaps
@@ -15,8 +16,10 @@ from larder.client.paths import user_remaps
 def fewest_needles(needles: list[bytes]) -> list[bytes]:
     """``needles`` without those under another (a target directory inside the workspace is
     found by the workspace's path): one pass over each output per needle left."""
-    under = [o.rstrip(b"/") + b"/" for o in needles]
-    return [n for n in set(needles) if not any(n.startswith(o) for o in under)]
+    unique = set(needles)
+    return [
+        n for n in unique if not any(n != o and n.startswith(o.rstrip(b"/") + b"/") for o in unique)
+    ]
 
 
 #: Bytes that continue a path component: a root found next to one is part of another path
@@ -38,7 +41,9 @@ def embeds(path: Path, needles: list[bytes]) -> bool:
                 before = m[at - 1] if at else 0
                 end = at + len(needle)
                 after = m[end] if end < len(m) else 0
-                if before not in _PATH_BYTES and before != ord("/") and after not in _PATH_BYTES:
+                # A needle ending in "/" is a directory: anything may follow it.
+                ends = needle.endswith(b"/") or after not in _PATH_BYTES
+                if before not in _PATH_BYTES and before != ord("/") and ends:
                     return True
                 at = m.find(needle, at + 1)
     return False
@@ -47,19 +52,23 @@ def embeds(path: Path, needles: list[bytes]) -> bool:
 def scan_needles(spellings: tuple[tuple[str, str], ...], args: list[str]) -> list[bytes]:
     """What to look for in outputs: this machine's roots (by name and path; the sysroot too,
     which the key names by placeholder), and their remapped form where a remap of the user's own
-    over a root's parent (``$HOME=~``) writes the rest of the root's path. Not ``WORKSPACE``: a
-    placeholder for the key's text only, which a crate compiled outside it never wrote, and a
-    short one (``/code``) is found in plain text (rustdoc's ``</code>``)."""
+    over a root's parent (``$HOME=~``) writes the rest of the root's path. ``WORKSPACE`` only as
+    a directory (a path below it, an ``env!`` value naming a workspace file), never as a word of
+    its own: a short one (``/code``) is in plain text (rustdoc's ``</code>``); a remap from it
+    (``$PWD=/build``) writes the same in every checkout whose key names it."""
     roots = [path for name, path in spellings if name != "WORKSPACE"]
-    roots += remapped(roots, args)
-    return fewest_needles([path.encode() for path in roots])
+    workspace = [path for name, path in spellings if name == "WORKSPACE"]
+    roots += remapped(roots, args, also_portable=workspace)
+    needles = [path.encode() for path in roots] + [path.encode() + b"/" for path in workspace]
+    return fewest_needles(needles)
 
 
-def remapped(roots: list[str], args: list[str]) -> list[str]:
+def remapped(roots: list[str], args: list[str], also_portable: Sequence[str] = ()) -> list[str]:
     """``roots`` as the user's own ``--remap-path-prefix=FROM=TO`` flags write them in outputs
     when ``FROM`` is a directory above them (``$HOME=~``: the rest of the path, this checkout's
     own name, stays in the outputs; the last match wins, as in rustc). A remap from a root or
-    from inside one (``$PWD=/build``) writes the same on every machine and is left out."""
+    from inside one (``$PWD=/build``), or from one of ``also_portable``, writes the same on every
+    machine and is left out."""
     values = []
     for index, arg in enumerate(args):
         if arg == "--remap-path-prefix" and index + 1 < len(args):
@@ -71,7 +80,8 @@ def remapped(roots: list[str], args: list[str]) -> list[str]:
     for root in roots:
         for source, target in reversed(remaps):
             if root == source or root.startswith(source + "/"):
-                portable = any(source == r or source.startswith(r + "/") for r in roots)
+                sources = [*roots, *also_portable]
+                portable = any(source == r or source.startswith(r + "/") for r in sources)
                 if not portable:
                     found.append(target + root[len(source) :])
                 break
