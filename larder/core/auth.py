@@ -91,10 +91,12 @@ class TokenAuthority:
                 except LarderError as exc:
                     if self._secret is None:
                         raise
-                    # (A read a bad signature asked for, as often as a forger sends them, is not
-                    # worth a line each: the scheduled re-read reports the outage.)
-                    level = logging.WARNING if max_age is None else logging.DEBUG
-                    log.log(level, "token secret not read again, kept as it was: %s", exc.message)
+                    if max_age is not None:
+                        # A read a bad signature asked for (as often as a forger sends them):
+                        # no line each, and the scheduled re-read, which warns, stays due.
+                        log.debug("token secret not read again: %s", exc.message)
+                        return self._secret
+                    log.warning("token secret not read again, kept as it was: %s", exc.message)
                     secret = self._secret
                 if secret != self._secret:
                     self._verified.clear()

@@ -144,6 +144,7 @@ async def test_forged_tokens_in_an_outage_do_not_fill_the_log(
     storage = Flaky()
     authority = TokenAuthority(storage, refresh_interval=3600)
     await authority.secret()
+    read_at = authority._secret_at
     storage.down = True
     forged, _ = await TokenAuthority(MemoryStorage()).issue("main", Scope.READ, 0)
     for _ in range(3):
@@ -151,6 +152,9 @@ async def test_forged_tokens_in_an_outage_do_not_fill_the_log(
         with pytest.raises(Unauthorized, match="signature"):  # refused, not a 503
             await authority.verify(forged)
     assert "kept as it was" not in caplog.text  # at DEBUG, not a warning per forged token
+    assert authority._secret_at == read_at  # failed rechecks do not put off the scheduled read
+    authority._secret_at -= 3600  # which, once due, warns
+    assert await authority.secret() and "kept as it was" in caplog.text
 
 
 async def test_a_stored_secret_that_is_not_hex_is_a_storage_error() -> None:
