@@ -251,18 +251,22 @@ class _Listed(NamedTuple):
     modified: float  # LastModified as POSIX seconds
 
 
-#: A blob writer's temporary under ``tmp/``: ``<unix seconds>-<uuid hex>`` (before, the uuid only).
-_TEMP_NAME = re.compile(r"(?:([0-9]{1,12})-)?[0-9a-f]{32}")
+#: A blob writer's temporary under ``tmp/``: ``<unix seconds>-<uuid4 hex>`` (before, the uuid4
+#: only; a uuid4 has version 4 and variant 8-b, which an MD5 or another hex name rarely has).
+_TEMP_NAME = re.compile(r"(?:([0-9]{1,12})-)?[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
 
 
 def _temp_started(base: str, key: str, listed: datetime | None) -> float | None:
-    """When the upload to temporary ``key`` (under ``base``) started: the time its name begins
-    with, else the time the listing gave; None for a key no blob writer names so."""
+    """When the upload to temporary ``key`` (under ``base``) started, for judging it stale: the
+    later of the time its name begins with (the writer's clock; some S3 imitations list every
+    upload as started years ago) and the time the listing gave (the store's: a writer's clock
+    far behind must not make a live upload look old). None for a key no blob writer names so."""
     name = key[len(base) :] if key.startswith(base) else ""
     match = _TEMP_NAME.fullmatch(name)
     if match is None:
         return None
-    return float(match.group(1)) if match.group(1) else _timestamp(listed)
+    listed_at = _timestamp(listed)
+    return max(float(match.group(1)), listed_at) if match.group(1) else listed_at
 
 
 def _timestamp(value: datetime | None) -> float:

@@ -196,32 +196,36 @@ async def test_housekeeping_removes_what_a_failed_abort_left_once_stale(
     s3_bucket: S3Bucket,
 ) -> None:
     """An abort that failed in an outage leaves a multipart upload (and a completed one never
-    copied, an object) under tmp/; housekeeping removes those whose upload started a day ago,
-    judged by the time in their names (moto lists every upload as started in 2010, and S3 may
-    date a completed temporary from its upload's start), and never touches keys named
-    otherwise (another application's, another store's under a prefix such as ``tmp/``)."""
+    copied, an object) under tmp/; housekeeping removes those whose upload started a day ago
+    by both the time in their names and the store's listing (moto lists every upload as
+    started in 2010; a writer's clock may be far behind), and never touches keys named
+    otherwise: another application's (an MD5-named file), another store's under ``tmp/``."""
+    import uuid
+
     storage = s3_bucket.make_storage()
     client, bucket = s3_bucket.client, s3_bucket.name
     tmp = f"{S3_PREFIX}tmp/"
     day_ago, now = int(time.time()) - 86400 - 60, int(time.time())
-    old_name, new_name = f"{tmp}{day_ago}-{'a' * 32}", f"{tmp}{now}-{'b' * 32}"
+
+    def temp(started: int) -> str:
+        return f"{tmp}{started}-{uuid.uuid4().hex}"
+
+    old_upload, new_upload, other = temp(day_ago), temp(now), f"other/tmp/{day_ago}-{'e' * 32}"
+    old_named_object, new_object = temp(day_ago), temp(now)
+    foreign = [f"{tmp}reports/{day_ago}.csv", f"{tmp}objects/caches/main/narinfo/abc",
+               f"{tmp}{'0123456789abcdef' * 2}"]  # fmt: skip
     try:
-        client.create_multipart_upload(Bucket=bucket, Key=old_name)
-        client.create_multipart_upload(Bucket=bucket, Key=new_name)  # an upload under way
-        client.put_object(Bucket=bucket, Key=f"{tmp}{day_ago}-{'c' * 32}", Body=b"x")
-        client.put_object(Bucket=bucket, Key=f"{tmp}{now}-{'d' * 32}", Body=b"x")
-        foreign = [f"{tmp}reports/{day_ago}.csv", f"{tmp}objects/caches/main/narinfo/abc"]
-        for key in [*foreign, f"{S3_PREFIX}objects/kept"]:
+        for key in (old_upload, new_upload, other):
+            client.create_multipart_upload(Bucket=bucket, Key=key)
+        for key in [old_named_object, new_object, *foreign, f"{S3_PREFIX}objects/kept"]:
             client.put_object(Bucket=bucket, Key=key, Body=b"k")
-        client.create_multipart_upload(Bucket=bucket, Key=f"other/tmp/{day_ago}-{'e' * 32}")
         await storage.housekeep()
-        assert sorted(s3_bucket.uploads()) == sorted([new_name, f"other/tmp/{day_ago}-{'e' * 32}"])
-        assert sorted(s3_bucket.keys()) == sorted(
-            [f"{tmp}{now}-{'d' * 32}", *foreign, f"{S3_PREFIX}objects/kept"]
-        )
+        assert sorted(s3_bucket.uploads()) == sorted([new_upload, other])
+        # Named a day ago but listed just now (a writer's clock behind): kept.
+        assert s3_bucket.keys(old_named_object) == [old_named_object]
         storage.STALE_UPLOAD = 0.0  # now everything of this store's is old enough
         await storage.housekeep()
-        assert s3_bucket.uploads() == [f"other/tmp/{day_ago}-{'e' * 32}"]
+        assert s3_bucket.uploads() == [other]
         assert sorted(s3_bucket.keys()) == sorted([*foreign, f"{S3_PREFIX}objects/kept"])
         await storage.housekeep()  # nothing left to do is no error
     finally:
