@@ -420,7 +420,7 @@ WRITER_CONNECTIONS = 16
 #: Seconds to wait for the answer to a multipart completion or a copy (a store may copy a large
 #: blob without sending anything meanwhile; the calls before them have the usual timeout, so a
 #: store that hangs altogether fails there first).
-SLOW_CALL_TIMEOUT = 300.0
+SLOW_CALL_TIMEOUT = 120.0
 
 # -- the backend -------------------------------------------------------------------------
 
