@@ -80,7 +80,7 @@ import blake3
 from larder.client import depinfo
 from larder.client.args import Compilation
 from larder.client.digests import file_digest
-from larder.client.paths import Roots, remapped_below, user_remaps
+from larder.client.paths import Roots, remap_join, remapped_below, user_remaps
 from larder.protocol.rustc import DirectEntry
 
 KEY_FORMAT = "larder-rustc/1"
@@ -179,6 +179,18 @@ def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
         out.append(f"--remap-path-prefix=@LARDER:CWD@={applied}")
     elif roots.cwd_remap != ".":
         out.append(f"--remap-path-prefix=@LARDER:CWD@={roots.cwd_remap}")
+    # Likewise the target directory and CARGO_HOME: a remap of the user's own from a directory
+    # above them ($PWD=/build) writes where they sit below it (/build/target).
+    remaps = user_remaps(compilation.values("--remap-path-prefix"))
+    for name, path in roots.roots:
+        if name in ("TARGET", "CARGO_HOME"):
+            for source, target in reversed(remaps):
+                if path == source:
+                    break
+                if path.startswith(source + "/"):
+                    written = remap_join(target, path[len(source) :])
+                    out.append(f"--remap-path-prefix=@LARDER:{name}@={written}")
+                    break
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from larder.client.paths import user_remaps
+from larder.client.paths import remap_join, user_remaps
 
 
 def fewest_needles(needles: list[bytes]) -> list[bytes]:
@@ -41,9 +41,10 @@ def embeds(path: Path, needles: list[bytes]) -> bool:
                 before = m[at - 1] if at else 0
                 end = at + len(needle)
                 after = m[end] if end < len(m) else 0
-                # A needle ending in "/" is a directory: anything may follow it.
-                ends = needle.endswith(b"/") or after not in _PATH_BYTES
-                if before not in _PATH_BYTES and before != ord("/") and ends:
+                # ``</code>`` is an HTML closing tag (rustdoc), not the path ``/code``.
+                tag = before == ord("<") and after == ord(">")
+                own = before not in _PATH_BYTES and before != ord("/") and after not in _PATH_BYTES
+                if own and not tag:
                     return True
                 at = m.find(needle, at + 1)
     return False
@@ -52,15 +53,14 @@ def embeds(path: Path, needles: list[bytes]) -> bool:
 def scan_needles(spellings: tuple[tuple[str, str], ...], args: list[str]) -> list[bytes]:
     """What to look for in outputs: this machine's roots (by name and path; the sysroot too,
     which the key names by placeholder), and their remapped form where a remap of the user's own
-    over a root's parent (``$HOME=~``) writes the rest of the root's path. ``WORKSPACE`` only as
-    a directory (a path below it, an ``env!`` value naming a workspace file), never as a word of
-    its own: a short one (``/code``) is in plain text (rustdoc's ``</code>``); a remap from it
-    (``$PWD=/build``) writes the same in every checkout whose key names it."""
+    over a root's parent (``$HOME=~``) writes the rest of the root's path. ``WORKSPACE`` too
+    (an ``env!`` value may name it or a file in it), but a remap from it (``$PWD=/build``) writes
+    the same in every checkout whose key names it, so is not looked for."""
     roots = [path for name, path in spellings if name != "WORKSPACE"]
     workspace = [path for name, path in spellings if name == "WORKSPACE"]
-    roots += remapped(roots, args, also_portable=workspace)
-    needles = [path.encode() for path in roots] + [path.encode() + b"/" for path in workspace]
-    return fewest_needles(needles)
+    found = roots + remapped(roots, args, also_portable=workspace)
+    found += workspace + remapped(workspace, args, also_portable=roots)
+    return fewest_needles([path.encode() for path in found])
 
 
 def remapped(roots: list[str], args: list[str], also_portable: Sequence[str] = ()) -> list[str]:
@@ -83,6 +83,6 @@ def remapped(roots: list[str], args: list[str], also_portable: Sequence[str] = (
                 sources = [*roots, *also_portable]
                 portable = any(source == r or source.startswith(r + "/") for r in sources)
                 if not portable:
-                    found.append(target + root[len(source) :])
+                    found.append(remap_join(target, root[len(source) :]))
                 break
     return found

@@ -229,6 +229,17 @@ def user_remaps(values: list[str]) -> list[tuple[str, str]]:
     return remaps
 
 
+def remap_join(target: str, rest: str) -> str:
+    """What rustc writes for a path under a remap's ``FROM``: ``TO`` and the rest joined by path
+    components (``~/`` and ``a`` is ``~/a``; an empty ``TO`` leaves the rest relative)."""
+    rest = rest.lstrip("/")
+    if not rest:
+        return target
+    if not target or target.endswith("/"):
+        return target + rest
+    return f"{target}/{rest}"
+
+
 def remapped_below(roots: Roots, remaps: list[tuple[str, str]]) -> str | None:
     """Where the user's own remaps write ``CWD`` when one maps a directory *above* it (the last
     that matches wins, as in rustc, and the user's come after the shim's): its ``TO`` and the rest
@@ -240,7 +251,7 @@ def remapped_below(roots: Roots, remaps: list[tuple[str, str]]) -> str | None:
             if path == source:
                 return None
             if path.startswith(source + "/"):
-                return target + path[len(source) :]
+                return remap_join(target, path[len(source) :])
     return None
 
 

@@ -154,6 +154,23 @@ def test_a_users_remap_over_the_workspace_keys_where_a_crate_sits_below_it() -> 
     assert vendored != registry
 
 
+def test_a_users_remap_over_the_target_directory_keys_where_it_sits() -> None:
+    """``$PWD=/build`` with the target directory inside the checkout writes OUT_DIR paths as
+    ``/build/target/...``; with it elsewhere (``CARGO_TARGET_DIR``) the shim's
+    ``/larder/target/...`` is written: the keys must differ."""
+
+    def key_args(target: str) -> list[str]:
+        argv = ["--crate-name", "app", "src/lib.rs", "--crate-type", "lib",
+                "--remap-path-prefix=/w/app=/build"]  # fmt: skip
+        roots = Roots.of(CWD=Path("/w/app"), TARGET=Path(target), CARGO_HOME=Path("/h/.cargo"))
+        return portable_args(args.parse(argv), roots)
+
+    inside = key_args("/w/app/target")
+    assert "--remap-path-prefix=@LARDER:TARGET@=/build/target" in inside
+    assert inside != key_args("/tmp/t")
+    assert key_args("/w/app/target") == inside
+
+
 change = Changes[Checkout]()
 
 

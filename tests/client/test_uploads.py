@@ -530,13 +530,11 @@ def test_a_short_root_is_found_only_as_a_path_of_its_own(
     assert embeds(output, [b"/target", b"/src", b"/app"]) is found
 
 
-def test_the_workspace_of_a_crate_compiled_outside_it_is_looked_for_as_a_directory(
-    tmp_path: Path,
-) -> None:
-    """A registry crate's ``env!`` value may name a workspace file: the workspace is looked for,
-    but only as a directory, as a short one (``/code``) is in rustdoc text (``</code>``). A remap
+def test_the_workspace_of_a_crate_compiled_outside_it_is_looked_for(tmp_path: Path) -> None:
+    """A registry crate's ``env!`` value may name the workspace or a file in it: the workspace
+    is looked for like any root, but rustdoc's ``</code>`` is not the path ``/code``. A remap
     of the user's own from the workspace writes the same in every checkout of one layout (the
-    key holds where the crate sits below it), so its remapped form is not looked for."""
+    key holds where the crate sits below it); one from above it (``$HOME=~``) does not."""
     from larder.client.leaks import embeds, scan_needles
 
     spellings = (
@@ -546,15 +544,17 @@ def test_the_workspace_of_a_crate_compiled_outside_it_is_looked_for_as_a_directo
         ("WORKSPACE", "/code"),
     )
     needles = scan_needles(spellings, [])
-    assert b"/code/" in needles and b"/code" not in needles
-    assert b"/code/target" not in needles  # found by the workspace's own needle
+    assert b"/code" in needles and b"/code/target" not in needles  # found by /code
     output = tmp_path / "libx.rlib"
-    output.write_bytes(b"<p><code>x</code></p> and more")
-    assert not embeds(output, needles)
-    output.write_bytes(b"config at /code/config/app.toml\0")
-    assert embeds(output, needles)
+    for text, found in ((b"<p><code>x</code></p>", False), (b"ws=/code\0", True),
+                        (b"at /code/config/app.toml\0", True), (b"'/code'", True)):  # fmt: skip
+        output.write_bytes(b"head " + text + b" tail")
+        assert embeds(output, needles) is found, text
     remapped = scan_needles(spellings, ["--remap-path-prefix=/code=/build"])
     assert not [n for n in remapped if n.startswith(b"/build")]
+    home = (("CWD", "/h/u/.cargo/registry/src/x/itoa-1.0.1"), ("TARGET", "/h/u/a/ws/target"),
+            ("CARGO_HOME", "/h/u/.cargo"), ("WORKSPACE", "/h/u/a/ws"))  # fmt: skip
+    assert b"~/a/ws" in scan_needles(home, ["--remap-path-prefix=/h/u/=~/"])  # joined as rustc
 
 
 def test_a_users_remap_above_a_root_leaves_the_rest_of_its_path_to_find() -> None:
