@@ -9,8 +9,8 @@ still that old, :meth:`~larder.storage.base.Storage.delete_if_older`) and takes 
 whose holder ran on the same machine (host, boot and pid namespace) and whose process is gone
 (its pid free, or another process's: the start time differs) is taken over at once, as is one
 this process left behind when releasing it failed; "at once" is after watching it unchanged
-for :data:`SETTLED` seconds. A holder that finds someone else's lease when it renews has lost it and
-must stop (:class:`LeaseLost`).
+for :data:`SETTLED` seconds. A holder that finds someone else's lease when it renews has lost
+it and must stop (:class:`LeaseLost`).
 """
 
 from __future__ import annotations
