@@ -179,17 +179,20 @@ def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
         out.append(f"--remap-path-prefix=@LARDER:CWD@={applied}")
     elif roots.cwd_remap != ".":
         out.append(f"--remap-path-prefix=@LARDER:CWD@={roots.cwd_remap}")
-    # Likewise the target directory and CARGO_HOME: a remap of the user's own from a directory
-    # above them ($PWD=/build) writes where they sit below it (/build/target).
+    # Likewise the target directory and CARGO_HOME: a remap of the user's own from another root
+    # above them ($PWD=/build) writes where they sit below it (/build/target). (From above every
+    # root, $HOME=~, the remapped form names this machine and is looked for before uploading.)
     remaps = user_remaps(compilation.values("--remap-path-prefix"))
+    spelled = [path for _, path in roots.spellings]
     for name, path in roots.roots:
         if name in ("TARGET", "CARGO_HOME"):
             for source, target in reversed(remaps):
                 if path == source:
                     break
                 if path.startswith(source + "/"):
-                    written = remap_join(target, path[len(source) :])
-                    out.append(f"--remap-path-prefix=@LARDER:{name}@={written}")
+                    if any(source == r or source.startswith(r + "/") for r in spelled):
+                        written = remap_join(target, path[len(source) :])
+                        out.append(f"--remap-path-prefix=@LARDER:{name}@={written}")
                     break
     return out
 

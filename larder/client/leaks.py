@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from larder.client.paths import remap_join, user_remaps
 
@@ -27,7 +28,15 @@ def fewest_needles(needles: list[bytes]) -> list[bytes]:
 _PATH_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~-")
 
 
-def embeds(path: Path, needles: list[bytes]) -> bool:
+class Needles(NamedTuple):
+    """What to look for in outputs (:func:`scan_needles`)."""
+
+    paths: list[bytes]
+    #: Those that are text, not the path, inside an HTML closing tag (``</code>``).
+    tag_names: frozenset[bytes] = frozenset()
+
+
+def embeds(path: Path, needles: Needles) -> bool:
     """Whether the file contains any of ``needles`` (this machine's root paths) as a path of its
     own: not preceded by a path byte or ``/``, not followed by a path byte."""
     import mmap
@@ -35,14 +44,13 @@ def embeds(path: Path, needles: list[bytes]) -> bool:
     if path.stat().st_size == 0:
         return False
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        for needle in needles:
+        for needle in needles.paths:
             at = m.find(needle)
             while at != -1:
                 before = m[at - 1] if at else 0
                 end = at + len(needle)
                 after = m[end] if end < len(m) else 0
-                # ``</code>`` is an HTML closing tag (rustdoc), not the path ``/code``.
-                tag = before == ord("<") and after == ord(">")
+                tag = before == ord("<") and after == ord(">") and needle in needles.tag_names
                 own = before not in _PATH_BYTES and before != ord("/") and after not in _PATH_BYTES
                 if own and not tag:
                     return True
@@ -50,17 +58,23 @@ def embeds(path: Path, needles: list[bytes]) -> bool:
     return False
 
 
-def scan_needles(spellings: tuple[tuple[str, str], ...], args: list[str]) -> list[bytes]:
+def scan_needles(spellings: tuple[tuple[str, str], ...], args: list[str]) -> Needles:
     """What to look for in outputs: this machine's roots (by name and path; the sysroot too,
     which the key names by placeholder), and their remapped form where a remap of the user's own
     over a root's parent (``$HOME=~``) writes the rest of the root's path. ``WORKSPACE`` too
     (an ``env!`` value may name it or a file in it), but a remap from it (``$PWD=/build``) writes
-    the same in every checkout whose key names it, so is not looked for."""
+    the same in every checkout whose key names it, so is not looked for. The workspace of a
+    crate compiled outside it, found as an HTML closing tag (rustdoc's ``</code>`` in a
+    registry crate's docs, with the workspace at ``/code``), is that text, not the path; the
+    other roots are looked for in every context."""
     roots = [path for name, path in spellings if name != "WORKSPACE"]
     workspace = [path for name, path in spellings if name == "WORKSPACE"]
     found = roots + remapped(roots, args, also_portable=workspace)
     found += workspace + remapped(workspace, args, also_portable=roots)
-    return fewest_needles([path.encode() for path in found])
+    tags = frozenset(path.encode() for path in workspace) - {
+        path.encode() for path in found[: len(roots)]
+    }
+    return Needles(fewest_needles([path.encode() for path in found]), tags)
 
 
 def remapped(roots: list[str], args: list[str], also_portable: Sequence[str] = ()) -> list[str]:

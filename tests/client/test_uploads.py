@@ -523,11 +523,11 @@ def test_one_pass_per_root_path_not_contained_in_another() -> None:
 def test_a_short_root_is_found_only_as_a_path_of_its_own(
     tmp_path: Path, content: bytes, found: bool
 ) -> None:
-    from larder.client.leaks import embeds
+    from larder.client.leaks import Needles, embeds
 
     output = tmp_path / "libx.rlib"
     output.write_bytes(b"head " + content + b" tail")
-    assert embeds(output, [b"/target", b"/src", b"/app"]) is found
+    assert embeds(output, Needles([b"/target", b"/src", b"/app"])) is found
 
 
 def test_the_workspace_of_a_crate_compiled_outside_it_is_looked_for(tmp_path: Path) -> None:
@@ -544,17 +544,23 @@ def test_the_workspace_of_a_crate_compiled_outside_it_is_looked_for(tmp_path: Pa
         ("WORKSPACE", "/code"),
     )
     needles = scan_needles(spellings, [])
-    assert b"/code" in needles and b"/code/target" not in needles  # found by /code
+    assert b"/code" in needles.paths and b"/code/target" not in needles.paths  # found by /code
     output = tmp_path / "libx.rlib"
     for text, found in ((b"<p><code>x</code></p>", False), (b"ws=/code\0", True),
                         (b"at /code/config/app.toml\0", True), (b"'/code'", True)):  # fmt: skip
         output.write_bytes(b"head " + text + b" tail")
         assert embeds(output, needles) is found, text
-    remapped = scan_needles(spellings, ["--remap-path-prefix=/code=/build"])
+    remapped = scan_needles(spellings, ["--remap-path-prefix=/code=/build"]).paths
     assert not [n for n in remapped if n.startswith(b"/build")]
+    # Another root is a path wherever it is found, a closing tag included.
+    output.write_bytes(b"head </code/vendor/itoa-1.0.1> tail")
+    assert embeds(output, needles)
+    app = (("CWD", "/app"), ("TARGET", "/app/target"), ("CARGO_HOME", "/root/.cargo"))
+    output.write_bytes(b"root tag </app> here")
+    assert embeds(output, scan_needles(app, []))
     home = (("CWD", "/h/u/.cargo/registry/src/x/itoa-1.0.1"), ("TARGET", "/h/u/a/ws/target"),
             ("CARGO_HOME", "/h/u/.cargo"), ("WORKSPACE", "/h/u/a/ws"))  # fmt: skip
-    assert b"~/a/ws" in scan_needles(home, ["--remap-path-prefix=/h/u/=~/"])  # joined as rustc
+    assert b"~/a/ws" in scan_needles(home, ["--remap-path-prefix=/h/u/=~/"]).paths  # as rustc
 
 
 def test_a_users_remap_above_a_root_leaves_the_rest_of_its_path_to_find() -> None:
