@@ -54,6 +54,7 @@ import asyncio
 import functools
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -256,7 +257,7 @@ class _Listed(NamedTuple):
 _TEMP_NAME = re.compile(r"(?:([0-9]{1,12})-)?[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
 
 
-def _temp_started(base: str, key: str, listed: datetime | None) -> float | None:
+def _temp_started(base: str, key: str, listed_at: float) -> float | None:
     """When the upload to temporary ``key`` (under ``base``) started, for judging it stale: the
     later of the time its name begins with (the writer's clock; some S3 imitations list every
     upload as started years ago) and the time the listing gave (the store's: a writer's clock
@@ -265,7 +266,6 @@ def _temp_started(base: str, key: str, listed: datetime | None) -> float | None:
     match = _TEMP_NAME.fullmatch(name)
     if match is None:
         return None
-    listed_at = _timestamp(listed)
     return max(float(match.group(1)), listed_at) if match.group(1) else listed_at
 
 
@@ -478,39 +478,48 @@ class S3Storage(Storage):
         self._zstd_threads = zstd_threads
         self._part_size = part_size
         self._owns_client = client is None
-        slow_client = client
-        if client is None:
 
-            def make(timeout: float, attempts: int) -> S3Client:
-                config = Config(
-                    retries={"mode": "standard", "total_max_attempts": attempts},  # the first too
-                    connect_timeout=connect_timeout,
-                    read_timeout=timeout,
-                    # The blob writers, driven from the caller's threads, call boto3 too.
-                    max_pool_connections=max_workers + WRITER_CONNECTIONS,
-                    # Validate checksums only where larder asks for it (whole-object reads): S3
-                    # does not return checksums for ranged reads, but some S3 imitations send
-                    # the whole object's, which botocore would then fail to match.
-                    response_checksum_validation="when_required",
+        def make(timeout: float, attempts: int) -> S3Client:
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": attempts},  # the first too
+                connect_timeout=connect_timeout,
+                read_timeout=timeout,
+                # The blob writers, driven from the caller's threads, call boto3 too.
+                max_pool_connections=max_workers + WRITER_CONNECTIONS,
+                # Validate checksums only where larder asks for it (whole-object reads): S3 does
+                # not return checksums for ranged reads, but some S3 imitations send the whole
+                # object's, which botocore would then fail to match.
+                response_checksum_validation="when_required",
+            )
+            try:
+                return boto3.session.Session().client(
+                    "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
                 )
-                try:
-                    return boto3.session.Session().client(
-                        "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
-                    )
-                except (BotoCoreError, ValueError) as exc:
-                    raise _client_setup_error(exc) from exc
+            except (BotoCoreError, ValueError) as exc:
+                raise _client_setup_error(exc) from exc
 
-            client = make(read_timeout, max_attempts)
-            slow_client = make(max(read_timeout, SLOW_CALL_TIMEOUT), 2)
-        self._client: S3Client = client
-        #: For the calls a store may take minutes to answer without sending anything: completing
-        #: a multipart upload, copying a blob (which a retry only starts over).
-        self._slow_client: S3Client = slow_client or client
+        self._client: S3Client = client or make(read_timeout, max_attempts)
+        # For the calls a store may take minutes to answer without sending anything (completing a
+        # multipart upload, copying a blob, which a retry only starts over): made on first use.
+        self._make_slow_client: Callable[[], S3Client] | None = (
+            None if client else functools.partial(make, max(read_timeout, SLOW_CALL_TIMEOUT), 2)
+        )
+        self._made_slow_client: S3Client | None = None
+        self._slow_client_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3")
         self._warned_unconditional = False
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, prefix={self._prefix!r})"
+
+    @property
+    def _slow_client(self) -> S3Client:
+        if self._make_slow_client is None:
+            return self._client  # a given client serves every call
+        with self._slow_client_lock:
+            if self._made_slow_client is None:
+                self._made_slow_client = self._make_slow_client()
+            return self._made_slow_client
 
     @property
     def prefix(self) -> str:
@@ -689,10 +698,9 @@ class S3Storage(Storage):
         if metadata:
             described = {"MetadataDirective": "REPLACE", "Metadata": metadata}
             described["ContentType"] = BLOB_CONTENT_TYPE
-        client = self._slow_client
         with _translate_errors("blob copy"):
             if size <= MAX_COPY_OBJECT_SIZE:
-                client.copy_object(
+                self._slow_client.copy_object(
                     Bucket=self.bucket,
                     Key=target,
                     CopySource=copy_source,  # type: ignore[arg-type]
@@ -700,7 +708,7 @@ class S3Storage(Storage):
                     **self._checksum_options(),
                 )
             else:
-                client.copy(
+                self._slow_client.copy(
                     copy_source,  # type: ignore[arg-type]
                     self.bucket,
                     target,
@@ -877,34 +885,37 @@ class S3Storage(Storage):
         except StorageError as exc:
             log.warning("unfinished multipart uploads not swept: %s", exc.message)
             uploads = 0
-        temporaries = await self._run(self._delete_stale_temporaries)
-        if uploads or temporaries:
+        stale = [item.name async for item in self._list_items(self._prefix + "tmp/")
+                 if self._stale(item.name, item.modified)]  # fmt: skip
+        for key in stale:
+            await self._run(self._delete_quietly, key)
+        if uploads or stale:
             log.info(
                 "removed %d unfinished multipart uploads and %d temporaries under %stmp/",
                 uploads,
-                temporaries,
+                len(stale),
                 self._prefix,
             )
 
+    def _stale(self, key: str, listed_at: float) -> bool:
+        """Whether ``key`` is a blob writer's temporary whose upload started
+        :attr:`STALE_UPLOAD` or more ago (:func:`_temp_started`)."""
+        started = _temp_started(self._prefix + "tmp/", key, listed_at)
+        return started is not None and time.time() - started >= self.STALE_UPLOAD
+
     def _abort_stale_uploads(self) -> int:
-        now, base, aborted = time.time(), self._prefix + "tmp/", 0
         with _translate_errors("list multipart uploads"):
             pages = self._client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=base
+                Bucket=self.bucket, Prefix=self._prefix + "tmp/"
             )
             stale = [
-                (key, upload_id)
+                (upload["Key"], upload["UploadId"])
                 for page in pages
                 for upload in page.get("Uploads", [])
-                if (upload_id := upload.get("UploadId", ""))
-                and (
-                    started := _temp_started(
-                        base, key := upload.get("Key", ""), upload.get("Initiated")
-                    )
-                )
-                is not None
-                and now - started >= self.STALE_UPLOAD
-            ]
+                if "Key" in upload and "UploadId" in upload
+                and self._stale(upload["Key"], _timestamp(upload.get("Initiated")))
+            ]  # fmt: skip
+        aborted = 0
         for key, upload_id in stale:
             try:
                 with _translate_errors("multipart upload abort"):
@@ -916,26 +927,9 @@ class S3Storage(Storage):
                 pass
         return aborted
 
-    def _delete_stale_temporaries(self) -> int:
-        now, base = time.time(), self._prefix + "tmp/"
-        with _translate_errors("list temporaries"):
-            stale = [
-                item["Key"]
-                for page in self._client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=base
-                )
-                for item in page.get("Contents", [])
-                if "Key" in item
-                and (started := _temp_started(base, item["Key"], item.get("LastModified")))
-                is not None
-                and now - started >= self.STALE_UPLOAD
-            ]
-        for key in stale:
-            self._delete_quietly(key)
-        return len(stale)
-
     async def close(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         if self._owns_client:
             self._client.close()
-            self._slow_client.close()
+            if self._made_slow_client is not None:
+                self._made_slow_client.close()
