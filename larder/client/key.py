@@ -80,7 +80,7 @@ import blake3
 from larder.client import depinfo
 from larder.client.args import Compilation
 from larder.client.digests import file_digest
-from larder.client.paths import Roots, remap_join, remapped_below, user_remaps
+from larder.client.paths import Roots, remapped_below, user_remaps
 from larder.protocol.rustc import DirectEntry
 
 KEY_FORMAT = "larder-rustc/1"
@@ -174,26 +174,22 @@ def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
         out.append(roots.portable_path(compilation.input))
     # Where the outputs name the crate's directory: a remap of the user's own from above it
     # wins over the shim's, and then where the crate sits below that directory counts.
-    applied = remapped_below(roots, user_remaps(compilation.values("--remap-path-prefix")))
-    if applied is not None:
-        out.append(f"--remap-path-prefix=@LARDER:CWD@={applied}")
+    remaps = user_remaps(compilation.values("--remap-path-prefix"))
+    cwd = remapped_below([path for name, path in roots.spellings if name == "CWD"], remaps)
+    if cwd is not None:
+        out.append(f"--remap-path-prefix=@LARDER:CWD@={cwd[1]}")
     elif roots.cwd_remap != ".":
         out.append(f"--remap-path-prefix=@LARDER:CWD@={roots.cwd_remap}")
     # Likewise the target directory and CARGO_HOME: a remap of the user's own from another root
     # above them ($PWD=/build) writes where they sit below it (/build/target). (From above every
     # root, $HOME=~, the remapped form names this machine and is looked for before uploading.)
-    remaps = user_remaps(compilation.values("--remap-path-prefix"))
     spelled = [path for _, path in roots.spellings]
     for name, path in roots.roots:
-        if name in ("TARGET", "CARGO_HOME"):
-            for source, target in reversed(remaps):
-                if path == source:
-                    break
-                if path.startswith(source + "/"):
-                    if any(source == r or source.startswith(r + "/") for r in spelled):
-                        written = remap_join(target, path[len(source) :])
-                        out.append(f"--remap-path-prefix=@LARDER:{name}@={written}")
-                    break
+        below = remapped_below([path], remaps) if name in ("TARGET", "CARGO_HOME") else None
+        if below is not None and any(
+            below[0] == r or below[0].startswith(r + "/") for r in spelled
+        ):
+            out.append(f"--remap-path-prefix=@LARDER:{name}@={below[1]}")
     return out
 
 

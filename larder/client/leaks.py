@@ -71,9 +71,7 @@ def scan_needles(spellings: tuple[tuple[str, str], ...], args: list[str]) -> Nee
     workspace = [path for name, path in spellings if name == "WORKSPACE"]
     found = roots + remapped(roots, args, also_portable=workspace)
     found += workspace + remapped(workspace, args, also_portable=roots)
-    tags = frozenset(path.encode() for path in workspace) - {
-        path.encode() for path in found[: len(roots)]
-    }
+    tags = frozenset(path.encode() for path in workspace if path not in roots)
     return Needles(fewest_needles([path.encode() for path in found]), tags)
 
 

@@ -240,18 +240,18 @@ def remap_join(target: str, rest: str) -> str:
     return f"{target}/{rest}"
 
 
-def remapped_below(roots: Roots, remaps: list[tuple[str, str]]) -> str | None:
-    """Where the user's own remaps write ``CWD`` when one maps a directory *above* it (the last
-    that matches wins, as in rustc, and the user's come after the shim's): its ``TO`` and the rest
-    of the path (``/build/vendor/itoa-1.0.1``), which then differs with where the crate sits
-    below that directory. None when none does (a remap of ``CWD`` itself is in the flags)."""
-    cwd = [path for name, path in roots.spellings if name == "CWD"]
+def remapped_below(spellings: list[str], remaps: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """``(FROM, what it writes)`` for the user's remap that maps a directory *above* a root
+    spelled as ``spellings`` (the last that matches wins, as in rustc, and the user's come after
+    the shim's): ``TO`` and the rest of the path (``/build/vendor/itoa-1.0.1``), which then
+    differs with where the root sits below that directory. None when none does, or the last
+    that matches maps the root itself (which the flags say)."""
     for source, target in reversed(remaps):
-        for path in cwd:
+        for path in spellings:
             if path == source:
                 return None
             if path.startswith(source + "/"):
-                return remap_join(target, path[len(source) :])
+                return source, remap_join(target, path[len(source) :])
     return None
 
 

@@ -45,6 +45,8 @@ from larder.service.routes.bodies import body_chunks, serve_stream
 from larder.service.routes.cache_access import cache_for, expect_continue
 
 MULTISTATUS_TYPE = "application/xml"
+#: The methods of ``sccache/`` (``OPTIONS`` says so).
+ALLOWED = "GET, HEAD, PUT, DELETE, MKCOL, PROPFIND, OPTIONS"
 
 
 def _path(request: web.Request) -> tuple[str, bool]:
@@ -175,9 +177,6 @@ async def elsewhere(request: web.Request) -> web.Response:
     rustc = request.match_info.get("path", "").startswith("rustc/")
     allow = "GET, HEAD, PUT, POST" if rustc else "GET, HEAD, PUT"  # what the routes there take
     return web.Response(status=405, headers={"Allow": allow}, text=message + "\n")
-
-
-ALLOWED = "GET, HEAD, PUT, DELETE, MKCOL, PROPFIND, OPTIONS"
 
 
 def add_routes(app: web.Application) -> None:
