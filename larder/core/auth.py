@@ -73,15 +73,15 @@ class TokenAuthority:
         self._lock = asyncio.Lock()
         self._verified: dict[str, TokenClaims] = {}
 
-    async def secret(self, max_age: float | None = None) -> bytes:
-        """The shared HS256 secret, read again once older than ``max_age`` (by default
-        ``refresh_interval``).
+    async def secret(self, recheck: bool = False) -> bytes:
+        """The shared HS256 secret, read again once older than ``refresh_interval`` (or now, to
+        ``recheck`` it for a badly signed token).
 
         The store's is created on first use (one winner across replicas); a deleted one is
         created anew, which ends every token. A secret that changed forgets every token
         remembered under the old one. Once one was read, a failed re-read keeps it (and warns):
         an outage must not end every token."""
-        age = self._refresh if max_age is None else max_age
+        age = 0.0 if recheck else self._refresh
         if self._secret is not None and time.monotonic() - self._secret_at < age:
             return self._secret
         async with self._secret_lock:
@@ -91,7 +91,7 @@ class TokenAuthority:
                 except LarderError as exc:
                     if self._secret is None:
                         raise
-                    if max_age is not None:
+                    if recheck:
                         # A read a bad signature asked for (as often as a forger sends them):
                         # no line each, and the scheduled re-read, which warns, stays due.
                         log.debug("token secret not read again: %s", exc.message)
@@ -171,7 +171,7 @@ class TokenAuthority:
             and now_monotonic - self._rechecked_at >= SECRET_RECHECK
         ):
             self._rechecked_at = now_monotonic
-            newer = await self.secret(max_age=0.0)
+            newer = await self.secret(recheck=True)
             if newer != secret:
                 try:
                     return tokens.verify(newer, token, now=now)
