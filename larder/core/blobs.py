@@ -17,9 +17,10 @@ from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from typing import Any, BinaryIO, TypeVar, cast
 
+import blake3
 import zstandard
 
-from larder.errors import StorageError, TooLarge
+from larder.errors import StorageError, StorageUnavailable, TooLarge
 from larder.protocol.compression import ZSTD_MAX_WINDOW, Decompressor
 from larder.storage.base import BlobInfo, BlobReader, BlobWriter, Storage
 
@@ -118,9 +119,9 @@ class Decoded:
     """The pieces :func:`decompressed` yields; :meth:`aclose` closes the reader also when no
     piece was asked for yet (an async generator never started runs no ``finally``)."""
 
-    def __init__(self, reader: BlobReader, size: int) -> None:
+    def __init__(self, reader: BlobReader, size: int, blob_id: str) -> None:
         self._reader = reader
-        self._pieces = _decode(reader, size)
+        self._pieces = _decode(reader, size, blob_id)
 
     def __aiter__(self) -> Decoded:
         return self
@@ -133,21 +134,36 @@ class Decoded:
         await self._reader.close()
 
 
-def decompressed(reader: BlobReader, size: int) -> Decoded:
-    """The ``size`` uncompressed bytes of a stored blob, in pieces (:func:`_decode`); closes
+def decompressed(reader: BlobReader, size: int, blob_id: str) -> Decoded:
+    """The ``size`` uncompressed bytes of blob ``blob_id``, in pieces (:func:`_decode`); closes
     ``reader`` when they end or are closed."""
-    return Decoded(reader, size)
+    return Decoded(reader, size, blob_id)
 
 
-async def _decode(reader: BlobReader, size: int) -> AsyncGenerator[bytes, None]:
-    """The ``size`` uncompressed bytes of a stored blob, in pieces of at most
+async def is_sound(reader: BlobReader, size: int, blob_id: str) -> bool:
+    """Whether a stored blob decodes to its ``size`` bytes hashing to ``blob_id`` (read whole,
+    nothing kept); closes ``reader``. Storage failing meanwhile raises."""
+    try:
+        async for _ in decompressed(reader, size, blob_id):
+            pass
+    except StorageUnavailable:
+        raise
+    except StorageError:
+        return False
+    return True
+
+
+async def _decode(reader: BlobReader, size: int, blob_id: str) -> AsyncGenerator[bytes, None]:
+    """The ``size`` uncompressed bytes of blob ``blob_id``, in pieces of at most
     :data:`_PIECE`; closes ``reader``.
 
     Bounded by what is *produced*, not read: a few KiB of zstd can decode to gigabytes (a NAR
     of zeros), so each step decodes one piece from stored bytes fetched ahead (enough for any
-    piece of real data). A stream that decodes to other than ``size`` bytes, or not at all, is
-    a :class:`StorageError` (the store holds something other than what its record says); a read
-    that fails mid-way still yields what came before it.
+    piece of real data). A stream that decodes to other than ``size`` bytes, or not at all, or
+    to bytes whose BLAKE3 is not ``blob_id``, is a :class:`StorageError` (the store holds
+    something other than what its record says): the last piece is held back until the hash is
+    known, so a damaged blob never reaches a client whole. A read that fails mid-way still
+    yields what came before it, but for that held piece.
     """
     feed = _Feed()
     chunks = reader.chunks().__aiter__()
@@ -158,6 +174,8 @@ async def _decode(reader: BlobReader, size: int) -> AsyncGenerator[bytes, None]:
         cast(BinaryIO, feed), read_size=_FEED_READ, read_across_frames=True, closefd=False
     )
     produced = 0
+    hasher = blake3.blake3()
+    held = b""
     try:
         while True:
             while not ended and feed.size < _AHEAD:
@@ -176,11 +194,18 @@ async def _decode(reader: BlobReader, size: int) -> AsyncGenerator[bytes, None]:
             produced += len(piece)
             if produced > size:
                 raise StorageError(f"stored blob decodes to more than its {size} bytes")
-            yield piece
+            hasher.update(piece)
+            if held:
+                yield held
+            held = piece
         if failure is not None:
             raise failure
         if produced != size or not ended or feed.size:
             raise StorageError(f"stored blob decodes to {produced} bytes, not {size}")
+        if hasher.hexdigest() != blob_id:
+            raise StorageError(f"stored blob {blob_id} is damaged: its content hashes otherwise")
+        if held:
+            yield held
     finally:
         stream.close()  # type: ignore[no-untyped-call]
         await reader.close()

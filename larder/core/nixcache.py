@@ -30,6 +30,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -56,6 +57,8 @@ from larder.protocol.narinfo import NarInfo
 from larder.protocol.signing import PublicKey
 from larder.protocol.storepath import STORE_DIR, check_hash_part
 from larder.storage.base import BlobReader
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -378,13 +381,6 @@ class NixCache:
                 f"references name paths this cache holds under another name: {_some(renamed)}"
             )
 
-    async def has_narinfo(self, cache: CacheSettings, store_hash: str) -> bool:
-        key = keys.narinfo(cache.name, check_hash_part(store_hash))
-        found = await self._storage.exists(key)
-        if found:
-            self._touch(key)
-        return found
-
     def served_narinfo(self, cache: CacheSettings, store_hash: str) -> tuple[bool, bytes | None]:
         """``(known, body)`` from the memory of served narinfos alone (no I/O): ``known`` says
         whether it holds an answer; ``body`` None is a remembered miss. ``store_hash`` valid.
@@ -466,7 +462,11 @@ class NixCache:
         try:
             info = narinfo_format.parse(data)
         except FormatError as exc:
-            raise StorageError(f"stored narinfo {store_hash} is corrupt: {exc}") from None
+            # Damaged at rest: served as missing, so Nix builds or uploads the path again and
+            # the upload's narinfo replaces it.
+            log.error("stored narinfo %s of cache %s is corrupt: %s", store_hash, cache.name, exc)
+            self._sources.pop(memo_key, None)
+            return None
         if info.file_hash is None:  # stored before larder kept FileHash: Nix needs one
             info = await self._with_file_hash(cache, info)
         sig = cache.signing_key.sign(narinfo_format.fingerprint(info))
@@ -535,7 +535,9 @@ class NixCache:
         reader = await self.open_blob(record.blob_id)
         if reader is None:
             return None
-        data = b"".join([piece async for piece in decompressed(reader, record.size)])
+        data = b"".join(
+            [piece async for piece in decompressed(reader, record.size, record.blob_id)]
+        )
         return await self._rewrite_debuginfo(cache, data)
 
     async def _rewrite_debuginfo(self, cache: CacheSettings, data: bytes) -> bytes:

@@ -29,11 +29,13 @@ import hashlib
 from abc import abstractmethod
 from collections.abc import Callable
 from enum import Enum
+from typing import BinaryIO, cast
 
 import blake3
 import zstandard
 
 from larder.errors import VerificationFailed
+from larder.protocol.compression import ZSTD_MAX_WINDOW
 from larder.storage.base import BlobInfo, BlobWriter
 
 DEFAULT_ZSTD_LEVEL = 3
@@ -194,7 +196,8 @@ class EncodingBlobWriter(BlobWriter):
 
         If that blob exists, keep it (the content is identical, its encoding may differ: the
         records made from it describe its bytes) but refresh its modification time: a garbage
-        collector must see content committed again as fresh.
+        collector must see content committed again as fresh. A backend that can check the
+        existing blob cheaply (:func:`check_stored`) replaces one damaged at rest instead.
         """
 
     @abstractmethod
@@ -253,6 +256,44 @@ class EncodingBlobWriter(BlobWriter):
         self._state = _State.ABORTED
         self._encoder.close()
         self._discard()
+
+
+class _Hashing:
+    """A binary file read through, the sha256 of what was read kept on the way."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self.sha256.update(data)
+        return data
+
+
+def check_stored(file: BinaryIO, blob_id: str, size: int) -> bytes | None:
+    """The sha256 of a stored blob's bytes read from ``file`` if they decode to ``size`` bytes
+    whose BLAKE3 is ``blob_id``; ``None`` if they do not (the blob is damaged). Decodes at most
+    one byte past ``size``, a :data:`READ_CHUNK` at a time."""
+    hashing = _Hashing(file)
+    decoder = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    content = blake3.blake3()
+    produced = 0
+    try:
+        with decoder.stream_reader(
+            cast(BinaryIO, hashing), read_size=READ_CHUNK, read_across_frames=True, closefd=False
+        ) as stream:
+            while produced <= size:
+                piece = stream.read(READ_CHUNK)
+                if not piece:
+                    break
+                content.update(piece)
+                produced += len(piece)
+    except zstandard.ZstdError:
+        return None
+    if produced != size or content.hexdigest() != blob_id or file.read(1):
+        return None
+    return hashing.sha256.digest()
 
 
 def clamp_range(start: int, end: int | None, size: int) -> tuple[int, int]:

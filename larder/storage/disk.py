@@ -84,6 +84,7 @@ from larder.storage.blobformat import (
     DEFAULT_ZSTD_LEVEL,
     READ_CHUNK,
     EncodingBlobWriter,
+    check_stored,
     check_zstd_level,
     clamp_range,
 )
@@ -241,8 +242,7 @@ class _DiskBlobWriter(EncodingBlobWriter):
 
     def _publish(self, info: BlobInfo) -> tuple[int, bytes | None]:
         final = self._storage._blob_path(info.blob_id)
-        kept_size = info.stored_size
-        own = True
+        kept_size, kept_sha256 = info.stored_size, info.stored_sha256
         with _os_errors("blob commit"):
             os.fsync(self._fd)
             self._close_fd()
@@ -250,25 +250,31 @@ class _DiskBlobWriter(EncodingBlobWriter):
             try:
                 _link(self._temp, final)
             except FileExistsError:
-                # The same content is already stored: keep it, but as of now.
-                own = False
+                # The same content is already stored: keep it, but as of now (read through, so
+                # the sha256 of its bytes is known), unless it was damaged at rest (cut short,
+                # overwritten): then this writer's bytes replace it.
                 try:
                     os.utime(final)
-                    kept_size = os.stat(final).st_size
+                    with final.open("rb") as stored:
+                        kept_size = os.fstat(stored.fileno()).st_size
+                        kept_sha256 = check_stored(stored, info.blob_id, info.size)
+                    if kept_sha256 is None:
+                        log.warning("blob %s was damaged at rest: replaced", info.blob_id)
+                        os.replace(self._temp, final)
+                        kept_size, kept_sha256 = info.stored_size, info.stored_sha256
                 except FileNotFoundError:
                     # Deleted (by garbage collection) since the link failed: link again. If
                     # that fails too, another commit of this content has just created it.
                     try:
                         _link(self._temp, final)
-                        own = True
                     except FileExistsError:
-                        pass
+                        kept_sha256 = None
                     kept_size = os.stat(final).st_size
             self._temp.unlink(missing_ok=True)
             _fsync_dir(final.parent)
             if created:
                 _fsync_dir(final.parent.parent)
-        return kept_size, info.stored_sha256 if own else None
+        return kept_size, kept_sha256
 
     def _discard(self) -> None:
         try:

@@ -66,7 +66,7 @@ async def test_a_download_cut_by_storage_closes_the_connection(
     assert head.startswith(b"HTTP/1.1 200 ")
     length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
                  .split(b":")[1])  # fmt: skip
-    assert 0 < len(body) < length
+    assert len(body) < length  # (a decoded .nar holds its last piece back: maybe none)
     assert b"HTTP/1.1" not in body  # no second response written into the body
 
 

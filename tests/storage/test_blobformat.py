@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 import blake3
 import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from larder.storage.blobformat import WRITE_SLICE, BlobEncoder, clamp_range
+from larder.storage.blobformat import WRITE_SLICE, BlobEncoder, check_stored, clamp_range
 
 
 def encode(pieces: list[bytes], **options: int) -> tuple[str, bytes, list[int], BlobEncoder]:
@@ -69,3 +72,32 @@ def test_clamp_range() -> None:
         clamp_range(-1, None, 10)
     with pytest.raises(ValueError):
         clamp_range(5, 4, 10)
+
+
+@pytest.mark.parametrize(
+    ("damage", "sound"),
+    [
+        ("none", True),
+        ("cut", False),
+        ("trailing bytes", False),
+        ("flipped checksum", False),
+        ("not zstd", False),
+        ("another size", False),
+    ],
+)
+def test_check_stored_knows_a_sound_blob_from_a_damaged_one(damage: str, sound: bool) -> None:
+    data = b"fn main() {}\n" * 40_000
+    _, stored, _, _ = encode([data])
+    size = len(data)
+    if damage == "cut":
+        stored = stored[:-30]
+    elif damage == "trailing bytes":
+        stored += b"\0\0\0\0"
+    elif damage == "flipped checksum":
+        stored = stored[:-1] + bytes([stored[-1] ^ 1])
+    elif damage == "not zstd":
+        stored = b"plain text, not a stored blob" * 100
+    elif damage == "another size":
+        size -= 1
+    found = check_stored(io.BytesIO(stored), blake3.blake3(data).hexdigest(), size)
+    assert found == (hashlib.sha256(stored).digest() if sound else None)

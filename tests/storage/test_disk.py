@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import itertools
 import os
 import signal
@@ -487,3 +488,40 @@ def test_a_permission_error_names_the_file(tmp_path: Path) -> None:
         disk_module._os_errors("get"),
     ):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped", "other content"])
+async def test_content_committed_again_replaces_a_blob_damaged_at_rest(
+    tmp_path: Path, damage: str
+) -> None:
+    storage = DiskStorage(tmp_path)
+    data = mixed_data(300_000, seed=21)
+    first = await write_blob(storage, data)
+    path = storage._blob_path(first.blob_id)
+    stored = path.read_bytes()
+    other = await write_blob(storage, mixed_data(300_000, seed=22))
+    damaged = {
+        "cut": stored[: len(stored) // 2],
+        "flipped": stored[:-20] + bytes([stored[-20] ^ 1]) + stored[-19:],
+        "other content": storage._blob_path(other.blob_id).read_bytes(),
+    }[damage]
+    path.write_bytes(damaged)
+    again = await write_blob(storage, data)
+    assert again.blob_id == first.blob_id
+    assert decompress(path.read_bytes()) == data
+    assert again.stored_size == path.stat().st_size
+    assert again.stored_sha256 == hashlib.sha256(path.read_bytes()).digest()
+    assert temporaries(tmp_path) == []
+
+
+async def test_content_committed_again_keeps_a_sound_blob_and_reports_its_sha256(
+    tmp_path: Path,
+) -> None:
+    storage = DiskStorage(tmp_path)
+    data = mixed_data(300_000, seed=23)
+    first = await write_blob(storage, data)
+    path = storage._blob_path(first.blob_id)
+    inode = path.stat().st_ino
+    again = await write_blob(storage, data)
+    assert path.stat().st_ino == inode
+    assert again.stored_sha256 == first.stored_sha256 == hashlib.sha256(path.read_bytes()).digest()

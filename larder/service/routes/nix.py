@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from larder.core.blobs import decompressed
+from larder.core.blobs import decompressed, is_sound
 from larder.core.nixcache import (
     MAX_DEBUGINFO,
     FileRecord,
@@ -27,7 +27,7 @@ from larder.core.nixcache import (
     nix_cache_info,
     parse_nar_name,
 )
-from larder.errors import FormatError
+from larder.errors import FormatError, StorageError
 from larder.protocol.compression import Decompressor
 from larder.protocol.content_coding import accepts
 from larder.protocol.names import check_object_path
@@ -75,10 +75,9 @@ async def get_narinfo(request: web.Request) -> web.Response:
         store_hash = _store_hash(request)
     except FormatError:  # no store path has this hash: not here, as Nix reads a 404
         raise web.HTTPNotFound() from None
-    if request.method == "HEAD":
-        body = b"" if await nix.has_narinfo(settings, store_hash) else None
-    else:
-        body = await nix.get_narinfo(settings, store_hash)
+    # HEAD too reads the narinfo: what `nix copy` asks to decide what to upload must agree
+    # with what a GET would serve (a stored narinfo that does not parse is missing).
+    body = await nix.get_narinfo(settings, store_hash)
     note_lookup(request, "narinfo", body is not None)
     if body is None:
         request.app[HITS].missed_store_hash(settings.name, store_hash)
@@ -132,12 +131,28 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     if record is None or reader is None:
         raise web.HTTPNotFound()
     if compression == "zstd":
+        if reader.stored_size != record.stored_size:
+            # Sent as stored, unchecked: a blob of another size than the record's (and the
+            # narinfo's FileSize) is content stored again in another encoding, or one damaged
+            # at rest (cut short, overwritten) that must not go out as a complete download.
+            size = reader.stored_size
+            if not await is_sound(reader, record.nar_size, record.blob_id):
+                raise StorageError(
+                    f"stored blob {record.blob_id} is damaged ({size} bytes, its NAR record "
+                    f"says {record.stored_size}, and it does not decode to its content)"
+                )
+            reader = await nix.open_blob(record.blob_id)
+            if reader is None:
+                raise web.HTTPNotFound()
         return await serve_blob(request, reader, nar_headers())
     if request.method == "HEAD":
         await reader.close()
         return await serve_stream(request, None, record.nar_size, nar_headers())
     return await serve_stream(
-        request, decompressed(reader, record.nar_size), record.nar_size, nar_headers()
+        request,
+        decompressed(reader, record.nar_size, record.blob_id),
+        record.nar_size,
+        nar_headers(),
     )
 
 
@@ -185,7 +200,9 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         await reader.close()
         return await serve_stream(request, None, record.size, headers)
-    return await serve_stream(request, decompressed(reader, record.size), record.size, headers)
+    return await serve_stream(
+        request, decompressed(reader, record.size, record.blob_id), record.size, headers
+    )
 
 
 #: Codings aiohttp did not undo for routes before larder decoded uploads itself: objects stored
@@ -207,7 +224,7 @@ async def _serve_legacy_coded(
     decoder = Decompressor(record.content_encoding, pieces.append)
     await response.prepare(request)
     try:
-        async for chunk in decompressed(reader, record.size):
+        async for chunk in decompressed(reader, record.size, record.blob_id):
             decoder.write(chunk)
             for piece in pieces:
                 await response.write(piece)

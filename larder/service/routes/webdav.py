@@ -85,7 +85,9 @@ async def _get_entry(request: web.Request) -> web.StreamResponse:
     reader = await store.open(entry)
     if reader is None:
         raise web.HTTPNotFound()
-    return await serve_stream(request, decompressed(reader, entry.size), entry.size, headers)
+    return await serve_stream(
+        request, decompressed(reader, entry.size, entry.blob_id), entry.size, headers
+    )
 
 
 async def put_entry(request: web.Request) -> web.Response:
