@@ -391,11 +391,13 @@ class _S3BlobReader(BlobReader):
         if self._closed:
             raise ValueError("blob reader is closed")
         storage = self._storage
-        body = await storage._run(storage._get_range_sync, self._key, start, stop, self.stored_size)
+        body = await storage._read(
+            storage._get_range_sync, self._key, start, stop, self.stored_size
+        )
         try:
             received = 0
             while True:
-                data = await storage._run(_read_body, body, READ_CHUNK)
+                data = await storage._read(_read_body, body, READ_CHUNK)
                 if not data:
                     break
                 received += len(data)
@@ -415,7 +417,8 @@ def _read_body(body: Any, size: int) -> bytes:
     return data
 
 
-#: Pooled connections kept beyond ``max_workers`` for blob writers run on other threads.
+#: Pooled connections kept beyond the two pools of ``max_workers`` threads for blob writers run
+#: on other threads.
 WRITER_CONNECTIONS = 16
 #: Seconds to wait for the answer to a multipart completion or a copy (a store may copy a large
 #: blob without sending anything meanwhile; the calls before them have the usual timeout, so a
@@ -430,12 +433,15 @@ class S3Storage(Storage):
 
     ``client``: a ready boto3 S3 client (then ``endpoint_url``, ``region_name``, the timeouts
     and ``max_attempts`` are ignored, and :meth:`close` leaves the client open); by default one
-    is built with standard retries, these timeouts and ``max_workers`` (plus
+    is built with standard retries, these timeouts and ``2 * max_workers`` (plus
     :data:`WRITER_CONNECTIONS`) pooled connections. ``read_timeout`` bounds each wait for an
     answer's next bytes, per attempt: a hung endpoint fails a call after about
     ``max_attempts * read_timeout`` seconds.
     ``part_size``: multipart threshold and part size, 5 MiB to 5 GiB; a writer buffers at most
-    about one part. ``max_workers``: threads running the async methods' boto3 calls.
+    about one part. ``max_workers``: threads running the async methods' boto3 calls, and as
+    many again reading blob bodies (a download reads its body a chunk at a time as its client
+    takes it, for as long as a slow store or client makes that last: lookups must not queue
+    behind downloads).
     """
 
     backend: ClassVar[str] = "s3"
@@ -485,7 +491,7 @@ class S3Storage(Storage):
                 connect_timeout=connect_timeout,
                 read_timeout=timeout,
                 # The blob writers, driven from the caller's threads, call boto3 too.
-                max_pool_connections=max_workers + WRITER_CONNECTIONS,
+                max_pool_connections=2 * max_workers + WRITER_CONNECTIONS,
                 # Validate checksums only where larder asks for it (whole-object reads): S3 does
                 # not return checksums for ranged reads, but some S3 imitations send the whole
                 # object's, which botocore would then fail to match.
@@ -507,6 +513,7 @@ class S3Storage(Storage):
         self._made_slow_client: S3Client | None = None
         self._slow_client_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3")
+        self._reader = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3-read")
         self._warned_unconditional = False
 
     def __repr__(self) -> str:
@@ -528,6 +535,11 @@ class S3Storage(Storage):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the threads that read blob bodies."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, functools.partial(fn, *args))
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -928,7 +940,8 @@ class S3Storage(Storage):
         return aborted
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        for executor in (self._executor, self._reader):
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
         if self._owns_client:
             self._client.close()
             if self._made_slow_client is not None:

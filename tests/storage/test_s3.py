@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
+import larder.storage.s3 as s3_module
 from larder.errors import StorageError, StorageFull, StorageUnavailable
 from larder.storage.base import BlobInfo, Storage
 from larder.storage.factory import open_storage
@@ -696,5 +697,37 @@ async def test_big_blob_under_part_size_is_one_put(s3_bucket: S3Bucket) -> None:
         assert info.stored_size < MIN_PART_SIZE
         assert decompress(await read_stored(storage, info.blob_id)) == data
         assert await asyncio.to_thread(s3_bucket.uploads) == []
+    finally:
+        await storage.close()
+
+
+async def test_lookups_go_on_while_every_body_reader_waits_on_the_store(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloads from a slow store (or to slow clients) hold their reading threads: small
+    calls (a narinfo lookup) have threads of their own and do not queue behind them."""
+    storage = s3_bucket.make_storage(max_workers=2)
+    try:
+        info = await write_blob(storage, mixed_data(600_000, seed=31))
+        await storage.put("caches/main/narinfo/x", b"narinfo")
+        stuck = threading.Event()
+        real_read = s3_module._read_body
+
+        def slow_read(body: Any, size: int) -> bytes:
+            stuck.wait(30)
+            return real_read(body, size)
+
+        monkeypatch.setattr(s3_module, "_read_body", slow_read)
+        readers = [await storage.blob_open(info.blob_id) for _ in range(4)]
+        downloads = [
+            asyncio.ensure_future(anext(reader.chunks()))  # type: ignore[union-attr]
+            for reader in readers
+        ]
+        await asyncio.sleep(0.5)
+        try:
+            assert await asyncio.wait_for(storage.get("caches/main/narinfo/x"), 10) == b"narinfo"
+        finally:
+            stuck.set()
+            await asyncio.gather(*downloads)
     finally:
         await storage.close()
