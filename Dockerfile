@@ -1,7 +1,8 @@
 # larder: build the package in one stage, run it from a slim image with no build tools.
 #   docker build -t larder .
 #   docker run -p 8080:8080 -v larder-data:/var/lib/larder larder
-# Configuration comes from LARDER_* variables and mounted files only (see docs/operating.md).
+# Configuration comes from LARDER_* variables and mounted files only (see docs/operating.md);
+# the image's own defaults (docker/defaults.toml) are below both.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
@@ -17,15 +18,15 @@ RUN groupadd --system --gid 10001 larder \
  && mkdir -p /var/lib/larder \
  && chown larder:larder /var/lib/larder
 COPY --from=build /opt/larder /opt/larder
+COPY docker/defaults.toml /etc/larder/defaults.toml
 ENV PATH=/opt/larder/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    LARDER_LISTEN=0.0.0.0:8080 \
-    LARDER_STORAGE=/var/lib/larder
+    LARDER_DEFAULTS=/etc/larder/defaults.toml
 USER 10001:10001
 WORKDIR /var/lib/larder
 VOLUME ["/var/lib/larder"]
 EXPOSE 8080
-# GET /healthz on LARDER_LISTEN's port (or the config file's listen), whatever it is set to;
+# GET /healthz on the port serve listens on (LARDER_LISTEN, the config file's or the defaults');
 # the probe loads nothing of the server (it shares the container's CPU limit every 30 s).
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
   CMD ["python", "-m", "larder.service.healthcheck"]

@@ -1,8 +1,10 @@
 """Configuration: one frozen, typed object, loaded once and passed down.
 
 Precedence, highest first: command-line flags, ``LARDER_*`` environment variables, the TOML
-config file (``--config`` / ``LARDER_CONFIG``), built-in defaults. This module is the only place
-in larder that reads ``os.environ`` (the rustc shim keeps its own small config).
+config file (``--config`` / ``LARDER_CONFIG``), a TOML defaults file (``LARDER_DEFAULTS``: the
+container image's own defaults, so that a mounted config file overrides them; a missing file
+gives none), built-in defaults. This module is the only place in larder that reads
+``os.environ`` (the rustc shim keeps its own small config).
 
 Config file keys are the field names below (``listen = "0.0.0.0:8080"``,
 ``max_upload_size = "8GiB"``); env vars are ``LARDER_`` + the upper-cased field name.
@@ -311,12 +313,38 @@ def _convert(name: str, value: object, source: str) -> Any:
         raise ConfigError(f"{source}: bad value for {name}: {exc}") from None
 
 
+#: Names a TOML file of defaults below the config file (the container image ships one).
+DEFAULTS_ENV = "LARDER_DEFAULTS"
+
+
+def read_toml(path: Path, what: str = "config file", *, optional: bool = False) -> dict[str, Any]:
+    """A TOML file's table; ``optional``: a missing file is an empty one. Any other failure is
+    a :class:`ConfigError` naming ``what`` and the file."""
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        if optional and isinstance(exc, FileNotFoundError):
+            return {}
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+
+
+def _file_settings(
+    path: Path, what: str = "config file", *, optional: bool = False
+) -> dict[str, Any]:
+    values = {}
+    for key, value in read_toml(path, what, optional=optional).items():
+        if key not in _PARSERS:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        values[key] = _convert(key, value, str(path))
+    return values
+
+
 def load_config(
     flags: Mapping[str, object | None] | None = None,
     environ: Mapping[str, str] | None = None,
     flag_names: Mapping[str, str] | None = None,
 ) -> Config:
-    """Merge flags > env > file > defaults into a validated :class:`Config`.
+    """Merge flags > env > file > defaults file > defaults into a validated :class:`Config`.
 
     ``flags`` holds command-line values by field name (``None`` = not given) plus an optional
     ``config`` entry naming the TOML file; ``environ`` defaults to ``os.environ``.
@@ -326,17 +354,15 @@ def load_config(
     flags = dict(flags or {})
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    if env.get(DEFAULTS_ENV):
+        values.update(
+            _file_settings(
+                Path(env[DEFAULTS_ENV]), f"defaults file ({DEFAULTS_ENV})", optional=True
+            )
+        )
     config_file = flags.pop("config", None) or env.get("LARDER_CONFIG")
     if config_file:
-        path = Path(str(config_file))
-        try:
-            document = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        for key, value in document.items():
-            if key not in _PARSERS:
-                raise ConfigError(f"{path}: unknown setting {key!r}")
-            values[key] = _convert(key, value, str(path))
+        values.update(_file_settings(Path(str(config_file))))
     for setting in fields(Config):
         variable = f"LARDER_{setting.name.upper()}"
         raw = env.get(variable)

@@ -2,19 +2,26 @@
 on the listen address the server is configured with, 1 (saying why) if not.
 
 The image's ``HEALTHCHECK`` runs it every 30 s beside the server, under the same CPU limit, so
-it reads only ``listen`` (``LARDER_LISTEN``, else the config file's, else the default) and loads
-nothing of the server: no aiohttp, no storage backends. It never goes through a proxy.
+it reads only ``listen`` (``LARDER_LISTEN``, else the config file's, else the defaults file's,
+else the default) and loads nothing of the server: no aiohttp, no storage backends. It never
+goes through a proxy.
 """
 
 from __future__ import annotations
 
 import sys
-import tomllib
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from larder.service.config import Config, format_listen, parse_listen
+from larder.service.config import (
+    DEFAULTS_ENV,
+    Config,
+    ConfigError,
+    format_listen,
+    parse_listen,
+    read_toml,
+)
 
 TIMEOUT = 2.0  # seconds; the image's HEALTHCHECK allows 3
 
@@ -22,10 +29,14 @@ TIMEOUT = 2.0  # seconds; the image's HEALTHCHECK allows 3
 def listen_address(environ: Mapping[str, str], config_file: str | None = None) -> str:
     """``listen`` as ``larder serve`` would read it without flags."""
     listen = environ.get("LARDER_LISTEN")
-    path = config_file or environ.get("LARDER_CONFIG")
-    if not listen and path:
-        value = tomllib.loads(Path(path).read_text()).get("listen")
-        listen = value if isinstance(value, str) else None
+    files = (
+        (config_file or environ.get("LARDER_CONFIG"), False),
+        (environ.get(DEFAULTS_ENV), True),
+    )
+    for path, optional in files:
+        if not listen and path:
+            value = read_toml(Path(path), optional=optional).get("listen")
+            listen = value if isinstance(value, str) else None
     return listen or Config().listen
 
 
@@ -60,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         listen = listen_address(os.environ, config_file)
-    except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+    except ConfigError as exc:
+        print(f"larder: {exc.message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
         print(f"larder: cannot read the listen address: {exc}", file=sys.stderr)
         return 1
     return probe(listen)

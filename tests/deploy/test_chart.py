@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from larder.service.config import DEFAULTS_ENV, load_config
+from larder.service.healthcheck import listen_address
 from tools.make_dashboard import OUT as DASHBOARD_CHECKED_BY_THE_METRICS_TESTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +87,28 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     assert 'ENTRYPOINT ["larder", "serve"]' in final
     assert 'VOLUME ["/var/lib/larder"]' in final
     assert not re.search(r"apt-get install|gcc|build-essential", final)
+
+
+def test_a_mounted_config_file_overrides_the_image_defaults(tmp_path: Path) -> None:
+    """The image's listen and storage are defaults below a config file, not LARDER_* variables
+    that would silently win over it; the health check reads listen in the same order."""
+    final = (ROOT / "Dockerfile").read_text().split("\nFROM ")[-1].replace("\\\n", " ")
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(re.findall(r"^ENV (.*)$", final, re.M))))
+    assert [name for name in env if name.startswith("LARDER_")] == [DEFAULTS_ENV]
+    copied = re.search(rf"^COPY (\S+) {re.escape(env[DEFAULTS_ENV])}$", final, re.M)
+    assert copied is not None
+    image = {DEFAULTS_ENV: str(ROOT / copied[1])}  # the image's environment, here
+    assert load_config({}, environ=image).listen == "0.0.0.0:8080"
+    assert load_config({}, environ=image).storage == "/var/lib/larder"
+    assert listen_address(image) == "0.0.0.0:8080"
+    mounted = tmp_path / "larder.toml"
+    mounted.write_text('listen = "0.0.0.0:9000"\nstorage = "s3://team-cache/larder"\n')
+    image["LARDER_CONFIG"] = str(mounted)
+    config = load_config({}, environ=image)
+    assert (config.listen, config.storage) == ("0.0.0.0:9000", "s3://team-cache/larder")
+    assert listen_address(image) == "0.0.0.0:9000"
+    image["LARDER_LISTEN"] = "0.0.0.0:9100"  # a variable still beats the file
+    assert load_config({}, environ=image).listen == listen_address(image) == "0.0.0.0:9100"
 
 
 def test_the_image_installs_the_tested_versions() -> None:

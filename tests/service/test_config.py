@@ -43,6 +43,27 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
     assert config.refresh_interval == Config().refresh_interval  # default
 
 
+def test_the_defaults_file_is_below_the_config_file(tmp_path: Path) -> None:
+    defaults = tmp_path / "defaults.toml"
+    defaults.write_text('listen = "0.0.0.0:8080"\nstorage = "/var/lib/larder"\nzstd_level = 7\n')
+    path = tmp_path / "larder.toml"
+    path.write_text('listen = "0.0.0.0:9000"\n')
+    env = {"LARDER_DEFAULTS": str(defaults), "LARDER_CONFIG": str(path)}
+    config = load_config({}, environ=env)
+    assert (config.listen, config.storage, config.zstd_level) == (
+        "0.0.0.0:9000",
+        "/var/lib/larder",
+        7,
+    )
+    env["LARDER_ZSTD_LEVEL"] = "9"
+    assert load_config({}, environ=env).zstd_level == 9
+    missing = {"LARDER_DEFAULTS": str(tmp_path / "none.toml")}  # outside the image: no defaults
+    assert load_config({}, environ=missing) == Config()
+    defaults.write_text('lisen = "0.0.0.0:1"\n')
+    with pytest.raises(ConfigError, match="unknown setting 'lisen'"):
+        load_config({}, environ=env)
+
+
 def test_config_flag_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "other.toml"
     path.write_text('public_url = "https://larder.example/"\n')
