@@ -6,9 +6,11 @@
 * Every ``gc_interval`` seconds it runs a collection under the configured limits, unless another
   replica completed one within the interval (``gc/last-run``) or holds the lease right now.
   ``larder_gc_last_completed_timestamp_seconds`` is the store's last completed run as this
-  replica knows it: read from ``gc/last-run`` at start and before each due run, then its own.
-  A replica that restarted, or that another replica's runs keep idle, so still shows how long
-  the store has gone without a collection.
+  replica knows it: read from ``gc/last-run`` at start, every :data:`LAST_RUN_READS` refresh
+  intervals (whatever ``gc_interval`` is: with 0, a scheduled ``larder gc`` collects) and
+  before each due run, then its own. A replica that restarted, that another replica's runs
+  keep idle, or that leaves collections to a scheduled job so still shows how long the store
+  has gone without a collection.
 
 Limits (:func:`gc_policies`): a cache's own (``larder cache limits``) win; a cache without a
 retention of its own gets ``gc_retention``; ``gc_max_size`` caps the whole store.
@@ -38,6 +40,9 @@ from larder.service.observability.metrics import Metrics
 from larder.service.state import METRICS
 
 log = logging.getLogger("larder")
+
+#: ``gc/last-run`` is read again every this many ``refresh_interval`` (a minute by default).
+LAST_RUN_READS = 6
 
 
 def gc_policies(
@@ -175,7 +180,8 @@ async def _every(
 
 
 async def _read_last_run(app: web.Application) -> None:
-    """At start: export the store's last completed collection, not 0, until this replica's own."""
+    """Export the store's last completed collection (this replica's, another's or a scheduled
+    ``larder gc``'s), not 0."""
     try:
         await _last_run_finished(app)
     except LarderError as exc:
@@ -209,8 +215,14 @@ def start(app: web.Application, scans: bool = True) -> list[asyncio.Task[None]]:
             _every(config.use_flush_interval, "writing recorded uses", lambda: _flush_uses(app))
         )
     )
+    if scans:
+        period = max(LAST_RUN_READS * config.refresh_interval, 1.0)
+        tasks.append(
+            asyncio.create_task(
+                _every(period, "reading the last collection", lambda: _read_last_run(app), 0)
+            )
+        )
     if scans and config.gc_interval > 0:
-        tasks.append(asyncio.create_task(_read_last_run(app)))
         # Replicas started together spread out; each then checks gc/last-run before it runs.
         first = config.gc_interval * random.uniform(0.5, 1.0)
         tasks.append(

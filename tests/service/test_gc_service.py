@@ -125,6 +125,29 @@ async def test_a_replica_starts_with_the_stores_last_collection_not_zero(
     assert await exported() == finished  # so "time since the last collection" stays true
 
 
+async def test_a_scheduled_collection_is_exported_without_gc_interval(
+    make_service: ServiceFactory,
+) -> None:
+    """With gc_interval 0 a scheduled `larder gc` collects: the gauge follows its gc/last-run
+    while the server runs, or the alert on stale collections could never fire."""
+    storage = MemoryStorage()
+    service = await make_service(storage, gc_interval=0, usage_interval=0, refresh_interval=0.1)
+    gauge = "larder_gc_last_completed_timestamp_seconds"
+
+    async def exported() -> float:
+        text = await (await service.client.get("/metrics")).text()
+        return float(next(line for line in text.splitlines() if line.startswith(gauge)).split()[1])
+
+    await asyncio.sleep(0.2)
+    assert await exported() == 0  # never collected
+    finished = time.time() - 60  # the job, after the server started
+    await storage.put(keys.GC_LAST_RUN, json.dumps({"finished": finished}).encode())
+    deadline = time.monotonic() + 10
+    while await exported() != finished and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert await exported() == finished
+
+
 async def test_a_disk_store_gets_its_reserve_when_serve_starts(
     make_service: ServiceFactory, tmp_path: Path
 ) -> None:
