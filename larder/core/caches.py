@@ -37,7 +37,8 @@ class CacheSettings:
     created_at: int = 0
     # Public keys (Nix format); when set, an uploaded narinfo must carry a signature by one.
     trusted_upload_keys: tuple[str, ...] = ()
-    # Garbage collection limits of this cache (None: the store's default, see larder gc).
+    # Garbage collection limits of this cache (None: the configured default, see larder gc;
+    # 0: no limit, not even the default).
     gc_max_size: int | None = None  # bytes: its objects plus the distinct blobs they hold
     gc_retention: float | None = None  # seconds since last use
 

@@ -106,12 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", action="append", default=[], help="public key name:base64 (repeat; none: off)"
     )
     limits = cache_commands.add_parser(
-        "limits", help="set a cache's garbage-collection limits (0 or none: no limit)"
+        "limits",
+        help="set a cache's garbage-collection limits (0 or none: no limit, not even gc_retention;"
+        " default: drop the cache's own limit)",
     )
     _common(limits)
     limits.add_argument("name")
     limits.add_argument("--max-size", help="largest size, e.g. 50GB, 200GiB")
-    limits.add_argument("--retention", help="evict what was not used for this long, e.g. 30d")
+    limits.add_argument(
+        "--retention",
+        help="evict what was not used for this long, e.g. 30d (default: gc_retention applies)",
+    )
     cache_set = cache_commands.add_parser(
         "set", help="change a cache's privacy or priority (servers follow within refresh_interval)"
     )
@@ -344,8 +349,8 @@ async def _cache_command(args: argparse.Namespace, storage: Storage, config: Con
         if args.cache_command == "limits":
             settings = replace(
                 settings,
-                gc_max_size=_limit(args.max_size, parse_size, settings.gc_max_size),
-                gc_retention=_limit(args.retention, parse_ttl, settings.gc_retention),
+                gc_max_size=_own_limit(args.max_size, parse_size, settings.gc_max_size),
+                gc_retention=_own_limit(args.retention, parse_ttl, settings.gc_retention),
             )
             await registry.update(settings)
         if args.cache_command == "rotate-key":
@@ -392,6 +397,18 @@ def _limit(text: str | None, parse: Callable[[str], int], current: Any) -> Any:
         return parse(text)
     except ValueError as exc:
         raise LarderError(f"not a limit: {text!r} ({exc})") from None
+
+
+def _own_limit(text: str | None, parse: Callable[[str], int], current: Any) -> Any:
+    """A cache's own limit: unchanged when not given, ``0`` (no limit, not even the configured
+    one, which gc_policies then never applies) for ``0``/``none``/``never``, ``None`` (the
+    configured one applies) for ``default``."""
+    if text is None:
+        return current
+    if text.strip().lower() == "default":
+        return None
+    limit = _limit(text, parse, None)
+    return 0 if limit is None else limit
 
 
 async def _gc(args: argparse.Namespace, storage: Storage, config: Config) -> int:

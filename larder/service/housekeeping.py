@@ -52,8 +52,8 @@ def gc_policies(
     max_size: int | None = None,
     retention: float | None = None,
 ) -> dict[str, Policy]:
-    """Each cache's limits: ``max_size``/``retention`` given here, else its own, else the
-    configured retention (0 means none)."""
+    """Each cache's limits: ``max_size``/``retention`` given here, else its own (0: none, not
+    even the configured one), else the configured retention (0 means none)."""
     policies = {}
     for cache in caches:
         size = max_size if max_size is not None else cache.gc_max_size

@@ -94,10 +94,30 @@ def test_gc_retention_and_cache_limits(store: str, capsys: pytest.CaptureFixture
     # a is 60 minutes old, b 59, c 58: only c was used within the retention.
     assert not any(present(store, p) for p in pushed["a"] + pushed["b"])
     assert all(present(store, p) for p in pushed["c"])
-    code, out, _ = run(capsys, "cache", "limits", "main", "--retention", "none", "--max-size",
+    code, out, _ = run(capsys, "cache", "limits", "main", "--retention", "default", "--max-size",
                        "20GB", "--storage", store)  # fmt: skip
     shown = json.loads(out)
     assert shown["gc_retention"] is None and shown["gc_max_size"] == 20 * 10**9
+
+
+def test_a_cache_limit_of_0_is_no_limit_and_default_gives_the_configured_one(
+    store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pushed = populate(store)
+    for spelling in ("0", "0s", "none", "never"):
+        code, out, _ = run(
+            capsys, "cache", "limits", "main", "--retention", spelling, "--storage", store
+        )
+        assert code == 0 and json.loads(out)["gc_retention"] == 0, spelling
+    monkeypatch.setenv("LARDER_GC_RETENTION", "1s")  # the other caches' retention
+    assert run(capsys, "gc", "--storage", store)[0] == 0
+    assert all(present(store, p) for p in pushed["a"] + pushed["b"] + pushed["c"])
+    code, out, _ = run(capsys, "cache", "limits", "main", "--retention", "default",
+                       "--max-size", "0", "--storage", store)  # fmt: skip
+    shown = json.loads(out)
+    assert shown["gc_retention"] is None and shown["gc_max_size"] == 0
+    assert run(capsys, "gc", "--storage", store)[0] == 0
+    assert not any(present(store, p) for p in pushed["a"] + pushed["b"] + pushed["c"])
 
 
 def test_pins_protect_a_closure(store: str, capsys: pytest.CaptureFixture[str]) -> None:
