@@ -29,7 +29,13 @@ from larder.protocol.names import check_cache_name
 from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope, parse_ttl
 from larder.service import healthcheck
-from larder.service.config import Config, load_config, parse_size
+from larder.service.config import (
+    Config,
+    load_config,
+    parse_size,
+    unknown_variables,
+    worker_seat,
+)
 from larder.service.housekeeping import gc_policies, store_policy
 from larder.service.server import LOG_FORMAT, serve
 from larder.storage.base import Storage
@@ -461,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
         # boto3's INFO lines ("Found credentials in environment variables") are not larder's.
         logging.getLogger("botocore").setLevel(max(logging.WARNING, logging.root.level))
+        if worker_seat() is None:  # a server's workers: their parent has said it
+            for warning in unknown_variables():
+                log.warning("%s", warning)
         if args.command == "serve":
             return _serve(config, argv)
         if args.command == "healthcheck":

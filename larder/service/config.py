@@ -419,3 +419,59 @@ def worker_seat(environ: Mapping[str, str] | None = None) -> WorkerSeat | None:
     if index < 0 or fd < 0 or parent < 0 or not directory:
         raise ConfigError(f"{WORKER_INDEX_ENV} is set without a valid worker seat")
     return WorkerSeat(index, directory, fd, parent)
+
+
+#: ``LARDER_*`` variables that are not settings but are read by larder or set for it: the
+#: config and defaults files, a server's workers, the rustc shim's own config, and those of the
+#: tools, tests and benchmarks (``LARDER_TEST_*`` is left to tests).
+OTHER_VARIABLES = frozenset(
+    {
+        "LARDER_CONFIG",
+        DEFAULTS_ENV,
+        WORKER_INDEX_ENV,
+        WORKER_DIR_ENV,
+        WORKER_FD_ENV,
+        WORKER_PARENT_ENV,
+        "LARDER_URL",
+        "LARDER_TOKEN",
+        "LARDER_DISABLE",
+        "LARDER_LOG",
+        "LARDER_TIMEOUT",
+        "LARDER_RESIDENT",
+        "LARDER_EXPLAIN_SAFE_ENV",
+        "LARDER_STATE_DIR",
+        "LARDER_KEY_DIR",
+        "LARDER_UPLOAD_ZSTD_LEVEL",
+        "LARDER_UPLOAD_NICE",
+        "LARDER_SID_PREFIX",
+        "LARDER_SID_ROOT",
+        "LARDER_SID_APT",
+        "LARDER_SID_MIRROR",
+        "LARDER_DEMO_GREETING",
+        "LARDER_DEMO_SQUARES",
+    }
+)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``LARDER_*`` variable that is neither a setting nor one of
+    :data:`OTHER_VARIABLES` (a misspelt setting would otherwise be ignored without a word),
+    naming the closest setting if one is close."""
+    import difflib  # imported when used: the health check loads this module every 30 s
+
+    env = os.environ if environ is None else environ
+    settings = {f"LARDER_{name.upper()}" for name in _PARSERS}
+    warnings = []
+    for variable in sorted(env):
+        if (
+            not variable.startswith("LARDER_")
+            or variable in settings
+            or variable in OTHER_VARIABLES
+            or variable.startswith("LARDER_TEST_")
+        ):
+            continue
+        name = variable.removeprefix("LARDER_").lower()
+        close = difflib.get_close_matches(name, list(_PARSERS), n=1)
+        hint = f" (did you mean LARDER_{close[0].upper()}?)" if close else ""
+        warnings.append(f"{variable} is not a larder setting and is ignored{hint}")
+    return warnings

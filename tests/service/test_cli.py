@@ -510,3 +510,19 @@ def test_the_image_health_check_reads_listen_as_the_server_does_and_loads_nothin
         env=env, capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert loaded.stdout.strip() == "[]"
+
+
+def test_a_misspelt_setting_in_the_environment_is_warned_about(
+    store: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LARDER_GC_MAXSIZE", "400GiB")  # LARDER_GC_MAX_SIZE
+    monkeypatch.setenv("LARDER_URL", "http://larder:8080/main")  # the rustc shim's
+    assert run(capsys, "cache", "create", "main", "--storage", store)[0] == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "LARDER_GC_MAXSIZE is not a larder setting and is ignored "
+        "(did you mean LARDER_GC_MAX_SIZE?)"
+    ]

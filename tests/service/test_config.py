@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import Field, fields
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from larder.service.config import (
     load_config,
     parse_listen,
     parse_size,
+    unknown_variables,
     worker_seat,
 )
 from larder.service.server import worker_count
@@ -387,3 +389,39 @@ def test_every_setting_parses_from_env_flag_and_file(name: str, tmp_path: Path) 
     path = tmp_path / "larder.toml"
     path.write_text(f"{name} = {_toml(in_file)}\n")
     assert getattr(load_config({"config": str(path)}, environ={}), name) == from_file
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_is_close_to() -> None:
+    env = {
+        "LARDER_GC_MAXSIZE": "400GiB",
+        "LARDER_BANANA": "1",
+        "LARDER_GC_MAX_SIZE": "1GiB",
+        "LARDER_URL": "http://larder:8080/main",
+        "LARDER_WORKER_INDEX": "0",
+        "LARDER_TEST_FOO": "1",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(env) == [
+        "LARDER_BANANA is not a larder setting and is ignored",
+        "LARDER_GC_MAXSIZE is not a larder setting and is ignored "
+        "(did you mean LARDER_GC_MAX_SIZE?)",
+    ]
+
+
+def test_every_larder_variable_the_project_names_is_known() -> None:
+    """Settings, or one of the variables read or set outside the config (shim, workers,
+    tools, tests): a variable used anywhere must not be reported as a typo."""
+    root = Path(__file__).resolve().parents[2]
+    named: set[str] = set()
+    for path in root.rglob("*"):
+        hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+        if hidden or not path.is_file() or path == Path(__file__).resolve():
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        named.update(re.findall(r"\bLARDER_[A-Z0-9_]*[A-Z0-9]\b", text))
+    assert "LARDER_URL" in named and "LARDER_GC_MAX_SIZE" in named
+    named.remove("LARDER_GC_MAXSIZE")  # the typo the README and these tests show
+    assert unknown_variables(dict.fromkeys(named, "")) == []
