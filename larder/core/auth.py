@@ -15,6 +15,7 @@ A token names one cache or ``*`` (every cache).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -48,6 +49,47 @@ log = logging.getLogger(__name__)
 VERIFIED_TOKENS = 4096
 #: Seconds: how often a badly signed token may make the secret be read again.
 SECRET_RECHECK = 1.0
+
+
+def fingerprint(secret: bytes) -> str:
+    """A short digest that tells token secrets apart without revealing one."""
+    return hashlib.sha256(b"larder token secret\0" + secret).hexdigest()[:16]
+
+
+async def record_secret_source(storage: Storage, mounted: bytes | None) -> None:
+    """What a server notes at start-up: a marker object when it signs tokens with a mounted
+    secret (with the secret's :func:`fingerprint`), none when it uses the store's."""
+    if mounted is None:
+        await storage.delete(keys.TOKEN_SECRET_MOUNTED)
+        return
+    marker = json.dumps({"fingerprint": fingerprint(mounted)}).encode()
+    if await storage.get(keys.TOKEN_SECRET_MOUNTED) != marker:
+        await storage.put(keys.TOKEN_SECRET_MOUNTED, marker)
+
+
+async def check_secret_source(storage: Storage, mounted: bytes | None) -> None:
+    """Refuse, before a command signs tokens or replaces the secret, when the servers of this
+    store use a mounted secret and the command has none (the tokens would be refused and the
+    store's secret created for nothing); warn when the command's differs from theirs."""
+    data = await storage.get(keys.TOKEN_SECRET_MOUNTED)
+    if data is None:
+        return
+    try:
+        recorded = str(json.loads(data)["fingerprint"])
+    except (ValueError, KeyError, TypeError):
+        recorded = ""
+    if mounted is None:
+        raise LarderError(
+            "the servers of this store sign tokens with a mounted secret: set token_secret_file "
+            "(LARDER_TOKEN_SECRET_FILE) to a file holding that secret"
+        )
+    if fingerprint(mounted) != recorded:
+        log.warning(
+            "token_secret_file is not the secret the servers of this store started with "
+            "(fingerprint %s, theirs %s): tokens made with it work only if they use it now",
+            fingerprint(mounted),
+            recorded or "unreadable",
+        )
 
 
 class TokenAuthority:

@@ -3,6 +3,7 @@
 ::
 
     config/token-secret                     HS256 secret for tokens (hex), created once
+    config/token-secret-mounted             marker: servers use a mounted secret (JSON: fingerprint)
     config/revoked/<token id>               revocation marker (JSON: when, why)
     config/caches/<cache>.json              cache settings and its ed25519 signing key
     config/pins/<cache>/<store hash>        pinned store path (JSON: path, when, note)
@@ -27,6 +28,7 @@ blobs they hold) and never touches ``config/``.
 from __future__ import annotations
 
 TOKEN_SECRET = "config/token-secret"
+TOKEN_SECRET_MOUNTED = "config/token-secret-mounted"
 REVOKED_PREFIX = "config/revoked/"
 CACHE_CONFIG_PREFIX = "config/caches/"
 PINS_PREFIX = "config/pins/"

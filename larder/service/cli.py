@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from larder.core.auth import TokenAuthority
+from larder.core.auth import TokenAuthority, check_secret_source, record_secret_source
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
 from larder.core.gc.collector import Collector
 from larder.core.pins import pin, pins, unpin
@@ -254,6 +254,8 @@ async def _make_private(config: Config, registry: CacheRegistry) -> None:
 async def _bootstrap(config: Config, storage: Storage) -> None:
     """Adopt configured keys and private caches; with no cache at all (none configured either)
     create ``main``. Always print how to use the caches."""
+    read_secret = config.mounted_token_secret()
+    await record_secret_source(storage, read_secret() if read_secret else None)
     registry = CacheRegistry(storage, config.refresh_interval)
     await _adopt_signing_keys(config, registry)
     await _make_private(config, registry)
@@ -285,9 +287,9 @@ async def _token_create(args: argparse.Namespace, storage: Storage, config: Conf
     cache = args.cache if args.cache == "*" else check_cache_name(args.cache)
     if cache != "*" and await CacheRegistry(storage).get(cache) is None:
         raise LarderError(f"no cache named {cache!r}")
-    authority = TokenAuthority(
-        storage, config.refresh_interval, mounted=config.mounted_token_secret()
-    )
+    read_secret = config.mounted_token_secret()
+    await check_secret_source(storage, read_secret() if read_secret else None)
+    authority = TokenAuthority(storage, config.refresh_interval, mounted=read_secret)
     token, claims = await authority.issue(cache, Scope.parse(args.scope), parse_ttl(args.ttl))
     print(token)
     expiry = claims.expires_at or "never"
@@ -304,7 +306,10 @@ async def _token_revoke(args: argparse.Namespace, storage: Storage, config: Conf
 
 
 async def _token_replace_secret(args: argparse.Namespace, storage: Storage, config: Config) -> int:
-    await TokenAuthority(storage, mounted=config.mounted_token_secret()).replace_secret()
+    read_secret = config.mounted_token_secret()
+    if read_secret is None:
+        await check_secret_source(storage, None)
+    await TokenAuthority(storage, mounted=read_secret).replace_secret()
     print(
         "replaced the token secret: tokens made before it stop working within "
         f"refresh_interval ({config.refresh_interval:g} s); make new ones with `larder token "

@@ -241,6 +241,63 @@ def test_replace_secret_refuses_a_mounted_secret(
     assert sorted(p.name for p in Path(store).rglob("*")) == before
 
 
+def test_no_token_is_minted_for_servers_that_use_a_mounted_secret_this_command_lacks(
+    store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its token would be refused by every server, and a store secret made for nothing."""
+    from larder.service import cli
+    from larder.service.config import Config
+
+    mounted = tmp_path / "token-secret"
+    mounted.write_text("ab" * 32)
+    server = Config(storage=store, token_secret_file=str(mounted))
+
+    async def start(config: Config) -> None:  # what `larder serve` does at start-up
+        storage = DiskStorage(store)
+        try:
+            await cli._bootstrap(config, storage)
+        finally:
+            await storage.close()
+
+    asyncio.run(start(server))
+    capsys.readouterr()
+    marker = json.loads((Path(store) / "objects" / "config" / "token-secret-mounted").read_text())
+    assert "ab" not in json.dumps(marker) and len(marker["fingerprint"]) == 16  # not the secret
+    for argv in (["create", "--cache", "main", "--scope", "write"], ["replace-secret"]):
+        code, out, err = run(capsys, "token", *argv, "--storage", store)
+        assert code == 2 and out == "", argv
+        assert "mounted secret: set token_secret_file" in err, argv
+    assert not (Path(store) / "objects" / "config" / "token-secret").exists()
+    monkeypatch.setenv("LARDER_TOKEN_SECRET_FILE", str(mounted))  # with it, tokens work
+    code, out, _ = run(capsys, "token", "create", "--cache", "main", "--scope", "write",
+                       "--storage", store)  # fmt: skip
+    assert code == 0 and not caplog.records
+
+    async def check(token: str) -> Scope:
+        storage = DiskStorage(store)
+        try:
+            authority = TokenAuthority(storage, 0, mounted=server.mounted_token_secret())
+            return (await authority.verify(token)).scope
+        finally:
+            await storage.close()
+
+    assert asyncio.run(check(out.strip())) == Scope.WRITE
+    other = tmp_path / "other-secret"
+    other.write_text("cd" * 32)
+    monkeypatch.setenv("LARDER_TOKEN_SECRET_FILE", str(other))  # not theirs: a warning
+    code, out, _ = run(capsys, "token", "create", "--cache", "main", "--scope", "write",
+                       "--storage", store)  # fmt: skip
+    assert code == 0 and "not the secret the servers of this store started with" in caplog.text
+    monkeypatch.delenv("LARDER_TOKEN_SECRET_FILE")
+    asyncio.run(start(Config(storage=store)))  # servers back on the store's secret
+    assert run(capsys, "token", "create", "--cache", "main", "--scope", "write",
+               "--storage", store)[0] == 0  # fmt: skip
+
+
 def test_cache_set_changes_privacy_and_priority_only(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
