@@ -80,3 +80,18 @@ def test_the_synopsis_shows_repeated_options_as_repeated() -> None:
     synopsis = re.search(r"```\nlarder serve.*?```", docs_text(), re.S)
     assert synopsis is not None
     assert not re.search(r"--\w[\w-]* [A-Z]+ \.\.\.", synopsis[0])
+
+
+def test_the_s3_timeouts_the_security_notes_give_are_the_codes() -> None:
+    """An operator sizes probe timeouts and alerts from these figures."""
+    import inspect
+
+    from larder.storage.s3 import SLOW_CALL_TIMEOUT, S3Storage
+
+    text = (ROOT / "docs" / "security.md").read_text()
+    outages = " ".join(text[text.index("**Storage outages.**") :].split("\n\n")[0].split())
+    attempts = inspect.signature(S3Storage.__init__).parameters["max_attempts"].default
+    assert f"{attempts} attempts" in outages
+    assert f"up to {attempts} x {Config().storage_timeout:g} s (`storage_timeout`" in outages
+    assert f"2 x {SLOW_CALL_TIMEOUT:g} s" in outages
+    assert not re.search(r"\b60 s\b|read_timeout", outages)
