@@ -321,7 +321,12 @@ def read_toml(path: Path, what: str = "config file", *, optional: bool = False) 
     """A TOML file's table; ``optional``: a missing file is an empty one. Any other failure is
     a :class:`ConfigError` naming ``what`` and the file."""
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"cannot read {what} {path}: not UTF-8 (byte {exc.object[exc.start]:#04x} at "
+            f"offset {exc.start}); TOML files are UTF-8"
+        ) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         if optional and isinstance(exc, FileNotFoundError):
             return {}

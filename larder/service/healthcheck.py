@@ -1,5 +1,6 @@
 """``python -m larder.service.healthcheck [--config FILE]``: exit 0 if ``GET /healthz`` answers
-on the listen address the server is configured with, 1 (saying why) if not.
+on the listen address the server is configured with, 1 (saying why) if not, 2 if the config
+cannot be read.
 
 The image's ``HEALTHCHECK`` runs it every 30 s beside the server, under the same CPU limit, so
 it reads only ``listen`` (``LARDER_LISTEN``, else the config file's, else the defaults file's,
@@ -71,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         listen = listen_address(os.environ, config_file)
-    except ConfigError as exc:
+    except ConfigError as exc:  # as any larder command stops on a bad config
         print(f"larder: {exc.message}", file=sys.stderr)
-        return 1
+        return 2
     except (OSError, ValueError) as exc:
         print(f"larder: cannot read the listen address: {exc}", file=sys.stderr)
         return 1

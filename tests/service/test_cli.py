@@ -583,3 +583,17 @@ def test_a_misspelt_setting_in_the_environment_is_warned_about(
         "LARDER_GC_MAXSIZE is not a larder setting and is ignored "
         "(did you mean LARDER_GC_MAX_SIZE?)"
     ]
+
+
+def test_a_config_file_that_is_not_utf8_stops_commands_and_the_probe_with_one_line(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "larder.toml"
+    config.write_bytes(b'# caf\xe9 config\nlisten = "127.0.0.1:1"\n')
+    code, out, err = run(capsys, "cache", "list", "--config", str(config), "--storage", store)
+    assert (code, out) == (2, "") and err.startswith(f"larder: cannot read config file {config}")
+    assert len(err.splitlines()) == 1 and "not UTF-8" in err
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LARDER_")}
+    probe = [sys.executable, "-m", "larder.service.healthcheck", "--config", str(config)]
+    done = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stderr.splitlines() == [err.strip()]

@@ -205,6 +205,16 @@ def test_unknown_or_malformed_file_settings_are_refused(tmp_path: Path) -> None:
         load_config({"config": str(path)}, environ={})
 
 
+def test_a_config_file_that_is_not_utf8_is_named_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "larder.toml"
+    path.write_bytes(b'# caf\xe9 config\nlisten = "127.0.0.1:1"\n')  # Latin-1
+    with pytest.raises(ConfigError) as raised:
+        load_config({"config": str(path)}, environ={})
+    assert raised.value.message == (
+        f"cannot read config file {path}: not UTF-8 (byte 0xe9 at offset 5); TOML files are UTF-8"
+    )
+
+
 def test_token_secret_file(tmp_path: Path) -> None:
     def mounted(config: Config) -> bytes:
         read = config.mounted_token_secret()
