@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(rotate)
     rotate.add_argument("name")
-    rotate.add_argument("--key-name", help="name of the new key (default NAME.larder-XXXXXX)")
-    rotate.add_argument(
+    new_key = rotate.add_mutually_exclusive_group()  # a key file names its key
+    new_key.add_argument("--key-name", help="name of the new key (default NAME.larder-XXXXXX)")
+    new_key.add_argument(
         "--key-file", help="use this Nix secret key (name:base64, as nix-store generates)"
     )
     trust = cache_commands.add_parser(

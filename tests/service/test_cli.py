@@ -212,6 +212,11 @@ def test_rotate_key_changes_the_served_key(
         capsys, "cache", "rotate-key", "team", "--key-file", str(key_file), "--storage", store
     )
     assert code == 2 and out == "" and err.startswith("larder: ")
+    key_file.write_text(SecretKey.generate("team.imported-2").to_string() + "\n")
+    with pytest.raises(SystemExit):  # argparse: a key file names its key, so not both
+        main(["cache", "rotate-key", "team", "--key-file", str(key_file), "--key-name",
+              "wanted-2", "--storage", store])  # fmt: skip
+    assert "not allowed with argument" in capsys.readouterr().err
     shown = run(capsys, "cache", "show", "team", "--storage", store)[1]
     assert json.loads(shown)["public_key"].startswith("team.imported-1:")
 
