@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import secrets
+import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -252,6 +253,18 @@ async def _make_private(config: Config, registry: CacheRegistry) -> None:
             print(f"cache {name!r}: made private (private_caches)", flush=True)
 
 
+def _command() -> str:
+    """``larder`` as the user can run it again: ``larder`` where PATH finds this one, else the
+    script as it was invoked (``.venv/bin/larder`` after ``make run``) or ``python -m larder``."""
+    invoked = sys.argv[0]
+    if Path(invoked).name == "__main__.py":
+        return f"{sys.executable} -m larder"
+    found = shutil.which("larder")
+    if "/" not in invoked or (found and Path(found).resolve() == Path(invoked).resolve()):
+        return "larder"
+    return invoked
+
+
 async def _bootstrap(config: Config, storage: Storage) -> None:
     """Adopt configured keys and private caches; with no cache at all (none configured either)
     create ``main``. Always print how to use the caches."""
@@ -274,7 +287,7 @@ async def _bootstrap(config: Config, storage: Storage) -> None:
         print(
             f"cache {name}: substituter {base}/{name}\n"
             f"  trusted-public-keys: {settings.public_key.to_string()}\n"
-            f"  write token: larder token create --storage {config.storage} "
+            f"  write token: {_command()} token create --storage {config.storage} "
             f"--cache {name} --scope write",
             flush=True,
         )

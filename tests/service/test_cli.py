@@ -602,3 +602,32 @@ def test_a_config_file_that_is_not_utf8_stops_commands_and_the_probe_with_one_li
     probe = [sys.executable, "-m", "larder.service.healthcheck", "--config", str(config)]
     done = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and done.stderr.splitlines() == [err.strip()]
+
+
+def test_the_printed_write_token_command_runs_as_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `make run` larder is .venv/bin/larder, not on PATH: `larder token ...` would fail."""
+    from larder.service import cli
+    from larder.service.config import Config
+    from larder.storage.memory import MemoryStorage
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "larder"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+
+    def printed(argv0: str, path: str) -> str:
+        monkeypatch.setattr(sys, "argv", [argv0, "serve"])
+        monkeypatch.setenv("PATH", path)
+        asyncio.run(cli._bootstrap(Config(storage="./larder-data"), MemoryStorage()))
+        out = capsys.readouterr().out
+        return next(line for line in out.splitlines() if "write token:" in line).split(": ", 1)[1]
+
+    monkeypatch.chdir(tmp_path)
+    assert printed("bin/larder", "/usr/bin:/bin").startswith("bin/larder token create ")
+    assert printed(str(script), f"{bin_dir}:/usr/bin").startswith("larder token create ")
+    assert printed("/src/larder/__main__.py", "/usr/bin").startswith(
+        f"{sys.executable} -m larder token create --storage ./larder-data --cache main"
+    )
