@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import secrets
 import shutil
 import sys
@@ -479,6 +480,16 @@ async def _pin_command(args: argparse.Namespace, storage: Storage, config: Confi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would give a traceback
+    except BrokenPipeError:  # the reader went away (`larder gc --json | head`): exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:

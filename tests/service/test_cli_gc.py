@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,3 +174,23 @@ def test_gc_refuses_while_another_collection_holds_the_lease(
     os.utime(lock, (time.time() - 3600, time.time() - 3600))  # its holder died long ago
     assert run(capsys, "gc", "--storage", store, "--max-size", "1")[0] == 0
     assert not lock.exists()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`larder gc --json | head`: no BrokenPipeError traceback on stderr."""
+    populate(store)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "larder", "gc", "--json", "--dry-run", "--storage", store],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == ""
