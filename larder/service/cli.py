@@ -19,6 +19,7 @@ import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +308,10 @@ async def _token_create(args: argparse.Namespace, storage: Storage, config: Conf
     authority = TokenAuthority(storage, config.refresh_interval, mounted=read_secret)
     token, claims = await authority.issue(cache, Scope.parse(args.scope), parse_ttl(args.ttl))
     print(token)
-    expiry = claims.expires_at or "never"
+    expiry = "never"
+    if claims.expires_at:
+        when = datetime.fromtimestamp(claims.expires_at, UTC)
+        expiry = f"{when:%Y-%m-%dT%H:%M:%SZ} ({claims.expires_at})"
     print(f"token id {claims.token_id}, scope {args.scope}, expires {expiry}", file=sys.stderr)
     return 0
 

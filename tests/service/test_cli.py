@@ -14,7 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -87,6 +87,15 @@ def test_token_create_prints_only_the_token(store: str, capsys: pytest.CaptureFi
     token = out.strip()
     assert token not in err and "token id" in err
     assert verify(store, token) == ("team", Scope.WRITE)
+    # The expiry as a UTC date a person reads (the epoch seconds beside it, for scripts).
+    shown = re.search(r"expires (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) \((\d+)\)$", err.strip())
+    assert shown is not None, err
+    when = datetime.strptime(shown[1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert when.timestamp() == int(shown[2])
+    assert abs(when - datetime.now(UTC) - timedelta(days=30)) < timedelta(minutes=1)
+    code, _, err = run(capsys, "token", "create", "--cache", "team", "--scope", "read",
+                       "--ttl", "0", "--storage", store)  # fmt: skip
+    assert code == 0 and err.strip().endswith("expires never")
 
 
 def test_token_for_a_missing_cache_is_refused(
