@@ -73,6 +73,20 @@ def test_disk_mode_refuses_several_replicas_and_pods_run_locked_down() -> None:
         assert needle in deployment, needle
 
 
+def test_settings_the_values_lack_can_be_set_through_extra_env() -> None:
+    """storage_timeout, max_nar_size...: the container takes any env entries given."""
+    assert values()["extraEnv"] == []
+    deployment = (CHART / "templates" / "deployment.yaml").read_text()
+    container = deployment.split("- name: larder\n", 1)[1].split("securityContext:", 1)[0]
+    assert re.search(
+        r"\{\{- with \.Values\.extraEnv \}\}\n {10}env: \{\{- toYaml \. \| nindent 12 \}\}\n"
+        r" {10}\{\{- end \}\}",
+        container,
+    )
+    documented = (ROOT / "docs" / "operating.md").read_text()
+    assert "`extraEnv`" in documented and "LARDER_STORAGE_TIMEOUT" in documented
+
+
 def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", dockerfile, re.M)) == 2
