@@ -1,6 +1,6 @@
 """``python -m larder.service.healthcheck [--config FILE]``: exit 0 if ``GET /healthz`` answers
-on the listen address the server is configured with, 1 (saying why) if not, 2 if the config
-cannot be read.
+on the listen address the server is configured with, 1 (saying why) if not, a config that
+cannot be read or a bad command line included (Docker reserves 2 for a health check).
 
 The image's ``HEALTHCHECK`` runs it every 30 s beside the server, under the same CPU limit, so
 it reads only ``listen`` (``LARDER_LISTEN``, else the config file's, else the defaults file's,
@@ -67,14 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_file = args[1] if args[:1] == ["--config"] and len(args) == 2 else None
     if args and config_file is None:
         print("usage: python -m larder.service.healthcheck [--config FILE]", file=sys.stderr)
-        return 2
+        return 1
     import os
 
     try:
         listen = listen_address(os.environ, config_file)
-    except ConfigError as exc:  # as any larder command stops on a bad config
+    except ConfigError as exc:  # in the words any larder command stops with on a bad config
         print(f"larder: {exc.message}", file=sys.stderr)
-        return 2
+        return 1
     except (OSError, ValueError) as exc:
         print(f"larder: cannot read the listen address: {exc}", file=sys.stderr)
         return 1
