@@ -270,7 +270,8 @@ def native_digests(
 ) -> list[tuple[str, str | None]]:
     """Item 10: static native libraries an rlib bundles, and what rustc may find by searching.
 
-    Each ``-l static=NAME`` (``+verbatim``: the file ``NAME`` itself) as the first
+    Each ``-l static=NAME`` (``+verbatim``: the file ``NAME`` itself; ``NAME:RENAME``: the
+    library ``RENAME``) as the first
     ``libNAME.a`` on the ``native``/``all`` search path, by name and BLAKE3, or null when not
     found. Then, for each ``-L`` directory under a root (the project's own: a vendored library,
     a build script's ``OUT_DIR``; system directories are left out like system headers), every
@@ -284,7 +285,8 @@ def native_digests(
         kind, sep, name = value.partition("=")
         if not sep or not kind.startswith("static") or "-bundle" in kind:
             continue
-        name = name.partition(":")[0]
+        name, _, rename = name.partition(":")  # NAME:RENAME links libRENAME.a for NAME
+        name = rename or name
         file_name = name if "+verbatim" in kind else f"lib{name}.a"
         digest = None
         for directory in native_dirs:
