@@ -56,7 +56,7 @@ from larder.protocol.names import check_object_path
 from larder.protocol.narinfo import NarInfo
 from larder.protocol.signing import PublicKey
 from larder.protocol.storepath import STORE_DIR, check_hash_part
-from larder.storage.base import BlobReader
+from larder.storage.base import BlobReader, check_blob_id
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,19 @@ class NarRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> NarRecord:
+        """The record stored as ``data``; :class:`StorageError` when it is not one."""
         doc = load_record(data)
         file_hash, uploaded_as = doc.get("file_hash"), doc.get("uploaded_as")
-        return cls(
-            doc["blob"],
-            int(doc["nar_size"]),
-            int(doc["stored_size"]),
-            str(file_hash) if file_hash is not None else None,
-            str(uploaded_as) if uploaded_as is not None else None,
-        )
+        try:
+            return cls(
+                check_blob_id(doc["blob"]),
+                int(doc["nar_size"]),
+                int(doc["stored_size"]),
+                str(file_hash) if file_hash is not None else None,
+                str(uploaded_as) if uploaded_as is not None else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StorageError(f"corrupt NAR record: {exc!r}") from None
 
 
 @dataclass(frozen=True)
@@ -292,15 +296,22 @@ class NixCache:
         key = keys.nar(cache.name, nar_hash_nix32)
         memo_key = (cache.name, nar_hash_nix32, "")
         data = self._records.get(memo_key)[1] if serving else None  # only found ones are kept
+        remembered = data is not None
         if data is None:
             data = await self._storage.get(key)
             if data is None:
                 return None
-            if serving:
-                self._records.put(memo_key, data)
+        try:
+            record = NarRecord.from_json(data)
+        except StorageError as exc:
+            # Damaged at rest: missing, so the next upload of the NAR replaces it.
+            log.error("NAR record %s of cache %s: %s", nar_hash_nix32, cache.name, exc)
+            return None
         if serving:
+            if not remembered:
+                self._records.put(memo_key, data)
             self._touch(key)
-        return NarRecord.from_json(data)
+        return record
 
     async def open_blob(self, blob_id: str) -> BlobReader | None:
         return await self._storage.blob_open(blob_id)

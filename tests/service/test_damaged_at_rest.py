@@ -143,3 +143,21 @@ async def test_a_sound_blob_of_another_size_than_its_record_is_served(disk: Serv
     await disk.storage.put(key, json.dumps({**record, "stored_size": 12345}).encode())
     resp = await disk.client.get(f"/main/nar/{NAR_HASH}.nar.zst")
     assert resp.status == 200 and await resp.read() == UPLOAD
+
+
+@pytest.mark.parametrize("damage", [b"\x00not json", b'{"blob": "../../etc"}', b"[1, 2]"])
+async def test_a_nar_record_that_no_longer_parses_is_missing_until_uploaded_again(
+    disk: Service, damage: bytes
+) -> None:
+    await upload(disk)
+    await disk.storage.put(keys.nar("main", NAR_HASH), damage)
+    logger, messages = capturing_logger("larder.core.nixcache")
+    for method in ("GET", "HEAD"):  # HEAD: what Nix 2.34 asks before uploading
+        assert (await disk.client.request(method, UPLOAD_URL)).status == 404
+        resp = await disk.client.request(method, f"/main/nar/{NAR_HASH}.nar.zst")
+        assert resp.status == 404
+    assert any("NAR record" in m for m in messages), messages
+    await upload(disk)
+    resp = await disk.client.get(f"/main/nar/{NAR_HASH}.nar")
+    assert resp.status == 200 and await resp.read() == NAR
+    del logger
