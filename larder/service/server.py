@@ -52,6 +52,7 @@ from larder.errors import StorageError, StorageUnavailable
 from larder.service import workers as shared
 from larder.service.app import build_app
 from larder.service.config import Config, ConfigError, WorkerSeat, format_listen, worker_seat
+from larder.service.draining import HeldSockets
 from larder.service.front.connection import FrontProtocol
 from larder.service.front.limits import (
     KEEPALIVE_TIMEOUT,
@@ -251,13 +252,31 @@ class Running:
     sweeper: Sweeper
 
     async def stop(self) -> None:
+        """Accept no more; let the answers in progress end (the short path's and the
+        application's alike, within :data:`SHUTDOWN_TIMEOUT`), then, within the same time,
+        until what they wrote has left (:mod:`~larder.service.draining`)."""
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT
         self.listener.close()
         self.sweeper.stop()
-        for connection in list(self.front):
-            connection.close()
-        self.fast.flush()
+        held = HeldSockets()
+        held.hold(connection.transport for connection in self.front)
+        server = self.runner.server
+        held.hold(handler.transport for handler in getattr(server, "connections", ()))
+        busy = [connection for connection in list(self.front) if not connection.stop()]
         stop_reading(self.runner.app)
-        await self.runner.cleanup()
+        await asyncio.gather(self.runner.cleanup(), _answered(busy, self.front, deadline))
+        self.fast.flush()
+        await held.drained(deadline)
+
+
+async def _answered(busy: list[FrontProtocol], still: set[FrontProtocol], deadline: float) -> None:
+    """Wait until none of ``busy`` is ``still`` open (each closes once answered); close those
+    left at ``deadline``."""
+    while busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        busy = [connection for connection in busy if connection in still]
+    for connection in busy:
+        connection.close()
 
 
 async def start(

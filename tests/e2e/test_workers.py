@@ -322,3 +322,31 @@ def test_sighup_stops_the_server_gracefully(tmp_path: Path, workers: int) -> Non
             time.sleep(0.1)
         assert not any(Path(f"/proc/{pid}").exists() for pid in children)
         assert os.waitpid(server.pid, 0)[1] == 0  # a clean exit, not death by the signal
+
+
+def test_a_download_still_queued_for_a_slow_client_at_exit_arrives_whole(tmp_path: Path) -> None:
+    """The server finishes sending within its grace while a slow client still has the last bytes
+    to read from the kernel's send queue: a process that exited then left the client a 200 some
+    32 KiB short. The process stays until the queue is empty (or the grace ends)."""
+    nar = write_nar({"type": "regular", "contents": os.urandom(8 << 20)})
+    digest = nix32.encode(hashlib.sha256(nar).digest())
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        put = Connection(server, port).request(
+            "PUT", f"/main/nar/{digest}.nar", nar, server.token()
+        )
+        assert put[0] == 200
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as download:
+            download.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+            download.sendall(f"GET /main/nar/{digest}.nar HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            received = b""
+            stop_at = time.monotonic() + 1.0
+            while chunk := download.recv(32 * 1024):
+                received += chunk
+                time.sleep(len(chunk) / 4e5)  # about 400 KB/s: some 20 s
+                if stop_at and time.monotonic() > stop_at:
+                    os.kill(server.pid, signal.SIGTERM)
+                    stop_at = 0.0
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert len(body) == len(nar), f"{len(nar) - len(body)} bytes short"

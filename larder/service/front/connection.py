@@ -86,6 +86,8 @@ class FrontProtocol(asyncio.Protocol):
         self.head_since = 0.0
         self._lookup: asyncio.Task[None] | None = None
         self._eof = False
+        #: The server is stopping: close once the answer in progress is sent.
+        self._stopping = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -274,6 +276,9 @@ class FrontProtocol(asyncio.Protocol):
     def _go_on(self) -> None:
         """After an answer a task made: serve what came behind it, or close once the client is
         done sending and everything it sent is answered."""
+        if self._stopping:
+            self.close()
+            return
         self._serve()
         if self._eof and self._lookup is None and self in self._open:
             self.close()
@@ -372,6 +377,19 @@ class FrontProtocol(asyncio.Protocol):
         if self._lookup is not None:
             self._lookup.cancel()
             self._lookup = None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    def stop(self) -> bool:
+        """The server is stopping: close now when idle, else once the answer in progress (a
+        lookup, a NAR being sent) is done; whether it is closed now."""
+        if self._lookup is None:
+            self.close()
+            return True
+        self._stopping = True
+        return False
 
     def close(self) -> None:
         """Close the connection (idle, timed out, or the server is stopping)."""
