@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import blake3
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import larder.core.gc.collector as collector_module
 from larder.core import keys
 from larder.core.gc.collector import Collector, Report
 from larder.core.gc.lock import CollectionBusy, LeaseLost, acquire, held
@@ -711,3 +713,33 @@ async def test_a_dead_holders_fresh_lease_is_taken_whatever_the_clocks() -> None
         taken = await acquire(storage, lease=900, clock=lambda s=skew: time.time() + s)
         assert await storage.get(keys.GC_LOCK) == taken.document
         await taken.release()
+
+
+async def test_weighing_a_large_store_leaves_the_event_loop_free(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning over millions of objects takes seconds of pure computation: a worker whose loop
+    it held sent no heartbeat and was killed, so such a collection never completed."""
+    await three_closures(world)
+    real_plan = collector_module.plan
+
+    def slow_plan(*args: object, **kwargs: object) -> object:
+        time.sleep(0.5)  # as long as a large store takes
+        return real_plan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(collector_module, "plan", slow_plan)
+    gaps: list[float] = []
+
+    async def ticks() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    ticker = asyncio.ensure_future(ticks())
+    try:
+        await collect(world, max_size=1)
+    finally:
+        ticker.cancel()
+    assert gaps and max(gaps) < 0.3, max(gaps)

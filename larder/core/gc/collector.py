@@ -232,58 +232,20 @@ class Collector:
     ) -> _Work:
         snapshot = await read_snapshot(self._storage, caches, self.known, clock=report.started)
         self.known = snapshot.entries
-        blob_sizes = {blob_id: blob.stored_size for blob_id, blob in snapshot.blobs.items()}
-        grouped = snapshot.by_cache()
-        nodes: dict[str, Node] = {}
-        scopes: dict[str, dict[str, Node]] = {}
         uses: dict[str, RecordedUses] = {}
-        # What a failed flush left in memory (nothing after one that worked)
-        pending = self._recorder.pending_by_cache() if self._recorder is not None else {}
+        pinned: dict[str, set[str]] = {}
         for cache in caches:
             uses[cache] = await load_uses(self._storage, cache)
-            times = uses[cache].times
-            for rel, when in pending.get(cache, {}).items():
-                times[rel] = max(when, times.get(rel, -math.inf))
-            pinned = {
+            pinned[cache] = {
                 keys.narinfo(cache, pin.store_hash) for pin in await pins(self._storage, cache)
             }
-            cut = len(keys.cache_prefix(cache))
-            scope = scopes[cache] = {}
-            for key, entry in grouped.get(cache, {}).items():
-                used = max(entry.modified, uses[cache].times.get(key[cut:], -math.inf))
-                scope[key] = nodes[key] = Node(
-                    key, entry.kind, used, entry.size, entry.refs, entry.blob, key in pinned
-                )
-        report.corrupt = sum(1 for entry in snapshot.entries.values() if entry.corrupt)
-        order: list[str] = []
-        for cache in caches:
-            policy = policies.get(cache)
-            scope = scopes[cache]
-            cache_report = CacheReport(
-                max_size=policy.max_size if policy else None,
-                retention=policy.retention if policy else None,
-                size_before=total_size(scope.values(), blob_sizes),
-                before=tally((snapshot.entries[k] for k in scope), snapshot.blobs, KINDS),
-            )
-            report.caches[cache] = cache_report
-            if policy is not None and policy.limited:
-                order += plan(scope, blob_sizes, _with_grace(policy, grace), report.started).evict
-        report.store_size_before = sum(n.size for n in nodes.values()) + sum(blob_sizes.values())
-        if store is not None and store.limited:
-            report.store_max_size = store.max_size
-            gone = set(order)
-            rest = {key: node for key, node in nodes.items() if key not in gone}
-            capped = _with_grace(store, grace)
-            if capped.max_size is not None:
-                # Blobs nothing holds that are too young to reap stay: they use up the budget.
-                held = {node.blob for node in nodes.values() if node.blob is not None}
-                young = sum(
-                    blob.stored_size
-                    for blob_id, blob in snapshot.blobs.items()
-                    if blob_id not in held and blob.modified >= report.started - grace
-                )
-                capped = Policy(max(0, capped.max_size - young), capped.retention, grace)
-            order += plan(rest, blob_sizes, capped, report.started).evict
+        # What a failed flush left in memory (nothing after one that worked)
+        pending = self._recorder.pending_by_cache() if self._recorder is not None else {}
+        # Millions of objects take seconds to weigh: off the event loop, which keeps serving
+        # (and beating a worker's heartbeat) meanwhile.
+        nodes, order = await asyncio.to_thread(
+            _weigh, caches, snapshot, uses, pending, pinned, policies, store, grace, report
+        )
         return _Work(caches, snapshot, nodes, order, uses)
 
     # -- deleting ----------------------------------------------------------------------------
@@ -431,3 +393,64 @@ class Collector:
 
 def _with_grace(policy: Policy, grace: float) -> Policy:
     return Policy(policy.max_size, policy.retention, grace)
+
+
+def _weigh(
+    caches: list[str],
+    snapshot: Snapshot,
+    uses: Mapping[str, RecordedUses],
+    pending: Mapping[str, Mapping[str, float]],
+    pinned: Mapping[str, set[str]],
+    policies: Mapping[str, Policy],
+    store: Policy | None,
+    grace: float,
+    report: Report,
+) -> tuple[dict[str, Node], list[str]]:
+    """The collection's nodes (every object with its last use) and what to evict, in order;
+    fills ``report``'s sizes and tallies. Pure: no storage."""
+    blob_sizes = {blob_id: blob.stored_size for blob_id, blob in snapshot.blobs.items()}
+    grouped = snapshot.by_cache()
+    nodes: dict[str, Node] = {}
+    scopes: dict[str, dict[str, Node]] = {}
+    for cache in caches:
+        times = uses[cache].times
+        for rel, when in pending.get(cache, {}).items():
+            times[rel] = max(when, times.get(rel, -math.inf))
+        cut = len(keys.cache_prefix(cache))
+        scope = scopes[cache] = {}
+        for key, entry in grouped.get(cache, {}).items():
+            used = max(entry.modified, times.get(key[cut:], -math.inf))
+            scope[key] = nodes[key] = Node(
+                key, entry.kind, used, entry.size, entry.refs, entry.blob, key in pinned[cache]
+            )
+    report.corrupt = sum(1 for entry in snapshot.entries.values() if entry.corrupt)
+    order: list[str] = []
+    for cache in caches:
+        policy = policies.get(cache)
+        scope = scopes[cache]
+        cache_report = CacheReport(
+            max_size=policy.max_size if policy else None,
+            retention=policy.retention if policy else None,
+            size_before=total_size(scope.values(), blob_sizes),
+            before=tally((snapshot.entries[k] for k in scope), snapshot.blobs, KINDS),
+        )
+        report.caches[cache] = cache_report
+        if policy is not None and policy.limited:
+            order += plan(scope, blob_sizes, _with_grace(policy, grace), report.started).evict
+    report.store_size_before = sum(n.size for n in nodes.values()) + sum(blob_sizes.values())
+    if store is not None and store.limited:
+        report.store_max_size = store.max_size
+        gone = set(order)
+        rest = {key: node for key, node in nodes.items() if key not in gone}
+        capped = _with_grace(store, grace)
+        if capped.max_size is not None:
+            # Blobs nothing holds that are too young to reap stay: they use up the budget.
+            held = {node.blob for node in nodes.values() if node.blob is not None}
+            young = sum(
+                blob.stored_size
+                for blob_id, blob in snapshot.blobs.items()
+                if blob_id not in held and blob.modified >= report.started - grace
+            )
+            capped = Policy(max(0, capped.max_size - young), capped.retention, grace)
+        order += plan(rest, blob_sizes, capped, report.started).evict
+    return nodes, order
