@@ -39,7 +39,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -360,7 +359,7 @@ class _Parent:
         self.command = list(command)
         self.sock = sock
         self.timeout = config.worker_timeout
-        self.directory = Path(tempfile.mkdtemp(prefix="larder-workers-"))
+        self.directory = shared.make_directory()
         shared.prepare(self.directory, count)
         self.heartbeats = shared.Heartbeats(self.directory)
         self.seats = [_Seat(index) for index in range(count)]

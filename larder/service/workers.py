@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,38 @@ METRICS = "metrics"
 def heartbeat_interval(worker_timeout: float) -> float:
     """Seconds between a worker's heartbeats: several within ``worker_timeout``, at most 1."""
     return min(1.0, worker_timeout / 4)
+
+
+#: What a shared directory's name starts with; the parent's pid and a dash follow.
+PREFIX = "larder-workers-"
+
+
+def make_directory() -> Path:
+    """A new shared directory under the system's temporary directory, named after this
+    process; first the directories of parents that are gone are removed (a parent killed with
+    SIGKILL leaves its own behind, and a container's ``/tmp`` outlives its restarts)."""
+    remove_left_behind(Path(tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+
+
+def remove_left_behind(parent: Path) -> list[Path]:
+    """Remove this user's shared directories in ``parent`` whose parent process is gone (a
+    process with its pid living on keeps them); the ones removed."""
+    removed = []
+    for path in parent.glob(f"{PREFIX}*-*"):
+        pid = path.name.removeprefix(PREFIX).partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            if path.lstat().st_uid != os.getuid() or not path.is_dir() or path.is_symlink():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:
+            continue  # alive under another user, or gone meanwhile
+    return removed
 
 
 def prepare(directory: Path, count: int) -> None:

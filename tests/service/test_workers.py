@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from larder.core.servedcache import WRITE_BUCKETS
+from larder.service import workers as shared
 from larder.service.workers import (
     Heartbeats,
     SharedWriteCounter,
@@ -72,3 +75,16 @@ def test_a_file_that_is_not_slots_is_refused(tmp_path: Path) -> None:
 def test_workers_beat_several_times_within_the_timeout() -> None:
     assert heartbeat_interval(30.0) == 1.0
     assert heartbeat_interval(2.0) == 0.5
+
+
+def test_shared_directories_of_parents_that_are_gone_are_removed(tmp_path: Path) -> None:
+    """A parent killed with SIGKILL leaves its directory; the next server's start removes it."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f"{shared.PREFIX}{gone.pid}-abc"
+    living = tmp_path / f"{shared.PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{shared.PREFIX}x9-ghi"  # not a name this makes
+    for directory in (left, living, other):
+        (directory / "metrics").mkdir(parents=True)
+    assert shared.remove_left_behind(tmp_path) == [left]
+    assert not left.exists() and living.exists() and other.exists()
