@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from larder.core import keys
-from larder.core.blobs import BlobStore, decode_document, decompressed, load_record
+from larder.core.blobs import BlobStore, decode_document, decompressed, is_sound, load_record
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest, keeps_upload, peek
 from larder.core.lastuse import Touch, ignore_use
@@ -190,6 +190,8 @@ class NixCache:
         # NAR records found while serving (a NAR is fetched right after its narinfo, and again
         # by every client), for as long as narinfos are remembered.
         self._records = ServedCache(served_ttl)
+        #: Blobs (id, stored size) whose size differs from their records', found sound.
+        self._sound: set[tuple[str, int]] = set()
         self._storage = blobs.storage
         self._run = blobs.run
 
@@ -315,6 +317,26 @@ class NixCache:
 
     async def open_blob(self, blob_id: str) -> BlobReader | None:
         return await self._storage.blob_open(blob_id)
+
+    async def checked_blob(self, record: NarRecord, reader: BlobReader) -> BlobReader | None:
+        """``reader``'s blob, whose stored size is not ``record``'s, once known to hold the NAR
+        (``None`` if it vanished meanwhile): a blob sent as stored, unchecked, of another size
+        than the narinfo's FileSize is content stored again in another encoding or one damaged
+        at rest (cut short, overwritten), which must not go out as a complete download. A
+        :class:`StorageError` when it is damaged. Blobs found sound are remembered (by id and
+        size), so each is decoded once per process."""
+        known = (record.blob_id, reader.stored_size)
+        if known in self._sound:
+            return reader
+        if not await is_sound(reader, record.nar_size, record.blob_id):
+            raise StorageError(
+                f"stored blob {record.blob_id} is damaged ({known[1]} bytes, its NAR record "
+                f"says {record.stored_size}, and it does not decode to its content)"
+            )
+        if len(self._sound) >= MAX_SOURCES:
+            self._sound.clear()
+        self._sound.add(known)
+        return await self.open_blob(record.blob_id)
 
     # -- narinfos ------------------------------------------------------------------------
 

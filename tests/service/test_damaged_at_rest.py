@@ -9,11 +9,12 @@ import json
 import lzma
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 
-from larder.core import keys
+from larder.core import keys, nixcache
 from larder.protocol import nix32
 from larder.storage.disk import DiskStorage
 from tests.service.conftest import Service, ServiceFactory, capturing_logger
@@ -134,15 +135,27 @@ async def test_a_narinfo_that_no_longer_parses_is_missing_until_uploaded_again(
     del logger
 
 
-async def test_a_sound_blob_of_another_size_than_its_record_is_served(disk: Service) -> None:
+async def test_a_sound_blob_of_another_size_than_its_record_is_served(
+    disk: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Content stored again in another encoding (S3 commits racing) leaves records stating an
-    older size: the blob decodes to its content, so it goes out."""
+    older size: the blob decodes to its content, so it goes out, and is decoded only once."""
     await upload(disk)
     key = keys.nar("main", NAR_HASH)
     record = json.loads(await disk.storage.get(key) or b"{}")
     await disk.storage.put(key, json.dumps({**record, "stored_size": 12345}).encode())
-    resp = await disk.client.get(f"/main/nar/{NAR_HASH}.nar.zst")
-    assert resp.status == 200 and await resp.read() == UPLOAD
+    checks = []
+    real = nixcache.is_sound
+
+    async def counted(*args: Any) -> bool:
+        checks.append(args[1:])
+        return await real(*args)
+
+    monkeypatch.setattr(nixcache, "is_sound", counted)
+    for _ in range(3):
+        resp = await disk.client.get(f"/main/nar/{NAR_HASH}.nar.zst")
+        assert resp.status == 200 and await resp.read() == UPLOAD
+    assert len(checks) == 1
 
 
 @pytest.mark.parametrize("damage", [b"\x00not json", b'{"blob": "../../etc"}', b"[1, 2]"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import socket
@@ -270,3 +271,21 @@ def test_the_sweep_spares_a_connection_that_is_busy() -> None:
     guard.watched.add(connection)
     Sweeper(guard).sweep()
     assert connection.closed is False
+
+
+async def test_a_nar_blob_of_another_size_than_its_record_goes_to_the_application(
+    live: Live, storage: Storage
+) -> None:
+    """Cut short at rest: the short path sent the remaining bytes as a complete 200 (its own
+    shorter length) and logged nothing; the application checks the blob and answers 500."""
+    url = await push(live, hash_of("cut-nar"))
+    nar_hash = url.rsplit("/", 1)[1].removesuffix(".nar.zst")
+    record = await storage.get(keys.nar("main", nar_hash))
+    assert isinstance(storage, DiskStorage) and record is not None
+    blob = storage._blob_path(json.loads(record)["blob"])
+    os.truncate(blob, blob.stat().st_size // 2)
+    conn = await Conn.open(live)
+    conn.send(get(url))
+    status, _, _ = await conn.response()
+    conn.close()
+    assert status == 500

@@ -311,6 +311,8 @@ class FastPath:
                 self._local_blobs = False  # this storage's blobs are not local files
                 return None
             stat = os.fstat(fd)
+            if stat.st_size != record.stored_size:
+                return None  # damaged, or stored again otherwise: the application checks it
             head = _nar_head(stat) + self._http_date_line(int(time.time()))
             opened = OpenNar(reader, fd, stat.st_size, head, settings.name)
             reader = None  # the caller closes it now

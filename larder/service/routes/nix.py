@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from larder.core.blobs import decompressed, is_sound
+from larder.core.blobs import decompressed
 from larder.core.nixcache import (
     MAX_DEBUGINFO,
     FileRecord,
@@ -27,7 +27,7 @@ from larder.core.nixcache import (
     nix_cache_info,
     parse_nar_name,
 )
-from larder.errors import FormatError, StorageError
+from larder.errors import FormatError
 from larder.protocol.compression import Decompressor
 from larder.protocol.content_coding import accepts
 from larder.protocol.names import check_object_path
@@ -132,16 +132,7 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     if compression == "zstd":
         if reader.stored_size != record.stored_size:
-            # Sent as stored, unchecked: a blob of another size than the record's (and the
-            # narinfo's FileSize) is content stored again in another encoding, or one damaged
-            # at rest (cut short, overwritten) that must not go out as a complete download.
-            size = reader.stored_size
-            if not await is_sound(reader, record.nar_size, record.blob_id):
-                raise StorageError(
-                    f"stored blob {record.blob_id} is damaged ({size} bytes, its NAR record "
-                    f"says {record.stored_size}, and it does not decode to its content)"
-                )
-            reader = await nix.open_blob(record.blob_id)
+            reader = await nix.checked_blob(record, reader)
             if reader is None:
                 raise web.HTTPNotFound()
         return await serve_blob(request, reader, nar_headers())
