@@ -12,9 +12,9 @@ import asyncio
 import collections
 import functools
 import json
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, BinaryIO, TypeVar, cast
 
 import blake3
@@ -113,6 +113,16 @@ def load_record(data: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise StorageError("corrupt record: not an object")
     return doc
+
+
+@contextmanager
+def record_fields(what: str) -> Iterator[None]:
+    """Reading a stored record's fields: one missing or of another type (damaged at rest) is a
+    :class:`StorageError` naming ``what``."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StorageError(f"corrupt {what}: {exc!r}") from None
 
 
 class Decoded:

@@ -36,7 +36,14 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from larder.core import keys
-from larder.core.blobs import BlobStore, decode_document, decompressed, is_sound, load_record
+from larder.core.blobs import (
+    BlobStore,
+    decode_document,
+    decompressed,
+    is_sound,
+    load_record,
+    record_fields,
+)
 from larder.core.caches import CacheSettings
 from larder.core.ingest import NarIngest, keeps_upload, peek
 from larder.core.lastuse import Touch, ignore_use
@@ -114,7 +121,7 @@ class NarRecord:
         """The record stored as ``data``; :class:`StorageError` when it is not one."""
         doc = load_record(data)
         file_hash, uploaded_as = doc.get("file_hash"), doc.get("uploaded_as")
-        try:
+        with record_fields("NAR record"):
             return cls(
                 check_blob_id(doc["blob"]),
                 int(doc["nar_size"]),
@@ -122,8 +129,6 @@ class NarRecord:
                 str(file_hash) if file_hash is not None else None,
                 str(uploaded_as) if uploaded_as is not None else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StorageError(f"corrupt NAR record: {exc!r}") from None
 
 
 @dataclass(frozen=True)
@@ -144,27 +149,39 @@ class NarFileRecord:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """An opaque object Nix uploaded (``.ls``, ``log/``, ``realisations/``...)."""
+    """An opaque object Nix uploaded (``.ls``, ``log/``, ``realisations/``...): its blob, its
+    size, and the size of the blob at rest (``None`` in records written before larder kept it)."""
 
     blob_id: str
     size: int
     content_type: str
     content_encoding: str
+    stored_size: int | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "blob": self.blob_id,
-                "size": self.size,
-                "content_type": self.content_type,
-                "content_encoding": self.content_encoding,
-            }
-        ).encode()
+        doc: dict[str, object] = {
+            "blob": self.blob_id,
+            "size": self.size,
+            "content_type": self.content_type,
+            "content_encoding": self.content_encoding,
+        }
+        if self.stored_size is not None:
+            doc["stored_size"] = self.stored_size
+        return json.dumps(doc).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> FileRecord:
+        """The record stored as ``data``; :class:`StorageError` when it is not one."""
         doc = load_record(data)
-        return cls(doc["blob"], int(doc["size"]), doc["content_type"], doc["content_encoding"])
+        stored = doc.get("stored_size")
+        with record_fields("file record"):
+            return cls(
+                check_blob_id(doc["blob"]),
+                int(doc["size"]),
+                str(doc["content_type"]),
+                str(doc["content_encoding"]),
+                int(stored) if stored is not None else None,
+            )
 
 
 class NixCache:
@@ -547,7 +564,7 @@ class NixCache:
             body = await self._debuginfo(body, coding)
             coding = "none"
         blob = await self._blobs.store(body, coding=coding, limit=limit)
-        record = FileRecord(blob.blob_id, blob.size, content_type, "")
+        record = FileRecord(blob.blob_id, blob.size, content_type, "", blob.stored_size)
         await self._storage.put(keys.extra_file(cache.name, path), record.to_json())
         return record
 
@@ -599,8 +616,14 @@ class NixCache:
         data = await self._storage.get(key)
         if data is None:
             return None
+        try:
+            record = FileRecord.from_json(data)
+        except StorageError as exc:
+            # Damaged at rest: missing, so the next upload replaces it.
+            log.error("record of %s in cache %s: %s", path, cache.name, exc)
+            return None
         self._touch(key)
-        return FileRecord.from_json(data)
+        return record
 
     async def close(self) -> None:
         """Wait for the narinfo refreshes under way (the service is stopping)."""

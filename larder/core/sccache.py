@@ -13,18 +13,21 @@ answer 200 or 404, then a PUT of ``Hello, World!`` whose failure makes the clien
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterable
 from typing import NamedTuple
 
 from larder.core import keys
-from larder.core.blobs import BlobStore, load_record
+from larder.core.blobs import BlobStore, load_record, record_fields
 from larder.core.caches import CacheSettings
 from larder.core.concurrency import bounded_map
 from larder.core.lastuse import Touch, ignore_use
-from larder.errors import FormatError
+from larder.errors import FormatError, StorageError
 from larder.protocol.dav import normalise
-from larder.storage.base import BlobReader
+from larder.storage.base import BlobReader, check_blob_id
+
+log = logging.getLogger(__name__)
 
 # PROPFIND Depth 1 lists at most this many children (sccache never lists).
 MAX_LISTING = 1000
@@ -68,8 +71,10 @@ class Entry(NamedTuple):
 
     @classmethod
     def from_json(cls, data: bytes) -> Entry:
+        """The entry stored as ``data``; :class:`StorageError` when it is not one."""
         doc = load_record(data)
-        return cls(str(doc["blob"]), int(doc["size"]), float(doc["modified"]))
+        with record_fields("sccache entry"):
+            return cls(check_blob_id(doc["blob"]), int(doc["size"]), float(doc["modified"]))
 
 
 class SccacheStore:
@@ -94,8 +99,14 @@ class SccacheStore:
         data = await self._storage.get(key)
         if data is None:
             return None
+        try:
+            entry = Entry.from_json(data)
+        except StorageError as exc:
+            # Damaged at rest: missing (sccache compiles and sends it again, replacing it).
+            log.error("sccache entry %s of cache %s: %s", path, cache.name, exc)
+            return None
         self._touch(key)
-        return Entry.from_json(data)
+        return entry
 
     async def open(self, entry: Entry) -> BlobReader | None:
         return await self._storage.blob_open(entry.blob_id)
@@ -123,7 +134,10 @@ class SccacheStore:
 
         async def read(name: str) -> Entry | None:
             data = await self._storage.get(prefix + name)
-            return None if data is None else Entry.from_json(data)
+            try:
+                return None if data is None else Entry.from_json(data)
+            except StorageError:
+                return None  # damaged: listed as missing, as a GET answers it
 
         names = [item.name for item in listed if not item.is_level]
         entries = dict(zip(names, await bounded_map(read, names, _READ_CONCURRENCY), strict=True))

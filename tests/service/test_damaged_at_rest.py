@@ -174,3 +174,51 @@ async def test_a_nar_record_that_no_longer_parses_is_missing_until_uploaded_agai
     resp = await disk.client.get(f"/main/nar/{NAR_HASH}.nar")
     assert resp.status == 200 and await resp.read() == NAR
     del logger
+
+
+LOG = b"building rust crate serde\n" * 40_000  # compressible: larder's own encoding
+
+
+async def test_a_cut_log_never_goes_out_whole_to_a_client_that_takes_zstd(disk: Service) -> None:
+    """Nix 2.34 asks logs with Accept-Encoding: zstd: the stored stream went out unchecked."""
+    url = "/main/log/abc-serde-1.0.drv"
+    resp = await disk.client.put(url, data=LOG, headers=disk.auth())
+    assert resp.status == 200
+    record = json.loads(
+        await disk.storage.get(keys.extra_file("main", "log/abc-serde-1.0.drv")) or b"{}"
+    )
+    storage = disk.storage
+    assert isinstance(storage, DiskStorage)
+    blob = storage._blob_path(record["blob"])
+    os.truncate(blob, blob.stat().st_size // 2)
+    reader, writer = await asyncio.open_connection(disk.client.host, disk.client.port)
+    head = f"GET {url} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: zstd\r\nConnection: close\r\n"
+    writer.write(f"{head}\r\n".encode())
+    received = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-encoding" not in head.lower()
+    assert len(body) < len(LOG)  # decoded, hashed, and cut
+
+
+@pytest.mark.parametrize("damage", [b"\x00", b'{"blob": 1}', b'{"size": 3}'])
+async def test_damaged_records_of_logs_and_sccache_entries_are_missing(
+    disk: Service, damage: bytes
+) -> None:
+    log_url, entry_url = "/main/log/abc-serde-1.0.drv", "/main/sccache/a/b/c/0123456789abcdef"
+    for url in (log_url, entry_url):
+        assert (await disk.client.put(url, data=LOG, headers=disk.auth())).status in (200, 201)
+    await disk.storage.put(keys.extra_file("main", "log/abc-serde-1.0.drv"), damage)
+    await disk.storage.put(keys.sccache_entry("main", "a/b/c/0123456789abcdef"), damage)
+    for url in (log_url, entry_url):
+        for method in ("GET", "HEAD"):
+            resp = await disk.client.request(method, url, headers=disk.auth())
+            assert resp.status == 404, (method, url)
+    listing = await disk.client.request(
+        "PROPFIND", "/main/sccache/a/b/c/", headers={**disk.auth(), "Depth": "1"}
+    )
+    assert listing.status == 207 and b"0123456789abcdef" not in await listing.read()
+    for url in (log_url, entry_url):  # uploaded again: replaced
+        assert (await disk.client.put(url, data=LOG, headers=disk.auth())).status in (200, 201)
+        resp = await disk.client.get(url, headers=disk.auth())
+        assert resp.status == 200 and await resp.read() == LOG

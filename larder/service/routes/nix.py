@@ -186,7 +186,10 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         # Stored (before larder decoded uploads) as sent: undo the coding while serving.
         await reader.close()
         return await _serve_legacy_coded(request, nix, record, headers)
-    if accepts(request.headers.get("Accept-Encoding"), "zstd"):
+    # Sent as stored when its size is what the upload stored (else damaged, or a record from
+    # before larder kept that size): decoded and hashed otherwise.
+    stored_as_recorded = reader.stored_size == record.stored_size
+    if stored_as_recorded and accepts(request.headers.get("Accept-Encoding"), "zstd"):
         return await serve_blob(request, reader, {**headers, "Content-Encoding": "zstd"})
     if request.method == "HEAD":
         await reader.close()
