@@ -18,10 +18,11 @@ RUN groupadd --system --gid 10001 larder \
  && mkdir -p /var/lib/larder \
  && chown larder:larder /var/lib/larder
 COPY --from=build /opt/larder /opt/larder
-COPY docker/defaults.toml /etc/larder/defaults.toml
+# Not under /etc/larder, where a config directory is often mounted (hiding it).
+COPY docker/defaults.toml /opt/larder/defaults.toml
 ENV PATH=/opt/larder/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    LARDER_DEFAULTS=/etc/larder/defaults.toml
+    LARDER_DEFAULTS=/opt/larder/defaults.toml
 USER 10001:10001
 WORKDIR /var/lib/larder
 VOLUME ["/var/lib/larder"]

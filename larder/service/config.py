@@ -317,9 +317,9 @@ def _convert(name: str, value: object, source: str) -> Any:
 DEFAULTS_ENV = "LARDER_DEFAULTS"
 
 
-def read_toml(path: Path, what: str = "config file", *, optional: bool = False) -> dict[str, Any]:
-    """A TOML file's table; ``optional``: a missing file is an empty one. Any other failure is
-    a :class:`ConfigError` naming ``what`` and the file."""
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file's table; a :class:`ConfigError` naming ``what`` and the file when it cannot
+    be read (missing included: a file named and absent is a mistake, not an empty one)."""
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
@@ -328,16 +328,12 @@ def read_toml(path: Path, what: str = "config file", *, optional: bool = False) 
             f"offset {exc.start}); TOML files are UTF-8"
         ) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        if optional and isinstance(exc, FileNotFoundError):
-            return {}
         raise ConfigError(f"cannot read {what} {path}: {exc}") from None
 
 
-def _file_settings(
-    path: Path, what: str = "config file", *, optional: bool = False
-) -> dict[str, Any]:
+def _file_settings(path: Path, what: str = "config file") -> dict[str, Any]:
     values = {}
-    for key, value in read_toml(path, what, optional=optional).items():
+    for key, value in read_toml(path, what).items():
         if key not in _PARSERS:
             raise ConfigError(f"{path}: unknown setting {key!r}")
         values[key] = _convert(key, value, str(path))
@@ -360,11 +356,7 @@ def load_config(
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     if env.get(DEFAULTS_ENV):
-        values.update(
-            _file_settings(
-                Path(env[DEFAULTS_ENV]), f"defaults file ({DEFAULTS_ENV})", optional=True
-            )
-        )
+        values.update(_file_settings(Path(env[DEFAULTS_ENV]), f"defaults file ({DEFAULTS_ENV})"))
     config_file = flags.pop("config", None) or env.get("LARDER_CONFIG")
     if config_file:
         values.update(_file_settings(Path(str(config_file))))

@@ -31,12 +31,12 @@ def listen_address(environ: Mapping[str, str], config_file: str | None = None) -
     """``listen`` as ``larder serve`` would read it without flags."""
     listen = environ.get("LARDER_LISTEN")
     files = (
-        (config_file or environ.get("LARDER_CONFIG"), False),
-        (environ.get(DEFAULTS_ENV), True),
+        (config_file or environ.get("LARDER_CONFIG"), "config file"),
+        (environ.get(DEFAULTS_ENV), f"defaults file ({DEFAULTS_ENV})"),
     )
-    for path, optional in files:
+    for path, what in files:
         if not listen and path:
-            value = read_toml(Path(path), optional=optional).get("listen")
+            value = read_toml(Path(path), what).get("listen")
             listen = value if isinstance(value, str) else None
     return listen or Config().listen
 

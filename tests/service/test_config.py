@@ -59,8 +59,9 @@ def test_the_defaults_file_is_below_the_config_file(tmp_path: Path) -> None:
     )
     env["LARDER_ZSTD_LEVEL"] = "9"
     assert load_config({}, environ=env).zstd_level == 9
-    missing = {"LARDER_DEFAULTS": str(tmp_path / "none.toml")}  # outside the image: no defaults
-    assert load_config({}, environ=missing) == Config()
+    missing = {"LARDER_DEFAULTS": str(tmp_path / "none.toml")}  # named and absent: a mistake
+    with pytest.raises(ConfigError, match=r"defaults file \(LARDER_DEFAULTS\) .*none.toml"):
+        load_config({}, environ=missing)
     defaults.write_text('lisen = "0.0.0.0:1"\n')
     with pytest.raises(ConfigError, match="unknown setting 'lisen'"):
         load_config({}, environ=env)
