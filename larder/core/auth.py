@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from larder.core import keys
 from larder.core.caches import CacheSettings
-from larder.errors import Forbidden, LarderError, StorageError, Unauthorized
+from larder.errors import Forbidden, LarderError, StorageError, StorageUnavailable, Unauthorized
 from larder.protocol import tokens
 from larder.protocol.tokens import Scope, TokenClaims, TokenError
 from larder.storage.base import Storage
@@ -57,20 +57,34 @@ def fingerprint(secret: bytes) -> str:
 
 
 async def record_secret_source(storage: Storage, mounted: bytes | None) -> None:
-    """What a server notes at start-up: a marker object when it signs tokens with a mounted
-    secret (with the secret's :func:`fingerprint`), none when it uses the store's."""
-    if mounted is None:
-        await storage.delete(keys.TOKEN_SECRET_MOUNTED)
-        return
-    marker = json.dumps({"fingerprint": fingerprint(mounted)}).encode()
-    if await storage.get(keys.TOKEN_SECRET_MOUNTED) != marker:
-        await storage.put(keys.TOKEN_SECRET_MOUNTED, marker)
+    """What a server notes at start-up, and again when its mounted secret changes: a marker
+    object when it signs tokens with a mounted secret (with the secret's :func:`fingerprint`),
+    none when it uses the store's. Advisory: a store that refuses the write (credentials kept
+    from writing under ``config/``) gets a warning; an unreachable one raises."""
+    try:
+        if mounted is None:
+            await storage.delete(keys.TOKEN_SECRET_MOUNTED)
+            return
+        marker = json.dumps({"fingerprint": fingerprint(mounted)}).encode()
+        if await storage.get(keys.TOKEN_SECRET_MOUNTED) != marker:
+            await storage.put(keys.TOKEN_SECRET_MOUNTED, marker)
+    except StorageUnavailable:
+        raise
+    except StorageError as exc:
+        log.warning(
+            "cannot note in the store which token secret the servers use (%s): `larder token "
+            "create` run without token_secret_file will not know to refuse",
+            exc.message,
+        )
 
 
-async def check_secret_source(storage: Storage, mounted: bytes | None) -> None:
-    """Refuse, before a command signs tokens or replaces the secret, when the servers of this
-    store use a mounted secret and the command has none (the tokens would be refused and the
-    store's secret created for nothing); warn when the command's differs from theirs."""
+async def check_secret_source(
+    storage: Storage, mounted: bytes | None, *, replacing: bool = False
+) -> None:
+    """Refuse, before a command signs tokens or (``replacing``) replaces the secret, when the
+    servers of this store use a mounted secret and the command has none (the tokens would be
+    refused and the store's secret created for nothing); warn when the command's differs from
+    theirs."""
     data = await storage.get(keys.TOKEN_SECRET_MOUNTED)
     if data is None:
         return
@@ -78,6 +92,11 @@ async def check_secret_source(storage: Storage, mounted: bytes | None) -> None:
         recorded = str(json.loads(data)["fingerprint"])
     except (ValueError, KeyError, TypeError):
         recorded = ""
+    if mounted is None and replacing:
+        raise LarderError(
+            "the servers of this store sign tokens with a mounted secret (token_secret_file): "
+            "replace that secret where it comes from (e.g. its Kubernetes Secret), not here"
+        )
     if mounted is None:
         raise LarderError(
             "the servers of this store sign tokens with a mounted secret: set token_secret_file "
@@ -142,8 +161,17 @@ class TokenAuthority:
                     secret = self._secret
                 if secret != self._secret:
                     self._verified.clear()
+                    if self._mounted is not None and self._secret is not None:
+                        await self._note_replaced(secret)
                 self._secret, self._secret_at = secret, time.monotonic()
         return self._secret
+
+    async def _note_replaced(self, mounted: bytes) -> None:
+        """The mounted secret was replaced in place (a Secret updated): note the new one."""
+        try:
+            await record_secret_source(self._storage, mounted)
+        except LarderError as exc:
+            log.warning("cannot note the new token secret in the store: %s", exc.message)
 
     async def _read_secret(self) -> bytes:
         if self._mounted is not None:

@@ -327,7 +327,7 @@ async def _token_revoke(args: argparse.Namespace, storage: Storage, config: Conf
 async def _token_replace_secret(args: argparse.Namespace, storage: Storage, config: Config) -> int:
     read_secret = config.mounted_token_secret()
     if read_secret is None:
-        await check_secret_source(storage, None)
+        await check_secret_source(storage, None, replacing=True)
     await TokenAuthority(storage, mounted=read_secret).replace_secret()
     print(
         "replaced the token secret: tokens made before it stop working within "

@@ -3,10 +3,12 @@ the secret that signed it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from larder.core import auth, keys
-from larder.core.auth import TokenAuthority
+from larder.core.auth import TokenAuthority, fingerprint, record_secret_source
 from larder.errors import LarderError, StorageError, StorageUnavailable, Unauthorized
 from larder.protocol.tokens import Scope
 from larder.storage.memory import MemoryStorage
@@ -176,3 +178,34 @@ async def test_a_mounted_secret_is_read_again_and_not_replaced_in_the_store() ->
     with pytest.raises(LarderError, match="mounted"):
         await authority.replace_secret()
     assert await storage.get(keys.TOKEN_SECRET) is None
+
+
+async def test_the_marker_follows_a_mounted_secret_replaced_in_place() -> None:
+    """The Secret updated in place: `token create` must compare against the new one."""
+    storage = MemoryStorage()
+    mounted = [b"a" * 32]
+    await record_secret_source(storage, mounted[0])
+    authority = TokenAuthority(storage, refresh_interval=0, mounted=lambda: mounted[0])
+    await authority.secret()
+    mounted[0] = b"b" * 32
+    await authority.secret()
+    marker = json.loads(await storage.get(keys.TOKEN_SECRET_MOUNTED) or b"{}")
+    assert marker["fingerprint"] == fingerprint(b"b" * 32)
+
+
+async def test_a_store_refusing_the_marker_only_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """Credentials kept from writing under config/ (as the security notes advise) must not stop
+    a server from starting."""
+
+    class Refusing(MemoryStorage):
+        async def put(self, key: str, data: bytes) -> None:
+            raise StorageError("S3 put failed: AccessDenied")
+
+    class Gone(MemoryStorage):
+        async def get(self, key: str) -> bytes | None:
+            raise StorageUnavailable("bucket unreachable")
+
+    await record_secret_source(Refusing(), b"a" * 32)
+    assert any("cannot note" in r.getMessage() for r in caplog.records)
+    with pytest.raises(StorageUnavailable):  # start-up waits for an unreachable store
+        await record_secret_source(Gone(), b"a" * 32)

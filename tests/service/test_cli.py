@@ -284,7 +284,9 @@ def test_no_token_is_minted_for_servers_that_use_a_mounted_secret_this_command_l
     for argv in (["create", "--cache", "main", "--scope", "write"], ["replace-secret"]):
         code, out, err = run(capsys, "token", *argv, "--storage", store)
         assert code == 2 and out == "", argv
-        assert "mounted secret: set token_secret_file" in err, argv
+        advice = "replace that secret where" if argv[0] == "replace-secret" else "set token_secret"
+        assert f"mounted secret{': ' if argv[0] == 'create' else ' (token_secret_file): '}" in err
+        assert advice in err, argv
     assert not (Path(store) / "objects" / "config" / "token-secret").exists()
     monkeypatch.setenv("LARDER_TOKEN_SECRET_FILE", str(mounted))  # with it, tokens work
     code, out, _ = run(capsys, "token", "create", "--cache", "main", "--scope", "write",
