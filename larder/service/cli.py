@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument(
         "--max-size", help="with --cache: that cache's cap; without: the whole store's cap"
     )
-    gc.add_argument("--retention", help="evict what was not used for this long (e.g. 30d)")
+    gc.add_argument(
+        "--retention", help="evict what was not used for this long (e.g. 30d; 0: no retention)"
+    )
     gc.add_argument("--grace", help="keep what was used this recently (default: gc_grace)")
     gc.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
     gc.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -379,8 +381,8 @@ async def _cache_command(args: argparse.Namespace, storage: Storage, config: Con
         if args.cache_command == "limits":
             settings = replace(
                 settings,
-                gc_max_size=_own_limit(args.max_size, parse_size, settings.gc_max_size),
-                gc_retention=_own_limit(args.retention, parse_ttl, settings.gc_retention),
+                gc_max_size=_limit(args.max_size, parse_size, settings.gc_max_size),
+                gc_retention=_limit(args.retention, parse_ttl, settings.gc_retention),
             )
             await registry.update(settings)
         if args.cache_command == "rotate-key":
@@ -418,27 +420,20 @@ async def _rotate_key(
 
 
 def _limit(text: str | None, parse: Callable[[str], int], current: Any) -> Any:
-    """A limit from the command line: unchanged when not given, None for ``0``/``none``."""
+    """A limit from the command line (a cache's own, or one run's): ``current`` when not given,
+    ``0`` for ``0``/``none``/``never`` (no limit, not even the configured one: gc_policies
+    never applies it over a 0), ``None`` (the configured one applies) for ``default``."""
     if text is None:
         return current
-    if text.strip().lower() in ("0", "none", "never"):
+    word = text.strip().lower()
+    if word == "default":
         return None
+    if word in ("0", "none", "never"):
+        return 0
     try:
         return parse(text)
     except ValueError as exc:
         raise LarderError(f"not a limit: {text!r} ({exc})") from None
-
-
-def _own_limit(text: str | None, parse: Callable[[str], int], current: Any) -> Any:
-    """A cache's own limit: unchanged when not given, ``0`` (no limit, not even the configured
-    one, which gc_policies then never applies) for ``0``/``none``/``never``, ``None`` (the
-    configured one applies) for ``default``."""
-    if text is None:
-        return current
-    if text.strip().lower() == "default":
-        return None
-    limit = _limit(text, parse, None)
-    return 0 if limit is None else limit
 
 
 async def _gc(args: argparse.Namespace, storage: Storage, config: Config) -> int:

@@ -122,6 +122,23 @@ def test_a_cache_limit_of_0_is_no_limit_and_default_gives_the_configured_one(
     assert not any(present(store, p) for p in pushed["a"] + pushed["b"] + pushed["c"])
 
 
+def test_a_run_given_0_has_no_limit_as_a_cache_limit_of_0_has(
+    store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`larder gc --retention 0` took 0 for "not given", so the configured retention evicted
+    what the operator meant to keep, the opposite of `cache limits --retention 0`."""
+    pushed = populate(store)
+    everything = pushed["a"] + pushed["b"] + pushed["c"]
+    monkeypatch.setenv("LARDER_GC_RETENTION", "1s")
+    monkeypatch.setenv("LARDER_GC_MAX_SIZE", "1")
+    for spelling in ("0", "none", "never"):
+        argv = ["gc", "--retention", spelling, "--max-size", spelling, "--storage", store]
+        assert run(capsys, *argv)[0] == 0
+        assert all(present(store, p) for p in everything), spelling
+    assert run(capsys, "gc", "--retention", "default", "--storage", store)[0] == 0
+    assert not any(present(store, p) for p in everything)
+
+
 def test_pins_protect_a_closure(store: str, capsys: pytest.CaptureFixture[str]) -> None:
     pushed = populate(store)
     top = pushed["a"][-1]
