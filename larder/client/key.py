@@ -270,11 +270,12 @@ def native_digests(
 ) -> list[tuple[str, str | None]]:
     """Item 10: static native libraries an rlib bundles, and what rustc may find by searching.
 
-    Each ``-l static=NAME`` (``+verbatim``: the file ``NAME`` itself; ``NAME:RENAME``: the
-    library ``RENAME``) as the first
-    ``libNAME.a`` on the ``native``/``all`` search path, by name and BLAKE3, or null when not
-    found. Then, for each ``-L`` directory under a root (the project's own: a vendored library,
-    a build script's ``OUT_DIR``; system directories are left out like system headers), every
+    Each ``-l static=NAME`` and ``-l NAME`` without a kind (a ``#[link(kind = "static")]`` in
+    the source bundles that too): the first ``libNAME.a`` (``NAME:RENAME``: ``libRENAME.a``;
+    ``+verbatim``: the file ``NAME`` itself) on the ``native``/``all`` search path, by name and
+    BLAKE3, or null when not found. Then, for each ``-L`` directory under a root (the project's
+    own: a vendored library, a build script's ``OUT_DIR``; system directories are left out like
+    system headers), every
     static archive and crate file in it (``search:<portable path>``, BLAKE3): a library named
     only in the source (``#[link]``) or a crate named only by ``extern crate`` is found there.
     """
@@ -283,7 +284,9 @@ def native_digests(
     native_dirs = [path for kind, path in searched if kind in ("native", "all")]
     for value in compilation.values("-l"):
         kind, sep, name = value.partition("=")
-        if not sep or not kind.startswith("static") or "-bundle" in kind:
+        if not sep:  # no kind: the source's #[link(kind = "static")] may make it bundled
+            kind, name = "", kind
+        if kind and (not kind.startswith("static") or "-bundle" in kind):
             continue
         name, _, rename = name.partition(":")  # NAME:RENAME links libRENAME.a for NAME
         name = rename or name

@@ -545,7 +545,7 @@ def test_what_rustc_finds_by_searching_the_projects_directories_is_keyed(
         searching(ci)
 
 
-@pytest.mark.parametrize("way", ["verbatim", "renamed", "symlink"])
+@pytest.mark.parametrize("way", ["verbatim", "renamed", "renamed without a kind", "symlink"])
 def test_a_library_outside_the_project_is_keyed_by_its_content(
     way: str, ci: Checkout, tmp_path: Path
 ) -> None:
@@ -553,15 +553,16 @@ def test_a_library_outside_the_project_is_keyed_by_its_content(
     ``OUT_DIR`` by what it leads to: a system library updated was a wrong hit either way."""
     system = tmp_path / "system"
     system.mkdir()
-    file_name = {"verbatim": "foo.a", "renamed": "libfooimpl.a"}.get(way, "libz.a")
+    file_name = "foo.a" if way == "verbatim" else "libfooimpl.a" if "renamed" in way else "libz.a"
     library = system / file_name
     library.write_bytes(b"version 1")
     extra: tuple[str, ...] = ()
     if way == "verbatim":
         extra = ("-L", f"native={system}", "-l", "static:+verbatim=foo.a")
-    elif way == "renamed":  # `-l static=NAME:RENAME`: libRENAME.a where the source says NAME
+    elif way.startswith("renamed"):  # `-l static=NAME:RENAME`: libRENAME.a for NAME
         (system / "libfoo.a").write_bytes(b"not the one linked")
-        extra = ("-L", f"native={system}", "-l", "static=foo:fooimpl")
+        kind = "static=" if way == "renamed" else ""  # none: #[link(kind = "static")] decides
+        extra = ("-L", f"native={system}", "-l", f"{kind}foo:fooimpl")
     else:
         (ci.out_dir / "libz.a").symlink_to(library)
     first = key_of(ci, *extra)
