@@ -450,6 +450,10 @@ OTHER_VARIABLES = frozenset(
 )
 
 
+#: What Kubernetes sets for a Service whose name starts with ``larder`` (service links).
+_SERVICE_LINK = re.compile(r"LARDER(_\w+)?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_\w+)?)")
+
+
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """A warning for each ``LARDER_*`` variable that is neither a setting nor one of
     :data:`OTHER_VARIABLES` (a misspelt setting would otherwise be ignored without a word),
@@ -465,6 +469,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
             or variable in settings
             or variable in OTHER_VARIABLES
             or variable.startswith("LARDER_TEST_")
+            or _SERVICE_LINK.fullmatch(variable)
         ):
             continue
         name = variable.removeprefix("LARDER_").lower()

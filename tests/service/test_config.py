@@ -410,6 +410,12 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_is_close_to() -> None:
         "LARDER_URL": "http://larder:8080/main",
         "LARDER_WORKER_INDEX": "0",
         "LARDER_TEST_FOO": "1",
+        # Kubernetes' service links for a Service named larder (or larder-cache)
+        "LARDER_SERVICE_HOST": "10.0.0.7",
+        "LARDER_SERVICE_PORT_HTTP": "8080",
+        "LARDER_PORT": "tcp://10.0.0.7:8080",
+        "LARDER_PORT_8080_TCP_ADDR": "10.0.0.7",
+        "LARDER_CACHE_SERVICE_HOST": "10.0.0.8",
         "PATH": "/bin",
     }
     assert unknown_variables(env) == [
