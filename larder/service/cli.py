@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -269,6 +270,14 @@ def _command() -> str:
     return invoked
 
 
+def _token_command(config: Config) -> str:
+    """``token create`` for this store as a shell runs it: quoted, with the mounted secret."""
+    command = f"{_command()} token create --storage {shlex.quote(config.storage)}"
+    if config.token_secret_file:
+        return f"LARDER_TOKEN_SECRET_FILE={shlex.quote(config.token_secret_file)} {command}"
+    return command
+
+
 async def _bootstrap(config: Config, storage: Storage) -> None:
     """Adopt configured keys and private caches; with no cache at all (none configured either)
     create ``main``. Always print how to use the caches."""
@@ -291,8 +300,7 @@ async def _bootstrap(config: Config, storage: Storage) -> None:
         print(
             f"cache {name}: substituter {base}/{name}\n"
             f"  trusted-public-keys: {settings.public_key.to_string()}\n"
-            f"  write token: {_command()} token create --storage {config.storage} "
-            f"--cache {name} --scope write",
+            f"  write token: {_token_command(config)} --cache {name} --scope write",
             flush=True,
         )
 
@@ -484,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, where a closed pipe would give a traceback
     except BrokenPipeError:  # the reader went away (`larder gc --json | head`): exit quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if (sys.argv[1:] if argv is None else list(argv))[:1] == ["serve"]:  # not a reader's end
+            print("larder: standard output was closed", file=sys.stderr)
         return 1
     return code
 
@@ -519,7 +529,7 @@ def _main(argv: Sequence[str] | None) -> int:
         )
     except LarderError as exc:
         print(f"larder: {exc.message}", file=sys.stderr)
-        return 2
+        return 1 if args.command == "healthcheck" else 2  # Docker reserves 2 for health checks
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -642,3 +643,43 @@ def test_the_printed_write_token_command_runs_as_printed(
     assert printed("/src/larder/__main__.py", "/usr/bin").startswith(
         f"{sys.executable} -m larder token create --storage ./larder-data --cache main"
     )
+
+
+def test_the_printed_write_token_command_is_quoted_and_names_a_mounted_secret() -> None:
+    """A store path with a space, or servers signing with a mounted secret (the command then
+    refuses without it): the printed line must still run as printed."""
+    from larder.service import cli
+    from larder.service.config import Config
+
+    line = cli._token_command(Config(storage="/srv/build cache", token_secret_file="/run/s k"))
+    words = shlex.split(line)
+    assert words[0] == "LARDER_TOKEN_SECRET_FILE=/run/s k"
+    assert words[-2:] == ["--storage", "/srv/build cache"]
+
+
+def test_larder_healthcheck_fails_with_1_on_a_config_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Docker reserves exit status 2 for health checks."""
+    code, _, err = run(capsys, "healthcheck", "--config", str(tmp_path / "missing.toml"))
+    assert code == 1 and "cannot read config file" in err
+
+
+def test_serve_says_why_it_stops_when_its_output_is_closed(tmp_path: Path) -> None:
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    listen = f"127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    command = [sys.executable, "-m", "larder", "serve", "--storage", str(tmp_path / "s"),
+               "--listen", listen]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LARDER_")}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # `larder serve | true`
+    try:
+        err = proc.stderr.read().decode()
+        assert proc.wait(30) == 1
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert "standard output was closed" in err
