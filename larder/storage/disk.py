@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import hashlib
 import io
 import logging
 import os
@@ -61,7 +62,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, cast
+from typing import BinaryIO, ClassVar, cast
 
 from larder.errors import Conflict, StorageError, StorageFull, StorageUnavailable
 from larder.storage.base import (
@@ -257,7 +258,9 @@ class _DiskBlobWriter(EncodingBlobWriter):
                     os.utime(final)
                     with final.open("rb") as stored:
                         kept_size = os.fstat(stored.fileno()).st_size
-                        kept_sha256 = check_stored(stored, info.blob_id, info.size)
+                        kept_sha256 = _same_bytes(stored, kept_size, info) or check_stored(
+                            stored, info.blob_id, info.size
+                        )
                     if kept_sha256 is None:
                         log.warning("blob %s was damaged at rest: replaced", info.blob_id)
                         os.replace(self._temp, final)
@@ -282,6 +285,19 @@ class _DiskBlobWriter(EncodingBlobWriter):
         except OSError as exc:
             log.warning("cannot close blob temporary: %s", exc)
         _unlink_quietly(self._temp)
+
+
+def _same_bytes(stored: BinaryIO, size: int, info: BlobInfo) -> bytes | None:
+    """The sha256 of ``stored`` when it holds the very bytes this writer verified (same size,
+    same sha256: larder's own encoding is the same for the same content), else ``None`` with
+    ``stored`` rewound. Cheaper than decoding it again."""
+    if info.stored_sha256 is None or size != info.stored_size:
+        return None
+    digest = hashlib.sha256()
+    while piece := stored.read(READ_CHUNK):
+        digest.update(piece)
+    stored.seek(0)
+    return info.stored_sha256 if digest.digest() == info.stored_sha256 else None
 
 
 class _DiskBlobReader(BlobReader):

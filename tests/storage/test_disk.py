@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -525,3 +526,23 @@ async def test_content_committed_again_keeps_a_sound_blob_and_reports_its_sha256
     again = await write_blob(storage, data)
     assert path.stat().st_ino == inode
     assert again.stored_sha256 == first.stored_sha256 == hashlib.sha256(path.read_bytes()).digest()
+
+
+async def test_a_sound_blob_committed_again_is_compared_not_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same content in the same encoding is the same bytes: their sha256 says so, without
+    decoding the stored blob again (a duplicate upload took 1.4x as long)."""
+    storage = DiskStorage(tmp_path)
+    data = mixed_data(300_000, seed=24)
+    await write_blob(storage, data)
+    decoded: list[str] = []
+    real = disk_module.check_stored
+
+    def counted(stored: Any, blob_id: str, size: int) -> bytes | None:
+        decoded.append(blob_id)
+        return real(stored, blob_id, size)
+
+    monkeypatch.setattr(disk_module, "check_stored", counted)
+    again = await write_blob(storage, data)
+    assert decoded == [] and again.stored_sha256 is not None
