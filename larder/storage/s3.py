@@ -61,7 +61,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, NamedTuple, TypeVar, cast
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -99,6 +99,7 @@ from larder.storage.blobformat import (
     DEFAULT_ZSTD_LEVEL,
     READ_CHUNK,
     EncodingBlobWriter,
+    check_stored,
     check_zstd_level,
     clamp_range,
 )
@@ -335,7 +336,18 @@ class _S3BlobWriter(EncodingBlobWriter):
                     return info.stored_size, info.stored_sha256
                 kept = self._storage._refresh_sync(final)
                 if kept is not None:
-                    return kept
+                    checked = self._kept_unless_damaged(final, kept, info)
+                    if checked is None:
+                        with _translate_errors("put"):
+                            self._storage._client.put_object(
+                                Bucket=self._bucket,
+                                Key=final,
+                                Body=data,
+                                ContentType=BLOB_CONTENT_TYPE,
+                                Metadata=metadata,
+                            )
+                        return info.stored_size, info.stored_sha256
+                    return checked
                 # deleted (by garbage collection) since: put it again
             raise StorageUnavailable("S3 blob put failed: the blob kept vanishing meanwhile")
         if self._buffer:
@@ -351,11 +363,29 @@ class _S3BlobWriter(EncodingBlobWriter):
         self._upload_id = None
         self._temp_complete = True
         kept = self._storage._refresh_sync(final)
+        if kept is not None:
+            kept = self._kept_unless_damaged(final, kept, info)
         if kept is None:  # a commit of the same content racing this one may still overwrite it
             self._storage._copy_sync(self._temp_key, final, info.stored_size, metadata)
         self._temp_complete = False
         self._storage._delete_quietly(self._temp_key)
         return kept if kept is not None else (info.stored_size, info.stored_sha256)
+
+    def _kept_unless_damaged(
+        self, final: str, kept: tuple[int, bytes | None], info: BlobInfo
+    ) -> tuple[int, bytes | None] | None:
+        """``kept`` (the stored blob's size and recorded sha256), or ``None`` when that blob, not
+        written by larder as this writer would (no sha256 recorded, another size), does not
+        decode to its content (damaged at rest, overwritten): the caller then puts this
+        writer's bytes in its place, and the records made from this commit describe them."""
+        size, sha256 = kept
+        if sha256 is not None and size == info.stored_size:
+            return kept
+        sound = self._storage._sound_sync(final, info)
+        if sound is not None:
+            return size, sound
+        log.warning("blob %s was damaged at rest: replaced", info.blob_id)
+        return None
 
     def _discard(self) -> None:
         self._buffer = bytearray()
@@ -612,6 +642,17 @@ class S3Storage(Storage):
         except _Missing:
             raise StorageError("S3 blob read failed: the blob was deleted") from None
         return response["Body"]
+
+    def _sound_sync(self, key: str, info: BlobInfo) -> bytes | None:
+        """The sha256 of blob ``key``'s bytes if they decode to ``info``'s content
+        (:func:`check_stored`), ``None`` if not or if it is gone."""
+        try:
+            with _translate_errors("blob check"):
+                response = self._client.get_object(Bucket=self.bucket, Key=key)
+                with response["Body"] as body:
+                    return check_stored(cast(BinaryIO, body), info.blob_id, info.size)
+        except _Missing:
+            return None
 
     def _put_sync(self, key: str, data: bytes) -> None:
         with _translate_errors("put"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import threading
@@ -13,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import zstandard
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 import larder.storage.s3 as s3_module
@@ -729,5 +731,52 @@ async def test_lookups_go_on_while_every_body_reader_waits_on_the_store(
         finally:
             stuck.set()
             await asyncio.gather(*downloads)
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("size", [300_000, 12 * MiB])  # one PUT; multipart, then a copy
+async def test_content_committed_again_replaces_a_blob_overwritten_at_rest(
+    s3_bucket: S3Bucket, size: int
+) -> None:
+    """A blob overwritten with other bytes: a commit of its content kept them, reported their
+    size and sha256 for the records, and so made the damage look sound from then on."""
+    storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
+    try:
+        data = os.urandom(size)
+        first = await write_blob(storage, data)
+        key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
+        await asyncio.to_thread(
+            s3_bucket.client.put_object, Bucket=s3_bucket.name, Key=key, Body=b"garbage"
+        )
+        again = await write_blob(storage, data)
+        stored = await read_stored(storage, first.blob_id)
+        assert decompress(stored) == data
+        assert again.stored_size == len(stored)
+        assert again.stored_sha256 == hashlib.sha256(stored).digest()
+    finally:
+        await storage.close()
+
+
+async def test_a_sound_blob_stored_by_another_writer_is_kept_and_hashed(
+    s3_bucket: S3Bucket,
+) -> None:
+    """A blob without larder's recorded sha256 (another encoding of the content) stays; the
+    commit reports the sha256 of its bytes."""
+    storage = s3_bucket.make_storage()
+    try:
+        data = mixed_data(300_000, seed=41)
+        first = await write_blob(storage, data)
+        key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
+        other = zstandard.ZstdCompressor(level=19).compress(data)
+        await asyncio.to_thread(
+            s3_bucket.client.put_object, Bucket=s3_bucket.name, Key=key, Body=other
+        )
+        again = await write_blob(storage, data)
+        assert await read_stored(storage, first.blob_id) == other
+        assert (again.stored_size, again.stored_sha256) == (
+            len(other),
+            hashlib.sha256(other).digest(),
+        )
     finally:
         await storage.close()
