@@ -44,6 +44,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -257,15 +258,32 @@ class Running:
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT
         self.listener.close()
         self.sweeper.stop()
-        held = HeldSockets()
-        held.hold(connection.transport for connection in self.front)
-        server = self.runner.server
-        held.hold(handler.transport for handler in getattr(server, "connections", ()))
+        # Only connections with an answer in progress: an idle one closes (FIN) at once.
         busy = [connection for connection in list(self.front) if not connection.stop()]
+        handlers = list(getattr(self.runner.server, "connections", ()))
+        held = HeldSockets()
+        held.hold(connection.transport for connection in busy)
+        held.hold(h.transport for h in handlers if getattr(h, "_request_in_progress", True))
         stop_reading(self.runner.app)
-        await asyncio.gather(self.runner.cleanup(), _answered(busy, self.front, deadline))
+        # aiohttp waits shutdown_timeout for a handler, then as long again for it to end once
+        # cancelled (a write to a client that reads nothing ends neither): at the deadline the
+        # connections still open are cut, so the application's cleanup runs on time.
+        cut = asyncio.ensure_future(_cut_at(deadline, handlers))
+        try:
+            await asyncio.gather(self.runner.cleanup(), _answered(busy, self.front, deadline))
+        finally:
+            cut.cancel()
         self.fast.flush()
         await held.drained(deadline)
+
+
+async def _cut_at(deadline: float, handlers: list[Any]) -> None:
+    """At ``deadline``, abort the transports of ``handlers`` (aiohttp's) still open."""
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+    for handler in handlers:
+        transport = handler.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
 
 async def _answered(busy: list[FrontProtocol], still: set[FrontProtocol], deadline: float) -> None:
@@ -359,7 +377,7 @@ class _Parent:
         self.command = list(command)
         self.sock = sock
         self.timeout = config.worker_timeout
-        self.directory = shared.make_directory()
+        self.directory, self._lock = shared.make_directory()
         shared.prepare(self.directory, count)
         self.heartbeats = shared.Heartbeats(self.directory)
         self.seats = [_Seat(index) for index in range(count)]
@@ -402,6 +420,7 @@ class _Parent:
             os.close(wake_read)
             os.close(wake_write)
             shutil.rmtree(self.directory, ignore_errors=True)
+            os.close(self._lock)
         return self.status
 
     def _start_due(self, now: float) -> None:

@@ -20,9 +20,11 @@ count what the answering worker served, and say so in their ``scope``.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,33 +45,46 @@ def heartbeat_interval(worker_timeout: float) -> float:
 
 #: What a shared directory's name starts with; the parent's pid and a dash follow.
 PREFIX = "larder-workers-"
+#: The file in a shared directory its parent holds an exclusive ``flock`` on while it runs.
+LOCK = "lock"
 
 
-def make_directory() -> Path:
-    """A new shared directory under the system's temporary directory, named after this
-    process; first the directories of parents that are gone are removed (a parent killed with
-    SIGKILL leaves its own behind, and a container's ``/tmp`` outlives its restarts)."""
-    remove_left_behind(Path(tempfile.gettempdir()))
-    return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+def make_directory() -> tuple[Path, int]:
+    """A new shared directory under the system's temporary directory, and the descriptor of its
+    lock, held (``flock``) until the caller closes it or exits. First the directories whose
+    lock nobody holds are removed: a parent killed with SIGKILL leaves its own behind, and a
+    container's ``/tmp`` outlives its restarts (where the new parent has the old one's pid).
+    The directory is locked under another name, then renamed: no scan sees it unlocked."""
+    parent = Path(tempfile.gettempdir())
+    remove_left_behind(parent)
+    making = Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=parent))
+    fd = os.open(making / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    path = parent / f"{PREFIX}{os.getpid()}-{making.name.removeprefix('.' + PREFIX)}"
+    making.rename(path)
+    return path, fd
 
 
 def remove_left_behind(parent: Path) -> list[Path]:
-    """Remove this user's shared directories in ``parent`` whose parent process is gone (a
-    process with its pid living on keeps them); the ones removed."""
+    """Remove this user's shared directories in ``parent`` whose lock nobody holds (their
+    parent is gone, in whatever pid namespace it ran); the ones removed."""
     removed = []
     for path in parent.glob(f"{PREFIX}*-*"):
-        pid = path.name.removeprefix(PREFIX).partition("-")[0]
-        if not pid.isdigit():
-            continue
         try:
-            if path.lstat().st_uid != os.getuid() or not path.is_dir() or path.is_symlink():
+            info = path.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
                 continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            fd = os.open(path / LOCK, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
-            continue  # alive under another user, or gone meanwhile
+            continue  # no lock file (made by an older larder, or not ours): left alone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: a live server's
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 

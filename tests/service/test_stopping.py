@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import larder.service.server as server_module
 from larder.storage.base import Storage
 from larder.storage.disk import DiskStorage
 from tests.service.conftest import Live
@@ -25,15 +26,16 @@ def storage(tmp_path: Path) -> Storage:
     return DiskStorage(tmp_path / "store")
 
 
-def slow_download(port: int, target: str, received: list[bytes]) -> None:
-    """GET ``target`` with a small receive buffer, 64 KiB every 10 ms, until the server closes."""
+def slow_download(port: int, target: str, received: list[bytes], pause: float = 0.01) -> None:
+    """GET ``target`` with a small receive buffer, 64 KiB every ``pause`` seconds, until the
+    server closes."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
         sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         sock.settimeout(20)
         while data := sock.recv(64 * 1024):
             received.append(data)
-            time.sleep(0.01)
+            time.sleep(pause)
 
 
 @pytest.mark.parametrize("suffix", [".nar.zst", ".nar"])  # short path (sendfile), application
@@ -58,3 +60,45 @@ async def test_a_download_in_progress_ends_whole_when_the_server_stops(
     # Nothing new is taken meanwhile.
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", live.port), timeout=2).close()
+
+
+async def test_idle_connections_close_at_once_while_a_download_goes_on(live: Live) -> None:
+    """Held open until every download had ended, an idle keep-alive connection's next request
+    went unanswered for as long (up to 25 s), then was reset."""
+    url = await push(live, "2" * 32, CONTENTS)
+    idle = await asyncio.open_connection("127.0.0.1", live.port)
+    idle[1].write(
+        f"GET {url.rsplit('/', 2)[0]}/nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    await idle[0].readuntil(b"\r\n\r\n")
+    received: list[bytes] = []
+    client = threading.Thread(target=slow_download, args=(live.port, url, received, 0.05))
+    client.start()
+    await asyncio.sleep(0.3)
+    stopping = asyncio.ensure_future(live.running.stop())
+    try:
+        assert await asyncio.wait_for(idle[0].read(), 2) is not None  # EOF within 2 s
+        assert not stopping.done()  # the download still goes on
+    finally:
+        idle[1].close()
+        await stopping
+        await asyncio.to_thread(client.join, 30)
+
+
+async def test_a_client_that_reads_nothing_ends_at_the_deadline(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp waits its shutdown timeout for a handler, then as long again once cancelled:
+    a stop took twice the deadline with a client that reads nothing."""
+    monkeypatch.setattr(server_module, "SHUTDOWN_TIMEOUT", 2.0)
+    url = await push(live, "3" * 32, CONTENTS)
+    sock = socket.create_connection(("127.0.0.1", live.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(f"GET {url.removesuffix('.zst')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await asyncio.sleep(0.5)  # the application is writing, and the client takes nothing
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(live.running.stop(), 10)
+    finally:
+        sock.close()
+    assert time.monotonic() - started < 3.5

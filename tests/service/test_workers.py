@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
-import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,14 +78,42 @@ def test_workers_beat_several_times_within_the_timeout() -> None:
     assert heartbeat_interval(2.0) == 0.5
 
 
-def test_shared_directories_of_parents_that_are_gone_are_removed(tmp_path: Path) -> None:
-    """A parent killed with SIGKILL leaves its directory; the next server's start removes it."""
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    left = tmp_path / f"{shared.PREFIX}{gone.pid}-abc"
-    living = tmp_path / f"{shared.PREFIX}{os.getpid()}-def"
-    other = tmp_path / f"{shared.PREFIX}x9-ghi"  # not a name this makes
-    for directory in (left, living, other):
+def test_shared_directories_whose_lock_nobody_holds_are_removed(tmp_path: Path) -> None:
+    """A parent killed with SIGKILL leaves its directory; the next server's start removes it,
+    never a live server's, whatever its pid (another pid namespace, pid 1 in containers)."""
+
+    def made(name: str, locked: bool | None) -> tuple[Path, int | None]:
+        directory = tmp_path / f"{shared.PREFIX}{name}"
         (directory / "metrics").mkdir(parents=True)
-    assert shared.remove_left_behind(tmp_path) == [left]
-    assert not left.exists() and living.exists() and other.exists()
+        fd = None
+        if locked is not None:
+            fd = os.open(directory / shared.LOCK, os.O_RDWR | os.O_CREAT)
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                fd = None
+        return directory, fd
+
+    gone, _ = made("1-abc", locked=False)
+    live, held = made(f"{os.getpid()}-def", locked=True)  # this process holds it
+    same_pid_gone, _ = made(f"{os.getpid()}-ghi", locked=False)
+    older_larder, _ = made("9-mno", locked=None)  # no lock file
+    try:
+        removed = shared.remove_left_behind(tmp_path)
+    finally:
+        assert held is not None
+        os.close(held)
+    assert sorted(removed) == sorted([gone, same_pid_gone])
+    assert live.exists() and older_larder.exists()
+
+
+def test_a_new_shared_directory_is_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    directory, fd = shared.make_directory()
+    try:
+        assert directory.name.startswith(f"{shared.PREFIX}{os.getpid()}-")
+        assert shared.remove_left_behind(tmp_path) == []
+    finally:
+        os.close(fd)
+    assert shared.remove_left_behind(tmp_path) == [directory]
