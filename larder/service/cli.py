@@ -500,7 +500,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a bad command line (argparse said why): Docker reserves 2
+        if exc.code == 2 and argv[:1] == ["healthcheck"]:
+            return 1
+        raise
     try:
         config = _config(args)
         logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)

@@ -450,8 +450,18 @@ OTHER_VARIABLES = frozenset(
 )
 
 
-#: What Kubernetes sets for a Service whose name starts with ``larder`` (service links).
+#: What Kubernetes sets for a Service whose name starts with ``larder`` (service links), and
+#: the values it gives them: an address, a port, a protocol, or ``tcp://address:port``.
 _SERVICE_LINK = re.compile(r"LARDER(_\w+)?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_\w+)?)")
+_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://\S+|[0-9a-fA-F.:]+|tcp|udp|sctp|TCP|UDP|SCTP")
+
+
+def _service_link(variable: str, value: str) -> bool:
+    """Whether ``variable=value`` is one of Kubernetes' service links (``LARDER_PORT`` is
+    ``tcp://...`` there: a port number in it is a misspelt setting)."""
+    if not _SERVICE_LINK.fullmatch(variable) or not _LINK_VALUE.fullmatch(value):
+        return False
+    return "://" in value or not variable.endswith("_PORT")
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -469,7 +479,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
             or variable in settings
             or variable in OTHER_VARIABLES
             or variable.startswith("LARDER_TEST_")
-            or _SERVICE_LINK.fullmatch(variable)
+            or _service_link(variable, env[variable])
         ):
             continue
         name = variable.removeprefix("LARDER_").lower()

@@ -68,3 +68,12 @@ def _queued(fd: int) -> bool:
     except OSError:
         return False
     return queued > 0
+
+
+def unsent(transport: Any) -> bool:
+    """Whether bytes written to ``transport`` have not all left: in its buffer, or in the
+    kernel's send queue (a client reading slowly behind pipelined requests)."""
+    if transport.get_write_buffer_size():
+        return True
+    sock = transport.get_extra_info("socket")
+    return sock is not None and _OUTQ is not None and _queued(sock.fileno())

@@ -52,7 +52,7 @@ from larder.errors import StorageError, StorageUnavailable
 from larder.service import workers as shared
 from larder.service.app import build_app
 from larder.service.config import Config, ConfigError, WorkerSeat, format_listen, worker_seat
-from larder.service.draining import HeldSockets
+from larder.service.draining import HeldSockets, unsent
 from larder.service.front.connection import FrontProtocol
 from larder.service.front.limits import (
     KEEPALIVE_TIMEOUT,
@@ -258,11 +258,14 @@ class Running:
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT
         self.listener.close()
         self.sweeper.stop()
-        # Only connections with an answer in progress: an idle one closes (FIN) at once.
-        busy = [connection for connection in list(self.front) if not connection.stop()]
+        # Held: connections with an answer in progress, or whose answers have not all left
+        # (closed with requests unread, they would be reset); an idle one closes (FIN) at once.
+        front = list(self.front)
+        sending = {c.transport for c in front if c.transport is not None and unsent(c.transport)}
+        busy = [connection for connection in front if not connection.stop()]
         handlers = list(getattr(self.runner.server, "connections", ()))
         held = HeldSockets()
-        held.hold(connection.transport for connection in busy)
+        held.hold(sending | {connection.transport for connection in busy})
         held.hold(h.transport for h in handlers if getattr(h, "_request_in_progress", True))
         stop_reading(self.runner.app)
         # aiohttp waits shutdown_timeout for a handler, then as long again for it to end once

@@ -20,6 +20,7 @@ count what the answering worker served, and say so in their ``scope``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -59,7 +60,10 @@ def make_directory() -> tuple[Path, int]:
     remove_left_behind(parent)
     making = Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=parent))
     fd = os.open(making / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    # No flock on this filesystem (NFS without lockd): serve unlocked; a scan there cannot
+    # lock it either, and leaves it alone.
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
     path = parent / f"{PREFIX}{os.getpid()}-{making.name.removeprefix('.' + PREFIX)}"
     making.rename(path)
     return path, fd
@@ -67,16 +71,23 @@ def make_directory() -> tuple[Path, int]:
 
 def remove_left_behind(parent: Path) -> list[Path]:
     """Remove this user's shared directories in ``parent`` whose lock nobody holds (their
-    parent is gone, in whatever pid namespace it ran); the ones removed."""
+    parent is gone, in whatever pid namespace it ran), and those without a lock (made by larder
+    before it locked them) whose heartbeats nobody wrote for :data:`UNLOCKED_STALE` seconds;
+    the ones removed."""
     removed = []
-    for path in parent.glob(f"{PREFIX}*-*"):
+    for path in parent.glob(f"{PREFIX}*"):
         try:
             info = path.lstat()
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
                 continue
             fd = os.open(path / LOCK, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if _untouched(path, UNLOCKED_STALE):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            continue
         except OSError:
-            continue  # no lock file (made by an older larder, or not ours): left alone
+            continue  # not ours to look into
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -86,6 +97,22 @@ def remove_left_behind(parent: Path) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+#: Seconds without a write after which a shared directory without a lock is a leftover (a
+#: live server's workers write their heartbeats every second).
+UNLOCKED_STALE = 86400.0
+
+
+def _untouched(path: Path, seconds: float) -> bool:
+    """Whether neither ``path`` nor its heartbeats file changed in the last ``seconds``."""
+    try:
+        times = [path.lstat().st_mtime]
+        with contextlib.suppress(FileNotFoundError):
+            times.append((path / HEARTBEATS).stat().st_mtime)
+    except OSError:
+        return False
+    return time.time() - max(times) > seconds
 
 
 def prepare(directory: Path, count: int) -> None:

@@ -683,3 +683,10 @@ def test_serve_says_why_it_stops_when_its_output_is_closed(tmp_path: Path) -> No
         proc.kill()
         proc.stderr.close()
     assert "standard output was closed" in err
+
+
+def test_larder_healthcheck_fails_with_1_on_a_bad_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run(capsys, "healthcheck", "--no-such-option")
+    assert code == 1 and "unrecognized arguments" in err

@@ -416,13 +416,18 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_is_close_to() -> None:
         "LARDER_PORT": "tcp://10.0.0.7:8080",
         "LARDER_PORT_8080_TCP_ADDR": "10.0.0.7",
         "LARDER_CACHE_SERVICE_HOST": "10.0.0.8",
+        "LARDER_PORT_8080_TCP_PROTO": "tcp",
+        # ... but a port given where a setting was meant is still named
+        "LARDER_LISTEN_PORT": "9000",
         "PATH": "/bin",
     }
-    assert unknown_variables(env) == [
+    warned = unknown_variables(env)
+    assert warned[:2] == [
         "LARDER_BANANA is not a larder setting and is ignored",
         "LARDER_GC_MAXSIZE is not a larder setting and is ignored "
         "(did you mean LARDER_GC_MAX_SIZE?)",
     ]
+    assert len(warned) == 3 and warned[2].startswith("LARDER_LISTEN_PORT is not")
 
 
 def test_every_larder_variable_the_project_names_is_known() -> None:

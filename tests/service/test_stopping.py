@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import larder.service.server as server_module
+from larder.service.draining import unsent
 from larder.storage.base import Storage
 from larder.storage.disk import DiskStorage
 from tests.service.conftest import Live
@@ -102,3 +103,30 @@ async def test_a_client_that_reads_nothing_ends_at_the_deadline(
     finally:
         sock.close()
     assert time.monotonic() - started < 3.5
+
+
+async def test_a_connection_whose_answers_have_not_left_counts_as_sending() -> None:
+    """Answers to pipelined requests a client reads slowly sit in the kernel's queue: closed
+    then with requests unread, the connection is reset and they are lost."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    try:
+        assert not unsent(transport)
+        transport.write(b"x" * (4 << 20))  # more than the kernel takes at once
+        await asyncio.sleep(0.05)
+        assert unsent(transport)
+        theirs.setblocking(False)
+        while True:
+            try:
+                if not theirs.recv(1 << 20):
+                    break
+            except BlockingIOError:
+                if not unsent(transport):
+                    break
+                await asyncio.sleep(0.01)
+        assert not unsent(transport)
+    finally:
+        transport.close()
+        theirs.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import tempfile
@@ -98,14 +99,20 @@ def test_shared_directories_whose_lock_nobody_holds_are_removed(tmp_path: Path) 
     gone, _ = made("1-abc", locked=False)
     live, held = made(f"{os.getpid()}-def", locked=True)  # this process holds it
     same_pid_gone, _ = made(f"{os.getpid()}-ghi", locked=False)
-    older_larder, _ = made("9-mno", locked=None)  # no lock file
+    older_live, _ = made("9-mno", locked=None)  # no lock file: an older larder's
+    older_gone, _ = made("10-pqr", locked=None)
+    oldest_gone, _ = made("abc123xy", locked=None)  # named before the pid was in the name
+    for directory in (older_gone, oldest_gone):  # no heartbeat for two days
+        (directory / shared.HEARTBEATS).write_bytes(bytes(8))
+        for written in (directory / shared.HEARTBEATS, directory):
+            os.utime(written, (time.time() - 2 * 86400,) * 2)
     try:
         removed = shared.remove_left_behind(tmp_path)
     finally:
         assert held is not None
         os.close(held)
-    assert sorted(removed) == sorted([gone, same_pid_gone])
-    assert live.exists() and older_larder.exists()
+    assert sorted(removed) == sorted([gone, same_pid_gone, older_gone, oldest_gone])
+    assert live.exists() and older_live.exists()
 
 
 def test_a_new_shared_directory_is_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,3 +124,18 @@ def test_a_new_shared_directory_is_locked(tmp_path: Path, monkeypatch: pytest.Mo
     finally:
         os.close(fd)
     assert shared.remove_left_behind(tmp_path) == [directory]
+
+
+def test_a_filesystem_without_flock_still_gets_a_shared_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS without lockd: the server started before directories were locked, and must still."""
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(shared.fcntl, "flock", no_locks)
+    directory, fd = shared.make_directory()
+    os.close(fd)
+    assert directory.is_dir() and shared.remove_left_behind(tmp_path) == []
