@@ -487,19 +487,19 @@ async def _pin_command(args: argparse.Namespace, storage: Storage, config: Confi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         code = _main(argv)
         sys.stdout.flush()  # here, not at exit, where a closed pipe would give a traceback
     except BrokenPipeError:  # the reader went away (`larder gc --json | head`): exit quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        if (sys.argv[1:] if argv is None else list(argv))[:1] == ["serve"]:  # not a reader's end
+        if argv[:1] == ["serve"]:  # not a reader's end: say why it stops
             print("larder: standard output was closed", file=sys.stderr)
         return 1
     return code
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a bad command line (argparse said why): Docker reserves 2

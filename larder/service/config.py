@@ -2,9 +2,9 @@
 
 Precedence, highest first: command-line flags, ``LARDER_*`` environment variables, the TOML
 config file (``--config`` / ``LARDER_CONFIG``), a TOML defaults file (``LARDER_DEFAULTS``: the
-container image's own defaults, so that a mounted config file overrides them; a missing file
-gives none), built-in defaults. This module is the only place in larder that reads
-``os.environ`` (the rustc shim keeps its own small config).
+container image's own defaults, so that a mounted config file overrides them; named and
+missing, an error as a missing config file is), built-in defaults. This module is the only
+place in larder that reads ``os.environ`` (the rustc shim keeps its own small config).
 
 Config file keys are the field names below (``listen = "0.0.0.0:8080"``,
 ``max_upload_size = "8GiB"``); env vars are ``LARDER_`` + the upper-cased field name.
