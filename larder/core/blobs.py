@@ -129,7 +129,7 @@ class Decoded:
     """The pieces :func:`decompressed` yields; :meth:`aclose` closes the reader also when no
     piece was asked for yet (an async generator never started runs no ``finally``)."""
 
-    def __init__(self, reader: BlobReader, size: int, blob_id: str) -> None:
+    def __init__(self, reader: BlobReader, size: int | None, blob_id: str) -> None:
         self._reader = reader
         self._pieces = _decode(reader, size, blob_id)
 
@@ -144,9 +144,9 @@ class Decoded:
         await self._reader.close()
 
 
-def decompressed(reader: BlobReader, size: int, blob_id: str) -> Decoded:
-    """The ``size`` uncompressed bytes of blob ``blob_id``, in pieces (:func:`_decode`); closes
-    ``reader`` when they end or are closed."""
+def decompressed(reader: BlobReader, size: int | None, blob_id: str) -> Decoded:
+    """The ``size`` uncompressed bytes of blob ``blob_id`` (``None``: as many as it holds), in
+    pieces (:func:`_decode`); closes ``reader`` when they end or are closed."""
     return Decoded(reader, size, blob_id)
 
 
@@ -163,9 +163,11 @@ async def is_sound(reader: BlobReader, size: int, blob_id: str) -> bool:
     return True
 
 
-async def _decode(reader: BlobReader, size: int, blob_id: str) -> AsyncGenerator[bytes, None]:
-    """The ``size`` uncompressed bytes of blob ``blob_id``, in pieces of at most
-    :data:`_PIECE`; closes ``reader``.
+async def _decode(
+    reader: BlobReader, size: int | None, blob_id: str
+) -> AsyncGenerator[bytes, None]:
+    """The ``size`` uncompressed bytes of blob ``blob_id`` (``None``: however many it holds),
+    in pieces of at most :data:`_PIECE`; closes ``reader``.
 
     Bounded by what is *produced*, not read: a few KiB of zstd can decode to gigabytes (a NAR
     of zeros), so each step decodes one piece from stored bytes fetched ahead (enough for any
@@ -196,13 +198,13 @@ async def _decode(reader: BlobReader, size: int, blob_id: str) -> AsyncGenerator
                 except Exception as exc:  # storage gone: send what came, then fail
                     ended, failure = True, exc
             try:
-                piece = stream.read(min(_PIECE, size + 1 - produced))
+                piece = stream.read(_PIECE if size is None else min(_PIECE, size + 1 - produced))
             except zstandard.ZstdError as exc:
                 raise failure or StorageError(f"stored blob does not decode: {exc}") from None
             if not piece:
                 break
             produced += len(piece)
-            if produced > size:
+            if size is not None and produced > size:
                 raise StorageError(f"stored blob decodes to more than its {size} bytes")
             hasher.update(piece)
             if held:
@@ -210,7 +212,9 @@ async def _decode(reader: BlobReader, size: int, blob_id: str) -> AsyncGenerator
             held = piece
         if failure is not None:
             raise failure
-        if produced != size or not ended or feed.size:
+        if not ended or feed.size:
+            raise StorageError("stored blob has bytes past the end of its zstd stream")
+        if size is not None and produced != size:
             raise StorageError(f"stored blob decodes to {produced} bytes, not {size}")
         if hasher.hexdigest() != blob_id:
             raise StorageError(f"stored blob {blob_id} is damaged: its content hashes otherwise")

@@ -28,6 +28,7 @@ from larder.core.auth import TokenAuthority, check_secret_source, record_secret_
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
 from larder.core.gc.collector import Collector
 from larder.core.pins import pin, pins, unpin
+from larder.core.verify import verify
 from larder.errors import LarderError, StorageUnavailable
 from larder.protocol.names import check_cache_name
 from larder.protocol.signing import PublicKey, SecretKey
@@ -152,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--grace", help="keep what was used this recently (default: gc_grace)")
     gc.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
     gc.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    check = commands.add_parser(
+        "verify",
+        help="check every stored blob and record; exit 1 if anything is damaged",
+    )
+    _common(check)
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove what is damaged, so the next upload stores it again",
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
 
     for verb, text in (
         ("pin", "exempt store paths and their closures from eviction"),
@@ -466,6 +479,13 @@ async def _gc(args: argparse.Namespace, storage: Storage, config: Config) -> int
     return 0
 
 
+async def _verify(args: argparse.Namespace, storage: Storage, config: Config) -> int:
+    names = [found.name for found in await CacheRegistry(storage).all()]
+    report = await verify(storage, names, repair=args.repair)
+    print(report.to_json().decode() if args.json else report.render())
+    return 0 if report.sound else 1
+
+
 async def _pin_command(args: argparse.Namespace, storage: Storage, config: Config) -> int:
     cache = check_cache_name(args.cache)
     if await CacheRegistry(storage).get(cache) is None:
@@ -523,6 +543,7 @@ def _main(argv: list[str]) -> int:
             ("token", "revoke"): _token_revoke,
             ("token", "replace-secret"): _token_replace_secret,
             ("gc", ""): _gc,
+            ("verify", ""): _verify,
             ("pin", ""): _pin_command,
             ("unpin", ""): _pin_command,
         }

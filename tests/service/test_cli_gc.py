@@ -211,3 +211,24 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(
     finally:
         os.close(write)
     assert done.returncode == 1 and done.stderr == ""
+
+
+def test_verify_finds_a_damaged_blob_and_repair_makes_its_path_missing(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pushed = populate(store, ("a",))
+    code, out, _ = run(capsys, "verify", "--storage", store)
+    assert code == 0 and "checked 3 blobs" in out and "everything is sound" in out
+    blobs = sorted(p for p in (Path(store) / "blobs").rglob("*") if p.is_file())
+    assert len(blobs) == 3
+    blobs[0].write_bytes(blobs[0].read_bytes()[:-5])  # cut short
+    before = tree(store)
+    code, out, _ = run(capsys, "verify", "--storage", store)
+    assert code == 1 and "damaged: 1 blobs, 2 objects" in out and "--repair" in out
+    assert tree(store) == before
+    code, out, _ = run(capsys, "verify", "--repair", "--json", "--storage", store)
+    report = json.loads(out)
+    assert code == 1 and len(report["removed"]) == 3 and report["repaired"] is True
+    assert sum(present(store, path) for path in pushed["a"]) == 2
+    code, out, _ = run(capsys, "verify", "--storage", store)
+    assert code == 0 and "checked 2 blobs" in out
