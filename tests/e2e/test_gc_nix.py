@@ -23,7 +23,16 @@ import pytest
 from larder.core import keys
 from larder.protocol import narinfo
 from larder.storage.s3 import S3Storage
-from tests.e2e.harness import LARDER, S3_ENV, Larder, http, larder_server, make_bucket, moto_server
+from tests.e2e.harness import (
+    LARDER,
+    S3_ENV,
+    Larder,
+    http,
+    larder_server,
+    make_bucket,
+    moto_server,
+    s3_client,
+)
 from tests.e2e.nix import Nix, NixVersion, netrc_for
 from tests.wait import wait_until
 
@@ -273,3 +282,65 @@ def test_two_replicas_collecting_one_bucket_stay_consistent(
                 metric_sum(r.url, 'larder_gc_runs_total{result="failed"}') for r in (one, two)
             )
             assert completed >= 1 and failed == 0
+
+
+def damage_nar(server: Larder, path: str) -> None:
+    """Cut the stored NAR blob of ``path`` to half its bytes, on disk or in the bucket."""
+    info = served(server, path)
+    assert info is not None
+    record_key = keys.nar("main", info.nar_hash.nix32())
+    if server.storage.startswith("s3://"):
+        bucket, prefix = server.storage.removeprefix("s3://").split("/", 1)
+        client = s3_client(server.env["AWS_ENDPOINT_URL"])
+        record = client.get_object(Bucket=bucket, Key=f"{prefix}/objects/{record_key}")
+        blob_id = json.loads(record["Body"].read())["blob"]
+        blob_key = f"{prefix}/blobs/{blob_id[:2]}/{blob_id}"
+        stored = client.get_object(Bucket=bucket, Key=blob_key)["Body"].read()
+        client.put_object(Bucket=bucket, Key=blob_key, Body=stored[: len(stored) // 2])
+        return
+    data = Path(server.storage)
+    blob_id = json.loads((data / "objects" / record_key).read_text())["blob"]
+    blob = next((data / "blobs").rglob(blob_id))
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+
+
+def verify(server: Larder, *args: str) -> tuple[int, dict[str, object]]:
+    done = subprocess.run(
+        [*LARDER, "verify", "--json", *args, "--storage", server.storage],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr
+    return done.returncode, dict(json.loads(done.stdout))
+
+
+def test_a_path_damaged_at_rest_is_pushed_again_after_verify_repair(
+    server: Larder, tmp_path: Path, nix_version: NixVersion
+) -> None:
+    ci = Nix(tmp_path / "ci", netrc=netrc_for(server.token()), version=nix_version)
+    paths = ci.build_closure(tmp_path)
+    ci.copy_to(f"{server.url}/main", paths["app"])
+    assert verify(server)[0] == 0
+    damage_nar(server, paths["mid"])
+    mid_key = keys.narinfo("main", Path(paths["mid"]).name[:32])
+
+    code, report = verify(server)
+    assert code == 1 and mid_key in report["damaged_objects"]  # type: ignore[operator]
+    assert served(server, paths["mid"]) is not None  # nothing changed
+    code, report = verify(server, "--repair")
+    assert code == 1 and mid_key in report["removed"]  # type: ignore[operator]
+    wait_until(lambda: served(server, paths["mid"]) is None, what="the damaged path is missing")
+
+    # The runner that pushed it remembers it (narinfo-cache-positive-ttl, 30 days by default).
+    ci.run("nix", "copy", "--to", f"{server.url}/main", paths["app"],
+           "--option", "narinfo-cache-positive-ttl", "0")  # fmt: skip
+    assert whole(server, paths["app"])
+    code, report = verify(server)
+    assert code == 0 and report["blobs"] == 3
+    ci.delete(paths["app"], paths["mid"], paths["leaf"])
+    key = str(server.cache_info()["public_key"])
+    laptop = Nix(tmp_path / "laptop", version=nix_version)
+    laptop.substitute(f"{server.url}/main", key, paths["app"])
+    assert all(laptop.exists(path) for path in paths.values())
