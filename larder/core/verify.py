@@ -143,9 +143,14 @@ async def _decoded_sizes(
             report.blobs += 1
             report.stored_bytes += snapshot.blobs[blob_id].stored_size
             report.decoded_bytes += size
-    for entry in snapshot.entries.values():
-        if entry.blob is not None and entry.blob not in snapshot.blobs:
-            report.damaged_blobs[entry.blob] = "missing: not stored, yet an object holds it"
+    for key, entry in snapshot.entries.items():
+        blob = entry.blob
+        if blob is None or blob in snapshot.blobs or blob in report.damaged_blobs:
+            continue
+        # A collection may have deleted the holder, then the blob, since the listing: missing
+        # only if the holder is still there and the blob still is not.
+        if await storage.exists(key) and await storage.blob_stored_size(blob) is None:
+            report.damaged_blobs[blob] = "missing: not stored, yet an object holds it"
     return sizes
 
 
@@ -168,11 +173,23 @@ async def _check_objects(
         if key in damaged or entry.kind not in ("narinfo", "rustc_manifest"):
             continue
         for ref in entry.refs:
-            if _needed(entry.kind, ref) and (ref in damaged or ref not in snapshot.entries):
-                what = "NAR record" if entry.kind == "narinfo" else "output"
-                state = "damaged" if ref in damaged else "missing"
-                damaged[key] = f"its {what} {ref} is {state}"
-                break
+            if not _needed(entry.kind, ref):
+                continue
+            if ref in damaged:
+                state = "damaged"
+            elif ref in snapshot.entries or not await _still_missing(storage, key, ref):
+                continue
+            else:
+                state = "missing"
+            what = "NAR record" if entry.kind == "narinfo" else "output"
+            damaged[key] = f"its {what} {ref} is {state}"
+            break
+
+
+async def _still_missing(storage: Storage, key: str, ref: str) -> bool:
+    """Whether ``key`` is still stored and ``ref`` still is not (both were so when listed; a
+    collection deletes referrers first, so both may have gone since)."""
+    return await storage.exists(key) and not await storage.exists(ref)
 
 
 def _needed(kind: str, ref: str) -> bool:

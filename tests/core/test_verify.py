@@ -16,6 +16,7 @@ from larder.core.verify import verify
 from larder.errors import StorageUnavailable
 from larder.protocol.inputs import Identity, InputsDocument
 from larder.protocol.rustc import Manifest, Output
+from larder.storage.base import ObjectInfo, StoredBlob
 from larder.storage.memory import _Entry
 from tests.core.gcworld import ClockedWorld as World
 from tests.core.gcworld import body, hash_part, make_world, payload
@@ -190,3 +191,38 @@ async def test_unreachable_storage_fails_the_run_and_deletes_nothing(world: Worl
     with pytest.raises(StorageUnavailable):
         await verify(world.storage, ["main"], repair=True, clock=world.clock)
     assert await world.storage.state() == before
+
+
+async def test_a_closure_collected_while_it_looks_is_not_reported_damaged(world: World) -> None:
+    path = await world.push("collected")
+    kept = await world.push("kept")
+    info = await world.narinfo(path)
+    assert info is not None
+    blob = await nar_blob(world, path)
+    listing = world.storage.blob_infos
+
+    async def collected_first() -> AsyncIterator[StoredBlob]:
+        # A collection between the listing of objects and that of blobs: referrers first.
+        await world.storage.delete(keys.narinfo("main", hash_part(path)))
+        await world.storage.delete(keys.nar("main", info.nar_hash.nix32()))
+        await world.storage.blob_delete(blob)
+        async for found in listing():
+            yield found
+
+    early = await world.push("collected-early")
+    early_info = await world.narinfo(early)
+    assert early_info is not None
+    objects = world.storage.object_infos
+
+    async def collected_between_kinds(prefix: str) -> AsyncIterator[ObjectInfo]:
+        if prefix.endswith("/nar/"):  # narinfos were listed, NAR records not yet
+            await world.storage.delete(keys.narinfo("main", hash_part(early)))
+            await world.storage.delete(keys.nar("main", early_info.nar_hash.nix32()))
+        async for found in objects(prefix):
+            yield found
+
+    world.storage.blob_infos = collected_first  # type: ignore[method-assign]
+    world.storage.object_infos = collected_between_kinds  # type: ignore[method-assign]
+    report = await verify(world.storage, ["main"], repair=True, clock=world.clock)
+    assert report.sound, report.render()
+    assert await world.whole(kept)
