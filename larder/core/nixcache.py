@@ -538,9 +538,32 @@ class NixCache:
             digest: bytes | None = nix32.decode(record.file_hash)
         else:
             digest = await self._stored_sha256(record.blob_id)
+            if digest is not None:
+                await self._keep_file_hash(cache, info.nar_hash.nix32(), record, digest)
         if digest is None:
             return info
         return replace(info, file_hash=NixHash("sha256", digest), file_size=record.stored_size)
+
+    async def _keep_file_hash(
+        self, cache: CacheSettings, nar_hash: str, record: NarRecord, digest: bytes
+    ) -> None:
+        """Write the FileHash just read back into the NAR record, so the blob is read once,
+        not by every lookup of every process (a 300 MB NAR took a second each time). Only if
+        the record is as it was and the blob still has its recorded size: a record replaced
+        or deleted (a collection) meanwhile is left as it is now."""
+        key = keys.nar(cache.name, nar_hash)
+        try:
+            current = await self._storage.get(key)
+            if current is None or NarRecord.from_json(current) != record:
+                return
+            if await self._storage.blob_stored_size(record.blob_id) != record.stored_size:
+                return
+            kept = replace(record, file_hash=nix32.encode(digest))
+            await self._storage.put(key, kept.to_json())
+        except StorageError as exc:  # served all the same; read back again next time
+            log.warning("cannot keep the FileHash of NAR %s in %s: %s", nar_hash, cache.name, exc)
+            return
+        self._records.forget(cache.name, nar_hash)
 
     # -- opaque extras -------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,10 +12,11 @@ import zstandard
 from larder.core import keys
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
-from larder.core.nixcache import NixCache
-from larder.protocol import nix32
+from larder.core.nixcache import NarRecord, NixCache
+from larder.protocol import narinfo, nix32
 from larder.protocol.nar import write_nar
 from larder.storage.memory import MemoryStorage
+from tests.core.gcworld import hash_part, make_world
 
 
 class Counting(MemoryStorage):
@@ -52,3 +54,50 @@ async def test_records_are_remembered_for_serving_only_and_forgotten_on_deletion
         await storage.delete(key)
         nix.forget(key)  # what a collection tells the service
         assert await nix.nar_record(cache, nar_hash, serving=True) is None
+
+
+async def test_a_file_hash_read_back_is_kept_unless_the_record_went_meanwhile() -> None:
+    """A record from before FileHash: the first lookup reads the blob and writes the FileHash
+    into the record; a record deleted while the blob was read is not brought back."""
+    world = await make_world()
+    try:
+        paths = [await world.push(name) for name in ("kept", "collected", "replaced")]
+        records = {}
+        for path in paths:
+            info = await world.narinfo(path)
+            assert info is not None
+            older = narinfo.render(dataclasses.replace(info, file_hash=None))  # no FileHash
+            await world.storage.put(keys.narinfo("main", hash_part(path)), older.encode())
+            key = keys.nar("main", info.nar_hash.nix32())
+            old = NarRecord.from_json(await world.storage.get(key) or b"")
+            assert old.file_hash is not None
+            await world.storage.put(key, dataclasses.replace(old, file_hash=None).to_json())
+            records[path] = (key, old.file_hash)
+        read_back = world.nix._stored_sha256
+        reads = []
+
+        async def collected_meanwhile(blob_id: str) -> bytes | None:
+            reads.append(blob_id)
+            if len(reads) == 2:
+                await world.storage.delete(records[paths[1]][0])
+            if len(reads) == 3:  # uploaded again, compressed otherwise
+                key = records[paths[2]][0]
+                again = dataclasses.replace(
+                    NarRecord.from_json(await world.storage.get(key) or b""), uploaded_as="x"
+                )
+                await world.storage.put(key, again.to_json())
+            return await read_back(blob_id)
+
+        world.nix._stored_sha256 = collected_meanwhile  # type: ignore[method-assign]
+        await world.use(paths[0])
+        key, file_hash = records[paths[0]]
+        assert NarRecord.from_json(await world.storage.get(key) or b"").file_hash == file_hash
+        await world.use(paths[0])
+        assert len(reads) == 1  # the second lookup read the record, not the blob
+        await world.use(paths[1])
+        assert await world.storage.get(records[paths[1]][0]) is None
+        await world.use(paths[2])
+        kept = NarRecord.from_json(await world.storage.get(records[paths[2]][0]) or b"")
+        assert (kept.uploaded_as, kept.file_hash) == ("x", None)
+    finally:
+        world.executor.shutdown()

@@ -397,3 +397,6 @@ async def test_narinfos_stored_before_file_hashes_are_served_with_one(service: S
     assert served.file_hash is not None
     assert served.file_hash.digest == hashlib.sha256(blob).digest()
     assert served.file_size == len(blob)
+    # Read back once: the record keeps it for every later lookup, of any process.
+    kept = json.loads(await service.storage.get(record_key) or b"{}")
+    assert kept == {**record, "file_hash": served.file_hash.nix32()}
