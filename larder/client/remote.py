@@ -335,13 +335,16 @@ class Remote:
         made in memory, or beside the file first past :data:`IN_MEMORY_STREAM`, so its length
         is known): the server decodes it to check the id and keeps it as sent. A server that
         takes no coding (415) gets the bytes as they are, and every later blob of this
-        connection too; so does a blob whose stream finds no room on disk.
+        connection too; so does a blob whose stream finds no room on disk. A 400 to the stream
+        is answered by sending the bytes as they are: if the server takes those, it is one that
+        fails to decode any coding (larder before coded uploads), treated as a 415.
         """
+        refused = 0
         if level is not None and self._codings:
-            sent = self._put_zstd(blob_id, content, level)
-            if sent == 200:
+            refused = self._put_zstd(blob_id, content, level)
+            if refused == 200:
                 return
-            self._codings = sent != 415  # else no room for the stream: this blob as it is
+            self._codings = refused != 415  # 0: no room for the stream (this blob only)
         if isinstance(content, bytes):
             response = self._request("PUT", f"/blobs/{blob_id}", content)
             size = len(content)
@@ -351,10 +354,13 @@ class Remote:
                 response = self._request("PUT", f"/blobs/{blob_id}", body, length=size)
         self._stored(response, f"blob upload {blob_id[:12]}", "blake3", blob_id)
         self.bytes_up += size
+        if refused == 400:  # the coding was what the server refused: no coding from now on
+            self._codings = False
 
     def _put_zstd(self, blob_id: str, content: bytes | Path, level: int) -> int:
         """Send ``content`` as a zstd stream: 200 when sent, 415 when the server takes no
-        coding, 0 when the stream could not be made (no room beside the file)."""
+        coding, 400 when it refused the upload (perhaps for its coding), 0 when the stream
+        could not be made (no room beside the file)."""
         import zstandard
 
         compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
@@ -389,9 +395,9 @@ class Remote:
                     )
             finally:
                 encoded.unlink(missing_ok=True)
-        if response.status == 415:
+        if response.status in (400, 415):
             self._read(response)
-            return 415
+            return int(response.status)
         self._stored(response, what, "blake3", blob_id)
         self.bytes_up += size
         return 200

@@ -32,7 +32,9 @@ def stored_answer(path: str) -> bytes:
 class UploadSink:
     """A cache that misses every lookup and treats uploads as ``mode`` says: ``accept`` them,
     answer ``500``, ``hang`` on blob uploads until :meth:`close`, take blobs only without a
-    Content-Encoding (``no-codings``: 415 otherwise, as a server from before codings), or accept
+    Content-Encoding (``no-codings``: 415 otherwise, as a server from before codings;
+    ``codings-fail``: 400, as one whose aiohttp failed to decode them), refuse every blob
+    (``refuses-blobs``: 400), or accept
     them but take :attr:`delay` seconds over what a miss asks after its compilation (``slow-
     explain``: the nearest inputs). Blob uploads are kept in ``blobs`` (name, coding, body)."""
 
@@ -96,6 +98,10 @@ class UploadSink:
             return 500, b"boom"
         if self.mode == "no-codings" and coding:
             return 415, b"this resource takes no Content-Encoding"
+        if self.mode == "codings-fail" and coding:  # aiohttp before larder decoded codings
+            return 400, b"400: Can not decode content-encoding: zstandard"
+        if self.mode == "refuses-blobs" and "/blobs/" in path:
+            return 400, b"blake3 mismatch"
         if path.endswith("/missing"):
             return 200, json.dumps({"missing": json.loads(body)["blobs"]}).encode()
         if self.mode == "hang" and "/blobs/" in path:
@@ -277,7 +283,7 @@ def test_upload_compression_can_be_turned_off(sink: UploadSink, crate: Path) -> 
     assert (crate / "out" / "libt-x.rlib").read_bytes() in [body for _, _, body in sink.blobs]
 
 
-@pytest.mark.parametrize("sink", ["no-codings"], indirect=True)
+@pytest.mark.parametrize("sink", ["no-codings", "codings-fail"], indirect=True)
 def test_a_server_that_takes_no_coding_gets_the_bytes_as_they_are(
     sink: UploadSink, crate: Path
 ) -> None:
@@ -288,6 +294,17 @@ def test_a_server_that_takes_no_coding_gets_the_bytes_as_they_are(
     assert sink.blobs[0][0] == sink.blobs[1][0]
     counted = stats(crate)
     assert (counted["uploads"], counted["errors"]) == (1, 0)
+
+
+@pytest.mark.parametrize("sink", ["refuses-blobs"], indirect=True)
+def test_a_refused_blob_is_sent_once_more_as_it_is_and_counted(
+    sink: UploadSink, crate: Path
+) -> None:
+    done = shim(crate, sink.url, LARDER_TOKEN="t")
+    assert done.returncode == 0, done.stderr
+    assert [coding for _, coding, _ in sink.blobs] == ["zstd", None]
+    counted = stats(crate)
+    assert (counted["uploads"], counted["errors"]) == (0, 1)
 
 
 @pytest.mark.parametrize("sink", ["hang"], indirect=True)
