@@ -3,7 +3,10 @@
 Key format ``larder-rustc/1``: the BLAKE3 (hex) of a canonical JSON object (sorted keys, no
 spaces) holding exactly these inputs, numbered as in the code below:
 
-1. ``format``: the string ``larder-rustc/1``; a change to these rules bumps it.
+1. ``format``: the string ``larder-rustc/1``, the shape of this document. What the rules
+   below put in it changes between releases of larder-rustc (a fix that keys one more input
+   changes the key of every compilation that has it), so two releases seldom share a key: a
+   team's clients share best on one release, and an upgrade costs one cold build.
 2. ``rustc``: the output of ``rustc -vV`` (release, commit hash, host triple, LLVM version),
    plus a ``rustc-wrapper-blake3:`` line when ``RUSTC`` is neither the sysroot's compiler nor
    rustup's proxy (a script in front of the compiler, keyed by its text) and a

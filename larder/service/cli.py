@@ -354,8 +354,8 @@ async def _token_replace_secret(args: argparse.Namespace, storage: Storage, conf
     await TokenAuthority(storage, mounted=read_secret).replace_secret()
     print(
         "replaced the token secret: tokens made before it stop working within "
-        f"refresh_interval ({config.refresh_interval:g} s); make new ones with `larder token "
-        "create`",
+        f"refresh_interval ({config.refresh_interval:g} s; replicas of an older release read "
+        "it at start only: restart them); make new ones with `larder token create`",
         file=sys.stderr,
     )
     return 0
