@@ -35,7 +35,10 @@ A level listing (``list_level``) is ``ListObjectsV2`` with ``/`` as delimiter (o
 common prefixes of one level), a page at a time of at most what is still wanted, stopping at the
 limit.
 
-``put_if_absent`` is a conditional ``PutObject`` (``If-None-Match: *``), atomic on S3 itself.
+``put_if_absent`` is a conditional ``PutObject`` (``If-None-Match: *``), atomic on S3 itself. A
+store that answers it 501, or takes it and overwrites anyway (found once per process by a probe
+under ``tmp/``), gets a HEAD then a plain PUT instead, which writers racing for a new key can
+both win.
 
 Credentials, region and endpoint come from boto3's usual sources (``AWS_*`` variables including
 ``AWS_ENDPOINT_URL``, shared config files, instance roles); this module never reads the
@@ -545,6 +548,10 @@ class S3Storage(Storage):
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3")
         self._reader = ThreadPoolExecutor(max_workers, thread_name_prefix="larder-s3-read")
         self._warned_unconditional = False
+        #: Whether the store honours ``If-None-Match: *``: ``None`` until the first conditional
+        #: write probes it (:meth:`_conditional_honoured`); ``False`` for a store that ignores it.
+        self._conditions_honoured: bool | None = None
+        self._probe_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, prefix={self._prefix!r})"
@@ -668,7 +675,8 @@ class S3Storage(Storage):
         A ``501`` to it (a store without conditional writes) is followed, for this call, by a
         HEAD then a plain PUT: two writers racing for a new key may then both think they
         created it. Each call asks the condition first, so a stray 501 costs one call's
-        atomicity, not the process's.
+        atomicity, not the process's. A store that takes the condition and ignores it (found
+        once per process by :meth:`_conditional_honoured`) gets the HEAD and the PUT every time.
         """
         # Note: if botocore retries a put whose first attempt did succeed, the retry's 412
         # reports False although this call created the object. Callers read the object back.
@@ -680,6 +688,12 @@ class S3Storage(Storage):
             ContentType=content_type,
             Metadata=metadata or {},
         )
+        if not self._conditional_honoured():
+            if self._head_sync(key) is not None:
+                return False
+            with _translate_errors("put"):
+                put()
+            return True
         for attempt in range(5):
             try:
                 with _translate_errors("put"):
@@ -704,6 +718,55 @@ class S3Storage(Storage):
                     put()
                 return True
         raise StorageUnavailable("S3 put failed: conditional writes keep conflicting")
+
+    def _temp_key(self) -> str:
+        """A new key under ``tmp/``, named as blob writers name theirs, so that
+        :meth:`housekeep` removes it once stale if it is left behind."""
+        return f"{self._prefix}tmp/{int(time.time())}-{uuid.uuid4().hex}"
+
+    def _conditional_honoured(self) -> bool:
+        """Whether the store honours ``If-None-Match: *``, asked once per process before the
+        first conditional write: two conditional PUTs of a new key under ``tmp/``, of which
+        the second must fail. Some S3-compatible stores (s3rver, older releases of others) take
+        the header and ignore it, so that every creation would overwrite: those get a HEAD then
+        a PUT instead, with one warning. A store that answers 501 counts as honouring it (each
+        call then falls back by itself, :meth:`_create_sync`). A failure to ask is raised, and
+        the next conditional write asks again."""
+        if self._conditions_honoured is not None:
+            return self._conditions_honoured
+        with self._probe_lock:
+            if self._conditions_honoured is None:
+                self._conditions_honoured = self._probe_conditions()
+            return self._conditions_honoured
+
+    def _probe_conditions(self) -> bool:
+        key = self._temp_key()
+        created = False
+        try:
+            for _ in range(2):
+                try:
+                    with _translate_errors("put"):
+                        self._client.put_object(
+                            Bucket=self.bucket,
+                            Key=key,
+                            Body=b"larder: does this store honour If-None-Match?",
+                            ContentType=OBJECT_CONTENT_TYPE,
+                            IfNoneMatch="*",
+                        )
+                except (_PreconditionFailed, _NotImplemented, _ConditionalConflict):
+                    return True
+                created = True
+        finally:
+            if created:
+                self._delete_quietly(key)
+        self._warned_unconditional = True
+        log.warning(
+            "%s ignores conditional writes (If-None-Match: * overwrote an existing object): "
+            "creating objects with a HEAD then a PUT, which two replicas creating the same new "
+            "key (the collector's lease, a new cache) at the same moment can race",
+            self,
+        )
+        return False
 
     def _delete_sync(self, key: str) -> bool:
         if self._head_sync(key) is None:

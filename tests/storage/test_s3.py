@@ -148,8 +148,69 @@ async def test_a_store_without_conditional_writes_still_takes_blobs_and_objects(
         assert await storage.put_if_absent("config/token-secret", b"one")
         assert not await storage.put_if_absent("config/token-secret", b"two")
         assert await storage.get("config/token-secret") == b"one"
-        assert len(conditional) == 4  # asked each time: a stray 501 costs one call
+        # asked each time (a stray 501 costs one call), after the probe's one
+        assert len(conditional) == 1 + 4
+        assert conditional[0].startswith(S3_PREFIX + "tmp/")
         assert caplog.text.count("takes no conditional writes") == 1
+    finally:
+        await storage.close()
+
+
+async def test_a_store_that_ignores_conditional_writes_gets_a_head_then_a_put(
+    s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Some S3-compatible stores (s3rver, older releases of others) take ``If-None-Match: *``
+    and overwrite anyway: a second ``cache create`` would replace the cache's signing key. The
+    first conditional write finds out (two conditional PUTs of a probe key under ``tmp/``), and
+    every creation is then a HEAD then a PUT, with one warning."""
+    storage = s3_bucket.make_storage()
+    real_put = storage._client.put_object
+    conditional: list[str] = []
+
+    def put_object(**kwargs: Any) -> Any:
+        if kwargs.pop("IfNoneMatch", None) is not None:
+            conditional.append(kwargs["Key"])
+        return real_put(**kwargs)
+
+    storage._client.put_object = put_object  # type: ignore[method-assign]
+    try:
+        assert await storage.put_if_absent("config/token-secret", b"one")
+        assert not await storage.put_if_absent("config/token-secret", b"two")
+        assert await storage.get("config/token-secret") == b"one"
+        data = mixed_data(200_000, seed=32)
+        first = await write_blob(storage, data)
+        assert await write_blob(storage, data) == first
+        assert decompress(await read_stored(storage, first.blob_id)) == data
+        assert len(conditional) == 2 and conditional[0] == conditional[1]  # the probe, once
+        assert conditional[0].startswith(S3_PREFIX + "tmp/")
+        assert await asyncio.to_thread(s3_bucket.keys, S3_PREFIX + "tmp/") == []
+        assert caplog.text.count("ignores conditional writes") == 1
+        assert "takes no conditional writes" not in caplog.text
+    finally:
+        await storage.close()
+
+
+async def test_a_store_honouring_conditional_writes_is_probed_once(
+    s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = s3_bucket.make_storage()
+    real_put = storage._client.put_object
+    conditional: list[str] = []
+
+    def put_object(**kwargs: Any) -> Any:
+        if "IfNoneMatch" in kwargs:
+            conditional.append(kwargs["Key"])
+        return real_put(**kwargs)
+
+    storage._client.put_object = put_object  # type: ignore[method-assign]
+    try:
+        assert await storage.put_if_absent("a", b"one")
+        assert not await storage.put_if_absent("a", b"two")
+        assert await storage.put_if_absent("b", b"one")
+        # the probe's two, then one each
+        assert conditional[2:] == [f"{S3_PREFIX}objects/{key}" for key in ("a", "a", "b")]
+        assert await asyncio.to_thread(s3_bucket.keys, S3_PREFIX + "tmp/") == []
+        assert "conditional writes" not in caplog.text
     finally:
         await storage.close()
 
