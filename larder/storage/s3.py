@@ -14,7 +14,8 @@ copies it server-side to the final key and deletes the temporary. Nothing appear
 keeps its bytes, which the records made from it describe: the small commit is a conditional
 ``PutObject`` (``If-None-Match: *``), the large one looks first; the existing object is then
 copied onto itself, which refreshes its ``LastModified`` (what garbage collection reads as the
-blob's age; past 5 GiB, the limit of one copy, it is left as it is). Each blob carries the sha256
+blob's age; past 5 GiB, the limit of one copy, it is left as it is; on a store whose copy onto
+itself keeps the date, through a copy under ``tmp/`` and back). Each blob carries the sha256
 of its bytes as user metadata (``x-amz-meta-sha256``), so a commit that keeps an earlier one's
 bytes reports their sha256 without reading them back. Two large commits of the
 same content racing each other may leave either one's bytes. (In a versioned bucket each
@@ -64,6 +65,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, NamedTuple, TypeVar, cast
 
 import boto3
@@ -271,6 +273,26 @@ def _temp_started(base: str, key: str, listed_at: float) -> float | None:
     if match is None:
         return None
     return max(float(match.group(1)), listed_at) if match.group(1) else listed_at
+
+
+#: Seconds a blob's ``LastModified`` must lie before the store's clock for a self-copy that
+#: keeps it to count as undated (both are in whole seconds; a blob that recent is fresh anyway).
+UNDATED_COPY_MARGIN = 2.0
+
+
+def _copy_undated(before: datetime, response: Any) -> bool:
+    """Whether a ``CopyObject`` of an object onto itself left its ``LastModified``
+    (``before``) although the store's clock (the answer's ``Date``) had moved on by
+    :data:`UNDATED_COPY_MARGIN`; an answer without a ``LastModified`` tells nothing."""
+    after = response.get("CopyObjectResult", {}).get("LastModified")
+    if after is None or after > before:
+        return False
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+    except (TypeError, ValueError):
+        now = time.time()
+    return now - before.timestamp() >= UNDATED_COPY_MARGIN
 
 
 def _timestamp(value: datetime | None) -> float:
@@ -552,6 +574,8 @@ class S3Storage(Storage):
         #: write probes it (:meth:`_conditional_honoured`); ``False`` for a store that ignores it.
         self._conditions_honoured: bool | None = None
         self._probe_lock = threading.Lock()
+        #: Whether a blob's copy onto itself leaves its ``LastModified`` (:meth:`_refresh_sync`).
+        self._self_copy_undated = False
 
     def __repr__(self) -> str:
         return f"S3Storage(bucket={self.bucket!r}, prefix={self._prefix!r})"
@@ -790,10 +814,14 @@ class S3Storage(Storage):
         if head is None:
             return None
         size, metadata = head["ContentLength"], head.get("Metadata", {})
-        if size <= MAX_COPY_OBJECT_SIZE:
-            try:
+        if size > MAX_COPY_OBJECT_SIZE:
+            return size, _recorded_sha256(metadata)
+        try:
+            if self._self_copy_undated:
+                self._refresh_through_temp(key, size, metadata)
+            else:
                 with _translate_errors("blob refresh"):
-                    self._slow_client.copy_object(
+                    response = self._slow_client.copy_object(
                         Bucket=self.bucket,
                         Key=key,
                         CopySource={"Bucket": self.bucket, "Key": key},
@@ -802,9 +830,28 @@ class S3Storage(Storage):
                         ContentType=BLOB_CONTENT_TYPE,
                         **self._checksum_options(),
                     )
-            except _Missing:
-                return None
+                if _copy_undated(head["LastModified"], response):
+                    if not self._self_copy_undated:
+                        self._self_copy_undated = True
+                        log.warning(
+                            "%s does not date an object copied onto itself: refreshing blobs "
+                            "committed again by a copy through tmp/ and back",
+                            self,
+                        )
+                    self._refresh_through_temp(key, size, metadata)
+        except _Missing:
+            return None
         return size, _recorded_sha256(metadata)
+
+    def _refresh_through_temp(self, key: str, size: int, metadata: dict[str, str]) -> None:
+        """Make ``key``'s ``LastModified`` now on a store that does not date self-copies: copy
+        it to a new key under ``tmp/`` and back (a new object there is dated by every store)."""
+        temp = self._temp_key()
+        try:
+            self._copy_sync(key, temp, size, metadata)
+            self._copy_sync(temp, key, size, metadata)
+        finally:
+            self._delete_quietly(temp)
 
     def _copy_sync(
         self, source: str, target: str, size: int, metadata: dict[str, str] | None = None

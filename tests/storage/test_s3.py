@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -84,6 +85,52 @@ async def test_multipart_of_existing_blob(s3_bucket: S3Bucket) -> None:
         assert await asyncio.to_thread(s3_bucket.keys) == [
             f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
         ]
+        assert await asyncio.to_thread(s3_bucket.uploads) == []
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("size", [300_000, 11 * MiB])  # one PutObject, a multipart upload
+async def test_a_store_that_does_not_date_self_copies_still_gets_blobs_refreshed(
+    s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture, size: int
+) -> None:
+    """s3rver answers a copy of an object onto itself and keeps its ``LastModified``: a blob
+    committed again must still count as new for a collection that listed it before, so the
+    refresh goes through a copy under ``tmp/`` and back (once found out: directly after)."""
+    storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
+    data = mixed_data(size, seed=41)
+    try:
+        first = await write_blob(storage, data, piece=MiB)
+        [listed] = [blob async for blob in storage.blob_infos()]
+        await asyncio.sleep(2.1)  # S3 keeps whole seconds; past the margin of a fresh blob
+        client = storage._slow_client
+        real_copy = client.copy_object
+        self_copies: list[str] = []
+
+        def copy_object(**kwargs: Any) -> Any:
+            if kwargs["CopySource"]["Key"] != kwargs["Key"]:
+                return real_copy(**kwargs)
+            self_copies.append(kwargs["Key"])  # answered, and nothing done
+            head = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=kwargs["Key"])
+            return {
+                "CopyObjectResult": {"ETag": head["ETag"], "LastModified": head["LastModified"]},
+                "ResponseMetadata": {"HTTPHeaders": {"date": formatdate(usegmt=True)}},
+            }
+
+        client.copy_object = copy_object  # type: ignore[method-assign]
+        again = await write_blob(storage, data, piece=MiB)
+        assert again.stored_sha256 == first.stored_sha256
+        assert not await storage.blob_delete_if_older(first.blob_id, listed.modified + 1e-3)
+        assert decompress(await read_stored(storage, first.blob_id)) == data
+        key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
+        head = s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=key)
+        assert first.stored_sha256 is not None
+        assert head["Metadata"] == {"sha256": first.stored_sha256.hex()}
+        assert head["ContentType"] == "application/zstd"
+        await write_blob(storage, data, piece=MiB)
+        assert self_copies == [key]  # the third commit goes through tmp/ at once
+        assert caplog.text.count("does not date an object copied onto itself") == 1
+        assert await asyncio.to_thread(s3_bucket.keys) == [key]
         assert await asyncio.to_thread(s3_bucket.uploads) == []
     finally:
         await storage.close()
