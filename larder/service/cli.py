@@ -210,6 +210,8 @@ async def _with_storage(
             f"{exc.message} (`larder serve` or `larder cache create` makes one)"
         ) from None
     try:
+        if create:  # `cache create`, which sets a store up: as `larder serve` does at start
+            await storage.check_writes()
         return await action(storage)
     finally:
         await storage.close()
@@ -293,7 +295,10 @@ def _token_command(config: Config) -> str:
 
 async def _bootstrap(config: Config, storage: Storage) -> None:
     """Adopt configured keys and private caches; with no cache at all (none configured either)
-    create ``main``. Always print how to use the caches."""
+    create ``main``. Always print how to use the caches. First, once per start, check that the
+    store gives back the bytes written to it (a store that keeps an upload's transfer encoding
+    as its content would otherwise corrupt every object, found only when read)."""
+    await storage.check_writes()
     read_secret = config.mounted_token_secret()
     await record_secret_source(storage, read_secret() if read_secret else None)
     registry = CacheRegistry(storage, config.refresh_interval)

@@ -353,6 +353,12 @@ class Storage(ABC):
     async def check(self) -> None:
         """Raise a storage error unless the backend answers (used by readiness probes)."""
 
+    async def check_writes(self) -> None:
+        """Write a small object, read it back and delete it: a storage error when the backend
+        gives other bytes back than were written (a store that keeps a transfer encoding as the
+        content). Run once at start-up, not by readiness probes. Nothing by default."""
+        return None
+
     async def release_reserve(self) -> bool:
         """Free the space a backend keeps back so that a collection can start when it is full;
         ``True`` if some was freed (a backend without a reserve: ``False``)."""

@@ -42,12 +42,14 @@ under ``tmp/``), gets a HEAD then a plain PUT instead, which writers racing for 
 both win.
 
 Credentials, region and endpoint come from boto3's usual sources (``AWS_*`` variables including
-``AWS_ENDPOINT_URL``, shared config files, instance roles); this module never reads the
-environment itself. A mistake there that boto3 finds while building the client (an endpoint
-without a scheme, a malformed region, an unknown profile) is a ``StorageError`` naming the
-setting, which the ``larder`` command reports in one line. Async methods run boto3 calls on
-the backend's own bounded thread pool; blob writers call boto3 directly from the (worker)
-thread driving them.
+``AWS_ENDPOINT_URL``, shared config files, instance roles); this module reads the environment
+only to see whether a custom endpoint is configured: it then sends checksums only where S3
+requires them, unless ``AWS_REQUEST_CHECKSUM_CALCULATION`` says otherwise
+(:func:`_request_checksum_calculation`). A mistake there that boto3 finds while building the
+client (an endpoint without a scheme, a malformed region, an unknown profile) is a
+``StorageError`` naming the setting, which the ``larder`` command reports in one line. Async
+methods run boto3 calls on the backend's own bounded thread pool; blob writers call boto3
+directly from the (worker) thread driving them.
 
 Every botocore exception is translated in one place, :func:`_translate_errors`.
 """
@@ -57,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
 import threading
 import time
@@ -66,9 +69,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Literal, NamedTuple, TypeVar, cast
 
 import boto3
+import botocore.session
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -228,6 +232,31 @@ def _client_setup_error(exc: Exception) -> StorageError:
     else:
         hint = "check the AWS_* variables and the AWS config files"
     return StorageError(f"cannot set up the S3 client: {exc}; {hint}")
+
+
+def _request_checksum_calculation(endpoint_url: str | None) -> Literal["when_required"] | None:
+    """``request_checksum_calculation``: ``when_required`` for a store at a custom endpoint
+    (``endpoint_url``, ``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``), unless the user chose
+    (``AWS_REQUEST_CHECKSUM_CALCULATION``, or ``request_checksum_calculation`` in the AWS config
+    file's profile, which boto3 then applies); ``None`` leaves botocore's choice.
+
+    botocore's default, ``when_supported``, sends a CRC32 with every upload, over HTTPS as an
+    ``aws-chunked`` body with a trailer; an S3-compatible store that does not decode that
+    encoding (s3rver, older releases of others) keeps the chunk framing as the object's bytes.
+    AWS itself keeps botocore's default.
+    """
+    custom = (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    )
+    if not custom or os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
+        return None
+    try:
+        profile = botocore.session.Session().get_scoped_config()
+    except BotoCoreError:
+        profile = {}  # an unknown profile: building the client says so
+    if profile.get("request_checksum_calculation"):
+        return None
+    return "when_required"
 
 
 #: The user metadata a blob's sha256 (of its bytes at rest) is recorded under.
@@ -540,6 +569,8 @@ class S3Storage(Storage):
         self._part_size = part_size
         self._owns_client = client is None
 
+        checksums = _request_checksum_calculation(endpoint_url) if client is None else None
+
         def make(timeout: float, attempts: int) -> S3Client:
             config = Config(
                 retries={"mode": "standard", "total_max_attempts": attempts},  # the first too
@@ -551,6 +582,7 @@ class S3Storage(Storage):
                 # not return checksums for ranged reads, but some S3 imitations send the whole
                 # object's, which botocore would then fail to match.
                 response_checksum_validation="when_required",
+                request_checksum_calculation=checksums,
             )
             try:
                 return boto3.session.Session().client(
@@ -791,6 +823,36 @@ class S3Storage(Storage):
             self,
         )
         return False
+
+    def _check_writes_sync(self) -> None:
+        key = self._temp_key()
+        written = b"larder write check " + uuid.uuid4().hex.encode()
+        try:
+            with _translate_errors("put"):
+                self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=written, ContentType=OBJECT_CONTENT_TYPE
+                )
+            read = self._get_plain_sync(key)
+        finally:
+            self._delete_quietly(key)
+        if read != written:
+            got = "nothing" if read is None else f"{len(read)} bytes starting {read[:48]!r}"
+            raise StorageError(
+                f"the store returned other bytes than were written: {len(written)} bytes put to "
+                f"{self.bucket}/{key}, {got} read back (a store that keeps the aws-chunked "
+                f"framing of checksummed uploads: set AWS_REQUEST_CHECKSUM_CALCULATION="
+                f"when_required)"
+            )
+
+    def _get_plain_sync(self, key: str) -> bytes | None:
+        """The object's bytes as the store gives them (no checksum asked), ``None`` if absent."""
+        try:
+            with _translate_errors("get"):
+                response = self._client.get_object(Bucket=self.bucket, Key=key)
+                with response["Body"] as body:
+                    return body.read()
+        except _Missing:
+            return None
 
     def _delete_sync(self, key: str) -> bool:
         if self._head_sync(key) is None:
@@ -1036,6 +1098,9 @@ class S3Storage(Storage):
 
     async def check(self) -> None:
         await self._run(self._check_sync)
+
+    async def check_writes(self) -> None:
+        await self._run(self._check_writes_sync)
 
     async def housekeep(self) -> None:
         """Remove what blob writers that crashed, or could not clean up in an outage, left under

@@ -430,6 +430,30 @@ async def test_start_up_work_waits_for_unreachable_storage(
     assert await CacheRegistry(storage, 1.0).names() == ["main"]
 
 
+async def test_a_store_that_gives_other_bytes_back_stops_the_start() -> None:
+    """The start-up work first checks that the store keeps the bytes written (an S3-compatible
+    store keeping aws-chunked framing would corrupt every object): else the server stops with
+    the store's one line, before writing anything."""
+    from larder.core.caches import CacheRegistry
+    from larder.errors import StorageError
+    from larder.service import cli, server
+    from larder.service.config import Config
+    from larder.storage.memory import MemoryStorage
+
+    class Mangling(MemoryStorage):
+        checked = 0
+
+        async def check_writes(self) -> None:
+            self.checked += 1
+            raise StorageError("the store returned other bytes than were written: ...")
+
+    storage = Mangling()
+    with pytest.raises(StorageError, match="returned other bytes"):
+        await server.bootstrap_or_defer(Config(), storage, cli._bootstrap)
+    assert storage.checked == 1
+    assert await CacheRegistry(storage, 1.0).names() == []
+
+
 async def test_a_signing_keys_dir_that_is_not_there_stops_the_start(tmp_path: Path) -> None:
     """A Secret mounted at another path went unnoticed: the cache got a generated key."""
     from larder.errors import LarderError

@@ -487,6 +487,72 @@ async def test_open_storage_uses_aws_endpoint_url(
         await storage.close()  # closing twice is harmless
 
 
+@pytest.mark.parametrize(
+    ("how", "checksummed"),
+    [("endpoint_url", False), ("AWS_ENDPOINT_URL", False), ("AWS_ENDPOINT_URL_S3", False),
+     ("chosen by the user", True)],
+)  # fmt: skip
+async def test_a_custom_endpoint_gets_checksums_only_where_required(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, how: str, checksummed: bool
+) -> None:
+    """Over HTTPS botocore's default sends every upload as an aws-chunked body with a CRC32
+    trailer, which some S3-compatible stores (s3rver) keep as the object's bytes: at a custom
+    endpoint larder sends checksums only where S3 requires them, unless the user chose."""
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION")
+    if how == "endpoint_url":
+        storage = s3_bucket.make_storage(part_size=MIN_PART_SIZE)
+    else:
+        if how == "chosen by the user":
+            monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3" if how.endswith("_S3") else "AWS_ENDPOINT_URL",
+                           s3_bucket.endpoint)  # fmt: skip
+        storage = S3Storage(s3_bucket.name, S3_PREFIX, part_size=MIN_PART_SIZE)
+    sent: list[str] = []
+
+    def headers(request: Any, **kwargs: Any) -> None:
+        names = (name.lower() for name in request.headers)
+        sent.extend(n for n in names if "checksum" in n and n != "x-amz-checksum-mode")  # reads
+
+    for client in (storage._client, storage._slow_client):
+        client.meta.events.register("before-send.s3", headers)
+    try:
+        await storage.put("k", b"v")
+        data = os.urandom(6 * MiB)
+        info = await write_blob(storage, data)  # a multipart upload and a copy
+        assert decompress(await read_stored(storage, info.blob_id)) == data
+        assert bool(sent) == checksummed, sent
+    finally:
+        await storage.close()
+
+
+async def test_the_write_check_finds_a_store_that_keeps_the_chunk_framing(
+    s3_bucket: S3Bucket,
+) -> None:
+    """What s3rver stores of an aws-chunked upload: the framing and the trailer around the
+    bytes. ``check_writes`` (run once at start-up) says so, and how to avoid it."""
+    storage = s3_bucket.make_storage()
+    try:
+        await storage.check_writes()  # a store that keeps the bytes passes
+        real_put = storage._client.put_object
+
+        def put_object(**kwargs: Any) -> Any:
+            body = kwargs["Body"]
+            framed = b"%x\r\n%s\r\n0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n" % (len(body), body)
+            return real_put(**{**kwargs, "Body": framed})
+
+        storage._client.put_object = put_object  # type: ignore[method-assign]
+        with pytest.raises(StorageError) as caught:
+            await storage.check_writes()
+        assert not isinstance(caught.value, StorageUnavailable)  # stops the start, no retries
+        message = caught.value.message
+        assert "the store returned other bytes than were written" in message
+        assert "AWS_REQUEST_CHECKSUM_CALCULATION=when_required" in message
+        assert "\n" not in message
+        assert await asyncio.to_thread(s3_bucket.keys) == []  # the probe is deleted
+    finally:
+        await storage.close()
+
+
 async def test_missing_bucket_is_an_error_not_a_miss(s3_bucket: S3Bucket) -> None:
     storage = S3Storage("no-such-bucket-here", endpoint_url=s3_bucket.endpoint, max_attempts=1)
     try:

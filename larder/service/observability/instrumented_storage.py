@@ -158,6 +158,9 @@ class InstrumentedStorage(Storage):
     async def check(self) -> None:
         await self._count("check", self.inner.check())
 
+    async def check_writes(self) -> None:
+        await self._count("check_writes", self.inner.check_writes())
+
     async def release_reserve(self) -> bool:
         return await self._count("release_reserve", self.inner.release_reserve())
 

@@ -99,6 +99,7 @@ BACKEND_OPERATIONS = (
     "blob_infos",
     "blob_write",
     "check",
+    "check_writes",
 )
 NO_CACHE = "_none"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
