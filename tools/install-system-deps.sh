@@ -7,13 +7,17 @@
 #   unpacked into /usr/share/cargo/registry, used as a cargo directory source);
 # - Nix and sccache from Debian sid, privately (tools/install-nix-sid.sh);
 # - a C compiler and ar (gcc, binutils): rustc links with cc, and a workspace crate's build
-#   script compiles a C library.
+#   script compiles a C library;
+# - node and npm (nodejs, npm), to install s3rver, an S3 imitation, into build/s3rver
+#   (tools/install-s3rver.sh, pinned by tools/s3rver/package-lock.json).
 set -euo pipefail
 missing=()
 command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v ar >/dev/null 2>&1 || missing+=(binutils)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 for crate in itoa hex memchr fnv proc-macro2 quote syn unicode-ident; do
   compgen -G "/usr/share/cargo/registry/${crate}-*" >/dev/null || missing+=("librust-${crate}-dev")
 done
@@ -27,3 +31,5 @@ command -v cargo >/dev/null 2>&1 || { echo "cargo and rustc must be on PATH" >&2
 # A current Nix and sccache 0.17 from Debian sid, privately (every real-client test runs
 # against both versions).
 bash "$(dirname "$0")/install-nix-sid.sh"
+# s3rver for the end-to-end tests against an S3 imitation other than moto.
+bash "$(dirname "$0")/install-s3rver.sh"
