@@ -65,7 +65,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -606,6 +606,9 @@ class S3Storage(Storage):
         #: write probes it (:meth:`_conditional_honoured`); ``False`` for a store that ignores it.
         self._conditions_honoured: bool | None = None
         self._probe_lock = threading.Lock()
+        #: Refreshes in flight by key (:meth:`_refresh_sync`).
+        self._refreshing: dict[str, Future[tuple[int, bytes | None] | None]] = {}
+        self._refresh_lock = threading.Lock()
         #: Whether a blob's copy onto itself leaves its ``LastModified`` (:meth:`_refresh_sync`).
         self._self_copy_undated = False
 
@@ -871,7 +874,31 @@ class S3Storage(Storage):
     def _refresh_sync(self, key: str) -> tuple[int, bytes | None] | None:
         """Make a stored blob's ``LastModified`` now, keeping its bytes and metadata; its size
         and the sha256 recorded with it (``None`` for blobs stored without one), or ``None`` if
-        it is not there. A blob too large for one ``CopyObject`` is left as it is."""
+        it is not there. A blob too large for one ``CopyObject`` is left as it is.
+
+        Commits of one content that arrive together share one refresh: a later one waits for
+        the refresh in flight and takes its outcome (eight copies of one object onto itself at
+        once are eight times the work, and more than some stores take: moto fails them)."""
+        with self._refresh_lock:
+            pending = self._refreshing.get(key)
+            mine = pending is None
+            if pending is None:
+                pending = self._refreshing[key] = Future()
+        if not mine:
+            return pending.result()
+        try:
+            result = self._refresh_once(key)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(result)
+            return result
+        finally:
+            with self._refresh_lock:
+                del self._refreshing[key]
+
+    def _refresh_once(self, key: str) -> tuple[int, bytes | None] | None:
         head = self._head_object_sync(key)
         if head is None:
             return None

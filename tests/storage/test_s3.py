@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -132,6 +133,50 @@ async def test_a_store_that_does_not_date_self_copies_still_gets_blobs_refreshed
         assert caplog.text.count("does not date an object copied onto itself") == 1
         assert await asyncio.to_thread(s3_bucket.keys) == [key]
         assert await asyncio.to_thread(s3_bucket.uploads) == []
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_commits_of_one_content_at_once_share_one_refresh(
+    s3_bucket: S3Bucket, fails: bool
+) -> None:
+    """Eight writers committing stored content at once: one copy onto itself, whose outcome
+    (the kept bytes' sha256, or its failure) every one of them gets."""
+    storage = s3_bucket.make_storage()
+    data = mixed_data(300_000, seed=43)
+    try:
+        first = await write_blob(storage, data)
+        client = storage._slow_client
+        real_copy = client.copy_object
+        copies: list[str] = []
+        started = threading.Event()
+
+        def copy_object(**kwargs: Any) -> Any:
+            copies.append(kwargs["Key"])
+            started.set()
+            time.sleep(0.5)  # the others arrive meanwhile
+            if fails:
+                raise _client_error(500, "InternalError")
+            return real_copy(**kwargs)
+
+        client.copy_object = copy_object  # type: ignore[method-assign]
+        key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
+        with ThreadPoolExecutor(8) as pool:
+            first_call = pool.submit(storage._refresh_sync, key)
+            started.wait(10)
+            others = [pool.submit(storage._refresh_sync, key) for _ in range(7)]
+            calls = [first_call, *others]
+            if fails:
+                for call in calls:
+                    with pytest.raises(StorageUnavailable):
+                        call.result(30)
+            else:
+                assert {call.result(30) for call in calls} == {
+                    (first.stored_size, first.stored_sha256)
+                }
+        assert copies == [key]
+        assert storage._refreshing == {}
     finally:
         await storage.close()
 
