@@ -59,11 +59,15 @@ class Verification:
     seconds: float = 0.0
     damaged_blobs: dict[str, str] = field(default_factory=dict)  # blob id -> why
     damaged_objects: dict[str, str] = field(default_factory=dict)  # storage key -> why
+    #: Narinfos served whole whose closure is not: a reference is missing or damaged. Left in
+    #: place (a push of the closure uploads the reference again); removing them would take
+    #: every path that depends on them along.
+    incomplete: dict[str, str] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)  # keys, and ``blob <id>`` for blobs
 
     @property
     def sound(self) -> bool:
-        return not self.damaged_blobs and not self.damaged_objects
+        return not self.damaged_blobs and not self.damaged_objects and not self.incomplete
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
@@ -83,13 +87,20 @@ class Verification:
         )
         lines += [f"  blob {blob}: {why}" for blob, why in sorted(self.damaged_blobs.items())]
         lines += [f"  {key}: {why}" for key, why in sorted(self.damaged_objects.items())]
-        if self.repaired:
+        if self.incomplete:
+            lines.append(
+                f"incomplete closures: {len(self.incomplete):,} narinfos (kept; pushing their "
+                "closure again, from a runner that does not remember the reference, completes "
+                "them)"
+            )
+            lines += [f"  {key}: {why}" for key, why in sorted(self.incomplete.items())]
+        if self.damaged_blobs or self.damaged_objects:
             lines.append(
                 f"removed {len(self.removed):,} (uploads store them again; anything written "
                 "since the check began was kept)"
+                if self.repaired
+                else "nothing changed: `larder verify --repair` removes the damaged ones"
             )
-        else:
-            lines.append("nothing changed: `larder verify --repair` removes them")
         return "\n".join(lines)
 
 
@@ -184,6 +195,16 @@ async def _check_objects(
             what = "NAR record" if entry.kind == "narinfo" else "output"
             damaged[key] = f"its {what} {ref} is {state}"
             break
+    for key, entry in snapshot.entries.items():
+        if key in damaged or entry.kind != "narinfo":
+            continue
+        for ref in entry.refs:
+            if not (keys.cache_of(ref) or ("", ""))[1].startswith("narinfo/"):
+                continue
+            if ref in damaged:
+                report.incomplete[key] = f"its reference {ref} is damaged"
+            elif ref not in snapshot.entries and await _still_missing(storage, key, ref):
+                report.incomplete[key] = f"its reference {ref} is missing"
 
 
 async def _still_missing(storage: Storage, key: str, ref: str) -> bool:

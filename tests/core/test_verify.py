@@ -226,3 +226,21 @@ async def test_a_closure_collected_while_it_looks_is_not_reported_damaged(world:
     report = await verify(world.storage, ["main"], repair=True, clock=world.clock)
     assert report.sound, report.render()
     assert await world.whole(kept)
+
+
+async def test_a_narinfo_whose_reference_is_gone_is_reported_and_kept(world: World) -> None:
+    paths = await world.push_closure("a")
+    gone = keys.narinfo("main", hash_part(paths[0]))
+    await world.storage.delete(gone)
+    report = await verify(world.storage, ["main"], repair=True, clock=world.clock)
+    top, middle = (keys.narinfo("main", hash_part(p)) for p in paths[2:0:-1])
+    assert report.incomplete == {
+        top: f"its reference {gone} is missing",
+        middle: f"its reference {gone} is missing",
+    }
+    assert not report.sound and report.removed == [] and report.damaged_objects == {}
+    assert "incomplete closures: 2 narinfos" in report.render()
+    assert "--repair" not in report.render()
+    assert await world.narinfo(paths[2]) is not None
+    await world.push("a-0")  # pushed again: complete
+    assert (await verify(world.storage, ["main"], clock=world.clock)).sound
