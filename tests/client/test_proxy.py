@@ -3,7 +3,6 @@ an https cache, absolute-form requests for an http one (a loopback proxy records
 
 from __future__ import annotations
 
-import datetime
 import socket
 import ssl
 import threading
@@ -13,13 +12,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from larder.client.proxy import bypassed, proxies_from, proxy_for
 from larder.client.remote import Remote, RemoteError
+from tests.certificates import self_signed
 
 ENVIRONMENTS = [
     {},
@@ -122,34 +118,6 @@ def proxy() -> Iterator[RecordingProxy]:
     server.close()
 
 
-def _certificate(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 def _tls_server(cert_file: Path, key_file: Path, seen: list[bytes]) -> socket.socket:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
@@ -172,7 +140,7 @@ def _tls_server(cert_file: Path, key_file: Path, seen: list[bytes]) -> socket.so
 
 
 def test_https_cache_through_a_connect_tunnel(proxy: RecordingProxy, tmp_path: Path) -> None:
-    cert_file, key_file = _certificate(tmp_path)
+    cert_file, key_file = self_signed(tmp_path, "localhost")
     seen: list[bytes] = []
     server = _tls_server(cert_file, key_file, seen)
     port = server.getsockname()[1]

@@ -7,7 +7,6 @@ object's bytes. ``make system-deps`` installs it (tools/install-s3rver.sh); a mi
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from larder.storage.s3 import MIN_PART_SIZE, S3Storage
+from tests.certificates import self_signed
 from tests.e2e.harness import LARDER, free_port, http, larder_server, stop
 
 S3RVER = Path(__file__).resolve().parents[2] / "build/s3rver/node_modules/.bin/s3rver"
@@ -31,44 +31,6 @@ S3RVER_ENV = {
 }
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A key and a certificate for 127.0.0.1."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 def _start_s3rver(workdir: Path, tls: bool) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """s3rver with bucket ``bucket``; the environment that reaches it."""
     if not S3RVER.exists():
@@ -77,7 +39,7 @@ def _start_s3rver(workdir: Path, tls: bool) -> tuple[subprocess.Popen[bytes], di
     args = [str(S3RVER), "-d", str(workdir / "s3rver"), "-a", "127.0.0.1", "-p", str(port)]
     env = {**S3RVER_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     if tls:
-        key, cert = _self_signed(workdir)
+        cert, key = self_signed(workdir, "127.0.0.1")
         args += ["--key", str(key), "--cert", str(cert)]
         env.update(AWS_ENDPOINT_URL=f"https://127.0.0.1:{port}", AWS_CA_BUNDLE=str(cert))
     (workdir / "s3rver").mkdir()

@@ -248,6 +248,23 @@ async def test_a_store_without_conditional_writes_still_takes_blobs_and_objects(
         await storage.close()
 
 
+def record_conditional_puts(storage: S3Storage, *, honoured: bool) -> list[str]:
+    """Record the key of each conditional ``PutObject``; a store that does not honour the
+    condition is imitated by dropping it (the put then overwrites)."""
+    real_put = storage._client.put_object
+    conditional: list[str] = []
+
+    def put_object(**kwargs: Any) -> Any:
+        if "IfNoneMatch" in kwargs:
+            conditional.append(kwargs["Key"])
+            if not honoured:
+                del kwargs["IfNoneMatch"]
+        return real_put(**kwargs)
+
+    storage._client.put_object = put_object  # type: ignore[method-assign]
+    return conditional
+
+
 async def test_a_store_that_ignores_conditional_writes_gets_a_head_then_a_put(
     s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -256,15 +273,7 @@ async def test_a_store_that_ignores_conditional_writes_gets_a_head_then_a_put(
     first conditional write finds out (two conditional PUTs of a probe key under ``tmp/``), and
     every creation is then a HEAD then a PUT, with one warning."""
     storage = s3_bucket.make_storage()
-    real_put = storage._client.put_object
-    conditional: list[str] = []
-
-    def put_object(**kwargs: Any) -> Any:
-        if kwargs.pop("IfNoneMatch", None) is not None:
-            conditional.append(kwargs["Key"])
-        return real_put(**kwargs)
-
-    storage._client.put_object = put_object  # type: ignore[method-assign]
+    conditional = record_conditional_puts(storage, honoured=False)
     try:
         assert await storage.put_if_absent("config/token-secret", b"one")
         assert not await storage.put_if_absent("config/token-secret", b"two")
@@ -286,15 +295,7 @@ async def test_a_store_honouring_conditional_writes_is_probed_once(
     s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture
 ) -> None:
     storage = s3_bucket.make_storage()
-    real_put = storage._client.put_object
-    conditional: list[str] = []
-
-    def put_object(**kwargs: Any) -> Any:
-        if "IfNoneMatch" in kwargs:
-            conditional.append(kwargs["Key"])
-        return real_put(**kwargs)
-
-    storage._client.put_object = put_object  # type: ignore[method-assign]
+    conditional = record_conditional_puts(storage, honoured=True)
     try:
         assert await storage.put_if_absent("a", b"one")
         assert not await storage.put_if_absent("a", b"two")
