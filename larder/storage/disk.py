@@ -49,10 +49,8 @@ One limit of mapping keys to paths: a key cannot also be the directory of anothe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import io
 import logging
@@ -106,9 +104,6 @@ _FILE_MODE = 0o644
 #: Bytes kept in ``tmp/reserve`` for a collection to start on a full disk.
 RESERVE_SIZE = 1024**2
 _RESERVE = "reserve"
-# What conditional deletes take a file into (DiskStorage._taking): made, then named for use.
-_TAKING = ".taking-"
-_TAKEN = "delete-"
 _PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
 
@@ -192,24 +187,6 @@ def _link(source: Path, target: Path) -> None:
         if target.exists():
             raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
         os.rename(source, target)
-
-
-def _rmdir_quietly(path: Path) -> None:
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove temporary directory %s: %s", path, exc)
-
-
-def _lock_quietly(fd: int, operation: int) -> None:
-    """``flock``, where the file system has it (elsewhere the lock only helps recovery)."""
-    try:
-        fcntl.flock(fd, operation)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -383,7 +360,6 @@ class DiskStorage(Storage):
             for directory in (self._blobs, self._objects, self._tmp):
                 self._mkdir(directory)
             self._mkdir(self._private, _PRIVATE_DIR_MODE)
-            self._recover_taken()
             self._remove_stale_temporaries(stale_temp_age)
         self._keep_private()
 
@@ -485,7 +461,6 @@ class DiskStorage(Storage):
             await asyncio.to_thread(self._housekeep)
 
     def _housekeep(self) -> None:
-        self._recover_taken()
         self._remove_stale_temporaries(self._stale_temp_age)
         reserve = self._tmp / _RESERVE
         if reserve.exists():
@@ -622,114 +597,34 @@ class DiskStorage(Storage):
             return False
         if not stat.S_ISREG(st.st_mode) or not st.st_mtime < cutoff:
             return False  # fresh, or a directory (not an object)
-        with self._taking(path) as taken:
-            try:
-                os.rename(path, taken)
-            except _MISSING:
-                return False  # deleted meanwhile
-            try:
-                st = os.lstat(taken)
-            except FileNotFoundError:
-                return False  # put back by another opener (a lock it could take): not ours
-            if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
-                os.unlink(taken)
-                return True
-            # Written again between the decision and the rename (or, improbably, replaced by a
-            # directory): put it back unless something newer is already there.
-            try:
-                self._make_parent(path)
-                if stat.S_ISREG(st.st_mode):
-                    _link(taken, path)
-                else:
-                    os.rename(taken, path)
-                _fsync_dir(path.parent)
-            except FileExistsError:
-                pass  # a newer write won; what we took is older than it
-            except BaseException:
-                log.error("could not put %s back after a deletion race; kept at %s", path, taken)
-                raise
-            return False
-
-    @contextmanager
-    def _taking(self, path: Path) -> Iterator[Path]:
-        """Where a conditional delete takes ``path`` to: ``tmp/delete-<uuid>/taken``, beside an
-        ``origin`` file naming ``path``, locked (flock) until the delete is over and its
-        directory removed. A process killed meanwhile leaves the lock free, and the next
-        :meth:`_recover_taken` puts the file back: a write that raced the delete is never lost
-        (what was meant to go is judged again by the next collection). The directory is made
-        under a dot name and renamed once its origin is locked, so a visible one is complete."""
-        token = uuid.uuid4().hex
-        scratch, box = self._tmp / f"{_TAKING}{token}", self._tmp / f"{_TAKEN}{token}"
-        os.mkdir(scratch)
-        fd = -1
+        taken = self._tmp / f"delete-{uuid.uuid4().hex}"
         try:
-            fd = os.open(scratch / "origin", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-            _lock_quietly(fd, fcntl.LOCK_EX)
-            _write_all(fd, str(path.relative_to(self.root)).encode())
-            os.rename(scratch, box)
-            try:
-                yield box / "taken"
-            finally:
-                _unlink_quietly(box / "taken")
-                _unlink_quietly(box / "origin")
-                _rmdir_quietly(box)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            if scratch.exists():
-                _unlink_quietly(scratch / "origin")
-                _rmdir_quietly(scratch)
-
-    def _recover_taken(self) -> None:
-        """Put back what conditional deletes of processes that died left taken (their lock is
-        free): each file under its name again, unless the name exists (a newer write)."""
-        with os.scandir(self._tmp) as entries:
-            boxes = [
-                Path(entry.path)
-                for entry in entries
-                if entry.name.startswith((_TAKEN, _TAKING)) and entry.is_dir(follow_symlinks=False)
-            ]
-        for box in boxes:
-            try:
-                fd = os.open(box / "origin", os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                # Its owner is making or removing it, or died before its note: only a stale
-                # one is ours to remove.
-                with contextlib.suppress(OSError):
-                    if box.stat().st_mtime < time.time() - self._stale_temp_age:
-                        _rmdir_quietly(box)
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # held: a delete in progress (or a file system without locks)
-                origin = os.read(fd, 4096).decode("utf-8", "replace")
-                self._put_back(box / "taken", origin)
-                _unlink_quietly(box / "taken")
-                _unlink_quietly(box / "origin")
-                _rmdir_quietly(box)
-            finally:
-                os.close(fd)
-
-    def _put_back(self, taken: Path, origin: str) -> None:
+            os.rename(path, taken)
+        except _MISSING:
+            return False  # deleted meanwhile
         try:
-            if not stat.S_ISREG(os.lstat(taken).st_mode):
-                return
+            st = os.lstat(taken)
         except FileNotFoundError:
-            return  # nothing was taken yet, or its delete had finished
-        parts = Path(origin).parts
-        if not parts or parts[0] not in ("blobs", "objects") or ".." in parts:
-            log.warning("not putting back %s: it names %r, not a place in the store", taken, origin)
-            return
-        target = self.root / origin
+            return False  # swept as a stale temporary by another opener: not ours to count
+        if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+            os.unlink(taken)
+            return True
+        # Written again between the decision and the rename (or, improbably, replaced by a
+        # directory): put it back unless something newer is already there.
         try:
-            self._make_parent(target)
-            _link(taken, target)
-            _fsync_dir(target.parent)
+            self._make_parent(path)
+            if stat.S_ISREG(st.st_mode):
+                _link(taken, path)
+            else:
+                os.rename(taken, path)
+            _fsync_dir(path.parent)
         except FileExistsError:
-            return  # written again since: the newer one stays
-        log.warning("put back %s, which a process that died while deleting it had taken", origin)
+            pass  # a newer write won; what we took is older than it
+        except BaseException:
+            log.error("could not put %s back after a deletion race; it is kept at %s", path, taken)
+            raise
+        _unlink_quietly(taken)
+        return False
 
     async def blob_delete_if_older(self, blob_id: str, cutoff: float) -> bool:
         check_blob_id(blob_id)
