@@ -66,6 +66,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -303,6 +304,10 @@ def _temp_started(base: str, key: str, listed_at: float) -> float | None:
         return None
     return max(float(match.group(1)), listed_at) if match.group(1) else listed_at
 
+
+#: Seconds a commit waits for another's refresh of the same blob before it refreshes on its own
+#: (a copy stuck on a slow store must not hold every later commit of that content).
+SHARED_REFRESH_WAIT = 5.0
 
 #: Seconds a blob's ``LastModified`` must lie before the store's clock for a self-copy that
 #: keeps it to count as undated (both are in whole seconds; a blob that recent is fresh anyway).
@@ -835,6 +840,12 @@ class S3Storage(Storage):
                 self._client.put_object(
                     Bucket=self.bucket, Key=key, Body=written, ContentType=OBJECT_CONTENT_TYPE
                 )
+        except (StorageUnavailable, StorageFull):
+            raise
+        except StorageError as exc:  # refused (a read-only replica): nothing written to check
+            log.warning("%s: writes not checked at start, a write was refused: %s", self, exc)
+            return
+        try:
             read = self._get_plain_sync(key)
         finally:
             self._delete_quietly(key)
@@ -878,14 +889,18 @@ class S3Storage(Storage):
 
         Commits of one content that arrive together share one refresh: a later one waits for
         the refresh in flight and takes its outcome (eight copies of one object onto itself at
-        once are eight times the work, and more than some stores take: moto fails them)."""
+        once are eight times the work, and more than some stores take: moto fails them), for
+        at most :data:`SHARED_REFRESH_WAIT` seconds: then it refreshes on its own."""
         with self._refresh_lock:
             pending = self._refreshing.get(key)
             mine = pending is None
             if pending is None:
                 pending = self._refreshing[key] = Future()
         if not mine:
-            return pending.result()
+            try:
+                return pending.result(timeout=SHARED_REFRESH_WAIT)
+            except FutureTimeout:  # stuck: this commit refreshes on its own
+                return self._refresh_once(key)
         try:
             result = self._refresh_once(key)
         except BaseException as exc:

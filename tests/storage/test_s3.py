@@ -181,6 +181,67 @@ async def test_commits_of_one_content_at_once_share_one_refresh(
         await storage.close()
 
 
+async def test_a_commit_does_not_wait_long_for_a_stuck_refresh(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_module, "SHARED_REFRESH_WAIT", 0.2)
+    storage = s3_bucket.make_storage()
+    data = mixed_data(300_000, seed=44)
+    try:
+        first = await write_blob(storage, data)
+        client = storage._slow_client
+        real_copy = client.copy_object
+        copies: list[float] = []
+        started = threading.Event()
+
+        def copy_object(**kwargs: Any) -> Any:
+            copies.append(time.monotonic())
+            if len(copies) == 1:
+                started.set()
+                time.sleep(3)  # the first copy is stuck on a slow store
+            return real_copy(**kwargs)
+
+        client.copy_object = copy_object  # type: ignore[method-assign]
+        key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
+        with ThreadPoolExecutor(2) as pool:
+            stuck = pool.submit(storage._refresh_sync, key)
+            started.wait(10)
+            began = time.monotonic()
+            assert storage._refresh_sync(key) == (first.stored_size, first.stored_sha256)
+            assert time.monotonic() - began < 2.5
+            assert stuck.result(30) == (first.stored_size, first.stored_sha256)
+        assert len(copies) == 2
+    finally:
+        await storage.close()
+
+
+async def test_a_store_refusing_writes_is_served_without_the_write_check(
+    s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only replica (its credentials may not write) still starts: the check is about
+    stores that give other bytes back, not about permissions; storage that is down fails it."""
+    storage = s3_bucket.make_storage()
+
+    def refused(**kwargs: Any) -> Any:
+        raise _client_error(403, "AccessDenied")
+
+    try:
+        storage._client.put_object = refused  # type: ignore[method-assign]
+        await storage.check_writes()
+        assert "writes not checked at start" in caplog.text
+        assert await asyncio.to_thread(s3_bucket.keys, S3_PREFIX + "tmp/") == []
+
+        def down(**kwargs: Any) -> Any:
+            raise _client_error(503, "ServiceUnavailable")
+
+        storage._client.put_object = down  # type: ignore[method-assign]
+        with pytest.raises(StorageUnavailable):
+            await storage.check_writes()
+        assert "cannot delete temporary" not in caplog.text
+    finally:
+        await storage.close()
+
+
 @pytest.mark.parametrize("size", [300_000, 11 * MiB])  # one PutObject, a multipart upload
 async def test_content_stored_again_reports_the_kept_bytes_sha256_without_reading_them(
     s3_bucket: S3Bucket, size: int
