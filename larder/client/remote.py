@@ -335,9 +335,10 @@ class Remote:
         made in memory, or beside the file first past :data:`IN_MEMORY_STREAM`, so its length
         is known): the server decodes it to check the id and keeps it as sent. A server that
         takes no coding (415) gets the bytes as they are, and every later blob of this
-        connection too; so does a blob whose stream finds no room on disk. A 400 to the stream
-        is answered by sending the bytes as they are: if the server takes those, it is one that
-        fails to decode any coding (larder before coded uploads), treated as a 415.
+        connection too; so does a blob whose stream finds no room on disk. A 400 about the
+        Content-Encoding (an HTTP layer that fails to decode it: larder before coded uploads)
+        is answered by sending the bytes as they are, and, if the server takes those, treated
+        as a 415; any other 400 is the blob's refusal.
         """
         refused = 0
         if level is not None and self._codings:
@@ -359,8 +360,8 @@ class Remote:
 
     def _put_zstd(self, blob_id: str, content: bytes | Path, level: int) -> int:
         """Send ``content`` as a zstd stream: 200 when sent, 415 when the server takes no
-        coding, 400 when it refused the upload (perhaps for its coding), 0 when the stream
-        could not be made (no room beside the file)."""
+        coding, 400 when it failed to decode the coding, 0 when the stream could not be made
+        (no room beside the file)."""
         import zstandard
 
         compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
@@ -395,9 +396,15 @@ class Remote:
                     )
             finally:
                 encoded.unlink(missing_ok=True)
-        if response.status in (400, 415):
+        if response.status == 415:
             self._read(response)
-            return int(response.status)
+            return 415
+        if response.status == 400:
+            data = self._read(response, MAX_ERROR_BODY, drop=True)
+            if b"content-encoding" in data.lower():  # an HTTP layer that fails to decode it
+                return 400
+            message = data[:200].decode("utf-8", "replace").strip()
+            raise RemoteError("refused", f"{what}: HTTP 400 {message!r}")
         self._stored(response, what, "blake3", blob_id)
         self.bytes_up += size
         return 200
