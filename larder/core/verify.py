@@ -142,6 +142,8 @@ async def _decoded_sizes(
         except StorageUnavailable:
             raise
         except StorageError as exc:
+            if await storage.blob_stored_size(blob.blob_id) is None:
+                return blob.blob_id, None, ""  # deleted while read (S3 reads after the open)
             return blob.blob_id, None, str(exc)
         return blob.blob_id, produced, ""
 

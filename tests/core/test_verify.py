@@ -13,10 +13,10 @@ import zstandard
 
 from larder.core import keys
 from larder.core.verify import verify
-from larder.errors import StorageUnavailable
+from larder.errors import StorageError, StorageUnavailable
 from larder.protocol.inputs import Identity, InputsDocument
 from larder.protocol.rustc import Manifest, Output
-from larder.storage.base import ObjectInfo, StoredBlob
+from larder.storage.base import BlobReader, ObjectInfo, StoredBlob
 from larder.storage.memory import _Entry
 from tests.core.gcworld import ClockedWorld as World
 from tests.core.gcworld import body, hash_part, make_world, payload
@@ -244,3 +244,30 @@ async def test_a_narinfo_whose_reference_is_gone_is_reported_and_kept(world: Wor
     assert await world.narinfo(paths[2]) is not None
     await world.push("a-0")  # pushed again: complete
     assert (await verify(world.storage, ["main"], clock=world.clock)).sound
+
+
+async def test_a_blob_deleted_while_it_is_read_is_not_judged(world: World) -> None:
+    """S3 opens a blob with a HEAD and reads it with a GET: a collection reaping it between
+    the two makes the read fail, which is no damage."""
+    await world.sccache.put(world.main, "k/one", body(b"entry" * 100))
+    await world.sccache.delete(world.main, "k/one")  # its blob is unreferenced now
+    opening = world.storage.blob_open
+
+    async def reaped_after_the_open(blob_id: str) -> BlobReader | None:
+        reader = await opening(blob_id)
+        await world.storage.blob_delete(blob_id)
+        assert reader is not None
+
+        class Gone(BlobReader):
+            async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+                raise StorageError("S3 blob read failed: the blob was deleted")
+                yield b""
+
+            async def close(self) -> None:
+                await reader.close()
+
+        return Gone()
+
+    world.storage.blob_open = reaped_after_the_open  # type: ignore[method-assign]
+    report = await verify(world.storage, ["main"], clock=world.clock)
+    assert report.sound, report.render()
