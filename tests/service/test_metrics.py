@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -345,3 +346,21 @@ async def test_a_blob_write_that_fails_before_its_commit_is_counted(
     samples = await scrape(service)
     assert value(samples, "larder_backend_errors_total", backend="memory",
                  operation="blob_write") == 2  # fmt: skip
+
+
+@pytest.mark.parametrize("ext", [".nar.zst", ".nar.xz", ".nar"])
+async def test_nar_downloads_are_lookups_and_the_heads_before_an_upload_are_not(
+    service: Service, ext: str
+) -> None:
+    """Nix asks HEAD of a NAR in its own compression before uploading it: counting that would
+    make the NAR hit rate depend on how CI compresses its pushes."""
+    name = f"/main/nar/{'1' * 52}{ext}"
+    assert (await service.client.head(name)).status == 404
+    scraped = await scrape(service)
+    for result in ("hit", "miss"):
+        assert value(scraped, "larder_cache_lookups_total", cache="main", protocol="nix",
+                     kind="nar", result=result) == 0  # fmt: skip
+    assert (await service.client.get(name)).status == 404
+    misses = value(await scrape(service), "larder_cache_lookups_total", cache="main",
+                   protocol="nix", kind="nar", result="miss")  # fmt: skip
+    assert misses == (0 if ext == ".nar.xz" else 1)  # larder keeps no xz file: no such URL
