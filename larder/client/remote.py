@@ -340,12 +340,12 @@ class Remote:
         is answered by sending the bytes as they are, and, if the server takes those, treated
         as a 415; any other 400 is the blob's refusal.
         """
-        refused = 0
+        coded = 0  # what the coded upload got (see _put_zstd)
         if level is not None and self._codings:
-            refused = self._put_zstd(blob_id, content, level)
-            if refused == 200:
+            coded = self._put_zstd(blob_id, content, level)
+            if coded == 200:
                 return
-            self._codings = refused != 415  # 0: no room for the stream (this blob only)
+            self._codings = coded != 415  # 0: no room for the stream (this blob only)
         if isinstance(content, bytes):
             response = self._request("PUT", f"/blobs/{blob_id}", content)
             size = len(content)
@@ -355,7 +355,7 @@ class Remote:
                 response = self._request("PUT", f"/blobs/{blob_id}", body, length=size)
         self._stored(response, f"blob upload {blob_id[:12]}", "blake3", blob_id)
         self.bytes_up += size
-        if refused == 400:  # the coding was what the server refused: no coding from now on
+        if coded == 400:  # the coding was what the server refused: no coding from now on
             self._codings = False
 
     def _put_zstd(self, blob_id: str, content: bytes | Path, level: int) -> int:
