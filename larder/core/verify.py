@@ -52,9 +52,9 @@ class Verification:
     """What one run checked and found."""
 
     repaired: bool
-    blobs: int = 0  # stored blobs decoded
+    blobs: int = 0  # stored blobs read (sound or damaged)
     stored_bytes: int = 0  # their bytes at rest
-    decoded_bytes: int = 0
+    decoded_bytes: int = 0  # what the sound ones decode to
     objects: int = 0  # objects listed
     seconds: float = 0.0
     damaged_blobs: dict[str, str] = field(default_factory=dict)  # blob id -> why
@@ -149,12 +149,14 @@ async def _decoded_sizes(
 
     sizes: dict[str, int] = {}
     for blob_id, size, why in await bounded_map(decode, snapshot.blobs.values(), concurrency):
+        if not why and size is None:
+            continue  # gone meanwhile
+        report.blobs += 1
+        report.stored_bytes += snapshot.blobs[blob_id].stored_size
         if why:
             report.damaged_blobs[blob_id] = why
         elif size is not None:
             sizes[blob_id] = size
-            report.blobs += 1
-            report.stored_bytes += snapshot.blobs[blob_id].stored_size
             report.decoded_bytes += size
     for key, entry in snapshot.entries.items():
         blob = entry.blob

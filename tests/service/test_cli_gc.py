@@ -225,6 +225,7 @@ def test_verify_finds_a_damaged_blob_and_repair_makes_its_path_missing(
     before = tree(store)
     code, out, _ = run(capsys, "verify", "--storage", store)
     assert code == 1 and "damaged: 1 blobs, 2 objects" in out and "--repair" in out
+    assert "checked 3 blobs" in out  # the damaged one too
     assert tree(store) == before
     code, out, _ = run(capsys, "verify", "--repair", "--json", "--storage", store)
     report = json.loads(out)
