@@ -336,9 +336,9 @@ class Remote:
         is known): the server decodes it to check the id and keeps it as sent. A server that
         takes no coding (415) gets the bytes as they are, and every later blob of this
         connection too; so does a blob whose stream finds no room on disk. A 400 about the
-        Content-Encoding (an HTTP layer that fails to decode it: larder before coded uploads)
-        is answered by sending the bytes as they are, and, if the server takes those, treated
-        as a 415; any other 400 is the blob's refusal.
+        Content-Encoding, or without a JSON error (an HTTP layer that fails to decode it:
+        larder before coded uploads), is answered by sending the bytes as they are, and, if
+        the server takes those, treated as a 415; larder's own 400 is the blob's refusal.
         """
         coded = 0  # what the coded upload got (see _put_zstd)
         if level is not None and self._codings:
@@ -401,7 +401,9 @@ class Remote:
             return 415
         if response.status == 400:
             data = self._read(response, MAX_ERROR_BODY, drop=True)
-            if b"content-encoding" in data.lower():  # an HTTP layer that fails to decode it
+            # An HTTP layer that fails to decode the coding: it says so, or says nothing (larder
+            # itself answers a refusal with a JSON error).
+            if b"content-encoding" in data.lower() or not data.strip().startswith(b"{"):
                 return 400
             message = data[:200].decode("utf-8", "replace").strip()
             raise RemoteError("refused", f"{what}: HTTP 400 {message!r}")

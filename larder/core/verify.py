@@ -148,9 +148,11 @@ async def _decoded_sizes(
         return blob.blob_id, produced, ""
 
     sizes: dict[str, int] = {}
+    vanished: set[str] = set()
     for blob_id, size, why in await bounded_map(decode, snapshot.blobs.values(), concurrency):
         if not why and size is None:
-            continue  # gone meanwhile
+            vanished.add(blob_id)  # gone meanwhile: missing if a holder is still there
+            continue
         report.blobs += 1
         report.stored_bytes += snapshot.blobs[blob_id].stored_size
         if why:
@@ -160,7 +162,9 @@ async def _decoded_sizes(
             report.decoded_bytes += size
     for key, entry in snapshot.entries.items():
         blob = entry.blob
-        if blob is None or blob in snapshot.blobs or blob in report.damaged_blobs:
+        if blob is None or blob in report.damaged_blobs:
+            continue
+        if blob in snapshot.blobs and blob not in vanished:
             continue
         # A collection may have deleted the holder, then the blob, since the listing: missing
         # only if the holder is still there and the blob still is not.

@@ -835,16 +835,19 @@ class S3Storage(Storage):
     def _check_writes_sync(self) -> None:
         key = self._temp_key()
         written = b"larder write check " + uuid.uuid4().hex.encode()
-        try:
-            with _translate_errors("put"):
+        with _translate_errors("put"):
+            try:
                 self._client.put_object(
                     Bucket=self.bucket, Key=key, Body=written, ContentType=OBJECT_CONTENT_TYPE
                 )
-        except (StorageUnavailable, StorageFull):
-            raise
-        except StorageError as exc:  # refused (a read-only replica): nothing written to check
-            log.warning("%s: writes not checked at start, a write was refused: %s", self, exc)
-            return
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if error.get("Code") != "AccessDenied" and status != 403:
+                    raise
+                # Credentials that may not write (a read-only replica): nothing to check.
+                log.warning("%s: writes not checked at start, writing is denied: %s", self, exc)
+                return
         try:
             read = self._get_plain_sync(key)
         finally:
@@ -890,17 +893,23 @@ class S3Storage(Storage):
         Commits of one content that arrive together share one refresh: a later one waits for
         the refresh in flight and takes its outcome (eight copies of one object onto itself at
         once are eight times the work, and more than some stores take: moto fails them), for
-        at most :data:`SHARED_REFRESH_WAIT` seconds: then it refreshes on its own."""
+        at most :data:`SHARED_REFRESH_WAIT` seconds: then the first to give up refreshes on
+        its own, and the others wait for that one."""
         with self._refresh_lock:
-            pending = self._refreshing.get(key)
-            mine = pending is None
-            if pending is None:
-                pending = self._refreshing[key] = Future()
-        if not mine:
+            found = self._refreshing.get(key)
+            mine = found is None
+            pending = self._refreshing[key] = Future() if found is None else found
+        while not mine:
             try:
                 return pending.result(timeout=SHARED_REFRESH_WAIT)
-            except FutureTimeout:  # stuck: this commit refreshes on its own
-                return self._refresh_once(key)
+            except FutureTimeout:  # stuck: the first waiter takes over, later ones share it
+                with self._refresh_lock:
+                    current = self._refreshing.get(key)
+                    mine = current is pending or current is None
+                    if mine or current is None:
+                        pending = self._refreshing[key] = Future()
+                    else:
+                        pending = current
         try:
             result = self._refresh_once(key)
         except BaseException as exc:
@@ -911,7 +920,8 @@ class S3Storage(Storage):
             return result
         finally:
             with self._refresh_lock:
-                del self._refreshing[key]
+                if self._refreshing.get(key) is pending:
+                    del self._refreshing[key]
 
     def _refresh_once(self, key: str) -> tuple[int, bytes | None] | None:
         head = self._head_object_sync(key)

@@ -100,8 +100,10 @@ class UploadSink:
             return 415, b"this resource takes no Content-Encoding"
         if self.mode == "codings-fail" and coding:  # aiohttp before larder decoded codings
             return 400, b"400: Can not decode content-encoding: zstandard"
+        if self.mode == "codings-fail-silently" and coding:
+            return 400, b""
         if self.mode == "refuses-blobs" and "/blobs/" in path:
-            return 400, b"blake3 mismatch"
+            return 400, b'{"code": 400, "error": "verification_failed", "message": "blake3"}'
         if path.endswith("/missing"):
             return 200, json.dumps({"missing": json.loads(body)["blobs"]}).encode()
         if self.mode == "hang" and "/blobs/" in path:
@@ -283,7 +285,9 @@ def test_upload_compression_can_be_turned_off(sink: UploadSink, crate: Path) -> 
     assert (crate / "out" / "libt-x.rlib").read_bytes() in [body for _, _, body in sink.blobs]
 
 
-@pytest.mark.parametrize("sink", ["no-codings", "codings-fail"], indirect=True)
+@pytest.mark.parametrize(
+    "sink", ["no-codings", "codings-fail", "codings-fail-silently"], indirect=True
+)
 def test_a_server_that_takes_no_coding_gets_the_bytes_as_they_are(
     sink: UploadSink, crate: Path
 ) -> None:

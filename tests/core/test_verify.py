@@ -246,11 +246,15 @@ async def test_a_narinfo_whose_reference_is_gone_is_reported_and_kept(world: Wor
     assert (await verify(world.storage, ["main"], clock=world.clock)).sound
 
 
-async def test_a_blob_deleted_while_it_is_read_is_not_judged(world: World) -> None:
+@pytest.mark.parametrize("held", [False, True])
+async def test_a_blob_deleted_while_it_is_read_is_missing_only_if_still_held(
+    world: World, held: bool
+) -> None:
     """S3 opens a blob with a HEAD and reads it with a GET: a collection reaping it between
-    the two makes the read fail, which is no damage."""
+    the two makes the read fail, which is no damage; a blob an entry still holds is missing."""
     await world.sccache.put(world.main, "k/one", body(b"entry" * 100))
-    await world.sccache.delete(world.main, "k/one")  # its blob is unreferenced now
+    if not held:
+        await world.sccache.delete(world.main, "k/one")  # its blob is unreferenced now
     opening = world.storage.blob_open
 
     async def reaped_after_the_open(blob_id: str) -> BlobReader | None:
@@ -270,4 +274,9 @@ async def test_a_blob_deleted_while_it_is_read_is_not_judged(world: World) -> No
 
     world.storage.blob_open = reaped_after_the_open  # type: ignore[method-assign]
     report = await verify(world.storage, ["main"], clock=world.clock)
-    assert report.sound, report.render()
+    if held:
+        assert list(report.damaged_blobs.values()) == [
+            "missing: not stored, yet an object holds it"
+        ]
+    else:
+        assert report.sound, report.render()
