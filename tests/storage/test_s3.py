@@ -137,6 +137,28 @@ async def test_a_store_that_does_not_date_self_copies_still_gets_blobs_refreshed
         await storage.close()
 
 
+def delayed_copies(
+    storage: S3Storage, delay: float, fails: bool = False
+) -> tuple[list[str], threading.Event]:
+    """Record the key of each copy; the first takes ``delay`` seconds (``started`` is set as it
+    begins) and, when ``fails``, then fails with a 500."""
+    real_copy = storage._slow_client.copy_object
+    copies: list[str] = []
+    started = threading.Event()
+
+    def copy_object(**kwargs: Any) -> Any:
+        copies.append(kwargs["Key"])
+        if len(copies) == 1:
+            started.set()
+            time.sleep(delay)
+            if fails:
+                raise _client_error(500, "InternalError")
+        return real_copy(**kwargs)
+
+    storage._slow_client.copy_object = copy_object  # type: ignore[method-assign]
+    return copies, started
+
+
 @pytest.mark.parametrize("fails", [False, True])
 async def test_commits_of_one_content_at_once_share_one_refresh(
     s3_bucket: S3Bucket, fails: bool
@@ -147,20 +169,7 @@ async def test_commits_of_one_content_at_once_share_one_refresh(
     data = mixed_data(300_000, seed=43)
     try:
         first = await write_blob(storage, data)
-        client = storage._slow_client
-        real_copy = client.copy_object
-        copies: list[str] = []
-        started = threading.Event()
-
-        def copy_object(**kwargs: Any) -> Any:
-            copies.append(kwargs["Key"])
-            started.set()
-            time.sleep(0.5)  # the others arrive meanwhile
-            if fails:
-                raise _client_error(500, "InternalError")
-            return real_copy(**kwargs)
-
-        client.copy_object = copy_object  # type: ignore[method-assign]
+        copies, started = delayed_copies(storage, 0.5, fails)  # the others arrive meanwhile
         key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
         with ThreadPoolExecutor(8) as pool:
             first_call = pool.submit(storage._refresh_sync, key)
@@ -189,19 +198,7 @@ async def test_a_commit_does_not_wait_long_for_a_stuck_refresh(
     data = mixed_data(300_000, seed=44)
     try:
         first = await write_blob(storage, data)
-        client = storage._slow_client
-        real_copy = client.copy_object
-        copies: list[float] = []
-        started = threading.Event()
-
-        def copy_object(**kwargs: Any) -> Any:
-            copies.append(time.monotonic())
-            if len(copies) == 1:
-                started.set()
-                time.sleep(3)  # the first copy is stuck on a slow store
-            return real_copy(**kwargs)
-
-        client.copy_object = copy_object  # type: ignore[method-assign]
+        copies, started = delayed_copies(storage, 3)  # the first copy is stuck on a slow store
         key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
         with ThreadPoolExecutor(5) as pool:
             stuck = pool.submit(storage._refresh_sync, key)
