@@ -169,7 +169,7 @@ async def test_commits_of_one_content_at_once_share_one_refresh(
     data = mixed_data(300_000, seed=43)
     try:
         first = await write_blob(storage, data)
-        copies, started = delayed_copies(storage, 0.5, fails)  # the others arrive meanwhile
+        copies, started = delayed_copies(storage, 2, fails)  # the others arrive meanwhile
         key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
         with ThreadPoolExecutor(8) as pool:
             first_call = pool.submit(storage._refresh_sync, key)
@@ -193,12 +193,12 @@ async def test_commits_of_one_content_at_once_share_one_refresh(
 async def test_a_commit_does_not_wait_long_for_a_stuck_refresh(
     s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(s3_module, "SHARED_REFRESH_WAIT", 0.2)
+    monkeypatch.setattr(s3_module, "SHARED_REFRESH_WAIT", 1.0)
     storage = s3_bucket.make_storage()
     data = mixed_data(300_000, seed=44)
     try:
         first = await write_blob(storage, data)
-        copies, started = delayed_copies(storage, 3)  # the first copy is stuck on a slow store
+        copies, started = delayed_copies(storage, 6)  # the first copy is stuck on a slow store
         key = f"{S3_PREFIX}blobs/{first.blob_id[:2]}/{first.blob_id}"
         with ThreadPoolExecutor(5) as pool:
             stuck = pool.submit(storage._refresh_sync, key)
@@ -206,10 +206,12 @@ async def test_a_commit_does_not_wait_long_for_a_stuck_refresh(
             began = time.monotonic()
             waiting = [pool.submit(storage._refresh_sync, key) for _ in range(3)]
             assert storage._refresh_sync(key) == (first.stored_size, first.stored_sha256)
-            assert time.monotonic() - began < 2.5
+            assert time.monotonic() - began < 4.5
             for call in [stuck, *waiting]:
                 assert call.result(30) == (first.stored_size, first.stored_sha256)
-        assert len(copies) == 2  # the stuck one, and one for every commit that gave up on it
+        # The stuck one, then one new refresh each time the waiters give up (once, unless that
+        # one too outlasts the wait on a loaded machine): never one for each waiter (5).
+        assert 2 <= len(copies) <= 3
     finally:
         await storage.close()
 
