@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -39,6 +38,8 @@ from larder.storage.base import Storage, StoredBlob
 
 #: Blobs decoded at once (decoding is CPU-bound; more only overlaps the storage's latency).
 DEFAULT_CONCURRENCY = 4
+# Records read again at once, for the sizes they state (the listing keeps none).
+_READ_CONCURRENCY = 32
 # Conditional deletes compare with the time the listing saw, plus this much for float rounding.
 _SAME_TIME = 1e-3
 # Object kinds whose record states the decoded size of the blob(s) it names.
@@ -179,15 +180,21 @@ async def _check_objects(
     """Objects that cannot be served: corrupt, holding a damaged blob, recording another size,
     or needing such an object (or a missing one)."""
     damaged = report.damaged_objects
+    sized = []
     for key, entry in snapshot.entries.items():
         if entry.corrupt:
             damaged[key] = "does not parse"
         elif entry.blob in report.damaged_blobs:
             damaged[key] = f"its blob {entry.blob} is damaged"
         elif entry.kind in _SIZED_KINDS:
-            why = await _size_disagrees(storage, key, entry, sizes)
-            if why:
-                damaged[key] = why
+            sized.append((key, entry))
+
+    async def size_check(item: tuple[str, Entry]) -> tuple[str, str]:
+        return item[0], await _size_disagrees(storage, item[0], item[1], sizes)
+
+    for key, why in await bounded_map(size_check, sized, _READ_CONCURRENCY):
+        if why:
+            damaged[key] = why
     for key, entry in snapshot.entries.items():
         if key in damaged or entry.kind not in ("narinfo", "rustc_manifest"):
             continue
@@ -207,7 +214,7 @@ async def _check_objects(
         if key in damaged or entry.kind != "narinfo":
             continue
         for ref in entry.refs:
-            if not (keys.cache_of(ref) or ("", ""))[1].startswith("narinfo/"):
+            if not _relative(ref).startswith("narinfo/"):
                 continue
             if ref in damaged:
                 report.incomplete[key] = f"its reference {ref} is damaged"
@@ -224,8 +231,13 @@ async def _still_missing(storage: Storage, key: str, ref: str) -> bool:
 def _needed(kind: str, ref: str) -> bool:
     """Whether an object of ``kind`` cannot be served without ``ref`` (a narinfo's references
     and listing, a manifest's inputs document, may be absent)."""
-    rel = (keys.cache_of(ref) or ("", ""))[1]
+    rel = _relative(ref)
     return rel.startswith("nar/") if kind == "narinfo" else rel.startswith("rustc/blob/")
+
+
+def _relative(key: str) -> str:
+    """``key`` below its cache's prefix (``""`` for a key of no cache)."""
+    return (keys.cache_of(key) or ("", ""))[1]
 
 
 async def _size_disagrees(storage: Storage, key: str, entry: Entry, sizes: dict[str, int]) -> str:
@@ -258,29 +270,27 @@ async def _remove(storage: Storage, snapshot: Snapshot, report: Verification) ->
     """Delete what the report found: referrers, then what they hold, then what only they led
     to, then the blobs; each only if not written since the listing."""
     found = report.damaged_objects
-    owned = {
-        ref
-        for key in found
-        for ref in snapshot.entries[key].refs
-        if ref in snapshot.entries and snapshot.entries[ref].kind in _OWNED_KINDS
-    }
-    owned |= {
-        ref
-        for key in owned
-        for ref in snapshot.entries[key].refs
-        if ref in snapshot.entries and snapshot.entries[ref].kind in _OWNED_KINDS
-    }
-    waves: dict[int, list[str]] = defaultdict(list)
-    for key in found:
-        waves[0 if snapshot.entries[key].kind in ("narinfo", "rustc_manifest") else 1].append(key)
-    waves[2] = sorted(owned - set(found))
-    for wave in sorted(waves):
-        for key in sorted(waves[wave]):
-            if await storage.delete_if_older(key, snapshot.entries[key].modified + _SAME_TIME):
-                report.removed.append(key)
+    referrers = [k for k in found if snapshot.entries[k].kind in ("narinfo", "rustc_manifest")]
+    holders = [k for k in found if k not in referrers]
+    owned = _owned(snapshot, found)  # a manifest's inputs document, then its index entry
+    owned |= _owned(snapshot, owned)
+    for key in [*sorted(referrers), *sorted(holders), *sorted(owned - set(found))]:
+        if await storage.delete_if_older(key, snapshot.entries[key].modified + _SAME_TIME):
+            report.removed.append(key)
     for blob_id in sorted(report.damaged_blobs):
         blob = snapshot.blobs.get(blob_id)
         if blob is None:
             continue  # missing: nothing to delete
         if await storage.blob_delete_if_older(blob_id, blob.modified + _SAME_TIME):
             report.removed.append(f"blob {blob_id}")
+
+
+def _owned(snapshot: Snapshot, objects: Iterable[str]) -> set[str]:
+    """What ``objects`` refer to that nothing else leads to (:data:`_OWNED_KINDS`)."""
+    entries = snapshot.entries
+    return {
+        ref
+        for key in objects
+        for ref in entries[key].refs
+        if ref in entries and entries[ref].kind in _OWNED_KINDS
+    }
