@@ -691,12 +691,13 @@ class S3Storage(Storage):
             self._client.delete_object(Bucket=self.bucket, Key=key)
         return True
 
-    def _get_sync(self, key: str) -> bytes | None:
+    def _get_sync(self, key: str, checksum: bool = True) -> bytes | None:
+        """The object's bytes, ``None`` if absent; ``checksum=False`` takes them as the store
+        gives them, unchecked (to compare them with what was written)."""
+        options: dict[str, Any] = {"ChecksumMode": "ENABLED"} if checksum else {}
         try:
             with _translate_errors("get"):
-                response = self._client.get_object(
-                    Bucket=self.bucket, Key=key, ChecksumMode="ENABLED"
-                )
+                response = self._client.get_object(Bucket=self.bucket, Key=key, **options)
                 with response["Body"] as body:
                     return body.read()
         except _Missing:
@@ -849,7 +850,7 @@ class S3Storage(Storage):
                 log.warning("%s: writes not checked at start, writing is denied: %s", self, exc)
                 return
         try:
-            read = self._get_plain_sync(key)
+            read = self._get_sync(key, checksum=False)
         finally:
             self._delete_quietly(key)
         if read != written:
@@ -860,16 +861,6 @@ class S3Storage(Storage):
                 f"framing of checksummed uploads: set AWS_REQUEST_CHECKSUM_CALCULATION="
                 f"when_required)"
             )
-
-    def _get_plain_sync(self, key: str) -> bytes | None:
-        """The object's bytes as the store gives them (no checksum asked), ``None`` if absent."""
-        try:
-            with _translate_errors("get"):
-                response = self._client.get_object(Bucket=self.bucket, Key=key)
-                with response["Body"] as body:
-                    return body.read()
-        except _Missing:
-            return None
 
     def _delete_sync(self, key: str) -> bool:
         if self._head_sync(key) is None:
