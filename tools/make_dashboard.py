@@ -18,10 +18,12 @@ C = '{cache=~"$cache"}'
 R = "$__rate_interval"
 
 
-def hit_rate(by: str, window: str = R) -> str:
-    selector = '{cache=~"$cache",result="hit"}'
-    hits = f"sum by ({by}) (rate(larder_cache_lookups_total{selector}[{window}]))"
-    total = f"sum by ({by}) (rate(larder_cache_lookups_total{C}[{window}]))"
+def hit_rate(by: str, window: str = R, role: str = "reader") -> str:
+    """Hits over lookups of ``role``: readers (laptops) by default; CI's lookups, made with a
+    token that could write, include the one `nix copy` makes for each path it pushes."""
+    selector = f'cache=~"$cache",role="{role}"'
+    hits = f'sum by ({by}) (rate(larder_cache_lookups_total{{{selector},result="hit"}}[{window}]))'
+    total = f"sum by ({by}) (rate(larder_cache_lookups_total{{{selector}}}[{window}]))"
     return f"{hits} / {total}"
 
 
@@ -37,6 +39,10 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int, str]] = [
      [(hit_rate("cache", "1h"), "{{cache}}")], 6, "stat"),
     ("Hit rate by protocol and kind (last hour)", "percentunit",
      [(hit_rate("protocol, kind", "1h"), "{{protocol}} {{kind}}")], 6, "bargauge"),
+    # CI's own lookups (a token that could write): what it substituted or restored instead of
+    # building; its narinfo misses include each path `nix copy` asks for before pushing it.
+    ("CI hit rate by protocol (write tokens)", "percentunit",
+     [(hit_rate("protocol", role="writer"), "{{protocol}}")], 8, "timeseries"),
     ("Requests per second", "reqps",
      [(f"sum by (protocol) (rate(larder_http_requests_total{C}[{R}]))", "{{protocol}}")], 8,
      "timeseries"),

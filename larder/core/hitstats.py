@@ -15,6 +15,9 @@ before it, at most :data:`MAX_LATE` per cache, those asked for most kept
 larder-rustc explains each miss it sees (:mod:`larder.protocol.inputs`) and reports the
 category: misses are counted by category per cache, and by category per crate (at most
 :data:`MAX_CRATES` crates), so the most-missed crates come with their main reason.
+
+The service records readers here, not writers (requests whose token could write to the cache):
+CI asks for what it is about to push, and its misses are not what laptops miss.
 """
 
 from __future__ import annotations

@@ -79,6 +79,41 @@ def test_error_panel_counts_server_errors_not_misses(tmp_path: Path) -> None:
     promtool(tmp_path, [{"interval": "1m", "input_series": series, "promql_expr_test": [check]}])
 
 
+def test_hit_rate_panels_and_alert_are_the_readers(tmp_path: Path) -> None:
+    """CI's `nix copy` asks for every path before pushing it, with its write token: those misses
+    (role="writer") are on the CI panel, not in the readers' hit rate nor in its alert."""
+
+    def lookups(result: str, role: str, per_minute: int) -> dict[str, str]:
+        labels = f'cache="main",protocol="nix",kind="narinfo",result="{result}",role="{role}"'
+        return {"series": f"larder_cache_lookups_total{{{labels}}}",
+                "values": f"0+{per_minute}x90"}  # fmt: skip
+
+    series = [lookups("hit", "reader", 30), lookups("miss", "reader", 0),
+              lookups("hit", "writer", 20), lookups("miss", "writer", 60)]  # fmt: skip
+    [readers] = panel_exprs("Hit rate by protocol")
+    [ci] = panel_exprs("CI hit rate by protocol (write tokens)")
+    checks = [
+        {"expr": readers, "eval_time": "80m",
+         "exp_samples": [{"labels": '{protocol="nix"}', "value": 1}]},
+        {"expr": ci, "eval_time": "80m",
+         "exp_samples": [{"labels": '{protocol="nix"}', "value": 0.25}]},
+    ]  # fmt: skip
+    alert = documented_alert("LarderHitRateFalling")
+    quiet = {"eval_time": "85m", "alertname": "LarderHitRateFalling", "exp_alerts": []}
+    test = {"interval": "1m", "input_series": series, "promql_expr_test": checks,
+            "alert_rule_test": [quiet]}  # fmt: skip
+    promtool(tmp_path, [test], [alert])
+    # The same misses by readers fire it.
+    series = [lookups("hit", "reader", 20), lookups("miss", "reader", 60)]
+    fired = {"eval_time": "85m", "alertname": "LarderHitRateFalling",
+             "exp_alerts": [{"exp_labels": {"cache": "main", "protocol": "nix",
+                                            "severity": "warning"},
+                             "exp_annotations": alert["annotations"] | {
+                                 "summary": "larder main/nix hit rate below 50%"}}]}  # fmt: skip
+    promtool(tmp_path, [{"interval": "1m", "input_series": series, "alert_rule_test": [fired]}],
+             [alert])  # fmt: skip
+
+
 def documented_alert(name: str) -> dict[str, Any]:
     """The alerting rule ``name`` as docs/operating.md gives it (in a YAML block)."""
     text = (DASHBOARD.parents[3] / "docs" / "operating.md").read_text()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from larder.protocol import narinfo, nix32
 from larder.protocol.signing import PublicKey
@@ -69,6 +70,28 @@ def test_push_closure_then_substitute_on_a_fresh_machine(
     assert (leaf / "lib/random.bin").stat().st_size == 300000
     for path in closure:
         assert hashlib.sha256(laptop.dump(path)).digest() == dumps[path]
+
+    # The readers (the laptop, the checks above) missed nothing; CI's pushes asked for each path
+    # first, counted as the writer's, not as a miss of the cache's readers.
+    lookups = narinfo_lookups(server.url)
+    assert lookups[("miss", "reader")] == 0, lookups
+    assert lookups[("hit", "reader")] >= 2 * len(closure), lookups
+    assert lookups[("miss", "writer")] >= len(closure), lookups
+
+
+def narinfo_lookups(url: str) -> dict[tuple[str, str], float]:
+    """``larder_cache_lookups_total`` of cache main's narinfos by (result, role)."""
+    status, body = http("GET", f"{url}/metrics")
+    assert status == 200
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "larder_cache_lookups_total" and (
+                labels.get("kind") == "narinfo" and labels["cache"] == "main"
+            ):
+                found[(labels["result"], labels["role"])] = sample.value
+    return found
 
 
 def test_substitution_fails_without_the_cache_key(

@@ -218,8 +218,8 @@ async def test_short_answers_are_counted_logged_and_in_the_hit_statistics(live: 
         await setup.response()
     metrics = live.app[METRICS]
     requests = metrics.requests.labels("main", "nix", "2xx")
-    lookups_hit = metrics.lookups.labels("main", "nix", "narinfo", "hit")
-    lookups_miss = metrics.lookups.labels("main", "nix", "narinfo", "miss")
+    lookups_hit = metrics.lookups.labels("main", "nix", "narinfo", "hit", "reader")
+    lookups_miss = metrics.lookups.labels("main", "nix", "narinfo", "miss", "reader")
     sent = metrics.sent.labels("main", "nix")
     before = (requests._value.get(), lookups_hit._value.get(), lookups_miss._value.get(),
               sent._value.get())  # fmt: skip
@@ -242,6 +242,35 @@ async def test_short_answers_are_counted_logged_and_in_the_hit_statistics(live: 
     assert f'"GET /main/{store_hash}.narinfo HTTP/1.1" 200 ' in lines[0]
     assert f'"GET /main/{missing}.narinfo HTTP/1.1" 404 ' in lines[1]
     assert lines[0].endswith('"-" "probe/1"') and " INFO aiohttp.access " in lines[0]
+    setup.close()
+    conn.close()
+
+
+async def test_lookups_with_a_write_token_are_counted_as_the_writers(live: Live) -> None:
+    """A head with credentials is the application's: it tells CI's lookups (a token that could
+    write) from readers', which this path alone would count as readers'."""
+    store_hash, missing = hash_of("written"), hash_of("asked-by-ci")
+    setup = await Conn.open(live)
+    await upload(live, setup, store_hash)
+    metrics = live.app[METRICS]
+
+    def counted(result: str, role: str) -> float:
+        value: float = metrics.lookups.labels("main", "nix", "narinfo", result, role)._value.get()
+        return value
+
+    before = {(r, role): counted(r, role) for r in ("hit", "miss") for role in ("reader", "writer")}
+    auth = f"Authorization: Bearer {live.token}\r\n"
+    conn = await Conn.open(live)
+    for _ in range(2):  # the second time, bytes for both targets are kept
+        conn.send(get(f"/main/{store_hash}.narinfo", auth), get(f"/main/{missing}.narinfo", auth))
+        assert [(await conn.response())[0] for _ in "ab"] == [200, 404]
+        conn.send(get(f"/main/{store_hash}.narinfo"), get(f"/main/{missing}.narinfo"))
+        assert [(await conn.response())[0] for _ in "ab"] == [200, 404]
+    live.app[TALLY].flush()
+    grew = {key: counted(*key) - was for key, was in before.items()}
+    assert grew == {("hit", "reader"): 2, ("miss", "reader"): 2, ("hit", "writer"): 2,
+                    ("miss", "writer"): 2}  # fmt: skip
+    assert live.app[HITS].rates("main")["nix"]["hour"]["misses"] == 2
     setup.close()
     conn.close()
 

@@ -95,7 +95,7 @@ async def test_a_nar_get_is_answered_on_the_short_path_as_the_application_answer
 async def test_a_nar_answer_is_counted_logged_and_used(live: Live) -> None:
     url = await push(live, hash_of("counted-nar"))
     metrics = live.app[METRICS]
-    hits = metrics.lookups.labels("main", "nix", "nar", "hit")
+    hits = metrics.lookups.labels("main", "nix", "nar", "hit", "reader")
     sent = metrics.sent.labels("main", "nix")
     live.app[TALLY].flush()
     before = hits._value.get(), sent._value.get()

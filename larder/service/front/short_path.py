@@ -8,7 +8,8 @@ to :class:`FastPath`, which answers it when all of these hold:
   percent-escapes), or the same with ``HEAD``, which Nix sends to ask whether a path is there
   (answered as the application answers it: no body, and no ``Content-Length`` on a 200);
 * the head announces no body (no ``Transfer-Encoding``; ``Content-Length`` absent or 0) and has
-  no ``Expect`` or ``Upgrade`` header, nor a ``Connection`` header other than ``keep-alive``;
+  no ``Expect``, ``Upgrade`` or ``Authorization`` header (the application tells a writer's
+  lookups from a reader's by its token), nor a ``Connection`` header other than ``keep-alive``;
 * the cache exists and is public.
 
 The answer comes from the served-narinfo memory (a signed narinfo, or a miss remembered for at
@@ -96,7 +97,7 @@ _NARINFO_HEAD_HIT = head_lines(200, narinfo_headers(), None)
 _TARGET = re.compile(rb"/([^/?%#]+)/([^/?%#]{32})\.narinfo")
 _CACHE_INFO_TARGET = re.compile(rb"/([^/?%#]+)/nix-cache-info")
 _NAR_TARGET = re.compile(rb"/([^/?%#]+)/nar/([0-9a-z]{52})\.nar\.zst")
-_REFUSED_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_REFUSED_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"authorization"})
 #: Fields whose presence or value can make a GET something this path does not answer.
 _CHECKED = _REFUSED_HEADERS | {b"content-length", b"connection"}
 # What aiohttp's file responses act on (ranges, conditional requests): the application answers.

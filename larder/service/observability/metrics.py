@@ -6,7 +6,9 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 ``larder_http_requests_total``              cache, protocol, status_class
 ``larder_http_request_duration_seconds``    protocol (histogram; time to the response head)
 ``larder_http_requests_in_flight``          (gauge)
-``larder_cache_lookups_total``              cache, protocol, kind, result (hit | miss)
+``larder_cache_lookups_total``              cache, protocol, kind, result (hit | miss),
+                                            role (reader | writer: the request's token could
+                                            write to the cache, as CI's does)
 ``larder_rustc_miss_reasons_total``         cache, category (why a shim says a crate missed)
 ``larder_transfer_sent_bytes_total``        cache, protocol (response bodies)
 ``larder_transfer_received_bytes_total``    cache, protocol (request bodies)
@@ -62,6 +64,9 @@ STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 #: A status's class, by ``min(status // 100, 5)``.
 STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 SCOPES = ("read", "write", "admin")
+#: Who looked up: ``writer`` when the request's token could write to the cache (CI, whose
+#: ``nix copy`` asks for every path before pushing it), else ``reader``.
+ROLES = ("reader", "writer")
 UPLOAD_OUTCOMES = (
     "accepted",
     "bad_format",
@@ -139,8 +144,8 @@ class Metrics:
         )
         self.lookups = Counter(
             "larder_cache_lookups_total",
-            "Cache lookups by result (hit or miss).",
-            ["cache", "protocol", "kind", "result"],
+            "Cache lookups by result (hit or miss) and role (reader or writer).",
+            ["cache", "protocol", "kind", "result", "role"],
             registry=r,
         )
         self.miss_reasons = Counter(
@@ -275,7 +280,8 @@ class Metrics:
         for protocol, kinds in LOOKUP_KINDS.items():
             for kind in kinds:
                 for result in ("hit", "miss"):
-                    self.lookups.labels(cache, protocol, kind, result)
+                    for role in ROLES:
+                        self.lookups.labels(cache, protocol, kind, result, role)
         if cache != NO_CACHE:
             for category in MISS_CATEGORIES:
                 self.miss_reasons.labels(cache, category)
@@ -300,5 +306,16 @@ class Metrics:
             found = self._bound[key] = metric.labels(*labels)
         return found
 
-    def lookup(self, cache: str, protocol: str, kind: str, hit: bool, count: int = 1) -> None:
-        self.child(self.lookups, cache, protocol, kind, "hit" if hit else "miss").inc(count)
+    def lookup(
+        self,
+        cache: str,
+        protocol: str,
+        kind: str,
+        hit: bool,
+        count: int = 1,
+        *,
+        writer: bool = False,
+    ) -> None:
+        result = "hit" if hit else "miss"
+        role = ROLES[writer]
+        self.child(self.lookups, cache, protocol, kind, result, role).inc(count)

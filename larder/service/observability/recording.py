@@ -2,7 +2,8 @@
 
 Handlers say what a request was (``note_cache`` from
 :func:`~larder.service.routes.cache_access.cache_for`, ``note_lookup`` for a hit or a miss,
-``note_upload`` for a write); the middleware turns that and the final status into series and into
+``note_upload`` for a write, ``note_writer`` for a request whose token could write to its cache);
+the middleware turns that and the final status into series and into
 the in-memory hit statistics. The protocol of a request is read from its route
 (``/{cache}/rustc/...`` is ``rustc``), never from the raw path.
 """
@@ -33,6 +34,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CACHE = web.RequestKey("larder_cache", str)
 _LOOKUP = web.RequestKey("larder_lookup", tuple)
 _UPLOAD = web.RequestKey("larder_upload", bool)
+_WRITER = web.RequestKey("larder_writer", bool)
 _ERROR_CODE = web.RequestKey("larder_error_code", str)
 WORKER_SCOPE = "the worker process of this replica that answered, since it started"
 
@@ -57,7 +59,18 @@ def note_cache(request: web.Request, cache: str) -> None:
 
 
 def note_lookup(request: web.Request, kind: str, hit: bool) -> None:
-    request[_LOOKUP] = (kind, hit)
+    request[_LOOKUP] = (kind, hit, writer(request))
+
+
+def note_writer(request: web.Request) -> None:
+    """The request's token could write to its cache: its lookups are a writer's (CI's)."""
+    request[_WRITER] = True
+
+
+def writer(request: web.Request) -> bool:
+    """Whether :func:`note_writer` was said of the request: a writer's misses and crates are
+    kept out of the hit statistics (``nix copy`` asks for every path it is about to push)."""
+    return bool(request.get(_WRITER, False))
 
 
 def note_miss_reason(request: web.Request, category: str) -> None:
@@ -127,10 +140,11 @@ def count_answer(
     *,
     received: int = 0,
     upload: str | None = None,
-    lookup: tuple[str, bool] | None = None,
+    lookup: tuple[str, bool, bool] | None = None,
 ) -> None:
     """Count one answered request: its status and latency, body bytes received, the upload's
-    outcome, and a lookup's hit or miss (also in the hit statistics)."""
+    outcome, and a lookup's hit or miss (``lookup``: kind, hit, by a writer), a reader's also in
+    the hit statistics."""
     metrics = app[METRICS]
     metrics.child(metrics.latency, protocol).observe(seconds)
     metrics.child(metrics.requests, cache, protocol, STATUS_CLASS[min(status // 100, 5)]).inc()
@@ -139,9 +153,10 @@ def count_answer(
     if upload is not None:
         metrics.child(metrics.uploads, cache, protocol, upload).inc()
     if lookup is not None and cache != NO_CACHE:
-        kind, hit = lookup
-        metrics.lookup(cache, protocol, kind, hit)
-        app[HITS].record(cache, protocol, hit)
+        kind, hit, by_writer = lookup
+        metrics.lookup(cache, protocol, kind, hit, writer=by_writer)
+        if not by_writer:
+            app[HITS].record(cache, protocol, hit)
 
 
 def count_unreadable(app: web.Application, status: int) -> None:

@@ -12,9 +12,9 @@ from larder.protocol.names import RESERVED_NAMES, check_cache_name
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.errors import error_response, status_for
-from larder.service.observability.recording import note_cache, note_refused
+from larder.service.observability.recording import note_cache, note_refused, note_writer
 from larder.service.routes.bodies import check_declared_length
-from larder.service.routes.credentials import check_access
+from larder.service.routes.credentials import check_access, may_write
 
 
 async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
@@ -27,11 +27,14 @@ async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
     if settings is None:
         raise NoSuchCache(f"no cache named {name!r}")
     note_cache(request, settings.name)
+    authority = request.app[state.TOKENS]
     try:
-        await check_access(request, request.app[state.TOKENS], settings, needed)
+        await check_access(request, authority, settings, needed)
     except (Unauthorized, Forbidden):
         note_refused(request, str(needed))  # a laptop without its read token shows here
         raise
+    if needed == Scope.READ and await may_write(request, authority, settings):
+        note_writer(request)  # its lookups are CI's, counted apart from the readers'
     return settings
 
 

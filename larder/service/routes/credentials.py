@@ -14,7 +14,7 @@ from aiohttp import web
 
 from larder.core.auth import TokenAuthority, authorize
 from larder.core.caches import CacheSettings
-from larder.errors import InvalidInput, Unauthorized
+from larder.errors import InvalidInput, LarderError, Unauthorized
 from larder.protocol.tokens import Scope, TokenClaims
 
 
@@ -55,3 +55,17 @@ async def check_access(
     claims = await authority.verify(token) if token is not None else None
     authorize(claims, cache, needed)
     return claims
+
+
+async def may_write(request: web.Request, authority: TokenAuthority, cache: CacheSettings) -> bool:
+    """Whether the request's credentials would let it write to ``cache``: how lookups by CI
+    (which pushes) are told from lookups by readers. Never raises: credentials that do not
+    verify make a reader, as they do for a public read."""
+    try:
+        token = token_from_request(request)
+        if token is None:
+            return False
+        authorize(await authority.verify(token), cache, Scope.WRITE)
+    except LarderError:
+        return False
+    return True

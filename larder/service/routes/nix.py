@@ -34,7 +34,7 @@ from larder.protocol.names import check_object_path
 from larder.protocol.storepath import check_hash_part
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.observability.recording import note_lookup, note_upload
+from larder.service.observability.recording import note_lookup, note_upload, writer
 from larder.service.routes.bodies import (
     body_chunks,
     coded_body,
@@ -80,7 +80,8 @@ async def get_narinfo(request: web.Request) -> web.Response:
     body = await nix.get_narinfo(settings, store_hash)
     note_lookup(request, "narinfo", body is not None)
     if body is None:
-        request.app[HITS].missed_store_hash(settings.name, store_hash)
+        if not writer(request):  # `nix copy` asks for each path it is about to push
+            request.app[HITS].missed_store_hash(settings.name, store_hash)
         raise web.HTTPNotFound()
     if request.method == "HEAD":
         return web.Response(headers=narinfo_headers())

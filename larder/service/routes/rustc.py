@@ -35,7 +35,12 @@ from larder.protocol.inputs import MAX_INPUTS_SIZE, check_identity, nearest_to_j
 from larder.protocol.rustc import MAX_MANIFEST_SIZE, check_key, parse_blob_query
 from larder.protocol.tokens import Scope
 from larder.service import state
-from larder.service.observability.recording import note_lookup, note_miss_reason, note_upload
+from larder.service.observability.recording import (
+    note_lookup,
+    note_miss_reason,
+    note_upload,
+    writer,
+)
 from larder.service.routes.bodies import coded_body, read_document, serve_blob
 from larder.service.routes.cache_access import cache_for, expect_continue, expect_continue_for
 from larder.service.state import HITS
@@ -103,7 +108,7 @@ async def get_manifest(request: web.Request) -> web.Response:
     note_lookup(request, "manifest", document is not None)
     if document is None:
         crate = request.headers.get(CRATE_HEADER)
-        if crate:
+        if crate and not writer(request):
             request.app[HITS].missed_crate(settings.name, crate)
         raise web.HTTPNotFound()
     return web.Response(body=document, content_type="application/json")
@@ -127,7 +132,8 @@ async def get_direct(request: web.Request) -> web.Response:
             # No entry, so no key to look up: this is the compilation's miss, counted here
             # (the header on the 404 tells the client it needs no manifest lookup to count it).
             note_lookup(request, "manifest", False)
-            request.app[HITS].missed_crate(settings.name, crate)
+            if not writer(request):
+                request.app[HITS].missed_crate(settings.name, crate)
             raise web.HTTPNotFound(headers={COUNTED_HEADER: "miss"})
         raise web.HTTPNotFound()
     body = b'{"entries":[' + b",".join(entry.to_json() for entry in entries) + b"]}"
@@ -164,7 +170,8 @@ async def post_explained(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.READ)
     crate, category = parse_report(await read_document(request, 4096))
     note_miss_reason(request, category)
-    request.app[HITS].explained(settings.name, crate, category)
+    if not writer(request):
+        request.app[HITS].explained(settings.name, crate, category)
     return web.Response(status=204)
 
 
