@@ -11,7 +11,13 @@ Upload rules (each failure is a :class:`VerificationFailed` naming the check):
   before an upload finds it.
 * A narinfo must parse strictly, its StorePath hash must equal the URL's, a NAR with its NarHash
   and NarSize must be in this cache, and every reference other than the path itself must already
-  have a narinfo in this cache (so a served narinfo always has its closure).
+  have a narinfo in this cache (so a served narinfo always has its closure). Its ``CA``, if any,
+  must make its store path (:mod:`larder.protocol.content_address`).
+* A store path's narinfo, once stored, keeps its contents (StorePath, NarHash, NarSize,
+  References, CA): a later upload with the same contents adds its signatures (``nix store
+  sign``), one with other contents (a build that is not reproducible, pushed by a second
+  machine) is answered as stored and not kept, unless the stored one is unreadable or its NAR
+  is gone. A narinfo other paths refer to is never renamed or changed under them.
 
 Served narinfos point at ``nar/<NarHash nix32>.nar.zst`` (``Compression: zstd``, ``FileHash``
 and ``FileSize`` of the stored blob, the bytes that URL serves); URL, Compression, FileHash and
@@ -58,6 +64,7 @@ from larder.errors import (
 from larder.protocol import narinfo as narinfo_format
 from larder.protocol import nix32
 from larder.protocol.compression import GZIP_MAGIC, compression_for_extension
+from larder.protocol.content_address import check_store_path
 from larder.protocol.hashes import NixHash
 from larder.protocol.names import check_object_path
 from larder.protocol.narinfo import NarInfo
@@ -388,6 +395,11 @@ class NixCache:
             raise VerificationFailed(
                 f"NarSize {info.nar_size} does not match the uploaded NAR's {record.nar_size}"
             )
+        if info.ca is not None:
+            try:
+                check_store_path(info.ca, info.store_path, info.references)
+            except FormatError as exc:
+                raise VerificationFailed(exc.message) from None
         await self._check_references(cache, info)
         own_key = cache.signing_key.name + ":"
         stored = replace(
@@ -400,11 +412,38 @@ class NixCache:
             file_size=record.stored_size,
             sigs=tuple(sig for sig in info.sigs if not sig.startswith(own_key)),
         )
-        await self._storage.put(
-            keys.narinfo(cache.name, store_hash), narinfo_format.render(stored).encode()
-        )
+        key = keys.narinfo(cache.name, store_hash)
+        if not await self._storage.put_if_absent(key, narinfo_format.render(stored).encode()):
+            stored = await self._next_narinfo(cache, key, stored)
         self._served.forget(cache.name, store_hash)
         return stored
+
+    async def _next_narinfo(self, cache: CacheSettings, key: str, upload: NarInfo) -> NarInfo:
+        """What stands under ``key``, where a narinfo was stored before ``upload`` came (module
+        docstring): the stored one with the upload's signatures added if they agree, the stored
+        one alone if not, the upload if the stored one is unreadable or its NAR gone."""
+        data = await self._storage.get(key)
+        try:
+            held = narinfo_format.parse(data) if data is not None else None
+        except FormatError:
+            held = None
+        if held is not None and not _same_contents(held, upload):
+            if await self.nar_record(cache, _sha256_nix32(held.nar_hash)) is not None:
+                log.warning(
+                    "cache %s: kept the stored narinfo of %s (NarHash %s); an upload with other "
+                    "contents (NarHash %s) was answered as stored and not kept",
+                    cache.name,
+                    held.store_path.full,
+                    held.nar_hash.to_nix(),
+                    upload.nar_hash.to_nix(),
+                )
+                return held
+            held = None
+        if held is not None:
+            added = tuple(sig for sig in upload.sigs if sig not in held.sigs)
+            upload = replace(upload, sigs=held.sigs + added, deriver=upload.deriver or held.deriver)
+        await self._storage.put(key, narinfo_format.render(upload).encode())
+        return upload
 
     async def _check_references(self, cache: CacheSettings, info: NarInfo) -> None:
         """Every reference of ``info`` is itself or a path this cache holds, under that name
@@ -677,6 +716,17 @@ def _named_alike(named: str, uploaded: str) -> bool:
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+def _same_contents(a: NarInfo, b: NarInfo) -> bool:
+    """Whether two narinfos describe the same store object (what signatures cover, and CA)."""
+    return (
+        a.store_path == b.store_path
+        and a.nar_hash.digest == b.nar_hash.digest
+        and a.nar_size == b.nar_size
+        and set(a.references) == set(b.references)
+        and a.ca == b.ca
+    )
 
 
 def _signed_by_any(info: NarInfo, trusted: tuple[str, ...]) -> bool:

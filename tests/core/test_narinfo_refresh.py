@@ -23,15 +23,17 @@ from tests.core.test_nar_records import Counting
 
 
 class Gated(Counting):
-    """Narinfo reads wait for ``gate`` while it is not set."""
+    """The next ``held`` narinfo reads wait for ``gate`` while it is not set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
         self.gate.set()
+        self.held = 0
 
     async def get(self, key: str) -> bytes | None:
-        if "/narinfo/" in key:
+        if "/narinfo/" in key and self.held:
+            self.held -= 1
             await self.gate.wait()
         return await super().get(key)
 
@@ -135,6 +137,7 @@ async def test_a_narinfo_stored_during_a_refresh_voids_it() -> None:
         await nix.get_narinfo(cache, store_hash)
         clock.now += 8
         storage.gate.clear()  # the refresh's read waits
+        storage.held = 1
         assert nix.served_narinfo(cache, store_hash)[0]
         assert nix._refreshing
         await asyncio.sleep(0)  # the refresh has begun

@@ -12,7 +12,9 @@ import os
 import pytest
 import zstandard
 
+from larder.core import keys
 from larder.protocol import narinfo, nix32
+from larder.protocol.content_address import store_hash_of
 from larder.protocol.nar import write_nar
 from larder.protocol.signing import PublicKey, SecretKey
 from larder.protocol.tokens import Scope
@@ -174,12 +176,85 @@ async def test_identical_nar_in_any_compression_is_stored_once(service: Service)
     assert await blob_count(service) == 1
 
 
-async def test_nar_put_is_idempotent_and_put_narinfo_overwrites(service: Service) -> None:
+async def test_nar_put_is_idempotent_and_a_narinfo_keeps_its_contents(service: Service) -> None:
     path = store_path("again-1.0")
     nar = make_nar(b"again")
     await push(service, path, nar)
     await push(service, path, nar)
-    assert (await service.client.get(f"/main/{hash_part(path)}.narinfo")).status == 200
+    url = f"/main/{hash_part(path)}.narinfo"
+    first = await (await service.client.get(url)).read()
+    # Another build of the same path (not reproducible, or forged): answered as stored, and
+    # the narinfo served stays the first, as does one renaming the path under its referrers.
+    await push(service, path, make_nar(b"another build"))
+    renamed = path.replace("again-1.0", "other-2.0")
+    await push(service, renamed, nar)
+    assert await (await service.client.get(url)).read() == first
+    # The same contents with another signature (`nix store sign --store`): the signature joins.
+    sig = "ci-key-1:" + "A" * 86 + "=="
+    document = narinfo_text(path, nar) + f"Sig: {sig}\n".encode()
+    resp = await service.client.put(url, data=document, headers=service.auth())
+    assert resp.status == 200, await resp.text()
+    served = narinfo.parse(await (await service.client.get(url)).read())
+    assert sig in served.sigs and served.nar_hash == narinfo.parse(first).nar_hash
+    document = narinfo_text(path, nar) + b"Sig: ci-key-2:" + b"B" * 86 + b"==\n"
+    resp = await service.client.put(url, data=document, headers=service.auth())
+    assert resp.status == 200, await resp.text()
+    served = narinfo.parse(await (await service.client.get(url)).read())
+    assert sig in served.sigs and len(served.sigs) == 3  # both uploaders' and the cache's
+
+
+async def test_a_narinfo_whose_nar_is_gone_is_replaced(service: Service) -> None:
+    path = store_path("lost-1.0")
+    nar = make_nar(b"lost")
+    await push(service, path, nar)
+    record = keys.nar(service.main.name, nix32.encode(hashlib.sha256(nar).digest()))
+    assert await service.storage.delete(record)
+    rebuilt = make_nar(b"rebuilt")
+    await push(service, path, rebuilt)
+    served = narinfo.parse(
+        await (await service.client.get(f"/main/{hash_part(path)}.narinfo")).read()
+    )
+    assert served.nar_hash.digest == hashlib.sha256(rebuilt).digest()
+
+
+@pytest.mark.parametrize(
+    "ca",
+    [
+        "fixed:r:sha256:" + "1" * 52,  # a digest that does not make this path
+        "fixed:r:sha256-" + "A" * 43 + "=",  # SRI, which Nix does not read in a CA
+        "fixed:git:md5:" + "1" * 32,
+        "text:sha1:" + "1" * 32,
+    ],
+)
+async def test_a_content_address_must_make_the_store_path(service: Service, ca: str) -> None:
+    path = store_path("claims-ca-1.0")
+    nar = make_nar(b"claims")
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    document = narinfo_text(path, nar, CA=ca)
+    resp = await service.client.put(
+        f"/main/{hash_part(path)}.narinfo", data=document, headers=service.auth()
+    )
+    assert resp.status == 400, await resp.text()
+    assert "CA" in await resp.text()
+    assert (await service.client.get(f"/main/{hash_part(path)}.narinfo")).status == 404
+
+
+async def test_a_content_addressed_path_is_stored_with_its_ca(service: Service) -> None:
+    nar = make_nar(b"fixed contents")
+    digest = hashlib.sha256(nar).digest()
+    name = "src-1.0"
+    made = store_hash_of("fixed:r:sha256:" + nix32.encode(digest), name, [], "")
+    path = f"/nix/store/{made}-{name}"
+    ca = "fixed:r:sha256:" + nix32.encode(digest)
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    resp = await service.client.put(
+        f"/main/{made}.narinfo", data=narinfo_text(path, nar, CA=ca), headers=service.auth()
+    )
+    assert resp.status == 200, await resp.text()
+    served = narinfo.parse(await (await service.client.get(f"/main/{made}.narinfo")).read())
+    assert served.ca == ca
 
 
 @pytest.mark.parametrize("ext", sorted(COMPRESSORS))
