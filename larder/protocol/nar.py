@@ -23,7 +23,8 @@ the archive:
 * symlink targets that are empty or contain NUL;
 * names longer than :data:`MAX_NAME_LENGTH` bytes (1024: every file system limits a name to 255
   bytes, or 255 UTF-16 units on macOS), targets longer than :data:`MAX_TARGET_LENGTH` bytes
-  (4096, Linux's ``PATH_MAX``), directories nested deeper than :data:`MAX_DEPTH` (256);
+  (4095: Linux's ``PATH_MAX`` counts the terminating NUL, so no system stores a longer one),
+  directories nested deeper than :data:`MAX_DEPTH` (256);
 * truncation, and any byte after the root node.
 
 Only keywords, names and targets are ever buffered, so the validator's memory is bounded by those
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 NAR_MAGIC: Final = b"nix-archive-1"
 MAX_NAME_LENGTH: Final = 1024
-MAX_TARGET_LENGTH: Final = 4096
+MAX_TARGET_LENGTH: Final = 4095
 MAX_DEPTH: Final = 256
 MAX_CONTENTS_LENGTH: Final = (1 << 63) - 1
 DUMP_CHUNK_SIZE: Final = 256 * 1024

@@ -360,6 +360,11 @@ MALFORMED: list[tuple[str, bytes, str]] = [
         "expected ')', got a string of 5 bytes",
     ),
     ("too deep", nar(NAR_MAGIC, *nested(MAX_DEPTH + 1)), "directories nested deeper than 256"),
+    (
+        "symlink target no system stores",
+        nar(NAR_MAGIC, b"(", b"type", b"symlink", b"target", b"t" * 4096, b")"),
+        "expected a symlink target, got a string of 4096 bytes",
+    ),
 ]
 
 
@@ -385,6 +390,10 @@ def test_huge_token_length_is_rejected_before_buffering() -> None:
 
 def test_deepest_allowed_nesting() -> None:
     validate(nar(NAR_MAGIC, *nested(MAX_DEPTH)))
+
+
+def test_longest_symlink_target_linux_stores() -> None:
+    validate(nar(NAR_MAGIC, b"(", b"type", b"symlink", b"target", b"t" * 4095, b")"))
 
 
 def test_feed_accepts_any_buffer() -> None:
