@@ -69,10 +69,21 @@ def network_timeout(environ: dict[str, str]) -> float:
     return seconds if 0 < seconds <= MAX_TIMEOUT else DEFAULT_TIMEOUT
 
 
+#: What a refusal is counted as, by status (``refused`` otherwise). A 413 is larder's
+#: ``max_upload_size`` or, in front of it, a proxy's body size limit (nginx's 1 MiB default).
+_REFUSAL_KINDS = {401: "auth", 403: "auth", 413: "too-large"}
+
+
 def url_cache(url: str) -> str:
-    """The cache a ``LARDER_URL`` names: its path without empty segments (``//main`` is
-    ``main``)."""
+    """The path of the cache a ``LARDER_URL`` names, without empty segments (``//main`` is
+    ``main``); behind a reverse proxy it may begin with the proxy's prefix (``larder/main``)."""
     return "/".join(segment for segment in urlsplit(url).path.split("/") if segment)
+
+
+def url_cache_name(url: str) -> str:
+    """The name of the cache a ``LARDER_URL`` names: the last segment of its path (a cache
+    name has no ``/``; ``https://host/larder/main`` names ``main``)."""
+    return url_cache(url).rpartition("/")[2]
 
 
 class RemoteError(Exception):
@@ -197,7 +208,7 @@ class Remote:
         if response.status not in ok:
             data = self._read(response, MAX_ERROR_BODY, drop=True)
             message = data[:200].decode("utf-8", "replace").strip()
-            kind = "auth" if response.status in (401, 403) else "refused"
+            kind = _REFUSAL_KINDS.get(response.status, "refused")
             raise RemoteError(kind, f"{what}: HTTP {response.status} {message!r}")
         return self._read(response, limit)
 

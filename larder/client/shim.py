@@ -72,7 +72,7 @@ from larder.client.paths import (
     workspace_dir,
 )
 from larder.client.probe import cache_enabled, startup_ms
-from larder.client.remote import Remote, RemoteError, network_timeout, url_cache
+from larder.client.remote import Remote, RemoteError, network_timeout, url_cache_name
 from larder.errors import FormatError
 from larder.protocol import token_claims
 from larder.protocol.rustc import Manifest, Output, parse_manifest
@@ -203,6 +203,7 @@ class Outcome:
         self.result = result  # hit | miss | non-cacheable | error
         self.reason = reason
         self.error: str | None = None
+        self.detail: str | None = None  # what the error said
         self.miss: str | None = None  # the category a miss was explained by
         self.key = ""
         self.counters: dict[str, int] = {}
@@ -240,7 +241,7 @@ class Invocation:
         self.token = environ.get("LARDER_TOKEN") or None
         # Uploads only with a token that may write here (the server judges any it cannot read).
         self.writes = self.token is not None and token_claims.may_write(
-            self.token, url_cache(environ.get("LARDER_URL", ""))
+            self.token, url_cache_name(environ.get("LARDER_URL", ""))
         )
         self.started = time.monotonic()
         self.toolchain: toolchain.Fingerprint | None = None
@@ -777,6 +778,7 @@ class Invocation:
         return True
 
     def _failed(self, outcome: Outcome, exc: Exception) -> None:
+        outcome.detail = str(exc)
         if isinstance(exc, RemoteError):
             outcome.error = exc.kind
         elif isinstance(exc, ValueError):  # FormatError too: a manifest that makes no sense
@@ -912,6 +914,7 @@ def _finish(invocation: Invocation, environ: dict[str, str]) -> int:
             reason=outcome.reason if outcome.result == "non-cacheable" else None,
             error=outcome.error,
             miss=outcome.miss,
+            detail=outcome.detail,
         )
     except OSError:
         pass

@@ -3,7 +3,8 @@
 Every invocation adds its outcome under an exclusive ``flock`` on ``stats.lock``, so concurrent
 invocations (``cargo -j``) never lose an update. ``--stats`` prints them, ``--zero-stats`` resets
 them. Fields: ``hits``, ``misses``, ``non_cacheable`` (with ``non_cacheable_reasons``),
-``errors`` (with ``error_kinds``), ``misses`` by the category that explains them
+``errors`` (with ``error_kinds``, and ``last_errors``: the last error of each kind as it was
+told, at most :data:`MAX_DETAIL` characters), ``misses`` by the category that explains them
 (``miss_categories``: ``source``, ``dependency``... see :mod:`larder.client.explain`),
 ``uploads``, ``bytes_down``, ``bytes_up``, ``cache_ms`` (time spent on keys, lookups,
 restores and uploads), ``compile_ms`` (time in rustc for misses and non-cacheable
@@ -34,11 +35,14 @@ COUNTERS = (
     "compile_ms",
 )
 BREAKDOWNS = ("non_cacheable_reasons", "error_kinds", "miss_categories")
+#: The longest error detail kept in ``last_errors``.
+MAX_DETAIL = 300
 
 
 def empty() -> dict[str, Any]:
     stats: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
     stats.update({name: {} for name in BREAKDOWNS})
+    stats["last_errors"] = {}
     stats["since"] = int(time.time())
     return stats
 
@@ -86,6 +90,9 @@ class Stats:
             for name in BREAKDOWNS:
                 if isinstance(stored.get(name), dict):
                     stats[name] = {k: v for k, v in stored[name].items() if isinstance(v, int)}
+            last = stored.get("last_errors")
+            if isinstance(last, dict):
+                stats["last_errors"] = {k: v for k, v in last.items() if isinstance(v, str)}
             if isinstance(stored.get("since"), int):
                 stats["since"] = stored["since"]
         return stats
@@ -103,9 +110,10 @@ class Stats:
         reason: str | None = None,
         error: str | None = None,
         miss: str | None = None,
+        detail: str | None = None,
     ) -> None:
-        """Add ``counters``; count ``reason`` (non-cacheable), ``error`` kinds and ``miss``
-        categories."""
+        """Add ``counters``; count ``reason`` (non-cacheable), ``error`` kinds (keeping
+        ``detail``, what the error said, as its kind's last) and ``miss`` categories."""
         with self._locked():
             stats = self._load()
             for name, value in counters.items():
@@ -116,6 +124,8 @@ class Stats:
             if error:
                 kinds = stats["error_kinds"]
                 kinds[error] = kinds.get(error, 0) + 1
+                if detail:
+                    stats["last_errors"][error] = detail[:MAX_DETAIL]
             if miss:
                 categories = stats["miss_categories"]
                 categories[miss] = categories.get(miss, 0) + 1
@@ -155,6 +165,7 @@ def render(stats: dict[str, Any]) -> str:
         + (f"  ({breakdown('non_cacheable_reasons')})" if stats["non_cacheable_reasons"] else ""),
         f"  errors            {stats['errors']}"
         + (f"  ({breakdown('error_kinds')})" if stats["error_kinds"] else ""),
+        *(f"    last {kind}: {text}" for kind, text in sorted(stats["last_errors"].items())),
         f"  uploads           {stats['uploads']}",
         f"  downloaded        {_size(stats['bytes_down'])}",
         f"  uploaded          {_size(stats['bytes_up'])}",

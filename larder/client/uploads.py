@@ -339,6 +339,7 @@ def drain(spool: Path, environ: dict[str, str], remotes: Remotes | None = None) 
             for job_dir in jobs:
                 counters: dict[str, int]
                 error: str | None = None
+                detail: str | None = None
                 if offline:
                     counters, error = {"errors": 1}, "offline"
                 else:
@@ -353,13 +354,13 @@ def drain(spool: Path, environ: dict[str, str], remotes: Remotes | None = None) 
                         sent = send(job_dir, job, remotes[url, token], level)
                         counters = {"uploads": 1, "bytes_up": sent}
                     except RemoteError as exc:
-                        counters, error = {"errors": 1}, exc.kind
+                        counters, error, detail = {"errors": 1}, exc.kind, str(exc)
                         offline = exc.unreachable
                     except (FormatError, OSError, ValueError, KeyError, TypeError):
                         counters, error = {"errors": 1}, "upload-job"
                 shutil.rmtree(job_dir, ignore_errors=True)
                 with contextlib.suppress(OSError):
-                    store.add(counters, error=error)
+                    store.add(counters, error=error, detail=detail)
     finally:
         if own:
             close_all(remotes)

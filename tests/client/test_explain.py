@@ -78,7 +78,9 @@ def test_misses_are_explained_by_the_input_that_changed(tmp_path: Path) -> None:
         assert counted["miss_categories"] == {"source": 1, "env": 2}
         with urllib.request.urlopen(f"{server.url}/api/v1/caches/main/stats") as resp:
             api = json.load(resp)
-        assert api["rustc_misses_by_category"] == {"env": 2, "never_built": 1, "source": 1}
+        # The laptop's (a reader's); CI's own first miss (never_built, with its write token) is
+        # a writer's and stays out of the statistics.
+        assert api["rustc_misses_by_category"] == {"env": 2, "source": 1}
         text = subprocess.run(
             [sys.executable, "-m", "larder.client.shim", "explain"],
             env={**os.environ, "LARDER_STATE_DIR": str(laptop / "state")},

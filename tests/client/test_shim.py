@@ -56,6 +56,8 @@ class FakeCache:
     def answer(self, method: str, path: str) -> tuple[int, bytes]:
         if self.mode == "500":
             return 500, b"boom"
+        if self.mode == "proxy-413" and method != "GET":  # nginx's client_max_body_size
+            return 413, b"<html><head><title>413 Request Entity Too Large</title></head></html>"
         if self.mode == "slow":
             time.sleep(3)  # an answer slower than the shim's timeout, on purpose
             return 404, b""
@@ -250,6 +252,43 @@ def test_a_miss_without_a_token_only_reads(fake: FakeCache, crate: Path) -> None
     assert (counted["misses"], counted["errors"], counted["uploads"]) == (1, 0, 0)
     line = (crate / "log").read_text()
     assert "crate=t " in line and "result=miss" in line
+
+
+@pytest.mark.parametrize("fake", ["proxy-413"], indirect=True)
+def test_an_upload_refused_for_its_size_says_so(fake: FakeCache, crate: Path) -> None:
+    """A proxy's 413 (nginx's 1 MiB default) is counted as too-large, with what it answered."""
+    from larder.protocol import tokens
+    from larder.protocol.tokens import Scope, TokenClaims
+
+    claims = TokenClaims("0123456789abcdef", "main", Scope.WRITE, None, 1_800_000_000)
+    token = tokens.issue(bytes(32), claims)
+    assert shim(crate, fake.url, LARDER_TOKEN=token).returncode == 0
+    counted = stats(crate)
+    assert counted["error_kinds"] == {"too-large": 1} and counted["uploads"] == 0, counted
+    assert "HTTP 413" in counted["last_errors"]["too-large"]
+    assert "Request Entity Too Large" in counted["last_errors"]["too-large"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "larder.client.shim", "--stats"],
+        env={**os.environ, "LARDER_STATE_DIR": str(crate / "state")},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "last too-large: " in shown.stdout and "HTTP 413" in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize("fake", ["404"], indirect=True)
+def test_a_cache_behind_a_path_prefix_gets_the_uploads(fake: FakeCache, crate: Path) -> None:
+    """``https://host/larder/main`` (a reverse proxy's prefix) names cache ``main``: a write
+    token for ``main`` uploads there, under the prefix."""
+    from larder.protocol import tokens
+    from larder.protocol.tokens import Scope, TokenClaims
+
+    claims = TokenClaims("0123456789abcdef", "main", Scope.WRITE, None, 1_800_000_000)
+    token = tokens.issue(bytes(32), claims)
+    url = fake.url.replace("/main", "/larder/main")
+    assert shim(crate, url, LARDER_TOKEN=token).returncode == 0
+    writes = [r for r in fake.requests if r.split()[0] in ("PUT", "POST")]
+    assert writes and all(r.split()[1].startswith("/larder/main/rustc/") for r in writes), writes
+    assert all(r.split()[1].startswith("/larder/main/") for r in fake.requests)
 
 
 @pytest.mark.parametrize("fake", ["404"], indirect=True)
