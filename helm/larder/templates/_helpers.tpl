@@ -26,3 +26,9 @@ s3://{{ required "storage.s3.bucket is required in s3 mode" .Values.storage.s3.b
 {{- fail "storage.mode must be disk or s3" -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* A setting as an environment string. helm reads the numbers of a values file as float64,
+     which print as 1e+06 from 1000000 (and larder refuses that size); toJson prints them whole. */ -}}
+{{- define "larder.env" -}}
+{{- if kindIs "float64" . -}}{{ toJson . }}{{- else -}}{{ . }}{{- end -}}
+{{- end -}}
