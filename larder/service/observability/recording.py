@@ -10,6 +10,7 @@ the in-memory hit statistics. The protocol of a request is read from its route
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -182,7 +183,9 @@ async def count_sent(request: web.Request, response: web.StreamResponse) -> None
 
 async def get_metrics(request: web.Request) -> web.Response:
     request.app[TALLY].flush()
-    body = request.app[METRICS].render()
+    # On a thread: every cache has ~270 series, and 200 caches took 1.6 s to render, during
+    # which the event loop answered nothing.
+    body = await asyncio.to_thread(request.app[METRICS].render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
