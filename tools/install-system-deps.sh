@@ -10,6 +10,8 @@
 #   script compiles a C library;
 # - node and npm (nodejs, npm), to install s3rver, an S3 imitation, into build/s3rver
 #   (tools/install-s3rver.sh, pinned by tools/s3rver/package-lock.json).
+# - Go and the libraries helm 3 renders templates with (sprig v3, sigs.k8s.io/yaml), to build
+#   the chart renderer the chart tests use into build/chart-render (tools/build-chart-render.sh).
 set -euo pipefail
 missing=()
 command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
@@ -18,6 +20,9 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v ar >/dev/null 2>&1 || missing+=(binutils)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v go >/dev/null 2>&1 || missing+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/Masterminds/sprig ] || missing+=(golang-github-masterminds-sprig-dev)
+[ -d /usr/share/gocode/src/sigs.k8s.io/yaml ] || missing+=(golang-k8s-sigs-yaml-dev)
 for crate in itoa hex memchr fnv proc-macro2 quote syn unicode-ident; do
   compgen -G "/usr/share/cargo/registry/${crate}-*" >/dev/null || missing+=("librust-${crate}-dev")
 done
@@ -33,3 +38,5 @@ command -v cargo >/dev/null 2>&1 || { echo "cargo and rustc must be on PATH" >&2
 bash "$(dirname "$0")/install-nix-sid.sh"
 # s3rver for the end-to-end tests against an S3 imitation other than moto.
 bash "$(dirname "$0")/install-s3rver.sh"
+# The chart renderer (helm's template libraries) for tests/deploy/test_chart_render.py.
+bash "$(dirname "$0")/build-chart-render.sh"

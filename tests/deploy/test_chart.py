@@ -1,4 +1,5 @@
-"""Static checks of the helm chart and the Dockerfile (no cluster, no image build)."""
+"""Static checks of the helm chart and the Dockerfile (no cluster, no image build); the chart
+rendered and its objects checked: test_chart_render.py."""
 
 from __future__ import annotations
 
