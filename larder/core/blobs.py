@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 import blake3
 import zstandard
 
+from larder.core.decoding import DecoderBudget, Pausing, Reservation, settle
 from larder.errors import StorageError, StorageUnavailable, TooLarge
 from larder.protocol.compression import ZSTD_MAX_WINDOW, Decompressor
 from larder.storage.base import BlobInfo, BlobReader, BlobWriter, Storage
@@ -28,11 +29,38 @@ T = TypeVar("T")
 
 
 class BlobStore:
-    """Runs blocking blob work off the event loop for the protocol modules."""
+    """Runs blocking blob work off the event loop for the protocol modules.
 
-    def __init__(self, storage: Storage, executor: Executor) -> None:
+    ``decoders``: the process's budget of upload decoder memory (:mod:`larder.core.decoding`);
+    without one, uploads' decoders are not accounted.
+    """
+
+    def __init__(
+        self, storage: Storage, executor: Executor, decoders: DecoderBudget | None = None
+    ) -> None:
         self.storage = storage
         self._executor = executor
+        self.decoders = decoders
+
+    @asynccontextmanager
+    async def decoder_memory(self) -> AsyncIterator[Reservation | None]:
+        """The reservation of one upload's decoder memory (``None`` without a budget), released
+        when the block ends."""
+        if self.decoders is None:
+            yield None
+            return
+        async with self.decoders.reservation() as reservation:
+            yield reservation
+
+    async def decode(
+        self, step: Callable[[bytes], None], target: Pausing, chunk: bytes,
+        reservation: Reservation | None,
+    ) -> None:  # fmt: skip
+        """``step(chunk)`` on the executor (feeding ``target``), then, while ``target`` waits
+        for decoder memory, reserve it and resume."""
+        await self.run(step, chunk)
+        if reservation is not None:
+            await settle(target, reservation, self.run)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the executor."""
@@ -64,13 +92,15 @@ class BlobStore:
                         raise TooLarge(f"body exceeds the limit of {limit} bytes")
                     await self.run(writer.write, chunk)
                 return await self.run(writer.commit)
-            decoder = Decompressor(coding, _Bounded(writer.write, limit))
-            try:
-                async for chunk in body:
-                    await self.run(decoder.write, chunk)
-                await self.run(decoder.finish)
-            finally:
-                decoder.close()
+            async with self.decoder_memory() as memory:
+                allowance = None if memory is None else 0
+                decoder = Decompressor(coding, _Bounded(writer.write, limit), allowance=allowance)
+                try:
+                    async for chunk in body:
+                        await self.decode(decoder.write, decoder, chunk, memory)
+                    await self.run(decoder.finish)
+                finally:
+                    decoder.close()
             return await self.run(writer.commit)
 
 

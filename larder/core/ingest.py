@@ -31,11 +31,13 @@ becomes visible.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import queue
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import zstandard
 
@@ -98,9 +100,51 @@ async def peek(body: AsyncIterable[bytes]) -> tuple[bytes, AsyncIterator[bytes]]
     return first, whole()
 
 
-def _decompressor(compression: str, sink: Callable[[bytes], None], keep: bool) -> Decompressor:
-    """The upload's decoder; a kept zstd upload's frames must all stay within the kept window."""
-    return Decompressor(compression, sink, max_window=MAX_KEPT_WINDOW if keep else None)
+async def pipelined(chunks: AsyncIterable[bytes], feed: Callable[[bytes], Awaitable[None]]) -> None:
+    """``await feed(chunk)`` for each chunk of ``chunks``, reading the next chunk while the
+    previous one is fed. A feed that fails stops the reading at once and its error is raised
+    (a decoder refused, or that waited in vain for memory, must not wait for a client that has
+    stopped sending); else an error of ``chunks`` is raised once the feed under way ended."""
+    iterator = aiter(chunks)
+    feeding: asyncio.Future[None] | None = None
+    try:
+        while True:
+            reading = asyncio.ensure_future(anext(iterator, None))
+            try:
+                if feeding is not None:
+                    either: list[asyncio.Future[Any]] = [reading, feeding]
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                    if feeding.done() and not reading.done():
+                        feeding.result()  # raises if the feed failed
+                chunk = await reading
+            except BaseException:
+                if not reading.done():
+                    reading.cancel()
+                    await asyncio.wait([reading])
+                if not reading.cancelled():
+                    reading.exception()  # retrieved: the feed's error is the one raised
+                raise
+            if feeding is not None:
+                await feeding
+            if chunk is None:
+                return
+            feeding = asyncio.ensure_future(feed(chunk))
+    finally:
+        if feeding is not None and not feeding.done():
+            # The body failed while a chunk was being fed: let the feed end first.
+            await asyncio.wait([feeding])
+        if feeding is not None and not feeding.cancelled():
+            feeding.exception()  # retrieved: when the body failed, its error is the one raised
+
+
+def _decompressor(
+    compression: str, sink: Callable[[bytes], None], keep: bool, allowance: int | None
+) -> Decompressor:
+    """The upload's decoder; a kept zstd upload's frames must all stay within the kept window.
+    With an ``allowance`` it pauses for memory (:mod:`larder.core.decoding`)."""
+    return Decompressor(
+        compression, sink, max_window=MAX_KEPT_WINDOW if keep else None, allowance=allowance
+    )
 
 
 #: A queued piece: its bytes and whether they are the upload as received (else NAR bytes).
@@ -154,6 +198,10 @@ class NarIngest:
     ``keeps_upload(compression)``). A NAR larger
     than ``max_nar_size`` bytes raises :class:`~larder.errors.TooLarge` as soon as its decoded
     bytes pass that (a small upload that decompresses to a huge NAR is stopped early).
+
+    ``allowance`` (bytes of decoder memory; ``None``: unaccounted): after :meth:`feed`,
+    ``wants`` says how much memory the decoder waits for before it goes on (0: it does not
+    wait); :meth:`resume` with that much decodes the rest of the chunk.
     """
 
     def __init__(
@@ -162,6 +210,7 @@ class NarIngest:
         writer: BlobWriter,
         max_nar_size: int | None = None,
         keep: bool | None = None,
+        allowance: int | None = None,
     ) -> None:
         self._max_nar_size = max_nar_size
         self._nar_seen = 0
@@ -173,7 +222,16 @@ class NarIngest:
         self._keep = keeps_upload(compression) if keep is None else keep
         self._plain = compression == "none"  # the upload is the NAR: checked on this thread
         self._stage = _Stage(self._check)
-        self._decompressor = _decompressor(compression, self._take_nar, self._keep)
+        self._decompressor = _decompressor(compression, self._take_nar, self._keep, allowance)
+
+    @property
+    def wants(self) -> int:
+        """The decoder memory the decoder waits for (0: it does not wait)."""
+        return self._decompressor.wants
+
+    def resume(self, allowance: int) -> None:
+        """Go on decoding the last chunk fed, with ``allowance`` bytes of decoder memory."""
+        self._decompressor.resume(allowance)
 
     def _check(self, data: bytes, received: bool) -> None:
         """On the checker thread: one chunk of the upload as received, or one piece of NAR."""
@@ -238,15 +296,29 @@ class CodedBlobIngest:
     """
 
     def __init__(
-        self, coding: str, writer: BlobWriter, max_size: int, keep: bool | None = None
+        self,
+        coding: str,
+        writer: BlobWriter,
+        max_size: int,
+        keep: bool | None = None,
+        allowance: int | None = None,
     ) -> None:
         self._writer = writer
         self._keep = keeps_upload(coding) if keep is None else keep
         self._max_size = max_size
         self._seen = 0
         self._decompressor = (
-            _decompressor(coding, self._take, self._keep) if coding != "none" else None
+            _decompressor(coding, self._take, self._keep, allowance) if coding != "none" else None
         )
+
+    @property
+    def wants(self) -> int:
+        """As :attr:`NarIngest.wants`."""
+        return self._decompressor.wants if self._decompressor is not None else 0
+
+    def resume(self, allowance: int) -> None:
+        if self._decompressor is not None:
+            self._decompressor.resume(allowance)
 
     def _take(self, data: bytes) -> None:
         self._seen += len(data)

@@ -51,7 +51,7 @@ from larder.core.blobs import (
     record_fields,
 )
 from larder.core.caches import CacheSettings
-from larder.core.ingest import NarIngest, keeps_upload, peek
+from larder.core.ingest import NarIngest, keeps_upload, peek, pipelined
 from larder.core.lastuse import Touch, ignore_use
 from larder.core.servedcache import Entry, ServedCache, WriteCounter
 from larder.errors import (
@@ -230,25 +230,23 @@ class NixCache:
         if compression == "none" and first.startswith(GZIP_MAGIC):
             compression = "gzip"  # Nix names a gzip NAR .nar (a NAR starts with its length)
         keep = keeps_upload(compression, first)
-        async with self._blobs.writer(encoded=keep) as writer:
-            ingest = NarIngest(compression, writer, self._max_nar_size, keep=keep)
-            feeding: asyncio.Future[None] | None = None
+        async with (
+            self._blobs.decoder_memory() as memory,
+            self._blobs.writer(encoded=keep) as writer,
+        ):
+            allowance = None if memory is None else 0
+            ingest = NarIngest(
+                compression, writer, self._max_nar_size, keep=keep, allowance=allowance
+            )
             try:
-                # The next chunk is read while the previous one is being fed.
-                async for chunk in chunks:
-                    if feeding is not None:
-                        await feeding
-                    feeding = asyncio.ensure_future(self._run(ingest.feed, chunk))
-                if feeding is not None:
-                    await feeding
+                await pipelined(
+                    chunks, lambda chunk: self._blobs.decode(ingest.feed, ingest, chunk, memory)
+                )
                 digest = await self._run(ingest.finish)
             finally:
-                if feeding is not None and not feeding.done():
-                    # The body failed while a chunk was being fed: let the feed end first.
-                    await asyncio.wait([feeding])
-                    if not feeding.cancelled():
-                        feeding.exception()  # retrieved: the body's error is the one raised
                 ingest.close()
+                if memory is not None:
+                    memory.release()  # the decoder is gone: the commit needs none of it
             if nix32.encode(digest.file_sha256) != file_hash:
                 raise VerificationFailed(
                     f"file hash mismatch: the upload's sha256 is "

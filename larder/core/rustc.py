@@ -110,11 +110,15 @@ class RustcCache:
         check_key(blob_id)
         first, chunks = await peek(body)
         keep = keeps_upload(coding, first)
-        async with self._blobs.writer(encoded=keep) as writer:
-            ingest = CodedBlobIngest(coding, writer, max_size, keep=keep)
+        async with (
+            self._blobs.decoder_memory() as memory,
+            self._blobs.writer(encoded=keep) as writer,
+        ):
+            allowance = None if memory is None or coding == "none" else 0
+            ingest = CodedBlobIngest(coding, writer, max_size, keep=keep, allowance=allowance)
             try:
                 async for chunk in chunks:
-                    await self._blobs.run(ingest.feed, chunk)
+                    await self._blobs.decode(ingest.feed, ingest, chunk, memory)
                 await self._blobs.run(ingest.finish)
             finally:
                 ingest.close()

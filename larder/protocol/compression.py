@@ -19,6 +19,11 @@ decompression bomb) never builds a large buffer; its decoders' own memory is cap
 :data:`XZ_MEMLIMIT`, zstd windows at :data:`ZSTD_MAX_WINDOW`, the zstd CLI's default limit).
 Corrupt, truncated or trailing data raises :class:`FormatError`; exceptions raised by the sink
 pass through unchanged.
+
+Given an ``allowance``, a :class:`Decompressor` also tells its caller how much memory each of its
+decoders needs before it makes one (:func:`decoder_need`, :func:`xz_stream_need`; zstd: the
+frame's window), and pauses until the caller allows that much: a server can then bound what all
+its uploads' decoders hold together, waiting for that memory without blocking a thread.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import bz2
 import lzma
 import zlib
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Final, Protocol, cast
+from typing import IO, TYPE_CHECKING, Final, Protocol, TypeVar, cast
 
 import brotli
 import zstandard
@@ -51,10 +56,27 @@ GZIP_MAGIC: Final = b"\x1f\x8b"
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 XZ_MEMLIMIT: Final = 128 * 1024 * 1024
 ZSTD_MAX_WINDOW: Final = 1 << 27
+#: What liblzma needs beyond an xz stream's LZMA2 dictionary (measured: 64 KiB and 56 bytes
+#: with any preset; the BCJ filters add a few KiB), with room to spare.
+XZ_OVERHEAD: Final = 256 * 1024
+#: What zstd's streaming decoder needs beyond a frame's window: its context, the input block
+#: and the output slack (``ZSTD_estimateDStreamSize``: about 2 * 128 KiB + 160 KiB).
+ZSTD_OVERHEAD: Final = 512 * 1024
+#: The memory of the decoders whose need does not depend on the stream (or hardly): zlib's
+#: 32 KiB window and state, bzip2's largest blocks (``-9``: about 3.6 MiB), brotli's largest
+#: window (16 MiB; larger windows are refused by the decoder) and its tables.
+_FIXED_NEED: Final = {
+    "none": 0,
+    "gzip": 64 * 1024,
+    "deflate": 64 * 1024,
+    "bzip2": 4 * 1024 * 1024,
+    "br": 17 * 1024 * 1024,
+}
 
 _BY_EXTENSION: Final = {ext: name for name, ext in COMPRESSIONS.items()}
 
 Sink = Callable[[bytes], None]
+_T = TypeVar("_T")
 
 
 def _supported() -> str:
@@ -77,6 +99,99 @@ def compression_for_extension(ext: str) -> str:
         raise FormatError(
             f"unsupported NAR file extension {ext[:20]!r}; supported: {_supported()}"
         ) from None
+
+
+def decoder_need(compression: str) -> int | None:
+    """The memory a decoder of ``compression`` holds whatever the stream, or ``None`` when its
+    stream says (xz: :func:`xz_stream_need`, zstd: each frame's window)."""
+    return _FIXED_NEED.get(compression)
+
+
+def zstd_frame_need(window: int) -> int:
+    """The memory zstd's streaming decoder holds for a frame with this window."""
+    return window + ZSTD_OVERHEAD
+
+
+XZ_MAGIC: Final = b"\xfd7zXZ\x00"
+_XZ_STREAM_HEADER: Final = 12
+_LZMA2_FILTER: Final = 0x21
+
+
+def _xz_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """An xz multibyte integer at ``pos`` (at most 9 bytes) and the position after it."""
+    value = 0
+    for i in range(9):
+        if pos >= len(data):
+            raise ValueError("the block header ends inside a number")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if byte == 0 and i:
+                raise ValueError("a number is not in its shortest form")
+            return value, pos
+    raise ValueError("a number is longer than 9 bytes")
+
+
+def lzma2_dict_size(prop: int) -> int:
+    """The dictionary size an LZMA2 filter's one-byte property gives (xz-file-format 5.3.1)."""
+    if prop & 0xC0 or prop > 40:
+        raise ValueError(f"LZMA2 dictionary size property {prop} is invalid")
+    if prop == 40:
+        return 0xFFFFFFFF
+    return (2 | (prop & 1)) << (prop // 2 + 11)
+
+
+def xz_stream_need(head: bytes) -> int | None:
+    """The memory decoding the xz stream that ``head`` begins needs, from its stream header and
+    its first block's header (the LZMA2 filter's dictionary size, plus :data:`XZ_OVERHEAD`);
+    ``None`` when ``head`` is too short to tell (at most 12 + 1024 bytes are needed).
+
+    A stream with no block needs :data:`XZ_OVERHEAD` only. ``head`` that is not an xz stream
+    header followed by a valid block header (magic, CRC32s, filter chain ending with LZMA2)
+    raises ``ValueError``: the decoder itself would refuse it.
+    """
+    if len(head) < _XZ_STREAM_HEADER + 1:
+        if not XZ_MAGIC.startswith(head[: len(XZ_MAGIC)]):
+            raise ValueError("not an xz stream header")
+        return None
+    if head[:6] != XZ_MAGIC:
+        raise ValueError("not an xz stream header")
+    flags = head[6:8]
+    if flags[0] or flags[1] & 0xF0 or zlib.crc32(flags) != int.from_bytes(head[8:12], "little"):
+        raise ValueError("the xz stream header is damaged")
+    size_byte = head[_XZ_STREAM_HEADER]
+    if size_byte == 0:  # the index: a stream without blocks
+        return XZ_OVERHEAD
+    end = _XZ_STREAM_HEADER + (size_byte + 1) * 4
+    if len(head) < end:
+        return None
+    block = head[_XZ_STREAM_HEADER : end - 4]
+    if zlib.crc32(block) != int.from_bytes(head[end - 4 : end], "little"):
+        raise ValueError("the first block header's CRC32 does not match")
+    block_flags = block[1]
+    if block_flags & 0x3C:
+        raise ValueError("reserved block flags are set")
+    pos = 2
+    if block_flags & 0x40:
+        _, pos = _xz_varint(block, pos)  # compressed size
+    if block_flags & 0x80:
+        _, pos = _xz_varint(block, pos)  # uncompressed size
+    need = None
+    for index in range((block_flags & 3) + 1):
+        filter_id, pos = _xz_varint(block, pos)
+        size, pos = _xz_varint(block, pos)
+        props = block[pos : pos + size]
+        if len(props) < size:
+            raise ValueError("the block header ends inside a filter's properties")
+        pos += size
+        if filter_id == _LZMA2_FILTER:
+            if size != 1 or index != block_flags & 3:
+                raise ValueError("the LZMA2 filter is not the last one, or malformed")
+            need = lzma2_dict_size(props[0]) + XZ_OVERHEAD
+    if need is None:
+        raise ValueError("the first block's filter chain does not end with LZMA2")
+    return need
 
 
 class _StdlibDecoder(Protocol):
@@ -191,30 +306,38 @@ class _ZstdFrames:
 
     zstandard's streaming decoder cannot tell whether its input stopped at a frame boundary; this
     tracker can, by reading frame headers and block headers and counting block contents. A frame
-    whose window exceeds ``max_window`` (when given) is a :class:`FormatError`.
+    whose window exceeds ``max_window`` (when given), or :data:`ZSTD_MAX_WINDOW`, is a
+    :class:`FormatError`. With an ``allowance``, :meth:`feed` stops right after the header of a
+    frame whose decoder needs more (:func:`zstd_frame_need`), and ``wants`` says how much.
     """
 
     def __init__(self, max_window: int | None = None) -> None:
         self.frames = 0
+        self.allowance: int | None = None
+        self.wants = 0
+        #: Where the frame being read began (bytes from the start of the stream).
+        self.frame_start = 0
+        #: Bytes fed so far.
+        self.offset = 0
         self._max_window = max_window
         self._descriptor = 0
-        self._frame_start = 0
         self._state = _Z_MAGIC
         self._need = 4
         self._buf = bytearray()
         self._skip = 0
         self._checksum = False
         self._last = False
-        self._offset = 0
 
     @property
     def at_boundary(self) -> bool:
         return self._state == _Z_MAGIC and not self._buf and not self._skip
 
-    def feed(self, data: memoryview) -> None:
+    def feed(self, data: memoryview) -> int:
+        """Follow ``data``; returns how many of its bytes were read (all of them unless a frame
+        header asked for more than the allowance: then ``wants`` is set)."""
         pos = 0
         end = len(data)
-        while pos < end:
+        while pos < end and not self.wants:
             if self._skip:
                 take = min(self._skip, end - pos)
                 pos += take
@@ -228,8 +351,9 @@ class _ZstdFrames:
             if len(self._buf) == self._need:
                 piece = bytes(self._buf)
                 self._buf.clear()
-                self._field(piece, self._offset + pos - len(piece))
-        self._offset += end
+                self._field(piece, self.offset + pos - len(piece))
+        self.offset += pos
+        return pos
 
     def _expect(self, state: int, need: int) -> None:
         self._state = state
@@ -240,7 +364,7 @@ class _ZstdFrames:
         state = self._state
         if state == _Z_MAGIC:
             if value == _ZSTD_MAGIC:
-                self._frame_start = offset
+                self.frame_start = offset
                 self._expect(_Z_DESCRIPTOR, 1)
             elif value & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
                 self._expect(_Z_SKIPPABLE_SIZE, 4)
@@ -259,11 +383,20 @@ class _ZstdFrames:
         elif state == _Z_HEADER:
             window = zstd_window_size(self._descriptor, piece)
             if self._max_window is not None and window > self._max_window:
-                frame, start = self.frames + 1, self._frame_start
+                frame, start = self.frames + 1, self.frame_start
                 raise FormatError(
                     f"zstd: frame {frame} (at byte {start}) needs a window of {window} bytes, "
                     f"more than the {self._max_window} allowed for this stream"
                 )
+            if window > ZSTD_MAX_WINDOW:  # what the decoder would say once it saw the header
+                frame, start = self.frames + 1, self.frame_start
+                raise FormatError(
+                    f"zstd: corrupt input: frame {frame} (at byte {start}) needs a window of "
+                    f"{window} bytes, more than the {ZSTD_MAX_WINDOW} allowed"
+                )
+            need = zstd_frame_need(window)
+            if self.allowance is not None and need > self.allowance:
+                self.wants = need
             self._expect(_Z_BLOCK, 3)
         elif state == _Z_BLOCK:
             block_type = (value >> 1) & 3
@@ -305,6 +438,13 @@ class Decompressor:
 
     ``max_window`` (zstd only) refuses, as a :class:`FormatError`, any frame whose window is
     larger, before its first block is decoded; without it the limit is :data:`ZSTD_MAX_WINDOW`.
+
+    ``allowance`` (bytes; ``None``: no accounting) makes the decoder pause before it makes a
+    decoder that needs more memory than that for the next stream or frame: ``write`` then
+    keeps the rest of its input and returns with ``wants`` set to the memory needed, and
+    :meth:`resume` with a larger allowance goes on. An xz stream's decoder is then limited to
+    what its first block header asked for (a later block wanting more is a
+    :class:`FormatError`).
     """
 
     def __init__(
@@ -313,6 +453,7 @@ class Decompressor:
         sink: Sink,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_window: int | None = None,
+        allowance: int | None = None,
     ) -> None:
         check_compression(compression, decoding=True)
         if chunk_size <= 0:
@@ -322,12 +463,21 @@ class Decompressor:
         self._chunk = chunk_size
         self._error: FormatError | None = None
         self._finished = False
+        self._allowance = allowance
+        #: The memory the decoder waits for (0: it is not paused).
+        self.wants = 0
+        # Paused: zstd, the bytes read by the frame tracker but not given to the decoder, and
+        # those not read yet; the others, the input that starts the next stream.
+        self._held: tuple[bytes, bytes] | None = None
+        # xz with an allowance: the start of the next stream, until its headers are complete.
+        self._head = b""
         # xz / bzip2: the decoder of the current stream, None between streams.
         self._decoder: _StdlibDecoder | None = None
         self._streams = 0
         self._zstd: zstandard.ZstdDecompressionWriter | None = None
         if compression == "zstd":
             self._frames = _ZstdFrames(max_window)
+            self._frames.allowance = allowance
             self._zstd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_writer(
                 cast("IO[bytes]", _SinkWriter(sink)), write_size=chunk_size, closefd=False
             )
@@ -338,8 +488,37 @@ class Decompressor:
             raise self._error
         if self._finished:
             raise ValueError("write() after finish()")
+        if self.wants:
+            raise ValueError("write() while the decoder waits for memory: resume() first")
+        self._guarded(self._write, data)
+
+    def resume(self, allowance: int) -> None:
+        """Allow the decoder ``allowance`` bytes of memory and go on decoding the input it
+        held; it stays paused (``wants`` unchanged) while that is less than it wants."""
+        if self._error is not None:
+            raise self._error
+        self._allowance = max(allowance, self._allowance or 0)
+        if self.compression == "zstd":
+            self._frames.allowance = self._allowance
+        if not self.wants or self.wants > self._allowance:
+            return
+        self.wants = 0
+        held, self._held = self._held, None
+        assert held is not None
+        self._guarded(self._resume, held)
+
+    def _resume(self, held: tuple[bytes, bytes]) -> None:
+        if self.compression == "zstd":
+            read, unread = held
+            self._frames.wants = 0
+            self._zstd_decode(memoryview(read))
+            self._write_zstd(memoryview(unread))
+        else:
+            self._write_stdlib(held[1], admitted=True)
+
+    def _guarded(self, step: Callable[[_T], None], data: _T) -> None:
         try:
-            self._write(data)
+            step(data)
         except FormatError as exc:
             self._error = exc
             raise
@@ -353,6 +532,8 @@ class Decompressor:
             raise self._error
         if self._finished:
             return
+        if self.wants:
+            raise ValueError("finish() while the decoder waits for memory: resume() first")
         problem = None
         if self.compression == "zstd":
             if not self._frames.at_boundary:
@@ -360,7 +541,11 @@ class Decompressor:
             elif not self._frames.frames:
                 problem = "zstd: input is empty"
         elif self.compression != "none":
-            if self._decoder is not None and self._streams:
+            if self._head and self._streams:
+                problem = f"{self.compression}: data after stream {self._streams} is not a stream"
+            elif self._head:
+                problem = f"{self.compression}: input is truncated (it ends inside a stream)"
+            elif self._decoder is not None and self._streams:
                 problem = f"{self.compression}: data after stream {self._streams} is not a stream"
             elif self._decoder is not None:
                 problem = f"{self.compression}: input is truncated (it ends inside a stream)"
@@ -383,6 +568,8 @@ class Decompressor:
         """
         self._zstd = None
         self._decoder = None
+        self._held = None
+        self._head = b""
         self._sink = _closed_sink
         if self._error is None and not self._finished:
             self._error = FormatError(f"{self.compression}: the decoder was closed")
@@ -392,16 +579,33 @@ class Decompressor:
         if compression == "none":
             self._pass_through(data)
         elif compression == "zstd":
-            view = memoryview(data).cast("B")
-            self._frames.feed(view)
-            if self._zstd is None:
-                raise FormatError("zstd: the decoder was closed")
-            try:
-                self._zstd.write(view)
-            except zstandard.ZstdError as exc:
-                raise FormatError(f"zstd: corrupt input: {exc}") from None
+            self._write_zstd(memoryview(data).cast("B"))
         else:
             self._write_stdlib(bytes(data))
+
+    def _write_zstd(self, view: memoryview) -> None:
+        frames = self._frames
+        start = frames.offset
+        read = frames.feed(view)
+        if frames.wants:
+            # The decoder gets nothing of the frame that waits: zstd makes its window once it
+            # has the whole frame header (a part of it given earlier is harmless).
+            split = max(0, min(read, frames.frame_start - start))
+            self._zstd_decode(view[:split])
+            self._held = bytes(view[split:read]), bytes(view[read:])
+            self.wants = frames.wants
+            return
+        self._zstd_decode(view)
+
+    def _zstd_decode(self, view: memoryview) -> None:
+        if not view:
+            return
+        if self._zstd is None:
+            raise FormatError("zstd: the decoder was closed")
+        try:
+            self._zstd.write(view)
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"zstd: corrupt input: {exc}") from None
 
     def _pass_through(self, data: Buffer) -> None:
         if isinstance(data, bytes) and len(data) <= self._chunk:
@@ -412,9 +616,10 @@ class Decompressor:
         for start in range(0, len(view), self._chunk):
             self._sink(view[start : start + self._chunk].tobytes())
 
-    def _new_decoder(self) -> _StdlibDecoder:
+    def _new_decoder(self, need: int | None) -> _StdlibDecoder:
         if self.compression == "xz":
-            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+            memlimit = XZ_MEMLIMIT if need is None else need
+            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=memlimit)
         if self.compression == "gzip":
             return _ZlibDecoder(16 + zlib.MAX_WBITS)
         if self.compression == "deflate":
@@ -423,14 +628,47 @@ class Decompressor:
             return _BrotliDecoder()
         return bz2.BZ2Decompressor()
 
-    def _write_stdlib(self, data: bytes) -> None:
+    def _next_need(self, pending: bytes) -> tuple[int | None, bytes]:
+        """With an allowance: the memory the stream that ``pending`` starts needs, and its
+        input (xz: ``None`` while its headers are not all there; they wait in ``_head``)."""
+        need = decoder_need(self.compression)
+        if need is not None:
+            return need, pending
+        head = self._head + pending
+        try:
+            need = xz_stream_need(head)
+        except ValueError:
+            need = XZ_OVERHEAD  # not a stream the decoder takes: let it say what is wrong
+        if need is None:
+            self._head = head
+            return None, b""
+        self._head = b""
+        if need > XZ_MEMLIMIT:
+            where = f"stream {self._streams + 1}" if self._streams else "input"
+            raise FormatError(
+                f"xz: corrupt {where}: it needs {need} bytes of memory to decode, more than "
+                f"the {XZ_MEMLIMIT} allowed"
+            )
+        return need, head
+
+    def _write_stdlib(self, data: bytes, admitted: bool = False) -> None:
         pending = data
         while True:
             decoder = self._decoder
             if decoder is None:
                 if not pending:
                     return
-                decoder = self._decoder = self._new_decoder()
+                need = None
+                if self._allowance is not None:
+                    need, pending = self._next_need(pending)
+                    if need is None:
+                        return
+                    if need > self._allowance and not admitted:
+                        self._held = (b"", pending)
+                        self.wants = need
+                        return
+                admitted = False
+                decoder = self._decoder = self._new_decoder(need)
             try:
                 out = decoder.decompress(pending, self._chunk)
             except (lzma.LZMAError, OSError, EOFError, ValueError) as exc:

@@ -11,6 +11,7 @@ from aiohttp import web
 from larder.core.auth import TokenAuthority
 from larder.core.blobs import BlobStore
 from larder.core.caches import CacheRegistry
+from larder.core.decoding import DecoderBudget
 from larder.core.gc.collector import Collector
 from larder.core.lastuse import UseRecorder
 from larder.core.nixcache import NixCache
@@ -30,6 +31,12 @@ log = logging.getLogger("larder")
 
 # Threads that hash, (de)compress and write upload chunks; the libraries release the GIL.
 UPLOAD_WORKERS = 8
+#: Memory the decoders of all uploads of one process may hold together (larder.core.decoding):
+#: a zstd frame may ask for a 128 MiB window and an xz stream for a 128 MiB dictionary, while
+#: what Nix writes by default needs at most 8 MiB (zstd levels up to 19, xz preset 6). An
+#: upload that does not fit waits up to DECODER_WAIT seconds, then is answered 503.
+UPLOAD_DECODER_MEMORY = 512 * 1024 * 1024
+DECODER_WAIT = 5.0
 
 
 def build_app(config: Config, storage: Storage, worker: Worker | None = None) -> web.Application:
@@ -56,7 +63,8 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     app[state.TOKENS] = TokenAuthority(
         storage, config.refresh_interval, mounted=config.mounted_token_secret()
     )
-    app[state.BLOBS] = BlobStore(storage, executor)
+    decoders = DecoderBudget(UPLOAD_DECODER_MEMORY, wait=DECODER_WAIT)
+    app[state.BLOBS] = BlobStore(storage, executor, decoders)
     writes = SharedWriteCounter(worker) if worker is not None else None
     recorder = app[state.RECORDER] = UseRecorder(storage)
     touch = recorder.touch
