@@ -6,7 +6,7 @@ hundred slow uploads of a few hundred KiB would take all the memory of a server.
 reserves what its decoder needs, as soon as the stream's header says it and before the decoder
 is made (:class:`~larder.protocol.compression.Decompressor` pauses until it is allowed that
 much), from one :class:`DecoderBudget` per process. A reservation that does not fit waits up to
-:attr:`DecoderBudget.wait` seconds for others to end, then is :class:`~larder.errors.Busy`
+the budget's ``wait`` seconds for others to end, then is :class:`~larder.errors.Busy`
 (503, asked again shortly); one larger than the whole budget is
 :class:`~larder.errors.TooLarge`. The reservation of an upload grows to the largest need of its
 streams and is released when the upload ends, however it ends.
