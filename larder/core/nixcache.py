@@ -13,6 +13,8 @@ Upload rules (each failure is a :class:`VerificationFailed` naming the check):
   and NarSize must be in this cache, and every reference other than the path itself must already
   have a narinfo in this cache (so a served narinfo always has its closure). Its ``CA``, if any,
   must make its store path (:mod:`larder.protocol.content_address`).
+* A narinfo carries at most :data:`MAX_SIGNATURES` signatures, one per key name (a later one
+  of the same key replaces the earlier).
 * A store path's narinfo, once stored, keeps its contents (StorePath, NarHash, NarSize,
   References, CA): a later upload with the same contents adds its signatures (``nix store
   sign``), one with other contents (a build that is not reproducible, pushed by a second
@@ -81,6 +83,9 @@ SERVED_EXTENSION = ".zst"
 MAX_DEBUGINFO = 64 * 1024
 #: Stored narinfos whose rendering is kept (all are dropped when one more comes).
 MAX_SOURCES = 20_000
+#: Signatures a narinfo may carry, one per key name (besides the cache's own, made when served):
+#: every reader downloads them all with each lookup.
+MAX_SIGNATURES = 32
 #: A served narinfo's memory key (cache, store hash, signing key) and its use-record key.
 ServedKeys = tuple[tuple[str, str, str], str]
 
@@ -408,21 +413,23 @@ class NixCache:
             if record.file_hash
             else None,
             file_size=record.stored_size,
-            sigs=tuple(sig for sig in info.sigs if not sig.startswith(own_key)),
+            sigs=_signatures((), tuple(sig for sig in info.sigs if not sig.startswith(own_key))),
         )
         key = keys.narinfo(cache.name, store_hash)
         if not await self._storage.put_if_absent(key, narinfo_format.render(stored).encode()):
-            stored = await self._next_narinfo(cache, key, stored)
+            stored = await self._next_narinfo(cache, key, stored, limit)
         self._served.forget(cache.name, store_hash)
         return stored
 
-    async def _next_narinfo(self, cache: CacheSettings, key: str, upload: NarInfo) -> NarInfo:
+    async def _next_narinfo(
+        self, cache: CacheSettings, key: str, upload: NarInfo, limit: int
+    ) -> NarInfo:
         """What stands under ``key``, where a narinfo was stored before ``upload`` came (module
         docstring): the stored one with the upload's signatures added if they agree, the stored
         one alone if not, the upload if the stored one is unreadable or its NAR gone."""
         data = await self._storage.get(key)
         try:
-            held = narinfo_format.parse(data) if data is not None else None
+            held = parse_stored(data) if data is not None else None
         except FormatError:
             held = None
         if held is not None and not _same_contents(held, upload):
@@ -438,9 +445,15 @@ class NixCache:
                 return held
             held = None
         if held is not None:
-            added = tuple(sig for sig in upload.sigs if sig not in held.sigs)
-            upload = replace(upload, sigs=held.sigs + added, deriver=upload.deriver or held.deriver)
-        await self._storage.put(key, narinfo_format.render(upload).encode())
+            sigs = _signatures(held.sigs, upload.sigs)
+            upload = replace(upload, sigs=sigs, deriver=upload.deriver or held.deriver)
+        document = narinfo_format.render(upload).encode()
+        if len(document) > limit:
+            raise VerificationFailed(
+                f"with the signatures it already had, this narinfo would be {len(document)} "
+                f"bytes, more than the {limit} a narinfo may be"
+            )
+        await self._storage.put(key, document)
         return upload
 
     async def _check_references(self, cache: CacheSettings, info: NarInfo) -> None:
@@ -547,10 +560,10 @@ class NixCache:
         if source is not None and source[0] == data:
             return source[1]
         try:
-            info = narinfo_format.parse(data)
+            info = parse_stored(data)
         except FormatError as exc:
-            # Damaged at rest: served as missing, so Nix builds or uploads the path again and
-            # the upload's narinfo replaces it.
+            # Damaged at rest (or a CA stored before larder checked it): served as missing,
+            # so Nix builds or uploads the path again and the upload's narinfo replaces it.
             log.error("stored narinfo %s of cache %s is corrupt: %s", store_hash, cache.name, exc)
             self._sources.pop(memo_key, None)
             return None
@@ -714,6 +727,29 @@ def _named_alike(named: str, uploaded: str) -> bool:
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+def parse_stored(data: bytes) -> NarInfo:
+    """A stored narinfo as it may be served: it parses, and its ``CA``, if any, makes its store
+    path (one stored before larder checked that is damaged: Nix aborts on it)."""
+    info = narinfo_format.parse(data)
+    if info.ca is not None:
+        check_store_path(info.ca, info.store_path, info.references)
+    return info
+
+
+def _signatures(held: tuple[str, ...], added: tuple[str, ...]) -> tuple[str, ...]:
+    """``held`` with ``added`` merged in, one signature per key name (the later one wins, in its
+    place); :class:`VerificationFailed` past :data:`MAX_SIGNATURES`."""
+    by_key: dict[str, str] = {}
+    for sig in (*held, *added):
+        by_key[sig.split(":", 1)[0]] = sig
+    if len(by_key) > MAX_SIGNATURES:
+        raise VerificationFailed(
+            f"a narinfo may carry at most {MAX_SIGNATURES} signatures (one per key), "
+            f"this one would carry {len(by_key)}"
+        )
+    return tuple(by_key.values())
 
 
 def _same_contents(a: NarInfo, b: NarInfo) -> bool:

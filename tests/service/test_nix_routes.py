@@ -203,6 +203,57 @@ async def test_nar_put_is_idempotent_and_a_narinfo_keeps_its_contents(service: S
     assert sig in served.sigs and len(served.sigs) == 3  # both uploaders' and the cache's
 
 
+async def test_signatures_are_one_per_key_and_bounded(service: Service) -> None:
+    """Every reader downloads a narinfo's signatures with each lookup: a writer piling up
+    thousands made it too large to read back, and every lookup a 404."""
+    path = store_path("sigs-1.0")
+    nar = make_nar(b"sigs")
+    await push(service, path, nar)
+    url = f"/main/{hash_part(path)}.narinfo"
+
+    def signed(*names: str, fill: str = "A") -> bytes:
+        lines = "".join(f"Sig: {name}:{fill * 86}==\n" for name in names)
+        return narinfo_text(path, nar) + lines.encode()
+
+    many = [f"k{i}" for i in range(33)]
+    resp = await service.client.put(url, data=signed(*many), headers=service.auth())
+    assert resp.status == 400 and "at most 32 signatures" in await resp.text()
+    for fill in ("A", "B"):  # the same key signs again: its newer signature replaces the older
+        resp = await service.client.put(
+            url, data=signed(*many[:31], fill=fill), headers=service.auth()
+        )
+        assert resp.status == 200, await resp.text()
+    served = narinfo.parse(await (await service.client.get(url)).read())
+    assert len(served.sigs) == 32 and all(sig.endswith("B" * 86 + "==") for sig in served.sigs[:31])
+    resp = await service.client.put(url, data=signed("k31", "k32"), headers=service.auth())
+    assert resp.status == 400  # 31 held and 2 more (the cache's own is made when served)
+    assert (await service.client.get(url)).status == 200
+
+
+async def test_a_stored_narinfo_whose_ca_does_not_make_its_path_is_missing(
+    service: Service,
+) -> None:
+    """A narinfo stored before CAs were checked (Nix aborts on it): served as missing, replaced
+    by the next upload, and found by verify."""
+    from larder.core.verify import verify
+
+    path = store_path("poisoned-1.0")
+    nar = make_nar(b"poisoned")
+    await push(service, path, nar)
+    key = keys.narinfo("main", hash_part(path))
+    stored = await service.storage.get(key)
+    assert stored is not None
+    await service.storage.put(key, stored + b"CA: fixed:r:sha256:" + b"1" * 52 + b"\n")
+    url = f"/main/{hash_part(path)}.narinfo"
+    service.client.app[state.NIX]._served.forget("main", hash_part(path))
+    assert (await service.client.get(url)).status == 404
+    report = await verify(service.storage, ["main"])
+    assert key in report.damaged_objects
+    await push(service, path, nar)
+    served = narinfo.parse(await (await service.client.get(url)).read())
+    assert served.ca is None
+
+
 async def test_a_narinfo_whose_nar_is_gone_is_replaced(service: Service) -> None:
     path = store_path("lost-1.0")
     nar = make_nar(b"lost")

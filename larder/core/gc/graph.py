@@ -23,8 +23,9 @@ sccache_entry      ``sccache/<path>``         holds a blob
 Reading costs one listing per kind and cache, plus one read of each narinfo, NAR record, Nix
 extra, manifest and sccache entry. :func:`scan` re-reads only objects whose size or modification
 time differ from what it was given, so a long-running service that keeps the previous result
-pays for the listings and what changed. An object that does not parse is kept as a node with no
-references (``corrupt``), never guessed at.
+pays for the listings and what changed. An object that does not parse (a narinfo whose ``CA`` does
+not make its store path included) is kept as a node with no references (``corrupt``), never
+guessed at.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ from dataclasses import dataclass, field
 
 from larder.core import keys
 from larder.core.concurrency import bounded_map
-from larder.core.nixcache import FileRecord, NarRecord
+from larder.core.nixcache import FileRecord, NarRecord, parse_stored
 from larder.core.sccache import Entry as SccacheEntry
 from larder.errors import FormatError, StorageError
-from larder.protocol import narinfo as narinfo_format
 from larder.protocol.inputs import stored_identity
 from larder.protocol.rustc import parse_manifest
 from larder.storage.base import ObjectInfo, Storage, StoredBlob, check_blob_id
@@ -95,7 +95,7 @@ class Snapshot:
 def _facts(cache: str, kind: str, rel: str, data: bytes) -> tuple[tuple[str, ...], str | None]:
     """``(refs, blob)`` of an object from its bytes; raises on a corrupt object."""
     if kind == "narinfo":
-        info = narinfo_format.parse(data)
+        info = parse_stored(data)  # a CA that does not make its path: damaged, as Nix sees it
         own = info.store_path.hash
         # Interned: a popular dependency is named by thousands of narinfos, kept once.
         refs = [sys.intern(keys.narinfo(cache, r.hash)) for r in info.references if r.hash != own]
