@@ -23,6 +23,7 @@ from larder.service.config import Config
 from larder.service.errors import error_middleware
 from larder.service.observability import recording
 from larder.service.observability.instrumented_storage import InstrumentedStorage
+from larder.service.observability.roles import Roles
 from larder.service.routes import api, nix, rustc, webdav
 from larder.service.workers import SharedWriteCounter, Worker
 from larder.storage.base import Storage
@@ -60,6 +61,7 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     app[state.STORAGE] = storage
     app[state.EXECUTOR] = executor
     app[state.CACHES] = CacheRegistry(storage, config.refresh_interval)
+    app[state.ROLES] = Roles(config.refresh_interval)
     app[state.TOKENS] = TokenAuthority(
         storage, config.refresh_interval, mounted=config.mounted_token_secret()
     )

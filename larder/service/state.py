@@ -20,6 +20,7 @@ from larder.core.sccache import SccacheStore
 from larder.service.config import Config
 from larder.service.observability.answer_tally import AnswerTally
 from larder.service.observability.metrics import Metrics
+from larder.service.observability.roles import Roles
 from larder.storage.base import Storage
 
 CONFIG = web.AppKey("config", Config)
@@ -36,6 +37,8 @@ COLLECTOR = web.AppKey("collector", Collector)
 METRICS = web.AppKey("metrics", Metrics)
 HITS = web.AppKey("hits", HitStats)
 TALLY = web.AppKey("tally", AnswerTally)
+#: Which credentials could write to which cache, for the short path (:mod:`.observability.roles`).
+ROLES = web.AppKey("roles", Roles)
 #: Requests whose body is being read right now (stopped with 503 when the server stops).
 READING = web.AppKey("reading", dict[int, web.Request])
 #: Per cache: the large decoded downloads it may send at once (:mod:`.routes.bodies`).

@@ -92,6 +92,23 @@ async def test_a_nar_get_is_answered_on_the_short_path_as_the_application_answer
     conn.close()
 
 
+async def test_a_nar_download_with_a_write_token_is_the_writers(live: Live) -> None:
+    url = await push(live, hash_of("ci-nar"))
+    metrics = live.app[METRICS]
+    roles = ("reader", "writer")
+    hits = [metrics.lookups.labels("main", "nix", "nar", "hit", role) for role in roles]
+    live.app[TALLY].flush()
+    before = [hit._value.get() for hit in hits]
+    conn = await Conn.open(live)
+    for extra in (f"Authorization: Bearer {live.token}\r\n", "", "Authorization: Basic !!\r\n"):
+        conn.send(get(url, extra))
+        assert (await conn.response())[0] == 200
+    assert len(live.running.front) == 1  # all three sent by this path
+    live.app[TALLY].flush()
+    assert [hit._value.get() - was for hit, was in zip(hits, before, strict=True)] == [2, 1]
+    conn.close()
+
+
 async def test_a_nar_answer_is_counted_logged_and_used(live: Live) -> None:
     url = await push(live, hash_of("counted-nar"))
     metrics = live.app[METRICS]

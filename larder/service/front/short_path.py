@@ -8,8 +8,10 @@ to :class:`FastPath`, which answers it when all of these hold:
   percent-escapes), or the same with ``HEAD``, which Nix sends to ask whether a path is there
   (answered as the application answers it: no body, and no ``Content-Length`` on a 200);
 * the head announces no body (no ``Transfer-Encoding``; ``Content-Length`` absent or 0) and has
-  no ``Expect``, ``Upgrade`` or ``Authorization`` header (the application tells a writer's
-  lookups from a reader's by its token), nor a ``Connection`` header other than ``keep-alive``;
+  no ``Expect`` or ``Upgrade`` header, nor a ``Connection`` header other than ``keep-alive``;
+* whatever its ``Authorization`` header: a writer's lookups are counted apart from readers'
+  (:mod:`larder.service.observability.roles`), so the token is verified here, as the
+  application verifies it, unless its role for the cache is remembered;
 * the cache exists and is public.
 
 The answer comes from the served-narinfo memory (a signed narinfo, or a miss remembered for at
@@ -51,6 +53,7 @@ else (a miss, a storage error, blobs that are not local files) the application a
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import math
 import os
@@ -72,6 +75,7 @@ from larder.protocol.storepath import check_hash_part
 from larder.service import state
 from larder.service.front.heads import Head
 from larder.service.observability.answer_tally import TallyKey
+from larder.service.routes.credentials import header_may_write
 from larder.service.routes.nix_headers import (
     cache_info_headers,
     head_lines,
@@ -97,7 +101,7 @@ _NARINFO_HEAD_HIT = head_lines(200, narinfo_headers(), None)
 _TARGET = re.compile(rb"/([^/?%#]+)/([^/?%#]{32})\.narinfo")
 _CACHE_INFO_TARGET = re.compile(rb"/([^/?%#]+)/nix-cache-info")
 _NAR_TARGET = re.compile(rb"/([^/?%#]+)/nar/([0-9a-z]{52})\.nar\.zst")
-_REFUSED_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"authorization"})
+_REFUSED_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 #: Fields whose presence or value can make a GET something this path does not answer.
 _CHECKED = _REFUSED_HEADERS | {b"content-length", b"connection"}
 # What aiohttp's file responses act on (ranges, conditional requests): the application answers.
@@ -155,6 +159,7 @@ class _Answer:
         "store_hash",
         "tally_key",
         "target",
+        "writer_tally_key",
     )
 
     def __init__(
@@ -175,7 +180,9 @@ class _Answer:
         self.second = -1
         self.response = b""
         self.served = NixCache.served_keys(settings, store_hash)
-        self.tally_key: TallyKey = (self.cache, "nix", status, "narinfo", self.body is not None)
+        hit = self.body is not None
+        self.tally_key: TallyKey = (self.cache, "nix", status, "narinfo", hit, False)
+        self.writer_tally_key: TallyKey = (*self.tally_key[:5], True)
         #: The access log line last written for this answer, and what it was made from.
         self.log_key: tuple[object, ...] = ()
         self.log_text = ""
@@ -195,6 +202,7 @@ class FastPath:
         self._nix = app[state.NIX]
         self._log = log
         self._tally = app[TALLY]
+        self._roles = app[state.ROLES]
         self._answers: dict[bytes, _Answer] = {}
         self._second = -1
         self._date_line = b""
@@ -211,6 +219,23 @@ class FastPath:
         """Whether answer bytes are kept for ``target``."""
         return target in self._answers
 
+    def _writer(self, fields: dict[bytes, bytes], cache: str) -> bool | None:
+        """Whether the request's credentials could write to ``cache`` (``False`` without any);
+        ``None`` if not remembered (:meth:`_find_writer` finds out)."""
+        credentials = fields.get(b"authorization")
+        if credentials is None:
+            return False
+        return self._roles.writer(_header_text(credentials), cache)
+
+    async def _find_writer(self, credentials: bytes | None, settings: CacheSettings) -> bool:
+        """Whether ``credentials`` could write to the cache, verified and remembered."""
+        if credentials is None:
+            return False
+        header = _header_text(credentials)
+        writer = await header_may_write(self._app[state.TOKENS], header, settings)
+        self._roles.note(header, settings.name, writer)
+        return writer
+
     def quick(self, head: Head, peer: str | None) -> bytes | None:
         """The answer to ``head`` from kept bytes, or ``None``: then :meth:`parse` decides."""
         start = time.monotonic()
@@ -220,6 +245,9 @@ class FastPath:
         fields = head.fields
         if not _CHECKED.isdisjoint(fields) and not _plain(fields, _REFUSED_HEADERS):
             return None
+        writer = self._writer(fields, answer.cache)
+        if writer is None:
+            return None
         logged = _logged_fields(fields)
         if (
             start >= answer.checked_until
@@ -228,7 +256,7 @@ class FastPath:
             or not self._nix.served_unchanged(answer.entry)  # stored again by another worker
         ) and not self._still_good(answer, start):
             return None
-        return self._finish(answer, start, peer, logged)
+        return self._finish(answer, start, peer, logged, writer)
 
     def _still_good(self, answer: _Answer, now: float) -> bool:
         """Whether the memories still give what ``answer`` was made from (a use of it counts);
@@ -256,8 +284,17 @@ class FastPath:
             store_hash = check_hash_part(match.group(2).decode("ascii"))
         except (FormatError, UnicodeDecodeError):
             return None
+        fields = head.fields
         return NarinfoGet(
-            cache, store_hash, target, peer, logged, time.monotonic(), method == b"HEAD"
+            cache,
+            store_hash,
+            target,
+            peer,
+            logged,
+            time.monotonic(),
+            method == b"HEAD",
+            self._writer(fields, cache),
+            fields.get(b"authorization"),
         )
 
     def cache_info(self, head: Head, peer: str | None) -> bytes | None:
@@ -289,7 +326,8 @@ class FastPath:
             return None
         _, cache, match, target, logged = parsed
         nar_hash = match.group(2).decode("ascii")
-        return NarGet(cache, nar_hash, target, peer, logged, time.monotonic())
+        credentials = head.fields.get(b"authorization")
+        return NarGet(cache, nar_hash, target, peer, logged, time.monotonic(), credentials)
 
     async def open_nar(self, request: NarGet) -> OpenNar | None:
         """The NAR's blob, open, with the head to send before it; ``None`` if the application
@@ -301,6 +339,14 @@ class FastPath:
             settings = await self._caches.get(request.cache)
             if settings is None or settings.private:
                 return None
+            credentials = request.credentials
+            writer = (
+                False
+                if credentials is None
+                else self._roles.writer(_header_text(credentials), settings.name)
+            )
+            if writer is None:
+                writer = await self._find_writer(credentials, settings)
             record = await self._nix.nar_record(settings, request.nar_hash, serving=True)
             if record is None:
                 return None
@@ -315,7 +361,7 @@ class FastPath:
             if stat.st_size != record.stored_size:
                 return None  # damaged, or stored again otherwise: the application checks it
             head = _nar_head(stat) + self._http_date_line(int(time.time()))
-            opened = OpenNar(reader, fd, stat.st_size, head, settings.name)
+            opened = OpenNar(reader, fd, stat.st_size, head, settings.name, writer)
             reader = None  # the caller closes it now
             metrics.add_cache(settings.name)
             return opened
@@ -329,7 +375,7 @@ class FastPath:
     def nar_started(self, request: NarGet, nar: OpenNar) -> None:
         """The head is out: count the answer as the application would (latency to the head)."""
         seconds = time.monotonic() - request.start
-        self._tally.add(nar.cache, "nix", 200, seconds, nar.size, "nar", True)
+        self._tally.add(nar.cache, "nix", 200, seconds, nar.size, "nar", True, nar.writer)
 
     def nar_sent(self, request: NarGet, nar: OpenNar, sent: int) -> None:
         """The body is out (``sent`` bytes of it, all unless the transfer failed): log it."""
@@ -358,6 +404,8 @@ class FastPath:
             return None
         if settings.private:
             return False
+        if request.writer is None:
+            return None  # the token is verified first
         known, body = self._nix.served_narinfo(settings, request.store_hash)
         return self._respond(request, settings, body) if known else None
 
@@ -370,6 +418,9 @@ class FastPath:
             settings = await self._caches.get(request.cache)
             if settings is None or settings.private:
                 return None
+            if request.writer is None:
+                writer = await self._find_writer(request.credentials, settings)
+                request = dataclasses.replace(request, writer=writer)
             body = await self._nix.get_narinfo(settings, request.store_hash)
         except LarderError:
             return None  # the application answers again, with its status for the error
@@ -383,10 +434,10 @@ class FastPath:
             self._answers.clear()
         self._answers[request.path.encode("ascii")] = answer
         self._app[METRICS].add_cache(settings.name)
-        logged = request.logged
+        logged, writer = request.logged, bool(request.writer)
         if request.head_only:
-            return self._finish_head(answer, request.start, request.peer, logged)
-        return self._finish(answer, request.start, request.peer, logged)
+            return self._finish_head(answer, request.start, request.peer, logged, writer)
+        return self._finish(answer, request.start, request.peer, logged, writer)
 
     def _finish(
         self,
@@ -394,6 +445,7 @@ class FastPath:
         start: float,
         peer: str | None,
         logged: Logged,
+        writer: bool,
     ) -> bytes:
         now = time.time()
         second = int(now)
@@ -402,9 +454,10 @@ class FastPath:
             answer.response = b"".join((answer.head, self._http_date_line(second), answer.payload))
         response = answer.response
         seconds = time.monotonic() - start
-        if answer.body is None:
+        if answer.body is None and not writer:  # `nix copy` asks for what it is about to push
             self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
-        self._tally.add_to(answer.tally_key, seconds, len(answer.payload))
+        tally_key = answer.writer_tally_key if writer else answer.tally_key
+        self._tally.add_to(tally_key, seconds, len(answer.payload))
         log = self._log
         if log is not None:
             if log.timed:
@@ -435,6 +488,7 @@ class FastPath:
         start: float,
         peer: str | None,
         logged: Logged,
+        writer: bool,
     ) -> bytes:
         """A HEAD's answer, as the application gives it: no body, and no ``Content-Length`` for
         a narinfo that is there (the 404's length is its text's)."""
@@ -444,9 +498,9 @@ class FastPath:
             head = _NARINFO_HEAD_HIT
         response = head + self._http_date_line(int(time.time()))
         seconds = time.monotonic() - start
-        if not hit:
+        if not hit and not writer:
             self._app[HITS].missed_store_hash(answer.cache, answer.store_hash)
-        self._tally.add(answer.cache, "nix", answer.status, seconds, 0, "narinfo", hit)
+        self._tally.add(answer.cache, "nix", answer.status, seconds, 0, "narinfo", hit, writer)
         if self._log is not None:
             self._write_log(
                 peer, "HEAD", answer.target, answer.status, len(response), seconds, logged
@@ -520,6 +574,11 @@ def _logged_fields(fields: dict[bytes, bytes]) -> Logged:
     return fields.get(b"referer"), fields.get(b"user-agent")
 
 
+def _header_text(value: bytes) -> str:
+    """A field value as aiohttp gives it to the application (UTF-8, other bytes escaped)."""
+    return value.decode("utf-8", "surrogateescape")
+
+
 def _text(logged: Logged) -> tuple[str | None, str | None]:
     referer, agent = logged
     return (
@@ -538,6 +597,7 @@ class NarGet:
     peer: str | None
     logged: Logged  # referer and user agent, for the access log
     start: float
+    credentials: bytes | None = None  # its Authorization value
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,6 +609,7 @@ class OpenNar:
     size: int
     head: bytes
     cache: str
+    writer: bool = False  # the request's credentials could write to the cache
 
     async def close(self) -> None:
         await self.reader.close()
@@ -565,3 +626,6 @@ class NarinfoGet:
     logged: Logged  # referer and user agent, for the access log
     start: float
     head_only: bool = False  # HEAD: the answer has no body
+    #: Whether its credentials could write to the cache (None: not known yet, verified first).
+    writer: bool | None = False
+    credentials: bytes | None = None  # its Authorization value

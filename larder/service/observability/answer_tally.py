@@ -25,8 +25,8 @@ FLUSH_DELAY = 0.05
 #: Answers gathered before the totals are folded in at once.
 MAX_PENDING = 4096
 
-#: What answers are totalled by: (cache, protocol, status, lookup, hit).
-TallyKey = tuple[str, str, int, str | None, bool]
+#: What answers are totalled by: (cache, protocol, status, lookup, hit, by a writer).
+TallyKey = tuple[str, str, int, str | None, bool, bool]
 
 
 class _Total:
@@ -60,9 +60,11 @@ class AnswerTally:
         sent: int,
         lookup: str | None = None,
         hit: bool = False,
+        writer: bool = False,
     ) -> None:
-        """One answer: ``lookup`` names the kind looked up (``hit`` says how it went)."""
-        self.add_to((cache, protocol, status, lookup, hit), seconds, sent)
+        """One answer: ``lookup`` names the kind looked up (``hit`` says how it went, ``writer``
+        whether the request's credentials could write to the cache)."""
+        self.add_to((cache, protocol, status, lookup, hit, writer), seconds, sent)
 
     def add_to(self, key: TallyKey, seconds: float, sent: int) -> None:
         """:meth:`add` by the answer's :data:`TallyKey` (made once for answers repeated)."""
@@ -89,12 +91,13 @@ class AnswerTally:
             return
         totals, self._totals = self._totals, {}
         metrics, hits = self._metrics, self._hits
-        for (cache, protocol, status, lookup, hit), total in totals.items():
+        for (cache, protocol, status, lookup, hit, writer), total in totals.items():
             status_class = STATUS_CLASS[min(status // 100, 5)]
             metrics.child(metrics.requests, cache, protocol, status_class).inc(total.count)
             observe_many(metrics.child(metrics.latency, protocol), total.buckets, total.seconds)
             if total.sent:
                 metrics.child(metrics.sent, cache, protocol).inc(total.sent)
             if lookup is not None:
-                metrics.lookup(cache, protocol, lookup, hit, total.count)
-                hits.record(cache, protocol, hit, total.count)
+                metrics.lookup(cache, protocol, lookup, hit, total.count, writer=writer)
+                if not writer:
+                    hits.record(cache, protocol, hit, total.count)

@@ -33,8 +33,13 @@ async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
     except (Unauthorized, Forbidden):
         note_refused(request, str(needed))  # a laptop without its read token shows here
         raise
-    if needed == Scope.READ and await may_write(request, authority, settings):
-        note_writer(request)  # its lookups are CI's, counted apart from the readers'
+    if needed == Scope.READ:
+        writer = await may_write(request, authority, settings)
+        if writer:
+            note_writer(request)  # its lookups are CI's, counted apart from the readers'
+        credentials = request.headers.getall("Authorization", [])
+        if len(credentials) == 1:  # for the short path, which cannot verify it
+            request.app[state.ROLES].note(credentials[0], settings.name, writer)
     return settings
 
 

@@ -26,7 +26,11 @@ def token_from_request(request: web.Request) -> str | None:
     if len(headers) > 1:
         # A proxy in front may read another one than larder does: refuse to guess.
         raise InvalidInput("more than one Authorization header")
-    header = headers[0]
+    return token_from_header(headers[0])
+
+
+def token_from_header(header: str) -> str:
+    """The token an ``Authorization`` value presents (:class:`Unauthorized` if none)."""
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer" and value:
@@ -66,6 +70,15 @@ async def may_write(request: web.Request, authority: TokenAuthority, cache: Cach
         if token is None:
             return False
         authorize(await authority.verify(token), cache, Scope.WRITE)
+    except LarderError:
+        return False
+    return True
+
+
+async def header_may_write(authority: TokenAuthority, header: str, cache: CacheSettings) -> bool:
+    """:func:`may_write` for a request whose one ``Authorization`` value is ``header``."""
+    try:
+        authorize(await authority.verify(token_from_header(header)), cache, Scope.WRITE)
     except LarderError:
         return False
     return True

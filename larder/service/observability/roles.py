@@ -1,0 +1,39 @@
+"""Whether a request's credentials could write to its cache, remembered for the short path.
+
+A writer's lookups (CI's, with a write token) are counted apart from readers'
+(:mod:`larder.service.observability.metrics`, ``role``). Telling them apart needs the token
+verified, which the application does (:func:`~larder.service.routes.credentials.may_write`) and
+notes here, by the ``Authorization`` value and the cache; the short path then answers requests
+with the same value for the same cache, counted in the same role, for up to ``ttl`` seconds
+(the interval at which revocations are read), and leaves any other to the application. At most
+:data:`MAX_ROLES` values are kept (all are dropped when one more comes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+MAX_ROLES = 10_000
+
+
+class Roles:
+    """``(Authorization value, cache) -> writer`` for ``ttl`` seconds each."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._known: dict[tuple[str, str], tuple[bool, float]] = {}
+
+    def note(self, credentials: str, cache: str, writer: bool) -> None:
+        """The application found ``credentials`` could (or could not) write to ``cache``."""
+        if len(self._known) >= MAX_ROLES:
+            self._known.clear()
+        self._known[credentials.strip(), cache] = (writer, self._clock() + self._ttl)
+
+    def writer(self, credentials: str, cache: str) -> bool | None:
+        """Whether ``credentials`` could write to ``cache``; ``None`` if not known (lately)."""
+        known = self._known.get((credentials.strip(), cache))
+        if known is None or self._clock() >= known[1]:
+            return None
+        return known[0]
