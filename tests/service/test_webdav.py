@@ -128,6 +128,21 @@ async def test_options_says_what_is_offered(service: Service) -> None:
     assert (await service.client.options("/nope/sccache/")).status == 404
 
 
+async def test_hrefs_carry_the_prefix_of_the_public_url(make_service: ServiceFactory) -> None:
+    """Behind a reverse proxy's prefix (``https://host/larder``), what larder names as a path
+    is one the client can ask for."""
+    service = await make_service(public_url="https://ci.example/larder/")
+    await service.client.put(ENTRY, data=b"12345", headers=service.auth())
+    status, body = await propfind(service, "/main/sccache/1/b/b/", "1")
+    assert status == 207
+    hrefs = [href for href, _, _ in parse(body)]
+    assert hrefs[0] == "/larder/main/sccache/1/b/b/" and all(
+        href.startswith("/larder/main/sccache/") for href in hrefs
+    ), hrefs
+    resp = await service.client.request("PROPFIND", "/main/", headers={"Depth": "0"})
+    assert resp.status == 405 and "/larder/main/sccache/" in await resp.text()
+
+
 async def test_webdav_outside_sccache_names_the_endpoint(service: Service) -> None:
     """An endpoint written without ``/sccache`` gets PROPFIND refused; the answer says where
     WebDAV is, as sccache only runs read-only without saying why."""

@@ -31,6 +31,8 @@ for the Nix routes: Bearer (``SCCACHE_WEBDAV_TOKEN``) or the Basic password
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from aiohttp import web
 
 from larder.core.blobs import decompressed
@@ -53,8 +55,14 @@ def _path(request: web.Request) -> tuple[str, bool]:
     return normalise(request.match_info.get("path", ""))
 
 
+def _mount(request: web.Request) -> str:
+    """The path larder is served under, as clients see it: ``public_url``'s (``/larder`` for
+    ``https://host/larder`` behind a reverse proxy's prefix), else none."""
+    return urlsplit(request.app[state.CONFIG].public_url).path.rstrip("/")
+
+
 def _href(request: web.Request, path: str, collection: bool) -> str:
-    base = f"/{request.match_info['cache']}/sccache/"
+    base = f"{_mount(request)}/{request.match_info['cache']}/sccache/"
     return base + path + ("/" if collection and path else "")
 
 
@@ -175,7 +183,8 @@ async def elsewhere(request: web.Request) -> web.Response:
     """WebDAV sent to a cache outside ``sccache/`` (an endpoint missing that segment, which
     sccache takes as read-only without saying why): a 405 that names the right endpoint."""
     settings = await cache_for(request, Scope.READ)  # 404 for what is not a cache
-    message = f"WebDAV is served under /{settings.name}/sccache/ (SCCACHE_WEBDAV_ENDPOINT)"
+    where = f"{_mount(request)}/{settings.name}/sccache/"
+    message = f"WebDAV is served under {where} (SCCACHE_WEBDAV_ENDPOINT)"
     rustc = request.match_info.get("path", "").startswith("rustc/")
     allow = "GET, HEAD, PUT, POST" if rustc else "GET, HEAD, PUT"  # what the routes there take
     return web.Response(status=405, headers={"Allow": allow}, text=message + "\n")
