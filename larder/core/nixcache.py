@@ -13,8 +13,7 @@ Upload rules (each failure is a :class:`VerificationFailed` naming the check):
   and NarSize must be in this cache, and every reference other than the path itself must already
   have a narinfo in this cache (so a served narinfo always has its closure). Its ``CA``, if any,
   must make its store path (:mod:`larder.protocol.content_address`).
-* A narinfo carries at most :data:`MAX_SIGNATURES` signatures, one per key name (a later one
-  of the same key replaces the earlier).
+* A narinfo carries at most :data:`MAX_SIGNATURES` signatures (each kept once).
 * A store path's narinfo, once stored, keeps its contents (StorePath, NarHash, NarSize,
   References, CA): a later upload with the same contents adds its signatures (``nix store
   sign``), one with other contents (a build that is not reproducible, pushed by a second
@@ -83,8 +82,8 @@ SERVED_EXTENSION = ".zst"
 MAX_DEBUGINFO = 64 * 1024
 #: Stored narinfos whose rendering is kept (all are dropped when one more comes).
 MAX_SOURCES = 20_000
-#: Signatures a narinfo may carry, one per key name (besides the cache's own, made when served):
-#: every reader downloads them all with each lookup.
+#: Signatures a narinfo may carry (besides the cache's own, made when served): every reader
+#: downloads them all with each lookup.
 MAX_SIGNATURES = 32
 #: A served narinfo's memory key (cache, store hash, signing key) and its use-record key.
 ServedKeys = tuple[tuple[str, str, str], str]
@@ -413,10 +412,12 @@ class NixCache:
             if record.file_hash
             else None,
             file_size=record.stored_size,
-            sigs=_signatures((), tuple(sig for sig in info.sigs if not sig.startswith(own_key))),
+            sigs=tuple(dict.fromkeys(sig for sig in info.sigs if not sig.startswith(own_key))),
         )
         key = keys.narinfo(cache.name, store_hash)
-        if not await self._storage.put_if_absent(key, narinfo_format.render(stored).encode()):
+        if len(stored.sigs) > MAX_SIGNATURES or not await self._storage.put_if_absent(
+            key, narinfo_format.render(stored).encode()
+        ):
             stored = await self._next_narinfo(cache, key, stored, limit)
         self._served.forget(cache.name, store_hash)
         return stored
@@ -444,7 +445,9 @@ class NixCache:
                 )
                 return held
             held = None
-        if held is not None:
+        if held is None:
+            _signatures((), upload.sigs)  # within the limit
+        else:
             sigs = _signatures(held.sigs, upload.sigs)
             upload = replace(upload, sigs=sigs, deriver=upload.deriver or held.deriver)
         document = narinfo_format.render(upload).encode()
@@ -739,17 +742,16 @@ def parse_stored(data: bytes) -> NarInfo:
 
 
 def _signatures(held: tuple[str, ...], added: tuple[str, ...]) -> tuple[str, ...]:
-    """``held`` with ``added`` merged in, one signature per key name (the later one wins, in its
-    place); :class:`VerificationFailed` past :data:`MAX_SIGNATURES`."""
-    by_key: dict[str, str] = {}
-    for sig in (*held, *added):
-        by_key[sig.split(":", 1)[0]] = sig
-    if len(by_key) > MAX_SIGNATURES:
+    """``held`` with the signatures of ``added`` it lacks after it; :class:`VerificationFailed`
+    when that makes more than :data:`MAX_SIGNATURES` and more than ``held`` (a narinfo stored
+    with more before the limit takes its own signatures again)."""
+    merged = tuple(dict.fromkeys((*held, *added)))
+    if len(merged) > max(MAX_SIGNATURES, len(held)):
         raise VerificationFailed(
-            f"a narinfo may carry at most {MAX_SIGNATURES} signatures (one per key), "
-            f"this one would carry {len(by_key)}"
+            f"a narinfo may carry at most {MAX_SIGNATURES} signatures, "
+            f"this one would carry {len(merged)}"
         )
-    return tuple(by_key.values())
+    return merged
 
 
 def _same_contents(a: NarInfo, b: NarInfo) -> bool:

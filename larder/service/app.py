@@ -35,9 +35,12 @@ UPLOAD_WORKERS = 8
 #: Memory the decoders of all uploads of one process may hold together (larder.core.decoding):
 #: a zstd frame may ask for a 128 MiB window and an xz stream for a 128 MiB dictionary, while
 #: what Nix writes by default needs at most 8 MiB (zstd levels up to 19, xz preset 6). An
-#: upload that does not fit waits up to DECODER_WAIT seconds, then is answered 503.
+#: upload that does not fit waits for others to end, up to body_idle_timeout (the time a body
+#: may pause anyway), then is answered 503: Nix 2.8 sends a PUT again without its body, so a
+#: 503 fails its push, while waiting holds only the upload's next chunk.
 UPLOAD_DECODER_MEMORY = 512 * 1024 * 1024
-DECODER_WAIT = 5.0
+#: How long an upload waits for decoder memory; None: body_idle_timeout.
+DECODER_WAIT: float | None = None
 
 
 def build_app(config: Config, storage: Storage, worker: Worker | None = None) -> web.Application:
@@ -65,7 +68,8 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     app[state.TOKENS] = TokenAuthority(
         storage, config.refresh_interval, mounted=config.mounted_token_secret()
     )
-    decoders = DecoderBudget(UPLOAD_DECODER_MEMORY, wait=DECODER_WAIT)
+    wait = config.body_idle_timeout if DECODER_WAIT is None else DECODER_WAIT
+    decoders = DecoderBudget(UPLOAD_DECODER_MEMORY, wait=wait)
     app[state.BLOBS] = BlobStore(storage, executor, decoders)
     writes = SharedWriteCounter(worker) if worker is not None else None
     recorder = app[state.RECORDER] = UseRecorder(storage)

@@ -87,6 +87,16 @@ async def upload_normal_nar(service: Service, payload: bytes) -> int:
     return resp.status
 
 
+async def test_an_upload_waits_for_memory_as_long_as_a_body_may_pause(
+    make_service: ServiceFactory,
+) -> None:
+    """A 503 fails a Nix 2.8 push (it sends the PUT again without its body): an upload waits
+    for others' memory as long as its own body may pause, 60 s by default."""
+    service = await make_service(body_idle_timeout=42.0)
+    budget = service.client.app[state.BLOBS].decoders
+    assert budget is not None and budget.wait == 42.0
+
+
 async def test_huge_windows_beyond_the_budget_are_503_and_a_normal_upload_goes_through(
     make_service: ServiceFactory, short_wait: None
 ) -> None:

@@ -11,6 +11,7 @@ with the same value for the same cache, counted in the same role, for up to ``tt
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 
@@ -23,17 +24,23 @@ class Roles:
     def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl
         self._clock = clock
-        self._known: dict[tuple[str, str], tuple[bool, float]] = {}
+        self._known: dict[tuple[bytes, str], tuple[bool, float]] = {}
 
     def note(self, credentials: str, cache: str, writer: bool) -> None:
         """The application found ``credentials`` could (or could not) write to ``cache``."""
         if len(self._known) >= MAX_ROLES:
             self._known.clear()
-        self._known[credentials.strip(), cache] = (writer, self._clock() + self._ttl)
+        self._known[_digest(credentials), cache] = (writer, self._clock() + self._ttl)
 
     def writer(self, credentials: str, cache: str) -> bool | None:
         """Whether ``credentials`` could write to ``cache``; ``None`` if not known (lately)."""
-        known = self._known.get((credentials.strip(), cache))
+        known = self._known.get((_digest(credentials), cache))
         if known is None or self._clock() >= known[1]:
             return None
         return known[0]
+
+
+def _digest(credentials: str) -> bytes:
+    """What a value is remembered by: its SHA-256, 32 bytes whatever its length (a client
+    sending 10,000 different 8 KB values grew a worker by 78 MiB when they were kept)."""
+    return hashlib.sha256(credentials.strip().encode("utf-8", "surrogateescape")).digest()

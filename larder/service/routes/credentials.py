@@ -8,7 +8,6 @@ any user name, which is how Nix sends netrc credentials; a request with more tha
 from __future__ import annotations
 
 import base64
-import binascii
 
 from aiohttp import web
 
@@ -38,7 +37,7 @@ def token_from_header(header: str) -> str:
     if scheme.lower() == "basic" and value:
         try:
             decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and text that is not ASCII
             raise Unauthorized("malformed Basic credentials") from None
         _, sep, password = decoded.partition(":")
         if sep and password:
