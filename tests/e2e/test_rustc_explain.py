@@ -107,7 +107,8 @@ def test_explain_names_the_one_change_of_each_build(tmp_path: Path) -> None:
         }  # fmt: skip
         with urllib.request.urlopen(f"{server.url}/api/v1/caches/main/stats") as resp:
             stats = json.load(resp)
-        assert stats["rustc_misses_by_category"]["never_built"] == len(CACHEABLE)
+        # CI's own first misses (never built) were a writer's: not the readers' statistics.
+        assert "never_built" not in stats["rustc_misses_by_category"]
         assert stats["rustc_misses_by_category"]["dependency"] == 6
         top = {item["crate"]: item["reason"] for item in stats["top_missed_crates"]}
-        assert top["generated"] == "dependency"  # never built on CI, then twice a dependency
+        assert top["generated"] == "dependency"  # twice a dependency on the laptop
