@@ -252,16 +252,23 @@ async def test_unusable_credentials_on_a_public_read_are_a_reader(
     assert await send_raw(service, head) == 401
 
 
-async def test_a_narinfo_stored_with_more_signatures_takes_them_again(service: Service) -> None:
-    """Stored before the limit with 40: a second pusher sending it again is not refused."""
-    path = store_path("forty-1.0")
-    nar = make_nar(b"forty")
+async def stored_with(service: Service, name: str, lines: bytes) -> tuple[str, bytes, str]:
+    """A path pushed, then ``lines`` added to its stored narinfo (as an older release could
+    have stored it): the path, its NAR and the narinfo's key."""
+    path = store_path(f"{name}-1.0")
+    nar = make_nar(name.encode())
     await push(service, path, nar)
     key = keys.narinfo("main", hash_part(path))
     stored = await service.storage.get(key)
     assert stored is not None
+    await service.storage.put(key, stored + lines)
+    return path, nar, key
+
+
+async def test_a_narinfo_stored_with_more_signatures_takes_them_again(service: Service) -> None:
+    """Stored before the limit with 40: a second pusher sending it again is not refused."""
     sigs = "".join(f"Sig: k{i}:{'A' * 86}==\n" for i in range(40)).encode()
-    await service.storage.put(key, stored + sigs)
+    path, nar, _ = await stored_with(service, "forty", sigs)
     url = f"/main/{hash_part(path)}.narinfo"
     resp = await service.client.put(
         url, data=narinfo_text(path, nar) + sigs, headers=service.auth()
@@ -278,13 +285,9 @@ async def test_a_stored_narinfo_whose_ca_does_not_make_its_path_is_missing(
     by the next upload, and found by verify."""
     from larder.core.verify import verify
 
-    path = store_path("poisoned-1.0")
-    nar = make_nar(b"poisoned")
-    await push(service, path, nar)
-    key = keys.narinfo("main", hash_part(path))
-    stored = await service.storage.get(key)
-    assert stored is not None
-    await service.storage.put(key, stored + b"CA: fixed:r:sha256:" + b"1" * 52 + b"\n")
+    path, nar, key = await stored_with(
+        service, "poisoned", b"CA: fixed:r:sha256:" + b"1" * 52 + b"\n"
+    )
     url = f"/main/{hash_part(path)}.narinfo"
     service.client.app[state.NIX]._served.forget("main", hash_part(path))
     assert (await service.client.get(url)).status == 404

@@ -75,7 +75,7 @@ from larder.protocol.storepath import check_hash_part
 from larder.service import state
 from larder.service.front.heads import Head
 from larder.service.observability.answer_tally import TallyKey
-from larder.service.routes.credentials import header_may_write
+from larder.service.routes.credentials import could_write
 from larder.service.routes.nix_headers import (
     cache_info_headers,
     head_lines,
@@ -219,22 +219,19 @@ class FastPath:
         """Whether answer bytes are kept for ``target``."""
         return target in self._answers
 
-    def _writer(self, fields: dict[bytes, bytes], cache: str) -> bool | None:
-        """Whether the request's credentials could write to ``cache`` (``False`` without any);
-        ``None`` if not remembered (:meth:`_find_writer` finds out)."""
-        credentials = fields.get(b"authorization")
+    def _writer(self, credentials: bytes | None, cache: str) -> bool | None:
+        """Whether the request's ``Authorization`` value could write to ``cache`` (``False``
+        without one); ``None`` if not remembered (:meth:`_find_writer` finds out)."""
         if credentials is None:
             return False
         return self._roles.writer(_header_text(credentials), cache)
 
     async def _find_writer(self, credentials: bytes | None, settings: CacheSettings) -> bool:
-        """Whether ``credentials`` could write to the cache, verified and remembered."""
+        """Whether ``credentials`` could write to the cache (remembered, else verified)."""
         if credentials is None:
             return False
-        header = _header_text(credentials)
-        writer = await header_may_write(self._app[state.TOKENS], header, settings)
-        self._roles.note(header, settings.name, writer)
-        return writer
+        tokens = self._app[state.TOKENS]
+        return await could_write(tokens, self._roles, _header_text(credentials), settings)
 
     def quick(self, head: Head, peer: str | None) -> bytes | None:
         """The answer to ``head`` from kept bytes, or ``None``: then :meth:`parse` decides."""
@@ -245,7 +242,7 @@ class FastPath:
         fields = head.fields
         if not _CHECKED.isdisjoint(fields) and not _plain(fields, _REFUSED_HEADERS):
             return None
-        writer = self._writer(fields, answer.cache)
+        writer = self._writer(fields.get(b"authorization"), answer.cache)
         if writer is None:
             return None
         logged = _logged_fields(fields)
@@ -284,7 +281,7 @@ class FastPath:
             store_hash = check_hash_part(match.group(2).decode("ascii"))
         except (FormatError, UnicodeDecodeError):
             return None
-        fields = head.fields
+        credentials = head.fields.get(b"authorization")
         return NarinfoGet(
             cache,
             store_hash,
@@ -293,8 +290,8 @@ class FastPath:
             logged,
             time.monotonic(),
             method == b"HEAD",
-            self._writer(fields, cache),
-            fields.get(b"authorization"),
+            self._writer(credentials, cache),
+            credentials,
         )
 
     def cache_info(self, head: Head, peer: str | None) -> bytes | None:
@@ -339,14 +336,7 @@ class FastPath:
             settings = await self._caches.get(request.cache)
             if settings is None or settings.private:
                 return None
-            credentials = request.credentials
-            writer = (
-                False
-                if credentials is None
-                else self._roles.writer(_header_text(credentials), settings.name)
-            )
-            if writer is None:
-                writer = await self._find_writer(credentials, settings)
+            writer = await self._find_writer(request.credentials, settings)
             record = await self._nix.nar_record(settings, request.nar_hash, serving=True)
             if record is None:
                 return None

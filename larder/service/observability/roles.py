@@ -2,10 +2,9 @@
 
 A writer's lookups (CI's, with a write token) are counted apart from readers'
 (:mod:`larder.service.observability.metrics`, ``role``). Telling them apart needs the token
-verified, which the application does (:func:`~larder.service.routes.credentials.may_write`) and
-notes here, by the ``Authorization`` value and the cache; the short path then answers requests
-with the same value for the same cache, counted in the same role, for up to ``ttl`` seconds
-(the interval at which revocations are read), and leaves any other to the application. At most
+verified (:func:`~larder.service.routes.credentials.could_write`, by the application and the
+short path alike), and the answer is remembered here by the ``Authorization`` value and the
+cache for up to ``ttl`` seconds (the interval at which revocations are read). At most
 :data:`MAX_ROLES` values are kept (all are dropped when one more comes).
 """
 

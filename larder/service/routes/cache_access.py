@@ -14,7 +14,7 @@ from larder.service import state
 from larder.service.errors import error_response, status_for
 from larder.service.observability.recording import note_cache, note_refused, note_writer
 from larder.service.routes.bodies import check_declared_length
-from larder.service.routes.credentials import check_access, may_write
+from larder.service.routes.credentials import check_access, could_write
 
 
 async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
@@ -33,13 +33,13 @@ async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
     except (Unauthorized, Forbidden):
         note_refused(request, str(needed))  # a laptop without its read token shows here
         raise
-    if needed == Scope.READ:
-        writer = await may_write(request, authority, settings)
-        if writer:
-            note_writer(request)  # its lookups are CI's, counted apart from the readers'
-        credentials = request.headers.getall("Authorization", [])
-        if len(credentials) == 1:  # for the short path, which cannot verify it
-            request.app[state.ROLES].note(credentials[0], settings.name, writer)
+    credentials = request.headers.getall("Authorization", [])
+    if (
+        needed == Scope.READ
+        and len(credentials) == 1
+        and await could_write(authority, request.app[state.ROLES], credentials[0], settings)
+    ):
+        note_writer(request)  # its lookups are CI's, counted apart from the readers'
     return settings
 
 

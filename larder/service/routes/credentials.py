@@ -15,6 +15,7 @@ from larder.core.auth import TokenAuthority, authorize
 from larder.core.caches import CacheSettings
 from larder.errors import InvalidInput, LarderError, Unauthorized
 from larder.protocol.tokens import Scope, TokenClaims
+from larder.service.observability.roles import Roles
 
 
 def token_from_request(request: web.Request) -> str | None:
@@ -60,24 +61,20 @@ async def check_access(
     return claims
 
 
-async def may_write(request: web.Request, authority: TokenAuthority, cache: CacheSettings) -> bool:
-    """Whether the request's credentials would let it write to ``cache``: how lookups by CI
-    (which pushes) are told from lookups by readers. Never raises: credentials that do not
-    verify make a reader, as they do for a public read."""
-    try:
-        token = token_from_request(request)
-        if token is None:
-            return False
-        authorize(await authority.verify(token), cache, Scope.WRITE)
-    except LarderError:
-        return False
-    return True
-
-
-async def header_may_write(authority: TokenAuthority, header: str, cache: CacheSettings) -> bool:
-    """:func:`may_write` for a request whose one ``Authorization`` value is ``header``."""
+async def could_write(
+    authority: TokenAuthority, roles: Roles, header: str, cache: CacheSettings
+) -> bool:
+    """Whether the ``Authorization`` value ``header`` would let its request write to ``cache``:
+    how lookups by CI (which pushes) are told from readers'. Remembered in ``roles`` (the short
+    path and the application share it). Never raises: credentials that do not verify make a
+    reader, as they do for a public read."""
+    known = roles.writer(header, cache.name)
+    if known is not None:
+        return known
     try:
         authorize(await authority.verify(token_from_header(header)), cache, Scope.WRITE)
+        writer = True
     except LarderError:
-        return False
-    return True
+        writer = False
+    roles.note(header, cache.name, writer)
+    return writer
