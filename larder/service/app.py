@@ -19,6 +19,7 @@ from larder.core.rustc import RustcCache
 from larder.core.sccache import SccacheStore
 from larder.errors import LarderError
 from larder.service import housekeeping, state
+from larder.service.cache_control import default_no_store
 from larder.service.config import Config
 from larder.service.errors import error_middleware
 from larder.service.observability import recording
@@ -53,6 +54,7 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     # Bodies reach the routes as sent: the Nix routes undo every coding Nix uses themselves
     # (aiohttp would undo gzip and deflate only, and keep the header), the others refuse one.
     app = web.Application(middlewares=[error_middleware], handler_args={"auto_decompress": False})
+    app.on_response_prepare.append(default_no_store)  # what proxies may keep: cache_control
     metrics = recording.install(
         app, storage.backend, str(worker.metrics_dir) if worker is not None else None
     )

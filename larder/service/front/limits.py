@@ -46,12 +46,12 @@ MAX_SWEEP_INTERVAL = 1.0
 
 HEAD_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 35\r\n\r\nrequest head not received in time\r\n"
+    b"Cache-Control: no-store\r\nContent-Length: 35\r\n\r\nrequest head not received in time\r\n"
 )
 BUSY_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Retry-After: " + str(RETRY_AFTER_SECONDS).encode() + b"\r\nContent-Length: 21\r\n\r\n"
-    b"too many connections\n"
+    b"Cache-Control: no-store\r\nRetry-After: " + str(RETRY_AFTER_SECONDS).encode() + b"\r\n"
+    b"Content-Length: 21\r\n\r\ntoo many connections\n"
 )
 
 

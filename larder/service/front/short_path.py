@@ -73,6 +73,7 @@ from larder.errors import FormatError, LarderError
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
+from larder.service.cache_control import NO_STORE
 from larder.service.front.heads import Head
 from larder.service.observability.answer_tally import TallyKey
 from larder.service.routes.credentials import could_write
@@ -92,11 +93,11 @@ MAX_ANSWERS = 20_000
 #: that.
 RECHECK = 1.0
 
-# What aiohttp answers for web.HTTPNotFound().
-NOT_FOUND_HEADERS = {"Content-Type": "text/plain; charset=utf-8"}
+# What the application answers for web.HTTPNotFound(): a miss is not kept (cache_control).
+NOT_FOUND_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": NO_STORE}
 NOT_FOUND_BODY = b"404: Not Found"
 #: A narinfo HEAD that finds it: the application's answer has no ``Content-Length``.
-_NARINFO_HEAD_HIT = head_lines(200, narinfo_headers(), None)
+_NARINFO_HEAD_HIT = head_lines(200, narinfo_headers(False), None)  # (public caches only)
 
 _TARGET = re.compile(rb"/([^/?%#]+)/([^/?%#]{32})\.narinfo")
 _CACHE_INFO_TARGET = re.compile(rb"/([^/?%#]+)/nix-cache-info")
@@ -173,7 +174,7 @@ class _Answer:
         if body is None:
             status, headers, body = 404, NOT_FOUND_HEADERS, NOT_FOUND_BODY
         else:
-            status, headers = 200, narinfo_headers()
+            status, headers = 200, narinfo_headers(settings.private)
         self.status = status
         self.payload = body  # what is sent: the narinfo, or the 404's text
         self.head = head_lines(status, headers, len(body))
@@ -305,7 +306,7 @@ class FastPath:
         if settings is None or settings.private:
             return None
         body = nix_cache_info(settings)
-        lines = head_lines(200, cache_info_headers(), len(body))
+        lines = head_lines(200, cache_info_headers(False), len(body))
         response = lines + self._http_date_line(int(time.time())) + body
         self._app[METRICS].add_cache(settings.name)
         seconds = time.monotonic() - start
@@ -555,7 +556,12 @@ def _nar_head(stat: os.stat_result) -> bytes:
     whole blob file."""
     etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
     modified = email.utils.formatdate(math.ceil(stat.st_mtime), usegmt=True)  # as aiohttp does
-    headers = {"Accept-Ranges": "bytes", **nar_headers(), "Etag": etag, "Last-Modified": modified}
+    headers = {
+        "Accept-Ranges": "bytes",
+        **nar_headers(False),
+        "Etag": etag,
+        "Last-Modified": modified,
+    }
     return head_lines(200, headers, stat.st_size)
 
 

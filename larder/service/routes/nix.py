@@ -57,7 +57,8 @@ from larder.service.state import HITS
 
 async def get_cache_info(request: web.Request) -> web.Response:
     settings = await cache_for(request, Scope.READ)
-    return web.Response(body=nix_cache_info(settings), headers=cache_info_headers())
+    headers = cache_info_headers(settings.private)
+    return web.Response(body=nix_cache_info(settings), headers=headers)
 
 
 # -- narinfo -------------------------------------------------------------------------------
@@ -83,9 +84,10 @@ async def get_narinfo(request: web.Request) -> web.Response:
         if not writer(request):  # `nix copy` asks for each path it is about to push
             request.app[HITS].missed_store_hash(settings.name, store_hash)
         raise web.HTTPNotFound()
+    headers = narinfo_headers(settings.private)
     if request.method == "HEAD":
-        return web.Response(headers=narinfo_headers())
-    return web.Response(body=body, headers=narinfo_headers())
+        return web.Response(headers=headers)
+    return web.Response(body=body, headers=headers)
 
 
 async def put_narinfo(request: web.Request) -> web.Response:
@@ -115,7 +117,7 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     # name of an upload this cache stored and whose NAR it still holds. Not counted as a lookup.
     uploaded = record is None and request.method == "HEAD" and compression != "zstd"
     if uploaded and await nix.nar_file(settings, nar_hash, compression) is not None:
-        return web.Response(headers=nar_headers())
+        return web.Response(headers=nar_headers(settings.private))
     if record is None and compression == "zstd":
         # The URL of the narinfo Nix uploaded, which the pushing machine keeps in its narinfo
         # cache and substitutes from later: the NAR that zstd upload stored, as zstd (Nix
@@ -137,15 +139,15 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
             reader = await nix.checked_blob(record, reader)
             if reader is None:
                 raise web.HTTPNotFound()
-        return await serve_blob(request, reader, nar_headers())
+        return await serve_blob(request, reader, nar_headers(settings.private))
     if request.method == "HEAD":
         await reader.close()
-        return await serve_stream(request, None, record.nar_size, nar_headers())
+        return await serve_stream(request, None, record.nar_size, nar_headers(settings.private))
     return await serve_stream(
         request,
         decompressed(reader, record.nar_size, record.blob_id),
         record.nar_size,
-        nar_headers(),
+        nar_headers(settings.private),
     )
 
 
@@ -177,13 +179,14 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     reader = await nix.open_blob(record.blob_id)
     if reader is None:
         raise web.HTTPNotFound()
-    headers = {**opaque_headers(record.content_type), "Vary": "Accept-Encoding"}
+    headers = {**opaque_headers(record.content_type, settings.private), "Vary": "Accept-Encoding"}
     if path.startswith("debuginfo/") and record.size <= MAX_DEBUGINFO:
         await reader.close()
         document = await nix.debuginfo(settings, record)
         if document is None:
             raise web.HTTPNotFound()
-        return web.Response(body=document, headers=opaque_headers(record.content_type))
+        headers = opaque_headers(record.content_type, settings.private)
+        return web.Response(body=document, headers=headers)
     if record.content_encoding in LEGACY_RAW_CODINGS:
         # Stored (before larder decoded uploads) as sent: undo the coding while serving.
         await reader.close()

@@ -2,7 +2,9 @@
 (:mod:`larder.service.front.short_path`), which writes them as aiohttp does (:func:`head_lines`).
 
 A change to what a narinfo, ``nix-cache-info`` or NAR answer carries is made here, and both
-readers send it; ``tests/service/test_fastpath*.py`` compare their answers byte for byte.
+readers send it; ``tests/service/test_fastpath*.py`` compare their answers byte for byte. Each
+carries the ``Cache-Control`` of :mod:`larder.service.cache_control` for a public or a
+``private`` cache.
 """
 
 from __future__ import annotations
@@ -11,24 +13,26 @@ import re
 from collections.abc import Mapping
 from http import HTTPStatus
 
+from larder.service.cache_control import NAR_MAX_AGE, NARINFO_MAX_AGE, kept
+
 NARINFO_TYPE = "text/x-nix-narinfo"
 NAR_TYPE = "application/x-nix-nar"
 CACHE_INFO_TYPE = "text/x-nix-cache-info"
 
 
-def narinfo_headers() -> dict[str, str]:
+def narinfo_headers(private: bool) -> dict[str, str]:
     """A narinfo answer's headers (GET and HEAD)."""
-    return {"Content-Type": NARINFO_TYPE}
+    return {"Content-Type": NARINFO_TYPE, **kept(private, NARINFO_MAX_AGE)}
 
 
-def cache_info_headers() -> dict[str, str]:
+def cache_info_headers(private: bool) -> dict[str, str]:
     """``nix-cache-info``'s headers."""
-    return {"Content-Type": CACHE_INFO_TYPE}
+    return {"Content-Type": CACHE_INFO_TYPE, **kept(private, NARINFO_MAX_AGE)}
 
 
-def nar_headers() -> dict[str, str]:
+def nar_headers(private: bool) -> dict[str, str]:
     """A NAR answer's own headers (a file response adds ``Accept-Ranges`` and its validators)."""
-    return {"Content-Type": NAR_TYPE}
+    return {"Content-Type": NAR_TYPE, **kept(private, NAR_MAX_AGE, immutable=True)}
 
 
 #: Media types an opaque object (``.ls``, ``log/``, ``realisations/``...) keeps from its upload;
@@ -59,9 +63,13 @@ def opaque_type(content_type: str) -> str:
     return f"{media}; charset={charset.group(1).lower()}" if charset else media
 
 
-def opaque_headers(content_type: str) -> dict[str, str]:
+def opaque_headers(content_type: str, private: bool) -> dict[str, str]:
     """An opaque object's answer headers: its type (:func:`opaque_type`), never sniffed."""
-    return {"Content-Type": opaque_type(content_type), "X-Content-Type-Options": "nosniff"}
+    return {
+        "Content-Type": opaque_type(content_type),
+        "X-Content-Type-Options": "nosniff",
+        **kept(private, NARINFO_MAX_AGE),
+    }
 
 
 def head_lines(status: int, headers: Mapping[str, str], length: int | None) -> bytes:
