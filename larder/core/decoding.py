@@ -36,11 +36,20 @@ class Pausing(Protocol):
 class DecoderBudget:
     """``total`` bytes of decoder memory shared by the uploads of one process."""
 
-    def __init__(self, total: int, wait: float = 5.0) -> None:
+    def __init__(
+        self,
+        total: int,
+        wait: float = 5.0,
+        observe: Callable[[int], None] | None = None,
+        waited: Callable[[], None] | None = None,
+    ) -> None:
         if total <= 0:
             raise ValueError("the decoder memory budget must be positive")
         self.total = total
         self.wait = wait
+        #: Told the bytes reserved after each change; told of each upload that had to wait.
+        self._observe = observe
+        self._waited = waited
         #: Bytes reserved right now.
         self.reserved = 0
         #: Uploads holding a reservation right now.
@@ -70,6 +79,8 @@ class DecoderBudget:
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
+        if self.reserved + extra > self.total and self._waited is not None:
+            self._waited()
         while self.reserved + extra > self.total:
             left = deadline - loop.time()
             if left <= 0:
@@ -87,6 +98,11 @@ class DecoderBudget:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
         self.reserved += extra
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._observe is not None:
+            self._observe(self.reserved)
 
 
 class Reservation:
@@ -119,6 +135,7 @@ class Reservation:
             budget.reserved -= self.held
             budget.holders -= 1
             self.held = 0
+            budget._changed()
             budget._wake()
 
 

@@ -71,7 +71,12 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
         storage, config.refresh_interval, mounted=config.mounted_token_secret()
     )
     wait = config.body_idle_timeout if DECODER_WAIT is None else DECODER_WAIT
-    decoders = DecoderBudget(UPLOAD_DECODER_MEMORY, wait=wait)
+    decoders = DecoderBudget(
+        UPLOAD_DECODER_MEMORY,
+        wait=wait,
+        observe=metrics.decoder_memory.set,
+        waited=metrics.decoder_waits.inc,
+    )
     app[state.BLOBS] = BlobStore(storage, executor, decoders)
     writes = SharedWriteCounter(worker) if worker is not None else None
     recorder = app[state.RECORDER] = UseRecorder(storage)

@@ -79,6 +79,12 @@ def short_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service_app, "DECODER_WAIT", 0.5)
 
 
+async def metric(service: Service, name: str) -> float:
+    """The value of series ``name`` (no labels) in ``/metrics``."""
+    text = await (await service.client.get("/metrics")).text()
+    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1])
+
+
 async def upload_normal_nar(service: Service, payload: bytes) -> int:
     nar = make_nar(payload)
     body = zstandard.ZstdCompressor(level=19).compress(nar)
@@ -113,6 +119,8 @@ async def test_huge_windows_beyond_the_budget_are_503_and_a_normal_upload_goes_t
             held.append(await Stalled.send(service, start))
             await until(lambda count=count: budget.holders == count)
         assert budget.reserved == fits * HUGE
+        assert await metric(service, "larder_upload_decoder_memory_bytes") == fits * HUGE
+        assert await metric(service, "larder_upload_decoder_waits_total") == 0
         for _ in range(2):
             refused.append(await Stalled.send(service, start))
         for upload in refused:
@@ -120,6 +128,7 @@ async def test_huge_windows_beyond_the_budget_are_503_and_a_normal_upload_goes_t
             assert status == 503
             assert b"Retry-After: 1" in head
         assert budget.reserved == fits * HUGE
+        assert await metric(service, "larder_upload_decoder_waits_total") == 2
         # What Nix sends by default needs a few MiB: it still fits beside them.
         assert await upload_normal_nar(service, os.urandom(300_000)) == 200
         assert budget.reserved == fits * HUGE
@@ -127,6 +136,7 @@ async def test_huge_windows_beyond_the_budget_are_503_and_a_normal_upload_goes_t
         for upload in held:
             upload.close()
         await until(lambda: budget.reserved == 0 and budget.holders == 0)
+        assert await metric(service, "larder_upload_decoder_memory_bytes") == 0
         assert await upload_normal_nar(service, os.urandom(1000)) == 200
     finally:
         for upload in held + refused:

@@ -27,6 +27,8 @@ Series (``larder_<subsystem>_<name>_<unit>``; counters end in ``_total``):
 ``larder_gc_last_completed_timestamp_seconds``  the store's last completed run (``gc/last-run``)
 ``larder_gc_duration_seconds``              length of this replica's last run (gauge)
 ``larder_use_flushes_total``                result (ok | failed): recorded uses written
+``larder_upload_decoder_memory_bytes``      reserved by uploads' decoders (gauge, all workers)
+``larder_upload_decoder_waits_total``       uploads that waited for decoder memory
 ==========================================  ===============================================
 
 Labels never take a path, key or token: ``cache`` is a cache that exists (``_none`` for requests
@@ -240,6 +242,17 @@ class Metrics:
             "Length of this replica's last collection.",
             registry=r,
             multiprocess_mode="livemax",
+        )
+        self.decoder_memory = Gauge(
+            "larder_upload_decoder_memory_bytes",
+            "Decoder memory reserved by the uploads being decoded.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.decoder_waits = Counter(
+            "larder_upload_decoder_waits_total",
+            "Uploads that waited for decoder memory (503 if none came in body_idle_timeout).",
+            registry=r,
         )
         self.use_flushes = Counter(
             "larder_use_flushes_total",
