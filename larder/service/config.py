@@ -21,10 +21,13 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from larder.errors import InvalidInput, LarderError
+
+if TYPE_CHECKING:
+    from larder.protocol.forwarded import Network
 
 _SIZE = re.compile(r"(\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
 
@@ -186,6 +189,17 @@ def _cache_names(value: object) -> str:
         raise ValueError(exc.message) from None
 
 
+def _networks(value: object) -> str:
+    """Addresses or CIDR blocks from a TOML list of strings or a comma-separated string (the
+    environment), kept comma-separated."""
+    from larder.protocol.forwarded import parse_networks  # imported when used, as above
+
+    if isinstance(value, list):
+        value = ",".join(_text(item) for item in value)
+    text = _text(value)
+    return ",".join(str(network) for network in parse_networks(text))
+
+
 def _one_of(*allowed: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = str(value).lower()
@@ -238,6 +252,9 @@ class Config:
     # Caches that serve makes sure exist and are private at start-up (a list, or comma-separated
     # in LARDER_PRIVATE_CACHES); leaving a cache out never makes it public (`larder cache set`).
     private_caches: str = _setting("", _cache_names)
+    # Proxies whose X-Forwarded-For is believed for the access log's client address (a list of
+    # addresses or CIDR blocks, or comma-separated in LARDER_TRUSTED_PROXIES; empty: none).
+    trusted_proxies: str = _setting("", _networks)
     # Seconds between garbage collections run by `serve` (0: never); replicas take turns.
     gc_interval: float = _setting(3600.0, _duration)
     # Cap on the whole store in bytes (0: none); each cache's own: `larder cache limits`.
@@ -287,6 +304,12 @@ class Config:
     @property
     def private_cache_names(self) -> tuple[str, ...]:
         return tuple(self.private_caches.split(",")) if self.private_caches else ()
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[Network, ...]:
+        from larder.protocol.forwarded import parse_networks
+
+        return parse_networks(self.trusted_proxies)
 
     @property
     def host_port(self) -> tuple[str, int]:

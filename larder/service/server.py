@@ -309,7 +309,7 @@ async def start(
     runner = GuardedAppRunner(
         app,
         guard,
-        access_log_class=logger.writing_to(sink),
+        access_log_class=logger.writing_to(sink, config.trusted_proxy_networks),
         keepalive_timeout=KEEPALIVE_TIMEOUT,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
         auto_decompress=False,  # as the application asks (build_app): its server is remade here

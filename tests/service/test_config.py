@@ -161,6 +161,8 @@ def test_a_flag_spelt_otherwise_is_named_as_spelt() -> None:
         ('private_caches = ["main", "Team"]', "private_caches"),
         ('private_caches = "main,../x"', "private_caches"),
         ("private_caches = [5]", "private_caches"),
+        ('trusted_proxies = ["10.0.0.0/8", "proxy.local"]', "trusted_proxies"),
+        ("trusted_proxies = [5]", "trusted_proxies"),
     ],
 )
 def test_values_that_would_leave_a_broken_server_are_refused(
@@ -342,6 +344,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "body_idle_timeout": ("5", 5.5, None),
     "signing_keys_dir": ("/keys", "/keys", "/keys"),
     "private_caches": (" main, team,main ", ["team", "main"], None),
+    "trusted_proxies": (" 10.0.0.0/8, ::1 ", ["10.1.0.0/16"], None),
     "gc_interval": ("12h", "15m", None),
     "gc_max_size": ("10GiB", "10GiB", 10 * 1024**3),
     "gc_retention": ("30d", 86400, None),
@@ -354,6 +357,7 @@ SAMPLES: dict[str, tuple[str, object, object]] = {
     "event_loop": ("asyncio", "AsyncIO", "asyncio"),
 }
 EXPECTED_FROM_TEXT: dict[str, object] = {
+    "trusted_proxies": "10.0.0.0/8,::1/128",
     "storage_timeout": 60.0,
     "private_caches": "main,team",
     "storage": "s3://bucket/prefix",
@@ -368,6 +372,7 @@ EXPECTED_FROM_TEXT: dict[str, object] = {
     "workers": 0,
 }
 EXPECTED_FROM_FILE: dict[str, object] = {
+    "trusted_proxies": "10.1.0.0/16",
     "storage_timeout": 5.0,
     "private_caches": "team,main",
     "storage": "/srv/larder",

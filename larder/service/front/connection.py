@@ -126,7 +126,7 @@ class FrontProtocol(asyncio.Protocol):
                 self._hand_over()
                 return
             self._remember(data, head)
-        response = self._fast.quick(head, self._peer)
+        response = self._fast.quick(head, self._fast.client(head, self._peer))
         if response is not None and self._transport is not None:
             self.head_since = 0.0
             self.last = time.monotonic()
@@ -211,17 +211,18 @@ class FrontProtocol(asyncio.Protocol):
         """Answer ``head`` (the first ``size`` bytes held); whether the next may be served."""
         self.head_since = 0.0
         fast = self._fast
-        response = fast.quick(head, self._peer)
+        peer = fast.client(head, self._peer)
+        response = fast.quick(head, peer)
         if response is not None:
             self._send(response, size)
             return True
-        request = fast.parse(head, self._peer)
+        request = fast.parse(head, peer)
         if request is None:
-            info = fast.cache_info(head, self._peer)
+            info = fast.cache_info(head, peer)
             if info is not None:
                 self._send(info, size)
                 return True
-            nar = fast.parse_nar(head, self._peer)
+            nar = fast.parse_nar(head, peer)
             if nar is None:
                 self._hand_over()
             else:  # sent from a task; later requests wait, so answers keep their order

@@ -70,6 +70,7 @@ from larder.core.caches import CacheSettings
 from larder.core.nixcache import NixCache, nix_cache_info
 from larder.core.servedcache import Entry
 from larder.errors import FormatError, LarderError
+from larder.protocol.forwarded import client_address
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
@@ -208,6 +209,16 @@ class FastPath:
         self._second = -1
         self._date_line = b""
         self._local_blobs = True  # until a blob turns out not to be a local file
+        self._trusted = app[state.CONFIG].trusted_proxy_networks
+
+    def client(self, head: Head, peer: str | None) -> str | None:
+        """The address of the client sending ``head`` over a connection from ``peer``: the one
+        trusted proxies name in ``X-Forwarded-For`` (:mod:`larder.protocol.forwarded`)."""
+        if not self._trusted:
+            return peer
+        forwarded = head.fields.get(b"x-forwarded-for")
+        text = forwarded.decode("latin-1") if forwarded is not None else None
+        return client_address(peer, text, self._trusted)
 
     def _http_date_line(self, second: int) -> bytes:
         if second != self._second:

@@ -29,6 +29,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from larder.protocol.forwarded import Network, client_address
 from larder.service.observability.batching import flush_later
 
 MAX_BATCH = 512
@@ -111,10 +112,18 @@ class Entry:
     user_agent: str | None
 
     @classmethod
-    def of(cls, request: BaseRequest, response: StreamResponse, seconds: float) -> Entry:
+    def of(
+        cls,
+        request: BaseRequest,
+        response: StreamResponse,
+        seconds: float,
+        trusted: tuple[Network, ...] = (),
+    ) -> Entry:
+        """``trusted``: the proxies whose ``X-Forwarded-For`` names the client."""
         headers = request.headers
+        forwarded = ",".join(headers.getall("X-Forwarded-For", ())) if trusted else None
         return cls(
-            request.remote,
+            client_address(request.remote, forwarded, trusted),
             request.method,
             request.path,
             request.path_qs,
@@ -131,6 +140,8 @@ class LineAccessLogger(AbstractAccessLogger):
     """Base of larder's access loggers: :meth:`line` says what one request's line is."""
 
     sink: ClassVar[LineSink | None] = None
+    #: Proxies whose ``X-Forwarded-For`` names the client (``trusted_proxies``).
+    trusted: ClassVar[tuple[Network, ...]] = ()
     #: Whether a line states the request's duration
     #: (:class:`~larder.service.front.short_path.AccessLog`).
     timed: ClassVar[bool] = True
@@ -159,16 +170,19 @@ class LineAccessLogger(AbstractAccessLogger):
         return cls.line(entry)
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        line = self.line(Entry.of(request, response, time))
+        line = self.line(Entry.of(request, response, time, self.trusted))
         if self.sink is not None:
             self.sink.emit(line)
         else:
             self.logger.info(line)
 
     @classmethod
-    def writing_to(cls, sink: LineSink) -> type[LineAccessLogger]:
-        """This logger's class, writing to ``sink`` (aiohttp creates the instances itself)."""
-        return type(cls.__name__, (cls,), {"sink": sink})
+    def writing_to(
+        cls, sink: LineSink, trusted: tuple[Network, ...] = ()
+    ) -> type[LineAccessLogger]:
+        """This logger's class, writing to ``sink`` and believing ``trusted`` proxies (aiohttp
+        creates the instances itself)."""
+        return type(cls.__name__, (cls,), {"sink": sink, "trusted": trusted})
 
 
 class TextAccessLogger(LineAccessLogger):

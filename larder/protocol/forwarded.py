@@ -1,0 +1,65 @@
+"""The client behind trusted proxies, from ``X-Forwarded-For`` (the de facto header nginx,
+nginx-ingress and most load balancers append the address they received a request from to).
+
+Each proxy appends its peer's address, so the header reads left to right from the first client
+to the last proxy's peer, and only the part the trusted proxies wrote can be believed: a client
+may send any header it likes. The client is therefore the right-most address not in a trusted
+network, reading from the right while every address so far was trusted: the connection's peer
+first, then the header's entries. A malformed entry stops the reading (the last trusted address
+read is the answer), as does the end of the header (its left-most entry is then the client).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Networks from comma-separated addresses or CIDR blocks (``10.0.0.0/8, ::1``); raises
+    ``ValueError`` naming the first that is neither."""
+    networks = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or a network") from None
+    return tuple(networks)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_address(
+    peer: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]
+) -> str | None:
+    """The address of the client of a request received from ``peer`` with ``X-Forwarded-For``
+    ``forwarded_for`` (its values joined with commas), when the proxies in ``trusted`` may be
+    believed (see the module); ``peer`` itself when it is not one of them."""
+    if not trusted or not forwarded_for or peer is None:
+        return peer
+    current = _address(peer)
+    if current is None or not any(current in network for network in trusted):
+        return peer
+    for entry in reversed(forwarded_for.split(",")):
+        address = _address(entry)
+        if address is None:
+            break
+        current = address
+        if not any(address in network for network in trusted):
+            break
+    return str(current)
