@@ -120,12 +120,21 @@ def _usable(path: Path) -> bool:
     return len(path.parts) > 2 or path.parts[1] not in SYSTEM_DIRS
 
 
+#: A character of a path component, or its separator.
+_PATH_CHAR = "[A-Za-z0-9._+~/-]"
+
+
 @lru_cache(maxsize=8)
 def _matcher(roots: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], dict[str, str]]:
     """The regex that finds any of ``roots`` and each root's placeholder (built once per set)."""
     alternatives = "|".join(re.escape(path) for _, path in roots)
-    # A root matches only as a whole path component: /a/ws must not match /a/ws2.
-    pattern = re.compile(rf"(?:{alternatives})(?![A-Za-z0-9._+~-])")
+    # A root matches only as whole path components: /a/ws must not match /a/ws2, nor /app
+    # (a container's checkout) the end of crates/app/src. It starts a word, or follows a
+    # one-letter flag that does (-L/app, -B/app).
+    pattern = re.compile(
+        rf"(?:(?<!{_PATH_CHAR})|(?<=(?<!{_PATH_CHAR})-[A-Za-z]))(?:{alternatives})"
+        rf"(?![A-Za-z0-9._+~-])"
+    )
     return pattern, {path: PLACEHOLDER.format(name) for name, path in roots}
 
 
@@ -199,6 +208,8 @@ class Roots(NamedTuple):
         for name, path in sorted(self.spellings, key=lambda item: len(item[1])):
             if name not in REMAP_TO:
                 continue
+            if name == "CWD" and not self.cwd_remap:
+                continue  # kept as it is (crate_dir_remap)
             to = self.cwd_remap if name == "CWD" else REMAP_TO[name]
             flags.append(f"--remap-path-prefix={path}={to}")
         return flags
@@ -207,10 +218,15 @@ class Roots(NamedTuple):
 def crate_dir_remap(crate_root: str | None, cwd: Path, lints_capped: bool = True) -> str:
     """What ``CWD`` is remapped to: ``/larder/crate/<directory name>`` when cargo compiles a
     dependency from a registry, git or vendored source in its own directory (it names the root
-    file by absolute path and caps its lints), else ``.``: a workspace member (named relative to
-    the workspace root), and a path dependency, the user's own code (lints not capped), whose
-    diagnostics then read ``./src/lib.rs`` rather than a directory that does not exist. Also
-    ``.`` for a name with ``=``, which rustc would split the remap at."""
+    file by absolute path and caps its lints); ``""`` (not remapped) for a path dependency
+    outside the workspace, the user's own code (lints not capped, root named by absolute path,
+    compiled in its own directory), whose diagnostics must name the real file, as a plain build
+    does (``./src/lib.rs`` would read as the workspace's own; cargo's ``-C metadata`` holds its
+    path, so it is reused in its own place only); else ``.``: a workspace member (named
+    relative to the workspace root). Also ``.`` for a name with ``=``, which rustc would split
+    the remap at."""
+    if crate_root is not None and os.path.isabs(crate_root) and not lints_capped:
+        return ""
     if crate_root is None or not os.path.isabs(crate_root) or not lints_capped:
         return "."
     inside = os.path.normpath(crate_root).startswith(os.path.normpath(cwd).rstrip("/") + "/")

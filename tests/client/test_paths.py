@@ -38,6 +38,13 @@ def test_roots_match_whole_components_only() -> None:
     assert CI.portable("/ci/work/app.old") == "/ci/work/app.old"
     assert CI.portable('"/ci/work/app"') == '"@LARDER:CWD@"'
     assert CI.portable("/ci/work/app:1") == "@LARDER:CWD@:1"
+    # A root at the top of the file system (a container's /app) is not the end of a longer
+    # path: crates/app/src/main.rs (relative, or under another root) stays as it is.
+    container = Roots.of(CWD=Path("/app"), TARGET=Path("/target"), CARGO_HOME=None)
+    text = "--> crates/app/src/main.rs:2:9 and /work/app/x, /ws/target/debug, /app/src/lib.rs"
+    assert container.portable(text) == (
+        "--> crates/app/src/main.rs:2:9 and /work/app/x, /ws/target/debug, @LARDER:CWD@/src/lib.rs"
+    )
 
 
 def test_relative_paths_stay_and_shallow_roots_are_ignored() -> None:
@@ -253,9 +260,13 @@ def test_a_crate_compiled_in_its_own_directory_keeps_its_name_in_remapped_paths(
     assert crate_dir_remap("crates/leaf/src/lib.rs", workspace) == "."
     assert crate_dir_remap("/elsewhere/src/lib.rs", workspace) == "."  # not inside
     assert crate_dir_remap(None, workspace) == "."
-    # A path dependency outside the workspace: the user's own code, lints not capped.
+    # A path dependency outside the workspace: the user's own code, lints not capped, whose
+    # diagnostics name its real files (./src/lib.rs would read as the workspace's own).
     shared = tmp_path / "shared lib"
-    assert crate_dir_remap(f"{shared}/src/lib.rs", shared, lints_capped=False) == "."
+    assert crate_dir_remap(f"{shared}/src/lib.rs", shared, lints_capped=False) == ""
+    unmapped = Roots.of(CWD=shared, CARGO_HOME=tmp_path / "cargo")._replace(cwd_remap="")
+    assert not any(flag.startswith(f"--remap-path-prefix={shared}=") for flag in
+                   unmapped.remap_flags())  # fmt: skip
     # A name rustc would split the remap at.
     odd = tmp_path / "vendor" / "feat=x"
     assert crate_dir_remap(f"{odd}/src/lib.rs", odd) == "."
