@@ -154,6 +154,22 @@ def test_a_closure_goes_whole_but_others_used_at_the_same_moment_stay() -> None:
     assert result.size_after == 120
 
 
+def test_at_a_tie_the_closure_under_way_goes_whole_before_another_starts() -> None:
+    # Every closure last used at the same moment (a store copied to a bucket: each object's
+    # time is the copy's), and each dependency's key sorts after every top's: the plan took
+    # the tops of all of them before the first NAR freed its blob, emptying the cache.
+    nodes = {}
+    for side in ("a", "b", "c"):
+        nodes[f"top-{side}"] = Node(f"top-{side}", "narinfo", used=100, size=10,
+                                    refs=(f"zz-nar-{side}",))  # fmt: skip
+        nodes[f"zz-nar-{side}"] = Node(f"zz-nar-{side}", "nar", used=100, size=10,
+                                       blob=f"blob-{side}")  # fmt: skip
+    blobs = {f"blob-{side}": 1000 for side in "abc"}
+    result = plan(nodes, blobs, Policy(max_size=2100, grace=0), now=1000)
+    assert result.evict == ["top-a", "zz-nar-a"]
+    assert result.size_after == 2040
+
+
 def test_shared_dependency_stays_while_any_referrer_stays() -> None:
     nodes = {
         "a": Node("a", "narinfo", used=1, size=10, refs=("shared",)),

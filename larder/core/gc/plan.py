@@ -18,6 +18,8 @@ markers of its outputs. The rules:
   left without a referrer and that has the same effective time as the last eviction (the rest of
   a closure used as one, such as a narinfo's NAR record), then stops. So a closure goes whole
   and no NAR is left that nothing serves; other closures used at the same moment stay.
+  Among nodes of one effective time, those an eviction released go before the tops of
+  other closures, so the closure under way frees its blobs before another is begun.
 
 Size is the bytes of the nodes' own objects plus the stored bytes of the distinct blobs they
 hold: a blob shared by two nodes is freed only when both are gone.
@@ -143,14 +145,16 @@ def plan(
     size = total_size(nodes.values(), blob_sizes)
     result = Plan(size_before=size, effective=effective, protected=protected)
     cutoff = now - policy.retention if policy.retention is not None else float("-inf")
+    # (time, 1 for a closure's top | 0 for a node this plan released, key): at equal times the
+    # closure under way goes whole before another's top is taken.
     ready = [
-        (effective[key], key) for key in nodes if not waiting.get(key) and key not in protected
+        (effective[key], 1, key) for key in nodes if not waiting.get(key) and key not in protected
     ]
     heapq.heapify(ready)
     group: float | None = None  # effective time of the last eviction
     released: set[str] = set()  # nodes whose last referrer this plan evicted
     while ready:
-        when, key = ready[0]
+        when, _, key = ready[0]
         over = policy.max_size is not None and size > policy.max_size
         if not over and when >= cutoff and not (when == group and key in released):
             break
@@ -169,6 +173,6 @@ def plan(
             waiting[ref] -= 1
             if waiting[ref] == 0 and ref not in protected:
                 released.add(ref)
-                heapq.heappush(ready, (effective[ref], ref))
+                heapq.heappush(ready, (effective[ref], 0, ref))
     result.size_after = size
     return result
