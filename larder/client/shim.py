@@ -75,7 +75,7 @@ from larder.client.probe import cache_enabled, startup_ms
 from larder.client.remote import Remote, RemoteError, network_timeout, url_cache_name
 from larder.errors import FormatError
 from larder.protocol import token_claims
-from larder.protocol.rustc import Manifest, Output, parse_manifest
+from larder.protocol.rustc import MAX_MANIFEST_SIZE, Manifest, Output, parse_manifest
 
 if TYPE_CHECKING:
     from larder.protocol.inputs import Identity
@@ -406,8 +406,8 @@ class Invocation:
             for scratch, _ in staged:
                 scratch.unlink(missing_ok=True)
 
-    def replay(self, manifest: Manifest) -> None:
-        for text, stream in ((manifest.stdout, sys.stdout), (manifest.stderr, sys.stderr)):
+    def replay(self, printed: tuple[str, str]) -> None:
+        for text, stream in zip(printed, (sys.stdout, sys.stderr), strict=True):
             if text:
                 stream.buffer.write(self.roots.local(text).encode("utf-8", "replace"))
                 stream.flush()
@@ -496,7 +496,9 @@ class Invocation:
             outputs.append(Output(name, blob_id, size, found.st_mode & 0o777))
         stdout, stderr = (self.roots.portable(b.decode("utf-8", "replace")) for b in (out, err))
         crate = self.compilation.crate_name or "unknown"
-        document = Manifest(crate, tuple(outputs), stdout, stderr).to_json()
+        document = Manifest.made(crate, tuple(outputs), stdout, stderr).to_json()
+        if len(document) > MAX_MANIFEST_SIZE:
+            return "too-large"  # what rustc printed: nothing is sent the server would refuse
         entry = cache_key.direct_entry(own.deps, self.roots, own.tokens)
         inputs = self.inputs_document(own.inputs)
         job = {
@@ -767,11 +769,12 @@ class Invocation:
             return False
         try:
             manifest = parse_manifest(document)
+            printed = manifest.printed()
         except FormatError as exc:  # the cache's answer, not this compilation, is wrong
             raise RemoteError("corrupt", exc.message) from None
         with Phase(self.phases, "restore"):
             self.restore(remote, manifest)
-        self.replay(manifest)
+        self.replay(printed)
         outcome.result, outcome.key = "hit", key
         outcome.counters.update(hits=1, bytes_down=remote.bytes_down)
         remote.close()

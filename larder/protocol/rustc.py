@@ -15,6 +15,13 @@ Spec (larder's own, version 1). A manifest is a UTF-8 JSON object, at most
       "exit_code": 0                         # only successful compilations are cached
     }
 
+Version 2 is the same, except that ``stdout`` and ``stderr`` are replaced by ``"printed_zst"``:
+the base64 of one zstd frame holding the JSON array ``[stdout, stderr]``, which decodes to at
+most :data:`MAX_PRINTED` bytes. A client writes it only when version 1 would exceed
+:data:`MAX_MANIFEST_SIZE` (a crate printing thousands of warnings: rustc's JSON diagnostics
+shrink about tenfold), so readers of version 1 alone still read every other manifest and refuse
+these (a miss) rather than replay nothing. The server checks the frame's shape, not its text.
+
 ``name`` is a plain file name (``[A-Za-z0-9._+-]``, not ``.``/``..``, at most 255 bytes), unique
 within the manifest; ``blake3`` is the BLAKE3 of the file's bytes, which is also its blob id in
 larder's store; ``mode`` is the permission bits (0-0o777). The key itself is derived by the client
@@ -35,6 +42,9 @@ answered with ``{"missing": [...]}`` in the order asked.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import re
 from typing import Any, Final, NamedTuple
@@ -42,7 +52,12 @@ from typing import Any, Final, NamedTuple
 from larder.errors import FormatError
 
 MANIFEST_VERSION: Final = 1
+#: The version whose printed text is compressed (``printed_zst``).
+PACKED_VERSION: Final = 2
 MAX_MANIFEST_SIZE: Final = 1024 * 1024
+#: The most a version 2 manifest's printed text decodes to (its JSON array).
+MAX_PRINTED: Final = 64 * 1024 * 1024
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 MAX_OUTPUTS: Final = 64
 MAX_QUERY_BLOBS: Final = 10_000
 MAX_DIRECT_SOURCES: Final = 10_000
@@ -80,7 +95,8 @@ class Output(NamedTuple):
 
 
 class Manifest(NamedTuple):
-    """A cached compilation: its outputs and what rustc printed."""
+    """A cached compilation: its outputs and what rustc printed (``stdout`` and ``stderr``, or
+    in version 2 ``printed_zst``: read both with :meth:`printed`)."""
 
     crate: str
     outputs: tuple[Output, ...]
@@ -88,19 +104,54 @@ class Manifest(NamedTuple):
     stderr: str = ""
     exit_code: int = 0
     version: int = MANIFEST_VERSION
+    printed_zst: str = ""
+
+    @classmethod
+    def made(cls, crate: str, outputs: tuple[Output, ...], stdout: str, stderr: str) -> Manifest:
+        """The manifest of a compilation: version 1, unless only version 2 fits (the module)."""
+        plain = cls(crate, outputs, stdout, stderr)
+        if len(plain.to_json()) <= MAX_MANIFEST_SIZE:
+            return plain
+        import zstandard  # imported when used: every compilation loads this module
+
+        text = json.dumps([stdout, stderr], separators=(",", ":")).encode()
+        packed = zstandard.ZstdCompressor(level=19).compress(text)
+        encoded = base64.b64encode(packed).decode("ascii")
+        return cls(crate, outputs, version=PACKED_VERSION, printed_zst=encoded)
+
+    def printed(self) -> tuple[str, str]:
+        """``(stdout, stderr)``; :class:`FormatError` when version 2's text does not decode."""
+        if self.version != PACKED_VERSION:
+            return self.stdout, self.stderr
+        import zstandard
+
+        try:
+            packed = base64.b64decode(self.printed_zst, validate=True)
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(packed))
+            text = reader.read(MAX_PRINTED + 1)
+        except (binascii.Error, zstandard.ZstdError) as exc:
+            raise FormatError(f"manifest printed text does not decode: {exc}") from None
+        if len(text) > MAX_PRINTED:
+            raise FormatError(f"manifest printed text decodes to more than {MAX_PRINTED} bytes")
+        doc = load_json(text, "manifest printed text")
+        if not (isinstance(doc, list) and len(doc) == 2 and all(isinstance(t, str) for t in doc)):
+            raise FormatError("manifest printed text must be [stdout, stderr]")
+        return doc[0], doc[1]
 
     def to_json(self) -> bytes:
-        doc = {
+        doc: dict[str, object] = {
             "version": self.version,
             "crate": self.crate,
             "outputs": [
                 {"name": o.name, "blake3": o.blake3, "size": o.size, "mode": o.mode}
                 for o in self.outputs
             ],
-            "stdout": self.stdout,
-            "stderr": self.stderr,
-            "exit_code": self.exit_code,
         }
+        if self.version == PACKED_VERSION:
+            doc["printed_zst"] = self.printed_zst
+        else:
+            doc["stdout"], doc["stderr"] = self.stdout, self.stderr
+        doc["exit_code"] = self.exit_code
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @property
@@ -166,8 +217,8 @@ def parse_manifest(data: bytes) -> Manifest:
     if not isinstance(doc, dict):
         raise FormatError("manifest must be a JSON object")
     version = _field(doc, "version", int)
-    if version != MANIFEST_VERSION:
-        raise FormatError(f"unsupported manifest version {version} (this server reads 1)")
+    if version not in (MANIFEST_VERSION, PACKED_VERSION):
+        raise FormatError(f"unsupported manifest version {version} (this server reads 1 and 2)")
     crate = _field(doc, "crate", str)
     if not _CRATE.fullmatch(crate):
         raise FormatError(f"invalid crate name {crate[:80]!r}")
@@ -181,9 +232,19 @@ def parse_manifest(data: bytes) -> Manifest:
     exit_code = _field(doc, "exit_code", int)
     if exit_code != 0:
         raise FormatError("only successful compilations (exit_code 0) are cached")
+    outputs = tuple(sorted(outputs, key=lambda o: o.name))
+    if version == PACKED_VERSION:
+        packed = _field(doc, "printed_zst", str)
+        try:
+            frame = base64.b64decode(packed, validate=True)
+        except binascii.Error:
+            raise FormatError("manifest field 'printed_zst' must be base64") from None
+        if not frame.startswith(_ZSTD_MAGIC):
+            raise FormatError("manifest field 'printed_zst' must hold a zstd frame")
+        return Manifest(crate, outputs, exit_code=exit_code, version=version, printed_zst=packed)
     return Manifest(
         crate=crate,
-        outputs=tuple(sorted(outputs, key=lambda o: o.name)),
+        outputs=outputs,
         stdout=_field(doc, "stdout", str),
         stderr=_field(doc, "stderr", str),
         exit_code=exit_code,

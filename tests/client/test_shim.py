@@ -365,6 +365,29 @@ def test_second_machine_hits_through_direct_mode_without_running_rustc(tmp_path:
     ).read_bytes()
 
 
+def test_a_crate_printing_thousands_of_warnings_is_cached_and_replays_them(
+    tmp_path: Path,
+) -> None:
+    """900 warnings are 1.5 MB of rustc's JSON, more than a manifest may hold: it was refused
+    (413, after its blobs were sent) on every build. Its text is now kept compressed."""
+    from tests.e2e.harness import larder_server
+
+    machines = two_checkouts(tmp_path)
+    body = "".join(f"    let unused_{i} = {i};\n" for i in range(900))
+    for crate in machines:
+        (crate / "src" / "lib.rs").write_text(f"pub fn answer() -> u32 {{\n{body}    42\n}}\n")
+    json_output = ("--error-format=json", "--json=diagnostic-rendered-ansi")
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        url = f"{server.url}/main"
+        ci = shim(machines[0], url, *json_output, LARDER_TOKEN=server.token())
+        assert ci.returncode == 0 and ci.stderr.count("unused_") >= 900
+        assert stats(machines[0])["uploads"] == 1, stats(machines[0])
+        laptop = shim(machines[1], url, *json_output)
+        assert laptop.returncode == 0
+    assert stats(machines[1])["hits"] == 1
+    assert laptop.stderr.replace("/laptop/", "/ci/") == ci.stderr  # every warning, its own paths
+
+
 def test_a_read_token_reads_a_private_cache_and_never_tries_to_upload(tmp_path: Path) -> None:
     from tests.e2e.harness import larder_server
 

@@ -123,7 +123,7 @@ async def test_manifest_sizes_must_match(service: Service) -> None:
     [
         (b"not json", "not JSON"),
         (b"[]", "JSON object"),
-        (json.dumps({"version": 2}).encode(), "version"),
+        (json.dumps({"version": 3}).encode(), "version"),
         (
             json.dumps(
                 {"version": 1, "crate": "a", "outputs": [], "stdout": "", "stderr": "",
