@@ -1,11 +1,13 @@
 """What a shared cache in front of larder (a CDN, nginx's ``proxy_cache``) may keep: the
 ``Cache-Control`` of every answer (RFC 9111).
 
-- A public cache's NAR (``nar/<FileHash>.nar.zst``, ``.nar``) is named by its content and is
-  kept :data:`NAR_MAX_AGE`, ``immutable``.
-- Its narinfos, ``nix-cache-info`` and other Nix objects (``.ls``, ``log/``...) are kept
-  :data:`NARINFO_MAX_AGE`: a collection, a damaged narinfo replaced or a key rotated reach
-  clients that soon.
+- A public cache's NAR at the URL its narinfos give (``nar/<hash>.nar.zst``) is named by its
+  content and is kept :data:`NAR_MAX_AGE`, ``immutable``.
+- Its narinfos, ``nix-cache-info``, other Nix objects (``.ls``, ``log/``...) and NARs under
+  other names (``.nar``, the name an upload came under) are kept :data:`NARINFO_MAX_AGE`: a
+  collection, a damaged narinfo replaced or a key rotated reach clients that soon, and a pusher
+  asking whether a NAR is there (``HEAD``, answered by a proxy from a kept ``GET``) learns it
+  was collected.
 - Every answer of a private cache is ``private``: a shared cache never keeps it. (nginx keys its
   cache by URL alone, so a kept answer would go to the next client, whatever its token.)
 - Everything else is ``no-store`` (:func:`default_no_store`): a miss, so that a push is seen at
@@ -13,8 +15,9 @@
   the answers to uploads; the API, metrics and health; the rustc and sccache routes, which their
   clients reach directly.
 
-A cache made private while a shared cache holds its public answers does not take them back:
-purge the proxy then (docs/operating.md).
+A cache made private while a shared cache holds its public answers does not take them back,
+and servers answer as public for up to ``refresh_interval`` after: purge the proxy once that has
+passed (docs/operating.md).
 """
 
 from __future__ import annotations

@@ -24,13 +24,18 @@ PUBLIC = {
     "nar.zst": (200, NAR),
     "nar.zst HEAD": (200, NAR),
     "nar.zst range": (206, NAR),
-    "nar": (200, NAR),
+    # Names Nix uploads under, which a pusher asks about: kept as briefly as narinfos, so a
+    # push after a collection is not told the NAR is still there.
+    "nar": (200, NARINFO),
+    "upload name": (200, NARINFO),
+    "upload name HEAD": (200, NARINFO),
     "ls": (200, NARINFO),
 }
 
 
-async def push(svc: Service, cache: str, token: str) -> tuple[str, str]:
-    """A store path pushed to ``cache`` as zstd: ``(narinfo URL, NAR URL)`` under the cache."""
+async def push(svc: Service, cache: str, token: str) -> tuple[str, str, str]:
+    """A store path pushed to ``cache`` as zstd: ``(narinfo URL, NAR URL, the NAR's upload
+    URL)``."""
     path, nar = store_path(f"rust_{cache}-1.0"), make_nar(b"cached" * 5000)
     body = zstandard.ZstdCompressor().compress(nar)
     nar_url = f"nar/{nix32.encode(hashlib.sha256(body).digest())}.nar.zst"
@@ -42,13 +47,15 @@ async def push(svc: Service, cache: str, token: str) -> tuple[str, str]:
     listing = await svc.client.put(f"/{cache}/{hash_part(path)}.ls", data=b"{}", headers=auth)
     assert listing.status == 200
     served = await (await svc.client.get(narinfo, headers=auth)).text()
-    return narinfo, f"/{cache}/" + served.split("URL: ", 1)[1].split("\n", 1)[0]
+    own = f"/{cache}/" + served.split("URL: ", 1)[1].split("\n", 1)[0]
+    assert own != f"/{cache}/{nar_url}"
+    return narinfo, own, f"/{cache}/{nar_url}"
 
 
 async def answers(svc: Service, cache: str, token: str | None) -> dict[str, tuple[int, str | None]]:
     """Status and ``Cache-Control`` of every kind of Nix read of a pushed path in ``cache``."""
     writer = await svc.issue(cache, Scope.WRITE)
-    narinfo, nar = await push(svc, cache, writer)
+    narinfo, nar, uploaded = await push(svc, cache, writer)
     auth = svc.auth(token) if token else {}
     seen = {}
     for name, method, url, extra in (
@@ -59,6 +66,8 @@ async def answers(svc: Service, cache: str, token: str | None) -> dict[str, tupl
         ("nar.zst HEAD", "HEAD", nar, {}),
         ("nar.zst range", "GET", nar, {"Range": "bytes=0-9"}),
         ("nar", "GET", nar.removesuffix(".zst"), {}),
+        ("upload name", "GET", uploaded, {}),
+        ("upload name HEAD", "HEAD", uploaded, {}),
         ("ls", "GET", narinfo.replace(".narinfo", ".ls"), {}),
     ):
         resp = await svc.client.request(method, url, headers={**auth, **extra})

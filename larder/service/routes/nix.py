@@ -117,7 +117,8 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
     # name of an upload this cache stored and whose NAR it still holds. Not counted as a lookup.
     uploaded = record is None and request.method == "HEAD" and compression != "zstd"
     if uploaded and await nix.nar_file(settings, nar_hash, compression) is not None:
-        return web.Response(headers=nar_headers(settings.private))
+        return web.Response(headers=nar_headers(settings.private, larders_own=False))
+    larders_own = record is not None and compression == "zstd"  # the narinfo's URL
     if record is None and compression == "zstd":
         # The URL of the narinfo Nix uploaded, which the pushing machine keeps in its narinfo
         # cache and substitutes from later: the NAR that zstd upload stored, as zstd (Nix
@@ -139,15 +140,13 @@ async def get_nar(request: web.Request) -> web.StreamResponse:
             reader = await nix.checked_blob(record, reader)
             if reader is None:
                 raise web.HTTPNotFound()
-        return await serve_blob(request, reader, nar_headers(settings.private))
+        return await serve_blob(request, reader, nar_headers(settings.private, larders_own))
+    headers = nar_headers(settings.private, larders_own=False)
     if request.method == "HEAD":
         await reader.close()
-        return await serve_stream(request, None, record.nar_size, nar_headers(settings.private))
+        return await serve_stream(request, None, record.nar_size, headers)
     return await serve_stream(
-        request,
-        decompressed(reader, record.nar_size, record.blob_id),
-        record.nar_size,
-        nar_headers(settings.private),
+        request, decompressed(reader, record.nar_size, record.blob_id), record.nar_size, headers
     )
 
 

@@ -30,8 +30,13 @@ def cache_info_headers(private: bool) -> dict[str, str]:
     return {"Content-Type": CACHE_INFO_TYPE, **kept(private, NARINFO_MAX_AGE)}
 
 
-def nar_headers(private: bool) -> dict[str, str]:
-    """A NAR answer's own headers (a file response adds ``Accept-Ranges`` and its validators)."""
+def nar_headers(private: bool, larders_own: bool = True) -> dict[str, str]:
+    """A NAR answer's own headers (a file response adds ``Accept-Ranges`` and its validators).
+    Only the URL larder's narinfos give (``larders_own``) is kept long: the names Nix uploads
+    under (``.nar`` too, an uncompressed upload's) are what a pusher asks about before
+    uploading, and a kept answer would make it skip the upload of a NAR since collected."""
+    if not larders_own:
+        return {"Content-Type": NAR_TYPE, **kept(private, NARINFO_MAX_AGE)}
     return {"Content-Type": NAR_TYPE, **kept(private, NAR_MAX_AGE, immutable=True)}
 
 
