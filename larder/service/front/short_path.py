@@ -74,11 +74,11 @@ from larder.protocol.forwarded import client_address
 from larder.protocol.names import check_cache_name
 from larder.protocol.storepath import check_hash_part
 from larder.service import state
-from larder.service.cache_control import NO_STORE
 from larder.service.front.heads import Head
 from larder.service.observability.answer_tally import TallyKey
 from larder.service.routes.credentials import could_write
 from larder.service.routes.nix_headers import (
+    MISS_HEADERS,
     cache_info_headers,
     head_lines,
     nar_headers,
@@ -94,8 +94,8 @@ MAX_ANSWERS = 20_000
 #: that.
 RECHECK = 1.0
 
-# What the application answers for web.HTTPNotFound(): a miss is not kept (cache_control).
-NOT_FOUND_HEADERS = {"Content-Type": "text/plain; charset=utf-8", "Cache-Control": NO_STORE}
+# What the application answers for a narinfo miss: web.HTTPNotFound(headers=MISS_HEADERS).
+NOT_FOUND_HEADERS = {**MISS_HEADERS, "Content-Type": "text/plain; charset=utf-8"}
 NOT_FOUND_BODY = b"404: Not Found"
 #: A narinfo HEAD that finds it: the application's answer has no ``Content-Length``.
 _NARINFO_HEAD_HIT = head_lines(200, narinfo_headers(False), None)  # (public caches only)

@@ -44,6 +44,7 @@ from larder.service.routes.bodies import (
 )
 from larder.service.routes.cache_access import cache_for, expect_continue
 from larder.service.routes.nix_headers import (
+    MISS_HEADERS,
     cache_info_headers,
     nar_headers,
     narinfo_headers,
@@ -75,7 +76,7 @@ async def get_narinfo(request: web.Request) -> web.Response:
     try:
         store_hash = _store_hash(request)
     except FormatError:  # no store path has this hash: not here, as Nix reads a 404
-        raise web.HTTPNotFound() from None
+        raise web.HTTPNotFound(headers=MISS_HEADERS) from None
     # HEAD too reads the narinfo: what `nix copy` asks to decide what to upload must agree
     # with what a GET would serve (a stored narinfo that does not parse is missing).
     body = await nix.get_narinfo(settings, store_hash)
@@ -83,7 +84,7 @@ async def get_narinfo(request: web.Request) -> web.Response:
     if body is None:
         if not writer(request):  # `nix copy` asks for each path it is about to push
             request.app[HITS].missed_store_hash(settings.name, store_hash)
-        raise web.HTTPNotFound()
+        raise web.HTTPNotFound(headers=MISS_HEADERS)
     headers = narinfo_headers(settings.private)
     if request.method == "HEAD":
         return web.Response(headers=headers)

@@ -13,11 +13,16 @@ import re
 from collections.abc import Mapping
 from http import HTTPStatus
 
-from larder.service.cache_control import NAR_MAX_AGE, NARINFO_MAX_AGE, kept
+from larder.service.cache_control import NAR_MAX_AGE, NARINFO_MAX_AGE, NO_STORE, kept
 
 NARINFO_TYPE = "text/x-nix-narinfo"
 NAR_TYPE = "application/x-nix-nar"
 CACHE_INFO_TYPE = "text/x-nix-cache-info"
+
+
+#: The headers a narinfo miss is raised with (``web.HTTPNotFound`` adds its text's type and
+#: length after them): the short path writes the same, in that order.
+MISS_HEADERS = {"Cache-Control": NO_STORE}
 
 
 def narinfo_headers(private: bool) -> dict[str, str]:
