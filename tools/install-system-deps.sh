@@ -10,6 +10,7 @@
 #   script compiles a C library;
 # - node and npm (nodejs, npm), to install s3rver, an S3 imitation, into build/s3rver
 #   (tools/install-s3rver.sh, pinned by tools/s3rver/package-lock.json).
+# - libfaketime (faketime), a process's clock set apart from the files' in the rustc shim tests;
 # - nginx, the caching proxy in front of larder in tests/e2e/test_caching_proxy.py and the peer
 #   the benchmarks measure against;
 # - Go and the libraries helm 3 renders templates with (sprig v3, sigs.k8s.io/yaml), to build
@@ -24,6 +25,7 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v go >/dev/null 2>&1 || missing+=(golang-go)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || missing+=(faketime)
 [ -d /usr/share/gocode/src/github.com/Masterminds/sprig ] || missing+=(golang-github-masterminds-sprig-dev)
 [ -d /usr/share/gocode/src/sigs.k8s.io/yaml ] || missing+=(golang-k8s-sigs-yaml-dev)
 for crate in itoa hex memchr fnv proc-macro2 quote syn unicode-ident; do

@@ -173,6 +173,29 @@ def changed_since(paths: Sequence[str], cwd: Path, since_ns: int) -> bool:
     return False
 
 
+#: Nanoseconds the wall clock may drift from the monotonic one over a compilation before it
+#: counts as stepped (NTP's corrections, a resume from sleep).
+CLOCK_STEP_NS = 500_000_000
+
+
+def stamped_now_ns(directory: Path | None) -> int | None:
+    """The change time the file system of ``directory`` gives a file written now: its clock
+    (a network file system's server's) may not be this process's."""
+    if directory is None:
+        return None
+    stamp = directory / f".larder-clock-{os.getpid()}"
+    try:
+        fd = os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"x")
+            return os.fstat(fd).st_ctime_ns
+        finally:
+            os.close(fd)
+            os.unlink(stamp)
+    except OSError:
+        return None
+
+
 class Phase:
     """Adds the wall time of a ``with`` block to ``phases[name]`` (ms, for the log)."""
 
@@ -248,7 +271,11 @@ class Invocation:
         self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
         self.uploaded = ""  # the key an upload went under
         self.unkeyed = False  # a miss found without a dep-info run: no key computed yet
-        self.compile_started_ns = 0  # when rustc was started (time.time_ns), once it was
+        # When rustc was started, once it was: by the earlier of this process's clock and the
+        # change time the output directory's file system gave a file then; and on the
+        # monotonic clock, to see the wall clock step meanwhile.
+        self.compile_started_ns = 0
+        self.compile_wall_ns = self.compile_monotonic_ns = 0
         self.current: cache_key.KeyInputs | None = None  # the last key computed
         self.phases: dict[str, float] = {}  # where the time went, by phase (ms, for the log)
         # Given the exit code once nothing left to do can change it (a successful compilation's
@@ -272,7 +299,9 @@ class Invocation:
 
     def compile(self, outcome: Outcome) -> tuple[int, bytes, bytes]:
         start = time.monotonic()
-        self.compile_started_ns = time.time_ns()
+        self.compile_wall_ns, self.compile_monotonic_ns = time.time_ns(), time.monotonic_ns()
+        stamped = stamped_now_ns(self.out_dir)
+        self.compile_started_ns = min(self.compile_wall_ns, stamped or self.compile_wall_ns)
         with Phase(self.phases, "rustc"):
             code, out, err = run_teed(self.command(), self.cwd)
         outcome.counters["compile_ms"] = _now_ms(start)
@@ -429,6 +458,12 @@ class Invocation:
             else:
                 self.produced[name] = identity(path)
 
+    def clock_stepped(self) -> bool:
+        """Whether the wall clock stepped, either way, since rustc was started."""
+        wall = time.time_ns() - self.compile_wall_ns
+        monotonic = time.monotonic_ns() - self.compile_monotonic_ns
+        return abs(wall - monotonic) > CLOCK_STEP_NS
+
     def own_inputs(self, base: cache_key.Base) -> OwnKey | str:
         """The key from the dep-info file rustc just wrote with the outputs (the same command's
         own account of what it read, as a hit computes it from the direct entry recorded from
@@ -437,8 +472,9 @@ class Invocation:
         if self.depinfo_text is None:
             return "no-dep-info"
         deps = depinfo.parse(self.depinfo_text)
-        if changed_since(deps.files, self.cwd, self.compile_started_ns):
-            # Saved while rustc ran: the key would name the new text, the outputs the old.
+        if self.clock_stepped() or changed_since(deps.files, self.cwd, self.compile_started_ns):
+            # Saved while rustc ran (or the clock stepped, and change times cannot tell): the
+            # key would name the new text, the outputs the old.
             return "changed-while-compiling"
         tokens: list[str] | None = None
         link: dict[str, object] | None = None

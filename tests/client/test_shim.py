@@ -537,6 +537,32 @@ def test_a_source_saved_while_rustc_runs_is_not_uploaded(crate: Path) -> None:
         assert counted["error_kinds"] == {"changed-while-compiling": 1}
 
 
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def test_a_source_saved_while_rustc_runs_is_seen_whatever_the_shims_clock(crate: Path) -> None:
+    """The shim's clock an hour ahead of the one stamping the files (a network file system's
+    server, a clock stepped back while rustc ran): the save looked older than the compilation
+    and the old outputs went up under the new text's key, a wrong hit for everyone."""
+    from tests.e2e.harness import larder_server
+
+    assert FAKETIME.exists(), "libfaketime is not installed (make system-deps)"
+    saving = crate / "rustc-then-save"
+    saving.write_text(
+        f'#!/bin/sh\nenv -u LD_PRELOAD -u FAKETIME {RUSTC} "$@"; code=$?\n'
+        'case "$*" in *--crate-name*) echo "// saved" >> src/lib.rs;; esac\nexit $code\n'
+    )
+    saving.chmod(0o755)
+    with larder_server(str(crate / "data"), crate) as server:
+        done = shim(crate, f"{server.url}/main", LARDER_TOKEN=server.token(),
+                    RUSTC_OVERRIDE=str(saving), LARDER_RESIDENT="0",
+                    LD_PRELOAD=str(FAKETIME), FAKETIME="+1h")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        counted = stats(crate)
+        assert counted["uploads"] == 0, counted
+        assert counted["error_kinds"] == {"changed-while-compiling": 1}
+
+
 def test_a_source_dated_in_the_future_is_uploaded(crate: Path) -> None:
     """A modification time ahead of the clock (a tarball from a skewed machine, ``touch -d``)
     says nothing about a save during the compilation: the change time does."""
