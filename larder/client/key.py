@@ -181,8 +181,10 @@ def portable_args(compilation: Compilation, roots: Roots) -> list[str]:
     cwd = remapped_below([path for name, path in roots.spellings if name == "CWD"], remaps)
     if cwd is not None:
         out.append(f"--remap-path-prefix=@LARDER:CWD@={cwd[1]}")
-    elif roots.cwd_remap != ".":
+    elif roots.cwd_remap not in (".", ""):
         out.append(f"--remap-path-prefix=@LARDER:CWD@={roots.cwd_remap}")
+    elif roots.cwd_remap == "":  # not remapped: its outputs name it, so they serve it alone
+        out.extend(f"--larder-crate-dir={path}" for name, path in roots.spellings if name == "CWD")
     # Likewise the target directory and CARGO_HOME: a remap of the user's own from another root
     # above them ($PWD=/build) writes where they sit below it (/build/target). (From above every
     # root, $HOME=~, the remapped form names this machine and is looked for before uploading.)

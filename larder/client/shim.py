@@ -499,7 +499,10 @@ class Invocation:
         from larder.client import uploads
 
         assert self.out_dir is not None
-        needles = scan_needles(self.link_roots().spellings, self.args)
+        spellings = self.link_roots().spellings
+        if not self.roots.cwd_remap:  # its outputs name its directory, which the key holds
+            spellings = tuple((name, path) for name, path in spellings if name != "CWD")
+        needles = scan_needles(spellings, self.args)
         outputs: list[Output] = []
         files: dict[str, Path] = {}
         texts: dict[str, bytes] = {}

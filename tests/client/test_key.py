@@ -154,6 +154,21 @@ def test_a_users_remap_over_the_workspace_keys_where_a_crate_sits_below_it() -> 
     assert vendored != registry
 
 
+def test_a_path_dependency_outside_the_workspace_is_keyed_by_its_directory() -> None:
+    """Its directory is not remapped (its diagnostics name its real files), so its outputs name
+    it: the key holds it, and a checkout elsewhere never takes those outputs, while members
+    (remapped to ``.``) stay keyed without theirs."""
+
+    def key_args(crate_dir: str, cwd_remap: str) -> list[str]:
+        argv = ["--crate-name", "shared", f"{crate_dir}/src/lib.rs", "--crate-type", "lib"]
+        roots = Roots.of(CWD=Path(crate_dir), TARGET=Path("/ws/target"), CARGO_HOME=None)
+        return portable_args(args.parse(argv), roots._replace(cwd_remap=cwd_remap))
+
+    here, there = key_args("/ci/shared", ""), key_args("/home/me/shared", "")
+    assert "--larder-crate-dir=/ci/shared" in here and here != there
+    assert key_args("/ci/shared", ".") == key_args("/home/me/shared", ".")
+
+
 def test_a_users_remap_over_the_target_directory_keys_where_it_sits() -> None:
     """``$PWD=/build`` with the target directory inside the checkout writes OUT_DIR paths as
     ``/build/target/...``; with it elsewhere (``CARGO_TARGET_DIR``) the shim's
