@@ -6,14 +6,21 @@ to the last proxy's peer, and only the part the trusted proxies wrote can be bel
 may send any header it likes. The client is therefore the right-most address not in a trusted
 network, reading from the right while every address so far was trusted: the connection's peer
 first, then the header's entries. A malformed entry stops the reading (the last trusted address
-read is the answer), as does the end of the header (its left-most entry is then the client).
+read is the answer), as does the end of the header (its left-most entry is then the client), or
+:data:`MAX_HOPS` entries read (no chain of proxies is that long; a client inside a trusted
+network could otherwise make each request walk thousands). An IPv6 zone (``fe80::1%eth0``)
+makes an entry malformed: it is free text. IPv4-mapped IPv6 addresses, in a network or an
+entry, are their IPv4 address.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: The most ``X-Forwarded-For`` entries read, from the right.
+MAX_HOPS = 16
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:
@@ -23,14 +30,20 @@ def parse_networks(text: str) -> tuple[Network, ...]:
     for item in (part.strip() for part in text.split(",")):
         if item:
             try:
-                networks.append(ipaddress.ip_network(item, strict=False))
+                network = ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not an address or a network") from None
+            mapped = getattr(network.network_address, "ipv4_mapped", None)
+            if mapped is not None and network.prefixlen >= 96:  # ::ffff:10.0.0.0/104
+                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+            networks.append(network)
     return tuple(networks)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip()
+    if "%" in text:  # a zone: free text
+        return None
     if text.startswith("[") and "]" in text:  # [v6]:port
         text = text[1 : text.index("]")]
     elif text.count(":") == 1:  # v4:port
@@ -44,6 +57,7 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
+@functools.lru_cache(maxsize=1024)  # the same few proxies and clients, request after request
 def client_address(
     peer: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]
 ) -> str | None:
@@ -55,7 +69,7 @@ def client_address(
     current = _address(peer)
     if current is None or not any(current in network for network in trusted):
         return peer
-    for entry in reversed(forwarded_for.split(",")):
+    for entry in forwarded_for.rsplit(",", MAX_HOPS)[::-1][:MAX_HOPS]:
         address = _address(entry)
         if address is None:
             break

@@ -25,6 +25,10 @@ TRUSTED = parse_networks("10.0.0.0/8, 127.0.0.1, fd00::/8")
         ("127.0.0.1", "2001:db8::1", "2001:db8::1"),
         ("127.0.0.1", "::ffff:10.0.0.9, 198.51.100.1", "198.51.100.1"),
         ("fd00::5", "::ffff:203.0.113.9", "203.0.113.9"),  # v4-mapped, behind a v6 proxy
+        ("127.0.0.1", 'fe80::1%-"DELETE_main"_200', "127.0.0.1"),  # a zone is free text
+        ("127.0.0.1", "203.0.113.7, fe80::1%eth0", "127.0.0.1"),
+        ("127.0.0.1", ", ".join(["203.0.113.7"] + ["10.0.0.1"] * 15), "203.0.113.7"),
+        ("127.0.0.1", ", ".join(["203.0.113.7"] + ["10.0.0.1"] * 16), "10.0.0.1"),  # 16 read
         ("198.51.100.1", "203.0.113.7", "198.51.100.1"),  # an untrusted peer: its header is not
         (None, "203.0.113.7", None),
     ],
@@ -33,6 +37,19 @@ def test_the_client_is_the_right_most_untrusted_address(
     peer: str | None, header: str | None, client: str | None
 ) -> None:
     assert client_address(peer, header, TRUSTED) == client
+
+
+def test_a_proxy_named_as_an_ipv4_mapped_address_is_trusted() -> None:
+    """Behind a server listening on ``[::]`` the log shows IPv4 peers as ``::ffff:a.b.c.d``: an
+    operator who copies that form into the setting means the IPv4 address."""
+    mapped = parse_networks("::ffff:10.0.0.0/104, ::ffff:192.0.2.1")
+    assert [str(n) for n in mapped] == ["10.0.0.0/8", "192.0.2.1/32"]
+    assert client_address("::ffff:10.1.2.3", "203.0.113.7", mapped) == "203.0.113.7"
+
+
+def test_a_long_header_is_read_no_further_than_a_chain_of_proxies() -> None:
+    header = ", ".join(["10.0.0.1"] * 100_000)
+    assert client_address("127.0.0.1", header, TRUSTED) == "10.0.0.1"
 
 
 def test_nothing_is_believed_without_trusted_proxies() -> None:
