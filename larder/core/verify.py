@@ -256,7 +256,9 @@ async def _size_disagrees(storage: Storage, key: str, entry: Entry, sizes: dict[
             stored = SccacheEntry.from_json(data)
             recorded = [(stored.blob_id, stored.size)]
         else:
-            recorded = [(o.blake3, o.size) for o in parse_manifest(data).outputs]
+            manifest = parse_manifest(data)
+            manifest.printed()  # version 2's text decodes, within its bound, as clients need
+            recorded = [(o.blake3, o.size) for o in manifest.outputs]
     except (FormatError, StorageError):
         return "does not parse"
     for blob_id, size in recorded:

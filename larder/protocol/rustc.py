@@ -19,8 +19,9 @@ Version 2 is the same, except that ``stdout`` and ``stderr`` are replaced by ``"
 the base64 of one zstd frame holding the JSON array ``[stdout, stderr]``, which decodes to at
 most :data:`MAX_PRINTED` bytes. A client writes it only when version 1 would exceed
 :data:`MAX_MANIFEST_SIZE` (a crate printing thousands of warnings: rustc's JSON diagnostics
-shrink some sixtyfold), so readers of version 1 alone still read every other manifest and refuse
-these (a miss) rather than replay nothing. The server checks the frame's shape, not its text.
+shrink some sixtyfold), so readers of version 1 alone still read every other manifest and
+refuse these (counted as corrupt: they compile) rather than replay nothing. The server checks
+the frame's shape, not its text; ``larder verify`` decodes it.
 
 ``name`` is a plain file name (``[A-Za-z0-9._+-]``, not ``.``/``..``, at most 255 bytes), unique
 within the manifest; ``blake3`` is the BLAKE3 of the file's bytes, which is also its blob id in
@@ -112,9 +113,11 @@ class Manifest(NamedTuple):
         plain = cls(crate, outputs, stdout, stderr)
         if len(plain.to_json()) <= MAX_MANIFEST_SIZE:
             return plain
+        text = json.dumps([stdout, stderr], separators=(",", ":")).encode()
+        if len(text) > MAX_PRINTED:
+            return plain  # no reader would take it: too large either way
         import zstandard  # imported when used: every compilation loads this module
 
-        text = json.dumps([stdout, stderr], separators=(",", ":")).encode()
         packed = zstandard.ZstdCompressor(level=3).compress(text)  # 7 MB in 5 ms: 1/65
         encoded = base64.b64encode(packed).decode("ascii")
         return cls(crate, outputs, version=PACKED_VERSION, printed_zst=encoded)

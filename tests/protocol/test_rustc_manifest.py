@@ -48,6 +48,12 @@ def test_printed_text_past_the_limit_is_kept_compressed_and_read_back_whole() ->
     assert parsed.printed() == ("stdout line\n", stderr)
 
 
+def test_printed_text_no_reader_would_take_is_not_packed() -> None:
+    stderr = "w" * (MAX_PRINTED + 1)  # compresses to almost nothing, decodes past the bound
+    manifest = Manifest.made("t", OUTPUTS, "", stderr)
+    assert manifest.version == 1 and len(manifest.to_json()) > MAX_MANIFEST_SIZE  # too large
+
+
 def packed_document(printed_zst: str) -> bytes:
     outputs = [{"name": "libt-x.rlib", "blake3": "ab" * 32, "size": 10, "mode": 420}]
     document = {"version": 2, "crate": "t", "outputs": outputs, "printed_zst": printed_zst,
