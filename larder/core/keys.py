@@ -18,6 +18,7 @@
     caches/<cache>/sccache/<path>           sccache WebDAV entry (JSON: blob id, size, time)
     gc/lock                                 the running collection's lease (JSON: owner, since)
     gc/last-run                             the last finished collection's report (JSON)
+    gc/clock/<owner>                        written and deleted to read the store's clock
     gc/use/<cache>/<ms>-<writer>            a batch of recorded uses (JSON: key -> POSIX time)
     gc/use-index/<cache>                    every recorded use, compacted by the collector
 
@@ -34,6 +35,7 @@ CACHE_CONFIG_PREFIX = "config/caches/"
 PINS_PREFIX = "config/pins/"
 GC_LOCK = "gc/lock"
 GC_LAST_RUN = "gc/last-run"
+GC_CLOCK_PREFIX = "gc/clock/"
 USE_PREFIX = "gc/use/"
 USE_INDEX_PREFIX = "gc/use-index/"
 

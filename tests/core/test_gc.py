@@ -420,6 +420,27 @@ async def test_a_second_collection_waits_for_the_first(world: World) -> None:
     assert await world.storage.get(keys.GC_LAST_RUN) is not None
 
 
+async def test_a_collector_whose_clock_runs_ahead_judges_ages_by_the_stores(
+    world: World,
+) -> None:
+    """The store dates objects (S3, a file server); a collector 11 minutes ahead of it took
+    what was uploaded a second before for older than the 10-minute grace."""
+    await world.push_closure("fresh")
+    world.clock.advance(1)
+    ahead = Collector(world.storage, clock=lambda: world.clock() + 660)
+    report = await ahead.run(
+        {"main": Policy(max_size=1, grace=GRACE)}, caches=["main"], grace=GRACE
+    )
+    assert report.evicted_objects == 0 and report.blobs_reaped == 0
+
+
+async def test_a_live_lease_is_not_taken_by_a_host_whose_clock_runs_ahead(world: World) -> None:
+    await acquire(world.storage, lease=900, clock=world.clock)
+    world.clock.advance(300)  # renewed every 300 s: alive
+    with pytest.raises(CollectionBusy):
+        await acquire(world.storage, lease=900, clock=lambda: world.clock() + 660)
+
+
 async def test_a_dead_collectors_lease_is_taken_over(world: World) -> None:
     stale = await acquire(world.storage, lease=900, clock=world.clock)
     with pytest.raises(CollectionBusy):

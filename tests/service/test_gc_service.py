@@ -105,6 +105,21 @@ async def test_a_replica_skips_a_collection_another_just_did(
     assert completed._value.get() == runs + 1
 
 
+async def test_a_last_collection_dated_ahead_by_a_fast_clock_holds_off_no_collection(
+    make_service: ServiceFactory,
+) -> None:
+    """A collector whose clock ran a day ahead wrote a finish a day from now: every replica
+    took it for a collection just done, and none collected until their clocks caught up."""
+    service = await make_service(gc_interval=3600, gc_grace=1.0, usage_interval=0)
+    app = service.client.app
+    future = json.dumps({"finished": time.time() + 86_400}).encode()
+    await service.storage.put(keys.GC_LAST_RUN, future)
+    completed = app[METRICS].gc_runs.labels("completed")
+    runs = completed._value.get()
+    await housekeeping._collect_when_due(app)
+    assert completed._value.get() == runs + 1
+
+
 async def test_a_replica_starts_with_the_stores_last_collection_not_zero(
     make_service: ServiceFactory,
 ) -> None:

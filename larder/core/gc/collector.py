@@ -48,7 +48,7 @@ from larder.core.gc.graph import (
     scan,
     tally,
 )
-from larder.core.gc.lock import DEFAULT_LEASE, Lease, held
+from larder.core.gc.lock import DEFAULT_LEASE, Lease, held, store_time
 from larder.core.gc.plan import Node, Policy, plan, total_size
 from larder.core.lastuse import RecordedUses, UseRecorder, compact_uses, load_uses
 from larder.core.pins import pins
@@ -204,7 +204,11 @@ class Collector:
                     await self._recorder.flush()
                 except StorageFull as exc:  # the uses are still read from memory: _plan
                     log.warning("uses not written before collecting: %s", exc.message)
-            report = Report(dry_run=False, started=self._clock(), grace=grace)
+            # Ages are judged by the store's clock (it dated every object; the lease was written
+            # just now): a collector whose clock runs ahead would take what was just uploaded.
+            stamped = await store_time(self._storage, keys.GC_LOCK)
+            started = min(self._clock(), stamped if stamped is not None else self._clock())
+            report = Report(dry_run=False, started=started, grace=grace)
             work = await self._plan(list(caches), policies, store, grace, report)
             await self._evict(work, lease)
             lease.check()

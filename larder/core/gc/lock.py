@@ -178,6 +178,28 @@ async def _take_from_the_dead(storage: Storage) -> bool:
     return False
 
 
+async def store_time(storage: Storage, key: str) -> float | None:
+    """The modification time the store gives ``key`` (its own clock: S3's, a file server's),
+    or None when it is not there."""
+    async for info in storage.object_infos(key):
+        if info.key == key:
+            return info.modified
+    return None
+
+
+async def store_now(storage: Storage, owner: str, clock: Callable[[], float]) -> float:
+    """Now by the store's clock, from an object written for the purpose (``clock()`` when the
+    store cannot say): ages of stored objects are judged by the clock that dated them."""
+    probe = f"{keys.GC_CLOCK_PREFIX}{owner}"
+    try:
+        await storage.put(probe, b"")
+        stamped = await store_time(storage, probe)
+        await storage.delete(probe)
+    except StorageError:
+        return clock()
+    return stamped if stamped is not None else clock()
+
+
 async def acquire(
     storage: Storage, lease: float = DEFAULT_LEASE, clock: Callable[[], float] = time.time
 ) -> Lease:
@@ -203,7 +225,10 @@ async def acquire(
         if taken:
             _HELD.add(owner)
             return Lease(storage, owner, document, lease, clock, clock())
-        stale = await storage.delete_if_older(keys.GC_LOCK, clock() - lease)
+        # The lease is dated by the store's clock: judged by this host's, one running ahead
+        # would take a live collection's lease.
+        now = min(clock(), await store_now(storage, owner, clock))
+        stale = await storage.delete_if_older(keys.GC_LOCK, now - lease)
         if not stale:
             stale = await _take_from_the_dead(storage)
         if not stale and await storage.exists(keys.GC_LOCK):
