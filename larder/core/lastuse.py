@@ -125,31 +125,56 @@ class RecordedUses:
     batches: list[str]  # the batch objects merged into ``times``
 
 
-def _merge(into: dict[str, float], data: bytes, source: str) -> None:
+#: Seconds a batch's writer's clock may differ from the store's before its times are moved to
+#: the store's (a batch is written up to a few seconds after its name is stamped; S3 dates to
+#: the second).
+SKEW_TOLERANCE = 5.0
+
+
+def _merge(into: dict[str, float], data: bytes, source: str, shift: float = 0.0) -> None:
     try:
         doc = json.loads(data)
         if not isinstance(doc, dict):
             raise ValueError("not an object")
         for rel, when in doc.items():
-            value = float(when)
+            value = float(when) + shift
             if value > into.get(rel, -math.inf):
                 into[rel] = value
     except (ValueError, TypeError) as exc:
         log.warning("ignoring corrupt use record %s: %s", source, exc)
 
 
+def _writer_skew(key: str, stored: float) -> float:
+    """How far the store's clock (``stored``: when it dated batch ``key``) runs ahead of the
+    clock of the replica that wrote it (its name's milliseconds), beyond :data:`SKEW_TOLERANCE`;
+    0 within it or for a name that says nothing."""
+    try:
+        written = int(key.rsplit("/", 1)[-1].split("-", 1)[0]) / 1000
+    except ValueError:
+        return 0.0
+    skew = stored - written
+    return skew if abs(skew) > SKEW_TOLERANCE else 0.0
+
+
 async def load_uses(storage: Storage, cache: str) -> RecordedUses:
-    """The cache's index merged with every batch present now."""
+    """The cache's index merged with every batch present now, each batch's times moved to the
+    store's clock: a replica whose clock runs behind would otherwise record reads as older than
+    they were, and a collection take what is in use."""
     times: dict[str, float] = {}
     index = await storage.get(keys.use_index(cache))
     if index is not None:
         _merge(times, index, keys.use_index(cache))
-    batches = [key async for key in storage.keys(keys.use_batch_prefix(cache))]
-    for key in batches:
-        data = await storage.get(key)
-        if data is not None:
-            _merge(times, data, key)
-    return RecordedUses(times, batches)
+    infos = [info async for info in storage.object_infos(keys.use_batch_prefix(cache))]
+    for info in infos:
+        data = await storage.get(info.key)
+        if data is None:
+            continue
+        shift = _writer_skew(info.key, info.modified)
+        if shift:
+            log.warning("use record %s: its writer's clock is %+.0f s off the store's", info.key,
+                        -shift)  # fmt: skip
+        _merge(times, data, info.key, shift)
+    return RecordedUses(times, [info.key for info in infos])
 
 
 async def compact_uses(

@@ -434,6 +434,23 @@ async def test_a_collector_whose_clock_runs_ahead_judges_ages_by_the_stores(
     assert report.evicted_objects == 0 and report.blobs_reaped == 0
 
 
+async def test_a_read_through_a_replica_whose_clock_runs_behind_keeps_its_closure(
+    world: World,
+) -> None:
+    """A replica 11 minutes behind the store recorded a read as 11 minutes old: outside the
+    grace, the closure being read was evicted. Its batch is dated by the store too, and its
+    times are moved by the difference."""
+    old = await world.push_closure("old")
+    other = await world.push_closure("other")
+    world.clock.advance(GRACE * 10)
+    world.recorder._clock = lambda: world.clock() - 660  # the replica serving the read
+    await world.use(old[-1])
+    await world.recorder.flush()
+    world.clock.advance(1)
+    await collect(world, max_size=1)
+    assert await world.whole(old[-1]) and await world.gone(other[-1])
+
+
 async def test_a_live_lease_is_not_taken_by_a_host_whose_clock_runs_ahead(world: World) -> None:
     await acquire(world.storage, lease=900, clock=world.clock)
     world.clock.advance(300)  # renewed every 300 s: alive
