@@ -26,7 +26,7 @@ from larder.core import keys
 from larder.core.caches import CacheSettings
 from larder.errors import Forbidden, LarderError, StorageError, StorageUnavailable, Unauthorized
 from larder.protocol import tokens
-from larder.protocol.tokens import Scope, TokenClaims, TokenError
+from larder.protocol.tokens import Scope, TokenClaims, TokenError, expired_message
 from larder.storage.base import Storage
 
 
@@ -221,7 +221,7 @@ class TokenAuthority:
                 self._verified.clear()
             self._verified[token] = claims
         elif claims.expired(now):
-            raise Unauthorized("invalid token: token expired")
+            raise Unauthorized(f"invalid token: {expired_message(claims, now)}")
         if claims.token_id in await self._revoked_ids():
             raise Unauthorized("invalid token: revoked")
         return claims

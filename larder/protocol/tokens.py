@@ -12,7 +12,8 @@ Spec: RFC 7519 (JWT) with RFC 7518 section 3.2 (HS256), through PyJWT. A token's
 Only HS256 is accepted (``alg: none`` and every other algorithm are rejected), the secret must
 have at least 32 bytes (RFC 7518's minimum for HS256), and expiry is checked against the ``now``
 the caller passes, never the wall clock: a token is expired from its ``exp`` second on.
-:func:`verify` raises :class:`TokenError` whose message starts with ``token expired``,
+:func:`verify` raises :class:`TokenError` whose message starts with ``token expired`` (with
+its expiry and ``now``),
 ``bad token signature`` or ``malformed token``.
 
 TTLs (:func:`parse_ttl`) are written ``<n>`` or ``<n>s`` (seconds), ``<n>m``, ``<n>h``, ``<n>d``,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import enum
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -193,8 +195,19 @@ def verify(secret: bytes, token: str, now: float) -> TokenClaims:
     except FormatError as exc:
         raise TokenError(f"malformed token: {exc.message}") from None
     if claims.expired(now):
-        raise TokenError("token expired")
+        raise TokenError(expired_message(claims, now))
     return claims
+
+
+def expired_message(claims: TokenClaims, now: float) -> str:
+    """``token expired at <UTC time> (now <UTC time> by this server's clock)``: a token made on
+    a host whose clock runs behind expires early, and the two times say so."""
+    assert claims.expires_at is not None
+
+    def utc(seconds: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+    return f"token expired at {utc(claims.expires_at)} (now {utc(now)} by this server's clock)"
 
 
 def parse_ttl(s: str) -> int:

@@ -18,6 +18,7 @@ import secrets
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from typing import Any
 from larder.core.auth import TokenAuthority, check_secret_source, record_secret_source
 from larder.core.caches import DEFAULT_CACHE, CacheRegistry, CacheSettings
 from larder.core.gc.collector import Collector
+from larder.core.gc.lock import store_now
 from larder.core.pins import pin, pins, unpin
 from larder.core.verify import verify
 from larder.errors import LarderError, StorageUnavailable
@@ -47,6 +49,8 @@ from larder.storage.base import Storage
 from larder.storage.factory import open_storage
 
 log = logging.getLogger("larder")
+#: Seconds this host's clock may differ from the store's before `token create` warns.
+CLOCK_WARNING = 60.0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +345,15 @@ async def _token_create(args: argparse.Namespace, storage: Storage, config: Conf
         when = datetime.fromtimestamp(claims.expires_at, UTC)
         expiry = f"{when:%Y-%m-%dT%H:%M:%SZ} ({claims.expires_at})"
     print(f"token id {claims.token_id}, scope {args.scope}, expires {expiry}", file=sys.stderr)
+    if claims.expires_at:
+        skew = await store_now(storage, claims.token_id, time.time) - time.time()
+        if abs(skew) > CLOCK_WARNING:
+            print(
+                f"warning: this host's clock is {abs(skew):.0f} s "
+                f"{'behind' if skew > 0 else 'ahead of'} the store's; servers count the expiry "
+                "by their own clocks",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -99,6 +99,23 @@ def test_token_create_prints_only_the_token(store: str, capsys: pytest.CaptureFi
     assert code == 0 and err.strip().endswith("expires never")
 
 
+def test_token_create_warns_of_a_clock_off_the_stores(store: str) -> None:
+    """A token made on a host two hours behind the servers is expired on arrival: the refusal
+    said only "token expired". Its maker is now told at once."""
+    from tests.client.test_shim import FAKETIME
+
+    larder = [sys.executable, "-m", "larder"]
+    subprocess.run([*larder, "cache", "create", "team", "--storage", store], check=True,
+                   capture_output=True)  # fmt: skip
+    create = [*larder, "token", "create", "--cache", "team", "--scope", "read", "--ttl", "1h",
+              "--storage", store]  # fmt: skip
+    on_time = subprocess.run(create, capture_output=True, text=True, check=True)
+    assert "warning" not in on_time.stderr
+    behind = {**os.environ, "LD_PRELOAD": str(FAKETIME), "FAKETIME": "-2h"}
+    late = subprocess.run(create, capture_output=True, text=True, check=True, env=behind)
+    assert "warning: this host's clock is 7200 s behind the store's" in late.stderr, late.stderr
+
+
 def test_token_for_a_missing_cache_is_refused(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
