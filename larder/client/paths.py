@@ -120,21 +120,24 @@ def _usable(path: Path) -> bool:
     return len(path.parts) > 2 or path.parts[1] not in SYSTEM_DIRS
 
 
-#: A character of a path component, or its separator.
-_PATH_CHAR = "[A-Za-z0-9._+~/-]"
+#: What a root may follow, as the end of the text before it: not a path (``/a/ws`` is no root in
+#: ``/x/a/ws``, nor ``/app``, a container's checkout, in ``crates/app/src``), but the start of a
+#: word, a one-letter flag starting one (``-L/app``, ``-B/app``), a colour change (``\x1b[0m``,
+#: ``\u001b[0m`` as JSON writes it) or ``file://``.
+_ROOT_MAY_FOLLOW = re.compile(
+    r"(?:^|[^A-Za-z0-9._+~/-])(?:-[A-Za-z])?$|(?:\x1b|\\u001b)\[[0-9;]*m$|file://$"
+)
+#: How far back :data:`_ROOT_MAY_FOLLOW` looks.
+_CONTEXT = 24
 
 
 @lru_cache(maxsize=8)
 def _matcher(roots: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], dict[str, str]]:
-    """The regex that finds any of ``roots`` and each root's placeholder (built once per set)."""
+    """The regex that finds any of ``roots`` and each root's placeholder (built once per set):
+    a root matches only as whole path components (``/a/ws`` is not in ``/a/ws2``), and only
+    after what :data:`_ROOT_MAY_FOLLOW` allows (:meth:`Roots.portable` checks)."""
     alternatives = "|".join(re.escape(path) for _, path in roots)
-    # A root matches only as whole path components: /a/ws must not match /a/ws2, nor /app
-    # (a container's checkout) the end of crates/app/src. It starts a word, or follows a
-    # one-letter flag that does (-L/app, -B/app).
-    pattern = re.compile(
-        rf"(?:(?<!{_PATH_CHAR})|(?<=(?<!{_PATH_CHAR})-[A-Za-z]))(?:{alternatives})"
-        rf"(?![A-Za-z0-9._+~-])"
-    )
+    pattern = re.compile(rf"(?:{alternatives})(?![A-Za-z0-9._+~-])")
     return pattern, {path: PLACEHOLDER.format(name) for name, path in roots}
 
 
@@ -184,7 +187,14 @@ class Roots(NamedTuple):
         if not self.roots:
             return text
         pattern, by_path = _matcher(self.spellings)
-        return pattern.sub(lambda match: by_path[match.group(0)], text)
+
+        def replace(match: re.Match[str]) -> str:
+            start = match.start()
+            if _ROOT_MAY_FOLLOW.search(text, max(0, start - _CONTEXT), start) is None:
+                return match.group(0)  # inside another path
+            return by_path[match.group(0)]
+
+        return pattern.sub(replace, text)
 
     def local(self, text: str) -> str:
         """``text`` with every placeholder replaced by this machine's root."""

@@ -45,6 +45,9 @@ def test_roots_match_whole_components_only() -> None:
     assert container.portable(text) == (
         "--> crates/app/src/main.rs:2:9 and /work/app/x, /ws/target/debug, @LARDER:CWD@/src/lib.rs"
     )
+    # ... but after a flag, a colour change (raw, or escaped in JSON) or file:// it is a root.
+    for before in ("-L", "-B", "\x1b[0m", "\\u001b[1;33m", "file://", "=", ":", " "):
+        assert container.portable(f"{before}/app/src") == f"{before}@LARDER:CWD@/src", before
 
 
 def test_relative_paths_stay_and_shallow_roots_are_ignored() -> None:
