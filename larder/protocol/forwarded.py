@@ -57,7 +57,10 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-@functools.lru_cache(maxsize=1024)  # the same few proxies and clients, request after request
+#: Headers up to this long are remembered with their answer (16 addresses with ports fit).
+REMEMBERED_LENGTH = 1024
+
+
 def client_address(
     peer: str | None, forwarded_for: str | None, trusted: tuple[Network, ...]
 ) -> str | None:
@@ -66,6 +69,12 @@ def client_address(
     believed (see the module); ``peer`` itself when it is not one of them."""
     if not trusted or not forwarded_for or peer is None:
         return peer
+    if len(forwarded_for) > REMEMBERED_LENGTH:  # kept, any client could fill memory with them
+        return _client_address(peer, forwarded_for, trusted)
+    return _remembered(peer, forwarded_for, trusted)
+
+
+def _client_address(peer: str, forwarded_for: str, trusted: tuple[Network, ...]) -> str:
     current = _address(peer)
     if current is None or not any(current in network for network in trusted):
         return peer
@@ -77,3 +86,8 @@ def client_address(
         if not any(address in network for network in trusted):
             break
     return str(current)
+
+
+#: The same few proxies and clients, request after request: parsing them costs about as much as
+#: the short path's whole answer.
+_remembered = functools.lru_cache(maxsize=1024)(_client_address)

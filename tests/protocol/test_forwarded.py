@@ -52,6 +52,20 @@ def test_a_long_header_is_read_no_further_than_a_chain_of_proxies() -> None:
     assert client_address("127.0.0.1", header, TRUSTED) == "10.0.0.1"
 
 
+def test_only_short_headers_are_remembered() -> None:
+    """Answers are remembered (parsing costs as much as a short-path answer), but a long header
+    kept as a key would let any client fill a server's memory, 1 MB an entry."""
+    from larder.protocol import forwarded
+
+    before = forwarded._remembered.cache_info().currsize
+    for i in range(50):
+        long = ", ".join([f"10.0.{i}.1"] * 200)
+        assert client_address("127.0.0.1", long, TRUSTED) == f"10.0.{i}.1"
+    assert forwarded._remembered.cache_info().currsize == before
+    assert client_address("127.0.0.1", "203.0.113.99", TRUSTED) == "203.0.113.99"
+    assert forwarded._remembered.cache_info().currsize == before + 1
+
+
 def test_nothing_is_believed_without_trusted_proxies() -> None:
     assert client_address("127.0.0.1", "203.0.113.7", ()) == "127.0.0.1"
 
