@@ -51,7 +51,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
@@ -157,18 +157,22 @@ def wraps_rustc(first: str) -> bool:
     return not first.startswith("-") and os.path.basename(first) == "rustc"
 
 
-def changed_since(paths: Sequence[str], cwd: Path, since_ns: int) -> bool:
+def changed_since(
+    paths: Sequence[str], cwd: Path, since_ns: int, by_device: Mapping[int, int] | None = None
+) -> bool:
     """Whether any of ``paths`` (missing included) was written or replaced at ``since_ns`` or
-    later, by its change time: the kernel sets it from its own clock on every write, rename or
-    link (``touch -d`` or ``tar`` can set a modification time in the future, not this), from a
-    clock that lags the one read for ``since_ns`` by at most a tick, so a file written before
-    ``since_ns`` never counts."""
+    later (``by_device[st_dev]`` for a file on a device whose clock was read), by its change
+    time: the kernel sets it from its own clock on every write, rename or link (``touch -d`` or
+    ``tar`` can set a modification time in the future, not this), from a clock that lags the
+    one read for ``since_ns`` by at most a tick, so a file written before ``since_ns`` never
+    counts."""
     for path in paths:
         try:
-            changed = os.stat(cwd / path).st_ctime_ns
+            stat = os.stat(cwd / path)
         except OSError:
             return True
-        if changed >= since_ns:
+        since = by_device.get(stat.st_dev, since_ns) if by_device else since_ns
+        if stat.st_ctime_ns >= since:
             return True
     return False
 
@@ -178,9 +182,9 @@ def changed_since(paths: Sequence[str], cwd: Path, since_ns: int) -> bool:
 CLOCK_STEP_NS = 500_000_000
 
 
-def stamped_now_ns(directory: Path | None) -> int | None:
-    """The change time the file system of ``directory`` gives a file written now: its clock
-    (a network file system's server's) may not be this process's."""
+def stamped_now_ns(directory: Path | None) -> tuple[int, int] | None:
+    """``(device, change time)`` the file system of ``directory`` gives a file written now: its
+    clock (a network file system's server's) may not be this process's."""
     if directory is None:
         return None
     stamp = directory / f".larder-clock-{os.getpid()}"
@@ -188,7 +192,8 @@ def stamped_now_ns(directory: Path | None) -> int | None:
         fd = os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, b"x")
-            return os.fstat(fd).st_ctime_ns
+            stat = os.fstat(fd)
+            return stat.st_dev, stat.st_ctime_ns
         finally:
             os.close(fd)
             os.unlink(stamp)
@@ -271,11 +276,12 @@ class Invocation:
         self.link_file: Path | None = None  # where rustc writes the link line (uploads only)
         self.uploaded = ""  # the key an upload went under
         self.unkeyed = False  # a miss found without a dep-info run: no key computed yet
-        # When rustc was started, once it was: by the earlier of this process's clock and the
-        # change time the output directory's file system gave a file then; and on the
-        # monotonic clock, to see the wall clock step meanwhile.
+        # When rustc was started, once it was: by this process's clock, by the clock of the
+        # output directory's file system (the change time it gave a file then) for the files
+        # on that device, and on the monotonic clock, to see the wall clock step meanwhile.
         self.compile_started_ns = 0
         self.compile_wall_ns = self.compile_monotonic_ns = 0
+        self.started_by_device: dict[int, int] = {}
         self.current: cache_key.KeyInputs | None = None  # the last key computed
         self.phases: dict[str, float] = {}  # where the time went, by phase (ms, for the log)
         # Given the exit code once nothing left to do can change it (a successful compilation's
@@ -300,8 +306,9 @@ class Invocation:
     def compile(self, outcome: Outcome) -> tuple[int, bytes, bytes]:
         start = time.monotonic()
         self.compile_wall_ns, self.compile_monotonic_ns = time.time_ns(), time.monotonic_ns()
-        stamped = stamped_now_ns(self.out_dir)
-        self.compile_started_ns = min(self.compile_wall_ns, stamped or self.compile_wall_ns)
+        self.compile_started_ns = self.compile_wall_ns
+        stamped = stamped_now_ns(self.out_dir)  # files there are dated by that clock
+        self.started_by_device = dict([stamped]) if stamped is not None else {}
         with Phase(self.phases, "rustc"):
             code, out, err = run_teed(self.command(), self.cwd)
         outcome.counters["compile_ms"] = _now_ms(start)
@@ -472,7 +479,8 @@ class Invocation:
         if self.depinfo_text is None:
             return "no-dep-info"
         deps = depinfo.parse(self.depinfo_text)
-        if self.clock_stepped() or changed_since(deps.files, self.cwd, self.compile_started_ns):
+        saved = changed_since(deps.files, self.cwd, self.compile_started_ns, self.started_by_device)
+        if self.clock_stepped() or saved:
             # Saved while rustc ran (or the clock stepped, and change times cannot tell): the
             # key would name the new text, the outputs the old.
             return "changed-while-compiling"

@@ -540,6 +540,25 @@ def test_a_source_saved_while_rustc_runs_is_not_uploaded(crate: Path) -> None:
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
+def test_a_file_is_judged_by_the_clock_of_its_own_file_system(tmp_path: Path) -> None:
+    """The output directory's file system's clock dates the files on it; files elsewhere are
+    judged by the shim's own (a target directory on a network volume whose clock runs behind
+    made every local source look saved during the compilation: nothing was uploaded)."""
+    from larder.client.shim import changed_since, stamped_now_ns
+
+    source = tmp_path / "lib.rs"
+    source.write_text("pub fn f() {}\n")
+    changed = source.stat()
+    stamped = stamped_now_ns(tmp_path)
+    assert stamped is not None and stamped[0] == changed.st_dev
+    assert not list(tmp_path.glob(".larder-clock-*"))
+    behind = {changed.st_dev: changed.st_ctime_ns + 1}  # that clock says: written before
+    assert not changed_since(["lib.rs"], tmp_path, changed.st_ctime_ns, behind)
+    assert changed_since(["lib.rs"], tmp_path, changed.st_ctime_ns)  # by the shim's clock
+    other_device = {changed.st_dev + 1: changed.st_ctime_ns + 1}
+    assert changed_since(["lib.rs"], tmp_path, changed.st_ctime_ns, other_device)
+
+
 def test_a_source_saved_while_rustc_runs_is_seen_whatever_the_shims_clock(crate: Path) -> None:
     """The shim's clock an hour ahead of the one stamping the files (a network file system's
     server, a clock stepped back while rustc ran): the save looked older than the compilation
