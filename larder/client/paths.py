@@ -123,9 +123,10 @@ def _usable(path: Path) -> bool:
 #: What a root may follow, as the end of the text before it: not a path (``/a/ws`` is no root in
 #: ``/x/a/ws``, nor ``/app``, a container's checkout, in ``crates/app/src``), but the start of a
 #: word, a one-letter flag starting one (``-L/app``, ``-B/app``), a colour change (``\x1b[0m``,
-#: ``\u001b[0m`` as JSON writes it) or ``file://``.
+#: ``\u001b[0m`` as JSON writes it), a line break or tab as JSON writes it (``\n``) or
+#: ``file://``. Path characters are any letters (``josé/app`` is a path), digits, ``_.+~/-``.
 _ROOT_MAY_FOLLOW = re.compile(
-    r"(?:^|[^A-Za-z0-9._+~/-])(?:-[A-Za-z])?$|(?:\x1b|\\u001b)\[[0-9;]*m$|file://$"
+    r"(?:^|[^\w.+~/-]|(?<!\\)\\[nrt])(?:-[A-Za-z])?$|(?:\x1b|\\u001b)\[[0-9;]*m$|file://$"
 )
 #: How far back :data:`_ROOT_MAY_FOLLOW` looks.
 _CONTEXT = 24
@@ -137,7 +138,7 @@ def _matcher(roots: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], dict[
     a root matches only as whole path components (``/a/ws`` is not in ``/a/ws2``), and only
     after what :data:`_ROOT_MAY_FOLLOW` allows (:meth:`Roots.portable` checks)."""
     alternatives = "|".join(re.escape(path) for _, path in roots)
-    pattern = re.compile(rf"(?:{alternatives})(?![A-Za-z0-9._+~-])")
+    pattern = re.compile(rf"(?:{alternatives})(?![\w.+~-])")
     return pattern, {path: PLACEHOLDER.format(name) for name, path in roots}
 
 

@@ -46,8 +46,10 @@ def test_roots_match_whole_components_only() -> None:
         "--> crates/app/src/main.rs:2:9 and /work/app/x, /ws/target/debug, @LARDER:CWD@/src/lib.rs"
     )
     # ... but after a flag, a colour change (raw, or escaped in JSON) or file:// it is a root.
-    for before in ("-L", "-B", "\x1b[0m", "\\u001b[1;33m", "file://", "=", ":", " "):
+    for before in ("-L", "-B", "\x1b[0m", "\\u001b[1;33m", "file://", "=", ":", " ", "\\n", "\\t"):
         assert container.portable(f"{before}/app/src") == f"{before}@LARDER:CWD@/src", before
+    for inside in ("/home/josé/app/x", "/appé/x", "/app_old/x", "my_/app/x", "a\\\\n/app"):
+        assert container.portable(inside) == inside, inside
 
 
 def test_relative_paths_stay_and_shallow_roots_are_ignored() -> None:
