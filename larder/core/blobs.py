@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 import blake3
 import zstandard
 
-from larder.core.decoding import DecoderBudget, Pausing, Reservation, settle
+from larder.core.decoding import DecoderBudget, Pausing, Reservation, first_allowance, settle
 from larder.errors import StorageError, StorageUnavailable, TooLarge
 from larder.protocol.compression import ZSTD_MAX_WINDOW, Decompressor
 from larder.storage.base import BlobInfo, BlobReader, BlobWriter, Storage
@@ -93,7 +93,7 @@ class BlobStore:
                     await self.run(writer.write, chunk)
                 return await self.run(writer.commit)
             async with self.decoder_memory() as memory:
-                allowance = None if memory is None else 0
+                allowance = first_allowance(memory)
                 decoder = Decompressor(coding, _Bounded(writer.write, limit), allowance=allowance)
                 try:
                     async for chunk in body:

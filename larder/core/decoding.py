@@ -139,6 +139,12 @@ class Reservation:
             budget._wake()
 
 
+def first_allowance(reservation: Reservation | None) -> int | None:
+    """What a decoder may hold before it asks for memory: what ``reservation`` holds (nothing
+    yet), or ``None`` (unaccounted) without one."""
+    return None if reservation is None else reservation.held
+
+
 async def settle(
     step: Pausing, reservation: Reservation, run: Callable[..., Awaitable[None]]
 ) -> None:

@@ -52,6 +52,7 @@ from larder.core.blobs import (
     record_fields,
 )
 from larder.core.caches import CacheSettings
+from larder.core.decoding import first_allowance
 from larder.core.ingest import NarIngest, keeps_upload, peek, pipelined
 from larder.core.lastuse import Touch, ignore_use
 from larder.core.servedcache import Entry, ServedCache, WriteCounter
@@ -238,7 +239,7 @@ class NixCache:
             self._blobs.decoder_memory() as memory,
             self._blobs.writer(encoded=keep) as writer,
         ):
-            allowance = None if memory is None else 0
+            allowance = first_allowance(memory)
             ingest = NarIngest(
                 compression, writer, self._max_nar_size, keep=keep, allowance=allowance
             )

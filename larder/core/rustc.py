@@ -30,6 +30,7 @@ import blake3
 from larder.core import keys
 from larder.core.blobs import BlobStore, load_record
 from larder.core.caches import CacheSettings
+from larder.core.decoding import first_allowance
 from larder.core.ingest import CodedBlobIngest, keeps_upload, peek
 from larder.core.lastuse import Touch, ignore_use
 from larder.errors import FormatError, VerificationFailed
@@ -114,7 +115,7 @@ class RustcCache:
             self._blobs.decoder_memory() as memory,
             self._blobs.writer(encoded=keep) as writer,
         ):
-            allowance = None if memory is None or coding == "none" else 0
+            allowance = first_allowance(memory)  # (a body without a coding has no decoder)
             ingest = CodedBlobIngest(coding, writer, max_size, keep=keep, allowance=allowance)
             try:
                 async for chunk in chunks:

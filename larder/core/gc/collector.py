@@ -207,7 +207,7 @@ class Collector:
             # Ages are judged by the store's clock (it dated every object; the lease was written
             # just now): a collector whose clock runs ahead would take what was just uploaded.
             stamped = await store_time(self._storage, keys.GC_LOCK)
-            started = min(self._clock(), stamped if stamped is not None else self._clock())
+            started = self._clock() if stamped is None else min(self._clock(), stamped)
             report = Report(dry_run=False, started=started, grace=grace)
             work = await self._plan(list(caches), policies, store, grace, report)
             await self._evict(work, lease)
