@@ -19,7 +19,8 @@ files and debug info are byte-identical whichever directory they were built in. 
 compiles in its own directory (registry, git, vendored: cargo names its root file by absolute
 path) has ``CWD`` remapped to ``/larder/crate/<directory name>`` instead
 (:func:`crate_dir_remap`), so its panics and debug info name it (``serde-1.0.0/src/de.rs``, not
-``./src/de.rs``) whichever registry or vendor directory holds it.
+``./src/de.rs``) whichever registry or vendor directory holds it. rustc's diagnostics are
+remapped too; :meth:`Roots.shown` puts this machine's roots back in what the shim prints.
 
 A link line names two more machine-specific places (:mod:`larder.client.linkline`): the
 toolchain's ``SYSROOT`` and rustc's temporary directory ``RUSTC_TMP``. :meth:`Roots.extended`
@@ -37,6 +38,10 @@ from typing import NamedTuple
 PLACEHOLDER = "@LARDER:{}@"
 REMAP_TO = {"CWD": ".", "TARGET": "/larder/target", "CARGO_HOME": "/larder/cargo-home"}
 _PLACEHOLDER = re.compile(r"@LARDER:([A-Z_]+)@")
+#: Where a crate compiled in its own directory is remapped to (:func:`crate_dir_remap`).
+CRATE_REMAP = "/larder/crate/"
+#: Characters a JSON string escapes.
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
 
 
 #: A build script's directory under ``<profile>/build``: the package and cargo's 16-hex hash.
@@ -132,14 +137,29 @@ _ROOT_MAY_FOLLOW = re.compile(
 _CONTEXT = 24
 
 
-@lru_cache(maxsize=8)
-def _matcher(roots: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], dict[str, str]]:
-    """The regex that finds any of ``roots`` and each root's placeholder (built once per set):
-    a root matches only as whole path components (``/a/ws`` is not in ``/a/ws2``), and only
-    after what :data:`_ROOT_MAY_FOLLOW` allows (:meth:`Roots.portable` checks)."""
-    alternatives = "|".join(re.escape(path) for _, path in roots)
-    pattern = re.compile(rf"(?:{alternatives})(?![\w.+~-])")
-    return pattern, {path: PLACEHOLDER.format(name) for name, path in roots}
+@lru_cache(maxsize=16)
+def _finder(swaps: tuple[tuple[str, str], ...]) -> tuple[re.Pattern[str], dict[str, str]]:
+    """The regex that finds any path of ``swaps`` (``(path, replacement)`` pairs, longest path
+    first) and each path's replacement (built once per set): a path matches only as whole
+    components (``/a/ws`` is not in ``/a/ws2``)."""
+    alternatives = "|".join(re.escape(path) for path, _ in swaps)
+    return re.compile(rf"(?:{alternatives})(?![\w.+~-])"), dict(swaps)
+
+
+def _swap_paths(text: str, swaps: tuple[tuple[str, str], ...]) -> str:
+    """``text`` with each path of ``swaps`` replaced where it starts a path, after what
+    :data:`_ROOT_MAY_FOLLOW` allows (``/a/ws`` is not replaced in ``/x/a/ws``)."""
+    if not swaps:
+        return text
+    pattern, replacements = _finder(swaps)
+
+    def replace(match: re.Match[str]) -> str:
+        start = match.start()
+        if _ROOT_MAY_FOLLOW.search(text, max(0, start - _CONTEXT), start) is None:
+            return match.group(0)  # inside another path
+        return replacements[match.group(0)]
+
+    return pattern.sub(replace, text)
 
 
 class Roots(NamedTuple):
@@ -185,17 +205,9 @@ class Roots(NamedTuple):
 
     def portable(self, text: str) -> str:
         """``text`` with every root replaced by its placeholder."""
-        if not self.roots:
-            return text
-        pattern, by_path = _matcher(self.spellings)
-
-        def replace(match: re.Match[str]) -> str:
-            start = match.start()
-            if _ROOT_MAY_FOLLOW.search(text, max(0, start - _CONTEXT), start) is None:
-                return match.group(0)  # inside another path
-            return by_path[match.group(0)]
-
-        return pattern.sub(replace, text)
+        return _swap_paths(
+            text, tuple((path, PLACEHOLDER.format(name)) for name, path in self.spellings)
+        )
 
     def local(self, text: str) -> str:
         """``text`` with every placeholder replaced by this machine's root."""
@@ -206,6 +218,23 @@ class Roots(NamedTuple):
             return by_name.get(name) or REMAP_TO.get(name) or match.group(0)
 
         return _PLACEHOLDER.sub(expand, text)
+
+    def shown(self, text: str) -> str:
+        """``text`` as a plain build on this machine prints it: what the shim's own remaps
+        wrote (``/larder/target/...``, ``/larder/cargo-home/...``, ``/larder/crate/<name>/...``
+        in a diagnostic) under this machine's root, found as :meth:`portable` finds a root.
+        A root that JSON would have to escape (``"``, ``\\``, control characters) is left as
+        remapped: rustc's JSON messages carry these paths in strings."""
+        roots = dict(self.roots)
+        remapped = {name: REMAP_TO[name] for name in ("TARGET", "CARGO_HOME")}
+        if self.cwd_remap.startswith(CRATE_REMAP):
+            remapped["CWD"] = self.cwd_remap
+        swaps = [
+            (to, roots[name])
+            for name, to in remapped.items()
+            if name in roots and not _JSON_ESCAPED.search(roots[name])
+        ]
+        return _swap_paths(text, tuple(sorted(swaps, key=lambda s: len(s[0]), reverse=True)))
 
     def portable_path(self, path: str) -> str:
         """A path argument in portable form (relative paths are kept as given)."""
@@ -241,7 +270,7 @@ def crate_dir_remap(crate_root: str | None, cwd: Path, lints_capped: bool = True
     if crate_root is None or not os.path.isabs(crate_root) or not lints_capped:
         return "."
     inside = os.path.normpath(crate_root).startswith(os.path.normpath(cwd).rstrip("/") + "/")
-    return f"/larder/crate/{cwd.name}" if inside and cwd.name and "=" not in cwd.name else "."
+    return f"{CRATE_REMAP}{cwd.name}" if inside and cwd.name and "=" not in cwd.name else "."
 
 
 def user_remaps(values: list[str]) -> list[tuple[str, str]]:

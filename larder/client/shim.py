@@ -23,22 +23,22 @@ Environment:
   ``$XDG_CACHE_HOME/larder``); ``LARDER_KEY_DIR``: if set, each key's inputs are written there
   as ``<key>.json``, to compare two machines' keys.
 
-For a compilation the shim computes the key (:mod:`larder.client.key`), asks the cache, and on a
-hit writes the outputs atomically into ``--out-dir`` (dep-info rewritten to this machine's paths,
-modes as recorded, so binaries stay executable), replays rustc's stdout and stderr and exits 0.
-On a miss it runs rustc with ``--remap-path-prefix`` for each root (as it does for every
-compilation it runs, so outputs are the same from any directory), passes its output through as it
-comes, takes the key from the dep-info file that compilation wrote, and with a token queues the
-outputs, snapshot, for the detached uploader (:mod:`larder.client.uploads`: blobs, manifest,
-direct entry, inputs document), refusing any that still contain one of this machine's root
-paths. A miss the direct entries could not key (some exist, none matched) costs a
-``--emit=dep-info`` run first, to look up its key; with no direct entry at all there is nothing
-under any key and rustc runs once. A miss is explained by comparing its
-inputs with those the cache stored for the same crate (:mod:`larder.client.explain`). A linked
-crate (binary, proc-macro, dylib, cdylib) it uploads is compiled
-with ``--print=link-args=FILE`` too, which tells the shim what the link read
-(:mod:`larder.client.linkline`, :mod:`larder.client.linker`). Calls that are not compilations
-(``-vV``, ``--print``) go straight to rustc with no network traffic.
+For a compilation the shim computes the key (:mod:`larder.client.key`), asks the cache, and on a hit
+writes the outputs atomically into ``--out-dir`` (dep-info rewritten to this machine's paths, modes
+as recorded, so binaries stay executable), replays rustc's stdout and stderr and exits 0. On a miss
+it runs rustc with ``--remap-path-prefix`` for each root (as it does for every compilation it runs,
+so outputs are the same from any directory), passes its output through a line at a time as it comes
+(replayed or passed, printed paths name this machine's roots, not the remaps:
+:meth:`larder.client.paths.Roots.shown`), takes the key from the dep-info file that compilation
+wrote, and with a token queues the outputs, snapshot, for the detached uploader
+(:mod:`larder.client.uploads`: blobs, manifest, direct entry, inputs document), refusing any that
+still contain one of this machine's root paths. A miss the direct entries could not key (some exist,
+none matched) costs a ``--emit=dep-info`` run first, to look up its key; with no direct entry at all
+there is nothing under any key and rustc runs once. A miss is explained by comparing its inputs with
+those the cache stored for the same crate (:mod:`larder.client.explain`). A linked crate (binary,
+proc-macro, dylib, cdylib) it uploads is compiled with ``--print=link-args=FILE`` too, which tells
+the shim what the link read (:mod:`larder.client.linkline`, :mod:`larder.client.linker`). Calls that
+are not compilations (``-vV``, ``--print``) go straight to rustc with no network traffic.
 
 The cache can slow a build but never break it: every network failure, timeout, 5xx or garbage
 answer means a local compilation and a counted error, and after an unreachable server the shim
@@ -120,15 +120,35 @@ def passthrough(rustc: str, args: Sequence[str]) -> int:
     return 0  # not reached
 
 
-def _pump(source: BinaryIO, sink: BinaryIO, keep: list[bytes]) -> None:
+def _pump(source: BinaryIO, sink: BinaryIO, keep: list[bytes], shown: Callable[[str], str]) -> None:
+    """Copy ``source`` to ``sink`` a line at a time, as ``shown`` rewrites each, keeping
+    what came unchanged (a line is rewritten whole: a path never straddles two reads)."""
+    pending = b""
     while chunk := os.read(source.fileno(), 65536):
         keep.append(chunk)
-        sink.write(chunk)
+        pending += chunk
+        lines = pending.rfind(b"\n") + 1
+        if lines:
+            sink.write(_shown_bytes(pending[:lines], shown))
+            sink.flush()
+            pending = pending[lines:]
+    if pending:
+        sink.write(_shown_bytes(pending, shown))
         sink.flush()
 
 
-def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
-    """Run ``command``, passing its output through as it comes and keeping a copy."""
+def _shown_bytes(data: bytes, shown: Callable[[str], str]) -> bytes:
+    """``data`` as ``shown`` rewrites its text; bytes that are not UTF-8 pass unchanged."""
+    if b"/larder/" not in data:
+        return data
+    return shown(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+
+
+def run_teed(
+    command: list[str], cwd: Path, shown: Callable[[str], str]
+) -> tuple[int, bytes, bytes]:
+    """Run ``command``, passing its output through as it comes (each line as ``shown``
+    rewrites it) and keeping a copy of what it printed."""
     import subprocess  # not needed on a hit
     import threading
 
@@ -140,8 +160,12 @@ def run_teed(command: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
     out: list[bytes] = []
     err: list[bytes] = []
     pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer, out), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer, err), daemon=True),
+        threading.Thread(
+            target=_pump, args=(proc.stdout, sys.stdout.buffer, out, shown), daemon=True
+        ),
+        threading.Thread(
+            target=_pump, args=(proc.stderr, sys.stderr.buffer, err, shown), daemon=True
+        ),
     ]
     for pump in pumps:
         pump.start()
@@ -310,7 +334,7 @@ class Invocation:
         stamped = stamped_now_ns(self.out_dir)  # files there are dated by that clock
         self.started_by_device = dict([stamped]) if stamped is not None else {}
         with Phase(self.phases, "rustc"):
-            code, out, err = run_teed(self.command(), self.cwd)
+            code, out, err = run_teed(self.command(), self.cwd, self.roots.shown)
         outcome.counters["compile_ms"] = _now_ms(start)
         return code, out, err
 
@@ -445,7 +469,8 @@ class Invocation:
     def replay(self, printed: tuple[str, str]) -> None:
         for text, stream in zip(printed, (sys.stdout, sys.stderr), strict=True):
             if text:
-                stream.buffer.write(self.roots.local(text).encode("utf-8", "replace"))
+                shown = self.roots.shown(self.roots.local(text))
+                stream.buffer.write(shown.encode("utf-8", "replace"))
                 stream.flush()
 
     def record_outputs(self) -> None:

@@ -52,6 +52,38 @@ def test_roots_match_whole_components_only() -> None:
         assert container.portable(inside) == inside, inside
 
 
+def test_diagnostics_name_this_machines_paths_where_the_remaps_wrote_the_shims() -> None:
+    """A plain build's warning in generated code names the real target directory; the shim's
+    remaps made it ``/larder/target/...``, which is put back for the person reading it."""
+    rendered = (
+        '{"file_name":"/larder/target/debug/build/gen-0123456789abcdef/out/gen.rs",'
+        '"rendered":"\\u001b[0m --> /larder/target/debug/build/x/out/gen.rs:2:4\\n"}'
+        " and /larder/cargo-home/git/checkouts/y/src/lib.rs"
+    )
+    assert LAPTOP.shown(rendered) == (
+        '{"file_name":"/tmp/target-me/debug/build/gen-0123456789abcdef/out/gen.rs",'
+        '"rendered":"\\u001b[0m --> /tmp/target-me/debug/build/x/out/gen.rs:2:4\\n"}'
+        " and /home/me/.cargo/git/checkouts/y/src/lib.rs"
+    )
+    # Only where the remap starts a path, whole components only; placeholders are local()'s.
+    for kept in ("/x/larder/target/a", "/larder/targets/a", "/larder/target2", "@LARDER:CWD@"):
+        assert LAPTOP.shown(kept) == kept, kept
+    # A registry crate compiled in its own directory: its remapped name back to that directory.
+    crate = Roots.of(CWD=Path("/home/me/.cargo/registry/src/index-1/serde-1.0.0"))._replace(
+        cwd_remap="/larder/crate/serde-1.0.0"
+    )
+    assert crate.shown("--> /larder/crate/serde-1.0.0/src/de.rs:9:1") == (
+        "--> /home/me/.cargo/registry/src/index-1/serde-1.0.0/src/de.rs:9:1"
+    )
+    assert LAPTOP.shown("/larder/crate/serde-1.0.0/src/de.rs") == (
+        "/larder/crate/serde-1.0.0/src/de.rs"  # another crate's: no directory known here
+    )
+    # A root JSON would have to escape stays remapped: the JSON must stay whole.
+    quoted = Roots.of(TARGET=Path('/tmp/my "target"'), CARGO_HOME=Path("/tmp/back\\slash"))
+    text = '"/larder/target/debug/x.rs /larder/cargo-home/x.rs"'
+    assert quoted.shown(text) == text
+
+
 def test_relative_paths_stay_and_shallow_roots_are_ignored() -> None:
     assert CI.portable_path("crates/leaf/src/lib.rs") == "crates/leaf/src/lib.rs"
     shallow = Roots.of(CWD=Path("/"), TARGET=Path("/tmp"), CARGO_HOME=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,11 +124,24 @@ def machine(base: Path, name: str, server: Larder, token: str | None) -> Machine
     )
 
 
+def warned_in_out_dir(stderr: str) -> list[Path]:
+    """The target directories cargo's report of the generated code's warning names (each the
+    directory holding ``debug/build/generated-<hash>/out/squares.rs``, which must exist)."""
+    assert "/larder/" not in stderr, stderr
+    found = re.findall(r"--> (/\S+)/debug/build/(generated-[0-9a-f]{16})/out/squares\.rs:", stderr)
+    for target, unit in found:
+        assert (Path(target) / "debug" / "build" / unit / "out" / "squares.rs").is_file()
+    return [Path(target) for target, _ in found]
+
+
 def test_laptop_reuses_ci_compilations_from_another_directory(tmp_path: Path) -> None:
     with larder_server(str(tmp_path / "data"), tmp_path) as server:
         ci = machine(tmp_path, "ci", server, server.token())
-        ci.build()
+        built = ci.build()
         assert ci.results() == dict.fromkeys(CACHEABLE, "miss")
+        # The warning in generated code names this machine's target directory, as a plain
+        # build's does (not the remapped /larder/target), compiled or restored.
+        assert warned_in_out_dir(built.stderr) == [ci.target]
         ci_stats = ci.stats()
         assert ci_stats["errors"] == 0 and ci_stats["uploads"] == len(CACHEABLE)
         expected_output = ci.run_demo()
@@ -135,8 +149,9 @@ def test_laptop_reuses_ci_compilations_from_another_directory(tmp_path: Path) ->
         # From another directory with an empty target directory, everything is a hit: the
         # proc-macro, the build scripts and the binary too, which runs (restored executable).
         laptop = machine(tmp_path / "home" / "me", "laptop", server, token=None)
-        laptop.build()
+        built = laptop.build()
         assert laptop.results() == dict.fromkeys(CACHEABLE, "hit")
+        assert warned_in_out_dir(built.stderr) == [laptop.target]
         laptop_stats = laptop.stats()
         assert (laptop_stats["hits"], laptop_stats["misses"], laptop_stats["errors"]) == (
             len(CACHEABLE), 0, 0,
