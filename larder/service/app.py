@@ -93,7 +93,7 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     app[state.COLLECTOR] = Collector(storage, recorder=recorder, forget=app[state.NIX].forget)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        try:  # every existing cache's series start at 0; a cache created later gets them on use
+        try:  # every existing cache's series start at 0; a later one's: housekeeping, or its use
             for cache in await app[state.CACHES].names():
                 metrics.add_cache(cache)
         except LarderError as exc:

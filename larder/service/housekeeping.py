@@ -10,7 +10,8 @@
   intervals (whatever ``gc_interval`` is: with 0, a scheduled ``larder gc`` collects) and
   before each due run, then its own. A replica that restarted, that another replica's runs
   keep idle, or that leaves collections to a scheduled job so still shows how long the store
-  has gone without a collection.
+  has gone without a collection. At the same pace it creates the series of caches made since it
+  started (a cache's series exist from 0, :mod:`larder.service.observability.metrics`).
 
 Limits (:func:`gc_policies`): a cache's own (``larder cache limits``) win; a cache without a
 retention of its own gets ``gc_retention``; ``gc_max_size`` caps the whole store.
@@ -194,13 +195,17 @@ async def _every(
         await asyncio.sleep(interval)
 
 
-async def _read_last_run(app: web.Application) -> None:
+async def _read_store_records(app: web.Application) -> None:
     """Export the store's last completed collection (this replica's, another's or a scheduled
-    ``larder gc``'s), not 0."""
+    ``larder gc``'s), not 0; and create the series of caches made since start (``larder cache
+    create`` on another machine), at 0, so that a rate over them counts their first requests."""
     try:
         await _last_run_finished(app)
     except LarderError as exc:
         log.info("could not read the last collection's record: %s", exc.message)
+    metrics = app[METRICS]
+    for cache in await app[state.CACHES].names():
+        metrics.add_cache(cache)
 
 
 async def _housekeep_storage(app: web.Application) -> None:
@@ -234,7 +239,7 @@ def start(app: web.Application, scans: bool = True) -> list[asyncio.Task[None]]:
         period = max(LAST_RUN_READS * config.refresh_interval, 1.0)
         tasks.append(
             asyncio.create_task(
-                _every(period, "reading the last collection", lambda: _read_last_run(app), 0)
+                _every(period, "reading the store's records", lambda: _read_store_records(app), 0)
             )
         )
     if scans and config.gc_interval > 0:

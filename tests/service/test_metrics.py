@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from larder.core.caches import CacheRegistry
 from larder.errors import StorageUnavailable
 from larder.protocol.tokens import Scope
 from larder.service import state
@@ -118,6 +120,25 @@ async def test_unknown_caches_and_paths_never_become_labels(service: Service) ->
     for _, labels in samples:
         for label_value in dict(labels).values():
             assert "/" not in label_value
+
+
+async def test_a_cache_created_while_serving_gets_its_series_before_its_first_request(
+    make_service: ServiceFactory,
+) -> None:
+    """``larder cache create`` runs in another process: without its series at 0 before its
+    first request, a rate over them drops that request (a new private cache's first refusal)."""
+    storage = MemoryStorage()
+    service = await make_service(storage, usage_interval=0, refresh_interval=0.1)
+    await CacheRegistry(storage).create("late")  # as the command-line tool does
+    deadline = asyncio.get_running_loop().time() + 10
+    while not any(dict(labels).get("cache") == "late" for _, labels in await scrape(service)):
+        assert asyncio.get_running_loop().time() < deadline, "no series for the new cache"
+        await asyncio.sleep(0.05)
+    samples = await scrape(service)
+    assert value(samples, "larder_access_refused_total", cache="late", protocol="nix",
+                 needed="read") == 0  # fmt: skip
+    assert value(samples, "larder_cache_lookups_total", cache="late", protocol="nix",
+                 kind="narinfo", result="hit", role="reader") == 0  # fmt: skip
 
 
 async def test_backend_errors_are_counted(make_service: ServiceFactory) -> None:
