@@ -260,8 +260,22 @@ def summaries(records: list[dict[str, Any]], build: list[dict[str, Any]]) -> lis
     ]
 
 
+#: What ``larder-rustc explain --help`` prints.
+EXPLAIN_USAGE = """\
+usage: larder-rustc explain [CRATE] [--json]
+
+Why the last build's crates missed the cache: for each, the input that differs from what the
+cache holds for the same crate (a source, a dependency, a flag or feature, an environment
+variable, the toolchain, a build script's output, what a link read).
+CRATE: a crate or package name, to show that one only. --json: the same as JSON.
+"""
+
+
 def command(argv: list[str], state: Path) -> int:
     """``larder-rustc explain [CRATE] [--json]``."""
+    if "-h" in argv[1:] or "--help" in argv[1:]:
+        print(EXPLAIN_USAGE, end="")
+        return 0
     as_json = "--json" in argv
     wanted = [arg for arg in argv[1:] if not arg.startswith("--")]
     build = last_build(load(state))

@@ -997,6 +997,26 @@ def _finish(invocation: Invocation, environ: dict[str, str]) -> int:
     return code
 
 
+#: What ``larder-rustc --help`` prints (docs/rustc-cache.md has every setting).
+USAGE = """\
+usage: RUSTC_WRAPPER=larder-rustc cargo build   (cargo runs: larder-rustc RUSTC ARGS...)
+       larder-rustc --stats [--json]      hits, misses by category, errors, bytes, time
+       larder-rustc --zero-stats          start the counts again
+       larder-rustc explain [CRATE] [--json]
+                                          why the last build's crates missed
+       larder-rustc --wait-uploads [SECONDS]
+                                          until this machine's uploads are sent (CI's last step)
+
+environment:
+  LARDER_URL      the cache, e.g. http://larder:8080/main (unset: rustc runs untouched)
+  LARDER_TOKEN    a token: a write token also uploads, a read token reads a private cache
+  LARDER_DISABLE  1: rustc runs untouched
+  LARDER_LOG      a file that gets one line per compilation
+  LARDER_TIMEOUT  seconds per network operation (default 5)
+  LARDER_STATE_DIR  statistics and the toolchain cache (default $XDG_CACHE_HOME/larder)
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
@@ -1014,7 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return command(argv, stats_mod.state_dir(environ))
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[1] if __doc__ else "usage: larder-rustc RUSTC ARGS...")
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if cache_enabled(environ):
         startup = startup_ms() if environ.get("LARDER_LOG") else 0.0

@@ -1,10 +1,10 @@
-"""The ``larder`` command: ``serve``, ``token create|revoke``,
-``cache create|show|list|rotate-key|trust|limits``, ``gc``, ``pin``, ``unpin`` and
-``healthcheck``.
+"""The ``larder`` command (:data:`DESCRIPTION`): ``serve``, ``healthcheck``,
+``token create|revoke|replace-secret``, ``cache create|show|list|set|rotate-key|trust|limits``,
+``gc``, ``verify``, ``pin`` and ``unpin``.
 
-Every subcommand takes ``--storage`` and ``--config`` (also ``LARDER_STORAGE`` /
-``LARDER_CONFIG``), so an operator can mint a token for a running deployment by pointing at the
-same directory or bucket.
+Every subcommand but ``healthcheck`` (``--config`` only) takes ``--storage`` and ``--config``
+(also ``LARDER_STORAGE`` / ``LARDER_CONFIG``), so an operator can mint a token for a running
+deployment by pointing at the same directory or bucket.
 """
 
 from __future__ import annotations
@@ -58,8 +58,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (LARDER_CONFIG)")
 
 
+#: What ``larder --help`` says before the commands.
+DESCRIPTION = (
+    "A remote build cache for Nix (binary-cache protocol), larder-rustc and sccache (WebDAV). "
+    "Every command but healthcheck takes --storage (LARDER_STORAGE) and --config "
+    "(LARDER_CONFIG): point it at a running deployment's directory or bucket to manage it."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="larder", description=__doc__)
+    parser = argparse.ArgumentParser(prog="larder", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP service")
@@ -73,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--config", help="TOML config file (LARDER_CONFIG)")
 
-    token = commands.add_parser("token", help="create or revoke access tokens")
+    token = commands.add_parser(
+        "token", help="create or revoke access tokens, or replace the secret signing them"
+    )
     token_commands = token.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser("create", help="print a new token on stdout")
     _common(create)
@@ -91,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(replace_secret)
 
-    cache = commands.add_parser("cache", help="create and inspect caches")
+    cache = commands.add_parser(
+        "cache", help="create, inspect and change caches (privacy, keys, limits)"
+    )
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     cache_create = cache_commands.add_parser("create", help="create a cache and its key")
     _common(cache_create)

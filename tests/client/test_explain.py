@@ -166,3 +166,21 @@ def test_what_a_stored_document_says_reaches_the_terminal_escaped(
     shown = capsys.readouterr().out
     assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in shown), shown
     assert "src/\\x1b]0;owned\\x07lib.rs\\x0d\\x1b[2Kall good" in shown
+
+
+def test_help_is_text_and_reads_no_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--help`` printed the module's docstring markup; ``explain --help`` printed the last
+    build's explanations instead."""
+    from larder.client.shim import main
+
+    monkeypatch.setenv("LARDER_STATE_DIR", str(tmp_path / "state"))
+    for argv, usage in ((["--help"], "usage: RUSTC_WRAPPER=larder-rustc"),
+                        (["explain", "--help"], "usage: larder-rustc explain")):  # fmt: skip
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(usage) and "``" not in out and ":mod:" not in out
+    assert main([]) == 2  # cargo never calls it so: a person did, and gets the usage
+    assert capsys.readouterr().err.startswith("usage:")
+    assert not (tmp_path / "state").exists()

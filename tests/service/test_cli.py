@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -731,3 +732,29 @@ def test_larder_healthcheck_fails_with_1_on_a_bad_command_line(
 ) -> None:
     code, _, err = run(capsys, "healthcheck", "--no-such-option")
     assert code == 1 and "unrecognized arguments" in err
+
+
+def test_help_names_every_command_and_reads_as_text() -> None:
+    """``larder --help`` once listed commands that had changed and said every one took
+    ``--storage`` (healthcheck does not), in the docstring's markup."""
+    from larder.service.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(found[0].choices) if found else {}
+
+    def options(parser: argparse.ArgumentParser) -> set[str]:
+        return {option for action in parser._actions for option in action.option_strings}
+
+    parser = build_parser()
+    text = parser.format_help()
+    assert "``" not in text and ":mod:" not in text
+    checked = 0
+    for name, command in commands(parser).items():
+        assert name in text
+        for child, leaf in commands(command).items() or {"": command}.items():
+            assert child in command.format_help(), (name, child)  # token replace-secret, ...
+            assert "--config" in options(leaf), (name, child)
+            assert ("--storage" in options(leaf)) == (name != "healthcheck"), (name, child)
+            checked += 1
+    assert checked >= 15

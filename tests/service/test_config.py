@@ -453,3 +453,24 @@ def test_every_larder_variable_the_project_names_is_known() -> None:
     named.remove("LARDER_GC_MAXSIZE")  # the typo the README and these tests show
     # (with the value Kubernetes gives LARDER_PORT: the docs name its service links)
     assert unknown_variables(dict.fromkeys(named, "tcp://10.0.0.7:8080")) == []
+
+
+def test_the_settings_reference_has_every_setting_with_its_variable_and_default() -> None:
+    """docs/settings.md is the one list of settings: a setting added without a row, a row left
+    after a setting went, or a default changed on one side only fails here."""
+    from larder.service.config import _PARSERS
+
+    table = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
+    rows = {}
+    for line in table.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == {setting.name for setting in fields(Config)}
+    for setting in fields(Config):
+        _, variable, default, meaning = rows[setting.name]
+        assert variable == f"`LARDER_{setting.name.upper()}`"
+        written = default.strip("`")
+        parsed = _PARSERS[setting.name]("" if written == '""' else written)
+        assert parsed == setting.default, (setting.name, written)
+        assert meaning.endswith("."), setting.name

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from multidict import CIMultiDict
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -280,6 +281,8 @@ async def test_lookups_by_a_token_that_could_write_are_the_writers(service: Serv
         "read token": service.auth(await service.issue("main", Scope.READ)),
         "another cache's admin token": service.auth(others),
         "an invalid token": service.auth("not-a-token"),
+        # A public read reads no credentials: served, and never a writer's on the first one.
+        "the write token twice": CIMultiDict([*service.auth().items(), *service.auth().items()]),
     }
     for headers in reader_auth.values():
         resp = await service.client.get(f"/main/{MISSING}.narinfo", headers=headers)
@@ -308,7 +311,7 @@ async def test_lookups_by_a_token_that_could_write_are_the_writers(service: Serv
     assert lookups("rustc", "manifest", "miss", "writer") == 1
     assert lookups("rustc", "manifest", "miss", "reader") == 0
     stats = await (await service.client.get("/api/v1/caches/main/stats")).json()
-    assert stats["top_missing_store_hashes"] == [{"store_hash": MISSING, "requests": 4}]
+    assert stats["top_missing_store_hashes"] == [{"store_hash": MISSING, "requests": 5}]
     assert stats["pushed_late"] == []
     assert stats["top_missed_crates"] == []
 

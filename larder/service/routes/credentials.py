@@ -1,8 +1,9 @@
 """Reading credentials off a request.
 
 A token is accepted as ``Authorization: Bearer <token>`` or as the password of Basic auth with
-any user name, which is how Nix sends netrc credentials; a request with more than one
-``Authorization`` header is refused (400). The token itself is never logged.
+any user name, which is how Nix sends netrc credentials; a request whose credentials are read
+(not a public read) with more than one ``Authorization`` header is refused (400). The token
+itself is never logged.
 """
 
 from __future__ import annotations
