@@ -12,7 +12,7 @@ import zstandard
 from larder.protocol import nix32
 from larder.protocol.tokens import Scope
 from larder.service import state
-from tests.service.conftest import Service
+from tests.service.conftest import Live, Service
 from tests.service.test_nix_routes import hash_part, make_nar, narinfo_text, store_path
 
 NAR = "public, max-age=31536000, immutable"
@@ -117,3 +117,25 @@ async def test_misses_errors_uploads_and_other_routes_are_not_stored(
     resp = await service.client.request(method, url, data=b"{}", headers=headers)
     await resp.read()
     assert resp.headers["Cache-Control"] == "no-store", (resp.status, dict(resp.headers))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "User-Agent: second/1\r\n",  # a field aiohttp allows once
+        "".join(f"X-Field-{i}: {i}\r\n" for i in range(130)),  # more fields than it reads
+    ],
+    ids=["repeated field", "too many fields"],
+)
+async def test_a_request_aiohttp_refuses_before_routing_is_not_stored(
+    live: Live, extra: str
+) -> None:
+    """aiohttp answers these 400 itself, before any route: without ``no-store`` a proxy that
+    keeps answers with no lifetime of their own served that 400 for the URL to every client."""
+    from tests.service.test_fastpath import Conn, get
+
+    conn = await Conn.open(live)
+    conn.send(get("/main/nix-cache-info", extra))
+    status, headers, _ = await conn.response()
+    assert status == 400 and headers["cache-control"] == "no-store", headers
+    conn.close()

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from larder.service import internals
 from larder.service.errors import RETRY_AFTER_SECONDS
@@ -175,6 +175,20 @@ class GuardedRequestHandler(web.RequestHandler):
     def head_timed_out(self) -> None:
         self._guard.watched.discard(self)
         self._reject(HEAD_TIMEOUT_RESPONSE)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not read or route to a handler (400 for a
+        malformed head, 500), which no route's headers reach: ``no-store``, or a proxy that
+        keeps answers without a lifetime of their own serves one client's mistake to all."""
+        response = super().handle_error(request, status, exc, message)
+        response.headers.setdefault(hdrs.CACHE_CONTROL, "no-store")
+        return response
 
     def _reject(self, response: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
