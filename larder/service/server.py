@@ -221,9 +221,22 @@ def _run(config: Config, app: web.Application, sock: socket.socket) -> None:
         loop.run_until_complete(_serve_app(config, app, sock, sink))
     finally:
         sink.flush()
+        _cancel_left_over(loop)
         loop.run_until_complete(loop.shutdown_asyncgens())
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def _cancel_left_over(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks still pending once serving stopped, and let them end, as
+    ``asyncio.run`` does: aiohttp leaves the handler of a connection the client closed to read
+    a body that never comes for up to 10 s (a refused ``Expect: 100-continue`` upload), and a
+    loop closed under it logs "Task was destroyed but it is pending!" as an error."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
 
 async def _serve_app(

@@ -123,3 +123,24 @@ def test_connections_past_max_connections_get_503(tmp_path: Path) -> None:
     assert refused.startswith(b"HTTP/1.1 503 "), refused
     assert b"Retry-After: 1\r\n" in refused
     assert served.startswith(b"HTTP/1.1 200 "), served
+
+
+def test_a_stop_after_refused_expect_uploads_logs_no_error(tmp_path: Path) -> None:
+    """A client refused at ``Expect: 100-continue`` closes without a body; aiohttp keeps its
+    handler reading for one (10 s), and a stop meanwhile logged "Task was destroyed but it is
+    pending!" at ERROR for each."""
+    import socket
+
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(
+                    b"PUT /main/nix-cache-info HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                    b"Expect: 100-continue\r\n\r\n"
+                )
+                assert conn.recv(4096).startswith(b"HTTP/1.1 401 ")  # no token: no body sent
+        time.sleep(0.5)
+    log = server.log_path.read_text()
+    assert log.count("PUT /main/nix-cache-info") == 3
+    assert "Task was destroyed" not in log and " ERROR " not in log, log
