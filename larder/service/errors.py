@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -108,6 +109,23 @@ def _unreadable_request(request: web.Request) -> tuple[str, str] | None:
     return None
 
 
+#: Seconds between errors logged for a full store; the refusals in between are logged at info.
+FULL_LOG_INTERVAL = 60.0
+_full_logged = [-FULL_LOG_INTERVAL]  # when the last one was, on the monotonic clock
+
+
+def _quiet_full(exc: errors.LarderError) -> bool:
+    """Whether ``exc`` is a full store's, within :data:`FULL_LOG_INTERVAL` of the last one
+    logged as an error: every upload (and Nix's retries of each) is refused while it lasts."""
+    if not isinstance(exc, errors.StorageFull):
+        return False
+    now = time.monotonic()
+    if now - _full_logged[0] < FULL_LOG_INTERVAL:
+        return True
+    _full_logged[0] = now
+    return False
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     refusal = _unreadable_request(request)
@@ -125,7 +143,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # A server error of larder's own (a stop is not: the client sends its upload again;
         # nor is shedding load: the client asks again)
         internal = status >= 500 and not isinstance(exc, errors.ServerStopping | errors.Busy)
-        if internal:
+        if internal and not _quiet_full(exc):
             log.error("%s %s failed: %s", request.method, _path(request), _escaped(exc.message))
         else:
             path, message = _path(request), _escaped(exc.message)

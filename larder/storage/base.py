@@ -359,6 +359,12 @@ class Storage(ABC):
         content). Run once at start-up, not by readiness probes. Nothing by default."""
         return None
 
+    async def room_for(self, size: int) -> bool:
+        """Whether ``size`` more bytes may fit: ``False`` only when the backend knows they cannot
+        (a disk with less free, or no file left to create), so that an upload is refused before
+        its body is read. ``True`` by default."""
+        return True
+
     async def release_reserve(self) -> bool:
         """Free the space a backend keeps back so that a collection can start when it is full;
         ``True`` if some was freed (a backend without a reserve: ``False``)."""

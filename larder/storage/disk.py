@@ -452,6 +452,22 @@ class DiskStorage(Storage):
         if removed:
             log.info("removed %d stale temporaries from %s", removed, self._tmp)
 
+    async def room_for(self, size: int) -> bool:
+        return await asyncio.to_thread(self._room_for, size)
+
+    def _room_for(self, size: int) -> bool:
+        """From ``statvfs`` of ``tmp/``: the blocks and files this process may still take (root
+        may take those the file system keeps back for it); unknown counts as room."""
+        try:
+            found = os.statvfs(self._tmp)
+        except OSError:
+            return True  # the write itself says what is wrong
+        root = os.geteuid() == 0
+        files = found.f_ffree if root else found.f_favail
+        if found.f_files and not files:  # a file system counting files has none left
+            return False
+        return (found.f_bfree if root else found.f_bavail) * found.f_frsize >= size
+
     async def release_reserve(self) -> bool:
         with _os_errors("release reserve"):
             return await asyncio.to_thread(self._unlink, self._tmp / _RESERVE)

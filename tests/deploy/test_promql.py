@@ -165,3 +165,20 @@ def test_gc_stale_alert_fires_when_no_collection_completes(tmp_path: Path) -> No
               f'{runs}{{instance="a",result="failed"}}': f"0x{hours8}"}, fires=False),
     ]  # fmt: skip
     promtool(tmp_path, cases, [documented_alert("LarderGcStale")])
+
+
+def test_storage_full_alert_fires_on_refused_uploads_only(tmp_path: Path) -> None:
+    uploads = "larder_upload_requests_total"
+
+    def case(outcome: str, fires: bool) -> dict[str, Any]:
+        series = f'{uploads}{{cache="main",protocol="nix",outcome="{outcome}"}}'
+        expected = {"exp_labels": {"severity": "critical", "cache": "main", "protocol": "nix"}}
+        return {
+            "interval": "1m",
+            "input_series": [{"series": series, "values": "0x10 1 2 3 4 5x20"}],
+            "alert_rule_test": [{"eval_time": "16m", "alertname": "LarderStorageFull",
+                                 "exp_alerts": [expected] if fires else []}],
+        }  # fmt: skip
+
+    cases = [case("storage_full", True), case("storage_error", False), case("accepted", False)]
+    promtool(tmp_path, cases, [documented_alert("LarderStorageFull")])

@@ -161,6 +161,9 @@ class InstrumentedStorage(Storage):
     async def check_writes(self) -> None:
         await self._count("check_writes", self.inner.check_writes())
 
+    async def room_for(self, size: int) -> bool:
+        return await self._count("room_for", self.inner.room_for(size))
+
     async def release_reserve(self) -> bool:
         return await self._count("release_reserve", self.inner.release_reserve())
 

@@ -78,6 +78,7 @@ UPLOAD_OUTCOMES = (
     "unauthorized",
     "forbidden",
     "no_such_cache",
+    "storage_full",
     "storage_error",
     "other",
 )
@@ -93,6 +94,7 @@ BACKEND_OPERATIONS = (
     "exists",
     "delete",
     "delete_if_older",
+    "room_for",
     "release_reserve",
     "housekeep",
     "keys",

@@ -98,6 +98,8 @@ def note_error_code(request: web.Request, code: str) -> None:
 def _upload_outcome(request: web.Request, status: int) -> str:
     if status < 400:
         return "accepted"
+    if status == 507:
+        return "storage_full"
     if status >= 500:
         return "storage_error"
     by_status = {401: "unauthorized", 403: "forbidden", 413: "too_large"}

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from larder.errors import StorageUnavailable
+from larder.errors import StorageFull, StorageUnavailable
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.config import format_listen
@@ -78,11 +78,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """200 only when the storage backend answers, within :data:`READY_TIMEOUT` seconds (503 with
-    Retry-After otherwise: a hung endpoint must not hold the probe for its retries)."""
+    Retry-After otherwise: a hung endpoint must not hold the probe for its retries). A full
+    store answers, and serves every read: it stays ready (its uploads get 507)."""
     try:
         await asyncio.wait_for(request.app[state.STORAGE].check(), READY_TIMEOUT)
     except TimeoutError:
         raise StorageUnavailable(f"storage did not answer within {READY_TIMEOUT:g} s") from None
+    except StorageFull:
+        return web.Response(text="ready; storage full\n")
     return web.Response(text="ready\n")
 
 

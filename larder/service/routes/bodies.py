@@ -14,6 +14,7 @@ from larder.errors import (
     Busy,
     ClientGone,
     ServerStopping,
+    StorageFull,
     TooLarge,
     TooSlow,
     UnsupportedEncoding,
@@ -21,7 +22,7 @@ from larder.errors import (
 from larder.protocol.content_coding import body_coding
 from larder.service.internals import ZeroCopyFileResponse
 from larder.service.routes.ranges import Unsatisfiable, byte_range
-from larder.service.state import CONFIG, DECODING, READING
+from larder.service.state import CONFIG, DECODING, READING, STORAGE
 from larder.storage.base import BlobReader
 
 UPLOAD_CHUNK = 256 * 1024
@@ -37,6 +38,15 @@ def check_declared_length(request: web.Request, limit: int) -> None:
     """Refuse early when ``Content-Length`` already exceeds ``limit``."""
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit}")
+
+
+async def check_room(request: web.Request) -> None:
+    """Refuse early (507) when the store has no room for the ``Content-Length`` declared: a
+    client that sends its request again without the body (Nix 2.8 after a 5xx) is told at once
+    rather than after ``body_idle_timeout``."""
+    size = request.content_length
+    if size and not await request.app[STORAGE].room_for(size):
+        raise StorageFull(f"storage is full: no room for a body of {size} bytes")
 
 
 def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
@@ -64,6 +74,7 @@ def coded_body(request: web.Request, limit: int) -> tuple[str, AsyncIterator[byt
 
 async def _chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     check_declared_length(request, limit)
+    await check_room(request)
     reading = request.app[READING]
     reading[id(request)] = request  # (a request is a mapping: not hashable)
     try:

@@ -13,7 +13,7 @@ from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.errors import error_response, status_for
 from larder.service.observability.recording import note_cache, note_refused, note_writer
-from larder.service.routes.bodies import check_declared_length
+from larder.service.routes.bodies import check_declared_length, check_room
 from larder.service.routes.credentials import check_access, could_write
 
 
@@ -56,6 +56,7 @@ def expect_continue_for(
         try:
             await cache_for(request, needed)
             check_declared_length(request, request.app[state.CONFIG].max_upload_size)
+            await check_room(request)
         except LarderError as exc:  # the error middleware does not wrap expect handlers
             return error_response(request, status_for(exc), exc.code, exc.message)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
