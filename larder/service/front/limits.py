@@ -36,6 +36,7 @@ from aiohttp import hdrs, web
 
 from larder.service import internals
 from larder.service.errors import RETRY_AFTER_SECONDS
+from larder.service.front.slashes import merging_slashes
 
 log = logging.getLogger("larder.server")
 
@@ -217,7 +218,7 @@ class GuardedAppRunner(internals.ServerMakingRunner):
     def _guarded(self, made: web.Server) -> web.Server:
         return GuardedServer(
             made.request_handler,
-            request_factory=made.request_factory,
+            request_factory=merging_slashes(made.request_factory),
             handler_cancellation=made.handler_cancellation,
             guard=self.guard,
             **self.settings,
