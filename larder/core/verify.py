@@ -67,6 +67,17 @@ class Verification:
     removed: list[str] = field(default_factory=list)  # keys, and ``blob <id>`` for blobs
 
     @property
+    def kept_urls(self) -> list[str]:
+        """The URLs of the removed NARs that a caching proxy may keep for a year (larder's own
+        ``/<cache>/nar/<NarHash>.nar.zst``, public and immutable): purge them there."""
+        urls = []
+        for key in self.removed:
+            parts = key.split("/")
+            if len(parts) == 4 and parts[0] == "caches" and parts[2] == "nar":
+                urls.append(f"/{parts[1]}/nar/{parts[3]}.nar.zst")
+        return sorted(urls)
+
+    @property
     def sound(self) -> bool:
         return not self.damaged_blobs and not self.damaged_objects and not self.incomplete
 
@@ -102,6 +113,12 @@ class Verification:
                 if self.repaired
                 else "nothing changed: `larder verify --repair` removes the damaged ones"
             )
+        if self.kept_urls:
+            lines.append(
+                "a caching proxy in front keeps these for a year; purge them there (paths under "
+                "the server's URL):"
+            )
+            lines += [f"  {url}" for url in self.kept_urls]
         return "\n".join(lines)
 
 

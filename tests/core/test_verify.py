@@ -79,6 +79,9 @@ async def test_a_nar_overwritten_at_rest_is_found_and_repair_lets_nix_upload_it_
     world.clock.advance(10)
     report = await verify(world.storage, ["main"], repair=True, clock=world.clock)
     assert sorted(report.removed) == sorted([*report.damaged_objects, f"blob {blob}"])
+    # A caching proxy keeps the NAR's URL a year (immutable): the report names it to purge.
+    url = f"/main/nar/{info.nar_hash.nix32()}.nar.zst"
+    assert report.kept_urls == [url] and f"\n  {url}" in report.render()
     assert await world.gone(paths[1])
     assert await world.whole(paths[0]) and await world.whole(other)
     assert await world.narinfo(paths[2]) is not None  # a referrer is not removed

@@ -58,6 +58,8 @@ class Proxied:
 BYPASS = """
       proxy_cache_bypass $http_authorization;
       proxy_no_cache $http_authorization;
+      proxy_cache_convert_head off;
+      proxy_cache_key "$request_method $scheme$proxy_host$request_uri";
 """
 
 
@@ -200,3 +202,24 @@ def test_nix_substitutes_a_closure_through_the_caching_proxy(
         statuses = proxied.cache_statuses(".nar.zst")
         # Each NAR came from larder once, for the first laptop, then from the proxy.
         assert statuses.count("MISS") == len(closure) and statuses.count("HIT") == len(closure)
+
+
+def test_a_pusher_asking_whether_an_upload_is_there_gets_larders_answer(tmp_path: Path) -> None:
+    """Nix 2.34 asks ``HEAD nar/<FileHash>.nar.xz`` before an upload: larder answers it (200)
+    for an upload it holds, but serves no ``GET`` of that name, and nginx sent every ``HEAD``
+    as a ``GET``, bypassed or not: the NAR was uploaded again."""
+    import lzma
+
+    with proxied_larder(tmp_path) as proxied:
+        server = proxied.larder
+        nar = write_nar({"type": "regular", "contents": b"packed" * 1000})
+        packed = lzma.compress(nar, format=lzma.FORMAT_XZ)
+        file_hash = nix32.encode(hashlib.sha256(packed).digest())
+        token = server.token()
+        put(f"{server.url}/main/nar/{file_hash}.nar.xz", packed, token)
+        request = urllib.request.Request(
+            f"{proxied.url}/main/nar/{file_hash}.nar.xz", method="HEAD"
+        )
+        request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200
