@@ -123,17 +123,18 @@ def passthrough(rustc: str, args: Sequence[str]) -> int:
 def _pump(source: BinaryIO, sink: BinaryIO, keep: list[bytes], shown: Callable[[str], str]) -> None:
     """Copy ``source`` to ``sink`` a line at a time, as ``shown`` rewrites each, keeping
     what came unchanged (a line is rewritten whole: a path never straddles two reads)."""
-    pending = b""
+    pending: list[bytes] = []  # the line begun, in pieces (a long one costs no copies)
     while chunk := os.read(source.fileno(), 65536):
         keep.append(chunk)
-        pending += chunk
-        lines = pending.rfind(b"\n") + 1
-        if lines:
-            sink.write(_shown_bytes(pending[:lines], shown))
-            sink.flush()
-            pending = pending[lines:]
+        end = chunk.rfind(b"\n") + 1
+        if not end:
+            pending.append(chunk)
+            continue
+        sink.write(_shown_bytes(b"".join([*pending, chunk[:end]]), shown))
+        sink.flush()
+        pending = [chunk[end:]] if end < len(chunk) else []
     if pending:
-        sink.write(_shown_bytes(pending, shown))
+        sink.write(_shown_bytes(b"".join(pending), shown))
         sink.flush()
 
 
