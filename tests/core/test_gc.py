@@ -4,9 +4,11 @@ closures, pins, retention, blobs, dry runs, racing writes, the lease, failures."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import blake3
 import pytest
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 import larder.core.gc.collector as collector_module
 from larder.core import keys
 from larder.core.gc.collector import Collector, Report
-from larder.core.gc.lock import CollectionBusy, LeaseLost, acquire, held
+from larder.core.gc.lock import CollectionBusy, Lease, LeaseLost, acquire, held
 from larder.core.gc.plan import Policy
 from larder.core.pins import pin
 from larder.errors import StorageFull, StorageUnavailable
@@ -201,6 +203,50 @@ async def test_orphan_blobs_are_reaped_after_the_grace(world: World) -> None:
     assert [b async for b in world.storage.blob_ids()] == [young]
 
 
+async def test_a_blob_committed_within_the_grace_before_the_run_is_kept(world: World) -> None:
+    """A blob whose record is not written yet (an upload between committing its blob and
+    writing its record, or a slow client) must survive a run that starts less than the grace
+    after it was committed: reaping it would lose the upload's content."""
+    await world.sccache.put(world.main, "a/b/old", body(b"old entry"))
+    await world.storage.delete(keys.sccache_entry("main", "a/b/old"))
+    world.clock.advance(GRACE + 1)
+    await world.sccache.put(world.main, "a/b/young", body(b"young entry"))
+    await world.storage.delete(keys.sccache_entry("main", "a/b/young"))
+    world.clock.advance(GRACE / 2)  # committed 300 s before the run: inside the 600 s grace
+    report = await collect(world)
+    assert report.blobs_reaped == 1  # the old one, older than the grace
+    young = blake3.blake3(b"young entry").hexdigest()
+    assert [b async for b in world.storage.blob_ids()] == [young]
+
+
+async def test_referrers_are_deleted_before_what_they_refer_to(world: World) -> None:
+    """A client substituting while a collection runs, or after one that failed midway, must
+    never find a narinfo whose references or NAR are already gone: it would fail to fetch a
+    closure the cache still advertises."""
+    a, b, c = await three_closures(world)
+    refers: dict[str, set[str]] = {}
+    for path in (*a, *b, *c):
+        info = await world.narinfo(path)
+        assert info is not None
+        key = keys.narinfo("main", hash_part(path))
+        refers[key] = {keys.narinfo("main", hash_part(r.full)) for r in info.references} - {key}
+        refers[key].add(keys.nar("main", info.nar_hash.nix32()))
+    order: list[str] = []
+
+    async def slow_narinfos(key: str) -> None:
+        if key in refers:  # a slow delete lets any other delete under way go first
+            for _ in range(10):
+                await asyncio.sleep(0)
+        order.append(key)
+
+    world.storage.before_delete = slow_narinfos
+    await collect(world, max_size=1)
+    assert set(refers) <= set(order)
+    for key, targets in refers.items():
+        for target in targets:
+            assert order.index(key) < order.index(target), f"{target} deleted before {key}"
+
+
 async def test_a_path_written_again_during_the_run_stays_with_its_closure(
     world: World,
 ) -> None:
@@ -241,6 +287,107 @@ async def test_an_upload_referring_to_an_evicted_path_gets_it_back(world: World)
     assert report.restored >= 2  # the narinfo and its NAR record
     for path in (*a, *c, *b[1:]):
         assert await world.gone(path)
+
+
+async def test_what_a_path_written_again_refers_to_is_never_deleted(world: World) -> None:
+    """A path Nix uploads again while the collection runs stays, and so does its closure, which
+    must not even be deleted for a while and put back: a client substituting meanwhile would
+    find the top but not its dependencies."""
+    a, b, c = await three_closures(world)
+    top = keys.narinfo("main", hash_part(b[-1]))
+    rewritten = await world.storage.get(top)
+    assert rewritten is not None
+    offered: list[str] = []
+
+    async def rewrite_first(key: str) -> None:
+        offered.append(key)
+        if key == top:
+            await world.storage.put(top, rewritten)  # Nix re-uploads it meanwhile
+
+    world.storage.before_delete = rewrite_first
+    report = await collect(world, max_size=1)
+    closure = set()
+    for path in b:
+        info = await world.narinfo(path)
+        assert info is not None
+        closure |= {keys.narinfo("main", hash_part(path)), keys.nar("main", info.nar_hash.nix32())}
+    assert [key for key in offered if key in closure] == [top]
+    assert report.restored == 0
+    assert report.kept_rewritten == len(closure)
+    for path in b:
+        assert await world.whole(path)
+    for path in (*a, *c):
+        assert await world.gone(path)
+
+
+async def test_what_is_referred_to_is_put_back_before_what_refers_to_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload during the run refers to a closure the run deleted, which goes back: while
+    it does, a client must never find a narinfo whose references or NAR are not back yet."""
+    _, b, _ = await three_closures(world)
+    top = keys.narinfo("main", hash_part(b[-1]))
+    newcomer: list[str] = []
+
+    async def upload_first(key: str) -> None:
+        if key == top:  # Nix saw b's top in the cache, and uploads a path that refers to it
+            world.storage.before_delete = None
+            newcomer.append(await world.push("newcomer", 1000, [b[-1]]))
+
+    put_back: list[str] = []
+    real_put_if_absent = world.storage.put_if_absent
+
+    async def put_if_absent(key: str, data: bytes) -> bool:
+        put_back.append(key)
+        return await real_put_if_absent(key, data)
+
+    world.storage.before_delete = upload_first
+    monkeypatch.setattr(world.storage, "put_if_absent", put_if_absent)
+    report = await collect(world, max_size=1)
+    assert newcomer and await world.whole(newcomer[0])
+    assert report.restored == 6  # b's three narinfos and their NAR records
+    put_back = [key for key in put_back if key.startswith("caches/")]
+    for path in b:
+        info = await world.narinfo(path)
+        assert info is not None
+        key = keys.narinfo("main", hash_part(path))
+        for target in [keys.nar("main", info.nar_hash.nix32())] + [
+            keys.narinfo("main", hash_part(r.full)) for r in info.references if r.full != path
+        ]:
+            assert put_back.index(target) < put_back.index(key), f"{key} back before {target}"
+
+
+async def test_a_collector_that_lost_its_lease_stops_deleting(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collector that failed to renew its lease (its storage was slow, it was paused) may
+    have been taken over: it must stop before its next step of deletions, or two collectors
+    with different listings delete at once."""
+    a, b, c = await three_closures(world)
+    leases: list[Lease] = []
+    real_held = held
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        @contextlib.asynccontextmanager
+        async def holding() -> AsyncIterator[Lease]:
+            async with real_held(*args, **kwargs) as lease:
+                leases.append(lease)
+                yield lease
+
+        return holding()
+
+    async def lose_lease(key: str) -> None:
+        world.storage.before_delete = None
+        leases[0].lost = LeaseLost("another collection took over this one's lease; stopping")
+
+    monkeypatch.setattr(collector_module, "held", capture)
+    world.storage.before_delete = lose_lease
+    with pytest.raises(LeaseLost):
+        await collect(world, max_size=1)
+    for path in (*a, *b, *c):
+        assert await world.gone(path) or await world.whole(path)
+    for closure in (a, b, c):  # only the first wave's deletions, the tops, were made
+        assert await world.whole(closure[0])
 
 
 async def test_an_upload_during_the_run_gets_its_reference_back_after_a_usage_scan(
