@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import lzma
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,6 +55,33 @@ async def test_records_are_remembered_for_serving_only_and_forgotten_on_deletion
         await storage.delete(key)
         nix.forget(key)  # what a collection tells the service
         assert await nix.nar_record(cache, nar_hash, serving=True) is None
+
+
+async def test_a_nar_uploaded_again_is_served_from_its_new_record() -> None:
+    """A NAR another replica's collection removed (this process was not told) and a pusher
+    then uploaded again in another compression is stored otherwise: downloads must take its
+    new record, not the one remembered, whose size no longer matches the blob (the short path
+    turns every such download away, and the service decodes the whole blob to check it)."""
+    storage = MemoryStorage()
+    with ThreadPoolExecutor(2) as pool:
+        nix = NixCache(BlobStore(storage, pool), served_ttl=60)
+        cache, _ = await CacheRegistry(storage).ensure("main")
+        nar = write_nar({"type": "regular", "contents": bytes(range(256)) * 400})
+        nar_hash = nix32.encode(hashlib.sha256(nar).digest())
+        uploads = {
+            ".nar.zst": zstandard.ZstdCompressor(level=1).compress(nar),  # kept as it came
+            ".nar.xz": lzma.compress(nar),  # stored in larder's own zstd
+        }
+        names = {ext: nix32.encode(hashlib.sha256(body).digest()) + ext
+                 for ext, body in uploads.items()}  # fmt: skip
+        first = await nix.upload_nar(cache, names[".nar.zst"], chunks(uploads[".nar.zst"]))
+        assert await nix.nar_record(cache, nar_hash, serving=True) == first  # remembered
+        await storage.delete(keys.nar("main", nar_hash))  # the other replica's collection
+        await storage.blob_delete(first.blob_id)
+        again = await nix.upload_nar(cache, names[".nar.xz"], chunks(uploads[".nar.xz"]))
+        assert again.stored_size != first.stored_size
+        assert await nix.nar_record(cache, nar_hash, serving=True) == again
+        assert await storage.blob_stored_size(again.blob_id) == again.stored_size
 
 
 async def test_a_file_hash_read_back_is_kept_unless_the_record_went_meanwhile() -> None:

@@ -203,6 +203,65 @@ async def test_nar_put_is_idempotent_and_a_narinfo_keeps_its_contents(service: S
     assert sig in served.sigs and len(served.sigs) == 3  # both uploaders' and the cache's
 
 
+async def test_a_later_upload_with_other_references_does_not_replace_the_stored_one(
+    service: Service,
+) -> None:
+    """Same NAR and NarHash, but a dependency dropped from References (a pusher's bug, or a
+    forged upload): the stored narinfo stays, or the closure a laptop substitutes would lack
+    that dependency."""
+    dep = store_path("dep-1.0")
+    await push(service, dep, make_nar(b"dep"))
+    top = store_path("top-1.0")
+    nar = make_nar(b"top refers to dep")
+    await push(service, top, nar, references=[dep])
+    url = f"/main/{hash_part(top)}.narinfo"
+    resp = await service.client.put(url, data=narinfo_text(top, nar, []), headers=service.auth())
+    assert resp.status == 200, await resp.text()  # answered as stored
+    served = narinfo.parse(await (await service.client.get(url)).read())
+    assert [ref.full for ref in served.references] == [dep]
+
+
+async def test_a_later_upload_without_the_ca_does_not_replace_the_stored_one(
+    service: Service,
+) -> None:
+    """A content-addressed path pushed again without its CA (another Nix, another tool): the
+    stored narinfo keeps its CA, which lets clients trust the path without a signature."""
+    nar = make_nar(b"fixed contents")
+    ca = "fixed:r:sha256:" + nix32.encode(hashlib.sha256(nar).digest())
+    made = store_hash_of(ca, "src-1.0", [], "")
+    path = f"/nix/store/{made}-src-1.0"
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    url = f"/main/{made}.narinfo"
+    for document in (narinfo_text(path, nar, CA=ca), narinfo_text(path, nar)):
+        resp = await service.client.put(url, data=document, headers=service.auth())
+        assert resp.status == 200, await resp.text()
+    served = narinfo.parse(await (await service.client.get(url)).read())
+    assert served.ca == ca
+
+
+async def test_a_later_upload_keeps_the_stored_deriver(service: Service) -> None:
+    """`nix store sign` or a second pusher sends the narinfo again without its Deriver: the
+    signatures join, and the Deriver (what `nix-store --query --deriver` answers) stays."""
+    path = store_path("derived-1.0")
+    deriver = store_path("derived-1.0.drv").rsplit("/", 1)[1]
+    nar = make_nar(b"derived")
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    url = f"/main/{hash_part(path)}.narinfo"
+    resp = await service.client.put(
+        url, data=narinfo_text(path, nar, Deriver=deriver), headers=service.auth()
+    )
+    assert resp.status == 200, await resp.text()
+    sig = "ci-key-1:" + "A" * 86 + "=="
+    document = narinfo_text(path, nar) + f"Sig: {sig}\n".encode()
+    resp = await service.client.put(url, data=document, headers=service.auth())
+    assert resp.status == 200, await resp.text()
+    served = narinfo.parse(await (await service.client.get(url)).read())
+    assert sig in served.sigs
+    assert served.deriver is not None and served.deriver.base == deriver
+
+
 async def test_signatures_are_bounded(service: Service) -> None:
     """Every reader downloads a narinfo's signatures with each lookup: a writer piling up
     thousands made it too large to read back, and every lookup a 404."""
@@ -228,6 +287,48 @@ async def test_signatures_are_bounded(service: Service) -> None:
     resp = await service.client.put(url, data=signed("k32"), headers=service.auth())
     assert resp.status == 400
     assert (await service.client.get(url)).status == 200
+
+
+async def test_a_first_upload_with_too_many_signatures_is_refused(service: Service) -> None:
+    """The limit holds for the first upload of a path too, not only when signatures are
+    added to a stored one: a narinfo stored with thousands would be downloaded whole by every
+    reader with each lookup."""
+    path = store_path("first-sigs-1.0")
+    nar = make_nar(b"first sigs")
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    url = f"/main/{hash_part(path)}.narinfo"
+    lines = "".join(f"Sig: k{i}:{'A' * 86}==\n" for i in range(33))
+    resp = await service.client.put(
+        url, data=narinfo_text(path, nar) + lines.encode(), headers=service.auth()
+    )
+    assert resp.status == 400 and "at most 32 signatures" in await resp.text()
+    assert (await service.client.get(url)).status == 404
+
+
+async def test_signatures_added_later_keep_a_narinfo_within_the_document_limit(
+    make_service: ServiceFactory,
+) -> None:
+    """Each upload within the size limit, but the signatures it adds would make the stored
+    narinfo larger than any upload may be: refused, and the stored one stays as it was."""
+    service = await make_service(max_document_size=8192)
+    path = store_path("long-sigs-1.0")
+    nar = make_nar(b"long sigs")
+    body = lzma.compress(nar)
+    await service.client.put(f"/main/{nar_url(body)}", data=body, headers=service.auth())
+    url = f"/main/{hash_part(path)}.narinfo"
+
+    def signed(first: int) -> bytes:  # 15 signatures by keys with 200-character names
+        lines = "".join(f"Sig: {'k' * 196}{i:04}:{'A' * 86}==\n" for i in range(first, first + 15))
+        return narinfo_text(path, nar) + lines.encode()
+
+    assert len(signed(0)) < 8192 / 2 + 1000  # each upload fits; both together do not
+    resp = await service.client.put(url, data=signed(0), headers=service.auth())
+    assert resp.status == 200, await resp.text()
+    resp = await service.client.put(url, data=signed(15), headers=service.auth())
+    assert resp.status == 400 and "8192" in await resp.text()
+    served = narinfo.parse(await (await service.client.get(url)).read())
+    assert len(served.sigs) == 16  # the first upload's and the cache's own
 
 
 @pytest.mark.parametrize(
