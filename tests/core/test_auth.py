@@ -53,6 +53,17 @@ async def test_a_remembered_token_can_be_revoked() -> None:
         await authority.verify(token)
 
 
+async def test_the_replica_that_revokes_a_token_refuses_it_at_once() -> None:
+    """`larder token revoke` through the API: the replica that wrote the revocation must not
+    accept the token for another refresh_interval (other replicas learn of it then)."""
+    authority = TokenAuthority(MemoryStorage(), refresh_interval=3600)
+    token, claims = await authority.issue("main", Scope.WRITE, 0)
+    await authority.verify(token)  # the revocations read now, and the token remembered
+    await authority.revoke(claims.token_id, "leaked in a CI log")
+    with pytest.raises(Unauthorized, match="revoked"):
+        await authority.verify(token)
+
+
 async def test_a_forged_token_is_refused_every_time() -> None:
     authority = TokenAuthority(MemoryStorage(), refresh_interval=0)
     token, _ = await authority.issue("main", Scope.ADMIN, 0)
@@ -79,6 +90,19 @@ async def test_a_replaced_secret_ends_older_tokens_once_read_again() -> None:
     with pytest.raises(Unauthorized, match="signature"):
         await running.verify(old)
     assert (await running.verify(new)).scope == Scope.READ
+
+
+async def test_the_replica_that_replaces_the_secret_ends_older_tokens_at_once() -> None:
+    """Replacing a leaked secret must end its tokens at once where it was replaced, not a
+    refresh_interval later."""
+    authority = TokenAuthority(MemoryStorage(), refresh_interval=3600)
+    old, _ = await authority.issue("main", Scope.ADMIN, 0)
+    await authority.verify(old)  # the secret read now, and the token remembered
+    await authority.replace_secret()
+    with pytest.raises(Unauthorized, match="signature"):
+        await authority.verify(old)
+    new, _ = await authority.issue("main", Scope.READ, 0)
+    assert (await authority.verify(new)).scope == Scope.READ
 
 
 async def test_a_token_made_after_a_replacement_works_at_once_and_reads_are_bounded() -> None:
