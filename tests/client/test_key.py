@@ -431,6 +431,19 @@ def test_a_direct_entry_names_only_the_projects_own_files(ci: Checkout, named: s
         from_direct_entry(base, entry, roots, ci.root, environ)
 
 
+def test_a_directory_whose_name_extends_the_checkouts_is_outside_it(ci: Checkout) -> None:
+    """A checkout at /src/ci is not a prefix of /src/ci-secrets: a cache must not make the
+    client read files in a sibling directory whose name starts with the checkout's."""
+    base, roots, environ, _ = _base(ci)
+    sibling = ci.root.parent / (ci.root.name + "-secrets")
+    sibling.mkdir()
+    (sibling / "key.rs").write_text("secret\n")
+    for named in (str(sibling / "key.rs"), f"../{sibling.name}/key.rs"):
+        entry = DirectEntry(["crates/leaf/src/lib.rs", named], [])
+        with pytest.raises(KeyUnavailable, match="outside the project"):
+            from_direct_entry(base, entry, roots, ci.root, environ)
+
+
 def test_a_direct_entry_may_name_registry_vendor_and_target_files(ci: Checkout) -> None:
     base, roots, environ, _ = _base(ci)
     registry = ci.cargo_home / "registry/src/index/dep-1.0.0/src"

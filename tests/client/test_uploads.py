@@ -526,6 +526,19 @@ def test_one_pass_per_root_path_not_contained_in_another() -> None:
     assert sorted(fewest_needles([b"/target", b"/app/target"])) == [b"/app/target", b"/target"]
 
 
+def test_a_root_whose_name_extends_another_is_looked_for_too(tmp_path: Path) -> None:
+    """A target directory /x/proj-target next to the checkout /x/proj is not under it:
+    ``/x/proj`` does not find ``/x/proj-target/...`` in an output (``-`` continues the name),
+    so dropping it as if it were under the checkout would upload an output naming it."""
+    from larder.client.leaks import Needles, embeds, fewest_needles
+
+    roots = [b"/x/proj", b"/x/proj-target", b"/x/proj/target"]
+    assert sorted(fewest_needles(roots)) == [b"/x/proj", b"/x/proj-target"]
+    output = tmp_path / "libx.rlib"
+    output.write_bytes(b"head /x/proj-target/debug/build/x/out/gen.rs tail")
+    assert embeds(output, Needles(fewest_needles(roots)))
+
+
 @pytest.mark.parametrize(
     ("content", "found"),
     [
