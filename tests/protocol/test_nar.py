@@ -277,6 +277,26 @@ MALFORMED: list[tuple[str, bytes, str]] = [
         nar(NAR_MAGIC, b"(", b"type", b"regular", b"executable", b"x"),
         "expected '', got a string of 1 bytes",
     ),
+    (  # Nix's unpacking would fail on it, after larder stored and served it
+        "empty before contents",
+        nar(NAR_MAGIC, b"(", b"type", b"regular", b"", b"contents", b"hi", b")"),
+        "expected 'executable' or 'contents', got b''",
+    ),
+    (
+        "file closed by (",
+        nar(NAR_MAGIC, b"(", b"type", b"regular", b"contents", b"hi", b"("),
+        "expected ')', got b'('",
+    ),
+    (
+        "file closed by empty",
+        nar(NAR_MAGIC, b"(", b"type", b"regular", b"contents", b"hi", b""),
+        "expected ')', got b''",
+    ),
+    (
+        "symlink closed by x",
+        nar(NAR_MAGIC, b"(", b"type", b"symlink", b"target", b"t", b"x"),
+        "expected ')', got b'x'",
+    ),
     (
         "executable after contents",
         nar(NAR_MAGIC, b"(", b"type", b"regular", b"contents", b"", b"executable", b"", b")"),
@@ -352,6 +372,12 @@ MALFORMED: list[tuple[str, bytes, str]] = [
         "entry without name",
         nar(NAR_MAGIC, b"(", b"type", b"directory", b"entry", b"(", b"node"),
         "expected 'name', got b'node'",
+    ),
+    (
+        "node typo",
+        nar(NAR_MAGIC, b"(", b"type", b"directory")
+        + nar(b"entry", b"(", b"name", b"a", b"nodx", *REG, b")", b")"),
+        "expected 'node', got b'nodx'",
     ),
     (
         "entry not closed",
