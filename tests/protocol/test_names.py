@@ -55,6 +55,7 @@ def test_invalid_cache_names(name: str, message: str) -> None:
         ".hidden",
         "a" * 255,
         "/".join(["a" * 255, "b" * 255]),
+        "/".join(["a" * 255, "b" * 254, "c"]),  # 512 characters, the most a path may have
         "log/nar",
         "debuginfo/x.narinfo",
     ],
@@ -75,6 +76,7 @@ def test_valid_object_paths(path: str) -> None:
         ("..", "empty, '.' or '..' segment"),
         ("a/b/c/d/e/f/g/h/i", "more than 8 segments"),
         ("/".join(["a" * 255] * 3), "longer than 512 characters"),
+        ("/".join(["a" * 255, "b" * 255, "c"]), "longer than 512 characters"),  # 513
         ("log/" + "a" * 256, "a segment longer than 255 characters"),
         ("log\\x", "invalid character '\\\\'"),
         ("log/a b", "invalid character ' '"),

@@ -191,6 +191,7 @@ MALFORMED: list[tuple[str, bytes | str, str]] = [
     ("CRLF", LEAF.replace("\n", "\r\n"), "line 1: carriage return"),
     ("tab", LEAF.replace("URL: ", "URL:\t"), "line 2: control char"),
     ("NUL", LEAF.replace("Compression: xz", "Compression: x\0z"), "line 3: control char"),
+    ("DEL", LEAF.replace("Compression: xz", "Compression: x\x7fz"), "line 3: control char"),
     ("not utf-8", LEAF.encode().replace(b"xz\n", b"x\xffz\n"), "not UTF-8"),
     ("lone surrogate", LEAF.replace("xz\n", "x\udc80z\n"), "lone surrogate"),
     ("too large", LEAF + "X: " + "y" * (1 << 20) + "\n", "larger than 1048576 bytes"),

@@ -28,6 +28,16 @@ def test_real_keys_parse_and_match() -> None:
     assert PublicKey.parse(PUBLIC_TEXT + "\n") == public  # trailing newline of a key file
 
 
+def test_a_key_is_its_name_and_its_bytes() -> None:
+    """Nix matches a signature to a trusted key by name first: the same bytes under another
+    name are another key, which verifies none of the first one's signatures."""
+    public = PublicKey.parse(PUBLIC_TEXT)
+    renamed = PublicKey.parse("larder-test-2:" + PUBLIC_TEXT.strip().partition(":")[2])
+    assert renamed != public and len({renamed, public}) == 2
+    sig = SecretKey.parse(SECRET_TEXT).sign("hello")
+    assert public.verify("hello", sig) and not renamed.verify("hello", sig)
+
+
 @pytest.mark.parametrize("path", narinfo_files(), ids=fixture_id)
 def test_nix_signatures_verify_and_are_reproduced(path: Path) -> None:
     info = narinfo.parse(path.read_bytes())
