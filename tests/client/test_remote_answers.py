@@ -155,12 +155,26 @@ def test_a_url_that_names_no_cache_is_a_configuration_error(url: str) -> None:
     assert failure(lambda: Remote(url, None, 1.0, {})).kind == "config"
 
 
-def test_a_url_with_a_cache_is_taken() -> None:
-    for url in (
-        "http://h:8080/main",
-        "http://h/main/",
-        "https://[::1]:8443/team",
-        "http://u:p@h/x",
-        "http://h:8080//main",
-    ):
-        Remote(url, None, 1.0, {}).close()
+@pytest.mark.parametrize(
+    ("url", "server", "base"),
+    [
+        ("http://h:8080/main", ("http", "h", 8080), "/main/rustc"),
+        ("http://h/main/", ("http", "h", None), "/main/rustc"),
+        ("https://[::1]:8443/team", ("https", "::1", 8443), "/team/rustc"),
+        ("http://u:p@h/x", ("http", "h", None), "/x/rustc"),
+        # ${BASE}/main with BASE ending in /: the empty segment is dropped
+        ("http://h:8080//main", ("http", "h", 8080), "/main/rustc"),
+        ("https://h/larder/main", ("https", "h", None), "/larder/main/rustc"),  # a proxy prefix
+    ],
+)
+def test_a_url_with_a_cache_is_taken(
+    url: str, server: tuple[str, str, int | None], base: str
+) -> None:
+    """What a LARDER_URL names: the server the shim connects to and the path of the cache's
+    API there (a wrong one is a 404 for every lookup: a build that never hits)."""
+    remote = Remote(url, None, 1.0, {})
+    try:
+        assert (remote._scheme, remote._host, remote._port) == server
+        assert remote._base == base
+    finally:
+        remote.close()
