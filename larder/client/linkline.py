@@ -320,6 +320,8 @@ class _Reader:
                 if not directory.startswith(SYSROOT + "/"):
                     raise Unaccounted("link-arg", f"-B {directory}")
                 self.driver.append(f"-B{directory}")
+            elif token == "-u":  # a symbol to pull in (-C instrument-coverage's runtime)
+                _value(arguments, token)  # no file: what it pulls is among the files read
             elif token in _DRIVER_FLAGS:
                 if token in ("-m32", "-m64"):
                     self.driver.append(token)

@@ -105,6 +105,10 @@ def test_linker_arguments_and_search_modes() -> None:
     assert plan.search == ("/opt/lib",)
     static = classify(["cc", "-static-pie", "-lc"])
     assert static.libs == (Lib("c", True),)
+    # -C instrument-coverage: the driver is asked to pull in the profiler runtime's symbol;
+    # it names no file (every linked crate of a coverage build was refused before).
+    coverage = classify(["cc", "-u", "__llvm_profile_runtime", "main.o", "-lc"])
+    assert coverage.files == ("main.o",) and coverage.libs == (Lib("c", False),)
 
 
 @pytest.mark.parametrize(
@@ -113,7 +117,8 @@ def test_linker_arguments_and_search_modes() -> None:
      ("-Wl,-plugin-opt=O3", "linker-plugin"), ("-Wl,-Map=out.map", "link-arg"),
      ("@args.rsp", "link-arg"), ("-Wl,@args.rsp", "link-arg"), ("-B/usr/local/bin", "link-arg"),
      ("-fuse-ld=/opt/mold/ld", "link-arg"), ("--sysroot=/opt/sysroot", "link-arg"),
-     ("-specs=x.specs", "link-arg"), ("-Wl,-z", "link-arg"), ("-L", "link-arg")],
+     ("-specs=x.specs", "link-arg"), ("-Wl,-z", "link-arg"), ("-L", "link-arg"),
+     ("-u", "link-arg"), ("-undef", "link-arg")],
 )  # fmt: skip
 def test_what_the_key_cannot_describe_is_refused(token: str, kind: str) -> None:
     with pytest.raises(Unaccounted) as caught:
