@@ -207,7 +207,45 @@ def cached(
 def _rustc_identity(rustc: str, environ: dict[str, str]) -> str:
     # "3|": entries of this layout (older ones lack the sysroot, or a wrapper's digest).
     toolchain = environ.get("RUSTUP_TOOLCHAIN", "")
-    return f"3|{binary_identity(rustc)}|{toolchain}{_toolchain_identity(toolchain, environ)}"
+    chosen = (
+        _toolchain_identity(toolchain, environ) if toolchain else _rustup_choice(rustc, environ)
+    )
+    return f"3|{binary_identity(rustc)}|{toolchain}{chosen}"
+
+
+#: The files rustup reads a directory's toolchain from, in the order it looks for them.
+TOOLCHAIN_FILES = ("rust-toolchain", "rust-toolchain.toml")
+
+
+def _rustup_choice(rustc: str, environ: dict[str, str]) -> str:
+    """What rustup's proxy, run without ``RUSTUP_TOOLCHAIN`` (a cargo not started through
+    rustup), chooses the toolchain by at this call: its settings (the default toolchain and
+    directory overrides) and the nearest toolchain file above the working directory, each by
+    path and content. Facts kept for the proxy alone were one toolchain's for every other the
+    proxy picked: a ``rust-toolchain.toml`` switched to nightly uploaded nightly's outputs under
+    stable's key. Empty for anything but the proxy."""
+    if not _is_rustup_proxy(rustc):
+        return ""
+    home = environ.get("RUSTUP_HOME") or os.path.join(os.path.expanduser("~"), ".rustup")
+    read = [os.path.join(home, "settings.toml")]
+    directory = os.getcwd()
+    while True:
+        found = [os.path.join(directory, name) for name in TOOLCHAIN_FILES]
+        found = [path for path in found if os.path.isfile(path)]
+        if found:
+            read += found
+            break
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    parts = []
+    for path in read:
+        try:
+            parts.append(f"{path}={blake3.blake3(Path(path).read_bytes()).hexdigest()[:32]}")
+        except OSError:
+            parts.append(f"{path}=")
+    return "|rustup:" + ",".join(parts)
 
 
 def _toolchain_identity(toolchain: str, environ: dict[str, str]) -> str:
@@ -247,10 +285,23 @@ def wrapper_line(path: str, sysroot: str) -> str:
     """A line for ``rustc -vV`` naming what stands between cargo and the sysroot's compiler:
     empty for the sysroot's own ``bin/rustc`` or rustup's proxy (both only select a toolchain,
     which ``-vV`` and the sysroot name), else the BLAKE3 of the executable ``RUSTC`` names (a
-    script that adds flags is keyed by its text)."""
-    if _same_file(path, os.path.join(sysroot, "bin", "rustc")) or _is_rustup_proxy(path):
+    script that adds flags is keyed by its text). A sysroot whose ``bin/rustc`` is itself a
+    script (nixpkgs' wrapper, a distribution's) is keyed by its text too: it may add flags
+    that neither ``-vV`` nor the standard library show."""
+    if _is_rustup_proxy(path):
+        return ""
+    if _same_file(path, os.path.join(sysroot, "bin", "rustc")) and not _is_script(path):
         return ""
     return f"rustc-wrapper-blake3: {file_digest(Path(os.path.realpath(path)))}\n"
+
+
+def _is_script(path: str) -> bool:
+    """Whether the executable ``path`` is a script (``#!``), not a compiled program."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(2) == b"#!"
+    except OSError:
+        return False
 
 
 def fingerprint(

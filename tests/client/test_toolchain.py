@@ -107,8 +107,8 @@ def test_the_sysroots_compiler_and_rustups_proxy_are_no_wrappers(
 ) -> None:
     sysroot = tmp_path / "sysroot"
     real = sysroot / "bin" / "rustc"
-    real.parent.mkdir()
-    os.link(rustc, real)
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"\x7fELF the compiler")
     assert toolchain.wrapper_line(str(real), str(sysroot)) == ""
     proxies = tmp_path / "cargo-home" / "bin"
     proxies.mkdir(parents=True)
@@ -118,6 +118,13 @@ def test_the_sysroots_compiler_and_rustups_proxy_are_no_wrappers(
     wrapper = tmp_path / "wrapper"
     wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
     assert toolchain.wrapper_line(str(wrapper), str(sysroot)).startswith("rustc-wrapper-blake3: ")
+    # A sysroot whose own bin/rustc is a script adding flags (-C overflow-checks=off gave a
+    # laptop on the plain compiler binaries that did not panic where its own did).
+    scripted = tmp_path / "scripted"
+    (scripted / "bin").mkdir(parents=True)
+    (scripted / "bin" / "rustc").write_text(f'#!/bin/sh\nexec {real} -C overflow-checks=off "$@"\n')
+    line = toolchain.wrapper_line(str(scripted / "bin" / "rustc"), str(scripted))
+    assert line.startswith("rustc-wrapper-blake3: ")
 
 
 def test_native_cpu_facts_are_kept_per_machine(
@@ -165,6 +172,45 @@ def test_a_toolchain_rustup_updated_is_another_compiler(tmp_path: Path) -> None:
     compiler.write_text("the new one")  # what an update leaves: another file
     assert _rustc_identity(str(proxy), environ) != before
     assert _rustc_identity(str(proxy), {**environ, "RUSTUP_TOOLCHAIN": "gone"}).endswith("|gone")
+
+
+def test_rustups_proxy_without_a_toolchain_is_known_by_what_it_chooses_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cargo not started through rustup runs rustup's proxy with no ``RUSTUP_TOOLCHAIN``;
+    the proxy picks the toolchain from a ``rust-toolchain.toml`` or rustup's settings. Facts
+    kept for the proxy alone stayed stable's after the file said nightly: nightly's outputs
+    went up under stable's key, and a stable laptop hit them (E0514)."""
+    from larder.client.toolchain import _rustc_identity
+
+    bin_dir = tmp_path / "cargo-home" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "rustup").write_bytes(b"\x7fELF rustup")
+    os.link(bin_dir / "rustup", bin_dir / "rustc")
+    home = tmp_path / "rustup"
+    home.mkdir()
+    (home / "settings.toml").write_text('default_toolchain = "stable"\n')
+    workspace = tmp_path / "work" / "app"
+    (workspace / "crates" / "a").mkdir(parents=True)
+    monkeypatch.chdir(workspace / "crates" / "a")
+    environ = {"RUSTUP_HOME": str(home)}
+    proxy = str(bin_dir / "rustc")
+    seen = {_rustc_identity(proxy, environ)}
+    (workspace / "rust-toolchain.toml").write_text('[toolchain]\nchannel = "nightly"\n')
+    seen.add(_rustc_identity(proxy, environ))
+    (workspace / "rust-toolchain.toml").write_text('[toolchain]\nchannel = "stable"\n')
+    seen.add(_rustc_identity(proxy, environ))
+    (home / "settings.toml").write_text('default_toolchain = "nightly"\n')
+    seen.add(_rustc_identity(proxy, environ))
+    assert len(seen) == 4
+    assert _rustc_identity(proxy, environ) == _rustc_identity(proxy, environ)
+    # With RUSTUP_TOOLCHAIN (cargo run through rustup) the toolchain's own compiler decides,
+    # and a compiler that is not the proxy is known by itself.
+    chosen = {**environ, "RUSTUP_TOOLCHAIN": "stable-x"}
+    assert "rustup:" not in _rustc_identity(proxy, chosen)
+    plain = tmp_path / "rustc"
+    plain.write_text("#!/bin/sh\n")
+    assert "rustup:" not in _rustc_identity(str(plain), environ)
 
 
 def test_facts_are_used_when_the_state_directory_cannot_keep_them(tmp_path: Path) -> None:
