@@ -342,7 +342,11 @@ async def test_a_client_that_reads_slowly_pauses_the_short_path_then_gets_everyt
     conn = Conn(reader, writer)
     count = 20_000  # far more answer bytes than the socket buffers hold: writing pauses
     conn.send(get(f"/main/{store_hash}.narinfo") * count, get("/healthz"))
-    await asyncio.sleep(0.5)  # the short path fills the buffers, then hands over
+    deadline = asyncio.get_running_loop().time() + 30
+    while not pauses:  # the short path fills the buffers (on a busy machine: later), pauses
+        assert asyncio.get_running_loop().time() < deadline, "writing never paused"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # ... then hands the rest over
     for _ in range(count):
         assert (await conn.response())[0] == 200
     assert (await conn.response())[2] == b"ok\n"
