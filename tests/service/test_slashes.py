@@ -13,6 +13,20 @@ def test_runs_of_slashes_in_the_path_become_one_and_the_query_stays() -> None:
     assert merged("//main//x.narinfo") == "/main/x.narinfo"
     assert merged("/main/nar///a.nar.zst?x=//y") == "/main/nar/a.nar.zst?x=//y"
     assert merged("/main/nix-cache-info") == "/main/nix-cache-info"
+    # Routes that are no cache keep their spelling: a proxy rule hiding /metrics by prefix
+    # (without merging slashes) was walked around by //metrics.
+    for target in ("//metrics", "///api/v1/caches/main", "//healthz", "//readyz", "//Main/x"):
+        assert merged(target) == target, target
+
+
+async def test_a_repeated_slash_reaches_no_route_that_is_not_a_cache(live: Live) -> None:
+    conn = await Conn.open(live)
+    for target in ("//metrics", "/metrics/", "//api/v1/caches/main", "//healthz"):
+        conn.send(get(target))
+        assert (await conn.response())[0] == 404, target
+    conn.send(get("/metrics"))
+    assert (await conn.response())[0] == 200
+    conn.close()
 
 
 async def test_a_cache_url_written_with_a_doubled_slash_works_both_ways(live: Live) -> None:

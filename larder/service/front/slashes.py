@@ -5,6 +5,10 @@ A substituter or ``LARDER_URL`` written as ``"${BASE}/main"`` with ``BASE`` endi
 ``http://larder//main``; Nix 2.8 strips only one trailing slash (``.../main//``). Every name
 larder stores is made of non-empty segments, so no two stored objects differ by a repeated
 slash; the query string is left as it came.
+
+Only a path whose first segment then names a cache is merged: ``//metrics`` and ``//api/...``
+stay as sent (404), so a proxy in front whose rule hides ``/metrics`` by its prefix, without
+merging slashes itself (HAProxy's ``path_beg``), is not walked around.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from aiohttp import web
 from aiohttp.http import RawRequestMessage
 from yarl import URL
 
+from larder.errors import FormatError
+from larder.protocol.names import check_cache_name
+
 _REPEATED = re.compile(r"/{2,}")
 
 #: What :class:`aiohttp.web.Server` calls to make a request from a parsed head.
@@ -24,9 +31,15 @@ RequestFactory = Callable[..., web.BaseRequest]
 
 
 def merged(target: str) -> str:
-    """``target`` (a request target in origin form) with each run of ``/`` in its path one."""
+    """``target`` (a request target in origin form) with each run of ``/`` in its path one,
+    when the path then begins with a cache's name; else ``target`` as it is."""
     path, mark, query = target.partition("?")
-    return _REPEATED.sub("/", path) + mark + query
+    path = _REPEATED.sub("/", path)
+    try:
+        check_cache_name(path.split("/", 2)[1])
+    except FormatError:
+        return target  # /metrics, /api/..., /healthz: reached by their own spelling only
+    return path + mark + query
 
 
 def merging_slashes(factory: RequestFactory) -> RequestFactory:
@@ -36,8 +49,9 @@ def merging_slashes(factory: RequestFactory) -> RequestFactory:
     def make(message: RawRequestMessage, *args: Any, **kwargs: Any) -> web.BaseRequest:
         target = message.path
         if "//" in target.partition("?")[0] and target.startswith("/"):
-            target = merged(target)
-            message = message._replace(path=target, url=URL(target, encoded=True))
+            merged_target = merged(target)
+            if merged_target != target:
+                message = message._replace(path=merged_target, url=URL(merged_target, encoded=True))
         return factory(message, *args, **kwargs)
 
     return make
