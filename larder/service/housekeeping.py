@@ -203,8 +203,13 @@ async def _read_store_records(app: web.Application) -> None:
         await _last_run_finished(app)
     except LarderError as exc:
         log.info("could not read the last collection's record: %s", exc.message)
+    try:
+        names = await app[state.CACHES].names()
+    except LarderError as exc:
+        log.info("could not list the caches: %s", exc.message)
+        return
     metrics = app[METRICS]
-    for cache in await app[state.CACHES].names():
+    for cache in names:
         metrics.add_cache(cache)
 
 

@@ -360,9 +360,9 @@ class Storage(ABC):
         return None
 
     async def room_for(self, size: int) -> bool:
-        """Whether ``size`` more bytes may fit: ``False`` only when the backend knows they cannot
-        (a disk with less free, or no file left to create), so that an upload is refused before
-        its body is read. ``True`` by default."""
+        """Whether ``size`` more bytes (0: anything at all) may fit: ``False`` only when the
+        backend knows they cannot (a disk with less free, or next to nothing, or no file left to
+        create), so that an upload is refused before its body is read. ``True`` by default."""
         return True
 
     async def release_reserve(self) -> bool:

@@ -103,6 +103,9 @@ _HEX = frozenset("0123456789abcdef")
 _FILE_MODE = 0o644
 #: Bytes kept in ``tmp/reserve`` for a collection to start on a full disk.
 RESERVE_SIZE = 1024**2
+#: Free bytes below which the disk takes no upload (a write that filled it leaves about this
+#: little behind): :meth:`DiskStorage.room_for`.
+ROOM_FLOOR = 1024**2
 _RESERVE = "reserve"
 _PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
@@ -457,7 +460,8 @@ class DiskStorage(Storage):
 
     def _room_for(self, size: int) -> bool:
         """From ``statvfs`` of ``tmp/``: the blocks and files this process may still take (root
-        may take those the file system keeps back for it); unknown counts as room."""
+        may take those the file system keeps back for it), at least :data:`ROOM_FLOOR` bytes;
+        a file system that counts nothing (some FUSE mounts) has room."""
         try:
             found = os.statvfs(self._tmp)
         except OSError:
@@ -466,7 +470,10 @@ class DiskStorage(Storage):
         files = found.f_ffree if root else found.f_favail
         if found.f_files and not files:  # a file system counting files has none left
             return False
-        return (found.f_bfree if root else found.f_bavail) * found.f_frsize >= size
+        if not found.f_blocks:
+            return True
+        free = (found.f_bfree if root else found.f_bavail) * found.f_frsize
+        return free >= max(size, ROOM_FLOOR)
 
     async def release_reserve(self) -> bool:
         with _os_errors("release reserve"):

@@ -23,12 +23,13 @@ CRLF = "\r\n"
 
 
 class Full(MemoryStorage):
-    """Memory storage with no room for anything larger than ``room`` bytes."""
+    """Memory storage with ``free`` bytes left, taking nothing below a floor of 1 byte (as a
+    disk takes nothing with less than :data:`larder.storage.disk.ROOM_FLOOR` free)."""
 
-    room = 0
+    free = 0
 
     async def room_for(self, size: int) -> bool:
-        return size <= self.room
+        return max(size, 1) <= self.free
 
     async def check(self) -> None:
         raise StorageFull("no space left on device")  # as a disk's probe file finds it
@@ -39,10 +40,10 @@ def storage() -> Storage:
     return Full()
 
 
-def nar_put(token: str, size: int, expect: bool = False) -> bytes:
+def nar_put(token: str, size: int, expect: bool = False, suffix: str = ".nar") -> bytes:
     """A NAR upload's head declaring ``size`` bytes, without its body."""
     return (
-        f"PUT /main/nar/{'0' * 52}.nar HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"PUT /main/nar/{'0' * 52}{suffix} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Length: {size}\r\n{'Expect: 100-continue' + CRLF if expect else ''}\r\n"
     ).encode()
 
@@ -62,11 +63,40 @@ async def test_an_upload_the_store_has_no_room_for_is_refused_before_its_body(
     storage = live.app[state.STORAGE].inner
     assert isinstance(storage, Full)
     assert [key async for key in storage.keys("")] == [k async for k in storage.keys("config/")]
-    storage.room = 10**6  # room again: the same upload is read (and refused for its bytes)
+    storage.free = 10**6  # room again: the same upload is read (and refused for its bytes)
     conn = await Conn.open(live)
     conn.send(nar_put(live.token, 3) + b"abc")
     status, _, body = await asyncio.wait_for(conn.response(), 5)
     assert status == 400, body
+    conn.close()
+
+
+async def test_only_a_body_stored_at_least_as_large_as_sent_is_judged_by_its_size(
+    live: Live,
+) -> None:
+    """A ``.nar`` is stored packed, often far smaller than sent: refusing it for a declared
+    size above the free space refused uploads that fitted. A ``.nar.zst`` is kept as sent (and
+    xz packs tighter than what larder stores): one larger than the free space cannot fit. A
+    request storing nothing (a rustc miss report) is never refused for room."""
+    storage = live.app[state.STORAGE].inner
+    assert isinstance(storage, Full)
+    storage.free = 4000
+    for suffix, refused in ((".nar.zst", True), (".nar.xz", True), (".nar", False)):
+        conn = await Conn.open(live)
+        conn.send(nar_put(live.token, 5000, suffix=suffix) + b"x" * 5000)
+        status, _, body = await asyncio.wait_for(conn.response(), 5)
+        assert (status == 507) is refused, (suffix, status, body)
+        conn.close()
+    storage.free = 0
+    conn = await Conn.open(live)
+    report = b'{"crate": "a", "category": "source"}'
+    conn.send(
+        f"POST /main/rustc/explained HTTP/1.1\r\nHost: x\r\nContent-Length: {len(report)}\r\n"
+        "Content-Type: application/json\r\n\r\n".encode()
+        + report
+    )
+    status_line = await asyncio.wait_for(conn.reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 204 "), status_line  # 204: no body to read
     conn.close()
 
 
@@ -114,11 +144,16 @@ def test_a_disk_has_no_room_past_its_free_blocks_or_files(
                   "f_files": counted, "f_favail": files, "f_ffree": files}  # fmt: skip
         return type("Stat", (), fields)()
 
-    for blocks, files, counted, fits in (
-        (10, 5, 1000, True),  # 40,960 bytes free
-        (9, 5, 1000, False),  # 36,864
-        (10, 0, 1000, False),  # no file left for its temporary
-        (10, 0, 0, True),  # a file system that counts no files (btrfs)
+    for blocks, files, counted, size, fits in (
+        (500, 5, 1000, 2_000_000, True),  # 2,048,000 bytes free
+        (488, 5, 1000, 2_000_000, False),  # 1,998,848
+        (300, 5, 1000, 0, True),  # 1.2 MB free: room for something
+        (200, 5, 1000, 0, False),  # 819,200: below the floor, room for nothing
+        (500, 0, 1000, 0, False),  # no file left for its temporary
+        (500, 0, 0, 0, True),  # a file system that counts no files (btrfs)
     ):
         monkeypatch.setattr(os, "statvfs", lambda _, b=blocks, f=files, c=counted: statvfs(b, f, c))
-        assert asyncio.run(disk.room_for(40_000)) is fits, (blocks, files, counted)
+        assert asyncio.run(disk.room_for(size)) is fits, (blocks, files, counted, size)
+    unknown = {**numbers, "f_blocks": 0, "f_bavail": 0, "f_bfree": 0, "f_files": 0}
+    monkeypatch.setattr(os, "statvfs", lambda _: type("Stat", (), unknown)())
+    assert asyncio.run(disk.room_for(10**9))  # counts nothing (some FUSE mounts): room

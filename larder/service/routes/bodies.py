@@ -19,7 +19,7 @@ from larder.errors import (
     TooSlow,
     UnsupportedEncoding,
 )
-from larder.protocol.content_coding import body_coding
+from larder.protocol.content_coding import CODINGS, body_coding
 from larder.service.internals import ZeroCopyFileResponse
 from larder.service.routes.ranges import Unsatisfiable, byte_range
 from larder.service.state import CONFIG, DECODING, READING, STORAGE
@@ -40,12 +40,25 @@ def check_declared_length(request: web.Request, limit: int) -> None:
         raise TooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit}")
 
 
+#: Codings larder stores in at least as many bytes as they take on the wire: zstd is kept as
+#: sent, and xz, bzip2 and brotli pack tighter than the zstd level larder stores at.
+_DENSE_CODINGS = frozenset({"zstd", "xz", "bzip2", "br"})
+#: The same, as the suffix of a NAR upload's name.
+_DENSE_SUFFIXES = (".zst", ".xz", ".bz2", ".br")
+
+
 async def check_room(request: web.Request) -> None:
-    """Refuse early (507) when the store has no room for the ``Content-Length`` declared: a
-    client that sends its request again without the body (Nix 2.8 after a 5xx) is told at once
-    rather than after ``body_idle_timeout``."""
+    """Refuse an upload (``PUT``) early, 507, when the store has no room: none at all (the
+    backend's floor), or, for a body in a dense coding, less than its declared size. A client
+    that sends its upload again without the body (Nix 2.8 after a 5xx) is told at once rather
+    than after ``body_idle_timeout``. Any other body (a ``.nar`` stored packed smaller than
+    sent) is taken, and a write that finds the store full answers 507 then."""
     size = request.content_length
-    if size and not await request.app[STORAGE].room_for(size):
+    if request.method != "PUT" or size is None:
+        return
+    coding = CODINGS.get(request.headers.get("Content-Encoding", "").strip().lower())
+    dense = coding in _DENSE_CODINGS or request.path.endswith(_DENSE_SUFFIXES)
+    if not await request.app[STORAGE].room_for(size if dense else 0):
         raise StorageFull(f"storage is full: no room for a body of {size} bytes")
 
 
