@@ -163,6 +163,26 @@ async def test_webdav_outside_sccache_names_the_endpoint(service: Service) -> No
     assert (await service.client.get(f"/main/{'0' * 32}.narinfo")).status == 404  # Nix's
 
 
+async def test_sccaches_start_up_probe_outside_sccache_is_a_plain_miss(service: Service) -> None:
+    """sccache stops (and fails every compile) when its start-up ``GET .sccache_check`` gets
+    anything but an answer or a 404: an endpoint naming only the server got 405 (the WebDAV
+    refusals registered there take other methods), and a private cache's URL without a valid
+    token got 401 from the Nix routes. Both 404 now, naming the endpoint; sccache then runs
+    read-only, as the README says."""
+    other = await service.issue("other", Scope.WRITE)
+    await service.client.app[state.CACHES].ensure("priv", private=True)
+    for path, headers in (("/.sccache_check", {}), ("/main/.sccache_check", {}),
+                          ("/main/prefix/.sccache_check", {}), ("/priv/.sccache_check", {}),
+                          ("/priv/.sccache_check", service.auth(other))):  # fmt: skip
+        resp = await service.client.get(path, headers=headers)
+        assert resp.status == 404, (path, resp.status)
+        assert "/sccache/" in await resp.text(), path
+    for path in ("/main", "/main/", "/favicon.ico"):  # nothing there: not "method not allowed"
+        assert (await service.client.get(path)).status == 404, path
+    assert (await service.client.get("/main/sccache/.sccache_check")).status == 404  # a miss
+    assert (await service.client.get("/priv/nix-cache-info")).status == 401  # still private
+
+
 async def test_only_a_get_of_an_entry_counts_as_a_lookup(service: Service) -> None:
     from tests.service.test_metrics import scrape, value
 
@@ -538,3 +558,17 @@ async def test_a_key_prefix_that_can_hold_no_entry_makes_sccache_read_only_not_f
     probe = f"/main/sccache/{deepest}/.sccache_check"
     resp = await service.client.put(probe, data=b"Hello, World!", headers=service.auth())
     assert resp.status == 201, await resp.text()
+
+
+async def test_a_token_given_as_the_user_name_is_refused_saying_where_it_goes(
+    service: Service,
+) -> None:
+    """``SCCACHE_WEBDAV_USERNAME=<token>`` with no password sends Basic ``token:``; the answer
+    said "use Bearer or Basic", though it was Basic."""
+    import base64
+
+    basic = base64.b64encode(f"{service.write_token}:".encode()).decode()
+    resp = await service.client.put(ENTRY, data=b"x", headers={"Authorization": f"Basic {basic}"})
+    assert resp.status == 401
+    assert "the token is the password" in await resp.text()
+    assert (await service.client.get(ENTRY)).status == 404  # nothing stored

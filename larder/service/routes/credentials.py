@@ -44,6 +44,10 @@ def token_from_header(header: str) -> str:
         _, sep, password = decoded.partition(":")
         if sep and password:
             return password
+        raise Unauthorized(
+            "Basic credentials without a password: the token is the password (netrc's "
+            "password, SCCACHE_WEBDAV_PASSWORD), with any user name"
+        )
     raise Unauthorized("unsupported Authorization header: use Bearer or Basic")
 
 

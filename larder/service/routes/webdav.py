@@ -190,6 +190,22 @@ async def elsewhere(request: web.Request) -> web.Response:
     return web.Response(status=405, headers={"Allow": allow}, text=message + "\n")
 
 
+async def probe_elsewhere(request: web.Request) -> web.Response:
+    """sccache's start-up probe GET outside ``sccache/`` (an endpoint naming only the server or
+    the cache): a 404 whatever the credentials, as under ``sccache/``, so the client starts
+    (read-only, once its PROPFIND gets the 405 above) instead of stopping the build."""
+    cache = request.match_info.get("cache")
+    where = f"{_mount(request)}/{cache or '<cache>'}/sccache/"
+    message = f"not found: WebDAV is served under {where} (SCCACHE_WEBDAV_ENDPOINT)"
+    raise web.HTTPNotFound(text=message + "\n")
+
+
+async def no_object(request: web.Request) -> web.Response:
+    """``GET /<name>`` and ``/<name>/``: no object is there (a 405 because the WebDAV routes
+    above take other methods at that path would read as "the server cannot")."""
+    raise web.HTTPNotFound(text="not found: a cache's objects are under /<cache>/...\n")
+
+
 def add_routes(app: web.Application) -> None:
     """Register the WebDAV routes (before the Nix catch-all)."""
     router = app.router
@@ -202,6 +218,11 @@ def add_routes(app: web.Application) -> None:
         router.add_route("OPTIONS", pattern, options)
     # Not on the service's own first segments (/api, /metrics, ...), whose 405s stay theirs.
     cache = "{cache:(?!(?:" + "|".join(sorted(RESERVED_NAMES)) + ")(?:/|$))[^/]+}"
+    probe = r"{probe:(?:[^/]+/)*\.sccache_check/?}"
+    router.add_get("/" + probe, probe_elsewhere)  # an endpoint naming the server only
+    router.add_get(f"/{cache}/{probe}", probe_elsewhere)
     for pattern in (f"/{cache}", f"/{cache}/", f"/{cache}/{{path:.*}}"):
         for method in ("PROPFIND", "MKCOL"):
             router.add_route(method, pattern, elsewhere)
+    for pattern in (f"/{cache}", f"/{cache}/"):
+        router.add_get(pattern, no_object)
