@@ -254,6 +254,12 @@ def test_sccache_on_a_private_cache(sccache: Sccache, tmp_path: Path) -> None:
         refusals = [line for line in server.log().splitlines() if "/secret/sccache/" in line]
         assert sum('" 401 ' in line for line in refusals) >= cold["writes"], refusals
 
+        # The substituter's URL as endpoint (no /sccache/), no token: the start-up probe got
+        # the Nix routes' 401 and sccache stopped, failing every compile. It builds, read-only.
+        with sccache_server(sccache, tmp_path, f"{server.url}/secret") as env:
+            astray = build(sccache, workspace, env)
+        assert (astray["hits"], astray["writes"]) == (0, 0), astray
+
 
 @pytest.mark.parametrize(
     ("writer", "reader"),
