@@ -172,6 +172,7 @@ def cached(
     identity: str,
     compute: Callable[[], dict[str, Any]],
     aliases: Callable[[dict[str, Any]], list[str]] | None = None,
+    still: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """``compute()``, once per ``identity``, remembered in the JSON object ``state_dir/name``
     (and under each of ``aliases(entry)``: other identities the same facts answer).
@@ -179,7 +180,9 @@ def cached(
     The first calls of a build start together: the one that computes holds ``name.lock``, and
     the others wait for its entry rather than compute the same facts beside it (each would take
     the other's CPU). One that waited :data:`LOCK_WAIT` seconds computes anyway; the file is
-    replaced atomically, so at worst an entry is computed twice.
+    replaced atomically, so at worst an entry is computed twice. Facts computed while
+    ``still()`` stopped holding (the identity changed under them: a toolchain file edited) are
+    used for this call and not kept.
     """
     cache_file = state_dir / name
     entry = _known(cache_file).get(identity)
@@ -194,6 +197,8 @@ def cached(
         if isinstance(entry, dict):
             return entry  # computed while this call waited
         entry = compute()
+        if still is not None and not still():
+            return entry
         for alias in {identity, *(aliases(entry) if aliases else [])}:
             known[alias] = entry
         with contextlib.suppress(OSError):  # not kept: the next call computes them again
@@ -205,12 +210,13 @@ def cached(
 
 
 def _rustc_identity(rustc: str, environ: dict[str, str]) -> str:
-    # "3|": entries of this layout (older ones lack the sysroot, or a wrapper's digest).
+    # "4|": entries of this layout (older ones lack the sysroot, a wrapper's digest, or the
+    # digest of a sysroot's bin/rustc that is a script).
     toolchain = environ.get("RUSTUP_TOOLCHAIN", "")
     chosen = (
         _toolchain_identity(toolchain, environ) if toolchain else _rustup_choice(rustc, environ)
     )
-    return f"3|{binary_identity(rustc)}|{toolchain}{chosen}"
+    return f"4|{binary_identity(rustc)}|{toolchain}{chosen}"
 
 
 #: The files rustup reads a directory's toolchain from, in the order it looks for them.
@@ -220,10 +226,12 @@ TOOLCHAIN_FILES = ("rust-toolchain", "rust-toolchain.toml")
 def _rustup_choice(rustc: str, environ: dict[str, str]) -> str:
     """What rustup's proxy, run without ``RUSTUP_TOOLCHAIN`` (a cargo not started through
     rustup), chooses the toolchain by at this call: its settings (the default toolchain and
-    directory overrides) and the nearest toolchain file above the working directory, each by
-    path and content. Facts kept for the proxy alone were one toolchain's for every other the
-    proxy picked: a ``rust-toolchain.toml`` switched to nightly uploaded nightly's outputs under
-    stable's key. Empty for anything but the proxy."""
+    directory overrides) and the nearest toolchain file above the working directory, by
+    content (not by path: each checkout would add its own entry), and what each installed
+    toolchain's compiler is (``rustup update`` changes no setting). Facts kept for the proxy
+    alone were one toolchain's for every other the proxy picked: a ``rust-toolchain.toml``
+    switched to nightly uploaded nightly's outputs under stable's key. Empty for anything but
+    the proxy."""
     if not _is_rustup_proxy(rustc):
         return ""
     home = environ.get("RUSTUP_HOME") or os.path.join(os.path.expanduser("~"), ".rustup")
@@ -242,9 +250,14 @@ def _rustup_choice(rustc: str, environ: dict[str, str]) -> str:
     parts = []
     for path in read:
         try:
-            parts.append(f"{path}={blake3.blake3(Path(path).read_bytes()).hexdigest()[:32]}")
+            parts.append(blake3.blake3(Path(path).read_bytes()).hexdigest()[:32])
         except OSError:
-            parts.append(f"{path}=")
+            parts.append("-")
+    toolchains = os.path.join(home, "toolchains")
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(toolchains)):
+            with contextlib.suppress(OSError):
+                parts.append(binary_identity(os.path.join(toolchains, name, "bin", "rustc")))
     return "|rustup:" + ",".join(parts)
 
 
@@ -326,7 +339,14 @@ def fingerprint(
         return [f"{base}|", f"{base}|{host}"] if target in (None, host) else []
 
     identity = f"{base}|{target or ''}"
-    entry = cached(state_dir, "toolchains.json", identity, compute, host_aliases)
+    entry = cached(
+        state_dir,
+        "toolchains.json",
+        identity,
+        compute,
+        host_aliases,
+        still=lambda: _rustc_identity(path, environ) == base,
+    )
     try:
         return Fingerprint(
             str(entry["version"]),

@@ -204,6 +204,22 @@ def test_rustups_proxy_without_a_toolchain_is_known_by_what_it_chooses_by(
     seen.add(_rustc_identity(proxy, environ))
     assert len(seen) == 4
     assert _rustc_identity(proxy, environ) == _rustc_identity(proxy, environ)
+    # `rustup update` changes no setting, only the compiler a toolchain name runs.
+    compiler = home / "toolchains" / "stable-x" / "bin" / "rustc"
+    compiler.parent.mkdir(parents=True)
+    compiler.write_text("1.95")
+    before = _rustc_identity(proxy, environ)
+    compiler.unlink()
+    compiler.write_text("1.96, updated")
+    assert _rustc_identity(proxy, environ) != before
+    # Another checkout with the same toolchain file: the same facts (an entry per checkout
+    # grew toolchains.json on runners with a directory per job).
+    other = tmp_path / "elsewhere" / "app"
+    other.mkdir(parents=True)
+    (other / "rust-toolchain.toml").write_bytes((workspace / "rust-toolchain.toml").read_bytes())
+    here = _rustc_identity(proxy, environ)
+    monkeypatch.chdir(other)
+    assert _rustc_identity(proxy, environ) == here
     # With RUSTUP_TOOLCHAIN (cargo run through rustup) the toolchain's own compiler decides,
     # and a compiler that is not the proxy is known by itself.
     chosen = {**environ, "RUSTUP_TOOLCHAIN": "stable-x"}
@@ -211,6 +227,24 @@ def test_rustups_proxy_without_a_toolchain_is_known_by_what_it_chooses_by(
     plain = tmp_path / "rustc"
     plain.write_text("#!/bin/sh\n")
     assert "rustup:" not in _rustc_identity(str(plain), environ)
+
+
+def test_facts_computed_while_their_identity_changed_are_used_not_kept(tmp_path: Path) -> None:
+    """A toolchain file edited between reading the identity and running ``rustc -vV`` gave
+    the new toolchain's facts under the old one's identity, kept for every later call."""
+    computed: list[int] = []
+
+    def compute() -> dict[str, object]:
+        computed.append(1)
+        return {"version": f"v{len(computed)}"}
+
+    changed = toolchain.cached(tmp_path, "t.json", "old", compute, still=lambda: False)
+    assert changed == {"version": "v1"}
+    assert toolchain.cached(tmp_path, "t.json", "old", compute, still=lambda: True) == {
+        "version": "v2"
+    }  # computed again: nothing was kept
+    assert toolchain.cached(tmp_path, "t.json", "old", compute) == {"version": "v2"}
+    assert len(computed) == 2
 
 
 def test_facts_are_used_when_the_state_directory_cannot_keep_them(tmp_path: Path) -> None:
