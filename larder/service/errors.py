@@ -17,6 +17,7 @@ from aiohttp import web
 from larder import errors
 from larder.service.front.heads import valid_host
 from larder.service.observability.recording import note_error_code
+from larder.service.state import FULL_AT
 
 log = logging.getLogger("larder.http")
 
@@ -151,6 +152,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # A storage error's own message names the backend (an S3 endpoint, a bucket, a key,
         # a local path): clients get its kind, the log gets the details.
         if isinstance(exc, errors.StorageFull):
+            request.app[FULL_AT][0] = time.monotonic()
             message = "storage is full"
         elif isinstance(exc, errors.StorageUnavailable):
             message = "storage is unavailable; retry later"

@@ -81,7 +81,7 @@ async def test_only_a_body_stored_at_least_as_large_as_sent_is_judged_by_its_siz
     storage = live.app[state.STORAGE].inner
     assert isinstance(storage, Full)
     storage.free = 4000
-    for suffix, refused in ((".nar.zst", True), (".nar.xz", True), (".nar", False)):
+    for suffix, refused in ((".nar", False), (".nar.zst", True), (".nar.xz", True)):
         conn = await Conn.open(live)
         conn.send(nar_put(live.token, 5000, suffix=suffix) + b"x" * 5000)
         status, _, body = await asyncio.wait_for(conn.response(), 5)
@@ -97,6 +97,33 @@ async def test_only_a_body_stored_at_least_as_large_as_sent_is_judged_by_its_siz
     )
     status_line = await asyncio.wait_for(conn.reader.readline(), 5)
     assert status_line.startswith(b"HTTP/1.1 204 "), status_line  # 204: no body to read
+    conn.close()
+
+
+async def test_after_the_store_was_found_full_any_upload_too_large_is_refused_before_its_body(
+    live: Live,
+) -> None:
+    """Nix 2.8 sends an upload refused with 507 again without its body. A ``.nar`` of data that
+    packs no smaller was read whole, found no room, and its body-less retries waited for
+    ``body_idle_timeout`` (408, minutes)."""
+    storage = live.app[state.STORAGE].inner
+    assert isinstance(storage, Full)
+    storage.free = 4000
+    conn = await Conn.open(live)
+    conn.send(nar_put(live.token, 5000))  # no body: taken as a .nar, it waits for one
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(conn.response(), 0.5)
+    conn.close()
+    assert live.app[state.FULL_AT][0] == 0
+    conn = await Conn.open(live)
+    conn.send(nar_put(live.token, 5000, suffix=".nar.zst"))  # as a write finding it full
+    assert (await asyncio.wait_for(conn.response(), 5))[0] == 507
+    conn.close()
+    assert live.app[state.FULL_AT][0] > 0
+    conn = await Conn.open(live)
+    conn.send(nar_put(live.token, 5000))  # the retry, without its body: told at once
+    status, _, body = await asyncio.wait_for(conn.response(), 5)
+    assert status == 507 and b"storage is full" in body
     conn.close()
 
 

@@ -22,7 +22,7 @@ from larder.errors import (
 from larder.protocol.content_coding import CODINGS, body_coding
 from larder.service.internals import ZeroCopyFileResponse
 from larder.service.routes.ranges import Unsatisfiable, byte_range
-from larder.service.state import CONFIG, DECODING, READING, STORAGE
+from larder.service.state import CONFIG, DECODING, FULL_AT, READING, STORAGE
 from larder.storage.base import BlobReader
 
 UPLOAD_CHUNK = 256 * 1024
@@ -45,19 +45,27 @@ def check_declared_length(request: web.Request, limit: int) -> None:
 _DENSE_CODINGS = frozenset({"zstd", "xz", "bzip2", "br"})
 #: The same, as the suffix of a NAR upload's name.
 _DENSE_SUFFIXES = (".zst", ".xz", ".bz2", ".br")
+#: Seconds after an upload found the store full during which every upload declaring more
+#: than is free is refused before its body (Nix 2.8 sends a refused upload again, without its
+#: body, within seconds: a ``.nar`` of data that packs no smaller then waited for it).
+FULL_MEMORY = 300.0
 
 
 async def check_room(request: web.Request) -> None:
     """Refuse an upload (``PUT``) early, 507, when the store has no room: none at all (the
-    backend's floor), or, for a body in a dense coding, less than its declared size. A client
-    that sends its upload again without the body (Nix 2.8 after a 5xx) is told at once rather
-    than after ``body_idle_timeout``. Any other body (a ``.nar`` stored packed smaller than
-    sent) is taken, and a write that finds the store full answers 507 then."""
+    backend's floor), or less than its declared size for a body in a dense coding, or for any
+    body within :data:`FULL_MEMORY` of an upload that found the store full. A client that sends
+    its upload again without the body (Nix 2.8 after a 5xx) is told at once rather than after
+    ``body_idle_timeout``. Otherwise a body (a ``.nar`` stored packed smaller than sent) is
+    taken, and a write that finds the store full answers 507 then."""
     size = request.content_length
     if request.method != "PUT" or size is None:
         return
     coding = CODINGS.get(request.headers.get("Content-Encoding", "").strip().lower())
     dense = coding in _DENSE_CODINGS or request.path.endswith(_DENSE_SUFFIXES)
+    full_at = request.app[FULL_AT][0]
+    if full_at and time.monotonic() - full_at < FULL_MEMORY:
+        dense = True
     if not await request.app[STORAGE].room_for(size if dense else 0):
         raise StorageFull(f"storage is full: no room for a body of {size} bytes")
 
