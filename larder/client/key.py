@@ -1,9 +1,9 @@
 """The cache key of a rustc compilation.
 
-Key format ``larder-rustc/1``: the BLAKE3 (hex) of a canonical JSON object (sorted keys, no
+Key format ``larder-rustc/2``: the BLAKE3 (hex) of a canonical JSON object (sorted keys, no
 spaces) holding exactly these inputs, numbered as in the code below:
 
-1. ``format``: the string ``larder-rustc/1``, the shape of this document. What the rules
+1. ``format``: the string ``larder-rustc/2``, the shape of this document. What the rules
    below put in it changes between releases of larder-rustc (a fix that keys one more input
    changes the key of every compilation that has it), so two releases seldom share a key: a
    team's clients share best on one release, and an upgrade costs one cold build.
@@ -86,7 +86,7 @@ from larder.client.digests import file_digest
 from larder.client.paths import Roots, remapped_below, user_remaps
 from larder.protocol.rustc import DirectEntry
 
-KEY_FORMAT = "larder-rustc/1"
+KEY_FORMAT = "larder-rustc/2"
 DIRECT_FORMAT = "larder-rustc-direct/1"
 
 # Item 4: flags that say where outputs go or how diagnostics look, not what is compiled.

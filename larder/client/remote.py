@@ -289,6 +289,9 @@ class Remote:
         """Write the blob's bytes to ``out``: exactly ``size`` of them (what its manifest
         states; a stream that decodes to more is cut off there), hashing to ``blob_id``."""
         response = self._request("GET", f"/blobs/{blob_id}")
+        if response.status == 404:  # the cache lost it (an older collector): upload it again
+            self._read(response, MAX_ERROR_BODY, drop=True)
+            raise RemoteError("gone", f"blob {blob_id[:12]}: HTTP 404")
         if response.status != 200:
             self._expect(response, f"blob {blob_id[:12]}", 200)
 

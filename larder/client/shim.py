@@ -726,7 +726,8 @@ class Invocation:
         except REMOTE_ERRORS as exc:
             outcome.result = "error"
             self._failed(outcome, exc)
-            remote = None
+            if getattr(exc, "kind", None) != "gone":
+                remote = None
         if self.compilation.linked and self.writes and remote is not None:
             assert self.out_dir is not None
             self.link_file = self.out_dir / f".larder-link-{os.getpid()}-{os.urandom(4).hex()}"

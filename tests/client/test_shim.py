@@ -388,6 +388,45 @@ def test_a_crate_printing_thousands_of_warnings_is_cached_and_replays_them(
     assert laptop.stderr.replace("/laptop/", "/ci/") == ci.stderr  # every warning, its own paths
 
 
+def test_a_hit_whose_blob_the_cache_lost_is_compiled_and_uploaded_again(tmp_path: Path) -> None:
+    """A collector of a release that could not read a manifest took one of its blobs and kept
+    the manifest: every build then failed to restore it, compiled, and uploaded nothing, so
+    the crate was never cached again. A lost blob is now a miss that uploads."""
+    import asyncio
+
+    from larder.core import keys
+    from larder.storage.disk import DiskStorage
+    from tests.e2e.harness import larder_server
+
+    ci, laptop = two_checkouts(tmp_path)
+    third = tmp_path / "third" / "crate"
+    shutil.copytree(ci, third, ignore=shutil.ignore_patterns("out", "state"))
+    (third / "out").mkdir()
+
+    async def drop_blob_markers() -> int:
+        storage = DiskStorage(tmp_path / "data")
+        try:
+            markers = [k async for k in storage.keys(keys.rustc_blob("main", ""))]
+            for key in markers:
+                await storage.delete(key)
+            return len(markers)
+        finally:
+            await storage.close()
+
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        url, token = f"{server.url}/main", server.token()
+        assert shim(ci, url, LARDER_TOKEN=token).returncode == 0
+        assert stats(ci)["uploads"] == 1
+        assert asyncio.run(drop_blob_markers()) >= 1
+        healed = shim(laptop, url, LARDER_TOKEN=token)
+        assert healed.returncode == 0, healed.stderr
+        counted = stats(laptop)
+        assert (counted["hits"], counted["uploads"]) == (0, 1), counted
+        assert shim(third, url).returncode == 0
+    assert stats(third)["hits"] == 1
+    assert (third / "out" / "libt-x.rlib").read_bytes() == (ci / "out" / "libt-x.rlib").read_bytes()
+
+
 def test_a_read_token_reads_a_private_cache_and_never_tries_to_upload(tmp_path: Path) -> None:
     from tests.e2e.harness import larder_server
 
