@@ -290,6 +290,42 @@ def test_the_sweep_spares_a_connection_that_is_busy() -> None:
     assert connection.closed is False
 
 
+def test_the_head_deadline_waits_while_the_server_is_not_reading() -> None:
+    """A client pipelining requests and reading the answers slowly has the server stop reading
+    it; the rest of a head then waits on the server, not the client. Its deadline passed all
+    the same: the connection was answered 408 and reset under the client, mid-answers."""
+
+    class Transport:
+        reading = False
+
+        def is_reading(self) -> bool:
+            return self.reading
+
+    class Pipelining:
+        head_since = 1.0  # a head began long ago
+        idle_since = 0.0
+        timed_out = False
+
+        def __init__(self) -> None:
+            self.transport = Transport()
+
+        def close(self) -> None:
+            raise AssertionError("not idle")
+
+        def head_timed_out(self) -> None:
+            self.timed_out = True
+
+    guard = ConnectionGuard(30, 0)
+    connection = Pipelining()
+    guard.watched.add(connection)
+    Sweeper(guard).sweep()
+    assert not connection.timed_out and connection.head_since > 1.0  # its time starts again
+    connection.transport.reading = True
+    connection.head_since = 1.0
+    Sweeper(guard).sweep()
+    assert connection.timed_out  # reading, and the head still incomplete: the client's delay
+
+
 async def test_a_nar_blob_of_another_size_than_its_record_goes_to_the_application(
     live: Live, storage: Storage
 ) -> None:

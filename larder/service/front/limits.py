@@ -63,6 +63,11 @@ class Watched(Protocol):
     head_since: float
 
     @property
+    def transport(self) -> asyncio.BaseTransport | None:
+        """The connection's transport, once it has one."""
+        ...
+
+    @property
     def idle_since(self) -> float:
         """``time.monotonic()`` since when the connection has been idle; 0 if it is busy or
         its idle time is kept by aiohttp."""
@@ -113,6 +118,9 @@ class Sweeper:
         for connection in list(guard.watched):
             since = connection.head_since
             if timeout > 0 and since and now - since >= timeout:
+                if _server_not_reading(connection):  # the rest of the head waits on the server
+                    connection.head_since = now
+                    continue
                 guard.timed_out += 1
                 log.debug("no complete request head in %gs: closing", timeout)
                 connection.head_timed_out()
@@ -124,6 +132,14 @@ class Sweeper:
     def _sweep(self) -> None:
         self.sweep()
         self._handle = asyncio.get_running_loop().call_later(self.interval, self._sweep)
+
+
+def _server_not_reading(connection: Watched) -> bool:
+    """Whether the server itself stopped reading ``connection`` (its client reads the answers
+    to pipelined requests slower than they come): the rest of a head waiting meanwhile is not
+    the client's delay."""
+    is_reading = getattr(connection.transport, "is_reading", None)  # uvloop's: no subclass
+    return callable(is_reading) and not is_reading()
 
 
 class GuardedRequestHandler(web.RequestHandler):
