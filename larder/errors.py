@@ -112,6 +112,11 @@ class StorageFull(StorageError):
     code = "storage_full"
 
 
+class NoRoom(StorageFull):
+    """An upload refused before its body, for want of room the backend reports (no write
+    found the store full)."""
+
+
 class StorageUnavailable(StorageError):
     """The backend cannot be reached right now; retrying later may succeed."""
 

@@ -62,7 +62,6 @@ def build_app(config: Config, storage: Storage, worker: Worker | None = None) ->
     executor = ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="larder-io")
     app[state.CONFIG] = config
     app[state.READING] = {}
-    app[state.FULL_AT] = [0.0]
     app[state.DECODING] = {}
     app[state.STORAGE] = storage
     app[state.EXECUTOR] = executor

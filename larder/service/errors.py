@@ -17,7 +17,7 @@ from aiohttp import web
 from larder import errors
 from larder.service.front.heads import valid_host
 from larder.service.observability.recording import note_error_code
-from larder.service.state import FULL_AT
+from larder.service.state import STORAGE
 
 log = logging.getLogger("larder.http")
 
@@ -127,6 +127,14 @@ def _quiet_full(exc: errors.LarderError) -> bool:
     return False
 
 
+async def _note_full(request: web.Request) -> None:
+    """Tell the store a write found it full (:func:`.routes.bodies.check_room` reads it)."""
+    try:
+        await request.app[STORAGE].note_full()
+    except errors.LarderError as exc:
+        log.info("could not note the full store: %s", exc.message)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     refusal = _unreadable_request(request)
@@ -152,7 +160,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # A storage error's own message names the backend (an S3 endpoint, a bucket, a key,
         # a local path): clients get its kind, the log gets the details.
         if isinstance(exc, errors.StorageFull):
-            request.app[FULL_AT][0] = time.monotonic()
+            if not isinstance(exc, errors.NoRoom):  # a write found it full, all workers know
+                await _note_full(request)
             message = "storage is full"
         elif isinstance(exc, errors.StorageUnavailable):
             message = "storage is unavailable; retry later"

@@ -41,8 +41,5 @@ TALLY = web.AppKey("tally", AnswerTally)
 ROLES = web.AppKey("roles", Roles)
 #: Requests whose body is being read right now (stopped with 503 when the server stops).
 READING = web.AppKey("reading", dict[int, web.Request])
-#: When an upload last found the store full (``time.monotonic()``, 0: never; a list of one, so
-#: that the error middleware may set it): :func:`.routes.bodies.check_room`.
-FULL_AT = web.AppKey("full_at", list[float])
 #: Per cache: the large decoded downloads it may send at once (:mod:`.routes.bodies`).
 DECODING = web.AppKey("decoding", dict[str, asyncio.Semaphore])

@@ -365,6 +365,16 @@ class Storage(ABC):
         create), so that an upload is refused before its body is read. ``True`` by default."""
         return True
 
+    async def note_full(self) -> None:
+        """Remember, for every process on this store, that a write found it full now. Nothing
+        by default."""
+        return None
+
+    async def full_since(self) -> float | None:
+        """When a write last found the store full (POSIX seconds, :meth:`note_full`); None if
+        never, or unknown."""
+        return None
+
     async def release_reserve(self) -> bool:
         """Free the space a backend keeps back so that a collection can start when it is full;
         ``True`` if some was freed (a backend without a reserve: ``False``)."""

@@ -49,6 +49,7 @@ One limit of mapping keys to paths: a key cannot also be the directory of anothe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -107,6 +108,8 @@ RESERVE_SIZE = 1024**2
 #: little behind): :meth:`DiskStorage.room_for`.
 ROOM_FLOOR = 1024**2
 _RESERVE = "reserve"
+#: ``tmp/full``: dated when a write found the disk full (:meth:`DiskStorage.note_full`).
+_FULL = "full"
 _PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
 
@@ -444,7 +447,7 @@ class DiskStorage(Storage):
         removed = 0
         with os.scandir(self._tmp) as entries:
             for entry in entries:
-                if entry.name == _RESERVE:
+                if entry.name in (_RESERVE, _FULL):
                     continue
                 try:
                     if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime <= cutoff:
@@ -474,6 +477,26 @@ class DiskStorage(Storage):
             return True
         free = (found.f_bfree if root else found.f_bavail) * found.f_frsize
         return free >= max(size, ROOM_FLOOR)
+
+    async def note_full(self) -> None:
+        await asyncio.to_thread(self._note_full)
+
+    def _note_full(self) -> None:
+        """Date ``tmp/full`` now (an empty file: it takes no block, only a file once)."""
+        marker = self._tmp / _FULL
+        try:
+            os.utime(marker)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                marker.touch()
+        except OSError:
+            pass
+
+    async def full_since(self) -> float | None:
+        try:
+            return (await asyncio.to_thread(os.stat, self._tmp / _FULL)).st_mtime
+        except OSError:
+            return None
 
     async def release_reserve(self) -> bool:
         with _os_errors("release reserve"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ import pytest
 from larder.errors import StorageFull
 from larder.service import errors as service_errors
 from larder.service import state
+from larder.service.routes import bodies
 from larder.storage.base import Storage
 from larder.storage.disk import DiskStorage
 from larder.storage.memory import MemoryStorage
-from tests.service.conftest import Live
+from tests.service.conftest import Live, ServiceFactory
 from tests.service.test_fastpath import Conn, get
 
 CRLF = "\r\n"
@@ -27,9 +29,16 @@ class Full(MemoryStorage):
     disk takes nothing with less than :data:`larder.storage.disk.ROOM_FLOOR` free)."""
 
     free = 0
+    noted: float | None = None
 
     async def room_for(self, size: int) -> bool:
         return max(size, 1) <= self.free
+
+    async def note_full(self) -> None:
+        self.noted = time.time()
+
+    async def full_since(self) -> float | None:
+        return self.noted
 
     async def check(self) -> None:
         raise StorageFull("no space left on device")  # as a disk's probe file finds it
@@ -100,12 +109,13 @@ async def test_only_a_body_stored_at_least_as_large_as_sent_is_judged_by_its_siz
     conn.close()
 
 
-async def test_after_the_store_was_found_full_any_upload_too_large_is_refused_before_its_body(
+async def test_after_a_write_found_the_store_full_any_upload_too_large_is_refused_early(
     live: Live,
 ) -> None:
     """Nix 2.8 sends an upload refused with 507 again without its body. A ``.nar`` of data that
     packs no smaller was read whole, found no room, and its body-less retries waited for
-    ``body_idle_timeout`` (408, minutes)."""
+    ``body_idle_timeout`` (408, minutes). Early refusals are no writes that found it full: they
+    do not start the window again (a client retrying kept a fitting ``.nar`` refused)."""
     storage = live.app[state.STORAGE].inner
     assert isinstance(storage, Full)
     storage.free = 4000
@@ -114,17 +124,52 @@ async def test_after_the_store_was_found_full_any_upload_too_large_is_refused_be
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(conn.response(), 0.5)
     conn.close()
-    assert live.app[state.FULL_AT][0] == 0
     conn = await Conn.open(live)
-    conn.send(nar_put(live.token, 5000, suffix=".nar.zst"))  # as a write finding it full
+    conn.send(nar_put(live.token, 5000, suffix=".nar.zst"))  # refused early: no write
     assert (await asyncio.wait_for(conn.response(), 5))[0] == 507
     conn.close()
-    assert live.app[state.FULL_AT][0] > 0
+    assert storage.noted is None
+    await live.app[state.STORAGE].note_full()  # as a write finding no room does
     conn = await Conn.open(live)
     conn.send(nar_put(live.token, 5000))  # the retry, without its body: told at once
     status, _, body = await asyncio.wait_for(conn.response(), 5)
     assert status == 507 and b"storage is full" in body
     conn.close()
+    storage.noted = time.time() - bodies.FULL_MEMORY - 1  # long ago: taken again
+    conn = await Conn.open(live)
+    conn.send(nar_put(live.token, 5000))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(conn.response(), 0.5)
+    conn.close()
+
+
+async def test_a_write_that_finds_the_store_full_is_noted_for_every_process(
+    tmp_path: Path, make_service: ServiceFactory
+) -> None:
+    """The note is the store's (a file's date on disk), so that every worker reads it."""
+
+    class FillsUp(MemoryStorage):
+        noted = False
+
+        async def put(self, key: str, data: bytes) -> None:
+            if "/sccache/" in key:  # the entry's record, after its blob
+                raise StorageFull("disk storage: put: no space left on device")
+            await super().put(key, data)
+
+        async def note_full(self) -> None:
+            self.noted = True
+
+    storage = FillsUp()
+    service = await make_service(storage)
+    resp = await service.client.put("/main/sccache/a/b/c/entry", data=b"x" * 100,
+                                    headers=service.auth())  # fmt: skip
+    assert resp.status == 507 and storage.noted
+    disk = DiskStorage(tmp_path / "store")
+    assert await disk.full_since() is None
+    await disk.note_full()
+    since = await disk.full_since()
+    assert since is not None and abs(since - time.time()) < 5
+    assert await DiskStorage(tmp_path / "store").full_since() == since  # another process's view
 
 
 async def test_a_full_store_stays_ready_and_logs_one_error_a_minute(

@@ -164,6 +164,12 @@ class InstrumentedStorage(Storage):
     async def room_for(self, size: int) -> bool:
         return await self._count("room_for", self.inner.room_for(size))
 
+    async def note_full(self) -> None:
+        await self._count("note_full", self.inner.note_full())
+
+    async def full_since(self) -> float | None:
+        return await self._count("full_since", self.inner.full_since())
+
     async def release_reserve(self) -> bool:
         return await self._count("release_reserve", self.inner.release_reserve())
 

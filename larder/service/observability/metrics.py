@@ -95,6 +95,8 @@ BACKEND_OPERATIONS = (
     "delete",
     "delete_if_older",
     "room_for",
+    "note_full",
+    "full_since",
     "release_reserve",
     "housekeep",
     "keys",

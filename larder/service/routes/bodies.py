@@ -13,8 +13,8 @@ from aiohttp import web
 from larder.errors import (
     Busy,
     ClientGone,
+    NoRoom,
     ServerStopping,
-    StorageFull,
     TooLarge,
     TooSlow,
     UnsupportedEncoding,
@@ -22,7 +22,7 @@ from larder.errors import (
 from larder.protocol.content_coding import CODINGS, body_coding
 from larder.service.internals import ZeroCopyFileResponse
 from larder.service.routes.ranges import Unsatisfiable, byte_range
-from larder.service.state import CONFIG, DECODING, FULL_AT, READING, STORAGE
+from larder.service.state import CONFIG, DECODING, READING, STORAGE
 from larder.storage.base import BlobReader
 
 UPLOAD_CHUNK = 256 * 1024
@@ -54,7 +54,9 @@ FULL_MEMORY = 300.0
 async def check_room(request: web.Request) -> None:
     """Refuse an upload (``PUT``) early, 507, when the store has no room: none at all (the
     backend's floor), or less than its declared size for a body in a dense coding, or for any
-    body within :data:`FULL_MEMORY` of an upload that found the store full. A client that sends
+    body within :data:`FULL_MEMORY` of a write that found the store full (as the store keeps
+    it: every worker and replica on it sees it; an early refusal like this one is no such
+    write). A client that sends
     its upload again without the body (Nix 2.8 after a 5xx) is told at once rather than after
     ``body_idle_timeout``. Otherwise a body (a ``.nar`` stored packed smaller than sent) is
     taken, and a write that finds the store full answers 507 then."""
@@ -63,11 +65,12 @@ async def check_room(request: web.Request) -> None:
         return
     coding = CODINGS.get(request.headers.get("Content-Encoding", "").strip().lower())
     dense = coding in _DENSE_CODINGS or request.path.endswith(_DENSE_SUFFIXES)
-    full_at = request.app[FULL_AT][0]
-    if full_at and time.monotonic() - full_at < FULL_MEMORY:
-        dense = True
-    if not await request.app[STORAGE].room_for(size if dense else 0):
-        raise StorageFull(f"storage is full: no room for a body of {size} bytes")
+    storage = request.app[STORAGE]
+    if not dense:
+        full = await storage.full_since()
+        dense = full is not None and abs(time.time() - full) < FULL_MEMORY
+    if not await storage.room_for(size if dense else 0):
+        raise NoRoom(f"storage is full: no room for a body of {size} bytes")
 
 
 def body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
