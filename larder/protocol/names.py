@@ -11,7 +11,8 @@ and a file name on disk:
   ``[A-Za-z0-9._:!+=@?-]``, none empty, ``.`` or ``..`` or longer than 255 characters (a file
   name on disk), at most 512 characters, no leading ``/``. (``?`` is allowed because store
   path names, hence derivation log names, may contain it.) Names the cache's own routes answer
-  are not objects (:data:`ROUTED_PREFIXES`, ``nix-cache-info``, ``*.narinfo``): a write there
+  are not objects (:data:`ROUTED_PREFIXES`, ``nix-cache-info``, ``*.narinfo``, a last segment
+  ``.sccache_check``, :data:`SCCACHE_PROBE`): a write there
   (``nar%2F<hash>.nar.xz``, ``rustc/manifest/<key>`` for ``rustc/manifests/``) would skip that
   route's checks or be stored where no client reads it.
 """
@@ -47,6 +48,11 @@ def check_cache_name(name: str) -> str:
     return name
 
 
+#: The name sccache's start-up probe reads and writes, answered by the WebDAV routes wherever
+#: it is asked for (an endpoint missing ``sccache/``): no object of another protocol has it.
+SCCACHE_PROBE = ".sccache_check"
+
+
 def check_object_path(path: str) -> str:
     """Return ``path`` if it is a valid opaque object path, else raise :class:`FormatError`."""
     shown = repr(path[:80] + ("..." if len(path) > 80 else ""))
@@ -59,8 +65,10 @@ def check_object_path(path: str) -> str:
     if path.startswith("/"):
         raise FormatError(f"invalid object path {shown}: it must be relative")
     segments = path.split("/")
-    if (len(segments) > 1 and segments[0] in ROUTED_PREFIXES) or (
-        len(segments) == 1 and (path == "nix-cache-info" or path.endswith(".narinfo"))
+    if (
+        (len(segments) > 1 and segments[0] in ROUTED_PREFIXES)
+        or (len(segments) == 1 and (path == "nix-cache-info" or path.endswith(".narinfo")))
+        or segments[-1] == SCCACHE_PROBE
     ):
         raise FormatError(f"invalid object path {shown}: the cache's own routes answer it")
     if len(segments) > MAX_OBJECT_PATH_SEGMENTS:

@@ -90,6 +90,9 @@ def test_valid_object_paths(path: str) -> None:
         ("sccache/a/b", "own routes"),
         ("nix-cache-info", "own routes"),
         ("lcy4f45x4mfwzinmvk2xg1vw63196ksb.narinfo", "own routes"),
+        # sccache's probe, answered wherever it is asked for: stored, it could not be read.
+        (".sccache_check", "own routes"),
+        ("log/.sccache_check", "own routes"),
     ],
 )
 def test_invalid_object_paths(path: str, message: str) -> None:
