@@ -247,7 +247,7 @@ def _rustup_choice(rustc: str, environ: dict[str, str]) -> str:
         if parent == directory:
             break
         directory = parent
-    parts = []
+    parts = [_override(read[0], os.getcwd())]
     for path in read:
         try:
             parts.append(blake3.blake3(Path(path).read_bytes()).hexdigest()[:32])
@@ -259,6 +259,30 @@ def _rustup_choice(rustc: str, environ: dict[str, str]) -> str:
             with contextlib.suppress(OSError):
                 parts.append(binary_identity(os.path.join(toolchains, name, "bin", "rustc")))
     return "|rustup:" + ",".join(parts)
+
+
+def _override(settings: str, cwd: str) -> str:
+    """The toolchain rustup's settings (``[overrides]``, ``rustup override set``) give ``cwd``:
+    the entry for it or its nearest ancestor, ``-`` when none does (the settings' content alone
+    is the same in every directory)."""
+    import tomllib
+
+    try:
+        with open(settings, "rb") as file:
+            overrides = tomllib.load(file).get("overrides", {})
+    except (OSError, ValueError):
+        return "-"
+    if not isinstance(overrides, dict):
+        return "-"
+    directory = cwd
+    while True:
+        chosen = overrides.get(directory)
+        if isinstance(chosen, str):
+            return f"override={chosen}"
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return "-"
+        directory = parent
 
 
 def _toolchain_identity(toolchain: str, environ: dict[str, str]) -> str:

@@ -204,6 +204,16 @@ def test_rustups_proxy_without_a_toolchain_is_known_by_what_it_chooses_by(
     seen.add(_rustc_identity(proxy, environ))
     assert len(seen) == 4
     assert _rustc_identity(proxy, environ) == _rustc_identity(proxy, environ)
+    # A directory override (`rustup override set`) applies below its directory only: the
+    # settings' content is the same everywhere, the toolchain chosen is not.
+    (home / "settings.toml").write_text(
+        f'default_toolchain = "stable"\n[overrides]\n"{workspace / "crates"}" = "nightly"\n'
+    )
+    overridden = _rustc_identity(proxy, environ)  # in crates/a
+    monkeypatch.chdir(workspace)
+    assert _rustc_identity(proxy, environ) != overridden
+    monkeypatch.chdir(workspace / "crates" / "a")
+    (home / "settings.toml").write_text('default_toolchain = "nightly"\n')
     # `rustup update` changes no setting, only the compiler a toolchain name runs.
     compiler = home / "toolchains" / "stable-x" / "bin" / "rustc"
     compiler.parent.mkdir(parents=True)
