@@ -166,6 +166,11 @@ def _lock(lock_file: Path) -> int | None:
             time.sleep(0.005)
 
 
+#: Entries a facts file keeps, the newest (each toolchain update, each rustup override, each
+#: target adds some; the file is read on every call).
+MAX_KEPT = 256
+
+
 def cached(
     state_dir: Path,
     name: str,
@@ -200,7 +205,10 @@ def cached(
         if still is not None and not still():
             return entry
         for alias in {identity, *(aliases(entry) if aliases else [])}:
+            known.pop(alias, None)  # the newest last
             known[alias] = entry
+        for stale in list(known)[: max(0, len(known) - MAX_KEPT)]:  # the oldest first
+            del known[stale]
         with contextlib.suppress(OSError):  # not kept: the next call computes them again
             replace_with(cache_file, json.dumps(known).encode())
     finally:

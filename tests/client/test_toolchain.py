@@ -4,6 +4,7 @@ and once for "no --target" and "--target <host>" alike."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import threading
 import time
@@ -255,6 +256,17 @@ def test_facts_computed_while_their_identity_changed_are_used_not_kept(tmp_path:
     }  # computed again: nothing was kept
     assert toolchain.cached(tmp_path, "t.json", "old", compute) == {"version": "v2"}
     assert len(computed) == 2
+
+
+def test_a_facts_file_keeps_the_newest_entries_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every toolchain update adds entries, and the file is read on every rustc call."""
+    monkeypatch.setattr(toolchain, "MAX_KEPT", 4)
+    for n in range(10):
+        toolchain.cached(tmp_path, "t.json", f"id{n}", lambda n=n: {"n": n})
+    kept = json.loads((tmp_path / "t.json").read_text())
+    assert list(kept) == ["id6", "id7", "id8", "id9"]
 
 
 def test_facts_are_used_when_the_state_directory_cannot_keep_them(tmp_path: Path) -> None:
