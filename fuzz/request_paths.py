@@ -78,6 +78,8 @@ def _object(path_text: str, cache: str) -> None:
 
 
 def _route(handler: Any, match: dict[str, str]) -> None:
+    if handler in (webdav_routes.probe_elsewhere, webdav_routes.no_object):
+        return  # 404s that read nothing (sccache's probe outside sccache/, a lone name)
     module = getattr(handler, "__module__", "")
     cache = check_cache_name(match["cache"])
     if module == webdav_routes.__name__:
