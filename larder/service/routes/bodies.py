@@ -45,7 +45,7 @@ def check_declared_length(request: web.Request, limit: int) -> None:
 _DENSE_CODINGS = frozenset({"zstd", "xz", "bzip2", "br"})
 #: The same, as the suffix of a NAR upload's name.
 _DENSE_SUFFIXES = (".zst", ".xz", ".bz2", ".br")
-#: Seconds after an upload found the store full during which every upload declaring more
+#: Seconds after a write found the store full during which every upload declaring more
 #: than is free is refused before its body (Nix 2.8 sends a refused upload again, without its
 #: body, within seconds: a ``.nar`` of data that packs no smaller then waited for it).
 FULL_MEMORY = 300.0
@@ -56,10 +56,9 @@ async def check_room(request: web.Request) -> None:
     backend's floor), or less than its declared size for a body in a dense coding, or for any
     body within :data:`FULL_MEMORY` of a write that found the store full (as the store keeps
     it: every worker and replica on it sees it; an early refusal like this one is no such
-    write). A client that sends
-    its upload again without the body (Nix 2.8 after a 5xx) is told at once rather than after
-    ``body_idle_timeout``. Otherwise a body (a ``.nar`` stored packed smaller than sent) is
-    taken, and a write that finds the store full answers 507 then."""
+    write). A client that sends its upload again without the body (Nix 2.8 after a 5xx) is
+    told at once rather than after ``body_idle_timeout``. Otherwise a body (a ``.nar`` stored
+    packed smaller than sent) is taken, and a write that finds the store full answers 507."""
     size = request.content_length
     if request.method != "PUT" or size is None:
         return
