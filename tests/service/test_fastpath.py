@@ -577,3 +577,32 @@ async def test_a_connection_reset_before_the_hand_over_logs_nothing(live: Live) 
     conn.send(get(f"/main/{known}.narinfo"))
     assert (await conn.response())[0] == 200
     conn.close()
+
+
+@pytest.mark.parametrize("config", [Config(max_connections=1)])
+async def test_a_client_that_never_reads_its_answers_gives_its_place_back(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client pipelining requests and reading nothing: at its idle deadline the connection was
+    closed, and a close waits for the answers to leave, so it stayed open, holding its place
+    under ``max_connections`` for good (every other client got 503)."""
+    from larder.service.front import limits
+
+    monkeypatch.setattr(limits, "KEEPALIVE_TIMEOUT", 1.0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(get("/main/nix-cache-info") * 20_000)  # far more answers than buffers hold
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        other = await Conn.open(live)
+        other.send(get("/healthz"))
+        status = (await other.response())[0]
+        other.close()
+        if status == 200:
+            break
+        assert status == 503
+        assert asyncio.get_running_loop().time() < deadline, "the place was never given back"
+        await asyncio.sleep(0.5)
+    writer.close()

@@ -179,7 +179,18 @@ class FrontProtocol(asyncio.Protocol):
         """The head did not arrive within ``header_timeout``: answer 408 and close."""
         if self._transport is not None and self in self._open:
             self._transport.write(HEAD_TIMEOUT_RESPONSE)
-            self.close()
+            self.expire()
+
+    def expire(self) -> None:
+        """A deadline passed: close, and drop the answers still waiting to be sent (a close
+        waits for them, and a client that reads nothing would keep the connection, and its
+        place under ``max_connections``, for good)."""
+        self._forget()
+        if self._transport is not None:
+            if self._transport.get_write_buffer_size():
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     def _serve(self) -> None:
         """Answer the whole heads held, in order, until one must wait or go to aiohttp."""

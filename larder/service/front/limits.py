@@ -79,6 +79,9 @@ class Watched(Protocol):
     def close(self) -> None:
         """Close the connection."""
 
+    def expire(self) -> None:
+        """Close the connection whose deadline passed, dropping what its client has not read."""
+
 
 @dataclass
 class ConnectionGuard:
@@ -127,7 +130,7 @@ class Sweeper:
                 continue
             idle = connection.idle_since
             if idle and now - idle >= KEEPALIVE_TIMEOUT:
-                connection.close()
+                connection.expire()
 
     def _sweep(self) -> None:
         self.sweep()
@@ -206,6 +209,10 @@ class GuardedRequestHandler(web.RequestHandler):
         response = super().handle_error(request, status, exc, message)
         response.headers.setdefault(hdrs.CACHE_CONTROL, "no-store")
         return response
+
+    def expire(self) -> None:
+        """Not called: aiohttp keeps its own connections' idle time (``idle_since`` 0)."""
+        self.force_close()
 
     def _reject(self, response: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
