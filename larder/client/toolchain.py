@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -234,33 +234,27 @@ TOOLCHAIN_FILES = ("rust-toolchain", "rust-toolchain.toml")
 def _rustup_choice(rustc: str, environ: dict[str, str]) -> str:
     """What rustup's proxy, run without ``RUSTUP_TOOLCHAIN`` (a cargo not started through
     rustup), chooses the toolchain by at this call: its settings (the default toolchain and
-    directory overrides) and the nearest toolchain file above the working directory, by
-    content (not by path: each checkout would add its own entry), and what each installed
-    toolchain's compiler is (``rustup update`` changes no setting). Facts kept for the proxy
-    alone were one toolchain's for every other the proxy picked: a ``rust-toolchain.toml``
-    switched to nightly uploaded nightly's outputs under stable's key. Empty for anything but
-    the proxy."""
+    directory overrides, with the override that applies here) and the nearest toolchain file
+    above the working directory, by content (not by path: each checkout would add its own
+    entry), and what each installed toolchain's compiler is (``rustup update`` changes no
+    setting). Facts kept for the proxy alone were one toolchain's for every other the proxy
+    picked: a ``rust-toolchain.toml`` switched to nightly uploaded nightly's outputs under
+    stable's key. Empty for anything but the proxy."""
     if not _is_rustup_proxy(rustc):
         return ""
     home = environ.get("RUSTUP_HOME") or os.path.join(os.path.expanduser("~"), ".rustup")
-    read = [os.path.join(home, "settings.toml")]
-    directory = os.getcwd()
-    while True:
-        found = [os.path.join(directory, name) for name in TOOLCHAIN_FILES]
-        found = [path for path in found if os.path.isfile(path)]
-        if found:
-            read += found
+    cwd = os.getcwd()
+    settings = _read(os.path.join(home, "settings.toml"))
+    files: list[str] = []
+    for directory in _ancestors(cwd):
+        files = [
+            p for p in (os.path.join(directory, n) for n in TOOLCHAIN_FILES) if os.path.isfile(p)
+        ]
+        if files:
             break
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            break
-        directory = parent
-    parts = [_override(read[0], os.getcwd())]
-    for path in read:
-        try:
-            parts.append(blake3.blake3(Path(path).read_bytes()).hexdigest()[:32])
-        except OSError:
-            parts.append("-")
+    parts = [_override(settings, cwd)]
+    for content in (settings, *(_read(path) for path in files)):
+        parts.append(blake3.blake3(content).hexdigest()[:32] if content is not None else "-")
     toolchains = os.path.join(home, "toolchains")
     with contextlib.suppress(OSError):
         for name in sorted(os.listdir(toolchains)):
@@ -269,28 +263,42 @@ def _rustup_choice(rustc: str, environ: dict[str, str]) -> str:
     return "|rustup:" + ",".join(parts)
 
 
-def _override(settings: str, cwd: str) -> str:
+def _read(path: str) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
+def _ancestors(directory: str) -> Iterator[str]:
+    """``directory`` and each directory above it, up to the root."""
+    while True:
+        yield directory
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory = parent
+
+
+def _override(settings: bytes | None, cwd: str) -> str:
     """The toolchain rustup's settings (``[overrides]``, ``rustup override set``) give ``cwd``:
     the entry for it or its nearest ancestor, ``-`` when none does (the settings' content alone
     is the same in every directory)."""
+    if settings is None or b"overrides" not in settings:
+        return "-"
     import tomllib
 
     try:
-        with open(settings, "rb") as file:
-            overrides = tomllib.load(file).get("overrides", {})
-    except (OSError, ValueError):
+        overrides = tomllib.loads(settings.decode()).get("overrides", {})
+    except ValueError:  # malformed TOML, or not UTF-8
         return "-"
     if not isinstance(overrides, dict):
         return "-"
-    directory = cwd
-    while True:
+    for directory in _ancestors(cwd):
         chosen = overrides.get(directory)
         if isinstance(chosen, str):
             return f"override={chosen}"
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return "-"
-        directory = parent
+    return "-"
 
 
 def _toolchain_identity(toolchain: str, environ: dict[str, str]) -> str:

@@ -194,8 +194,7 @@ async def probe_elsewhere(request: web.Request) -> web.Response:
     """sccache's start-up probe GET outside ``sccache/`` (an endpoint naming only the server or
     the cache): a 404 whatever the credentials, as under ``sccache/``, so the client starts
     (read-only, once its PROPFIND gets the 405 above) instead of stopping the build."""
-    cache = request.match_info.get("cache")
-    where = f"{_mount(request)}/{cache or '<cache>'}/sccache/"
+    where = f"{_mount(request)}/<cache>/sccache/"
     message = f"not found: WebDAV is served under {where} (SCCACHE_WEBDAV_ENDPOINT)"
     raise web.HTTPNotFound(text=message + "\n")
 
@@ -218,9 +217,8 @@ def add_routes(app: web.Application) -> None:
         router.add_route("OPTIONS", pattern, options)
     # Not on the service's own first segments (/api, /metrics, ...), whose 405s stay theirs.
     cache = "{cache:(?!(?:" + "|".join(sorted(RESERVED_NAMES)) + ")(?:/|$))[^/]+}"
-    probe = r"{probe:(?:[^/]+/)*\.sccache_check/?}"
-    router.add_get("/" + probe, probe_elsewhere)  # an endpoint naming the server only
-    router.add_get(f"/{cache}/{probe}", probe_elsewhere)
+    # At any depth: the server only, a cache, a cache and a key prefix.
+    router.add_get(r"/{probe:(?:[^/]+/)*\.sccache_check/?}", probe_elsewhere)
     for pattern in (f"/{cache}", f"/{cache}/", f"/{cache}/{{path:.*}}"):
         for method in ("PROPFIND", "MKCOL"):
             router.add_route(method, pattern, elsewhere)
