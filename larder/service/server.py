@@ -318,7 +318,7 @@ async def start(
     """Start ``app`` (its start-up hooks run now) on the listening ``sock``."""
     unreadable.install(functools.partial(count_unreadable, app))
     logger = JsonAccessLogger if config.access_log == "json" else TextAccessLogger
-    guard = ConnectionGuard(config.header_timeout, config.max_connections)
+    guard = ConnectionGuard(config.header_timeout, config.max_connections, config.body_idle_timeout)
     runner = GuardedAppRunner(
         app,
         guard,

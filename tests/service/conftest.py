@@ -134,12 +134,20 @@ def storage() -> Storage:
 
 
 @pytest.fixture
-async def live(config: Config, storage: Storage) -> AsyncIterator[Live]:
+def sndbuf() -> int:
+    """The served connections' socket send buffer (``SO_SNDBUF``); 0: the system's."""
+    return 0
+
+
+@pytest.fixture
+async def live(config: Config, storage: Storage, sndbuf: int) -> AsyncIterator[Live]:
     access = logging.getLogger("aiohttp.access")
     level = access.level
     access.setLevel(logging.INFO)  # as `larder serve` configures it (log_level = info)
     app = build_app(config, storage)
     sock = socket.socket()
+    if sndbuf:  # accepted connections inherit it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     log = io.StringIO()

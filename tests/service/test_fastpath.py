@@ -606,3 +606,75 @@ async def test_a_client_that_never_reads_its_answers_gives_its_place_back(
         assert asyncio.get_running_loop().time() < deadline, "the place was never given back"
         await asyncio.sleep(0.5)
     writer.close()
+
+
+@pytest.mark.parametrize("config", [Config(max_connections=1, body_idle_timeout=1.0)])
+async def test_a_client_that_never_reads_the_applications_answers_gives_its_place_back(
+    live: Live,
+) -> None:
+    """The same client, its requests answered by the application (HEADs): aiohttp waited for
+    the answers to leave with no deadline (``drain``), so the connection stayed open for good.
+    A connection whose client takes nothing for ``body_idle_timeout`` is dropped."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    head = b"HEAD /main/nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(head * 20_000)  # far more answers than buffers hold
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        await asyncio.sleep(0.5)
+        other = await Conn.open(live)
+        other.send(get("/healthz"))
+        status = (await other.response())[0]
+        other.close()
+        if status == 200:
+            break
+        assert status == 503
+        assert asyncio.get_running_loop().time() < deadline, "the place was never given back"
+    writer.close()
+
+
+@pytest.mark.parametrize("sndbuf", [16 * 1024])
+@pytest.mark.parametrize("config", [Config(body_idle_timeout=1.0)])
+async def test_a_client_reading_the_applications_answers_in_bursts_gets_them_all(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking nothing for most of ``body_idle_timeout``, again and again, is not taking nothing
+    for all of it: the send deadline starts again whenever the client takes some, and ends
+    when it has taken everything."""
+    from larder.service.front.limits import GuardedRequestHandler
+
+    pauses: list[int] = []
+    real_pause = GuardedRequestHandler.pause_writing
+
+    def counted(self: GuardedRequestHandler) -> None:
+        pauses.append(1)
+        real_pause(self)
+
+    monkeypatch.setattr(GuardedRequestHandler, "pause_writing", counted)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    count = 6_000  # far more answer bytes than the buffers hold: writing pauses
+    writer.write(b"HEAD /main/nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+    received = bytearray()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while received.count(b"HTTP/1.1 200 OK\r\n") < count:
+        assert loop.time() < deadline, f"{received.count(b'HTTP/1.1 200 OK')} answers came"
+        await asyncio.sleep(0.6)  # nothing taken for most of the deadline, then a little
+        taken = len(received)
+        while len(received) - taken < 128 * 1024:
+            try:
+                chunk = await asyncio.wait_for(reader.read(64 * 1024), 0.1)
+            except TimeoutError:
+                break
+            assert chunk, f"dropped after {received.count(b'HTTP/1.1 200 OK')} answers"
+            received += chunk
+    assert len(pauses) >= 2
+    await asyncio.sleep(1.5)  # an idle keep-alive connection, its client having taken it all
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await Conn(reader, writer).response())[2] == b"ok\n"
+    writer.close()

@@ -275,6 +275,7 @@ def test_the_sweep_spares_a_connection_that_is_busy() -> None:
     class Busy:
         head_since = 0.0
         idle_since = 0.0  # sending: not idle, however long since the last answer
+        stalled_since = 0.0
         closed = False
 
         def close(self) -> None:
@@ -304,6 +305,7 @@ def test_the_head_deadline_waits_while_the_server_is_not_reading() -> None:
     class Pipelining:
         head_since = 1.0  # a head began long ago
         idle_since = 0.0
+        stalled_since = 0.0
         timed_out = False
 
         def __init__(self) -> None:

@@ -54,6 +54,9 @@ _HEAD = tuple.__new__  # a Head from its three fields, without NamedTuple's own 
 class FrontProtocol(asyncio.Protocol):
     """A connection's first protocol: answers what :class:`FastPath` can, then hands over."""
 
+    #: A client taking nothing meets the idle deadline here (a NAR being sent has its own).
+    stalled_since = 0.0
+
     def __init__(
         self,
         server: web.Server,

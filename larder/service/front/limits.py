@@ -9,6 +9,11 @@ one byte a second holds its connection, and a few thousand such clients hold the
   Otherwise the server answers ``408`` and closes the connection. Time spent idle between
   keep-alive requests does not count (``keepalive_timeout`` governs it); request bodies have
   their own limit (``body_idle_timeout``). 0 turns the timeout off.
+* ``send_timeout`` (``body_idle_timeout``): a connection whose client takes none of the answers
+  written to it for this long is dropped with what it has not read. aiohttp waits for a full
+  write buffer to drain without a deadline, and a close waits for it to be sent, so a client that
+  pipelines requests and reads nothing would keep its connection, and its place under
+  ``max_connections``, for good.
 * ``max_connections``: at most this many connections at once; one more is answered ``503`` with
   ``Retry-After`` and closed at once. 0 means no limit.
 * The process's soft limit on open files is raised towards its hard limit so that
@@ -18,9 +23,9 @@ Every connection starts with :class:`~larder.service.front.connection.FrontProto
 the same two rules while it reads heads itself and hands the count over with the connection to
 :class:`GuardedRequestHandler` (aiohttp's handler, with the rules added). Both kinds of connection
 state when their current head began (``head_since``); one :class:`Sweeper` per server checks that
-deadline for all of them, and the idle deadline (:data:`KEEPALIVE_TIMEOUT`) for connections aiohttp
-does not hold yet, a few times per ``header_timeout`` (at least once a second) rather than by a
-timer per request.
+deadline for all of them, the send deadline for aiohttp's (``stalled_since``), and the idle
+deadline (:data:`KEEPALIVE_TIMEOUT`) for connections aiohttp does not hold yet, a few times per
+``header_timeout`` (at least once a second) rather than by a timer per request.
 """
 
 from __future__ import annotations
@@ -73,6 +78,12 @@ class Watched(Protocol):
         its idle time is kept by aiohttp."""
         ...
 
+    @property
+    def stalled_since(self) -> float:
+        """``time.monotonic()`` since when its write buffer has been full (the client takes
+        nothing), 0 while it is not or the connection keeps its own deadline for it."""
+        ...
+
     def head_timed_out(self) -> None:
         """Answer 408 and close."""
 
@@ -90,6 +101,8 @@ class ConnectionGuard:
 
     header_timeout: float
     max_connections: int
+    #: Seconds a connection's client may take none of its answers; 0: no limit.
+    send_timeout: float = 0.0
     open: int = field(default=0, init=False)
     refused: int = field(default=0, init=False)
     timed_out: int = field(default=0, init=False)
@@ -118,7 +131,13 @@ class Sweeper:
         now = time.monotonic()
         guard = self._guard
         timeout = guard.header_timeout
+        send_timeout = guard.send_timeout
         for connection in list(guard.watched):
+            stalled = connection.stalled_since
+            if send_timeout and stalled and now - stalled >= send_timeout:
+                log.debug("the client took nothing for %gs: dropping the connection", send_timeout)
+                connection.expire()
+                continue
             since = connection.head_since
             if timeout > 0 and since and now - since >= timeout:
                 if _server_not_reading(connection):  # the rest of the head waits on the server
@@ -154,7 +173,7 @@ class GuardedRequestHandler(web.RequestHandler):
     moment: :mod:`larder.service.internals` reads them from aiohttp's handler.
     """
 
-    __slots__ = ("_counted", "_guard", "head_since")
+    __slots__ = ("_counted", "_guard", "head_since", "stalled_since")
 
     #: aiohttp closes idle keep-alive connections itself.
     idle_since = 0.0
@@ -164,6 +183,7 @@ class GuardedRequestHandler(web.RequestHandler):
         self._guard = guard
         self._counted = False
         self.head_since = 0.0
+        self.stalled_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -196,6 +216,14 @@ class GuardedRequestHandler(web.RequestHandler):
         self._guard.watched.discard(self)
         self._reject(HEAD_TIMEOUT_RESPONSE)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stalled_since = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self.stalled_since = 0.0
+        super().resume_writing()
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -211,8 +239,13 @@ class GuardedRequestHandler(web.RequestHandler):
         return response
 
     def expire(self) -> None:
-        """Not called: aiohttp keeps its own connections' idle time (``idle_since`` 0)."""
+        """The client took nothing for ``send_timeout``: drop the connection with what it has
+        not read (a close would wait for it to be sent)."""
+        self._guard.watched.discard(self)
+        transport = self.transport
         self.force_close()
+        if transport is not None:
+            transport.abort()
 
     def _reject(self, response: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
