@@ -190,10 +190,12 @@ async def test_a_full_store_stays_ready_and_logs_one_error_a_minute(
             conn = await Conn.open(live)
     levels = [r.levelname for r in caplog.records if "no room for a body" in r.getMessage()]
     assert levels == ["ERROR", "INFO", "INFO"], levels
+    conn.send(nar_put(live.token, 2 * 1024**2, expect=True))  # as curl, so Nix, sends a NAR
+    assert (await conn.response())[0] == 507
     conn.close()
     metrics = (await _scrape(live)).splitlines()
     counted = 'larder_upload_requests_total{cache="main",outcome="storage_full",protocol="nix"}'
-    assert f"{counted} 3.0" in metrics
+    assert f"{counted} 4.0" in metrics
 
 
 async def _scrape(live: Live) -> str:

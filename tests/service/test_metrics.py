@@ -460,3 +460,49 @@ async def test_nar_downloads_are_lookups_and_the_heads_before_an_upload_are_not(
     misses = value(await scrape(service), "larder_cache_lookups_total", cache="main",
                    protocol="nix", kind="nar", result="miss")  # fmt: skip
     assert misses == (0 if ext == ".nar.xz" else 1)  # larder keeps no xz file: no such URL
+
+
+async def test_uploads_refused_before_their_body_are_counted(make_service: ServiceFactory) -> None:
+    """curl, so Nix, asks ``Expect: 100-continue`` before any body over 1 MiB, and aiohttp sends
+    an expect handler's refusal without running a middleware: a 403, 413 or 507 there was in
+    the access log and in no series (the storage-full alert never fired for a real push)."""
+    service = await make_service(max_upload_size=10_000)
+    reader = service.auth(await service.issue("main", Scope.READ))
+    nar = f"/main/nar/{'0' * 52}.nar"
+    asking = {"Expect": "100-continue"}
+    for headers, size, status in (
+        ({**reader, **asking}, 100, 403),
+        ({**service.auth(), **asking}, 20_000, 413),
+        ({**service.auth(), "Expect": "something-else"}, 100, 417),
+    ):
+        resp = await service.client.put(nar, data=b"x" * size, headers=headers)
+        assert resp.status == status, await resp.text()
+    resp = await service.client.post(
+        "/main/rustc/missing", data=b"{}", headers={**reader, **asking}
+    )
+    assert resp.status == 403  # not an upload: a question
+    samples = await scrape(service)
+    for outcome in ("forbidden", "too_large"):
+        assert value(samples, "larder_upload_requests_total", cache="main", protocol="nix",
+                     outcome=outcome) == 1, outcome  # fmt: skip
+    # refused before its cache is looked at
+    assert value(samples, "larder_upload_requests_total", cache="_none", protocol="nix",
+                 outcome="other") == 1  # fmt: skip
+    assert value(samples, "larder_upload_requests_total", cache="main", protocol="rustc") == 0
+    assert value(samples, "larder_http_requests_total", protocol="nix", status_class="4xx") == 3
+    assert value(samples, "larder_http_requests_total", cache="main", protocol="rustc",
+                 status_class="4xx") == 1  # fmt: skip
+
+
+async def test_direct_entries_are_counted_as_uploads(service: Service) -> None:
+    key = "a" * 64
+    good = {"sources": ["src/lib.rs"], "env": []}
+    for body, status in ((good, 200), ({"sources": "src/lib.rs", "env": []}, 400)):
+        resp = await service.client.put(
+            f"/main/rustc/direct/{key}", json=body, headers=service.auth()
+        )
+        assert resp.status == status, await resp.text()
+    samples = await scrape(service)
+    for outcome in ("accepted", "bad_format"):
+        assert value(samples, "larder_upload_requests_total", cache="main", protocol="rustc",
+                     outcome=outcome) == 1, outcome  # fmt: skip

@@ -162,6 +162,21 @@ def count_answer(
             app[HITS].record(cache, protocol, hit)
 
 
+def count_early_answer(request: web.Request, status: int, code: str, seconds: float) -> None:
+    """An answer an ``expect_handler`` gave before the body (a refusal): aiohttp sends it without
+    running any middleware, so it is counted here as :func:`metrics_middleware` counts the rest
+    (the request's status, latency and upload outcome; its error ``code`` names the outcome)."""
+    note_error_code(request, code)
+    count_answer(
+        request.app,
+        request.get(_CACHE, NO_CACHE),
+        protocol_of(request),
+        status,
+        seconds,
+        upload=_upload_outcome(request, status) if request.get(_UPLOAD) else None,
+    )
+
+
 def count_unreadable(app: web.Application, status: int) -> None:
     """A request aiohttp refused before any handler saw it (a head it cannot parse): counted by
     status without a cache, and without a latency (it was never timed)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -12,7 +13,13 @@ from larder.protocol.names import RESERVED_NAMES, check_cache_name
 from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.errors import error_response, status_for
-from larder.service.observability.recording import note_cache, note_refused, note_writer
+from larder.service.observability.recording import (
+    count_early_answer,
+    note_cache,
+    note_refused,
+    note_upload,
+    note_writer,
+)
 from larder.service.routes.bodies import check_declared_length, check_room
 from larder.service.routes.credentials import check_access, could_write
 
@@ -44,26 +51,39 @@ async def cache_for(request: web.Request, needed: Scope) -> CacheSettings:
 
 
 def expect_continue_for(
-    needed: Scope,
+    needed: Scope, *, upload: bool = False
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
     """An ``expect_handler`` that answers ``Expect: 100-continue`` only once the request may do
     ``needed`` on its cache and its declared size is within the limit: a client that would be
-    refused learns it before sending its body."""
+    refused learns it before sending its body. ``upload``: the route stores what it is sent, and
+    a refusal here is counted as an upload's outcome (curl, so Nix, asks before any body over
+    1 MiB: most NARs)."""
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
+        start = time.monotonic()
+        if upload:
+            note_upload(request)
         if request.headers.get("Expect", "").lower() != "100-continue":
-            return error_response(request, 417, "expectation_failed", "unsupported Expect header")
+            return _refused(request, start, 417, "expectation_failed", "unsupported Expect header")
         try:
             await cache_for(request, needed)
             check_declared_length(request, request.app[state.CONFIG].max_upload_size)
             await check_room(request)
         except LarderError as exc:  # the error middleware does not wrap expect handlers
-            return error_response(request, status_for(exc), exc.code, exc.message)
+            return _refused(request, start, status_for(exc), exc.code, exc.message)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 
     return expect
 
 
-#: Writes: the handler of every ``PUT``.
-expect_continue = expect_continue_for(Scope.WRITE)
+def _refused(
+    request: web.Request, start: float, status: int, code: str, message: str
+) -> web.Response:
+    """An expect handler's refusal, counted (no middleware sees it)."""
+    count_early_answer(request, status, code, time.monotonic() - start)
+    return error_response(request, status, code, message)
+
+
+#: Uploads: the handler of every ``PUT``.
+expect_upload = expect_continue_for(Scope.WRITE, upload=True)

@@ -42,7 +42,7 @@ from larder.service.routes.bodies import (
     serve_blob,
     serve_stream,
 )
-from larder.service.routes.cache_access import cache_for, expect_continue
+from larder.service.routes.cache_access import cache_for, expect_upload
 from larder.service.routes.nix_headers import (
     MISS_HEADERS,
     cache_info_headers,
@@ -272,6 +272,6 @@ def add_routes(app: web.Application) -> None:
         ("PUT", "/{path:.+}", put_file),
     ):
         if method == "PUT":
-            router.add_route("PUT", base + pattern, handler, expect_handler=expect_continue)
+            router.add_route("PUT", base + pattern, handler, expect_handler=expect_upload)
         else:
             router.add_get(base + pattern, handler)  # answers HEAD too

@@ -42,7 +42,7 @@ from larder.service.observability.recording import (
     writer,
 )
 from larder.service.routes.bodies import coded_body, read_document, serve_blob
-from larder.service.routes.cache_access import cache_for, expect_continue, expect_continue_for
+from larder.service.routes.cache_access import cache_for, expect_continue_for, expect_upload
 from larder.service.state import HITS
 
 ZSTD_TYPE = "application/zstd"
@@ -115,6 +115,7 @@ async def get_manifest(request: web.Request) -> web.Response:
 
 
 async def put_direct(request: web.Request) -> web.Response:
+    note_upload(request)
     settings = await cache_for(request, Scope.WRITE)
     key = _key(request, "key")
     document = await read_document(request, MAX_MANIFEST_SIZE)
@@ -180,14 +181,15 @@ def add_routes(app: web.Application) -> None:
     router = app.router
     base = "/{cache}/rustc"
     reading = expect_continue_for(Scope.READ)  # explaining a miss is a read; /missing a write
-    router.add_route("POST", base + "/missing", post_missing, expect_handler=expect_continue)
-    router.add_route("PUT", base + "/blobs/{blob}", put_blob, expect_handler=expect_continue)
+    asking = expect_continue_for(Scope.WRITE)
+    router.add_route("POST", base + "/missing", post_missing, expect_handler=asking)
+    router.add_route("PUT", base + "/blobs/{blob}", put_blob, expect_handler=expect_upload)
     router.add_get(base + "/blobs/{blob}", get_blob)
-    router.add_route("PUT", base + "/manifests/{key}", put_manifest, expect_handler=expect_continue)
+    router.add_route("PUT", base + "/manifests/{key}", put_manifest, expect_handler=expect_upload)
     router.add_get(base + "/manifests/{key}", get_manifest)
-    router.add_route("PUT", base + "/direct/{key}", put_direct, expect_handler=expect_continue)
+    router.add_route("PUT", base + "/direct/{key}", put_direct, expect_handler=expect_upload)
     router.add_get(base + "/direct/{key}", get_direct)
-    router.add_route("PUT", base + "/inputs/{key}", put_inputs, expect_handler=expect_continue)
+    router.add_route("PUT", base + "/inputs/{key}", put_inputs, expect_handler=expect_upload)
     router.add_get(base + "/inputs/{key}", get_inputs)
     router.add_get(base + "/inputs", get_nearest)
     router.add_route("POST", base + "/explained", post_explained, expect_handler=reading)

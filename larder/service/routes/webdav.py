@@ -44,7 +44,7 @@ from larder.protocol.tokens import Scope
 from larder.service import state
 from larder.service.observability.recording import note_lookup, note_upload
 from larder.service.routes.bodies import body_chunks, serve_stream
-from larder.service.routes.cache_access import cache_for, expect_continue
+from larder.service.routes.cache_access import cache_for, expect_upload
 
 MULTISTATUS_TYPE = "application/xml"
 #: The methods of ``sccache/`` (``OPTIONS`` says so).
@@ -210,7 +210,7 @@ def add_routes(app: web.Application) -> None:
     router = app.router
     for pattern in ("/{cache}/sccache", "/{cache}/sccache/{path:.*}"):
         router.add_get(pattern, get_entry)
-        router.add_route("PUT", pattern, put_entry, expect_handler=expect_continue)
+        router.add_route("PUT", pattern, put_entry, expect_handler=expect_upload)
         router.add_route("DELETE", pattern, delete_entry)
         router.add_route("MKCOL", pattern, mkcol)
         router.add_route("PROPFIND", pattern, propfind)
