@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -251,7 +252,7 @@ def tree_digests(root: Path) -> list[tuple[str, str]]:
     return entries
 
 
-def _search_dirs(compilation: Compilation, cwd: Path) -> list[tuple[str, Path]]:
+def search_dirs(compilation: Compilation, cwd: Path) -> list[tuple[str, Path]]:
     """Each ``-L`` directory with its kind (``native``, ``crate``, ``all``, ...)."""
     dirs = []
     for value in compilation.values("-L"):
@@ -285,7 +286,7 @@ def native_digests(
     only in the source (``#[link]``) or a crate named only by ``extern crate`` is found there.
     """
     found: list[tuple[str, str | None]] = []
-    searched = _search_dirs(compilation, cwd)
+    searched = search_dirs(compilation, cwd)
     native_dirs = [path for kind, path in searched if kind in ("native", "all")]
     for value in compilation.values("-l"):
         kind, sep, name = value.partition("=")
@@ -452,6 +453,25 @@ def from_direct_entry(
             # real run says what this checkout's sources mean.
             raise KeyUnavailable(f"{source} and {twin} both exist")
     return complete(base, sources, entry.env, roots, cwd, environ, link)
+
+
+def check_link_places(
+    paths: Iterable[str], roots: Roots, cwd: Path, sysroot: str, named: Iterable[str]
+) -> None:
+    """Refuse (:class:`KeyUnavailable`) a recorded link line naming a file or a search
+    directory (``paths``, local and not rustc's temporary ones) outside the places a direct
+    entry may name, the sysroot, and what the compilation's own arguments name (``named``:
+    its ``-L`` directories and ``-C link-arg`` files): the key reads them, and the lookups that
+    follow would tell the cache whether such a file exists."""
+    within, cargo_home = _named_places(roots, cwd)
+    allowed = (*within, os.path.normpath(sysroot).rstrip("/") + "/")
+    own = {os.path.normpath(os.path.join(cwd, path)) for path in named}
+    for path in paths:
+        normal = os.path.normpath(os.path.join(cwd, path))
+        if normal in own or (normal + "/").startswith(allowed):
+            continue
+        if not _in_a_directory_of(normal, cargo_home):
+            raise KeyUnavailable(f"the entry's link line names {path!r}, outside the project")
 
 
 def _named_places(roots: Roots, cwd: Path) -> tuple[tuple[str, ...], str | None]:

@@ -393,6 +393,7 @@ class Invocation:
             chosen = self.compilation.codegen().get("linker") or "cc"
             if plan.program not in (chosen, self.link_roots().portable(chosen)):
                 raise linkline.Unaccounted("linker", f"the entry's linker is not {chosen}")
+            self.check_recorded_places(plan)
         target = self.target or self.toolchain.host
         tools = toolchain.tools(self.rustc, self.toolchain, self.target, self.env, self.state)
         covered = {f"lib/rustlib/{target}/lib/{n}": h for n, h in self.toolchain.libraries}
@@ -406,6 +407,25 @@ class Invocation:
             covered=covered,
         )
         return {**link.item(tokens, plan), "sysroot_tools": tools}
+
+    def check_recorded_places(self, plan: linkline.Plan) -> None:
+        """A recorded line names files only where a direct entry may (the project, the
+        sysroot, what this compilation's own arguments name) and libraries by name only."""
+        assert self.toolchain is not None
+        if any("/" in lib.name for lib in plan.libs):
+            raise cache_key.KeyUnavailable("the entry's link line names a library by path")
+        roots = self.link_roots()
+        own = linkline.classify(["cc", *linkline.link_args(self.compilation)])
+        named = [*own.files, *own.scripts, *own.search]
+        named += [str(path) for _, path in cache_key.search_dirs(self.compilation, self.cwd)]
+        paths = [*plan.files, *plan.search, *(name for name in plan.scripts if "/" in name)]
+        cache_key.check_link_places(
+            (roots.local(path) for path in paths if not path.startswith(linkline.RUSTC_TMP)),
+            self.roots,
+            self.cwd,
+            self.toolchain.sysroot,
+            named,
+        )
 
     def link_tokens(self) -> list[str]:
         """The link line rustc just wrote, in portable form."""

@@ -556,6 +556,54 @@ def test_a_recorded_link_line_cannot_choose_the_program_run(tmp_path: Path) -> N
         assert ran.exists()
 
 
+def test_a_recorded_link_line_names_no_file_outside_the_project(tmp_path: Path) -> None:
+    """A direct entry whose link line names a file, a search directory or a library outside
+    the checkout, its target, CARGO_HOME's directories and the sysroot, where the compilation
+    itself names none, is unusable: the key hashed it, and the lookups that followed told the
+    cache whether it existed (~/.ssh/id_ed25519)."""
+    from tests.e2e.harness import larder_server
+
+    ci, laptop = bin_crate(tmp_path / "ci"), bin_crate(tmp_path / "home" / "me")
+    secret = tmp_path / "home" / "elsewhere" / "libsecret.a"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(b"!<arch>\n")
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        url = f"{server.url}/main"
+        done = shim(ci, url, crate_args=BIN, LARDER_TOKEN=server.token())
+        assert done.returncode == 0, done.stderr
+        stored = list((tmp_path / "data" / "objects").glob("caches/main/rustc/direct/*/*"))
+        assert len(stored) == 1
+        entry = json.loads(stored[0].read_bytes())
+        line = entry["link"]
+        outside = "@LARDER:CWD@/../../../elsewhere"
+        for tried, extra in enumerate(
+            (
+                [str(secret)],
+                [f"{outside}/libsecret.a"],
+                [f"-L{secret.parent}", "-lsecret"],
+                ["-l:../../../../elsewhere/libsecret.a"],
+                [f"-Wl,-L,{secret.parent}", "-l:libsecret.a"],
+            )
+        ):
+            stored[0].write_bytes(json.dumps({**entry, "link": [*line, *extra]}).encode())
+            keys = laptop / f"keys-{tried}"
+            done = shim(laptop, url, crate_args=BIN, LARDER_KEY_DIR=str(keys))
+            assert done.returncode == 0, done.stderr
+            documents = b"".join(path.read_bytes() for path in keys.glob("*.json"))
+            assert b"secret" not in documents, extra
+        assert stats(laptop)["hits"] == 0
+        # A directory the compilation itself names is read (and the entry is a hit).
+        own = ["-L", f"native={secret.parent}"]
+        done = shim(ci, url, *own, crate_args=BIN, LARDER_TOKEN=server.token())
+        assert done.returncode == 0, done.stderr
+        keys = laptop / "keys-own"
+        before = stats(laptop)["hits"]
+        done = shim(laptop, url, *own, crate_args=BIN, LARDER_KEY_DIR=str(keys))
+        assert done.returncode == 0, done.stderr
+        assert stats(laptop)["hits"] == before + 1
+        assert b"elsewhere" in b"".join(path.read_bytes() for path in keys.glob("*.json"))
+
+
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
