@@ -168,6 +168,14 @@ class Compilation(NamedTuple):
                     names.append(link_names.get(crate_type) or shared or f"lib{stem}.rlib")
         return sorted(set(names))
 
+    def executables(self) -> set[str]:
+        """The outputs rustc's linker writes executable: a binary, a shared library."""
+        return {
+            name
+            for name in self.expected_outputs()
+            if name == self.stem or (name.startswith("lib") and name.endswith(".so"))
+        }
+
 
 def _canonical(name: str, value: str | None) -> tuple[str, str | None]:
     """A codegen option as rustc reads it, whichever way it was spelled: ``--codegen`` is

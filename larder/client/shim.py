@@ -99,11 +99,12 @@ def _umask() -> int:
     return 0o022
 
 
-def file_mode(recorded: int) -> int:
+def file_mode(executable: bool) -> int:
     """The mode a restored output gets: what rustc gives the file it writes here (``0o666``,
-    or ``0o777`` for an executable, minus this process's umask); the cache only says whether
-    it is executable, so it can neither lock the owner out nor open the file to others."""
-    return (0o777 if recorded & 0o100 else 0o666) & ~_umask()
+    or ``0o777`` for an executable, minus this process's umask). The recorded mode is not
+    read: a cache could lock the owner out, open the file to others, or leave a binary that
+    cargo takes as fresh unable to run."""
+    return (0o777 if executable else 0o666) & ~_umask()
 
 
 def _now_ms(start: float) -> int:
@@ -463,6 +464,7 @@ class Invocation:
         downloads of parallel hits share the link."""
         assert self.out_dir is not None
         expected = self.compilation.expected_outputs()
+        executables = self.compilation.executables()
         if sorted(o.name for o in manifest.outputs) != expected:
             raise RemoteError("corrupt", f"manifest outputs are not this compilation's {expected}")
         looked = self.phases.get("lookup", 0.0) / 1000
@@ -480,7 +482,7 @@ class Invocation:
                     remote.download_blob(output.blake3, handle, output.size)
                 if output.name.endswith(".d"):
                     scratch.write_text(self.roots.local(scratch.read_text()))
-                os.chmod(scratch, file_mode(output.mode))
+                os.chmod(scratch, file_mode(output.name in executables))
             for scratch, final in staged:
                 os.replace(scratch, final)
         finally:

@@ -604,6 +604,32 @@ def test_a_recorded_link_line_names_no_file_outside_the_project(tmp_path: Path) 
         assert b"elsewhere" in b"".join(path.read_bytes() for path in keys.glob("*.json"))
 
 
+def test_a_binary_restored_from_a_manifest_recording_it_unexecutable_runs(
+    tmp_path: Path,
+) -> None:
+    from tests.e2e.harness import larder_server
+
+    ci, laptop = bin_crate(tmp_path / "ci"), bin_crate(tmp_path / "home" / "me")
+    with larder_server(str(tmp_path / "data"), tmp_path) as server:
+        url = f"{server.url}/main"
+        done = shim(ci, url, crate_args=BIN, LARDER_TOKEN=server.token())
+        assert done.returncode == 0, done.stderr
+        stored = [
+            path
+            for path in (tmp_path / "data" / "objects").glob("caches/main/rustc/manifest/**/*")
+            if path.is_file()
+        ]
+        assert len(stored) == 1, stored
+        manifest = json.loads(stored[0].read_bytes())
+        for output in manifest["outputs"]:
+            output["mode"] = 0o644
+        stored[0].write_bytes(json.dumps(manifest).encode())
+        done = shim(laptop, url, crate_args=BIN)
+        assert done.returncode == 0, done.stderr
+    assert stats(laptop)["hits"] == 1
+    assert subprocess.run([laptop / "out" / "hello-x"], capture_output=True).returncode == 0
+
+
 FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
@@ -762,13 +788,31 @@ def test_a_module_made_ambiguous_fails_as_without_the_cache(tmp_path: Path) -> N
     assert stats(laptop)["hits"] == 0
 
 
-@pytest.mark.parametrize("recorded", [0o644, 0o755, 0o000, 0o777, 0o4755, 0o100])
-def test_a_restored_output_gets_the_mode_rustc_would_give_it(recorded: int) -> None:
+@pytest.mark.parametrize(
+    ("args", "executables"),
+    [
+        (["--crate-type", "bin", "--emit=dep-info,link"], {"x-1"}),
+        (["--crate-type", "lib", "--emit=dep-info,metadata,link"], set()),
+        (["--crate-type", "proc-macro", "--emit=dep-info,link"], {"libx-1.so"}),
+        (["--crate-type", "cdylib", "--emit=link"], {"libx-1.so"}),
+        (["--crate-type", "staticlib", "--emit=link"], set()),
+    ],
+)
+def test_a_restored_output_gets_the_mode_rustc_would_give_it(
+    args: list[str], executables: set[str]
+) -> None:
+    """Whether an output is executable follows from its name, not from the mode the cache
+    recorded: a manifest saying 0o644 for a binary left it unable to run, and cargo took it as
+    fresh until a clean."""
+    from larder.client.args import parse
     from larder.client.shim import file_mode
 
+    compilation = parse(["--crate-name", "x", "src/lib.rs", "-C", "extra-filename=-1", *args])
+    assert compilation is not None
+    assert compilation.executables() == executables
+    assert executables <= set(compilation.expected_outputs())
     umask = os.umask(0o027)
     try:
-        executable = bool(recorded & 0o100)
-        assert file_mode(recorded) == (0o750 if executable else 0o640)
+        assert file_mode(True) == 0o750 and file_mode(False) == 0o640
     finally:
         os.umask(umask)
