@@ -86,6 +86,11 @@ OFFLINE_SECONDS = 30.0
 #: A compilation's lookups (its direct entries' manifests) stop after this many times
 #: ``LARDER_TIMEOUT`` in all, however quickly each answer came.
 LOOKUP_TIMEOUTS = 3
+#: The largest dep-info file a hit restores (it is read whole to put this machine's paths in;
+#: one naming thousands of files is well under a megabyte).
+MAX_DEPINFO_SIZE = 16 * 1024**2
+#: Space a hit leaves free on the output directory's file system, beyond its outputs.
+RESTORE_MARGIN = 64 * 1024**2
 
 
 def _umask() -> int:
@@ -105,6 +110,24 @@ def file_mode(executable: bool) -> int:
     read: a cache could lock the owner out, open the file to others, or leave a binary that
     cargo takes as fresh unable to run."""
     return (0o777 if executable else 0o666) & ~_umask()
+
+
+def check_room(out_dir: Path, manifest: Manifest) -> None:
+    """Refuse a manifest whose outputs would not fit in the output directory's free space
+    (with :data:`RESTORE_MARGIN` to spare) or whose dep-info is past
+    :data:`MAX_DEPINFO_SIZE`, before anything is downloaded: a blob is checked only once
+    written, and a cache declaring gigabytes filled the disk first."""
+    for output in manifest.outputs:
+        if output.name.endswith(".d") and output.size > MAX_DEPINFO_SIZE:
+            raise RemoteError("corrupt", f"a dep-info of {output.size} bytes")
+    try:
+        stats = os.statvfs(out_dir)
+    except OSError:
+        return
+    room = stats.f_bavail * stats.f_frsize - RESTORE_MARGIN
+    needed = sum(output.size for output in manifest.outputs)
+    if needed > room:
+        raise RemoteError("no-room", f"{needed} bytes of outputs, {max(room, 0)} free to spare")
 
 
 def _now_ms(start: float) -> int:
@@ -467,6 +490,7 @@ class Invocation:
         executables = self.compilation.executables()
         if sorted(o.name for o in manifest.outputs) != expected:
             raise RemoteError("corrupt", f"manifest outputs are not this compilation's {expected}")
+        check_room(self.out_dir, manifest)
         looked = self.phases.get("lookup", 0.0) / 1000
         left = max(LOOKUP_TIMEOUTS * self.timeout() - looked, self.timeout())
         deadline = time.monotonic() + left
@@ -481,13 +505,26 @@ class Invocation:
                 with open(scratch, "wb") as handle:
                     remote.download_blob(output.blake3, handle, output.size)
                 if output.name.endswith(".d"):
-                    scratch.write_text(self.roots.local(scratch.read_text()))
+                    text = self.roots.local(scratch.read_text())
+                    self.check_depinfo(text)
+                    scratch.write_text(text)
                 os.chmod(scratch, file_mode(output.name in executables))
             for scratch, final in staged:
                 os.replace(scratch, final)
         finally:
             for scratch, _ in staged:
                 scratch.unlink(missing_ok=True)
+
+    def check_depinfo(self, text: str) -> None:
+        """A restored dep-info must name the files and variables the key read: cargo decides
+        from it what to compile again, and one naming fewer left edits unseen for good."""
+        assert self.current is not None
+        deps = depinfo.parse(text)
+        read = {os.path.normpath(self.roots.local(path)) for path, _ in self.current.sources}
+        if {os.path.normpath(path) for path in deps.files} != read:
+            raise RemoteError("corrupt", "the dep-info names other files than the key read")
+        if {name for name, _ in deps.env} != {name for name, _ in self.current.env_deps}:
+            raise RemoteError("corrupt", "the dep-info names other variables than the key read")
 
     def replay(self, printed: tuple[str, str]) -> None:
         for text, stream in zip(printed, (sys.stdout, sys.stderr), strict=True):

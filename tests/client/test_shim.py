@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ class FakeCache:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.requests: list[str] = []
+        #: Blobs the ``served`` mode answers, by name (zstd streams).
+        self.blobs: dict[str, bytes] = {}
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -81,6 +84,13 @@ class FakeCache:
             if "/manifests/" in path:
                 return 200, self.manifest
             return 200, zstandard.ZstdCompressor().compress(b"x")
+        if self.mode == "served":  # whatever the test stored, for any key
+            if "/direct/" in path:
+                return 200, b'{"entries":[{"sources":["src/lib.rs"],"env":[]}]}'
+            if "/manifests/" in path:
+                return 200, self.manifest
+            if "/blobs/" in path and path.rsplit("/", 1)[1] in self.blobs:
+                return 200, self.blobs[path.rsplit("/", 1)[1]]
         if self.mode == "corrupt-blob":
             if "/direct/" in path:  # an entry naming the crate root: its key is looked up
                 return 200, b'{"entries":[{"sources":["src/lib.rs"],"env":[]}]}'
@@ -98,6 +108,7 @@ class FakeCache:
 
 LIB = ["--crate-name", "t", "--edition=2021", "src/lib.rs", "--crate-type", "lib",
        "--emit=dep-info,metadata,link"]  # fmt: skip
+OUTPUTS = ("libt-x.rlib", "libt-x.rmeta", "t-x.d")
 
 
 def shim(
@@ -205,6 +216,68 @@ def test_a_restore_past_the_lookup_deadline_compiles_here_and_stays_online(
         assert (crate / "out" / "libt-x.rlib").stat().st_size > 1  # compiled, not restored
     assert stats(crate)["error_kinds"] == {"slow": 2}
     assert len([r for r in fake.requests if "/blobs/" in r]) == 4  # two of three, twice
+
+
+def serve_outputs(fake: FakeCache, crate: Path, replaced: dict[str, bytes]) -> None:
+    """Have ``fake`` serve the outputs of ``crate`` compiled here, some ``replaced``."""
+    with tempfile.TemporaryDirectory() as elsewhere:
+        built = Path(elsewhere) / "crate"
+        shutil.copytree(crate / "src", built / "src")
+        (built / "out").mkdir()
+        argv = [RUSTC, *LIB, "-C", "extra-filename=-x", "--out-dir", str(built / "out")]
+        subprocess.run(argv, cwd=built, check=True)
+        found = {name: (built / "out" / name).read_bytes() for name in OUTPUTS}
+    outputs = []
+    for name in OUTPUTS:
+        data = replaced.get(name, found[name])
+        blob = blake3.blake3(data).hexdigest()
+        fake.blobs[blob] = zstandard.ZstdCompressor().compress(data)
+        outputs.append(Output(name, blob, len(data), 0o644))
+    fake.manifest = Manifest("t", tuple(outputs)).to_json()
+
+
+@pytest.mark.parametrize("fake", ["served"], indirect=True)
+def test_a_restored_dep_info_names_what_the_key_read(fake: FakeCache, crate: Path) -> None:
+    """A dep-info naming no source made cargo take every later edit as nothing to compile,
+    with or without the shim, until a clean. It is compiled here instead."""
+    serve_outputs(fake, crate, {})
+    done = shim(crate, fake.url)
+    assert done.returncode == 0, done.stderr
+    assert stats(crate)["hits"] == 1  # the outputs as served are a hit
+    for text in ("@LARDER:TARGET@/t-x.d:\n", "t-x.d: src/lib.rs\n\n# env-dep:HOME\n"):
+        for name in OUTPUTS:
+            (crate / "out" / name).unlink()
+        serve_outputs(fake, crate, {"t-x.d": text.encode()})
+        done = shim(crate, fake.url)
+        assert done.returncode == 0, done.stderr
+        assert "src/lib.rs" in (crate / "out" / "t-x.d").read_text()
+        assert "env-dep" not in (crate / "out" / "t-x.d").read_text()
+    counted = stats(crate)
+    assert (counted["hits"], counted["error_kinds"]) == (1, {"corrupt": 2}), counted
+
+
+@pytest.mark.parametrize("fake", ["served"], indirect=True)
+def test_outputs_past_the_free_space_are_not_downloaded(
+    fake: FakeCache, crate: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob is checked once written: a manifest declaring gigabytes filled the disk first."""
+    serve_outputs(fake, crate, {})
+    free = os.statvfs(crate / "out")
+    huge = free.f_bavail * free.f_frsize
+    manifest = json.loads(fake.manifest)
+    manifest["outputs"][0]["size"] = huge
+    fake.manifest = json.dumps(manifest).encode()
+    done = shim(crate, fake.url)
+    assert done.returncode == 0, done.stderr
+    assert not [r for r in fake.requests if "/blobs/" in r], fake.requests
+    assert stats(crate)["error_kinds"] == {"no-room": 1}
+    manifest["outputs"][0]["size"] = 1
+    manifest["outputs"][2]["size"] = 17 * 1024**2  # the dep-info
+    fake.manifest = json.dumps(manifest).encode()
+    done = shim(crate, fake.url)
+    assert done.returncode == 0, done.stderr
+    assert not [r for r in fake.requests if "/blobs/" in r], fake.requests
+    assert stats(crate)["error_kinds"] == {"no-room": 1, "corrupt": 1}
 
 
 def test_unreachable_server_backs_off(crate: Path) -> None:
