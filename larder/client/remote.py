@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import quote, urlsplit
@@ -72,6 +73,8 @@ def network_timeout(environ: dict[str, str]) -> float:
 #: What a refusal is counted as, by status (``refused`` otherwise). A 413 is larder's
 #: ``max_upload_size`` or, in front of it, a proxy's body size limit (nginx's 1 MiB default).
 _REFUSAL_KINDS = {401: "auth", 403: "auth", 413: "too-large"}
+#: Credentials an error page may echo back: kept out of what ``--stats`` shows.
+_CREDENTIALS = re.compile(r"((?:Bearer|Basic)\s+)\S+", re.IGNORECASE)
 
 
 def url_cache(url: str) -> str:
@@ -207,9 +210,11 @@ class Remote:
     def _expect(self, response: Response, what: str, *ok: int, limit: int = MAX_ANSWER) -> bytes:
         if response.status not in ok:
             data = self._read(response, MAX_ERROR_BODY, drop=True)
-            message = data[:200].decode("utf-8", "replace").strip()
+            message = _CREDENTIALS.sub(r"\1<hidden>", data[:200].decode("utf-8", "replace"))
             kind = _REFUSAL_KINDS.get(response.status, "refused")
-            raise RemoteError(kind, f"{what}: HTTP {response.status} {message!r}")
+            where = response.headers.get("location")
+            moved = f" (to {where[:200]!r}: not followed)" if where is not None else ""
+            raise RemoteError(kind, f"{what}: HTTP {response.status}{moved} {message.strip()!r}")
         return self._read(response, limit)
 
     def _stored(self, response: Response, what: str, field: str, value: str) -> None:

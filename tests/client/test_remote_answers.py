@@ -49,6 +49,22 @@ def test_an_answer_larger_than_its_kind_is_not_read_whole(served: Remote) -> Non
     assert served.bytes_down <= MAX_ANSWER + 256 * 1024
 
 
+MOVED = (
+    b"HTTP/1.1 302 Found\r\nLocation: https://cache.example/main/rustc/manifests/x\r\n"
+    b"Content-Length: 46\r\n\r\nyou sent Authorization: Bearer s3cr3t-t0ken.x\n"
+)
+
+
+@pytest.mark.parametrize("served", [[MOVED]], indirect=True)
+def test_a_redirect_is_not_followed_and_says_where_it_pointed(served: Remote) -> None:
+    """An http:// URL behind an ingress redirecting to https:// showed only "HTTP 302 ''";
+    an error page echoing the credentials kept them in what ``--stats`` prints."""
+    error = failure(lambda: served.get_manifest(KEY))
+    assert error.kind == "refused"
+    assert "'https://cache.example/main/rustc/manifests/x': not followed" in str(error)
+    assert "s3cr3t" not in str(error) and "Bearer <hidden>" in str(error)
+
+
 @pytest.mark.parametrize(
     "served",
     [[answer(200, b'{"entries":[]' + b" " * MAX_DIRECT_ANSWER + b"}")]],
