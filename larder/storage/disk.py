@@ -38,6 +38,11 @@ A collection must be able to start on a full disk (it writes its lease before it
 collection leaves ``tmp/reserve`` (:data:`RESERVE_SIZE` bytes) behind, which
 :meth:`DiskStorage.release_reserve` deletes when a write the collection needs finds no space.
 
+A read that finds nothing (a miss, an empty listing) costs one more ``stat``: that of ``objects/``
+or ``blobs/``. If it is gone (the volume unmounted or wiped under a running server), the read
+raises :class:`~larder.errors.StorageUnavailable` instead of reporting a miss, so requests are
+answered 503 and counted as backend errors rather than 404 for every cache and entry.
+
 A level listing (``list_level``) is one ``scandir`` of the level's directory; a subdirectory is
 listed as a level only if an object lies below it, which is looked for depth first and stops at
 the first one (deletions leave empty directories behind).
@@ -380,6 +385,19 @@ class DiskStorage(Storage):
     def _object_path(self, key: str) -> Path:
         return self._objects / check_key(key)
 
+    def _still_there(self, directory: Path) -> None:
+        """After a read found nothing under ``directory`` (``objects/`` or ``blobs/``): raise
+        :class:`StorageUnavailable` if it is gone (the volume unmounted or wiped), so what is
+        reported is a store that cannot be read, not a miss. One ``stat``, on misses only."""
+        try:
+            if stat.S_ISDIR(os.stat(directory).st_mode):
+                return
+        except _MISSING:
+            pass
+        raise StorageUnavailable(
+            f"disk storage: {directory} is missing (the volume unmounted or wiped?)"
+        )
+
     def _mkdir(self, directory: Path, mode: int = 0o777) -> None:
         """Create ``directory`` if missing (its parent exists); as root, given to the parent's
         owner (:func:`_hand_over`)."""
@@ -555,6 +573,7 @@ class DiskStorage(Storage):
         try:
             file = io.FileIO(path, "r")
         except _MISSING:
+            self._still_there(self._blobs)
             return None
         try:
             size = os.fstat(file.fileno()).st_size
@@ -568,16 +587,17 @@ class DiskStorage(Storage):
         with _os_errors("blob open"):
             return await asyncio.to_thread(self._blob_open_sync, blob_id)
 
-    def _stat_size(self, path: Path) -> int | None:
+    def _blob_size_sync(self, blob_id: str) -> int | None:
         try:
-            return path.stat().st_size
+            return self._blob_path(blob_id).stat().st_size
         except _MISSING:
+            self._still_there(self._blobs)
             return None
 
     async def blob_stored_size(self, blob_id: str) -> int | None:
         check_blob_id(blob_id)
         with _os_errors("blob stat"):
-            return await asyncio.to_thread(self._stat_size, self._blob_path(blob_id))
+            return await asyncio.to_thread(self._blob_size_sync, blob_id)
 
     def _unlink(self, path: Path) -> bool:
         try:
@@ -598,9 +618,16 @@ class DiskStorage(Storage):
             return []
         return [n for n in names if n[:2] == name and len(n) == 64 and _HEX.issuperset(n)]
 
+    def _blob_dirs_sync(self) -> list[str]:
+        try:
+            return os.listdir(self._blobs)
+        except _MISSING:
+            self._still_there(self._blobs)
+            raise
+
     async def blob_ids(self) -> AsyncIterator[str]:
         with _os_errors("blob list"):
-            directories = await asyncio.to_thread(os.listdir, self._blobs)
+            directories = await asyncio.to_thread(self._blob_dirs_sync)
         for name in sorted(directories):
             if len(name) != 2 or not _HEX.issuperset(name):
                 continue
@@ -621,7 +648,7 @@ class DiskStorage(Storage):
 
     async def blob_infos(self) -> AsyncIterator[StoredBlob]:
         with _os_errors("blob list"):
-            directories = await asyncio.to_thread(os.listdir, self._blobs)
+            directories = await asyncio.to_thread(self._blob_dirs_sync)
         for name in sorted(directories):
             if len(name) != 2 or not _HEX.issuperset(name):
                 continue
@@ -684,6 +711,7 @@ class DiskStorage(Storage):
         try:
             return path.read_bytes()
         except _MISSING:
+            self._still_there(self._objects)
             return None
 
     async def get(self, key: str) -> bytes | None:
@@ -731,10 +759,16 @@ class DiskStorage(Storage):
         with _os_errors("put"):
             return await asyncio.to_thread(self._put_if_absent_sync, path, data)
 
+    def _exists_sync(self, path: Path) -> bool:
+        if path.is_file():
+            return True
+        self._still_there(self._objects)
+        return False
+
     async def exists(self, key: str) -> bool:
         path = self._object_path(key)
         with _os_errors("exists"):
-            return await asyncio.to_thread(path.is_file)
+            return await asyncio.to_thread(self._exists_sync, path)
 
     async def delete(self, key: str) -> bool:
         path = self._object_path(key)
@@ -759,7 +793,10 @@ class DiskStorage(Storage):
                     yield key
 
     def _keys_sync(self, prefix: str) -> list[str]:
-        return sorted(self._walk_objects(prefix))
+        found = sorted(self._walk_objects(prefix))
+        if not found:
+            self._still_there(self._objects)
+        return found
 
     def _object_infos_sync(self, prefix: str) -> list[ObjectInfo]:
         found = []
@@ -769,6 +806,8 @@ class DiskStorage(Storage):
             except _MISSING:
                 continue  # deleted since the walk
             found.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        if not found:
+            self._still_there(self._objects)
         return found
 
     async def keys(self, prefix: str) -> AsyncIterator[str]:
@@ -813,6 +852,9 @@ class DiskStorage(Storage):
                         level = entry.is_dir(follow_symlinks=False)
                         names.append((prefix + entry.name + ("/" if level else ""), entry, level))
         except _MISSING:
+            pass
+        if not names:
+            self._still_there(self._objects)
             return []
         names.sort(key=lambda item: item[0])
         found: list[LevelEntry] = []

@@ -20,6 +20,7 @@ from larder.service import state
 from larder.service.observability.instrumented_storage import InstrumentedStorage
 from larder.service.observability.metrics import BACKEND_OPERATIONS, Metrics
 from larder.storage.base import Storage
+from larder.storage.disk import DiskStorage
 from larder.storage.memory import MemoryStorage
 from tests.service.conftest import Service, ServiceFactory
 from tests.service.test_nix_routes import hash_part, make_nar, push, store_path
@@ -159,6 +160,33 @@ async def test_backend_errors_are_counted(make_service: ServiceFactory) -> None:
     assert value(samples, "larder_backend_errors_total", backend="memory", operation="get") == 1
     assert value(samples, "larder_http_requests_total", cache="main", protocol="nix",
                  status_class="5xx") == 1  # fmt: skip
+
+
+async def test_a_disk_store_gone_under_the_server_is_a_backend_error_not_a_miss(
+    make_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """The store's volume unmounted (its directory renamed away): 503 and backend errors that
+    an alert sees, not a 404 "no cache" or a miss for everything; back in place: served."""
+    root = tmp_path / "store"
+    service = await make_service(DiskStorage(root), refresh_interval=0.0)
+    entry = "/main/sccache/a/b/entry"
+    assert (await service.client.put(entry, data=b"v", headers=service.auth())).status < 300
+    assert (await service.client.get(entry)).status == 200
+    before = await scrape(service)
+
+    root.rename(tmp_path / "unmounted")
+    for path in (entry, f"/main/{MISSING}.narinfo", "/main/nix-cache-info"):
+        assert (await service.client.get(path)).status == 503, path
+    samples = await scrape(service)
+    errors = value(samples, "larder_backend_errors_total", backend="disk")
+    assert errors >= 3 + value(before, "larder_backend_errors_total", backend="disk")
+    assert value(samples, "larder_http_requests_total", status_class="5xx") == 3
+    assert value(samples, "larder_http_requests_total", status_class="4xx") == 0
+
+    (tmp_path / "unmounted").rename(root)
+    assert await (await service.client.get(entry)).read() == b"v"
+    assert (await service.client.get(f"/main/{MISSING}.narinfo")).status == 404
+    assert value(await scrape(service), "larder_backend_errors_total", backend="disk") == errors
 
 
 async def test_stats_api_reports_hit_rates_and_missed_crates(service: Service) -> None:

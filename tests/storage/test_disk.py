@@ -7,12 +7,13 @@ import errno
 import hashlib
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,63 @@ async def test_check(tmp_path: Path) -> None:
     (tmp_path / "store" / "tmp").rmdir()
     with pytest.raises(StorageError):
         await storage.check()
+
+
+@pytest.mark.parametrize("gone", ["renamed", "wiped"])
+async def test_a_store_gone_under_a_running_server_is_unavailable_not_a_miss(
+    tmp_path: Path, gone: str
+) -> None:
+    """The volume unmounted (the store's directory renamed away) or wiped: every read that
+    finds nothing says the store cannot be read (503, a backend error), not a miss (404 for
+    every cache and entry, which no alert sees); back in place, it is served again."""
+    root = tmp_path / "store"
+    storage = DiskStorage(root)
+    await storage.put("caches/main/entry", b"x")
+    info = await write_blob(storage, b"blob")
+    missing_blob = blob_id_of(b"never written")
+
+    async def listed(items: AsyncIterator[object]) -> list[object]:
+        return [item async for item in items]
+
+    reads: list[Callable[[], Awaitable[object]]] = [
+        lambda: storage.get("caches/main/entry"),
+        lambda: storage.get("caches/main/other"),
+        lambda: storage.exists("caches/main/other"),
+        lambda: storage.blob_open(info.blob_id),
+        lambda: storage.blob_open(missing_blob),
+        lambda: storage.blob_stored_size(missing_blob),
+        lambda: listed(storage.keys("caches/")),
+        lambda: listed(storage.object_infos("caches/")),
+        lambda: listed(storage.list_level("caches/main/", limit=10)),
+        lambda: listed(storage.blob_ids()),
+        lambda: listed(storage.blob_infos()),
+    ]
+
+    # A miss in a store that is there stays a miss.
+    assert await storage.get("caches/main/other") is None
+    assert await storage.exists("caches/main/other") is False
+    assert await storage.blob_open(missing_blob) is None
+    assert await storage.blob_stored_size(missing_blob) is None
+    assert await listed(storage.keys("caches/none/")) == []
+    assert await listed(storage.list_level("caches/none/", limit=10)) == []
+
+    if gone == "renamed":
+        root.rename(tmp_path / "elsewhere")
+    else:
+        for name in ("blobs", "objects", "tmp"):
+            shutil.rmtree(root / name)
+    for read in reads:
+        with pytest.raises(StorageUnavailable, match="missing"):
+            await read()
+
+    if gone == "renamed":
+        (tmp_path / "elsewhere").rename(root)
+        assert await storage.get("caches/main/entry") == b"x"
+        reader = await storage.blob_open(info.blob_id)
+        assert reader is not None
+        await reader.close()
+        assert await storage.get("caches/main/other") is None
+        assert await listed(storage.keys("caches/")) == ["caches/main/entry"]
 
 
 def test_open_on_a_file_fails(tmp_path: Path) -> None:
