@@ -89,8 +89,13 @@ class ZeroCopyFileResponse(web.FileResponse):
     (``sendfile(2)`` from the event loop) once the head has left, giving up after ``idle``
     seconds without progress, as uploads do. aiohttp's ``body_length`` counts only what went
     through its writer (the head, when the body leaves by ``sendfile``); the body's bytes sent
-    are added to it, so the access log states what was sent.
+    by ``sendfile`` are added to it, so the access log states what was sent, and given to
+    :attr:`on_body_sent` once the transfer ends (completed or not): the bytes the writer never
+    saw, which its ``on_body_write`` does not report.
     """
+
+    #: Called once with the body bytes ``sendfile`` sent, when the transfer ends.
+    on_body_sent: Callable[[int], None] | None = None
 
     def __init__(
         self,
@@ -105,6 +110,7 @@ class ZeroCopyFileResponse(web.FileResponse):
         self._send = send
         self._range = byte_range
         self.body_sent = 0
+        self._through_writer = False
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         """Prepare with ``Range`` as the caller decided it (``None``: no range), whatever the
@@ -123,7 +129,22 @@ class ZeroCopyFileResponse(web.FileResponse):
     def body_length(self) -> int:
         return super().body_length + self.body_sent
 
+    async def _sendfile_fallback(
+        self, writer: AbstractStreamWriter, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        self._through_writer = True  # its writer counts these bytes
+        return await super()._sendfile_fallback(writer, fobj, offset, count)
+
     async def _sendfile(
+        self, request: BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        try:
+            return await self._send_body(request, fobj, offset, count)
+        finally:
+            if self.body_sent and (notify := self.on_body_sent) is not None:
+                notify(self.body_sent)
+
+    async def _send_body(
         self, request: BaseRequest, fobj: IO[Any], offset: int, count: int
     ) -> AbstractStreamWriter:
         loop = asyncio.get_running_loop()
@@ -131,7 +152,7 @@ class ZeroCopyFileResponse(web.FileResponse):
         sock = transport.get_extra_info("socket") if transport is not None else None
         if _has_native_sendfile(loop) or sock is None or self.compression:
             writer = await super()._sendfile(request, fobj, offset, count)
-            if not self.compression:
+            if not self._through_writer:
                 self.body_sent = count  # loop.sendfile raises unless all of it went
             return writer
         prepared = await web.StreamResponse.prepare(self, request)

@@ -83,6 +83,38 @@ async def test_a_client_gone_mid_download_is_not_a_server_error(live: Live) -> N
     assert _errors(live) == 0
 
 
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+@pytest.mark.parametrize("sndbuf", [64 * 1024])
+async def test_sent_bytes_are_what_went_out_not_the_declared_length(live: Live) -> None:
+    """A client that reads 1 KB of a 6 MiB download and leaves adds about what was written to
+    its connection to larder_transfer_sent_bytes_total, not 6 MiB; a whole one adds its body."""
+    path = await _stored_log(live)
+    sent = live.app[METRICS].sent.labels("main", "nix")
+    before = sent._value.get()
+    reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    body = answer.split(b"\r\n\r\n", 1)[1]
+    assert body == BODY
+    assert sent._value.get() - before == len(BODY)
+
+    before = sent._value.get()
+    sock = _stalled_get(live.port, path)
+    try:
+        sock.settimeout(10)
+        assert await asyncio.to_thread(sock.recv, 1024)
+        await asyncio.sleep(0.5)  # the server fills what the connection holds, then waits
+    finally:
+        _reset(sock)
+    await asyncio.sleep(0.5)
+    assert 0 < sent._value.get() - before < len(BODY) // 4
+
+
 async def test_a_client_gone_before_the_headers_is_not_a_server_error(live: Live) -> None:
     """The client sends its GET and closes at once: the headers cannot be written."""
     path = await _stored_log(live)

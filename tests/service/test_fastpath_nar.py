@@ -135,6 +135,35 @@ async def test_a_nar_answer_is_counted_logged_and_used(live: Live) -> None:
     conn.close()
 
 
+@pytest.mark.parametrize("sndbuf", [64 * 1024])
+async def test_an_abandoned_nar_download_counts_what_was_sent(live: Live) -> None:
+    """A client that reads 1 KB of an 8 MiB NAR sent by sendfile and leaves adds about what was
+    sent to larder_transfer_sent_bytes_total, not the NAR's length."""
+    size = 8 << 20
+    url = await push(live, hash_of("abandoned-nar"), os.urandom(size))
+    sent = live.app[METRICS].sent.labels("main", "nix")
+    live.app[TALLY].flush()
+    before = sent._value.get()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live.port))
+    try:
+        sock.sendall(get(url))
+        sock.settimeout(10)
+        assert (await asyncio.to_thread(sock.recv, 1024)).startswith(b"HTTP/1.1 200 ")
+        await asyncio.sleep(0.5)  # the server fills what the connection holds, then waits
+        assert live.running.front  # sent by this path
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if not live.running.front:
+            break
+    live.app[TALLY].flush()
+    assert 0 < sent._value.get() - before < size // 4
+
+
 @pytest.mark.parametrize(
     "extra, status",
     [("Range: bytes=0-99\r\n", 206), ("If-None-Match: *\r\n", 304), ("Connection: close\r\n", 200)],

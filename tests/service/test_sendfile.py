@@ -94,6 +94,54 @@ def test_nar_zst_goes_out_by_sendfile_on_uvloop(tmp_path: Path) -> None:
     assert len(calls) == 2 and calls[1] == 1000
 
 
+def test_a_file_response_counts_the_bytes_sendfile_sent(tmp_path: Path) -> None:
+    """A NAR the application sends by sendfile (a range: the short path leaves it) counts the
+    body bytes that went out: all of them when read to the end, about what the connection
+    held when the client left after 1 KB, not the declared length."""
+    nar = write_nar({"type": "regular", "contents": os.urandom(SIZE)})
+    digest = nix32.encode(hashlib.sha256(nar).digest())
+
+    async def main() -> None:
+        config = Config()
+        app = build_app(config, DiskStorage(tmp_path / "data"))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        running = await start(config, app, sock, LineSink(io.StringIO()))
+        try:
+            await app[state.CACHES].ensure("main")
+            token, _ = await app[state.TOKENS].issue("main", Scope.WRITE, 60)
+            head = f"PUT /main/nar/{digest}.nar HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
+            status, _, _ = await request(port, f"{head}Content-Length: {len(nar)}\r\n", nar)
+            assert status == 200
+            sent = app[state.METRICS].sent.labels("main", "nix")
+            url = f"/main/nar/{digest}.nar.zst"
+            before = sent._value.get()
+            status, _, body = await request(port, f"GET {url} HTTP/1.1\r\nRange: bytes=0-\r\n")
+            assert status == 206 and len(body) > SIZE
+            assert sent._value.get() - before == len(body)
+
+            before = sent._value.get()
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", port))
+            try:
+                client.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n".encode())
+                assert (await asyncio.to_thread(client.recv, 1024)).startswith(b"HTTP/1.1 206")
+                await asyncio.sleep(0.5)  # the server fills what the connection holds
+            finally:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00" + bytes(6))
+                client.close()
+            await asyncio.sleep(0.5)
+            assert 0 < sent._value.get() - before < len(body) // 4
+        finally:
+            await running.stop()
+
+    uvloop.run(main())
+
+
 def test_send_file_waits_for_a_slow_reader_and_delivers_every_byte(tmp_path: Path) -> None:
     path = blob_file(tmp_path)
     ours, theirs = socket.socketpair()

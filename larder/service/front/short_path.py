@@ -47,8 +47,9 @@ the NAR record and the blob are looked up as the application looks them up, and
 :class:`~larder.service.front.connection.FrontProtocol` sends the head this module makes (the
 application's status line and headers, ``Etag`` and ``Last-Modified`` as aiohttp derives them)
 and then the blob by ``sendfile(2)``. It is counted as the application counts it (a NAR lookup
-hit, its length as sent bytes, latency up to the head) and logged once the body is out. Anything
-else (a miss, a storage error, blobs that are not local files) the application answers.
+hit, latency up to the head); once the body is out, the bytes of it that were sent are counted
+and it is logged. Anything else (a miss, a storage error, blobs that are not local files) the
+application answers.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from larder.protocol.storepath import check_hash_part
 from larder.service import state
 from larder.service.front.heads import Head
 from larder.service.observability.answer_tally import TallyKey
+from larder.service.observability.recording import count_sent_bytes
 from larder.service.routes.credentials import could_write
 from larder.service.routes.nix_headers import (
     MISS_HEADERS,
@@ -375,12 +377,16 @@ class FastPath:
                 await reader.close()
 
     def nar_started(self, request: NarGet, nar: OpenNar) -> None:
-        """The head is out: count the answer as the application would (latency to the head)."""
+        """The head is out: count the answer as the application would (latency to the head);
+        its body's bytes are counted once they are out (:meth:`nar_sent`)."""
         seconds = time.monotonic() - request.start
-        self._tally.add(nar.cache, "nix", 200, seconds, nar.size, "nar", True, nar.writer)
+        self._tally.add(nar.cache, "nix", 200, seconds, 0, "nar", True, nar.writer)
 
     def nar_sent(self, request: NarGet, nar: OpenNar, sent: int) -> None:
-        """The body is out (``sent`` bytes of it, all unless the transfer failed): log it."""
+        """The body is out (``sent`` bytes of it, all unless the transfer failed): count those
+        bytes as sent and log it."""
+        if sent:
+            count_sent_bytes(self._app, nar.cache, "nix", sent)
         if self._log is not None:
             seconds = time.monotonic() - request.start
             self._write_log(

@@ -162,7 +162,7 @@ class Metrics:
         )
         self.sent = Counter(
             "larder_transfer_sent_bytes_total",
-            "Response body bytes.",
+            "Response body bytes sent (what went out, not what was declared).",
             ["cache", "protocol"],
             registry=r,
         )

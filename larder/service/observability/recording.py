@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from larder.core.hitstats import HitStats
+from larder.service.internals import ZeroCopyFileResponse
 from larder.service.observability.answer_tally import AnswerTally
 from larder.service.observability.metrics import (
     NO_CACHE,
@@ -190,12 +191,21 @@ def count_sent_bytes(app: web.Application, cache: str, protocol: str, length: in
 
 
 async def count_sent(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: count the body about to be sent (its declared length)."""
-    if request.method == "HEAD" or response.content_length is None:
+    """``on_response_prepare``: count the body's bytes as they go out, not its declared length
+    (a client that reads 1 KB of a 60 MB download and leaves counts about what was written to
+    its connection): each piece aiohttp's writer takes (its ``on_body_write``), and what a file
+    response sent by ``sendfile``, past the writer, once the transfer ends."""
+    if request.method == "HEAD":
         return
-    count_sent_bytes(
-        request.app, request.get(_CACHE, NO_CACHE), protocol_of(request), response.content_length
-    )
+    metrics = request.app[METRICS]
+    add = metrics.child(metrics.sent, request.get(_CACHE, NO_CACHE), protocol_of(request)).inc
+
+    def written(size: int, _output_size: int) -> None:
+        add(size)
+
+    request.writer.on_body_write = written
+    if isinstance(response, ZeroCopyFileResponse):
+        response.on_body_sent = add
 
 
 async def get_metrics(request: web.Request) -> web.Response:
