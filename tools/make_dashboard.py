@@ -14,21 +14,27 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).resolve().parents[1] / "helm" / "larder" / "dashboards" / "larder.json"
-C = '{cache=~"$cache"}'
+# Every selector names the deployment(s) chosen ($job): two larder releases scraped by one
+# Prometheus (staging and prod, each with a cache `main`) are never merged.
+J = 'job=~"$job"'
+C = f'{{{J},cache=~"$cache"}}'
 R = "$__rate_interval"
+#: The cache label of requests that name no cache (larder's NO_CACHE): it has lookup series at
+#: 0, which a hit rate per cache would show as a NaN tile.
+NO_CACHE = "_none"
 
 
 def hit_rate(by: str, window: str = R, role: str = "reader") -> str:
     """Hits over lookups of ``role``: readers (laptops) by default; CI's lookups, made with a
     token that could write, include the one `nix copy` makes for each path it pushes."""
-    selector = f'cache=~"$cache",role="{role}"'
+    selector = f'{J},cache=~"$cache",cache!="{NO_CACHE}",role="{role}"'
     hits = f'sum by ({by}) (rate(larder_cache_lookups_total{{{selector},result="hit"}}[{window}]))'
     total = f"sum by ({by}) (rate(larder_cache_lookups_total{{{selector}}}[{window}]))"
     return f"{hits} / {total}"
 
 
 def stored(gauge: str) -> str:
-    return f"sum by (kind) (max by (cache, kind) ({gauge}{C}))"
+    return f"sum by (kind) (max by (job, cache, kind) ({gauge}{C}))"
 
 
 # (title, unit, [(expr, legend)], width, kind)
@@ -48,13 +54,13 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int, str]] = [
      "timeseries"),
     # 5xx only: every miss is a 404, so 4xx is mostly the cache working as it should.
     ("Server errors per second (5xx)", "reqps",
-     [(f'sum by (protocol) (rate(larder_http_requests_total{{cache=~"$cache",'
+     [(f'sum by (protocol) (rate(larder_http_requests_total{{{J},cache=~"$cache",'
        f'status_class="5xx"}}[{R}]))', "{{protocol}}")], 8, "timeseries"),
     ("Latency p50 / p99", "s",
      [(f"histogram_quantile(0.5, sum by (le, protocol) "
-       f"(rate(larder_http_request_duration_seconds_bucket[{R}])))", "p50 {{protocol}}"),
+       f"(rate(larder_http_request_duration_seconds_bucket{{{J}}}[{R}])))", "p50 {{protocol}}"),
       (f"histogram_quantile(0.99, sum by (le, protocol) "
-       f"(rate(larder_http_request_duration_seconds_bucket[{R}])))", "p99 {{protocol}}")],
+       f"(rate(larder_http_request_duration_seconds_bucket{{{J}}}[{R}])))", "p99 {{protocol}}")],
      8, "timeseries"),
     ("Bytes served", "Bps",
      [(f"sum by (protocol) (rate(larder_transfer_sent_bytes_total{C}[{R}]))", "{{protocol}}")],
@@ -71,32 +77,39 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int, str]] = [
      [(f"sum by (protocol, needed) (rate(larder_access_refused_total{C}[{R}]))",
        "{{protocol}} needs {{needed}}")], 8, "timeseries"),
     # Every replica scans the same shared store and exports the same figures: one replica's
-    # (max) per cache, summed over caches.
+    # (max) per deployment and cache, summed over caches (and deployments chosen).
     ("Storage size", "bytes", [(stored("larder_storage_size_bytes"), "{{kind}}")], 8,
      "timeseries"),
     ("Stored objects", "short", [(stored("larder_storage_objects"), "{{kind}}")], 8,
      "timeseries"),
     ("Storage backend errors", "ops",
-     [(f"sum by (backend, operation) (rate(larder_backend_errors_total[{R}]))",
+     [(f"sum by (backend, operation) (rate(larder_backend_errors_total{{{J}}}[{R}]))",
        "{{backend}} {{operation}}"),
-      (f"sum by (backend) (rate(larder_backend_operations_total[{R}]))", "{{backend}} calls")],
+      (f"sum by (backend) (rate(larder_backend_operations_total{{{J}}}[{R}]))",
+       "{{backend}} calls")],
      8, "timeseries"),
     ("In-flight requests", "short",
-     [("sum(larder_http_requests_in_flight)", "in flight")], 8, "timeseries"),
+     [(f"sum(larder_http_requests_in_flight{{{J}}})", "in flight")], 8, "timeseries"),
     ("Garbage collection runs", "short",
-     [(f"sum by (result) (increase(larder_gc_runs_total[{R}]))", "{{result}}"),
+     [(f"sum by (result) (increase(larder_gc_runs_total{{{J}}}[{R}]))", "{{result}}"),
       (f"sum by (kind) (increase(larder_gc_evicted_objects_total{C}[{R}]))", "evicted {{kind}}"),
-      (f"sum(increase(larder_gc_restored_objects_total[{R}]))", "restored")], 8, "timeseries"),
+      (f"sum(increase(larder_gc_restored_objects_total{{{J}}}[{R}]))", "restored")], 8,
+     "timeseries"),
     ("Garbage collection: bytes freed", "bytes",
-     [(f"sum(increase(larder_gc_freed_bytes_total[{R}]))", "freed")], 4, "timeseries"),
+     [(f"sum(increase(larder_gc_freed_bytes_total{{{J}}}[{R}]))", "freed")], 4, "timeseries"),
     ("Since the last collection", "s",
-     [("time() - max(larder_gc_last_completed_timestamp_seconds > 0)", "age")], 4, "stat"),
+     [(f"time() - max(larder_gc_last_completed_timestamp_seconds{{{J}}} > 0)", "age")], 4,
+     "stat"),
     # The category larder-rustc explained each miss with (a fixed label set; the crates missed
     # most, each with its main reason, are in the stats API: a crate is never a label).
     ("rustc misses by reason", "short",
      [(f"sum by (category) (increase(larder_rustc_miss_reasons_total{C}[{R}]))",
        "{{category}}")], 8, "timeseries"),
 ]  # fmt: skip
+
+
+JOBS = "label_values(larder_http_requests_total, job)"
+CACHES = f"label_values(larder_http_requests_total{{{J}}}, cache)"
 
 
 def panel(index: int, x: int, y: int, spec: tuple[str, str, list[tuple[str, str]], int, str]
@@ -148,12 +161,25 @@ def dashboard() -> dict[str, Any]:
                     "label": "Prometheus",
                 },
                 {
+                    # The scrape job of each larder deployment (release) in this Prometheus.
+                    "name": "job",
+                    "type": "query",
+                    "label": "Deployment",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": {"query": JOBS},
+                    "definition": JOBS,
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "refresh": 2,
+                },
+                {
                     "name": "cache",
                     "type": "query",
                     "label": "Cache",
                     "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": {"query": "label_values(larder_http_requests_total, cache)"},
-                    "definition": "label_values(larder_http_requests_total, cache)",
+                    "query": {"query": CACHES},
+                    "definition": CACHES,
                     "regex": "/^[^_].*/",
                     "includeAll": True,
                     "multi": True,

@@ -35,14 +35,83 @@ def promtool(tmp: Path, tests: list[dict[str, Any]], rules: Sequence[dict[str, A
     return done.stdout
 
 
-def panel_exprs(title: str) -> list[str]:
+def panel_exprs(title: str, job: str = ".*") -> list[str]:
+    """The panel's expressions with its variables at their All values (``job``: the
+    deployment chosen)."""
     board = json.loads(DASHBOARD.read_text())
     found = [p for p in board["panels"] if p["title"] == title]
     assert found, f"no panel {title!r}"
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    every_cache = variables["cache"]["allValue"]
     return [
-        t["expr"].replace("$cache", ".*").replace("$__rate_interval", "5m")
+        t["expr"]
+        .replace("$cache", every_cache)
+        .replace("$job", job)
+        .replace("$__rate_interval", "5m")
         for t in found[0]["targets"]
     ]
+
+
+def test_every_selector_names_the_deployments_chosen() -> None:
+    """Two larder deployments scraped by one Prometheus are told apart by the `job` variable:
+    every series a panel reads is selected by it, and the caches offered are the job's."""
+    board = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    job = variables["job"]
+    assert job["type"] == "query" and job["multi"] and job["includeAll"]
+    assert job["query"]["query"] == "label_values(larder_http_requests_total, job)"
+    assert 'job=~"$job"' in variables["cache"]["query"]["query"]
+    selectors = 0
+    for panel in board["panels"]:
+        for target in panel["targets"]:
+            for name, selector in re.findall(r"(larder_\w+)(\{[^}]*\})?", target["expr"]):
+                assert 'job=~"$job"' in selector, (panel["title"], name, target["expr"])
+                selectors += 1
+    assert selectors > 20
+
+
+def test_two_deployments_in_one_prometheus_are_not_merged(tmp_path: Path) -> None:
+    """prod and staging, each with two replicas and a cache `main`: the storage panel shows the
+    deployment chosen, or both added up, never the larger one's figure."""
+    series = [
+        {"series": f'larder_storage_size_bytes{{job="{job}",instance="{job}-{replica}",'
+                   f'cache="main",kind="nar"}}', "values": f"{size}x10"}
+        for job, size in (("larder-prod", 1000), ("larder-staging", 300))
+        for replica in ("a", "b")
+    ] + [
+        {"series": f'larder_http_requests_total{{job="{job}",cache="main",protocol="nix",'
+                   f'status_class="5xx"}}', "values": f"0+{per_minute}x10"}
+        for job, per_minute in (("larder-prod", 6), ("larder-staging", 60))
+    ]  # fmt: skip
+    checks = []
+    for job, size, errors in (("larder-prod", 1000, 0.1), ("larder-staging", 300, 1),
+                              (".*", 1300, 1.1)):  # fmt: skip
+        [stored] = panel_exprs("Storage size", job)
+        [failing] = panel_exprs("Server errors per second (5xx)", job)
+        checks += [
+            {"expr": stored, "eval_time": "5m",
+             "exp_samples": [{"labels": '{kind="nar"}', "value": size}]},
+            {"expr": failing, "eval_time": "10m",
+             "exp_samples": [{"labels": '{protocol="nix"}', "value": errors}]},
+        ]  # fmt: skip
+    promtool(tmp_path, [{"interval": "1m", "input_series": series, "promql_expr_test": checks}])
+
+
+def test_hit_rate_per_cache_has_no_tile_for_requests_naming_no_cache(tmp_path: Path) -> None:
+    """Requests that name no cache have lookup series at 0 (cache `_none`): with every cache
+    chosen, the hit rate per cache shows the caches only, not a NaN tile for `_none`."""
+
+    def lookups(cache: str, result: str, per_minute: int) -> dict[str, str]:
+        labels = f'cache="{cache}",protocol="nix",kind="narinfo",result="{result}",role="reader"'
+        return {"series": f'larder_cache_lookups_total{{job="larder",{labels}}}',
+                "values": f"0+{per_minute}x90"}  # fmt: skip
+
+    series = [lookups("main", "hit", 30), lookups("main", "miss", 10),
+              lookups("_none", "hit", 0), lookups("_none", "miss", 0)]  # fmt: skip
+    [per_cache] = panel_exprs("Hit rate per cache (last hour)")
+    check = {"expr": per_cache, "eval_time": "80m",
+             "exp_samples": [{"labels": '{cache="main"}', "value": 0.75}]}  # fmt: skip
+    promtool(tmp_path, [{"interval": "1m", "input_series": series, "promql_expr_test": [check]}])
 
 
 def test_storage_panels_count_a_shared_store_once(tmp_path: Path) -> None:

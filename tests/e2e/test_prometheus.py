@@ -64,7 +64,10 @@ def expressions() -> list[tuple[str, str]]:
 
 
 def concrete(expr: str) -> str:
-    return expr.replace("$__rate_interval", "30s").replace("$cache", "main")
+    # The job's name is the scrape job's (prometheus() above): the variable's values.
+    return (
+        expr.replace("$__rate_interval", "30s").replace("$cache", "main").replace("$job", "larder")
+    )
 
 
 def hit_rates(prom: str, expr: str) -> list[float]:
