@@ -251,3 +251,73 @@ def test_storage_full_alert_fires_on_refused_uploads_only(tmp_path: Path) -> Non
 
     cases = [case("storage_full", True), case("storage_error", False), case("accepted", False)]
     promtool(tmp_path, cases, [documented_alert("LarderStorageFull")])
+
+
+def test_uploads_failing_alert_fires_when_most_uploads_are_refused(tmp_path: Path) -> None:
+    """CI whose every push fails verification fires it; a cache whose pushes go through, one
+    that is idle but for one failure, and laptops' sccache refused its probe PUT do not."""
+    uploads = "larder_upload_requests_total"
+
+    def case(per_minute: dict[str, float], fires: bool, protocol: str = "nix") -> dict[str, Any]:
+        labels = f'cache="main",protocol="{protocol}"'
+        expected = {
+            "exp_labels": {"severity": "warning", "cache": "main", "protocol": protocol},
+            "exp_annotations": {"summary": f"larder main/{protocol}: most uploads refused"},
+        }
+        return {
+            "interval": "1m",
+            "input_series": [
+                {"series": f'{uploads}{{{labels},outcome="{outcome}"}}',
+                 "values": f"0+{rate}x90"}
+                for outcome, rate in per_minute.items()
+            ],
+            "alert_rule_test": [{"eval_time": "80m", "alertname": "LarderUploadsFailing",
+                                 "exp_alerts": [expected] if fires else []}],
+        }  # fmt: skip
+
+    cases = [
+        case({"verification_failed": 2, "accepted": 0.5}, fires=True),
+        case({"bad_format": 1, "too_large": 1}, fires=True),
+        case({"no_such_cache": 1}, fires=True),
+        case({"accepted": 10, "verification_failed": 1}, fires=False),
+        # an idle cache: one refused upload in the window, nothing else
+        case({"verification_failed": 1 / 60}, fires=False),
+        # read-only sccache clients refused their probe PUT as they start, CI's entries stored
+        case({"forbidden": 5, "unauthorized": 1}, fires=False, protocol="sccache"),
+        case({"forbidden": 5, "accepted": 1}, fires=False, protocol="sccache"),
+    ]
+    promtool(tmp_path, cases, [documented_alert("LarderUploadsFailing")])
+    # The shipped rule, not only the test's copy of it, selects the refusals.
+    assert (
+        'outcome!~"accepted|unauthorized|forbidden"'
+        in documented_alert("LarderUploadsFailing")["expr"]
+    )
+
+
+def test_writes_refused_alert_fires_on_refused_pushes_not_on_sccache_probes(
+    tmp_path: Path,
+) -> None:
+    refused = "larder_access_refused_total"
+
+    def case(protocol: str, needed: str, per_minute: float, fires: bool) -> dict[str, Any]:
+        labels = f'cache="main",protocol="{protocol}",needed="{needed}"'
+        summary = f"larder main/{protocol}: writes refused for their token"
+        expected = {
+            "exp_labels": {"severity": "warning", "cache": "main", "protocol": protocol},
+            "exp_annotations": {"summary": summary},
+        }
+        return {
+            "interval": "1m",
+            "input_series": [{"series": f"{refused}{{{labels}}}", "values": f"0+{per_minute}x90"}],
+            "alert_rule_test": [{"eval_time": "80m", "alertname": "LarderWritesRefused",
+                                 "exp_alerts": [expected] if fires else []}],
+        }  # fmt: skip
+
+    cases = [
+        case("nix", "write", 1, fires=True),  # CI's `nix copy` with an expired token
+        case("rustc", "write", 0.1, fires=True),  # a CI job every 10 minutes, each refused
+        case("nix", "write", 1 / 60, fires=False),  # one refusal an hour: a mistyped command
+        case("nix", "read", 5, fires=False),  # laptops without their read token
+        case("sccache", "write", 5, fires=False),  # read-only sccache's start-up probe
+    ]
+    promtool(tmp_path, cases, [documented_alert("LarderWritesRefused")])
