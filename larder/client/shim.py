@@ -443,6 +443,7 @@ class Invocation:
         named = [*own.files, *own.scripts, *own.search]
         named += [str(path) for _, path in cache_key.search_dirs(self.compilation, self.cwd)]
         paths = [*plan.files, *plan.search, *(name for name in plan.scripts if "/" in name)]
+        paths += [flag[2:] for flag in plan.driver if flag.startswith("-B")]  # searched too
         cache_key.check_link_places(
             (roots.local(path) for path in paths if not path.startswith(linkline.RUSTC_TMP)),
             self.roots,

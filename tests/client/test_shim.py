@@ -637,6 +637,9 @@ def test_a_recorded_link_line_names_no_file_outside_the_project(tmp_path: Path) 
     from tests.e2e.harness import larder_server
 
     ci, laptop = bin_crate(tmp_path / "ci"), bin_crate(tmp_path / "home" / "me")
+    sysroot = subprocess.run(
+        [RUSTC, "--print", "sysroot"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     secret = tmp_path / "home" / "elsewhere" / "libsecret.a"
     secret.parent.mkdir(parents=True)
     secret.write_bytes(b"!<arch>\n")
@@ -656,6 +659,7 @@ def test_a_recorded_link_line_names_no_file_outside_the_project(tmp_path: Path) 
                 [f"-L{secret.parent}", "-lsecret"],
                 ["-l:../../../../elsewhere/libsecret.a"],
                 [f"-Wl,-L,{secret.parent}", "-l:libsecret.a"],
+                [f"-B@LARDER:SYSROOT@/{os.path.relpath(secret.parent, sysroot)}", "-lsecret"],
             )
         ):
             stored[0].write_bytes(json.dumps({**entry, "link": [*line, *extra]}).encode())
