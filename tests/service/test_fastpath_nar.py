@@ -11,6 +11,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import cast
 
 import pytest
 import zstandard
@@ -20,6 +21,7 @@ from larder.core.lastuse import load_uses
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
 from larder.service import state
+from larder.service.config import Config
 from larder.service.front.limits import ConnectionGuard, Sweeper
 from larder.service.state import METRICS, TALLY
 from larder.storage.base import Storage
@@ -373,3 +375,56 @@ async def test_a_nar_blob_of_another_size_than_its_record_goes_to_the_applicatio
     status, _, _ = await conn.response()
     conn.close()
     assert status == 500
+
+
+@pytest.mark.parametrize("sndbuf", [16 * 1024])
+@pytest.mark.parametrize("config", [Config(max_connections=1, body_idle_timeout=1.0)])
+async def test_a_client_that_reads_nothing_loses_its_place_while_a_nar_head_waits(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NAR's head waits for the answers before it to leave: that wait had no deadline, so a
+    client that pipelined requests and read nothing held its connection, and its place under
+    ``max_connections``, for good once it asked for a NAR."""
+    from larder.service.front import short_path
+    from larder.service.front.connection import FrontProtocol
+
+    url = await push(live, hash_of("never-read"))
+    made = FrontProtocol.connection_made
+
+    def deep(self: FrontProtocol, transport: asyncio.BaseTransport) -> None:
+        made(self, transport)  # answers pile up unsent, short of pausing the connection
+        cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=8 * 1024**2)
+
+    monkeypatch.setattr(FrontProtocol, "connection_made", deep)
+    started: list[int] = []
+    real = short_path.FastPath.nar_started
+
+    def counted(self: short_path.FastPath, request: object, nar: object) -> None:
+        started.append(1)
+        real(self, request, nar)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(short_path.FastPath, "nar_started", counted)
+    while True:  # until the upload's connection has given its place back
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", live.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        await asyncio.sleep(0.1)
+        if live.running.front:
+            break
+        writer.close()
+    writer.write(get("/main/nix-cache-info") * 5000 + get(url))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        await asyncio.sleep(0.5)
+        other = await Conn.open(live)
+        other.send(get("/healthz"))
+        status = (await other.response())[0]
+        other.close()
+        if status == 200:
+            break
+        assert status == 503
+        assert loop.time() < deadline, f"the place was never given back ({len(started)})"
+    assert started, "the NAR was never asked for"
+    writer.close()

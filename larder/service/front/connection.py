@@ -41,6 +41,7 @@ from aiohttp import web
 from larder.service.front.heads import AGAIN, END, MAX_HEAD, Head, HeadReader
 from larder.service.front.limits import BUSY_RESPONSE, HEAD_TIMEOUT_RESPONSE, ConnectionGuard
 from larder.service.front.short_path import FastPath, NarGet, NarinfoGet, OpenNar
+from larder.service.progress import while_taking
 from larder.service.routes.bodies import SendFailed, send_file
 
 log = logging.getLogger("larder.server")
@@ -54,7 +55,8 @@ _HEAD = tuple.__new__  # a Head from its three fields, without NamedTuple's own 
 class FrontProtocol(asyncio.Protocol):
     """A connection's first protocol: answers what :class:`FastPath` can, then hands over."""
 
-    #: A client taking nothing meets the idle deadline here (a NAR being sent has its own).
+    #: A client taking nothing meets the idle deadline here, or a NAR transfer's own (its
+    #: head waiting behind earlier answers included).
     stalled_since = 0.0
 
     def __init__(
@@ -330,8 +332,8 @@ class FrontProtocol(asyncio.Protocol):
             await nar.close()
         self._fast.nar_sent(request, nar, sent)
         self._lookup = None
-        if sent < nar.size:
-            self.close()  # the client sees a body shorter than its Content-Length
+        if sent < nar.size:  # the client sees a body shorter than its Content-Length
+            self.expire()  # a close would wait for what is written to leave
             return
         self.last = time.monotonic()
         if self._transport is None or self not in self._open:
@@ -351,13 +353,18 @@ class FrontProtocol(asyncio.Protocol):
 
     async def _until_written(self, transport: asyncio.Transport) -> None:
         """Wait until the transport's write buffer is empty: with both limits at 0 the
-        transport pauses this protocol at once and resumes it when the buffer is empty."""
+        transport pauses this protocol at once and resumes it when the buffer is empty.
+        :class:`SendFailed` once the client takes nothing for ``body_idle_timeout`` (a client
+        that pipelined requests and read none of the answers held its connection for good)."""
         if not transport.get_write_buffer_size():
             return
         self._drained = asyncio.get_running_loop().create_future()
         transport.set_write_buffer_limits(high=0, low=0)
+        idle = self._fast.send_idle
         try:
-            await self._drained
+            await while_taking(self._drained, transport, idle)
+        except TimeoutError:
+            raise SendFailed(f"the client took nothing for {idle:g} s", 0) from None
         finally:
             self._drained = None
             if not transport.is_closing():
@@ -404,6 +411,10 @@ class FrontProtocol(asyncio.Protocol):
             self.close()
             return True
         self._stopping = True
+        return False
+
+    def took_some(self) -> bool:
+        """Not asked: this protocol keeps no ``stalled_since``."""
         return False
 
     def close(self) -> None:

@@ -13,7 +13,8 @@ one byte a second holds its connection, and a few thousand such clients hold the
   written to it for this long is dropped with what it has not read. aiohttp waits for a full
   write buffer to drain without a deadline, and a close waits for it to be sent, so a client that
   pipelines requests and reads nothing would keep its connection, and its place under
-  ``max_connections``, for good.
+  ``max_connections``, for good. Whether the client took some is told by
+  :func:`~larder.service.progress.unsent`, not by the write buffer emptying.
 * ``max_connections``: at most this many connections at once; one more is answered ``503`` with
   ``Retry-After`` and closed at once. 0 means no limit.
 * The process's soft limit on open files is raised towards its hard limit so that
@@ -42,6 +43,7 @@ from aiohttp import hdrs, web
 from larder.service import internals
 from larder.service.errors import RETRY_AFTER_SECONDS
 from larder.service.front.slashes import merging_slashes
+from larder.service.progress import unsent
 
 log = logging.getLogger("larder.server")
 
@@ -66,6 +68,9 @@ class Watched(Protocol):
 
     #: ``time.monotonic()`` when the current request head began, 0 while none is incomplete.
     head_since: float
+    #: ``time.monotonic()`` since when its write buffer has been full and the client has taken
+    #: nothing, 0 while it is not or the connection keeps its own deadline for it.
+    stalled_since: float
 
     @property
     def transport(self) -> asyncio.BaseTransport | None:
@@ -78,12 +83,6 @@ class Watched(Protocol):
         its idle time is kept by aiohttp."""
         ...
 
-    @property
-    def stalled_since(self) -> float:
-        """``time.monotonic()`` since when its write buffer has been full (the client takes
-        nothing), 0 while it is not or the connection keeps its own deadline for it."""
-        ...
-
     def head_timed_out(self) -> None:
         """Answer 408 and close."""
 
@@ -92,6 +91,11 @@ class Watched(Protocol):
 
     def expire(self) -> None:
         """Close the connection whose deadline passed, dropping what its client has not read."""
+
+    def took_some(self) -> bool:
+        """Whether its client took some of the answers since the last time this was asked (or
+        since its write buffer filled)."""
+        ...
 
 
 @dataclass
@@ -135,9 +139,12 @@ class Sweeper:
         for connection in list(guard.watched):
             stalled = connection.stalled_since
             if send_timeout and stalled and now - stalled >= send_timeout:
-                log.debug("the client took nothing for %gs: dropping the connection", send_timeout)
-                connection.expire()
-                continue
+                if connection.took_some():  # slowly: its time starts again
+                    connection.stalled_since = now
+                else:
+                    log.debug("the client took nothing for %gs: dropping it", send_timeout)
+                    connection.expire()
+                    continue
             since = connection.head_since
             if timeout > 0 and since and now - since >= timeout:
                 if _server_not_reading(connection):  # the rest of the head waits on the server
@@ -173,7 +180,7 @@ class GuardedRequestHandler(web.RequestHandler):
     moment: :mod:`larder.service.internals` reads them from aiohttp's handler.
     """
 
-    __slots__ = ("_counted", "_guard", "head_since", "stalled_since")
+    __slots__ = ("_counted", "_guard", "_unsent", "head_since", "stalled_since")
 
     #: aiohttp closes idle keep-alive connections itself.
     idle_since = 0.0
@@ -184,6 +191,7 @@ class GuardedRequestHandler(web.RequestHandler):
         self._counted = False
         self.head_since = 0.0
         self.stalled_since = 0.0
+        self._unsent = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -219,6 +227,11 @@ class GuardedRequestHandler(web.RequestHandler):
     def pause_writing(self) -> None:
         super().pause_writing()
         self.stalled_since = time.monotonic()
+        self._unsent = unsent(self.transport)
+
+    def took_some(self) -> bool:
+        before, self._unsent = self._unsent, unsent(self.transport)
+        return self._unsent < before
 
     def resume_writing(self) -> None:
         self.stalled_since = 0.0

@@ -21,6 +21,7 @@ from larder.errors import (
 )
 from larder.protocol.content_coding import CODINGS, body_coding
 from larder.service.internals import ZeroCopyFileResponse
+from larder.service.progress import while_taking
 from larder.service.routes.ranges import Unsatisfiable, byte_range
 from larder.service.state import CONFIG, DECODING, READING, STORAGE
 from larder.storage.base import BlobReader
@@ -175,8 +176,7 @@ async def _send(
     try:
         async with contextlib.aclosing(_closable(chunks)) as pieces:
             async for chunk in pieces:
-                async with asyncio.timeout(idle):
-                    await response.write(chunk)
+                await while_taking(response.write(chunk), request.transport, idle)
     except BaseException as exc:
         transport = request.transport
         if isinstance(exc, TimeoutError):
