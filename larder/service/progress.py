@@ -26,13 +26,17 @@ def unsent(transport: asyncio.BaseTransport | None) -> int:
         return 0
     held = cast(asyncio.WriteTransport, transport).get_write_buffer_size()
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return held
+    queued = send_queue(sock.fileno()) if sock is not None else None
+    return held + (queued or 0)
+
+
+def send_queue(fd: int) -> int | None:
+    """Bytes in socket ``fd``'s send queue its peer has not taken (``SIOCOUTQ``), or None."""
     try:
-        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        queued = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
     except (OSError, ValueError):
-        return held
-    return held + int(struct.unpack("i", queued)[0])
+        return None
+    return int(struct.unpack("i", queued)[0])
 
 
 async def while_taking(

@@ -169,6 +169,43 @@ def test_send_file_waits_for_a_slow_reader_and_delivers_every_byte(tmp_path: Pat
     assert bytes(received) == path.read_bytes()[100:]
 
 
+def test_send_file_waits_for_a_steady_slow_reader_however_long_the_socket_is_full(
+    tmp_path: Path,
+) -> None:
+    """A socket takes more only once much of its queue has left: a client reading steadily,
+    slower than that refills it, went without any sendfile progress for longer than ``idle``
+    and was cut off, though it never stopped taking bytes."""
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(1024 * 1024))
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
+    ours.setblocking(False)
+    received = bytearray()
+
+    def steady_reader() -> None:
+        while chunk := theirs.recv(16 * 1024):
+            received.extend(chunk)
+            threading.Event().wait(0.05)  # about 320 KiB/s
+
+    thread = threading.Thread(target=steady_reader)
+    thread.start()
+
+    async def main() -> None:
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            await transfer.send_file(
+                asyncio.get_running_loop(), ours.fileno(), file.fileno(), 0, size, idle=0.5
+            )
+
+    try:
+        uvloop.run(main())
+    finally:
+        ours.close()
+        thread.join()
+        theirs.close()
+    assert bytes(received) == path.read_bytes()
+
+
 def test_send_file_gives_up_on_a_client_that_takes_nothing(tmp_path: Path) -> None:
     path = blob_file(tmp_path)
     ours, theirs = socket.socketpair()

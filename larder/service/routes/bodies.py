@@ -21,7 +21,7 @@ from larder.errors import (
 )
 from larder.protocol.content_coding import CODINGS, body_coding
 from larder.service.internals import ZeroCopyFileResponse
-from larder.service.progress import while_taking
+from larder.service.progress import send_queue, while_taking
 from larder.service.routes.ranges import Unsatisfiable, byte_range
 from larder.service.state import CONFIG, DECODING, READING, STORAGE
 from larder.storage.base import BlobReader
@@ -335,13 +335,16 @@ async def send_file(
     Each time the socket can take more, the loop's writer callback calls ``sendfile(2)`` itself
     (at most :data:`SENDFILE_CHUNK` bytes per callback, so one fast reader cannot hold the loop),
     rather than waking a task that then calls it: one loop iteration per refill, as in asyncio's
-    own ``loop.sendfile``. No progress for ``idle`` seconds gives up.
+    own ``loop.sendfile``. Gives up once the client takes nothing for ``idle`` seconds: no
+    byte sent and the socket's send queue no shorter (a steady slow reader waits long for the
+    socket to take more, which it does only once a third of its queue has left).
     """
     error: OSError | None = None
     out = os.dup(sock_fd)
     done: asyncio.Future[None] = loop.create_future()
     position, left = offset, count
     last_progress = time.monotonic()
+    queued = send_queue(out)
     timer: asyncio.TimerHandle | None = None
 
     def finish(failure: OSError | None) -> None:
@@ -351,7 +354,7 @@ async def send_file(
             done.set_result(None)
 
     def step() -> None:
-        nonlocal position, left, last_progress
+        nonlocal position, left, last_progress, queued
         if done.done():
             return
         try:
@@ -367,16 +370,20 @@ async def send_file(
         position += sent
         left -= sent
         last_progress = time.monotonic()
+        queued = send_queue(out)
         if left <= 0:
             finish(None)
 
     def watch() -> None:
-        nonlocal timer
-        quiet = time.monotonic() - last_progress
-        if quiet >= idle:
-            finish(ConnectionResetError(f"the client took nothing for {idle:g} seconds"))
-        else:
-            timer = loop.call_later(idle - quiet, watch)
+        nonlocal timer, last_progress, queued
+        now = time.monotonic()
+        if now - last_progress >= idle:
+            before, queued = queued, send_queue(out)
+            if queued is None or before is None or queued >= before:
+                finish(ConnectionResetError(f"the client took nothing for {idle:g} seconds"))
+                return
+            last_progress = now  # it took some of what the socket holds
+        timer = loop.call_later(idle - (now - last_progress), watch)
 
     try:
         step()
