@@ -71,27 +71,23 @@ class ServerMakingRunner(web.AppRunner):
 # -- aiohttp's file response --------------------------------------------------------------------
 
 
-def _has_native_sendfile(loop: asyncio.AbstractEventLoop) -> bool:
-    return type(loop).sendfile is not asyncio.AbstractEventLoop.sendfile
-
-
 #: Sends ``count`` bytes of file descriptor ``file_fd`` from ``offset`` to socket ``sock_fd``;
 #: returns the count (:func:`larder.service.routes.bodies.send_file`).
 SendFile = Callable[[asyncio.AbstractEventLoop, int, int, int, int, float], Awaitable[int]]
 
 
 class ZeroCopyFileResponse(web.FileResponse):
-    """``web.FileResponse`` that stays zero-copy on event loops without ``loop.sendfile``, and
-    counts the body bytes sent in :attr:`body_length`.
+    """``web.FileResponse`` that stays zero-copy on every event loop, gives up on a client that
+    takes nothing, and counts the body bytes sent in :attr:`body_length`.
 
-    asyncio's own loop has ``sendfile``; uvloop does not, and aiohttp then reads the file in
-    256 KiB pieces through a thread and writes them. Here the body goes out by ``send``
-    (``sendfile(2)`` from the event loop) once the head has left, giving up after ``idle``
-    seconds without progress, as uploads do. aiohttp's ``body_length`` counts only what went
-    through its writer (the head, when the body leaves by ``sendfile``); the body's bytes sent
-    by ``sendfile`` are added to it, so the access log states what was sent, and given to
-    :attr:`on_body_sent` once the transfer ends (completed or not): the bytes the writer never
-    saw, which its ``on_body_write`` does not report.
+    uvloop has no ``loop.sendfile``, and aiohttp then reads the file in 256 KiB pieces through a
+    thread and writes them; asyncio's waits for a client that takes nothing for good. Here the
+    body goes out by ``send`` (``sendfile(2)`` from the event loop) once the head has left,
+    giving up once the client takes nothing for ``idle`` seconds, as uploads do. aiohttp's
+    ``body_length`` counts only what went through its writer (the head, when the body leaves by
+    ``sendfile``); the body's bytes sent by ``sendfile`` are added to it, so the access log
+    states what was sent, and given to :attr:`on_body_sent` once the transfer ends (completed or
+    not): the bytes the writer never saw, which its ``on_body_write`` does not report.
     """
 
     #: Called once with the body bytes ``sendfile`` sent, when the transfer ends.
@@ -150,7 +146,7 @@ class ZeroCopyFileResponse(web.FileResponse):
         loop = asyncio.get_running_loop()
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
-        if _has_native_sendfile(loop) or sock is None or self.compression:
+        if sock is None or self.compression:
             writer = await super()._sendfile(request, fobj, offset, count)
             if not self._through_writer:
                 self.body_sent = count  # loop.sendfile raises unless all of it went

@@ -428,3 +428,35 @@ async def test_a_client_that_reads_nothing_loses_its_place_while_a_nar_head_wait
         assert loop.time() < deadline, f"the place was never given back ({len(started)})"
     assert started, "the NAR was never asked for"
     writer.close()
+
+
+@pytest.mark.parametrize("config", [Config(max_connections=1, body_idle_timeout=1.0)])
+async def test_a_client_that_stops_reading_a_file_response_loses_its_place(live: Live) -> None:
+    """The application's file responses (a range, a private cache's NAR) went out by asyncio's
+    own ``loop.sendfile``, which waits for a client that takes nothing for good."""
+    url = await push(live, hash_of("stops-reading"), os.urandom(8_000_000))
+    while True:  # until the upload's connection has given its place back
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", live.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(get(url, "Range: bytes=0-\r\n"))
+        head = await asyncio.wait_for(reader.read(100), 5)
+        if head.startswith(b"HTTP/1.1 206 "):
+            break
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        writer.close()
+        await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        await asyncio.sleep(0.5)
+        other = await Conn.open(live)
+        other.send(get("/healthz"))
+        status = (await other.response())[0]
+        other.close()
+        if status == 200:
+            break
+        assert status == 503
+        assert loop.time() < deadline, "the place was never given back"
+    writer.close()
