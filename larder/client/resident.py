@@ -51,6 +51,10 @@ MAGIC = b"LRS1"
 #: Answers of the child: the call is taken (an exit code follows as ``DONE`` + 4 bytes), it is
 #: not a compilation (the caller becomes rustc), or refused (the caller compiles by itself).
 TAKEN, DONE, EXEC, REFUSED = b"T", b"D", b"E", b"R"
+#: The caller's answer to ``TAKEN``: go on. Only then does the child run the call: a caller
+#: that gave up waiting for ``TAKEN`` compiles by itself, and the call must not run twice (cargo
+#: told twice that a crate's metadata is ready panics).
+GO = b"G"
 #: The resident process's first byte on a connection it accepted from its own user.
 HELLO = b"H"
 #: What :func:`_hand_over` returns when no greeting came within :data:`HANDSHAKE_TIMEOUT`.
@@ -61,7 +65,7 @@ MAX_FDS = 240
 MAX_PATH = 107
 #: Exit code of a call whose child vanished after taking it.
 LOST = 101
-SOCKET_NAME = "resident-2.sock"  # 2: the resident process greets first (HELLO)
+SOCKET_NAME = "resident-3.sock"  # 3: the caller answers TAKEN with GO
 #: Held (``flock``) by the resident process; its time is that of the last start.
 LOCK_NAME = "resident.lock"
 #: Seconds between two starts of a resident process for one state directory.
@@ -205,7 +209,11 @@ def delegate(argv: list[str], startup: float) -> int | str:
                 print(f"larder-rustc: cannot run {argv[0]}: {exc}", file=sys.stderr)
                 return 127
         if answer != TAKEN:
-            return DECLINED  # refused, or gone before taking the call
+            return DECLINED  # refused, or gone before taking the call (it will not run it)
+        try:
+            sock.sendall(GO)
+        except OSError:
+            return DECLINED  # the child never hears GO: it does not run the call
         sock.settimeout(None)  # a compilation takes as long as it takes
         try:
             done = _recv_exact(sock, 5)

@@ -27,6 +27,7 @@ from larder.client import digests
 from larder.client.resident import (
     DONE,
     EXEC,
+    GO,
     HELLO,
     IDLE,
     LOCK_NAME,
@@ -40,6 +41,10 @@ from larder.client.resident import (
     package_dir,
     peer_uid,
 )
+
+
+class Abandoned(Exception):
+    """The caller did not say GO to ``TAKEN``: it compiles by itself, so this child must not."""
 
 
 class Call:
@@ -281,6 +286,8 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
 
         def taken() -> None:
             connection.sendall(TAKEN)
+            if connection.recv(1) != GO:  # the caller gave up waiting: it compiles by itself
+                raise Abandoned()
             started.set()
             threading.Thread(target=_watch, args=(connection, finished), daemon=True).start()
 
@@ -309,6 +316,8 @@ def _child(conn: socket.socket, call: Call, received: list[int], accepted: float
             code = result
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
+    except Abandoned:
+        code = 0
     except BaseException:
         if released.is_set():
             code = 0  # the caller has its code; what failed after is the shim's to count

@@ -566,3 +566,45 @@ def test_a_stopped_resident_process_never_holds_the_callers_output_open(
         assert time.monotonic() - start < resident.HANDSHAKE_TIMEOUT / 2
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
+
+
+GIVE_UP_AFTER_TAKEN = """
+import socket, sys, time
+from larder.client import resident
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+assert sock.recv(1) == resident.HELLO
+fds = [0, 1, 2, 7]
+message = resident.encode_call(sys.argv[2:], fds, 1.0)
+rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+sock.sendall(message[sent:])
+print(sock.recv(1).decode())
+time.sleep(3)  # gave up, not yet gone
+"""
+
+
+def test_a_child_runs_its_call_only_once_the_caller_says_go(crate: Path, server: Resident) -> None:
+    """A caller whose wait for ``TAKEN`` ran out (a loaded machine) compiles by itself; a
+    ``TAKEN`` sent as it gave up had the child run the call too until the caller's hang-up
+    reached it, which a hit can outrun (one replayed twice made cargo panic). The child now
+    runs the call only on the caller's ``GO``: this caller gives up instead."""
+    rustc = reporting_rustc(crate)
+    read, write = os.pipe()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", GIVE_UP_AFTER_TAKEN, str(server.path), str(rustc), *LIB],
+            cwd=crate,
+            env=environ(crate),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            close_fds=False,
+            preexec_fn=lambda: os.dup2(write, REPORT_FD),
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and done.stdout.strip() == "T", done
+    with os.fdopen(read) as report:
+        assert report.read() == ""  # every copy of the pipe closed, nothing written
+    assert not (crate / "out" / "libt-x.rlib").exists()
