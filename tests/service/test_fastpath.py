@@ -75,6 +75,23 @@ def hash_of(text: str) -> str:
     return nix32.encode(hashlib.sha256(text.encode()).digest()[:20])
 
 
+async def place_given_back(live: Live, seconds: float = 30) -> None:
+    """Wait until another client is served (not 503) under ``max_connections`` 1: the client
+    holding the place lost it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        await asyncio.sleep(0.5)
+        other = await Conn.open(live)
+        other.send(get("/healthz"))
+        status = (await other.response())[0]
+        other.close()
+        if status == 200:
+            return
+        assert status == 503
+        assert loop.time() < deadline, "the place was never given back"
+
+
 async def upload(live: Live, conn: Conn, store_hash: str) -> None:
     digest, nar, narinfo = narinfo_for(store_hash, store_hash.encode())
     conn.send(put(f"/main/nar/{digest}.nar", nar, live.token))
@@ -594,17 +611,7 @@ async def test_a_client_that_never_reads_its_answers_gives_its_place_back(
     sock.connect(("127.0.0.1", live.port))
     _, writer = await asyncio.open_connection(sock=sock)
     writer.write(get("/main/nix-cache-info") * 20_000)  # far more answers than buffers hold
-    deadline = asyncio.get_running_loop().time() + 30
-    while True:
-        other = await Conn.open(live)
-        other.send(get("/healthz"))
-        status = (await other.response())[0]
-        other.close()
-        if status == 200:
-            break
-        assert status == 503
-        assert asyncio.get_running_loop().time() < deadline, "the place was never given back"
-        await asyncio.sleep(0.5)
+    await place_given_back(live)
     writer.close()
 
 
@@ -621,17 +628,7 @@ async def test_a_client_that_never_reads_the_applications_answers_gives_its_plac
     _, writer = await asyncio.open_connection(sock=sock)
     head = b"HEAD /main/nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n"
     writer.write(head * 20_000)  # far more answers than buffers hold
-    deadline = asyncio.get_running_loop().time() + 30
-    while True:
-        await asyncio.sleep(0.5)
-        other = await Conn.open(live)
-        other.send(get("/healthz"))
-        status = (await other.response())[0]
-        other.close()
-        if status == 200:
-            break
-        assert status == 503
-        assert asyncio.get_running_loop().time() < deadline, "the place was never given back"
+    await place_given_back(live)
     writer.close()
 
 

@@ -28,7 +28,7 @@ from larder.storage.base import Storage
 from larder.storage.disk import DiskStorage
 from larder.storage.memory import MemoryStorage
 from tests.service.conftest import Live
-from tests.service.test_fastpath import Conn, get, hash_of, put
+from tests.service.test_fastpath import Conn, get, hash_of, place_given_back, put
 
 CONTENTS = os.urandom(300_000) + b"text " * 50_000
 
@@ -414,18 +414,7 @@ async def test_a_client_that_reads_nothing_loses_its_place_while_a_nar_head_wait
             break
         writer.close()
     writer.write(get("/main/nix-cache-info") * 5000 + get(url))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while True:
-        await asyncio.sleep(0.5)
-        other = await Conn.open(live)
-        other.send(get("/healthz"))
-        status = (await other.response())[0]
-        other.close()
-        if status == 200:
-            break
-        assert status == 503
-        assert loop.time() < deadline, f"the place was never given back ({len(started)})"
+    await place_given_back(live)
     assert started, "the NAR was never asked for"
     writer.close()
 
@@ -447,16 +436,5 @@ async def test_a_client_that_stops_reading_a_file_response_loses_its_place(live:
         assert head.startswith(b"HTTP/1.1 503 "), head
         writer.close()
         await asyncio.sleep(0.1)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while True:
-        await asyncio.sleep(0.5)
-        other = await Conn.open(live)
-        other.send(get("/healthz"))
-        status = (await other.response())[0]
-        other.close()
-        if status == 200:
-            break
-        assert status == 503
-        assert loop.time() < deadline, "the place was never given back"
+    await place_given_back(live)
     writer.close()
