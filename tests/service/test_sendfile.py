@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
 import socket
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import uvloop
 import zstandard
+from aiohttp import web
 
 from larder.protocol import nix32
 from larder.protocol.nar import write_nar
@@ -47,6 +50,33 @@ async def request(port: int, head: str, body: bytes = b"") -> tuple[int, dict[st
     return status, headers, data
 
 
+@contextlib.asynccontextmanager
+async def serving_nar(
+    tmp_path: Path, nar: bytes, sndbuf: int = 0
+) -> AsyncIterator[tuple[web.Application, int, str]]:
+    """A server on disk storage holding ``nar`` (sent as ``.nar``, stored as zstd): the
+    application, its port and the NAR's URL; ``sndbuf``: its connections' send buffer."""
+    config = Config()
+    app = build_app(config, DiskStorage(tmp_path / "data"))
+    sock = socket.socket()
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    running = await start(config, app, sock, LineSink(io.StringIO()))
+    try:
+        await app[state.CACHES].ensure("main")
+        token, _ = await app[state.TOKENS].issue("main", Scope.WRITE, 60)
+        digest = nix32.encode(hashlib.sha256(nar).digest())
+        head = f"PUT /main/nar/{digest}.nar HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
+        status, _, _ = await request(port, f"{head}Content-Length: {len(nar)}\r\n", nar)
+        assert status == 200
+        yield app, port, f"/main/nar/{digest}.nar.zst"
+    finally:
+        await running.stop()
+
+
 def test_nar_zst_goes_out_by_sendfile_on_uvloop(tmp_path: Path) -> None:
     calls: list[int] = []
     real = transfer.send_file
@@ -57,23 +87,9 @@ def test_nar_zst_goes_out_by_sendfile_on_uvloop(tmp_path: Path) -> None:
 
     contents = os.urandom(3 * 1024 * 1024)
     nar = write_nar({"type": "regular", "contents": contents})
-    digest = nix32.encode(hashlib.sha256(nar).digest())
 
     async def main() -> None:
-        config = Config()
-        app = build_app(config, DiskStorage(tmp_path / "data"))
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        port = sock.getsockname()[1]
-        running = await start(config, app, sock, LineSink(io.StringIO()))
-        try:
-            await app[state.CACHES].ensure("main")
-            token, _ = await app[state.TOKENS].issue("main", Scope.WRITE, 60)
-            head = f"PUT /main/nar/{digest}.nar HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
-            status, _, _ = await request(port, f"{head}Content-Length: {len(nar)}\r\n", nar)
-            assert status == 200
-            url = f"/main/nar/{digest}.nar.zst"
+        async with serving_nar(tmp_path, nar) as (_, port, url):
             status, headers, body = await request(port, f"GET {url} HTTP/1.1\r\n")
             assert status == 200 and headers["accept-ranges"] == "bytes"
             assert int(headers["content-length"]) == len(body)
@@ -83,8 +99,6 @@ def test_nar_zst_goes_out_by_sendfile_on_uvloop(tmp_path: Path) -> None:
             )
             assert status == 206 and part == body[10:1010]
             assert headers["content-range"] == f"bytes 10-1009/{len(body)}"
-        finally:
-            await running.stop()
 
     transfer.send_file = counted  # type: ignore[assignment]
     try:
@@ -99,25 +113,10 @@ def test_a_file_response_counts_the_bytes_sendfile_sent(tmp_path: Path) -> None:
     body bytes that went out: all of them when read to the end, about what the connection
     held when the client left after 1 KB, not the declared length."""
     nar = write_nar({"type": "regular", "contents": os.urandom(SIZE)})
-    digest = nix32.encode(hashlib.sha256(nar).digest())
 
     async def main() -> None:
-        config = Config()
-        app = build_app(config, DiskStorage(tmp_path / "data"))
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        port = sock.getsockname()[1]
-        running = await start(config, app, sock, LineSink(io.StringIO()))
-        try:
-            await app[state.CACHES].ensure("main")
-            token, _ = await app[state.TOKENS].issue("main", Scope.WRITE, 60)
-            head = f"PUT /main/nar/{digest}.nar HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
-            status, _, _ = await request(port, f"{head}Content-Length: {len(nar)}\r\n", nar)
-            assert status == 200
+        async with serving_nar(tmp_path, nar, sndbuf=64 * 1024) as (app, port, url):
             sent = app[state.METRICS].sent.labels("main", "nix")
-            url = f"/main/nar/{digest}.nar.zst"
             before = sent._value.get()
             status, _, body = await request(port, f"GET {url} HTTP/1.1\r\nRange: bytes=0-\r\n")
             assert status == 206 and len(body) > SIZE
@@ -136,8 +135,6 @@ def test_a_file_response_counts_the_bytes_sendfile_sent(tmp_path: Path) -> None:
                 client.close()
             await asyncio.sleep(0.5)
             assert 0 < sent._value.get() - before < len(body) // 4
-        finally:
-            await running.stop()
 
     uvloop.run(main())
 
