@@ -46,6 +46,7 @@ async def while_taking(
     what was written within every ``idle`` seconds; :class:`TimeoutError` (``work`` cancelled)
     once it takes nothing for that long."""
     task = asyncio.ensure_future(work)
+    await asyncio.sleep(0)  # the write queues its bytes first: they are not taken yet either
     left = unsent(transport)
     try:
         while True:

@@ -42,6 +42,21 @@ async def test_a_write_waits_for_a_client_taking_little_but_not_for_one_taking_n
     assert never.cancelled()
 
 
+async def test_what_the_write_itself_queues_is_not_taken_for_the_clients_slowness() -> None:
+    """A decoded ``.nar`` goes out in 256 KiB pieces: measured before the piece was queued, a
+    client taking less than a piece per window looked as if it took nothing."""
+    loop = asyncio.get_running_loop()
+    slow = Draining(0, 100_000)  # 100 KB/s, under a piece per 0.1 s window
+    written = loop.create_future()
+
+    async def write_a_piece() -> str:
+        slow.held += 256 * 1024
+        return await written
+
+    loop.call_later(0.5, written.set_result, "written")
+    assert await while_taking(write_a_piece(), slow, 0.1) == "written"
+
+
 async def test_unsent_counts_the_sockets_send_queue() -> None:
     """The kernel's queue holds most of what a client has not taken: the write buffer alone
     said nothing was waiting while megabytes were."""
