@@ -4,9 +4,7 @@ A client that takes nothing for ``body_idle_timeout`` is dropped; one taking lit
 write buffer emptying cannot tell them apart: the kernel's send queue grows to megabytes on a
 fast link, a socket is writable again only once a third of it has left, and a client reading
 steadily at a few KiB/s leaves a transport paused for minutes. What tells them apart is the
-count of bytes written and not yet taken (:func:`unsent`) going down, by at least
-:data:`MIN_SEND_RATE` a second over each window (:func:`kept_up`): a client taking a byte every
-few seconds would otherwise hold its connection as long as it liked.
+count of bytes written and not yet taken (:func:`unsent`) going down.
 """
 
 from __future__ import annotations
@@ -19,16 +17,6 @@ from collections.abc import Awaitable
 from typing import TypeVar, cast
 
 T = TypeVar("T")
-
-#: Bytes a second a client must take, over each window of ``body_idle_timeout``, of what is
-#: written to it (or all of it, when less is waiting).
-MIN_SEND_RATE = 1024
-
-
-def kept_up(before: int, left: int, idle: float) -> bool:
-    """Whether a client with ``before`` bytes not yet taken at the start of an ``idle``-second
-    window and ``left`` at its end took enough of them (:data:`MIN_SEND_RATE`)."""
-    return before - left >= min(before, max(1, int(idle * MIN_SEND_RATE)))
 
 
 def unsent(transport: asyncio.BaseTransport | None) -> int:
@@ -54,9 +42,9 @@ def send_queue(fd: int) -> int | None:
 async def while_taking(
     work: Awaitable[T], transport: asyncio.BaseTransport | None, idle: float
 ) -> T:
-    """Await ``work`` (a write waiting for the client) for as long as the client keeps up
-    (:func:`kept_up`) over every ``idle`` seconds; :class:`TimeoutError` (``work`` cancelled)
-    once it does not."""
+    """Await ``work`` (a write waiting for the client) for as long as the client takes some of
+    what was written within every ``idle`` seconds; :class:`TimeoutError` (``work`` cancelled)
+    once it takes nothing for that long."""
     task = asyncio.ensure_future(work)
     await asyncio.sleep(0)  # the write queues its bytes first: they are not taken yet either
     left = unsent(transport)
@@ -66,8 +54,8 @@ async def while_taking(
             if done:
                 return task.result()
             before, left = left, unsent(transport)
-            if not kept_up(before, left, idle):
-                raise TimeoutError(f"the client took next to nothing for {idle:g} s")
+            if left >= before:
+                raise TimeoutError(f"the client took nothing for {idle:g} s")
     finally:
         if not task.done():
             task.cancel()

@@ -203,31 +203,6 @@ def test_send_file_waits_for_a_steady_slow_reader_however_long_the_socket_is_ful
     assert bytes(received) == path.read_bytes()
 
 
-def test_send_file_gives_up_on_a_client_taking_a_byte_now_and_then(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A client taking a byte every few seconds held its download for as long as it liked: its
-    socket's send queue went down, by a byte a window."""
-    path = blob_file(tmp_path)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    queue = iter(range(10_000_000, 0, -1))  # a byte shorter each time it is looked at
-    monkeypatch.setattr(transfer, "send_queue", lambda fd: next(queue))
-
-    async def main() -> None:
-        with path.open("rb") as file:
-            sending = transfer.send_file(asyncio.get_running_loop(), ours.fileno(),
-                                         file.fileno(), 0, SIZE, idle=0.3)  # fmt: skip
-            await asyncio.wait_for(sending, 10)  # kept, it would run for a day
-
-    try:
-        with pytest.raises(ConnectionResetError, match="took next to nothing"):
-            uvloop.run(main())
-    finally:
-        ours.close()
-        theirs.close()
-
-
 def test_send_file_gives_up_on_a_client_that_takes_nothing(tmp_path: Path) -> None:
     path = blob_file(tmp_path)
     ours, theirs = socket.socketpair()
@@ -238,7 +213,7 @@ def test_send_file_gives_up_on_a_client_that_takes_nothing(tmp_path: Path) -> No
             await transfer.send_file(asyncio.get_running_loop(), ours.fileno(), file.fileno(),
                                      0, SIZE, idle=0.2)  # fmt: skip
 
-    with pytest.raises(ConnectionResetError, match="took next to nothing"):
+    with pytest.raises(ConnectionResetError, match="took nothing"):
         uvloop.run(main())
     ours.close()
     theirs.close()
@@ -263,6 +238,6 @@ def test_send_file_fails_when_the_client_goes_away_mid_body(tmp_path: Path) -> N
 
     with pytest.raises(OSError) as caught:
         uvloop.run(main())
-    assert "next to nothing" not in str(caught.value)  # the error itself, not the idle deadline
+    assert "took nothing" not in str(caught.value)  # the error itself, not the idle deadline
     thread.join()
     ours.close()

@@ -364,7 +364,7 @@ class FrontProtocol(asyncio.Protocol):
         try:
             await while_taking(self._drained, transport, idle)
         except TimeoutError:
-            raise SendFailed(f"the client took next to nothing for {idle:g} s", 0) from None
+            raise SendFailed(f"the client took nothing for {idle:g} s", 0) from None
         finally:
             self._drained = None
             if not transport.is_closing():
@@ -413,7 +413,7 @@ class FrontProtocol(asyncio.Protocol):
         self._stopping = True
         return False
 
-    def kept_up(self, window: float) -> bool:
+    def took_some(self) -> bool:
         """Not asked: this protocol keeps no ``stalled_since``."""
         return False
 

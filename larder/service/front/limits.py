@@ -13,8 +13,8 @@ one byte a second holds its connection, and a few thousand such clients hold the
   written to it for this long is dropped with what it has not read. aiohttp waits for a full
   write buffer to drain without a deadline, and a close waits for it to be sent, so a client that
   pipelines requests and reads nothing would keep its connection, and its place under
-  ``max_connections``, for good. Whether the client keeps up is told by
-  :func:`~larder.service.progress.kept_up`, not by the write buffer emptying.
+  ``max_connections``, for good. Whether the client took some is told by
+  :func:`~larder.service.progress.unsent`, not by the write buffer emptying.
 * ``max_connections``: at most this many connections at once; one more is answered ``503`` with
   ``Retry-After`` and closed at once. 0 means no limit.
 * The process's soft limit on open files is raised towards its hard limit so that
@@ -43,7 +43,7 @@ from aiohttp import hdrs, web
 from larder.service import internals
 from larder.service.errors import RETRY_AFTER_SECONDS
 from larder.service.front.slashes import merging_slashes
-from larder.service.progress import kept_up, unsent
+from larder.service.progress import unsent
 
 log = logging.getLogger("larder.server")
 
@@ -92,9 +92,9 @@ class Watched(Protocol):
     def expire(self) -> None:
         """Close the connection whose deadline passed, dropping what its client has not read."""
 
-    def kept_up(self, window: float) -> bool:
-        """Whether its client took enough of the answers (:func:`~larder.service.progress.
-        kept_up`) since the last time this was asked, or since its write buffer filled."""
+    def took_some(self) -> bool:
+        """Whether its client took some of the answers since the last time this was asked (or
+        since its write buffer filled)."""
         ...
 
 
@@ -139,10 +139,10 @@ class Sweeper:
         for connection in list(guard.watched):
             stalled = connection.stalled_since
             if send_timeout and stalled and now - stalled >= send_timeout:
-                if connection.kept_up(send_timeout):  # slowly: its time starts again
+                if connection.took_some():  # slowly: its time starts again
                     connection.stalled_since = now
                 else:
-                    log.debug("the client took next to nothing for %gs: dropping it", send_timeout)
+                    log.debug("the client took nothing for %gs: dropping it", send_timeout)
                     connection.expire()
                     continue
             since = connection.head_since
@@ -229,9 +229,9 @@ class GuardedRequestHandler(web.RequestHandler):
         self.stalled_since = time.monotonic()
         self._unsent = unsent(self.transport)
 
-    def kept_up(self, window: float) -> bool:
+    def took_some(self) -> bool:
         before, self._unsent = self._unsent, unsent(self.transport)
-        return kept_up(before, self._unsent, window)
+        return self._unsent < before
 
     def resume_writing(self) -> None:
         self.stalled_since = 0.0
@@ -252,7 +252,7 @@ class GuardedRequestHandler(web.RequestHandler):
         return response
 
     def expire(self) -> None:
-        """The client did not keep up for ``send_timeout``: drop the connection with what it has
+        """The client took nothing for ``send_timeout``: drop the connection with what it has
         not read (a close would wait for it to be sent)."""
         self._guard.watched.discard(self)
         transport = self.transport

@@ -21,7 +21,7 @@ from larder.errors import (
 )
 from larder.protocol.content_coding import CODINGS, body_coding
 from larder.service.internals import ZeroCopyFileResponse
-from larder.service.progress import kept_up, send_queue, while_taking
+from larder.service.progress import send_queue, while_taking
 from larder.service.routes.ranges import Unsatisfiable, byte_range
 from larder.service.state import CONFIG, DECODING, READING, STORAGE
 from larder.storage.base import BlobReader
@@ -182,7 +182,7 @@ async def _send(
         if isinstance(exc, TimeoutError):
             if transport is not None:
                 transport.abort()  # close() would wait to flush to a client that reads nothing
-            raise TooSlow(f"the client took next to nothing for {idle:g} s") from None
+            raise TooSlow(f"the client took nothing for {idle:g} s") from None
         if transport is not None:
             transport.close()
         if isinstance(exc, ConnectionError):
@@ -335,10 +335,9 @@ async def send_file(
     Each time the socket can take more, the loop's writer callback calls ``sendfile(2)`` itself
     (at most :data:`SENDFILE_CHUNK` bytes per callback, so one fast reader cannot hold the loop),
     rather than waking a task that then calls it: one loop iteration per refill, as in asyncio's
-    own ``loop.sendfile``. Gives up once the client does not keep up for ``idle`` seconds: no
-    byte sent and the socket's send queue not shorter by
-    :data:`~larder.service.progress.MIN_SEND_RATE` a second (a steady slow reader waits long for
-    the socket to take more, which it does only once a third of its queue has left).
+    own ``loop.sendfile``. Gives up once the client takes nothing for ``idle`` seconds: no
+    byte sent and the socket's send queue no shorter (a steady slow reader waits long for the
+    socket to take more, which it does only once a third of its queue has left).
     """
     error: OSError | None = None
     out = os.dup(sock_fd)
@@ -380,8 +379,8 @@ async def send_file(
         now = time.monotonic()
         if now - last_progress >= idle:
             before, queued = queued, send_queue(out)
-            if queued is None or before is None or not kept_up(before, queued, idle):
-                finish(ConnectionResetError(f"the client took next to nothing for {idle:g} s"))
+            if queued is None or before is None or queued >= before:
+                finish(ConnectionResetError(f"the client took nothing for {idle:g} seconds"))
                 return
             last_progress = now  # it took some of what the socket holds
         timer = loop.call_later(idle - (now - last_progress), watch)
