@@ -112,6 +112,23 @@ JOBS = "label_values(larder_http_requests_total, job)"
 CACHES = f"label_values(larder_http_requests_total{{{J}}}, cache)"
 
 
+def _choice(name: str, label: str, query: str, **extra: str) -> dict[str, Any]:
+    """A template variable offering the values of ``query``, several or all."""
+    return {
+        "name": name,
+        "type": "query",
+        "label": label,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "query": {"query": query},
+        "definition": query,
+        **extra,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "refresh": 2,
+    }
+
+
 def panel(index: int, x: int, y: int, spec: tuple[str, str, list[tuple[str, str]], int, str]
           ) -> dict[str, Any]:  # fmt: skip
     title, unit, targets, width, kind = spec
@@ -160,32 +177,9 @@ def dashboard() -> dict[str, Any]:
                     "query": "prometheus",
                     "label": "Prometheus",
                 },
-                {
-                    # The scrape job of each larder deployment (release) in this Prometheus.
-                    "name": "job",
-                    "type": "query",
-                    "label": "Deployment",
-                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": {"query": JOBS},
-                    "definition": JOBS,
-                    "includeAll": True,
-                    "multi": True,
-                    "allValue": ".*",
-                    "refresh": 2,
-                },
-                {
-                    "name": "cache",
-                    "type": "query",
-                    "label": "Cache",
-                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": {"query": CACHES},
-                    "definition": CACHES,
-                    "regex": "/^[^_].*/",
-                    "includeAll": True,
-                    "multi": True,
-                    "allValue": ".*",
-                    "refresh": 2,
-                },
+                # The scrape job of each larder deployment (release) in this Prometheus.
+                _choice("job", "Deployment", JOBS),
+                _choice("cache", "Cache", CACHES, regex="/^[^_].*/"),
             ]
         },
         "panels": panels,

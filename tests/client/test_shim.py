@@ -527,6 +527,14 @@ BIN = ["--crate-name", "hello", "--edition=2021", "src/main.rs", "--crate-type",
        "--emit=dep-info,link", "-L", "native=native", "-l", "static=answer"]  # fmt: skip
 
 
+def stored_document(data: Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The one rustc document of ``kind`` (``direct``, ``manifest``) cache main holds in the
+    disk store ``data``: its file and its JSON."""
+    found = [p for p in (data / "objects").glob(f"caches/main/rustc/{kind}/**/*") if p.is_file()]
+    assert len(found) == 1, found
+    return found[0], json.loads(found[0].read_bytes())
+
+
 def bin_crate(base: Path, answer: int = 42) -> Path:
     """A binary that calls into a C static library on its -L path."""
     crate = base / "src" / "hello"
@@ -608,12 +616,10 @@ def test_a_recorded_link_line_cannot_choose_the_program_run(tmp_path: Path) -> N
         done = shim(ci, url, crate_args=BIN, LARDER_TOKEN=server.token())
         assert done.returncode == 0, done.stderr
         # The stored entry now names a script of the checkout as its linker driver.
-        stored = list((tmp_path / "data" / "objects").glob("caches/main/rustc/direct/*/*"))
-        assert len(stored) == 1
-        entry = json.loads(stored[0].read_bytes())
+        stored, entry = stored_document(tmp_path / "data", "direct")
         assert entry["link"][0] == "cc"
         entry["link"][0] = "@LARDER:CWD@/linker.sh"
-        stored[0].write_bytes(json.dumps(entry).encode())
+        stored.write_bytes(json.dumps(entry).encode())
 
         done = shim(laptop, url, crate_args=BIN)
         assert done.returncode == 0, done.stderr
@@ -647,9 +653,7 @@ def test_a_recorded_link_line_names_no_file_outside_the_project(tmp_path: Path) 
         url = f"{server.url}/main"
         done = shim(ci, url, crate_args=BIN, LARDER_TOKEN=server.token())
         assert done.returncode == 0, done.stderr
-        stored = list((tmp_path / "data" / "objects").glob("caches/main/rustc/direct/*/*"))
-        assert len(stored) == 1
-        entry = json.loads(stored[0].read_bytes())
+        stored, entry = stored_document(tmp_path / "data", "direct")
         line = entry["link"]
         outside = "@LARDER:CWD@/../../../elsewhere"
         for tried, extra in enumerate(
@@ -662,7 +666,7 @@ def test_a_recorded_link_line_names_no_file_outside_the_project(tmp_path: Path) 
                 [f"-B@LARDER:SYSROOT@/{os.path.relpath(secret.parent, sysroot)}", "-lsecret"],
             )
         ):
-            stored[0].write_bytes(json.dumps({**entry, "link": [*line, *extra]}).encode())
+            stored.write_bytes(json.dumps({**entry, "link": [*line, *extra]}).encode())
             keys = laptop / f"keys-{tried}"
             done = shim(laptop, url, crate_args=BIN, LARDER_KEY_DIR=str(keys))
             assert done.returncode == 0, done.stderr
@@ -691,16 +695,10 @@ def test_a_binary_restored_from_a_manifest_recording_it_unexecutable_runs(
         url = f"{server.url}/main"
         done = shim(ci, url, crate_args=BIN, LARDER_TOKEN=server.token())
         assert done.returncode == 0, done.stderr
-        stored = [
-            path
-            for path in (tmp_path / "data" / "objects").glob("caches/main/rustc/manifest/**/*")
-            if path.is_file()
-        ]
-        assert len(stored) == 1, stored
-        manifest = json.loads(stored[0].read_bytes())
+        stored, manifest = stored_document(tmp_path / "data", "manifest")
         for output in manifest["outputs"]:
             output["mode"] = 0o644
-        stored[0].write_bytes(json.dumps(manifest).encode())
+        stored.write_bytes(json.dumps(manifest).encode())
         done = shim(laptop, url, crate_args=BIN)
         assert done.returncode == 0, done.stderr
     assert stats(laptop)["hits"] == 1

@@ -97,17 +97,20 @@ def test_two_deployments_in_one_prometheus_are_not_merged(tmp_path: Path) -> Non
     promtool(tmp_path, [{"interval": "1m", "input_series": series, "promql_expr_test": checks}])
 
 
+def lookups(
+    result: str, per_minute: int, *, cache: str = "main", role: str = "reader"
+) -> dict[str, str]:
+    """A narinfo lookup counter of job larder growing by ``per_minute`` for 90 minutes."""
+    labels = f'cache="{cache}",protocol="nix",kind="narinfo",result="{result}",role="{role}"'
+    return {"series": f'larder_cache_lookups_total{{job="larder",{labels}}}',
+            "values": f"0+{per_minute}x90"}  # fmt: skip
+
+
 def test_hit_rate_per_cache_has_no_tile_for_requests_naming_no_cache(tmp_path: Path) -> None:
     """Requests that name no cache have lookup series at 0 (cache `_none`): with every cache
     chosen, the hit rate per cache shows the caches only, not a NaN tile for `_none`."""
-
-    def lookups(cache: str, result: str, per_minute: int) -> dict[str, str]:
-        labels = f'cache="{cache}",protocol="nix",kind="narinfo",result="{result}",role="reader"'
-        return {"series": f'larder_cache_lookups_total{{job="larder",{labels}}}',
-                "values": f"0+{per_minute}x90"}  # fmt: skip
-
-    series = [lookups("main", "hit", 30), lookups("main", "miss", 10),
-              lookups("_none", "hit", 0), lookups("_none", "miss", 0)]  # fmt: skip
+    series = [lookups("hit", 30), lookups("miss", 10),
+              lookups("hit", 0, cache="_none"), lookups("miss", 0, cache="_none")]  # fmt: skip
     [per_cache] = panel_exprs("Hit rate per cache (last hour)")
     check = {"expr": per_cache, "eval_time": "80m",
              "exp_samples": [{"labels": '{cache="main"}', "value": 0.75}]}  # fmt: skip
@@ -151,14 +154,8 @@ def test_error_panel_counts_server_errors_not_misses(tmp_path: Path) -> None:
 def test_hit_rate_panels_and_alert_are_the_readers(tmp_path: Path) -> None:
     """CI's `nix copy` asks for every path before pushing it, with its write token: those misses
     (role="writer") are on the CI panel, not in the readers' hit rate nor in its alert."""
-
-    def lookups(result: str, role: str, per_minute: int) -> dict[str, str]:
-        labels = f'cache="main",protocol="nix",kind="narinfo",result="{result}",role="{role}"'
-        return {"series": f"larder_cache_lookups_total{{{labels}}}",
-                "values": f"0+{per_minute}x90"}  # fmt: skip
-
-    series = [lookups("hit", "reader", 30), lookups("miss", "reader", 0),
-              lookups("hit", "writer", 20), lookups("miss", "writer", 60)]  # fmt: skip
+    series = [lookups("hit", 30), lookups("miss", 0),
+              lookups("hit", 20, role="writer"), lookups("miss", 60, role="writer")]  # fmt: skip
     [readers] = panel_exprs("Hit rate by protocol")
     [ci] = panel_exprs("CI hit rate by protocol (write tokens)")
     checks = [
@@ -173,7 +170,7 @@ def test_hit_rate_panels_and_alert_are_the_readers(tmp_path: Path) -> None:
             "alert_rule_test": [quiet]}  # fmt: skip
     promtool(tmp_path, [test], [alert])
     # The same misses by readers fire it.
-    series = [lookups("hit", "reader", 20), lookups("miss", "reader", 60)]
+    series = [lookups("hit", 20), lookups("miss", 60)]
     fired = {"eval_time": "85m", "alertname": "LarderHitRateFalling",
              "exp_alerts": [{"exp_labels": {"cache": "main", "protocol": "nix",
                                             "severity": "warning"},
